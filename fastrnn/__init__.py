@@ -1,0 +1,23 @@
+"""fastrnn: fused LSTM, GRU and Elman-RNN kernels behind drop-in ``torch.nn`` modules."""
+
+from fastrnn._ext import _C  # noqa: F401  (warns once if the extension is missing)
+from fastrnn.backend import BACKENDS, availability_report, set_backend, use_backend
+from fastrnn.modules import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell
+from fastrnn.patch import patch, unpatch
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LSTM",
+    "GRU",
+    "RNN",
+    "LSTMCell",
+    "GRUCell",
+    "RNNCell",
+    "patch",
+    "unpatch",
+    "set_backend",
+    "use_backend",
+    "availability_report",
+    "BACKENDS",
+]

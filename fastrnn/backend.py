@@ -1,0 +1,103 @@
+"""Which backend runs a layer: by module argument, by ``use_backend``/``set_backend``, by ``FASTRNN_BACKEND``.
+
+Precedence, most specific first: a module's own ``backend=`` (when not ``"auto"``), then the innermost
+``use_backend`` block or ``set_backend`` call, then the ``FASTRNN_BACKEND`` environment variable, then
+``"auto"``. ``"auto"`` takes the first usable backend in ``AUTO_ORDER`` for the device type: the C++
+kernels wherever they are built; on CUDA then Triton; ``"reference"`` always works.
+"""
+
+import contextlib
+import importlib
+import os
+from types import ModuleType
+from typing import Dict, Iterator, List, Optional, Tuple
+
+import torch
+
+BACKENDS = ("reference", "cpp", "triton")
+AUTO_ORDER = {"cuda": ("cpp", "triton", "reference")}
+AUTO_ORDER_DEFAULT = ("cpp", "reference")
+
+_override: List[str] = []
+_modules: Dict[str, ModuleType] = {}
+_import_errors: Dict[str, str] = {}
+# (requested, device type, device index, dtype) -> backend module; keeps dispatch a dict lookup so that
+# torch.compile traces it without graph breaks after the first call
+_resolved: Dict[Tuple[str, str, Optional[int], torch.dtype], ModuleType] = {}
+
+
+def _check_name(name: str, argument: str = "backend") -> str:
+    if name != "auto" and name not in BACKENDS:
+        raise ValueError(f"{argument} must be 'auto' or one of {BACKENDS}, got {name!r}")
+    return name
+
+
+def _module(name: str) -> Optional[ModuleType]:
+    if name not in _modules and name not in _import_errors:
+        try:
+            _modules[name] = importlib.import_module(f"fastrnn.ops.{name}")
+        except Exception as exc:
+            _import_errors[name] = f"fastrnn.ops.{name} failed to import ({type(exc).__name__}: {exc})"
+    return _modules.get(name)
+
+
+def reason_unavailable(name: str, device: torch.device, dtype: torch.dtype) -> Optional[str]:
+    """None when backend ``name`` can run on ``device`` with ``dtype`` storage, otherwise why not."""
+    mod = _module(name)
+    if mod is None:
+        return _import_errors[name]
+    return mod.availability(device, dtype)
+
+
+def availability_report(device: torch.device, dtype: torch.dtype) -> str:
+    lines = []
+    for name in BACKENDS:
+        why = reason_unavailable(name, device, dtype)
+        lines.append(f"  {name}: " + ("available" if why is None else f"unavailable: {why}"))
+    return "\n".join(lines)
+
+
+def requested_backend() -> str:
+    """The name in force for modules constructed with ``backend="auto"``."""
+    if _override:
+        return _override[-1]
+    return _check_name(os.environ.get("FASTRNN_BACKEND", "auto") or "auto", "FASTRNN_BACKEND")
+
+
+def set_backend(name: Optional[str]) -> None:
+    """Set the process-wide default backend (``None`` clears it back to ``FASTRNN_BACKEND``/``auto``)."""
+    _override.clear()
+    if name is not None:
+        _override.append(_check_name(name))
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Run modules built with ``backend="auto"`` on ``name`` inside the block."""
+    _override.append(_check_name(name))
+    try:
+        yield
+    finally:
+        _override.pop()
+
+
+def resolve(requested: str, device: torch.device, dtype: torch.dtype) -> ModuleType:
+    if requested == "auto":
+        requested = requested_backend()
+    key = (requested, device.type, device.index, dtype)
+    mod = _resolved.get(key)
+    if mod is None:
+        mod = _resolve_uncached(requested, device, dtype)
+        _resolved[key] = mod
+    return mod
+
+
+def _resolve_uncached(requested: str, device: torch.device, dtype: torch.dtype) -> ModuleType:
+    candidates = AUTO_ORDER.get(device.type, AUTO_ORDER_DEFAULT) if requested == "auto" else (requested,)
+    for name in candidates:
+        if reason_unavailable(name, device, dtype) is None:
+            return _modules[name]
+    raise RuntimeError(
+        f"fastrnn backend {requested!r} cannot run on device {device} with dtype {dtype}. "
+        f"Backends:\n{availability_report(device, dtype)}"
+    )

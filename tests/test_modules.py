@@ -1,0 +1,180 @@
+"""fastrnn modules against torch.nn with copied weights: outputs, states and every gradient."""
+
+import itertools
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import fastrnn
+from conftest import TOL, usable_backends
+from rnn_cases import KINDS, compare, random_packed, random_state, twins
+
+BACKENDS = usable_backends()
+DTYPES = [torch.float64, torch.float32]
+OPTIONS = [
+    dict(bias=b, batch_first=bf, bidirectional=bd, num_layers=nl)
+    for b, bf, bd, nl in itertools.product([True, False], [False, True], [False, True], [1, 2, 3])
+]
+
+
+def _opt_id(o):
+    return "-".join(
+        [f"L{o['num_layers']}", "bias" if o["bias"] else "nobias", "bf" if o["batch_first"] else "tm"]
+        + (["bidir"] if o["bidirectional"] else [])
+    )
+
+
+def _make_input(ref, form, T, B, dtype):
+    feat = ref.input_size
+    if form.startswith("packed"):
+        return random_packed(T, B, feat, dtype, sorted_=form == "packed_sorted"), B
+    if form == "unbatched":
+        return torch.randn(T, feat, dtype=dtype), None
+    shape = (B, T, feat) if ref.batch_first else (T, B, feat)
+    return torch.randn(shape, dtype=dtype), B
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("opts", OPTIONS, ids=_opt_id)
+@pytest.mark.parametrize("kind", KINDS)
+def test_matches_torch_batched(kind, opts, dtype, backend):
+    ref, fast = twins(kind, 3, 5, dtype, backend, **opts)
+    x, B = _make_input(ref, "batched", 4, 3, dtype)
+    compare(ref, fast, x, random_state(ref, 3, dtype), TOL[dtype])
+
+
+FORMS = ["batched_no_hx", "unbatched", "unbatched_hx", "packed_sorted", "packed_unsorted", "packed_unsorted_hx"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bidir"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_matches_torch_input_forms(kind, bidirectional, form, dtype, backend):
+    ref, fast = twins(kind, 3, 4, dtype, backend, num_layers=2, bidirectional=bidirectional)
+    x, B = _make_input(ref, form.replace("_no_hx", "").replace("_hx", ""), 5, 4, dtype)
+    hx = random_state(ref, B, dtype, batched=B is not None) if form.endswith("_hx") else None
+    compare(ref, fast, x, hx, TOL[dtype])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_dropout_is_identity_in_eval_and_active_in_training(kind, backend):
+    ref, fast = twins(kind, 3, 6, torch.float64, backend, num_layers=2, dropout=0.5)
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    compare(ref, fast, x, None, TOL[torch.float64])
+    fast.train()
+    outs = [fast(x)[0] for _ in range(2)]
+    assert not torch.equal(outs[0], outs[1]), "dropout between layers had no effect in training mode"
+    fast.eval()
+    torch.testing.assert_close(fast(x)[0], ref(x)[0], **TOL[torch.float64])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", KINDS)
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    T=st.integers(1, 9),
+    B=st.integers(1, 5),
+    I=st.integers(1, 7),
+    H=st.sampled_from([1, 2, 3, 7, 16, 33]),
+    layers=st.integers(1, 2),
+    bidirectional=st.booleans(),
+    stride=st.integers(1, 3),
+)
+def test_property_random_sizes_noncontiguous(kind, backend, T, B, I, H, layers, bidirectional, stride):
+    if kind == "lstm_proj" and H < 3:
+        H = 3
+    ref, fast = twins(kind, I, H, torch.float64, backend, num_layers=layers, bidirectional=bidirectional)
+    # every stride-th feature of a wider tensor: a non-contiguous view of fresh data
+    x = torch.randn(T, B, I * stride, dtype=torch.float64)[:, :, ::stride]
+    assert stride == 1 or not x.is_contiguous()
+    compare(ref, fast, x, random_state(ref, B, torch.float64), TOL[torch.float64])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("T,B,H", [(1, 2, 513), (63, 2, 5), (3, 1, 1)], ids=["T1-H513", "T63", "B1-H1"])
+def test_odd_shapes_fp32(kind, backend, T, B, H):
+    if kind == "lstm_proj" and H < 3:
+        pytest.skip("proj_size=2 needs hidden_size > 2")
+    ref, fast = twins(kind, 4, H, torch.float32, backend)
+    compare(ref, fast, torch.randn(T, B, 4), random_state(ref, B, torch.float32), TOL[torch.float32])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("T,B", [(0, 3), (4, 0)], ids=["T0", "B0"])
+def test_empty_time_or_batch_like_torch(kind, backend, T, B):
+    ref, fast = twins(kind, 3, 4, torch.float32, backend)
+    x = torch.randn(T, B, 3)
+    try:
+        expected = ref(x)
+    except Exception as exc:
+        with pytest.raises(type(exc)):
+            fast(x)
+        return
+    got = fast(x)
+    for e, g in zip(expected[:1] + tuple(expected[1] if isinstance(expected[1], tuple) else (expected[1],)),
+                    got[:1] + tuple(got[1] if isinstance(got[1], tuple) else (got[1],))):
+        assert e.shape == g.shape
+        torch.testing.assert_close(g, e)
+
+
+CELLS = {
+    "lstm_cell": (nn.LSTMCell, {}),
+    "gru_cell": (nn.GRUCell, {}),
+    "rnn_tanh_cell": (nn.RNNCell, {"nonlinearity": "tanh"}),
+    "rnn_relu_cell": (nn.RNNCell, {"nonlinearity": "relu"}),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("form", ["batched", "batched_no_hx", "unbatched"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("cell", CELLS)
+def test_cells_match_torch(cell, bias, form, dtype, backend):
+    cls, extra = CELLS[cell]
+    ref = cls(5, 6, bias=bias, dtype=dtype, **extra)
+    fast = getattr(fastrnn, cls.__name__)(5, 6, bias=bias, dtype=dtype, backend=backend, **extra)
+    fast.load_state_dict(ref.state_dict(), strict=True)
+    batched = form != "unbatched"
+    x = torch.randn((3, 5) if batched else (5,), dtype=dtype)
+    shape = (3, 6) if batched else (6,)
+    hx = None
+    if form != "batched_no_hx":
+        hx = (torch.randn(shape, dtype=dtype), torch.randn(shape, dtype=dtype)) if cls is nn.LSTMCell else torch.randn(shape, dtype=dtype)
+    compare(ref, fast, x, hx, TOL[dtype])
+    assert repr(fast) == repr(ref)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_state_dict_round_trip_and_repr(kind):
+    cls, extra = KINDS[kind]
+    kw = dict(num_layers=2, bidirectional=True, bias=False, batch_first=True, dropout=0.25, **extra)
+    ref = cls(3, 5, **kw)
+    fast = getattr(fastrnn, cls.__name__)(3, 5, **kw)
+    assert [n for n, _ in fast.named_parameters()] == [n for n, _ in ref.named_parameters()]
+    assert repr(fast) == repr(ref)
+    fast.load_state_dict(ref.state_dict(), strict=True)
+    back = cls(3, 5, **kw)
+    back.load_state_dict(fast.state_dict(), strict=True)
+    for (n, a), (_, b) in zip(ref.state_dict().items(), back.state_dict().items()):
+        assert torch.equal(a, b), n
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_initialisation_matches_torch_for_same_seed(kind):
+    cls, extra = KINDS[kind]
+    torch.manual_seed(123)
+    ref = cls(3, 5, num_layers=2, **extra)
+    torch.manual_seed(123)
+    fast = getattr(fastrnn, cls.__name__)(3, 5, num_layers=2, **extra)
+    for (n, a), (m, b) in zip(ref.state_dict().items(), fast.state_dict().items()):
+        assert n == m and torch.equal(a, b)
