@@ -21,9 +21,8 @@ AUTO_ORDER_DEFAULT = ("cpp", "reference")
 _override: List[str] = []
 _modules: Dict[str, ModuleType] = {}
 _import_errors: Dict[str, str] = {}
-# (requested, device type, device index, dtype) -> backend module; keeps dispatch a dict lookup so that
-# torch.compile traces it without graph breaks after the first call
-_resolved: Dict[Tuple[str, str, Optional[int], torch.dtype], ModuleType] = {}
+# (requested, device type, device index, dtype) -> backend name
+_resolved: Dict[Tuple[str, str, Optional[int], torch.dtype], str] = {}
 
 
 def _check_name(name: str, argument: str = "backend") -> str:
@@ -82,22 +81,26 @@ def use_backend(name: str) -> Iterator[None]:
 
 
 def resolve(requested: str, device: torch.device, dtype: torch.dtype) -> ModuleType:
+    """The backend module that runs ``requested`` on ``device`` with ``dtype`` storage, or a RuntimeError."""
     if requested == "auto":
         requested = requested_backend()
-    key = (requested, device.type, device.index, dtype)
-    mod = _resolved.get(key)
-    if mod is None:
-        mod = _resolve_uncached(requested, device, dtype)
-        _resolved[key] = mod
-    return mod
+    return _modules[_resolve_name(requested, device.type, device.index, dtype)]
 
 
-def _resolve_uncached(requested: str, device: torch.device, dtype: torch.dtype) -> ModuleType:
-    candidates = AUTO_ORDER.get(device.type, AUTO_ORDER_DEFAULT) if requested == "auto" else (requested,)
-    for name in candidates:
-        if reason_unavailable(name, device, dtype) is None:
-            return _modules[name]
-    raise RuntimeError(
-        f"fastrnn backend {requested!r} cannot run on device {device} with dtype {dtype}. "
-        f"Backends:\n{availability_report(device, dtype)}"
-    )
+@torch.compiler.assume_constant_result
+def _resolve_name(requested: str, device_type: str, device_index: Optional[int], dtype: torch.dtype) -> str:
+    # torch.compile runs this once at trace time and bakes the answer in: no graph break on imports
+    key = (requested, device_type, device_index, dtype)
+    if key not in _resolved:
+        device = torch.device(device_type, device_index) if device_index is not None else torch.device(device_type)
+        candidates = AUTO_ORDER.get(device_type, AUTO_ORDER_DEFAULT) if requested == "auto" else (requested,)
+        for name in candidates:
+            if reason_unavailable(name, device, dtype) is None:
+                _resolved[key] = name
+                break
+        else:
+            raise RuntimeError(
+                f"fastrnn backend {requested!r} cannot run on device {device} with dtype {dtype}. "
+                f"Backends:\n{availability_report(device, dtype)}"
+            )
+    return _resolved[key]
