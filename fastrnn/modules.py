@@ -55,9 +55,16 @@ class _RNNBase(nn.RNNBase):
         names = ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")
         return [getattr(self, f"{n}_l{layer}{suffix}", None) for n in names]
 
+    def _autocast_dtype(self, device_type: str) -> Optional[torch.dtype]:
+        # as torch.nn: under autocast cuDNN runs every mode in the autocast dtype; on CPU, LSTM (through
+        # oneDNN) and RNN (through autocast-listed linear ops) do too, but GRU returns the weights' dtype
+        if not torch.is_autocast_enabled(device_type) or (device_type == "cpu" and self.mode == "GRU"):
+            return None
+        return torch.get_autocast_dtype(device_type)
+
     def _check_input(self, x: Tensor, packed: bool) -> None:
         w = self.weight_ih_l0
-        if x.dtype != w.dtype:
+        if x.dtype != w.dtype and self._autocast_dtype(x.device.type) is None:
             raise ValueError(
                 f"RNN input dtype ({x.dtype}) does not match weight dtype ({w.dtype}). "
                 f"Convert input: input.to({w.dtype}), or convert model: model.to({x.dtype})"
@@ -132,6 +139,10 @@ class _RNNBase(nn.RNNBase):
             if sorted_indices is not None:
                 states = tuple(s.index_select(1, sorted_indices) for s in states)
 
+        amp_dtype = self._autocast_dtype(x.device.type)
+        if amp_dtype is not None:
+            x = x.to(amp_dtype)
+            states = tuple(s.to(amp_dtype) for s in states)
         T = x.size(0) if not packed else batch_sizes.numel()
         rows = x if packed else x.reshape(T * B, self.input_size)
         h_n: List[Tensor] = []
@@ -142,6 +153,8 @@ class _RNNBase(nn.RNNBase):
             for d in range(num_dir):
                 params = self._layer_params(layer, d)
                 _check_params(params, ["weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr"], x)
+                if amp_dtype is not None:
+                    params = [None if p is None else p.to(amp_dtype) for p in params]
                 k = layer * num_dir + d
                 y, h, c = impl.layer(
                     self.mode,

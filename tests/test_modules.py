@@ -178,3 +178,13 @@ def test_initialisation_matches_torch_for_same_seed(kind):
     fast = getattr(fastrnn, cls.__name__)(3, 5, num_layers=2, **extra)
     for (n, a), (m, b) in zip(ref.state_dict().items(), fast.state_dict().items()):
         assert n == m and torch.equal(a, b)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_autocast_runs_in_the_autocast_dtype_like_torch(kind):
+    ref, fast = twins(kind, 3, 6, torch.float32, "auto", num_layers=2)
+    x = torch.randn(5, 2, 3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected, got = ref(x), fast(x)
+    assert got[0].dtype == expected[0].dtype
+    torch.testing.assert_close(got[0], expected[0], **TOL[torch.bfloat16])
