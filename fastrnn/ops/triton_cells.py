@@ -1,7 +1,9 @@
-"""Cell arithmetic shared by the step and whole-sequence Triton kernels.
+"""Cell arithmetic and gate-block memory helpers shared by the step and whole-sequence Triton kernels.
 
 Every function works on fp32 register blocks of one batch tile x one hidden slice. Keeping the cell math
 here means the two kernel variants differ only in how they move state and weights, never in the cell.
+Gate blocks are up to four ``[BB, BH]`` tensors at column offsets ``g*H`` of a row-major buffer; unused
+gates of a mode are aliases of gate 0 and compile away.
 
 ``MODE`` is the integer code of ``fastrnn.ops.MODES``: 0 LSTM, 1 GRU, 2 RNN_TANH, 3 RNN_RELU.
 Saved per row for backward (``save``, ``[N, SAVE_GATES*H]`` fp32): LSTM i, f, g, o after their
@@ -25,7 +27,7 @@ def _tanh(x):
 
 
 @triton.jit
-def _mma(acc, a, b, UPCAST: tl.constexpr):
+def mma(acc, a, b, UPCAST: tl.constexpr):
     # The 3.8 interpreter multiplies bf16 dot operands as raw uint16 bits (triton-lang/triton#11584);
     # UPCAST is set only there. bf16 -> fp32 is exact and "ieee" keeps fp32 products exact, which is
     # what the bf16 tensor-core path computes (exact products, fp32 accumulation).
@@ -33,6 +35,33 @@ def _mma(acc, a, b, UPCAST: tl.constexpr):
         a = a.to(tl.float32)
         b = b.to(tl.float32)
     return tl.dot(a, b, acc, input_precision="ieee")
+
+
+@triton.jit
+def load_gates(p_0, o_rows, o_h, stride, m, H, G: tl.constexpr):
+    """Up to four ``[BB, BH]`` fp32 blocks at column offsets ``g*H`` of rows ``o_rows``."""
+    p_r = p_0 + o_rows[:, None] * stride + o_h[None, :]
+    b_0 = tl.load(p_r, mask=m, other=0.0).to(tl.float32)
+    b_1 = b_0
+    b_2 = b_0
+    b_3 = b_0
+    if G > 1:
+        b_1 = tl.load(p_r + H, mask=m, other=0.0).to(tl.float32)
+        b_2 = tl.load(p_r + 2 * H, mask=m, other=0.0).to(tl.float32)
+    if G > 3:
+        b_3 = tl.load(p_r + 3 * H, mask=m, other=0.0).to(tl.float32)
+    return b_0, b_1, b_2, b_3
+
+
+@triton.jit
+def store_gates(p_0, o_rows, o_h, stride, m, H, b_0, b_1, b_2, b_3, G: tl.constexpr):
+    p_r = p_0 + o_rows[:, None] * stride + o_h[None, :]
+    tl.store(p_r, b_0, mask=m)
+    if G > 1:
+        tl.store(p_r + H, b_1, mask=m)
+        tl.store(p_r + 2 * H, b_2, mask=m)
+    if G > 3:
+        tl.store(p_r + 3 * H, b_3, mask=m)
 
 
 @triton.jit
@@ -93,3 +122,49 @@ def cell_backward(MODE: tl.constexpr, dh, dc, s0, s1, s2, s3, h, c, h_prev, c_pr
     else:
         g = tl.where(h > 0.0, dh, 0.0)
         return g, zero, zero, zero, g, dc, zero
+
+
+@triton.jit
+def forward_tile(MODE: tl.constexpr, G: tl.constexpr, p_x, p_h, p_c, p_s, o_rows, o_h, m, H,
+                 a0, a1, a2, a3, h_prev, c_prev):
+    """The pointwise half of a forward step for one tile: adds the input projection rows ``o_rows`` to the
+    recurrent pre-activations ``a*``, runs the cell and stores h (before projection), c and the saved
+    gates. Returns ``(h, c)``."""
+    x0, x1, x2, x3 = load_gates(p_x, o_rows, o_h, G * H, m, H, G)
+    h, c, s0, s1, s2, s3 = cell_forward(MODE, x0, x1, x2, x3, a0, a1, a2, a3, h_prev, c_prev)
+    o_r = o_rows[:, None] * H + o_h[None, :]
+    tl.store(p_h + o_r, h, mask=m)
+    if MODE == 0:
+        tl.store(p_c + o_r, c, mask=m)
+    if MODE <= 1:
+        store_gates(p_s, o_rows, o_h, 4 * H, m, H, s0, s1, s2, s3, 4)
+    return h, c
+
+
+@triton.jit
+def backward_tile(MODE: tl.constexpr, G: tl.constexpr, p_s, p_h, p_c, p_hp, p_cp, p_gh, p_gx, o_rows, o_h, m,
+                  H, dh, dc):
+    """The pointwise half of a backward step for one tile: loads what forward saved for rows ``o_rows``,
+    runs :func:`cell_backward` and stores the recurrent-side gate gradients (and GRU's input-side n).
+    Returns ``(g0, g1, g2, g3, dc_prev, dh_direct)``."""
+    o_r = o_rows[:, None] * H + o_h[None, :]
+    h = tl.load(p_h + o_r, mask=m, other=0.0)
+    c = h
+    c_prev = h
+    h_prev = h
+    if MODE == 0:
+        c = tl.load(p_c + o_r, mask=m, other=0.0)
+        c_prev = tl.load(p_cp + o_r, mask=m, other=0.0)
+    if MODE == 1:
+        h_prev = tl.load(p_hp + o_r, mask=m, other=0.0)
+    s0 = h
+    s1 = h
+    s2 = h
+    s3 = h
+    if MODE <= 1:
+        s0, s1, s2, s3 = load_gates(p_s, o_rows, o_h, 4 * H, m, H, 4)
+    g0, g1, g2, g3, gx, dc_prev, dh_direct = cell_backward(MODE, dh, dc, s0, s1, s2, s3, h, c, h_prev, c_prev)
+    store_gates(p_gh, o_rows, o_h, G * H, m, H, g0, g1, g2, g3, G)
+    if MODE == 1:
+        tl.store(p_gx + o_r, gx, mask=m)
+    return g0, g1, g2, g3, dc_prev, dh_direct

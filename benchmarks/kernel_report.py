@@ -1,0 +1,215 @@
+"""Registers, shared memory and spills of every Triton kernel configuration, compiled ahead of time.
+
+No GPU is needed: each configuration the launch heuristics can pick (``triton_step.STEP_CONFIGS``,
+``triton_seq.seq_configs_for``) is compiled with ``triton.compile`` for sm_80 and sm_90 and the PTX is
+run through the ptxas that ships with Triton (``ptxas -v``) for its register and spill counts.
+Specialisations that only remove work (no bias, forward direction) are not compiled separately: the
+configurations below carry the bias and every optional input of their mode.
+
+Usage: ``python benchmarks/kernel_report.py [--quick] [--check] [--no-cuda] [--out FILE] [--jobs N]``.
+``--check`` exits 1 when any configuration spills; ``--quick`` compiles one storage dtype per width
+(fp32 and bf16) instead of all three. Must run without ``TRITON_INTERPRET`` (the interpreter replaces
+the kernels' compiled form).
+"""
+
+import argparse
+import concurrent.futures
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from typing import Dict, List, Optional
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from fastrnn import _buildcfg  # noqa: E402
+from fastrnn.ops import GATES, MODES  # noqa: E402
+from fastrnn.ops import triton_seq, triton_step  # noqa: E402
+
+ARCHS = (80, 90)
+TT_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+# Pointer arguments in the storage dtype; the others are fp32 (input projection, state, saved values).
+STORAGE_PTRS = {"p_b", "p_w", "p_h0", "p_c0", "p_dy"}
+INDEX_PTRS = {"p_bs": "*i32", "p_off": "*i64"}
+ALIGNED_INTS = {"H", "HO"}
+LAUNCHES = {
+    "step": ("1 fused step kernel (+1 torch mm with proj)", "1 fused step kernel (+3 torch ops with proj)"),
+    "seq": ("1 per sequence (0 per step)", "1 per sequence (0 per step)"),
+}
+
+
+def kernel_specs(quick: bool) -> List[Dict]:
+    """Every (kernel, mode, dtype, tile) combination to compile."""
+    dtypes = (torch.float32, torch.bfloat16) if quick else (torch.float32, torch.float16, torch.bfloat16)
+    specs = []
+    for mode in MODES:
+        mode_id, G = MODES.index(mode), GATES[mode]
+        for dtype in dtypes:
+            for tile in triton_step.STEP_CONFIGS:
+                tiles = {k: tile[k] for k in ("BB", "BH", "BK")}
+                specs.append(dict(kernel="step_fwd", fn=triton_step._fwd_step_kernel, mode=mode, dtype=dtype,
+                                  warps=tile["num_warps"], stages=tile["fwd_stages"],
+                                  const=dict(MODE=mode_id, G=G, HAS_BIAS=True, UPCAST=False, **tiles)))
+                for dh_given in ((False, True) if mode == "LSTM" else (False,)):
+                    specs.append(dict(kernel="step_bwd" + ("_proj" if dh_given else ""),
+                                      fn=triton_step._bwd_step_kernel, mode=mode, dtype=dtype,
+                                      warps=tile["num_warps"], stages=tile["bwd_stages"],
+                                      const=dict(MODE=mode_id, G=G, DH_GIVEN=dh_given, UPCAST=False, **tiles)))
+            for cfg in triton_seq.seq_configs_for(dtype):
+                tiles = {"BB": cfg["BB"], "BH": cfg["BH"]}
+                specs.append(dict(kernel="seq_fwd", fn=triton_seq._fwd_seq_kernel, mode=mode, dtype=dtype,
+                                  warps=cfg["num_warps"], stages=cfg["num_stages"],
+                                  const=dict(MODE=mode_id, G=G, HAS_BIAS=True, REVERSE=False, UPCAST=False, **tiles)))
+                specs.append(dict(kernel="seq_bwd", fn=triton_seq._bwd_seq_kernel, mode=mode, dtype=dtype,
+                                  warps=cfg["num_warps"], stages=cfg["num_stages"],
+                                  const=dict(MODE=mode_id, G=G, REVERSE=False, UPCAST=False, **tiles)))
+    return [dict(spec, aligned=aligned) for spec in specs for aligned in (False, True)]
+
+
+def alignment_attrs(spec: Dict) -> Dict:
+    """With ``aligned``, what Triton's launcher assumes for 16-byte aligned tensors and H % 16 == 0: every
+    pointer and the width arguments divisible by 16 (row counts and T stay unconstrained)."""
+    if not spec["aligned"]:
+        return {}
+    names = [n for n in spec["fn"].arg_names if n not in spec["const"]]
+    return {(spec["fn"].arg_names.index(n),): [["tt.divisibility", 16]]
+            for n in names if n.startswith("p_") or n in ALIGNED_INTS}
+
+
+def signature(spec: Dict) -> Dict[str, str]:
+    fn, dt = spec["fn"], TT_DTYPE[spec["dtype"]]
+    proj_dy = spec["const"].get("DH_GIVEN", False)
+    sig = {}
+    for name in fn.arg_names:
+        if name in spec["const"]:
+            sig[name] = "constexpr"
+        elif name in INDEX_PTRS:
+            sig[name] = INDEX_PTRS[name]
+        elif name.startswith("p_"):
+            storage = name in STORAGE_PTRS and not (name == "p_dy" and proj_dy)
+            sig[name] = "*" + (dt if storage else "fp32")
+        else:
+            sig[name] = "i32"
+    return sig
+
+
+def compile_one(spec: Dict, cc: int) -> Dict:
+    warps = spec["warps"]
+    src = ASTSource(fn=spec["fn"], signature=signature(spec), constexprs=spec["const"], attrs=alignment_attrs(spec))
+    options = {"num_warps": warps, "num_stages": spec["stages"]}
+    kernel = triton.compile(src, target=GPUTarget("cuda", cc, 32), options=options)
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    arch = f"sm_{cc}a" if cc >= 90 else f"sm_{cc}"
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx = os.path.join(tmp, "k.ptx")
+        with open(ptx, "w") as f:
+            f.write(kernel.asm["ptx"])
+        res = subprocess.run([ptxas, "-v", f"--gpu-name={arch}", ptx, "-o", os.path.join(tmp, "k.cubin")],
+                             capture_output=True, text=True, check=True)
+    (info,) = _buildcfg.parse_ptxas(res.stderr)[arch.removeprefix("sm_")].values()
+    # Triton's shared memory is dynamic, so ptxas does not see it; Triton's metadata has the size.
+    return dict(info, smem=kernel.metadata.shared, warps=warps, cc=cc)
+
+
+def _run(args) -> Dict:
+    index, quick, cc = args
+    spec = kernel_specs(quick)[index]
+    return compile_one(spec, cc)
+
+
+def collect(quick: bool, jobs: int) -> List[Dict]:
+    specs = kernel_specs(quick)
+    work = [(i, quick, cc) for i in range(len(specs)) for cc in ARCHS]
+    if jobs > 1:
+        with concurrent.futures.ProcessPoolExecutor(jobs) as pool:
+            results = list(pool.map(_run, work))
+    else:
+        results = [_run(w) for w in work]
+    rows = []
+    for (i, _, _), res in zip(work, results):
+        s = specs[i]
+        tiles = "x".join(f"{k}{s['const'][k]}" for k in ("BB", "BH", "BK") if k in s["const"])
+        rows.append(dict(res, kernel=s["kernel"], mode=s["mode"], dtype=TT_DTYPE[s["dtype"]], tiles=tiles,
+                         align="16" if s["aligned"] else "any"))
+    return rows
+
+
+def cuda_rows() -> List[Dict]:
+    """The C++ backend's .cu kernels through ``fastrnn._buildcfg.ptxas_report`` (needs nvcc)."""
+    rows = []
+    for arch, kernels in _buildcfg.ptxas_report().items():
+        for name, info in kernels.items():
+            demangled = subprocess.run(["c++filt", name], capture_output=True, text=True).stdout.strip() or name
+            short = demangled.replace("(anonymous namespace)::", "").removeprefix("void ").split("(")[0]
+            rows.append(dict(info, kernel=short, arch=arch))
+    return rows
+
+
+def markdown(rows: List[Dict], cuda) -> str:
+    out = ["# Kernel resources (ahead-of-time compile, no GPU run)", "",
+           "Triton " + triton.__version__ + "; registers and spills from `ptxas -v` on the PTX Triton emits; "
+           "shared memory from Triton's metadata. Nothing here has run on a GPU.", "",
+           "`align`: `any` compiles for arbitrary H and pointers, `16` with the divisibility Triton's launcher "
+           "assumes when H % 16 == 0 and tensors are 16-byte aligned (both can be picked at run time).", "",
+           "| kernel | mode | dtype | tiles | align | warps | sm | regs | smem B | stack B | spill st B | spill ld B |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        out.append(f"| {r['kernel']} | {r['mode']} | {r['dtype']} | {r['tiles']} | {r['align']} | {r['warps']} | "
+                   f"{r['cc']} | "
+                   f"{r['registers']} | {r['smem']} | {r['stack']} | {r['spill_stores']} | {r['spill_loads']} |")
+    out += ["", "## Launches per time step", "", "| variant | forward | backward |", "| --- | --- | --- |"]
+    for variant, (fwd, bwd) in LAUNCHES.items():
+        out.append(f"| {variant} | {fwd} | {bwd} |")
+    out += ["", "Outside the loop: one input-projection GEMM forward; backward one gather of h_{t-1} (and "
+            "c_{t-1}), one dh0 GEMM (step variant) and the dx/dW_ih/dW_hh(/dW_hr) GEMMs and bias sums.", "",
+            "## CUDA kernels (C++ backend, `fastrnn._buildcfg.ptxas_report`)", ""]
+    if isinstance(cuda, str):
+        out.append(cuda)
+    else:
+        out += ["| kernel | sm | regs | static smem B | stack B | spill st B | spill ld B |",
+                "| --- | --- | --- | --- | --- | --- | --- |"]
+        for r in cuda:
+            out.append(f"| `{r['kernel']}` | {r['arch']} | {r['registers']} | {r['smem']} | {r['stack']} | "
+                       f"{r['spill_stores']} | {r['spill_loads']} |")
+    return "\n".join(out) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--check", action="store_true", help="exit 1 if any configuration spills")
+    ap.add_argument("--out", help="write the markdown here instead of stdout")
+    ap.add_argument("--jobs", type=int, default=1)
+    ap.add_argument("--no-cuda", action="store_true", help="skip the C++ backend's .cu kernels (nvcc)")
+    args = ap.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        ap.error("unset TRITON_INTERPRET: the interpreter replaces the compiled kernels this report reads")
+    rows = collect(args.quick, args.jobs)
+    if args.no_cuda:
+        cuda = "Not compiled in this run (`--no-cuda`)."
+    else:
+        try:
+            cuda = cuda_rows()
+        except (OSError, subprocess.CalledProcessError) as exc:
+            cuda = f"Not available here: {type(exc).__name__}: {str(exc)[:300]}"
+    text = markdown(rows, cuda)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text)
+    else:
+        sys.stdout.write(text)
+    spills = [r for r in rows if r["spill_stores"] or r["spill_loads"] or r["stack"]]
+    for r in spills:
+        print(f"SPILL {r['kernel']} {r['mode']} {r['dtype']} {r['tiles']} align {r['align']} sm_{r['cc']}: "
+              f"{r['spill_stores']}/{r['spill_loads']} B, stack {r['stack']} B", file=sys.stderr)
+    return 1 if args.check and spills else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
