@@ -34,7 +34,9 @@ using acc_t = typename AccType<T>::type;
 // the GPU runs the same code. Relative error ~2 ulp on the clamped range; the clamp keeps 2^n finite, and
 // sigmoid/tanh saturate long before it matters.
 FRNN_HD float fexp(float x) {
-  x = fminf(fmaxf(x, -87.0f), 88.0f);
+  // selects, not fminf/fmaxf: those carry NaN rules that keep gcc from vectorising; NaN still propagates
+  x = x < -87.0f ? -87.0f : x;
+  x = x > 88.0f ? 88.0f : x;
   const float k = x * 1.44269504088896341f;
   // round to nearest with the 1.5*2^23 trick: vectorises without SSE4.1's roundps
   const float n = (k + 12582912.0f) - 12582912.0f;
@@ -88,9 +90,10 @@ struct CellParams {
   int64_t rows;        // active rows of this step (b_t)
   int64_t H;           // hidden size
   int64_t gs;          // row stride of gates and hg: G*H
-  void* gates;         // gates: [rows, G*H] in: x@w_ih^T + folded biases; out: activated gates (LSTM, GRU)
+  void* gates;         // gates: [rows, G*H] in: x @ w_ih^T; out: activated gates (LSTM, GRU)
   const void* hg;      // hg: [rows, G*H] h_prev @ w_hh^T
-  const void* b_hn;    // b_hn: [H] GRU's b_hh n block (zeros when the layer has no bias)
+  const void* bias;    // bias: [G*H] b_ih + b_hh, except GRU's n block: b_in only (zeros without bias)
+  const void* b_hn;    // b_hn: [H] GRU's b_hh n block, inside r * (W_hn h + b_hn)
   void* h;             // h: [rows, h_stride] state, GRU reads h_prev; all write h_new (LSTM: o*tanh(c))
   int64_t h_stride;
   void* y;             // y: [rows, y_stride] output rows, written with h_new
@@ -110,15 +113,21 @@ FRNN_HD void st(void* p, int64_t i, acc_t<T> v) {
   static_cast<T*>(p)[i] = static_cast<T>(v);
 }
 
+// Pre-activation of gate column `g` (bias column `b`): input projection + recurrent projection + bias.
+template <typename T>
+FRNN_HD acc_t<T> pre(const CellParams& p, int64_t g, int64_t b) {
+  return ld<T>(p.gates, g) + ld<T>(p.hg, g) + ld<T>(p.bias, b);
+}
+
 struct LstmFwd {
   template <typename T>
   static FRNN_HD void elem(const CellParams& p, int64_t r, int64_t j) {
     using A = acc_t<T>;
     const int64_t H = p.H, g0 = r * p.gs + j;
-    const A i = sigmoid(ld<T>(p.gates, g0) + ld<T>(p.hg, g0));
-    const A f = sigmoid(ld<T>(p.gates, g0 + H) + ld<T>(p.hg, g0 + H));
-    const A g = ftanh(ld<T>(p.gates, g0 + 2 * H) + ld<T>(p.hg, g0 + 2 * H));
-    const A o = sigmoid(ld<T>(p.gates, g0 + 3 * H) + ld<T>(p.hg, g0 + 3 * H));
+    const A i = sigmoid(pre<T>(p, g0, j));
+    const A f = sigmoid(pre<T>(p, g0 + H, j + H));
+    const A g = ftanh(pre<T>(p, g0 + 2 * H, j + 2 * H));
+    const A o = sigmoid(pre<T>(p, g0 + 3 * H, j + 3 * H));
     const A c = f * ld<T>(p.c, r * H + j) + i * g;
     const A h = o * ftanh(c);
     st<T>(p.gates, g0, i);
@@ -137,10 +146,10 @@ struct GruFwd {
   static FRNN_HD void elem(const CellParams& p, int64_t r, int64_t j) {
     using A = acc_t<T>;
     const int64_t H = p.H, g0 = r * p.gs + j;
-    const A rg = sigmoid(ld<T>(p.gates, g0) + ld<T>(p.hg, g0));
-    const A z = sigmoid(ld<T>(p.gates, g0 + H) + ld<T>(p.hg, g0 + H));
+    const A rg = sigmoid(pre<T>(p, g0, j));
+    const A z = sigmoid(pre<T>(p, g0 + H, j + H));
     const A hn = ld<T>(p.hg, g0 + 2 * H) + ld<T>(p.b_hn, j);
-    const A n = ftanh(ld<T>(p.gates, g0 + 2 * H) + rg * hn);
+    const A n = ftanh(ld<T>(p.gates, g0 + 2 * H) + ld<T>(p.bias, j + 2 * H) + rg * hn);
     const A h = (A(1) - z) * n + z * ld<T>(p.h, r * p.h_stride + j);
     st<T>(p.gates, g0, rg);
     st<T>(p.gates, g0 + H, z);
@@ -156,8 +165,7 @@ struct RnnFwd {
   template <typename T>
   static FRNN_HD void elem(const CellParams& p, int64_t r, int64_t j) {
     using A = acc_t<T>;
-    const int64_t g0 = r * p.gs + j;
-    const A a = ld<T>(p.gates, g0) + ld<T>(p.hg, g0);
+    const A a = pre<T>(p, r * p.gs + j, j);
     const A h = Relu ? (a > A(0) ? a : A(0)) : ftanh(a);
     st<T>(p.h, r * p.h_stride + j, h);
     st<T>(p.y, r * p.y_stride + j, h);
@@ -191,9 +199,10 @@ struct CellGradParams {
   void* dh_prev;       // dh_prev: [rows, dh_stride] GRU: the direct z*dh term of dh_prev (may alias dh)
 };
 
+// Selects the row pointer, not the loaded value, so the CPU loop has no conditional load and vectorises.
 template <typename T>
 FRNN_HD acc_t<T> ld_prev(const CellGradParams& p, int64_t r, int64_t j) {
-  return r < p.n_prev ? ld<T>(p.prev, r * p.prev_stride + j) : ld<T>(p.init, r * p.prev_stride + j);
+  return ld<T>(r < p.n_prev ? p.prev : p.init, r * p.prev_stride + j);
 }
 
 template <typename T>

@@ -3,6 +3,8 @@
 import warnings
 from typing import Optional
 
+import torch  # noqa: F401  (loads libc10/libtorch that fastrnn._C links against)
+
 _C = None
 _C_ERROR: Optional[str] = None
 

@@ -1,0 +1,83 @@
+// CPU pointwise kernels: the cell.h ops over one time step, parallel over rows x hidden.
+#include <ATen/Parallel.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <type_traits>
+
+#include "dispatch.h"
+
+namespace fastrnn {
+namespace {
+
+// fp32 code is cloned per x86-64 ISA level and the loader picks one clone (ifunc), so a portable binary
+// still runs 512-bit vectors where the CPU has them; -march=native would tie the wheel to the build host.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define FRNN_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define FRNN_CLONES
+#endif
+
+template <class Op, typename T, class P>
+FRNN_HD void row_segment(const P& p, int64_t r, int64_t j0, int64_t j1) {
+#pragma GCC ivdep
+  for (int64_t j = j0; j < j1; ++j) Op::template elem<T>(p, r, j);
+}
+
+template <class Op, class P>
+FRNN_CLONES void row_segment_f32(const P& p, int64_t r, int64_t j0, int64_t j1) {
+  row_segment<Op, float>(p, r, j0, j1);
+}
+
+// Below this many elements a fork/join costs more than the arithmetic.
+constexpr int64_t kGrain = 8192;
+
+template <class Op, typename T, class P>
+void run(const P& p) {
+  at::parallel_for(0, p.rows * p.H, kGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end;) {
+      const int64_t r = i / p.H, j0 = i - r * p.H, j1 = std::min(p.H, j0 + (end - i));
+      if constexpr (std::is_same_v<T, float>) {
+        row_segment_f32<Op>(p, r, j0, j1);
+      } else {
+        row_segment<Op, T>(p, r, j0, j1);
+      }
+      i += j1 - j0;
+    }
+  });
+}
+
+template <class Visit, class P>
+void run_cpu(Mode m, Dtype d, const P& p, Visit visit) {
+  visit(m, [&](auto op) {
+    using Op = decltype(op);
+    switch (d) {
+      case Dtype::F32: return run<Op, float>(p);
+      case Dtype::F64: return run<Op, double>(p);
+      default: TORCH_CHECK(false, "fastrnn: the CPU kernels support float32 and float64 only");
+    }
+  });
+}
+
+}  // namespace
+
+void cell_cpu(Mode m, Dtype d, const CellParams& p) {
+  run_cpu(m, d, p, [](Mode mm, auto&& f) { visit_fwd(mm, f); });
+}
+
+void cell_cpu(Mode m, Dtype d, const CellGradParams& p) {
+  run_cpu(m, d, p, [](Mode mm, auto&& f) { visit_bwd(mm, f); });
+}
+
+const char* cpu_isa() {
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+  // mirrors the clone order above, which is also the order the ifunc resolver tries
+  if (__builtin_cpu_supports("x86-64-v4")) return "x86-64-v4 (avx512)";
+  if (__builtin_cpu_supports("x86-64-v3")) return "x86-64-v3 (avx2+fma)";
+  return "x86-64 baseline (sse2)";
+#else
+  return "compiler default";
+#endif
+}
+
+}  // namespace fastrnn

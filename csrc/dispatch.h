@@ -1,0 +1,47 @@
+// The seam between the device-agnostic sequence driver (rnn.cpp) and the per-device pointwise kernels.
+// Kept free of ATen so that nvcc compiles the CUDA kernels without torch's heavy headers.
+#pragma once
+
+#include "cell.h"
+
+namespace fastrnn {
+
+enum class Mode : int { LSTM = 0, GRU = 1, RNN_TANH = 2, RNN_RELU = 3 };
+enum class Dtype : int { F32 = 0, F64 = 1, F16 = 2, BF16 = 3 };
+
+// Calls f with a default-constructed op struct of cell.h for the mode.
+template <class F>
+void visit_fwd(Mode m, F&& f) {
+  switch (m) {
+    case Mode::LSTM: return f(LstmFwd{});
+    case Mode::GRU: return f(GruFwd{});
+    case Mode::RNN_TANH: return f(RnnFwd<false>{});
+    case Mode::RNN_RELU: return f(RnnFwd<true>{});
+  }
+}
+
+template <class F>
+void visit_bwd(Mode m, F&& f) {
+  switch (m) {
+    case Mode::LSTM: return f(LstmBwd{});
+    case Mode::GRU: return f(GruBwd{});
+    case Mode::RNN_TANH: return f(RnnBwd<false>{});
+    case Mode::RNN_RELU: return f(RnnBwd<true>{});
+  }
+}
+
+// CPU: fp32 (runtime-dispatched avx512/avx2/baseline clones) and fp64; parallel over rows x hidden.
+void cell_cpu(Mode m, Dtype d, const CellParams& p);
+void cell_cpu(Mode m, Dtype d, const CellGradParams& p);
+// The ISA the fp32 clones resolve to on this CPU, for build_info().
+const char* cpu_isa();
+
+#ifdef FASTRNN_WITH_CUDA
+// CUDA: all four dtypes, launched on `stream` (a cudaStream_t) of the current device.
+void cell_cuda(Mode m, Dtype d, const CellParams& p, void* stream);
+void cell_cuda(Mode m, Dtype d, const CellGradParams& p, void* stream);
+// Touches the CUDA runtime (device count, one tiny kernel); throws c10::Error on any CUDA error.
+int cuda_probe();
+#endif
+
+}  // namespace fastrnn

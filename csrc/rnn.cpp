@@ -1,0 +1,497 @@
+// API layer and device-agnostic sequence driver of the "cpp" backend (see fastrnn/ops/__init__.py for the
+// contract). Per layer: one input-projection GEMM for all steps; per step one recurrent GEMM into a
+// preallocated buffer (MKL/oneDNN on CPU, cuBLAS on CUDA) and one fused pointwise kernel (cell.h). The time
+// loop allocates no memory, runs no Python and never syncs with the device: batch_sizes lives on the CPU.
+//
+// Shapes: N rows of x (time-major, step t owns rows [off_t, off_t + b_t)), B batch, I input, H hidden,
+// Hout = proj_size or H, G gates (4 LSTM, 3 GRU, 1 RNN).
+#include <torch/extension.h>
+
+#include <c10/core/DeviceGuard.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
+
+#ifdef FASTRNN_WITH_CUDA
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime_api.h>
+#endif
+
+#include <limits>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "dispatch.h"
+
+namespace fastrnn {
+namespace {
+
+using at::Tensor;
+using OptTensor = std::optional<Tensor>;
+
+// Rows of dgates the backward keeps before flushing them into dx/dW with big GEMMs: bounds the backward's
+// workspace to O(chunk) instead of O(N) while each GEMM still has a thousand rows. Tests shrink it
+// (_C._set_chunk_rows) so that small problems cross many chunk boundaries.
+constexpr int64_t kChunkRows = 1024;
+int64_t g_chunk_rows = kChunkRows;
+
+Mode parse_mode(const std::string& s) {
+  if (s == "LSTM") return Mode::LSTM;
+  if (s == "GRU") return Mode::GRU;
+  if (s == "RNN_TANH") return Mode::RNN_TANH;
+  if (s == "RNN_RELU") return Mode::RNN_RELU;
+  TORCH_CHECK(false, "fastrnn: mode must be one of LSTM, GRU, RNN_TANH, RNN_RELU, got '", s, "'");
+}
+
+int64_t gates_of(Mode m) { return m == Mode::LSTM ? 4 : m == Mode::GRU ? 3 : 1; }
+
+Dtype dtype_of(const Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return Dtype::F32;
+    case at::kDouble: return Dtype::F64;
+    case at::kHalf: return Dtype::F16;
+    case at::kBFloat16: return Dtype::BF16;
+    default: TORCH_CHECK(false, "fastrnn: unsupported dtype ", t.scalar_type());
+  }
+}
+
+// Problem sizes and the step layout, validated once per call.
+struct Problem {
+  Mode mode;
+  bool lstm, gru, proj, packed;
+  int64_t G, I, H, Hout, B, N, T;
+  std::vector<int64_t> size;  // size[t]: active rows of step t
+  std::vector<int64_t> off;   // off[t]: first row of step t; off[T] = N
+};
+
+std::string shape_str(at::IntArrayRef s) {
+  std::string out = "[";
+  for (size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);
+  return out + "]";
+}
+
+void check_like(const Tensor& t, const char* name, const Tensor& x, std::vector<int64_t> shape) {
+  TORCH_CHECK(t.device() == x.device(), "fastrnn: ", name, " must be on ", x.device(), " like x, got ", t.device());
+  TORCH_CHECK(t.scalar_type() == x.scalar_type(), "fastrnn: ", name, " must have dtype ", x.scalar_type(),
+              " like x, got ", t.scalar_type());
+  TORCH_CHECK(t.sizes() == at::IntArrayRef(shape), "fastrnn: ", name, " must have shape ", shape_str(shape),
+              ", got ", shape_str(t.sizes()));
+}
+
+void check_absent(const OptTensor& t, const char* name, const char* why) {
+  TORCH_CHECK(!t.has_value(), "fastrnn: ", name, " must be None ", why);
+}
+
+void check_dtype_device(const Tensor& x) {
+  TORCH_CHECK(x.is_floating_point(), "fastrnn: x must be a floating-point tensor, got ", x.scalar_type());
+  if (x.is_cuda()) {
+#ifndef FASTRNN_WITH_CUDA
+    TORCH_CHECK(false, "fastrnn: x is on ", x.device(), " but fastrnn._C was built without CUDA");
+#endif
+    dtype_of(x);
+  } else {
+    TORCH_CHECK(x.is_cpu(), "fastrnn: x must be on a CPU or CUDA device, got ", x.device());
+    TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+                "fastrnn: x on the CPU must be float32 or float64, got ", x.scalar_type());
+  }
+}
+
+Problem check_inputs(Mode m, const Tensor& x, const OptTensor& batch_sizes, const Tensor& h0, const OptTensor& c0,
+                     const Tensor& w_ih, const Tensor& w_hh, const OptTensor& b_ih, const OptTensor& b_hh,
+                     const OptTensor& w_hr) {
+  Problem p;
+  p.mode = m;
+  p.lstm = m == Mode::LSTM;
+  p.gru = m == Mode::GRU;
+  p.proj = w_hr.has_value();
+  p.packed = batch_sizes.has_value();
+  p.G = gates_of(m);
+  TORCH_CHECK(x.dim() == 2, "fastrnn: x must be 2-D [N, I], got shape ", shape_str(x.sizes()));
+  check_dtype_device(x);
+  TORCH_CHECK(h0.dim() == 2, "fastrnn: h0 must be 2-D [B, Hout], got shape ", shape_str(h0.sizes()));
+  TORCH_CHECK(w_hh.dim() == 2 && w_hh.size(0) > 0 && w_hh.size(0) % p.G == 0, "fastrnn: w_hh must be 2-D [",
+              p.G, "*H, Hout] for mode ", static_cast<int>(m), ", got shape ", shape_str(w_hh.sizes()));
+  p.N = x.size(0);
+  p.I = x.size(1);
+  p.B = h0.size(0);
+  p.H = w_hh.size(0) / p.G;
+  p.Hout = p.H;
+  const int64_t GH = p.G * p.H;
+  if (p.proj) {
+    TORCH_CHECK(p.lstm, "fastrnn: w_hr (proj_size) is only supported for LSTM");
+    TORCH_CHECK(w_hr->dim() == 2 && w_hr->size(1) == p.H, "fastrnn: w_hr must have shape [Hout, H] with H = ",
+                p.H, ", got ", shape_str(w_hr->sizes()));
+    p.Hout = w_hr->size(0);
+    check_like(*w_hr, "w_hr", x, {p.Hout, p.H});
+  }
+  check_like(w_hh, "w_hh", x, {GH, p.Hout});
+  check_like(w_ih, "w_ih", x, {GH, p.I});
+  check_like(h0, "h0", x, {p.B, p.Hout});
+  if (p.lstm) {
+    TORCH_CHECK(c0.has_value(), "fastrnn: c0 is required for LSTM");
+    check_like(*c0, "c0", x, {p.B, p.H});
+  } else {
+    check_absent(c0, "c0", "for GRU/RNN");
+  }
+  if (b_ih) check_like(*b_ih, "b_ih", x, {GH});
+  if (b_hh) check_like(*b_hh, "b_hh", x, {GH});
+
+  if (p.packed) {
+    const Tensor& bs = *batch_sizes;
+    TORCH_CHECK(bs.dim() == 1 && bs.scalar_type() == at::kLong && bs.is_cpu(),
+                "fastrnn: batch_sizes must be a 1-D int64 CPU tensor, got ", bs.scalar_type(), " on ", bs.device(),
+                " with shape ", shape_str(bs.sizes()));
+    const Tensor bsc = bs.contiguous();
+    const int64_t* s = bsc.data_ptr<int64_t>();
+    p.T = bs.size(0);
+    p.size.assign(s, s + p.T);
+  } else {
+    TORCH_CHECK(p.B > 0 ? p.N % p.B == 0 : p.N == 0, "fastrnn: dense x must have T*B rows with B = h0.shape[0] = ",
+                p.B, ", got ", p.N, " rows");
+    p.T = p.B > 0 ? p.N / p.B : 0;
+    p.size.assign(p.T, p.B);
+  }
+  p.off.assign(p.T + 1, 0);
+  for (int64_t t = 0; t < p.T; ++t) {
+    const int64_t b = p.size[t];
+    TORCH_CHECK(b >= 1 && b <= p.B && (t == 0 || b <= p.size[t - 1]), "fastrnn: batch_sizes must be non-increasing",
+                " and within [1, B = ", p.B, "], got batch_sizes[", t, "] = ", b);
+    p.off[t + 1] = p.off[t] + b;
+  }
+  TORCH_CHECK(p.off[p.T] == p.N, "fastrnn: batch_sizes sum to ", p.off[p.T], " but x has ", p.N, " rows");
+  return p;
+}
+
+// Test hook (_C._set_nan_fill): fill every workspace and output at allocation with NaN, so a test can prove
+// no uninitialised element reaches a result.
+bool g_nan_fill = false;
+
+Tensor ws_empty(at::IntArrayRef shape, const at::TensorOptions& opts) {
+  Tensor t = at::empty(shape, opts);
+  if (g_nan_fill) t.fill_(std::numeric_limits<double>::quiet_NaN());
+  return t;
+}
+
+// Address of row `row` of a contiguous matrix with `width` columns.
+void* row_ptr(const Tensor& t, int64_t row, int64_t width) {
+  return static_cast<char*>(t.data_ptr()) + row * width * static_cast<int64_t>(t.element_size());
+}
+
+template <class P>
+void run_cell(const Problem& pr, const Tensor& like, const P& params) {
+  if (like.is_cuda()) {
+#ifdef FASTRNN_WITH_CUDA
+    cell_cuda(pr.mode, dtype_of(like), params, c10::cuda::getCurrentCUDAStream(like.device().index()).stream());
+#endif
+  } else {
+    cell_cpu(pr.mode, dtype_of(like), params);
+  }
+}
+
+// The ops compute in their inputs' dtype, which the caller chose (the modules follow torch.nn under autocast);
+// without this guard an enclosing autocast region would turn the internal GEMMs' outputs into bf16/fp16.
+struct NoAutocast {
+  c10::impl::ExcludeDispatchKeyGuard guard{c10::autocast_dispatch_keyset};
+};
+
+Tensor contig(const OptTensor& t) { return t ? t->contiguous() : Tensor(); }
+
+Tensor empty0(const Tensor& like) { return at::empty({0}, like.options()); }
+
+// Forward of one layer in one direction. Returns y [N, Hout], h_n [B, Hout], c_n [B, H] (LSTM, else [0]) and
+// what backward needs when `save`: gates [N, G*H] (activated, LSTM/GRU), c [N, H] (LSTM), hn [N, H] (GRU:
+// W_hn h + b_hn); each is [0] when not saved or not needed (RNN saves nothing, it reuses y).
+std::vector<Tensor> layer_fwd(const std::string& mode, const Tensor& x_in, const OptTensor& batch_sizes,
+                              const Tensor& h0, const OptTensor& c0, const Tensor& w_ih_in, const Tensor& w_hh_in,
+                              const OptTensor& b_ih, const OptTensor& b_hh, const OptTensor& w_hr_in, bool reverse,
+                              bool save) {
+  const Problem pr = check_inputs(parse_mode(mode), x_in, batch_sizes, h0, c0, w_ih_in, w_hh_in, b_ih, b_hh, w_hr_in);
+  const c10::DeviceGuard guard(x_in.device());
+  const NoAutocast no_autocast;
+  const Tensor x = x_in.contiguous(), w_ih = w_ih_in.contiguous(), w_hh = w_hh_in.contiguous();
+  const Tensor w_hr = contig(w_hr_in);
+  const auto opts = x.options();
+  const int64_t H = pr.H, GH = pr.G * H, Hout = pr.Hout;
+
+  // Biases are added in the pointwise kernel: addmm would first broadcast-copy them over all N x G*H rows.
+  // b_hh joins b_ih except GRU's b_hn, which sits inside r * (W_hn h + b_hn).
+  Tensor bias = b_ih ? b_ih->clone(at::MemoryFormat::Contiguous) : at::zeros({GH}, opts);
+  if (b_hh) bias.narrow(0, 0, pr.gru ? 2 * H : GH).add_(b_hh->narrow(0, 0, pr.gru ? 2 * H : GH));
+  Tensor b_hn;
+  if (pr.gru) b_hn = b_hh ? b_hh->narrow(0, 2 * H, H).contiguous() : at::zeros({H}, opts);
+  Tensor gates = at::mm(x, w_ih.t());
+
+  Tensor hs = h0.clone(at::MemoryFormat::Contiguous);
+  Tensor cs = pr.lstm ? c0->clone(at::MemoryFormat::Contiguous) : empty0(x);
+  Tensor y = ws_empty({pr.N, Hout}, opts);
+  Tensor hg = ws_empty({pr.B, GH}, opts);
+  const bool save_c = save && pr.lstm, save_hn = save && pr.gru;
+  Tensor c_save = save_c ? ws_empty({pr.N, H}, opts) : empty0(x);
+  Tensor hn_save = save_hn ? ws_empty({pr.N, H}, opts) : empty0(x);
+  Tensor hr = pr.proj ? ws_empty({pr.B, H}, opts) : Tensor();
+  const Tensor w_hh_t = w_hh.t();
+
+  for (int64_t k = 0; k < pr.T; ++k) {
+    const int64_t t = reverse ? pr.T - 1 - k : k, b = pr.size[t], o = pr.off[t];
+    Tensor h_b = hs.narrow(0, 0, b);
+    Tensor hg_b = hg.narrow(0, 0, b);
+    at::mm_out(hg_b, h_b, w_hh_t);
+    CellParams p{};
+    p.rows = b;
+    p.H = H;
+    p.gs = GH;
+    p.gates = row_ptr(gates, o, GH);
+    p.hg = hg.data_ptr();
+    p.bias = bias.data_ptr();
+    p.b_hn = pr.gru ? b_hn.data_ptr() : nullptr;
+    // with a projection the cell's h is o*tanh(c), the input of the per-step projection GEMM
+    p.h = pr.proj ? hr.data_ptr() : hs.data_ptr();
+    p.h_stride = H;
+    p.y = pr.proj ? hr.data_ptr() : row_ptr(y, o, Hout);
+    p.y_stride = H;
+    if (pr.lstm) {
+      p.c = cs.data_ptr();
+      p.c_save = save_c ? row_ptr(c_save, o, H) : p.c;
+    }
+    if (pr.gru) {
+      // unsaved, W_hn h + b_hn goes back into hg's n block, which this step owns anyway
+      p.hn_save = save_hn ? row_ptr(hn_save, o, H) : static_cast<char*>(hg.data_ptr()) + 2 * H * hg.element_size();
+      p.hn_stride = save_hn ? H : GH;
+    }
+    run_cell(pr, x, p);
+    if (pr.proj) {
+      at::mm_out(h_b, hr.narrow(0, 0, b), w_hr.t());
+      y.narrow(0, o, b).copy_(h_b);
+    }
+  }
+  const bool save_gates = save && (pr.lstm || pr.gru);
+  return {y, hs, cs, save_gates ? gates : empty0(x), c_save, hn_save};
+}
+
+// Backward of layer_fwd. dy [N, Hout], dh_n [B, Hout], dc_n [B, H] (LSTM). Returns dx, dh0, dc0, dw_ih, dw_hh,
+// db_ih, db_hh, dw_hr; an input that is absent gets a [0] gradient, and so does x unless need_dx (a first
+// layer fed with data skips one of the backward's four big GEMMs).
+std::vector<Tensor> layer_bwd(const std::string& mode, const Tensor& x_in, const OptTensor& batch_sizes,
+                              const Tensor& h0_in, const OptTensor& c0_in, const Tensor& w_ih_in,
+                              const Tensor& w_hh_in, const OptTensor& b_ih, const OptTensor& b_hh,
+                              const OptTensor& w_hr_in, bool reverse, const Tensor& y_in, const Tensor& gates_in,
+                              const Tensor& c_save_in, const Tensor& hn_save_in, const Tensor& dy_in,
+                              const Tensor& dh_n, const OptTensor& dc_n, bool need_dx) {
+  const Problem pr =
+      check_inputs(parse_mode(mode), x_in, batch_sizes, h0_in, c0_in, w_ih_in, w_hh_in, b_ih, b_hh, w_hr_in);
+  const c10::DeviceGuard guard(x_in.device());
+  const NoAutocast no_autocast;
+  const int64_t H = pr.H, GH = pr.G * H, Hout = pr.Hout, N = pr.N, B = pr.B;
+  check_like(y_in, "y", x_in, {N, Hout});
+  check_like(dy_in, "dy", x_in, {N, Hout});
+  check_like(dh_n, "dh_n", x_in, {B, Hout});
+  if (pr.lstm || pr.gru) check_like(gates_in, "saved gates", x_in, {N, GH});
+  if (pr.lstm) {
+    check_like(c_save_in, "saved c", x_in, {N, H});
+    TORCH_CHECK(dc_n.has_value(), "fastrnn: dc_n is required for LSTM");
+    check_like(*dc_n, "dc_n", x_in, {B, H});
+  }
+  if (pr.gru) check_like(hn_save_in, "saved hn", x_in, {N, H});
+
+  const Tensor x = x_in.contiguous(), w_ih = w_ih_in.contiguous(), w_hh = w_hh_in.contiguous();
+  const Tensor h0 = h0_in.contiguous(), c0 = contig(c0_in), w_hr = contig(w_hr_in);
+  const Tensor y = y_in.contiguous(), gates = gates_in.contiguous(), dy = dy_in.contiguous();
+  const Tensor c_save = c_save_in.contiguous(), hn_save = hn_save_in.contiguous();
+  const auto opts = x.options();
+
+  // Steps are grouped into chunks of consecutive t (so of consecutive rows); fp16/bf16 use one chunk so that
+  // each weight gradient is a single GEMM with fp32 accumulation instead of a sum of rounded partials.
+  const bool half = x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16;
+  std::vector<std::pair<int64_t, int64_t>> chunks;  // [t_begin, t_end)
+  int64_t rmax = 0;
+  for (int64_t t = 0; t < pr.T;) {
+    int64_t e = t;
+    while (e < pr.T && (half || pr.off[e] - pr.off[t] < g_chunk_rows)) ++e;
+    chunks.emplace_back(t, e);
+    rmax = std::max(rmax, pr.off[e] - pr.off[t]);
+    t = e;
+  }
+
+  Tensor dhs = dh_n.clone(at::MemoryFormat::Contiguous);
+  Tensor dcs = pr.lstm ? dc_n->clone(at::MemoryFormat::Contiguous) : empty0(x);
+  Tensor dgx = ws_empty({rmax, GH}, opts);
+  Tensor dgh = pr.gru ? ws_empty({rmax, GH}, opts) : dgx;
+  Tensor hprev = pr.packed ? ws_empty({rmax, Hout}, opts) : Tensor();
+  Tensor dtot, hr, dhr, zeros_bh;
+  if (pr.proj) {
+    dtot = ws_empty({rmax, Hout}, opts);
+    hr = ws_empty({rmax, H}, opts);
+    dhr = ws_empty({B, H}, opts);
+    zeros_bh = at::zeros({B, H}, opts);
+  }
+  const bool has_bias = b_ih || b_hh;
+  Tensor ones = at::ones({rmax}, opts);
+  Tensor dx = need_dx ? ws_empty({N, pr.I}, opts) : empty0(x);
+  Tensor dw_ih = at::zeros_like(w_ih), dw_hh = at::zeros_like(w_hh);
+  Tensor db_x = has_bias ? at::zeros({GH}, opts) : Tensor();
+  Tensor db_h = pr.gru && b_hh ? at::zeros({GH}, opts) : Tensor();
+  Tensor dw_hr = pr.proj ? at::zeros_like(w_hr) : empty0(x);
+  // LSTM's pointwise backward needs c_prev, GRU's h_prev: the previous step's saved rows or the initial state
+  const Tensor& prev_src = pr.lstm ? c_save : y;
+  const Tensor& init = pr.lstm ? c0 : h0;
+
+  auto step = [&](int64_t t, int64_t local) {
+    const int64_t b = pr.size[t], o = pr.off[t];
+    const int64_t tp = reverse ? t + 1 : t - 1;
+    const bool has_prev = tp >= 0 && tp < pr.T;
+    const int64_t n_prev = has_prev ? std::min(b, pr.size[tp]) : 0;
+    Tensor dh_b = dhs.narrow(0, 0, b);
+    CellGradParams p{};
+    p.rows = b;
+    p.H = H;
+    p.gs = GH;
+    p.gates = pr.lstm || pr.gru ? row_ptr(gates, o, GH) : nullptr;
+    p.c = pr.lstm ? row_ptr(c_save, o, H) : nullptr;
+    p.hn = pr.gru ? row_ptr(hn_save, o, H) : nullptr;
+    p.out = row_ptr(y, o, Hout);
+    p.out_stride = Hout;
+    if (pr.lstm || pr.gru) {
+      p.init = init.data_ptr();
+      p.prev = has_prev ? row_ptr(prev_src, pr.off[tp], H) : p.init;
+      p.prev_stride = H;
+      p.n_prev = n_prev;
+    }
+    if (pr.proj) {
+      Tensor dt = dtot.narrow(0, local, b);
+      at::add_out(dt, dh_b, dy.narrow(0, o, b));
+      Tensor dhr_b = dhr.narrow(0, 0, b);
+      at::mm_out(dhr_b, dt, w_hr);
+      p.dh = dhr.data_ptr();
+      p.dh_stride = H;
+      p.dy = zeros_bh.data_ptr();
+      p.dy_stride = H;
+    } else {
+      p.dh = dhs.data_ptr();
+      p.dh_stride = Hout;
+      p.dy = row_ptr(dy, o, Hout);
+      p.dy_stride = Hout;
+    }
+    p.dc = pr.lstm ? dcs.data_ptr() : nullptr;
+    p.dgx = row_ptr(dgx, local, GH);
+    p.dgh = row_ptr(dgh, local, GH);
+    p.dh_prev = dhs.data_ptr();
+    run_cell(pr, x, p);
+    if (pr.packed) {
+      Tensor hp = hprev.narrow(0, local, b);
+      if (n_prev > 0) hp.narrow(0, 0, n_prev).copy_(y.narrow(0, pr.off[tp], n_prev));
+      if (n_prev < b) hp.narrow(0, n_prev, b - n_prev).copy_(h0.narrow(0, n_prev, b - n_prev));
+    }
+    const Tensor dgh_b = dgh.narrow(0, local, b);
+    if (pr.gru) {
+      dh_b.addmm_(dgh_b, w_hh);  // dh_b holds the direct z*dh term
+    } else {
+      at::mm_out(dh_b, dgh_b, w_hh);
+    }
+  };
+
+  auto flush = [&](int64_t lo, int64_t R) {
+    const Tensor gx = dgx.narrow(0, 0, R), gh = dgh.narrow(0, 0, R);
+    if (need_dx) {
+      Tensor dx_r = dx.narrow(0, lo, R);
+      at::mm_out(dx_r, gx, w_ih);
+    }
+    dw_ih.addmm_(gx.t(), x.narrow(0, lo, R));
+    if (has_bias) db_x.addmv_(gx.t(), ones.narrow(0, 0, R));
+    if (db_h.defined()) db_h.addmv_(gh.t(), ones.narrow(0, 0, R));
+    if (pr.packed) {
+      dw_hh.addmm_(gh.t(), hprev.narrow(0, 0, R));
+    } else {
+      // dense: h_prev of rows [lo, lo+R) is y shifted by one step, except the step whose h_prev is h0
+      const bool first = reverse ? lo + R == N : lo == 0;
+      const int64_t from_y = R - (first ? B : 0);
+      const int64_t g_y = reverse ? 0 : R - from_y;
+      if (first) dw_hh.addmm_(gh.narrow(0, reverse ? from_y : 0, B).t(), h0);
+      if (from_y > 0) dw_hh.addmm_(gh.narrow(0, g_y, from_y).t(), y.narrow(0, lo + g_y + (reverse ? B : -B), from_y));
+    }
+    if (pr.proj) {
+      // o * tanh(c) was not saved: recomputing it here costs one pass over R x H instead of N x H memory
+      Tensor hr_r = hr.narrow(0, 0, R);
+      at::tanh_out(hr_r, c_save.narrow(0, lo, R));
+      hr_r.mul_(gates.narrow(0, lo, R).narrow(1, 3 * H, H));
+      dw_hr.addmm_(dtot.narrow(0, 0, R).t(), hr_r);
+    }
+  };
+
+  const int64_t nc = static_cast<int64_t>(chunks.size());
+  for (int64_t k = 0; k < nc; ++k) {
+    const auto [ta, tb] = chunks[reverse ? k : nc - 1 - k];
+    const int64_t lo = pr.off[ta];
+    for (int64_t s = 0; s < tb - ta; ++s) {
+      const int64_t t = reverse ? ta + s : tb - 1 - s;
+      step(t, pr.off[t] - lo);
+    }
+    flush(lo, pr.off[tb] - lo);
+  }
+
+  Tensor db_ih = b_ih ? db_x : empty0(x);
+  Tensor db_hh = !b_hh ? empty0(x) : pr.gru ? db_h : (b_ih ? db_x.clone() : db_x);
+  return {dx, dhs, dcs, dw_ih, dw_hh, db_ih, db_hh, dw_hr};
+}
+
+#define FRNN_STR2(x) #x
+#define FRNN_STR(x) FRNN_STR2(x)
+
+pybind11::dict build_info() {
+  pybind11::dict d;
+  std::vector<int> archs;
+#ifdef FASTRNN_WITH_CUDA
+  d["with_cuda"] = true;
+  archs = {FASTRNN_CUDA_ARCHS};
+  d["cuda_version"] = std::to_string(CUDART_VERSION / 1000) + "." + std::to_string(CUDART_VERSION % 1000 / 10);
+#else
+  d["with_cuda"] = false;
+  d["cuda_version"] = pybind11::none();
+#endif
+  d["cuda_archs"] = archs;
+  d["cpu_isa"] = cpu_isa();
+  d["cpu_vectorisation"] = "fp32 kernels cloned for x86-64-v4/v3/baseline (target_clones), fp64 baseline";
+  pybind11::dict cxx;
+  cxx["compiler"] = __VERSION__;
+  cxx["cxx_opt"] = FRNN_STR(FASTRNN_CXX_OPT);
+#ifdef __FAST_MATH__
+  cxx["fast_math"] = true;
+#else
+  cxx["fast_math"] = false;
+#endif
+#ifdef _OPENMP
+  cxx["openmp"] = _OPENMP;
+#endif
+  d["compiler"] = cxx;
+  return d;
+}
+
+void set_nan_fill(bool on) { g_nan_fill = on; }
+
+void set_chunk_rows(int64_t rows) { g_chunk_rows = rows > 0 ? rows : kChunkRows; }
+
+int cuda_probe_py() {
+#ifdef FASTRNN_WITH_CUDA
+  return cuda_probe();
+#else
+  TORCH_CHECK(false, "fastrnn: _C was built without CUDA");
+#endif
+}
+
+}  // namespace
+}  // namespace fastrnn
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  namespace py = pybind11;
+  m.doc() = "fastrnn fused RNN kernels (CPU and CUDA)";
+  m.def("layer_fwd", &fastrnn::layer_fwd, py::arg("mode"), py::arg("x"), py::arg("batch_sizes"), py::arg("h0"),
+        py::arg("c0"), py::arg("w_ih"), py::arg("w_hh"), py::arg("b_ih"), py::arg("b_hh"), py::arg("w_hr"),
+        py::arg("reverse"), py::arg("save"));
+  m.def("layer_bwd", &fastrnn::layer_bwd, py::arg("mode"), py::arg("x"), py::arg("batch_sizes"), py::arg("h0"),
+        py::arg("c0"), py::arg("w_ih"), py::arg("w_hh"), py::arg("b_ih"), py::arg("b_hh"), py::arg("w_hr"),
+        py::arg("reverse"), py::arg("y"), py::arg("gates"), py::arg("c"), py::arg("hn"), py::arg("dy"),
+        py::arg("dh_n"), py::arg("dc_n"), py::arg("need_dx"));
+  m.def("build_info", &fastrnn::build_info, "how this extension was built: CUDA archs, compiler, CPU ISA");
+  m.def("_set_nan_fill", &fastrnn::set_nan_fill, "test hook: NaN-fill every workspace and output at allocation");
+  m.def("_set_chunk_rows", &fastrnn::set_chunk_rows, "test hook: backward chunk size in rows (0: default)");
+  m.def("cuda_probe", &fastrnn::cuda_probe_py,
+        "touches the CUDA runtime (device count, one tiny kernel); raises RuntimeError on any CUDA error");
+}

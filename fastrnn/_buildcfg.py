@@ -1,0 +1,184 @@
+"""Build configuration shared by setup.py, the tests and the benchmarks: one source of truth.
+
+setup.py loads this file by path (fastrnn is not installed yet at build time), so it imports nothing from
+fastrnn and nothing from torch at module level.
+"""
+
+import glob
+import os
+import re
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+from typing import Dict, List, Optional, Tuple
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CSRC = os.path.join(ROOT, "csrc")
+CPP_SOURCES = ["csrc/rnn.cpp", "csrc/cell_cpu.cpp"]
+CUDA_SOURCES = ["csrc/cell_cuda.cu"]
+
+DEFAULT_CUDA_ARCHS = "80;90"
+
+# -g0 overrides Python's default -g: debug info of torch's headers doubles compile time and the .so size
+CXX_FLAGS = ["-O3", "-g0", "-std=c++20", "-fopenmp", "-DFASTRNN_CXX_OPT=O3"]
+# IEEE division and exp on purpose (no --use_fast_math): the GPU must run the arithmetic the CPU tests check.
+NVCC_FLAGS = ["-O3", "-std=c++20", "--expt-relaxed-constexpr"]
+# What torch.utils.cpp_extension adds to every nvcc call; repeated so a standalone ptxas report compiles
+# the same code as the build.
+TORCH_NVCC_DEFINES = [
+    "-D__CUDA_NO_HALF_OPERATORS__",
+    "-D__CUDA_NO_HALF_CONVERSIONS__",
+    "-D__CUDA_NO_BFLOAT16_CONVERSIONS__",
+    "-D__CUDA_NO_HALF2_OPERATORS__",
+]
+
+
+def cuda_archs() -> List[str]:
+    """Compute capabilities to build, from FASTRNN_CUDA_ARCHS ("80;90", "8.0,9.0" and "sm_90" all work)."""
+    raw = os.environ.get("FASTRNN_CUDA_ARCHS", DEFAULT_CUDA_ARCHS)
+    archs = []
+    for tok in re.split(r"[;,\s]+", raw.strip()):
+        tok = tok.lower().removeprefix("sm_").replace(".", "")
+        if tok:
+            if not re.fullmatch(r"\d+[af]?", tok):
+                raise ValueError(f"FASTRNN_CUDA_ARCHS: cannot parse {tok!r} in {raw!r}")
+            archs.append(tok)
+    return archs
+
+
+def ptx_arch(archs: List[str]) -> Optional[str]:
+    """The arch whose PTX is embedded for GPUs newer than every cubin (JIT-compiled by the driver): the highest
+    portable one; arch-specific targets (90a, 100f) have no forward-compatible PTX."""
+    portable = [a for a in archs if a.isdigit()]
+    return max(portable, key=int) if portable else None
+
+
+def gencode_flags(archs: List[str], ptx: bool = True) -> List[str]:
+    flags = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+    p = ptx_arch(archs) if ptx else None
+    return flags + ([f"-gencode=arch=compute_{p},code=compute_{p}"] if p else [])
+
+
+def runs_on(archs: List[str], capability: Tuple[int, int]) -> bool:
+    """Whether a binary with these cubins (+ ptx_arch's PTX) runs on a GPU of `capability` (major, minor): a
+    cubin runs on its own major version from its minor up, PTX on anything at least as new."""
+    major, minor = capability
+    for a in archs:
+        if a.isdigit() and int(a) // 10 == major and int(a) % 10 <= minor:
+            return True
+        if a.rstrip("af") == f"{major}{minor}":
+            return True
+    p = ptx_arch(archs)
+    return p is not None and (int(p) // 10, int(p) % 10) <= (major, minor)
+
+
+def _is_cuda_home(path: Optional[str]) -> bool:
+    return bool(path) and os.path.isfile(os.path.join(path, "bin", "nvcc")) and os.path.isfile(
+        os.path.join(path, "include", "cuda_runtime.h")
+    )
+
+
+def find_cuda_home() -> Optional[str]:
+    """The CUDA toolkit root. An nvcc on PATH may be a wrapper script (e.g. /usr/local/bin/nvcc), whose parent
+    torch would take for the toolkit, so candidates are checked for bin/nvcc and include/cuda_runtime.h."""
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    candidates.append("/usr/local/cuda")
+    candidates += sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
+    return next((c for c in candidates if _is_cuda_home(c)), None)
+
+
+def nvcc_path() -> Optional[str]:
+    home = find_cuda_home()
+    return os.path.join(home, "bin", "nvcc") if home else None
+
+
+def nvidia_include_dirs() -> List[str]:
+    """Header dirs of the pip `nvidia` packages (cublas, cusparse, ...) that torch's CUDA headers include but a
+    bare toolkit may lack; found from the interpreter's own site dirs, never from a hand-set variable."""
+    sites = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
+    sites.update(p for p in sys.path if p.endswith("site-packages"))
+    dirs = []
+    for site_dir in sorted(sites):
+        dirs += sorted(d for d in glob.glob(os.path.join(site_dir, "nvidia", "*", "include")) if os.path.isdir(d))
+    return dirs
+
+
+def max_jobs() -> int:
+    """Parallel compile jobs: MAX_JOBS if set, else bounded by cores and by RAM (~3 GiB per nvcc/cc1plus job on
+    torch headers)."""
+    if os.environ.get("MAX_JOBS"):
+        return max(1, int(os.environ["MAX_JOBS"]))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        avail_kib = next(int(line.split()[1]) for line in open("/proc/meminfo") if line.startswith("MemAvailable"))
+        by_ram = max(1, avail_kib // (3 * 1024 * 1024))
+    except (OSError, StopIteration, ValueError):
+        by_ram = cores
+    return max(1, min(cores, by_ram))
+
+
+def _torch_include_dirs() -> List[str]:
+    import torch.utils.cpp_extension as ce
+
+    return list(ce.include_paths())
+
+
+_PTXAS_ENTRY = re.compile(r"Compiling entry function '(\S+)' for '(sm_\w+)'")
+_PTXAS_PROPS = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+_PTXAS_USED = re.compile(r"Used (\d+) registers(.*)")
+_PTXAS_SMEM = re.compile(r"(\d+) bytes smem")
+
+
+def parse_ptxas(text: str) -> Dict[str, Dict[str, Dict[str, int]]]:
+    """`nvcc -Xptxas -v` output as {arch ("80"): {kernel (mangled): {registers, stack, spill_stores,
+    spill_loads, smem}}}."""
+    out: Dict[str, Dict[str, Dict[str, int]]] = {}
+    current = None
+    for line in text.splitlines():
+        m = _PTXAS_ENTRY.search(line)
+        if m:
+            stats = {"registers": 0, "stack": 0, "spill_stores": 0, "spill_loads": 0, "smem": 0}
+            current = out.setdefault(m.group(2).removeprefix("sm_"), {}).setdefault(m.group(1), stats)
+            continue
+        if current is None:
+            continue
+        m = _PTXAS_PROPS.search(line)
+        if m:
+            current.update(stack=int(m.group(1)), spill_stores=int(m.group(2)), spill_loads=int(m.group(3)))
+            continue
+        m = _PTXAS_USED.search(line)
+        if m:
+            current["registers"] = int(m.group(1))
+            s = _PTXAS_SMEM.search(m.group(2))
+            current["smem"] = int(s.group(1)) if s else 0
+    return out
+
+
+def ptxas_report(archs: Optional[List[str]] = None, sources: Optional[List[str]] = None,
+                 timeout: float = 900) -> Dict[str, Dict[str, Dict[str, int]]]:
+    """Compiles the CUDA sources for `archs` (default: cuda_archs()) in one nvcc call with `-Xptxas -v` and the
+    build's flags, but no --threads so that each kernel's report lines stay together; returns parse_ptxas of
+    the output. Raises FileNotFoundError without nvcc and CalledProcessError (carrying nvcc's output) when
+    compilation fails."""
+    nvcc = nvcc_path()
+    if nvcc is None:
+        raise FileNotFoundError("nvcc not found (no CUDA toolkit with bin/nvcc and include/cuda_runtime.h)")
+    archs = archs or cuda_archs()
+    includes = [CSRC] + _torch_include_dirs() + [os.path.join(find_cuda_home(), "include")] + nvidia_include_dirs()
+    report: Dict[str, Dict[str, Dict[str, int]]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for src in sources or CUDA_SOURCES:
+            cmd = [nvcc, "-c", os.path.join(ROOT, src), "-o", os.path.join(tmp, "k.o"), "-Xptxas", "-v",
+                   *gencode_flags(archs, ptx=False), *NVCC_FLAGS, *TORCH_NVCC_DEFINES,
+                   "-DFASTRNN_WITH_CUDA", *(f"-I{d}" for d in includes)]
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+            if proc.returncode != 0:
+                raise subprocess.CalledProcessError(proc.returncode, cmd, proc.stdout, proc.stderr)
+            for arch, kernels in parse_ptxas(proc.stdout + proc.stderr).items():
+                report.setdefault(arch, {}).update(kernels)
+    return report

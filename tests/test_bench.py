@@ -1,0 +1,173 @@
+"""The benchmark harness end to end on a tiny case: files written and well-formed (not speed)."""
+
+import contextlib
+import csv
+import io
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(REPO, "benchmarks", "bench_rnn.py")
+sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+
+import bench_rnn  # noqa: E402
+
+IMPLS = ["fastrnn-reference", "torch.nn", "loop-eager"]
+# On a CPU the Triton backend never counts as runnable, so it always exercises the "unavailable" path.
+ABSENT = "fastrnn-triton"
+ALL_CELLS = ["lstm", "gru", "rnn_tanh", "rnn_relu"]
+
+
+def _run(tmp_path, cells, extra, in_process):
+    """The CLI's stdout; in a subprocess, or in this process where a second torch import would cost most of
+    the test's time."""
+    argv = [
+        "--config", "3,2,4,5,1", "--repeats", "2", "--warmup", "1", "--min-time", "0.001", "--threads", "1",
+        "--cells", ",".join(cells), "--impls", ",".join(IMPLS + [ABSENT]), "--out", str(tmp_path), *extra,
+    ]  # fmt: skip
+    if not in_process:
+        proc = subprocess.run([sys.executable, SCRIPT, *argv], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc.stdout
+    threads = bench_rnn.torch.get_num_threads()
+    out = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out):
+            assert bench_rnn.main(argv) == 0
+    finally:
+        bench_rnn.torch.set_num_threads(threads)
+    return out.getvalue()
+
+
+def _table_rows(md: str, header_start: str):
+    """Data rows of the markdown table whose header line starts with ``header_start``."""
+    lines = md.splitlines()
+    start = next(i for i, ln in enumerate(lines) if ln.startswith(header_start))
+    assert set(lines[start + 1].replace("|", "").split()) == {"---"}
+    rows = []
+    for ln in lines[start + 2 :]:
+        if not ln.startswith("|"):
+            break
+        rows.append([c.strip() for c in ln.strip().strip("|").split("|")])
+    return lines[start], rows
+
+
+@pytest.mark.parametrize(
+    "cells, extra, in_process",
+    [(ALL_CELLS, (), False), (["lstm", "gru"], ("--packed", "--bidirectional"), True)],
+    ids=["dense", "packed-bidir"],
+)
+def test_cli_writes_csv_markdown_png(tmp_path, cells, extra, in_process):
+    stdout = _run(tmp_path, cells, extra, in_process)
+    assert "torch threads: 1 intra-op" in stdout
+
+    with open(tmp_path / "results.csv", newline="") as f:
+        reader = csv.DictReader(f)
+        assert tuple(reader.fieldnames) == bench_rnn.CSV_FIELDS
+        rows = list(reader)
+    assert len(rows) == len(cells) * 2 * (len(IMPLS) + 1)
+    assert {(r["cell"], r["mode"], r["impl"]) for r in rows} == {
+        (c, m, i) for c in cells for m in ("fwd", "fwd+bwd") for i in IMPLS + [ABSENT]
+    }
+    absent = [r for r in rows if r["impl"] == ABSENT]
+    assert all(r["status"] == "unavailable" and r["note"] and r["tokens_per_s"] == "" for r in absent)
+    for r in rows:
+        if r["impl"] == ABSENT:
+            continue
+        assert r["status"] == "ok", r
+        assert (r["T"], r["B"], r["I"], r["H"], r["L"]) == ("3", "2", "4", "5", "1")
+        assert int(r["repeats"]) == 2 and int(r["calls_per_repeat"]) >= 1
+        assert float(r["time_q1_s"]) <= float(r["time_median_s"]) <= float(r["time_q3_s"])
+        assert float(r["tokens_per_s"]) == pytest.approx(int(r["tokens"]) / float(r["time_median_s"]), rel=1e-4)
+        assert int(r["peak_mem_bytes"]) > 0
+        if r["impl"] == "torch.nn":
+            assert r["ratio_vs_torch_nn"] == "1"
+        else:
+            assert float(r["ratio_q1"]) <= float(r["ratio_vs_torch_nn"]) <= float(r["ratio_q3"])
+            assert float(r["max_err"]) < 1e-3
+    if "--packed" in extra:
+        assert all(3 <= int(r["tokens"]) <= 6 for r in rows)
+    else:
+        assert all(int(r["tokens"]) == 6 for r in rows)
+
+    md = (tmp_path / "results.md").read_text()
+    assert "bench_rnn.py --config 3,2,4,5,1" in md
+    assert "| CPU |" in md and "| torch |" in md and "| triton |" in md
+    for mode_title in ("## forward (no_grad)", "## forward + backward"):
+        assert mode_title in md
+    header, table = _table_rows(md, "| cell | T,B,I,H,L | fastrnn-reference")
+    assert header.count("|") - 1 == 2 + len(IMPLS)
+    assert len(table) == len(cells)
+    for cells in table:
+        assert cells[1] == "3,2,4,5,1"
+        assert "×" in cells[2] and "×" not in cells[3]
+    _, details = _table_rows(md, "| cell | T,B,I,H,L | mode | impl")
+    assert len(details) == len(rows) - len(absent)
+    assert f"- `{ABSENT}`: " in md
+
+    png = (tmp_path / "results.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(png) > 10_000
+
+
+def test_loop_matches_torch_nn_packed_bidirectional():
+    """The eager-loop baseline computes what torch.nn computes, states of finished sequences included."""
+    torch = bench_rnn.torch
+
+    def results(impl, case):
+        step = bench_rnn.make_step(bench_rnn.make_runner(impl, case), case, "fwd+bwd")
+        return bench_rnn.results_of(step, case, "fwd+bwd")
+
+    for cell in ALL_CELLS:
+        cfg = bench_rnn.Config(7, 4, 3, 5, 2)
+        case = bench_rnn.build_case(cell, cfg, True, True, torch.device("cpu"), torch.float64, 1)
+        assert bench_rnn.max_err(results("loop-eager", case), results("torch.nn", case)) < 1e-10, cell
+
+
+def test_quick_skips_only_costly_cases():
+    big, small = bench_rnn.STANDARD_CONFIGS[1], bench_rnn.STANDARD_CONFIGS[0]
+    assert bench_rnn.quick_skip("fastrnn-reference", "lstm", big, False, "fwd")
+    assert bench_rnn.quick_skip("torch.nn", "lstm", big, False, "fwd+bwd") is None
+    assert bench_rnn.quick_skip("loop-eager", "lstm", big, False, "fwd+bwd") is None
+    assert bench_rnn.quick_skip("fastrnn-reference", "rnn_tanh", small, False, "fwd+bwd") is None
+    assert bench_rnn.quick_skip("loop-compiled", "lstm", small, False, "fwd") is None
+    assert bench_rnn.quick_skip("loop-compiled", "lstm", small, False, "fwd+bwd")
+
+
+def test_compare_flags_disjoint_ratios(tmp_path, capsys):
+    def write(name, ratio, q1, q3):
+        row = {k: "" for k in bench_rnn.CSV_FIELDS}
+        row.update(cell="lstm", T=1, B=1, I=1, H=1, L=1, mode="fwd", impl="loop-eager",
+                   ratio_vs_torch_nn=ratio, ratio_q1=q1, ratio_q3=q3)  # fmt: skip
+        bench_rnn.write_csv(str(tmp_path / name), [row])
+        return str(tmp_path / name)
+
+    a = write("a.csv", 1.0, 0.95, 1.05)
+    assert bench_rnn.compare(a, write("b.csv", 1.02, 1.0, 1.1)) == 0
+    assert bench_rnn.compare(a, write("c.csv", 1.3, 1.2, 1.4)) == 1
+    assert "DISAGREE" in capsys.readouterr().out
+
+
+def test_mismatch_is_reported_instead_of_a_speed(monkeypatch):
+    torch = bench_rnn.torch
+    honest = bench_rnn.make_runner
+
+    def skewed(impl, case):
+        run = honest(impl, case)
+        if impl != "loop-eager":
+            return run
+        return lambda: tuple(None if t is None else t * 1.01 for t in run())
+
+    monkeypatch.setattr(bench_rnn, "make_runner", skewed)
+    cfg = bench_rnn.Config(3, 2, 4, 5, 1)
+    case = bench_rnn.build_case("gru", cfg, False, False, torch.device("cpu"), torch.float32, 0)
+    opts = bench_rnn.parse_args(["--repeats", "2", "--warmup", "1", "--min-time", "0.001", "--no-memory"])
+    entries = bench_rnn.run_case(case, "fwd", ["torch.nn", "loop-eager", "fastrnn-reference"], {}, opts)
+    rows = {r["impl"]: r for r in bench_rnn.summarize(case, "fwd", entries)}
+    assert rows["loop-eager"]["status"] == "mismatch" and "differs from torch.nn" in rows["loop-eager"]["note"]
+    assert rows["loop-eager"]["tokens_per_s"] == "" and rows["loop-eager"]["ratio_vs_torch_nn"] == ""
+    assert float(rows["loop-eager"]["max_err"]) > 5e-3
+    assert rows["fastrnn-reference"]["status"] == "ok" and rows["fastrnn-reference"]["ratio_vs_torch_nn"]

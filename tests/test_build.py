@@ -1,0 +1,150 @@
+"""The build: CUDA sources compile for every configured arch without register spills, the extension says what
+it was built for, and CUDA calls on a machine without a usable GPU fail with a Python error, not a crash."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from fastrnn import _buildcfg
+
+NVCC = _buildcfg.nvcc_path()
+# one kernel per (op, dtype): forward and backward of LSTM, GRU, RNN_TANH, RNN_RELU in fp32/fp64/fp16/bf16
+N_CELL_KERNELS = 8 * 4
+
+
+@pytest.fixture(scope="module")
+def ptxas():
+    if NVCC is None:
+        pytest.skip("nvcc not found: no CUDA toolkit with bin/nvcc and include/cuda_runtime.h")
+    return _buildcfg.ptxas_report(["80", "90"])
+
+
+@pytest.mark.parametrize("arch", ["80", "90"])
+def test_cuda_kernels_compile_without_spills(ptxas, arch):
+    kernels = ptxas.get(arch, {})
+    cell = {k: v for k, v in kernels.items() if "cell_kernel" in k}
+    assert len(cell) == N_CELL_KERNELS, f"sm_{arch}: expected {N_CELL_KERNELS} cell kernels, got {sorted(cell)}"
+    spilling = {k: v for k, v in kernels.items() if v["spill_stores"] or v["spill_loads"] or v["stack"]}
+    assert not spilling, f"sm_{arch}: kernels spill to local memory: {spilling}"
+    # 256 threads per block (launch bounds) allow up to 255 registers; staying well below keeps occupancy
+    worst = max(v["registers"] for v in cell.values())
+    assert 0 < worst <= 128, f"sm_{arch}: a cell kernel uses {worst} registers"
+
+
+def test_parse_ptxas_reads_spills_and_smem():
+    text = textwrap.dedent(
+        """\
+        ptxas info    : Compiling entry function '_Z1kv' for 'sm_80'
+        ptxas info    : Function properties for _Z1kv
+            8 bytes stack frame, 4 bytes spill stores, 12 bytes spill loads
+        ptxas info    : Used 40 registers, used 1 barriers, 2048 bytes smem, 368 bytes cmem[0]
+        ptxas info    : Compiling entry function '_Z1kv' for 'sm_90'
+        ptxas info    : Function properties for _Z1kv
+            0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+        ptxas info    : Used 38 registers, used 0 barriers, 368 bytes cmem[0]
+        """
+    )
+    report = _buildcfg.parse_ptxas(text)
+    assert report["80"]["_Z1kv"] == {"registers": 40, "stack": 8, "spill_stores": 4, "spill_loads": 12, "smem": 2048}
+    assert report["90"]["_Z1kv"] == {"registers": 38, "stack": 0, "spill_stores": 0, "spill_loads": 0, "smem": 0}
+
+
+@pytest.mark.parametrize(
+    "raw, expected",
+    [("80;90", ["80", "90"]), ("8.0, 9.0", ["80", "90"]), ("sm_90a", ["90a"]), ("86", ["86"])],
+)
+def test_cuda_archs_parsing(monkeypatch, raw, expected):
+    monkeypatch.setenv("FASTRNN_CUDA_ARCHS", raw)
+    assert _buildcfg.cuda_archs() == expected
+
+
+def test_default_archs_and_gencode(monkeypatch):
+    monkeypatch.delenv("FASTRNN_CUDA_ARCHS", raising=False)
+    assert _buildcfg.cuda_archs() == ["80", "90"]
+    assert _buildcfg.gencode_flags(["80", "90"]) == [
+        "-gencode=arch=compute_80,code=sm_80",
+        "-gencode=arch=compute_90,code=sm_90",
+        "-gencode=arch=compute_90,code=compute_90",
+    ]
+    assert _buildcfg.gencode_flags(["90a"]) == ["-gencode=arch=compute_90a,code=sm_90a"]
+
+
+@pytest.mark.parametrize(
+    "capability, runs",
+    [((8, 0), True), ((8, 6), True), ((8, 9), True), ((9, 0), True), ((12, 0), True), ((7, 5), False)],
+)
+def test_runs_on_default_archs(capability, runs):
+    """sm_80 cubins cover 8.x, sm_90 covers 9.0, compute_90 PTX is JIT-compiled on newer GPUs, nothing runs
+    on older ones."""
+    assert _buildcfg.runs_on(["80", "90"], capability) is runs
+    assert _buildcfg.runs_on(["90a"], (9, 0)) and not _buildcfg.runs_on(["90a"], (10, 0))
+
+
+def test_max_jobs_respects_env_and_bounds(monkeypatch):
+    monkeypatch.setenv("MAX_JOBS", "3")
+    assert _buildcfg.max_jobs() == 3
+    monkeypatch.delenv("MAX_JOBS")
+    jobs = _buildcfg.max_jobs()
+    assert 1 <= jobs <= (os.cpu_count() or 1)
+
+
+def test_nvidia_headers_are_found_without_env():
+    """torch's CUDA headers include cublas_v2.h/cusparse.h; when the pip nvidia packages provide them, the
+    build finds them from the interpreter's site dirs."""
+    import torch
+
+    if torch.version.cuda is None:
+        pytest.skip("CPU build of torch: no nvidia pip packages expected")
+    dirs = _buildcfg.nvidia_include_dirs()
+    toolkit = [os.path.join(_buildcfg.find_cuda_home() or "/nonexistent", "include")]
+    for header in ("cublas_v2.h", "cusparse.h"):
+        assert any(os.path.isfile(os.path.join(d, header)) for d in dirs + toolkit), f"{header} not found in {dirs}"
+
+
+def _C():
+    from fastrnn._ext import _C
+
+    if _C is None:
+        pytest.fail("fastrnn._C is not built: run `pip install -e . --no-build-isolation`")
+    return _C
+
+
+def test_build_info_reports_archs():
+    import torch
+
+    info = _C().build_info()
+    assert {"with_cuda", "cuda_archs", "cuda_version", "cpu_isa", "compiler"} <= set(info)
+    if not info["with_cuda"]:
+        if NVCC is not None and torch.version.cuda is not None and not os.environ.get("FASTRNN_SKIP_CUDA_BUILD"):
+            pytest.fail("nvcc and a CUDA torch are present but fastrnn._C was built without CUDA")
+        assert info["cuda_archs"] == []
+        return
+    assert info["cuda_archs"] == [int(a.rstrip("af")) for a in _buildcfg.cuda_archs()]
+    assert info["cuda_version"].split(".")[0] == torch.version.cuda.split(".")[0]
+
+
+def test_cuda_call_fails_cleanly_in_subprocess():
+    """Without a usable GPU, touching the CUDA runtime raises RuntimeError; a crash would show as a signal or a
+    non-zero exit status of the child."""
+    _C()
+    code = textwrap.dedent(
+        """\
+        import torch
+        from fastrnn._ext import _C
+        try:
+            print("devices", _C.cuda_probe())
+        except RuntimeError as exc:
+            print("RuntimeError", str(exc).splitlines()[0])
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, f"child exited with {proc.returncode}: {proc.stderr[-2000:]}"
+    import torch
+
+    if torch.cuda.is_available():
+        assert proc.stdout.startswith("devices"), proc.stdout
+    else:
+        assert proc.stdout.startswith("RuntimeError"), proc.stdout
