@@ -470,7 +470,6 @@ def quartiles(xs: Sequence[float]) -> Tuple[float, float, float]:
 @dataclass
 class Entry:
     impl: str
-    mode: str
     status: str = "ok"
     note: str = ""
     step: Optional[Callable[[], Outputs]] = None
@@ -488,8 +487,8 @@ def _fail(entry: Entry, status: str, exc: BaseException) -> None:
     entry.times = []
 
 
-def new_entries(impls: Sequence[str], skipped: Dict[str, str], mode: str) -> List[Entry]:
-    entries = [Entry(impl, mode) for impl in impls]
+def new_entries(impls: Sequence[str], skipped: Dict[str, str]) -> List[Entry]:
+    entries = [Entry(impl) for impl in impls]
     for e in entries:
         if e.impl in skipped:
             e.note = skipped[e.impl]
@@ -853,9 +852,9 @@ def summary_table(path: str, impl: str = "fastrnn-cpp") -> str:
         rows = [r for r in csv.DictReader(f) if r["impl"] == impl]
     titles = {"lstm": "LSTM", "gru": "GRU", "rnn_tanh": "RNN-tanh", "rnn_relu": "RNN-relu"}
     cols = [(m, c) for m in reversed(MODES) for c in CELLS if any(r["mode"] == m and r["cell"] == c for r in rows)]
-    by_key = {(r["mode"], r["cell"], ",".join(r[k] for k in "TBIHL")): r for r in rows}
+    by_key = {(r["mode"], r["cell"], ",".join(case_key(r)[1:])): r for r in rows}
     lines = ["| T,B,I,H,L | " + " | ".join(f"{titles[c]} {m}" for m, c in cols) + " |", "| --- " * (len(cols) + 1) + "|"]
-    for cfg in dict.fromkeys(",".join(r[k] for k in "TBIHL") for r in rows):
+    for cfg in dict.fromkeys(",".join(case_key(r)[1:]) for r in rows):
         cells = []
         for m, c in cols:
             r = by_key.get((m, c, cfg))
@@ -1008,7 +1007,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     done: Dict[Tuple[str, Config, str], Tuple[Case, List[Entry]]] = {}
 
     def rows_so_far() -> List[dict]:
-        return [row for case_, entries in done.values() for row in summarize(case_, entries[0].mode, entries)]
+        return [row for (_, _, mode), (case_, entries) in done.items() for row in summarize(case_, mode, entries)]
 
     os.makedirs(args.out, exist_ok=True)
     base = os.path.join(args.out, args.name)
@@ -1030,7 +1029,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                 if why:
                                     skipped[impl] = why
                         case = build_case(cell, cfg, args.bidirectional, args.packed, device, dtype, args.seed)
-                        done[(cell, cfg, mode)] = (case, new_entries(args.impls, skipped, mode))
+                        done[(cell, cfg, mode)] = (case, new_entries(args.impls, skipped))
                     case, entries = done[(cell, cfg, mode)]
                     run_case(case, mode, entries, args, pass_index)
                     del case

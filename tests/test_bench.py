@@ -196,7 +196,7 @@ def test_mismatch_is_reported_instead_of_a_speed(monkeypatch):
     cfg = bench_rnn.Config(3, 2, 4, 5, 1)
     case = bench_rnn.build_case("gru", cfg, False, False, torch.device("cpu"), torch.float32, 0)
     opts = bench_rnn.parse_args(["--repeats", "2", "--warmup", "1", "--min-time", "0.001", "--no-memory"])
-    entries = bench_rnn.new_entries(["torch.nn", "loop-eager", "fastrnn-reference"], {}, "fwd")
+    entries = bench_rnn.new_entries(["torch.nn", "loop-eager", "fastrnn-reference"], {})
     bench_rnn.run_case(case, "fwd", entries, opts)
     rows = {r["impl"]: r for r in bench_rnn.summarize(case, "fwd", entries)}
     assert rows["loop-eager"]["status"] == "mismatch" and "differs from torch.nn" in rows["loop-eager"]["note"]
@@ -221,7 +221,7 @@ def test_ill_conditioned_case_is_judged_against_float64(monkeypatch):
     case = bench_rnn.build_case("lstm", bench_rnn.Config(4, 3, 5, 6, 1), False, False, torch.device("cpu"),
                                 torch.float32, 0)  # fmt: skip
     opts = bench_rnn.parse_args(["--repeats", "1", "--warmup", "1", "--min-time", "0.001", "--no-memory"])
-    entries = bench_rnn.new_entries(["torch.nn", "loop-eager", "fastrnn-reference"], {}, "fwd")
+    entries = bench_rnn.new_entries(["torch.nn", "loop-eager", "fastrnn-reference"], {})
     bench_rnn.run_case(case, "fwd", entries, opts)
     rows = {r["impl"]: r for r in bench_rnn.summarize(case, "fwd", entries)}
     assert rows["loop-eager"]["status"] == "ok" and "ill-conditioned" in rows["loop-eager"]["note"]
