@@ -2,7 +2,9 @@
 
 No GPU is needed: each configuration the launch heuristics can pick (``triton_step.STEP_CONFIGS``,
 ``triton_seq.seq_configs_for``) is compiled with ``triton.compile`` for sm_80 and sm_90 and the PTX is
-run through the ptxas that ships with Triton (``ptxas -v``) for its register and spill counts.
+run (``ptxas -v``) through the ptxas Triton itself assembles that target with (``ptxas_tool``: Triton 3.9
+uses its ``ptxas-blackwell`` from sm_90 on, Triton 3.8 its ``ptxas`` below sm_100) for register and spill
+counts; the report names each tool and its version.
 Specialisations that only remove work (no bias, forward direction) are not compiled separately: the
 configurations below carry the bias and every optional input of their mode.
 
@@ -19,7 +21,7 @@ import re
 import subprocess
 import sys
 import tempfile
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -31,6 +33,7 @@ from triton.compiler import ASTSource  # noqa: E402
 from fastrnn import _buildcfg  # noqa: E402
 from fastrnn.ops import GATES, MODES  # noqa: E402
 from fastrnn.ops import triton_seq, triton_step  # noqa: E402
+from fastrnn.ops.triton_cells import FP_FUSION  # noqa: E402
 
 ARCHS = (80, 90)
 TT_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -99,13 +102,36 @@ def signature(spec: Dict) -> Dict[str, str]:
     return sig
 
 
+def ptxas_tool(cc: int) -> Tuple[str, str, str]:
+    """``(path, version, gpu_name)`` of the ptxas Triton runs for compute capability ``cc``.
+
+    Asked of Triton's NVIDIA backend rather than assumed: the PTX it emits must go through the assembler it
+    picked for that target (Triton 3.9's PTX 9.4 for sm_90 is beyond its CUDA 12.9 ``ptxas``). Honours
+    ``TRITON_PTXAS_PATH``/``TRITON_PTXAS_BLACKWELL_PATH`` as Triton does.
+    """
+    from triton.backends.nvidia import compiler as nv
+
+    tool = nv.get_ptxas(cc)
+    return tool.path, tool.version, nv.sm_arch_from_capability(cc)
+
+
+def describe_tools() -> List[str]:
+    """One line per arch naming the ptxas used, relative to the triton package when it ships there."""
+    root = os.path.dirname(os.path.dirname(triton.__file__))
+    lines = []
+    for cc in ARCHS:
+        path, version, arch = ptxas_tool(cc)
+        shown = os.path.relpath(path, root) if path.startswith(root + os.sep) else path
+        lines.append(f"{arch}: `{shown}`, CUDA {version}")
+    return lines
+
+
 def compile_one(spec: Dict, cc: int) -> Dict:
     warps = spec["warps"]
     src = ASTSource(fn=spec["fn"], signature=signature(spec), constexprs=spec["const"], attrs=alignment_attrs(spec))
-    options = {"num_warps": warps, "num_stages": spec["stages"]}
+    options = {"num_warps": warps, "num_stages": spec["stages"], "enable_fp_fusion": FP_FUSION}
     kernel = triton.compile(src, target=GPUTarget("cuda", cc, 32), options=options)
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-    arch = f"sm_{cc}a" if cc >= 90 else f"sm_{cc}"
+    ptxas, _, arch = ptxas_tool(cc)
     with tempfile.TemporaryDirectory() as tmp:
         ptx = os.path.join(tmp, "k.ptx")
         with open(ptx, "w") as f:
@@ -153,8 +179,10 @@ def cuda_rows() -> List[Dict]:
 
 def markdown(rows: List[Dict], cuda) -> str:
     out = ["# Kernel resources (ahead-of-time compile, no GPU run)", "",
-           "Triton " + triton.__version__ + "; registers and spills from `ptxas -v` on the PTX Triton emits; "
-           "shared memory from Triton's metadata. Nothing here has run on a GPU.", "",
+           "Triton " + triton.__version__ + f" (enable_fp_fusion={FP_FUSION}); registers and spills from "
+           "`ptxas -v` on the PTX Triton emits, through the ptxas Triton picks per target:", "",
+           *(f"- {line}" for line in describe_tools()), "",
+           "Shared memory from Triton's metadata. Nothing here has run on a GPU.", "",
            "`align`: `any` compiles for arbitrary H and pointers, `16` with the divisibility Triton's launcher "
            "assumes when H % 16 == 0 and tensors are 16-byte aligned (both can be picked at run time).", "",
            "| kernel | mode | dtype | tiles | align | warps | sm | regs | smem B | stack B | spill st B | spill ld B |",
@@ -168,7 +196,8 @@ def markdown(rows: List[Dict], cuda) -> str:
         out.append(f"| {variant} | {fwd} | {bwd} |")
     out += ["", "Outside the loop: one input-projection GEMM forward; backward one gather of h_{t-1} (and "
             "c_{t-1}), one dh0 GEMM (step variant) and the dx/dW_ih/dW_hh(/dW_hr) GEMMs and bias sums.", "",
-            "## CUDA kernels (C++ backend, `fastrnn._buildcfg.ptxas_report`)", ""]
+            "## CUDA kernels (C++ backend, `fastrnn._buildcfg.ptxas_report`)", "",
+            f"nvcc {_buildcfg.nvcc_version() or 'not found'} (`nvcc -Xptxas -v`, the build's flags).", ""]
     if isinstance(cuda, str):
         out.append(cuda)
     else:

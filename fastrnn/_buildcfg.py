@@ -21,10 +21,15 @@ CUDA_SOURCES = ["csrc/cell_cuda.cu"]
 
 DEFAULT_CUDA_ARCHS = "80;90"
 
+# No contraction of a*b+c into a fused multiply-add, on any compiler: where g++ (x86-64-v3/v4 clones) and
+# nvcc would each fuse is their own choice, so only unfused code rounds identically on every CPU clone, on
+# the GPU and in the Triton interpreter (see FP_FUSION in fastrnn/ops/triton_cells.py). csrc/cell.h's
+# polynomials are written for it (the exp range reduction is exact without an FMA); the GEMMs, where the
+# time goes, are not compiled here and keep theirs.
 # -g0 overrides Python's default -g: debug info of torch's headers doubles compile time and the .so size
-CXX_FLAGS = ["-O3", "-g0", "-std=c++20", "-fopenmp", "-DFASTRNN_CXX_OPT=O3"]
+CXX_FLAGS = ["-O3", "-g0", "-std=c++20", "-fopenmp", "-ffp-contract=off", "-DFASTRNN_CXX_OPT=O3"]
 # IEEE division and exp on purpose (no --use_fast_math): the GPU must run the arithmetic the CPU tests check.
-NVCC_FLAGS = ["-O3", "-std=c++20", "--expt-relaxed-constexpr"]
+NVCC_FLAGS = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "--fmad=false"]
 # What torch.utils.cpp_extension adds to every nvcc call; repeated so a standalone ptxas report compiles
 # the same code as the build.
 TORCH_NVCC_DEFINES = [
@@ -95,6 +100,16 @@ def find_cuda_home() -> Optional[str]:
 def nvcc_path() -> Optional[str]:
     home = find_cuda_home()
     return os.path.join(home, "bin", "nvcc") if home else None
+
+
+def nvcc_version() -> Optional[str]:
+    """The release of the nvcc the build and ``ptxas_report`` use ("13.0"), None without one."""
+    nvcc = nvcc_path()
+    if nvcc is None:
+        return None
+    out = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
+    m = re.search(r"release (\d+\.\d+)", out)
+    return m.group(1) if m else None
 
 
 def nvidia_include_dirs() -> List[str]:

@@ -87,9 +87,7 @@ def resolve(requested: str, device: torch.device, dtype: torch.dtype) -> ModuleT
     return _modules[_resolve_name(requested, device.type, device.index, dtype)]
 
 
-@torch.compiler.assume_constant_result
 def _resolve_name(requested: str, device_type: str, device_index: Optional[int], dtype: torch.dtype) -> str:
-    # torch.compile runs this once at trace time and bakes the answer in: no graph break on imports
     key = (requested, device_type, device_index, dtype)
     if key not in _resolved:
         device = torch.device(device_type, device_index) if device_index is not None else torch.device(device_type)
@@ -104,3 +102,10 @@ def _resolve_name(requested: str, device_type: str, device_index: Optional[int],
                 f"Backends:\n{availability_report(device, dtype)}"
             )
     return _resolved[key]
+
+
+# torch.compile runs _resolve_name once at trace time and bakes the answer in: no graph break on imports.
+# This is the mark torch.compiler.assume_constant_result sets; the decorator itself imports torch._dynamo,
+# and with it Triton, which `import fastrnn` must not pay for on a machine that never runs a Triton kernel
+# (tests/test_package.py checks both that the mark is still dynamo's and that the import stays light).
+_resolve_name._dynamo_marked_constant = True  # type: ignore[attr-defined]

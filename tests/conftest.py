@@ -29,3 +29,4 @@ def _seed():
     print(f"torch seed {seed}")  # shown by pytest on failure, to replay it
     torch.manual_seed(seed)
     yield
+

@@ -8,6 +8,7 @@ the opposite setting.
 """
 
 import os
+import re
 import subprocess
 import sys
 
@@ -209,12 +210,32 @@ def test_torch_compile_fullgraph():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+def passed_count(pytest_output: str) -> int:
+    """Tests a child pytest run passed, from its summary line; a run whose every test skipped (say, the
+    interpreter was not active after all) passed none, and its parent must not pass either."""
+    summary = [line for line in pytest_output.splitlines() if re.search(r" in [\d.]+s", line)]
+    m = re.search(r"(\d+) passed", summary[-1]) if summary else None
+    return int(m.group(1)) if m else 0
+
+
+@parent_only
+@pytest.mark.parametrize("output, expected", [
+    ("....\n4 passed, 2 skipped in 3.10s\n", 4),
+    ("ssss\n4 skipped in 0.52s\n", 0),
+    ("\nno tests ran in 0.01s\n", 0),
+    ("1 failed, 12 passed in 9.00s (0:00:09)\n", 12),
+])
+def test_passed_count_reads_the_summary(output, expected):
+    assert passed_count(output) == expected
+
+
 @pytest.mark.skipif(IN_PROCESS or os.environ.get(SUBPROCESS_FLAG) == "1", reason="kernels run in process")
 def test_interpreter_suite_in_subprocess():
     env = dict(_env(interpret=True), **{SUBPROCESS_FLAG: "1"})
     res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
+    assert passed_count(res.stdout) > 0, "the child ran no test:\n" + res.stdout[-4000:]
 
 
 @parent_only
@@ -251,3 +272,6 @@ def test_every_config_compiles_without_spills():
     rows = [line for line in res.stdout.splitlines() if line.startswith("| step_") or line.startswith("| seq_")]
     kernels = {line.split("|")[1].strip() for line in rows}
     assert kernels == {"step_fwd", "step_bwd", "step_bwd_proj", "seq_fwd", "seq_bwd"}, kernels
+    # the report names the assembler it used per target, and its CUDA version
+    tools = re.findall(r"^- sm_(\d+)a?: `[^`]*ptxas[^`]*`, CUDA \d+\.\d+$", res.stdout, re.M)
+    assert sorted(tools) == ["80", "90"], res.stdout[:1500]

@@ -16,9 +16,12 @@ import torch
 import triton
 import triton.language as tl
 
-from fastrnn.ops.triton_cells import backward_tile, forward_tile, load_gates, mma
+from fastrnn.ops.triton_cells import FP_FUSION, backward_tile, forward_tile, load_gates, mma
 
-SEQ_MAX_H = {torch.float32: 32, torch.float16: 64, torch.bfloat16: 64}
+# fp32 stops at 16: at H = 32 Triton 3.9's LLVM aborts the whole process ("Instruction does not dominate all
+# uses", a broken shuffle vectorisation) compiling the LSTM backward for sm_90 with 16-aligned arguments, so
+# fp32 H in 17..32 takes the step kernels (benchmarks/kernel_report.py compiles every config to catch this).
+SEQ_MAX_H = {torch.float32: 16, torch.float16: 64, torch.bfloat16: 64}
 
 
 def seq_config(H: int, dtype: torch.dtype) -> Optional[Dict[str, int]]:
@@ -176,6 +179,7 @@ def fwd_seq(mode_id: int, G: int, xp, b_hh, w_hh, h0, c0, bs, off, hs, cs, save,
         bs.shape[0], B, H,
         MODE=mode_id, G=G, HAS_BIAS=b_hh is not None, REVERSE=reverse, UPCAST=upcast,
         BB=cfg["BB"], BH=cfg["BH"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        enable_fp_fusion=FP_FUSION,
     )
 
 
@@ -190,4 +194,5 @@ def bwd_seq(mode_id: int, G: int, dy, dh_n, dc_n, w_hh, save, hs, cs, h_prev, c_
         bs.shape[0], B, H,
         MODE=mode_id, G=G, REVERSE=reverse, UPCAST=upcast,
         BB=cfg["BB"], BH=cfg["BH"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        enable_fp_fusion=FP_FUSION,
     )

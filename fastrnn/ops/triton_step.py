@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastrnn.ops.triton_cells import backward_tile, forward_tile, load_gates, mma
+from fastrnn.ops.triton_cells import FP_FUSION, backward_tile, forward_tile, load_gates, mma
 
 
 STEP_CONFIGS = tuple(
@@ -149,6 +149,7 @@ def fwd_step(mode_id: int, G: int, x, b_hh, w_hh, h_src, h0, c_src, c0, h_out, c
         n_rows, n_prev, H, HO,
         MODE=mode_id, G=G, HAS_BIAS=b_hh is not None, UPCAST=upcast,
         BB=cfg["BB"], BH=cfg["BH"], BK=cfg["BK"], num_warps=cfg["num_warps"], num_stages=cfg["fwd_stages"],
+        enable_fp_fusion=FP_FUSION,
     )
 
 
@@ -162,6 +163,7 @@ def bwd_step(mode_id: int, G: int, dy, dh_state, dc_state, g_prev, w_hh, save, h
         n_rows, n_prev, H, HO,
         MODE=mode_id, G=G, DH_GIVEN=dh_given, UPCAST=upcast,
         BB=cfg["BB"], BH=cfg["BH"], BK=cfg["BK"], num_warps=cfg["num_warps"], num_stages=cfg["bwd_stages"],
+        enable_fp_fusion=FP_FUSION,
     )
 
 
