@@ -138,9 +138,12 @@ def max_jobs() -> int:
 
 
 def _torch_include_dirs() -> List[str]:
-    import torch.utils.cpp_extension as ce
+    # what torch.utils.cpp_extension.include_paths() returns for a CPU/CUDA build, without importing that
+    # module, which logs a warning about CUDA_HOME on every machine without a GPU driver
+    import torch
 
-    return list(ce.include_paths())
+    include = os.path.join(os.path.dirname(torch.__file__), "include")
+    return [include, os.path.join(include, "torch", "csrc", "api", "include")]
 
 
 _PTXAS_ENTRY = re.compile(r"Compiling entry function '(\S+)' for '(sm_\w+)'")
