@@ -13,7 +13,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "benchmarks", "bench_rnn.py")
 sys.path.insert(0, os.path.join(REPO, "benchmarks"))
 
-import bench_rnn  # noqa: E402
+import torch  # noqa: E402
+from rnnbench import cases, cli, report, runner, timing  # noqa: E402
 
 IMPLS = ["fastrnn-reference", "torch.nn", "loop-eager"]
 # On a CPU the Triton backend never counts as runnable, so it always exercises the "unavailable" path.
@@ -26,19 +27,19 @@ def _run(tmp_path, cells, extra, in_process):
     the test's time."""
     argv = [
         "--config", "3,2,4,5,1", "--passes", "2", "--repeats", "2", "--warmup", "1", "--min-time", "0.001", "--threads", "1",
-        "--cells", ",".join(cells), "--impls", ",".join(IMPLS + [ABSENT]), "--out", str(tmp_path), *extra,
+        "--gemm-size", "128", "--cells", ",".join(cells), "--impls", ",".join(IMPLS + [ABSENT]), "--out", str(tmp_path), *extra,
     ]  # fmt: skip
     if not in_process:
         proc = subprocess.run([sys.executable, SCRIPT, *argv], capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, proc.stderr[-3000:]
         return proc.stdout
-    threads = bench_rnn.torch.get_num_threads()
+    threads = torch.get_num_threads()
     out = io.StringIO()
     try:
         with contextlib.redirect_stdout(out):
-            assert bench_rnn.main(argv) == 0
+            assert cli.main(argv) == 0
     finally:
-        bench_rnn.torch.set_num_threads(threads)
+        torch.set_num_threads(threads)
     return out.getvalue()
 
 
@@ -66,7 +67,7 @@ def test_cli_writes_csv_markdown_png(tmp_path, cells, extra, in_process):
 
     with open(tmp_path / "results.csv", newline="") as f:
         reader = csv.DictReader(f)
-        assert tuple(reader.fieldnames) == bench_rnn.CSV_FIELDS
+        assert tuple(reader.fieldnames) == report.CSV_FIELDS
         rows = list(reader)
     assert len(rows) == len(cells) * 2 * (len(IMPLS) + 1)
     assert {(r["cell"], r["mode"], r["impl"]) for r in rows} == {
@@ -112,8 +113,8 @@ def test_cli_writes_csv_markdown_png(tmp_path, cells, extra, in_process):
     assert len(details) == len(rows) - len(absent)
     assert f"- `{ABSENT}`: " in md
 
-    _, summary = _table_rows(bench_rnn.summary_table(str(tmp_path / "results.csv"), "fastrnn-reference"), "| T,B,I,H,L")
-    ran = [c for c in bench_rnn.CELLS if any(r["cell"] == c for r in rows)]
+    _, summary = _table_rows(report.summary_table(str(tmp_path / "results.csv"), "fastrnn-reference"), "| T,B,I,H,L")
+    ran = [c for c in cases.CELLS if any(r["cell"] == c for r in rows)]
     assert len(summary) == 1 and summary[0][0] == "3,2,4,5,1" and len(summary[0]) == 1 + 2 * len(ran)
     by_col = {(r["mode"], r["cell"]): r for r in rows if r["impl"] == "fastrnn-reference"}
     for (mode, cell), text in zip([(m, c) for m in ("fwd+bwd", "fwd") for c in ran], summary[0][1:]):
@@ -128,33 +129,32 @@ def test_cli_writes_csv_markdown_png(tmp_path, cells, extra, in_process):
 
 def test_loop_matches_torch_nn_packed_bidirectional():
     """The eager-loop baseline computes what torch.nn computes, states of finished sequences included."""
-    torch = bench_rnn.torch
 
     def results(impl, case):
-        step = bench_rnn.make_step(bench_rnn.make_runner(impl, case), case, "fwd+bwd")
-        return bench_rnn.results_of(step, case, "fwd+bwd")
+        step = cases.make_step(cases.make_runner(impl, case), case, "fwd+bwd")
+        return runner.results_of(step, case, "fwd+bwd")
 
     for cell in ALL_CELLS:
-        cfg = bench_rnn.Config(7, 4, 3, 5, 2)
-        case = bench_rnn.build_case(cell, cfg, True, True, torch.device("cpu"), torch.float64, 1)
-        assert bench_rnn.max_err(results("loop-eager", case), results("torch.nn", case)) < 1e-10, cell
+        cfg = cases.Config(7, 4, 3, 5, 2)
+        case = cases.build_case(cell, cfg, True, True, torch.device("cpu"), torch.float64, 1)
+        assert runner.max_err(results("loop-eager", case), results("torch.nn", case)) < 1e-10, cell
 
 
 def test_quick_skips_only_costly_cases():
-    big, small = bench_rnn.STANDARD_CONFIGS[1], bench_rnn.STANDARD_CONFIGS[0]
-    assert bench_rnn.quick_skip("fastrnn-reference", "lstm", big, False, "fwd")
-    assert bench_rnn.quick_skip("torch.nn", "lstm", big, False, "fwd+bwd") is None
-    assert bench_rnn.quick_skip("loop-eager", "lstm", big, False, "fwd+bwd") is None
-    assert bench_rnn.quick_skip("fastrnn-reference", "rnn_tanh", small, False, "fwd+bwd") is None
-    assert bench_rnn.quick_skip("loop-compiled", "lstm", small, False, "fwd") is None
-    assert bench_rnn.quick_skip("loop-compiled", "lstm", small, False, "fwd+bwd")
+    big, small = cases.STANDARD_CONFIGS[1], cases.STANDARD_CONFIGS[0]
+    assert cases.quick_skip("fastrnn-reference", "lstm", big, False, "fwd")
+    assert cases.quick_skip("torch.nn", "lstm", big, False, "fwd+bwd") is None
+    assert cases.quick_skip("loop-eager", "lstm", big, False, "fwd+bwd") is None
+    assert cases.quick_skip("fastrnn-reference", "rnn_tanh", small, False, "fwd+bwd") is None
+    assert cases.quick_skip("loop-compiled", "lstm", small, False, "fwd") is None
+    assert cases.quick_skip("loop-compiled", "lstm", small, False, "fwd+bwd")
 
 
 @pytest.mark.parametrize("n, k", [(1, 1), (5, 1), (6, 1), (8, 1), (9, 2), (15, 4), (40, 14)])
 def test_median_ci_is_the_widest_95_percent_order_statistic_pair(n, k):
     """Checked against the coverage of the order statistics computed by brute force over all sign patterns."""
-    xs = bench_rnn.torch.randn(n).tolist()
-    lo, hi = bench_rnn.median_ci(xs)
+    xs = torch.randn(n).tolist()
+    lo, hi = timing.median_ci(xs)
     ordered = sorted(xs)
     assert (lo, hi) == (ordered[k - 1], ordered[n - k])
     if n <= 15:
@@ -170,21 +170,20 @@ def test_median_ci_is_the_widest_95_percent_order_statistic_pair(n, k):
 
 def test_compare_flags_disjoint_ratios(tmp_path, capsys):
     def write(name, ratio, lo, hi):
-        row = {k: "" for k in bench_rnn.CSV_FIELDS}
+        row = {k: "" for k in report.CSV_FIELDS}
         row.update(cell="lstm", T=1, B=1, I=1, H=1, L=1, mode="fwd", impl="loop-eager",
                    ratio_vs_torch_nn=ratio, ratio_ci_lo=lo, ratio_ci_hi=hi)  # fmt: skip
-        bench_rnn.write_csv(str(tmp_path / name), [row])
+        report.write_csv(str(tmp_path / name), [row])
         return str(tmp_path / name)
 
     a = write("a.csv", 1.0, 0.95, 1.05)
-    assert bench_rnn.compare(a, write("b.csv", 1.02, 1.0, 1.1)) == 0
-    assert bench_rnn.compare(a, write("c.csv", 1.3, 1.2, 1.4)) == 1
+    assert report.compare(a, write("b.csv", 1.02, 1.0, 1.1)) == 0
+    assert report.compare(a, write("c.csv", 1.3, 1.2, 1.4)) == 1
     assert "DISAGREE" in capsys.readouterr().out
 
 
 def test_mismatch_is_reported_instead_of_a_speed(monkeypatch):
-    torch = bench_rnn.torch
-    honest = bench_rnn.make_runner
+    honest = cases.make_runner
 
     def skewed(impl, case):
         run = honest(impl, case)
@@ -192,13 +191,13 @@ def test_mismatch_is_reported_instead_of_a_speed(monkeypatch):
             return run
         return lambda: tuple(None if t is None else t * 1.01 for t in run())
 
-    monkeypatch.setattr(bench_rnn, "make_runner", skewed)
-    cfg = bench_rnn.Config(3, 2, 4, 5, 1)
-    case = bench_rnn.build_case("gru", cfg, False, False, torch.device("cpu"), torch.float32, 0)
-    opts = bench_rnn.parse_args(["--repeats", "2", "--warmup", "1", "--min-time", "0.001", "--no-memory"])
-    entries = bench_rnn.new_entries(["torch.nn", "loop-eager", "fastrnn-reference"], {})
-    bench_rnn.run_case(case, "fwd", entries, opts)
-    rows = {r["impl"]: r for r in bench_rnn.summarize(case, "fwd", entries)}
+    monkeypatch.setattr(runner, "make_runner", skewed)
+    cfg = cases.Config(3, 2, 4, 5, 1)
+    case = cases.build_case("gru", cfg, False, False, torch.device("cpu"), torch.float32, 0)
+    opts = cli.parse_args(["--repeats", "2", "--warmup", "1", "--min-time", "0.001", "--no-memory"])
+    entries = runner.new_entries(["torch.nn", "loop-eager", "fastrnn-reference"], {})
+    runner.run_case(case, "fwd", entries, opts)
+    rows = {r["impl"]: r for r in report.summarize(case, "fwd", entries)}
     assert rows["loop-eager"]["status"] == "mismatch" and "differs from torch.nn" in rows["loop-eager"]["note"]
     assert rows["loop-eager"]["tokens_per_s"] == "" and rows["loop-eager"]["ratio_vs_torch_nn"] == ""
     assert float(rows["loop-eager"]["max_err"]) > 5e-3
@@ -207,8 +206,7 @@ def test_mismatch_is_reported_instead_of_a_speed(monkeypatch):
 
 def test_ill_conditioned_case_is_judged_against_float64(monkeypatch):
     """When torch.nn itself is far from the float64 answer, an implementation as close to it is no mismatch."""
-    torch = bench_rnn.torch
-    honest = bench_rnn.make_runner
+    honest = cases.make_runner
     scale = {"torch.nn": 1.01, "fastrnn-reference": 0.95}
 
     def skewed(impl, case):
@@ -217,13 +215,13 @@ def test_ill_conditioned_case_is_judged_against_float64(monkeypatch):
             return run  # the float64 yardstick stays exact
         return lambda: tuple(None if t is None else t * scale[impl] for t in run())
 
-    monkeypatch.setattr(bench_rnn, "make_runner", skewed)
-    case = bench_rnn.build_case("lstm", bench_rnn.Config(4, 3, 5, 6, 1), False, False, torch.device("cpu"),
+    monkeypatch.setattr(runner, "make_runner", skewed)
+    case = cases.build_case("lstm", cases.Config(4, 3, 5, 6, 1), False, False, torch.device("cpu"),
                                 torch.float32, 0)  # fmt: skip
-    opts = bench_rnn.parse_args(["--repeats", "1", "--warmup", "1", "--min-time", "0.001", "--no-memory"])
-    entries = bench_rnn.new_entries(["torch.nn", "loop-eager", "fastrnn-reference"], {})
-    bench_rnn.run_case(case, "fwd", entries, opts)
-    rows = {r["impl"]: r for r in bench_rnn.summarize(case, "fwd", entries)}
+    opts = cli.parse_args(["--repeats", "1", "--warmup", "1", "--min-time", "0.001", "--no-memory"])
+    entries = runner.new_entries(["torch.nn", "loop-eager", "fastrnn-reference"], {})
+    runner.run_case(case, "fwd", entries, opts)
+    rows = {r["impl"]: r for r in report.summarize(case, "fwd", entries)}
     assert rows["loop-eager"]["status"] == "ok" and "ill-conditioned" in rows["loop-eager"]["note"]
     assert float(rows["loop-eager"]["max_err"]) > 5e-3 and rows["loop-eager"]["ratio_vs_torch_nn"]
     assert rows["fastrnn-reference"]["status"] == "mismatch", rows["fastrnn-reference"]
