@@ -2,6 +2,7 @@
 
 import contextlib
 import csv
+import dataclasses
 import io
 import os
 import subprocess
@@ -93,13 +94,25 @@ def test_cli_writes_csv_markdown_png(tmp_path, cells, extra, in_process):
             ratios = [float(x) for x in r["round_ratios"].split()]
             assert len(times) == len(ratios) == 4 and min(times) == pytest.approx(float(r["time_min_s"]), rel=1e-4)
             assert float(r["max_err"]) < 1e-3
+    dirs = 2 if "--bidirectional" in extra else 1
+    gates = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
+    for r in rows:  # I=4, H=5: input projection and recurrent GEMM, forward; 3x that with backward
+        forward = 2 * int(r["tokens"]) * gates[r["cell"]] * 5 * (4 + 5) * dirs
+        assert int(r["gemm_flops"]) == forward * (3 if r["mode"] == "fwd+bwd" else 1), r
+        assert float(r["peak_gflops_per_s"]) > 0
+        if r["status"] == "ok":
+            gflops = int(r["gemm_flops"]) / float(r["time_median_s"]) / 1e9
+            assert float(r["gflops_per_s"]) == pytest.approx(gflops, rel=1e-3)
+            assert float(r["peak_fraction"]) == pytest.approx(gflops / float(r["peak_gflops_per_s"]), rel=2e-3)
     if "--packed" in extra:
         assert all(3 <= int(r["tokens"]) <= 6 for r in rows)
     else:
         assert all(int(r["tokens"]) == 6 for r in rows)
 
     md = (tmp_path / "results.md").read_text()
-    assert "bench_rnn.py --config 3,2,4,5,1" in md
+    assert f"python benchmarks/bench_rnn.py --config 3,2,4,5,1" in md and f" --out {tmp_path.name} " in md
+    assert str(tmp_path.parent) not in md
+    assert "| GEMM peak | float32 " in md
     assert "| CPU |" in md and "| torch |" in md and "| triton |" in md
     for mode_title in ("## forward (no_grad)", "## forward + backward"):
         assert mode_title in md
@@ -226,3 +239,74 @@ def test_ill_conditioned_case_is_judged_against_float64(monkeypatch):
     assert float(rows["loop-eager"]["max_err"]) > 5e-3 and rows["loop-eager"]["ratio_vs_torch_nn"]
     assert rows["fastrnn-reference"]["status"] == "mismatch", rows["fastrnn-reference"]
     assert "vs float64" in rows["fastrnn-reference"]["note"]
+
+
+def test_quick_adds_the_issue_11_cases_to_the_standard_table():
+    quick = cli.plan(cli.parse_args(["--quick"]), torch.float32)
+    extras = {(s.cell, s.variant): s for s in quick if s.variant}
+    assert len(quick) == len(cases.STANDARD_CONFIGS) * 4 * 2 + len(extras)
+    assert all(s.cfg == cases.Config(100, 64, 256, 256, 1) and s.mode == "fwd+bwd" for s in extras.values())
+    for cell in ("lstm", "gru", "rnn_tanh"):
+        assert extras[cell, "bf16"].dtype == torch.bfloat16 and extras[cell, "bf16"].autocast is None
+        s = extras[cell, "autocast bf16"]
+        assert s.dtype == torch.float32 and s.autocast == torch.bfloat16
+    assert extras["lstm", "packed"].packed and extras["lstm", "proj 128"].proj_size == 128
+    assert not any(s.variant for s in cli.plan(cli.parse_args(["--quick", "--config", "3,2,4,5,1"]), torch.float32))
+    assert not any(s.variant for s in cli.plan(cli.parse_args([]), torch.float32))
+    assert [s.cell for s in cli.plan(cli.parse_args(["--quick", "--cells", "gru"]), torch.float32) if s.variant] == [
+        "gru", "gru"
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("variant", ["bf16", "autocast bf16", "packed", "proj 128"])
+def test_quick_extra_cases_run_and_match_torch_nn(variant):
+    """Each kind of extra case, shrunk, runs every implementation that can run it and matches torch.nn."""
+    args = cli.parse_args(["--quick", "--passes", "1", "--repeats", "1", "--min-time", "0.001", "--no-memory",
+                           "--impls", "fastrnn-reference,torch.nn,loop-eager,loop-compiled"])  # fmt: skip
+    spec = next(s for s in cli.plan(args, torch.float32) if s.variant == variant)
+    small = dataclasses.replace(spec, cfg=cases.Config(5, 3, 8, 6, 1), proj_size=4 if spec.proj_size else 0)
+    case = cases.build_case(small.cell, small.cfg, False, small.packed, torch.device("cpu"), small.dtype, 0,
+                            proj_size=small.proj_size, autocast=small.autocast, variant=variant)  # fmt: skip
+    entries = runner.new_entries(args.impls, cli.skips(small, args, torch.device("cpu"), {}))
+    runner.run_case(case, small.mode, entries, args)
+    rows = {r["impl"]: r for r in report.summarize(case, small.mode, entries)}
+    assert rows["loop-compiled"]["status"] == ("unavailable" if small.proj_size else "skipped")
+    assert rows["loop-eager"]["status"] == ("unavailable" if small.proj_size else "ok")
+    assert rows["fastrnn-reference"]["status"] == "ok" and rows["fastrnn-reference"]["ratio_vs_torch_nn"]
+    assert rows["torch.nn"]["variant"] == variant and rows["torch.nn"]["autocast"] == (
+        "bfloat16" if small.autocast else ""
+    )  # fmt: skip
+    out = case.module(case.inp)[0]
+    assert (out.data if small.packed else out).shape[-1] == (small.proj_size or small.cfg.H)
+
+
+def test_recorded_command_has_no_path_of_this_machine():
+    inside = os.path.join(REPO, "benchmarks", "results", "x")
+    assert cli.pasteable_command(["--quick", "--out", inside]) == (
+        "python benchmarks/bench_rnn.py --quick --out benchmarks/results/x"
+    )  # fmt: skip
+    assert cli.pasteable_command([f"--out={inside}", "--note", "a b"]) == (
+        "python benchmarks/bench_rnn.py --out=benchmarks/results/x --note 'a b'"
+    )  # fmt: skip
+    outside = os.path.join(os.path.dirname(REPO), "elsewhere", "run1")
+    assert cli.pasteable_command(["--out", outside, "--name", "n"]) == (
+        "python benchmarks/bench_rnn.py --out run1 --name n"
+    )  # fmt: skip
+
+
+def test_gemm_peaks_cover_every_dtype_the_cases_compute_in():
+    peaks = timing.gemm_peaks(torch.device("cpu"), 64, rounds=1)
+    assert set(peaks) == {"float32", "bfloat16"}
+    assert all(rate > 0 and engine in ("torch.mm", "oneDNN linear") for rate, engine in peaks.values())
+
+
+def test_no_nanobind_leak_reports_at_exit(tmp_path):
+    """With triton imported before the run (as on a GPU machine), the objects the run froze are released."""
+    pytest.importorskip("triton")
+    argv = ["--config", "3,2,4,5,1", "--passes", "1", "--repeats", "1", "--warmup", "1", "--min-time", "0.001",
+            "--threads", "1", "--cells", "lstm", "--modes", "fwd", "--impls", "torch.nn", "--no-memory",
+            "--gemm-size", "32", "--out", str(tmp_path)]  # fmt: skip
+    code = f"import runpy, sys, triton; sys.argv = {[SCRIPT] + argv!r}; runpy.run_path({SCRIPT!r}, run_name='__main__')"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "nanobind" not in proc.stderr, proc.stderr[-3000:]

@@ -60,7 +60,7 @@ def summarize(case: Case, mode: str, entries: List[Entry], peaks: Optional[Peaks
                 gflops_per_s=f"{flops / med / 1e9:.4g}",
             )  # fmt: skip
             if peak:
-                row["peak_fraction"] = f"{flops / med / 1e9 / peak[0]:.3g}"
+                row["peak_fraction"] = f"{flops / med / 1e9 / peak[0]:.4g}"
             row["round_times_s"] = " ".join(f"{t:.6g}" for t in e.times)
             if e.impl == "loop-compiled":
                 row["compile_s"] = f"{max(0.0, e.first_call_s - med):.3g}"
