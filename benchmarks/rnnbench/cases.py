@@ -230,14 +230,16 @@ def make_step(run: Callable[[], Outputs], case: Case, mode: str) -> Callable[[],
 
         return step
     params = case.params
+    # under autocast the output may come in the autocast dtype; cast the gradient once, not in every timed call
+    grads = {case.grad_out.dtype: case.grad_out}
 
     def step() -> Outputs:
         case.leaf.grad = None
         for p in params:
             p.grad = None
         out = forward()
-        grad = case.grad_out
-        out[0].backward(grad if grad.dtype == out[0].dtype else grad.to(out[0].dtype))
+        dtype = out[0].dtype
+        out[0].backward(grads[dtype] if dtype in grads else grads.setdefault(dtype, case.grad_out.to(dtype)))
         return out
 
     return step
