@@ -2,6 +2,7 @@
 
 import contextlib
 import csv
+import dataclasses
 import io
 import os
 import subprocess
@@ -13,7 +14,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "benchmarks", "bench_rnn.py")
 sys.path.insert(0, os.path.join(REPO, "benchmarks"))
 
-import bench_rnn  # noqa: E402
+import torch  # noqa: E402
+from rnnbench import cases, cli, report, runner, timing  # noqa: E402
 
 IMPLS = ["fastrnn-reference", "torch.nn", "loop-eager"]
 # On a CPU the Triton backend never counts as runnable, so it always exercises the "unavailable" path.
@@ -26,19 +28,19 @@ def _run(tmp_path, cells, extra, in_process):
     the test's time."""
     argv = [
         "--config", "3,2,4,5,1", "--passes", "2", "--repeats", "2", "--warmup", "1", "--min-time", "0.001", "--threads", "1",
-        "--cells", ",".join(cells), "--impls", ",".join(IMPLS + [ABSENT]), "--out", str(tmp_path), *extra,
+        "--gemm-size", "128", "--cells", ",".join(cells), "--impls", ",".join(IMPLS + [ABSENT]), "--out", str(tmp_path), *extra,
     ]  # fmt: skip
     if not in_process:
         proc = subprocess.run([sys.executable, SCRIPT, *argv], capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, proc.stderr[-3000:]
         return proc.stdout
-    threads = bench_rnn.torch.get_num_threads()
+    threads = torch.get_num_threads()
     out = io.StringIO()
     try:
         with contextlib.redirect_stdout(out):
-            assert bench_rnn.main(argv) == 0
+            assert cli.main(argv) == 0
     finally:
-        bench_rnn.torch.set_num_threads(threads)
+        torch.set_num_threads(threads)
     return out.getvalue()
 
 
@@ -66,7 +68,7 @@ def test_cli_writes_csv_markdown_png(tmp_path, cells, extra, in_process):
 
     with open(tmp_path / "results.csv", newline="") as f:
         reader = csv.DictReader(f)
-        assert tuple(reader.fieldnames) == bench_rnn.CSV_FIELDS
+        assert tuple(reader.fieldnames) == report.CSV_FIELDS
         rows = list(reader)
     assert len(rows) == len(cells) * 2 * (len(IMPLS) + 1)
     assert {(r["cell"], r["mode"], r["impl"]) for r in rows} == {
@@ -92,13 +94,25 @@ def test_cli_writes_csv_markdown_png(tmp_path, cells, extra, in_process):
             ratios = [float(x) for x in r["round_ratios"].split()]
             assert len(times) == len(ratios) == 4 and min(times) == pytest.approx(float(r["time_min_s"]), rel=1e-4)
             assert float(r["max_err"]) < 1e-3
+    dirs = 2 if "--bidirectional" in extra else 1
+    gates = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
+    for r in rows:  # I=4, H=5: input projection and recurrent GEMM, forward; 3x that with backward
+        forward = 2 * int(r["tokens"]) * gates[r["cell"]] * 5 * (4 + 5) * dirs
+        assert int(r["gemm_flops"]) == forward * (3 if r["mode"] == "fwd+bwd" else 1), r
+        assert float(r["peak_gflops_per_s"]) > 0
+        if r["status"] == "ok":
+            gflops = int(r["gemm_flops"]) / float(r["time_median_s"]) / 1e9
+            assert float(r["gflops_per_s"]) == pytest.approx(gflops, rel=1e-3)
+            assert float(r["peak_fraction"]) == pytest.approx(gflops / float(r["peak_gflops_per_s"]), rel=2e-3)
     if "--packed" in extra:
         assert all(3 <= int(r["tokens"]) <= 6 for r in rows)
     else:
         assert all(int(r["tokens"]) == 6 for r in rows)
 
     md = (tmp_path / "results.md").read_text()
-    assert "bench_rnn.py --config 3,2,4,5,1" in md
+    assert f"python benchmarks/bench_rnn.py --config 3,2,4,5,1" in md and f" --out {tmp_path.name} " in md
+    assert str(tmp_path.parent) not in md
+    assert "| GEMM peak | float32 " in md
     assert "| CPU |" in md and "| torch |" in md and "| triton |" in md
     for mode_title in ("## forward (no_grad)", "## forward + backward"):
         assert mode_title in md
@@ -112,8 +126,8 @@ def test_cli_writes_csv_markdown_png(tmp_path, cells, extra, in_process):
     assert len(details) == len(rows) - len(absent)
     assert f"- `{ABSENT}`: " in md
 
-    _, summary = _table_rows(bench_rnn.summary_table(str(tmp_path / "results.csv"), "fastrnn-reference"), "| T,B,I,H,L")
-    ran = [c for c in bench_rnn.CELLS if any(r["cell"] == c for r in rows)]
+    _, summary = _table_rows(report.summary_table(str(tmp_path / "results.csv"), "fastrnn-reference"), "| T,B,I,H,L")
+    ran = [c for c in cases.CELLS if any(r["cell"] == c for r in rows)]
     assert len(summary) == 1 and summary[0][0] == "3,2,4,5,1" and len(summary[0]) == 1 + 2 * len(ran)
     by_col = {(r["mode"], r["cell"]): r for r in rows if r["impl"] == "fastrnn-reference"}
     for (mode, cell), text in zip([(m, c) for m in ("fwd+bwd", "fwd") for c in ran], summary[0][1:]):
@@ -128,33 +142,32 @@ def test_cli_writes_csv_markdown_png(tmp_path, cells, extra, in_process):
 
 def test_loop_matches_torch_nn_packed_bidirectional():
     """The eager-loop baseline computes what torch.nn computes, states of finished sequences included."""
-    torch = bench_rnn.torch
 
     def results(impl, case):
-        step = bench_rnn.make_step(bench_rnn.make_runner(impl, case), case, "fwd+bwd")
-        return bench_rnn.results_of(step, case, "fwd+bwd")
+        step = cases.make_step(cases.make_runner(impl, case), case, "fwd+bwd")
+        return runner.results_of(step, case, "fwd+bwd")
 
     for cell in ALL_CELLS:
-        cfg = bench_rnn.Config(7, 4, 3, 5, 2)
-        case = bench_rnn.build_case(cell, cfg, True, True, torch.device("cpu"), torch.float64, 1)
-        assert bench_rnn.max_err(results("loop-eager", case), results("torch.nn", case)) < 1e-10, cell
+        cfg = cases.Config(7, 4, 3, 5, 2)
+        case = cases.build_case(cell, cfg, True, True, torch.device("cpu"), torch.float64, 1)
+        assert runner.max_err(results("loop-eager", case), results("torch.nn", case)) < 1e-10, cell
 
 
 def test_quick_skips_only_costly_cases():
-    big, small = bench_rnn.STANDARD_CONFIGS[1], bench_rnn.STANDARD_CONFIGS[0]
-    assert bench_rnn.quick_skip("fastrnn-reference", "lstm", big, False, "fwd")
-    assert bench_rnn.quick_skip("torch.nn", "lstm", big, False, "fwd+bwd") is None
-    assert bench_rnn.quick_skip("loop-eager", "lstm", big, False, "fwd+bwd") is None
-    assert bench_rnn.quick_skip("fastrnn-reference", "rnn_tanh", small, False, "fwd+bwd") is None
-    assert bench_rnn.quick_skip("loop-compiled", "lstm", small, False, "fwd") is None
-    assert bench_rnn.quick_skip("loop-compiled", "lstm", small, False, "fwd+bwd")
+    big, small = cases.STANDARD_CONFIGS[1], cases.STANDARD_CONFIGS[0]
+    assert cases.quick_skip("fastrnn-reference", "lstm", big, False, "fwd")
+    assert cases.quick_skip("torch.nn", "lstm", big, False, "fwd+bwd") is None
+    assert cases.quick_skip("loop-eager", "lstm", big, False, "fwd+bwd") is None
+    assert cases.quick_skip("fastrnn-reference", "rnn_tanh", small, False, "fwd+bwd") is None
+    assert cases.quick_skip("loop-compiled", "lstm", small, False, "fwd") is None
+    assert cases.quick_skip("loop-compiled", "lstm", small, False, "fwd+bwd")
 
 
 @pytest.mark.parametrize("n, k", [(1, 1), (5, 1), (6, 1), (8, 1), (9, 2), (15, 4), (40, 14)])
 def test_median_ci_is_the_widest_95_percent_order_statistic_pair(n, k):
     """Checked against the coverage of the order statistics computed by brute force over all sign patterns."""
-    xs = bench_rnn.torch.randn(n).tolist()
-    lo, hi = bench_rnn.median_ci(xs)
+    xs = torch.randn(n).tolist()
+    lo, hi = timing.median_ci(xs)
     ordered = sorted(xs)
     assert (lo, hi) == (ordered[k - 1], ordered[n - k])
     if n <= 15:
@@ -170,21 +183,20 @@ def test_median_ci_is_the_widest_95_percent_order_statistic_pair(n, k):
 
 def test_compare_flags_disjoint_ratios(tmp_path, capsys):
     def write(name, ratio, lo, hi):
-        row = {k: "" for k in bench_rnn.CSV_FIELDS}
+        row = {k: "" for k in report.CSV_FIELDS}
         row.update(cell="lstm", T=1, B=1, I=1, H=1, L=1, mode="fwd", impl="loop-eager",
                    ratio_vs_torch_nn=ratio, ratio_ci_lo=lo, ratio_ci_hi=hi)  # fmt: skip
-        bench_rnn.write_csv(str(tmp_path / name), [row])
+        report.write_csv(str(tmp_path / name), [row])
         return str(tmp_path / name)
 
     a = write("a.csv", 1.0, 0.95, 1.05)
-    assert bench_rnn.compare(a, write("b.csv", 1.02, 1.0, 1.1)) == 0
-    assert bench_rnn.compare(a, write("c.csv", 1.3, 1.2, 1.4)) == 1
+    assert report.compare(a, write("b.csv", 1.02, 1.0, 1.1)) == 0
+    assert report.compare(a, write("c.csv", 1.3, 1.2, 1.4)) == 1
     assert "DISAGREE" in capsys.readouterr().out
 
 
 def test_mismatch_is_reported_instead_of_a_speed(monkeypatch):
-    torch = bench_rnn.torch
-    honest = bench_rnn.make_runner
+    honest = cases.make_runner
 
     def skewed(impl, case):
         run = honest(impl, case)
@@ -192,13 +204,13 @@ def test_mismatch_is_reported_instead_of_a_speed(monkeypatch):
             return run
         return lambda: tuple(None if t is None else t * 1.01 for t in run())
 
-    monkeypatch.setattr(bench_rnn, "make_runner", skewed)
-    cfg = bench_rnn.Config(3, 2, 4, 5, 1)
-    case = bench_rnn.build_case("gru", cfg, False, False, torch.device("cpu"), torch.float32, 0)
-    opts = bench_rnn.parse_args(["--repeats", "2", "--warmup", "1", "--min-time", "0.001", "--no-memory"])
-    entries = bench_rnn.new_entries(["torch.nn", "loop-eager", "fastrnn-reference"], {})
-    bench_rnn.run_case(case, "fwd", entries, opts)
-    rows = {r["impl"]: r for r in bench_rnn.summarize(case, "fwd", entries)}
+    monkeypatch.setattr(runner, "make_runner", skewed)
+    cfg = cases.Config(3, 2, 4, 5, 1)
+    case = cases.build_case("gru", cfg, False, False, torch.device("cpu"), torch.float32, 0)
+    opts = cli.parse_args(["--repeats", "2", "--warmup", "1", "--min-time", "0.001", "--no-memory"])
+    entries = runner.new_entries(["torch.nn", "loop-eager", "fastrnn-reference"], {})
+    runner.run_case(case, "fwd", entries, opts)
+    rows = {r["impl"]: r for r in report.summarize(case, "fwd", entries)}
     assert rows["loop-eager"]["status"] == "mismatch" and "differs from torch.nn" in rows["loop-eager"]["note"]
     assert rows["loop-eager"]["tokens_per_s"] == "" and rows["loop-eager"]["ratio_vs_torch_nn"] == ""
     assert float(rows["loop-eager"]["max_err"]) > 5e-3
@@ -207,8 +219,7 @@ def test_mismatch_is_reported_instead_of_a_speed(monkeypatch):
 
 def test_ill_conditioned_case_is_judged_against_float64(monkeypatch):
     """When torch.nn itself is far from the float64 answer, an implementation as close to it is no mismatch."""
-    torch = bench_rnn.torch
-    honest = bench_rnn.make_runner
+    honest = cases.make_runner
     scale = {"torch.nn": 1.01, "fastrnn-reference": 0.95}
 
     def skewed(impl, case):
@@ -217,14 +228,85 @@ def test_ill_conditioned_case_is_judged_against_float64(monkeypatch):
             return run  # the float64 yardstick stays exact
         return lambda: tuple(None if t is None else t * scale[impl] for t in run())
 
-    monkeypatch.setattr(bench_rnn, "make_runner", skewed)
-    case = bench_rnn.build_case("lstm", bench_rnn.Config(4, 3, 5, 6, 1), False, False, torch.device("cpu"),
+    monkeypatch.setattr(runner, "make_runner", skewed)
+    case = cases.build_case("lstm", cases.Config(4, 3, 5, 6, 1), False, False, torch.device("cpu"),
                                 torch.float32, 0)  # fmt: skip
-    opts = bench_rnn.parse_args(["--repeats", "1", "--warmup", "1", "--min-time", "0.001", "--no-memory"])
-    entries = bench_rnn.new_entries(["torch.nn", "loop-eager", "fastrnn-reference"], {})
-    bench_rnn.run_case(case, "fwd", entries, opts)
-    rows = {r["impl"]: r for r in bench_rnn.summarize(case, "fwd", entries)}
+    opts = cli.parse_args(["--repeats", "1", "--warmup", "1", "--min-time", "0.001", "--no-memory"])
+    entries = runner.new_entries(["torch.nn", "loop-eager", "fastrnn-reference"], {})
+    runner.run_case(case, "fwd", entries, opts)
+    rows = {r["impl"]: r for r in report.summarize(case, "fwd", entries)}
     assert rows["loop-eager"]["status"] == "ok" and "ill-conditioned" in rows["loop-eager"]["note"]
     assert float(rows["loop-eager"]["max_err"]) > 5e-3 and rows["loop-eager"]["ratio_vs_torch_nn"]
     assert rows["fastrnn-reference"]["status"] == "mismatch", rows["fastrnn-reference"]
     assert "vs float64" in rows["fastrnn-reference"]["note"]
+
+
+def test_quick_adds_the_issue_11_cases_to_the_standard_table():
+    quick = cli.plan(cli.parse_args(["--quick"]), torch.float32)
+    extras = {(s.cell, s.variant): s for s in quick if s.variant}
+    assert len(quick) == len(cases.STANDARD_CONFIGS) * 4 * 2 + len(extras)
+    assert all(s.cfg == cases.Config(100, 64, 256, 256, 1) and s.mode == "fwd+bwd" for s in extras.values())
+    for cell in ("lstm", "gru", "rnn_tanh"):
+        assert extras[cell, "bf16"].dtype == torch.bfloat16 and extras[cell, "bf16"].autocast is None
+        s = extras[cell, "autocast bf16"]
+        assert s.dtype == torch.float32 and s.autocast == torch.bfloat16
+    assert extras["lstm", "packed"].packed and extras["lstm", "proj 128"].proj_size == 128
+    assert not any(s.variant for s in cli.plan(cli.parse_args(["--quick", "--config", "3,2,4,5,1"]), torch.float32))
+    assert not any(s.variant for s in cli.plan(cli.parse_args([]), torch.float32))
+    assert [s.cell for s in cli.plan(cli.parse_args(["--quick", "--cells", "gru"]), torch.float32) if s.variant] == [
+        "gru", "gru"
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("variant", ["bf16", "autocast bf16", "packed", "proj 128"])
+def test_quick_extra_cases_run_and_match_torch_nn(variant):
+    """Each kind of extra case, shrunk, runs every implementation that can run it and matches torch.nn."""
+    args = cli.parse_args(["--quick", "--passes", "1", "--repeats", "1", "--min-time", "0.001", "--no-memory",
+                           "--impls", "fastrnn-reference,torch.nn,loop-eager,loop-compiled"])  # fmt: skip
+    spec = next(s for s in cli.plan(args, torch.float32) if s.variant == variant)
+    small = dataclasses.replace(spec, cfg=cases.Config(5, 3, 8, 6, 1), proj_size=4 if spec.proj_size else 0)
+    case = cases.build_case(small.cell, small.cfg, False, small.packed, torch.device("cpu"), small.dtype, 0,
+                            proj_size=small.proj_size, autocast=small.autocast, variant=variant)  # fmt: skip
+    entries = runner.new_entries(args.impls, cli.skips(small, args, torch.device("cpu"), {}))
+    runner.run_case(case, small.mode, entries, args)
+    rows = {r["impl"]: r for r in report.summarize(case, small.mode, entries)}
+    assert rows["loop-compiled"]["status"] == ("unavailable" if small.proj_size else "skipped")
+    assert rows["loop-eager"]["status"] == ("unavailable" if small.proj_size else "ok")
+    assert rows["fastrnn-reference"]["status"] == "ok" and rows["fastrnn-reference"]["ratio_vs_torch_nn"]
+    assert rows["torch.nn"]["variant"] == variant and rows["torch.nn"]["autocast"] == (
+        "bfloat16" if small.autocast else ""
+    )  # fmt: skip
+    out = case.module(case.inp)[0]
+    assert (out.data if small.packed else out).shape[-1] == (small.proj_size or small.cfg.H)
+
+
+def test_recorded_command_has_no_path_of_this_machine():
+    inside = os.path.join(REPO, "benchmarks", "results", "x")
+    assert cli.pasteable_command(["--quick", "--out", inside]) == (
+        "python benchmarks/bench_rnn.py --quick --out benchmarks/results/x"
+    )  # fmt: skip
+    assert cli.pasteable_command([f"--out={inside}", "--note", "a b"]) == (
+        "python benchmarks/bench_rnn.py --out=benchmarks/results/x --note 'a b'"
+    )  # fmt: skip
+    outside = os.path.join(os.path.dirname(REPO), "elsewhere", "run1")
+    assert cli.pasteable_command(["--out", outside, "--name", "n"]) == (
+        "python benchmarks/bench_rnn.py --out run1 --name n"
+    )  # fmt: skip
+
+
+def test_gemm_peaks_cover_every_dtype_the_cases_compute_in():
+    peaks = timing.gemm_peaks(torch.device("cpu"), 64, rounds=1)
+    assert set(peaks) == {"float32", "bfloat16"}
+    assert all(rate > 0 and engine in ("torch.mm", "oneDNN linear") for rate, engine in peaks.values())
+
+
+def test_no_nanobind_leak_reports_at_exit(tmp_path):
+    """With triton imported before the run (as on a GPU machine), the objects the run froze are released."""
+    pytest.importorskip("triton")
+    argv = ["--config", "3,2,4,5,1", "--passes", "1", "--repeats", "1", "--warmup", "1", "--min-time", "0.001",
+            "--threads", "1", "--cells", "lstm", "--modes", "fwd", "--impls", "torch.nn", "--no-memory",
+            "--gemm-size", "32", "--out", str(tmp_path)]  # fmt: skip
+    code = f"import runpy, sys, triton; sys.argv = {[SCRIPT] + argv!r}; runpy.run_path({SCRIPT!r}, run_name='__main__')"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "nanobind" not in proc.stderr, proc.stderr[-3000:]

@@ -1,0 +1,115 @@
+#!/usr/bin/env bash
+# The GPU check in one command, for a machine with a CUDA GPU:
+#   1. build fastrnn._C in place (with its CUDA kernels when nvcc and a CUDA build of torch are there);
+#   2. the tests that carry the `cuda` marker (python -m pytest -m cuda);
+#   3. compute-sanitizer's memcheck and racecheck over benchmarks/gpu_smoke.py (every kernel once, fwd+bwd);
+#   4. the benchmark on CUDA against cuDNN (python benchmarks/bench_rnn.py --quick --device cuda).
+# Everything goes to benchmarks/results/gpu/ (or --out DIR): one log per step and summary.md.
+#
+#   bash benchmarks/gpu_check.sh             # run it
+#   bash benchmarks/gpu_check.sh --dry-run   # print the plan; needs no GPU
+#   options: --out DIR (inside the repository), --no-build, --no-bench
+#
+# Exit status: 0 every step passed; 1 a step failed (summary.md says which); 2 no CUDA GPU visible to torch
+# (nothing run) or a usage error.
+set -uo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+OUT=benchmarks/results/gpu
+DRY=0
+BUILD=1
+BENCH=1
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --dry-run) DRY=1 ;;
+        --no-build) BUILD=0 ;;
+        --no-bench) BENCH=0 ;;
+        --out) OUT="${2:?--out needs a folder}"; shift ;;
+        -h|--help) awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "$0"; exit 0 ;;
+        *) echo "gpu_check: unknown option $1 (see --help)" >&2; exit 2 ;;
+    esac
+    shift
+done
+PY=${PYTHON:-python}
+
+find_sanitizer() {
+    local dir
+    for dir in "" "${CUDA_HOME:-}/bin/" /usr/local/cuda/bin/; do
+        if command -v "${dir}compute-sanitizer" >/dev/null 2>&1; then
+            echo "${dir}compute-sanitizer"
+            return 0
+        fi
+    done
+    return 1
+}
+SANITIZER=$(find_sanitizer || echo compute-sanitizer)
+
+# name | command: the steps, in order
+STEPS=()
+[ $BUILD = 1 ] && STEPS+=("build|$PY setup.py build_ext --inplace")
+STEPS+=("backends|$PY -m fastrnn")
+STEPS+=("cuda-tests|$PY -m pytest -m cuda -q -p no:cacheprovider")
+# PYTORCH_NO_CUDA_MEMORY_CACHING: every tensor its own allocation, so memcheck sees overruns into
+# neighbouring tensors that the caching allocator would hide inside one block
+for tool in memcheck racecheck; do
+    STEPS+=("$tool|PYTORCH_NO_CUDA_MEMORY_CACHING=1 $SANITIZER --tool $tool --error-exitcode 3 $PY benchmarks/gpu_smoke.py")
+done
+[ $BENCH = 1 ] && STEPS+=("benchmark|$PY benchmarks/bench_rnn.py --quick --device cuda --out $OUT")
+
+if [ $DRY = 1 ]; then
+    echo "gpu_check plan (from the repository root; logs and summary.md in $OUT/):"
+    for step in "${STEPS[@]}"; do
+        echo "  ${step%%|*}: ${step#*|}  > $OUT/${step%%|*}.log"
+    done
+    exit 0
+fi
+
+if ! $PY -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+    echo "gpu_check: no CUDA GPU visible to torch here, so nothing was run (--dry-run prints the plan)." >&2
+    exit 2
+fi
+
+mkdir -p "$OUT"
+SUMMARY="$OUT/summary.md"
+{
+    echo "# GPU check"
+    echo
+    echo '```'
+    echo "bash benchmarks/gpu_check.sh $([ $BUILD = 0 ] && echo '--no-build ')$([ $BENCH = 0 ] && echo '--no-bench ')--out $OUT"
+    echo '```'
+    echo
+    echo "- date (UTC): $(date -u '+%Y-%m-%d %H:%M')"
+    echo "- GPU: $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null | head -1)"
+    echo "- git: $(git describe --always --dirty 2>/dev/null)"
+    echo
+    echo "| step | result | log |"
+    echo "| --- | --- | --- |"
+} > "$SUMMARY"
+
+failed=0
+for step in "${STEPS[@]}"; do
+    name=${step%%|*}
+    cmd=${step#*|}
+    log="$OUT/$name.log"
+    echo "== $name: $cmd"
+    start=$SECONDS
+    { echo "\$ $cmd"; bash -c "$cmd"; } > "$log" 2>&1
+    rc=$?
+    if [ $rc = 0 ]; then
+        result="passed"
+    elif [ "$name" = cuda-tests ] && [ $rc = 5 ]; then
+        # pytest's "no tests collected": no test carries the marker yet, which is no failure of the GPU
+        result="no tests carry the \`cuda\` marker yet"
+    elif [ "$name" = memcheck ] || [ "$name" = racecheck ] && ! command -v "$SANITIZER" >/dev/null 2>&1; then
+        result="**FAILED**: compute-sanitizer not found (CUDA toolkit's bin/ on PATH, or CUDA_HOME)"
+        failed=1
+    else
+        result="**FAILED** (exit status $rc)"
+        failed=1
+    fi
+    echo "   $result ($((SECONDS - start)) s)"
+    echo "| $name | $result ($((SECONDS - start)) s) | [$name.log]($name.log) |" >> "$SUMMARY"
+done
+[ $BENCH = 1 ] && echo -e "\nBenchmark report: [results.md](results.md)" >> "$SUMMARY"
+echo "wrote $SUMMARY"
+exit $failed

@@ -1,0 +1,117 @@
+"""Every fused kernel once, forward and backward, on a small case: the workload compute-sanitizer checks.
+
+``python benchmarks/gpu_smoke.py`` runs the cpp backend's kernels and both Triton variants ("step" and
+"seq") for every cell, plus the LSTM projection, on the GPU, and compares each result and gradient with
+the plain-PyTorch reference backend on the same inputs. On a machine without a GPU, ``--device cpu`` runs
+the cpp cases on the CPU kernels (and the Triton ones when TRITON_INTERPRET=1 is set); ``--list`` prints
+the cases. Exit status 1 when any case fails or differs.
+"""
+
+import argparse
+import importlib
+import os
+import sys
+from typing import List, NamedTuple, Optional
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from fastrnn import backend as fr_backend  # noqa: E402
+from fastrnn.ops import GATES, MODES  # noqa: E402
+
+T, B, I, H, PROJ = 5, 3, 8, 16, 8  # H small enough for the whole-sequence Triton kernels
+TOLERANCE = 1e-4  # fp32 with TF32 off: only summation order differs from the reference
+
+
+class SmokeCase(NamedTuple):
+    backend: str
+    mode: str
+    variant: Optional[str] = None  # Triton's kernel variant; the cpp backend has one per device
+    proj: bool = False
+
+    @property
+    def name(self) -> str:
+        return "-".join(filter(None, [self.backend, self.variant, self.mode.lower(), "proj" if self.proj else ""]))
+
+
+CASES = [SmokeCase("cpp", m) for m in MODES] + [SmokeCase("triton", m, v) for v in ("step", "seq") for m in MODES] + [
+    SmokeCase("cpp", "LSTM", proj=True),
+    SmokeCase("triton", "LSTM", "step", proj=True),  # "seq" has no projection
+]  # fmt: skip
+
+
+def inputs(case: SmokeCase, device: torch.device) -> List[Optional[torch.Tensor]]:
+    """x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr of one dense layer, each requiring grad."""
+    g = torch.Generator().manual_seed(sum(map(ord, case.name)))
+    h_out = PROJ if case.proj else H
+    shapes = [(T * B, I), (B, h_out), (B, H) if case.mode == "LSTM" else None, (GATES[case.mode] * H, I),
+              (GATES[case.mode] * H, h_out), (GATES[case.mode] * H,), (GATES[case.mode] * H,),
+              (h_out, H) if case.proj else None]  # fmt: skip
+    return [None if s is None else (0.5 * torch.randn(s, generator=g)).to(device).requires_grad_() for s in shapes]
+
+
+def rel_err(a: Optional[torch.Tensor], b: Optional[torch.Tensor]) -> float:
+    if a is None or b is None:
+        return 0.0 if a is None and b is None else float("inf")
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-6)).item()
+
+
+def run(case: SmokeCase, device: torch.device) -> float:
+    """The largest relative difference from the reference over outputs and every gradient."""
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr = inputs(case, device)
+    results = []
+    for name in (case.backend, "reference"):
+        layer = importlib.import_module(f"fastrnn.ops.{name}").layer
+        extra = {"variant": case.variant} if case.variant and name == case.backend else {}
+        y, h_n, c_n = layer(case.mode, x, None, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, False, **extra)
+        outs = [t for t in (y, h_n, c_n) if t is not None]
+        leaves = [t for t in (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr) if t is not None]
+        torch.manual_seed(0)
+        grads = torch.autograd.grad(outs, leaves, [torch.randn_like(t) for t in outs])
+        results.append(outs + list(grads))
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return max(rel_err(a, b) for a, b in zip(*results))
+
+
+def why_not(case: SmokeCase, device: torch.device) -> Optional[str]:
+    return fr_backend.reason_unavailable(case.backend, device, torch.float32)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cuda", help="cuda (the point of it) or cpu (to check the script)")
+    p.add_argument("--list", action="store_true", help="print the cases and exit")
+    args = p.parse_args(argv)
+    if args.list:
+        print("\n".join(c.name for c in CASES))
+        return 0
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            print("gpu_smoke: no CUDA device visible; use --device cpu to check the script", file=sys.stderr)
+            return 2
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    failed = ran = 0
+    for case in CASES:
+        reason = why_not(case, device)
+        if reason is not None:
+            print(f"SKIP {case.name}: {reason}")
+            continue
+        ran += 1
+        try:
+            err = run(case, device)
+        except Exception as exc:  # one broken kernel must not hide the others
+            failed += 1
+            print(f"FAIL {case.name}: {type(exc).__name__}: {exc}")
+            continue
+        ok = err <= TOLERANCE
+        failed += not ok
+        print(f"{'ok  ' if ok else 'FAIL'} {case.name}: max relative difference from the reference {err:.2e}")
+    print(f"{ran - failed} of {ran} cases passed, {len(CASES) - ran} skipped")
+    return 1 if failed or not ran else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

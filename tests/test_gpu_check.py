@@ -1,0 +1,71 @@
+"""The parts of the GPU check that need no GPU: its plan, its refusal without a GPU, and the smoke script's
+cases on the CPU kernels."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CHECK = os.path.join(REPO, "benchmarks", "gpu_check.sh")
+sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+
+import gpu_smoke  # noqa: E402
+
+
+def _check(*args):
+    return subprocess.run(["bash", CHECK, *args], capture_output=True, text=True, timeout=120, cwd=REPO)
+
+
+def test_dry_run_prints_every_step_with_its_log():
+    proc = _check("--dry-run", "--no-build")
+    assert proc.returncode == 0, proc.stderr
+    steps = [ln.split(":")[0].strip() for ln in proc.stdout.splitlines()[1:]]
+    assert steps == ["backends", "cuda-tests", "memcheck", "racecheck", "benchmark"]
+    assert "pytest -m cuda" in proc.stdout and "--tool racecheck" in proc.stdout
+    assert "bench_rnn.py --quick --device cuda --out benchmarks/results/gpu" in proc.stdout
+    assert "> benchmarks/results/gpu/memcheck.log" in proc.stdout
+    assert REPO not in proc.stdout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+def test_without_a_gpu_it_says_so_and_runs_nothing(tmp_path):
+    out = tmp_path / "gpu"
+    proc = _check("--out", str(out))
+    assert proc.returncode == 2 and "no CUDA GPU" in proc.stderr
+    assert not out.exists()
+
+
+def test_unknown_option_is_a_usage_error():
+    proc = _check("--bogus")
+    assert proc.returncode == 2 and "unknown option --bogus" in proc.stderr
+
+
+def test_smoke_covers_every_kernel_of_both_backends():
+    names = {c.name for c in gpu_smoke.CASES}
+    for mode in ("lstm", "gru", "rnn_tanh", "rnn_relu"):
+        assert {f"cpp-{mode}", f"triton-step-{mode}", f"triton-seq-{mode}"} <= names
+    assert {"cpp-lstm-proj", "triton-step-lstm-proj"} <= names
+
+
+def test_smoke_runs_the_cpp_cases_on_cpu(capsys):
+    assert gpu_smoke.main(["--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    for mode in ("lstm", "gru", "rnn_tanh", "rnn_relu", "lstm-proj"):
+        assert f"ok   cpp-{mode}:" in out
+
+
+def test_smoke_reports_a_kernel_that_differs(monkeypatch, capsys):
+    """A backend whose gradients are off by 1 % fails the case and the exit status."""
+    from fastrnn.ops import cpp
+
+    honest = cpp.layer
+
+    def skewed(*args, **kwargs):
+        return tuple(None if t is None else t * 1.01 for t in honest(*args, **kwargs))
+
+    monkeypatch.setattr(cpp, "layer", skewed)
+    assert gpu_smoke.main(["--device", "cpu"]) == 1
+    assert "FAIL cpp-gru: max relative difference from the reference 1.0" in capsys.readouterr().out
