@@ -91,17 +91,18 @@ bool probe_bf16() {
 #endif
 }
 
-bool bf16_ukernel() {
-  static const bool ok = probe_bf16();
-  return ok;
-}
-
 bool fp32_ukernel() {
 #if defined(__x86_64__) && AT_MKLDNN_ENABLED()
   return at::globalContext().userEnabledMkldnn();
 #else
   return false;
 #endif
+}
+
+// torch.backends.mkldnn.enabled = False turns the ukernel off at any time, so only the probe is cached
+bool bf16_ukernel() {
+  static const bool ok = probe_bf16();
+  return fp32_ukernel() && ok;
 }
 
 // B operand of the ukernel from a [K, N] view: fp32 row-major, bf16 VNNI (K even).
