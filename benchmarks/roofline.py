@@ -147,9 +147,7 @@ def main(argv: Optional[List[str]] = None) -> None:
                 c = Case(mode, *cfg)
                 t = measure(c, dtype, prec == "autocast", backward, args.rounds, args.min_time)
                 fl = model_flops(c, backward)
-                # GRU under CPU autocast runs fp32 in torch.nn (and fastrnn follows it)
-                peak = peaks[torch.float32 if prec == "fp32" or (prec == "autocast" and mode == "GRU")
-                             else torch.bfloat16]
+                peak = peaks[torch.float32 if prec == "fp32" else torch.bfloat16]
                 g_ref, g_ours = fl / t["torch.nn"] / 1e9, fl / t["fastrnn-cpp"] / 1e9
                 print(f"{mode:9} {prec:9} {','.join(map(str, cfg)):>18} {g_ref:14.1f} {100 * g_ref / peak:5.0f} "
                       f"{g_ours:13.1f} {100 * g_ours / peak:5.0f} {t['torch.nn'] / t['fastrnn-cpp']:7.2f}x",

@@ -30,6 +30,7 @@
 #include <cstring>
 #include <exception>
 #include <mutex>
+#include <thread>
 
 #include "seq.h"
 
@@ -133,6 +134,41 @@ struct Layout {
   Tensor unrows(const Tensor& w) const { return w.index_select(0, inv); }
 };
 
+// The team's per-step barrier. It spins only briefly and then yields the core: on a loaded machine the
+// partner being waited for may be queued behind this very thread, and OpenMP's long default spin then turns
+// each of the thousands of per-step barriers into a scheduler time slice.
+class Barrier {
+ public:
+  explicit Barrier(int n) : n_(n) {}
+  void wait() {
+    const int gen = gen_.load(std::memory_order_acquire);
+    if (count_.fetch_add(1, std::memory_order_acq_rel) + 1 == n_) {
+      count_.store(0, std::memory_order_relaxed);
+      gen_.fetch_add(1, std::memory_order_release);
+      return;
+    }
+    for (int i = 0; gen_.load(std::memory_order_acquire) == gen; ++i) {
+      if (i < kSpins) {
+        pause();
+      } else {
+        std::this_thread::yield();
+      }
+    }
+  }
+
+ private:
+  // a few microseconds: about what a step's GEMM takes at the smallest sizes that still run threaded
+  static constexpr int kSpins = 4000;
+  static void pause() {
+#if defined(__x86_64__)
+    __builtin_ia32_pause();
+#endif
+  }
+  const int n_;
+  std::atomic<int> count_{0};
+  std::atomic<int> gen_{0};
+};
+
 // The threads of one engine region and the units [ja, jb) each owns (whole blocks).
 struct Team {
   const Layout& L;
@@ -152,6 +188,7 @@ struct Team {
     std::exception_ptr error;
     std::atomic<bool> failed{false};
     std::mutex m;
+    Barrier barrier(nt);
 #pragma omp parallel num_threads(nt) if (nt > 1)
     {
       const int tid = nt > 1 ? omp_get_thread_num() : 0;
@@ -167,9 +204,7 @@ struct Team {
               failed = true;
             }
           }
-          if (ph + 1 < phases || sync_last) {
-#pragma omp barrier
-          }
+          if (ph + 1 < phases || sync_last) barrier.wait();
         }
       }
       if (bf16) cpublas::brgemm_release(true);
