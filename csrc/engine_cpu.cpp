@@ -115,23 +115,28 @@ Tensor pack_b(const Tensor& kn, bool bf16) {
 
 struct Layout {
   int64_t H, G, nb;
-  Tensor perm;  // perm[p]: PyTorch's row of the weights' row p in the blocked layout
-  Tensor inv;   // its inverse
 
-  Layout(int64_t H_, int64_t G_) : H(H_), G(G_), nb((H_ + kUnitBlock - 1) / kUnitBlock) {
-    perm = at::empty({G * H}, at::kLong);
-    int64_t* p = perm.data_ptr<int64_t>();
-    for (int64_t b = 0; b < nb; ++b) {
-      const int64_t j0 = unit(b), w = unit(b + 1) - j0;
-      for (int64_t k = 0; k < G; ++k)
-        for (int64_t u = 0; u < w; ++u) p[G * j0 + k * w + u] = k * H + j0 + u;
-    }
-    inv = at::empty_like(perm);
-    inv.index_put_({perm}, at::arange(G * H, at::kLong));
-  }
+  Layout(int64_t H_, int64_t G_) : H(H_), G(G_), nb((H_ + kUnitBlock - 1) / kUnitBlock) {}
   int64_t unit(int64_t b) const { return std::min(b * kUnitBlock, H); }
-  Tensor rows(const Tensor& w) const { return w.index_select(0, perm); }
-  Tensor unrows(const Tensor& w) const { return w.index_select(0, inv); }
+  // w's rows (dim 0, PyTorch's gate order) in the blocked order, or back with `back`: each (block, gate)
+  // is a run of whole rows, so this is G*nb row-run copies (index_select is far slower on weights).
+  Tensor permute(const Tensor& w, bool back) const {
+    const Tensor src = w.contiguous();
+    Tensor out = at::empty_like(src);
+    const int64_t row = (src.dim() > 1 ? src.stride(0) : 1) * src.element_size();
+    const char* from = static_cast<const char*>(src.data_ptr());
+    char* to = static_cast<char*>(out.data_ptr());
+    for (int64_t b = 0; b < nb; ++b) {
+      const int64_t j0 = unit(b), n = unit(b + 1) - j0;
+      for (int64_t k = 0; k < G; ++k) {
+        const int64_t blocked = G * j0 + k * n, torch_row = k * H + j0;
+        std::memcpy(to + (back ? torch_row : blocked) * row, from + (back ? blocked : torch_row) * row, n * row);
+      }
+    }
+    return out;
+  }
+  Tensor rows(const Tensor& w) const { return permute(w, false); }
+  Tensor unrows(const Tensor& w) const { return permute(w, true); }
 };
 
 // The team's per-step barrier. It spins only briefly and then yields the core: on a loaded machine the
