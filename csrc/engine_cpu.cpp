@@ -43,8 +43,6 @@ namespace cpublas = at::native::cpublas;
 // Units per block: 32 fp32 = two 512-bit vectors per gate row segment, and fine enough to split H = 128 over
 // several threads.
 constexpr int64_t kUnitBlock = 32;
-// Widest GEMM N one ukernel call gets: wider ones are split, so that the B panel of a call stays in L2.
-constexpr int64_t kMaxN = 256;
 // Input-projection tiles of the bf16 path (rows x gate columns per task).
 constexpr int64_t kProjRows = 64, kProjCols = 256;
 
@@ -59,20 +57,6 @@ void ukernel(bool bf16, int64_t M, int64_t N, int64_t K, int64_t lda, int64_t ld
   } else {
     cpublas::brgemm(M, N, K, lda, ldb, ldc, add_C, static_cast<const float*>(A), static_cast<const float*>(B), C,
                     false);
-  }
-}
-
-// C[M, N] (+)= A[M, K] . B[K, N] split into calls of at most kMaxN columns. B is the packed operand of
-// pack_b, b_col0 the column of B (and of C) where this call's N columns start.
-void gemm_cols(bool bf16, int64_t M, int64_t N, int64_t K, const void* A, int64_t lda, const void* B, int64_t ldb,
-               int64_t b_col0, float* C, int64_t ldc, bool add_C) {
-  const int64_t esize = bf16 ? 2 : 4;
-  // a VNNI column is two elements wide
-  const int64_t col_bytes = bf16 ? 2 * esize : esize;
-  for (int64_t n0 = 0; n0 < N; n0 += kMaxN) {
-    const int64_t n = std::min(kMaxN, N - n0);
-    const char* b = static_cast<const char*>(B) + (b_col0 + n0) * col_bytes;
-    ukernel(bf16, M, n, K, lda, ldb, ldc, add_C, A, b, C + n0);
   }
 }
 
@@ -137,6 +121,29 @@ struct Layout {
   }
   Tensor rows(const Tensor& w) const { return permute(w, false); }
   Tensor unrows(const Tensor& w) const { return permute(w, true); }
+
+  // The ukernel's B operand from kn [K, per_unit*H] (columns in blocked order, per_unit columns per unit) as
+  // one contiguous panel per unit block, [K][n] fp32 or [K/2][n][2] bf16 (n = per_unit * block width): a
+  // block's GEMM then streams one contiguous run of memory, which the prefetchers keep up with at small M.
+  Tensor panels(const Tensor& kn, int64_t per_unit, bool bf16) const {
+    const int64_t K = kn.size(0);
+    Tensor out = at::empty({K * kn.size(1)}, kn.options());
+    for (int64_t b = 0; b < nb; ++b) {
+      const int64_t c0 = per_unit * unit(b), n = per_unit * (unit(b + 1) - unit(b));
+      const Tensor src = kn.narrow(1, c0, n);
+      Tensor dst = out.narrow(0, K * c0, K * n);
+      if (bf16) {
+        dst.view({K / 2, n, 2}).copy_(src.view({K / 2, 2, n}).transpose(1, 2));
+      } else {
+        dst.view({K, n}).copy_(src);
+      }
+    }
+    return out;
+  }
+  // block j0's panel in `panels` (its leading dimension is the block's column count)
+  static const void* panel(const Tensor& panels, int64_t K, int64_t per_unit, int64_t j0) {
+    return static_cast<const char*>(panels.data_ptr()) + K * per_unit * j0 * panels.element_size();
+  }
 };
 
 // The team's per-step barrier. It spins only briefly and then yields the core: on a loaded machine the
@@ -270,7 +277,7 @@ std::vector<Tensor> engine_fwd(const Problem& pr, const Tensor& x, const Tensor&
   const Layout L(H, G);
 
   Tensor gates = input_projection(x, L.rows(w_ih), bf16);
-  const Tensor wf = pack_b(L.rows(w_hh).t(), bf16);  // [H, G*H]: gate columns in blocked order
+  const Tensor wf = L.panels(L.rows(w_hh).t(), G, bf16);  // h . W_hh^T: K = H, G columns per unit
   const Tensor bias_p = L.rows(bias).to(at::kFloat);
   const Tensor bhn = pr.gru ? b_hn.to(at::kFloat).contiguous() : Tensor();
   Tensor hs = ws_empty({2, B, H}, opts);
@@ -281,22 +288,19 @@ std::vector<Tensor> engine_fwd(const Problem& pr, const Tensor& x, const Tensor&
   Tensor c_save = save_c ? ws_empty({pr.N, H}, f32) : at::empty({0}, f32);
   Tensor hn_save = save_hn ? ws_empty({pr.N, H}, f32) : at::empty({0}, f32);
   const Team team(L);
-  int64_t max_units = 0;
-  for (int i = 0; i < team.nt; ++i) max_units = std::max(max_units, team.units(i).second - team.units(i).first);
-  Tensor tiles = ws_empty({team.nt, B, G * max_units}, f32);
+  // one unit block's h . W_hh^T per thread, consumed by the cell right after the GEMM, so it stays in cache
+  Tensor tiles = ws_empty({team.nt, B, G * kUnitBlock}, f32);
   const Dtype dt = seq_dtype(x);
   const int64_t hs_bytes = B * H * static_cast<int64_t>(hs.element_size());
 
   team.run(pr.T, 1, true, bf16, [&](int tid, int64_t ja, int64_t jb, int64_t k, int) {
     const int64_t t = reverse ? pr.T - 1 - k : k, b = pr.size[t], o = pr.off[t];
-    const int64_t width = G * (jb - ja);
-    float* tile = tiles.data_ptr<float>() + tid * B * G * max_units;
+    float* hg = tiles.data_ptr<float>() + tid * B * G * kUnitBlock;
     const char* h_prev = static_cast<const char*>(hs.data_ptr()) + k % 2 * hs_bytes;
     char* h_next = static_cast<char*>(hs.data_ptr()) + (k + 1) % 2 * hs_bytes;
-    gemm_cols(bf16, b, width, H, h_prev, H, wf.data_ptr(), GH, G * ja, tile, width, false);
     for (int64_t j0 = ja; j0 < jb;) {
-      const int64_t j1 = std::min(j0 + kUnitBlock, jb), w = j1 - j0;
-      float* hg = tile + G * (j0 - ja);
+      const int64_t j1 = std::min(j0 + kUnitBlock, jb), w = j1 - j0, width = G * w;
+      ukernel(bf16, b, width, H, H, width, width, false, h_prev, Layout::panel(wf, H, G, j0), hg);
       CellParams p{};
       p.rows = b;
       p.H = H;
@@ -355,7 +359,7 @@ std::vector<Tensor> engine_bwd(const Problem& pr, const Tensor& x, const Tensor&
   const auto opts = x.options();
   const Layout L(H, G);
   const Tensor wih_p = L.rows(w_ih), whh_p = L.rows(w_hh);
-  const Tensor wb = pack_b(whh_p, bf16);  // [G*H, H]: dh = dgates . W_hh
+  const Tensor wb = L.panels(whh_p, 1, bf16);  // dgates . W_hh: K = G*H, one column per unit
 
   const Team team(L);
   const Chunks chunks = backward_chunks(pr, bf16);
@@ -379,8 +383,11 @@ std::vector<Tensor> engine_bwd(const Problem& pr, const Tensor& x, const Tensor&
     team.run(tb - ta, 2, false, bf16, [&](int, int64_t ja, int64_t jb, int64_t s, int phase) {
       const int64_t t = reverse ? ta + s : tb - 1 - s, b = pr.size[t], o = pr.off[t], local = o - lo;
       if (phase == 1) {
-        gemm_cols(bf16, b, jb - ja, GH, at_row(dgh, local), GH, wb.data_ptr(), H, ja, dhs.data_ptr<float>() + ja, H,
-                  pr.gru);
+        for (int64_t j0 = ja; j0 < jb; j0 += kUnitBlock) {
+          const int64_t w = std::min(kUnitBlock, jb - j0);
+          ukernel(bf16, b, w, GH, GH, w, H, pr.gru, at_row(dgh, local), Layout::panel(wb, GH, 1, j0),
+                  dhs.data_ptr<float>() + j0);
+        }
         return;
       }
       const int64_t tp = reverse ? t + 1 : t - 1;
