@@ -131,7 +131,10 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("--forward-only", action="store_true")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--min-time", type=float, default=0.1)
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     configs = ([tuple(int(v) for v in s.split(",")) for s in args.configs.split(";")] if args.configs
                else STANDARD)
     backward = not args.forward_only
