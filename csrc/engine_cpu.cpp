@@ -10,10 +10,12 @@
 // depends on H only (not on the thread count), so backward reads what any forward saved.
 //
 // Threads. One OpenMP region per forward call (per chunk in backward) with one barrier per step:
-//  forward:  tile = h_{t-1} . W_hh^T[:, own gates]; cell on own units -> h_t, c_t, y, saved gates; barrier
-//            (h_{t-1} and h_t live in two buffers, so step t+1's GEMM never reads a row being written).
+//  forward:  per own unit block, tile = h_{t-1} . W_hh^T[:, block's gates], then the cell on that block ->
+//            h_t, c_t, y, saved gates; barrier (h_{t-1} and h_t live in two buffers, so step t+1's GEMM never
+//            reads a row being written).
 //  backward: cell backward on own units -> dgates rows (own columns); barrier;
 //            dh_{t-1}[:, own units] = dgates . W_hh[:, own units] (all gates: hence the barrier before).
+// W_hh is packed once per call as one contiguous panel per unit block (Layout::panels).
 //
 // bf16: h, y and dgates (the GEMM operands) in bf16, W_hh packed in oneDNN's VNNI layout (pairs along K),
 // fp32 accumulation; gates, c, dh, dc and the saved values stay fp32. Needs even H (and even I for the
