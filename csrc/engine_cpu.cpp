@@ -2,7 +2,7 @@
 // ukernel (at::native::cpublas::brgemm) into a tile that stays in cache, then cell.h's math on that tile.
 // The input projection and the weight gradients stay big GEMMs (seq.cpp's flush_chunk).
 //
-// Blocked gate layout. Hidden units are cut into blocks of kUnitBlock (the last one shorter); block
+// Blocked gate layout. Hidden units are cut into blocks of U = unit_block(H) (the last one shorter); block
 // [j0, j1) stores its G gates next to each other: gate k of unit j0 + u is column G*j0 + k*(j1 - j0) + u of
 // a gates row. W_ih, W_hh and the biases are permuted into that row order once per call, so the input
 // projection, the per-step tile and the saved gates share it, and a thread that owns a range of blocks owns
@@ -42,9 +42,10 @@ namespace {
 using at::Tensor;
 namespace cpublas = at::native::cpublas;
 
-// Units per block: 32 fp32 = two 512-bit vectors per gate row segment, and fine enough to split H = 128 over
-// several threads.
-constexpr int64_t kUnitBlock = 32;
+// Units per block: at least 32 (two 512-bit fp32 vectors per gate row segment, and H = 128 still splits over
+// threads), more for wide layers: each block's GEMM rereads all of A (h_{t-1}, or dgates in backward), so
+// H = 1024 in blocks of 32 would stream A 32 times per step.
+int64_t unit_block(int64_t H) { return H <= 256 ? 32 : H <= 512 ? 64 : 128; }
 // Input-projection tiles of the bf16 path (rows x gate columns per task).
 constexpr int64_t kProjRows = 64, kProjCols = 256;
 
@@ -100,10 +101,10 @@ Tensor pack_b(const Tensor& kn, bool bf16) {
 }
 
 struct Layout {
-  int64_t H, G, nb;
+  int64_t H, G, U, nb;
 
-  Layout(int64_t H_, int64_t G_) : H(H_), G(G_), nb((H_ + kUnitBlock - 1) / kUnitBlock) {}
-  int64_t unit(int64_t b) const { return std::min(b * kUnitBlock, H); }
+  Layout(int64_t H_, int64_t G_) : H(H_), G(G_), U(unit_block(H_)), nb((H_ + U - 1) / U) {}
+  int64_t unit(int64_t b) const { return std::min(b * U, H); }
   // w's rows (dim 0, PyTorch's gate order) in the blocked order, or back with `back`: each (block, gate)
   // is a run of whole rows, so this is G*nb row-run copies (index_select is far slower on weights).
   Tensor permute(const Tensor& w, bool back) const {
@@ -291,17 +292,17 @@ std::vector<Tensor> engine_fwd(const Problem& pr, const Tensor& x, const Tensor&
   Tensor hn_save = save_hn ? ws_empty({pr.N, H}, f32) : at::empty({0}, f32);
   const Team team(L);
   // one unit block's h . W_hh^T per thread, consumed by the cell right after the GEMM, so it stays in cache
-  Tensor tiles = ws_empty({team.nt, B, G * kUnitBlock}, f32);
+  Tensor tiles = ws_empty({team.nt, B, G * L.U}, f32);
   const Dtype dt = seq_dtype(x);
   const int64_t hs_bytes = B * H * static_cast<int64_t>(hs.element_size());
 
   team.run(pr.T, 1, true, bf16, [&](int tid, int64_t ja, int64_t jb, int64_t k, int) {
     const int64_t t = reverse ? pr.T - 1 - k : k, b = pr.size[t], o = pr.off[t];
-    float* hg = tiles.data_ptr<float>() + tid * B * G * kUnitBlock;
+    float* hg = tiles.data_ptr<float>() + tid * B * G * L.U;
     const char* h_prev = static_cast<const char*>(hs.data_ptr()) + k % 2 * hs_bytes;
     char* h_next = static_cast<char*>(hs.data_ptr()) + (k + 1) % 2 * hs_bytes;
     for (int64_t j0 = ja; j0 < jb;) {
-      const int64_t j1 = std::min(j0 + kUnitBlock, jb), w = j1 - j0, width = G * w;
+      const int64_t j1 = std::min(j0 + L.U, jb), w = j1 - j0, width = G * w;
       ukernel(bf16, b, width, H, H, width, width, false, h_prev, Layout::panel(wf, H, G, j0), hg);
       CellParams p{};
       p.rows = b;
@@ -385,8 +386,8 @@ std::vector<Tensor> engine_bwd(const Problem& pr, const Tensor& x, const Tensor&
     team.run(tb - ta, 2, false, bf16, [&](int, int64_t ja, int64_t jb, int64_t s, int phase) {
       const int64_t t = reverse ? ta + s : tb - 1 - s, b = pr.size[t], o = pr.off[t], local = o - lo;
       if (phase == 1) {
-        for (int64_t j0 = ja; j0 < jb; j0 += kUnitBlock) {
-          const int64_t w = std::min(kUnitBlock, jb - j0);
+        for (int64_t j0 = ja; j0 < jb; j0 += L.U) {
+          const int64_t w = std::min(L.U, jb - j0);
           ukernel(bf16, b, w, GH, GH, w, H, pr.gru, at_row(dgh, local), Layout::panel(wb, GH, 1, j0),
                   dhs.data_ptr<float>() + j0);
         }
@@ -396,7 +397,7 @@ std::vector<Tensor> engine_bwd(const Problem& pr, const Tensor& x, const Tensor&
       const bool has_prev = tp >= 0 && tp < pr.T;
       const int64_t n_prev = has_prev ? std::min(b, pr.size[tp]) : 0;
       for (int64_t j0 = ja; j0 < jb;) {
-        const int64_t j1 = std::min(j0 + kUnitBlock, jb), w = j1 - j0;
+        const int64_t j1 = std::min(j0 + L.U, jb), w = j1 - j0;
         CellGradParams p{};
         p.rows = b;
         p.H = H;

@@ -69,6 +69,9 @@ def cases16():
                 yield Case(mode, 12, 5, 6, 64, packed=packed, reverse=reverse)
         yield Case(mode, 7, 3, 5, 70, bias=False)
         yield Case(mode, 6, 2, 3, 33, packed=True)
+    # wide layers use wider unit blocks (64 from H = 257, 128 from H = 513), here with a short last one
+    yield Case("LSTM", 4, 3, 5, 600)
+    yield Case("GRU", 4, 3, 6, 300, packed=True, reverse=True)
     yield Case("LSTM", 6, 3, 4, 1)
     yield Case("LSTM", 8, 4, 5, 16, proj=6, packed=True)
 
