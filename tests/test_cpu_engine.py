@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from fastrnn.ops import MODES, cpp, reference
-from test_cpp import NAMES, Case, backward_chunk_rows, make_inputs, nan_poisoned_workspaces, nn_module
+from test_cpp import (NAMES, Case, assert_matches_reference, backward_chunk_rows, make_inputs,
+                      nan_poisoned_workspaces, nn_module)
 
 pytestmark = pytest.mark.skipif(
     cpp.availability(torch.device("cpu"), torch.bfloat16) is not None,
@@ -69,9 +70,9 @@ def cases16():
                 yield Case(mode, 12, 5, 6, 64, packed=packed, reverse=reverse)
         yield Case(mode, 7, 3, 5, 70, bias=False)
         yield Case(mode, 6, 2, 3, 33, packed=True)
-    # wide layers use wider unit blocks (64 from H = 257, 128 from H = 513), here with a short last one
+    # wide layers use wider unit blocks (here 64 and 128 units), each with a short last one
     yield Case("LSTM", 4, 3, 5, 600)
-    yield Case("GRU", 4, 3, 6, 300, packed=True, reverse=True)
+    yield Case("RNN_TANH", 4, 3, 6, 1100, packed=True, reverse=True)
     yield Case("LSTM", 6, 3, 4, 1)
     yield Case("LSTM", 8, 4, 5, 16, proj=6, packed=True)
 
@@ -144,6 +145,13 @@ def test_16bit_no_worse_than_torch_nn(mode, packed, dtype):
     worse = {k: f"{ours[k]:.2e} vs torch.nn {theirs[k]:.2e}" for k in ours
              if ours[k] > NN_FACTOR * max(theirs[k], floor)}
     assert not worse, worse
+
+
+@pytest.mark.parametrize("c", [Case("RNN_TANH", 3, 2, 4, 1100, packed=True, dtype=torch.float32),
+                               Case("GRU", 3, 2, 4, 600, reverse=True, dtype=torch.float32)], ids=case_id16)
+def test_fp32_wide_unit_blocks(c):
+    """fp32 layers wide enough for 128- and 64-unit blocks (with a short last block) against the reference."""
+    assert_matches_reference(c)
 
 
 @pytest.mark.parametrize("mode", MODES)
