@@ -2,13 +2,17 @@
 // arithmetic the GPU runs.
 //
 // Every op is a struct with `elem<T>(params, r, j)`: the element (row r, hidden unit j) of one time step.
-// It loads storage type T, computes in acc_t<T> (fp32 for fp32/fp16/bf16 storage, fp64 for fp64) and stores
-// T. Each element reads and writes only column j (and the gate columns k*H+j) of its own row, so in-place
-// buffers (gates overwritten by activated gates, state read and rewritten) are safe and the loop over j has
-// no loop-carried dependency: the CPU loop uses `#pragma GCC ivdep` and vectorises.
+// It computes in acc_t<W> (fp32 for fp32/fp16/bf16 storage, fp64 for fp64) and has two storage types: T for
+// the sequence tensors (h, y, dy, and dgates, the operands of the GEMMs) and W for the per-step workspaces
+// (gates, hg, bias, c, the saved values, dh, dc); W = T except in the CPU engine's bf16 path, which keeps
+// the workspaces in fp32 and rounds only what it stores for a GEMM or returns. Each element reads and
+// writes only column j (and the gate columns k*gw+j) of its own row, so in-place buffers (gates overwritten
+// by activated gates, state read and rewritten) are safe and the loop over j has no loop-carried dependency:
+// the CPU loop uses `#pragma GCC ivdep` and vectorises.
 //
-// Layouts keep PyTorch's: gate blocks are contiguous H-wide column blocks of a row, LSTM (i,f,g,o),
-// GRU (r,z,n). Row strides are in elements.
+// Gate k of unit j sits at column k*gw + j of its row, LSTM (i,f,g,o), GRU (r,z,n). PyTorch's layout is
+// gw = H (the GPU path); the CPU engine points the kernel at one block of units whose gates are stored
+// next to each other (gw = the block's width), see csrc/engine_cpu.cpp. Row strides are in elements.
 #pragma once
 
 #include <cmath>
@@ -88,13 +92,16 @@ FRNN_HD double ftanh(double x) { return ::tanh(x); }
 // Forward step. One time step, `rows` active rows; the driver points every pointer at that step's rows.
 struct CellParams {
   int64_t rows;        // active rows of this step (b_t)
-  int64_t H;           // hidden size
-  int64_t gs;          // row stride of gates and hg: G*H
-  void* gates;         // gates: [rows, G*H] in: x @ w_ih^T; out: activated gates (LSTM, GRU)
-  const void* hg;      // hg: [rows, G*H] h_prev @ w_hh^T
-  const void* bias;    // bias: [G*H] b_ih + b_hh, except GRU's n block: b_in only (zeros without bias)
+  int64_t H;           // hidden size, the row stride of c and c_save
+  int64_t gw;          // gate spacing: gate k of unit j is column k*gw + j (H in PyTorch's layout)
+  int64_t gs;          // row stride of gates: G*H
+  int64_t hg_stride;   // row stride of hg
+  void* gates;         // gates: [rows, gs] in: x @ w_ih^T; out: activated gates (LSTM, GRU)
+  const void* hg;      // hg: [rows, hg_stride] h_prev @ w_hh^T
+  const void* bias;    // bias: [G*gw] b_ih + b_hh, except GRU's n block: b_in only (zeros without bias)
   const void* b_hn;    // b_hn: [H] GRU's b_hh n block, inside r * (W_hn h + b_hn)
-  void* h;             // h: [rows, h_stride] state, GRU reads h_prev; all write h_new (LSTM: o*tanh(c))
+  const void* h_prev;  // h_prev: [rows, h_stride] GRU's state before the step (may alias h)
+  void* h;             // h: [rows, h_stride] state, written h_new (LSTM: o*tanh(c))
   int64_t h_stride;
   void* y;             // y: [rows, y_stride] output rows, written with h_new
   int64_t y_stride;
@@ -113,48 +120,49 @@ FRNN_HD void st(void* p, int64_t i, acc_t<T> v) {
   static_cast<T*>(p)[i] = static_cast<T>(v);
 }
 
-// Pre-activation of gate column `g` (bias column `b`): input projection + recurrent projection + bias.
-template <typename T>
-FRNN_HD acc_t<T> pre(const CellParams& p, int64_t g, int64_t b) {
-  return ld<T>(p.gates, g) + ld<T>(p.hg, g) + ld<T>(p.bias, b);
+// Pre-activation of gate k of unit j in row r: input projection + recurrent projection + bias.
+template <typename W>
+FRNN_HD acc_t<W> pre(const CellParams& p, int64_t r, int64_t k, int64_t j) {
+  const int64_t g = k * p.gw + j;
+  return ld<W>(p.gates, r * p.gs + g) + ld<W>(p.hg, r * p.hg_stride + g) + ld<W>(p.bias, g);
 }
 
 struct LstmFwd {
-  template <typename T>
+  template <typename T, typename W = T>
   static FRNN_HD void elem(const CellParams& p, int64_t r, int64_t j) {
-    using A = acc_t<T>;
-    const int64_t H = p.H, g0 = r * p.gs + j;
-    const A i = sigmoid(pre<T>(p, g0, j));
-    const A f = sigmoid(pre<T>(p, g0 + H, j + H));
-    const A g = ftanh(pre<T>(p, g0 + 2 * H, j + 2 * H));
-    const A o = sigmoid(pre<T>(p, g0 + 3 * H, j + 3 * H));
-    const A c = f * ld<T>(p.c, r * H + j) + i * g;
+    using A = acc_t<W>;
+    const int64_t g0 = r * p.gs + j, gw = p.gw;
+    const A i = sigmoid(pre<W>(p, r, 0, j));
+    const A f = sigmoid(pre<W>(p, r, 1, j));
+    const A g = ftanh(pre<W>(p, r, 2, j));
+    const A o = sigmoid(pre<W>(p, r, 3, j));
+    const A c = f * ld<W>(p.c, r * p.H + j) + i * g;
     const A h = o * ftanh(c);
-    st<T>(p.gates, g0, i);
-    st<T>(p.gates, g0 + H, f);
-    st<T>(p.gates, g0 + 2 * H, g);
-    st<T>(p.gates, g0 + 3 * H, o);
-    st<T>(p.c, r * H + j, c);
-    st<T>(p.c_save, r * H + j, c);
+    st<W>(p.gates, g0, i);
+    st<W>(p.gates, g0 + gw, f);
+    st<W>(p.gates, g0 + 2 * gw, g);
+    st<W>(p.gates, g0 + 3 * gw, o);
+    st<W>(p.c, r * p.H + j, c);
+    st<W>(p.c_save, r * p.H + j, c);
     st<T>(p.h, r * p.h_stride + j, h);
     st<T>(p.y, r * p.y_stride + j, h);
   }
 };
 
 struct GruFwd {
-  template <typename T>
+  template <typename T, typename W = T>
   static FRNN_HD void elem(const CellParams& p, int64_t r, int64_t j) {
-    using A = acc_t<T>;
-    const int64_t H = p.H, g0 = r * p.gs + j;
-    const A rg = sigmoid(pre<T>(p, g0, j));
-    const A z = sigmoid(pre<T>(p, g0 + H, j + H));
-    const A hn = ld<T>(p.hg, g0 + 2 * H) + ld<T>(p.b_hn, j);
-    const A n = ftanh(ld<T>(p.gates, g0 + 2 * H) + ld<T>(p.bias, j + 2 * H) + rg * hn);
-    const A h = (A(1) - z) * n + z * ld<T>(p.h, r * p.h_stride + j);
-    st<T>(p.gates, g0, rg);
-    st<T>(p.gates, g0 + H, z);
-    st<T>(p.gates, g0 + 2 * H, n);
-    st<T>(p.hn_save, r * p.hn_stride + j, hn);
+    using A = acc_t<W>;
+    const int64_t g0 = r * p.gs + j, gw = p.gw;
+    const A rg = sigmoid(pre<W>(p, r, 0, j));
+    const A z = sigmoid(pre<W>(p, r, 1, j));
+    const A hn = ld<W>(p.hg, r * p.hg_stride + 2 * gw + j) + ld<W>(p.b_hn, j);
+    const A n = ftanh(ld<W>(p.gates, g0 + 2 * gw) + ld<W>(p.bias, 2 * gw + j) + rg * hn);
+    const A h = (A(1) - z) * n + z * ld<T>(p.h_prev, r * p.h_stride + j);
+    st<W>(p.gates, g0, rg);
+    st<W>(p.gates, g0 + gw, z);
+    st<W>(p.gates, g0 + 2 * gw, n);
+    st<W>(p.hn_save, r * p.hn_stride + j, hn);
     st<T>(p.h, r * p.h_stride + j, h);
     st<T>(p.y, r * p.y_stride + j, h);
   }
@@ -162,10 +170,10 @@ struct GruFwd {
 
 template <bool Relu>
 struct RnnFwd {
-  template <typename T>
+  template <typename T, typename W = T>
   static FRNN_HD void elem(const CellParams& p, int64_t r, int64_t j) {
-    using A = acc_t<T>;
-    const A a = pre<T>(p, r * p.gs + j, j);
+    using A = acc_t<W>;
+    const A a = pre<W>(p, r, 0, j);
     const A h = Relu ? (a > A(0) ? a : A(0)) : ftanh(a);
     st<T>(p.h, r * p.h_stride + j, h);
     st<T>(p.y, r * p.y_stride + j, h);
@@ -176,15 +184,17 @@ struct RnnFwd {
 // Backward step: gradients with respect to the pre-activations of one step, walking time in reverse.
 struct CellGradParams {
   int64_t rows;        // active rows of this step (b_t)
-  int64_t H;           // hidden size
+  int64_t H;           // hidden size, the row stride of c, hn and dc
+  int64_t gw;          // gate spacing, as CellParams::gw
   int64_t gs;          // row stride of gates, dgx, dgh: G*H
-  const void* gates;   // gates: [rows, G*H] saved activated gates (LSTM, GRU)
+  const void* gates;   // gates: [rows, gs] saved activated gates (LSTM, GRU)
   const void* c;       // c: [rows, H] LSTM saved c_new
   const void* hn;      // hn: [rows, H] GRU saved W_hn h_prev + b_hn
   const void* out;     // out: [rows, out_stride] RNN saved h_new (= y rows)
   int64_t out_stride;
-  // prev: the state before this step, LSTM c_prev or GRU h_prev. Rows < n_prev come from the previous
-  // step's saved rows, the others (sequences starting at this step, reverse direction) from the initial state.
+  // prev: the state before this step, LSTM c_prev (workspace type) or GRU h_prev (sequence type). Rows <
+  // n_prev come from the previous step's saved rows, the others (sequences starting at this step, reverse
+  // direction) from the initial state.
   const void* prev;    // prev: [n_prev, prev_stride]
   const void* init;    // init: [rows, prev_stride] c0 / h0
   int64_t prev_stride;
@@ -194,67 +204,67 @@ struct CellGradParams {
   const void* dy;      // dy: [rows, dy_stride] gradient of the output rows (zeros where already in dh)
   int64_t dy_stride;
   void* dc;            // dc: [rows, H] LSTM, in: dc_new from the next step, out: dc_prev
-  void* dgx;           // dgx: [rows, G*H] gradient of the input-side pre-activations
-  void* dgh;           // dgh: [rows, G*H] GRU gradient of the recurrent pre-activations (differs in n)
+  void* dgx;           // dgx: [rows, gs] gradient of the input-side pre-activations
+  void* dgh;           // dgh: [rows, gs] GRU gradient of the recurrent pre-activations (differs in n)
   void* dh_prev;       // dh_prev: [rows, dh_stride] GRU: the direct z*dh term of dh_prev (may alias dh)
 };
 
 // Selects the row pointer, not the loaded value, so the CPU loop has no conditional load and vectorises.
-template <typename T>
-FRNN_HD acc_t<T> ld_prev(const CellGradParams& p, int64_t r, int64_t j) {
-  return ld<T>(r < p.n_prev ? p.prev : p.init, r * p.prev_stride + j);
+template <typename S>
+FRNN_HD acc_t<S> ld_prev(const CellGradParams& p, int64_t r, int64_t j) {
+  return ld<S>(r < p.n_prev ? p.prev : p.init, r * p.prev_stride + j);
 }
 
-template <typename T>
-FRNN_HD acc_t<T> ld_dh(const CellGradParams& p, int64_t r, int64_t j) {
-  return ld<T>(p.dh, r * p.dh_stride + j) + ld<T>(p.dy, r * p.dy_stride + j);
+template <typename T, typename W>
+FRNN_HD acc_t<W> ld_dh(const CellGradParams& p, int64_t r, int64_t j) {
+  return ld<W>(p.dh, r * p.dh_stride + j) + ld<T>(p.dy, r * p.dy_stride + j);
 }
 
 struct LstmBwd {
-  template <typename T>
+  template <typename T, typename W = T>
   static FRNN_HD void elem(const CellGradParams& p, int64_t r, int64_t j) {
-    using A = acc_t<T>;
-    const int64_t H = p.H, g0 = r * p.gs + j;
-    const A i = ld<T>(p.gates, g0), f = ld<T>(p.gates, g0 + H);
-    const A g = ld<T>(p.gates, g0 + 2 * H), o = ld<T>(p.gates, g0 + 3 * H);
-    const A tc = ftanh(ld<T>(p.c, r * H + j));
-    const A dh = ld_dh<T>(p, r, j);
-    const A dc = ld<T>(p.dc, r * H + j) + dh * o * (A(1) - tc * tc);
+    using A = acc_t<W>;
+    const int64_t H = p.H, gw = p.gw, g0 = r * p.gs + j;
+    const A i = ld<W>(p.gates, g0), f = ld<W>(p.gates, g0 + gw);
+    const A g = ld<W>(p.gates, g0 + 2 * gw), o = ld<W>(p.gates, g0 + 3 * gw);
+    const A tc = ftanh(ld<W>(p.c, r * H + j));
+    const A dh = ld_dh<T, W>(p, r, j);
+    const A dc = ld<W>(p.dc, r * H + j) + dh * o * (A(1) - tc * tc);
     st<T>(p.dgx, g0, dc * g * i * (A(1) - i));
-    st<T>(p.dgx, g0 + H, dc * ld_prev<T>(p, r, j) * f * (A(1) - f));
-    st<T>(p.dgx, g0 + 2 * H, dc * i * (A(1) - g * g));
-    st<T>(p.dgx, g0 + 3 * H, dh * tc * o * (A(1) - o));
-    st<T>(p.dc, r * H + j, dc * f);
+    st<T>(p.dgx, g0 + gw, dc * ld_prev<W>(p, r, j) * f * (A(1) - f));
+    st<T>(p.dgx, g0 + 2 * gw, dc * i * (A(1) - g * g));
+    st<T>(p.dgx, g0 + 3 * gw, dh * tc * o * (A(1) - o));
+    st<W>(p.dc, r * H + j, dc * f);
   }
 };
 
 struct GruBwd {
-  template <typename T>
+  template <typename T, typename W = T>
   static FRNN_HD void elem(const CellGradParams& p, int64_t r, int64_t j) {
-    using A = acc_t<T>;
-    const int64_t H = p.H, g0 = r * p.gs + j;
-    const A rg = ld<T>(p.gates, g0), z = ld<T>(p.gates, g0 + H), n = ld<T>(p.gates, g0 + 2 * H);
-    const A dh = ld_dh<T>(p, r, j);
+    using A = acc_t<W>;
+    const int64_t gw = p.gw, g0 = r * p.gs + j;
+    const A rg = ld<W>(p.gates, g0), z = ld<W>(p.gates, g0 + gw), n = ld<W>(p.gates, g0 + 2 * gw);
+    const A dh = ld_dh<T, W>(p, r, j);
     const A dn = dh * (A(1) - z) * (A(1) - n * n);
-    const A dr = dn * ld<T>(p.hn, r * H + j) * rg * (A(1) - rg);
+    const A dr = dn * ld<W>(p.hn, r * p.H + j) * rg * (A(1) - rg);
     const A dz = dh * (ld_prev<T>(p, r, j) - n) * z * (A(1) - z);
     st<T>(p.dgx, g0, dr);
-    st<T>(p.dgx, g0 + H, dz);
-    st<T>(p.dgx, g0 + 2 * H, dn);
+    st<T>(p.dgx, g0 + gw, dz);
+    st<T>(p.dgx, g0 + 2 * gw, dn);
     st<T>(p.dgh, g0, dr);
-    st<T>(p.dgh, g0 + H, dz);
-    st<T>(p.dgh, g0 + 2 * H, dn * rg);
-    st<T>(p.dh_prev, r * p.dh_stride + j, dh * z);
+    st<T>(p.dgh, g0 + gw, dz);
+    st<T>(p.dgh, g0 + 2 * gw, dn * rg);
+    st<W>(p.dh_prev, r * p.dh_stride + j, dh * z);
   }
 };
 
 template <bool Relu>
 struct RnnBwd {
-  template <typename T>
+  template <typename T, typename W = T>
   static FRNN_HD void elem(const CellGradParams& p, int64_t r, int64_t j) {
-    using A = acc_t<T>;
+    using A = acc_t<W>;
     const A h = ld<T>(p.out, r * p.out_stride + j);
-    const A dh = ld_dh<T>(p, r, j);
+    const A dh = ld_dh<T, W>(p, r, j);
     st<T>(p.dgx, r * p.gs + j, Relu ? (h > A(0) ? dh : A(0)) : dh * (A(1) - h * h));
   }
 };

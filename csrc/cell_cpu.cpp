@@ -29,6 +29,20 @@ FRNN_CLONES void row_segment_f32(const P& p, int64_t r, int64_t j0, int64_t j1) 
   row_segment<Op, float>(p, r, j0, j1);
 }
 
+// bf16 sequence tensors, fp32 workspaces (the engine's bf16 path)
+template <class Op, class P>
+FRNN_CLONES void rows_bf16(const P& p, int64_t units) {
+  for (int64_t r = 0; r < p.rows; ++r) {
+#pragma GCC ivdep
+    for (int64_t j = 0; j < units; ++j) Op::template elem<c10::BFloat16, float>(p, r, j);
+  }
+}
+
+template <class Op, class P>
+FRNN_CLONES void rows_f32(const P& p, int64_t units) {
+  for (int64_t r = 0; r < p.rows; ++r) row_segment<Op, float>(p, r, 0, units);
+}
+
 // Below this many elements a fork/join costs more than the arithmetic.
 constexpr int64_t kGrain = 8192;
 
@@ -59,7 +73,27 @@ void run_cpu(Mode m, Dtype d, const P& p, Visit visit) {
   });
 }
 
+template <class Visit, class P>
+void run_block(Mode m, Dtype d, const P& p, int64_t units, Visit visit) {
+  visit(m, [&](auto op) {
+    using Op = decltype(op);
+    switch (d) {
+      case Dtype::F32: return rows_f32<Op>(p, units);
+      case Dtype::BF16: return rows_bf16<Op>(p, units);
+      default: TORCH_CHECK(false, "fastrnn: the CPU engine's cells take float32 and bfloat16 only");
+    }
+  });
+}
+
 }  // namespace
+
+void cell_cpu_block(Mode m, Dtype d, const CellParams& p, int64_t units) {
+  run_block(m, d, p, units, [](Mode mm, auto&& f) { visit_fwd(mm, f); });
+}
+
+void cell_cpu_block(Mode m, Dtype d, const CellGradParams& p, int64_t units) {
+  run_block(m, d, p, units, [](Mode mm, auto&& f) { visit_bwd(mm, f); });
+}
 
 void cell_cpu(Mode m, Dtype d, const CellParams& p) {
   run_cpu(m, d, p, [](Mode mm, auto&& f) { visit_fwd(mm, f); });

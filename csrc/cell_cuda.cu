@@ -2,8 +2,6 @@
 // keep nvcc's compile time (two archs on a 2-core CI) short; all four storage dtypes live in this one file
 // because each kernel is a few dozen instructions and instantiation, not parsing, is cheap.
 #include <c10/cuda/CUDAException.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -12,14 +10,6 @@
 
 namespace fastrnn {
 
-template <>
-struct AccType<c10::Half> {
-  using type = float;
-};
-template <>
-struct AccType<c10::BFloat16> {
-  using type = float;
-};
 
 namespace {
 

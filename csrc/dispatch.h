@@ -2,9 +2,21 @@
 // Kept free of ATen so that nvcc compiles the CUDA kernels without torch's heavy headers.
 #pragma once
 
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
 #include "cell.h"
 
 namespace fastrnn {
+
+template <>
+struct AccType<c10::Half> {
+  using type = float;
+};
+template <>
+struct AccType<c10::BFloat16> {
+  using type = float;
+};
 
 enum class Mode : int { LSTM = 0, GRU = 1, RNN_TANH = 2, RNN_RELU = 3 };
 enum class Dtype : int { F32 = 0, F64 = 1, F16 = 2, BF16 = 3 };
@@ -33,6 +45,11 @@ void visit_bwd(Mode m, F&& f) {
 // CPU: fp32 (runtime-dispatched avx512/avx2/baseline clones) and fp64; parallel over rows x hidden.
 void cell_cpu(Mode m, Dtype d, const CellParams& p);
 void cell_cpu(Mode m, Dtype d, const CellGradParams& p);
+// CPU, on the calling thread only (the engine's threads each run their own unit block): rows [0, p.rows) x
+// units [0, units) with every pointer already offset to the block. d is the sequence tensors' dtype, F32 or
+// BF16; the workspaces are fp32.
+void cell_cpu_block(Mode m, Dtype d, const CellParams& p, int64_t units);
+void cell_cpu_block(Mode m, Dtype d, const CellGradParams& p, int64_t units);
 // The ISA the fp32 clones resolve to on this CPU, for build_info().
 const char* cpu_isa();
 

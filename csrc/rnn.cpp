@@ -20,19 +20,13 @@
 #include <utility>
 #include <vector>
 
-#include "dispatch.h"
+#include "seq.h"
 
 namespace fastrnn {
 namespace {
 
 using at::Tensor;
 using OptTensor = std::optional<Tensor>;
-
-// Rows of dgates the backward keeps before flushing them into dx/dW with big GEMMs: bounds the backward's
-// workspace to O(chunk) instead of O(N) while each GEMM still has a thousand rows. Tests shrink it
-// (_C._set_chunk_rows) so that small problems cross many chunk boundaries.
-constexpr int64_t kChunkRows = 1024;
-int64_t g_chunk_rows = kChunkRows;
 
 Mode parse_mode(const std::string& s) {
   if (s == "LSTM") return Mode::LSTM;
@@ -54,25 +48,19 @@ Dtype dtype_of(const Tensor& t) {
   }
 }
 
-// Problem sizes and the step layout, validated once per call.
-struct Problem {
-  Mode mode;
-  bool lstm, gru, proj, packed;
-  int64_t G, I, H, Hout, B, N, T;
-  std::vector<int64_t> size;  // size[t]: active rows of step t
-  std::vector<int64_t> off;   // off[t]: first row of step t; off[T] = N
-};
-
 std::string shape_str(at::IntArrayRef s) {
   std::string out = "[";
   for (size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);
   return out + "]";
 }
 
-void check_like(const Tensor& t, const char* name, const Tensor& x, std::vector<int64_t> shape) {
-  TORCH_CHECK(t.device() == x.device(), "fastrnn: ", name, " must be on ", x.device(), " like x, got ", t.device());
+// `x` is the tensor t must match in device and dtype, `like` its name in the message.
+void check_like(const Tensor& t, const char* name, const Tensor& x, std::vector<int64_t> shape,
+                const char* like = "x") {
+  TORCH_CHECK(t.device() == x.device(), "fastrnn: ", name, " must be on ", x.device(), " like ", like, ", got ",
+              t.device());
   TORCH_CHECK(t.scalar_type() == x.scalar_type(), "fastrnn: ", name, " must have dtype ", x.scalar_type(),
-              " like x, got ", t.scalar_type());
+              " like ", like, ", got ", t.scalar_type());
   TORCH_CHECK(t.sizes() == at::IntArrayRef(shape), "fastrnn: ", name, " must have shape ", shape_str(shape),
               ", got ", shape_str(t.sizes()));
 }
@@ -90,8 +78,7 @@ void check_dtype_device(const Tensor& x) {
     dtype_of(x);
   } else {
     TORCH_CHECK(x.is_cpu(), "fastrnn: x must be on a CPU or CUDA device, got ", x.device());
-    TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
-                "fastrnn: x on the CPU must be float32 or float64, got ", x.scalar_type());
+    dtype_of(x);
   }
 }
 
@@ -161,16 +148,6 @@ Problem check_inputs(Mode m, const Tensor& x, const OptTensor& batch_sizes, cons
   return p;
 }
 
-// Test hook (_C._set_nan_fill): fill every workspace and output at allocation with NaN, so a test can prove
-// no uninitialised element reaches a result.
-bool g_nan_fill = false;
-
-Tensor ws_empty(at::IntArrayRef shape, const at::TensorOptions& opts) {
-  Tensor t = at::empty(shape, opts);
-  if (g_nan_fill) t.fill_(std::numeric_limits<double>::quiet_NaN());
-  return t;
-}
-
 // Address of row `row` of a contiguous matrix with `width` columns.
 void* row_ptr(const Tensor& t, int64_t row, int64_t width) {
   return static_cast<char*>(t.data_ptr()) + row * width * static_cast<int64_t>(t.element_size());
@@ -195,7 +172,13 @@ struct NoAutocast {
 
 Tensor contig(const OptTensor& t) { return t ? t->contiguous() : Tensor(); }
 
-Tensor empty0(const Tensor& like) { return at::empty({0}, like.options()); }
+OptTensor as_float(const OptTensor& t) { return t ? OptTensor(t->to(at::kFloat)) : std::nullopt; }
+
+// 16-bit on the CPU where the engine does not take the problem (proj_size, odd H, no bf16 ukernel, fp16):
+// the fp32 computation, rounding only what is returned.
+bool cpu_16bit_fallback(const Problem& pr, const Tensor& x) {
+  return x.is_cpu() && at::isReducedFloatingType(x.scalar_type()) && !engine_takes(pr, x);
+}
 
 // Forward of one layer in one direction. Returns y [N, Hout], h_n [B, Hout], c_n [B, H] (LSTM, else [0]) and
 // what backward needs when `save`: gates [N, G*H] (activated, LSTM/GRU), c [N, H] (LSTM), hn [N, H] (GRU:
@@ -207,6 +190,13 @@ std::vector<Tensor> layer_fwd(const std::string& mode, const Tensor& x_in, const
   const Problem pr = check_inputs(parse_mode(mode), x_in, batch_sizes, h0, c0, w_ih_in, w_hh_in, b_ih, b_hh, w_hr_in);
   const c10::DeviceGuard guard(x_in.device());
   const NoAutocast no_autocast;
+  if (cpu_16bit_fallback(pr, x_in)) {
+    auto out = layer_fwd(mode, x_in.to(at::kFloat), batch_sizes, h0.to(at::kFloat), as_float(c0),
+                         w_ih_in.to(at::kFloat), w_hh_in.to(at::kFloat), as_float(b_ih), as_float(b_hh),
+                         as_float(w_hr_in), reverse, save);
+    for (int i = 0; i < 3; ++i) out[i] = out[i].to(x_in.scalar_type());
+    return out;
+  }
   const Tensor x = x_in.contiguous(), w_ih = w_ih_in.contiguous(), w_hh = w_hh_in.contiguous();
   const Tensor w_hr = contig(w_hr_in);
   const auto opts = x.options();
@@ -218,6 +208,9 @@ std::vector<Tensor> layer_fwd(const std::string& mode, const Tensor& x_in, const
   if (b_hh) bias.narrow(0, 0, pr.gru ? 2 * H : GH).add_(b_hh->narrow(0, 0, pr.gru ? 2 * H : GH));
   Tensor b_hn;
   if (pr.gru) b_hn = b_hh ? b_hh->narrow(0, 2 * H, H).contiguous() : at::zeros({H}, opts);
+  if (engine_takes(pr, x)) {
+    return engine_fwd(pr, x, h0.contiguous(), contig(c0), w_ih, w_hh, bias, b_hn, reverse, save);
+  }
   Tensor gates = at::mm(x, w_ih.t());
 
   Tensor hs = h0.clone(at::MemoryFormat::Contiguous);
@@ -238,13 +231,16 @@ std::vector<Tensor> layer_fwd(const std::string& mode, const Tensor& x_in, const
     CellParams p{};
     p.rows = b;
     p.H = H;
+    p.gw = H;
     p.gs = GH;
+    p.hg_stride = GH;
     p.gates = row_ptr(gates, o, GH);
     p.hg = hg.data_ptr();
     p.bias = bias.data_ptr();
     p.b_hn = pr.gru ? b_hn.data_ptr() : nullptr;
     // with a projection the cell's h is o*tanh(c), the input of the per-step projection GEMM
     p.h = pr.proj ? hr.data_ptr() : hs.data_ptr();
+    p.h_prev = p.h;
     p.h_stride = H;
     p.y = pr.proj ? hr.data_ptr() : row_ptr(y, o, Hout);
     p.y_stride = H;
@@ -284,32 +280,36 @@ std::vector<Tensor> layer_bwd(const std::string& mode, const Tensor& x_in, const
   check_like(y_in, "y", x_in, {N, Hout});
   check_like(dy_in, "dy", x_in, {N, Hout});
   check_like(dh_n, "dh_n", x_in, {B, Hout});
-  if (pr.lstm || pr.gru) check_like(gates_in, "saved gates", x_in, {N, GH});
+  const Tensor ws = at::empty({0}, x_in.options().dtype(ws_dtype(x_in)));
+  const char* ws_name = "the workspace dtype of x";
+  if (pr.lstm || pr.gru) check_like(gates_in, "saved gates", ws, {N, GH}, ws_name);
   if (pr.lstm) {
-    check_like(c_save_in, "saved c", x_in, {N, H});
+    check_like(c_save_in, "saved c", ws, {N, H}, ws_name);
     TORCH_CHECK(dc_n.has_value(), "fastrnn: dc_n is required for LSTM");
     check_like(*dc_n, "dc_n", x_in, {B, H});
   }
-  if (pr.gru) check_like(hn_save_in, "saved hn", x_in, {N, H});
+  if (pr.gru) check_like(hn_save_in, "saved hn", ws, {N, H}, ws_name);
+  if (cpu_16bit_fallback(pr, x_in)) {
+    auto grads = layer_bwd(mode, x_in.to(at::kFloat), batch_sizes, h0_in.to(at::kFloat), as_float(c0_in),
+                           w_ih_in.to(at::kFloat), w_hh_in.to(at::kFloat), as_float(b_ih), as_float(b_hh),
+                           as_float(w_hr_in), reverse, y_in.to(at::kFloat), gates_in, c_save_in, hn_save_in,
+                           dy_in.to(at::kFloat), dh_n.to(at::kFloat), as_float(dc_n), need_dx);
+    for (Tensor& g : grads) g = g.to(x_in.scalar_type());
+    return grads;
+  }
 
   const Tensor x = x_in.contiguous(), w_ih = w_ih_in.contiguous(), w_hh = w_hh_in.contiguous();
   const Tensor h0 = h0_in.contiguous(), c0 = contig(c0_in), w_hr = contig(w_hr_in);
   const Tensor y = y_in.contiguous(), gates = gates_in.contiguous(), dy = dy_in.contiguous();
   const Tensor c_save = c_save_in.contiguous(), hn_save = hn_save_in.contiguous();
   const auto opts = x.options();
-
-  // Steps are grouped into chunks of consecutive t (so of consecutive rows); fp16/bf16 use one chunk so that
-  // each weight gradient is a single GEMM with fp32 accumulation instead of a sum of rounded partials.
-  const bool half = x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16;
-  std::vector<std::pair<int64_t, int64_t>> chunks;  // [t_begin, t_end)
-  int64_t rmax = 0;
-  for (int64_t t = 0; t < pr.T;) {
-    int64_t e = t;
-    while (e < pr.T && (half || pr.off[e] - pr.off[t] < g_chunk_rows)) ++e;
-    chunks.emplace_back(t, e);
-    rmax = std::max(rmax, pr.off[e] - pr.off[t]);
-    t = e;
+  if (engine_takes(pr, x)) {
+    return engine_bwd(pr, x, h0, c0, w_ih, w_hh, b_ih.has_value(), b_hh.has_value(), reverse, y, gates, c_save,
+                      hn_save, dy, dh_n.contiguous(), contig(dc_n), need_dx);
   }
+
+  const Chunks chunks = backward_chunks(pr, at::isReducedFloatingType(x.scalar_type()));
+  const int64_t rmax = chunks.rmax;
 
   Tensor dhs = dh_n.clone(at::MemoryFormat::Contiguous);
   Tensor dcs = pr.lstm ? dc_n->clone(at::MemoryFormat::Contiguous) : empty0(x);
@@ -323,12 +323,7 @@ std::vector<Tensor> layer_bwd(const std::string& mode, const Tensor& x_in, const
     dhr = ws_empty({B, H}, opts);
     zeros_bh = at::zeros({B, H}, opts);
   }
-  const bool has_bias = b_ih || b_hh;
-  Tensor ones = at::ones({rmax}, opts);
-  Tensor dx = need_dx ? ws_empty({N, pr.I}, opts) : empty0(x);
-  Tensor dw_ih = at::zeros_like(w_ih), dw_hh = at::zeros_like(w_hh);
-  Tensor db_x = has_bias ? at::zeros({GH}, opts) : Tensor();
-  Tensor db_h = pr.gru && b_hh ? at::zeros({GH}, opts) : Tensor();
+  GradSums sums = grad_sums(pr, x, w_ih, w_hh, b_ih.has_value(), b_hh.has_value(), need_dx, rmax);
   Tensor dw_hr = pr.proj ? at::zeros_like(w_hr) : empty0(x);
   // LSTM's pointwise backward needs c_prev, GRU's h_prev: the previous step's saved rows or the initial state
   const Tensor& prev_src = pr.lstm ? c_save : y;
@@ -343,6 +338,7 @@ std::vector<Tensor> layer_bwd(const std::string& mode, const Tensor& x_in, const
     CellGradParams p{};
     p.rows = b;
     p.H = H;
+    p.gw = H;
     p.gs = GH;
     p.gates = pr.lstm || pr.gru ? row_ptr(gates, o, GH) : nullptr;
     p.c = pr.lstm ? row_ptr(c_save, o, H) : nullptr;
@@ -388,25 +384,13 @@ std::vector<Tensor> layer_bwd(const std::string& mode, const Tensor& x_in, const
     }
   };
 
-  auto flush = [&](int64_t lo, int64_t R) {
-    const Tensor gx = dgx.narrow(0, 0, R), gh = dgh.narrow(0, 0, R);
-    if (need_dx) {
-      Tensor dx_r = dx.narrow(0, lo, R);
-      at::mm_out(dx_r, gx, w_ih);
+  for_each_chunk(pr, chunks, reverse, [&](int64_t ta, int64_t tb) {
+    const int64_t lo = pr.off[ta], R = pr.off[tb] - lo;
+    for (int64_t s = 0; s < tb - ta; ++s) {
+      const int64_t t = reverse ? ta + s : tb - 1 - s;
+      step(t, pr.off[t] - lo);
     }
-    dw_ih.addmm_(gx.t(), x.narrow(0, lo, R));
-    if (has_bias) db_x.addmv_(gx.t(), ones.narrow(0, 0, R));
-    if (db_h.defined()) db_h.addmv_(gh.t(), ones.narrow(0, 0, R));
-    if (pr.packed) {
-      dw_hh.addmm_(gh.t(), hprev.narrow(0, 0, R));
-    } else {
-      // dense: h_prev of rows [lo, lo+R) is y shifted by one step, except the step whose h_prev is h0
-      const bool first = reverse ? lo + R == N : lo == 0;
-      const int64_t from_y = R - (first ? B : 0);
-      const int64_t g_y = reverse ? 0 : R - from_y;
-      if (first) dw_hh.addmm_(gh.narrow(0, reverse ? from_y : 0, B).t(), h0);
-      if (from_y > 0) dw_hh.addmm_(gh.narrow(0, g_y, from_y).t(), y.narrow(0, lo + g_y + (reverse ? B : -B), from_y));
-    }
+    flush_chunk(pr, reverse, lo, R, dgx.narrow(0, 0, R), dgh.narrow(0, 0, R), x, y, h0, hprev, w_ih, sums);
     if (pr.proj) {
       // o * tanh(c) was not saved: recomputing it here costs one pass over R x H instead of N x H memory
       Tensor hr_r = hr.narrow(0, 0, R);
@@ -414,22 +398,9 @@ std::vector<Tensor> layer_bwd(const std::string& mode, const Tensor& x_in, const
       hr_r.mul_(gates.narrow(0, lo, R).narrow(1, 3 * H, H));
       dw_hr.addmm_(dtot.narrow(0, 0, R).t(), hr_r);
     }
-  };
-
-  const int64_t nc = static_cast<int64_t>(chunks.size());
-  for (int64_t k = 0; k < nc; ++k) {
-    const auto [ta, tb] = chunks[reverse ? k : nc - 1 - k];
-    const int64_t lo = pr.off[ta];
-    for (int64_t s = 0; s < tb - ta; ++s) {
-      const int64_t t = reverse ? ta + s : tb - 1 - s;
-      step(t, pr.off[t] - lo);
-    }
-    flush(lo, pr.off[tb] - lo);
-  }
-
-  Tensor db_ih = b_ih ? db_x : empty0(x);
-  Tensor db_hh = !b_hh ? empty0(x) : pr.gru ? db_h : (b_ih ? db_x.clone() : db_x);
-  return {dx, dhs, dcs, dw_ih, dw_hh, db_ih, db_hh, dw_hr};
+  });
+  const auto [db_ih, db_hh] = bias_grads(sums, b_ih.has_value(), b_hh.has_value(), pr.gru, x);
+  return {sums.dx, dhs, dcs, sums.dw_ih, sums.dw_hh, db_ih, db_hh, dw_hr};
 }
 
 #define FRNN_STR2(x) #x
@@ -449,6 +420,9 @@ pybind11::dict build_info() {
   d["cuda_archs"] = archs;
   d["cpu_isa"] = cpu_isa();
   d["cpu_vectorisation"] = "fp32 kernels cloned for x86-64-v4/v3/baseline (target_clones), fp64 baseline";
+  pybind11::dict gemm;
+  for (const auto& [dtype, engine] : engine_report()) gemm[dtype.c_str()] = engine;
+  d["cpu_gemm"] = gemm;
   pybind11::dict cxx;
   cxx["compiler"] = __VERSION__;
   cxx["cxx_opt"] = FRNN_STR(FASTRNN_CXX_OPT);
@@ -463,10 +437,6 @@ pybind11::dict build_info() {
   d["compiler"] = cxx;
   return d;
 }
-
-void set_nan_fill(bool on) { g_nan_fill = on; }
-
-void set_chunk_rows(int64_t rows) { g_chunk_rows = rows > 0 ? rows : kChunkRows; }
 
 int cuda_probe_py() {
 #ifdef FASTRNN_WITH_CUDA

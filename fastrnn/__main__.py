@@ -25,7 +25,9 @@ def report() -> str:
         lines.append(f"fastrnn._C: missing. {_ext._C_ERROR}")
     else:
         info = _ext._C.build_info() if hasattr(_ext._C, "build_info") else {}
+        gemm = info.pop("cpu_gemm", {})
         lines.append("fastrnn._C: " + ", ".join(f"{k}={v}" for k, v in sorted(info.items())))
+        lines += [f"cpu {dtype} GEMM engine: {engine}" for dtype, engine in gemm.items()]
     devices = [torch.device("cpu")] + [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
     lines.append(f"default backend request: {backend.requested_backend()!r}")
     for dev in devices:

@@ -16,7 +16,7 @@ from typing import Dict, List, Optional, Tuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CSRC = os.path.join(ROOT, "csrc")
-CPP_SOURCES = ["csrc/rnn.cpp", "csrc/cell_cpu.cpp"]
+CPP_SOURCES = ["csrc/rnn.cpp", "csrc/seq.cpp", "csrc/engine_cpu.cpp", "csrc/cell_cpu.cpp"]
 CUDA_SOURCES = ["csrc/cell_cuda.cu"]
 
 DEFAULT_CUDA_ARCHS = "80;90"

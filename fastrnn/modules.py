@@ -56,9 +56,9 @@ class _RNNBase(nn.RNNBase):
         return [getattr(self, f"{n}_l{layer}{suffix}", None) for n in names]
 
     def _autocast_dtype(self, device_type: str) -> Optional[torch.dtype]:
-        # as torch.nn: under autocast cuDNN runs every mode in the autocast dtype; on CPU, LSTM (through
-        # oneDNN) and RNN (through autocast-listed linear ops) do too, but GRU returns the weights' dtype
-        if not torch.is_autocast_enabled(device_type) or (device_type == "cpu" and self.mode == "GRU"):
+        # as torch.nn: under autocast every mode computes in the autocast dtype (cuDNN; on CPU oneDNN's LSTM
+        # and autocast-listed linear ops), but CPU GRU returns the weights' dtype (see _run)
+        if not torch.is_autocast_enabled(device_type):
             return None
         return torch.get_autocast_dtype(device_type)
 
@@ -172,6 +172,9 @@ class _RNNBase(nn.RNNBase):
             rows = outs[0] if num_dir == 1 else torch.cat(outs, 1)
             if self.dropout > 0 and self.training and layer < self.num_layers - 1:
                 rows = F.dropout(rows, self.dropout, True)
+        if amp_dtype is not None and self.mode == "GRU" and x.device.type == "cpu":
+            w_dtype = self.weight_ih_l0.dtype
+            rows, h_n = rows.to(w_dtype), [h.to(w_dtype) for h in h_n]
 
         hidden: Union[Tensor, Tuple[Tensor, Tensor]]
         hidden = (torch.stack(h_n), torch.stack(c_n)) if is_lstm else torch.stack(h_n)

@@ -395,9 +395,6 @@ BAD = {
     "w_hr-for-gru": ("GRU", _bad(w_hr=lambda a: torch.randn(2, 5)), "w_hr (proj_size) is only supported for LSTM"),
     "x-3d": ("LSTM", _bad(x=lambda a: a["x"].reshape(3, -1, 3)), "x must be 2-D"),
     "x-int": ("RNN_RELU", _bad(x=lambda a: a["x"].long()), "x must be a floating-point"),
-    "x-half-on-cpu": ("GRU", _bad(**{k: (lambda a, k=k: a[k].half()) for k in ("x", "h0", "w_ih", "w_hh", "b_ih",
-                                                                            "b_hh")}),
-                      "must be float32 or float64"),
     "x-rows": ("LSTM", _bad(x=lambda a: a["x"][:-1]), "dense x must have T*B rows"),
     "batch_sizes-increasing": ("GRU", _bad(batch_sizes=torch.tensor([2, 4, 4]), x=lambda a: a["x"][:10]),
                                "batch_sizes must be non-increasing"),
@@ -425,7 +422,9 @@ def test_bad_mode_raises():
 def test_availability():
     assert cpp.availability(torch.device("cpu"), torch.float32) is None
     assert cpp.availability(torch.device("cpu"), torch.float64) is None
-    assert "float32 and float64" in cpp.availability(torch.device("cpu"), torch.float16)
+    for dtype in (torch.float16, torch.bfloat16):
+        assert cpp.availability(torch.device("cpu"), dtype) is None
+    assert "float16 and bfloat16" in cpp.availability(torch.device("cpu"), torch.int32)
     cuda = torch.device("cuda")
     if cpp._build_info().get("with_cuda"):
         for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):

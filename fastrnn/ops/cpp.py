@@ -14,8 +14,7 @@ from fastrnn import _buildcfg
 from fastrnn._ext import _C, _C_ERROR
 from fastrnn.ops import GATES
 
-_CPU_DTYPES = (torch.float32, torch.float64)
-_CUDA_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
 @functools.lru_cache(maxsize=None)
@@ -28,13 +27,13 @@ def availability(device: torch.device, dtype: torch.dtype) -> Optional[str]:
         return _C_ERROR or "fastrnn._C is not built"
     device = torch.device(device)
     if device.type == "cpu":
-        if dtype not in _CPU_DTYPES:
-            return f"the CPU kernels support float32 and float64, got {dtype}"
+        if dtype not in _DTYPES:
+            return f"the CPU kernels support float32, float64, float16 and bfloat16, got {dtype}"
         return None
     if device.type == "cuda":
         if not _build_info().get("with_cuda"):
             return "fastrnn._C was built without CUDA (nvcc or a CUDA build of torch was missing at build time)"
-        if dtype not in _CUDA_DTYPES:
+        if dtype not in _DTYPES:
             return f"the CUDA kernels support float32, float64, float16 and bfloat16, got {dtype}"
         return _arch_mismatch(device)
     return f"no kernels for device type {device.type!r}"
@@ -76,17 +75,27 @@ def layer_fwd(
     return tuple(_lib().layer_fwd(mode, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, save))
 
 
+def _ws_dtype(x: Tensor) -> torch.dtype:
+    """The saved activations' dtype (csrc/seq.h ws_dtype): the CPU keeps 16-bit sequences' state in fp32."""
+    return torch.float32 if x.device.type == "cpu" and x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+
+
 @layer_fwd.register_fake
 def _(mode, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, save):
     n, (b, hout), gh = x.shape[0], h0.shape, w_hh.shape[0]
     h = gh // GATES.get(mode, 1)
+    ws = _ws_dtype(x)
+
+    def saved(want: bool, *shape: int) -> Tensor:
+        return x.new_empty(*shape, dtype=ws) if want else x.new_empty(0, dtype=ws)
+
     return (
         x.new_empty(n, hout),
         x.new_empty(b, hout),
         x.new_empty(b, h) if mode == "LSTM" else x.new_empty(0),
-        x.new_empty(n, gh) if save and mode in ("LSTM", "GRU") else x.new_empty(0),
-        x.new_empty(n, h) if save and mode == "LSTM" else x.new_empty(0),
-        x.new_empty(n, h) if save and mode == "GRU" else x.new_empty(0),
+        saved(save and mode in ("LSTM", "GRU"), n, gh),
+        saved(save and mode == "LSTM", n, h),
+        saved(save and mode == "GRU", n, h),
     )
 
 

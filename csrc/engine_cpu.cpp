@@ -1,0 +1,453 @@
+// The CPU engine: per time step one fused pass per thread, h_{t-1} . W_hh on oneDNN's batch-reduce GEMM
+// ukernel (at::native::cpublas::brgemm) into a tile that stays in cache, then cell.h's math on that tile.
+// The input projection and the weight gradients stay big GEMMs (seq.cpp's flush_chunk).
+//
+// Blocked gate layout. Hidden units are cut into blocks of U = unit_block(...) (the last one shorter); block
+// [j0, j1) stores its G gates next to each other: gate k of unit j0 + u is column G*j0 + k*(j1 - j0) + u of
+// a gates row. W_ih, W_hh and the biases are permuted into that row order once per call, so the input
+// projection, the per-step tile and the saved gates share it, and a thread that owns a range of blocks owns
+// a contiguous column range [G*ja, G*jb) of every gates row and [ja, jb) of every state row. The layout
+// depends on H, G and the dtype only (not on the thread count), so backward reads what any forward saved.
+//
+// Threads. One OpenMP region per forward call (per chunk in backward) with one barrier per step:
+//  forward:  per own unit block, tile = h_{t-1} . W_hh^T[:, block's gates], then the cell on that block ->
+//            h_t, c_t, y, saved gates; barrier (h_{t-1} and h_t live in two buffers, so step t+1's GEMM never
+//            reads a row being written).
+//  backward: cell backward on own units -> dgates rows (own columns); barrier;
+//            dh_{t-1}[:, own units] = dgates . W_hh[:, own units] (all gates: hence the barrier before).
+// W_hh is packed once per call as one contiguous panel per unit block (Layout::panels).
+//
+// bf16: h, y and dgates (the GEMM operands) in bf16, W_hh packed in oneDNN's VNNI layout (pairs along K),
+// fp32 accumulation; gates, c, dh, dc and the saved values stay fp32. Needs even H (and even I for the
+// packed input projection; odd I uses an fp32 projection instead).
+#include <ATen/ATen.h>
+#include <ATen/Config.h>
+#include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
+
+#include <omp.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstring>
+#include <exception>
+#include <mutex>
+#include <thread>
+
+#include "seq.h"
+
+namespace fastrnn {
+namespace {
+
+using at::Tensor;
+namespace cpublas = at::native::cpublas;
+
+// Units per block, U. Each block's GEMM rereads all of A (h_{t-1}, or dgates in backward), which favours wide
+// blocks; its B panel (G*U x H in forward, G*H x U in backward: the same size) should stay within L2 while
+// the call's rows reuse it, and H should still make 8 blocks for the threads. So U doubles from 32 (two
+// 512-bit fp32 vectors per gate row segment) up to 128 while both hold. Measured on Zen 4 (1 MiB L2): LSTM
+// H = 1024 fp32 ran 15 % slower with 128-unit blocks than with 32; H = 512 a few % faster with 64.
+constexpr int64_t kPanelBytes = 512 * 1024;
+int64_t unit_block(int64_t H, int64_t G, int64_t esize) {
+  int64_t U = 32;
+  while (U < 128 && H >= 16 * U && G * 2 * U * H * esize <= kPanelBytes) U *= 2;
+  return U;
+}
+// Input-projection tiles of the bf16 path (rows x gate columns per task).
+constexpr int64_t kProjRows = 64, kProjCols = 256;
+
+// oneDNN's brgemm ukernel: fp32 takes a plain row-major B; bf16 takes B in VNNI layout ([K/2][N][2], ld_b
+// counted in N). The fp32 overload falls back to a BLAS call by itself where the ukernel is missing; the bf16
+// VNNI one throws, so it is probed once.
+void ukernel(bool bf16, int64_t M, int64_t N, int64_t K, int64_t lda, int64_t ldb, int64_t ldc, bool add_C,
+             const void* A, const void* B, float* C) {
+  if (bf16) {
+    cpublas::brgemm(M, N, K, lda, ldb, ldc, add_C, static_cast<const at::BFloat16*>(A),
+                    static_cast<const at::BFloat16*>(B), C, true);
+  } else {
+    cpublas::brgemm(M, N, K, lda, ldb, ldc, add_C, static_cast<const float*>(A), static_cast<const float*>(B), C,
+                    false);
+  }
+}
+
+bool probe_bf16() {
+#if defined(__x86_64__) && AT_MKLDNN_ENABLED()
+  try {
+    const at::BFloat16 a[4] = {1.f, 2.f, 3.f, 4.f}, b[4] = {1.f, 1.f, 1.f, 1.f};
+    float c[2] = {0.f, 0.f};
+    cpublas::brgemm(1, 2, 2, 2, 2, 2, false, a, b, c, true);
+    cpublas::brgemm_release(true);
+    return c[0] == 3.f && c[1] == 3.f;
+  } catch (const std::exception&) {
+    return false;
+  }
+#else
+  return false;
+#endif
+}
+
+bool fp32_ukernel() {
+#if defined(__x86_64__) && AT_MKLDNN_ENABLED()
+  return at::globalContext().userEnabledMkldnn();
+#else
+  return false;
+#endif
+}
+
+// torch.backends.mkldnn.enabled = False turns the ukernel off at any time, so only the probe is cached
+bool bf16_ukernel() {
+  static const bool ok = probe_bf16();
+  return fp32_ukernel() && ok;
+}
+
+// B operand of the ukernel from a [K, N] view: fp32 row-major, bf16 VNNI (K even).
+Tensor pack_b(const Tensor& kn, bool bf16) {
+  if (!bf16) return kn.contiguous();
+  const int64_t K = kn.size(0), N = kn.size(1);
+  return kn.contiguous().view({K / 2, 2, N}).transpose(1, 2).contiguous();
+}
+
+struct Layout {
+  int64_t H, G, U, nb;
+
+  // esize: the GEMM operands' element size (the layout may differ per dtype, not per thread count)
+  Layout(int64_t H_, int64_t G_, int64_t esize) : H(H_), G(G_), U(unit_block(H_, G_, esize)), nb((H_ + U - 1) / U) {}
+  int64_t unit(int64_t b) const { return std::min(b * U, H); }
+  // w's rows (dim 0, PyTorch's gate order) in the blocked order, or back with `back`: each (block, gate)
+  // is a run of whole rows, so this is G*nb row-run copies (index_select is far slower on weights).
+  Tensor permute(const Tensor& w, bool back) const {
+    const Tensor src = w.contiguous();
+    Tensor out = at::empty_like(src);
+    const int64_t row = (src.dim() > 1 ? src.stride(0) : 1) * src.element_size();
+    const char* from = static_cast<const char*>(src.data_ptr());
+    char* to = static_cast<char*>(out.data_ptr());
+    for (int64_t b = 0; b < nb; ++b) {
+      const int64_t j0 = unit(b), n = unit(b + 1) - j0;
+      for (int64_t k = 0; k < G; ++k) {
+        const int64_t blocked = G * j0 + k * n, torch_row = k * H + j0;
+        std::memcpy(to + (back ? torch_row : blocked) * row, from + (back ? blocked : torch_row) * row, n * row);
+      }
+    }
+    return out;
+  }
+  Tensor rows(const Tensor& w) const { return permute(w, false); }
+  Tensor unrows(const Tensor& w) const { return permute(w, true); }
+
+  // The ukernel's B operand from kn [K, per_unit*H] (columns in blocked order, per_unit columns per unit) as
+  // one contiguous panel per unit block, [K][n] fp32 or [K/2][n][2] bf16 (n = per_unit * block width): a
+  // block's GEMM then streams one contiguous run of memory, which the prefetchers keep up with at small M.
+  Tensor panels(const Tensor& kn, int64_t per_unit, bool bf16) const {
+    const int64_t K = kn.size(0);
+    Tensor out = at::empty({K * kn.size(1)}, kn.options());
+    for (int64_t b = 0; b < nb; ++b) {
+      const int64_t c0 = per_unit * unit(b), n = per_unit * (unit(b + 1) - unit(b));
+      const Tensor src = kn.narrow(1, c0, n);
+      Tensor dst = out.narrow(0, K * c0, K * n);
+      if (bf16) {
+        dst.view({K / 2, n, 2}).copy_(src.view({K / 2, 2, n}).transpose(1, 2));
+      } else {
+        dst.view({K, n}).copy_(src);
+      }
+    }
+    return out;
+  }
+  // block j0's panel in `panels` (its leading dimension is the block's column count)
+  static const void* panel(const Tensor& panels, int64_t K, int64_t per_unit, int64_t j0) {
+    return static_cast<const char*>(panels.data_ptr()) + K * per_unit * j0 * panels.element_size();
+  }
+};
+
+// The team's per-step barrier. It spins only briefly and then yields the core: on a loaded machine the
+// partner being waited for may be queued behind this very thread, and OpenMP's long default spin then turns
+// each of the thousands of per-step barriers into a scheduler time slice.
+class Barrier {
+ public:
+  explicit Barrier(int n) : n_(n) {}
+  void wait() {
+    const int gen = gen_.load(std::memory_order_acquire);
+    if (count_.fetch_add(1, std::memory_order_acq_rel) + 1 == n_) {
+      count_.store(0, std::memory_order_relaxed);
+      gen_.fetch_add(1, std::memory_order_release);
+      return;
+    }
+    for (int i = 0; gen_.load(std::memory_order_acquire) == gen; ++i) {
+      if (i < kSpins) {
+        pause();
+      } else {
+        std::this_thread::yield();
+      }
+    }
+  }
+
+ private:
+  // a few microseconds: about what a step's GEMM takes at the smallest sizes that still run threaded
+  static constexpr int kSpins = 4000;
+  static void pause() {
+#if defined(__x86_64__)
+    __builtin_ia32_pause();
+#endif
+  }
+  const int n_;
+  std::atomic<int> count_{0};
+  std::atomic<int> gen_{0};
+};
+
+// The threads of one engine region and the units [ja, jb) each owns (whole blocks).
+struct Team {
+  const Layout& L;
+  int nt;
+  explicit Team(const Layout& layout) : L(layout) {
+    // nested inside someone's parallel region: run serially rather than oversubscribe
+    const int64_t want = at::in_parallel_region() ? 1 : at::get_num_threads();
+    nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(want, L.nb)));
+  }
+  std::pair<int64_t, int64_t> units(int tid) const { return {L.unit(L.nb * tid / nt), L.unit(L.nb * (tid + 1) / nt)}; }
+
+  // Runs body(tid, ja, jb, step, phase) for every step and phase on every thread, with a barrier after each
+  // phase except a step's last unless sync_last. An exception on one thread stops the work but not the
+  // barriers (a thread leaving early would hang the others) and is rethrown once the region ends.
+  template <class Body>
+  void run(int64_t steps, int phases, bool sync_last, bool bf16, Body&& body) const {
+    std::exception_ptr error;
+    std::atomic<bool> failed{false};
+    std::mutex m;
+    Barrier barrier(nt);
+#pragma omp parallel num_threads(nt) if (nt > 1)
+    {
+      const int tid = nt > 1 ? omp_get_thread_num() : 0;
+      const auto [ja, jb] = units(tid);
+      for (int64_t s = 0; s < steps; ++s) {
+        for (int ph = 0; ph < phases; ++ph) {
+          if (ja < jb && !failed.load(std::memory_order_relaxed)) {
+            try {
+              body(tid, ja, jb, s, ph);
+            } catch (...) {
+              const std::lock_guard<std::mutex> lock(m);
+              if (!error) error = std::current_exception();
+              failed = true;
+            }
+          }
+          if (ph + 1 < phases || sync_last) barrier.wait();
+        }
+      }
+      if (bf16) cpublas::brgemm_release(true);
+    }
+    if (error) std::rethrow_exception(error);
+  }
+};
+
+char* at_row(const Tensor& t, int64_t row, int64_t col = 0) {
+  return static_cast<char*>(t.data_ptr()) + (row * t.stride(0) + col) * static_cast<int64_t>(t.element_size());
+}
+
+// gates [N, G*H] fp32 = x . w^T with w = W_ih in blocked row order.
+Tensor input_projection(const Tensor& x, const Tensor& w, bool bf16) {
+  if (!bf16 || x.size(1) % 2 != 0) return at::mm(x.to(at::kFloat), w.to(at::kFloat).t());
+  const int64_t N = x.size(0), K = x.size(1), GH = w.size(0);
+  Tensor out = ws_empty({N, GH}, x.options().dtype(at::kFloat));
+  const Tensor wv = pack_b(w.t(), true);
+  const int64_t rb = (N + kProjRows - 1) / kProjRows, cb = (GH + kProjCols - 1) / kProjCols;
+  at::parallel_for(0, rb * cb, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t r0 = i / cb * kProjRows, c0 = i % cb * kProjCols;
+      const int64_t m = std::min(kProjRows, N - r0), n = std::min(kProjCols, GH - c0);
+      ukernel(true, m, n, K, K, GH, GH, false, at_row(x, r0), static_cast<const char*>(wv.data_ptr()) + c0 * 4,
+              out.data_ptr<float>() + r0 * GH + c0);
+    }
+    cpublas::brgemm_release(true);
+  });
+  return out;
+}
+
+Dtype seq_dtype(const Tensor& x) { return x.scalar_type() == at::kBFloat16 ? Dtype::BF16 : Dtype::F32; }
+
+}  // namespace
+
+bool engine_takes(const Problem& pr, const at::Tensor& x) {
+  if (!x.is_cpu() || pr.proj) return false;
+  if (x.scalar_type() == at::kFloat) return fp32_ukernel();
+  if (x.scalar_type() == at::kBFloat16) return pr.H % 2 == 0 && bf16_ukernel();
+  return false;
+}
+
+std::vector<std::pair<std::string, std::string>> engine_report() {
+  const std::string fused = "fused per-step oneDNN brgemm ukernel + cell";
+  return {{"float32", fp32_ukernel() ? fused : "at::mm per step + pointwise cell"},
+          {"bfloat16", bf16_ukernel() ? fused + " (bf16 VNNI, fp32 state; odd H: the fp32 path)"
+                                      : "the float32 path, rounding outputs to bfloat16"},
+          {"float16", "the float32 path, rounding outputs to float16"},
+          {"float64", "at::mm per step + pointwise cell"}};
+}
+
+std::vector<Tensor> engine_fwd(const Problem& pr, const Tensor& x, const Tensor& h0, const Tensor& c0,
+                               const Tensor& w_ih, const Tensor& w_hh, const Tensor& bias, const Tensor& b_hn,
+                               bool reverse, bool save) {
+  const bool bf16 = x.scalar_type() == at::kBFloat16;
+  const int64_t H = pr.H, G = pr.G, GH = G * H, B = pr.B;
+  const auto opts = x.options(), f32 = opts.dtype(at::kFloat);
+  const Layout L(H, G, x.element_size());
+
+  Tensor gates = input_projection(x, L.rows(w_ih), bf16);
+  const Tensor wf = L.panels(L.rows(w_hh).t(), G, bf16);  // h . W_hh^T: K = H, G columns per unit
+  const Tensor bias_p = L.rows(bias).to(at::kFloat);
+  const Tensor bhn = pr.gru ? b_hn.to(at::kFloat).contiguous() : Tensor();
+  Tensor hs = ws_empty({2, B, H}, opts);
+  hs.copy_(h0.unsqueeze(0).expand({2, B, H}));  // both: reverse packed rows start from h0 in either buffer
+  Tensor cs = pr.lstm ? c0.to(at::kFloat).clone(at::MemoryFormat::Contiguous) : at::empty({0}, f32);
+  Tensor y = ws_empty({pr.N, H}, opts);
+  const bool save_c = save && pr.lstm, save_hn = save && pr.gru;
+  Tensor c_save = save_c ? ws_empty({pr.N, H}, f32) : at::empty({0}, f32);
+  Tensor hn_save = save_hn ? ws_empty({pr.N, H}, f32) : at::empty({0}, f32);
+  const Team team(L);
+  // one unit block's h . W_hh^T per thread, consumed by the cell right after the GEMM, so it stays in cache
+  Tensor tiles = ws_empty({team.nt, B, G * L.U}, f32);
+  const Dtype dt = seq_dtype(x);
+  const int64_t hs_bytes = B * H * static_cast<int64_t>(hs.element_size());
+
+  team.run(pr.T, 1, true, bf16, [&](int tid, int64_t ja, int64_t jb, int64_t k, int) {
+    const int64_t t = reverse ? pr.T - 1 - k : k, b = pr.size[t], o = pr.off[t];
+    float* hg = tiles.data_ptr<float>() + tid * B * G * L.U;
+    const char* h_prev = static_cast<const char*>(hs.data_ptr()) + k % 2 * hs_bytes;
+    char* h_next = static_cast<char*>(hs.data_ptr()) + (k + 1) % 2 * hs_bytes;
+    for (int64_t j0 = ja; j0 < jb;) {
+      const int64_t j1 = std::min(j0 + L.U, jb), w = j1 - j0, width = G * w;
+      ukernel(bf16, b, width, H, H, width, width, false, h_prev, Layout::panel(wf, H, G, j0), hg);
+      CellParams p{};
+      p.rows = b;
+      p.H = H;
+      p.gw = w;
+      p.gs = GH;
+      p.hg_stride = width;
+      p.gates = at_row(gates, o, G * j0);
+      p.hg = hg;
+      p.bias = bias_p.data_ptr<float>() + G * j0;
+      p.b_hn = pr.gru ? bhn.data_ptr<float>() + j0 : nullptr;
+      p.h_prev = h_prev + j0 * hs.element_size();
+      p.h = h_next + j0 * hs.element_size();
+      p.h_stride = H;
+      p.y = at_row(y, o, j0);
+      p.y_stride = H;
+      if (pr.lstm) {
+        p.c = cs.data_ptr<float>() + j0;
+        p.c_save = save_c ? at_row(c_save, o, j0) : p.c;
+      }
+      if (pr.gru) {
+        // unsaved, W_hn h + b_hn goes back into the tile's n block, which this step owns anyway
+        p.hn_save = save_hn ? static_cast<void*>(at_row(hn_save, o, j0)) : static_cast<void*>(hg + 2 * w);
+        p.hn_stride = save_hn ? H : width;
+      }
+      cell_cpu_block(pr.mode, dt, p, w);
+      j0 = j1;
+    }
+  });
+
+  // h_n: each sequence's last output row (a packed sequence ends at its own step), or h0 without steps
+  Tensor h_n;
+  if (pr.T == 0) {
+    h_n = h0.clone(at::MemoryFormat::Contiguous);
+  } else {
+    Tensor last = at::empty({B}, at::kLong);
+    int64_t* l = last.data_ptr<int64_t>();
+    for (int64_t r = 0; r < B; ++r) {
+      int64_t t = 0;
+      if (!reverse)
+        while (t + 1 < pr.T && pr.size[t + 1] > r) ++t;
+      l[r] = pr.off[t] + r;
+    }
+    h_n = y.index_select(0, last);
+  }
+  Tensor c_n = pr.lstm ? cs.to(x.scalar_type()) : empty0(x);
+  const bool save_gates = save && (pr.lstm || pr.gru);
+  return {y, h_n, c_n, save_gates ? gates : at::empty({0}, f32), c_save, hn_save};
+}
+
+std::vector<Tensor> engine_bwd(const Problem& pr, const Tensor& x, const Tensor& h0, const Tensor& c0,
+                               const Tensor& w_ih, const Tensor& w_hh, bool has_b_ih, bool has_b_hh, bool reverse,
+                               const Tensor& y, const Tensor& gates, const Tensor& c_save, const Tensor& hn_save,
+                               const Tensor& dy, const Tensor& dh_n, const Tensor& dc_n, bool need_dx) {
+  const bool bf16 = x.scalar_type() == at::kBFloat16;
+  const int64_t H = pr.H, G = pr.G, GH = G * H;
+  const auto opts = x.options();
+  const Layout L(H, G, x.element_size());
+  const Tensor wih_p = L.rows(w_ih), whh_p = L.rows(w_hh);
+  const Tensor wb = L.panels(whh_p, 1, bf16);  // dgates . W_hh: K = G*H, one column per unit
+
+  const Team team(L);
+  const Chunks chunks = backward_chunks(pr, bf16);
+  const int64_t rmax = chunks.rmax;
+  Tensor dhs = dh_n.to(at::kFloat).clone(at::MemoryFormat::Contiguous);
+  Tensor dcs = pr.lstm ? dc_n.to(at::kFloat).clone(at::MemoryFormat::Contiguous) : Tensor();
+  const Tensor c0f = pr.lstm ? c0.to(at::kFloat).contiguous() : Tensor();
+  Tensor dgx = ws_empty({rmax, GH}, opts);
+  Tensor dgh = pr.gru ? ws_empty({rmax, GH}, opts) : dgx;
+  Tensor hprev = pr.packed ? ws_empty({rmax, H}, opts) : Tensor();
+  GradSums sums = grad_sums(pr, x, wih_p, whh_p, has_b_ih, has_b_hh, need_dx, rmax);
+  // LSTM's cell backward needs c_prev (fp32), GRU's h_prev (sequence dtype): previous step's rows or initial
+  const Tensor& prev_src = pr.lstm ? c_save : y;
+  const Tensor& init = pr.lstm ? c0f : h0;
+  const Dtype dt = seq_dtype(x);
+  const int64_t esize = x.element_size();
+
+  for_each_chunk(pr, chunks, reverse, [&](int64_t ta, int64_t tb) {
+    const int64_t lo = pr.off[ta], R = pr.off[tb] - lo;
+    // phase 0: cell backward of own units; barrier; phase 1: dh_{t-1}[:, own units] from every unit's dgates
+    team.run(tb - ta, 2, false, bf16, [&](int, int64_t ja, int64_t jb, int64_t s, int phase) {
+      const int64_t t = reverse ? ta + s : tb - 1 - s, b = pr.size[t], o = pr.off[t], local = o - lo;
+      if (phase == 1) {
+        for (int64_t j0 = ja; j0 < jb; j0 += L.U) {
+          const int64_t w = std::min(L.U, jb - j0);
+          ukernel(bf16, b, w, GH, GH, w, H, pr.gru, at_row(dgh, local), Layout::panel(wb, GH, 1, j0),
+                  dhs.data_ptr<float>() + j0);
+        }
+        return;
+      }
+      const int64_t tp = reverse ? t + 1 : t - 1;
+      const bool has_prev = tp >= 0 && tp < pr.T;
+      const int64_t n_prev = has_prev ? std::min(b, pr.size[tp]) : 0;
+      for (int64_t j0 = ja; j0 < jb;) {
+        const int64_t j1 = std::min(j0 + L.U, jb), w = j1 - j0;
+        CellGradParams p{};
+        p.rows = b;
+        p.H = H;
+        p.gw = w;
+        p.gs = GH;
+        p.gates = pr.lstm || pr.gru ? at_row(gates, o, G * j0) : nullptr;
+        p.c = pr.lstm ? at_row(c_save, o, j0) : nullptr;
+        p.hn = pr.gru ? at_row(hn_save, o, j0) : nullptr;
+        p.out = at_row(y, o, j0);
+        p.out_stride = H;
+        if (pr.lstm || pr.gru) {
+          p.init = at_row(init, 0, j0);
+          p.prev = has_prev ? at_row(prev_src, pr.off[tp], j0) : p.init;
+          p.prev_stride = H;
+          p.n_prev = n_prev;
+        }
+        float* dh = dhs.data_ptr<float>() + j0;
+        p.dh = dh;
+        p.dh_stride = H;
+        p.dy = at_row(dy, o, j0);
+        p.dy_stride = H;
+        p.dc = pr.lstm ? dcs.data_ptr<float>() + j0 : nullptr;
+        p.dgx = at_row(dgx, local, G * j0);
+        p.dgh = at_row(dgh, local, G * j0);
+        p.dh_prev = dh;
+        cell_cpu_block(pr.mode, dt, p, w);
+        j0 = j1;
+      }
+      if (pr.packed) {
+        for (int64_t r = 0; r < b; ++r) {
+          const char* src = r < n_prev ? at_row(y, pr.off[tp] + r, ja) : at_row(h0, r, ja);
+          std::memcpy(at_row(hprev, local + r, ja), src, (jb - ja) * esize);
+        }
+      }
+    });
+    flush_chunk(pr, reverse, lo, R, dgx.narrow(0, 0, R), dgh.narrow(0, 0, R), x, y, h0, hprev, wih_p, sums);
+  });
+  const auto [db_ih, db_hh] = bias_grads(sums, has_b_ih, has_b_hh, pr.gru, x);
+  auto un = [&](const Tensor& t) { return t.numel() > 0 ? L.unrows(t) : t; };
+  Tensor dcs_out = pr.lstm ? dcs.to(x.scalar_type()) : empty0(x);
+  return {sums.dx, dhs.to(x.scalar_type()), dcs_out, un(sums.dw_ih), un(sums.dw_hh), un(db_ih), un(db_hh),
+          empty0(x)};
+}
+
+}  // namespace fastrnn

@@ -1,0 +1,89 @@
+// What the sequence driver (rnn.cpp) and the CPU engine (engine_cpu.cpp) share: the validated problem, the
+// workspace allocator and the backward's chunked weight-gradient GEMMs.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <functional>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "dispatch.h"
+
+namespace fastrnn {
+
+// Problem sizes and the step layout, validated once per call.
+struct Problem {
+  Mode mode;
+  bool lstm, gru, proj, packed;
+  int64_t G, I, H, Hout, B, N, T;
+  std::vector<int64_t> size;  // size[t]: active rows of step t
+  std::vector<int64_t> off;   // off[t]: first row of step t; off[T] = N
+};
+
+// An uninitialised workspace or output; NaN-filled under the _C._set_nan_fill test hook, so a test can prove
+// no uninitialised element reaches a result.
+at::Tensor ws_empty(at::IntArrayRef shape, const at::TensorOptions& opts);
+
+inline at::Tensor empty0(const at::Tensor& like) { return at::empty({0}, like.options()); }
+
+// The dtype of the workspaces and saved activations: fp32 for 16-bit sequences on the CPU (the engine keeps
+// state and gates in fp32 and rounds only what it returns), the sequence dtype otherwise.
+at::ScalarType ws_dtype(const at::Tensor& x);
+
+// The backward's steps grouped into chunks [t_begin, t_end) of consecutive t (so of consecutive rows);
+// rmax: the most rows in one chunk. `single`: one chunk, so that each 16-bit weight gradient is a single
+// GEMM with fp32 accumulation instead of a sum of rounded partials.
+struct Chunks {
+  std::vector<std::pair<int64_t, int64_t>> list;
+  int64_t rmax = 0;
+};
+Chunks backward_chunks(const Problem& pr, bool single);
+
+// Calls f(t_begin, t_end) for each chunk in the backward's order (against the direction of the forward).
+void for_each_chunk(const Problem& pr, const Chunks& chunks, bool reverse,
+                    const std::function<void(int64_t, int64_t)>& f);
+
+// Test hooks (_C._set_nan_fill, _C._set_chunk_rows): NaN-fill every workspace, and the backward's chunk size
+// in rows (0: the default), so that small problems cross many chunk boundaries.
+void set_nan_fill(bool on);
+void set_chunk_rows(int64_t rows);
+
+// Gradients the chunks accumulate into, each in the row order of the weights handed to flush_chunk.
+// dx undefined without need_dx, db_x without bias, db_h unless GRU with b_hh.
+struct GradSums {
+  at::Tensor dx, dw_ih, dw_hh, db_x, db_h, ones;
+};
+
+// Folds the dgates rows [lo, lo + R) of one chunk (gx, gh: [R, G*H], gh = gx but for GRU) into g with big
+// GEMMs: dx rows, dW_ih += gx^T x, dW_hh += gh^T h_prev, the bias sums. h_prev comes from hprev ([R, Hout],
+// packed: gathered by the caller) or, dense, from y shifted by one step and h0.
+GradSums grad_sums(const Problem& pr, const at::Tensor& x, const at::Tensor& w_ih, const at::Tensor& w_hh,
+                   bool has_b_ih, bool has_b_hh, bool need_dx, int64_t rmax);
+// db_ih, db_hh from g ([0] where the bias is absent): both are the input-side sum but for GRU's b_hh.
+std::pair<at::Tensor, at::Tensor> bias_grads(const GradSums& g, bool has_b_ih, bool has_b_hh, bool gru,
+                                             const at::Tensor& like);
+
+void flush_chunk(const Problem& pr, bool reverse, int64_t lo, int64_t R, const at::Tensor& gx, const at::Tensor& gh,
+                 const at::Tensor& x, const at::Tensor& y, const at::Tensor& h0, const at::Tensor& hprev,
+                 const at::Tensor& w_ih, GradSums& g);
+
+// Whether the CPU engine (per-step fused brgemm + cell, engine_cpu.cpp) runs this problem with x's dtype.
+bool engine_takes(const Problem& pr, const at::Tensor& x);
+// Which GEMM engine the CPU runs per dtype, for build_info().
+std::vector<std::pair<std::string, std::string>> engine_report();
+
+// layer_fwd / layer_bwd of the engine; bias is b_ih + b_hh as rnn.cpp folds it (GRU: without b_hn), in
+// PyTorch's gate order. Same returns as rnn.cpp's layer_fwd / layer_bwd, with the saved gates in the
+// engine's blocked layout.
+std::vector<at::Tensor> engine_fwd(const Problem& pr, const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0,
+                                   const at::Tensor& w_ih, const at::Tensor& w_hh, const at::Tensor& bias,
+                                   const at::Tensor& b_hn, bool reverse, bool save);
+std::vector<at::Tensor> engine_bwd(const Problem& pr, const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0,
+                                   const at::Tensor& w_ih, const at::Tensor& w_hh, bool has_b_ih, bool has_b_hh,
+                                   bool reverse, const at::Tensor& y, const at::Tensor& gates,
+                                   const at::Tensor& c_save, const at::Tensor& hn_save, const at::Tensor& dy,
+                                   const at::Tensor& dh_n, const at::Tensor& dc_n, bool need_dx);
+
+}  // namespace fastrnn

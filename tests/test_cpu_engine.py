@@ -1,0 +1,217 @@
+"""The CPU engine (csrc/engine_cpu.cpp) in 16-bit: bf16 and fp16 outputs and gradients against an fp64
+reference and against torch.nn's own error in the same dtype; thread-count independence of its layout; the
+fake (meta) kernels of the ops in 16-bit."""
+
+import pytest
+import torch
+
+from fastrnn.ops import MODES, cpp, reference
+from test_cpp import (NAMES, Case, assert_matches_reference, backward_chunk_rows, make_inputs,
+                      nan_poisoned_workspaces, nn_module)
+
+pytestmark = pytest.mark.skipif(
+    cpp.availability(torch.device("cpu"), torch.bfloat16) is not None,
+    reason=f"cpp backend unavailable: {cpp.availability(torch.device('cpu'), torch.bfloat16)}",
+)
+
+# Relative error in norm, ||got - fp64|| / ||fp64||, of every output and gradient. bf16 keeps 8 significant
+# bits (rounding 2^-9 = 2e-3 per stored value) and fp16 11 (2.4e-4); outputs, the GEMM operands and the
+# gradients are rounded, so errors of a few roundings are expected; the bounds leave a factor ~3 of headroom
+# over what the cases below measure.
+REL_TOL = {torch.bfloat16: 1.5e-2, torch.float16: 2e-3}
+# and never further from fp64 than this multiple of torch.nn's own error in the same dtype
+NN_FACTOR = 2.0
+# RNN_RELU's gradients are discontinuous in the pre-activations: a unit whose pre-activation rounds across 0
+# switches its whole gradient path on or off, so bf16 gradients land 5-10 % from fp64 (torch.nn's more) on
+# well-scaled inputs. They are judged against torch.nn's error only (test_16bit_no_worse_than_torch_nn).
+DISCONTINUOUS_GRADS = {"RNN_RELU"}
+
+
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got.detach().double() - want).norm() / want.norm().clamp_min(1e-300))
+
+
+def outs_and_grads(impl, c: Case, inputs, dtype: torch.dtype):
+    """impl.layer's outputs and the gradients of a random linear function of them (the same fp64 cotangents,
+    rounded to dtype) w.r.t. every input, with the inputs rounded to dtype."""
+    leaves = {k: inputs[k].detach().to(dtype).requires_grad_() for k in NAMES if inputs[k] is not None}
+    args = {k: leaves.get(k, inputs[k]) for k in inputs}
+    outs = [o for o in impl.layer(c.mode, reverse=c.reverse, **args) if o is not None]
+    g = torch.Generator().manual_seed(1)
+    loss = sum((o * torch.randn(o.shape, generator=g, dtype=torch.float64).to(dtype)).sum() for o in outs)
+    grads = torch.autograd.grad(loss, list(leaves.values()))
+    return dict(zip(("y", "h_n", "c_n"), (o.detach() for o in outs))), {f"d{k}": v for k, v in zip(leaves, grads)}
+
+
+def errors(c: Case, inputs, dtype: torch.dtype):
+    want_o, want_g = outs_and_grads(reference, c, inputs, torch.float64)
+    got_o, got_g = outs_and_grads(cpp, c, inputs, dtype)
+    want, got = {**want_o, **want_g}, {**got_o, **got_g}
+    for name, t in got.items():
+        assert t.dtype == dtype, f"{name} is {t.dtype}, expected {dtype}"
+        assert torch.isfinite(t).all(), f"{name} has non-finite values"
+    return {name: rel_err(got[name], want[name]) for name in want}
+
+
+def assert_within_tolerance(c: Case, inputs, dtype: torch.dtype):
+    errs = errors(c, inputs, dtype)
+    judged = {k: v for k, v in errs.items()
+              if not (k.startswith("d") and c.mode in DISCONTINUOUS_GRADS and dtype == torch.bfloat16)}
+    bad = {k: f"{v:.2e}" for k, v in judged.items() if not v <= REL_TOL[dtype]}
+    assert not bad, f"relative errors over {REL_TOL[dtype]:.0e}: {bad}"
+    return errs
+
+
+def cases16():
+    # H = 64: two 32-unit blocks; H = 70: a short last block; H = 1 and 33 (odd) and proj_size: the fp32 path
+    for mode in MODES:
+        for packed in (False, True):
+            for reverse in (False, True):
+                yield Case(mode, 12, 5, 6, 64, packed=packed, reverse=reverse)
+        yield Case(mode, 7, 3, 5, 70, bias=False)
+        yield Case(mode, 6, 2, 3, 33, packed=True)
+    # wide layers use wider unit blocks (here 64 and 128 units), each with a short last one
+    yield Case("LSTM", 4, 3, 5, 600)
+    yield Case("RNN_TANH", 4, 3, 6, 1100, packed=True, reverse=True)
+    yield Case("LSTM", 6, 3, 4, 1)
+    yield Case("LSTM", 8, 4, 5, 16, proj=6, packed=True)
+
+
+def case_id16(c: Case) -> str:
+    parts = [c.mode, f"T{c.T}B{c.B}I{c.I}H{c.H}"] + ([f"proj{c.proj}"] if c.proj else [])
+    parts += ["bias" if c.bias else "nobias", "packed" if c.packed else "dense"] + (["reverse"] if c.reverse else [])
+    return "-".join(parts)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("c", list(cases16()), ids=case_id16)
+def test_16bit_against_fp64(c, dtype):
+    assert_within_tolerance(c, make_inputs(c), dtype)
+
+
+def nn_errors(mode: str, inputs, packed: bool, batch_sizes, dtype: torch.dtype):
+    """torch.nn's relative errors in `dtype` against its own fp64, same inputs and cotangents as errors()."""
+    c_in = inputs["c0"]
+    I, H = inputs["w_ih"].shape[1], inputs["w_hh"].shape[1]
+
+    def run(dt):
+        m = nn_module(mode, I, H, 0, True, False).to(dt)
+        with torch.no_grad():
+            for n, k in (("weight_ih_l0", "w_ih"), ("weight_hh_l0", "w_hh"), ("bias_ih_l0", "b_ih"),
+                         ("bias_hh_l0", "b_hh")):
+                getattr(m, n).copy_(inputs[k])
+        x = inputs["x"].detach().to(dt).requires_grad_()
+        h0 = inputs["h0"].detach().to(dt).unsqueeze(0).requires_grad_()
+        leaves = [x, h0]
+        hx = h0
+        if mode == "LSTM":
+            c0 = c_in.detach().to(dt).unsqueeze(0).requires_grad_()
+            leaves.append(c0)
+            hx = (h0, c0)
+        seq = torch.nn.utils.rnn.PackedSequence(x, batch_sizes) if packed else x.view(-1, h0.shape[1], I)
+        out, hn = m(seq, hx)
+        y = out.data if packed else out.reshape(-1, H)
+        outs = [y] + [s[0] for s in (hn if mode == "LSTM" else (hn,))]
+        g = torch.Generator().manual_seed(1)
+        loss = sum((o * torch.randn(o.shape, generator=g, dtype=torch.float64).to(dt)).sum() for o in outs)
+        params = [m.weight_ih_l0, m.weight_hh_l0, m.bias_ih_l0, m.bias_hh_l0]
+        grads = torch.autograd.grad(loss, leaves + params)
+        names = ["y", "h_n", "c_n"][: len(outs)] + ["dx", "dh0", "dc0"][: len(leaves)]
+        names += ["dw_ih", "dw_hh", "db_ih", "db_hh"]
+        return dict(zip(names, [o.detach() for o in outs] + list(grads)))
+
+    want, got = run(torch.float64), run(dtype)
+    return {k: rel_err(got[k], want[k]) for k in want}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
+@pytest.mark.parametrize("mode", MODES)
+def test_16bit_no_worse_than_torch_nn(mode, packed, dtype):
+    """Every output and gradient is at most NN_FACTOR times as far from fp64 as torch.nn's in the same dtype
+    (with a floor of one rounding, 2^-8 / 2^-11, where torch.nn happens to be exact). Discontinuous gradients
+    (one unit rounding across a ReLU's kink moves a whole row) are compared by their mean over six inputs."""
+    seeds = range(6) if mode in DISCONTINUOUS_GRADS and dtype == torch.bfloat16 else range(1)
+    ours, theirs = {}, {}
+    for seed in seeds:
+        c = Case(mode, 20, 6, 16, 64, packed=packed, seed=seed)
+        inputs = make_inputs(c)
+        for acc, errs in ((ours, assert_within_tolerance(c, inputs, dtype)),
+                          (theirs, nn_errors(mode, inputs, packed, inputs["batch_sizes"], dtype))):
+            for k, v in errs.items():
+                acc[k] = acc.get(k, 0.0) + v / len(seeds)
+    floor = 2.0**-8 if dtype == torch.bfloat16 else 2.0**-11
+    assert ours.keys() == theirs.keys()
+    worse = {k: f"{ours[k]:.2e} vs torch.nn {theirs[k]:.2e}" for k in ours
+             if ours[k] > NN_FACTOR * max(theirs[k], floor)}
+    assert not worse, worse
+
+
+@pytest.mark.parametrize("c", [Case("RNN_TANH", 3, 2, 4, 1100, packed=True, dtype=torch.float32),
+                               Case("GRU", 3, 2, 4, 600, reverse=True, dtype=torch.float32)], ids=case_id16)
+def test_fp32_wide_unit_blocks(c):
+    """fp32 layers wide enough for 128- and 64-unit blocks (with a short last block) against the reference."""
+    assert_matches_reference(c)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_bf16_nan_poisoned_workspaces_across_chunks(mode):
+    c = Case(mode, 9, 4, 6, 64, packed=True, reverse=mode == "GRU")
+    with nan_poisoned_workspaces(), backward_chunk_rows(6):
+        assert_within_tolerance(c, make_inputs(c), torch.bfloat16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("mode", MODES)
+def test_forward_and_backward_thread_counts_differ(mode, dtype):
+    """The blocked gate layout the forward saves depends on H only: a backward with another thread count (or
+    nested in a parallel region, which runs serially) reads it right."""
+    c = Case(mode, 10, 8, 5, 200, packed=True, dtype=torch.float64)
+    inputs = make_inputs(c)
+    threads = torch.get_num_threads()
+    leaves = {k: inputs[k].detach().to(dtype).requires_grad_() for k in NAMES if inputs[k] is not None}
+    args = {k: leaves.get(k, inputs[k]) for k in inputs}
+    try:
+        torch.set_num_threads(1)
+        outs = [o for o in cpp.layer(c.mode, reverse=False, **args) if o is not None]
+        torch.set_num_threads(max(2, threads))
+        grads = torch.autograd.grad(sum(o.float().square().sum() for o in outs), list(leaves.values()))
+    finally:
+        torch.set_num_threads(threads)
+    torch.set_num_threads(max(2, threads))
+    try:
+        want_outs = [o for o in cpp.layer(c.mode, reverse=False, **args) if o is not None]
+        want = torch.autograd.grad(sum(o.float().square().sum() for o in want_outs), list(leaves.values()))
+    finally:
+        torch.set_num_threads(threads)
+    # the same arithmetic in the same order per element: bit-identical
+    for g, w in zip(outs + list(grads), want_outs + list(want)):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("mode", MODES)
+def test_fake_kernels_match_in_16bit(mode, dtype):
+    """The saved activations of 16-bit CPU calls are fp32; the meta kernels must say so for torch.compile."""
+    c = Case(mode, 4, 3, 4, 8 if dtype == torch.bfloat16 else 5, packed=True)
+    inputs = {k: (v.to(dtype) if v is not None and v.is_floating_point() else v) for k, v in make_inputs(c).items()}
+    args = (c.mode, inputs["x"], inputs["batch_sizes"], inputs["h0"], inputs["c0"], inputs["w_ih"], inputs["w_hh"],
+            inputs["b_ih"], inputs["b_hh"], inputs["w_hr"], False, True)
+    torch.library.opcheck(cpp.layer_fwd, args, test_utils=("test_faketensor",))
+
+
+def test_autocast_module_runs_the_bf16_engine_like_torch_nn():
+    """fp32 modules under CPU autocast: bf16 outputs where torch.nn gives bf16, close to fp64."""
+    import fastrnn
+
+    torch.manual_seed(0)
+    ref = torch.nn.LSTM(16, 64)
+    ours = fastrnn.LSTM.from_torch(ref, backend="cpp")
+    x = torch.randn(12, 4, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, (h, c) = ours(x)
+        want_nn, _ = ref(x)
+    with torch.no_grad():
+        exact, _ = ref.double()(x.double())
+    assert got.dtype == want_nn.dtype == torch.bfloat16
+    assert rel_err(got, exact) <= NN_FACTOR * max(rel_err(want_nn, exact), 2.0**-8)
