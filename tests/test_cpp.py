@@ -397,7 +397,7 @@ BAD = {
     "x-int": ("RNN_RELU", _bad(x=lambda a: a["x"].long()), "x must be a floating-point"),
     "x-half-on-cpu": ("GRU", _bad(**{k: (lambda a, k=k: a[k].half()) for k in ("x", "h0", "w_ih", "w_hh", "b_ih",
                                                                             "b_hh")}),
-                      "must be float32 or float64"),
+                      "cpp backend unavailable: the CPU kernels support"),
     "x-rows": ("LSTM", _bad(x=lambda a: a["x"][:-1]), "dense x must have T*B rows"),
     "batch_sizes-increasing": ("GRU", _bad(batch_sizes=torch.tensor([2, 4, 4]), x=lambda a: a["x"][:10]),
                                "batch_sizes must be non-increasing"),
