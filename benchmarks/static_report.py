@@ -25,8 +25,8 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 
 from fastrnn.ops import GATES  # noqa: E402
-from fastrnn.ops.triton_common import pick_variant  # noqa: E402
-from fastrnn.ops.triton_step import step_config  # noqa: E402
+from fastrnn.ops.triton.host import pick_variant  # noqa: E402
+from fastrnn.ops.triton.step import step_config  # noqa: E402
 
 CONFIGS: Tuple[Tuple[int, int, int, int, int], ...] = (
     (100, 64, 256, 256, 1),

@@ -23,7 +23,7 @@ from fastrnn.ops import GATES, reference  # noqa: E402
 from fastrnn.ops import triton as triton_backend  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-IN_PROCESS = triton_backend._common is not None and triton_backend._common.interpreting()
+IN_PROCESS = triton_backend._host is not None and triton_backend._host.interpreting()
 SUBPROCESS_FLAG = "FASTRNN_TRITON_TEST_CHILD"
 parent_only = pytest.mark.skipif(os.environ.get(SUBPROCESS_FLAG) == "1", reason="the parent process runs it")
 interpreted = pytest.mark.skipif(not IN_PROCESS, reason="kernels imported without the interpreter; see "
@@ -124,7 +124,7 @@ def test_step_several_tiles(mode):
 @interpreted
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_seq_several_batch_tiles_at_largest_h(dtype):
-    H = triton_backend._common.SEQ_MAX_H[dtype]
+    H = triton_backend._host.SEQ_MAX_H[dtype]
     check("LSTM", T=3, B=18, I=3, H=H, dtype=dtype, variant="seq", packed=[18, 17, 2])
 
 
@@ -157,7 +157,7 @@ def test_float16(variant):
 
 @interpreted
 def test_auto_variant_and_limits():
-    common = triton_backend._common
+    common = triton_backend._host
     assert common.pick_variant(8, torch.float32, False) == "seq"
     assert common.pick_variant(8, torch.float32, True) == "step"
     assert common.pick_variant(common.SEQ_MAX_H[torch.float32] + 1, torch.float32, False) == "step"
@@ -172,8 +172,8 @@ def test_auto_variant_and_limits():
 def test_custom_op_registration():
     t, _ = make_inputs("RNN_TANH", 2, 2, 3, 4, torch.float32)
     args = ("RNN_TANH", t["x"], None, t["h0"], None, t["w_ih"], t["w_hh"], t["b_ih"], t["b_hh"], None, False,
-            "seq", False)
-    torch.library.opcheck(triton_backend._common.layer_fwd, args,
+            "seq", False, True)
+    torch.library.opcheck(triton_backend.layer.fwd, args,
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
 

@@ -37,14 +37,16 @@ class LayerOp:
     """A backend's layer as custom ops with the shared autograd formula; call it as the contract's ``layer``.
 
     ``backend`` names it in errors, ``name`` the ops. ``options``: ``(name, schema type, default)`` of backend options, passed to ``layer`` by keyword and
-    to ``forward``/``backward`` as a tuple in this order.
+    to ``forward``/``backward`` as a tuple in this order, after ``resolve_options(args, options)`` has
+    checked them and filled in defaults that depend on the input.
     """
 
     def __init__(self, backend: str, name: str, availability: Callable[[torch.device, torch.dtype], Optional[str]],
                  forward: Forward, backward: Backward, fake_saved: FakeSaved,
-                 options: Sequence[Tuple[str, str, object]] = ()) -> None:
+                 options: Sequence[Tuple[str, str, object]] = (),
+                 resolve_options: Optional[Callable[[LayerArgs, tuple], tuple]] = None) -> None:
         self.backend, self.availability = backend, availability
-        self.options = tuple(options)
+        self.options, self._resolve_options = tuple(options), resolve_options
         opts = "".join(f", {kind} {opt}" for opt, kind, _ in self.options)
         self._n_in = N_ARGS + len(self.options)
         self._forward, self._backward, self._fake_saved = forward, backward, fake_saved
@@ -126,6 +128,8 @@ class LayerOp:
         if reason is not None:
             raise RuntimeError(f"fastrnn {self.backend} backend unavailable: {reason}")
         opts = tuple(kwargs.get(opt, default) for opt, _, default in self.options)
+        if self._resolve_options is not None:
+            opts = self._resolve_options(a, opts)
         # inference skips the saved activations: less memory and traffic
         save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in a.tensors())
         y, h_n, c_n = self.fwd(*a, *opts, save)[:3]
