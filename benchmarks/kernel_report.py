@@ -65,7 +65,7 @@ def kernel_specs(quick: bool) -> List[Dict]:
                                       fn=triton_step._bwd_step_kernel, mode=mode, dtype=dtype,
                                       warps=tile["num_warps"], stages=tile["bwd_stages"],
                                       const=dict(MODE=mode_id, G=G, DH_GIVEN=dh_given, UPCAST=False, **tiles)))
-            for cfg in triton_seq.seq_configs_for(dtype):
+            for cfg in triton_seq.seq_configs_for(dtype, mode):
                 tiles = {"BB": cfg["BB"], "BH": cfg["BH"]}
                 specs.append(dict(kernel="seq_fwd", fn=triton_seq._fwd_seq_kernel, mode=mode, dtype=dtype,
                                   warps=cfg["num_warps"], stages=cfg["num_stages"],

@@ -74,7 +74,7 @@ def rows() -> List[Dict]:
         for dname, dtype in DTYPES.items():
             s = torch.empty(0, dtype=dtype).element_size()
             for mode in CELLS:
-                variant = pick_variant(H, dtype, False)
+                variant = pick_variant(H, dtype, False, mode)
                 b = step_bytes(mode, B, H, s)
                 out.append(dict(cfg=f"{T},{B},{I},{H},{L}", dtype=dname, mode=mode, variant=variant, L=L, **b))
     return out

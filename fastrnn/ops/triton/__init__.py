@@ -61,11 +61,11 @@ def availability(device: torch.device, dtype: torch.dtype) -> Optional[str]:
 def _resolve_options(a: LayerArgs, options: tuple) -> tuple:
     variant, cuda_graph = options
     if variant is None:
-        variant = _host.pick_variant(a.H, a.w_hh.dtype, a.w_hr is not None)
+        variant = _host.pick_variant(a.H, a.w_hh.dtype, a.w_hr is not None, a.mode)
     if variant not in _host.VARIANTS:
         raise ValueError(f"variant must be one of {_host.VARIANTS} or None, got {variant!r}")
-    if variant == "seq" and (a.w_hr is not None or _host.seq_config(a.H, a.w_hh.dtype) is None):
-        raise ValueError(f"the 'seq' variant needs no projection and H <= {_host.SEQ_MAX_H.get(a.w_hh.dtype)}, "
+    if variant == "seq" and (a.w_hr is not None or _host.seq_config(a.H, a.w_hh.dtype, a.mode) is None):
+        raise ValueError(f"the 'seq' variant needs no projection and H <= {_host.seq_max_h(a.w_hh.dtype, a.mode)}, "
                          f"got H = {a.H}" + (" with a projection" if a.w_hr is not None else ""))
     if cuda_graph and a.x.device.type != "cuda":
         raise ValueError(f"cuda_graph=True needs CUDA tensors, got x on {a.x.device}")

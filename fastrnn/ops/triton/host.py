@@ -24,21 +24,21 @@ from torch import Tensor
 
 from fastrnn.ops import GATES, MODES, LayerArgs, Saved
 from fastrnn.ops.triton.cells import interpreting
-from fastrnn.ops.triton.seq import SEQ_MAX_H, bwd_seq, fwd_seq, seq_config
+from fastrnn.ops.triton.seq import bwd_seq, fwd_seq, seq_config, seq_max_h
 from fastrnn.ops.triton.step import bwd_step, fwd_step
 
 MODE_IDS = {m: i for i, m in enumerate(MODES)}
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 VARIANTS = ("step", "seq")
-__all__ = ["DTYPES", "SEQ_MAX_H", "VARIANTS", "backward", "forward", "interpreting", "pick_variant"]
+__all__ = ["DTYPES", "VARIANTS", "seq_max_h", "seq_config", "backward", "forward", "interpreting", "pick_variant"]
 
 
 def upcast_dot(dtype: torch.dtype) -> bool:
     return dtype == torch.bfloat16 and interpreting()
 
 
-def pick_variant(H: int, dtype: torch.dtype, has_proj: bool) -> str:
-    return "seq" if not has_proj and seq_config(H, dtype) is not None else "step"
+def pick_variant(H: int, dtype: torch.dtype, has_proj: bool, mode: str) -> str:
+    return "seq" if not has_proj and seq_config(H, dtype, mode) is not None else "step"
 
 
 @dataclass
@@ -125,11 +125,11 @@ def _ptr(t: Tensor, ref: Tensor) -> Tensor:
     return t if t.numel() else placeholder(ref)
 
 
-def padded_state(B: int, H: int, w_hh: Tensor, present: bool = True) -> Tensor:
+def padded_state(B: int, H: int, w_hh: Tensor, mode: str, present: bool = True) -> Tensor:
     """fp32 final-state buffer of the seq kernels, padded to whole tiles (they store it unmasked)."""
     if not present:
         return placeholder(w_hh)
-    cfg = seq_config(H, w_hh.dtype)
+    cfg = seq_config(H, w_hh.dtype, mode)
     return nan_buffer(-(-B // cfg["BB"]) * cfg["BB"], cfg["BH"], w_hh)
 
 
@@ -206,7 +206,7 @@ def forward(a: LayerArgs, options: tuple, save: bool) -> Tuple[Tensor, Tensor, T
         hs = nan_buffer(N, H, x)
         cs = nan_buffer(N, H, x) if lstm else placeholder(x)
         gates, hn = _saved_buffers(mode, N, H, save, x)
-        h_n, c_n = padded_state(B, H, w_hh), padded_state(B, H, w_hh, lstm)
+        h_n, c_n = padded_state(B, H, w_hh, mode), padded_state(B, H, w_hh, mode, lstm)
         bs = torch.tensor(rows.sizes, dtype=torch.int32, device=x.device)
         off = torch.tensor(rows.offsets, dtype=torch.int64, device=x.device)
         fwd_seq(mode_id, G, xp, b_hh, w_hh, h0, c0 if c0 is not None else placeholder(x), bs, off,
@@ -271,7 +271,7 @@ def backward(a: LayerArgs, options: tuple, y: Tensor, saved: Saved, dy: Tensor, 
     if N == 0:
         g_h, g_x = torch.empty(0, G * H, **f32), torch.empty(0, H, **f32)
         h_prev, hr, dhs = torch.empty(0, HO, **f32), torch.empty(0, H, **f32), torch.empty(0, HO, **f32)
-        dh0, dc0 = dh_n, dc_n
+        dh0, dc0 = dh_n.clone(), dc_n.clone()  # custom-op outputs must not alias its inputs
     else:
         rows = plan_rows(a.batch_sizes, B, N, reverse, x.device)
         upcast = upcast_dot(w_hh.dtype)
@@ -284,7 +284,7 @@ def backward(a: LayerArgs, options: tuple, y: Tensor, saved: Saved, dy: Tensor, 
         if variant == "seq":
             g_h = nan_buffer(N, G * H, x)
             g_x = nan_buffer(N, H, x) if gru else placeholder(x)
-            dh0, dc0 = padded_state(B, H, w_hh), padded_state(B, H, w_hh, lstm)
+            dh0, dc0 = padded_state(B, H, w_hh, mode), padded_state(B, H, w_hh, mode, lstm)
             bs = torch.tensor(rows.sizes, dtype=torch.int32, device=x.device)
             off = torch.tensor(rows.offsets, dtype=torch.int64, device=x.device)
             bwd_seq(mode_id, G, dy, dh_n, dc_n, w_hh, gates, hn, hs, cs, h_prev, c_prev, bs, off,

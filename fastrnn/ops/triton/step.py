@@ -53,17 +53,22 @@ def _load_prev(p_src, p_init, o_b, o_c, n_rows, n_prev, ncols):
 
 
 @triton.jit
+def _step_tile(n_rows, H, BB: tl.constexpr, BH: tl.constexpr):
+    """This program's rows and hidden units (grid: row tiles x hidden slices) and their masks."""
+    o_b = tl.program_id(0) * BB + tl.arange(0, BB)
+    o_h = tl.program_id(1) * BH + tl.arange(0, BH)
+    m_h = o_h < H
+    return o_b, o_h, m_h, (o_b < n_rows)[:, None] & m_h[None, :]
+
+
+@triton.jit
 def _fwd_step_kernel(
     p_x, p_b, p_w, p_hsrc, p_h0, p_csrc, p_c0, p_h, p_c, p_s, p_hn,
     n_rows, n_prev, H, HO,
     MODE: tl.constexpr, G: tl.constexpr, HAS_BIAS: tl.constexpr, SAVE: tl.constexpr, UPCAST: tl.constexpr,
     BB: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr,
 ):
-    i_b, i_h = tl.program_id(0), tl.program_id(1)
-    o_b = i_b * BB + tl.arange(0, BB)
-    o_h = i_h * BH + tl.arange(0, BH)
-    m_b, m_h = o_b < n_rows, o_h < H
-    m_bh = m_b[:, None] & m_h[None, :]
+    o_b, o_h, m_h, m_bh = _step_tile(n_rows, H, BB, BH)
     b_a0 = tl.zeros([BB, BH], dtype=tl.float32)
     b_a1 = tl.zeros([BB, BH], dtype=tl.float32)
     b_a2 = tl.zeros([BB, BH], dtype=tl.float32)
@@ -104,11 +109,7 @@ def _bwd_step_kernel(
     MODE: tl.constexpr, G: tl.constexpr, DH_GIVEN: tl.constexpr, UPCAST: tl.constexpr,
     BB: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr,
 ):
-    i_b, i_h = tl.program_id(0), tl.program_id(1)
-    o_b = i_b * BB + tl.arange(0, BB)
-    o_h = i_h * BH + tl.arange(0, BH)
-    m_b, m_h = o_b < n_rows, o_h < H
-    m_bh = m_b[:, None] & m_h[None, :]
+    o_b, o_h, m_h, m_bh = _step_tile(n_rows, H, BB, BH)
     o_r = o_b[:, None] * H + o_h[None, :]
     b_dh = tl.zeros([BB, BH], dtype=tl.float32)
     if not DH_GIVEN:
