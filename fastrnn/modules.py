@@ -260,7 +260,8 @@ class _RNNBase(_BackendMixin, nn.RNNBase):
 
 
 class LSTM(_RNNBase):
-    """``torch.nn.LSTM`` (same constructor, including ``proj_size``) plus keyword-only ``backend`` and ``backend_options``."""
+    """``torch.nn.LSTM`` (same constructor, including ``proj_size``) plus keyword-only ``backend`` and
+    ``backend_options``."""
 
     _modes = ("LSTM",)
 
@@ -286,7 +287,8 @@ class GRU(_RNNBase):
 
 
 class RNN(_RNNBase):
-    """``torch.nn.RNN`` (``nonlinearity`` 'tanh' or 'relu') plus keyword-only ``backend`` and ``backend_options``."""
+    """``torch.nn.RNN`` (``nonlinearity`` 'tanh' or 'relu') plus keyword-only ``backend`` and
+    ``backend_options``."""
 
     _modes = ("RNN_TANH", "RNN_RELU")
 
@@ -403,7 +405,8 @@ class GRUCell(_CellBase):
 
 
 class RNNCell(_CellBase):
-    """``torch.nn.RNNCell`` (``nonlinearity`` 'tanh' or 'relu') plus keyword-only ``backend`` and ``backend_options``."""
+    """``torch.nn.RNNCell`` (``nonlinearity`` 'tanh' or 'relu') plus keyword-only ``backend`` and
+    ``backend_options``."""
 
     def __init__(
         self,

@@ -86,7 +86,8 @@ def test_module_end_to_end_with_backend_options(variant, monkeypatch):
                         backend_options={"triton": {"variant": variant}, "cpp": {"unused": 1}})
     seen = []
     forward = triton_backend._host.forward
-    monkeypatch.setattr(triton_backend._host, "forward", lambda a, opts, save: seen.append(opts) or forward(a, opts, save))
+    monkeypatch.setattr(triton_backend._host, "forward",
+                        lambda a, opts, save: seen.append(opts) or forward(a, opts, save))
     fast.load_state_dict(ref.state_dict())
     seqs = [torch.randn(n, 4) for n in (3, 2, 2)]
     packed = torch.nn.utils.rnn.pack_sequence(seqs)

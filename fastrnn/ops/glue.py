@@ -9,7 +9,8 @@ registers ``fastrnn::<name>_fwd`` and ``fastrnn::<name>_bwd`` with fake implemen
 - they are outputs marked non-differentiable, with gradient materialisation off: autograd allocates no
   zero gradients for them, and a missing ``dy``/``dh_n``/``dc_n`` is filled here only when needed;
 - nothing is saved, or even written, when no gradient is wanted (``save=False``);
-- the contract is checked once per call, in Python, before the forward op (backward reuses checked input).
+- the contract is checked once per call, in Python, before the forward op (backward reuses checked input);
+- autocast is off inside the ops: they compute in their inputs' dtype.
 """
 
 from typing import Callable, Optional, Sequence, Tuple
@@ -36,9 +37,9 @@ _SAVED_TYPES = ", ".join("Tensor" for _ in Saved._fields)
 class LayerOp:
     """A backend's layer as custom ops with the shared autograd formula; call it as the contract's ``layer``.
 
-    ``backend`` names it in errors, ``name`` the ops. ``options``: ``(name, schema type, default)`` of backend options, passed to ``layer`` by keyword and
-    to ``forward``/``backward`` as a tuple in this order, after ``resolve_options(args, options)`` has
-    checked them and filled in defaults that depend on the input.
+    ``backend`` names it in errors, ``name`` its ops. ``options``: ``(name, schema type, default)`` of the
+    backend's options, passed to ``layer`` by keyword and to ``forward``/``backward`` as a tuple in this
+    order, after ``resolve_options(args, options)`` has checked them and filled in input-dependent defaults.
     """
 
     def __init__(self, backend: str, name: str, availability: Callable[[torch.device, torch.dtype], Optional[str]],
@@ -68,7 +69,10 @@ class LayerOp:
 
     def _fwd_impl(self, *inputs):
         a, opts, (save,) = self._split(inputs)
-        y, h_n, c_n, saved = self._forward(a, opts, save)
+        # a backend's torch ops (GEMMs beside the kernels) compute in the inputs' dtype, as the kernels do:
+        # the caller casts for autocast (the modules do, as torch.nn)
+        with torch.autocast(a.x.device.type, enabled=False):
+            y, h_n, c_n, saved = self._forward(a, opts, save)
         return (y, h_n, c_n, *saved)
 
     def _fwd_fake(self, *inputs):
@@ -80,7 +84,8 @@ class LayerOp:
     def _bwd_impl(self, *inputs):
         a, opts, rest = self._split(inputs)
         y, saved, (dy, dh_n, dc_n, need_dx) = rest[0], Saved(*rest[1:6]), rest[6:]
-        return tuple(self._backward(a, opts, y, saved, dy, dh_n, dc_n, need_dx))
+        with torch.autocast(a.x.device.type, enabled=False):
+            return tuple(self._backward(a, opts, y, saved, dy, dh_n, dc_n, need_dx))
 
     def _bwd_fake(self, *inputs):
         a, _, rest = self._split(inputs)

@@ -36,8 +36,8 @@ def seq_max_h(dtype: torch.dtype, mode: str) -> int:
 def seq_config(H: int, dtype: torch.dtype, mode: str) -> Optional[Dict[str, int]]:
     """Tile for the whole-sequence kernels, or ``None`` when W_hh would not stay in registers.
 
-    The limits in ``SEQ_MAX_H`` (``SEQ_MAX_H_GRU``) are the largest power-of-two H whose forward and backward kernels compile
-    for sm_80 and sm_90 without spills (checked by tests/test_triton.py). Four warps: with eight, ptxas
+    The limits (``SEQ_MAX_H``, ``SEQ_MAX_H_GRU``) are the largest power-of-two H whose forward and backward
+    kernels compile for sm_80 and sm_90 without spills (checked by tests/test_triton.py). Four warps: with eight, ptxas
     caps registers at 128 and the bf16 H=64 kernels spill; one stage: the time loop is a serial chain and
     prefetching the next step's inputs spilled the small-H bf16 backward on sm_90.
     """
