@@ -32,8 +32,9 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from fastrnn import _buildcfg  # noqa: E402
 from fastrnn.ops import GATES, MODES  # noqa: E402
-from fastrnn.ops import triton_seq, triton_step  # noqa: E402
-from fastrnn.ops.triton_cells import FP_FUSION  # noqa: E402
+from fastrnn.ops.triton import seq as triton_seq  # noqa: E402
+from fastrnn.ops.triton import step as triton_step  # noqa: E402
+from fastrnn.ops.triton.cells import FP_FUSION  # noqa: E402
 
 ARCHS = (80, 90)
 TT_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -58,17 +59,18 @@ def kernel_specs(quick: bool) -> List[Dict]:
                 tiles = {k: tile[k] for k in ("BB", "BH", "BK")}
                 specs.append(dict(kernel="step_fwd", fn=triton_step._fwd_step_kernel, mode=mode, dtype=dtype,
                                   warps=tile["num_warps"], stages=tile["fwd_stages"],
-                                  const=dict(MODE=mode_id, G=G, HAS_BIAS=True, UPCAST=False, **tiles)))
+                                  const=dict(MODE=mode_id, G=G, HAS_BIAS=True, SAVE=True, UPCAST=False, **tiles)))
                 for dh_given in ((False, True) if mode == "LSTM" else (False,)):
                     specs.append(dict(kernel="step_bwd" + ("_proj" if dh_given else ""),
                                       fn=triton_step._bwd_step_kernel, mode=mode, dtype=dtype,
                                       warps=tile["num_warps"], stages=tile["bwd_stages"],
                                       const=dict(MODE=mode_id, G=G, DH_GIVEN=dh_given, UPCAST=False, **tiles)))
-            for cfg in triton_seq.seq_configs_for(dtype):
+            for cfg in triton_seq.seq_configs_for(dtype, mode):
                 tiles = {"BB": cfg["BB"], "BH": cfg["BH"]}
                 specs.append(dict(kernel="seq_fwd", fn=triton_seq._fwd_seq_kernel, mode=mode, dtype=dtype,
                                   warps=cfg["num_warps"], stages=cfg["num_stages"],
-                                  const=dict(MODE=mode_id, G=G, HAS_BIAS=True, REVERSE=False, UPCAST=False, **tiles)))
+                                  const=dict(MODE=mode_id, G=G, HAS_BIAS=True, SAVE=True, REVERSE=False, UPCAST=False,
+                                             **tiles)))
                 specs.append(dict(kernel="seq_bwd", fn=triton_seq._bwd_seq_kernel, mode=mode, dtype=dtype,
                                   warps=cfg["num_warps"], stages=cfg["num_stages"],
                                   const=dict(MODE=mode_id, G=G, REVERSE=False, UPCAST=False, **tiles)))

@@ -25,8 +25,8 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 
 from fastrnn.ops import GATES  # noqa: E402
-from fastrnn.ops.triton_common import pick_variant  # noqa: E402
-from fastrnn.ops.triton_step import step_config  # noqa: E402
+from fastrnn.ops.triton.host import pick_variant  # noqa: E402
+from fastrnn.ops.triton.step import step_config  # noqa: E402
 
 CONFIGS: Tuple[Tuple[int, int, int, int, int], ...] = (
     (100, 64, 256, 256, 1),
@@ -74,7 +74,7 @@ def rows() -> List[Dict]:
         for dname, dtype in DTYPES.items():
             s = torch.empty(0, dtype=dtype).element_size()
             for mode in CELLS:
-                variant = pick_variant(H, dtype, False)
+                variant = pick_variant(H, dtype, False, mode)
                 b = step_bytes(mode, B, H, s)
                 out.append(dict(cfg=f"{T},{B},{I},{H},{L}", dtype=dname, mode=mode, variant=variant, L=L, **b))
     return out

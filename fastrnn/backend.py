@@ -82,9 +82,15 @@ def use_backend(name: str) -> Iterator[None]:
 
 def resolve(requested: str, device: torch.device, dtype: torch.dtype) -> ModuleType:
     """The backend module that runs ``requested`` on ``device`` with ``dtype`` storage, or a RuntimeError."""
+    return resolve_named(requested, device, dtype)[1]
+
+
+def resolve_named(requested: str, device: torch.device, dtype: torch.dtype) -> Tuple[str, ModuleType]:
+    """``(name, module)`` of the backend :func:`resolve` picks."""
     if requested == "auto":
         requested = requested_backend()
-    return _modules[_resolve_name(requested, device.type, device.index, dtype)]
+    name = _resolve_name(requested, device.type, device.index, dtype)
+    return name, _modules[name]
 
 
 def _resolve_name(requested: str, device_type: str, device_index: Optional[int], dtype: torch.dtype) -> str:

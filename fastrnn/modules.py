@@ -7,7 +7,8 @@ graph-break on torch's own recurrent modules.
 """
 
 import warnings
-from typing import List, Optional, Tuple, Union
+from types import ModuleType
+from typing import Dict, List, NamedTuple, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +16,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
 from fastrnn import backend as _backend
+from fastrnn.ops import LayerArgs
 
 
 class HiddenStateTypeError(TypeError, AttributeError, IndexError):
@@ -42,10 +44,45 @@ def _check_params(params: List[Optional[Tensor]], names: List[str], x: Tensor) -
             raise RuntimeError(f"parameter {n} is on {p.device} but the input is on {x.device}")
 
 
-class _RNNBase(nn.RNNBase):
-    def __init__(self, mode: str, *args, backend: str = "auto", **kwargs) -> None:
+def _check_backend_options(options: Optional[Dict[str, dict]]) -> Dict[str, dict]:
+    """``backend_options``: ``{backend name: {option: value}}``; a layer run by that backend gets the options
+    as keywords of its ``layer`` (``fastrnn.ops.triton`` lists the Triton ones), the others ignore them."""
+    options = dict(options or {})
+    for name, opts in options.items():
+        if name not in _backend.BACKENDS or not isinstance(opts, dict):
+            raise ValueError(f"backend_options must map backend names {_backend.BACKENDS} to dicts of options, "
+                             f"got {name!r}: {opts!r}")
+    return options
+
+
+class _BackendMixin:
+    backend: str
+    backend_options: Dict[str, dict]
+
+    def _backend_for(self, x: Tensor) -> Tuple[ModuleType, dict]:
+        """The backend module that runs this module on ``x`` and the options the module gives it."""
+        name, impl = _backend.resolve_named(self.backend, x.device, x.dtype)
+        return impl, self.backend_options.get(name, {})
+
+
+class _Rows(NamedTuple):
+    """An input flattened to time-major rows (``fastrnn.ops`` layout) and what restores its form."""
+
+    rows: Tensor
+    batch_sizes: Optional[Tensor]
+    sorted_indices: Optional[Tensor]
+    unsorted_indices: Optional[Tensor]
+    T: int
+    B: int
+    batched: bool
+
+
+class _RNNBase(_BackendMixin, nn.RNNBase):
+    def __init__(self, mode: str, *args, backend: str = "auto", backend_options: Optional[Dict[str, dict]] = None,
+                 **kwargs) -> None:
         super().__init__(mode, *args, **kwargs)
         self.backend = _backend._check_name(backend)
+        self.backend_options = _check_backend_options(backend_options)
 
     def flatten_parameters(self) -> None:
         """A no-op kept for API compatibility: fastrnn reads the parameters in place."""
@@ -79,123 +116,129 @@ class _RNNBase(nn.RNNBase):
         if x.device != w.device:
             raise RuntimeError(f"input is on {x.device} but the module's weights are on {w.device}")
 
-    def _run(
-        self, input: Union[Tensor, PackedSequence], hx: Optional[Union[Tensor, Tuple[Tensor, Tensor]]]
-    ):
-        """Shared forward: normalise the input to time-major rows, run every layer/direction, restore."""
-        is_lstm = self.mode == "LSTM"
-        num_dir = 2 if self.bidirectional else 1
-        h_out = self.proj_size if self.proj_size > 0 else self.hidden_size
-        packed = isinstance(input, PackedSequence)
-        if is_lstm and hx is not None and not isinstance(hx, (tuple, list)):
-            raise HiddenStateTypeError(
-                f"LSTM hx must be a tuple (h_0, c_0) of Tensors, got {type(hx).__name__}"
-            )
-        if not is_lstm and hx is not None and not isinstance(hx, Tensor):
-            raise HiddenStateTypeError(f"{self._get_name()} hx must be a Tensor, got {type(hx).__name__}")
-        if is_lstm and hx is not None and len(hx) != 2:
+    def _check_hx_type(self, hx) -> None:
+        if hx is None:
+            return
+        if self.mode != "LSTM":
+            if not isinstance(hx, Tensor):
+                raise HiddenStateTypeError(f"{self._get_name()} hx must be a Tensor, got {type(hx).__name__}")
+        elif not isinstance(hx, (tuple, list)):
+            raise HiddenStateTypeError(f"LSTM hx must be a tuple (h_0, c_0) of Tensors, got {type(hx).__name__}")
+        elif len(hx) != 2:
             raise HiddenStateTypeError(f"LSTM hx must be a tuple (h_0, c_0) of 2 Tensors, got {len(hx)}")
 
-        if packed:
+    def _flatten_input(self, input: Union[Tensor, PackedSequence]) -> _Rows:
+        """Time-major ``[N, I]`` rows of a padded, batch-first, unbatched or packed input, checked."""
+        if isinstance(input, PackedSequence):
             x, batch_sizes, sorted_indices, unsorted_indices = input
             self._check_input(x, True)
             B = int(batch_sizes[0]) if batch_sizes.numel() else 0
-            is_batched = True
-        else:
-            x = input
-            if x.dim() not in (2, 3):
-                raise ValueError(f"{self.mode.split('_')[0]}: Expected input to be 2D or 3D, got {x.dim()}D instead")
-            batch_sizes = sorted_indices = unsorted_indices = None
-            is_batched = x.dim() == 3
-            if not is_batched:
-                x = x.unsqueeze(1)
-            elif self.batch_first:
-                x = x.transpose(0, 1)
-            self._check_input(x, False)
-            if x.size(0) == 0:
-                raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
-            B = x.size(1)
+            return _Rows(x, batch_sizes, sorted_indices, unsorted_indices, batch_sizes.numel(), B, True)
+        x = input
+        if x.dim() not in (2, 3):
+            raise ValueError(f"{self.mode.split('_')[0]}: Expected input to be 2D or 3D, got {x.dim()}D instead")
+        is_batched = x.dim() == 3
+        if not is_batched:
+            x = x.unsqueeze(1)
+        elif self.batch_first:
+            x = x.transpose(0, 1)
+        self._check_input(x, False)
+        if x.size(0) == 0:
+            raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
+        T, B = x.shape[:2]
+        return _Rows(x.reshape(T * B, self.input_size), None, None, None, T, B, is_batched)
 
-        states = tuple(hx) if is_lstm and hx is not None else ((hx,) if hx is not None else None)
-        want_dim = 3 if is_batched else 2
-        h_shape = (self.num_layers * num_dir, B, h_out)
-        c_shape = (self.num_layers * num_dir, B, self.hidden_size)
-        if states is None:
-            states = (x.new_zeros(h_shape),) + ((x.new_zeros(c_shape),) if is_lstm else ())
-        else:
-            names = ("hx[0]", "hx[1]") if is_lstm else ("hx",)
-            for n, s in zip(names, states):
-                if not isinstance(s, Tensor):
-                    raise HiddenStateTypeError(f"{n} must be a Tensor, got {type(s).__name__}")
-                if not packed and s.dim() != want_dim:
-                    raise RuntimeError(
-                        f"For {'batched 3-D' if is_batched else 'unbatched 2-D'} input, {n} should also be "
-                        f"{want_dim}-D but got {s.dim()}-D tensor"
-                    )
-            if not is_batched:
-                states = tuple(s.unsqueeze(1) for s in states)
-            for n, s, shp in zip(names, states, (h_shape, c_shape)):
-                _check_state(n, s, x, shp)
-            if sorted_indices is not None:
-                states = tuple(s.index_select(1, sorted_indices) for s in states)
+    def _state_shapes(self, B: int) -> Tuple[Tuple[int, int, int], ...]:
+        num_dir = 2 if self.bidirectional else 1
+        h_shape = (self.num_layers * num_dir, B, self.proj_size or self.hidden_size)
+        return (h_shape, (h_shape[0], B, self.hidden_size)) if self.mode == "LSTM" else (h_shape,)
 
-        amp_dtype = self._autocast_dtype(x.device.type)
-        if amp_dtype is not None:
-            x = x.to(amp_dtype)
-            states = tuple(s.to(amp_dtype) for s in states)
-        T = x.size(0) if not packed else batch_sizes.numel()
-        rows = x if packed else x.reshape(T * B, self.input_size)
-        h_n: List[Tensor] = []
-        c_n: List[Tensor] = []
-        impl = _backend.resolve(self.backend, x.device, x.dtype)
+    def _check_hidden_size(self, hx, inp: _Rows) -> Tuple[Tensor, ...]:
+        """``hx`` as a tuple of ``[layers*directions, B, *]`` states, batched, checked against the input."""
+        shapes = self._state_shapes(inp.B)
+        if hx is None:
+            return tuple(inp.rows.new_zeros(shape) for shape in shapes)
+        states = tuple(hx) if self.mode == "LSTM" else (hx,)
+        names = ("hx[0]", "hx[1]") if self.mode == "LSTM" else ("hx",)
+        want_dim = 3 if inp.batched else 2
+        for n, s in zip(names, states):
+            if not isinstance(s, Tensor):
+                raise HiddenStateTypeError(f"{n} must be a Tensor, got {type(s).__name__}")
+            if inp.batch_sizes is None and s.dim() != want_dim:
+                raise RuntimeError(
+                    f"For {'batched 3-D' if inp.batched else 'unbatched 2-D'} input, {n} should also be "
+                    f"{want_dim}-D but got {s.dim()}-D tensor"
+                )
+        if not inp.batched:
+            states = tuple(s.unsqueeze(1) for s in states)
+        for n, s, shape in zip(names, states, shapes):
+            _check_state(n, s, inp.rows, shape)
+        return states
+
+    @staticmethod
+    def _permute_hidden(states: Tuple[Tensor, ...], permutation: Optional[Tensor]) -> Tuple[Tensor, ...]:
+        """Reorder the batch dimension of every state (packed sequences sorted by length, and back)."""
+        if permutation is None:
+            return states
+        return tuple(s.index_select(1, permutation) for s in states)
+
+    def _run_layers(self, rows: Tensor, batch_sizes: Optional[Tensor], states: Tuple[Tensor, ...],
+                    amp_dtype: Optional[torch.dtype]) -> Tuple[Tensor, Tuple[Tensor, ...]]:
+        """Every layer and direction through the backend: ``(last layer's rows, final states)``."""
+        num_dir = 2 if self.bidirectional else 1
+        impl, options = self._backend_for(rows)
+        finals: List[List[Tensor]] = [[] for _ in states]
         for layer in range(self.num_layers):
             outs = []
             for d in range(num_dir):
                 params = self._layer_params(layer, d)
-                _check_params(params, ["weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr"], x)
+                _check_params(params, ["weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr"], rows)
                 if amp_dtype is not None:
                     params = [None if p is None else p.to(amp_dtype) for p in params]
                 k = layer * num_dir + d
-                y, h, c = impl.layer(
-                    self.mode,
-                    rows,
-                    batch_sizes,
-                    states[0][k],
-                    states[1][k] if is_lstm else None,
-                    *params,
-                    d == 1,
-                )
-                outs.append(y)
-                h_n.append(h)
-                if is_lstm:
-                    c_n.append(c)
+                c0 = states[1][k] if self.mode == "LSTM" else None
+                out = impl.layer(LayerArgs(self.mode, rows, batch_sizes, states[0][k], c0, *params, d == 1), **options)
+                outs.append(out.y)
+                for final, s in zip(finals, (out.h_n, out.c_n)):
+                    final.append(s)
             rows = outs[0] if num_dir == 1 else torch.cat(outs, 1)
             if self.dropout > 0 and self.training and layer < self.num_layers - 1:
                 rows = F.dropout(rows, self.dropout, True)
-        if amp_dtype is not None and self.mode == "GRU" and x.device.type == "cpu":
-            w_dtype = self.weight_ih_l0.dtype
-            rows, h_n = rows.to(w_dtype), [h.to(w_dtype) for h in h_n]
+        return rows, tuple(torch.stack(f) for f in finals)
 
-        hidden: Union[Tensor, Tuple[Tensor, Tensor]]
-        hidden = (torch.stack(h_n), torch.stack(c_n)) if is_lstm else torch.stack(h_n)
-        if packed:
-            if unsorted_indices is not None:
-                hidden = (
-                    tuple(s.index_select(1, unsorted_indices) for s in hidden)
-                    if is_lstm
-                    else hidden.index_select(1, unsorted_indices)
-                )
-            return PackedSequence(rows, batch_sizes, sorted_indices, unsorted_indices), hidden
-        out = rows.reshape(T, B, rows.size(-1))
-        if self.batch_first:
-            out = out.transpose(0, 1)
-        if not is_batched:
-            out = out.squeeze(0 if self.batch_first else 1)
-            hidden = tuple(s.squeeze(1) for s in hidden) if is_lstm else hidden.squeeze(1)
-        return out, hidden
+    def _format_output(self, rows: Tensor, states: Tuple[Tensor, ...], inp: _Rows):
+        """The output and hidden state in the form of the input (packed, padded, batch-first, unbatched)."""
+        if inp.batch_sizes is not None:
+            states = self._permute_hidden(states, inp.unsorted_indices)
+            out = PackedSequence(rows, inp.batch_sizes, inp.sorted_indices, inp.unsorted_indices)
+        else:
+            out = rows.reshape(inp.T, inp.B, rows.size(-1))
+            if self.batch_first:
+                out = out.transpose(0, 1)
+            if not inp.batched:
+                out = out.squeeze(0 if self.batch_first else 1)
+                states = tuple(s.squeeze(1) for s in states)
+        return out, (states if self.mode == "LSTM" else states[0])
+
+    def _run(self, input: Union[Tensor, PackedSequence], hx: Optional[Union[Tensor, Tuple[Tensor, Tensor]]]):
+        """Shared forward, in torch.nn's steps: check the input and hidden state, permute the hidden state to
+        the packed order, run the layers, restore the input's form."""
+        self._check_hx_type(hx)
+        inp = self._flatten_input(input)
+        states = self._permute_hidden(self._check_hidden_size(hx, inp), inp.sorted_indices)
+        rows = inp.rows
+        amp_dtype = self._autocast_dtype(rows.device.type)
+        if amp_dtype is not None:
+            rows, states = rows.to(amp_dtype), tuple(s.to(amp_dtype) for s in states)
+        rows, states = self._run_layers(rows, inp.batch_sizes, states, amp_dtype)
+        if amp_dtype is not None and self.mode == "GRU" and rows.device.type == "cpu":
+            # torch.nn's CPU GRU computes in the autocast dtype but returns the weights' dtype
+            w_dtype = self.weight_ih_l0.dtype
+            rows, states = rows.to(w_dtype), tuple(s.to(w_dtype) for s in states)
+        return self._format_output(rows, states, inp)
 
     @classmethod
-    def from_torch(cls, module: nn.RNNBase, backend: str = "auto"):
+    def from_torch(cls, module: nn.RNNBase, backend: str = "auto", backend_options: Optional[Dict[str, dict]] = None):
         """A fastrnn module sharing ``module``'s parameters (the same objects, so optimizers keep working)."""
         if not isinstance(module, nn.RNNBase) or module.mode not in cls._modes:
             raise TypeError(f"{cls.__name__}.from_torch expects a torch.nn module of mode {cls._modes}, got {module!r}")
@@ -212,7 +255,8 @@ class _RNNBase(nn.RNNBase):
             kwargs["nonlinearity"] = module.nonlinearity
         with torch.device("meta"), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            new = cls(module.input_size, module.hidden_size, backend=backend, **kwargs)
+            new = cls(module.input_size, module.hidden_size, backend=backend, backend_options=backend_options,
+                      **kwargs)
         for name in module._flat_weights_names:
             new._parameters[name] = module._parameters[name]
         new._init_flat_weights()
@@ -220,7 +264,8 @@ class _RNNBase(nn.RNNBase):
 
 
 class LSTM(_RNNBase):
-    """``torch.nn.LSTM`` (same constructor, including ``proj_size``) plus keyword-only ``backend``."""
+    """``torch.nn.LSTM`` (same constructor, including ``proj_size``) plus keyword-only ``backend`` and
+    ``backend_options``."""
 
     _modes = ("LSTM",)
 
@@ -232,7 +277,7 @@ class LSTM(_RNNBase):
 
 
 class GRU(_RNNBase):
-    """``torch.nn.GRU`` plus keyword-only ``backend``."""
+    """``torch.nn.GRU`` plus keyword-only ``backend`` and ``backend_options``."""
 
     _modes = ("GRU",)
 
@@ -246,7 +291,8 @@ class GRU(_RNNBase):
 
 
 class RNN(_RNNBase):
-    """``torch.nn.RNN`` (``nonlinearity`` 'tanh' or 'relu') plus keyword-only ``backend``."""
+    """``torch.nn.RNN`` (``nonlinearity`` 'tanh' or 'relu') plus keyword-only ``backend`` and
+    ``backend_options``."""
 
     _modes = ("RNN_TANH", "RNN_RELU")
 
@@ -267,12 +313,14 @@ class RNN(_RNNBase):
         return self._run(input, hx)
 
 
-class _CellBase(nn.RNNCellBase):
+class _CellBase(_BackendMixin, nn.RNNCellBase):
     _mode = ""
 
-    def __init__(self, input_size: int, hidden_size: int, bias: bool, num_chunks: int, backend: str, **kw) -> None:
+    def __init__(self, input_size: int, hidden_size: int, bias: bool, num_chunks: int, backend: str,
+                 backend_options: Optional[Dict[str, dict]], **kw) -> None:
         super().__init__(input_size, hidden_size, bias, num_chunks, **kw)
         self.backend = _backend._check_name(backend)
+        self.backend_options = _check_backend_options(backend_options)
 
     def _step(self, input: Tensor, hx, n_states: int):
         name = self._get_name()
@@ -307,33 +355,25 @@ class _CellBase(nn.RNNCellBase):
                 states = tuple(s.unsqueeze(0) for s in states)
             for n, s in zip(names, states):
                 _check_state(n, s, x, (x.size(0), self.hidden_size))
-        impl = _backend.resolve(self.backend, x.device, x.dtype)
-        h, _, c = impl.layer(
-            self._mode,
-            x,
-            None,
-            states[0],
-            states[1] if n_states == 2 else None,
-            self.weight_ih,
-            self.weight_hh,
-            self.bias_ih,
-            self.bias_hh,
-            None,
-            False,
-        )
+        impl, options = self._backend_for(x)
+        c0 = states[1] if n_states == 2 else None
+        h, _, c = impl.layer(LayerArgs(self._mode, x, None, states[0], c0, self.weight_ih, self.weight_hh,
+                                       self.bias_ih, self.bias_hh, None, False), **options)
         if not is_batched:
             h = h.squeeze(0)
             c = None if c is None else c.squeeze(0)
         return (h, c) if n_states == 2 else h
 
     @classmethod
-    def from_torch(cls, module: nn.RNNCellBase, backend: str = "auto"):
+    def from_torch(cls, module: nn.RNNCellBase, backend: str = "auto",
+                   backend_options: Optional[Dict[str, dict]] = None):
         """A fastrnn cell that shares ``module``'s parameters (same objects, so optimizers keep working)."""
         if type(module) is not _TORCH_CELLS[cls.__name__]:
             raise TypeError(f"{cls.__name__}.from_torch expects a torch.nn.{cls.__name__}, got {module!r}")
         kwargs = {"nonlinearity": module.nonlinearity} if isinstance(module, nn.RNNCell) else {}
         with torch.device("meta"):
-            new = cls(module.input_size, module.hidden_size, module.bias, backend=backend, **kwargs)
+            new = cls(module.input_size, module.hidden_size, module.bias, backend=backend,
+                      backend_options=backend_options, **kwargs)
         for name, p in module._parameters.items():
             new._parameters[name] = p
         return new.train(module.training)
@@ -343,31 +383,34 @@ _TORCH_CELLS = {"LSTMCell": nn.LSTMCell, "GRUCell": nn.GRUCell, "RNNCell": nn.RN
 
 
 class LSTMCell(_CellBase):
-    """``torch.nn.LSTMCell`` plus keyword-only ``backend``; one fused step per call."""
+    """``torch.nn.LSTMCell`` plus keyword-only ``backend`` and ``backend_options``; one fused step per call."""
 
     _mode = "LSTM"
 
-    def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None, dtype=None, *, backend: str = "auto") -> None:
-        super().__init__(input_size, hidden_size, bias, 4, backend, device=device, dtype=dtype)
+    def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None, dtype=None, *, backend: str = "auto",
+                 backend_options: Optional[Dict[str, dict]] = None) -> None:
+        super().__init__(input_size, hidden_size, bias, 4, backend, backend_options, device=device, dtype=dtype)
 
     def forward(self, input: Tensor, hx: Optional[Tuple[Tensor, Tensor]] = None) -> Tuple[Tensor, Tensor]:
         return self._step(input, hx, 2)
 
 
 class GRUCell(_CellBase):
-    """``torch.nn.GRUCell`` plus keyword-only ``backend``; one fused step per call."""
+    """``torch.nn.GRUCell`` plus keyword-only ``backend`` and ``backend_options``; one fused step per call."""
 
     _mode = "GRU"
 
-    def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None, dtype=None, *, backend: str = "auto") -> None:
-        super().__init__(input_size, hidden_size, bias, 3, backend, device=device, dtype=dtype)
+    def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None, dtype=None, *, backend: str = "auto",
+                 backend_options: Optional[Dict[str, dict]] = None) -> None:
+        super().__init__(input_size, hidden_size, bias, 3, backend, backend_options, device=device, dtype=dtype)
 
     def forward(self, input: Tensor, hx: Optional[Tensor] = None) -> Tensor:
         return self._step(input, hx, 1)
 
 
 class RNNCell(_CellBase):
-    """``torch.nn.RNNCell`` (``nonlinearity`` 'tanh' or 'relu') plus keyword-only ``backend``."""
+    """``torch.nn.RNNCell`` (``nonlinearity`` 'tanh' or 'relu') plus keyword-only ``backend`` and
+    ``backend_options``."""
 
     def __init__(
         self,
@@ -379,11 +422,12 @@ class RNNCell(_CellBase):
         dtype=None,
         *,
         backend: str = "auto",
+        backend_options: Optional[Dict[str, dict]] = None,
     ) -> None:
         if nonlinearity not in ("tanh", "relu"):
             raise ValueError(f"Unknown nonlinearity: {nonlinearity}. Select from 'tanh' or 'relu'.")
         self.nonlinearity = nonlinearity
-        super().__init__(input_size, hidden_size, bias, 1, backend, device=device, dtype=dtype)
+        super().__init__(input_size, hidden_size, bias, 1, backend, backend_options, device=device, dtype=dtype)
 
     @property
     def _mode(self) -> str:  # type: ignore[override]

@@ -1,25 +1,177 @@
-"""Backends of fastrnn. Every backend module exposes the same three names.
+"""The backend contract of fastrnn, declared once: every backend module and the modules use these names.
 
-``availability(device, dtype) -> str | None``
-    ``None`` when the backend can run on ``device`` with ``dtype`` storage, otherwise a one-line reason.
+A backend module exposes ``availability(device, dtype) -> str | None`` (``None`` when it can run ``dtype``
+storage on ``device``, else a one-line reason) and ``layer(args: LayerArgs, **options) -> LayerOut``: one
+layer in one direction over a whole sequence, differentiable with respect to every tensor in ``args``.
+``layer`` also takes the eleven fields flat, positionally or by name (``layer(mode, x, ..., reverse)``).
 
-``layer(mode, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse) -> (y, h_n, c_n)``
-    One layer in one direction over a whole sequence, differentiable with respect to every tensor input.
+Shapes, with ``G`` gates (4 LSTM i,f,g,o; 3 GRU r,z,n; 1 Elman) and ``Hout = proj_size or H``:
 
-    - ``mode``: ``"LSTM"``, ``"GRU"``, ``"RNN_TANH"`` or ``"RNN_RELU"`` (``torch.nn.RNNBase.mode``).
-    - ``x: [N, I]``: time-major rows. Dense input has ``batch_sizes=None`` and ``N = T*B`` with
-      ``B = h0.shape[0]``; packed input has ``batch_sizes: int64 CPU [T]``, non-increasing, and the rows
-      of step ``t`` are ``x[off_t : off_t + batch_sizes[t]]`` with ``off_t = sum(batch_sizes[:t])``.
-    - ``h0: [B, Hout]`` (``Hout = proj_size or H``); ``c0: [B, H]`` for LSTM, else ``None``.
-    - ``w_ih: [G*H, I]``, ``w_hh: [G*H, Hout]``, ``b_ih, b_hh: [G*H]`` or ``None``, ``w_hr: [Hout, H]``
-      or ``None`` (LSTM projection); ``G`` is 4 (LSTM, gates i,f,g,o), 3 (GRU, gates r,z,n) or 1.
-    - ``reverse``: process steps from ``T-1`` down to ``0`` (the backward direction of a bidirectional layer).
-    - returns ``y: [N, Hout]`` (same row layout as ``x``), ``h_n: [B, Hout]`` and ``c_n: [B, H]`` (LSTM,
-      else ``None``): each sequence's state after its own last step.
+- ``x: [N, I]``: time-major rows. Dense input has ``batch_sizes=None`` and ``N = T*B`` with
+  ``B = h0.shape[0]``; packed input has ``batch_sizes: int64 CPU [T]``, non-increasing, and the rows
+  of step ``t`` are ``x[off_t : off_t + batch_sizes[t]]`` with ``off_t = sum(batch_sizes[:t])``.
+- ``h0: [B, Hout]``; ``c0: [B, H]`` for LSTM, else ``None``.
+- ``w_ih: [G*H, I]``, ``w_hh: [G*H, Hout]``, ``b_ih, b_hh: [G*H]`` or ``None``, ``w_hr: [Hout, H]`` or
+  ``None`` (LSTM projection).
+- ``reverse``: process steps from ``T-1`` down to ``0`` (the backward direction of a bidirectional layer).
+- ``LayerOut``: ``y: [N, Hout]`` (the row layout of ``x``), ``h_n: [B, Hout]``, ``c_n: [B, H]`` (LSTM, else
+  ``None``): each sequence's state after its own last step.
 
 A row that is inactive at a step keeps its state untouched, so packed sequences need no padding: in the
 forward direction a sequence stops updating after its last step, in reverse it starts from ``h0``.
+
+The fused backends keep the activations their backward reads in the ``Saved`` layout (``fastrnn.ops.glue``
+registers them as custom ops around it).
 """
+
+from typing import NamedTuple, Optional, Tuple
+
+import torch
+from torch import Tensor
 
 MODES = ("LSTM", "GRU", "RNN_TANH", "RNN_RELU")
 GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
+
+# The torch.library schema of the LayerArgs fields, for the backends' custom ops.
+LAYER_SCHEMA = ("str mode, Tensor x, Tensor? batch_sizes, Tensor h0, Tensor? c0, Tensor w_ih, Tensor w_hh, "
+                "Tensor? b_ih, Tensor? b_hh, Tensor? w_hr, bool reverse")
+
+
+class LayerArgs(NamedTuple):
+    """The arguments of one layer in one direction (shapes in the module docstring)."""
+
+    mode: str
+    x: Tensor
+    batch_sizes: Optional[Tensor]
+    h0: Tensor
+    c0: Optional[Tensor]
+    w_ih: Tensor
+    w_hh: Tensor
+    b_ih: Optional[Tensor]
+    b_hh: Optional[Tensor]
+    w_hr: Optional[Tensor]
+    reverse: bool
+
+    @property
+    def H(self) -> int:
+        return self.w_hh.shape[0] // GATES[self.mode]
+
+    def tensors(self) -> Tuple[Optional[Tensor], ...]:
+        """The differentiable inputs, in ``GRAD_NAMES`` order."""
+        return self.x, self.h0, self.c0, self.w_ih, self.w_hh, self.b_ih, self.b_hh, self.w_hr
+
+
+GRAD_NAMES = ("x", "h0", "c0", "w_ih", "w_hh", "b_ih", "b_hh", "w_hr")
+
+
+class LayerOut(NamedTuple):
+    y: Tensor
+    h_n: Tensor
+    c_n: Optional[Tensor]
+
+
+class Saved(NamedTuple):
+    """What a fused forward keeps for its backward, per row of ``x``; an absent entry is an empty ``[0]``.
+
+    - ``gates: [N, G*H]``: LSTM i, f, g, o and GRU r, z, n after their activation (csrc/cell.h's layout);
+      the Elman RNN saves none, its derivative is a function of ``y`` alone.
+    - ``c: [N, H]``: LSTM cell after each step.
+    - ``hn: [N, H]``: GRU ``W_hn h_prev + b_hn`` (the n gate's recurrent term, inside ``r * (...)``).
+    - ``h: [N, Hout]``: h in the compute dtype where ``y`` was rounded to a narrower storage dtype.
+    - ``hr: [N, H]``: LSTM with projection, h before ``w_hr``.
+
+    Backends that recompute a value (the cpp backend recomputes ``hr``) leave it empty.
+    """
+
+    gates: Tensor
+    c: Tensor
+    hn: Tensor
+    h: Tensor
+    hr: Tensor
+
+    @staticmethod
+    def empty_like(a: LayerArgs, save: bool, dtype: torch.dtype, h: bool = False, hr: bool = False) -> "Saved":
+        """Uninitialised buffers of this layout (also the custom ops' fake outputs)."""
+        N, H, Hout = a.x.shape[0], a.H, a.h0.shape[1]
+        lstm, gru = a.mode == "LSTM", a.mode == "GRU"
+
+        def buf(present: bool, width: int) -> Tensor:
+            return a.x.new_empty((N, width) if save and present else (0,), dtype=dtype)
+
+        return Saved(buf(lstm or gru, GATES[a.mode] * H), buf(lstm, H), buf(gru, H), buf(h, Hout),
+                     buf(hr and a.w_hr is not None, H))
+
+
+def parse_layer_args(args: tuple, kwargs: dict) -> Tuple[LayerArgs, dict]:
+    """``(LayerArgs, backend options)`` from ``layer(args)`` or the fields flat, positional or by name."""
+    if len(args) == 1 and isinstance(args[0], LayerArgs):
+        return args[0], kwargs
+    fields = {k: kwargs.pop(k) for k in LayerArgs._fields if k in kwargs}
+    return LayerArgs(*args, **fields), kwargs
+
+
+def _fail(message: str) -> None:
+    raise RuntimeError(f"fastrnn: {message}")
+
+
+def _check_like(t: Tensor, name: str, x: Tensor, shape: Tuple[int, ...]) -> None:
+    if t.device != x.device:
+        _fail(f"{name} must be on {x.device} like x, got {t.device}")
+    if t.dtype != x.dtype:
+        _fail(f"{name} must have dtype {x.dtype} like x, got {t.dtype}")
+    if tuple(t.shape) != tuple(shape):
+        _fail(f"{name} must have shape {list(shape)}, got {list(t.shape)}")
+
+
+def _check_batch_sizes(bs: Tensor, B: int, N: int) -> None:
+    if bs.dim() != 1 or bs.dtype != torch.int64 or bs.device.type != "cpu":
+        _fail(f"batch_sizes must be a 1-D int64 CPU tensor, got {bs.dtype} on {bs.device} with shape "
+              f"{list(bs.shape)}")
+    if torch.compiler.is_compiling():
+        return  # a fake tensor while tracing has no values; the eager call checked them
+    sizes = bs.tolist()
+    for t, b in enumerate(sizes):
+        if not (1 <= b <= B and (t == 0 or b <= sizes[t - 1])):
+            _fail(f"batch_sizes must be non-increasing and within [1, B = {B}], got batch_sizes[{t}] = {b}")
+    if sum(sizes) != N:
+        _fail(f"batch_sizes sum to {sum(sizes)} but x has {N} rows")
+
+
+def check(a: LayerArgs) -> None:
+    """Raise a RuntimeError naming the argument, expected and actual, for input that breaks the contract."""
+    if a.mode not in MODES:
+        _fail(f"mode must be one of {', '.join(MODES)}, got {a.mode!r}")
+    x, G = a.x, GATES[a.mode]
+    if x.dim() != 2:
+        _fail(f"x must be 2-D [N, I], got shape {list(x.shape)}")
+    if not x.is_floating_point():
+        _fail(f"x must be a floating-point tensor, got {x.dtype}")
+    if a.h0.dim() != 2:
+        _fail(f"h0 must be 2-D [B, Hout], got shape {list(a.h0.shape)}")
+    if a.w_hh.dim() != 2 or a.w_hh.shape[0] == 0 or a.w_hh.shape[0] % G:
+        _fail(f"w_hh must be 2-D [{G}*H, Hout] for mode {a.mode}, got shape {list(a.w_hh.shape)}")
+    (N, I), B, H = x.shape, a.h0.shape[0], a.H
+    Hout = H
+    if a.w_hr is not None:
+        if a.mode != "LSTM":
+            _fail("w_hr (proj_size) is only supported for LSTM")
+        if a.w_hr.dim() != 2 or a.w_hr.shape[1] != H:
+            _fail(f"w_hr must have shape [Hout, H] with H = {H}, got {list(a.w_hr.shape)}")
+        Hout = a.w_hr.shape[0]
+        _check_like(a.w_hr, "w_hr", x, (Hout, H))
+    _check_like(a.w_hh, "w_hh", x, (G * H, Hout))
+    _check_like(a.w_ih, "w_ih", x, (G * H, I))
+    _check_like(a.h0, "h0", x, (B, Hout))
+    if a.mode == "LSTM":
+        if a.c0 is None:
+            _fail("c0 is required for LSTM")
+        _check_like(a.c0, "c0", x, (B, H))
+    elif a.c0 is not None:
+        _fail("c0 must be None for GRU/RNN")
+    for name, b in (("b_ih", a.b_ih), ("b_hh", a.b_hh)):
+        if b is not None:
+            _check_like(b, name, x, (G * H,))
+    if a.batch_sizes is not None:
+        _check_batch_sizes(a.batch_sizes, B, N)
+    elif (N % B if B else N) != 0:
+        _fail(f"dense x must have T*B rows with B = h0.shape[0] = {B}, got {N} rows")

@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fastrnn.ops import LayerArgs, LayerOut, check, parse_layer_args
+
 
 def availability(device: torch.device, dtype: torch.dtype) -> Optional[str]:
     if not dtype.is_floating_point:
@@ -53,19 +55,17 @@ def cell_step(
     raise ValueError(f"unknown mode {mode!r}")
 
 
-def layer(
-    mode: str,
-    x: Tensor,
-    batch_sizes: Optional[Tensor],
-    h0: Tensor,
-    c0: Optional[Tensor],
-    w_ih: Tensor,
-    w_hh: Tensor,
-    b_ih: Optional[Tensor],
-    b_hh: Optional[Tensor],
-    w_hr: Optional[Tensor],
-    reverse: bool,
-) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+def layer(*args, **kwargs) -> LayerOut:
+    """One layer in one direction: ``layer(args: LayerArgs)`` or the fields flat (see ``fastrnn.ops``)."""
+    a, options = parse_layer_args(args, kwargs)
+    if options:
+        raise TypeError(f"the reference backend takes no options, got {sorted(options)}")
+    check(a)
+    return _layer(a)
+
+
+def _layer(a: LayerArgs) -> LayerOut:
+    mode, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse = a
     out_dtype = x.dtype
     cdt = compute_dtype(out_dtype)
 
@@ -98,4 +98,4 @@ def layer(
             c = torch.cat([c_new, c[b:]]) if b < B else c_new
     y = torch.cat(outs) if T else x.new_empty(0, h0.shape[1])
     cast = lambda t: None if t is None else t.to(out_dtype)  # noqa: E731
-    return cast(y), cast(h), cast(c)
+    return LayerOut(cast(y), cast(h), cast(c))

@@ -16,35 +16,44 @@ import torch
 import triton
 import triton.language as tl
 
-from fastrnn.ops.triton_cells import FP_FUSION, backward_tile, forward_tile, load_gates, mma
+from fastrnn.ops import MODES
+from fastrnn.ops.triton.cells import FP_FUSION, backward_tile, forward_tile, load_gates, mma
 
 # fp32 stops at 16: at H = 32 Triton 3.9's LLVM aborts the whole process ("Instruction does not dominate all
 # uses", a broken shuffle vectorisation) compiling the LSTM backward for sm_90 with 16-aligned arguments, so
 # fp32 H in 17..32 takes the step kernels (benchmarks/kernel_report.py compiles every config to catch this).
 SEQ_MAX_H = {torch.float32: 16, torch.float16: 64, torch.bfloat16: 64}
+# GRU keeps hn apart from its gates (csrc/cell.h's layout); the one more pointer live through the backward's
+# time loop spilled 16 B at bf16 H = 64 on sm_90 (128 registers, 16-aligned), so 16-bit GRU stops at 32.
+SEQ_MAX_H_GRU = {torch.float32: 16, torch.float16: 32, torch.bfloat16: 32}
 
 
-def seq_config(H: int, dtype: torch.dtype) -> Optional[Dict[str, int]]:
+def seq_max_h(dtype: torch.dtype, mode: str) -> int:
+    """The largest H the whole-sequence kernels take for ``mode`` and ``dtype`` storage (0: none)."""
+    return (SEQ_MAX_H_GRU if mode == "GRU" else SEQ_MAX_H).get(dtype, 0)
+
+
+def seq_config(H: int, dtype: torch.dtype, mode: str) -> Optional[Dict[str, int]]:
     """Tile for the whole-sequence kernels, or ``None`` when W_hh would not stay in registers.
 
-    The limits in ``SEQ_MAX_H`` are the largest power-of-two H whose forward and backward kernels compile
-    for sm_80 and sm_90 without spills (checked by tests/test_triton.py). Four warps: with eight, ptxas
+    The limits (``SEQ_MAX_H``, ``SEQ_MAX_H_GRU``) are the largest power-of-two H whose forward and backward
+    kernels compile for sm_80 and sm_90 without spills (checked by tests/test_triton.py). Four warps: with eight, ptxas
     caps registers at 128 and the bf16 H=64 kernels spill; one stage: the time loop is a serial chain and
     prefetching the next step's inputs spilled the small-H bf16 backward on sm_90.
     """
-    limit = SEQ_MAX_H.get(dtype)
-    if limit is None or H > limit:
+    if H > seq_max_h(dtype, mode):
         return None
     BH = max(16, triton.next_power_of_2(H))
     return {"BB": 16, "BH": BH, "num_warps": 4, "num_stages": 1}
 
 
-def seq_configs_for(dtype: torch.dtype):
-    """Every distinct configuration :func:`seq_config` can return for ``dtype`` (for the AOT check)."""
+def seq_configs_for(dtype: torch.dtype, mode: str):
+    """Every distinct configuration :func:`seq_config` can return for ``dtype`` and ``mode`` (for the AOT
+    check)."""
     out = []
     H = 1
-    while H <= SEQ_MAX_H.get(dtype, 0):
-        cfg = seq_config(H, dtype)
+    while H <= seq_max_h(dtype, mode):
+        cfg = seq_config(H, dtype, mode)
         if cfg not in out:
             out.append(cfg)
         H *= 2
@@ -85,10 +94,20 @@ def _seq_tile(p_w, B, H, G: tl.constexpr, TRANS: tl.constexpr, BB: tl.constexpr,
 
 
 @triton.jit
+def _store_final(p_h, p_c, o_b, o_h, b_h, b_c, MODE: tl.constexpr, BH: tl.constexpr):
+    # Final states go to tile-padded buffers without a mask: a mask kept live across the time loop
+    # was spilled by ptxas (sm_80).
+    o_p = o_b[:, None] * BH + o_h[None, :]
+    tl.store(p_h + o_p, b_h)
+    if MODE == 0:
+        tl.store(p_c + o_p, b_c)
+
+
+@triton.jit
 def _fwd_seq_kernel(
-    p_x, p_b, p_w, p_h0, p_c0, p_bs, p_off, p_h, p_c, p_s, p_hn, p_cn,
+    p_x, p_b, p_w, p_h0, p_c0, p_bs, p_off, p_h, p_c, p_s, p_hn, p_hT, p_cT,
     T, B, H,
-    MODE: tl.constexpr, G: tl.constexpr, HAS_BIAS: tl.constexpr, REVERSE: tl.constexpr,
+    MODE: tl.constexpr, G: tl.constexpr, HAS_BIAS: tl.constexpr, SAVE: tl.constexpr, REVERSE: tl.constexpr,
     UPCAST: tl.constexpr, BB: tl.constexpr, BH: tl.constexpr,
 ):
     o_b, o_h, m_h, m_bh, o_s, b_w0, b_w1, b_w2, b_w3 = _seq_tile(p_w, B, H, G, True, BB, BH)
@@ -119,22 +138,17 @@ def _fwd_seq_kernel(
             b_a2 = mma(zero, b_hw, b_w2, UPCAST) + b_bias2
         if G > 3:
             b_a3 = mma(zero, b_hw, b_w3, UPCAST) + b_bias3
-        b_hn, b_cn = forward_tile(MODE, G, p_x, p_h, p_c, p_s, o_row, o_h, m_t, H, b_a0, b_a1, b_a2, b_a3,
-                                  b_h, b_c)
+        b_hn, b_cn = forward_tile(MODE, G, SAVE, p_x, p_h, p_c, p_s, p_hn, o_row, o_h, m_t, H,
+                                  b_a0, b_a1, b_a2, b_a3, b_h, b_c)
         b_h = tl.where(m_t, b_hn, b_h)
         if MODE == 0:
             b_c = tl.where(m_t, b_cn, b_c)
-    # Final states go to tile-padded buffers without a mask: a mask kept live across the time loop
-    # was spilled by ptxas (sm_80).
-    o_p = o_b[:, None] * BH + o_h[None, :]
-    tl.store(p_hn + o_p, b_h)
-    if MODE == 0:
-        tl.store(p_cn + o_p, b_c)
+    _store_final(p_hT, p_cT, o_b, o_h, b_h, b_c, MODE, BH)
 
 
 @triton.jit
 def _bwd_seq_kernel(
-    p_dy, p_dhn, p_dcn, p_w, p_s, p_h, p_c, p_hp, p_cp, p_bs, p_off, p_gh, p_gx, p_dh0, p_dc0,
+    p_dy, p_dhn, p_dcn, p_w, p_s, p_hn, p_h, p_c, p_hp, p_cp, p_bs, p_off, p_gh, p_gx, p_dh0, p_dc0,
     T, B, H,
     MODE: tl.constexpr, G: tl.constexpr, REVERSE: tl.constexpr, UPCAST: tl.constexpr,
     BB: tl.constexpr, BH: tl.constexpr,
@@ -151,7 +165,7 @@ def _bwd_seq_kernel(
         m_t = (o_b < n_t)[:, None] & m_h[None, :]
         o_rh = o_row[:, None] * H + o_h[None, :]
         b_dht = b_dh + tl.load(p_dy + o_rh, mask=m_t, other=0.0).to(tl.float32)
-        b_g0, b_g1, b_g2, b_g3, b_dcp, b_dd = backward_tile(MODE, G, p_s, p_h, p_c, p_hp, p_cp, p_gh, p_gx,
+        b_g0, b_g1, b_g2, b_g3, b_dcp, b_dd = backward_tile(MODE, G, p_s, p_hn, p_h, p_c, p_hp, p_cp, p_gh, p_gx,
                                                             o_row, o_h, m_t, H, b_dht, b_dc)
         b_dhp = mma(b_dd, b_g0.to(p_w.dtype.element_ty), b_w0, UPCAST)
         if G > 1:
@@ -162,35 +176,32 @@ def _bwd_seq_kernel(
         b_dh = tl.where(m_t, b_dhp, b_dh)
         if MODE == 0:
             b_dc = tl.where(m_t, b_dcp, b_dc)
-    o_p = o_b[:, None] * BH + o_h[None, :]
-    tl.store(p_dh0 + o_p, b_dh)
-    if MODE == 0:
-        tl.store(p_dc0 + o_p, b_dc)
+    _store_final(p_dh0, p_dc0, o_b, o_h, b_dh, b_dc, MODE, BH)
 
 
-def fwd_seq(mode_id: int, G: int, xp, b_hh, w_hh, h0, c0, bs, off, hs, cs, save, h_n, c_n,
-            reverse: bool, upcast: bool) -> None:
+def fwd_seq(mode_id: int, G: int, xp, b_hh, w_hh, h0, c0, bs, off, hs, cs, gates, hn, h_n, c_n,
+            save: bool, reverse: bool, upcast: bool) -> None:
     """Launch the forward whole-sequence kernel; ``bs``/``off`` are device int32/int64 ``[T]``, ``h_n`` and
-    ``c_n`` come from ``triton_common.padded_state``."""
+    ``c_n`` come from ``host.padded_state``; ``gates`` and ``hn`` are written only with ``save``."""
     B, H = h0.shape
-    cfg = seq_config(H, w_hh.dtype)
+    cfg = seq_config(H, w_hh.dtype, MODES[mode_id])
     _fwd_seq_kernel[(triton.cdiv(B, cfg["BB"]),)](
-        xp, w_hh if b_hh is None else b_hh, w_hh, h0, c0, bs, off, hs, cs, save, h_n, c_n,
+        xp, w_hh if b_hh is None else b_hh, w_hh, h0, c0, bs, off, hs, cs, gates, hn, h_n, c_n,
         bs.shape[0], B, H,
-        MODE=mode_id, G=G, HAS_BIAS=b_hh is not None, REVERSE=reverse, UPCAST=upcast,
+        MODE=mode_id, G=G, HAS_BIAS=b_hh is not None, SAVE=save, REVERSE=reverse, UPCAST=upcast,
         BB=cfg["BB"], BH=cfg["BH"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         enable_fp_fusion=FP_FUSION,
     )
 
 
-def bwd_seq(mode_id: int, G: int, dy, dh_n, dc_n, w_hh, save, hs, cs, h_prev, c_prev, bs, off,
+def bwd_seq(mode_id: int, G: int, dy, dh_n, dc_n, w_hh, gates, hn, hs, cs, h_prev, c_prev, bs, off,
             g_h, g_x, dh0, dc0, reverse: bool, upcast: bool) -> None:
     """Launch the backward whole-sequence kernel (reverse of the forward processing order); ``dh0`` and
-    ``dc0`` come from ``triton_common.padded_state``."""
+    ``dc0`` come from ``host.padded_state``."""
     B, H = dh_n.shape
-    cfg = seq_config(H, w_hh.dtype)
+    cfg = seq_config(H, w_hh.dtype, MODES[mode_id])
     _bwd_seq_kernel[(triton.cdiv(B, cfg["BB"]),)](
-        dy, dh_n, dc_n, w_hh, save, hs, cs, h_prev, c_prev, bs, off, g_h, g_x, dh0, dc0,
+        dy, dh_n, dc_n, w_hh, gates, hn, hs, cs, h_prev, c_prev, bs, off, g_h, g_x, dh0, dc0,
         bs.shape[0], B, H,
         MODE=mode_id, G=G, REVERSE=reverse, UPCAST=upcast,
         BB=cfg["BB"], BH=cfg["BH"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],

@@ -6,9 +6,9 @@ Gate blocks are up to four ``[BB, BH]`` tensors at column offsets ``g*H`` of a r
 gates of a mode are aliases of gate 0 and compile away.
 
 ``MODE`` is the integer code of ``fastrnn.ops.MODES``: 0 LSTM, 1 GRU, 2 RNN_TANH, 3 RNN_RELU.
-Saved per row for backward (``save``, ``[N, SAVE_GATES*H]`` fp32): LSTM i, f, g, o after their
-activation; GRU r, z, n and ``W_hn h + b_hn``; the Elman RNN saves nothing because its derivative is a
-function of ``h_t`` alone.
+Saved per row for backward, fp32 in the ``fastrnn.ops.Saved`` layout: ``gates [N, G*H]`` (LSTM i, f, g, o,
+GRU r, z, n after their activation) and GRU's ``hn [N, H]`` (``W_hn h + b_hn``); the Elman RNN saves
+nothing because its derivative is a function of ``h_t`` alone.
 """
 
 import triton
@@ -21,6 +21,16 @@ import triton.language as tl
 # built without contraction for the same reason (see fastrnn/_buildcfg.py). The cell math is a small part
 # of a step next to the recurrent product, whose tl.dot is unaffected.
 FP_FUSION = False
+
+
+def interpreting() -> bool:
+    """Whether the kernels run in the Triton interpreter.
+
+    Triton decides per function when it is decorated, so both ours and triton.language's own jit helpers
+    (``tl.zeros``) must have been created with ``TRITON_INTERPRET=1``: setting it after importing triton
+    but before fastrnn would mix the two and fail inside the kernels.
+    """
+    return all(type(fn).__name__ == "InterpretedFunction" for fn in (_sigmoid, tl.zeros))
 
 
 @triton.jit
@@ -133,25 +143,28 @@ def cell_backward(MODE: tl.constexpr, dh, dc, s0, s1, s2, s3, h, c, h_prev, c_pr
 
 
 @triton.jit
-def forward_tile(MODE: tl.constexpr, G: tl.constexpr, p_x, p_h, p_c, p_s, o_rows, o_h, m, H,
-                 a0, a1, a2, a3, h_prev, c_prev):
+def forward_tile(MODE: tl.constexpr, G: tl.constexpr, SAVE: tl.constexpr, p_x, p_h, p_c, p_s, p_hn, o_rows, o_h,
+                 m, H, a0, a1, a2, a3, h_prev, c_prev):
     """The pointwise half of a forward step for one tile: adds the input projection rows ``o_rows`` to the
-    recurrent pre-activations ``a*``, runs the cell and stores h (before projection), c and the saved
-    gates. Returns ``(h, c)``."""
+    recurrent pre-activations ``a*``, runs the cell and stores h (before projection), c and, with
+    ``SAVE``, the saved gates and GRU's hn. Returns ``(h, c)``."""
     x0, x1, x2, x3 = load_gates(p_x, o_rows, o_h, G * H, m, H, G)
     h, c, s0, s1, s2, s3 = cell_forward(MODE, x0, x1, x2, x3, a0, a1, a2, a3, h_prev, c_prev)
     o_r = o_rows[:, None] * H + o_h[None, :]
     tl.store(p_h + o_r, h, mask=m)
     if MODE == 0:
         tl.store(p_c + o_r, c, mask=m)
-    if MODE <= 1:
-        store_gates(p_s, o_rows, o_h, 4 * H, m, H, s0, s1, s2, s3, 4)
+    if SAVE:
+        if MODE <= 1:
+            store_gates(p_s, o_rows, o_h, G * H, m, H, s0, s1, s2, s3, G)
+        if MODE == 1:
+            tl.store(p_hn + o_r, s3, mask=m)
     return h, c
 
 
 @triton.jit
-def backward_tile(MODE: tl.constexpr, G: tl.constexpr, p_s, p_h, p_c, p_hp, p_cp, p_gh, p_gx, o_rows, o_h, m,
-                  H, dh, dc):
+def backward_tile(MODE: tl.constexpr, G: tl.constexpr, p_s, p_hn, p_h, p_c, p_hp, p_cp, p_gh, p_gx, o_rows, o_h,
+                  m, H, dh, dc):
     """The pointwise half of a backward step for one tile: loads what forward saved for rows ``o_rows``,
     runs :func:`cell_backward` and stores the recurrent-side gate gradients (and GRU's input-side n).
     Returns ``(g0, g1, g2, g3, dc_prev, dh_direct)``."""
@@ -170,7 +183,9 @@ def backward_tile(MODE: tl.constexpr, G: tl.constexpr, p_s, p_h, p_c, p_hp, p_cp
     s2 = h
     s3 = h
     if MODE <= 1:
-        s0, s1, s2, s3 = load_gates(p_s, o_rows, o_h, 4 * H, m, H, 4)
+        s0, s1, s2, s3 = load_gates(p_s, o_rows, o_h, G * H, m, H, G)
+    if MODE == 1:
+        s3 = tl.load(p_hn + o_r, mask=m, other=0.0)
     g0, g1, g2, g3, gx, dc_prev, dh_direct = cell_backward(MODE, dh, dc, s0, s1, s2, s3, h, c, h_prev, c_prev)
     store_gates(p_gh, o_rows, o_h, G * H, m, H, g0, g1, g2, g3, G)
     if MODE == 1:

@@ -1,0 +1,89 @@
+"""Triton backend: fused recurrent kernels behind the backend contract (``fastrnn.ops``).
+
+The package, kernel to public entry: ``cells`` (cell arithmetic shared by the kernels), ``step`` and
+``seq`` (kernels and their launchers), ``host`` (the time loops and buffers), and here the custom ops
+(``fastrnn::triton_layer_fwd``/``_bwd``, through :class:`fastrnn.ops.glue.LayerOp`) and ``layer``.
+
+Two kernel variants, chosen per layer:
+
+- ``"seq"``: whole-sequence kernels, one launch forward and one backward per layer and direction, for H
+  small enough that W_hh stays in registers (``seq.seq_config``) and no projection.
+- ``"step"``: one fused launch per time step forward and one per step backward for any H; with an LSTM
+  projection the per-step ``w_hr`` product (and its backward) run as torch matmuls beside the kernel.
+
+The input projection of all steps is one GEMM before the loop and the weight gradients are GEMMs after it.
+On CPU the kernels run only under the Triton interpreter (``TRITON_INTERPRET=1`` set before triton is
+imported), which is how the tests exercise them.
+
+Options, as keywords of ``layer`` or, from a module, ``backend_options={"triton": {...}}``:
+
+- ``variant``: ``"step"`` or ``"seq"``; ``None`` (default) picks ``"seq"`` wherever it applies.
+- ``cuda_graph``: capture the per-step launches of the ``"step"`` variant into a CUDA graph on the first
+  call with given shapes and batch sizes and replay it afterwards, removing the per-launch host cost.
+  UNVERIFIED: it has never run on a GPU.
+"""
+
+from typing import Optional
+
+import torch
+
+from fastrnn.ops import LayerArgs, Saved
+from fastrnn.ops.glue import LayerOp
+
+try:
+    from fastrnn.ops.triton import host as _host
+except ImportError as exc:  # triton missing or broken
+    _host = None
+    _IMPORT_ERROR: Optional[str] = f"triton could not be imported ({type(exc).__name__}: {exc})"
+else:
+    _IMPORT_ERROR = None
+
+CPU_REASON = (
+    "Triton kernels need a CUDA GPU; set TRITON_INTERPRET=1 before importing triton to run them on CPU "
+    "for testing"
+)
+
+
+def availability(device: torch.device, dtype: torch.dtype) -> Optional[str]:
+    """``None`` when the Triton kernels can run on ``device`` with ``dtype`` storage, else why not."""
+    if _host is None:
+        return _IMPORT_ERROR
+    if dtype not in _host.DTYPES:
+        return f"Triton kernels support float32, float16 and bfloat16 storage, got {dtype}"
+    device = torch.device(device)
+    if device.type == "cuda" or (device.type == "cpu" and _host.interpreting()):
+        return None
+    if device.type == "cpu":
+        return CPU_REASON
+    return f"Triton kernels run on CUDA devices (or CPU under TRITON_INTERPRET=1), got {device.type}"
+
+
+def _resolve_options(a: LayerArgs, options: tuple) -> tuple:
+    variant, cuda_graph = options
+    if variant is None:
+        variant = _host.pick_variant(a.H, a.w_hh.dtype, a.w_hr is not None, a.mode)
+    if variant not in _host.VARIANTS:
+        raise ValueError(f"variant must be one of {_host.VARIANTS} or None, got {variant!r}")
+    if variant == "seq" and (a.w_hr is not None or _host.seq_config(a.H, a.w_hh.dtype, a.mode) is None):
+        raise ValueError(f"the 'seq' variant needs no projection and H <= {_host.seq_max_h(a.w_hh.dtype, a.mode)}, "
+                         f"got H = {a.H}" + (" with a projection" if a.w_hr is not None else ""))
+    if cuda_graph and a.x.device.type != "cuda":
+        raise ValueError(f"cuda_graph=True needs CUDA tensors, got x on {a.x.device}")
+    return variant, bool(cuda_graph)
+
+
+def _fake_saved(a: LayerArgs, _options: tuple, save: bool) -> Saved:
+    return Saved.empty_like(a, save, torch.float32, h=a.x.dtype != torch.float32, hr=True)
+
+
+def _forward(a, options, save):
+    return _host.forward(a, options, save)
+
+
+def _backward(a, options, y, saved, dy, dh_n, dc_n, need_dx):
+    return _host.backward(a, options, y, saved, dy, dh_n, dc_n, need_dx)
+
+
+layer = LayerOp("triton", "triton_layer", availability, _forward, _backward, _fake_saved,
+                options=(("variant", "str?", None), ("cuda_graph", "bool", False)), resolve_options=_resolve_options)
+"""One layer in one direction: ``layer(args: LayerArgs, variant=None, cuda_graph=False)`` or the fields flat."""
