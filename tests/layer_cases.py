@@ -2,6 +2,7 @@
 the comparison of every output and gradient with the float64-capable reference backend."""
 
 import contextlib
+import os
 import itertools
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
@@ -157,3 +158,44 @@ def assert_matches_reference(impl: Impl, c: Case, inputs=None, frozen=()) -> Non
     assert grads.keys() == ref_grads.keys()
     for name in grads:
         assert_close(grads[name], ref_grads[name], f"d{name}")
+
+
+@contextlib.contextmanager
+def nan_poisoned(impl: Impl):
+    """Every output and workspace of the fused kernels starts NaN-filled."""
+    if impl.backend == "cpp":
+        lib = _backend._module("cpp")._lib()
+        lib._set_nan_fill(True)
+        try:
+            yield
+        finally:
+            lib._set_nan_fill(False)
+        return
+    old = os.environ.get("FASTRNN_TRITON_NAN_FILL")
+    os.environ["FASTRNN_TRITON_NAN_FILL"] = "1"
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["FASTRNN_TRITON_NAN_FILL"]
+        else:
+            os.environ["FASTRNN_TRITON_NAN_FILL"] = old
+
+
+def nn_module(mode: str, I: int, H: int, proj: int, bias: bool, bidirectional: bool):
+    kw = dict(bias=bias, bidirectional=bidirectional, dtype=torch.float64)
+    if mode == "LSTM":
+        return torch.nn.LSTM(I, H, proj_size=proj, **kw)
+    if mode == "GRU":
+        return torch.nn.GRU(I, H, **kw)
+    return torch.nn.RNN(I, H, nonlinearity=mode[4:].lower(), **kw)
+
+
+@contextlib.contextmanager
+def backward_chunk_rows(rows: int):
+    lib = _backend._module("cpp")._lib()
+    lib._set_chunk_rows(rows)
+    try:
+        yield
+    finally:
+        lib._set_chunk_rows(0)

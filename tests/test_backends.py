@@ -1,8 +1,6 @@
 """The layer contract (``fastrnn.ops``) for every backend x device x dtype that runs here, against the reference
 backend, torch.nn and gradcheck. Ids read ``<backend>[.<variant>]-<device>-<dtype>-<case>``."""
 
-import contextlib
-import os
 import re
 
 import pytest
@@ -11,7 +9,8 @@ import torch
 from conftest import TOL, assert_close
 from fastrnn import backend as _backend
 from fastrnn.ops import GRAD_NAMES, MODES, LayerArgs, Saved, reference
-from layer_cases import Case, Impl, assert_matches_reference, impls, make_inputs, option_cases, params, run
+from layer_cases import (Case, Impl, assert_matches_reference, backward_chunk_rows, impls, make_inputs, nan_poisoned,
+                         nn_module, option_cases, params, run)
 
 FUSED = impls()
 FP64 = [i for i in FUSED if i.dtype == torch.float64]
@@ -89,28 +88,6 @@ def _strided(t):
 def test_noncontiguous_inputs(impl, c):
     """Views made by slicing (strided rows and columns) give what their contiguous copies give."""
     assert_matches_reference(impl, c, {k: _strided(v) for k, v in make_inputs(c, impl).items()})
-
-
-@contextlib.contextmanager
-def nan_poisoned(impl: Impl):
-    """Every output and workspace of the fused kernels starts NaN-filled."""
-    if impl.backend == "cpp":
-        lib = _backend._module("cpp")._lib()
-        lib._set_nan_fill(True)
-        try:
-            yield
-        finally:
-            lib._set_nan_fill(False)
-        return
-    old = os.environ.get("FASTRNN_TRITON_NAN_FILL")
-    os.environ["FASTRNN_TRITON_NAN_FILL"] = "1"
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ["FASTRNN_TRITON_NAN_FILL"]
-        else:
-            os.environ["FASTRNN_TRITON_NAN_FILL"] = old
 
 
 NAN_CASES = [
@@ -216,15 +193,6 @@ def test_gradcheck(impl, c):
     assert torch.autograd.gradcheck(f, leaves, eps=1e-6, atol=1e-7, rtol=1e-5)
 
 
-def nn_module(mode: str, I: int, H: int, proj: int, bias: bool, bidirectional: bool):
-    kw = dict(bias=bias, bidirectional=bidirectional, dtype=torch.float64)
-    if mode == "LSTM":
-        return torch.nn.LSTM(I, H, proj_size=proj, **kw)
-    if mode == "GRU":
-        return torch.nn.GRU(I, H, **kw)
-    return torch.nn.RNN(I, H, nonlinearity=mode[4:].lower(), **kw)
-
-
 @pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("impl", WIDE, ids=lambda i: i.id)
@@ -316,16 +284,6 @@ def test_unknown_backend_option_is_refused():
 
 # ------------------------------------------------------------------------------------------------------
 # The cpp backend's own hooks and limits.
-
-@contextlib.contextmanager
-def backward_chunk_rows(rows: int):
-    lib = _backend._module("cpp")._lib()
-    lib._set_chunk_rows(rows)
-    try:
-        yield
-    finally:
-        lib._set_chunk_rows(0)
-
 
 @pytest.mark.parametrize("impl, c", params(CPP_CPU64, option_cases(T=9, B=4, I=3, H=5, P=2)))
 def test_cpp_backward_across_chunks(impl, c):

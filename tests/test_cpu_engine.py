@@ -5,9 +5,17 @@ fake (meta) kernels of the ops in 16-bit."""
 import pytest
 import torch
 
+from fastrnn.ops import GRAD_NAMES as NAMES
 from fastrnn.ops import MODES, cpp, reference
-from test_cpp import (NAMES, Case, assert_matches_reference, backward_chunk_rows, make_inputs,
-                      nan_poisoned_workspaces, nn_module)
+from layer_cases import Case, Impl, assert_matches_reference, backward_chunk_rows, nan_poisoned, nn_module
+from layer_cases import make_inputs as make_impl_inputs
+
+CPU64, CPU32 = Impl("cpp", "cpu", torch.float64), Impl("cpp", "cpu", torch.float32)
+
+
+def make_inputs(c: Case):
+    """fp64 CPU inputs, rounded to each dtype under test by the tests themselves."""
+    return make_impl_inputs(c, CPU64)
 
 pytestmark = pytest.mark.skipif(
     cpp.availability(torch.device("cpu"), torch.bfloat16) is not None,
@@ -77,14 +85,8 @@ def cases16():
     yield Case("LSTM", 8, 4, 5, 16, proj=6, packed=True)
 
 
-def case_id16(c: Case) -> str:
-    parts = [c.mode, f"T{c.T}B{c.B}I{c.I}H{c.H}"] + ([f"proj{c.proj}"] if c.proj else [])
-    parts += ["bias" if c.bias else "nobias", "packed" if c.packed else "dense"] + (["reverse"] if c.reverse else [])
-    return "-".join(parts)
-
-
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("c", list(cases16()), ids=case_id16)
+@pytest.mark.parametrize("c", list(cases16()), ids=lambda c: c.id)
 def test_16bit_against_fp64(c, dtype):
     assert_within_tolerance(c, make_inputs(c), dtype)
 
@@ -147,17 +149,17 @@ def test_16bit_no_worse_than_torch_nn(mode, packed, dtype):
     assert not worse, worse
 
 
-@pytest.mark.parametrize("c", [Case("RNN_TANH", 3, 2, 4, 1100, packed=True, dtype=torch.float32),
-                               Case("GRU", 3, 2, 4, 600, reverse=True, dtype=torch.float32)], ids=case_id16)
+@pytest.mark.parametrize("c", [Case("RNN_TANH", 3, 2, 4, 1100, packed=True),
+                               Case("GRU", 3, 2, 4, 600, reverse=True)], ids=lambda c: c.id)
 def test_fp32_wide_unit_blocks(c):
     """fp32 layers wide enough for 128- and 64-unit blocks (with a short last block) against the reference."""
-    assert_matches_reference(c)
+    assert_matches_reference(CPU32, c)
 
 
 @pytest.mark.parametrize("mode", MODES)
 def test_bf16_nan_poisoned_workspaces_across_chunks(mode):
     c = Case(mode, 9, 4, 6, 64, packed=True, reverse=mode == "GRU")
-    with nan_poisoned_workspaces(), backward_chunk_rows(6):
+    with nan_poisoned(CPU64), backward_chunk_rows(6):
         assert_within_tolerance(c, make_inputs(c), torch.bfloat16)
 
 
@@ -166,7 +168,7 @@ def test_bf16_nan_poisoned_workspaces_across_chunks(mode):
 def test_forward_and_backward_thread_counts_differ(mode, dtype):
     """The blocked gate layout the forward saves depends on H only: a backward with another thread count (or
     nested in a parallel region, which runs serially) reads it right."""
-    c = Case(mode, 10, 8, 5, 200, packed=True, dtype=torch.float64)
+    c = Case(mode, 10, 8, 5, 200, packed=True)
     inputs = make_inputs(c)
     threads = torch.get_num_threads()
     leaves = {k: inputs[k].detach().to(dtype).requires_grad_() for k in NAMES if inputs[k] is not None}
@@ -197,7 +199,7 @@ def test_fake_kernels_match_in_16bit(mode, dtype):
     inputs = {k: (v.to(dtype) if v is not None and v.is_floating_point() else v) for k, v in make_inputs(c).items()}
     args = (c.mode, inputs["x"], inputs["batch_sizes"], inputs["h0"], inputs["c0"], inputs["w_ih"], inputs["w_hh"],
             inputs["b_ih"], inputs["b_hh"], inputs["w_hr"], False, True)
-    torch.library.opcheck(cpp.layer_fwd, args, test_utils=("test_faketensor",))
+    torch.library.opcheck(cpp.layer.fwd, args, test_utils=("test_faketensor",))
 
 
 def test_autocast_module_runs_the_bf16_engine_like_torch_nn():

@@ -59,7 +59,7 @@ def _lib() -> object:
 
 def _forward(a: LayerArgs, _options: tuple, save: bool):
     y, h_n, c_n, gates, c, hn = _lib().layer_fwd(*a, save)
-    return y, h_n, c_n, Saved(gates, c, hn, y.new_empty(0), y.new_empty(0))
+    return y, h_n, c_n, Saved(gates, c, hn, gates.new_empty(0), gates.new_empty(0))
 
 
 def _ws_dtype(x: Tensor) -> torch.dtype:
