@@ -82,9 +82,12 @@ void check_dtype_device(const Tensor& x) {
   }
 }
 
+// The sizes and step layout of a call. `validate` adds the dtype/device/shape checks of every input, done in
+// forward only: backward receives the very tensors forward validated (autograd saved them for it), so it
+// re-derives the layout and checks just what is its own (dy, dh_n, dc_n, the saved activations).
 Problem check_inputs(Mode m, const Tensor& x, const OptTensor& batch_sizes, const Tensor& h0, const OptTensor& c0,
                      const Tensor& w_ih, const Tensor& w_hh, const OptTensor& b_ih, const OptTensor& b_hh,
-                     const OptTensor& w_hr) {
+                     const OptTensor& w_hr, bool validate) {
   Problem p;
   p.mode = m;
   p.lstm = m == Mode::LSTM;
@@ -108,19 +111,21 @@ Problem check_inputs(Mode m, const Tensor& x, const OptTensor& batch_sizes, cons
     TORCH_CHECK(w_hr->dim() == 2 && w_hr->size(1) == p.H, "fastrnn: w_hr must have shape [Hout, H] with H = ",
                 p.H, ", got ", shape_str(w_hr->sizes()));
     p.Hout = w_hr->size(0);
-    check_like(*w_hr, "w_hr", x, {p.Hout, p.H});
   }
-  check_like(w_hh, "w_hh", x, {GH, p.Hout});
-  check_like(w_ih, "w_ih", x, {GH, p.I});
-  check_like(h0, "h0", x, {p.B, p.Hout});
-  if (p.lstm) {
-    TORCH_CHECK(c0.has_value(), "fastrnn: c0 is required for LSTM");
-    check_like(*c0, "c0", x, {p.B, p.H});
-  } else {
-    check_absent(c0, "c0", "for GRU/RNN");
+  if (validate) {
+    if (p.proj) check_like(*w_hr, "w_hr", x, {p.Hout, p.H});
+    check_like(w_hh, "w_hh", x, {GH, p.Hout});
+    check_like(w_ih, "w_ih", x, {GH, p.I});
+    check_like(h0, "h0", x, {p.B, p.Hout});
+    if (p.lstm) {
+      TORCH_CHECK(c0.has_value(), "fastrnn: c0 is required for LSTM");
+      check_like(*c0, "c0", x, {p.B, p.H});
+    } else {
+      check_absent(c0, "c0", "for GRU/RNN");
+    }
+    if (b_ih) check_like(*b_ih, "b_ih", x, {GH});
+    if (b_hh) check_like(*b_hh, "b_hh", x, {GH});
   }
-  if (b_ih) check_like(*b_ih, "b_ih", x, {GH});
-  if (b_hh) check_like(*b_hh, "b_hh", x, {GH});
 
   if (p.packed) {
     const Tensor& bs = *batch_sizes;
@@ -187,7 +192,8 @@ std::vector<Tensor> layer_fwd(const std::string& mode, const Tensor& x_in, const
                               const Tensor& h0, const OptTensor& c0, const Tensor& w_ih_in, const Tensor& w_hh_in,
                               const OptTensor& b_ih, const OptTensor& b_hh, const OptTensor& w_hr_in, bool reverse,
                               bool save) {
-  const Problem pr = check_inputs(parse_mode(mode), x_in, batch_sizes, h0, c0, w_ih_in, w_hh_in, b_ih, b_hh, w_hr_in);
+  const Problem pr =
+      check_inputs(parse_mode(mode), x_in, batch_sizes, h0, c0, w_ih_in, w_hh_in, b_ih, b_hh, w_hr_in, true);
   const c10::DeviceGuard guard(x_in.device());
   const NoAutocast no_autocast;
   if (cpu_16bit_fallback(pr, x_in)) {
@@ -273,7 +279,7 @@ std::vector<Tensor> layer_bwd(const std::string& mode, const Tensor& x_in, const
                               const Tensor& c_save_in, const Tensor& hn_save_in, const Tensor& dy_in,
                               const Tensor& dh_n, const OptTensor& dc_n, bool need_dx) {
   const Problem pr =
-      check_inputs(parse_mode(mode), x_in, batch_sizes, h0_in, c0_in, w_ih_in, w_hh_in, b_ih, b_hh, w_hr_in);
+      check_inputs(parse_mode(mode), x_in, batch_sizes, h0_in, c0_in, w_ih_in, w_hh_in, b_ih, b_hh, w_hr_in, false);
   const c10::DeviceGuard guard(x_in.device());
   const NoAutocast no_autocast;
   const int64_t H = pr.H, GH = pr.G * H, Hout = pr.Hout, N = pr.N, B = pr.B;
