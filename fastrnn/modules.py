@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
 from fastrnn import backend as _backend
-from fastrnn.ops import LayerArgs
+from fastrnn.ops import GATES, CellExt, LayerArgs
 
 
 class HiddenStateTypeError(TypeError, AttributeError, IndexError):
@@ -55,14 +55,88 @@ def _check_backend_options(options: Optional[Dict[str, dict]]) -> Dict[str, dict
     return options
 
 
+def _check_probability(name: str, p) -> float:
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p <= 1:
+        raise ValueError(f"{name} must be a number in [0, 1], got {p!r}")
+    return float(p)
+
+
 class _BackendMixin:
+    """Backend choice, and fastrnn's own cells (``CellExt``): options, LayerNorm parameters, masks."""
+
     backend: str
     backend_options: Dict[str, dict]
+    layer_norm: bool
+    zoneout: float
+    recurrent_dropout: float
 
-    def _backend_for(self, x: Tensor) -> Tuple[ModuleType, dict]:
-        """The backend module that runs this module on ``x`` and the options the module gives it."""
+    def _init_ext(self, layer_norm: bool, zoneout: float, recurrent_dropout: float) -> None:
+        if not isinstance(layer_norm, bool):
+            raise ValueError(f"layer_norm must be a bool, got {layer_norm!r}")
+        self.layer_norm = layer_norm
+        self.zoneout = _check_probability("zoneout", zoneout)
+        self.recurrent_dropout = _check_probability("recurrent_dropout", recurrent_dropout)
+
+    def _ext_repr(self) -> str:
+        opts = [("layer_norm", self.layer_norm, False), ("zoneout", self.zoneout, 0.0),
+                ("recurrent_dropout", self.recurrent_dropout, 0.0)]
+        return "".join(f", {n}={v}" for n, v, off in opts if v != off)
+
+    def _register_layer_norm(self, suffix: str, G: int, H: int, lstm: bool, factory: dict) -> None:
+        """Gain (1) and shift (0) of the LayerNorms of one layer and direction, named ``layer_norm_*{suffix}``."""
+        widths = {"ih": G * H, "hh": G * H, **({"c": H} if lstm else {})}
+        for part, width in widths.items():
+            for kind in ("weight", "bias"):
+                name = f"layer_norm_{part}_{kind}{suffix}"
+                self.register_parameter(name, nn.Parameter(torch.empty(width, **factory)))
+        self._reset_layer_norm()
+
+    def _reset_layer_norm(self) -> None:
+        with torch.no_grad():
+            for name, p in self.named_parameters(recurse=False):
+                if name.startswith("layer_norm_"):
+                    p.fill_(1.0 if "_weight" in name else 0.0)
+
+    def _layer_norm_params(self, suffix: str) -> List[Optional[Tensor]]:
+        if not self.layer_norm:
+            return [None] * 6
+        return [getattr(self, f"layer_norm_{part}_{kind}{suffix}", None)
+                for part in ("ih", "hh", "c") for kind in ("weight", "bias")]
+
+    def _zoneout_mask(self, like: Tensor, rows: int, width: int) -> Optional[Tensor]:
+        """Per row and unit, the weight of the previous state: a draw in training, ``p`` in eval."""
+        if self.zoneout == 0:
+            return None
+        if not self.training:
+            return like.new_full((rows, width), self.zoneout)
+        return like.new_empty(rows, width).bernoulli_(self.zoneout)
+
+    def _recurrent_dropout_mask(self, like: Tensor, B: int, width: int) -> Optional[Tensor]:
+        """One inverted-dropout mask on ``h_{t-1}`` for a whole sequence (training only)."""
+        p = self.recurrent_dropout
+        if p == 0 or not self.training:
+            return None
+        if p == 1:
+            return like.new_zeros(B, width)
+        return like.new_empty(B, width).bernoulli_(1 - p).div_(1 - p)
+
+    def _backend_for(self, x: Tensor, features: Tuple[str, ...] = ()) -> Tuple[ModuleType, dict]:
+        """The backend module that runs this module on ``x`` and the options the module gives it; ``features``
+        (``CellExt.features()``) a backend lacks send ``"auto"`` to the reference backend and fail otherwise."""
         name, impl = _backend.resolve_named(self.backend, x.device, x.dtype)
+        missing = [f for f in features if f not in getattr(impl, "EXT_FEATURES", ())]
+        if missing:
+            if self.backend != "auto" or _backend.requested_backend() != "auto":
+                raise RuntimeError(f"fastrnn backend {name!r} does not run {', '.join(missing)}; use backend='auto' "
+                                   f"or a backend that does")
+            name, impl = _backend.resolve_named("reference", x.device, x.dtype)
         return impl, self.backend_options.get(name, {})
+
+    def _call_layer(self, a: LayerArgs, ext: CellExt):
+        impl, options = self._backend_for(a.x, ext.features())
+        if ext.features():
+            return impl.layer(a, ext=ext, **options)
+        return impl.layer(a, **options)
 
 
 class _Rows(NamedTuple):
@@ -77,12 +151,64 @@ class _Rows(NamedTuple):
     batched: bool
 
 
+_EQUATIONS = {
+    "LSTM": ("gates = LN_ih(W_ih x_t) + b_ih + LN_hh(W_hh h_{t-1}) + b_hh   (LN over all 4H gates i, f, g, o)\n"
+             "c_t = f*c_{t-1} + i*g\n"
+             "h_t = o*tanh(LN_c(c_t))   (LN_c over H), then W_hr if proj_size"),
+    "GRU": ("gx = LN_ih(W_ih x_t) + b_ih,   gh = LN_hh(W_hh h_{t-1}) + b_hh   (each over all 3H gates r, z, n)\n"
+            "r = sigmoid(gx_r + gh_r),   z = sigmoid(gx_z + gh_z),   n = tanh(gx_n + r*gh_n)\n"
+            "h_t = (1-z)*n + z*h_{t-1}"),
+    "RNN": "h_t = act(LN_ih(W_ih x_t) + b_ih + LN_hh(W_hh h_{t-1}) + b_hh)",
+}
+
+
+def _doc(head: str, kind: str, cell: bool) -> str:
+    """A module's docstring: what it replaces, then fastrnn's own cells with their equations."""
+    lstm = kind == "LSTM"
+    names = "layer_norm_{ih,hh%s}_{weight,bias}%s" % (",c" if lstm else "", "" if cell else "_l{k}[_reverse]")
+    equations = "\n".join("        " + line for line in _EQUATIONS[kind].splitlines())
+    zoneout_c = ("\n      Each unit of ``c`` likewise, with its own draws; ``h'_t`` is computed from the new ``c``"
+                 " before zoneout.") if lstm else ""
+    once = ("sequence of calls (a call with ``hx=None``,\n      another batch size or ``reset_dropout_mask()`` "
+            "starts one)") if cell else "sequence, layer and direction"
+    return f"""{head} plus keyword-only ``backend`` and ``backend_options``{'; one fused step per call' if cell else ''}.
+
+    fastrnn's own cells, keyword-only and off by default (off, the module is torch.nn's, ``state_dict`` too):
+
+    - ``layer_norm=True`` (Ba et al. 2016): LayerNorms with eps 1e-5 and their own gain (initially 1) and shift
+      (initially 0){' per layer and direction' if not cell else ''}, named ``{names}``::
+
+{equations}
+
+    - ``zoneout=p`` (Krueger et al. 2016): in training each unit of ``h`` keeps its previous value with
+      probability ``p``: ``h_t = d*h_{{t-1}} + (1-d)*h'_t``, ``d ~ Bernoulli(p)`` drawn from torch's generator
+      for every step, unit and sequence; in eval ``h_t = p*h_{{t-1}} + (1-p)*h'_t``.{zoneout_c}
+    - ``recurrent_dropout=p`` (Gal and Ghahramani 2016; Keras' ``recurrent_dropout``): in training ``h_{{t-1}}``
+      is multiplied by ``m/(1-p)`` where it enters ``W_hh`` (only there: the state is not dropped), with
+      ``m ~ Bernoulli(1-p)`` drawn once per {once}.
+    """
+
+
 class _RNNBase(_BackendMixin, nn.RNNBase):
     def __init__(self, mode: str, *args, backend: str = "auto", backend_options: Optional[Dict[str, dict]] = None,
-                 **kwargs) -> None:
+                 layer_norm: bool = False, zoneout: float = 0.0, recurrent_dropout: float = 0.0, **kwargs) -> None:
+        self._init_ext(layer_norm, zoneout, recurrent_dropout)
         super().__init__(mode, *args, **kwargs)
         self.backend = _backend._check_name(backend)
         self.backend_options = _check_backend_options(backend_options)
+        if layer_norm:
+            factory = {"device": self.weight_ih_l0.device, "dtype": self.weight_ih_l0.dtype}
+            for layer in range(self.num_layers):
+                for suffix in ("", "_reverse")[: 2 if self.bidirectional else 1]:
+                    self._register_layer_norm(f"_l{layer}{suffix}", GATES[mode], self.hidden_size, mode == "LSTM",
+                                              factory)
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        self._reset_layer_norm()
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + self._ext_repr()
 
     def flatten_parameters(self) -> None:
         """A no-op kept for API compatibility: fastrnn reads the parameters in place."""
@@ -186,7 +312,6 @@ class _RNNBase(_BackendMixin, nn.RNNBase):
                     amp_dtype: Optional[torch.dtype]) -> Tuple[Tensor, Tuple[Tensor, ...]]:
         """Every layer and direction through the backend: ``(last layer's rows, final states)``."""
         num_dir = 2 if self.bidirectional else 1
-        impl, options = self._backend_for(rows)
         finals: List[List[Tensor]] = [[] for _ in states]
         for layer in range(self.num_layers):
             outs = []
@@ -197,7 +322,8 @@ class _RNNBase(_BackendMixin, nn.RNNBase):
                     params = [None if p is None else p.to(amp_dtype) for p in params]
                 k = layer * num_dir + d
                 c0 = states[1][k] if self.mode == "LSTM" else None
-                out = impl.layer(LayerArgs(self.mode, rows, batch_sizes, states[0][k], c0, *params, d == 1), **options)
+                a = LayerArgs(self.mode, rows, batch_sizes, states[0][k], c0, *params, d == 1)
+                out = self._call_layer(a, self._layer_ext(a, layer, d, amp_dtype))
                 outs.append(out.y)
                 for final, s in zip(finals, (out.h_n, out.c_n)):
                     final.append(s)
@@ -205,6 +331,17 @@ class _RNNBase(_BackendMixin, nn.RNNBase):
             if self.dropout > 0 and self.training and layer < self.num_layers - 1:
                 rows = F.dropout(rows, self.dropout, True)
         return rows, tuple(torch.stack(f) for f in finals)
+
+    def _layer_ext(self, a: LayerArgs, layer: int, direction: int, amp_dtype: Optional[torch.dtype]) -> CellExt:
+        """This layer and direction's LayerNorm parameters and fresh masks."""
+        ln = self._layer_norm_params(f"_l{layer}" + ("_reverse" if direction == 1 else ""))
+        if amp_dtype is not None:
+            ln = [None if p is None else p.to(amp_dtype) for p in ln]
+        N, (B, Hout) = a.x.shape[0], a.h0.shape
+        lstm = self.mode == "LSTM"
+        zh = self._zoneout_mask(a.x, N, Hout)
+        zc = self._zoneout_mask(a.x, N, self.hidden_size) if lstm and zh is not None else None
+        return CellExt(*ln, zh, zc, self._recurrent_dropout_mask(a.x, B, Hout))
 
     def _format_output(self, rows: Tensor, states: Tuple[Tensor, ...], inp: _Rows):
         """The output and hidden state in the form of the input (packed, padded, batch-first, unbatched)."""
@@ -264,8 +401,7 @@ class _RNNBase(_BackendMixin, nn.RNNBase):
 
 
 class LSTM(_RNNBase):
-    """``torch.nn.LSTM`` (same constructor, including ``proj_size``) plus keyword-only ``backend`` and
-    ``backend_options``."""
+    __doc__ = _doc("``torch.nn.LSTM`` (same constructor, including ``proj_size``)", "LSTM", cell=False)
 
     _modes = ("LSTM",)
 
@@ -277,7 +413,7 @@ class LSTM(_RNNBase):
 
 
 class GRU(_RNNBase):
-    """``torch.nn.GRU`` plus keyword-only ``backend`` and ``backend_options``."""
+    __doc__ = _doc("``torch.nn.GRU``", "GRU", cell=False)
 
     _modes = ("GRU",)
 
@@ -291,8 +427,7 @@ class GRU(_RNNBase):
 
 
 class RNN(_RNNBase):
-    """``torch.nn.RNN`` (``nonlinearity`` 'tanh' or 'relu') plus keyword-only ``backend`` and
-    ``backend_options``."""
+    __doc__ = _doc("``torch.nn.RNN`` (``nonlinearity`` 'tanh' or 'relu')", "RNN", cell=False)
 
     _modes = ("RNN_TANH", "RNN_RELU")
 
@@ -317,10 +452,38 @@ class _CellBase(_BackendMixin, nn.RNNCellBase):
     _mode = ""
 
     def __init__(self, input_size: int, hidden_size: int, bias: bool, num_chunks: int, backend: str,
-                 backend_options: Optional[Dict[str, dict]], **kw) -> None:
+                 backend_options: Optional[Dict[str, dict]], layer_norm: bool = False, zoneout: float = 0.0,
+                 recurrent_dropout: float = 0.0, **kw) -> None:
+        self._init_ext(layer_norm, zoneout, recurrent_dropout)
         super().__init__(input_size, hidden_size, bias, num_chunks, **kw)
         self.backend = _backend._check_name(backend)
         self.backend_options = _check_backend_options(backend_options)
+        self._dropout_mask: Optional[Tensor] = None
+        if layer_norm:
+            factory = {"device": self.weight_ih.device, "dtype": self.weight_ih.dtype}
+            self._register_layer_norm("", num_chunks, hidden_size, num_chunks == 4, factory)
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        self._reset_layer_norm()
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + self._ext_repr()
+
+    def reset_dropout_mask(self) -> None:
+        """Start a new sequence: the next training call draws a new recurrent-dropout mask. A call with
+        ``hx=None`` or another batch size does this itself."""
+        self._dropout_mask = None
+
+    def _cell_ext(self, x: Tensor, new_sequence: bool) -> CellExt:
+        B, H = x.shape[0], self.hidden_size
+        lstm = self._mode == "LSTM"
+        zh = self._zoneout_mask(x, B, H)
+        zc = self._zoneout_mask(x, B, H) if lstm and zh is not None else None
+        mask = self._dropout_mask
+        if new_sequence or mask is None or mask.shape[0] != B or mask.device != x.device or mask.dtype != x.dtype:
+            mask = self._dropout_mask = self._recurrent_dropout_mask(x, B, H)
+        return CellExt(*self._layer_norm_params(""), zh, zc, mask if self.training else None)
 
     def _step(self, input: Tensor, hx, n_states: int):
         name = self._get_name()
@@ -355,10 +518,10 @@ class _CellBase(_BackendMixin, nn.RNNCellBase):
                 states = tuple(s.unsqueeze(0) for s in states)
             for n, s in zip(names, states):
                 _check_state(n, s, x, (x.size(0), self.hidden_size))
-        impl, options = self._backend_for(x)
         c0 = states[1] if n_states == 2 else None
-        h, _, c = impl.layer(LayerArgs(self._mode, x, None, states[0], c0, self.weight_ih, self.weight_hh,
-                                       self.bias_ih, self.bias_hh, None, False), **options)
+        a = LayerArgs(self._mode, x, None, states[0], c0, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh,
+                      None, False)
+        h, _, c = self._call_layer(a, self._cell_ext(x, hx is None))
         if not is_batched:
             h = h.squeeze(0)
             c = None if c is None else c.squeeze(0)
@@ -383,34 +546,37 @@ _TORCH_CELLS = {"LSTMCell": nn.LSTMCell, "GRUCell": nn.GRUCell, "RNNCell": nn.RN
 
 
 class LSTMCell(_CellBase):
-    """``torch.nn.LSTMCell`` plus keyword-only ``backend`` and ``backend_options``; one fused step per call."""
+    __doc__ = _doc("``torch.nn.LSTMCell``", "LSTM", cell=True)
 
     _mode = "LSTM"
 
-    def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None, dtype=None, *, backend: str = "auto",
-                 backend_options: Optional[Dict[str, dict]] = None) -> None:
-        super().__init__(input_size, hidden_size, bias, 4, backend, backend_options, device=device, dtype=dtype)
+    def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None, dtype=None, *,
+                 backend: str = "auto", backend_options: Optional[Dict[str, dict]] = None, layer_norm: bool = False,
+                 zoneout: float = 0.0, recurrent_dropout: float = 0.0) -> None:
+        super().__init__(input_size, hidden_size, bias, 4, backend, backend_options, layer_norm, zoneout,
+                         recurrent_dropout, device=device, dtype=dtype)
 
     def forward(self, input: Tensor, hx: Optional[Tuple[Tensor, Tensor]] = None) -> Tuple[Tensor, Tensor]:
         return self._step(input, hx, 2)
 
 
 class GRUCell(_CellBase):
-    """``torch.nn.GRUCell`` plus keyword-only ``backend`` and ``backend_options``; one fused step per call."""
+    __doc__ = _doc("``torch.nn.GRUCell``", "GRU", cell=True)
 
     _mode = "GRU"
 
-    def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None, dtype=None, *, backend: str = "auto",
-                 backend_options: Optional[Dict[str, dict]] = None) -> None:
-        super().__init__(input_size, hidden_size, bias, 3, backend, backend_options, device=device, dtype=dtype)
+    def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None, dtype=None, *,
+                 backend: str = "auto", backend_options: Optional[Dict[str, dict]] = None, layer_norm: bool = False,
+                 zoneout: float = 0.0, recurrent_dropout: float = 0.0) -> None:
+        super().__init__(input_size, hidden_size, bias, 3, backend, backend_options, layer_norm, zoneout,
+                         recurrent_dropout, device=device, dtype=dtype)
 
     def forward(self, input: Tensor, hx: Optional[Tensor] = None) -> Tensor:
         return self._step(input, hx, 1)
 
 
 class RNNCell(_CellBase):
-    """``torch.nn.RNNCell`` (``nonlinearity`` 'tanh' or 'relu') plus keyword-only ``backend`` and
-    ``backend_options``."""
+    __doc__ = _doc("``torch.nn.RNNCell`` (``nonlinearity`` 'tanh' or 'relu')", "RNN", cell=True)
 
     def __init__(
         self,
@@ -423,11 +589,15 @@ class RNNCell(_CellBase):
         *,
         backend: str = "auto",
         backend_options: Optional[Dict[str, dict]] = None,
+        layer_norm: bool = False,
+        zoneout: float = 0.0,
+        recurrent_dropout: float = 0.0,
     ) -> None:
         if nonlinearity not in ("tanh", "relu"):
             raise ValueError(f"Unknown nonlinearity: {nonlinearity}. Select from 'tanh' or 'relu'.")
         self.nonlinearity = nonlinearity
-        super().__init__(input_size, hidden_size, bias, 1, backend, backend_options, device=device, dtype=dtype)
+        super().__init__(input_size, hidden_size, bias, 1, backend, backend_options, layer_norm, zoneout,
+                         recurrent_dropout, device=device, dtype=dtype)
 
     @property
     def _mode(self) -> str:  # type: ignore[override]

@@ -22,6 +22,9 @@ forward direction a sequence stops updating after its last step, in reverse it s
 
 The fused backends keep the activations their backward reads in the ``Saved`` layout (``fastrnn.ops.glue``
 registers them as custom ops around it).
+
+A backend that also runs fastrnn's own cells (LayerNorm, zoneout, recurrent dropout: ``CellExt``) says so in
+``EXT_FEATURES`` and takes ``layer(args, ext=CellExt(...), **options)``.
 """
 
 from typing import NamedTuple, Optional, Tuple
@@ -100,6 +103,69 @@ class Saved(NamedTuple):
 
         return Saved(buf(lstm or gru, GATES[a.mode] * H), buf(lstm, H), buf(gru, H), buf(h, Hout),
                      buf(hr and a.w_hr is not None, H))
+
+
+LN_EPS = 1e-5
+EXT_FEATURES = ("layer_norm", "zoneout", "recurrent_dropout")
+
+
+class CellExt(NamedTuple):
+    """The cells torch.nn lacks, for one layer and direction (the equations are in ``fastrnn.modules``).
+
+    - ``ln_ih_weight, ln_ih_bias, ln_hh_weight, ln_hh_bias: [G*H]``: LayerNorm (eps ``LN_EPS``) of ``W_ih x`` and
+      ``W_hh h`` over all ``G*H`` gates, before ``b_ih``/``b_hh``; ``ln_c_weight, ln_c_bias: [H]`` (LSTM): of
+      ``c`` inside ``tanh``. All present or all absent.
+    - ``zoneout_h: [N, Hout]``, ``zoneout_c: [N, H]`` (LSTM): per row, the weight of the previous state in the
+      new one, ``h_t = z*h_{t-1} + (1-z)*cell(...)``; 0/1 draws in training, ``p`` in eval.
+    - ``rec_mask: [B, Hout]``: multiplies ``h_{t-1}`` where it enters ``W_hh`` (recurrent dropout, already
+      scaled by ``1/(1-p)``); the state itself is not masked.
+
+    Masks have ``x``'s dtype and device and take no gradient.
+    """
+
+    ln_ih_weight: Optional[Tensor] = None
+    ln_ih_bias: Optional[Tensor] = None
+    ln_hh_weight: Optional[Tensor] = None
+    ln_hh_bias: Optional[Tensor] = None
+    ln_c_weight: Optional[Tensor] = None
+    ln_c_bias: Optional[Tensor] = None
+    zoneout_h: Optional[Tensor] = None
+    zoneout_c: Optional[Tensor] = None
+    rec_mask: Optional[Tensor] = None
+
+    @property
+    def layer_norm(self) -> bool:
+        return self.ln_ih_weight is not None
+
+    def features(self) -> Tuple[str, ...]:
+        """The ``EXT_FEATURES`` this call uses (empty: a plain torch.nn layer)."""
+        used = (self.layer_norm, self.zoneout_h is not None, self.rec_mask is not None)
+        return tuple(f for f, on in zip(EXT_FEATURES, used) if on)
+
+
+def check_ext(a: LayerArgs, e: CellExt) -> None:
+    """Like ``check`` for the ``CellExt`` of a checked ``a``."""
+    N, H, Hout, GH = a.x.shape[0], a.H, a.h0.shape[1], a.w_hh.shape[0]
+    lstm = a.mode == "LSTM"
+    ln = {"ln_ih_weight": GH, "ln_ih_bias": GH, "ln_hh_weight": GH, "ln_hh_bias": GH}
+    if lstm:
+        ln.update(ln_c_weight=H, ln_c_bias=H)
+    present = [getattr(e, n) is not None for n in ln]
+    if any(present) and not all(present):
+        _fail(f"LayerNorm needs all of {', '.join(ln)} or none, got {[n for n, p in zip(ln, present) if p]}")
+    if not lstm:
+        for n in ("ln_c_weight", "ln_c_bias", "zoneout_c"):
+            if getattr(e, n) is not None:
+                _fail(f"{n} is only for LSTM, got it for mode {a.mode}")
+    shapes = dict(ln if all(present) else {}, zoneout_h=(N, Hout), rec_mask=(a.h0.shape[0], Hout))
+    if lstm:
+        shapes["zoneout_c"] = (N, H)
+    if lstm and (e.zoneout_h is None) != (e.zoneout_c is None):
+        _fail("LSTM zoneout needs both zoneout_h and zoneout_c")
+    for name, shape in shapes.items():
+        t = getattr(e, name)
+        if t is not None:
+            _check_like(t, name, a.x, shape if isinstance(shape, tuple) else (shape,))
 
 
 def parse_layer_args(args: tuple, kwargs: dict) -> Tuple[LayerArgs, dict]:

@@ -10,7 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastrnn.ops import LayerArgs, LayerOut, check, parse_layer_args
+from fastrnn import ops as _ops
+from fastrnn.ops import LN_EPS, CellExt, LayerArgs, LayerOut, check, check_ext, parse_layer_args
+
+Norm = Optional[Tuple[Tensor, Tensor]]
 
 
 def availability(device: torch.device, dtype: torch.dtype) -> Optional[str]:
@@ -19,8 +22,19 @@ def availability(device: torch.device, dtype: torch.dtype) -> Optional[str]:
     return None
 
 
+EXT_FEATURES = _ops.EXT_FEATURES  # the reference runs every one of fastrnn's cells
+
+
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def project(v: Tensor, w: Tensor, b: Optional[Tensor], ln: Norm = None) -> Tensor:
+    """``v @ w.T + b``, with ``ln = (gain, shift)`` a LayerNorm of ``v @ w.T`` before ``b``."""
+    if ln is None:
+        return F.linear(v, w, b)
+    p = F.layer_norm(F.linear(v, w), (w.shape[0],), ln[0], ln[1], LN_EPS)
+    return p if b is None else p + b
 
 
 def cell_step(
@@ -31,13 +45,17 @@ def cell_step(
     w_hh: Tensor,
     b_hh: Optional[Tensor],
     w_hr: Optional[Tensor],
+    ln_hh: Norm = None,
+    ln_c: Norm = None,
+    rec_mask: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Optional[Tensor]]:
-    """One step given the input projection ``xp = x @ w_ih.T + b_ih`` for the active rows."""
-    hp = F.linear(h, w_hh, b_hh)
+    """One step given the input projection ``xp`` (``project(x, w_ih, b_ih, ln_ih)``) for the active rows."""
+    hp = project(h if rec_mask is None else h * rec_mask, w_hh, b_hh, ln_hh)
     if mode == "LSTM":
         i, f, g, o = (xp + hp).chunk(4, 1)
         c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-        h_new = torch.sigmoid(o) * torch.tanh(c_new)
+        c_out = c_new if ln_c is None else F.layer_norm(c_new, (c_new.shape[1],), ln_c[0], ln_c[1], LN_EPS)
+        h_new = torch.sigmoid(o) * torch.tanh(c_out)
         if w_hr is not None:
             h_new = F.linear(h_new, w_hr)
         return h_new, c_new
@@ -55,16 +73,24 @@ def cell_step(
     raise ValueError(f"unknown mode {mode!r}")
 
 
-def layer(*args, **kwargs) -> LayerOut:
-    """One layer in one direction: ``layer(args: LayerArgs)`` or the fields flat (see ``fastrnn.ops``)."""
+def zoneout(z: Tensor, prev: Tensor, new: Tensor) -> Tensor:
+    """Each unit keeps ``prev`` with weight ``z`` (0/1 in training, ``p`` in eval)."""
+    return z * prev + (1 - z) * new
+
+
+def layer(*args, ext: Optional[CellExt] = None, **kwargs) -> LayerOut:
+    """One layer in one direction: ``layer(args: LayerArgs)`` or the fields flat (see ``fastrnn.ops``), with
+    fastrnn's own cells through ``ext``."""
     a, options = parse_layer_args(args, kwargs)
     if options:
         raise TypeError(f"the reference backend takes no options, got {sorted(options)}")
     check(a)
-    return _layer(a)
+    if ext is not None:
+        check_ext(a, ext)
+    return _layer(a, ext or CellExt())
 
 
-def _layer(a: LayerArgs) -> LayerOut:
+def _layer(a: LayerArgs, e: CellExt) -> LayerOut:
     mode, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse = a
     out_dtype = x.dtype
     cdt = compute_dtype(out_dtype)
@@ -73,6 +99,9 @@ def _layer(a: LayerArgs) -> LayerOut:
         return None if t is None else t.to(cdt)
 
     x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr = map(up, (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr))
+    e = CellExt(*map(up, e))
+    ln_ih, ln_hh = ((e.ln_ih_weight, e.ln_ih_bias), (e.ln_hh_weight, e.ln_hh_bias)) if e.layer_norm else (None, None)
+    ln_c = (e.ln_c_weight, e.ln_c_bias) if e.layer_norm and mode == "LSTM" else None
     B = h0.shape[0]
     if batch_sizes is None:
         T = x.shape[0] // B if B else 0
@@ -84,14 +113,18 @@ def _layer(a: LayerArgs) -> LayerOut:
     for t in range(1, T):
         offsets[t] = offsets[t - 1] + sizes[t - 1]
 
-    xp = F.linear(x, w_ih, b_ih)
+    xp = project(x, w_ih, b_ih, ln_ih)
     h, c = h0, c0
     outs: List[Optional[Tensor]] = [None] * T
     for t in (reversed(range(T)) if reverse else range(T)):
-        b = sizes[t]
-        h_new, c_new = cell_step(
-            mode, xp[offsets[t] : offsets[t] + b], h[:b], None if c is None else c[:b], w_hh, b_hh, w_hr
-        )
+        b, rows = sizes[t], slice(offsets[t], offsets[t] + sizes[t])
+        rec_mask = None if e.rec_mask is None else e.rec_mask[:b]
+        h_new, c_new = cell_step(mode, xp[rows], h[:b], None if c is None else c[:b], w_hh, b_hh, w_hr,
+                                 ln_hh, ln_c, rec_mask)
+        if e.zoneout_h is not None:
+            h_new = zoneout(e.zoneout_h[rows], h[:b], h_new)
+            if c is not None:
+                c_new = zoneout(e.zoneout_c[rows], c[:b], c_new)
         outs[t] = h_new
         h = torch.cat([h_new, h[b:]]) if b < B else h_new
         if c is not None:
