@@ -22,12 +22,18 @@ TOL = {
     torch.float16: dict(rtol=4e-3, atol=4e-3),
 }
 
+# LayerNorm cells against the fp64 truth: the normalisation divides by each row's deviation, so a row whose
+# gates are nearly equal magnifies fp32 rounding. torch's own ops (the reference backend) reach 7e-5 of the
+# largest magnitude in the worst of ~900 random fp32 cases (tests/test_cells_ext.py shapes); the bound is
+# about twice that.
+TOL_LAYER_NORM = {**TOL, torch.float32: dict(rtol=2e-4, atol=2e-4)}
 
-def assert_close(got: torch.Tensor, want: torch.Tensor, name: str = "") -> None:
-    """``got`` matches ``want`` to ``TOL`` of ``got``'s dtype, with ``atol`` relative to the largest magnitude
-    of ``want`` (a gradient summed over many rows is as exact as its largest terms, not its smallest)."""
+
+def assert_close(got: torch.Tensor, want: torch.Tensor, name: str = "", table: dict = TOL) -> None:
+    """``got`` matches ``want`` to ``table`` (``TOL``) of ``got``'s dtype, with ``atol`` relative to the largest
+    magnitude of ``want`` (a gradient summed over many rows is as exact as its largest terms, not its smallest)."""
     assert got.dtype == want.dtype and got.shape == want.shape, (name, got.dtype, want.dtype, got.shape, want.shape)
-    tol = TOL[got.dtype]
+    tol = table[got.dtype]
     scale = max(1.0, want.detach().abs().max().item()) if want.numel() else 1.0
     torch.testing.assert_close(got.detach().cpu().double(), want.detach().cpu().double(), rtol=tol["rtol"],
                                atol=tol["atol"] * scale, msg=lambda m: f"{name}: {m}")
