@@ -237,10 +237,32 @@ def test_sampling_is_deterministic_and_matches_the_sequence_module(corpus, tmp_p
     ref = torch.load(ckpt, weights_only=True)
     torch_model = charlm.model_from_args(len(vocab), dict(ref["args"], torch=True))
     torch_model.load_state_dict(ref["model"])
-    logits = torch_model.eval()(vocab.encode("KING:" + texts[0]).unsqueeze(0))[0][0]
-    gen = torch.Generator().manual_seed(1)
-    replay = "".join(vocab.chars[sample._pick(logits[t], 1.0, 0, gen)] for t in range(4, 4 + 60))
-    assert replay == texts[0]
+    assert replay(torch_model, vocab, "KING:", texts[0], seed=1) == texts[0]
+
+
+def replay(model, vocab, prime: str, text: str, seed: int) -> str:
+    """The characters ``model`` picks reading ``prime + text`` in one sequence call, with sample.py's choice."""
+    logits = model.eval()(vocab.encode(prime + text).unsqueeze(0))[0][0]
+    gen = torch.Generator().manual_seed(seed)
+    steps = range(len(prime) - 1, len(prime) - 1 + len(text))
+    return "".join(vocab.chars[sample._pick(logits[t], 1.0, 0, gen)] for t in steps)
+
+
+def test_new_cells_train_resume_and_sample(corpus, tmp_path):
+    """--layer-norm --zoneout --recurrent-dropout: the loss falls, a resumed run redraws the same masks, and
+    sampling step by step with the cells follows the sequence module (eval zoneout is deterministic)."""
+    cells = ["--layer-norm", "--zoneout", "0.1", "--recurrent-dropout", "0.2", "--layers", "2"]
+    whole, _ = run(corpus, tmp_path / "whole", "--steps", "12", *cells)
+    assert any(n.startswith("rnn.layer_norm_") for n, _ in whole.model.named_parameters())
+    assert whole.model.rnn.zoneout == 0.1 and whole.model.rnn.recurrent_dropout == 0.2
+    run(corpus, tmp_path / "split", "--steps", "7", *cells)
+    resumed, _ = run(corpus, tmp_path / "split", "--steps", "12", "--resume", *cells)
+    assert resumed.losses == whole.losses
+    model, vocab = sample.load_model(tmp_path / "whole" / "ckpt.pt")
+    text = "".join(sample.generate(model, vocab, "KING:", 40, temperature=1.0, seed=3))
+    assert replay(model, vocab, "KING:", text, seed=3) == text
+    with pytest.raises(ValueError, match="torch.nn has no layer_norm"):
+        charlm.model_from_args(len(vocab), dict(whole.args, torch=True))
 
 
 def test_top_k_restricts_the_choice():

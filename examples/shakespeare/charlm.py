@@ -223,11 +223,15 @@ class CharRNN(nn.Module):
 
     def __init__(self, vocab_size: int, emb: int = 64, hidden: int = 512, layers: int = 1, cell: str = "lstm",
                  nonlinearity: str = "tanh", dropout: float = 0.0, backend: str = "auto",
-                 use_torch: bool = False) -> None:
+                 use_torch: bool = False, layer_norm: bool = False, zoneout: float = 0.0,
+                 recurrent_dropout: float = 0.0) -> None:
         super().__init__()
         if cell not in _CELLS:
             raise ValueError(f"cell must be one of {sorted(_CELLS)}, got {cell!r}")
         self.cell, self.backend = cell, backend
+        self.ext = dict(layer_norm=layer_norm, zoneout=zoneout, recurrent_dropout=recurrent_dropout)
+        if use_torch and (layer_norm or zoneout or recurrent_dropout):
+            raise ValueError("torch.nn has no layer_norm, zoneout or recurrent_dropout: drop them or use fastrnn")
         self.embed = nn.Embedding(vocab_size, emb)
         kwargs = dict(num_layers=layers, batch_first=True, dropout=dropout if layers > 1 else 0.0)
         if cell == "rnn":
@@ -235,7 +239,7 @@ class CharRNN(nn.Module):
         if use_torch:
             self.rnn = getattr(nn, _CELLS[cell][0])(emb, hidden, **kwargs)
         else:
-            self.rnn = getattr(fastrnn, _CELLS[cell][0])(emb, hidden, backend=backend, **kwargs)
+            self.rnn = getattr(fastrnn, _CELLS[cell][0])(emb, hidden, backend=backend, **self.ext, **kwargs)
         self.drop = nn.Dropout(dropout)
         self.head = nn.Linear(hidden, vocab_size)
 
@@ -252,10 +256,9 @@ class CharRNN(nn.Module):
             kwargs = {"nonlinearity": rnn.nonlinearity} if self.cell == "rnn" else {}
             with torch.device("meta"):
                 c = cls(rnn.input_size if k == 0 else rnn.hidden_size, rnn.hidden_size, rnn.bias,
-                        backend=backend or self.backend, **kwargs)
-            for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
-                if rnn.bias or name.startswith("weight"):
-                    c._parameters[name] = getattr(rnn, f"{name}_l{k}")
+                        backend=backend or self.backend, **self.ext, **kwargs)
+            for name in c._parameters:
+                c._parameters[name] = getattr(rnn, f"{name}_l{k}")
             cells.append(c.train(self.training))
         return cells
 
@@ -263,7 +266,8 @@ class CharRNN(nn.Module):
 def model_from_args(vocab_size: int, args: Dict) -> CharRNN:
     return CharRNN(vocab_size, emb=args["emb"], hidden=args["hidden"], layers=args["layers"], cell=args["cell"],
                    nonlinearity=args["nonlinearity"], dropout=args["dropout"], backend=args["backend"],
-                   use_torch=args["torch"])
+                   use_torch=args["torch"], layer_norm=args.get("layer_norm", False),
+                   zoneout=args.get("zoneout", 0.0), recurrent_dropout=args.get("recurrent_dropout", 0.0))
 
 
 def detach_state(state):

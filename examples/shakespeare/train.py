@@ -32,7 +32,8 @@ from charlm import fastrnn  # noqa: E402
 DEFAULTS = dict(
     data=None, out=str(Path(__file__).resolve().parent / "runs" / "latest"), preset="reference",
     cell="lstm", nonlinearity="tanh", hidden=512, layers=1, emb=64, batch=64, seq=128, lr=2e-3,
-    dropout=0.0, clip=1.0, decay="none", steps=None, time_budget=None, backend="auto", torch=False,
+    dropout=0.0, layer_norm=False, zoneout=0.0, recurrent_dropout=0.0, clip=1.0, decay="none", steps=None,
+    time_budget=None, backend="auto", torch=False,
     carry_state=False, eval_every=200, eval_batches=8, save_every=None, seed=1234, threads=None, resume=None,
 )
 # The model of TensorFlow's text-generation tutorial (tensorflow.org/text/tutorials/text_generation):
@@ -66,6 +67,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seq", type=int, help="characters per sequence (the BPTT length)")
     p.add_argument("--lr", type=float, help="Adam learning rate")
     p.add_argument("--dropout", type=float, help="on the RNN output (and between layers)")
+    p.add_argument("--layer-norm", action="store_true", default=None,
+                   help="LayerNorm cells (fastrnn's layer_norm=True; see the module docstrings)")
+    p.add_argument("--zoneout", type=float, help="zoneout probability of h (and c) per step")
+    p.add_argument("--recurrent-dropout", type=float, help="dropout on h where it enters W_hh, one mask a sequence")
     p.add_argument("--clip", type=float, help="gradient-norm clipping threshold; 0 turns it off")
     p.add_argument("--decay", choices=["none", "cosine"],
                    help="cosine: lower the learning rate to a tenth of --lr over --steps (or --time-budget)")
@@ -273,13 +278,16 @@ class Run:
         if self.args["torch"]:
             return "torch.nn"
         p = next(self.model.parameters())
-        return fastrnn.backend.resolve(self.args["backend"], p.device, p.dtype).__name__.rsplit(".", 1)[-1]
+        features = tuple(f for f in ("layer_norm", "zoneout", "recurrent_dropout") if self.args[f])
+        return self.model.rnn._backend_for(p, features)[0].__name__.rsplit(".", 1)[-1]
 
     def describe(self) -> str:
         a = self.args
         cell = a["cell"].upper() if a["cell"] != "rnn" else f"RNN({a['nonlinearity']})"
-        return (f"{cell} {a['layers']}x{a['hidden']}, emb {a['emb']}, batch {a['batch']}x{self.world}, seq {a['seq']}, "
-                f"lr {a['lr']:g} [{self.backend_name()}]")
+        ext = "".join(f", {name} {a[key]:g}" for name, key in (("zoneout", "zoneout"),
+                      ("recurrent dropout", "recurrent_dropout")) if a[key])
+        return (f"{cell}{' LayerNorm' if a['layer_norm'] else ''} {a['layers']}x{a['hidden']}, emb {a['emb']}, "
+                f"batch {a['batch']}x{self.world}, seq {a['seq']}, lr {a['lr']:g}{ext} [{self.backend_name()}]")
 
     def _stop_reason(self) -> Optional[str]:
         a = self.args
