@@ -310,3 +310,23 @@ def test_no_nanobind_leak_reports_at_exit(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "nanobind" not in proc.stderr, proc.stderr[-3000:]
+
+
+def test_layernorm_benchmark_table_and_agreement_check(tmp_path, monkeypatch):
+    import bench_layernorm
+
+    out = tmp_path / "ln.md"
+    text = bench_layernorm.main(["--config", "4,3,5,6,1", "--rounds", "2", "--min-time", "0.001", "--threads", "1",
+                                 "--out", str(out)])
+    assert out.read_text() == text
+    rows = [line for line in text.splitlines() if line.startswith("| ") and "implementation" not in line]
+    assert [r.split("|")[1].strip() for r in rows] == list(bench_layernorm.IMPLS)
+    assert rows[0].rstrip().endswith("| 1.00 |")
+    assert "python benchmarks/bench_layernorm.py --config 4,3,5,6,1" in text
+
+    # a loop that computes something else is refused before anything is timed
+    right = bench_layernorm.ln_lstm_step
+    wrong = lambda *args: tuple(1.01 * t for t in right(*args))  # noqa: E731
+    monkeypatch.setattr(bench_layernorm, "ln_lstm_step", wrong)
+    with pytest.raises(SystemExit, match="loop-eager disagrees with fastrnn"):
+        bench_layernorm.main(["--config", "4,3,5,6,1", "--rounds", "1", "--min-time", "0.001", "--threads", "1"])
