@@ -110,6 +110,11 @@ def _resolve_name(requested: str, device_type: str, device_index: Optional[int],
     return _resolved[key]
 
 
+# The reference backend is plain PyTorch and cheap to import. Imported here, it is in _modules before any
+# torch.compile trace: a module whose layer falls back to it (a cell another backend lacks) finds it there
+# even when the first call is traced, since dynamo does not see the constant-folded lookup's import.
+_module("reference")
+
 # torch.compile runs _resolve_name once at trace time and bakes the answer in: no graph break on imports.
 # This is the mark torch.compiler.assume_constant_result sets; the decorator itself imports torch._dynamo,
 # and with it Triton, which `import fastrnn` must not pay for on a machine that never runs a Triton kernel
