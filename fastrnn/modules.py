@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
 from fastrnn import backend as _backend
+from fastrnn import interop as _interop
 from fastrnn.ops import LayerArgs
 
 
@@ -223,6 +224,9 @@ class _RNNBase(_BackendMixin, nn.RNNBase):
     def _run(self, input: Union[Tensor, PackedSequence], hx: Optional[Union[Tensor, Tuple[Tensor, Tensor]]]):
         """Shared forward, in torch.nn's steps: check the input and hidden state, permute the hidden state to
         the packed order, run the layers, restore the input's form."""
+        tool = _interop.torch_nn_tool()
+        if tool is not None:
+            return _interop.run_as_torch_nn(self, tool, input, hx)
         self._check_hx_type(hx)
         inp = self._flatten_input(input)
         states = self._permute_hidden(self._check_hidden_size(hx, inp), inp.sorted_indices)
@@ -323,6 +327,9 @@ class _CellBase(_BackendMixin, nn.RNNCellBase):
         self.backend_options = _check_backend_options(backend_options)
 
     def _step(self, input: Tensor, hx, n_states: int):
+        tool = _interop.torch_nn_tool()
+        if tool is not None:
+            return _interop.run_as_torch_nn(self, tool, input, hx)
         name = self._get_name()
         if not isinstance(input, Tensor):
             raise TypeError(f"{name}: input must be a Tensor, got {type(input).__name__}")
