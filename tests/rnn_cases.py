@@ -110,7 +110,3 @@ def every_backend():
         out.append(pytest.param((name, dtype), id=f"{name}-{str(dtype)[6:]}", marks=marks))
     return out
 
-
-def first_output(out):
-    """The output sequence (modules) or the new hidden state (cells)."""
-    return out[0] if isinstance(out, tuple) else out
