@@ -99,14 +99,13 @@ def compare(ref, fast, inputs, hx, tol):
         torch.testing.assert_close(y, x, **tol)
 
 
-def every_backend():
-    """``pytest.param((backend, dtype))`` for each backend, in fp64 or, for Triton (no fp64 kernels; on the CPU
-    under its interpreter), fp32; a backend that cannot run here is skipped with its reason."""
+def every_backend(dtype=None):
+    """``pytest.param((backend, dtype))`` for each backend, in ``dtype`` or else fp64, fp32 for Triton (no fp64
+    kernels; on the CPU under its interpreter); a backend that cannot run here is skipped with its reason."""
     out = []
     for name in _backend.BACKENDS:
-        dtype = torch.float32 if name == "triton" else torch.float64
-        why = _backend.reason_unavailable(name, torch.device("cpu"), dtype)
+        dt = dtype or (torch.float32 if name == "triton" else torch.float64)
+        why = _backend.reason_unavailable(name, torch.device("cpu"), dt)
         marks = [pytest.mark.skip(reason=why)] if why else []
-        out.append(pytest.param((name, dtype), id=f"{name}-{str(dtype)[6:]}", marks=marks))
+        out.append(pytest.param((name, dt), id=f"{name}-{str(dt)[6:]}", marks=marks))
     return out
-
