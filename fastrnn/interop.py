@@ -2,8 +2,9 @@
 
 ONNX export and ``torch.jit.trace`` know ``aten::lstm``/``gru``/``rnn_*`` (the ops torch.nn calls), not
 fastrnn's custom ops: there the modules run as the torch.nn module they replace, built on the spot around
-the same parameters, so the exported file or traced graph is torch.nn's (one ONNX ``LSTM``/``GRU``/``RNN``
-node per layer). What torch.nn cannot express there fails with an error naming the option.
+the same parameters, so the exported file or traced graph is torch.nn's (for the LSTM and GRU one ONNX
+``LSTM``/``GRU`` node per layer). What torch.nn cannot express there fails with an error naming the option.
+``torch.jit.script`` fails with an error that names these tools.
 
 ``torch.compile`` and ``torch.export.export`` keep fastrnn's kernels (custom ops); torch.func transforms
 and double backward switch to differentiable ops inside ``fastrnn.ops.glue``.
@@ -81,3 +82,11 @@ def run_as_torch_nn(module: nn.Module, tool: str, *inputs):
     """``module(*inputs)`` through the torch.nn module it replaces, for ``tool`` (see :func:`torch_nn_tool`)."""
     _check_expressible(module, tool)
     return as_torch_nn(module)(*inputs)
+
+
+def prepare_scriptable(module: nn.Module) -> nn.Module:
+    """The modules' ``__prepare_scriptable__``: ``torch.jit.script`` cannot compile fastrnn's Python. (Handing it
+    the torch.nn module instead would not do: it puts what this returns into the user's model, in place.)"""
+    raise RuntimeError(f"torch.jit.script cannot compile fastrnn.{type(module).__name__}: torch.jit.trace records "
+                       f"it as torch.nn's ops; torch.onnx.export and torch.export.export are the maintained ways "
+                       f"(fastrnn.unpatch(model) puts torch.nn's modules back into a patched model)")

@@ -88,6 +88,8 @@ class _RNNBase(_BackendMixin, nn.RNNBase):
     def flatten_parameters(self) -> None:
         """A no-op kept for API compatibility: fastrnn reads the parameters in place."""
 
+    __prepare_scriptable__ = _interop.prepare_scriptable
+
     def _layer_params(self, layer: int, direction: int) -> List[Optional[Tensor]]:
         suffix = "_reverse" if direction == 1 else ""
         names = ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")
@@ -370,6 +372,8 @@ class _CellBase(_BackendMixin, nn.RNNCellBase):
             h = h.squeeze(0)
             c = None if c is None else c.squeeze(0)
         return (h, c) if n_states == 2 else h
+
+    __prepare_scriptable__ = _interop.prepare_scriptable
 
     @classmethod
     def from_torch(cls, module: nn.RNNCellBase, backend: str = "auto",
