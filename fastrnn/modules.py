@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
-from fastrnn import backend as _backend
 from fastrnn import interop as _interop
+from fastrnn import backend as _backend
 from fastrnn.ops import LayerArgs
 
 
