@@ -18,8 +18,9 @@ from torch import nn
 
 _TORCH_RNNS = {"LSTM": nn.LSTM, "GRU": nn.GRU, "RNN_TANH": nn.RNN, "RNN_RELU": nn.RNN}
 _TORCH_CELLS = {"LSTM": nn.LSTMCell, "GRU": nn.GRUCell, "RNN_TANH": nn.RNNCell, "RNN_RELU": nn.RNNCell}
-# fastrnn's own cells, with the value that turns each off (a module without the attribute has it off)
-_OWN_OPTIONS = (("layer_norm", False), ("zoneout", 0.0), ("recurrent_dropout", 0.0))
+# fastrnn's own cells: the value that turns each off (a module without the attribute has it off) and whether it
+# acts in eval mode (recurrent dropout does not: a model trained with it exports for inference)
+_OWN_OPTIONS = (("layer_norm", False, True), ("zoneout", 0.0, True), ("recurrent_dropout", 0.0, False))
 _EXPORT_INSTEAD = "torch.export.export keeps fastrnn's ops and runs every option"
 
 
@@ -44,9 +45,9 @@ def _onnx_exporting() -> bool:
 
 def _check_expressible(module: nn.Module, tool: str) -> None:
     name = type(module).__name__
-    for option, off in _OWN_OPTIONS:
+    for option, off, in_eval in _OWN_OPTIONS:
         value = getattr(module, option, off)
-        if value != off:
+        if value != off and (in_eval or module.training):
             raise RuntimeError(f"fastrnn.{name}({option}={value!r}) has no torch.nn equivalent for {tool}, which "
                                f"runs the module as torch.nn.{name}; {_EXPORT_INSTEAD}")
     if tool == "ONNX export" and getattr(module, "proj_size", 0):

@@ -20,7 +20,8 @@ from rnn_cases import CELLS, KINDS, _flat, every_backend, twins
 
 # torch's own notices, about its deprecated tools and torch.nn's code, which is what runs under them
 pytestmark = [pytest.mark.filterwarnings(f"ignore:{m}") for m in (
-    r".*torch\.jit\.trace.* is deprecated:FutureWarning",
+    r".*torch\.jit\.(trace|script).* is deprecated:FutureWarning",
+    "Exporting a model while it is in training mode",
     "_check_is_size will be removed:FutureWarning",
     "You are using the legacy TorchScript-based ONNX export:DeprecationWarning",
     "The feature will be removed:DeprecationWarning",
@@ -142,11 +143,15 @@ def test_onnx_refuses_proj_size_naming_it(dynamo, tmp_path):
                           str(tmp_path / "m.onnx"), dynamo=dynamo)
 
 
-@pytest.mark.parametrize("option, value", [("layer_norm", True), ("zoneout", 0.1), ("recurrent_dropout", 0.2)])
+OWN_CELLS = [("layer_norm", True, False), ("zoneout", 0.1, False), ("recurrent_dropout", 0.2, True)]
+
+
+@pytest.mark.parametrize("option, value, train", OWN_CELLS, ids=[o for o, _, _ in OWN_CELLS])
 @pytest.mark.parametrize("tool", ["onnx", "trace"])
-def test_fastrnn_own_cells_fail_naming_the_option(tool, option, value, tmp_path):
-    """fastrnn's own cells have no torch.nn equivalent: export and tracing name the option and torch.export."""
-    fast = fastrnn.GRU(3, 4).eval()
+def test_fastrnn_own_cells_fail_naming_the_option(tool, option, value, train, tmp_path):
+    """fastrnn's own cells have no torch.nn equivalent: export and tracing name the option and torch.export
+    (recurrent dropout only in training: it does nothing in eval, where torch.nn's module is the same)."""
+    fast = fastrnn.GRU(3, 4).train(train)
     setattr(fast, option, value)
     x = torch.randn(5, 2, 3)
     with pytest.raises(Exception, match=rf"{option}={value!r}\) has no torch.nn equivalent.*torch.export.export"):
@@ -154,6 +159,21 @@ def test_fastrnn_own_cells_fail_naming_the_option(tool, option, value, tmp_path)
             torch.onnx.export(fast, (x,), str(tmp_path / "m.onnx"))
         else:
             torch.jit.trace(fast, (x,))
+
+
+def test_recurrent_dropout_exports_in_eval(tmp_path):
+    fast = fastrnn.GRU(3, 4).eval()
+    fast.recurrent_dropout = 0.2
+    x = torch.randn(5, 2, 3)
+    _assert_runs_like(_export(fast, (x,), str(tmp_path / "m.onnx"))[1], fast, (x,))
+
+
+def test_torch_jit_script_fails_naming_the_ways():
+    model = nn.Sequential(fastrnn.LSTM(3, 4))
+    with pytest.raises(RuntimeError, match="torch.jit.script cannot compile fastrnn.LSTM: torch.jit.trace .*"
+                                           "torch.onnx.export and torch.export.export"):
+        torch.jit.script(model)
+    assert type(model[0]) is fastrnn.LSTM
 
 
 @pytest.mark.parametrize("kind", ["lstm_proj", "gru", "rnn_relu", *CELLS])

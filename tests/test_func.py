@@ -14,6 +14,8 @@ from torch.func import functional_call, grad, jacfwd, jacrev, stack_module_state
 from conftest import TOL
 from rnn_cases import CELLS, KINDS, _flat, every_backend, twins
 
+# torch's forward-mode decompositions compile themselves with torch.jit.script on first use
+pytestmark = pytest.mark.filterwarnings(r"ignore:.*torch\.jit\.script.* is deprecated:FutureWarning")
 MODULES = [*KINDS, *CELLS]
 T, B, I, H = 4, 3, 3, 4
 
