@@ -10,6 +10,7 @@ the same parameters, so the exported file or traced graph is torch.nn's (for the
 and double backward switch to differentiable ops inside ``fastrnn.ops.glue``.
 """
 
+import sys
 import warnings
 from typing import Optional
 
@@ -36,11 +37,11 @@ def torch_nn_tool() -> Optional[str]:
 def _onnx_exporting() -> bool:
     if not torch.compiler.is_dynamo_compiling():
         return torch.onnx.is_in_onnx_export()
-    # dynamo folds torch.onnx.is_in_onnx_export() to False, also when the exporter retries with strict=True
-    # (dynamo), so there the flag it reads is read directly: a constant of the compiled graph, guarded
-    from torch.onnx._internal.exporter import _flags
-
-    return bool(getattr(_flags, "_is_onnx_exporting", False))
+    # dynamo folds torch.onnx.is_in_onnx_export() to False, also where the exporter retries with strict=True
+    # (dynamo): there the flag behind it is read directly, a constant of the graph; if torch moves it, the retry
+    # records fastrnn's ops, which the exporter then reports it cannot translate
+    flags = sys.modules.get("torch.onnx._internal.exporter._flags")
+    return bool(getattr(flags, "_is_onnx_exporting", False))
 
 
 def _check_expressible(module: nn.Module, tool: str) -> None:
