@@ -10,24 +10,14 @@ import torch
 from torch.func import functional_call
 
 from conftest import TOL
-from layer_cases import impls, make_inputs, option_cases, params
+from layer_cases import as_function, impls, option_cases, params
 from rnn_cases import CELLS, KINDS, _flat, every_backend, random_state, twins
-from fastrnn.ops import GRAD_NAMES
-
 
 
 @pytest.mark.parametrize("impl, c", params(impls(("cpp",), (torch.float64,)), option_cases(T=3, B=2, I=2, H=2, P=1)))
 def test_layer_gradgradcheck(impl, c):
     """Every layer option of the fused backend (the reference backend is plain autograd)."""
-    inputs = make_inputs(c, impl)
-    names = [k for k in GRAD_NAMES if inputs[k] is not None]
-
-    def f(*tensors):
-        args = dict(inputs, **dict(zip(names, tensors)))
-        return tuple(o for o in impl.layer(c.mode, reverse=c.reverse, **args) if o is not None)
-
-    leaves = [inputs[k].clone().requires_grad_() for k in names]
-    assert torch.autograd.gradgradcheck(f, leaves, eps=1e-6, atol=1e-6, rtol=1e-5)
+    assert torch.autograd.gradgradcheck(*as_function(impl, c), eps=1e-6, atol=1e-6, rtol=1e-5)
 
 
 def _state(ref, kind, batch, dtype):
