@@ -76,6 +76,9 @@ def as_torch_nn(module: nn.Module) -> nn.Module:
     for name in twin._parameters:
         twin._parameters[name] = getattr(module, name)
     if isinstance(twin, nn.RNNBase):
+        # torch.nn's flatten_parameters would move the parameters into one cuDNN buffer (on CUDA): they are the
+        # user's, read by fastrnn in place, and stay where they are
+        twin.flatten_parameters = lambda: None
         twin._init_flat_weights()
     return twin.train(module.training)
 
