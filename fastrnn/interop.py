@@ -36,7 +36,8 @@ def torch_nn_tool() -> Optional[str]:
 
 def _onnx_exporting() -> bool:
     if not torch.compiler.is_dynamo_compiling():
-        return torch.onnx.is_in_onnx_export()
+        # an export has imported torch.onnx; a process that never exports is spared importing it here
+        return "torch.onnx" in sys.modules and torch.onnx.is_in_onnx_export()
     # dynamo folds torch.onnx.is_in_onnx_export() to False, also where the exporter retries with strict=True
     # (dynamo): there the flag behind it is read directly, a constant of the graph; if torch moves it, the retry
     # records fastrnn's ops, which the exporter then reports it cannot translate
