@@ -7,6 +7,10 @@ from fastrnn.patch import patch, unpatch
 
 __version__ = "0.1.0"
 
+# What torch.load(..., weights_only=True) of a whole model holding fastrnn modules needs allowed on top of what
+# the same model with torch.nn's modules needs: torch.serialization.add_safe_globals(fastrnn.SAFE_GLOBALS)
+SAFE_GLOBALS = [LSTM, GRU, RNN, LSTMCell, GRUCell, RNNCell]
+
 __all__ = [
     "LSTM",
     "GRU",
@@ -20,4 +24,5 @@ __all__ = [
     "use_backend",
     "availability_report",
     "BACKENDS",
+    "SAFE_GLOBALS",
 ]

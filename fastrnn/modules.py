@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
+from fastrnn import interop as _interop
 from fastrnn import backend as _backend
 from fastrnn.ops import GATES, CellExt, LayerArgs
 
@@ -213,6 +214,8 @@ class _RNNBase(_BackendMixin, nn.RNNBase):
     def flatten_parameters(self) -> None:
         """A no-op kept for API compatibility: fastrnn reads the parameters in place."""
 
+    __prepare_scriptable__ = _interop.prepare_scriptable
+
     def _layer_params(self, layer: int, direction: int) -> List[Optional[Tensor]]:
         suffix = "_reverse" if direction == 1 else ""
         names = ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")
@@ -360,6 +363,9 @@ class _RNNBase(_BackendMixin, nn.RNNBase):
     def _run(self, input: Union[Tensor, PackedSequence], hx: Optional[Union[Tensor, Tuple[Tensor, Tensor]]]):
         """Shared forward, in torch.nn's steps: check the input and hidden state, permute the hidden state to
         the packed order, run the layers, restore the input's form."""
+        tool = _interop.torch_nn_tool()
+        if tool is not None:
+            return _interop.run_as_torch_nn(self, tool, input, hx)
         self._check_hx_type(hx)
         inp = self._flatten_input(input)
         states = self._permute_hidden(self._check_hidden_size(hx, inp), inp.sorted_indices)
@@ -486,6 +492,9 @@ class _CellBase(_BackendMixin, nn.RNNCellBase):
         return CellExt(*self._layer_norm_params(""), zh, zc, mask if self.training else None)
 
     def _step(self, input: Tensor, hx, n_states: int):
+        tool = _interop.torch_nn_tool()
+        if tool is not None:
+            return _interop.run_as_torch_nn(self, tool, input, hx)
         name = self._get_name()
         if not isinstance(input, Tensor):
             raise TypeError(f"{name}: input must be a Tensor, got {type(input).__name__}")
@@ -526,6 +535,8 @@ class _CellBase(_BackendMixin, nn.RNNCellBase):
             h = h.squeeze(0)
             c = None if c is None else c.squeeze(0)
         return (h, c) if n_states == 2 else h
+
+    __prepare_scriptable__ = _interop.prepare_scriptable
 
     @classmethod
     def from_torch(cls, module: nn.RNNCellBase, backend: str = "auto",

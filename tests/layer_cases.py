@@ -147,6 +147,19 @@ def run(layer, c: Case, inputs, grad_seed: int = 1, frozen=(), around=contextlib
     return [o.detach() for o in outs], dict(zip(leaves, grads))
 
 
+def as_function(impl: Impl, c: Case):
+    """``(f, leaves)``: the layer as a function of its differentiable inputs (for gradcheck and gradgradcheck)
+    and fresh random leaves for them."""
+    inputs = make_inputs(c, impl)
+    names = [k for k in GRAD_NAMES if inputs[k] is not None]
+
+    def f(*tensors):
+        args = dict(inputs, **dict(zip(names, tensors)))
+        return tuple(o for o in impl.layer(c.mode, reverse=c.reverse, **args) if o is not None)
+
+    return f, [inputs[k].clone().requires_grad_() for k in names]
+
+
 def assert_matches_reference(impl: Impl, c: Case, inputs=None, frozen=()) -> None:
     inputs = inputs if inputs is not None else make_inputs(c, impl)
     outs, grads = run(impl.layer, c, inputs, frozen=frozen)

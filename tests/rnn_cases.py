@@ -1,10 +1,12 @@
 """Builders shared by the module tests: torch.nn twins, random inputs, and comparisons of every gradient."""
 
+import pytest
 import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 import fastrnn
+from fastrnn import backend as _backend
 
 KINDS = {
     "lstm": (nn.LSTM, {}),
@@ -13,11 +15,17 @@ KINDS = {
     "rnn_tanh": (nn.RNN, {"nonlinearity": "tanh"}),
     "rnn_relu": (nn.RNN, {"nonlinearity": "relu"}),
 }
+CELLS = {
+    "lstm_cell": (nn.LSTMCell, {}),
+    "gru_cell": (nn.GRUCell, {}),
+    "rnn_tanh_cell": (nn.RNNCell, {"nonlinearity": "tanh"}),
+    "rnn_relu_cell": (nn.RNNCell, {"nonlinearity": "relu"}),
+}
 
 
 def twins(kind, input_size, hidden_size, dtype, backend, **kw):
-    """A torch.nn module and the fastrnn module loaded from its state_dict."""
-    cls, extra = KINDS[kind]
+    """A torch.nn module and the fastrnn module loaded from its state_dict (``kind`` from KINDS or CELLS)."""
+    cls, extra = {**KINDS, **CELLS}[kind]
     ref = cls(input_size, hidden_size, dtype=dtype, **extra, **kw)
     fast = getattr(fastrnn, cls.__name__)(input_size, hidden_size, dtype=dtype, backend=backend, **extra, **kw)
     fast.load_state_dict(ref.state_dict(), strict=True)
@@ -89,3 +97,15 @@ def compare(ref, fast, inputs, hx, tol):
     assert len(a_grads) == len(b_grads)
     for x, y in zip(a_grads, b_grads):
         torch.testing.assert_close(y, x, **tol)
+
+
+def every_backend(dtype=None):
+    """``pytest.param((backend, dtype))`` for each backend, in ``dtype`` or else fp64, fp32 for Triton (no fp64
+    kernels; on the CPU under its interpreter); a backend that cannot run here is skipped with its reason."""
+    out = []
+    for name in _backend.BACKENDS:
+        dt = dtype or (torch.float32 if name == "triton" else torch.float64)
+        why = _backend.reason_unavailable(name, torch.device("cpu"), dt)
+        marks = [pytest.mark.skip(reason=why)] if why else []
+        out.append(pytest.param((name, dt), id=f"{name}-{str(dt)[6:]}", marks=marks))
+    return out

@@ -8,9 +8,9 @@ import torch
 
 from conftest import TOL, assert_close
 from fastrnn import backend as _backend
-from fastrnn.ops import GRAD_NAMES, MODES, LayerArgs, Saved, reference
-from layer_cases import (Case, Impl, assert_matches_reference, backward_chunk_rows, impls, make_inputs, nan_poisoned,
-                         nn_module, option_cases, params, run)
+from fastrnn.ops import MODES, LayerArgs, Saved, reference
+from layer_cases import (Case, Impl, as_function, assert_matches_reference, backward_chunk_rows, impls, make_inputs,
+                         nan_poisoned, nn_module, option_cases, params, run)
 
 FUSED = impls()
 FP64 = [i for i in FUSED if i.dtype == torch.float64]
@@ -182,15 +182,7 @@ def test_autocast_region_does_not_change_the_dtype(impl, c):
 
 @pytest.mark.parametrize("impl, c", params(FP64, option_cases(T=3, B=3, I=2, H=2, P=1)))
 def test_gradcheck(impl, c):
-    inputs = make_inputs(c, impl)
-    names = [k for k in GRAD_NAMES if inputs[k] is not None]
-
-    def f(*tensors):
-        args = dict(inputs, **dict(zip(names, tensors)))
-        return tuple(o for o in impl.layer(c.mode, reverse=c.reverse, **args) if o is not None)
-
-    leaves = [inputs[k].clone().requires_grad_() for k in names]
-    assert torch.autograd.gradcheck(f, leaves, eps=1e-6, atol=1e-7, rtol=1e-5)
+    assert torch.autograd.gradcheck(*as_function(impl, c), eps=1e-6, atol=1e-7, rtol=1e-5)
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])

@@ -10,7 +10,7 @@ from torch import nn
 
 import fastrnn
 from conftest import TOL, usable_backends
-from rnn_cases import KINDS, compare, random_packed, random_state, twins
+from rnn_cases import CELLS, KINDS, compare, random_packed, random_state, twins
 
 BACKENDS = usable_backends()
 DTYPES = [torch.float64, torch.float32]
@@ -124,14 +124,6 @@ def test_empty_time_or_batch_like_torch(kind, backend, T, B):
                     got[:1] + tuple(got[1] if isinstance(got[1], tuple) else (got[1],))):
         assert e.shape == g.shape
         torch.testing.assert_close(g, e)
-
-
-CELLS = {
-    "lstm_cell": (nn.LSTMCell, {}),
-    "gru_cell": (nn.GRUCell, {}),
-    "rnn_tanh_cell": (nn.RNNCell, {"nonlinearity": "tanh"}),
-    "rnn_relu_cell": (nn.RNNCell, {"nonlinearity": "relu"}),
-}
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

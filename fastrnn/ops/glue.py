@@ -11,6 +11,14 @@ registers ``fastrnn::<name>_fwd`` and ``fastrnn::<name>_bwd`` with fake implemen
 - nothing is saved, or even written, when no gradient is wanted (``save=False``);
 - the contract is checked once per call, in Python, before the forward op (backward reuses checked input);
 - autocast is off inside the ops: they compute in their inputs' dtype.
+
+Where the ops cannot serve, a layer runs on the reference backend's differentiable ops instead (they are
+the contract's ground truth, so results agree to rounding):
+
+- under a torch.func transform (``vmap``, ``grad``, ``jacrev``, ``jvp``, ...) or forward-mode AD: custom ops
+  have no batching rule and their autograd formula is not a functorch one;
+- in a backward with ``create_graph=True`` (double backward, gradient penalties): the gradients are those of
+  the layer recomputed on the saved inputs, so they carry a graph; the fused backward has none.
 """
 
 from typing import Callable, Optional, Sequence, Tuple
@@ -18,9 +26,11 @@ from typing import Callable, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from fastrnn.ops import LAYER_SCHEMA, LayerArgs, LayerOut, Saved, check, parse_layer_args
+from fastrnn.ops import GRAD_NAMES, LAYER_SCHEMA, LayerArgs, LayerOut, Saved, check, parse_layer_args, reference
 
 N_ARGS = len(LayerArgs._fields)
+# where each differentiable input (GRAD_NAMES order) sits among the forward op's inputs
+_GRAD_POSITIONS = tuple(LayerArgs._fields.index(name) for name in GRAD_NAMES)
 Grads = Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
 # forward(args, options, save) -> (y, h_n, c_n as an empty [0] unless LSTM, Saved)
 Forward = Callable[[LayerArgs, tuple, bool], Tuple[Tensor, Tensor, Tensor, Saved]]
@@ -113,11 +123,14 @@ class LayerOp:
             dc_n = None
         elif dc_n is None:
             dc_n = torch.zeros_like(c0)
-        need_dx = ctx.needs_input_grad[1]
-        grads = self.bwd(*a, *ctx.opts, y, *saved, dy, dh_n, dc_n, need_dx)
-        present = [g if t is not None else None for g, t in zip(grads, a.tensors())]
-        if not need_dx:
-            present[0] = None
+        if torch.is_grad_enabled():
+            present = _differentiable_grads(a, [ctx.needs_input_grad[i] for i in _GRAD_POSITIONS], (dy, dh_n, dc_n))
+        else:
+            need_dx = ctx.needs_input_grad[1]
+            grads = self.bwd(*a, *ctx.opts, y, *saved, dy, dh_n, dc_n, need_dx)
+            present = [g if t is not None else None for g, t in zip(grads, a.tensors())]
+            if not need_dx:
+                present[0] = None
         dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr = present
         return (None, dx, None, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr, None) + (None,) * (len(ctx.opts) + 1)
 
@@ -135,7 +148,27 @@ class LayerOp:
         opts = tuple(kwargs.get(opt, default) for opt, _, default in self.options)
         if self._resolve_options is not None:
             opts = self._resolve_options(a, opts)
+        if _transformed():
+            return reference.layer(a)
         # inference skips the saved activations: less memory and traffic
         save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in a.tensors())
         y, h_n, c_n = self.fwd(*a, *opts, save)[:3]
         return LayerOut(y, h_n, c_n if a.mode == "LSTM" else None)
+
+
+def _transformed() -> bool:
+    """Whether a torch.func transform or forward-mode AD is active (see the module docstring)."""
+    if torch.compiler.is_compiling():
+        return False  # torch.compile and torch.export trace the custom ops (dynamo folds this branch)
+    return torch._C._functorch.peek_interpreter_stack() is not None or torch.autograd.forward_ad._current_level >= 0
+
+
+def _differentiable_grads(a: LayerArgs, needed: Sequence[bool], grad_outputs: tuple) -> list:
+    """Gradients w.r.t. ``a.tensors()`` (``None`` where not needed) of the layer recomputed on the reference
+    backend, with their graph (``create_graph=True``)."""
+    wanted = [t for t, need in zip(a.tensors(), needed) if need and t is not None]
+    out = reference.layer(a)
+    pairs = [(o, g) for o, g in zip(out, grad_outputs) if o is not None]
+    grads = iter(torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs], create_graph=True,
+                                     allow_unused=True, materialize_grads=True))
+    return [next(grads) if need and t is not None else None for t, need in zip(a.tensors(), needed)]
