@@ -151,8 +151,7 @@ OWN_CELLS = [("layer_norm", True, False), ("zoneout", 0.1, False), ("recurrent_d
 def test_fastrnn_own_cells_fail_naming_the_option(tool, option, value, train, tmp_path):
     """fastrnn's own cells have no torch.nn equivalent: export and tracing name the option and torch.export
     (recurrent dropout only in training: it does nothing in eval, where torch.nn's module is the same)."""
-    fast = fastrnn.GRU(3, 4).train(train)
-    setattr(fast, option, value)
+    fast = fastrnn.GRU(3, 4, **{option: value}).train(train)
     x = torch.randn(5, 2, 3)
     with pytest.raises(Exception, match=rf"{option}={value!r}\) has no torch.nn equivalent.*torch.export.export"):
         if tool == "onnx":
@@ -162,8 +161,7 @@ def test_fastrnn_own_cells_fail_naming_the_option(tool, option, value, train, tm
 
 
 def test_recurrent_dropout_exports_in_eval(tmp_path):
-    fast = fastrnn.GRU(3, 4).eval()
-    fast.recurrent_dropout = 0.2
+    fast = fastrnn.GRU(3, 4, recurrent_dropout=0.2).eval()
     x = torch.randn(5, 2, 3)
     _assert_runs_like(_export(fast, (x,), str(tmp_path / "m.onnx"))[1], fast, (x,))
 
