@@ -1,9 +1,11 @@
-// What the sequence driver (rnn.cpp) and the CPU engine (engine_cpu.cpp) share: the validated problem, the
-// workspace allocator and the backward's chunked weight-gradient GEMMs.
+// What the sequence drivers (rnn.cpp, rnn_ext.cpp) and the CPU engine (engine_cpu.cpp) share: the validated
+// problem, the workspace allocator and the backward's chunked weight-gradient GEMMs.
 #pragma once
 
 #include <ATen/ATen.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 
+#include <optional>
 #include <functional>
 #include <string>
 #include <utility>
@@ -13,6 +15,8 @@
 
 namespace fastrnn {
 
+using OptTensor = std::optional<at::Tensor>;
+
 // Problem sizes and the step layout, validated once per call.
 struct Problem {
   Mode mode;
@@ -20,6 +24,33 @@ struct Problem {
   int64_t G, I, H, Hout, B, N, T;
   std::vector<int64_t> size;  // size[t]: active rows of step t
   std::vector<int64_t> off;   // off[t]: first row of step t; off[T] = N
+};
+
+Mode parse_mode(const std::string& s);
+Dtype dtype_of(const at::Tensor& t);
+std::string shape_str(at::IntArrayRef s);
+
+// `x` is the tensor t must match in device and dtype, `like` its name in the message.
+void check_like(const at::Tensor& t, const char* name, const at::Tensor& x, std::vector<int64_t> shape,
+                const char* like = "x");
+
+// The sizes and step layout of a call. `validate` adds the dtype/device/shape checks of every input, done in
+// forward only: backward receives the very tensors forward validated (autograd saved them for it), so it
+// re-derives the layout and checks just what is its own (dy, dh_n, dc_n, the saved activations).
+Problem check_inputs(Mode m, const at::Tensor& x, const OptTensor& batch_sizes, const at::Tensor& h0,
+                     const OptTensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh, const OptTensor& b_ih,
+                     const OptTensor& b_hh, const OptTensor& w_hr, bool validate);
+
+// Address of row `row` of a contiguous matrix with `width` columns.
+void* row_ptr(const at::Tensor& t, int64_t row, int64_t width);
+
+at::Tensor contig(const OptTensor& t);
+OptTensor as_float(const OptTensor& t);
+
+// The ops compute in their inputs' dtype, which the caller chose (the modules follow torch.nn under autocast);
+// without this guard an enclosing autocast region would turn the internal GEMMs' outputs into bf16/fp16.
+struct NoAutocast {
+  c10::impl::ExcludeDispatchKeyGuard guard{c10::autocast_dispatch_keyset};
 };
 
 // An uninitialised workspace or output; NaN-filled under the _C._set_nan_fill test hook, so a test can prove
@@ -58,7 +89,8 @@ struct GradSums {
 
 // Folds the dgates rows [lo, lo + R) of one chunk (gx, gh: [R, G*H], gh = gx but for GRU) into g with big
 // GEMMs: dx rows, dW_ih += gx^T x, dW_hh += gh^T h_prev, the bias sums. h_prev comes from hprev ([R, Hout],
-// packed: gathered by the caller) or, dense, from y shifted by one step and h0.
+// gathered by the caller: packed, or the recurrent GEMM's masked operand) where defined, else from y shifted by
+// one step and h0 (dense).
 GradSums grad_sums(const Problem& pr, const at::Tensor& x, const at::Tensor& w_ih, const at::Tensor& w_hh,
                    bool has_b_ih, bool has_b_hh, bool need_dx, int64_t rmax);
 // db_ih, db_hh from g ([0] where the bias is absent): both are the input-side sum but for GRU's b_hh.
@@ -85,5 +117,28 @@ std::vector<at::Tensor> engine_bwd(const Problem& pr, const at::Tensor& x, const
                                    bool reverse, const at::Tensor& y, const at::Tensor& gates,
                                    const at::Tensor& c_save, const at::Tensor& hn_save, const at::Tensor& dy,
                                    const at::Tensor& dh_n, const at::Tensor& dc_n, bool need_dx);
+
+// rnn_ext.cpp, fastrnn's own cells: the LayerArgs, then the CellExt fields (fastrnn/ops/__init__.py). Forward
+// returns y, h_n, c_n (LSTM, else [0]) and the saved xs, hs, stats, c; backward the gradients of rnn.cpp's
+// layer_bwd and then the six LayerNorm parameters' ([0] where absent).
+std::vector<at::Tensor> layer_ext_fwd(const std::string& mode, const at::Tensor& x, const OptTensor& batch_sizes,
+                                      const at::Tensor& h0, const OptTensor& c0, const at::Tensor& w_ih,
+                                      const at::Tensor& w_hh, const OptTensor& b_ih, const OptTensor& b_hh,
+                                      const OptTensor& w_hr, bool reverse, const OptTensor& ln_ih_weight,
+                                      const OptTensor& ln_ih_bias, const OptTensor& ln_hh_weight,
+                                      const OptTensor& ln_hh_bias, const OptTensor& ln_c_weight,
+                                      const OptTensor& ln_c_bias, const OptTensor& zoneout_h,
+                                      const OptTensor& zoneout_c, const OptTensor& rec_mask, bool save);
+std::vector<at::Tensor> layer_ext_bwd(const std::string& mode, const at::Tensor& x, const OptTensor& batch_sizes,
+                                      const at::Tensor& h0, const OptTensor& c0, const at::Tensor& w_ih,
+                                      const at::Tensor& w_hh, const OptTensor& b_ih, const OptTensor& b_hh,
+                                      const OptTensor& w_hr, bool reverse, const OptTensor& ln_ih_weight,
+                                      const OptTensor& ln_ih_bias, const OptTensor& ln_hh_weight,
+                                      const OptTensor& ln_hh_bias, const OptTensor& ln_c_weight,
+                                      const OptTensor& ln_c_bias, const OptTensor& zoneout_h,
+                                      const OptTensor& zoneout_c, const OptTensor& rec_mask, const at::Tensor& y,
+                                      const at::Tensor& xs, const at::Tensor& hs, const at::Tensor& stats,
+                                      const at::Tensor& c, const at::Tensor& dy, const at::Tensor& dh_n,
+                                      const OptTensor& dc_n, bool need_dx);
 
 }  // namespace fastrnn
