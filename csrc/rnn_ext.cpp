@@ -399,7 +399,8 @@ std::vector<Tensor> layer_ext_bwd(const std::string& mode, const Tensor& x_in, c
     if (pr.proj) dw_hr.addmm_(dtot.narrow(0, 0, R).t(), hr.narrow(0, 0, R));
   });
 
-  std::vector<Tensor> ln_grads(6, empty0(x));
+  std::vector<Tensor> ln_grads;
+  for (int i = 0; i < 6; ++i) ln_grads.push_back(empty0(x));  // distinct tensors: op outputs may not alias
   Tensor db_ih, db_hh;
   if (ln) {
     const Tensor total = part.sum(0);
