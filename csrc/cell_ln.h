@@ -181,12 +181,16 @@ FRNN_HD acc_t<T> pre(const P& p, int64_t r, int64_t g) {
   return xpart<T>(p, r, g) + hpart<T>(p, r, g) + ld<T>(p.bias, g);
 }
 
-// GRU's n gate, and its recurrent term hn (inside r * (...)).
+// GRU's n gate and its recurrent term hn (inside r * (...)).
+template <typename T>
+struct GruN {
+  acc_t<T> n, hn;
+};
 template <typename T, class P>
-FRNN_HD acc_t<T> gru_n(const P& p, int64_t r, int64_t j, acc_t<T> rg, acc_t<T>& hn) {
+FRNN_HD GruN<T> gru_n(const P& p, int64_t r, int64_t j, acc_t<T> rg) {
   const int64_t g = 2 * p.H + j;
-  hn = hpart<T>(p, r, g) + ld<T>(p.b_hn, j);
-  return ftanh(xpart<T>(p, r, g) + ld<T>(p.bias, g) + rg * hn);
+  const acc_t<T> hn = hpart<T>(p, r, g) + ld<T>(p.b_hn, j);
+  return {ftanh(xpart<T>(p, r, g) + ld<T>(p.bias, g) + rg * hn), hn};
 }
 
 // h_t from the cell's new value: zoneout, the output row, the next step's masked GEMM operand.
@@ -324,8 +328,7 @@ struct GruExt {
     using A = acc_t<T>;
     x.each(p.H, [&](int64_t j) {
       const A rg = sigmoid(pre<T>(p, r, j)), z = sigmoid(pre<T>(p, r, p.H + j));
-      A hn;
-      const A n = gru_n<T>(p, r, j, rg, hn);
+      const A n = gru_n<T>(p, r, j, rg).n;
       put_h<T>(p, r, j, (A(1) - z) * n + z * ld<T>(p.h, r * p.h_stride + j));
     });
   }
@@ -336,8 +339,8 @@ struct GruExt {
     const int64_t H = p.H;
     x.each(H, [&](int64_t j) {
       const A rg = sigmoid(pre<T>(p, r, j)), z = sigmoid(pre<T>(p, r, H + j));
-      A hn;
-      const A n = gru_n<T>(p, r, j, rg, hn);
+      const GruN<T> g = gru_n<T>(p, r, j, rg);
+      const A n = g.n, hn = g.hn;
       const DhSplit<T> d = split_dh<T>(p, r, j);
       const A dn = d.cell * (A(1) - z) * (A(1) - n * n);
       const A dr = dn * hn * rg * (A(1) - rg);

@@ -63,21 +63,24 @@ struct RowBlock {
   }
 };
 
+// Launch bounds name one block per SM as enough: without a minimum, ptxas held GRU's fp32 backward to 48
+// registers and spilled (sm_80); with it every kernel here fits in at most 128 and none spills.
+//
 // p: one step's rows; block b takes rows b, b + gridDim.x, ... (backward: gridDim.x = the slots in use, so a
 // block owns its slot's partial sums).
 template <class Op, typename T>
-__global__ void __launch_bounds__(kRowThreads) ext_fwd_kernel(const ExtParams p) {
+__global__ void __launch_bounds__(kRowThreads, 1) ext_fwd_kernel(const ExtParams p) {
   for (int64_t r = blockIdx.x; r < p.rows; r += gridDim.x) ext_fwd_row<Op, RowBlock, T>(RowBlock{}, p, r);
 }
 
 template <class Op, typename T>
-__global__ void __launch_bounds__(kRowThreads) ext_bwd_kernel(const ExtGradParams p) {
+__global__ void __launch_bounds__(kRowThreads, 1) ext_bwd_kernel(const ExtGradParams p) {
   for (int64_t r = blockIdx.x; r < p.rows; r += gridDim.x) ext_bwd_row<Op, RowBlock, T>(RowBlock{}, p, r);
 }
 
 // p: all rows of the input projection.
 template <typename T>
-__global__ void __launch_bounds__(kRowThreads) ln_rows_kernel(const LnRowsParams p) {
+__global__ void __launch_bounds__(kRowThreads, 1) ln_rows_kernel(const LnRowsParams p) {
   for (int64_t r = blockIdx.x; r < p.rows; r += gridDim.x) ln_rows_row<RowBlock, T>(RowBlock{}, p, r);
 }
 
