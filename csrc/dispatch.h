@@ -22,35 +22,29 @@ struct AccType<c10::BFloat16> {
 enum class Mode : int { LSTM = 0, GRU = 1, RNN_TANH = 2, RNN_RELU = 3 };
 enum class Dtype : int { F32 = 0, F64 = 1, F16 = 2, BF16 = 3 };
 
-// Calls f with a default-constructed op struct of cell.h for the mode.
+// Calls f with a default-constructed op struct for the mode, one of the four given in Mode's order.
+template <class Lstm, class Gru, class Tanh, class Relu, class F>
+void visit(Mode m, F&& f) {
+  switch (m) {
+    case Mode::LSTM: return f(Lstm{});
+    case Mode::GRU: return f(Gru{});
+    case Mode::RNN_TANH: return f(Tanh{});
+    case Mode::RNN_RELU: return f(Relu{});
+  }
+}
+
+// The op structs of cell.h (plain cells) and cell_ln.h (fastrnn's own cells).
 template <class F>
 void visit_fwd(Mode m, F&& f) {
-  switch (m) {
-    case Mode::LSTM: return f(LstmFwd{});
-    case Mode::GRU: return f(GruFwd{});
-    case Mode::RNN_TANH: return f(RnnFwd<false>{});
-    case Mode::RNN_RELU: return f(RnnFwd<true>{});
-  }
+  visit<LstmFwd, GruFwd, RnnFwd<false>, RnnFwd<true>>(m, f);
 }
-
 template <class F>
 void visit_bwd(Mode m, F&& f) {
-  switch (m) {
-    case Mode::LSTM: return f(LstmBwd{});
-    case Mode::GRU: return f(GruBwd{});
-    case Mode::RNN_TANH: return f(RnnBwd<false>{});
-    case Mode::RNN_RELU: return f(RnnBwd<true>{});
-  }
+  visit<LstmBwd, GruBwd, RnnBwd<false>, RnnBwd<true>>(m, f);
 }
-
 template <class F>
 void visit_ext(Mode m, F&& f) {
-  switch (m) {
-    case Mode::LSTM: return f(LstmExt{});
-    case Mode::GRU: return f(GruExt{});
-    case Mode::RNN_TANH: return f(RnnExt<false>{});
-    case Mode::RNN_RELU: return f(RnnExt<true>{});
-  }
+  visit<LstmExt, GruExt, RnnExt<false>, RnnExt<true>>(m, f);
 }
 
 // CPU: fp32 (runtime-dispatched avx512/avx2/baseline clones) and fp64; parallel over rows x hidden.

@@ -142,17 +142,11 @@ std::vector<Tensor> layer_bwd(const std::string& mode, const Tensor& x_in, const
   const c10::DeviceGuard guard(x_in.device());
   const NoAutocast no_autocast;
   const int64_t H = pr.H, GH = pr.G * H, Hout = pr.Hout, N = pr.N, B = pr.B;
-  check_like(y_in, "y", x_in, {N, Hout});
-  check_like(dy_in, "dy", x_in, {N, Hout});
-  check_like(dh_n, "dh_n", x_in, {B, Hout});
+  check_grad_outputs(pr, x_in, y_in, dy_in, dh_n, dc_n);
   const Tensor ws = at::empty({0}, x_in.options().dtype(ws_dtype(x_in)));
   const char* ws_name = "the workspace dtype of x";
   if (pr.lstm || pr.gru) check_like(gates_in, "saved gates", ws, {N, GH}, ws_name);
-  if (pr.lstm) {
-    check_like(c_save_in, "saved c", ws, {N, H}, ws_name);
-    TORCH_CHECK(dc_n.has_value(), "fastrnn: dc_n is required for LSTM");
-    check_like(*dc_n, "dc_n", x_in, {B, H});
-  }
+  if (pr.lstm) check_like(c_save_in, "saved c", ws, {N, H}, ws_name);
   if (pr.gru) check_like(hn_save_in, "saved hn", ws, {N, H}, ws_name);
   if (cpu_16bit_fallback(pr, x_in)) {
     auto grads = layer_bwd(mode, x_in.to(at::kFloat), batch_sizes, h0_in.to(at::kFloat), as_float(c0_in),
@@ -196,9 +190,7 @@ std::vector<Tensor> layer_bwd(const std::string& mode, const Tensor& x_in, const
 
   auto step = [&](int64_t t, int64_t local) {
     const int64_t b = pr.size[t], o = pr.off[t];
-    const int64_t tp = reverse ? t + 1 : t - 1;
-    const bool has_prev = tp >= 0 && tp < pr.T;
-    const int64_t n_prev = has_prev ? std::min(b, pr.size[tp]) : 0;
+    const PrevStep prev = prev_step(pr, t, reverse);
     Tensor dh_b = dhs.narrow(0, 0, b);
     CellGradParams p{};
     p.rows = b;
@@ -212,9 +204,9 @@ std::vector<Tensor> layer_bwd(const std::string& mode, const Tensor& x_in, const
     p.out_stride = Hout;
     if (pr.lstm || pr.gru) {
       p.init = init.data_ptr();
-      p.prev = has_prev ? row_ptr(prev_src, pr.off[tp], H) : p.init;
+      p.prev = prev.rows > 0 ? row_ptr(prev_src, pr.off[prev.t], H) : p.init;
       p.prev_stride = H;
-      p.n_prev = n_prev;
+      p.n_prev = prev.rows;
     }
     if (pr.proj) {
       Tensor dt = dtot.narrow(0, local, b);
@@ -236,11 +228,7 @@ std::vector<Tensor> layer_bwd(const std::string& mode, const Tensor& x_in, const
     p.dgh = row_ptr(dgh, local, GH);
     p.dh_prev = dhs.data_ptr();
     run_cell(pr, x, p);
-    if (pr.packed) {
-      Tensor hp = hprev.narrow(0, local, b);
-      if (n_prev > 0) hp.narrow(0, 0, n_prev).copy_(y.narrow(0, pr.off[tp], n_prev));
-      if (n_prev < b) hp.narrow(0, n_prev, b - n_prev).copy_(h0.narrow(0, n_prev, b - n_prev));
-    }
+    if (pr.packed) gather_hprev(pr, prev, y, h0, hprev.narrow(0, local, b));
     const Tensor dgh_b = dgh.narrow(0, local, b);
     if (pr.gru) {
       dh_b.addmm_(dgh_b, w_hh);  // dh_b holds the direct z*dh term
@@ -249,12 +237,7 @@ std::vector<Tensor> layer_bwd(const std::string& mode, const Tensor& x_in, const
     }
   };
 
-  for_each_chunk(pr, chunks, reverse, [&](int64_t ta, int64_t tb) {
-    const int64_t lo = pr.off[ta], R = pr.off[tb] - lo;
-    for (int64_t s = 0; s < tb - ta; ++s) {
-      const int64_t t = reverse ? ta + s : tb - 1 - s;
-      step(t, pr.off[t] - lo);
-    }
+  backward_steps(pr, chunks, reverse, step, [&](int64_t lo, int64_t R) {
     flush_chunk(pr, reverse, lo, R, dgx.narrow(0, 0, R), dgh.narrow(0, 0, R), x, y, h0, hprev, w_ih, sums);
     if (pr.proj) {
       // o * tanh(c) was not saved: recomputing it here costs one pass over R x H instead of N x H memory
@@ -324,20 +307,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("c0"), py::arg("w_ih"), py::arg("w_hh"), py::arg("b_ih"), py::arg("b_hh"), py::arg("w_hr"),
         py::arg("reverse"), py::arg("y"), py::arg("gates"), py::arg("c"), py::arg("hn"), py::arg("dy"),
         py::arg("dh_n"), py::arg("dc_n"), py::arg("need_dx"));
-  // the LayerArgs fields, the CellExt fields, then each function's own
+  // the LayerArgs fields, then each function's own
   const auto layer_args = std::make_tuple(py::arg("mode"), py::arg("x"), py::arg("batch_sizes"), py::arg("h0"),
                                           py::arg("c0"), py::arg("w_ih"), py::arg("w_hh"), py::arg("b_ih"),
                                           py::arg("b_hh"), py::arg("w_hr"), py::arg("reverse"));
-  const auto ext_args = std::make_tuple(py::arg("ln_ih_weight"), py::arg("ln_ih_bias"), py::arg("ln_hh_weight"),
-                                        py::arg("ln_hh_bias"), py::arg("ln_c_weight"), py::arg("ln_c_bias"),
-                                        py::arg("zoneout_h"), py::arg("zoneout_c"), py::arg("rec_mask"));
   const auto def = [&](const char* name, auto f, auto own) {
-    std::apply([&](auto... a) { m.def(name, f, a...); }, std::tuple_cat(layer_args, ext_args, own));
+    std::apply([&](auto... a) { m.def(name, f, a...); }, std::tuple_cat(layer_args, own));
   };
-  def("layer_ext_fwd", &fastrnn::layer_ext_fwd, std::make_tuple(py::arg("save")));
+  def("layer_ext_fwd", &fastrnn::layer_ext_fwd, std::make_tuple(py::arg("ext"), py::arg("save")));
   def("layer_ext_bwd", &fastrnn::layer_ext_bwd,
-      std::make_tuple(py::arg("y"), py::arg("xs"), py::arg("hs"), py::arg("stats"), py::arg("c"), py::arg("dy"),
-                      py::arg("dh_n"), py::arg("dc_n"), py::arg("need_dx")));
+      std::make_tuple(py::arg("ext"), py::arg("y"), py::arg("xs"), py::arg("hs"), py::arg("stats"), py::arg("c"),
+                      py::arg("dy"), py::arg("dh_n"), py::arg("dc_n"), py::arg("need_dx")));
   m.def("build_info", &fastrnn::build_info, "how this extension was built: CUDA archs, compiler, CPU ISA");
   m.def("_set_nan_fill", &fastrnn::set_nan_fill, "test hook: NaN-fill every workspace and output at allocation");
   m.def("_set_chunk_rows", &fastrnn::set_chunk_rows, "test hook: backward chunk size in rows (0: default)");

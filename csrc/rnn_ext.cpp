@@ -35,6 +35,13 @@ using at::Tensor;
 struct Ext {
   OptTensor ln_ih_w, ln_ih_b, ln_hh_w, ln_hh_b, ln_c_w, ln_c_b, zh, zc, mask;
 
+  static Ext of(const std::vector<OptTensor>& v) {
+    TORCH_CHECK(v.size() == 9, "fastrnn: ext must hold the 9 CellExt fields (ln_ih_weight .. rec_mask), got ",
+                v.size());
+    return {v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7], v[8]};
+  }
+  std::vector<OptTensor> list() const { return {ln_ih_w, ln_ih_b, ln_hh_w, ln_hh_b, ln_c_w, ln_c_b, zh, zc, mask}; }
+
   bool ln() const { return ln_ih_w.has_value(); }
 
   Ext map(Tensor (*f)(const Tensor&)) const {
@@ -145,24 +152,18 @@ bool reduced(const Tensor& x) { return at::isReducedFloatingType(x.scalar_type()
 std::vector<Tensor> layer_ext_fwd(const std::string& mode, const Tensor& x_in, const OptTensor& batch_sizes,
                                   const Tensor& h0_in, const OptTensor& c0, const Tensor& w_ih_in,
                                   const Tensor& w_hh_in, const OptTensor& b_ih, const OptTensor& b_hh,
-                                  const OptTensor& w_hr_in, bool reverse, const OptTensor& ln_ih_weight,
-                                  const OptTensor& ln_ih_bias, const OptTensor& ln_hh_weight,
-                                  const OptTensor& ln_hh_bias, const OptTensor& ln_c_weight,
-                                  const OptTensor& ln_c_bias, const OptTensor& zoneout_h, const OptTensor& zoneout_c,
-                                  const OptTensor& rec_mask, bool save) {
+                                  const OptTensor& w_hr_in, bool reverse, const std::vector<OptTensor>& ext,
+                                  bool save) {
   const Problem pr =
       check_inputs(parse_mode(mode), x_in, batch_sizes, h0_in, c0, w_ih_in, w_hh_in, b_ih, b_hh, w_hr_in, true);
-  const Ext e_in{ln_ih_weight, ln_ih_bias, ln_hh_weight, ln_hh_bias, ln_c_weight, ln_c_bias,
-                 zoneout_h,    zoneout_c,  rec_mask};
+  const Ext e_in = Ext::of(ext);
   check_ext(pr, x_in, e_in);
   const c10::DeviceGuard guard(x_in.device());
   const NoAutocast no_autocast;
   if (reduced(x_in)) {
-    const Ext f = e_in.map(to_float);
     auto out = layer_ext_fwd(mode, x_in.to(at::kFloat), batch_sizes, h0_in.to(at::kFloat), as_float(c0),
                              w_ih_in.to(at::kFloat), w_hh_in.to(at::kFloat), as_float(b_ih), as_float(b_hh),
-                             as_float(w_hr_in), reverse, f.ln_ih_w, f.ln_ih_b, f.ln_hh_w, f.ln_hh_b, f.ln_c_w,
-                             f.ln_c_b, f.zh, f.zc, f.mask, save);
+                             as_float(w_hr_in), reverse, e_in.map(to_float).list(), save);
     for (int i = 0; i < 3; ++i) out[i] = out[i].to(x_in.scalar_type());
     return out;
   }
@@ -245,41 +246,30 @@ std::vector<Tensor> layer_ext_fwd(const std::string& mode, const Tensor& x_in, c
 std::vector<Tensor> layer_ext_bwd(const std::string& mode, const Tensor& x_in, const OptTensor& batch_sizes,
                                   const Tensor& h0_in, const OptTensor& c0_in, const Tensor& w_ih_in,
                                   const Tensor& w_hh_in, const OptTensor& b_ih, const OptTensor& b_hh,
-                                  const OptTensor& w_hr_in, bool reverse, const OptTensor& ln_ih_weight,
-                                  const OptTensor& ln_ih_bias, const OptTensor& ln_hh_weight,
-                                  const OptTensor& ln_hh_bias, const OptTensor& ln_c_weight,
-                                  const OptTensor& ln_c_bias, const OptTensor& zoneout_h, const OptTensor& zoneout_c,
-                                  const OptTensor& rec_mask, const Tensor& y_in, const Tensor& xs_in,
-                                  const Tensor& hs_in, const Tensor& stats_in, const Tensor& c_save_in,
-                                  const Tensor& dy_in, const Tensor& dh_n, const OptTensor& dc_n, bool need_dx) {
+                                  const OptTensor& w_hr_in, bool reverse, const std::vector<OptTensor>& ext,
+                                  const Tensor& y_in, const Tensor& xs_in, const Tensor& hs_in,
+                                  const Tensor& stats_in, const Tensor& c_save_in, const Tensor& dy_in,
+                                  const Tensor& dh_n, const OptTensor& dc_n, bool need_dx) {
   const Problem pr =
       check_inputs(parse_mode(mode), x_in, batch_sizes, h0_in, c0_in, w_ih_in, w_hh_in, b_ih, b_hh, w_hr_in, false);
-  const Ext e_in{ln_ih_weight, ln_ih_bias, ln_hh_weight, ln_hh_bias, ln_c_weight, ln_c_bias,
-                 zoneout_h,    zoneout_c,  rec_mask};
+  const Ext e_in = Ext::of(ext);
   const c10::DeviceGuard guard(x_in.device());
   const NoAutocast no_autocast;
   const int64_t H = pr.H, GH = pr.G * H, Hout = pr.Hout, N = pr.N, B = pr.B;
   const bool ln = e_in.ln();
-  check_like(y_in, "y", x_in, {N, Hout});
-  check_like(dy_in, "dy", x_in, {N, Hout});
-  check_like(dh_n, "dh_n", x_in, {B, Hout});
+  check_grad_outputs(pr, x_in, y_in, dy_in, dh_n, dc_n);
   const Tensor ws = at::empty({0}, x_in.options().dtype(reduced(x_in) ? at::kFloat : x_in.scalar_type()));
   const char* ws_name = "the workspace dtype of x";
   check_like(xs_in, "saved xs", ws, {N, GH}, ws_name);
   check_like(hs_in, "saved hs", ws, {N, GH}, ws_name);
   if (ln) check_like(stats_in, "saved stats", ws, {N, kStats}, ws_name);
-  if (pr.lstm) {
-    check_like(c_save_in, "saved c", ws, {N, H}, ws_name);
-    TORCH_CHECK(dc_n.has_value(), "fastrnn: dc_n is required for LSTM");
-    check_like(*dc_n, "dc_n", x_in, {B, H});
-  }
+  if (pr.lstm) check_like(c_save_in, "saved c", ws, {N, H}, ws_name);
   if (reduced(x_in)) {
-    const Ext f = e_in.map(to_float);
     auto grads = layer_ext_bwd(mode, x_in.to(at::kFloat), batch_sizes, h0_in.to(at::kFloat), as_float(c0_in),
                                w_ih_in.to(at::kFloat), w_hh_in.to(at::kFloat), as_float(b_ih), as_float(b_hh),
-                               as_float(w_hr_in), reverse, f.ln_ih_w, f.ln_ih_b, f.ln_hh_w, f.ln_hh_b, f.ln_c_w,
-                               f.ln_c_b, f.zh, f.zc, f.mask, y_in.to(at::kFloat), xs_in, hs_in, stats_in,
-                               c_save_in, dy_in.to(at::kFloat), dh_n.to(at::kFloat), as_float(dc_n), need_dx);
+                               as_float(w_hr_in), reverse, e_in.map(to_float).list(), y_in.to(at::kFloat), xs_in,
+                               hs_in, stats_in, c_save_in, dy_in.to(at::kFloat), dh_n.to(at::kFloat),
+                               as_float(dc_n), need_dx);
     for (Tensor& g : grads) g = g.to(x_in.scalar_type());
     return grads;
   }
@@ -321,9 +311,7 @@ std::vector<Tensor> layer_ext_bwd(const std::string& mode, const Tensor& x_in, c
 
   auto step = [&](int64_t t, int64_t local) {
     const int64_t b = pr.size[t], o = pr.off[t];
-    const int64_t tp = reverse ? t + 1 : t - 1;
-    const bool has_prev = tp >= 0 && tp < pr.T;
-    const int64_t n_prev = has_prev ? std::min(b, pr.size[tp]) : 0;
+    const PrevStep prev = prev_step(pr, t, reverse);
     Tensor dh_b = dhs.narrow(0, 0, b);
     ExtGradParams p{};
     set_common(p, pr, e, bias, b_hn);
@@ -333,8 +321,8 @@ std::vector<Tensor> layer_ext_bwd(const std::string& mode, const Tensor& x_in, c
     p.stats = ln ? row_ptr(stats, o, kStats) : nullptr;
     if (pr.lstm || pr.gru) {
       p.init = init.data_ptr();
-      p.prev = has_prev ? row_ptr(prev_src, pr.off[tp], H) : p.init;
-      p.n_prev = n_prev;
+      p.prev = prev.rows > 0 ? row_ptr(prev_src, pr.off[prev.t], H) : p.init;
+      p.n_prev = prev.rows;
     }
     if (pr.proj) {
       Tensor dt = dtot.narrow(0, local, b);
@@ -369,8 +357,7 @@ std::vector<Tensor> layer_ext_bwd(const std::string& mode, const Tensor& x_in, c
     run_ext(pr, x, p);
     if (hprev.defined()) {
       Tensor hp = hprev.narrow(0, local, b);
-      if (n_prev > 0) hp.narrow(0, 0, n_prev).copy_(y.narrow(0, pr.off[tp], n_prev));
-      if (n_prev < b) hp.narrow(0, n_prev, b - n_prev).copy_(h0.narrow(0, n_prev, b - n_prev));
+      gather_hprev(pr, prev, y, h0, hp);
       if (e.mask) hp.mul_(e.mask->narrow(0, 0, b));
     }
     const Tensor dgh_b = dgh.narrow(0, local, b);
@@ -389,12 +376,7 @@ std::vector<Tensor> layer_ext_bwd(const std::string& mode, const Tensor& x_in, c
     }
   };
 
-  for_each_chunk(pr, chunks, reverse, [&](int64_t ta, int64_t tb) {
-    const int64_t lo = pr.off[ta], R = pr.off[tb] - lo;
-    for (int64_t s = 0; s < tb - ta; ++s) {
-      const int64_t t = reverse ? ta + s : tb - 1 - s;
-      step(t, pr.off[t] - lo);
-    }
+  backward_steps(pr, chunks, reverse, step, [&](int64_t lo, int64_t R) {
     flush_chunk(pr, reverse, lo, R, dgx.narrow(0, 0, R), dgh.narrow(0, 0, R), x, y, h0, hprev, w_ih, sums);
     if (pr.proj) dw_hr.addmm_(dtot.narrow(0, 0, R).t(), hr.narrow(0, 0, R));
   });

@@ -181,6 +181,40 @@ void for_each_chunk(const Problem& pr, const Chunks& chunks, bool reverse,
   }
 }
 
+void backward_steps(const Problem& pr, const Chunks& chunks, bool reverse,
+                    const std::function<void(int64_t, int64_t)>& step, const std::function<void(int64_t, int64_t)>& flush) {
+  for_each_chunk(pr, chunks, reverse, [&](int64_t ta, int64_t tb) {
+    const int64_t lo = pr.off[ta];
+    for (int64_t s = 0; s < tb - ta; ++s) {
+      const int64_t t = reverse ? ta + s : tb - 1 - s;
+      step(t, pr.off[t] - lo);
+    }
+    flush(lo, pr.off[tb] - lo);
+  });
+}
+
+PrevStep prev_step(const Problem& pr, int64_t t, bool reverse) {
+  const int64_t tp = reverse ? t + 1 : t - 1;
+  return {tp, tp >= 0 && tp < pr.T ? std::min(pr.size[t], pr.size[tp]) : 0};
+}
+
+void gather_hprev(const Problem& pr, const PrevStep& prev, const at::Tensor& y, const at::Tensor& h0, at::Tensor hp) {
+  const int64_t b = hp.size(0);
+  if (prev.rows > 0) hp.narrow(0, 0, prev.rows).copy_(y.narrow(0, pr.off[prev.t], prev.rows));
+  if (prev.rows < b) hp.narrow(0, prev.rows, b - prev.rows).copy_(h0.narrow(0, prev.rows, b - prev.rows));
+}
+
+void check_grad_outputs(const Problem& pr, const at::Tensor& x, const at::Tensor& y, const at::Tensor& dy,
+                        const at::Tensor& dh_n, const OptTensor& dc_n) {
+  check_like(y, "y", x, {pr.N, pr.Hout});
+  check_like(dy, "dy", x, {pr.N, pr.Hout});
+  check_like(dh_n, "dh_n", x, {pr.B, pr.Hout});
+  if (pr.lstm) {
+    TORCH_CHECK(dc_n.has_value(), "fastrnn: dc_n is required for LSTM");
+    check_like(*dc_n, "dc_n", x, {pr.B, pr.H});
+  }
+}
+
 GradSums grad_sums(const Problem& pr, const at::Tensor& x, const at::Tensor& w_ih, const at::Tensor& w_hh,
                    bool has_b_ih, bool has_b_hh, bool need_dx, int64_t rmax) {
   const auto opts = x.options();

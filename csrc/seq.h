@@ -76,6 +76,26 @@ Chunks backward_chunks(const Problem& pr, bool single);
 void for_each_chunk(const Problem& pr, const Chunks& chunks, bool reverse,
                     const std::function<void(int64_t, int64_t)>& f);
 
+// The backward's time loop: chunk by chunk (for_each_chunk), step(t, row of t's first row within the chunk) for
+// each step against the forward's direction, then flush(lo, R) with the chunk's rows [lo, lo + R).
+void backward_steps(const Problem& pr, const Chunks& chunks, bool reverse,
+                    const std::function<void(int64_t, int64_t)>& step, const std::function<void(int64_t, int64_t)>& flush);
+
+// The step whose saved rows hold step t's h_{t-1} and c_{t-1} (the one before it in the forward's order), and how
+// many of step t's rows it covers; the others start at step t from the initial state (reverse direction).
+struct PrevStep {
+  int64_t t;     // meaningful only when rows > 0
+  int64_t rows;  // 0: no step before t
+};
+PrevStep prev_step(const Problem& pr, int64_t t, bool reverse);
+
+// hp: [b, Hout] h_{t-1} of step t's rows: the previous step's y rows, then h0's.
+void gather_hprev(const Problem& pr, const PrevStep& prev, const at::Tensor& y, const at::Tensor& h0, at::Tensor hp);
+
+// A backward's checks of the gradients it is given: y, dy [N, Hout], dh_n [B, Hout], dc_n [B, H] (LSTM).
+void check_grad_outputs(const Problem& pr, const at::Tensor& x, const at::Tensor& y, const at::Tensor& dy,
+                        const at::Tensor& dh_n, const OptTensor& dc_n);
+
 // Test hooks (_C._set_nan_fill, _C._set_chunk_rows): NaN-fill every workspace, and the backward's chunk size
 // in rows (0: the default), so that small problems cross many chunk boundaries.
 void set_nan_fill(bool on);
@@ -118,27 +138,21 @@ std::vector<at::Tensor> engine_bwd(const Problem& pr, const at::Tensor& x, const
                                    const at::Tensor& c_save, const at::Tensor& hn_save, const at::Tensor& dy,
                                    const at::Tensor& dh_n, const at::Tensor& dc_n, bool need_dx);
 
-// rnn_ext.cpp, fastrnn's own cells: the LayerArgs, then the CellExt fields (fastrnn/ops/__init__.py). Forward
-// returns y, h_n, c_n (LSTM, else [0]) and the saved xs, hs, stats, c; backward the gradients of rnn.cpp's
-// layer_bwd and then the six LayerNorm parameters' ([0] where absent).
+// rnn_ext.cpp, fastrnn's own cells: the LayerArgs, then `ext`, the nine CellExt fields in their order
+// (fastrnn/ops/__init__.py). Forward returns y, h_n, c_n (LSTM, else [0]) and the saved xs, hs, stats, c
+// (fastrnn.ops.SavedExt); backward the gradients of rnn.cpp's layer_bwd, then the six LayerNorm parameters'
+// ([0] where absent).
 std::vector<at::Tensor> layer_ext_fwd(const std::string& mode, const at::Tensor& x, const OptTensor& batch_sizes,
                                       const at::Tensor& h0, const OptTensor& c0, const at::Tensor& w_ih,
                                       const at::Tensor& w_hh, const OptTensor& b_ih, const OptTensor& b_hh,
-                                      const OptTensor& w_hr, bool reverse, const OptTensor& ln_ih_weight,
-                                      const OptTensor& ln_ih_bias, const OptTensor& ln_hh_weight,
-                                      const OptTensor& ln_hh_bias, const OptTensor& ln_c_weight,
-                                      const OptTensor& ln_c_bias, const OptTensor& zoneout_h,
-                                      const OptTensor& zoneout_c, const OptTensor& rec_mask, bool save);
+                                      const OptTensor& w_hr, bool reverse, const std::vector<OptTensor>& ext,
+                                      bool save);
 std::vector<at::Tensor> layer_ext_bwd(const std::string& mode, const at::Tensor& x, const OptTensor& batch_sizes,
                                       const at::Tensor& h0, const OptTensor& c0, const at::Tensor& w_ih,
                                       const at::Tensor& w_hh, const OptTensor& b_ih, const OptTensor& b_hh,
-                                      const OptTensor& w_hr, bool reverse, const OptTensor& ln_ih_weight,
-                                      const OptTensor& ln_ih_bias, const OptTensor& ln_hh_weight,
-                                      const OptTensor& ln_hh_bias, const OptTensor& ln_c_weight,
-                                      const OptTensor& ln_c_bias, const OptTensor& zoneout_h,
-                                      const OptTensor& zoneout_c, const OptTensor& rec_mask, const at::Tensor& y,
-                                      const at::Tensor& xs, const at::Tensor& hs, const at::Tensor& stats,
-                                      const at::Tensor& c, const at::Tensor& dy, const at::Tensor& dh_n,
-                                      const OptTensor& dc_n, bool need_dx);
+                                      const OptTensor& w_hr, bool reverse, const std::vector<OptTensor>& ext,
+                                      const at::Tensor& y, const at::Tensor& xs, const at::Tensor& hs,
+                                      const at::Tensor& stats, const at::Tensor& c, const at::Tensor& dy,
+                                      const at::Tensor& dh_n, const OptTensor& dc_n, bool need_dx);
 
 }  // namespace fastrnn

@@ -193,4 +193,4 @@ def test_bad_ext_is_named(mode, change, message, via):
         if via == "python":
             cpp.layer(*args[:11], ext=CellExt(*args[11:]))
         else:
-            cpp._lib().layer_ext_fwd(*args, False)
+            cpp._lib().layer_ext_fwd(*args[:11], list(args[11:]), False)

@@ -82,18 +82,17 @@ def _fake_saved(a: LayerArgs, _options: tuple, save: bool) -> Saved:
 
 
 def _ext_forward(a: LayerArgs, e: CellExt, _options: tuple, save: bool):
-    y, h_n, c_n, *saved = _lib().layer_ext_fwd(*a, *e, save)
+    y, h_n, c_n, *saved = _lib().layer_ext_fwd(*a, list(e), save)
     return y, h_n, c_n, SavedExt(*saved)
 
 
 def _ext_backward(a: LayerArgs, e: CellExt, _options: tuple, y, saved: SavedExt, dy, dh_n, dc_n, need_dx: bool):
-    return tuple(_lib().layer_ext_bwd(*a, *e, y, *saved, dy, dh_n, dc_n, need_dx))
+    return tuple(_lib().layer_ext_bwd(*a, list(e), y, *saved, dy, dh_n, dc_n, need_dx))
 
 
 def _ext_fake_saved(a: LayerArgs, e: CellExt, _options: tuple, save: bool) -> SavedExt:
-    # fastrnn's cells compute 16-bit calls in fp32 on every device
-    return SavedExt.empty_like(a, e, save, torch.float32 if a.x.dtype in (torch.float16, torch.bfloat16)
-                               else a.x.dtype)
+    wide = a.x.dtype not in (torch.float16, torch.bfloat16)  # fastrnn's cells compute 16-bit in fp32 everywhere
+    return SavedExt.empty_like(a, e, save, a.x.dtype if wide else torch.float32)
 
 
 layer = LayerOp("cpp", "layer", availability, _forward, _backward, _fake_saved,
