@@ -141,7 +141,7 @@ std::vector<Tensor> layer_bwd(const std::string& mode, const Tensor& x_in, const
       check_inputs(parse_mode(mode), x_in, batch_sizes, h0_in, c0_in, w_ih_in, w_hh_in, b_ih, b_hh, w_hr_in, false);
   const c10::DeviceGuard guard(x_in.device());
   const NoAutocast no_autocast;
-  const int64_t H = pr.H, GH = pr.G * H, Hout = pr.Hout, N = pr.N, B = pr.B;
+  const int64_t H = pr.H, GH = pr.G * H, Hout = pr.Hout, N = pr.N;
   check_grad_outputs(pr, x_in, y_in, dy_in, dh_n, dc_n);
   const Tensor ws = at::empty({0}, x_in.options().dtype(ws_dtype(x_in)));
   const char* ws_name = "the workspace dtype of x";
@@ -175,13 +175,7 @@ std::vector<Tensor> layer_bwd(const std::string& mode, const Tensor& x_in, const
   Tensor dgx = ws_empty({rmax, GH}, opts);
   Tensor dgh = pr.gru ? ws_empty({rmax, GH}, opts) : dgx;
   Tensor hprev = pr.packed ? ws_empty({rmax, Hout}, opts) : Tensor();
-  Tensor dtot, hr, dhr, zeros_bh;
-  if (pr.proj) {
-    dtot = ws_empty({rmax, Hout}, opts);
-    hr = ws_empty({rmax, H}, opts);
-    dhr = ws_empty({B, H}, opts);
-    zeros_bh = at::zeros({B, H}, opts);
-  }
+  const ProjGrad proj(pr, rmax, opts);
   GradSums sums = grad_sums(pr, x, w_ih, w_hh, b_ih.has_value(), b_hh.has_value(), need_dx, rmax);
   Tensor dw_hr = pr.proj ? at::zeros_like(w_hr) : empty0(x);
   // LSTM's pointwise backward needs c_prev, GRU's h_prev: the previous step's saved rows or the initial state
@@ -209,14 +203,7 @@ std::vector<Tensor> layer_bwd(const std::string& mode, const Tensor& x_in, const
       p.n_prev = prev.rows;
     }
     if (pr.proj) {
-      Tensor dt = dtot.narrow(0, local, b);
-      at::add_out(dt, dh_b, dy.narrow(0, o, b));
-      Tensor dhr_b = dhr.narrow(0, 0, b);
-      at::mm_out(dhr_b, dt, w_hr);
-      p.dh = dhr.data_ptr();
-      p.dh_stride = H;
-      p.dy = zeros_bh.data_ptr();
-      p.dy_stride = H;
+      proj.to_cell(p, proj.total(local, dh_b, dy.narrow(0, o, b)), w_hr);
     } else {
       p.dh = dhs.data_ptr();
       p.dh_stride = Hout;
@@ -241,10 +228,10 @@ std::vector<Tensor> layer_bwd(const std::string& mode, const Tensor& x_in, const
     flush_chunk(pr, reverse, lo, R, dgx.narrow(0, 0, R), dgh.narrow(0, 0, R), x, y, h0, hprev, w_ih, sums);
     if (pr.proj) {
       // o * tanh(c) was not saved: recomputing it here costs one pass over R x H instead of N x H memory
-      Tensor hr_r = hr.narrow(0, 0, R);
+      Tensor hr_r = proj.hr.narrow(0, 0, R);
       at::tanh_out(hr_r, c_save.narrow(0, lo, R));
       hr_r.mul_(gates.narrow(0, lo, R).narrow(1, 3 * H, H));
-      dw_hr.addmm_(dtot.narrow(0, 0, R).t(), hr_r);
+      dw_hr.addmm_(proj.dtot.narrow(0, 0, R).t(), hr_r);
     }
   });
   const auto [db_ih, db_hh] = bias_grads(sums, b_ih.has_value(), b_hh.has_value(), pr.gru, x);

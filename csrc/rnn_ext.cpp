@@ -289,13 +289,7 @@ std::vector<Tensor> layer_ext_bwd(const std::string& mode, const Tensor& x_in, c
   // dW_hh's operand is h_{t-1} * rec_mask: gathered per chunk where it is not y shifted by a step
   Tensor hprev = pr.packed || e.mask ? ws_empty({rmax, Hout}, opts) : Tensor();
   Tensor dmasked = e.mask ? ws_empty({B, Hout}, opts) : Tensor();
-  Tensor dtot, hr, dhr, zeros_bh;
-  if (pr.proj) {
-    dtot = ws_empty({rmax, Hout}, opts);
-    hr = ws_empty({rmax, H}, opts);
-    dhr = ws_empty({B, H}, opts);
-    zeros_bh = at::zeros({B, H}, opts);
-  }
+  const ProjGrad proj(pr, rmax, opts);
   // With LayerNorm the biases' gradients are the shifts' (both are added after the normalisation), so the
   // chunks sum neither.
   GradSums sums = grad_sums(pr, x, w_ih, w_hh, b_ih.has_value() && !ln, b_hh.has_value() && !ln, need_dx, rmax);
@@ -325,19 +319,13 @@ std::vector<Tensor> layer_ext_bwd(const std::string& mode, const Tensor& x_in, c
       p.n_prev = prev.rows;
     }
     if (pr.proj) {
-      Tensor dt = dtot.narrow(0, local, b);
-      at::add_out(dt, dh_b, dy.narrow(0, o, b));
+      Tensor dt = proj.total(local, dh_b, dy.narrow(0, o, b));
       if (e.zh) {
         at::mul_out(dh_b, dt, e.zh->narrow(0, o, b));
         dt.sub_(dh_b);  // (1 - z) * dt: the projection's share
       }
-      Tensor dhr_b = dhr.narrow(0, 0, b);
-      at::mm_out(dhr_b, dt, w_hr);
-      p.dh = dhr.data_ptr();
-      p.dh_stride = H;
-      p.dy = zeros_bh.data_ptr();
-      p.dy_stride = H;
-      p.hr = row_ptr(hr, local, H);
+      proj.to_cell(p, dt, w_hr);
+      p.hr = row_ptr(proj.hr, local, H);
     } else {
       p.dh = dhs.data_ptr();
       p.dh_stride = Hout;
@@ -378,7 +366,7 @@ std::vector<Tensor> layer_ext_bwd(const std::string& mode, const Tensor& x_in, c
 
   backward_steps(pr, chunks, reverse, step, [&](int64_t lo, int64_t R) {
     flush_chunk(pr, reverse, lo, R, dgx.narrow(0, 0, R), dgh.narrow(0, 0, R), x, y, h0, hprev, w_ih, sums);
-    if (pr.proj) dw_hr.addmm_(dtot.narrow(0, 0, R).t(), hr.narrow(0, 0, R));
+    if (pr.proj) dw_hr.addmm_(proj.dtot.narrow(0, 0, R).t(), proj.hr.narrow(0, 0, R));
   });
 
   std::vector<Tensor> ln_grads;

@@ -204,6 +204,20 @@ void gather_hprev(const Problem& pr, const PrevStep& prev, const at::Tensor& y, 
   if (prev.rows < b) hp.narrow(0, prev.rows, b - prev.rows).copy_(h0.narrow(0, prev.rows, b - prev.rows));
 }
 
+ProjGrad::ProjGrad(const Problem& pr, int64_t rmax, const at::TensorOptions& opts) {
+  if (!pr.proj) return;
+  dtot = ws_empty({rmax, pr.Hout}, opts);
+  hr = ws_empty({rmax, pr.H}, opts);
+  dhr = ws_empty({pr.B, pr.H}, opts);
+  zeros = at::zeros({pr.B, pr.H}, opts);
+}
+
+at::Tensor ProjGrad::total(int64_t local, const at::Tensor& dh_b, const at::Tensor& dy_b) const {
+  at::Tensor dt = dtot.narrow(0, local, dh_b.size(0));
+  at::add_out(dt, dh_b, dy_b);
+  return dt;
+}
+
 void check_grad_outputs(const Problem& pr, const at::Tensor& x, const at::Tensor& y, const at::Tensor& dy,
                         const at::Tensor& dh_n, const OptTensor& dc_n) {
   check_like(y, "y", x, {pr.N, pr.Hout});

@@ -96,6 +96,27 @@ void gather_hprev(const Problem& pr, const PrevStep& prev, const at::Tensor& y, 
 void check_grad_outputs(const Problem& pr, const at::Tensor& x, const at::Tensor& y, const at::Tensor& dy,
                         const at::Tensor& dh_n, const OptTensor& dc_n);
 
+// An LSTM projection (proj_size) in a backward: dtot [rmax, Hout] the gradient reaching each row's projected h
+// (dW_hr's operand, with the chunk's hr [rmax, H] = o*tanh(.)), dhr [B, H] its share in o*tanh(.), zeros [B, H]
+// the dy the cell kernel reads beside it. All undefined without a projection.
+struct ProjGrad {
+  at::Tensor dtot, hr, dhr, zeros;
+
+  ProjGrad(const Problem& pr, int64_t rmax, const at::TensorOptions& opts);
+  // dtot's rows of a step at chunk row `local`: dh_b + dy_b, the gradient reaching its h_t
+  at::Tensor total(int64_t local, const at::Tensor& dh_b, const at::Tensor& dy_b) const;
+  // dhr = dt w_hr, and the cell kernel's dh/dy (params P) pointed at it
+  template <class P>
+  void to_cell(P& p, const at::Tensor& dt, const at::Tensor& w_hr) const {
+    at::Tensor dhr_b = dhr.narrow(0, 0, dt.size(0));
+    at::mm_out(dhr_b, dt, w_hr);
+    p.dh = dhr.data_ptr();
+    p.dh_stride = dhr.size(1);
+    p.dy = zeros.data_ptr();
+    p.dy_stride = zeros.size(1);
+  }
+};
+
 // Test hooks (_C._set_nan_fill, _C._set_chunk_rows): NaN-fill every workspace, and the backward's chunk size
 // in rows (0: the default), so that small problems cross many chunk boundaries.
 void set_nan_fill(bool on);
