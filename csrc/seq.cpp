@@ -182,7 +182,8 @@ void for_each_chunk(const Problem& pr, const Chunks& chunks, bool reverse,
 }
 
 void backward_steps(const Problem& pr, const Chunks& chunks, bool reverse,
-                    const std::function<void(int64_t, int64_t)>& step, const std::function<void(int64_t, int64_t)>& flush) {
+                    const std::function<void(int64_t, int64_t)>& step,
+                    const std::function<void(int64_t, int64_t)>& flush) {
   for_each_chunk(pr, chunks, reverse, [&](int64_t ta, int64_t tb) {
     const int64_t lo = pr.off[ta];
     for (int64_t s = 0; s < tb - ta; ++s) {

@@ -5,8 +5,8 @@
 #include <ATen/ATen.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 
-#include <optional>
 #include <functional>
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -79,7 +79,8 @@ void for_each_chunk(const Problem& pr, const Chunks& chunks, bool reverse,
 // The backward's time loop: chunk by chunk (for_each_chunk), step(t, row of t's first row within the chunk) for
 // each step against the forward's direction, then flush(lo, R) with the chunk's rows [lo, lo + R).
 void backward_steps(const Problem& pr, const Chunks& chunks, bool reverse,
-                    const std::function<void(int64_t, int64_t)>& step, const std::function<void(int64_t, int64_t)>& flush);
+                    const std::function<void(int64_t, int64_t)>& step,
+                    const std::function<void(int64_t, int64_t)>& flush);
 
 // The step whose saved rows hold step t's h_{t-1} and c_{t-1} (the one before it in the forward's order), and how
 // many of step t's rows it covers; the others start at step t from the initial state (reverse direction).
