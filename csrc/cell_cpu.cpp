@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <type_traits>
+#include <utility>
 
 #include "dispatch.h"
 
@@ -85,7 +86,72 @@ void run_block(Mode m, Dtype d, const P& p, int64_t units, Visit visit) {
   });
 }
 
+// One row of fastrnn's own cells on the calling thread (cell_ln.h's executor interface).
+struct RowSerial {
+  template <class F>
+  void each(int64_t n, F&& f) const {
+    for (int64_t j = 0; j < n; ++j) f(j);
+  }
+  template <int K, typename A>
+  void sum(A (&)[K]) const {}
+  void sync() const {}
+  bool leader() const { return true; }
+};
+
+// Tasks [begin, end): rows of a forward step or of the input LayerNorm; slots of a backward step, each slot
+// rows s, s + slots, ... so that its partial sums have one writer.
+template <class Op, typename T>
+void ext_range(const ExtParams& p, int64_t begin, int64_t end) {
+  for (int64_t r = begin; r < end; ++r) ext_fwd_row<Op, RowSerial, T>(RowSerial{}, p, r);
+}
+template <class Op, typename T>
+void ext_range(const ExtGradParams& p, int64_t begin, int64_t end) {
+  for (int64_t s = begin; s < end; ++s) {
+    for (int64_t r = s; r < p.rows; r += p.slots) ext_bwd_row<Op, RowSerial, T>(RowSerial{}, p, r);
+  }
+}
+template <class Op, typename T>
+void ext_range(const LnRowsParams& p, int64_t begin, int64_t end) {
+  for (int64_t r = begin; r < end; ++r) ln_rows_row<RowSerial, T>(RowSerial{}, p, r);
+}
+
+template <class Op, class P>
+FRNN_CLONES void ext_range_f32(const P& p, int64_t begin, int64_t end) {
+  ext_range<Op, float>(p, begin, end);
+}
+
+// (tasks, grain): a row is G*H elements of work a few times over, a slot at least one row.
+std::pair<int64_t, int64_t> ext_tasks(const ExtParams& p) {
+  return {p.rows, std::max<int64_t>(1, kGrain / p.GH)};
+}
+std::pair<int64_t, int64_t> ext_tasks(const LnRowsParams& p) {
+  return {p.rows, std::max<int64_t>(1, kGrain / std::max<int64_t>(1, p.n))};
+}
+std::pair<int64_t, int64_t> ext_tasks(const ExtGradParams& p) { return {std::min(p.rows, p.slots), 1}; }
+
+template <class Op, class P>
+void run_ext(Dtype d, const P& p) {
+  const auto [tasks, grain] = ext_tasks(p);
+  at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
+    switch (d) {
+      case Dtype::F32: return ext_range_f32<Op>(p, begin, end);
+      case Dtype::F64: return ext_range<Op, double>(p, begin, end);
+      default: TORCH_CHECK(false, "fastrnn: the CPU kernels of fastrnn's cells take float32 and float64 only");
+    }
+  });
+}
+
 }  // namespace
+
+void ext_cpu(Mode m, Dtype d, const ExtParams& p) {
+  visit_ext(m, [&](auto op) { run_ext<decltype(op)>(d, p); });
+}
+
+void ext_cpu(Mode m, Dtype d, const ExtGradParams& p) {
+  visit_ext(m, [&](auto op) { run_ext<decltype(op)>(d, p); });
+}
+
+void ln_rows_cpu(Dtype d, const LnRowsParams& p) { run_ext<void>(d, p); }  // no cell: Op unused
 
 void cell_cpu_block(Mode m, Dtype d, const CellParams& p, int64_t units) {
   run_block(m, d, p, units, [](Mode mm, auto&& f) { visit_fwd(mm, f); });

@@ -6,6 +6,7 @@
 #include <c10/util/Half.h>
 
 #include "cell.h"
+#include "cell_ln.h"
 
 namespace fastrnn {
 
@@ -21,25 +22,29 @@ struct AccType<c10::BFloat16> {
 enum class Mode : int { LSTM = 0, GRU = 1, RNN_TANH = 2, RNN_RELU = 3 };
 enum class Dtype : int { F32 = 0, F64 = 1, F16 = 2, BF16 = 3 };
 
-// Calls f with a default-constructed op struct of cell.h for the mode.
-template <class F>
-void visit_fwd(Mode m, F&& f) {
+// Calls f with a default-constructed op struct for the mode, one of the four given in Mode's order.
+template <class Lstm, class Gru, class Tanh, class Relu, class F>
+void visit(Mode m, F&& f) {
   switch (m) {
-    case Mode::LSTM: return f(LstmFwd{});
-    case Mode::GRU: return f(GruFwd{});
-    case Mode::RNN_TANH: return f(RnnFwd<false>{});
-    case Mode::RNN_RELU: return f(RnnFwd<true>{});
+    case Mode::LSTM: return f(Lstm{});
+    case Mode::GRU: return f(Gru{});
+    case Mode::RNN_TANH: return f(Tanh{});
+    case Mode::RNN_RELU: return f(Relu{});
   }
 }
 
+// The op structs of cell.h (plain cells) and cell_ln.h (fastrnn's own cells).
+template <class F>
+void visit_fwd(Mode m, F&& f) {
+  visit<LstmFwd, GruFwd, RnnFwd<false>, RnnFwd<true>>(m, f);
+}
 template <class F>
 void visit_bwd(Mode m, F&& f) {
-  switch (m) {
-    case Mode::LSTM: return f(LstmBwd{});
-    case Mode::GRU: return f(GruBwd{});
-    case Mode::RNN_TANH: return f(RnnBwd<false>{});
-    case Mode::RNN_RELU: return f(RnnBwd<true>{});
-  }
+  visit<LstmBwd, GruBwd, RnnBwd<false>, RnnBwd<true>>(m, f);
+}
+template <class F>
+void visit_ext(Mode m, F&& f) {
+  visit<LstmExt, GruExt, RnnExt<false>, RnnExt<true>>(m, f);
 }
 
 // CPU: fp32 (runtime-dispatched avx512/avx2/baseline clones) and fp64; parallel over rows x hidden.
@@ -50,13 +55,25 @@ void cell_cpu(Mode m, Dtype d, const CellGradParams& p);
 // BF16; the workspaces are fp32.
 void cell_cpu_block(Mode m, Dtype d, const CellParams& p, int64_t units);
 void cell_cpu_block(Mode m, Dtype d, const CellGradParams& p, int64_t units);
+// CPU, fastrnn's own cells (cell_ln.h), fp32 and fp64: forward parallel over rows, backward over the
+// LayerNorm gradient slots (p.slots, at most the thread count), the input LayerNorm over all rows.
+void ext_cpu(Mode m, Dtype d, const ExtParams& p);
+void ext_cpu(Mode m, Dtype d, const ExtGradParams& p);
+void ln_rows_cpu(Dtype d, const LnRowsParams& p);
 // The ISA the fp32 clones resolve to on this CPU, for build_info().
 const char* cpu_isa();
+
+// The most LayerNorm gradient slots (blocks) a CUDA backward step uses; each is a partial sum of 4*G*H + 2*H.
+constexpr int64_t kCudaLnSlots = 128;
 
 #ifdef FASTRNN_WITH_CUDA
 // CUDA: all four dtypes, launched on `stream` (a cudaStream_t) of the current device.
 void cell_cuda(Mode m, Dtype d, const CellParams& p, void* stream);
 void cell_cuda(Mode m, Dtype d, const CellGradParams& p, void* stream);
+// CUDA, fastrnn's own cells, fp32 and fp64: one block per row (backward: per LayerNorm gradient slot).
+void ext_cuda(Mode m, Dtype d, const ExtParams& p, void* stream);
+void ext_cuda(Mode m, Dtype d, const ExtGradParams& p, void* stream);
+void ln_rows_cuda(Dtype d, const LnRowsParams& p, void* stream);
 // Touches the CUDA runtime (device count, one tiny kernel); throws c10::Error on any CUDA error.
 int cuda_probe();
 #endif

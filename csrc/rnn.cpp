@@ -8,7 +8,6 @@
 #include <torch/extension.h>
 
 #include <c10/core/DeviceGuard.h>
-#include <c10/core/impl/LocalDispatchKeySet.h>
 
 #ifdef FASTRNN_WITH_CUDA
 #include <c10/cuda/CUDAStream.h>
@@ -17,6 +16,7 @@
 
 #include <limits>
 #include <string>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -26,137 +26,6 @@ namespace fastrnn {
 namespace {
 
 using at::Tensor;
-using OptTensor = std::optional<Tensor>;
-
-Mode parse_mode(const std::string& s) {
-  if (s == "LSTM") return Mode::LSTM;
-  if (s == "GRU") return Mode::GRU;
-  if (s == "RNN_TANH") return Mode::RNN_TANH;
-  if (s == "RNN_RELU") return Mode::RNN_RELU;
-  TORCH_CHECK(false, "fastrnn: mode must be one of LSTM, GRU, RNN_TANH, RNN_RELU, got '", s, "'");
-}
-
-int64_t gates_of(Mode m) { return m == Mode::LSTM ? 4 : m == Mode::GRU ? 3 : 1; }
-
-Dtype dtype_of(const Tensor& t) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return Dtype::F32;
-    case at::kDouble: return Dtype::F64;
-    case at::kHalf: return Dtype::F16;
-    case at::kBFloat16: return Dtype::BF16;
-    default: TORCH_CHECK(false, "fastrnn: unsupported dtype ", t.scalar_type());
-  }
-}
-
-std::string shape_str(at::IntArrayRef s) {
-  std::string out = "[";
-  for (size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);
-  return out + "]";
-}
-
-// `x` is the tensor t must match in device and dtype, `like` its name in the message.
-void check_like(const Tensor& t, const char* name, const Tensor& x, std::vector<int64_t> shape,
-                const char* like = "x") {
-  TORCH_CHECK(t.device() == x.device(), "fastrnn: ", name, " must be on ", x.device(), " like ", like, ", got ",
-              t.device());
-  TORCH_CHECK(t.scalar_type() == x.scalar_type(), "fastrnn: ", name, " must have dtype ", x.scalar_type(),
-              " like ", like, ", got ", t.scalar_type());
-  TORCH_CHECK(t.sizes() == at::IntArrayRef(shape), "fastrnn: ", name, " must have shape ", shape_str(shape),
-              ", got ", shape_str(t.sizes()));
-}
-
-void check_absent(const OptTensor& t, const char* name, const char* why) {
-  TORCH_CHECK(!t.has_value(), "fastrnn: ", name, " must be None ", why);
-}
-
-void check_dtype_device(const Tensor& x) {
-  TORCH_CHECK(x.is_floating_point(), "fastrnn: x must be a floating-point tensor, got ", x.scalar_type());
-  if (x.is_cuda()) {
-#ifndef FASTRNN_WITH_CUDA
-    TORCH_CHECK(false, "fastrnn: x is on ", x.device(), " but fastrnn._C was built without CUDA");
-#endif
-    dtype_of(x);
-  } else {
-    TORCH_CHECK(x.is_cpu(), "fastrnn: x must be on a CPU or CUDA device, got ", x.device());
-    dtype_of(x);
-  }
-}
-
-// The sizes and step layout of a call. `validate` adds the dtype/device/shape checks of every input, done in
-// forward only: backward receives the very tensors forward validated (autograd saved them for it), so it
-// re-derives the layout and checks just what is its own (dy, dh_n, dc_n, the saved activations).
-Problem check_inputs(Mode m, const Tensor& x, const OptTensor& batch_sizes, const Tensor& h0, const OptTensor& c0,
-                     const Tensor& w_ih, const Tensor& w_hh, const OptTensor& b_ih, const OptTensor& b_hh,
-                     const OptTensor& w_hr, bool validate) {
-  Problem p;
-  p.mode = m;
-  p.lstm = m == Mode::LSTM;
-  p.gru = m == Mode::GRU;
-  p.proj = w_hr.has_value();
-  p.packed = batch_sizes.has_value();
-  p.G = gates_of(m);
-  TORCH_CHECK(x.dim() == 2, "fastrnn: x must be 2-D [N, I], got shape ", shape_str(x.sizes()));
-  check_dtype_device(x);
-  TORCH_CHECK(h0.dim() == 2, "fastrnn: h0 must be 2-D [B, Hout], got shape ", shape_str(h0.sizes()));
-  TORCH_CHECK(w_hh.dim() == 2 && w_hh.size(0) > 0 && w_hh.size(0) % p.G == 0, "fastrnn: w_hh must be 2-D [",
-              p.G, "*H, Hout] for mode ", static_cast<int>(m), ", got shape ", shape_str(w_hh.sizes()));
-  p.N = x.size(0);
-  p.I = x.size(1);
-  p.B = h0.size(0);
-  p.H = w_hh.size(0) / p.G;
-  p.Hout = p.H;
-  const int64_t GH = p.G * p.H;
-  if (p.proj) {
-    TORCH_CHECK(p.lstm, "fastrnn: w_hr (proj_size) is only supported for LSTM");
-    TORCH_CHECK(w_hr->dim() == 2 && w_hr->size(1) == p.H, "fastrnn: w_hr must have shape [Hout, H] with H = ",
-                p.H, ", got ", shape_str(w_hr->sizes()));
-    p.Hout = w_hr->size(0);
-  }
-  if (validate) {
-    if (p.proj) check_like(*w_hr, "w_hr", x, {p.Hout, p.H});
-    check_like(w_hh, "w_hh", x, {GH, p.Hout});
-    check_like(w_ih, "w_ih", x, {GH, p.I});
-    check_like(h0, "h0", x, {p.B, p.Hout});
-    if (p.lstm) {
-      TORCH_CHECK(c0.has_value(), "fastrnn: c0 is required for LSTM");
-      check_like(*c0, "c0", x, {p.B, p.H});
-    } else {
-      check_absent(c0, "c0", "for GRU/RNN");
-    }
-    if (b_ih) check_like(*b_ih, "b_ih", x, {GH});
-    if (b_hh) check_like(*b_hh, "b_hh", x, {GH});
-  }
-
-  if (p.packed) {
-    const Tensor& bs = *batch_sizes;
-    TORCH_CHECK(bs.dim() == 1 && bs.scalar_type() == at::kLong && bs.is_cpu(),
-                "fastrnn: batch_sizes must be a 1-D int64 CPU tensor, got ", bs.scalar_type(), " on ", bs.device(),
-                " with shape ", shape_str(bs.sizes()));
-    const Tensor bsc = bs.contiguous();
-    const int64_t* s = bsc.data_ptr<int64_t>();
-    p.T = bs.size(0);
-    p.size.assign(s, s + p.T);
-  } else {
-    TORCH_CHECK(p.B > 0 ? p.N % p.B == 0 : p.N == 0, "fastrnn: dense x must have T*B rows with B = h0.shape[0] = ",
-                p.B, ", got ", p.N, " rows");
-    p.T = p.B > 0 ? p.N / p.B : 0;
-    p.size.assign(p.T, p.B);
-  }
-  p.off.assign(p.T + 1, 0);
-  for (int64_t t = 0; t < p.T; ++t) {
-    const int64_t b = p.size[t];
-    TORCH_CHECK(b >= 1 && b <= p.B && (t == 0 || b <= p.size[t - 1]), "fastrnn: batch_sizes must be non-increasing",
-                " and within [1, B = ", p.B, "], got batch_sizes[", t, "] = ", b);
-    p.off[t + 1] = p.off[t] + b;
-  }
-  TORCH_CHECK(p.off[p.T] == p.N, "fastrnn: batch_sizes sum to ", p.off[p.T], " but x has ", p.N, " rows");
-  return p;
-}
-
-// Address of row `row` of a contiguous matrix with `width` columns.
-void* row_ptr(const Tensor& t, int64_t row, int64_t width) {
-  return static_cast<char*>(t.data_ptr()) + row * width * static_cast<int64_t>(t.element_size());
-}
 
 template <class P>
 void run_cell(const Problem& pr, const Tensor& like, const P& params) {
@@ -168,16 +37,6 @@ void run_cell(const Problem& pr, const Tensor& like, const P& params) {
     cell_cpu(pr.mode, dtype_of(like), params);
   }
 }
-
-// The ops compute in their inputs' dtype, which the caller chose (the modules follow torch.nn under autocast);
-// without this guard an enclosing autocast region would turn the internal GEMMs' outputs into bf16/fp16.
-struct NoAutocast {
-  c10::impl::ExcludeDispatchKeyGuard guard{c10::autocast_dispatch_keyset};
-};
-
-Tensor contig(const OptTensor& t) { return t ? t->contiguous() : Tensor(); }
-
-OptTensor as_float(const OptTensor& t) { return t ? OptTensor(t->to(at::kFloat)) : std::nullopt; }
 
 // 16-bit on the CPU where the engine does not take the problem (proj_size, odd H, no bf16 ukernel, fp16):
 // the fp32 computation, rounding only what is returned.
@@ -282,18 +141,12 @@ std::vector<Tensor> layer_bwd(const std::string& mode, const Tensor& x_in, const
       check_inputs(parse_mode(mode), x_in, batch_sizes, h0_in, c0_in, w_ih_in, w_hh_in, b_ih, b_hh, w_hr_in, false);
   const c10::DeviceGuard guard(x_in.device());
   const NoAutocast no_autocast;
-  const int64_t H = pr.H, GH = pr.G * H, Hout = pr.Hout, N = pr.N, B = pr.B;
-  check_like(y_in, "y", x_in, {N, Hout});
-  check_like(dy_in, "dy", x_in, {N, Hout});
-  check_like(dh_n, "dh_n", x_in, {B, Hout});
+  const int64_t H = pr.H, GH = pr.G * H, Hout = pr.Hout, N = pr.N;
+  check_grad_outputs(pr, x_in, y_in, dy_in, dh_n, dc_n);
   const Tensor ws = at::empty({0}, x_in.options().dtype(ws_dtype(x_in)));
   const char* ws_name = "the workspace dtype of x";
   if (pr.lstm || pr.gru) check_like(gates_in, "saved gates", ws, {N, GH}, ws_name);
-  if (pr.lstm) {
-    check_like(c_save_in, "saved c", ws, {N, H}, ws_name);
-    TORCH_CHECK(dc_n.has_value(), "fastrnn: dc_n is required for LSTM");
-    check_like(*dc_n, "dc_n", x_in, {B, H});
-  }
+  if (pr.lstm) check_like(c_save_in, "saved c", ws, {N, H}, ws_name);
   if (pr.gru) check_like(hn_save_in, "saved hn", ws, {N, H}, ws_name);
   if (cpu_16bit_fallback(pr, x_in)) {
     auto grads = layer_bwd(mode, x_in.to(at::kFloat), batch_sizes, h0_in.to(at::kFloat), as_float(c0_in),
@@ -322,13 +175,7 @@ std::vector<Tensor> layer_bwd(const std::string& mode, const Tensor& x_in, const
   Tensor dgx = ws_empty({rmax, GH}, opts);
   Tensor dgh = pr.gru ? ws_empty({rmax, GH}, opts) : dgx;
   Tensor hprev = pr.packed ? ws_empty({rmax, Hout}, opts) : Tensor();
-  Tensor dtot, hr, dhr, zeros_bh;
-  if (pr.proj) {
-    dtot = ws_empty({rmax, Hout}, opts);
-    hr = ws_empty({rmax, H}, opts);
-    dhr = ws_empty({B, H}, opts);
-    zeros_bh = at::zeros({B, H}, opts);
-  }
+  const ProjGrad proj(pr, rmax, opts);
   GradSums sums = grad_sums(pr, x, w_ih, w_hh, b_ih.has_value(), b_hh.has_value(), need_dx, rmax);
   Tensor dw_hr = pr.proj ? at::zeros_like(w_hr) : empty0(x);
   // LSTM's pointwise backward needs c_prev, GRU's h_prev: the previous step's saved rows or the initial state
@@ -337,9 +184,7 @@ std::vector<Tensor> layer_bwd(const std::string& mode, const Tensor& x_in, const
 
   auto step = [&](int64_t t, int64_t local) {
     const int64_t b = pr.size[t], o = pr.off[t];
-    const int64_t tp = reverse ? t + 1 : t - 1;
-    const bool has_prev = tp >= 0 && tp < pr.T;
-    const int64_t n_prev = has_prev ? std::min(b, pr.size[tp]) : 0;
+    const PrevStep prev = prev_step(pr, t, reverse);
     Tensor dh_b = dhs.narrow(0, 0, b);
     CellGradParams p{};
     p.rows = b;
@@ -353,19 +198,12 @@ std::vector<Tensor> layer_bwd(const std::string& mode, const Tensor& x_in, const
     p.out_stride = Hout;
     if (pr.lstm || pr.gru) {
       p.init = init.data_ptr();
-      p.prev = has_prev ? row_ptr(prev_src, pr.off[tp], H) : p.init;
+      p.prev = prev.rows > 0 ? row_ptr(prev_src, pr.off[prev.t], H) : p.init;
       p.prev_stride = H;
-      p.n_prev = n_prev;
+      p.n_prev = prev.rows;
     }
     if (pr.proj) {
-      Tensor dt = dtot.narrow(0, local, b);
-      at::add_out(dt, dh_b, dy.narrow(0, o, b));
-      Tensor dhr_b = dhr.narrow(0, 0, b);
-      at::mm_out(dhr_b, dt, w_hr);
-      p.dh = dhr.data_ptr();
-      p.dh_stride = H;
-      p.dy = zeros_bh.data_ptr();
-      p.dy_stride = H;
+      proj.to_cell(p, proj.total(local, dh_b, dy.narrow(0, o, b)), w_hr);
     } else {
       p.dh = dhs.data_ptr();
       p.dh_stride = Hout;
@@ -377,11 +215,7 @@ std::vector<Tensor> layer_bwd(const std::string& mode, const Tensor& x_in, const
     p.dgh = row_ptr(dgh, local, GH);
     p.dh_prev = dhs.data_ptr();
     run_cell(pr, x, p);
-    if (pr.packed) {
-      Tensor hp = hprev.narrow(0, local, b);
-      if (n_prev > 0) hp.narrow(0, 0, n_prev).copy_(y.narrow(0, pr.off[tp], n_prev));
-      if (n_prev < b) hp.narrow(0, n_prev, b - n_prev).copy_(h0.narrow(0, n_prev, b - n_prev));
-    }
+    if (pr.packed) gather_hprev(pr, prev, y, h0, hprev.narrow(0, local, b));
     const Tensor dgh_b = dgh.narrow(0, local, b);
     if (pr.gru) {
       dh_b.addmm_(dgh_b, w_hh);  // dh_b holds the direct z*dh term
@@ -390,19 +224,14 @@ std::vector<Tensor> layer_bwd(const std::string& mode, const Tensor& x_in, const
     }
   };
 
-  for_each_chunk(pr, chunks, reverse, [&](int64_t ta, int64_t tb) {
-    const int64_t lo = pr.off[ta], R = pr.off[tb] - lo;
-    for (int64_t s = 0; s < tb - ta; ++s) {
-      const int64_t t = reverse ? ta + s : tb - 1 - s;
-      step(t, pr.off[t] - lo);
-    }
+  backward_steps(pr, chunks, reverse, step, [&](int64_t lo, int64_t R) {
     flush_chunk(pr, reverse, lo, R, dgx.narrow(0, 0, R), dgh.narrow(0, 0, R), x, y, h0, hprev, w_ih, sums);
     if (pr.proj) {
       // o * tanh(c) was not saved: recomputing it here costs one pass over R x H instead of N x H memory
-      Tensor hr_r = hr.narrow(0, 0, R);
+      Tensor hr_r = proj.hr.narrow(0, 0, R);
       at::tanh_out(hr_r, c_save.narrow(0, lo, R));
       hr_r.mul_(gates.narrow(0, lo, R).narrow(1, 3 * H, H));
-      dw_hr.addmm_(dtot.narrow(0, 0, R).t(), hr_r);
+      dw_hr.addmm_(proj.dtot.narrow(0, 0, R).t(), hr_r);
     }
   });
   const auto [db_ih, db_hh] = bias_grads(sums, b_ih.has_value(), b_hh.has_value(), pr.gru, x);
@@ -465,6 +294,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("c0"), py::arg("w_ih"), py::arg("w_hh"), py::arg("b_ih"), py::arg("b_hh"), py::arg("w_hr"),
         py::arg("reverse"), py::arg("y"), py::arg("gates"), py::arg("c"), py::arg("hn"), py::arg("dy"),
         py::arg("dh_n"), py::arg("dc_n"), py::arg("need_dx"));
+  // the LayerArgs fields, then each function's own
+  const auto layer_args = std::make_tuple(py::arg("mode"), py::arg("x"), py::arg("batch_sizes"), py::arg("h0"),
+                                          py::arg("c0"), py::arg("w_ih"), py::arg("w_hh"), py::arg("b_ih"),
+                                          py::arg("b_hh"), py::arg("w_hr"), py::arg("reverse"));
+  const auto def = [&](const char* name, auto f, auto own) {
+    std::apply([&](auto... a) { m.def(name, f, a...); }, std::tuple_cat(layer_args, own));
+  };
+  def("layer_ext_fwd", &fastrnn::layer_ext_fwd, std::make_tuple(py::arg("ext"), py::arg("save")));
+  def("layer_ext_bwd", &fastrnn::layer_ext_bwd,
+      std::make_tuple(py::arg("ext"), py::arg("y"), py::arg("xs"), py::arg("hs"), py::arg("stats"), py::arg("c"),
+                      py::arg("dy"), py::arg("dh_n"), py::arg("dc_n"), py::arg("need_dx")));
   m.def("build_info", &fastrnn::build_info, "how this extension was built: CUDA archs, compiler, CPU ISA");
   m.def("_set_nan_fill", &fastrnn::set_nan_fill, "test hook: NaN-fill every workspace and output at allocation");
   m.def("_set_chunk_rows", &fastrnn::set_chunk_rows, "test hook: backward chunk size in rows (0: default)");

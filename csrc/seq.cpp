@@ -1,8 +1,10 @@
-// The sequence driver's pieces shared by rnn.cpp (every device) and engine_cpu.cpp (the CPU engine).
+// The sequence driver's pieces shared by rnn.cpp (every device), rnn_ext.cpp (fastrnn's own cells) and
+// engine_cpu.cpp (the CPU engine).
 #include "seq.h"
 
 #include <algorithm>
 #include <limits>
+#include <string>
 
 namespace fastrnn {
 namespace {
@@ -13,7 +15,136 @@ constexpr int64_t kChunkRows = 1024;
 int64_t g_chunk_rows = kChunkRows;
 bool g_nan_fill = false;
 
+int64_t gates_of(Mode m) { return m == Mode::LSTM ? 4 : m == Mode::GRU ? 3 : 1; }
+
+void check_absent(const OptTensor& t, const char* name, const char* why) {
+  TORCH_CHECK(!t.has_value(), "fastrnn: ", name, " must be None ", why);
+}
+
+void check_dtype_device(const at::Tensor& x) {
+  TORCH_CHECK(x.is_floating_point(), "fastrnn: x must be a floating-point tensor, got ", x.scalar_type());
+  if (x.is_cuda()) {
+#ifndef FASTRNN_WITH_CUDA
+    TORCH_CHECK(false, "fastrnn: x is on ", x.device(), " but fastrnn._C was built without CUDA");
+#endif
+    dtype_of(x);
+  } else {
+    TORCH_CHECK(x.is_cpu(), "fastrnn: x must be on a CPU or CUDA device, got ", x.device());
+    dtype_of(x);
+  }
+}
+
 }  // namespace
+
+Mode parse_mode(const std::string& s) {
+  if (s == "LSTM") return Mode::LSTM;
+  if (s == "GRU") return Mode::GRU;
+  if (s == "RNN_TANH") return Mode::RNN_TANH;
+  if (s == "RNN_RELU") return Mode::RNN_RELU;
+  TORCH_CHECK(false, "fastrnn: mode must be one of LSTM, GRU, RNN_TANH, RNN_RELU, got '", s, "'");
+}
+
+Dtype dtype_of(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return Dtype::F32;
+    case at::kDouble: return Dtype::F64;
+    case at::kHalf: return Dtype::F16;
+    case at::kBFloat16: return Dtype::BF16;
+    default: TORCH_CHECK(false, "fastrnn: unsupported dtype ", t.scalar_type());
+  }
+}
+
+std::string shape_str(at::IntArrayRef s) {
+  std::string out = "[";
+  for (size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);
+  return out + "]";
+}
+
+void check_like(const at::Tensor& t, const char* name, const at::Tensor& x, std::vector<int64_t> shape,
+                const char* like) {
+  TORCH_CHECK(t.device() == x.device(), "fastrnn: ", name, " must be on ", x.device(), " like ", like, ", got ",
+              t.device());
+  TORCH_CHECK(t.scalar_type() == x.scalar_type(), "fastrnn: ", name, " must have dtype ", x.scalar_type(),
+              " like ", like, ", got ", t.scalar_type());
+  TORCH_CHECK(t.sizes() == at::IntArrayRef(shape), "fastrnn: ", name, " must have shape ", shape_str(shape),
+              ", got ", shape_str(t.sizes()));
+}
+
+Problem check_inputs(Mode m, const at::Tensor& x, const OptTensor& batch_sizes, const at::Tensor& h0,
+                     const OptTensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh, const OptTensor& b_ih,
+                     const OptTensor& b_hh, const OptTensor& w_hr, bool validate) {
+  Problem p;
+  p.mode = m;
+  p.lstm = m == Mode::LSTM;
+  p.gru = m == Mode::GRU;
+  p.proj = w_hr.has_value();
+  p.packed = batch_sizes.has_value();
+  p.G = gates_of(m);
+  TORCH_CHECK(x.dim() == 2, "fastrnn: x must be 2-D [N, I], got shape ", shape_str(x.sizes()));
+  check_dtype_device(x);
+  TORCH_CHECK(h0.dim() == 2, "fastrnn: h0 must be 2-D [B, Hout], got shape ", shape_str(h0.sizes()));
+  TORCH_CHECK(w_hh.dim() == 2 && w_hh.size(0) > 0 && w_hh.size(0) % p.G == 0, "fastrnn: w_hh must be 2-D [",
+              p.G, "*H, Hout] for mode ", static_cast<int>(m), ", got shape ", shape_str(w_hh.sizes()));
+  p.N = x.size(0);
+  p.I = x.size(1);
+  p.B = h0.size(0);
+  p.H = w_hh.size(0) / p.G;
+  p.Hout = p.H;
+  const int64_t GH = p.G * p.H;
+  if (p.proj) {
+    TORCH_CHECK(p.lstm, "fastrnn: w_hr (proj_size) is only supported for LSTM");
+    TORCH_CHECK(w_hr->dim() == 2 && w_hr->size(1) == p.H, "fastrnn: w_hr must have shape [Hout, H] with H = ",
+                p.H, ", got ", shape_str(w_hr->sizes()));
+    p.Hout = w_hr->size(0);
+  }
+  if (validate) {
+    if (p.proj) check_like(*w_hr, "w_hr", x, {p.Hout, p.H});
+    check_like(w_hh, "w_hh", x, {GH, p.Hout});
+    check_like(w_ih, "w_ih", x, {GH, p.I});
+    check_like(h0, "h0", x, {p.B, p.Hout});
+    if (p.lstm) {
+      TORCH_CHECK(c0.has_value(), "fastrnn: c0 is required for LSTM");
+      check_like(*c0, "c0", x, {p.B, p.H});
+    } else {
+      check_absent(c0, "c0", "for GRU/RNN");
+    }
+    if (b_ih) check_like(*b_ih, "b_ih", x, {GH});
+    if (b_hh) check_like(*b_hh, "b_hh", x, {GH});
+  }
+
+  if (p.packed) {
+    const at::Tensor& bs = *batch_sizes;
+    TORCH_CHECK(bs.dim() == 1 && bs.scalar_type() == at::kLong && bs.is_cpu(),
+                "fastrnn: batch_sizes must be a 1-D int64 CPU tensor, got ", bs.scalar_type(), " on ", bs.device(),
+                " with shape ", shape_str(bs.sizes()));
+    const at::Tensor bsc = bs.contiguous();
+    const int64_t* s = bsc.data_ptr<int64_t>();
+    p.T = bs.size(0);
+    p.size.assign(s, s + p.T);
+  } else {
+    TORCH_CHECK(p.B > 0 ? p.N % p.B == 0 : p.N == 0, "fastrnn: dense x must have T*B rows with B = h0.shape[0] = ",
+                p.B, ", got ", p.N, " rows");
+    p.T = p.B > 0 ? p.N / p.B : 0;
+    p.size.assign(p.T, p.B);
+  }
+  p.off.assign(p.T + 1, 0);
+  for (int64_t t = 0; t < p.T; ++t) {
+    const int64_t b = p.size[t];
+    TORCH_CHECK(b >= 1 && b <= p.B && (t == 0 || b <= p.size[t - 1]), "fastrnn: batch_sizes must be non-increasing",
+                " and within [1, B = ", p.B, "], got batch_sizes[", t, "] = ", b);
+    p.off[t + 1] = p.off[t] + b;
+  }
+  TORCH_CHECK(p.off[p.T] == p.N, "fastrnn: batch_sizes sum to ", p.off[p.T], " but x has ", p.N, " rows");
+  return p;
+}
+
+void* row_ptr(const at::Tensor& t, int64_t row, int64_t width) {
+  return static_cast<char*>(t.data_ptr()) + row * width * static_cast<int64_t>(t.element_size());
+}
+
+at::Tensor contig(const OptTensor& t) { return t ? t->contiguous() : at::Tensor(); }
+
+OptTensor as_float(const OptTensor& t) { return t ? OptTensor(t->to(at::kFloat)) : std::nullopt; }
 
 void set_nan_fill(bool on) { g_nan_fill = on; }
 
@@ -50,6 +181,55 @@ void for_each_chunk(const Problem& pr, const Chunks& chunks, bool reverse,
   }
 }
 
+void backward_steps(const Problem& pr, const Chunks& chunks, bool reverse,
+                    const std::function<void(int64_t, int64_t)>& step,
+                    const std::function<void(int64_t, int64_t)>& flush) {
+  for_each_chunk(pr, chunks, reverse, [&](int64_t ta, int64_t tb) {
+    const int64_t lo = pr.off[ta];
+    for (int64_t s = 0; s < tb - ta; ++s) {
+      const int64_t t = reverse ? ta + s : tb - 1 - s;
+      step(t, pr.off[t] - lo);
+    }
+    flush(lo, pr.off[tb] - lo);
+  });
+}
+
+PrevStep prev_step(const Problem& pr, int64_t t, bool reverse) {
+  const int64_t tp = reverse ? t + 1 : t - 1;
+  return {tp, tp >= 0 && tp < pr.T ? std::min(pr.size[t], pr.size[tp]) : 0};
+}
+
+void gather_hprev(const Problem& pr, const PrevStep& prev, const at::Tensor& y, const at::Tensor& h0, at::Tensor hp) {
+  const int64_t b = hp.size(0);
+  if (prev.rows > 0) hp.narrow(0, 0, prev.rows).copy_(y.narrow(0, pr.off[prev.t], prev.rows));
+  if (prev.rows < b) hp.narrow(0, prev.rows, b - prev.rows).copy_(h0.narrow(0, prev.rows, b - prev.rows));
+}
+
+ProjGrad::ProjGrad(const Problem& pr, int64_t rmax, const at::TensorOptions& opts) {
+  if (!pr.proj) return;
+  dtot = ws_empty({rmax, pr.Hout}, opts);
+  hr = ws_empty({rmax, pr.H}, opts);
+  dhr = ws_empty({pr.B, pr.H}, opts);
+  zeros = at::zeros({pr.B, pr.H}, opts);
+}
+
+at::Tensor ProjGrad::total(int64_t local, const at::Tensor& dh_b, const at::Tensor& dy_b) const {
+  at::Tensor dt = dtot.narrow(0, local, dh_b.size(0));
+  at::add_out(dt, dh_b, dy_b);
+  return dt;
+}
+
+void check_grad_outputs(const Problem& pr, const at::Tensor& x, const at::Tensor& y, const at::Tensor& dy,
+                        const at::Tensor& dh_n, const OptTensor& dc_n) {
+  check_like(y, "y", x, {pr.N, pr.Hout});
+  check_like(dy, "dy", x, {pr.N, pr.Hout});
+  check_like(dh_n, "dh_n", x, {pr.B, pr.Hout});
+  if (pr.lstm) {
+    TORCH_CHECK(dc_n.has_value(), "fastrnn: dc_n is required for LSTM");
+    check_like(*dc_n, "dc_n", x, {pr.B, pr.H});
+  }
+}
+
 GradSums grad_sums(const Problem& pr, const at::Tensor& x, const at::Tensor& w_ih, const at::Tensor& w_hh,
                    bool has_b_ih, bool has_b_hh, bool need_dx, int64_t rmax) {
   const auto opts = x.options();
@@ -82,7 +262,7 @@ void flush_chunk(const Problem& pr, bool reverse, int64_t lo, int64_t R, const a
   const at::Tensor ones = g.ones.narrow(0, 0, R);
   if (g.db_x.defined()) g.db_x.addmv_(gx.t(), ones);
   if (g.db_h.defined()) g.db_h.addmv_(gh.t(), ones);
-  if (pr.packed) {
+  if (hprev.defined()) {
     g.dw_hh.addmm_(gh.t(), hprev.narrow(0, 0, R));
     return;
   }

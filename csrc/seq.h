@@ -1,10 +1,12 @@
-// What the sequence driver (rnn.cpp) and the CPU engine (engine_cpu.cpp) share: the validated problem, the
-// workspace allocator and the backward's chunked weight-gradient GEMMs.
+// What the sequence drivers (rnn.cpp, rnn_ext.cpp) and the CPU engine (engine_cpu.cpp) share: the validated
+// problem, the workspace allocator and the backward's chunked weight-gradient GEMMs.
 #pragma once
 
 #include <ATen/ATen.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 
 #include <functional>
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -13,6 +15,8 @@
 
 namespace fastrnn {
 
+using OptTensor = std::optional<at::Tensor>;
+
 // Problem sizes and the step layout, validated once per call.
 struct Problem {
   Mode mode;
@@ -20,6 +24,33 @@ struct Problem {
   int64_t G, I, H, Hout, B, N, T;
   std::vector<int64_t> size;  // size[t]: active rows of step t
   std::vector<int64_t> off;   // off[t]: first row of step t; off[T] = N
+};
+
+Mode parse_mode(const std::string& s);
+Dtype dtype_of(const at::Tensor& t);
+std::string shape_str(at::IntArrayRef s);
+
+// `x` is the tensor t must match in device and dtype, `like` its name in the message.
+void check_like(const at::Tensor& t, const char* name, const at::Tensor& x, std::vector<int64_t> shape,
+                const char* like = "x");
+
+// The sizes and step layout of a call. `validate` adds the dtype/device/shape checks of every input, done in
+// forward only: backward receives the very tensors forward validated (autograd saved them for it), so it
+// re-derives the layout and checks just what is its own (dy, dh_n, dc_n, the saved activations).
+Problem check_inputs(Mode m, const at::Tensor& x, const OptTensor& batch_sizes, const at::Tensor& h0,
+                     const OptTensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh, const OptTensor& b_ih,
+                     const OptTensor& b_hh, const OptTensor& w_hr, bool validate);
+
+// Address of row `row` of a contiguous matrix with `width` columns.
+void* row_ptr(const at::Tensor& t, int64_t row, int64_t width);
+
+at::Tensor contig(const OptTensor& t);
+OptTensor as_float(const OptTensor& t);
+
+// The ops compute in their inputs' dtype, which the caller chose (the modules follow torch.nn under autocast);
+// without this guard an enclosing autocast region would turn the internal GEMMs' outputs into bf16/fp16.
+struct NoAutocast {
+  c10::impl::ExcludeDispatchKeyGuard guard{c10::autocast_dispatch_keyset};
 };
 
 // An uninitialised workspace or output; NaN-filled under the _C._set_nan_fill test hook, so a test can prove
@@ -45,6 +76,48 @@ Chunks backward_chunks(const Problem& pr, bool single);
 void for_each_chunk(const Problem& pr, const Chunks& chunks, bool reverse,
                     const std::function<void(int64_t, int64_t)>& f);
 
+// The backward's time loop: chunk by chunk (for_each_chunk), step(t, row of t's first row within the chunk) for
+// each step against the forward's direction, then flush(lo, R) with the chunk's rows [lo, lo + R).
+void backward_steps(const Problem& pr, const Chunks& chunks, bool reverse,
+                    const std::function<void(int64_t, int64_t)>& step,
+                    const std::function<void(int64_t, int64_t)>& flush);
+
+// The step whose saved rows hold step t's h_{t-1} and c_{t-1} (the one before it in the forward's order), and how
+// many of step t's rows it covers; the others start at step t from the initial state (reverse direction).
+struct PrevStep {
+  int64_t t;     // meaningful only when rows > 0
+  int64_t rows;  // 0: no step before t
+};
+PrevStep prev_step(const Problem& pr, int64_t t, bool reverse);
+
+// hp: [b, Hout] h_{t-1} of step t's rows: the previous step's y rows, then h0's.
+void gather_hprev(const Problem& pr, const PrevStep& prev, const at::Tensor& y, const at::Tensor& h0, at::Tensor hp);
+
+// A backward's checks of the gradients it is given: y, dy [N, Hout], dh_n [B, Hout], dc_n [B, H] (LSTM).
+void check_grad_outputs(const Problem& pr, const at::Tensor& x, const at::Tensor& y, const at::Tensor& dy,
+                        const at::Tensor& dh_n, const OptTensor& dc_n);
+
+// An LSTM projection (proj_size) in a backward: dtot [rmax, Hout] the gradient reaching each row's projected h
+// (dW_hr's operand, with the chunk's hr [rmax, H] = o*tanh(.)), dhr [B, H] its share in o*tanh(.), zeros [B, H]
+// the dy the cell kernel reads beside it. All undefined without a projection.
+struct ProjGrad {
+  at::Tensor dtot, hr, dhr, zeros;
+
+  ProjGrad(const Problem& pr, int64_t rmax, const at::TensorOptions& opts);
+  // dtot's rows of a step at chunk row `local`: dh_b + dy_b, the gradient reaching its h_t
+  at::Tensor total(int64_t local, const at::Tensor& dh_b, const at::Tensor& dy_b) const;
+  // dhr = dt w_hr, and the cell kernel's dh/dy (params P) pointed at it
+  template <class P>
+  void to_cell(P& p, const at::Tensor& dt, const at::Tensor& w_hr) const {
+    at::Tensor dhr_b = dhr.narrow(0, 0, dt.size(0));
+    at::mm_out(dhr_b, dt, w_hr);
+    p.dh = dhr.data_ptr();
+    p.dh_stride = dhr.size(1);
+    p.dy = zeros.data_ptr();
+    p.dy_stride = zeros.size(1);
+  }
+};
+
 // Test hooks (_C._set_nan_fill, _C._set_chunk_rows): NaN-fill every workspace, and the backward's chunk size
 // in rows (0: the default), so that small problems cross many chunk boundaries.
 void set_nan_fill(bool on);
@@ -58,7 +131,8 @@ struct GradSums {
 
 // Folds the dgates rows [lo, lo + R) of one chunk (gx, gh: [R, G*H], gh = gx but for GRU) into g with big
 // GEMMs: dx rows, dW_ih += gx^T x, dW_hh += gh^T h_prev, the bias sums. h_prev comes from hprev ([R, Hout],
-// packed: gathered by the caller) or, dense, from y shifted by one step and h0.
+// gathered by the caller: packed, or the recurrent GEMM's masked operand) where defined, else from y shifted by
+// one step and h0 (dense).
 GradSums grad_sums(const Problem& pr, const at::Tensor& x, const at::Tensor& w_ih, const at::Tensor& w_hh,
                    bool has_b_ih, bool has_b_hh, bool need_dx, int64_t rmax);
 // db_ih, db_hh from g ([0] where the bias is absent): both are the input-side sum but for GRU's b_hh.
@@ -85,5 +159,22 @@ std::vector<at::Tensor> engine_bwd(const Problem& pr, const at::Tensor& x, const
                                    bool reverse, const at::Tensor& y, const at::Tensor& gates,
                                    const at::Tensor& c_save, const at::Tensor& hn_save, const at::Tensor& dy,
                                    const at::Tensor& dh_n, const at::Tensor& dc_n, bool need_dx);
+
+// rnn_ext.cpp, fastrnn's own cells: the LayerArgs, then `ext`, the nine CellExt fields in their order
+// (fastrnn/ops/__init__.py). Forward returns y, h_n, c_n (LSTM, else [0]) and the saved xs, hs, stats, c
+// (fastrnn.ops.SavedExt); backward the gradients of rnn.cpp's layer_bwd, then the six LayerNorm parameters'
+// ([0] where absent).
+std::vector<at::Tensor> layer_ext_fwd(const std::string& mode, const at::Tensor& x, const OptTensor& batch_sizes,
+                                      const at::Tensor& h0, const OptTensor& c0, const at::Tensor& w_ih,
+                                      const at::Tensor& w_hh, const OptTensor& b_ih, const OptTensor& b_hh,
+                                      const OptTensor& w_hr, bool reverse, const std::vector<OptTensor>& ext,
+                                      bool save);
+std::vector<at::Tensor> layer_ext_bwd(const std::string& mode, const at::Tensor& x, const OptTensor& batch_sizes,
+                                      const at::Tensor& h0, const OptTensor& c0, const at::Tensor& w_ih,
+                                      const at::Tensor& w_hh, const OptTensor& b_ih, const OptTensor& b_hh,
+                                      const OptTensor& w_hr, bool reverse, const std::vector<OptTensor>& ext,
+                                      const at::Tensor& y, const at::Tensor& xs, const at::Tensor& hs,
+                                      const at::Tensor& stats, const at::Tensor& c, const at::Tensor& dy,
+                                      const at::Tensor& dh_n, const OptTensor& dc_n, bool need_dx);
 
 }  // namespace fastrnn

@@ -13,6 +13,9 @@ from fastrnn import _buildcfg
 NVCC = _buildcfg.nvcc_path()
 # one kernel per (op, dtype): forward and backward of LSTM, GRU, RNN_TANH, RNN_RELU in fp32/fp64/fp16/bf16
 N_CELL_KERNELS = 8 * 4
+# fastrnn's own cells (csrc/cell_ln_cuda.cu): forward and backward of the four modes, and the input LayerNorm, in
+# fp32/fp64
+N_EXT_KERNELS = (8 + 1) * 2
 
 
 @pytest.fixture(scope="module")
@@ -27,6 +30,9 @@ def test_cuda_kernels_compile_without_spills(ptxas, arch):
     kernels = ptxas.get(arch, {})
     cell = {k: v for k, v in kernels.items() if "cell_kernel" in k}
     assert len(cell) == N_CELL_KERNELS, f"sm_{arch}: expected {N_CELL_KERNELS} cell kernels, got {sorted(cell)}"
+    ext = {k: v for k, v in kernels.items() if any(n in k for n in ("ext_fwd_kernel", "ext_bwd_kernel", "ln_rows"))}
+    assert len(ext) == N_EXT_KERNELS, f"sm_{arch}: expected {N_EXT_KERNELS} kernels of the cells, got {sorted(ext)}"
+    cell.update(ext)
     spilling = {k: v for k, v in kernels.items() if v["spill_stores"] or v["spill_loads"] or v["stack"]}
     assert not spilling, f"sm_{arch}: kernels spill to local memory: {spilling}"
     # 256 threads per block (launch bounds) allow up to 255 registers; staying well below keeps occupancy

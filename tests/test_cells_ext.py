@@ -448,3 +448,39 @@ def test_backend_without_the_feature_is_named():
         with _backend.use_backend(name):  # a process-wide choice is as explicit as the module's own
             with pytest.raises(RuntimeError, match=f"fastrnn backend '{name}' does not run zoneout"):
                 fastrnn.GRU(3, 4, zoneout=0.5)(torch.randn(2, 1, 3))
+
+
+@pytest.mark.parametrize("backend", ext_backends(torch.float64))
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN_TANH"])
+def test_double_backward_gradgradcheck(kind, backend):
+    """create_graph=True recomputes the layer, the new cells included, on differentiable ops."""
+    m = make_module(kind, FEATURES["ln-zo-rd"], torch.float64, backend, I=2, H=3)
+    x = torch.randn(3, 2, 2, dtype=torch.float64, requires_grad=True)
+    names = [n for n, _ in m.named_parameters() if n.startswith("layer_norm_hh") or n == "weight_hh_l0"]
+    seed = int(torch.randint(1 << 30, ()))
+
+    def f(x, *ps):
+        torch.manual_seed(seed)
+        with torch.nn.utils.stateless._reparametrize_module(m, dict(zip(names, ps))):
+            return m(x)[0]
+
+    assert torch.autograd.gradgradcheck(f, (x, *[getattr(m, n) for n in names]))
+
+
+@pytest.mark.parametrize("backend", ext_backends())
+def test_per_sample_gradients_with_torch_func(backend):
+    """vmap(grad(...)) over a functional_call of a LayerNorm/zoneout module (eval: deterministic) equals the
+    gradients of each sample taken one at a time."""
+    m = make_module("LSTM", FEATURES["ln-zo-rd"], torch.float64, backend).eval()
+    params = {n: p.detach() for n, p in m.named_parameters()}
+    xs = torch.randn(4, 5, 3, dtype=torch.float64)  # 4 samples of 5 steps, unbatched each
+
+    def loss(p, x):
+        return torch.func.functional_call(m, p, (x,))[0].square().sum()
+
+    per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(params, xs)
+    for i in range(xs.shape[0]):
+        m.zero_grad()
+        m(xs[i])[0].square().sum().backward()
+        for n, p in m.named_parameters():
+            assert_close(per_sample[n][i], p.grad, f"sample {i} d{n}")

@@ -143,6 +143,38 @@ class CellExt(NamedTuple):
         return tuple(f for f, on in zip(EXT_FEATURES, used) if on)
 
 
+# The torch.library schema of the CellExt fields, for the ops of backends that run them.
+EXT_SCHEMA = ", ".join(f"Tensor? {name}" for name in CellExt._fields)
+# The differentiable CellExt fields (the LayerNorm parameters; masks take no gradient), first in CellExt order.
+EXT_GRAD_NAMES = CellExt._fields[:6]
+
+
+class SavedExt(NamedTuple):
+    """What a fused forward of fastrnn's cells keeps for its backward, per row of ``x``; an absent entry is an
+    empty ``[0]``. The gates, ``c`` before zoneout and the LSTM projection's input are recomputed from these.
+
+    - ``xs: [N, G*H]``: ``x W_ih^T``, normalised (before gain and shift) with LayerNorm, else as is.
+    - ``hs: [N, G*H]``: ``(h_{t-1} * rec_mask) W_hh^T`` likewise.
+    - ``stats: [N, 4]``: with LayerNorm, the rstd of ``xs`` and of ``hs``, LSTM's mean and rstd of ``c``.
+    - ``c: [N, H]``: LSTM cell after each step (after zoneout).
+    """
+
+    xs: Tensor
+    hs: Tensor
+    stats: Tensor
+    c: Tensor
+
+    @staticmethod
+    def empty_like(a: LayerArgs, e: CellExt, save: bool, dtype: torch.dtype) -> "SavedExt":
+        """Uninitialised buffers of this layout (also the custom ops' fake outputs)."""
+        N, H, GH = a.x.shape[0], a.H, a.w_hh.shape[0]
+
+        def buf(present: bool, width: int) -> Tensor:
+            return a.x.new_empty((N, width) if save and present else (0,), dtype=dtype)
+
+        return SavedExt(buf(True, GH), buf(True, GH), buf(e.layer_norm, 4), buf(a.mode == "LSTM", H))
+
+
 def check_ext(a: LayerArgs, e: CellExt) -> None:
     """Like ``check`` for the ``CellExt`` of a checked ``a``."""
     N, H, Hout, GH = a.x.shape[0], a.H, a.h0.shape[1], a.w_hh.shape[0]

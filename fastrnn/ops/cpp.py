@@ -2,6 +2,10 @@
 
 ``layer`` is a :class:`fastrnn.ops.glue.LayerOp` (custom ops ``fastrnn::layer_fwd``/``layer_bwd``). The
 kernels save gates, c and hn (``fastrnn.ops.Saved``) in the storage dtype and recompute the rest.
+
+fastrnn's own cells (``CellExt``: LayerNorm, zoneout, recurrent dropout) run through ``fastrnn::layer_ext_fwd``/
+``layer_ext_bwd`` (csrc/rnn_ext.cpp), saving ``fastrnn.ops.SavedExt``; 16-bit calls compute them in fp32 and
+round what they return, on the CPU and on CUDA alike.
 """
 
 import functools
@@ -12,10 +16,12 @@ from torch import Tensor
 
 from fastrnn import _buildcfg
 from fastrnn._ext import _C, _C_ERROR
-from fastrnn.ops import LayerArgs, Saved
-from fastrnn.ops.glue import LayerOp
+from fastrnn import ops as _ops
+from fastrnn.ops import CellExt, LayerArgs, Saved, SavedExt
+from fastrnn.ops.glue import ExtImpl, LayerOp
 
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+EXT_FEATURES = _ops.EXT_FEATURES  # LayerNorm, zoneout and recurrent dropout, fused
 
 
 @functools.lru_cache(maxsize=None)
@@ -75,5 +81,21 @@ def _fake_saved(a: LayerArgs, _options: tuple, save: bool) -> Saved:
     return Saved.empty_like(a, save, _ws_dtype(a.x))
 
 
-layer = LayerOp("cpp", "layer", availability, _forward, _backward, _fake_saved)
-"""One layer in one direction: ``layer(args: LayerArgs)`` or the fields flat (see ``fastrnn.ops``)."""
+def _ext_forward(a: LayerArgs, e: CellExt, _options: tuple, save: bool):
+    y, h_n, c_n, *saved = _lib().layer_ext_fwd(*a, list(e), save)
+    return y, h_n, c_n, SavedExt(*saved)
+
+
+def _ext_backward(a: LayerArgs, e: CellExt, _options: tuple, y, saved: SavedExt, dy, dh_n, dc_n, need_dx: bool):
+    return tuple(_lib().layer_ext_bwd(*a, list(e), y, *saved, dy, dh_n, dc_n, need_dx))
+
+
+def _ext_fake_saved(a: LayerArgs, e: CellExt, _options: tuple, save: bool) -> SavedExt:
+    wide = a.x.dtype not in (torch.float16, torch.bfloat16)  # fastrnn's cells compute 16-bit in fp32 everywhere
+    return SavedExt.empty_like(a, e, save, a.x.dtype if wide else torch.float32)
+
+
+layer = LayerOp("cpp", "layer", availability, _forward, _backward, _fake_saved,
+                ext=ExtImpl(_ext_forward, _ext_backward, _ext_fake_saved))
+"""One layer in one direction: ``layer(args: LayerArgs)`` or the fields flat (see ``fastrnn.ops``), with
+fastrnn's cells through ``ext=CellExt(...)``."""
