@@ -78,10 +78,14 @@ class _BackendMixin:
         self.zoneout = _check_probability("zoneout", zoneout)
         self.recurrent_dropout = _check_probability("recurrent_dropout", recurrent_dropout)
 
-    def _ext_repr(self) -> str:
+    def reset_parameters(self) -> None:
+        super().reset_parameters()  # torch's, next in the module classes' MRO
+        self._reset_layer_norm()
+
+    def extra_repr(self) -> str:
         opts = [("layer_norm", self.layer_norm, False), ("zoneout", self.zoneout, 0.0),
                 ("recurrent_dropout", self.recurrent_dropout, 0.0)]
-        return "".join(f", {n}={v}" for n, v, off in opts if v != off)
+        return super().extra_repr() + "".join(f", {n}={v}" for n, v, off in opts if v != off)
 
     def _register_layer_norm(self, suffix: str, G: int, H: int, lstm: bool, factory: dict) -> None:
         """Gain (1) and shift (0) of the LayerNorms of one layer and direction, named ``layer_norm_*{suffix}``."""
@@ -203,13 +207,6 @@ class _RNNBase(_BackendMixin, nn.RNNBase):
                 for suffix in ("", "_reverse")[: 2 if self.bidirectional else 1]:
                     self._register_layer_norm(f"_l{layer}{suffix}", GATES[mode], self.hidden_size, mode == "LSTM",
                                               factory)
-
-    def reset_parameters(self) -> None:
-        super().reset_parameters()
-        self._reset_layer_norm()
-
-    def extra_repr(self) -> str:
-        return super().extra_repr() + self._ext_repr()
 
     def flatten_parameters(self) -> None:
         """A no-op kept for API compatibility: fastrnn reads the parameters in place."""
@@ -468,13 +465,6 @@ class _CellBase(_BackendMixin, nn.RNNCellBase):
         if layer_norm:
             factory = {"device": self.weight_ih.device, "dtype": self.weight_ih.dtype}
             self._register_layer_norm("", num_chunks, hidden_size, num_chunks == 4, factory)
-
-    def reset_parameters(self) -> None:
-        super().reset_parameters()
-        self._reset_layer_norm()
-
-    def extra_repr(self) -> str:
-        return super().extra_repr() + self._ext_repr()
 
     def reset_dropout_mask(self) -> None:
         """Start a new sequence: the next training call draws a new recurrent-dropout mask. A call with
