@@ -86,11 +86,36 @@ void run_block(Mode m, Dtype d, const P& p, int64_t units, Visit visit) {
   });
 }
 
-// One row of fastrnn's own cells on the calling thread (cell_ln.h's executor interface).
+// One row of fastrnn's own cells on the calling thread (cell_ln.h's executor interface), its loops SIMD: an
+// element reads and writes only its own index (cell_ln.h), so lanes are independent.
 struct RowSerial {
   template <class F>
-  void each(int64_t n, F&& f) const {
+  FRNN_HD void each(int64_t n, F&& f) const {
+#pragma omp simd
     for (int64_t j = 0; j < n; ++j) f(j);
+  }
+  // Without reassociation a float sum is one serial chain; one partial sum per lane and term vectorises.
+  template <int K, typename A, class F>
+  FRNN_HD void reduce(int64_t n, A (&s)[K], F&& f) const {
+    constexpr int64_t L = 64 / sizeof(A);  // one 512-bit vector of partial sums per term
+    A lane[K][L] = {};
+    int64_t j0 = 0;
+    for (; j0 + L <= n; j0 += L) {
+#pragma omp simd
+      for (int64_t l = 0; l < L; ++l) {
+        A v[K];
+        f(j0 + l, v);
+        for (int k = 0; k < K; ++k) lane[k][l] += v[k];
+      }
+    }
+    for (int64_t j = j0; j < n; ++j) {
+      A v[K];
+      f(j, v);
+      for (int k = 0; k < K; ++k) lane[k][0] += v[k];
+    }
+    for (int k = 0; k < K; ++k) {
+      for (int64_t l = 0; l < L; ++l) s[k] += lane[k][l];
+    }
   }
   template <int K, typename A>
   void sum(A (&)[K]) const {}
@@ -101,17 +126,17 @@ struct RowSerial {
 // Tasks [begin, end): rows of a forward step or of the input LayerNorm; slots of a backward step, each slot
 // rows s, s + slots, ... so that its partial sums have one writer.
 template <class Op, typename T>
-void ext_range(const ExtParams& p, int64_t begin, int64_t end) {
+FRNN_HD void ext_range(const ExtParams& p, int64_t begin, int64_t end) {
   for (int64_t r = begin; r < end; ++r) ext_fwd_row<Op, RowSerial, T>(RowSerial{}, p, r);
 }
 template <class Op, typename T>
-void ext_range(const ExtGradParams& p, int64_t begin, int64_t end) {
+FRNN_HD void ext_range(const ExtGradParams& p, int64_t begin, int64_t end) {
   for (int64_t s = begin; s < end; ++s) {
     for (int64_t r = s; r < p.rows; r += p.slots) ext_bwd_row<Op, RowSerial, T>(RowSerial{}, p, r);
   }
 }
 template <class Op, typename T>
-void ext_range(const LnRowsParams& p, int64_t begin, int64_t end) {
+FRNN_HD void ext_range(const LnRowsParams& p, int64_t begin, int64_t end) {
   for (int64_t r = begin; r < end; ++r) ln_rows_row<RowSerial, T>(RowSerial{}, p, r);
 }
 
@@ -130,15 +155,18 @@ std::pair<int64_t, int64_t> ext_tasks(const LnRowsParams& p) {
 std::pair<int64_t, int64_t> ext_tasks(const ExtGradParams& p) { return {std::min(p.rows, p.slots), 1}; }
 
 template <class Op, class P>
+void run_tasks(Dtype d, const P& p, int64_t begin, int64_t end) {
+  switch (d) {
+    case Dtype::F32: return ext_range_f32<Op>(p, begin, end);
+    case Dtype::F64: return ext_range<Op, double>(p, begin, end);
+    default: TORCH_CHECK(false, "fastrnn: the CPU kernels of fastrnn's cells take float32 and float64 only");
+  }
+}
+
+template <class Op, class P>
 void run_ext(Dtype d, const P& p) {
   const auto [tasks, grain] = ext_tasks(p);
-  at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
-    switch (d) {
-      case Dtype::F32: return ext_range_f32<Op>(p, begin, end);
-      case Dtype::F64: return ext_range<Op, double>(p, begin, end);
-      default: TORCH_CHECK(false, "fastrnn: the CPU kernels of fastrnn's cells take float32 and float64 only");
-    }
-  });
+  at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) { run_tasks<Op>(d, p, begin, end); });
 }
 
 }  // namespace
@@ -149,6 +177,14 @@ void ext_cpu(Mode m, Dtype d, const ExtParams& p) {
 
 void ext_cpu(Mode m, Dtype d, const ExtGradParams& p) {
   visit_ext(m, [&](auto op) { run_ext<decltype(op)>(d, p); });
+}
+
+void ext_cpu_tasks(Mode m, Dtype d, const ExtParams& p, int64_t begin, int64_t end) {
+  visit_ext(m, [&](auto op) { run_tasks<decltype(op)>(d, p, begin, end); });
+}
+
+void ext_cpu_tasks(Mode m, Dtype d, const ExtGradParams& p, int64_t begin, int64_t end) {
+  visit_ext(m, [&](auto op) { run_tasks<decltype(op)>(d, p, begin, end); });
 }
 
 void ln_rows_cpu(Dtype d, const LnRowsParams& p) { run_ext<void>(d, p); }  // no cell: Op unused

@@ -5,13 +5,16 @@
 // whole rows: `fwd<X, T>(x, params, r)` with an executor X that runs the row's loops and sums. The CPU
 // (cell_cpu.cpp) walks a row on one thread; CUDA (cell_ln_cuda.cu) spreads it over one block's threads and
 // sums through shared memory. X provides:
-//   each(n, f)  calls f(j) for every j in [0, n) that this thread owns (CPU: all of them)
-//   sum(v)      replaces every v[k] of a K-array by its sum over the row's threads (CPU: nothing to do)
+//   each(n, f)       calls f(j) for every j in [0, n) that this thread owns (CPU: all of them)
+//   reduce(n, s, f)  f(j, v) sets the K terms v[k] of element j (and may write at index j); adds every term's
+//                    sum over the whole row to s[k], on every thread of the row
+//   sum(v)           replaces every v[k] of a K-array by its sum over the row's threads (CPU: nothing to do)
 //   sync()      makes this row's writes visible to the row's other threads (CPU: nothing to do)
 //   leader()    whether this thread stores the row's scalars
 // A loop over n elements gives element j to the same thread in every loop over n, so an element written in one
 // loop and read at the same index in a later one needs no barrier; reads at other indices (the H-wide cell
-// loops against the G*H-wide LayerNorm loops) follow a sum() or sync().
+// loops against the G*H-wide LayerNorm loops) follow a sum() or sync(). The functions handed to each() and
+// reduce() are FRNN_LAMBDA: the CPU executor runs them as SIMD loops, which needs their bodies inlined.
 //
 // Storage and arithmetic in T, fp32 or fp64: the drivers compute 16-bit calls in fp32.
 //
@@ -23,6 +26,14 @@
 #pragma once
 
 #include "cell.h"
+
+// nvcc's device pass takes no attribute on a lambda; on the host (gcc, clang) a lambda's call operator is
+// otherwise an out-of-line call per element, which keeps the CPU loops from vectorising.
+#if defined(__CUDACC__)
+#define FRNN_LAMBDA
+#else
+#define FRNN_LAMBDA __attribute__((always_inline))
+#endif
 
 namespace fastrnn {
 
@@ -60,15 +71,13 @@ template <class X, typename T>
 FRNN_HD void row_stats(const X& x, const void* v, int64_t n, acc_t<T>& mean, acc_t<T>& rstd) {
   using A = acc_t<T>;
   A s[1] = {A(0)};
-  x.each(n, [&](int64_t j) { s[0] += ld<T>(v, j); });
-  x.sum(s);
+  x.reduce(n, s, [&](int64_t j, A(&t)[1]) FRNN_LAMBDA { t[0] = ld<T>(v, j); });
   mean = s[0] / A(n);
   A q[1] = {A(0)};
-  x.each(n, [&](int64_t j) {
+  x.reduce(n, q, [&](int64_t j, A(&t)[1]) FRNN_LAMBDA {
     const A d = ld<T>(v, j) - mean;
-    q[0] += d * d;
+    t[0] = d * d;
   });
-  x.sum(q);
   rstd = A(1) / fsqrt(q[0] / A(n) + A(kLnEps));
 }
 
@@ -77,7 +86,7 @@ template <class X, typename T>
 FRNN_HD acc_t<T> normalize_row(const X& x, void* v, int64_t n) {
   acc_t<T> mean, rstd;
   row_stats<X, T>(x, v, n, mean, rstd);
-  x.each(n, [&](int64_t j) { st<T>(v, j, (ld<T>(v, j) - mean) * rstd); });
+  x.each(n, [&](int64_t j) FRNN_LAMBDA { st<T>(v, j, (ld<T>(v, j) - mean) * rstd); });
   x.sync();
   return rstd;
 }
@@ -234,7 +243,7 @@ struct LstmExt {
   static FRNN_HD void fwd(const X& x, const ExtParams& p, int64_t r) {
     using A = acc_t<T>;
     const int64_t H = p.H, rc = r * H;
-    x.each(H, [&](int64_t j) {
+    x.each(H, [&](int64_t j) FRNN_LAMBDA {
       const A i = sigmoid(pre<T>(p, r, j)), f = sigmoid(pre<T>(p, r, H + j)), g = ftanh(pre<T>(p, r, 2 * H + j));
       const A cp = ld<T>(p.c, rc + j), cn = f * cp + i * g;
       const A c = p.zc ? zone(ld<T>(p.zc, rc + j), cp, cn) : cn;
@@ -250,7 +259,7 @@ struct LstmExt {
         st<T>(p.stats, r * kStats + kRsC, rstd);
       }
     }
-    x.each(H, [&](int64_t j) {
+    x.each(H, [&](int64_t j) FRNN_LAMBDA {
       A cl = ld<T>(p.cn, rc + j);
       if (p.gain_c) cl = (cl - mean) * rstd * ld<T>(p.gain_c, j) + ld<T>(p.shift_c, j);
       put_h<T>(p, r, j, sigmoid(pre<T>(p, r, 3 * H + j)) * ftanh(cl));
@@ -288,20 +297,19 @@ struct LstmExt {
     // d(LN(c)) -> dc needs the row means of dnc = d(LN(c)) * gain_c and of dnc * nc first
     A m[2] = {A(0), A(0)};
     if (ln) {
-      x.each(H, [&](int64_t j) {
+      x.reduce(H, m, [&](int64_t j, A(&t)[2]) FRNN_LAMBDA {
         const Unit<T> u = unit<T>(p, r, j, mean, rstd);
         const A dcl = split_dh<T>(p, r, j).cell * u.o * (A(1) - u.tcl * u.tcl);
         const A dnc = dcl * ld<T>(p.gain_c, j);
-        m[0] += dnc;
-        m[1] += dnc * u.nc;
+        t[0] = dnc;
+        t[1] = dnc * u.nc;
         add<T>(part, 4 * GH + j, dcl * u.nc);
         add<T>(part, 4 * GH + H + j, dcl);
       });
-      x.sum(m);
       m[0] /= A(H);
       m[1] /= A(H);
     }
-    x.each(H, [&](int64_t j) {
+    x.each(H, [&](int64_t j) FRNN_LAMBDA {
       const Unit<T> u = unit<T>(p, r, j, mean, rstd);
       const DhSplit<T> d = split_dh<T>(p, r, j);
       const A dcl = d.cell * u.o * (A(1) - u.tcl * u.tcl);
@@ -326,7 +334,7 @@ struct GruExt {
   template <class X, typename T>
   static FRNN_HD void fwd(const X& x, const ExtParams& p, int64_t r) {
     using A = acc_t<T>;
-    x.each(p.H, [&](int64_t j) {
+    x.each(p.H, [&](int64_t j) FRNN_LAMBDA {
       const A rg = sigmoid(pre<T>(p, r, j)), z = sigmoid(pre<T>(p, r, p.H + j));
       const A n = gru_n<T>(p, r, j, rg).n;
       put_h<T>(p, r, j, (A(1) - z) * n + z * ld<T>(p.h, r * p.h_stride + j));
@@ -337,7 +345,7 @@ struct GruExt {
   static FRNN_HD void bwd(const X& x, const ExtGradParams& p, int64_t r, void*) {
     using A = acc_t<T>;
     const int64_t H = p.H;
-    x.each(H, [&](int64_t j) {
+    x.each(H, [&](int64_t j) FRNN_LAMBDA {
       const A rg = sigmoid(pre<T>(p, r, j)), z = sigmoid(pre<T>(p, r, H + j));
       const GruN<T> g = gru_n<T>(p, r, j, rg);
       const A n = g.n, hn = g.hn;
@@ -362,13 +370,13 @@ struct RnnExt {
 
   template <class X, typename T>
   static FRNN_HD void fwd(const X& x, const ExtParams& p, int64_t r) {
-    x.each(p.H, [&](int64_t j) { put_h<T>(p, r, j, act(pre<T>(p, r, j))); });
+    x.each(p.H, [&](int64_t j) FRNN_LAMBDA { put_h<T>(p, r, j, act(pre<T>(p, r, j))); });
   }
 
   template <class X, typename T>
   static FRNN_HD void bwd(const X& x, const ExtGradParams& p, int64_t r, void*) {
     using A = acc_t<T>;
-    x.each(p.H, [&](int64_t j) {
+    x.each(p.H, [&](int64_t j) FRNN_LAMBDA {
       const A a = pre<T>(p, r, j), h = act(a);
       const DhSplit<T> d = split_dh<T>(p, r, j);
       const A da = Relu ? (a > A(0) ? d.cell : A(0)) : d.cell * (A(1) - h * h);
@@ -386,23 +394,22 @@ FRNN_HD void ln_bwd_row(const X& x, const ExtGradParams& p, int64_t r, void* par
   const int64_t GH = p.GH, rg = r * GH;
   x.sync();
   A s[4] = {A(0), A(0), A(0), A(0)};
-  x.each(GH, [&](int64_t g) {
+  x.reduce(GH, s, [&](int64_t g, A(&t)[4]) FRNN_LAMBDA {
     const A dx = ld<T>(p.dgx, rg + g), dh = ld<T>(p.dgh, rg + g);
     const A nx = ld<T>(p.xs, rg + g), nh = ld<T>(p.hs, rg + g);
     const A ux = dx * ld<T>(p.gain_x, g), uh = dh * ld<T>(p.gain_h, g);
-    s[0] += ux;
-    s[1] += ux * nx;
-    s[2] += uh;
-    s[3] += uh * nh;
+    t[0] = ux;
+    t[1] = ux * nx;
+    t[2] = uh;
+    t[3] = uh * nh;
     add<T>(part, g, dx * nx);
     add<T>(part, GH + g, dx);
     add<T>(part, 2 * GH + g, dh * nh);
     add<T>(part, 3 * GH + g, dh);
   });
-  x.sum(s);
   const A inv = A(1) / A(GH);
   const A rx = ld<T>(p.stats, r * kStats + kRsX), rh = ld<T>(p.stats, r * kStats + kRsH);
-  x.each(GH, [&](int64_t g) {
+  x.each(GH, [&](int64_t g) FRNN_LAMBDA {
     const A nx = ld<T>(p.xs, rg + g), nh = ld<T>(p.hs, rg + g);
     const A ux = ld<T>(p.dgx, rg + g) * ld<T>(p.gain_x, g), uh = ld<T>(p.dgh, rg + g) * ld<T>(p.gain_h, g);
     st<T>(p.dgx, rg + g, rx * (ux - s[0] * inv - nx * (s[1] * inv)));

@@ -48,6 +48,20 @@ struct RowBlock {
 #endif
   }
 
+  template <int K, typename A, class F>
+  FRNN_HD void reduce(int64_t n, A (&s)[K], F&& f) const {
+    A acc[K] = {};
+    each(n, [&](int64_t j) {
+      A v[K];
+      f(j, v);
+#pragma unroll
+      for (int k = 0; k < K; ++k) acc[k] += v[k];
+    });
+    sum(acc);
+#pragma unroll
+    for (int k = 0; k < K; ++k) s[k] += acc[k];
+  }
+
   FRNN_HD void sync() const {
 #if defined(__CUDA_ARCH__)
     __syncthreads();

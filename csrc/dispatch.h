@@ -60,6 +60,10 @@ void cell_cpu_block(Mode m, Dtype d, const CellGradParams& p, int64_t units);
 void ext_cpu(Mode m, Dtype d, const ExtParams& p);
 void ext_cpu(Mode m, Dtype d, const ExtGradParams& p);
 void ln_rows_cpu(Dtype d, const LnRowsParams& p);
+// The same on the calling thread only, tasks [begin, end): forward rows, backward slots (a thread of a team
+// that owns slot s runs [s, s + 1)).
+void ext_cpu_tasks(Mode m, Dtype d, const ExtParams& p, int64_t begin, int64_t end);
+void ext_cpu_tasks(Mode m, Dtype d, const ExtGradParams& p, int64_t begin, int64_t end);
 // The ISA the fp32 clones resolve to on this CPU, for build_info().
 const char* cpu_isa();
 

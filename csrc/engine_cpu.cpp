@@ -279,6 +279,34 @@ std::vector<std::pair<std::string, std::string>> engine_report() {
           {"float64", "at::mm per step + pointwise cell"}};
 }
 
+struct StepGemm::Impl {
+  int64_t K;
+  Layout L;
+  Team team;
+  Tensor panels;
+  Impl(const Tensor& w_kn)
+      : K(w_kn.size(0)), L(w_kn.size(1), 1, 4), team(L), panels(L.panels(w_kn.to(at::kFloat), 1, false)) {}
+};
+
+bool StepGemm::takes(const Tensor& x) { return x.is_cpu() && x.scalar_type() == at::kFloat && fp32_ukernel(); }
+StepGemm::StepGemm(const Tensor& w_kn) : impl_(new Impl(w_kn)) {}
+StepGemm::~StepGemm() { delete impl_; }
+int StepGemm::threads() const { return impl_->team.nt; }
+std::pair<int64_t, int64_t> StepGemm::cols(int tid) const { return impl_->team.units(tid); }
+
+void StepGemm::run(int tid, int64_t M, const float* A, int64_t lda, float* C, int64_t ldc, bool add) const {
+  const Impl& m = *impl_;
+  const auto [ja, jb] = cols(tid);
+  for (int64_t j0 = ja; j0 < jb; j0 += m.L.U) {
+    const int64_t w = std::min(m.L.U, jb - j0);
+    ukernel(false, M, w, m.K, lda, w, ldc, add, A, Layout::panel(m.panels, m.K, 1, j0), C + j0);
+  }
+}
+
+void StepGemm::steps(int64_t n, int phases, const std::function<void(int, int64_t, int)>& body) const {
+  impl_->team.run(n, phases, true, false, [&](int tid, int64_t, int64_t, int64_t s, int ph) { body(tid, s, ph); });
+}
+
 std::vector<Tensor> engine_fwd(const Problem& pr, const Tensor& x, const Tensor& h0, const Tensor& c0,
                                const Tensor& w_ih, const Tensor& w_hh, const Tensor& bias, const Tensor& b_hn,
                                bool reverse, bool save) {

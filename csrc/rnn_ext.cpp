@@ -19,6 +19,7 @@
 #include <c10/cuda/CUDAStream.h>
 #endif
 
+#include <memory>
 #include <string>
 #include <tuple>
 #include <utility>
@@ -188,17 +189,14 @@ std::vector<Tensor> layer_ext_fwd(const std::string& mode, const Tensor& x_in, c
   Tensor c_save = save && pr.lstm ? ws_empty({N, H}, opts) : empty0(x);
   Tensor hr = pr.proj ? ws_empty({B, H}, opts) : Tensor();
   Tensor projected = pr.proj && e.zh ? ws_empty({B, Hout}, opts) : Tensor();
-  const Tensor w_hh_t = w_hh.t();
 
-  for (int64_t k = 0; k < pr.T; ++k) {
-    const int64_t t = reverse ? pr.T - 1 - k : k, b = pr.size[t], o = pr.off[t];
-    Tensor hs_b = hs.narrow(0, save ? o : 0, b);
-    at::mm_out(hs_b, (e.mask ? hm : h).narrow(0, 0, b), w_hh_t);
+  auto params = [&](int64_t t) {
+    const int64_t b = pr.size[t], o = pr.off[t];
     ExtParams p{};
     set_common(p, pr, e, bias, b_hn);
     p.rows = b;
     p.xs = row_ptr(xs, o, GH);
-    p.hs = hs_b.data_ptr();
+    p.hs = row_ptr(hs, save ? o : 0, GH);
     p.stats = ln ? row_ptr(stats, o, kStats) : nullptr;
     if (pr.proj) {
       // the cell's h is o*tanh(.), the projection GEMM's input; zoneout and the mask follow the projection
@@ -218,8 +216,32 @@ std::vector<Tensor> layer_ext_fwd(const std::string& mode, const Tensor& x_in, c
       p.zc = e.zc ? row_ptr(*e.zc, o, H) : nullptr;
       p.cn = cn.data_ptr();
     }
-    run_ext(pr, x, p);
-    if (pr.proj) {
+    return p;
+  };
+  const Tensor& operand = e.mask ? hm : h;  // the recurrent GEMM's A: h_{t-1}, masked
+
+  if (!pr.proj && StepGemm::takes(x)) {
+    // the team: phase 0 each thread's columns of the step's GEMM, phase 1 each thread's rows of the row kernel
+    const StepGemm gemm(w_hh.t());
+    const int nt = gemm.threads();
+    gemm.steps(pr.T, 2, [&](int tid, int64_t k, int phase) {
+      const int64_t t = reverse ? pr.T - 1 - k : k, b = pr.size[t];
+      const ExtParams p = params(t);
+      if (phase == 0) {
+        gemm.run(tid, b, operand.data_ptr<float>(), Hout, static_cast<float*>(p.hs), GH, false);
+      } else {
+        ext_cpu_tasks(pr.mode, Dtype::F32, p, b * tid / nt, b * (tid + 1) / nt);
+      }
+    });
+  } else {
+    const Tensor w_hh_t = w_hh.t();
+    for (int64_t k = 0; k < pr.T; ++k) {
+      const int64_t t = reverse ? pr.T - 1 - k : k, b = pr.size[t], o = pr.off[t];
+      const ExtParams p = params(t);
+      Tensor hs_b = hs.narrow(0, save ? o : 0, b);
+      at::mm_out(hs_b, operand.narrow(0, 0, b), w_hh_t);
+      run_ext(pr, x, p);
+      if (!pr.proj) continue;
       Tensor h_b = h.narrow(0, 0, b);
       const Tensor hr_b = hr.narrow(0, 0, b);
       if (e.zh) {
@@ -294,7 +316,13 @@ std::vector<Tensor> layer_ext_bwd(const std::string& mode, const Tensor& x_in, c
   // chunks sum neither.
   GradSums sums = grad_sums(pr, x, w_ih, w_hh, b_ih.has_value() && !ln, b_hh.has_value() && !ln, need_dx, rmax);
   Tensor dw_hr = pr.proj ? at::zeros_like(w_hr) : empty0(x);
-  const int64_t slots = !ln ? B : x.is_cuda() ? std::min(B, kCudaLnSlots) : at::get_num_threads();
+  // the team (fp32 CPU, no projection): per step phase 0 the row kernel, each thread a LayerNorm slot, phase 1
+  // each thread's columns of dh_{t-1}
+  const std::unique_ptr<StepGemm> team = !pr.proj && StepGemm::takes(x) ? std::make_unique<StepGemm>(w_hh) : nullptr;
+  const int64_t slots = !ln                    ? B
+                        : x.is_cuda()          ? std::min(B, kCudaLnSlots)
+                        : team                 ? team->threads()
+                                               : at::get_num_threads();
   Tensor part = ln ? at::zeros({slots, part_width(GH, H)}, opts) : Tensor();
   const auto [bias, b_hn] = fold_bias(pr, e, b_ih, b_hh, opts);
   // LSTM's cell reads c_{t-1}, GRU's h_{t-1}: the previous step's saved rows or the initial state
@@ -303,10 +331,10 @@ std::vector<Tensor> layer_ext_bwd(const std::string& mode, const Tensor& x_in, c
   // the direct part of dh_{t-1} (zoneout, GRU's z*h), which the recurrent GEMM's term adds to
   const bool bypass = e.zh || pr.gru;
 
-  auto step = [&](int64_t t, int64_t local) {
+  // the row kernel's pointers for step t (with a projection this runs the projection's backward first)
+  auto grad_params = [&](int64_t t, int64_t local) {
     const int64_t b = pr.size[t], o = pr.off[t];
     const PrevStep prev = prev_step(pr, t, reverse);
-    Tensor dh_b = dhs.narrow(0, 0, b);
     ExtGradParams p{};
     set_common(p, pr, e, bias, b_hn);
     p.rows = b;
@@ -319,6 +347,7 @@ std::vector<Tensor> layer_ext_bwd(const std::string& mode, const Tensor& x_in, c
       p.n_prev = prev.rows;
     }
     if (pr.proj) {
+      Tensor dh_b = dhs.narrow(0, 0, b);
       Tensor dt = proj.total(local, dh_b, dy.narrow(0, o, b));
       if (e.zh) {
         at::mul_out(dh_b, dt, e.zh->narrow(0, o, b));
@@ -342,32 +371,72 @@ std::vector<Tensor> layer_ext_bwd(const std::string& mode, const Tensor& x_in, c
     p.dgh = row_ptr(dgh, local, GH);
     p.part = ln ? part.data_ptr() : nullptr;
     p.slots = slots;
-    run_ext(pr, x, p);
-    if (hprev.defined()) {
-      Tensor hp = hprev.narrow(0, local, b);
-      gather_hprev(pr, prev, y, h0, hp);
-      if (e.mask) hp.mul_(e.mask->narrow(0, 0, b));
-    }
-    const Tensor dgh_b = dgh.narrow(0, local, b);
-    if (e.mask) {
-      Tensor dm = dmasked.narrow(0, 0, b);
-      at::mm_out(dm, dgh_b, w_hh);
-      if (bypass) {
-        dh_b.addcmul_(dm, e.mask->narrow(0, 0, b));
-      } else {
-        at::mul_out(dh_b, dm, e.mask->narrow(0, 0, b));
-      }
-    } else if (bypass) {
-      dh_b.addmm_(dgh_b, w_hh);
-    } else {
-      at::mm_out(dh_b, dgh_b, w_hh);
-    }
+    return p;
   };
-
-  backward_steps(pr, chunks, reverse, step, [&](int64_t lo, int64_t R) {
+  // dW_hh's operand where it is not y shifted by a step
+  auto gather = [&](int64_t t, int64_t local) {
+    if (!hprev.defined()) return;
+    const int64_t b = pr.size[t];
+    Tensor hp = hprev.narrow(0, local, b);
+    gather_hprev(pr, prev_step(pr, t, reverse), y, h0, hp);
+    if (e.mask) hp.mul_(e.mask->narrow(0, 0, b));
+  };
+  auto flush = [&](int64_t lo, int64_t R) {
     flush_chunk(pr, reverse, lo, R, dgx.narrow(0, 0, R), dgh.narrow(0, 0, R), x, y, h0, hprev, w_ih, sums);
     if (pr.proj) dw_hr.addmm_(proj.dtot.narrow(0, 0, R).t(), proj.hr.narrow(0, 0, R));
-  });
+  };
+
+  if (team) {
+    const int nt = team->threads();
+    for_each_chunk(pr, chunks, reverse, [&](int64_t ta, int64_t tb) {
+      const int64_t lo = pr.off[ta];
+      team->steps(tb - ta, 2, [&](int tid, int64_t s, int phase) {
+        const int64_t t = reverse ? ta + s : tb - 1 - s, b = pr.size[t], local = pr.off[t] - lo;
+        if (phase == 0) {
+          const ExtGradParams p = grad_params(t, local);
+          const int64_t tasks = std::min(b, p.slots);
+          ext_cpu_tasks(pr.mode, Dtype::F32, p, tasks * tid / nt, tasks * (tid + 1) / nt);
+          return;
+        }
+        float* dh = dhs.data_ptr<float>();
+        const float* dg = dgh.data_ptr<float>() + local * GH;
+        if (!e.mask) return team->run(tid, b, dg, GH, dh, Hout, bypass);
+        float* dm = dmasked.data_ptr<float>();
+        team->run(tid, b, dg, GH, dm, Hout, false);
+        const float* mask = e.mask->data_ptr<float>();
+        const auto [j0, j1] = team->cols(tid);
+        for (int64_t r = 0; r < b; ++r) {
+          for (int64_t i = r * Hout + j0; i < r * Hout + j1; ++i) dh[i] = (bypass ? dh[i] : 0.f) + dm[i] * mask[i];
+        }
+      });
+      for (int64_t t = ta; t < tb; ++t) gather(t, pr.off[t] - lo);
+      flush(lo, pr.off[tb] - lo);
+    });
+  } else {
+    backward_steps(
+        pr, chunks, reverse,
+        [&](int64_t t, int64_t local) {
+          const int64_t b = pr.size[t];
+          run_ext(pr, x, grad_params(t, local));
+          gather(t, local);
+          Tensor dh_b = dhs.narrow(0, 0, b);
+          const Tensor dgh_b = dgh.narrow(0, local, b);
+          if (e.mask) {
+            Tensor dm = dmasked.narrow(0, 0, b);
+            at::mm_out(dm, dgh_b, w_hh);
+            if (bypass) {
+              dh_b.addcmul_(dm, e.mask->narrow(0, 0, b));
+            } else {
+              at::mul_out(dh_b, dm, e.mask->narrow(0, 0, b));
+            }
+          } else if (bypass) {
+            dh_b.addmm_(dgh_b, w_hh);
+          } else {
+            at::mm_out(dh_b, dgh_b, w_hh);
+          }
+        },
+        flush);
+  }
 
   std::vector<Tensor> ln_grads;
   for (int i = 0; i < 6; ++i) ln_grads.push_back(empty0(x));  // distinct tensors: op outputs may not alias

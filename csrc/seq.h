@@ -160,6 +160,30 @@ std::vector<at::Tensor> engine_bwd(const Problem& pr, const at::Tensor& x, const
                                    const at::Tensor& c_save, const at::Tensor& hn_save, const at::Tensor& dy,
                                    const at::Tensor& dh_n, const at::Tensor& dc_n, bool need_dx);
 
+// The CPU engine's team and ukernel for a driver whose per-step row work needs every column of the step's
+// GEMM first (fastrnn's own cells: a LayerNorm spans the whole row). C = A . W with W [K, N] fp32, packed once
+// into panels of column blocks; each of the team's threads owns whole blocks.
+class StepGemm {
+ public:
+  // fp32 on the CPU with oneDNN's ukernel present (else the driver keeps its at::mm path)
+  static bool takes(const at::Tensor& x);
+  explicit StepGemm(const at::Tensor& w_kn);
+  ~StepGemm();
+  StepGemm(const StepGemm&) = delete;
+  StepGemm& operator=(const StepGemm&) = delete;
+  int threads() const;
+  // thread tid's columns [n0, n1)
+  std::pair<int64_t, int64_t> cols(int tid) const;
+  // C[:M, own columns] = A[:M, :K] . W[:, own columns], plus C's old values with `add`; lda, ldc in elements
+  void run(int tid, int64_t M, const float* A, int64_t lda, float* C, int64_t ldc, bool add) const;
+  // body(tid, step, phase) on every thread of the team for steps x phases, a barrier after each phase
+  void steps(int64_t n, int phases, const std::function<void(int, int64_t, int)>& body) const;
+
+ private:
+  struct Impl;
+  Impl* impl_;
+};
+
 // rnn_ext.cpp, fastrnn's own cells: the LayerArgs, then `ext`, the nine CellExt fields in their order
 // (fastrnn/ops/__init__.py). Forward returns y, h_n, c_n (LSTM, else [0]) and the saved xs, hs, stats, c
 // (fastrnn.ops.SavedExt); backward the gradients of rnn.cpp's layer_bwd, then the six LayerNorm parameters'

@@ -205,6 +205,17 @@ def nn_module(mode: str, I: int, H: int, proj: int, bias: bool, bidirectional: b
 
 
 @contextlib.contextmanager
+def at_least_threads(n: int):
+    """torch's intra-op threads raised to ``n`` (the CPU teams split work by thread) and restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(n, threads))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@contextlib.contextmanager
 def backward_chunk_rows(rows: int):
     lib = _backend._module("cpp")._lib()
     lib._set_chunk_rows(rows)

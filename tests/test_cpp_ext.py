@@ -11,7 +11,7 @@ import torch
 from conftest import TOL, TOL_LAYER_NORM, assert_close
 from fastrnn import backend as _backend
 from fastrnn.ops import EXT_GRAD_NAMES, GATES, GRAD_NAMES, MODES, CellExt, reference
-from layer_cases import Case, Impl, backward_chunk_rows, make_inputs, nan_poisoned, option_cases
+from layer_cases import Case, Impl, at_least_threads, backward_chunk_rows, make_inputs, nan_poisoned, option_cases
 
 cpp = _backend._module("cpp")
 pytestmark = pytest.mark.skipif(_backend.reason_unavailable("cpp", torch.device("cpu"), torch.float64) is not None,
@@ -104,6 +104,17 @@ def test_one_step_and_one_unit(c):
                          ids=lambda c: c.id)
 def test_odd_hidden_sizes_fp32(c):
     assert_matches_reference(c, torch.float32, "ln-zo-rd")
+
+
+@pytest.mark.parametrize("feature", ["ln-zo-rd", "ln", "zo", "rd"])
+@pytest.mark.parametrize("c", [Case(m, 6, 5, 4, 40, packed=True, reverse=r) for m in MODES for r in (False, True)]
+                         + [Case("GRU", 3, 1, 4, 40)], ids=lambda c: c.id)
+def test_fp32_on_the_team(c, feature):
+    """fp32 runs on the CPU engine's team (per step each thread's GEMM columns, then its rows of the row kernel):
+    widths that give two threads column blocks both ways (G*H and H over 32), an odd batch, packed steps with
+    fewer rows than threads, NaN-filled workspaces and backward chunks that end inside steps."""
+    with at_least_threads(2), nan_poisoned(Impl("cpp", "cpu", torch.float32)), backward_chunk_rows(7):
+        assert_matches_reference(c, torch.float32, feature)
 
 
 @pytest.mark.parametrize("mode", MODES)
