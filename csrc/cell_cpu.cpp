@@ -124,19 +124,23 @@ struct RowSerial {
 };
 
 // Tasks [begin, end): rows of a forward step or of the input LayerNorm; slots of a backward step, each slot
-// rows s, s + slots, ... so that its partial sums have one writer.
+// rows s, s + slots, ... so that its partial sums have one writer. Each range runs on a local copy of the params: a store through one of the row pointers could otherwise alias
+// the caller's struct, and the compiler then reloads every pointer per element and keeps the loops scalar.
 template <class Op, typename T>
-FRNN_HD void ext_range(const ExtParams& p, int64_t begin, int64_t end) {
+FRNN_HD void ext_range(const ExtParams& params, int64_t begin, int64_t end) {
+  const ExtParams p = params;
   for (int64_t r = begin; r < end; ++r) ext_fwd_row<Op, RowSerial, T>(RowSerial{}, p, r);
 }
 template <class Op, typename T>
-FRNN_HD void ext_range(const ExtGradParams& p, int64_t begin, int64_t end) {
+FRNN_HD void ext_range(const ExtGradParams& params, int64_t begin, int64_t end) {
+  const ExtGradParams p = params;
   for (int64_t s = begin; s < end; ++s) {
     for (int64_t r = s; r < p.rows; r += p.slots) ext_bwd_row<Op, RowSerial, T>(RowSerial{}, p, r);
   }
 }
 template <class Op, typename T>
-FRNN_HD void ext_range(const LnRowsParams& p, int64_t begin, int64_t end) {
+FRNN_HD void ext_range(const LnRowsParams& params, int64_t begin, int64_t end) {
+  const LnRowsParams p = params;
   for (int64_t r = begin; r < end; ++r) ln_rows_row<RowSerial, T>(RowSerial{}, p, r);
 }
 
