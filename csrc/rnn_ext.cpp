@@ -6,6 +6,12 @@
 // (zoneout, LayerNorm of c, cell, both projections' LayerNorm backward with per-slot parameter-gradient sums),
 // then the recurrent GEMM; the weight gradients are seq.cpp's chunked big GEMMs.
 //
+// fp32 on the CPU without a projection runs on the CPU engine's team (StepGemm, engine_cpu.cpp): one OpenMP
+// region per call (per chunk in backward), W_hh packed once, per step two phases with a barrier after each —
+// forward: each thread's columns of the recurrent GEMM on the brgemm ukernel, then each thread's rows of the row
+// kernel (a LayerNorm needs the whole row, so the GEMM must finish first); backward: each thread's LayerNorm
+// slot of the row kernel, then its columns of dh_{t-1}. Elsewhere (fp64, a projection, CUDA) at::mm per step.
+//
 // Saved for backward (each [0] when not saving): xs, hs [N, G*H] the two projections, normalised with
 // LayerNorm (raw without); stats [N, kStats] their rstd and LSTM's c mean and rstd (LayerNorm only); c [N, H]
 // LSTM's state after each step. The gates, c before zoneout and LSTM's hr are recomputed.
