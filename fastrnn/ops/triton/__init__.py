@@ -27,16 +27,20 @@ from typing import Optional
 
 import torch
 
-from fastrnn.ops import LayerArgs, Saved
-from fastrnn.ops.glue import LayerOp
+from fastrnn import ops as _ops
+from fastrnn.ops import CellExt, LayerArgs, Saved, SavedExt
+from fastrnn.ops.glue import ExtImpl, LayerOp
 
 try:
+    from fastrnn.ops.triton import ext as _ext
     from fastrnn.ops.triton import host as _host
 except ImportError as exc:  # triton missing or broken
-    _host = None
+    _host = _ext = None
     _IMPORT_ERROR: Optional[str] = f"triton could not be imported ({type(exc).__name__}: {exc})"
 else:
     _IMPORT_ERROR = None
+
+EXT_FEATURES = _ops.EXT_FEATURES  # LayerNorm, zoneout and recurrent dropout: the ext kernels
 
 CPU_REASON = (
     "Triton kernels need a CUDA GPU; set TRITON_INTERPRET=1 before importing triton to run them on CPU "
@@ -84,6 +88,19 @@ def _backward(a, options, y, saved, dy, dh_n, dc_n, need_dx):
     return _host.backward(a, options, y, saved, dy, dh_n, dc_n, need_dx)
 
 
+def _ext_forward(a: LayerArgs, e: CellExt, _options: tuple, save: bool):
+    return _ext.forward(a, e, save)
+
+
+def _ext_backward(a: LayerArgs, e: CellExt, _options: tuple, y, saved: SavedExt, dy, dh_n, dc_n, need_dx: bool):
+    return _ext.backward(a, e, y, saved, dy, dh_n, dc_n, need_dx)
+
+
+def _ext_fake_saved(a: LayerArgs, e: CellExt, _options: tuple, save: bool) -> SavedExt:
+    return SavedExt.empty_like(a, e, save, torch.float32)
+
+
 layer = LayerOp("triton", "triton_layer", availability, _forward, _backward, _fake_saved,
-                options=(("variant", "str?", None), ("cuda_graph", "bool", False)), resolve_options=_resolve_options)
+                options=(("variant", "str?", None), ("cuda_graph", "bool", False)), resolve_options=_resolve_options,
+                ext=ExtImpl(_ext_forward, _ext_backward, _ext_fake_saved))
 """One layer in one direction: ``layer(args: LayerArgs, variant=None, cuda_graph=False)`` or the fields flat."""
