@@ -91,11 +91,12 @@ def ext_specs(dtypes) -> List[Dict]:
     specs = []
     for H in EXT_HIDDEN:
         cfg = triton_ext.row_config(H)
-        common = dict(warps=cfg["num_warps"], stages=1, storage=EXT_STORAGE_PTRS, tiles=f"BC{cfg['BC']} (H {H})")
+        common = dict(warps=cfg["num_warps"], stages=1, storage=EXT_STORAGE_PTRS,
+                      tiles=f"BR{cfg['BR']}xBC{cfg['BC']} (H {H})")
         for dtype in dtypes:
             for mode in MODES:
-                ids = dict(MODE=MODES.index(mode), G=GATES[mode], LN=True, BC=cfg["BC"])
-                lstm, gru = mode == "LSTM", mode == "GRU"
+                ids = dict(MODE=MODES.index(mode), G=GATES[mode], LN=True, BR=cfg["BR"], BC=cfg["BC"])
+                lstm = mode == "LSTM"
                 specs.append(dict(common, kernel="ext_fwd", fn=triton_ext._fwd_kernel, mode=mode, dtype=dtype,
                                   const=dict(ids, SAVE=True, STORE=True, ZONE_H=True, ZONE_C=lstm, MASK=True,
                                              WRITE_Y=True)))
@@ -109,7 +110,8 @@ def ext_specs(dtypes) -> List[Dict]:
             # the input projection's LayerNorm rows are G*H wide: their launches pick among the same chunks
             for kernel, fn in (("ext_ln_rows", triton_ext._ln_rows_kernel),
                                ("ext_ln_rows_bwd", triton_ext._ln_rows_bwd_kernel)):
-                specs.append(dict(common, kernel=kernel, fn=fn, mode="any", dtype=dtype, const=dict(BC=cfg["BC"])))
+                specs.append(dict(common, kernel=kernel, fn=fn, mode="any", dtype=dtype,
+                                  const=dict(BR=cfg["BR"], BC=cfg["BC"])))
     return specs
 
 

@@ -12,6 +12,15 @@ Two kernel variants, chosen per layer:
   projection the per-step ``w_hr`` product (and its backward) run as torch matmuls beside the kernel.
 
 The input projection of all steps is one GEMM before the loop and the weight gradients are GEMMs after it.
+
+fastrnn's own cells (``CellExt``: LayerNorm, zoneout, recurrent dropout; ``EXT_FEATURES``) run through
+``fastrnn::triton_layer_ext_fwd``/``_ext_bwd`` (``ext``, mirroring the cpp backend's csrc/rnn_ext.cpp): per
+step a torch GEMM for the recurrent product and one fused row kernel (the recurrent LayerNorm's statistics,
+the cell, LSTM's LayerNorm of c, zoneout, the next step's masked GEMM operand), backward likewise, saving
+``fastrnn.ops.SavedExt`` in fp32; 16-bit storage is computed in fp32. The options below do not apply to them.
+
+UNVERIFIED on a GPU: no Triton kernel of fastrnn has run on one. They are tested in the interpreter on CPU
+and compiled ahead of time for sm_80/sm_90 (benchmarks/kernel_report.py: registers, no spills).
 On CPU the kernels run only under the Triton interpreter (``TRITON_INTERPRET=1`` set before triton is
 imported), which is how the tests exercise them.
 
