@@ -38,8 +38,9 @@ from fastrnn.ops.triton.host import MODE_IDS, input_projection, nan_buffer, plac
 _EPS = tl.constexpr(LN_EPS)
 # Columns of the per-row statistics (SavedExt.stats): rstd of xs and of hs, LSTM's mean and rstd of c.
 RS_X, RS_H, MU_C, RS_C, N_STATS = 0, 1, 2, 3, 4
-# The most values a program holds per tensor: 1024 fp32 over 8 warps are 4 registers per value per thread.
-MAX_CHUNK = 1024
+# The most values a program holds per tensor: 512 fp32 over 8 warps are 2 registers per thread. 1024 (4 per
+# thread) spilled the LSTM backward on sm_90 (benchmarks/kernel_report.py).
+MAX_CHUNK = 512
 
 
 def row_config(width: int) -> dict:
