@@ -32,6 +32,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from fastrnn import _buildcfg  # noqa: E402
 from fastrnn.ops import GATES, MODES  # noqa: E402
+from fastrnn.ops.triton import ext as triton_ext  # noqa: E402
 from fastrnn.ops.triton import seq as triton_seq  # noqa: E402
 from fastrnn.ops.triton import step as triton_step  # noqa: E402
 from fastrnn.ops.triton.cells import FP_FUSION  # noqa: E402
@@ -40,11 +41,18 @@ ARCHS = (80, 90)
 TT_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 # Pointer arguments in the storage dtype; the others are fp32 (input projection, state, saved values).
 STORAGE_PTRS = {"p_b", "p_w", "p_h0", "p_c0", "p_dy"}
+# The same for fastrnn's cells (triton_ext): LayerNorm gains, zoneout weights, the mask, y and dy.
+EXT_STORAGE_PTRS = {"p_gx", "p_gh", "p_gc", "p_sc", "p_g", "p_zh", "p_zc", "p_m", "p_y", "p_dy"}
+# Hidden sizes whose row-kernel chunk (triton_ext.row_config) the report compiles; wider rows loop over
+# MAX_CHUNK-column chunks in the code compiled for the widest.
+EXT_HIDDEN = (256, 1024)
 INDEX_PTRS = {"p_bs": "*i32", "p_off": "*i64"}
-ALIGNED_INTS = {"H", "HO"}
+ALIGNED_INTS = {"H", "HO", "n"}
 LAUNCHES = {
     "step": ("1 fused step kernel (+1 torch mm with proj)", "1 fused step kernel (+3 torch ops with proj)"),
     "seq": ("1 per sequence (0 per step)", "1 per sequence (0 per step)"),
+    "ext (fastrnn's cells)": ("1 torch mm + 1 row kernel (+2 to 4 torch ops with proj)",
+                              "1 row kernel + 1 torch mm (+1 to 2 elementwise torch ops; +3 to 4 with proj)"),
 }
 
 
@@ -74,7 +82,37 @@ def kernel_specs(quick: bool) -> List[Dict]:
                 specs.append(dict(kernel="seq_bwd", fn=triton_seq._bwd_seq_kernel, mode=mode, dtype=dtype,
                                   warps=cfg["num_warps"], stages=cfg["num_stages"],
                                   const=dict(MODE=mode_id, G=G, REVERSE=False, UPCAST=False, **tiles)))
+    specs += ext_specs(dtypes)
     return [dict(spec, aligned=aligned) for spec in specs for aligned in (False, True)]
+
+
+def ext_specs(dtypes) -> List[Dict]:
+    """fastrnn's cells (LayerNorm, zoneout, recurrent dropout): every feature on, per ``EXT_HIDDEN`` chunk."""
+    specs = []
+    for H in EXT_HIDDEN:
+        cfg = triton_ext.row_config(H)
+        common = dict(warps=cfg["num_warps"], stages=1, storage=EXT_STORAGE_PTRS,
+                      tiles=f"BR{cfg['BR']}xBC{cfg['BC']} (H {H})")
+        for dtype in dtypes:
+            for mode in MODES:
+                ids = dict(MODE=MODES.index(mode), G=GATES[mode], LN=True, BR=cfg["BR"], BC=cfg["BC"])
+                lstm = mode == "LSTM"
+                specs.append(dict(common, kernel="ext_fwd", fn=triton_ext._fwd_kernel, mode=mode, dtype=dtype,
+                                  const=dict(ids, SAVE=True, STORE=True, ZONE_H=True, ZONE_C=lstm, MASK=True,
+                                             WRITE_Y=True)))
+                specs.append(dict(common, kernel="ext_bwd", fn=triton_ext._bwd_kernel, mode=mode, dtype=dtype,
+                                  const=dict(ids, ZONE_H=True, ZONE_C=lstm, HAS_DY=True, BYPASS=True,
+                                             WRITE_HR=False, SPLIT=True)))
+                if lstm:
+                    specs.append(dict(common, kernel="ext_bwd_proj", fn=triton_ext._bwd_kernel, mode=mode,
+                                      dtype=dtype, const=dict(ids, ZONE_H=False, ZONE_C=True, HAS_DY=False,
+                                                              BYPASS=False, WRITE_HR=True, SPLIT=True)))
+            # the input projection's LayerNorm rows are G*H wide: their launches pick among the same chunks
+            for kernel, fn in (("ext_ln_rows", triton_ext._ln_rows_kernel),
+                               ("ext_ln_rows_bwd", triton_ext._ln_rows_bwd_kernel)):
+                specs.append(dict(common, kernel=kernel, fn=fn, mode="any", dtype=dtype,
+                                  const=dict(BR=cfg["BR"], BC=cfg["BC"])))
+    return specs
 
 
 def alignment_attrs(spec: Dict) -> Dict:
@@ -90,6 +128,7 @@ def alignment_attrs(spec: Dict) -> Dict:
 def signature(spec: Dict) -> Dict[str, str]:
     fn, dt = spec["fn"], TT_DTYPE[spec["dtype"]]
     proj_dy = spec["const"].get("DH_GIVEN", False)
+    storage_ptrs = spec.get("storage", STORAGE_PTRS)
     sig = {}
     for name in fn.arg_names:
         if name in spec["const"]:
@@ -97,7 +136,7 @@ def signature(spec: Dict) -> Dict[str, str]:
         elif name in INDEX_PTRS:
             sig[name] = INDEX_PTRS[name]
         elif name.startswith("p_"):
-            storage = name in STORAGE_PTRS and not (name == "p_dy" and proj_dy)
+            storage = name in storage_ptrs and not (name == "p_dy" and proj_dy)
             sig[name] = "*" + (dt if storage else "fp32")
         else:
             sig[name] = "i32"
@@ -162,7 +201,7 @@ def collect(quick: bool, jobs: int) -> List[Dict]:
     rows = []
     for (i, _, _), res in zip(work, results):
         s = specs[i]
-        tiles = "x".join(f"{k}{s['const'][k]}" for k in ("BB", "BH", "BK") if k in s["const"])
+        tiles = s.get("tiles") or "x".join(f"{k}{s['const'][k]}" for k in ("BB", "BH", "BK") if k in s["const"])
         rows.append(dict(res, kernel=s["kernel"], mode=s["mode"], dtype=TT_DTYPE[s["dtype"]], tiles=tiles,
                          align="16" if s["aligned"] else "any"))
     return rows

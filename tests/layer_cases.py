@@ -101,6 +101,11 @@ def option_cases(T: int, B: int, I: int, H: int, P: int) -> List[Case]:
             for proj in ((0, P) if mode == "LSTM" else (0,))]
 
 
+def one_step_and_one_unit(T: int) -> List[Case]:
+    """Every mode over a single step, and with a single hidden unit over ``T`` packed steps."""
+    return [Case(m, steps, 3, 2, H, packed=packed) for m in MODES for steps, H, packed in ((1, 4, False), (T, 1, True))]
+
+
 def make_inputs(c: Case, impl: Impl) -> Dict[str, Optional[torch.Tensor]]:
     """Random inputs (never zeros) on the implementation's device and dtype; packed cases get sorted lengths
     with ragged ends, the longest = T."""

@@ -180,9 +180,10 @@ def test_every_config_compiles_without_spills():
                           "--check", "--no-cuda", "--jobs", "2"], cwd=ROOT, env=_env(interpret=False),
                          capture_output=True, text=True, timeout=1200)
     assert res.returncode == 0, res.stderr[-4000:]
-    rows = [line for line in res.stdout.splitlines() if line.startswith("| step_") or line.startswith("| seq_")]
+    rows = [line for line in res.stdout.splitlines() if line.startswith(("| step_", "| seq_", "| ext_"))]
     kernels = {line.split("|")[1].strip() for line in rows}
-    assert kernels == {"step_fwd", "step_bwd", "step_bwd_proj", "seq_fwd", "seq_bwd"}, kernels
+    assert kernels == {"step_fwd", "step_bwd", "step_bwd_proj", "seq_fwd", "seq_bwd", "ext_fwd", "ext_bwd",
+                       "ext_bwd_proj", "ext_ln_rows", "ext_ln_rows_bwd"}, kernels
     # the report names the assembler it used per target, and its CUDA version
     tools = re.findall(r"^- sm_(\d+)a?: `[^`]*ptxas[^`]*`, CUDA \d+\.\d+$", res.stdout, re.M)
     assert sorted(tools) == ["80", "90"], res.stdout[:1500]

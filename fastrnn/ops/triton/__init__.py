@@ -12,6 +12,15 @@ Two kernel variants, chosen per layer:
   projection the per-step ``w_hr`` product (and its backward) run as torch matmuls beside the kernel.
 
 The input projection of all steps is one GEMM before the loop and the weight gradients are GEMMs after it.
+
+fastrnn's own cells (``CellExt``: LayerNorm, zoneout, recurrent dropout; ``EXT_FEATURES``) run through
+``fastrnn::triton_layer_ext_fwd``/``_ext_bwd`` (``ext``, mirroring the cpp backend's csrc/rnn_ext.cpp): per
+step a torch GEMM for the recurrent product and one fused row kernel (the recurrent LayerNorm's statistics,
+the cell, LSTM's LayerNorm of c, zoneout, the next step's masked GEMM operand), backward likewise, saving
+``fastrnn.ops.SavedExt`` in fp32; 16-bit storage is computed in fp32. The options below do not apply to them.
+
+UNVERIFIED on a GPU: no Triton kernel of fastrnn has run on one. They are tested in the interpreter on CPU
+and compiled ahead of time for sm_80/sm_90 (benchmarks/kernel_report.py: registers, no spills).
 On CPU the kernels run only under the Triton interpreter (``TRITON_INTERPRET=1`` set before triton is
 imported), which is how the tests exercise them.
 
@@ -27,16 +36,20 @@ from typing import Optional
 
 import torch
 
-from fastrnn.ops import LayerArgs, Saved
-from fastrnn.ops.glue import LayerOp
+from fastrnn import ops as _ops
+from fastrnn.ops import CellExt, LayerArgs, Saved, SavedExt
+from fastrnn.ops.glue import ExtImpl, LayerOp
 
 try:
+    from fastrnn.ops.triton import ext as _ext
     from fastrnn.ops.triton import host as _host
 except ImportError as exc:  # triton missing or broken
-    _host = None
+    _host = _ext = None
     _IMPORT_ERROR: Optional[str] = f"triton could not be imported ({type(exc).__name__}: {exc})"
 else:
     _IMPORT_ERROR = None
+
+EXT_FEATURES = _ops.EXT_FEATURES  # LayerNorm, zoneout and recurrent dropout: the ext kernels
 
 CPU_REASON = (
     "Triton kernels need a CUDA GPU; set TRITON_INTERPRET=1 before importing triton to run them on CPU "
@@ -84,6 +97,19 @@ def _backward(a, options, y, saved, dy, dh_n, dc_n, need_dx):
     return _host.backward(a, options, y, saved, dy, dh_n, dc_n, need_dx)
 
 
+def _ext_forward(a: LayerArgs, e: CellExt, _options: tuple, save: bool):
+    return _ext.forward(a, e, save)
+
+
+def _ext_backward(a: LayerArgs, e: CellExt, _options: tuple, y, saved: SavedExt, dy, dh_n, dc_n, need_dx: bool):
+    return _ext.backward(a, e, y, saved, dy, dh_n, dc_n, need_dx)
+
+
+def _ext_fake_saved(a: LayerArgs, e: CellExt, _options: tuple, save: bool) -> SavedExt:
+    return SavedExt.empty_like(a, e, save, torch.float32)
+
+
 layer = LayerOp("triton", "triton_layer", availability, _forward, _backward, _fake_saved,
-                options=(("variant", "str?", None), ("cuda_graph", "bool", False)), resolve_options=_resolve_options)
+                options=(("variant", "str?", None), ("cuda_graph", "bool", False)), resolve_options=_resolve_options,
+                ext=ExtImpl(_ext_forward, _ext_backward, _ext_fake_saved))
 """One layer in one direction: ``layer(args: LayerArgs, variant=None, cuda_graph=False)`` or the fields flat."""

@@ -112,6 +112,17 @@ def cell_forward(MODE: tl.constexpr, x0, x1, x2, x3, a0, a1, a2, a3, h_prev, c_p
 
 
 @triton.jit
+def lstm_gate_grads(dc, dtc, i, f, g, o, c_prev):
+    """LSTM gate pre-activation gradients from the whole gradient ``dc`` of the new cell and ``dtc``, that of
+    ``o``'s product partner (``dh * tanh(c)``; fastrnn's cells put a LayerNorm of c inside the tanh)."""
+    gi = dc * g * i * (1.0 - i)
+    gf = dc * c_prev * f * (1.0 - f)
+    gg = dc * i * (1.0 - g * g)
+    go = dtc * o * (1.0 - o)
+    return gi, gf, gg, go
+
+
+@triton.jit
 def cell_backward(MODE: tl.constexpr, dh, dc, s0, s1, s2, s3, h, c, h_prev, c_prev):
     """Gradient of one step for a tile: ``dh``/``dc`` w.r.t. the step's outputs (h before projection).
 
@@ -124,10 +135,7 @@ def cell_backward(MODE: tl.constexpr, dh, dc, s0, s1, s2, s3, h, c, h_prev, c_pr
     if MODE == 0:
         tc = _tanh(c)
         dc = dc + dh * s3 * (1.0 - tc * tc)
-        gi = dc * s2 * s0 * (1.0 - s0)
-        gf = dc * c_prev * s1 * (1.0 - s1)
-        gg = dc * s0 * (1.0 - s2 * s2)
-        go = dh * tc * s3 * (1.0 - s3)
+        gi, gf, gg, go = lstm_gate_grads(dc, dh * tc, s0, s1, s2, s3, c_prev)
         return gi, gf, gg, go, gg, dc * s1, zero
     elif MODE == 1:
         dn = dh * (1.0 - s1) * (1.0 - s2 * s2)

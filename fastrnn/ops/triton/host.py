@@ -109,11 +109,11 @@ def nan_fill() -> bool:
     return interpreting() or os.environ.get("FASTRNN_TRITON_NAN_FILL") == "1"
 
 
-def nan_buffer(n: int, m: int, like: Tensor) -> Tensor:
-    """fp32 ``[n, m]`` kernel output buffer (NaN-filled, see :func:`nan_fill`)."""
+def nan_buffer(n: int, m: int, like: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """``[n, m]`` kernel output buffer, fp32 unless ``dtype`` (NaN-filled, see :func:`nan_fill`)."""
     if nan_fill():
-        return torch.full((n, m), float("nan"), device=like.device, dtype=torch.float32)
-    return torch.empty((n, m), device=like.device, dtype=torch.float32)
+        return torch.full((n, m), float("nan"), device=like.device, dtype=dtype)
+    return torch.empty((n, m), device=like.device, dtype=dtype)
 
 
 def placeholder(ref: Tensor) -> Tensor:

@@ -1,0 +1,614 @@
+"""fastrnn's own cells on Triton: LayerNorm, zoneout and recurrent dropout (``fastrnn.ops.CellExt``).
+
+Kernel, launcher and host loop in one place, mirroring the cpp backend's driver (csrc/rnn_ext.cpp):
+
+- forward: one GEMM ``x W_ih^T`` for all steps and :func:`_ln_rows_kernel` over its rows (LayerNorm); per step
+  a torch GEMM ``(h_{t-1} * rec_mask) W_hh^T`` and one :func:`_fwd_kernel` launch, a program per block of rows:
+  the recurrent rows' LayerNorm statistics, the cell, LSTM's LayerNorm of c, zoneout, the state, ``y`` and the
+  next step's masked GEMM operand;
+- backward: per step one :func:`_bwd_kernel` launch, a program per block of rows (zoneout, LayerNorm of c, the cell,
+  the recurrent LayerNorm's backward and its parameters' per-row sums), then the GEMM ``dG W_hh``; after the
+  loop :func:`_ln_rows_bwd_kernel` over the input side's rows and every weight gradient as one GEMM.
+
+A program walks its ``BR`` rows in chunks of ``BC`` columns (``row_config``), so no width makes it spill; a
+row's statistics come from the program's own loads (two passes: the deviations' squares, not
+``E[v^2] - E[v]^2``, which cancels for rows whose mean is large against their spread). Values a later loop
+of the same program reads at other columns than the ones a thread wrote are ordered by ``tl.debug_barrier``.
+
+Everything is fp32 between the kernels (``fastrnn.ops.SavedExt``: xs, hs normalised, stats, c) and in the
+state; 16-bit storage is computed in fp32 (the weights and initial state upcast once per call, the gains,
+masks and ``dy`` on load) and only ``y``, ``h_n``, ``c_n`` and the gradients are rounded on the way out.
+
+LayerNorm parameter gradients are deterministic: the input side's are column sums by torch after the loop,
+the recurrent side's and LSTM's c's accumulate per batch row in ``part: [B, 2*G*H + 2*H]`` (one program owns its
+rows for a whole step, the steps run in order), summed by torch at the end.
+"""
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from fastrnn.ops import GATES, LN_EPS, CellExt, LayerArgs, SavedExt
+from fastrnn.ops.triton.cells import FP_FUSION, _tanh, cell_backward, cell_forward, lstm_gate_grads
+from fastrnn.ops.triton.host import MODE_IDS, input_projection, nan_buffer, placeholder, plan_rows
+
+_EPS = tl.constexpr(LN_EPS)
+# Columns of the per-row statistics (SavedExt.stats): rstd of xs and of hs, LSTM's mean and rstd of c.
+RS_X, RS_H, MU_C, RS_C, N_STATS = 0, 1, 2, 3, 4
+# The most values a program holds per tensor: 512 fp32 over 8 warps are 2 registers per thread. 1024 (4 per
+# thread) spilled the LSTM backward on sm_90 (benchmarks/kernel_report.py).
+MAX_CHUNK = 512
+
+
+def row_config(width: int) -> dict:
+    """Block of a row program over rows ``width`` wide (the hidden size for the step kernels): ``BC`` columns,
+    the whole row up to ``MAX_CHUNK`` and a loop over chunks beyond, and ``BR`` rows, as many as fill
+    ``MAX_CHUNK`` values, so that small hidden sizes still give each thread work (and the interpreter fewer
+    programs)."""
+    bc = max(16, min(triton.next_power_of_2(width), MAX_CHUNK))
+    br = max(1, min(16, MAX_CHUNK // bc))
+    return {"BR": br, "BC": bc, "num_warps": 4 if br * bc <= 256 else 8}
+
+
+@triton.jit
+def _rows(n_rows, BR: tl.constexpr):
+    """This program's rows as a ``[BR, 1]`` index and mask."""
+    o_b = tl.program_id(0) * BR + tl.arange(0, BR)
+    return o_b[:, None], (o_b < n_rows)[:, None]
+
+
+@triton.jit
+def _cols(j0, n, m_b, BC: tl.constexpr):
+    """Columns ``[j0, j0 + BC)`` as a ``[1, BC]`` index and the ``[BR, BC]`` mask of the block."""
+    o_j = (j0 + tl.arange(0, BC))[None, :]
+    return o_j, m_b & (o_j < n)
+
+
+@triton.jit
+def _row_stats(p_v, o_r, m_b, n, BR: tl.constexpr, BC: tl.constexpr):
+    """Mean and ``1/sqrt(var + eps)``, ``[BR, 1]``, of the fp32 rows ``o_r`` of ``v: [*, n]``."""
+    b_s = tl.zeros([BR, BC], dtype=tl.float32)
+    for i0 in range(0, n, BC):
+        o_i, m = _cols(i0, n, m_b, BC)
+        b_s += tl.load(p_v + o_r * n + o_i, mask=m, other=0.0)
+    mean = tl.sum(b_s, 1)[:, None] / n
+    b_q = tl.zeros([BR, BC], dtype=tl.float32)
+    for i0 in range(0, n, BC):
+        o_i, m = _cols(i0, n, m_b, BC)
+        b_d = tl.where(m, tl.load(p_v + o_r * n + o_i, mask=m, other=0.0) - mean, 0.0)
+        b_q += b_d * b_d
+    return mean, 1.0 / tl.sqrt_rn(tl.sum(b_q, 1)[:, None] / n + _EPS)
+
+
+@triton.jit
+def _accumulate(p, m, v):
+    tl.store(p, tl.load(p, mask=m, other=0.0) + v, mask=m)
+
+
+@triton.jit
+def _ln_backward_rows(p_d, p_v, p_g, p_part, o_r, o_rp, m_b, rstd, n, PART: tl.constexpr, BR: tl.constexpr,
+                      BC: tl.constexpr):
+    """Rows ``o_r`` of ``d: [*, n]``, the gradient of a LayerNorm's output, become that of its input, in place;
+    ``v: [*, n]`` the normalised rows, ``g: [n]`` the gain, ``rstd: [BR, 1]``. With ``PART`` the gain's and the
+    shift's terms are added at ``part + o_rp`` and ``part + o_rp + n`` (``o_rp``: the rows' offsets)."""
+    # the caller's loops wrote d with another column-to-thread map
+    tl.debug_barrier()
+    b_s0 = tl.zeros([BR, BC], dtype=tl.float32)
+    b_s1 = tl.zeros([BR, BC], dtype=tl.float32)
+    for i0 in range(0, n, BC):
+        o_i, m = _cols(i0, n, m_b, BC)
+        b_d = tl.load(p_d + o_r * n + o_i, mask=m, other=0.0)
+        b_v = tl.load(p_v + o_r * n + o_i, mask=m, other=0.0)
+        b_u = b_d * tl.load(p_g + o_i, mask=m, other=0.0).to(tl.float32)
+        b_s0 += b_u
+        b_s1 += b_u * b_v
+        if PART:
+            _accumulate(p_part + o_rp + o_i, m, b_d * b_v)
+            _accumulate(p_part + o_rp + n + o_i, m, b_d)
+    m0 = tl.sum(b_s0, 1)[:, None] / n
+    m1 = tl.sum(b_s1, 1)[:, None] / n
+    for i0 in range(0, n, BC):
+        o_i, m = _cols(i0, n, m_b, BC)
+        b_d = tl.load(p_d + o_r * n + o_i, mask=m, other=0.0)
+        b_v = tl.load(p_v + o_r * n + o_i, mask=m, other=0.0)
+        b_u = b_d * tl.load(p_g + o_i, mask=m, other=0.0).to(tl.float32)
+        tl.store(p_d + o_r * n + o_i, rstd * (b_u - m0 - b_v * m1), mask=m)
+
+
+@triton.jit
+def _ln_rows_kernel(p_v, p_st, n_rows, n, BR: tl.constexpr, BC: tl.constexpr):
+    """LayerNorm without gain and shift of the rows of ``v: [N, n]`` in place (a program per ``BR`` rows);
+    their rstd goes to ``st: [N, N_STATS]`` column RS_X."""
+    o_r, m_b = _rows(n_rows, BR)
+    o_r = o_r.to(tl.int64)
+    mean, rstd = _row_stats(p_v, o_r, m_b, n, BR, BC)
+    for i0 in range(0, n, BC):
+        o_i, m = _cols(i0, n, m_b, BC)
+        p_b = p_v + o_r * n + o_i
+        tl.store(p_b, (tl.load(p_b, mask=m, other=0.0) - mean) * rstd, mask=m)
+    tl.store(p_st + o_r * 4, rstd, mask=m_b)
+
+
+@triton.jit
+def _ln_rows_bwd_kernel(p_d, p_v, p_g, p_st, n_rows, n, BR: tl.constexpr, BC: tl.constexpr):
+    """Backward of :func:`_ln_rows_kernel` followed by the gain: ``d: [N, n]`` in: gradient of the gained rows,
+    out: of the rows before LayerNorm; ``v: [N, n]`` the normalised rows, ``g: [n]``, ``st: [N, N_STATS]``."""
+    o_r, m_b = _rows(n_rows, BR)
+    o_r = o_r.to(tl.int64)
+    _ln_backward_rows(p_d, p_v, p_g, p_d, o_r, o_r, m_b, tl.load(p_st + o_r * 4, mask=m_b, other=0.0), n, False, BR,
+                      BC)
+
+
+@triton.jit
+def _gate(p_xs, p_hs, p_nh, p_gx, p_gh, p_bias, o_rg, o_g, m, mean_h, rstd_h, LN: tl.constexpr,
+          STORE: tl.constexpr):
+    """Gate columns ``o_g`` of rows ``o_rg`` (offsets into the ``G*H`` wide rows): the input side's term with
+    every bias folded in, and the recurrent side's (``hs`` normalised with ``mean_h``/``rstd_h``, and with STORE
+    written to ``nh``; gains applied)."""
+    b_x = tl.load(p_xs + o_rg + o_g, mask=m, other=0.0)
+    b_h = tl.load(p_hs + o_rg + o_g, mask=m, other=0.0)
+    if LN:
+        b_h = (b_h - mean_h) * rstd_h
+        if STORE:
+            tl.store(p_nh + o_rg + o_g, b_h, mask=m)
+        b_x = b_x * tl.load(p_gx + o_g, mask=m, other=0.0).to(tl.float32)
+        b_h = b_h * tl.load(p_gh + o_g, mask=m, other=0.0).to(tl.float32)
+    return b_x + tl.load(p_bias + o_g, mask=m, other=0.0), b_h
+
+
+@triton.jit
+def _lstm_unit(p_xs, p_hs, p_nh, p_gx, p_gh, p_bias, p_gc, p_sc, p_cp, o_rg, o_rh, o_j, m, H, mean_h, rstd_h,
+               mean_c, rstd_c, LN: tl.constexpr, STORE: tl.constexpr):
+    """LSTM units ``o_j`` of the block's rows: ``(i, f, g, o, c_prev, c, normalised c, tanh(LayerNorm(c)))``, c
+    before zoneout; forward and backward both compute them here, so backward recomputes forward's values
+    exactly. ``o_rh``: the rows' offsets into ``H`` wide rows (``cp``, gc, sc)."""
+    x0, a0 = _gate(p_xs, p_hs, p_nh, p_gx, p_gh, p_bias, o_rg, o_j, m, mean_h, rstd_h, LN, STORE)
+    x1, a1 = _gate(p_xs, p_hs, p_nh, p_gx, p_gh, p_bias, o_rg, H + o_j, m, mean_h, rstd_h, LN, STORE)
+    x2, a2 = _gate(p_xs, p_hs, p_nh, p_gx, p_gh, p_bias, o_rg, 2 * H + o_j, m, mean_h, rstd_h, LN, STORE)
+    x3, a3 = _gate(p_xs, p_hs, p_nh, p_gx, p_gh, p_bias, o_rg, 3 * H + o_j, m, mean_h, rstd_h, LN, STORE)
+    b_cp = tl.load(p_cp + o_rh + o_j, mask=m, other=0.0)
+    _, b_c, b_i, b_f, b_g, b_o = cell_forward(0, x0, x1, x2, x3, a0, a1, a2, a3, b_cp, b_cp)
+    b_nc = (b_c - mean_c) * rstd_c
+    b_cl = b_c
+    if LN:
+        b_cl = b_nc * tl.load(p_gc + o_j, mask=m, other=0.0).to(tl.float32) + \
+            tl.load(p_sc + o_j, mask=m, other=0.0).to(tl.float32)
+    return b_i, b_f, b_g, b_o, b_cp, b_c, b_nc, _tanh(b_cl)
+
+
+@triton.jit
+def _gru_rnn_unit(MODE: tl.constexpr, p_xs, p_hs, p_nh, p_gx, p_gh, p_bias, p_bhn, p_hp, o_rg, o_rh, o_j, m, H,
+                  mean_h, rstd_h, LN: tl.constexpr, STORE: tl.constexpr):
+    """GRU or Elman units ``o_j`` of the block's rows: ``cells.cell_forward``'s ``(h, s0, s1, s2, s3, h_prev)``,
+    h before zoneout; GRU's recurrent n term carries its own biases (inside ``r * (...)``)."""
+    x0, a0 = _gate(p_xs, p_hs, p_nh, p_gx, p_gh, p_bias, o_rg, o_j, m, mean_h, rstd_h, LN, STORE)
+    x1 = x0
+    a1 = a0
+    x2 = x0
+    a2 = a0
+    b_hp = a0
+    if MODE == 1:
+        x1, a1 = _gate(p_xs, p_hs, p_nh, p_gx, p_gh, p_bias, o_rg, H + o_j, m, mean_h, rstd_h, LN, STORE)
+        x2, a2 = _gate(p_xs, p_hs, p_nh, p_gx, p_gh, p_bias, o_rg, 2 * H + o_j, m, mean_h, rstd_h, LN, STORE)
+        a2 += tl.load(p_bhn + o_j, mask=m, other=0.0)
+        b_hp = tl.load(p_hp + o_rh + o_j, mask=m, other=0.0)
+    b_h, _, s0, s1, s2, s3 = cell_forward(MODE, x0, x1, x2, x2, a0, a1, a2, a2, b_hp, b_hp)
+    return b_h, s0, s1, s2, s3, b_hp
+
+
+@triton.jit
+def _put_h(p_h, p_y, p_zh, p_m, p_hm, o_rh, o_j, m, b_new, ZONE_H: tl.constexpr, MASK: tl.constexpr,
+           WRITE_Y: tl.constexpr):
+    """h_t from the cell's new value: zoneout against the state, the state, ``y`` and the next GEMM operand."""
+    o = o_rh + o_j
+    b_h = b_new
+    if ZONE_H:
+        b_z = tl.load(p_zh + o, mask=m, other=0.0).to(tl.float32)
+        b_h = b_z * tl.load(p_h + o, mask=m, other=0.0) + (1.0 - b_z) * b_new
+    tl.store(p_h + o, b_h, mask=m)
+    if WRITE_Y:
+        tl.store(p_y + o, b_h.to(p_y.dtype.element_ty), mask=m)
+    if MASK:
+        tl.store(p_hm + o, b_h * tl.load(p_m + o, mask=m, other=0.0).to(tl.float32), mask=m)
+
+
+@triton.jit
+def _fwd_kernel(
+    p_xs, p_hs, p_nh, p_st, p_gx, p_gh, p_bias, p_bhn, p_gc, p_sc,
+    p_h, p_y, p_zh, p_m, p_hm, p_c, p_cs, p_zc,
+    n_rows, H,
+    MODE: tl.constexpr, G: tl.constexpr, LN: tl.constexpr, SAVE: tl.constexpr, STORE: tl.constexpr,
+    ZONE_H: tl.constexpr, ZONE_C: tl.constexpr, MASK: tl.constexpr, WRITE_Y: tl.constexpr, BR: tl.constexpr,
+    BC: tl.constexpr,
+):
+    """One forward step over its ``n_rows`` rows, a program per ``BR`` rows (every pointer at the step's first
+    row; ``n = n_rows``).
+
+    xs: [n, G*H] x W_ih^T (normalised with LN); hs: [n, G*H] (h_{t-1} * rec_mask) W_hh^T, raw; nh: [n, G*H] out:
+    hs normalised (STORE); st: [n, N_STATS] out: RS_H, MU_C, RS_C (LN); gx, gh: [G*H] LayerNorm gains;
+    bias: [G*H] every additive term (LayerNorm shifts, b_ih, b_hh; GRU's recurrent n block apart); bhn: [H] GRU's
+    recurrent n block's; gc, sc: [H] LSTM's LayerNorm gain and shift of c (LN).
+    h: [n, H] fp32 state, in: h_{t-1}, out: h_t (with a projection the cell's h before it, out only); y: [n, H]
+    out: h_t in the storage dtype (WRITE_Y); zh: [n, H] zoneout of h (ZONE_H); m: [n, H] recurrent-dropout
+    mask, hm: [n, H] out: h_t * m (MASK); c: [n, H] LSTM fp32 state in/out; cs: [n, H] out: c_t (SAVE);
+    zc: [n, H] zoneout of c (ZONE_C). ``G`` gates: LSTM 4, GRU 3, Elman 1.
+    """
+    o_r, m_b = _rows(n_rows, BR)
+    GH = G * H
+    o_rg = o_r * GH
+    o_rh = o_r * H
+    mean_h = 0.0
+    rstd_h = 1.0
+    if LN:
+        mean_h, rstd_h = _row_stats(p_hs, o_r, m_b, GH, BR, BC)
+        tl.store(p_st + o_r * 4 + 1, rstd_h, mask=m_b)
+    if MODE == 0:
+        mean_c = 0.0
+        rstd_c = 1.0
+        if LN:
+            # LayerNorm of c needs its rows' statistics before any unit's h: two passes recomputing c
+            b_s = tl.zeros([BR, BC], dtype=tl.float32)
+            for j0 in range(0, H, BC):
+                o_j, m = _cols(j0, H, m_b, BC)
+                _, _, _, _, _, b_c, _, _ = _lstm_unit(p_xs, p_hs, p_nh, p_gx, p_gh, p_bias, p_gc, p_sc, p_c, o_rg,
+                                                      o_rh, o_j, m, H, mean_h, rstd_h, mean_c, rstd_c, LN, False)
+                b_s += tl.where(m, b_c, 0.0)
+            mean_c = tl.sum(b_s, 1)[:, None] / H
+            b_q = tl.zeros([BR, BC], dtype=tl.float32)
+            for j0 in range(0, H, BC):
+                o_j, m = _cols(j0, H, m_b, BC)
+                _, _, _, _, _, b_c, _, _ = _lstm_unit(p_xs, p_hs, p_nh, p_gx, p_gh, p_bias, p_gc, p_sc, p_c, o_rg,
+                                                      o_rh, o_j, m, H, mean_h, rstd_h, mean_c, rstd_c, LN, False)
+                b_d = tl.where(m, b_c - mean_c, 0.0)
+                b_q += b_d * b_d
+            rstd_c = 1.0 / tl.sqrt_rn(tl.sum(b_q, 1)[:, None] / H + _EPS)
+            tl.store(p_st + o_r * 4 + 2, mean_c, mask=m_b)
+            tl.store(p_st + o_r * 4 + 3, rstd_c, mask=m_b)
+        for j0 in range(0, H, BC):
+            o_j, m = _cols(j0, H, m_b, BC)
+            _, _, _, b_o, b_cp, b_c, _, b_tcl = _lstm_unit(p_xs, p_hs, p_nh, p_gx, p_gh, p_bias, p_gc, p_sc, p_c,
+                                                           o_rg, o_rh, o_j, m, H, mean_h, rstd_h, mean_c, rstd_c,
+                                                           LN, STORE)
+            if ZONE_C:
+                b_z = tl.load(p_zc + o_rh + o_j, mask=m, other=0.0).to(tl.float32)
+                b_c = b_z * b_cp + (1.0 - b_z) * b_c
+            tl.store(p_c + o_rh + o_j, b_c, mask=m)
+            if SAVE:
+                tl.store(p_cs + o_rh + o_j, b_c, mask=m)
+            _put_h(p_h, p_y, p_zh, p_m, p_hm, o_rh, o_j, m, b_o * b_tcl, ZONE_H, MASK, WRITE_Y)
+    else:
+        for j0 in range(0, H, BC):
+            o_j, m = _cols(j0, H, m_b, BC)
+            b_new, _, _, _, _, _ = _gru_rnn_unit(MODE, p_xs, p_hs, p_nh, p_gx, p_gh, p_bias, p_bhn, p_h, o_rg, o_rh,
+                                                 o_j, m, H, mean_h, rstd_h, LN, STORE)
+            _put_h(p_h, p_y, p_zh, p_m, p_hm, o_rh, o_j, m, b_new, ZONE_H, MASK, WRITE_Y)
+
+
+@triton.jit
+def _split_dh(p_dh, p_dy, p_zh, o, m, ZONE_H: tl.constexpr, HAS_DY: tl.constexpr):
+    """The gradient reaching h_t, split into the cell's new value's share and h_{t-1}'s (zoneout)."""
+    b_d = tl.load(p_dh + o, mask=m, other=0.0)
+    if HAS_DY:
+        b_d += tl.load(p_dy + o, mask=m, other=0.0).to(tl.float32)
+    if ZONE_H:
+        b_z = tl.load(p_zh + o, mask=m, other=0.0).to(tl.float32)
+        return (1.0 - b_z) * b_d, b_z * b_d
+    return b_d, tl.zeros_like(b_d)
+
+
+@triton.jit
+def _put_dgate(p_dgx, p_dgh, o, m, b_dx, b_dh, SPLIT: tl.constexpr):
+    tl.store(p_dgx + o, b_dx, mask=m)
+    if SPLIT:
+        tl.store(p_dgh + o, b_dh, mask=m)
+
+
+@triton.jit
+def _bwd_kernel(
+    p_xs, p_hs, p_st, p_gx, p_gh, p_bias, p_bhn, p_gc, p_sc,
+    p_hp, p_cp, p_zh, p_zc, p_dh, p_dy, p_dc, p_hr, p_dgx, p_dgh, p_part,
+    n_rows, H,
+    MODE: tl.constexpr, G: tl.constexpr, LN: tl.constexpr, ZONE_H: tl.constexpr, ZONE_C: tl.constexpr,
+    HAS_DY: tl.constexpr, BYPASS: tl.constexpr, WRITE_HR: tl.constexpr, SPLIT: tl.constexpr, BR: tl.constexpr,
+    BC: tl.constexpr,
+):
+    """One backward step over its ``n_rows`` rows, a program per ``BR`` rows (every pointer at the step's first
+    row; ``n = n_rows``).
+
+    xs, hs: [n, G*H], st: [n, N_STATS]: saved by forward; gx, gh, bias, bhn, gc, sc: as :func:`_fwd_kernel`;
+    hp: [n, H] GRU h_{t-1}; cp: [n, H] LSTM c_{t-1}; zh, zc: [n, H] zoneout (ZONE_H, ZONE_C).
+    dh: [n, H] in: the gradient reaching h_t from later steps, out (BYPASS): its part that bypasses W_hh
+    (zoneout, GRU's z * dh); with a projection (no HAS_DY) in: the whole gradient of the cell's h, the host having
+    done the projection's and h's zoneout's backward; dy: [n, H] gradient of y in the storage dtype (HAS_DY);
+    dc: [n, H] LSTM fp32, in: dc_t, out: dc_{t-1}; hr: [n, H] out: the cell's h, the projection's input
+    (WRITE_HR).
+    dgx: [n, G*H] out: gradient of the input side's pre-activations (after its LayerNorm: the host runs that
+    backward); dgh: [n, G*H] out: of (h_{t-1} * rec_mask) W_hh^T, before LayerNorm (SPLIT; else dgx is both);
+    part: [n, 2*G*H + 2*H] LN: the hh gain's, hh shift's, c gain's and c shift's terms added.
+    """
+    o_r, m_b = _rows(n_rows, BR)
+    GH = G * H
+    o_rg = o_r * GH
+    o_rh = o_r * H
+    o_rp = o_r * (2 * GH + 2 * H)
+    if MODE == 0:
+        mean_c = 0.0
+        rstd_c = 1.0
+        m0 = 0.0
+        m1 = 0.0
+        if LN:
+            mean_c = tl.load(p_st + o_r * 4 + 2, mask=m_b, other=0.0)
+            rstd_c = tl.load(p_st + o_r * 4 + 3, mask=m_b, other=0.0)
+            # d LayerNorm(c) -> dc needs the row means of u = d(LN(c)) * gain_c and of u * normalised c first
+            b_s0 = tl.zeros([BR, BC], dtype=tl.float32)
+            b_s1 = tl.zeros([BR, BC], dtype=tl.float32)
+            p_pc = p_part + o_rp + 2 * GH
+            for j0 in range(0, H, BC):
+                o_j, m = _cols(j0, H, m_b, BC)
+                _, _, _, b_o, _, _, b_nc, b_tcl = _lstm_unit(p_xs, p_hs, p_xs, p_gx, p_gh, p_bias, p_gc, p_sc, p_cp,
+                                                             o_rg, o_rh, o_j, m, H, 0.0, 1.0, mean_c, rstd_c, LN,
+                                                             False)
+                b_cell, _ = _split_dh(p_dh, p_dy, p_zh, o_rh + o_j, m, ZONE_H, HAS_DY)
+                b_dcl = tl.where(m, b_cell * b_o * (1.0 - b_tcl * b_tcl), 0.0)
+                b_u = b_dcl * tl.load(p_gc + o_j, mask=m, other=0.0).to(tl.float32)
+                b_s0 += b_u
+                b_s1 += b_u * b_nc
+                _accumulate(p_pc + o_j, m, b_dcl * b_nc)
+                _accumulate(p_pc + H + o_j, m, b_dcl)
+            m0 = tl.sum(b_s0, 1)[:, None] / H
+            m1 = tl.sum(b_s1, 1)[:, None] / H
+        for j0 in range(0, H, BC):
+            o_j, m = _cols(j0, H, m_b, BC)
+            o = o_rh + o_j
+            b_i, b_f, b_g, b_o, b_cp, _, b_nc, b_tcl = _lstm_unit(p_xs, p_hs, p_xs, p_gx, p_gh, p_bias, p_gc, p_sc,
+                                                                  p_cp, o_rg, o_rh, o_j, m, H, 0.0, 1.0, mean_c,
+                                                                  rstd_c, LN, False)
+            b_cell, b_by = _split_dh(p_dh, p_dy, p_zh, o, m, ZONE_H, HAS_DY)
+            b_dcn = b_cell * b_o * (1.0 - b_tcl * b_tcl)
+            if LN:
+                b_dcn = rstd_c * (b_dcn * tl.load(p_gc + o_j, mask=m, other=0.0).to(tl.float32) - m0 - b_nc * m1)
+            b_dct = tl.load(p_dc + o, mask=m, other=0.0)
+            b_zc = tl.zeros_like(b_dct)
+            if ZONE_C:
+                b_zc = tl.load(p_zc + o, mask=m, other=0.0).to(tl.float32)
+            b_dcc = b_dcn + (1.0 - b_zc) * b_dct
+            tl.store(p_dc + o, b_dcc * b_f + b_zc * b_dct, mask=m)
+            b_di, b_df, b_dg, b_do = lstm_gate_grads(b_dcc, b_cell * b_tcl, b_i, b_f, b_g, b_o, b_cp)
+            _put_dgate(p_dgx, p_dgh, o_rg + o_j, m, b_di, b_di, SPLIT)
+            _put_dgate(p_dgx, p_dgh, o_rg + H + o_j, m, b_df, b_df, SPLIT)
+            _put_dgate(p_dgx, p_dgh, o_rg + 2 * H + o_j, m, b_dg, b_dg, SPLIT)
+            _put_dgate(p_dgx, p_dgh, o_rg + 3 * H + o_j, m, b_do, b_do, SPLIT)
+            if BYPASS:
+                tl.store(p_dh + o, b_by, mask=m)
+            if WRITE_HR:
+                tl.store(p_hr + o, b_o * b_tcl, mask=m)
+    else:
+        for j0 in range(0, H, BC):
+            o_j, m = _cols(j0, H, m_b, BC)
+            o = o_rh + o_j
+            b_h, s0, s1, s2, s3, b_hp = _gru_rnn_unit(MODE, p_xs, p_hs, p_xs, p_gx, p_gh, p_bias, p_bhn, p_hp, o_rg,
+                                                      o_rh, o_j, m, H, 0.0, 1.0, LN, False)
+            b_cell, b_by = _split_dh(p_dh, p_dy, p_zh, o, m, ZONE_H, HAS_DY)
+            g0, g1, g2, _, gx2, _, b_direct = cell_backward(MODE, b_cell, b_cell, s0, s1, s2, s3, b_h, b_h, b_hp,
+                                                            b_hp)
+            _put_dgate(p_dgx, p_dgh, o_rg + o_j, m, g0, g0, SPLIT)
+            if MODE == 1:
+                _put_dgate(p_dgx, p_dgh, o_rg + H + o_j, m, g1, g1, SPLIT)
+                _put_dgate(p_dgx, p_dgh, o_rg + 2 * H + o_j, m, gx2, g2, SPLIT)
+            if BYPASS:
+                tl.store(p_dh + o, b_by + b_direct, mask=m)
+    if LN:
+        rstd_h = tl.load(p_st + o_r * 4 + 1, mask=m_b, other=0.0)
+        _ln_backward_rows(p_dgh, p_hs, p_gh, p_part, o_r, o_rp, m_b, rstd_h, GH, True, BR, BC)
+
+
+def _launch(kernel, n_rows: int, width: int, *args, **constexprs) -> None:
+    cfg = row_config(width)
+    kernel[(triton.cdiv(n_rows, cfg["BR"]),)](*args, BR=cfg["BR"], BC=cfg["BC"], num_warps=cfg["num_warps"],
+                                              num_stages=1, enable_fp_fusion=FP_FUSION, **constexprs)
+
+
+def ln_rows(v: Tensor, stats: Tensor) -> None:
+    """Normalise the rows of fp32 ``v: [N, n]`` in place, their rstd into ``stats[:, RS_X]``."""
+    _launch(_ln_rows_kernel, v.shape[0], v.shape[1], v, stats, v.shape[0], v.shape[1])
+
+
+def ln_rows_bwd(d: Tensor, v: Tensor, gain: Tensor, stats: Tensor) -> None:
+    """Backward of :func:`ln_rows` and a gain, in place on ``d: [N, n]``."""
+    _launch(_ln_rows_bwd_kernel, v.shape[0], v.shape[1], d, v, gain, stats, v.shape[0], v.shape[1])
+
+
+def fwd_step(mode: str, n: int, H: int, xs, hs, nh, stats, gains, bias, b_hn, h, y, zh, mask, hm, c, cs, zc,
+             save: bool, write_y: bool) -> None:
+    """Launch :func:`_fwd_kernel` over ``n`` rows; ``gains``: ``(gx, gh, gc, sc)``, ``None`` without LayerNorm;
+    an absent optional tensor is ``None``."""
+    ln = gains is not None
+    gx, gh, gc, sc = gains if ln else (bias,) * 4
+    ph = placeholder(xs)
+    _launch(_fwd_kernel, n, H,
+            xs, hs, nh if nh is not None else ph, stats if ln else ph, gx, gh, bias, _or(b_hn, ph), _or(gc, ph),
+            _or(sc, ph), h, _or(y, ph), _or(zh, ph), _or(mask, ph), _or(hm, ph), _or(c, ph), _or(cs, ph),
+            _or(zc, ph), n, H,
+            MODE=MODE_IDS[mode], G=GATES[mode], LN=ln, SAVE=save, STORE=save and ln, ZONE_H=zh is not None,
+            ZONE_C=zc is not None, MASK=mask is not None, WRITE_Y=write_y)
+
+
+def bwd_step(mode: str, n: int, H: int, xs, hs, stats, gains, bias, b_hn, h_prev, c_prev, zh, zc, dh, dy, dc, hr,
+             dgx, dgh, part) -> None:
+    """Launch :func:`_bwd_kernel` over ``n`` rows; ``dy`` ``None`` means the projection's backward (``dh`` is
+    the whole gradient of the cell's h, ``hr`` receives the cell's h)."""
+    ln = gains is not None
+    gx, gh, gc, sc = gains if ln else (bias,) * 4
+    ph = placeholder(xs)
+    _launch(_bwd_kernel, n, H,
+            xs, hs, stats if ln else ph, gx, gh, bias, _or(b_hn, ph), _or(gc, ph), _or(sc, ph), _or(h_prev, ph),
+            _or(c_prev, ph), _or(zh, ph), _or(zc, ph), dh, _or(dy, ph), _or(dc, ph), _or(hr, ph), dgx, dgh,
+            _or(part, ph), n, H,
+            MODE=MODE_IDS[mode], G=GATES[mode], LN=ln, ZONE_H=zh is not None, ZONE_C=zc is not None,
+            HAS_DY=dy is not None, BYPASS=dy is not None and (zh is not None or mode == "GRU"), WRITE_HR=dy is None,
+            SPLIT=ln or mode == "GRU")
+
+
+def _or(t: Optional[Tensor], ph: Tensor) -> Tensor:
+    return ph if t is None else t
+
+
+def _fold_bias(a: LayerArgs, e: CellExt):
+    """fp32 ``(bias: [G*H], b_hn: [H] or None)``: every additive term of each pre-activation (LayerNorm shifts,
+    b_ih, b_hh) and GRU's recurrent n block's apart (inside ``r * (...)``)."""
+    H, GH, gru = a.H, a.w_hh.shape[0], a.mode == "GRU"
+    shared = 2 * H if gru else GH
+    bias = a.x.new_zeros(GH, dtype=torch.float32)
+    b_hn = a.x.new_zeros(H, dtype=torch.float32) if gru else None
+    for t in (a.b_ih, e.ln_ih_bias):
+        if t is not None:
+            bias += t.float()
+    for t in (a.b_hh, e.ln_hh_bias):
+        if t is not None:
+            bias[:shared] += t[:shared].float()
+            if gru:
+                b_hn += t[2 * H:].float()
+    return bias, b_hn
+
+
+def _gains(e: CellExt):
+    if not e.layer_norm:
+        return None
+    return tuple(None if t is None else t.contiguous()
+                 for t in (e.ln_ih_weight, e.ln_hh_weight, e.ln_c_weight, e.ln_c_bias))
+
+
+def _contig(t: Optional[Tensor]) -> Optional[Tensor]:
+    return None if t is None else t.contiguous()
+
+
+def forward(a: LayerArgs, e: CellExt, save: bool):
+    """``(y, h_n, c_n, SavedExt)``; ``c_n`` is empty unless LSTM, the saved entries empty unless ``save``."""
+    mode, x, dt = a.mode, a.x, a.x.dtype
+    lstm, proj, ln = mode == "LSTM", a.w_hr is not None, e.layer_norm
+    N, B, H, HO, GH = x.shape[0], a.h0.shape[0], a.H, a.h0.shape[1], a.w_hh.shape[0]
+    nothing = SavedExt(*(x.new_empty(0, dtype=torch.float32) for _ in SavedExt._fields))
+    h = a.h0.float().clone(memory_format=torch.contiguous_format)
+    c = a.c0.float().clone(memory_format=torch.contiguous_format) if lstm else None
+    if N == 0:
+        return x.new_empty(0, HO), h.to(dt), (c.to(dt) if lstm else x.new_empty(0)), nothing
+    rows = plan_rows(a.batch_sizes, B, N, a.reverse, x.device)
+    zh, zc, mask = _contig(e.zoneout_h), _contig(e.zoneout_c), _contig(e.rec_mask)
+    w_hh, w_hr = a.w_hh.float(), (a.w_hr.float() if proj else None)
+    gains, (bias, b_hn) = _gains(e), _fold_bias(a, e)
+    xs = input_projection(x, a.w_ih, None)
+    stats = nan_buffer(N, N_STATS, x) if ln else None
+    if ln:
+        ln_rows(xs, stats)
+    # the GEMM's raw rows: saved as they are without LayerNorm, else a scratch the kernel normalises from
+    hs = nan_buffer(N, GH, x) if save else None
+    raw = nan_buffer(B, GH, x) if ln or not save else None
+    cs = nan_buffer(N, H, x) if save and lstm else None
+    hm = h * mask if mask is not None else None
+    operand = h if hm is None else hm
+    y = nan_buffer(N, HO, x, dt)
+    hr = nan_buffer(B, H, x) if proj else None
+    projected = nan_buffer(B, HO, x) if proj and zh is not None else None
+    for t in rows.order:
+        r, n = rows.rows(t), rows.sizes[t]
+        g_rows = raw[:n] if raw is not None else hs[r]
+        torch.mm(operand[:n], w_hh.t(), out=g_rows)
+        fwd_step(mode, n, H, xs[r], g_rows, hs[r] if save and ln else None, stats[r] if ln else None, gains, bias,
+                 b_hn, hr if proj else h, None if proj else y[r], None if proj else _at(zh, r),
+                 None if proj else mask, None if proj else hm, c, _at(cs, r), _at(zc, r), save, not proj)
+        if proj:
+            # zoneout and the mask act on the projected h, which mixes all units: torch ops beside the kernel
+            if zh is not None:
+                torch.mm(hr[:n], w_hr.t(), out=projected[:n])
+                torch.lerp(projected[:n], h[:n], zh[r].float(), out=h[:n])
+            else:
+                torch.mm(hr[:n], w_hr.t(), out=h[:n])
+            y[r] = h[:n]
+            if mask is not None:
+                torch.mul(h[:n], mask[:n], out=hm[:n])
+    c_out = c.to(dt) if lstm else x.new_empty(0)
+    if not save:
+        return y, h.to(dt), c_out, nothing
+    empty = x.new_empty(0, dtype=torch.float32)
+    return y, h.to(dt), c_out, SavedExt(xs, hs, stats if ln else empty, cs if lstm else empty.clone())
+
+
+def _at(t: Optional[Tensor], r: slice) -> Optional[Tensor]:
+    return None if t is None else t[r]
+
+
+def backward(a: LayerArgs, e: CellExt, y: Tensor, saved: SavedExt, dy: Tensor, dh_n: Tensor,
+             dc_n: Optional[Tensor], need_dx: bool):
+    """Gradients in ``GRAD_NAMES`` order, then the LayerNorm parameters' (``EXT_GRAD_NAMES``); absent: empty."""
+    mode, x, dt = a.mode, a.x, a.x.dtype
+    lstm, gru, proj, ln = mode == "LSTM", mode == "GRU", a.w_hr is not None, e.layer_norm
+    N, B, H, HO, GH = x.shape[0], a.h0.shape[0], a.H, a.h0.shape[1], a.w_hh.shape[0]
+    dh = dh_n.float().clone(memory_format=torch.contiguous_format)
+    dc = dc_n.float().clone(memory_format=torch.contiguous_format) if lstm else None
+    zh, zc, mask = _contig(e.zoneout_h), _contig(e.zoneout_c), _contig(e.rec_mask)
+    dy = dy.contiguous()
+    dgx = nan_buffer(N, GH, x)
+    dgh = nan_buffer(N, GH, x) if ln or gru else dgx
+    h_prev = dts = hrs = None
+    part = x.new_zeros(B, 2 * GH + 2 * H, dtype=torch.float32) if ln else None
+    if N:
+        rows = plan_rows(a.batch_sizes, B, N, a.reverse, x.device)
+        w_hh, w_hr = a.w_hh.float(), (a.w_hr.float() if proj else None)
+        gains, (bias, b_hn) = _gains(e), _fold_bias(a, e)
+        xs, hs, stats = saved.xs, saved.hs, (saved.stats if ln else None)
+        h_prev = torch.cat([y.float(), a.h0.float()])[rows.prev_index]
+        c_prev = torch.cat([saved.c, a.c0.float()])[rows.prev_index] if lstm else None
+        dts = nan_buffer(N, HO, x) if proj else None
+        hrs = nan_buffer(N, H, x) if proj else None
+        bypass = zh is not None or gru
+        for t in reversed(rows.order):
+            r, n = rows.rows(t), rows.sizes[t]
+            if proj:
+                # the projection mixes all units: its backward and h's zoneout are torch ops beside the kernel
+                d_tot = dts[r]
+                torch.add(dh[:n], dy[r], out=d_tot)
+                if zh is not None:
+                    torch.mul(d_tot, zh[r], out=dh[:n])
+                    d_tot.sub_(dh[:n])
+                bwd_step(mode, n, H, xs[r], hs[r], _at(stats, r), gains, bias, b_hn, None, c_prev[r], None,
+                         _at(zc, r), d_tot @ w_hr, None, dc, hrs[r], dgx[r], dgh[r], part)
+            else:
+                bwd_step(mode, n, H, xs[r], hs[r], _at(stats, r), gains, bias, b_hn, h_prev[r],
+                         _at(c_prev, r), _at(zh, r), _at(zc, r), dh, dy[r], dc, None, dgx[r], dgh[r], part)
+            d_prev = dgh[r] @ w_hh
+            if mask is not None:
+                d_prev.mul_(mask[:n])
+            if bypass:
+                dh[:n] += d_prev
+            else:
+                dh[:n] = d_prev
+        if mask is not None:
+            h_prev.mul_(torch.cat([mask[:n] for n in rows.sizes]))
+
+    def absent() -> Tensor:
+        return x.new_empty(0)  # custom-op outputs must not alias each other
+
+    ln_grads = [absent() for _ in range(6)]
+    if ln:
+        # gain and shift of the input side: column sums of dgx before its LayerNorm backward
+        ln_grads[0], ln_grads[1] = ((dgx * saved.xs).sum(0) if N else dgx.sum(0)), dgx.sum(0)
+        if N:
+            ln_rows_bwd(dgx, saved.xs, e.ln_ih_weight.contiguous(), saved.stats)
+        total = part.sum(0)
+        ln_grads[2], ln_grads[3] = total[:GH], total[GH:2 * GH]
+        if lstm:
+            ln_grads[4], ln_grads[5] = total[2 * GH:2 * GH + H], total[2 * GH + H:]
+        ln_grads = [g.to(dt, copy=True) for g in ln_grads]
+    x32 = x.float()
+    dx = (dgx @ a.w_ih.float()).to(dt) if need_dx else absent()
+    dw_ih = (dgx.t() @ x32).to(dt)
+    dw_hh = (dgh.t() @ h_prev).to(dt) if N else torch.zeros_like(a.w_hh)
+    # with LayerNorm the biases are added beside the shifts, so their gradients are the shifts'
+    db_ih = (ln_grads[1].clone() if ln else dgx.sum(0).to(dt)) if a.b_ih is not None else absent()
+    db_hh = (ln_grads[3].clone() if ln else dgh.sum(0).to(dt)) if a.b_hh is not None else absent()
+    dw_hr = ((dts.t() @ hrs).to(dt) if N else torch.zeros_like(a.w_hr)) if proj else absent()
+    grads = (dx, dh.to(dt), dc.to(dt) if lstm else absent(), dw_ih, dw_hh, db_ih, db_hh, dw_hr)
+    return grads + tuple(ln_grads)

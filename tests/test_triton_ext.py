@@ -1,0 +1,99 @@
+"""The Triton backend's fastrnn cells (LayerNorm, zoneout, recurrent dropout: fastrnn/ops/triton/ext.py) on the
+layer level, against the reference backend in fp64: every output and every gradient (the LayerNorm parameters'
+too), with what the module tests (tests/test_cells_ext.py) do not reach: NaN-filled buffers, T = 1, H = 1, odd
+H, rows wider than one chunk, 16-bit, inference without saved activations, determinism and the fake kernel.
+
+Triton lacks fp64, so fp32 and bf16 are measured against the fp64 truth with the tolerance table of the
+conftest. The kernels run in the Triton interpreter (slow): the cases are small.
+"""
+
+import pytest
+import torch
+
+from fastrnn import backend as _backend
+from fastrnn.ops import MODES
+from layer_cases import Case, Impl, one_step_and_one_unit, make_inputs
+from test_cpp_ext import _ext_args, assert_layer_matches, make_ext, run
+
+tb = _backend._module("triton")
+pytestmark = pytest.mark.skipif(_backend.reason_unavailable("triton", torch.device("cpu"), torch.float32) is not None,
+                                reason="Triton kernels run here only under TRITON_INTERPRET=1")
+
+
+def assert_matches_fp64(c: Case, dtype: torch.dtype, feature: str):
+    """Triton in ``dtype`` against the reference backend on fp64 copies of the same inputs (a NaN-filled element
+    a kernel did not write shows as non-finite); returns Triton's outputs and gradients."""
+    inputs = make_inputs(c, Impl("triton", "cpu", dtype))
+    return assert_layer_matches(tb.layer, c, inputs, make_ext(c, inputs, feature), torch.float64)
+
+
+def test_buffers_start_nan_filled():
+    """Under the interpreter every kernel output and workspace starts NaN (host.nan_fill), so the finiteness
+    checks below catch an element a kernel forgot to write."""
+    assert tb._host.nan_fill()
+
+
+CASES = [Case(m, 4, 3, 3, 5, packed=p, reverse=p) for m in MODES for p in (False, True)] + \
+    [Case("LSTM", 4, 3, 3, 5, proj=3), Case("LSTM", 4, 3, 3, 5, proj=3, packed=True, reverse=True),
+     Case("GRU", 3, 2, 3, 4, bias=False), Case("LSTM", 3, 2, 3, 4, proj=2, bias=False, packed=True)]
+
+
+@pytest.mark.parametrize("c", CASES, ids=lambda c: c.id)
+def test_all_features_match_fp64(c):
+    assert_matches_fp64(c, torch.float32, "ln-zo-rd")
+
+
+@pytest.mark.parametrize("feature", ["ln", "zo", "rd", "ln-zo_eval"])
+@pytest.mark.parametrize("c", [Case(m, 3, 3, 3, 5, packed=True, reverse=m != "GRU") for m in MODES]
+                         + [Case("LSTM", 3, 3, 3, 5, proj=3, packed=True)], ids=lambda c: c.id)
+def test_each_feature_matches_fp64(c, feature):
+    assert_matches_fp64(c, torch.float32, feature)
+
+
+@pytest.mark.parametrize("c", one_step_and_one_unit(3), ids=lambda c: c.id)
+def test_one_step_and_one_unit(c):
+    assert_matches_fp64(c, torch.float32, "ln-zo-rd")
+
+
+@pytest.mark.parametrize("c", [Case("LSTM", 3, 3, 4, 63, proj=7, packed=True), Case("GRU", 3, 2, 4, 63, reverse=True),
+                               Case("LSTM", 2, 2, 3, 1030), Case("RNN_TANH", 2, 3, 3, 1030, packed=True)],
+                         ids=lambda c: c.id)
+def test_odd_and_wide_rows(c):
+    """H = 63: masked chunk tails; H = 1030: rows wider than ext.MAX_CHUNK, so every row loop (the statistics,
+    LSTM's c passes, the LayerNorm backward) runs over more than one chunk."""
+    assert_matches_fp64(c, torch.float32, "ln-zo-rd")
+
+
+@pytest.mark.parametrize("c", [Case("LSTM", 4, 3, 3, 8, proj=4, packed=True), Case("GRU", 4, 3, 3, 8, reverse=True)],
+                         ids=lambda c: c.id)
+def test_bf16_against_fp64(c):
+    """16-bit storage is computed in fp32: only the inputs and the returned values are rounded."""
+    assert_matches_fp64(c, torch.bfloat16, "ln-zo-rd")
+
+
+@pytest.mark.parametrize("mode", ["LSTM", "GRU"])
+def test_inference_and_determinism(mode):
+    """Without a gradient nothing is saved (another code path of the kernels) and the outputs are the same bits;
+    the LayerNorm parameters' gradients (per-row sums, no atomics) are the same bits on every run."""
+    c = Case(mode, 4, 3, 3, 6, proj=3 if mode == "LSTM" else 0, packed=True)
+    inputs = make_inputs(c, Impl("triton", "cpu", torch.float32))
+    ext = make_ext(c, inputs, "ln-zo-rd")
+    outs, grads = run(tb.layer, c, inputs, ext)
+    with torch.no_grad():
+        plain = [o for o in tb.layer(c.mode, reverse=c.reverse, ext=ext, **inputs) if o is not None]
+    for got, want in zip(plain, outs):
+        assert torch.equal(got, want)
+    again = run(tb.layer, c, inputs, ext)[1]
+    for name in grads:
+        assert torch.equal(again[name], grads[name]), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_fake_kernel_matches(dtype):
+    """The fake kernel gives the saved activations' shapes and dtypes (fp32 always) for torch.compile."""
+    c = Case("LSTM", 3, 2, 3, 4, proj=2, packed=True)
+    inputs = make_inputs(c, Impl("triton", "cpu", dtype))
+    # then the options (variant, cuda_graph) and save
+    args = _ext_args(c, inputs, make_ext(c, inputs, "ln-zo-rd")) + (None, False, True)
+    torch.library.opcheck(tb.layer.ext_fwd, args, test_utils=("test_faketensor",))
+
