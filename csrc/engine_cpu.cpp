@@ -1,25 +1,26 @@
-// The CPU engine: per time step one fused pass per thread, h_{t-1} . W_hh on oneDNN's batch-reduce GEMM
-// ukernel (at::native::cpublas::brgemm) into a tile that stays in cache, then cell.h's math on that tile.
-// The input projection and the weight gradients stay big GEMMs (seq.cpp's flush_chunk).
+// The CPU engine: per time step one fused pass per thread, x_t . W_ih and h_{t-1} . W_hh on oneDNN's
+// batch-reduce GEMM ukernel (at::native::cpublas::brgemm) into tiles that stay in cache, then cell.h's math
+// on them. The weight gradients and dx stay big GEMMs (seq.cpp's flush_chunk).
 //
 // Blocked gate layout. Hidden units are cut into blocks of U = unit_block(...) (the last one shorter); block
 // [j0, j1) stores its G gates next to each other: gate k of unit j0 + u is column G*j0 + k*(j1 - j0) + u of
-// a gates row. W_ih, W_hh and the biases are permuted into that row order once per call, so the input
-// projection, the per-step tile and the saved gates share it, and a thread that owns a range of blocks owns
+// a gates row. W_ih, W_hh and the biases are permuted into that row order once per call, so the per-step
+// tiles and the saved gates share it, and a thread that owns a range of blocks owns
 // a contiguous column range [G*ja, G*jb) of every gates row and [ja, jb) of every state row. The layout
 // depends on H, G and the dtype only (not on the thread count), so backward reads what any forward saved.
 //
 // Threads. One OpenMP region per forward call (per chunk in backward) with one barrier per step:
-//  forward:  per own unit block, tile = h_{t-1} . W_hh^T[:, block's gates], then the cell on that block ->
+//  forward:  per own unit block, tiles = x_t . W_ih^T and h_{t-1} . W_hh^T [:, block's gates] (the first
+//            straight into the saved gates' rows where they are kept), then the cell on that block ->
 //            h_t, c_t, y, saved gates; barrier (h_{t-1} and h_t live in two buffers, so step t+1's GEMM never
 //            reads a row being written).
 //  backward: cell backward on own units -> dgates rows (own columns); barrier;
 //            dh_{t-1}[:, own units] = dgates . W_hh[:, own units] (all gates: hence the barrier before).
-// W_hh is packed once per call as one contiguous panel per unit block (Layout::panels).
+// W_ih and W_hh are packed once per call as one contiguous panel per unit block (Layout::panels).
 //
-// bf16: h, y and dgates (the GEMM operands) in bf16, W_hh packed in oneDNN's VNNI layout (pairs along K),
-// fp32 accumulation; gates, c, dh, dc and the saved values stay fp32. Needs even H (and even I for the
-// packed input projection; odd I uses an fp32 projection instead).
+// bf16: x, h, y and dgates (the GEMM operands) in bf16, the weights packed in oneDNN's VNNI layout (pairs
+// along K), fp32 accumulation; gates, c, dh, dc and the saved values stay fp32. Needs even H (and even I
+// for the in-step input projection; odd I projects all steps up front with an fp32 at::mm instead).
 #include <ATen/ATen.h>
 #include <ATen/Config.h>
 #include <ATen/Parallel.h>
@@ -53,8 +54,11 @@ int64_t unit_block(int64_t H, int64_t G, int64_t esize) {
   while (U < 128 && H >= 16 * U && G * 2 * U * H * esize <= kPanelBytes) U *= 2;
   return U;
 }
-// Input-projection tiles of the bf16 path (rows x gate columns per task).
-constexpr int64_t kProjRows = 64, kProjCols = 256;
+
+// Rows per step from which the forward computes x_t . W_ih^T inside the step (engine_fwd). Measured on Zen 4,
+// LSTM forward: in the step 16.5 ms against 24 up front at (T,B,I,H) = (512,16,128,128), 20 against 23 at
+// (100,8,128,512), but 28 against 15 at (100,1,128,512) (two layers).
+constexpr int64_t kFuseRows = 8;
 
 // oneDNN's brgemm ukernel: fp32 takes a plain row-major B; bf16 takes B in VNNI layout ([K/2][N][2], ld_b
 // counted in N). The fp32 overload falls back to a BLAS call by itself where the ukernel is missing; the bf16
@@ -98,13 +102,6 @@ bool fp32_ukernel() {
 bool bf16_ukernel() {
   static const bool ok = probe_bf16();
   return fp32_ukernel() && ok;
-}
-
-// B operand of the ukernel from a [K, N] view: fp32 row-major, bf16 VNNI (K even).
-Tensor pack_b(const Tensor& kn, bool bf16) {
-  if (!bf16) return kn.contiguous();
-  const int64_t K = kn.size(0), N = kn.size(1);
-  return kn.contiguous().view({K / 2, 2, N}).transpose(1, 2).contiguous();
 }
 
 struct Layout {
@@ -240,25 +237,6 @@ char* at_row(const Tensor& t, int64_t row, int64_t col = 0) {
   return static_cast<char*>(t.data_ptr()) + (row * t.stride(0) + col) * static_cast<int64_t>(t.element_size());
 }
 
-// gates [N, G*H] fp32 = x . w^T with w = W_ih in blocked row order.
-Tensor input_projection(const Tensor& x, const Tensor& w, bool bf16) {
-  if (!bf16 || x.size(1) % 2 != 0) return at::mm(x.to(at::kFloat), w.to(at::kFloat).t());
-  const int64_t N = x.size(0), K = x.size(1), GH = w.size(0);
-  Tensor out = ws_empty({N, GH}, x.options().dtype(at::kFloat));
-  const Tensor wv = pack_b(w.t(), true);
-  const int64_t rb = (N + kProjRows - 1) / kProjRows, cb = (GH + kProjCols - 1) / kProjCols;
-  at::parallel_for(0, rb * cb, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t r0 = i / cb * kProjRows, c0 = i % cb * kProjCols;
-      const int64_t m = std::min(kProjRows, N - r0), n = std::min(kProjCols, GH - c0);
-      ukernel(true, m, n, K, K, GH, GH, false, at_row(x, r0), static_cast<const char*>(wv.data_ptr()) + c0 * 4,
-              out.data_ptr<float>() + r0 * GH + c0);
-    }
-    cpublas::brgemm_release(true);
-  });
-  return out;
-}
-
 Dtype seq_dtype(const Tensor& x) { return x.scalar_type() == at::kBFloat16 ? Dtype::BF16 : Dtype::F32; }
 
 }  // namespace
@@ -315,8 +293,19 @@ std::vector<Tensor> engine_fwd(const Problem& pr, const Tensor& x, const Tensor&
   const auto opts = x.options(), f32 = opts.dtype(at::kFloat);
   const Layout L(H, G, x.element_size());
 
-  Tensor gates = input_projection(x, L.rows(w_ih), bf16);
-  const Tensor wf = L.panels(L.rows(w_hh).t(), G, bf16);  // h . W_hh^T: K = H, G columns per unit
+  // x_t . W_ih^T runs in the step, block by block beside h_{t-1} . W_hh^T, so a block's input-side gates are
+  // computed into cache right before its cell reads them (a [N, G*H] projection made up front is read back
+  // from memory, which left the LSTM's cell waiting on loads); bf16 needs even I (VNNI pairs along K). With
+  // few rows a step's GEMM streams its weights from L3 instead of reusing them, so below kFuseRows the input
+  // projection stays one GEMM over all steps.
+  const int64_t I = pr.I;
+  const bool fuse_x = (!bf16 || I % 2 == 0) && B >= kFuseRows;
+  const bool save_gates = save && (pr.lstm || pr.gru);
+  const Tensor w_ih_p = L.rows(w_ih);
+  Tensor gates = !fuse_x ? gemm(x.to(at::kFloat), w_ih_p.to(at::kFloat).t())
+                         : save_gates ? ws_empty({pr.N, GH}, f32) : Tensor();
+  const Tensor wx = fuse_x ? L.panels(w_ih_p.t(), G, bf16) : Tensor();  // x . W_ih^T: K = I
+  const Tensor wf = L.panels(L.rows(w_hh).t(), G, bf16);                 // h . W_hh^T: K = H
   const Tensor bias_p = L.rows(bias).to(at::kFloat);
   const Tensor bhn = pr.gru ? b_hn.to(at::kFloat).contiguous() : Tensor();
   Tensor hs = ws_empty({2, B, H}, opts);
@@ -327,26 +316,32 @@ std::vector<Tensor> engine_fwd(const Problem& pr, const Tensor& x, const Tensor&
   Tensor c_save = save_c ? ws_empty({pr.N, H}, f32) : at::empty({0}, f32);
   Tensor hn_save = save_hn ? ws_empty({pr.N, H}, f32) : at::empty({0}, f32);
   const Team team(L);
-  // one unit block's h . W_hh^T per thread, consumed by the cell right after the GEMM, so it stays in cache
-  Tensor tiles = ws_empty({team.nt, B, G * L.U}, f32);
+  // one unit block's h . W_hh^T per thread (and x . W_ih^T where no gates are kept), consumed by the cell
+  // right after the GEMMs, so they stay in cache
+  const int64_t tile = B * G * L.U;
+  Tensor tiles = ws_empty({team.nt, fuse_x && !gates.defined() ? 2 : 1, tile}, f32);
   const Dtype dt = seq_dtype(x);
   const int64_t hs_bytes = B * H * static_cast<int64_t>(hs.element_size());
 
   team.run(pr.T, 1, true, bf16, [&](int tid, int64_t ja, int64_t jb, int64_t k, int) {
     const int64_t t = reverse ? pr.T - 1 - k : k, b = pr.size[t], o = pr.off[t];
-    float* hg = tiles.data_ptr<float>() + tid * B * G * L.U;
+    float* hg = tiles.data_ptr<float>() + tid * tiles.stride(0);
     const char* h_prev = static_cast<const char*>(hs.data_ptr()) + k % 2 * hs_bytes;
     char* h_next = static_cast<char*>(hs.data_ptr()) + (k + 1) % 2 * hs_bytes;
     for (int64_t j0 = ja; j0 < jb;) {
       const int64_t j1 = std::min(j0 + L.U, jb), w = j1 - j0, width = G * w;
-      ukernel(bf16, b, width, H, H, width, width, false, h_prev, Layout::panel(wf, H, G, j0), hg);
       CellParams p{};
+      p.gs = gates.defined() ? GH : width;
+      p.gates = gates.defined() ? at_row(gates, o, G * j0) : static_cast<void*>(hg + tile);
+      if (fuse_x) {
+        ukernel(bf16, b, width, I, I, width, p.gs, false, at_row(x, o), Layout::panel(wx, I, G, j0),
+                static_cast<float*>(p.gates));
+      }
+      ukernel(bf16, b, width, H, H, width, width, false, h_prev, Layout::panel(wf, H, G, j0), hg);
       p.rows = b;
       p.H = H;
       p.gw = w;
-      p.gs = GH;
       p.hg_stride = width;
-      p.gates = at_row(gates, o, G * j0);
       p.hg = hg;
       p.bias = bias_p.data_ptr<float>() + G * j0;
       p.b_hn = pr.gru ? bhn.data_ptr<float>() + j0 : nullptr;
@@ -385,7 +380,6 @@ std::vector<Tensor> engine_fwd(const Problem& pr, const Tensor& x, const Tensor&
     h_n = y.index_select(0, last);
   }
   Tensor c_n = pr.lstm ? cs.to(x.scalar_type()) : empty0(x);
-  const bool save_gates = save && (pr.lstm || pr.gru);
   return {y, h_n, c_n, save_gates ? gates : at::empty({0}, f32), c_save, hn_save};
 }
 

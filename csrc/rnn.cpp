@@ -76,7 +76,7 @@ std::vector<Tensor> layer_fwd(const std::string& mode, const Tensor& x_in, const
   if (engine_takes(pr, x)) {
     return engine_fwd(pr, x, h0.contiguous(), contig(c0), w_ih, w_hh, bias, b_hn, reverse, save);
   }
-  Tensor gates = at::mm(x, w_ih.t());
+  Tensor gates = gemm(x, w_ih.t());
 
   Tensor hs = h0.clone(at::MemoryFormat::Contiguous);
   Tensor cs = pr.lstm ? c0->clone(at::MemoryFormat::Contiguous) : empty0(x);
@@ -231,7 +231,7 @@ std::vector<Tensor> layer_bwd(const std::string& mode, const Tensor& x_in, const
       Tensor hr_r = proj.hr.narrow(0, 0, R);
       at::tanh_out(hr_r, c_save.narrow(0, lo, R));
       hr_r.mul_(gates.narrow(0, lo, R).narrow(1, 3 * H, H));
-      dw_hr.addmm_(proj.dtot.narrow(0, 0, R).t(), hr_r);
+      gemm(dw_hr, proj.dtot.narrow(0, 0, R).t(), hr_r, true);
     }
   });
   const auto [db_ih, db_hh] = bias_grads(sums, b_ih.has_value(), b_hh.has_value(), pr.gru, x);

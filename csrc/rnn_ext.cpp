@@ -181,7 +181,7 @@ std::vector<Tensor> layer_ext_fwd(const std::string& mode, const Tensor& x_in, c
   const int64_t H = pr.H, GH = pr.G * H, Hout = pr.Hout, N = pr.N, B = pr.B;
   const bool ln = e.ln();
 
-  Tensor xs = at::mm(x, w_ih.t());
+  Tensor xs = gemm(x, w_ih.t());
   Tensor stats = ln ? ws_empty({N, kStats}, opts) : empty0(x);
   if (ln) ln_rows(x, LnRowsParams{N, GH, xs.data_ptr(), stats.data_ptr()});
   const auto [bias, b_hn] = fold_bias(pr, e, b_ih, b_hh, opts);
@@ -389,7 +389,7 @@ std::vector<Tensor> layer_ext_bwd(const std::string& mode, const Tensor& x_in, c
   };
   auto flush = [&](int64_t lo, int64_t R) {
     flush_chunk(pr, reverse, lo, R, dgx.narrow(0, 0, R), dgh.narrow(0, 0, R), x, y, h0, hprev, w_ih, sums);
-    if (pr.proj) dw_hr.addmm_(proj.dtot.narrow(0, 0, R).t(), proj.hr.narrow(0, 0, R));
+    if (pr.proj) gemm(dw_hr, proj.dtot.narrow(0, 0, R).t(), proj.hr.narrow(0, 0, R), true);
   };
 
   if (team) {

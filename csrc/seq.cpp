@@ -2,9 +2,19 @@
 // engine_cpu.cpp (the CPU engine).
 #include "seq.h"
 
+#include <ATen/Config.h>
+
 #include <algorithm>
+#include <atomic>
 #include <limits>
 #include <string>
+
+// oneDNN's matmul, declared in ATen/native/mkldnn/Matmul.h, which the wheels do not ship. Weak: a libtorch
+// without it leaves the address null and the big GEMMs stay on at::mm.
+namespace at::native {
+TORCH_API void mkldnn_matmul(const Tensor& mat1, const Tensor& mat2, const Tensor& result, float beta,
+                             float alpha) __attribute__((weak));
+}
 
 namespace fastrnn {
 namespace {
@@ -150,6 +160,47 @@ void set_nan_fill(bool on) { g_nan_fill = on; }
 
 void set_chunk_rows(int64_t rows) { g_chunk_rows = rows > 0 ? rows : kChunkRows; }
 
+namespace {
+// set when oneDNN refuses an fp32 matmul (a torch whose mkldnn_matmul takes 16-bit only): at::mm from then on
+std::atomic<bool> g_dnn_refused{false};
+
+bool dnn_takes(const at::Tensor& c, const at::Tensor& a, const at::Tensor& b) {
+#if AT_MKLDNN_ENABLED()
+  if (&at::native::mkldnn_matmul == nullptr || g_dnn_refused.load(std::memory_order_relaxed)) return false;
+  if (!at::globalContext().userEnabledMkldnn()) return false;
+  for (const at::Tensor* t : {&c, &a, &b}) {
+    if (!t->is_cpu() || t->scalar_type() != at::kFloat || t->numel() == 0) return false;
+  }
+  return true;
+#else
+  return false;
+#endif
+}
+}  // namespace
+
+void gemm(const at::Tensor& c, const at::Tensor& a, const at::Tensor& b, bool add) {
+  if (dnn_takes(c, a, b)) {
+    try {
+      at::native::mkldnn_matmul(a, b, c, add ? 1.0f : 0.0f, 1.0f);
+      return;
+    } catch (const c10::Error&) {
+      g_dnn_refused = true;  // its checks run before it writes c, so c is as it was
+    }
+  }
+  at::Tensor out = c;
+  if (add) {
+    out.addmm_(a, b);
+  } else {
+    at::mm_out(out, a, b);
+  }
+}
+
+at::Tensor gemm(const at::Tensor& a, const at::Tensor& b) {
+  at::Tensor c = at::empty({a.size(0), b.size(1)}, a.options());
+  gemm(c, a, b, false);
+  return c;
+}
+
 at::Tensor ws_empty(at::IntArrayRef shape, const at::TensorOptions& opts) {
   at::Tensor t = at::empty(shape, opts);
   if (g_nan_fill) t.fill_(std::numeric_limits<double>::quiet_NaN());
@@ -255,15 +306,14 @@ void flush_chunk(const Problem& pr, bool reverse, int64_t lo, int64_t R, const a
                  const at::Tensor& x, const at::Tensor& y, const at::Tensor& h0, const at::Tensor& hprev,
                  const at::Tensor& w_ih, GradSums& g) {
   if (g.dx.numel() > 0) {
-    at::Tensor dx_r = g.dx.narrow(0, lo, R);
-    at::mm_out(dx_r, gx, w_ih);
+    gemm(g.dx.narrow(0, lo, R), gx, w_ih, false);
   }
-  g.dw_ih.addmm_(gx.t(), x.narrow(0, lo, R));
+  gemm(g.dw_ih, gx.t(), x.narrow(0, lo, R), true);
   const at::Tensor ones = g.ones.narrow(0, 0, R);
   if (g.db_x.defined()) g.db_x.addmv_(gx.t(), ones);
   if (g.db_h.defined()) g.db_h.addmv_(gh.t(), ones);
   if (hprev.defined()) {
-    g.dw_hh.addmm_(gh.t(), hprev.narrow(0, 0, R));
+    gemm(g.dw_hh, gh.t(), hprev.narrow(0, 0, R), true);
     return;
   }
   // dense: h_prev of rows [lo, lo+R) is y shifted by one step, except the step whose h_prev is h0
@@ -271,8 +321,8 @@ void flush_chunk(const Problem& pr, bool reverse, int64_t lo, int64_t R, const a
   const bool first = reverse ? lo + R == pr.N : lo == 0;
   const int64_t from_y = R - (first ? B : 0);
   const int64_t g_y = reverse ? 0 : R - from_y;
-  if (first) g.dw_hh.addmm_(gh.narrow(0, reverse ? from_y : 0, B).t(), h0);
-  if (from_y > 0) g.dw_hh.addmm_(gh.narrow(0, g_y, from_y).t(), y.narrow(0, lo + g_y + (reverse ? B : -B), from_y));
+  if (first) gemm(g.dw_hh, gh.narrow(0, reverse ? from_y : 0, B).t(), h0, true);
+  if (from_y > 0) gemm(g.dw_hh, gh.narrow(0, g_y, from_y).t(), y.narrow(0, lo + g_y + (reverse ? B : -B), from_y), true);
 }
 
 }  // namespace fastrnn

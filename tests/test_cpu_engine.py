@@ -7,7 +7,8 @@ import torch
 
 from fastrnn.ops import GRAD_NAMES as NAMES
 from fastrnn.ops import MODES, cpp, reference
-from layer_cases import Case, Impl, assert_matches_reference, backward_chunk_rows, nan_poisoned, nn_module
+from layer_cases import (Case, Impl, assert_matches_reference, at_least_threads, backward_chunk_rows, nan_poisoned,
+                         nn_module)
 from layer_cases import make_inputs as make_impl_inputs
 
 CPU64, CPU32 = Impl("cpp", "cpu", torch.float64), Impl("cpp", "cpu", torch.float32)
@@ -154,6 +155,40 @@ def test_16bit_no_worse_than_torch_nn(mode, packed, dtype):
 def test_fp32_wide_unit_blocks(c):
     """fp32 layers wide enough for 128- and 64-unit blocks (with a short last block) against the reference."""
     assert_matches_reference(CPU32, c)
+
+
+# From 8 rows per step (engine_cpu.cpp's kFuseRows) the forward computes x_t . W_ih^T inside the step, block
+# by block, into the saved gates' rows when training and a per-thread tile otherwise; below it (and for bf16
+# with odd I) all steps' projection is one GEMM up front. Packed cases shrink below 8 rows on the way.
+def in_step_cases():
+    for mode in MODES:
+        yield Case(mode, 7, 9, 6, 70, packed=True, reverse=mode != "GRU")
+        yield Case(mode, 5, 16, 8, 64, bias=mode != "LSTM")
+    yield Case("LSTM", 6, 8, 5, 33)
+    yield Case("GRU", 4, 7, 6, 40)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("c", list(in_step_cases()), ids=lambda c: c.id)
+def test_input_projection_in_the_step(c, dtype):
+    """Outputs and every gradient against fp64 on two threads, NaN-filled workspaces, backward chunks ending
+    inside steps; and the forward without autograd (no gates kept: the x tile) returns what the training one
+    does."""
+    inputs = make_inputs(c)
+    with at_least_threads(2), nan_poisoned(CPU64), backward_chunk_rows(10):
+        if dtype == torch.float32:
+            assert_matches_reference(CPU32, c, {k: v.float() if torch.is_tensor(v) and v.is_floating_point()
+                                                else v for k, v in inputs.items()})
+        else:
+            assert_within_tolerance(c, inputs, dtype)
+        args = {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in inputs.items()}
+        with torch.no_grad():
+            plain = cpp.layer(c.mode, reverse=c.reverse, **args)
+        trained = cpp.layer(c.mode, reverse=c.reverse,
+                            **{k: v.requires_grad_() if k == "w_ih" else v for k, v in args.items()})
+    for got, want in zip(plain, trained):
+        if got is not None:
+            torch.testing.assert_close(got, want.detach(), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("mode", MODES)
