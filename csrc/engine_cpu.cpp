@@ -250,7 +250,8 @@ bool engine_takes(const Problem& pr, const at::Tensor& x) {
 
 std::vector<std::pair<std::string, std::string>> engine_report() {
   const std::string fused = "fused per-step oneDNN brgemm ukernel + cell";
-  return {{"float32", fp32_ukernel() ? fused : "at::mm per step + pointwise cell"},
+  const std::string big = "; dx and weight gradients: " + big_gemm_engine(at::kFloat);
+  return {{"float32", (fp32_ukernel() ? fused : "at::mm per step + pointwise cell") + big},
           {"bfloat16", bf16_ukernel() ? fused + " (bf16 VNNI, fp32 state; odd H: the fp32 path)"
                                       : "the float32 path, rounding outputs to bfloat16"},
           {"float16", "the float32 path, rounding outputs to float16"},

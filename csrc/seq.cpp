@@ -164,10 +164,18 @@ namespace {
 // set when oneDNN refuses an fp32 matmul (a torch whose mkldnn_matmul takes 16-bit only): at::mm from then on
 std::atomic<bool> g_dnn_refused{false};
 
+bool dnn_on() {
+#if AT_MKLDNN_ENABLED()
+  return &at::native::mkldnn_matmul != nullptr && !g_dnn_refused.load(std::memory_order_relaxed) &&
+         at::globalContext().userEnabledMkldnn();
+#else
+  return false;
+#endif
+}
+
 bool dnn_takes(const at::Tensor& c, const at::Tensor& a, const at::Tensor& b) {
 #if AT_MKLDNN_ENABLED()
-  if (&at::native::mkldnn_matmul == nullptr || g_dnn_refused.load(std::memory_order_relaxed)) return false;
-  if (!at::globalContext().userEnabledMkldnn()) return false;
+  if (!dnn_on()) return false;
   for (const at::Tensor* t : {&c, &a, &b}) {
     if (!t->is_cpu() || t->scalar_type() != at::kFloat || t->numel() == 0) return false;
   }
@@ -177,6 +185,10 @@ bool dnn_takes(const at::Tensor& c, const at::Tensor& a, const at::Tensor& b) {
 #endif
 }
 }  // namespace
+
+std::string big_gemm_engine(at::ScalarType t) {
+  return t == at::kFloat && dnn_on() ? "oneDNN matmul" : "at::mm";
+}
 
 void gemm(const at::Tensor& c, const at::Tensor& a, const at::Tensor& b, bool add) {
   if (dnn_takes(c, a, b)) {

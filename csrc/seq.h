@@ -58,6 +58,8 @@ struct NoAutocast {
 // on Zen 4) where torch has it and torch.backends.mkldnn is enabled; everything else to at::mm/addmm_.
 void gemm(const at::Tensor& c, const at::Tensor& a, const at::Tensor& b, bool add);
 at::Tensor gemm(const at::Tensor& a, const at::Tensor& b);
+// the engine gemm() takes for CPU tensors of this dtype now, for build_info()
+std::string big_gemm_engine(at::ScalarType t);
 
 // An uninitialised workspace or output; NaN-filled under the _C._set_nan_fill test hook, so a test can prove
 // no uninitialised element reaches a result.

@@ -191,6 +191,24 @@ def test_input_projection_in_the_step(c, dtype):
             torch.testing.assert_close(got, want.detach(), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("c", [Case(m, 6, 9, 5, 40, packed=True, reverse=m == "GRU") for m in MODES],
+                         ids=lambda c: c.id)
+def test_fp32_without_onednn(c):
+    """torch.backends.mkldnn.enabled = False: fp32 takes at::mm for the step and the big GEMMs, says so in
+    build_info, and still matches the reference."""
+    lib = cpp._lib()
+    assert "oneDNN matmul" in lib.build_info()["cpu_gemm"]["float32"]
+    # flags() would also reset oneDNN's TF32 switch, which warns on a torch without Intel GPU support
+    torch.backends.mkldnn.enabled = False
+    try:
+        assert lib.build_info()["cpu_gemm"]["float32"] == (
+            "at::mm per step + pointwise cell; dx and weight gradients: at::mm")
+        with nan_poisoned(CPU64), backward_chunk_rows(10):
+            assert_matches_reference(CPU32, c)
+    finally:
+        torch.backends.mkldnn.enabled = True
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_bf16_nan_poisoned_workspaces_across_chunks(mode):
     c = Case(mode, 9, 4, 6, 64, packed=True, reverse=mode == "GRU")
