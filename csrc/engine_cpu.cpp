@@ -33,6 +33,7 @@
 #include <cstring>
 #include <exception>
 #include <mutex>
+#include <optional>
 #include <thread>
 
 #include "seq.h"
@@ -133,17 +134,22 @@ struct Layout {
   // The ukernel's B operand from kn [K, per_unit*H] (columns in blocked order, per_unit columns per unit) as
   // one contiguous panel per unit block, [K][n] fp32 or [K/2][n][2] bf16 (n = per_unit * block width): a
   // block's GEMM then streams one contiguous run of memory, which the prefetchers keep up with at small M.
-  Tensor panels(const Tensor& kn, int64_t per_unit, bool bf16) const {
+  // `split`: each of a block's per_unit runs of w columns (one gate's units) is a contiguous [K][w] panel of
+  // its own instead, for GEMMs gate by gate.
+  Tensor panels(const Tensor& kn, int64_t per_unit, bool bf16, bool split = false) const {
     const int64_t K = kn.size(0);
     Tensor out = at::empty({K * kn.size(1)}, kn.options());
     for (int64_t b = 0; b < nb; ++b) {
-      const int64_t c0 = per_unit * unit(b), n = per_unit * (unit(b + 1) - unit(b));
-      const Tensor src = kn.narrow(1, c0, n);
-      Tensor dst = out.narrow(0, K * c0, K * n);
-      if (bf16) {
-        dst.view({K / 2, n, 2}).copy_(src.view({K / 2, 2, n}).transpose(1, 2));
-      } else {
-        dst.view({K, n}).copy_(src);
+      const int64_t runs = split ? per_unit : 1, n = per_unit * (unit(b + 1) - unit(b)) / runs;
+      for (int64_t r = 0; r < runs; ++r) {
+        const int64_t c0 = per_unit * unit(b) + r * n;
+        const Tensor src = kn.narrow(1, c0, n);
+        Tensor dst = out.narrow(0, K * c0, K * n);
+        if (bf16) {
+          dst.view({K / 2, n, 2}).copy_(src.view({K / 2, 2, n}).transpose(1, 2));
+        } else {
+          dst.view({K, n}).copy_(src);
+        }
       }
     }
     return out;
@@ -151,6 +157,34 @@ struct Layout {
   // block j0's panel in `panels` (its leading dimension is the block's column count)
   static const void* panel(const Tensor& panels, int64_t K, int64_t per_unit, int64_t j0) {
     return static_cast<const char*>(panels.data_ptr()) + K * per_unit * j0 * panels.element_size();
+  }
+};
+
+// A forward weight (W_ih or W_hh) as the ukernel's B operand, K x G*H, and its per-step block GEMM. A block
+// panel over kSplitBytes is split by gate: with the panels streaming from L3 (a thread's blocks outgrow
+// L2), one [K][w] GEMM per gate ran at 108 GF/s per core where one [K][G*w] GEMM ran at 95 (Zen 4, fp32,
+// M = 64, K = 1024, w = 32); at K <= 512 both run at the core's 114.
+constexpr int64_t kSplitBytes = 256 * 1024;
+struct StepWeight {
+  const Layout& L;
+  int64_t K;
+  bool bf16, split;
+  Tensor panels;
+  StepWeight(const Layout& layout, const Tensor& w, bool bf16_)
+      : L(layout), K(w.size(1)), bf16(bf16_),
+        split(L.G > 1 && K * L.G * L.U * w.element_size() > kSplitBytes),
+        panels(L.panels(L.rows(w).t(), L.G, bf16_, split)) {}
+  // C[:M, :G*width] = A[:M, :K] . W^T[:, block j0's columns] (C's row stride ldc, A's lda)
+  void gemm(int64_t M, const void* A, int64_t lda, int64_t j0, int64_t width, float* C, int64_t ldc) const {
+    const void* B = Layout::panel(panels, K, L.G, j0);
+    if (!split) {
+      ukernel(bf16, M, L.G * width, K, lda, L.G * width, ldc, false, A, B, C);
+      return;
+    }
+    for (int64_t k = 0; k < L.G; ++k) {
+      ukernel(bf16, M, width, K, lda, width, ldc, false, A,
+              static_cast<const char*>(B) + K * k * width * panels.element_size(), C + k * width);
+    }
   }
 };
 
@@ -302,11 +336,10 @@ std::vector<Tensor> engine_fwd(const Problem& pr, const Tensor& x, const Tensor&
   const int64_t I = pr.I;
   const bool fuse_x = (!bf16 || I % 2 == 0) && B >= kFuseRows;
   const bool save_gates = save && (pr.lstm || pr.gru);
-  const Tensor w_ih_p = L.rows(w_ih);
-  Tensor gates = !fuse_x ? gemm(x.to(at::kFloat), w_ih_p.to(at::kFloat).t())
+  Tensor gates = !fuse_x ? gemm(x.to(at::kFloat), L.rows(w_ih).to(at::kFloat).t())
                          : save_gates ? ws_empty({pr.N, GH}, f32) : Tensor();
-  const Tensor wx = fuse_x ? L.panels(w_ih_p.t(), G, bf16) : Tensor();  // x . W_ih^T: K = I
-  const Tensor wf = L.panels(L.rows(w_hh).t(), G, bf16);                 // h . W_hh^T: K = H
+  const std::optional<StepWeight> wx = fuse_x ? std::make_optional<StepWeight>(L, w_ih, bf16) : std::nullopt;
+  const StepWeight wf(L, w_hh, bf16);
   const Tensor bias_p = L.rows(bias).to(at::kFloat);
   const Tensor bhn = pr.gru ? b_hn.to(at::kFloat).contiguous() : Tensor();
   Tensor hs = ws_empty({2, B, H}, opts);
@@ -335,10 +368,9 @@ std::vector<Tensor> engine_fwd(const Problem& pr, const Tensor& x, const Tensor&
       p.gs = gates.defined() ? GH : width;
       p.gates = gates.defined() ? at_row(gates, o, G * j0) : static_cast<void*>(hg + tile);
       if (fuse_x) {
-        ukernel(bf16, b, width, I, I, width, p.gs, false, at_row(x, o), Layout::panel(wx, I, G, j0),
-                static_cast<float*>(p.gates));
+        wx->gemm(b, at_row(x, o), I, j0, w, static_cast<float*>(p.gates), p.gs);
       }
-      ukernel(bf16, b, width, H, H, width, width, false, h_prev, Layout::panel(wf, H, G, j0), hg);
+      wf.gemm(b, h_prev, H, j0, w, hg, width);
       p.rows = b;
       p.H = H;
       p.gw = w;

@@ -158,7 +158,7 @@ def test_fp32_wide_unit_blocks(c):
 
 
 # From 8 rows per step (engine_cpu.cpp's kFuseRows) the forward computes x_t . W_ih^T inside the step, block
-# by block, into the saved gates' rows when training and a per-thread tile otherwise; below it (and for bf16
+# by block (gate by gate where a block's weights exceed kSplitBytes), into the saved gates' rows when training and a per-thread tile otherwise; below it (and for bf16
 # with odd I) all steps' projection is one GEMM up front. Packed cases shrink below 8 rows on the way.
 def in_step_cases():
     for mode in MODES:
@@ -166,6 +166,9 @@ def in_step_cases():
         yield Case(mode, 5, 16, 8, 64, bias=mode != "LSTM")
     yield Case("LSTM", 6, 8, 5, 33)
     yield Case("GRU", 4, 7, 6, 40)
+    # weight panels over 256 KiB per unit block run gate by gate: W_ih and W_hh in fp32, W_hh in bf16
+    yield Case("LSTM", 3, 9, 600, 600, packed=True)
+    yield Case("LSTM", 3, 9, 4, 1100)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
