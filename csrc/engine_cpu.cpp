@@ -30,6 +30,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstdint>
 #include <cstring>
 #include <exception>
 #include <mutex>
@@ -105,6 +106,20 @@ bool bf16_ukernel() {
   return fp32_ukernel() && ok;
 }
 
+// dst[c * dst_ld + r] = src[r * src_ld + c] for r < rows, c < cols, in 16 x 16 tiles of 32-bit elements
+void transpose32(const uint32_t* src, int64_t src_ld, uint32_t* dst, int64_t dst_ld, int64_t rows, int64_t cols) {
+  constexpr int64_t kT = 16;
+  for (int64_t r0 = 0; r0 < rows; r0 += kT) {
+    const int64_t r1 = std::min(rows, r0 + kT);
+    for (int64_t c0 = 0; c0 < cols; c0 += kT) {
+      const int64_t c1 = std::min(cols, c0 + kT);
+      for (int64_t c = c0; c < c1; ++c) {
+        for (int64_t r = r0; r < r1; ++r) dst[c * dst_ld + r] = src[r * src_ld + c];
+      }
+    }
+  }
+}
+
 struct Layout {
   int64_t H, G, U, nb;
 
@@ -134,24 +149,40 @@ struct Layout {
   // The ukernel's B operand from kn [K, per_unit*H] (columns in blocked order, per_unit columns per unit) as
   // one contiguous panel per unit block, [K][n] fp32 or [K/2][n][2] bf16 (n = per_unit * block width): a
   // block's GEMM then streams one contiguous run of memory, which the prefetchers keep up with at small M.
-  // `split`: each of a block's per_unit runs of w columns (one gate's units) is a contiguous [K][w] panel of
-  // its own instead, for GEMMs gate by gate.
-  Tensor panels(const Tensor& kn, int64_t per_unit, bool bf16, bool split = false) const {
+  Tensor panels(const Tensor& kn, int64_t per_unit, bool bf16) const {
     const int64_t K = kn.size(0);
     Tensor out = at::empty({K * kn.size(1)}, kn.options());
     for (int64_t b = 0; b < nb; ++b) {
-      const int64_t runs = split ? per_unit : 1, n = per_unit * (unit(b + 1) - unit(b)) / runs;
-      for (int64_t r = 0; r < runs; ++r) {
-        const int64_t c0 = per_unit * unit(b) + r * n;
-        const Tensor src = kn.narrow(1, c0, n);
-        Tensor dst = out.narrow(0, K * c0, K * n);
-        if (bf16) {
-          dst.view({K / 2, n, 2}).copy_(src.view({K / 2, 2, n}).transpose(1, 2));
-        } else {
-          dst.view({K, n}).copy_(src);
-        }
+      const int64_t c0 = per_unit * unit(b), n = per_unit * (unit(b + 1) - unit(b));
+      const Tensor src = kn.narrow(1, c0, n);
+      Tensor dst = out.narrow(0, K * c0, K * n);
+      if (bf16) {
+        dst.view({K / 2, n, 2}).copy_(src.view({K / 2, 2, n}).transpose(1, 2));
+      } else {
+        dst.view({K, n}).copy_(src);
       }
     }
+    return out;
+  }
+  // The same panels for the forward's x . W_ih^T and h . W_hh^T, packed straight from the weight in PyTorch's
+  // layout, w [G*H, K], by a tiled transpose (at small batch the packing is a large part of a call, and
+  // at::Tensor::copy_ of the transposed view ran at ~4 GB/s): block b's panel holds its gates' columns in
+  // blocked order, [K][G*n]; with `split` it is G panels [K][n], one per gate. bf16's VNNI pairs along K
+  // move as one 32-bit element.
+  Tensor gate_panels(const Tensor& w, bool bf16, bool split) const {
+    const Tensor src = w.contiguous();
+    const int64_t Kp = src.size(1) * src.element_size() / 4;  // 32-bit elements per weight row
+    Tensor out = at::empty({G * H * src.size(1)}, src.options());
+    const auto* from = static_cast<const uint32_t*>(src.data_ptr());
+    auto* to = static_cast<uint32_t*>(out.data_ptr());
+    at::parallel_for(0, nb * G, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t b = i / G, k = i % G, j0 = unit(b), n = unit(b + 1) - j0;
+        uint32_t* panel = to + G * j0 * Kp;
+        transpose32(from + (k * H + j0) * Kp, Kp, split ? panel + k * Kp * n : panel + k * n, split ? n : G * n, n,
+                    Kp);
+      }
+    });
     return out;
   }
   // block j0's panel in `panels` (its leading dimension is the block's column count)
@@ -174,7 +205,7 @@ struct StepWeight {
   StepWeight(const Layout& layout, const Tensor& w, bool bf16_)
       : L(layout), K(w.size(1)), bf16(bf16_),
         split(L.G > 1 && K * L.G * L.U * w.element_size() > kSplitBytes),
-        panels(L.panels(L.rows(w).t(), L.G, bf16_, split)) {}
+        panels(L.gate_panels(w, bf16_, split)) {}
   // C[:M, :G*width] = A[:M, :K] . W^T[:, block j0's columns] (C's row stride ldc, A's lda)
   void gemm(int64_t M, const void* A, int64_t lda, int64_t j0, int64_t width, float* C, int64_t ldc) const {
     const void* B = Layout::panel(panels, K, L.G, j0);
