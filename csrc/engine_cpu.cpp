@@ -61,6 +61,8 @@ int64_t unit_block(int64_t H, int64_t G, int64_t esize) {
 // LSTM forward: in the step 16.5 ms against 24 up front at (T,B,I,H) = (512,16,128,128), 20 against 23 at
 // (100,8,128,512), but 28 against 15 at (100,1,128,512) (two layers).
 constexpr int64_t kFuseRows = 8;
+// K chunk of the backward's dh GEMM, in bytes of a dgates row (engine_bwd says why)
+constexpr int64_t kDhChunkBytes = 4096;
 
 // oneDNN's brgemm ukernel: fp32 takes a plain row-major B; bf16 takes B in VNNI layout ([K/2][N][2], ld_b
 // counted in N). The fp32 overload falls back to a BLAS call by itself where the ukernel is missing; the bf16
@@ -196,7 +198,6 @@ struct Layout {
 // L2), one [K][w] GEMM per gate ran at 108 GF/s per core where one [K][G*w] GEMM ran at 95 (Zen 4, fp32,
 // M = 64, K = 1024, w = 32); at K <= 512 both run at the core's 114.
 constexpr int64_t kSplitBytes = 256 * 1024;
-constexpr int64_t kDhChunkBytes = 4096;
 struct StepWeight {
   const Layout& L;
   int64_t K;

@@ -174,15 +174,11 @@ bool dnn_on() {
 }
 
 bool dnn_takes(const at::Tensor& c, const at::Tensor& a, const at::Tensor& b) {
-#if AT_MKLDNN_ENABLED()
   if (!dnn_on()) return false;
   for (const at::Tensor* t : {&c, &a, &b}) {
     if (!t->is_cpu() || t->scalar_type() != at::kFloat || t->numel() == 0) return false;
   }
   return true;
-#else
-  return false;
-#endif
 }
 }  // namespace
 
