@@ -27,6 +27,9 @@
 #include <ATen/native/CPUBlas.h>
 
 #include <omp.h>
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <atomic>
@@ -108,13 +111,60 @@ bool bf16_ukernel() {
   return fp32_ukernel() && ok;
 }
 
-// dst[c * dst_ld + r] = src[r * src_ld + c] for r < rows, c < cols, in 16 x 16 tiles of 32-bit elements
+#if defined(__x86_64__)
+// gcc 12's intrinsics headers fill the unused merge operand with a self-initialised "undefined" vector
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+// One full 16 x 16 tile in registers: 32-bit, then 64-bit interleaves of row pairs leave each 128-bit lane
+// holding a 4 x 4 block, and two rounds of lane shuffles gather the blocks of one output row.
+__attribute__((target("avx512f"))) void transpose_tile16(const uint32_t* src, int64_t src_ld, uint32_t* dst,
+                                                          int64_t dst_ld) {
+  __m512i r[16], t[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(src + i * src_ld);
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  // r[4g + q], lane l: column 4l + q of rows 4g .. 4g + 3
+  for (int g = 0; g < 16; g += 4) {
+    r[g] = _mm512_unpacklo_epi64(t[g], t[g + 2]);
+    r[g + 1] = _mm512_unpackhi_epi64(t[g], t[g + 2]);
+    r[g + 2] = _mm512_unpacklo_epi64(t[g + 1], t[g + 3]);
+    r[g + 3] = _mm512_unpackhi_epi64(t[g + 1], t[g + 3]);
+  }
+  for (int q = 0; q < 4; ++q) {
+    const __m512i lo_ab = _mm512_shuffle_i32x4(r[q], r[4 + q], 0x44);
+    const __m512i hi_ab = _mm512_shuffle_i32x4(r[q], r[4 + q], 0xEE);
+    const __m512i lo_cd = _mm512_shuffle_i32x4(r[8 + q], r[12 + q], 0x44);
+    const __m512i hi_cd = _mm512_shuffle_i32x4(r[8 + q], r[12 + q], 0xEE);
+    _mm512_storeu_si512(dst + q * dst_ld, _mm512_shuffle_i32x4(lo_ab, lo_cd, 0x88));
+    _mm512_storeu_si512(dst + (4 + q) * dst_ld, _mm512_shuffle_i32x4(lo_ab, lo_cd, 0xDD));
+    _mm512_storeu_si512(dst + (8 + q) * dst_ld, _mm512_shuffle_i32x4(hi_ab, hi_cd, 0x88));
+    _mm512_storeu_si512(dst + (12 + q) * dst_ld, _mm512_shuffle_i32x4(hi_ab, hi_cd, 0xDD));
+  }
+}
+#pragma GCC diagnostic pop
+bool has_avx512() {
+  static const bool ok = __builtin_cpu_supports("avx512f");
+  return ok;
+}
+#endif
+
+// dst[c * dst_ld + r] = src[r * src_ld + c] for r < rows, c < cols, in 16 x 16 tiles of 32-bit elements. With
+// scalar tiles only, packing a 4 MiB W_hh took 0.4-1.1 ms of a 4-6 ms layer forward at B = 1 (Zen 4); the
+// register tiles took LSTM (T,B,I,H,L) = (100,1,128,512,2) forward from 13.5 to 12.2 ms.
 void transpose32(const uint32_t* src, int64_t src_ld, uint32_t* dst, int64_t dst_ld, int64_t rows, int64_t cols) {
   constexpr int64_t kT = 16;
   for (int64_t r0 = 0; r0 < rows; r0 += kT) {
     const int64_t r1 = std::min(rows, r0 + kT);
     for (int64_t c0 = 0; c0 < cols; c0 += kT) {
       const int64_t c1 = std::min(cols, c0 + kT);
+#if defined(__x86_64__)
+      if (r1 - r0 == kT && c1 - c0 == kT && has_avx512()) {
+        transpose_tile16(src + r0 * src_ld + c0, src_ld, dst + c0 * dst_ld + r0, dst_ld);
+        continue;
+      }
+#endif
       for (int64_t c = c0; c < c1; ++c) {
         for (int64_t r = r0; r < r1; ++r) dst[c * dst_ld + r] = src[r * src_ld + c];
       }
