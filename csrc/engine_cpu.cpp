@@ -10,13 +10,14 @@
 // depends on H, G and the dtype only (not on the thread count), so backward reads what any forward saved.
 //
 // Threads. One OpenMP region per forward call (per chunk in backward) with one barrier per step:
-//  forward:  per own unit block, tiles = x_t . W_ih^T and h_{t-1} . W_hh^T [:, block's gates] (the first
-//            straight into the saved gates' rows where they are kept), then the cell on that block ->
+//  forward:  per own segment (one unit block, or all the thread's blocks where its tiles are small:
+//            Segments), tiles = x_t . W_ih^T and h_{t-1} . W_hh^T [:, segment's gates] (the first straight
+//            into the saved gates' rows where they are kept), then the cell on each of its blocks ->
 //            h_t, c_t, y, saved gates; barrier (h_{t-1} and h_t live in two buffers, so step t+1's GEMM never
 //            reads a row being written).
 //  backward: cell backward on own units -> dgates rows (own columns); barrier;
 //            dh_{t-1}[:, own units] = dgates . W_hh[:, own units] (all gates: hence the barrier before).
-// W_ih and W_hh are packed once per call as one contiguous panel per unit block (Layout::panels).
+// W_ih and W_hh are packed once per call as one contiguous panel per segment (Layout::panels, gate_panels).
 //
 // bf16: x, h, y and dgates (the GEMM operands) in bf16, the weights packed in oneDNN's VNNI layout (pairs
 // along K), fp32 accumulation; gates, c, dh, dc and the saved values stay fp32. Needs even H (and even I
@@ -199,13 +200,14 @@ struct Layout {
   Tensor unrows(const Tensor& w) const { return permute(w, true); }
 
   // The ukernel's B operand from kn [K, per_unit*H] (columns in blocked order, per_unit columns per unit) as
-  // one contiguous panel per unit block, [K][n] fp32 or [K/2][n][2] bf16 (n = per_unit * block width): a
-  // block's GEMM then streams one contiguous run of memory, which the prefetchers keep up with at small M.
-  Tensor panels(const Tensor& kn, int64_t per_unit, bool bf16) const {
+  // one contiguous panel per unit range [unit(b), seg_end[b]) (a block or several: Segments), [K][n] fp32 or
+  // [K/2][n][2] bf16 (n = per_unit * range width): a range's GEMM then streams one contiguous run of memory,
+  // which the prefetchers keep up with at small M.
+  Tensor panels(const Tensor& kn, int64_t per_unit, bool bf16, const std::vector<int64_t>& seg_end) const {
     const int64_t K = kn.size(0);
     Tensor out = at::empty({K * kn.size(1)}, kn.options());
-    for (int64_t b = 0; b < nb; ++b) {
-      const int64_t c0 = per_unit * unit(b), n = per_unit * (unit(b + 1) - unit(b));
+    for (int64_t b = 0; b < nb; b = (seg_end[b] + U - 1) / U) {
+      const int64_t c0 = per_unit * unit(b), n = per_unit * seg_end[b] - c0;
       const Tensor src = kn.narrow(1, c0, n);
       Tensor dst = out.narrow(0, K * c0, K * n);
       if (bf16) {
@@ -218,10 +220,11 @@ struct Layout {
   }
   // The same panels for the forward's x . W_ih^T and h . W_hh^T, packed straight from the weight in PyTorch's
   // layout, w [G*H, K], by a tiled transpose (at small batch the packing is a large part of a call, and
-  // at::Tensor::copy_ of the transposed view ran at ~4 GB/s): block b's panel holds its gates' columns in
-  // blocked order, [K][G*n]; with `split` it is G panels [K][n], one per gate. bf16's VNNI pairs along K
-  // move as one 32-bit element.
-  Tensor gate_panels(const Tensor& w, bool bf16, bool split) const {
+  // at::Tensor::copy_ of the transposed view ran at ~4 GB/s): the panel of unit range [s0, s1) (a block, or
+  // several: Segments) holds its gates' columns in blocked order, [K][G*(s1 - s0)]; with `split` it is G
+  // panels [K][n], one per gate of a single block. bf16's VNNI pairs along K move as one 32-bit element.
+  Tensor gate_panels(const Tensor& w, bool bf16, bool split, const std::vector<int64_t>& seg_begin,
+                     const std::vector<int64_t>& seg_end) const {
     const Tensor src = w.contiguous();
     const int64_t Kp = src.size(1) * src.element_size() / 4;  // 32-bit elements per weight row
     Tensor out = at::empty({G * H * src.size(1)}, src.options());
@@ -230,9 +233,10 @@ struct Layout {
     at::parallel_for(0, nb * G, 1, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         const int64_t b = i / G, k = i % G, j0 = unit(b), n = unit(b + 1) - j0;
-        uint32_t* panel = to + G * j0 * Kp;
-        transpose32(from + (k * H + j0) * Kp, Kp, split ? panel + k * Kp * n : panel + k * n, split ? n : G * n, n,
-                    Kp);
+        const int64_t s0 = seg_begin[b], sw = G * (seg_end[b] - s0);
+        uint32_t* panel = to + G * s0 * Kp;
+        transpose32(from + (k * H + j0) * Kp, Kp, split ? panel + k * Kp * n : panel + G * (j0 - s0) + k * n,
+                    split ? n : sw, n, Kp);
       }
     });
     return out;
@@ -240,34 +244,6 @@ struct Layout {
   // block j0's panel in `panels` (its leading dimension is the block's column count)
   static const void* panel(const Tensor& panels, int64_t K, int64_t per_unit, int64_t j0) {
     return static_cast<const char*>(panels.data_ptr()) + K * per_unit * j0 * panels.element_size();
-  }
-};
-
-// A forward weight (W_ih or W_hh) as the ukernel's B operand, K x G*H, and its per-step block GEMM. A block
-// panel over kSplitBytes is split by gate: with the panels streaming from L3 (a thread's blocks outgrow
-// L2), one [K][w] GEMM per gate ran at 108 GF/s per core where one [K][G*w] GEMM ran at 95 (Zen 4, fp32,
-// M = 64, K = 1024, w = 32); at K <= 512 both run at the core's 114.
-constexpr int64_t kSplitBytes = 256 * 1024;
-struct StepWeight {
-  const Layout& L;
-  int64_t K;
-  bool bf16, split;
-  Tensor panels;
-  StepWeight(const Layout& layout, const Tensor& w, bool bf16_)
-      : L(layout), K(w.size(1)), bf16(bf16_),
-        split(L.G > 1 && K * L.G * L.U * w.element_size() > kSplitBytes),
-        panels(L.gate_panels(w, bf16_, split)) {}
-  // C[:M, :G*width] = A[:M, :K] . W^T[:, block j0's columns] (C's row stride ldc, A's lda)
-  void gemm(int64_t M, const void* A, int64_t lda, int64_t j0, int64_t width, float* C, int64_t ldc) const {
-    const void* B = Layout::panel(panels, K, L.G, j0);
-    if (!split) {
-      ukernel(bf16, M, L.G * width, K, lda, L.G * width, ldc, false, A, B, C);
-      return;
-    }
-    for (int64_t k = 0; k < L.G; ++k) {
-      ukernel(bf16, M, width, K, lda, width, ldc, false, A,
-              static_cast<const char*>(B) + K * k * width * panels.element_size(), C + k * width);
-    }
   }
 };
 
@@ -350,6 +326,65 @@ struct Team {
   }
 };
 
+// Unit ranges whose per-step GEMMs run as one ukernel call on one packed panel (the forward's x . W_ih^T and
+// h . W_hh^T, the backward's dh): each thread's whole range where its tiles stay within kGroupBytes, else
+// every unit block alone. Fewer, wider calls: RNN forward at (T,B,I,H) = (512,16,128,128) 4.8 -> 4.0 ms
+// (Zen 4, two threads, 64 units each instead of two 32-unit blocks).
+constexpr int64_t kGroupBytes = 64 * 1024;
+struct Segments {
+  std::vector<int64_t> begin, end;  // per block: the range it belongs to
+  int64_t widest = 0;
+  Segments(const Layout& L, const Team& team, int64_t rows, bool group) : begin(L.nb), end(L.nb) {
+    for (int tid = 0; tid < team.nt; ++tid) {
+      const auto [ja, jb] = team.units(tid);
+      group = group && rows * L.G * (jb - ja) * 4 <= kGroupBytes;
+    }
+    for (int64_t b = 0; b < L.nb; ++b) {
+      begin[b] = L.unit(b);
+      end[b] = L.unit(b + 1);
+    }
+    for (int tid = 0; group && tid < team.nt; ++tid) {
+      const auto [ja, jb] = team.units(tid);
+      for (int64_t b = ja / L.U; b * L.U < jb; ++b) {
+        begin[b] = ja;
+        end[b] = jb;
+      }
+    }
+    for (int64_t b = 0; b < L.nb; ++b) widest = std::max(widest, end[b] - begin[b]);
+  }
+};
+
+// A forward weight (W_ih or W_hh) as the ukernel's B operand, K x G*H, and its per-step GEMM over one
+// segment. A block panel over kSplitBytes is split by gate (and its blocks are never grouped): with the
+// panels streaming from L3 (a thread's blocks outgrow L2), one [K][w] GEMM per gate ran at 108 GF/s per core
+// where one [K][G*w] GEMM ran at 95 (Zen 4, fp32, M = 64, K = 1024, w = 32); at K <= 512 both run at 114.
+constexpr int64_t kSplitBytes = 256 * 1024;
+struct StepWeight {
+  const Layout& L;
+  int64_t K;
+  bool bf16, split;
+  Tensor panels;
+  static bool splits(const Layout& L, int64_t K, int64_t esize) {
+    return L.G > 1 && K * L.G * L.U * esize > kSplitBytes;
+  }
+  StepWeight(const Layout& layout, const Tensor& w, bool bf16_, const Segments& seg)
+      : L(layout), K(w.size(1)), bf16(bf16_), split(splits(L, K, w.element_size())),
+        panels(L.gate_panels(w, bf16_, split, seg.begin, seg.end)) {}
+  // C[:M, :G*(s1-s0)] = A[:M, :K] . W^T[:, columns of segment [s0, s1)] (C's row stride ldc, A's lda)
+  void gemm(int64_t M, const void* A, int64_t lda, int64_t s0, int64_t s1, float* C, int64_t ldc) const {
+    const void* B = Layout::panel(panels, K, L.G, s0);
+    const int64_t width = s1 - s0;
+    if (!split) {
+      ukernel(bf16, M, L.G * width, K, lda, L.G * width, ldc, false, A, B, C);
+      return;
+    }
+    for (int64_t k = 0; k < L.G; ++k) {
+      ukernel(bf16, M, width, K, lda, width, ldc, false, A,
+              static_cast<const char*>(B) + K * k * width * panels.element_size(), C + k * width);
+    }
+  }
+};
+
 char* at_row(const Tensor& t, int64_t row, int64_t col = 0) {
   return static_cast<char*>(t.data_ptr()) + (row * t.stride(0) + col) * static_cast<int64_t>(t.element_size());
 }
@@ -381,7 +416,8 @@ struct StepGemm::Impl {
   Team team;
   Tensor panels;
   Impl(const Tensor& w_kn)
-      : K(w_kn.size(0)), L(w_kn.size(1), 1, 4), team(L), panels(L.panels(w_kn.to(at::kFloat), 1, false)) {}
+      : K(w_kn.size(0)), L(w_kn.size(1), 1, 4), team(L),
+        panels(L.panels(w_kn.to(at::kFloat), 1, false, Segments(L, team, 0, false).end)) {}
 };
 
 bool StepGemm::takes(const Tensor& x) { return x.is_cpu() && x.scalar_type() == at::kFloat && fp32_ukernel(); }
@@ -421,8 +457,11 @@ std::vector<Tensor> engine_fwd(const Problem& pr, const Tensor& x, const Tensor&
   const bool save_gates = save && (pr.lstm || pr.gru);
   Tensor gates = !fuse_x ? gemm(x.to(at::kFloat), L.rows(w_ih).to(at::kFloat).t())
                          : save_gates ? ws_empty({pr.N, GH}, f32) : Tensor();
-  const std::optional<StepWeight> wx = fuse_x ? std::make_optional<StepWeight>(L, w_ih, bf16) : std::nullopt;
-  const StepWeight wf(L, w_hh, bf16);
+  const Team team(L);
+  const int64_t esize = x.element_size();
+  const Segments seg(L, team, B, !StepWeight::splits(L, H, esize) && !(fuse_x && StepWeight::splits(L, I, esize)));
+  const std::optional<StepWeight> wx = fuse_x ? std::make_optional<StepWeight>(L, w_ih, bf16, seg) : std::nullopt;
+  const StepWeight wf(L, w_hh, bf16, seg);
   const Tensor bias_p = L.rows(bias).to(at::kFloat);
   const Tensor bhn = pr.gru ? b_hn.to(at::kFloat).contiguous() : Tensor();
   Tensor hs = ws_empty({2, B, H}, opts);
@@ -432,10 +471,9 @@ std::vector<Tensor> engine_fwd(const Problem& pr, const Tensor& x, const Tensor&
   const bool save_c = save && pr.lstm, save_hn = save && pr.gru;
   Tensor c_save = save_c ? ws_empty({pr.N, H}, f32) : at::empty({0}, f32);
   Tensor hn_save = save_hn ? ws_empty({pr.N, H}, f32) : at::empty({0}, f32);
-  const Team team(L);
-  // one unit block's h . W_hh^T per thread (and x . W_ih^T where no gates are kept), consumed by the cell
-  // right after the GEMMs, so they stay in cache
-  const int64_t tile = B * G * L.U;
+  // one segment's h . W_hh^T per thread (and x . W_ih^T where no gates are kept), consumed by the cells of its
+  // blocks right after the GEMMs, so they stay in cache
+  const int64_t tile = B * G * seg.widest;
   Tensor tiles = ws_empty({team.nt, fuse_x && !gates.defined() ? 2 : 1, tile}, f32);
   const Dtype dt = seq_dtype(x);
   const int64_t hs_bytes = B * H * static_cast<int64_t>(hs.element_size());
@@ -445,38 +483,43 @@ std::vector<Tensor> engine_fwd(const Problem& pr, const Tensor& x, const Tensor&
     float* hg = tiles.data_ptr<float>() + tid * tiles.stride(0);
     const char* h_prev = static_cast<const char*>(hs.data_ptr()) + k % 2 * hs_bytes;
     char* h_next = static_cast<char*>(hs.data_ptr()) + (k + 1) % 2 * hs_bytes;
-    for (int64_t j0 = ja; j0 < jb;) {
-      const int64_t j1 = std::min(j0 + L.U, jb), w = j1 - j0, width = G * w;
-      CellParams p{};
-      p.gs = gates.defined() ? GH : width;
-      p.gates = gates.defined() ? at_row(gates, o, G * j0) : static_cast<void*>(hg + tile);
-      if (fuse_x) {
-        wx->gemm(b, at_row(x, o), I, j0, w, static_cast<float*>(p.gates), p.gs);
+    for (int64_t s0 = ja; s0 < jb;) {
+      const int64_t s1 = seg.end[s0 / L.U], sw = G * (s1 - s0);
+      float* xg = gates.defined() ? reinterpret_cast<float*>(at_row(gates, o, G * s0)) : hg + tile;
+      const int64_t xg_stride = gates.defined() ? GH : sw;
+      if (fuse_x) wx->gemm(b, at_row(x, o), I, s0, s1, xg, xg_stride);
+      wf.gemm(b, h_prev, H, s0, s1, hg, sw);
+      for (int64_t j0 = s0; j0 < s1;) {
+        const int64_t j1 = std::min(j0 + L.U, s1), w = j1 - j0;
+        float* hgb = hg + G * (j0 - s0);
+        CellParams p{};
+        p.gs = xg_stride;
+        p.gates = xg + G * (j0 - s0);
+        p.rows = b;
+        p.H = H;
+        p.gw = w;
+        p.hg_stride = sw;
+        p.hg = hgb;
+        p.bias = bias_p.data_ptr<float>() + G * j0;
+        p.b_hn = pr.gru ? bhn.data_ptr<float>() + j0 : nullptr;
+        p.h_prev = h_prev + j0 * esize;
+        p.h = h_next + j0 * esize;
+        p.h_stride = H;
+        p.y = at_row(y, o, j0);
+        p.y_stride = H;
+        if (pr.lstm) {
+          p.c = cs.data_ptr<float>() + j0;
+          p.c_save = save_c ? at_row(c_save, o, j0) : p.c;
+        }
+        if (pr.gru) {
+          // unsaved, W_hn h + b_hn goes back into the tile's n block, which this step owns anyway
+          p.hn_save = save_hn ? static_cast<void*>(at_row(hn_save, o, j0)) : static_cast<void*>(hgb + 2 * w);
+          p.hn_stride = save_hn ? H : sw;
+        }
+        cell_cpu_block(pr.mode, dt, p, w);
+        j0 = j1;
       }
-      wf.gemm(b, h_prev, H, j0, w, hg, width);
-      p.rows = b;
-      p.H = H;
-      p.gw = w;
-      p.hg_stride = width;
-      p.hg = hg;
-      p.bias = bias_p.data_ptr<float>() + G * j0;
-      p.b_hn = pr.gru ? bhn.data_ptr<float>() + j0 : nullptr;
-      p.h_prev = h_prev + j0 * hs.element_size();
-      p.h = h_next + j0 * hs.element_size();
-      p.h_stride = H;
-      p.y = at_row(y, o, j0);
-      p.y_stride = H;
-      if (pr.lstm) {
-        p.c = cs.data_ptr<float>() + j0;
-        p.c_save = save_c ? at_row(c_save, o, j0) : p.c;
-      }
-      if (pr.gru) {
-        // unsaved, W_hn h + b_hn goes back into the tile's n block, which this step owns anyway
-        p.hn_save = save_hn ? static_cast<void*>(at_row(hn_save, o, j0)) : static_cast<void*>(hg + 2 * w);
-        p.hn_stride = save_hn ? H : width;
-      }
-      cell_cpu_block(pr.mode, dt, p, w);
-      j0 = j1;
+      s0 = s1;
     }
   });
 
@@ -508,13 +551,14 @@ std::vector<Tensor> engine_bwd(const Problem& pr, const Tensor& x, const Tensor&
   const auto opts = x.options();
   const Layout L(H, G, x.element_size());
   const Tensor wih_p = L.rows(w_ih), whh_p = L.rows(w_hh);
-  const Tensor wb = L.panels(whh_p, 1, bf16);  // dgates . W_hh: K = G*H, one column per unit
+  const Team team(L);
+  const Segments seg(L, team, pr.B, true);
+  const Tensor wb = L.panels(whh_p, 1, bf16, seg.end);  // dgates . W_hh: K = G*H, one column per unit
   // dh's GEMM in K chunks of kDhChunkBytes per row, each over all the thread's blocks, once a row of dgates
   // outgrows two of them: the chunk of dgates then stays in L2 while the blocks' panels stream past it.
   // Zen 4, fp32, M = 64, K = 4096, 32-unit blocks: 105 GF/s per core in 1024-wide chunks, 87 in one pass.
   const int64_t kc = GH * x.element_size() > 2 * kDhChunkBytes ? kDhChunkBytes / x.element_size() : GH;
 
-  const Team team(L);
   const Chunks chunks = backward_chunks(pr, bf16);
   const int64_t rmax = chunks.rmax;
   Tensor dhs = dh_n.to(at::kFloat).clone(at::MemoryFormat::Contiguous);
@@ -538,11 +582,12 @@ std::vector<Tensor> engine_bwd(const Problem& pr, const Tensor& x, const Tensor&
       if (phase == 1) {
         for (int64_t k0 = 0; k0 < GH; k0 += kc) {
           const int64_t k = std::min(kc, GH - k0);
-          for (int64_t j0 = ja; j0 < jb; j0 += L.U) {
-            const int64_t w = std::min(L.U, jb - j0);
+          for (int64_t s0 = ja; s0 < jb;) {
+            const int64_t s1 = seg.end[s0 / L.U], w = s1 - s0;
             ukernel(bf16, b, w, k, GH, w, H, pr.gru || k0 > 0, at_row(dgh, local, k0),
-                    static_cast<const char*>(Layout::panel(wb, GH, 1, j0)) + k0 * w * esize,
-                    dhs.data_ptr<float>() + j0);
+                    static_cast<const char*>(Layout::panel(wb, GH, 1, s0)) + k0 * w * esize,
+                    dhs.data_ptr<float>() + s0);
+            s0 = s1;
           }
         }
         return;

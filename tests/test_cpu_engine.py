@@ -157,9 +157,10 @@ def test_fp32_wide_unit_blocks(c):
     assert_matches_reference(CPU32, c)
 
 
-# From 8 rows per step (engine_cpu.cpp's kFuseRows) the forward computes x_t . W_ih^T inside the step, block
-# by block (gate by gate where a block's weights exceed kSplitBytes), into the saved gates' rows when training and a per-thread tile otherwise; below it (and for bf16
-# with odd I) all steps' projection is one GEMM up front. Packed cases shrink below 8 rows on the way.
+# From 8 rows per step (engine_cpu.cpp's kFuseRows) the forward computes x_t . W_ih^T inside the step, one
+# GEMM per thread where its tiles are small, else block by block (gate by gate where a block's weights exceed
+# kSplitBytes), into the saved gates' rows when training and a per-thread tile otherwise; below it (and for
+# bf16 with odd I) all steps' projection is one GEMM up front. Packed cases shrink below 8 rows on the way.
 def in_step_cases():
     for mode in MODES:
         yield Case(mode, 7, 9, 6, 70, packed=True, reverse=mode != "GRU")
@@ -169,6 +170,9 @@ def in_step_cases():
     # weight panels over 256 KiB per unit block run gate by gate: W_ih and W_hh in fp32, W_hh in bf16
     yield Case("LSTM", 3, 9, 600, 600, packed=True)
     yield Case("LSTM", 3, 9, 4, 1100)
+    # a thread's tiles over 64 KiB (engine_cpu.cpp's kGroupBytes): a GEMM per unit block, not one per thread
+    yield Case("LSTM", 3, 48, 6, 200)
+    yield Case("GRU", 3, 48, 5, 240, packed=True)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
