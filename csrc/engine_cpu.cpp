@@ -52,12 +52,19 @@ namespace cpublas = at::native::cpublas;
 // Units per block, U. Each block's GEMM rereads all of A (h_{t-1}, or dgates in backward), which favours wide
 // blocks; its B panel (G*U x H in forward, G*H x U in backward: the same size) should stay within L2 while
 // the call's rows reuse it, and H should still make 8 blocks for the threads. So U doubles from 32 (two
-// 512-bit fp32 vectors per gate row segment) up to 128 while both hold. Measured on Zen 4 (1 MiB L2): LSTM
-// H = 1024 fp32 ran 15 % slower with 128-unit blocks than with 32; H = 512 a few % faster with 64.
+// 512-bit fp32 vectors per gate row segment) up to 128 while both hold, where a forward panel split by gate
+// (StepWeight) counts one gate's part. Measured on Zen 4 (1 MiB L2): LSTM H = 512 fp32 ran a few % faster
+// with 64-unit blocks than with 32, H = 1024 15 % slower with 128 (both before the split); with the split,
+// LSTM (T,B,I,H) = (100,64,256,1024) with 64 against 32: forward 410 -> 385 ms, forward + backward 1157 ->
+// 1125, GRU forward + backward 837 -> 817.
 constexpr int64_t kPanelBytes = 512 * 1024;
+// A forward block panel over kSplitBytes runs gate by gate (StepWeight says why)
+constexpr int64_t kSplitBytes = 256 * 1024;
 int64_t unit_block(int64_t H, int64_t G, int64_t esize) {
+  // a panel over kPanelBytes is over kSplitBytes too, so it is split
+  auto fits = [&](int64_t u) { return G * u * H * esize <= kPanelBytes || (G > 1 && u * H * esize <= kSplitBytes); };
   int64_t U = 32;
-  while (U < 128 && H >= 16 * U && G * 2 * U * H * esize <= kPanelBytes) U *= 2;
+  while (U < 128 && H >= 16 * U && fits(2 * U)) U *= 2;
   return U;
 }
 
@@ -358,7 +365,6 @@ struct Segments {
 // segment. A block panel over kSplitBytes is split by gate (and its blocks are never grouped): with the
 // panels streaming from L3 (a thread's blocks outgrow L2), one [K][w] GEMM per gate ran at 108 GF/s per core
 // where one [K][G*w] GEMM ran at 95 (Zen 4, fp32, M = 64, K = 1024, w = 32); at K <= 512 both run at 114.
-constexpr int64_t kSplitBytes = 256 * 1024;
 struct StepWeight {
   const Layout& L;
   int64_t K;
