@@ -72,6 +72,11 @@ int64_t unit_block(int64_t H, int64_t G, int64_t esize) {
 // LSTM forward: in the step 16.5 ms against 24 up front at (T,B,I,H) = (512,16,128,128), 20 against 23 at
 // (100,8,128,512), but 28 against 15 at (100,1,128,512) (two layers).
 constexpr int64_t kFuseRows = 8;
+// Rows (T*B, or a packed sequence's total) from which a layer takes the engine. Below, packing the weights
+// costs more than the per-step at::mm it replaces. Zen 4, forward, (I,H,L) = (65,512,2), B = 1, engine
+// against at::mm: LSTM 4.9 / 0.67 ms at T = 1, 4.1 / 3.5 at T = 8, 3.8 / 5.0 at T = 16; GRU 2.5 / 0.54,
+// 4.1 / 2.8, 4.8 / 4.7; RNN 0.85 / 0.33, 0.66 / 0.73, 0.77 / 1.15; (T,B,I,H) = (1,16,128,128) GRU 0.25 / 0.23.
+constexpr int64_t kEngineRows = 16;
 // K chunk of the backward's dh GEMM, in bytes of a dgates row (engine_bwd says why)
 constexpr int64_t kDhChunkBytes = 4096;
 
@@ -400,17 +405,20 @@ Dtype seq_dtype(const Tensor& x) { return x.scalar_type() == at::kBFloat16 ? Dty
 }  // namespace
 
 bool engine_takes(const Problem& pr, const at::Tensor& x) {
-  if (!x.is_cpu() || pr.proj) return false;
+  if (!x.is_cpu() || pr.proj || pr.N < kEngineRows) return false;
   if (x.scalar_type() == at::kFloat) return fp32_ukernel();
   if (x.scalar_type() == at::kBFloat16) return pr.H % 2 == 0 && bf16_ukernel();
   return false;
 }
 
 std::vector<std::pair<std::string, std::string>> engine_report() {
-  const std::string fused = "fused per-step oneDNN brgemm ukernel + cell";
+  auto fused = [](const std::string& how, const std::string& fewer) {
+    return "fused per-step oneDNN brgemm ukernel + cell" + how + " from " + std::to_string(kEngineRows) +
+           " rows (T*B; fewer" + fewer + ")";
+  };
   const std::string big = "; dx and weight gradients: " + big_gemm_engine(at::kFloat);
-  return {{"float32", (fp32_ukernel() ? fused : "at::mm per step + pointwise cell") + big},
-          {"bfloat16", bf16_ukernel() ? fused + " (bf16 VNNI, fp32 state; odd H: the fp32 path)"
+  return {{"float32", (fp32_ukernel() ? fused("", ": at::mm per step") : "at::mm per step + pointwise cell") + big},
+          {"bfloat16", bf16_ukernel() ? fused(" (bf16 VNNI, fp32 state)", " or odd H: the float32 path")
                                       : "the float32 path, rounding outputs to bfloat16"},
           {"float16", "the float32 path, rounding outputs to float16"},
           {"float64", "at::mm per step + pointwise cell"}};

@@ -170,6 +170,9 @@ def in_step_cases():
     # weight panels over 256 KiB per unit block run gate by gate: W_ih and W_hh in fp32, W_hh in bf16
     yield Case("LSTM", 3, 9, 600, 600, packed=True)
     yield Case("LSTM", 3, 9, 4, 1100)
+    # either side of engine_cpu.cpp's kEngineRows (16 rows: T = 1 on the engine, 15 rows on at::mm)
+    yield Case("LSTM", 1, 16, 5, 40)
+    yield Case("GRU", 3, 5, 6, 40)
     # a thread's tiles over 64 KiB (engine_cpu.cpp's kGroupBytes): a GEMM per unit block, not one per thread
     yield Case("LSTM", 3, 48, 6, 200)
     yield Case("GRU", 3, 48, 5, 240, packed=True)
