@@ -193,9 +193,9 @@ struct Layout {
   int64_t unit(int64_t b) const { return std::min(b * U, H); }
   // w's rows (dim 0, PyTorch's gate order) in the blocked order, or back with `back`: each (block, gate)
   // is a run of whole rows, so this is G*nb row-run copies (index_select is far slower on weights).
-  Tensor permute(const Tensor& w, bool back) const {
+  Tensor permute(const Tensor& w, bool back, std::optional<ScratchSlot> slot = std::nullopt) const {
     const Tensor src = w.contiguous();
-    Tensor out = at::empty_like(src);
+    Tensor out = slot ? ws_scratch(*slot, src.sizes(), src.options()) : at::empty_like(src);
     const int64_t row = (src.dim() > 1 ? src.stride(0) : 1) * src.element_size();
     const char* from = static_cast<const char*>(src.data_ptr());
     char* to = static_cast<char*>(out.data_ptr());
@@ -208,16 +208,17 @@ struct Layout {
     }
     return out;
   }
-  Tensor rows(const Tensor& w) const { return permute(w, false); }
+  Tensor rows(const Tensor& w, std::optional<ScratchSlot> slot = std::nullopt) const { return permute(w, false, slot); }
   Tensor unrows(const Tensor& w) const { return permute(w, true); }
 
   // The ukernel's B operand from kn [K, per_unit*H] (columns in blocked order, per_unit columns per unit) as
   // one contiguous panel per unit range [unit(b), seg_end[b]) (a block or several: Segments), [K][n] fp32 or
   // [K/2][n][2] bf16 (n = per_unit * range width): a range's GEMM then streams one contiguous run of memory,
   // which the prefetchers keep up with at small M.
-  Tensor panels(const Tensor& kn, int64_t per_unit, bool bf16, const std::vector<int64_t>& seg_end) const {
+  Tensor panels(const Tensor& kn, int64_t per_unit, bool bf16, const std::vector<int64_t>& seg_end,
+                std::optional<ScratchSlot> slot = std::nullopt) const {
     const int64_t K = kn.size(0);
-    Tensor out = at::empty({K * kn.size(1)}, kn.options());
+    Tensor out = slot ? ws_scratch(*slot, {K * kn.size(1)}, kn.options()) : at::empty({K * kn.size(1)}, kn.options());
     for (int64_t b = 0; b < nb; b = (seg_end[b] + U - 1) / U) {
       const int64_t c0 = per_unit * unit(b), n = per_unit * seg_end[b] - c0;
       const Tensor src = kn.narrow(1, c0, n);
@@ -236,10 +237,10 @@ struct Layout {
   // several: Segments) holds its gates' columns in blocked order, [K][G*(s1 - s0)]; with `split` it is G
   // panels [K][n], one per gate of a single block. bf16's VNNI pairs along K move as one 32-bit element.
   Tensor gate_panels(const Tensor& w, bool bf16, bool split, const std::vector<int64_t>& seg_begin,
-                     const std::vector<int64_t>& seg_end) const {
+                     const std::vector<int64_t>& seg_end, ScratchSlot slot) const {
     const Tensor src = w.contiguous();
     const int64_t Kp = src.size(1) * src.element_size() / 4;  // 32-bit elements per weight row
-    Tensor out = at::empty({G * H * src.size(1)}, src.options());
+    Tensor out = ws_scratch(slot, {G * H * src.size(1)}, src.options());
     const auto* from = static_cast<const uint32_t*>(src.data_ptr());
     auto* to = static_cast<uint32_t*>(out.data_ptr());
     at::parallel_for(0, nb * G, 1, [&](int64_t begin, int64_t end) {
@@ -378,9 +379,9 @@ struct StepWeight {
   static bool splits(const Layout& L, int64_t K, int64_t esize) {
     return L.G > 1 && K * L.G * L.U * esize > kSplitBytes;
   }
-  StepWeight(const Layout& layout, const Tensor& w, bool bf16_, const Segments& seg)
+  StepWeight(const Layout& layout, const Tensor& w, bool bf16_, const Segments& seg, ScratchSlot slot)
       : L(layout), K(w.size(1)), bf16(bf16_), split(splits(L, K, w.element_size())),
-        panels(L.gate_panels(w, bf16_, split, seg.begin, seg.end)) {}
+        panels(L.gate_panels(w, bf16_, split, seg.begin, seg.end, slot)) {}
   // C[:M, :G*(s1-s0)] = A[:M, :K] . W^T[:, columns of segment [s0, s1)] (C's row stride ldc, A's lda)
   void gemm(int64_t M, const void* A, int64_t lda, int64_t s0, int64_t s1, float* C, int64_t ldc) const {
     const void* B = Layout::panel(panels, K, L.G, s0);
@@ -469,13 +470,14 @@ std::vector<Tensor> engine_fwd(const Problem& pr, const Tensor& x, const Tensor&
   const int64_t I = pr.I;
   const bool fuse_x = (!bf16 || I % 2 == 0) && B >= kFuseRows;
   const bool save_gates = save && (pr.lstm || pr.gru);
-  Tensor gates = !fuse_x ? gemm(x.to(at::kFloat), L.rows(w_ih).to(at::kFloat).t())
+  Tensor gates = !fuse_x ? gemm(x.to(at::kFloat), L.rows(w_ih, kWsRowsX).to(at::kFloat).t())
                          : save_gates ? ws_empty({pr.N, GH}, f32) : Tensor();
   const Team team(L);
   const int64_t esize = x.element_size();
   const Segments seg(L, team, B, !StepWeight::splits(L, H, esize) && !(fuse_x && StepWeight::splits(L, I, esize)));
-  const std::optional<StepWeight> wx = fuse_x ? std::make_optional<StepWeight>(L, w_ih, bf16, seg) : std::nullopt;
-  const StepWeight wf(L, w_hh, bf16, seg);
+  const std::optional<StepWeight> wx =
+      fuse_x ? std::make_optional<StepWeight>(L, w_ih, bf16, seg, kWsPanelX) : std::nullopt;
+  const StepWeight wf(L, w_hh, bf16, seg, kWsPanelH);
   const Tensor bias_p = L.rows(bias).to(at::kFloat);
   const Tensor bhn = pr.gru ? b_hn.to(at::kFloat).contiguous() : Tensor();
   Tensor hs = ws_empty({2, B, H}, opts);
@@ -564,10 +566,10 @@ std::vector<Tensor> engine_bwd(const Problem& pr, const Tensor& x, const Tensor&
   const int64_t H = pr.H, G = pr.G, GH = G * H;
   const auto opts = x.options();
   const Layout L(H, G, x.element_size());
-  const Tensor wih_p = L.rows(w_ih), whh_p = L.rows(w_hh);
+  const Tensor wih_p = L.rows(w_ih, kWsRowsX), whh_p = L.rows(w_hh, kWsRowsH);
   const Team team(L);
   const Segments seg(L, team, pr.B, true);
-  const Tensor wb = L.panels(whh_p, 1, bf16, seg.end);  // dgates . W_hh: K = G*H, one column per unit
+  const Tensor wb = L.panels(whh_p, 1, bf16, seg.end, kWsPanelDh);  // dgates . W_hh: K = G*H, a column per unit
   // dh's GEMM in K chunks of kDhChunkBytes per row, each over all the thread's blocks, once a row of dgates
   // outgrows two of them: the chunk of dgates then stays in L2 while the blocks' panels stream past it.
   // Zen 4, fp32, M = 64, K = 4096, 32-unit blocks: 105 GF/s per core in 1024-wide chunks, 87 in one pass.
@@ -578,10 +580,10 @@ std::vector<Tensor> engine_bwd(const Problem& pr, const Tensor& x, const Tensor&
   Tensor dhs = dh_n.to(at::kFloat).clone(at::MemoryFormat::Contiguous);
   Tensor dcs = pr.lstm ? dc_n.to(at::kFloat).clone(at::MemoryFormat::Contiguous) : Tensor();
   const Tensor c0f = pr.lstm ? c0.to(at::kFloat).contiguous() : Tensor();
-  Tensor dgx = ws_empty({rmax, GH}, opts);
-  Tensor dgh = pr.gru ? ws_empty({rmax, GH}, opts) : dgx;
+  Tensor dgx = ws_scratch(kWsDgx, {rmax, GH}, opts);
+  Tensor dgh = pr.gru ? ws_scratch(kWsDgh, {rmax, GH}, opts) : dgx;
   Tensor hprev = pr.packed ? ws_empty({rmax, H}, opts) : Tensor();
-  GradSums sums = grad_sums(pr, x, wih_p, whh_p, has_b_ih, has_b_hh, need_dx, rmax);
+  GradSums sums = grad_sums(pr, x, wih_p, whh_p, has_b_ih, has_b_hh, need_dx, rmax, true);
   // LSTM's cell backward needs c_prev (fp32), GRU's h_prev (sequence dtype): previous step's rows or initial
   const Tensor& prev_src = pr.lstm ? c_save : y;
   const Tensor& init = pr.lstm ? c0f : h0;

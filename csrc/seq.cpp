@@ -215,6 +215,29 @@ at::Tensor ws_empty(at::IntArrayRef shape, const at::TensorOptions& opts) {
   return t;
 }
 
+at::Tensor ws_scratch(ScratchSlot slot, at::IntArrayRef shape, const at::TensorOptions& opts) {
+  struct Kept {
+    at::Tensor slot[kWsSlots];  // bytes
+    int64_t bytes = 0;
+  };
+  thread_local Kept kept;
+  const int64_t need = c10::multiply_integers(shape) * static_cast<int64_t>(opts.dtype().itemsize());
+  at::Tensor& s = kept.slot[slot];
+  const int64_t have = s.defined() ? s.numel() : 0;
+  if (!opts.device().is_cpu() || (need > have && kept.bytes - have + need > kScratchBytes)) {
+    return ws_empty(shape, opts);
+  }
+  if (need > have) {
+    s = at::Tensor();
+    kept.bytes -= have;
+    s = at::empty({need}, opts.dtype(at::kByte));
+    kept.bytes += need;
+  }
+  at::Tensor t = s.narrow(0, 0, need).view(opts.dtype().toScalarType()).view(shape);
+  if (g_nan_fill) t.fill_(std::numeric_limits<double>::quiet_NaN());
+  return t;
+}
+
 at::ScalarType ws_dtype(const at::Tensor& x) {
   return x.is_cpu() && at::isReducedFloatingType(x.scalar_type()) ? at::kFloat : x.scalar_type();
 }
@@ -290,13 +313,13 @@ void check_grad_outputs(const Problem& pr, const at::Tensor& x, const at::Tensor
 }
 
 GradSums grad_sums(const Problem& pr, const at::Tensor& x, const at::Tensor& w_ih, const at::Tensor& w_hh,
-                   bool has_b_ih, bool has_b_hh, bool need_dx, int64_t rmax) {
+                   bool has_b_ih, bool has_b_hh, bool need_dx, int64_t rmax, bool scratch_dw) {
   const auto opts = x.options();
   const int64_t GH = pr.G * pr.H;
   GradSums g;
   g.dx = need_dx ? ws_empty({pr.N, pr.I}, opts) : empty0(x);
-  g.dw_ih = at::zeros_like(w_ih);
-  g.dw_hh = at::zeros_like(w_hh);
+  g.dw_ih = scratch_dw ? ws_scratch(kWsDwIh, w_ih.sizes(), w_ih.options()).zero_() : at::zeros_like(w_ih);
+  g.dw_hh = scratch_dw ? ws_scratch(kWsDwHh, w_hh.sizes(), w_hh.options()).zero_() : at::zeros_like(w_hh);
   if (has_b_ih || has_b_hh) g.db_x = at::zeros({GH}, opts);
   if (pr.gru && has_b_hh) g.db_h = at::zeros({GH}, opts);
   g.ones = at::ones({rmax}, opts);

@@ -201,6 +201,35 @@ def test_input_projection_in_the_step(c, dtype):
             torch.testing.assert_close(got, want.detach(), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("mode", MODES)
+def test_results_outlive_the_thread_scratch(mode, dtype):
+    """The engine reuses its thread's scratch (packed weights, gradient sums) from call to call: what a call
+    returns must not live there. Outputs and gradients of one call are unchanged after calls of other sizes
+    have rewritten the scratch, and equal a repeat of the same call."""
+    def run(c):
+        inputs = make_inputs(c)
+        args = {k: v.to(dtype).requires_grad_(k in ("x", "h0", "w_ih", "w_hh", "b_ih", "b_hh"))
+                if torch.is_tensor(v) and v.is_floating_point() else v for k, v in inputs.items()}
+        outs = [o for o in cpp.layer(c.mode, reverse=c.reverse, **args) if o is not None]
+        leaves = [v for v in args.values() if torch.is_tensor(v) and v.requires_grad]
+        g = torch.Generator().manual_seed(2)
+        loss = sum((o.float() * torch.randn(o.shape, generator=g)).sum() for o in outs)
+        return [o.detach() for o in outs] + list(torch.autograd.grad(loss, leaves))
+
+    first = Case(mode, 5, 16, 24, 40)
+    with at_least_threads(2):
+        kept = run(first)
+        copies = [t.clone() for t in kept]
+        for other in (Case(mode, 7, 20, 48, 72, packed=True), Case(mode, 3, 18, 8, 24, reverse=True)):
+            run(other)
+        for k, c in zip(kept, copies):
+            torch.testing.assert_close(k, c, rtol=0, atol=0)
+        again = run(first)
+    for k, a in zip(kept, again):
+        torch.testing.assert_close(k, a, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("c", [Case(m, 6, 9, 5, 40, packed=True, reverse=m == "GRU") for m in MODES],
                          ids=lambda c: c.id)
 def test_fp32_without_onednn(c):
