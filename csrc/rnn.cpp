@@ -73,6 +73,10 @@ std::vector<Tensor> layer_fwd(const std::string& mode, const Tensor& x_in, const
   if (b_hh) bias.narrow(0, 0, pr.gru ? 2 * H : GH).add_(b_hh->narrow(0, 0, pr.gru ? 2 * H : GH));
   Tensor b_hn;
   if (pr.gru) b_hn = b_hh ? b_hh->narrow(0, 2 * H, H).contiguous() : at::zeros({H}, opts);
+  const persist::Plan plan = persist::plan_for(pr, x);
+  if (plan.scheme != persist::kNone) {
+    return persist::fwd(pr, plan, x, h0.contiguous(), contig(c0), w_ih, w_hh, bias, b_hn, reverse, save);
+  }
   if (engine_takes(pr, x)) {
     return engine_fwd(pr, x, h0.contiguous(), contig(c0), w_ih, w_hh, bias, b_hn, reverse, save);
   }
@@ -162,6 +166,11 @@ std::vector<Tensor> layer_bwd(const std::string& mode, const Tensor& x_in, const
   const Tensor y = y_in.contiguous(), gates = gates_in.contiguous(), dy = dy_in.contiguous();
   const Tensor c_save = c_save_in.contiguous(), hn_save = hn_save_in.contiguous();
   const auto opts = x.options();
+  const persist::Plan plan = persist::plan_for(pr, x);
+  if (plan.scheme != persist::kNone) {
+    return persist::bwd(pr, plan, x, h0, c0, w_ih, w_hh, b_ih.has_value(), b_hh.has_value(), reverse, y, gates,
+                        c_save, hn_save, dy, dh_n.contiguous(), contig(dc_n), need_dx);
+  }
   if (engine_takes(pr, x)) {
     return engine_bwd(pr, x, h0, c0, w_ih, w_hh, b_ih.has_value(), b_hh.has_value(), reverse, y, gates, c_save,
                       hn_save, dy, dh_n.contiguous(), contig(dc_n), need_dx);
@@ -273,6 +282,37 @@ pybind11::dict build_info() {
   return d;
 }
 
+// The persistent engine's plan for G gates, batch B, hidden H, storage element size esize on a device with
+// `sms` SMs and `smem` bytes of shared memory per block (persist.h make_plan).
+pybind11::dict persist_plan(int64_t G, int64_t B, int64_t H, int64_t esize, int64_t sms, int64_t smem) {
+  const persist::Plan p = persist::make_plan(G, B, H, esize, sms, smem);
+  static const char* names[] = {"per-step", "block", "grid"};
+  pybind11::dict d;
+  d["scheme"] = names[p.scheme];
+  d["units"] = p.units;
+  d["slices"] = p.slices;
+  d["batch_tile"] = p.bt;
+  d["tiles"] = p.tiles;
+  d["blocks"] = p.tiles * p.slices;
+  d["smem"] = p.smem;
+  d["why"] = p.why;
+  return d;
+}
+
+pybind11::dict cuda_limits(int device) {
+  pybind11::dict d;
+#ifdef FASTRNN_WITH_CUDA
+  const persist::Limits l = persist::limits(device);
+  d["sms"] = l.sms;
+  d["smem"] = l.smem;
+  d["cooperative"] = l.cooperative;
+#else
+  (void)device;
+  TORCH_CHECK(false, "fastrnn: _C was built without CUDA");
+#endif
+  return d;
+}
+
 int cuda_probe_py() {
 #ifdef FASTRNN_WITH_CUDA
   return cuda_probe();
@@ -308,6 +348,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("build_info", &fastrnn::build_info, "how this extension was built: CUDA archs, compiler, CPU ISA");
   m.def("_set_nan_fill", &fastrnn::set_nan_fill, "test hook: NaN-fill every workspace and output at allocation");
   m.def("_set_chunk_rows", &fastrnn::set_chunk_rows, "test hook: backward chunk size in rows (0: default)");
+  m.def("persist_plan", &fastrnn::persist_plan, py::arg("G"), py::arg("B"), py::arg("H"), py::arg("esize"),
+        py::arg("sms"), py::arg("smem"), "the persistent CUDA engine's plan for a problem on a device of these limits");
+  m.def("cuda_limits", &fastrnn::cuda_limits, py::arg("device"), "SM count, shared memory per block, cooperative launch");
+  m.def("_set_persist_emulation", &fastrnn::persist::set_emulation, py::arg("sms"), py::arg("smem"),
+        "test hook: CPU fp32 calls run the persistent engine's block program as on a GPU of these limits (0: off)");
   m.def("cuda_probe", &fastrnn::cuda_probe_py,
         "touches the CUDA runtime (device count, one tiny kernel); raises RuntimeError on any CUDA error");
 }

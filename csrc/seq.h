@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "dispatch.h"
+#include "persist.h"
 
 namespace fastrnn {
 
@@ -219,5 +220,23 @@ std::vector<at::Tensor> layer_ext_bwd(const std::string& mode, const at::Tensor&
                                       const at::Tensor& y, const at::Tensor& xs, const at::Tensor& hs,
                                       const at::Tensor& stats, const at::Tensor& c, const at::Tensor& dy,
                                       const at::Tensor& dh_n, const OptTensor& dc_n, bool need_dx);
+
+namespace persist {
+// persist.cpp: the plan a call gets (scheme kNone: the per-step path, with the reason in `why`): CUDA with
+// FASTRNN_PERSISTENT=1, or CPU fp32 under the emulation test hook; then its forward and backward, with
+// layer_fwd / layer_bwd's returns (saved activations in PyTorch's layout, as the per-step path).
+Plan plan_for(const Problem& pr, const at::Tensor& x);
+std::vector<at::Tensor> fwd(const Problem& pr, const Plan& plan, const at::Tensor& x, const at::Tensor& h0,
+                            const at::Tensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
+                            const at::Tensor& bias, const at::Tensor& b_hn, bool reverse, bool save);
+std::vector<at::Tensor> bwd(const Problem& pr, const Plan& plan, const at::Tensor& x, const at::Tensor& h0,
+                            const at::Tensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh, bool has_b_ih,
+                            bool has_b_hh, bool reverse, const at::Tensor& y, const at::Tensor& gates,
+                            const at::Tensor& c_save, const at::Tensor& hn_save, const at::Tensor& dy,
+                            const at::Tensor& dh_n, const at::Tensor& dc_n, bool need_dx);
+// Test hook (_C._set_persist_emulation): run CPU fp32 calls through the emulator as on a GPU with `sms` SMs and
+// `smem` bytes of shared memory per block; sms == 0: off.
+void set_emulation(int64_t sms, int64_t smem);
+}  // namespace persist
 
 }  // namespace fastrnn

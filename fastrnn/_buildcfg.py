@@ -16,8 +16,9 @@ from typing import Dict, List, Optional, Tuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CSRC = os.path.join(ROOT, "csrc")
-CPP_SOURCES = ["csrc/rnn.cpp", "csrc/rnn_ext.cpp", "csrc/seq.cpp", "csrc/engine_cpu.cpp", "csrc/cell_cpu.cpp"]
-CUDA_SOURCES = ["csrc/cell_cuda.cu", "csrc/cell_ln_cuda.cu"]
+CPP_SOURCES = ["csrc/rnn.cpp", "csrc/rnn_ext.cpp", "csrc/seq.cpp", "csrc/engine_cpu.cpp", "csrc/cell_cpu.cpp",
+               "csrc/persist.cpp"]
+CUDA_SOURCES = ["csrc/cell_cuda.cu", "csrc/cell_ln_cuda.cu", "csrc/persist_cuda.cu"]
 
 DEFAULT_CUDA_ARCHS = "80;90"
 

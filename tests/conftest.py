@@ -1,5 +1,7 @@
+import functools
 import os
 import sys
+from typing import Optional
 
 import pytest
 import torch
@@ -43,6 +45,19 @@ def usable_backends(device="cpu", dtype=torch.float32):
     """Backends that run here; Triton only under its interpreter, which has its own test module."""
     names = ["reference", "cpp"]
     return [n for n in names if _backend.reason_unavailable(n, torch.device(device), dtype) is None]
+
+
+@functools.lru_cache(maxsize=None)
+def nn_lstm_autocast_error() -> Optional[str]:
+    """Why torch.nn.LSTM cannot run under CPU bf16 autocast on this CPU, or None where it can: torch.nn hands it
+    to oneDNN, which has no bf16 LSTM primitive on CPUs without AVX-512 (an AVX2-only Zen 1, say). fastrnn runs
+    it there all the same; tests that compare with torch.nn compare with float64 instead and say so."""
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            torch.nn.LSTM(2, 2)(torch.randn(1, 1, 2))
+    except RuntimeError as exc:
+        return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return None
 
 
 @pytest.fixture(autouse=True)

@@ -5,6 +5,7 @@ fake (meta) kernels of the ops in 16-bit."""
 import pytest
 import torch
 
+from conftest import nn_lstm_autocast_error
 from fastrnn.ops import GRAD_NAMES as NAMES
 from fastrnn.ops import MODES, cpp, reference
 from layer_cases import (Case, Impl, assert_matches_reference, at_least_threads, backward_chunk_rows, nan_poisoned,
@@ -236,7 +237,9 @@ def test_fp32_without_onednn(c):
     """torch.backends.mkldnn.enabled = False: fp32 takes at::mm for the step and the big GEMMs, says so in
     build_info, and still matches the reference."""
     lib = cpp._lib()
-    assert "oneDNN matmul" in lib.build_info()["cpu_gemm"]["float32"]
+    # where torch's oneDNN matmul runs fp32 (it may refuse, e.g. on a CPU without AVX-512) the runtime names it
+    before = lib.build_info()["cpu_gemm"]["float32"]
+    assert before.endswith(("dx and weight gradients: oneDNN matmul", "dx and weight gradients: at::mm")), before
     # flags() would also reset oneDNN's TF32 switch, which warns on a torch without Intel GPU support
     torch.backends.mkldnn.enabled = False
     try:
@@ -246,6 +249,7 @@ def test_fp32_without_onednn(c):
             assert_matches_reference(CPU32, c)
     finally:
         torch.backends.mkldnn.enabled = True
+    assert lib.build_info()["cpu_gemm"]["float32"] == before
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -294,8 +298,14 @@ def test_fake_kernels_match_in_16bit(mode, dtype):
     torch.library.opcheck(cpp.layer.fwd, args, test_utils=("test_faketensor",))
 
 
-def test_autocast_module_runs_the_bf16_engine_like_torch_nn():
-    """fp32 modules under CPU autocast: bf16 outputs where torch.nn gives bf16, close to fp64."""
+AUTOCAST_REF = "fp64-only" if nn_lstm_autocast_error() else "torch.nn"
+
+
+@pytest.mark.parametrize("against", [AUTOCAST_REF])
+def test_autocast_module_runs_the_bf16_engine_like_torch_nn(against):
+    """fp32 modules under CPU autocast: bf16 outputs where torch.nn gives bf16, close to fp64. Where torch.nn's
+    LSTM cannot run under autocast (``fp64-only``: oneDNN lacks bf16 LSTM on this CPU) fastrnn still does, and is
+    judged against fp64 alone, within the suite's bf16 bound."""
     import fastrnn
 
     torch.manual_seed(0)
@@ -304,8 +314,12 @@ def test_autocast_module_runs_the_bf16_engine_like_torch_nn():
     x = torch.randn(12, 4, 16)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got, (h, c) = ours(x)
-        want_nn, _ = ref(x)
+        want_nn = ref(x)[0] if against == "torch.nn" else None
     with torch.no_grad():
         exact, _ = ref.double()(x.double())
-    assert got.dtype == want_nn.dtype == torch.bfloat16
-    assert rel_err(got, exact) <= NN_FACTOR * max(rel_err(want_nn, exact), 2.0**-8)
+    assert got.dtype == torch.bfloat16
+    if want_nn is None:
+        assert rel_err(got, exact) <= REL_TOL[torch.bfloat16]
+    else:
+        assert want_nn.dtype == torch.bfloat16
+        assert rel_err(got, exact) <= NN_FACTOR * max(rel_err(want_nn, exact), 2.0**-8)

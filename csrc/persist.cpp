@@ -1,0 +1,269 @@
+// Driver of the persistent engine (persist.h): when it runs, the plan from the device's limits, the buffers and
+// params of one launch, the big GEMMs around it (input projection before; dx and the weight gradients after,
+// shared with rnn.cpp through seq.h), and the CPU emulator of its block program.
+#include <ATen/ATen.h>
+
+#ifdef FASTRNN_WITH_CUDA
+#include <c10/cuda/CUDAStream.h>
+#endif
+
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "persist.h"
+#include "seq.h"
+
+namespace fastrnn {
+namespace persist {
+namespace {
+
+using at::Tensor;
+
+// Test hook (_C._set_persist_emulation): CPU fp32 calls run the block program on the CPU as if on a GPU with
+// these limits; sms == 0 turns it off.
+Limits g_emulated;
+
+// FASTRNN_PERSISTENT=1 puts CUDA calls on the persistent engine where a plan fits. Off by default until its
+// first run on a GPU has passed the CUDA suite (benchmarks/gpu_check.sh runs it both ways).
+bool cuda_enabled() {
+  const char* v = std::getenv("FASTRNN_PERSISTENT");
+  return v != nullptr && std::strcmp(v, "1") == 0;
+}
+
+// The block program on the CPU: every block's threads phase by phase with the barriers in between, all blocks
+// through one step before the next (what the grid barrier guarantees), as in persist_cuda.cu's kernels.
+template <class Op>
+void emulate_fwd(const Fwd& f) {
+  const Plan& p = f.plan;
+  const int64_t blocks = p.tiles * p.slices;
+  std::vector<std::vector<char>> smem(blocks, std::vector<char>(p.smem));
+  std::vector<float> acc(int64_t(kThreads) * kTile);
+  const Gemm g = make_gemm(f.H, f.G * p.units, p.bt);
+  for (int64_t b = 0; b < blocks; ++b) {
+    const Smem<float> sm = Smem<float>::carve(smem[b].data(), p.bt);
+    for (int tid = 0; tid < kThreads; ++tid) fwd_load_w<float>(f, sm, tid, owned(p, f.H, b).u0);
+  }
+  for (int64_t k = 0; k < f.lay.T; ++k) {
+    const StepRows s = step_rows(f.lay, k);
+    for (int64_t b = 0; b < blocks; ++b) {
+      const Owned o = owned(p, f.H, b);
+      const int64_t n = tile_rows(p, o, s);
+      if (n == 0) continue;
+      const Smem<float> sm = Smem<float>::carve(smem[b].data(), p.bt);
+      const FwdOperand<float> a{static_cast<const float*>(f.base.y), static_cast<const float*>(f.h0), f.H, o.r0, s};
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      for (int64_t k0 = 0; k0 < g.K; k0 += kChunk) {
+        for (int tid = 0; tid < kThreads; ++tid) stage(g, sm, tid, k0, n, a);
+        for (int tid = 0; tid < kThreads; ++tid) accumulate(g, sm, tid, k0, n, &acc[tid * kTile]);
+      }
+      for (int tid = 0; tid < kThreads; ++tid) spill(g, sm, tid, &acc[tid * kTile]);
+      const FwdSink<float> sink{static_cast<float*>(const_cast<void*>(f.base.hg)), f.H, f.G, p.units, o.u0, o.r0};
+      for (int tid = 0; tid < kThreads; ++tid) reduce(g, sm, tid, n, sink);
+      for (int tid = 0; tid < kThreads; ++tid) fwd_cell<Op, float>(f, o, s, n, tid);
+    }
+  }
+}
+
+template <class Op>
+void emulate_bwd(const Bwd& f) {
+  const Plan& p = f.plan;
+  const int64_t blocks = p.tiles * p.slices;
+  std::vector<std::vector<char>> smem(blocks, std::vector<char>(p.smem));
+  std::vector<float> acc(int64_t(kThreads) * kTile);
+  const Gemm g = make_gemm(f.G * f.H, p.units, p.bt);
+  for (int64_t b = 0; b < blocks; ++b) {
+    const Smem<float> sm = Smem<float>::carve(smem[b].data(), p.bt);
+    for (int tid = 0; tid < kThreads; ++tid) bwd_load_w<float>(f, sm, tid, owned(p, f.H, b).u0);
+  }
+  for (int64_t k = f.lay.T - 1; k >= 0; --k) {
+    const StepRows s = step_rows(f.lay, k);
+    for (int64_t b = 0; b < blocks; ++b) {
+      const Owned o = owned(p, f.H, b);
+      const int64_t n = tile_rows(p, o, s);
+      for (int tid = 0; tid < kThreads && n > 0; ++tid) bwd_cell<Op, float>(f, o, s, n, tid);
+    }
+    for (int64_t b = 0; b < blocks; ++b) {
+      const Owned o = owned(p, f.H, b);
+      const int64_t n = tile_rows(p, o, s);
+      if (n == 0) continue;
+      const Smem<float> sm = Smem<float>::carve(smem[b].data(), p.bt);
+      const BwdOperand<float> a{static_cast<const float*>(f.base.dgh), f.G * f.H, o.r0, s};
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      for (int64_t k0 = 0; k0 < g.K; k0 += kChunk) {
+        for (int tid = 0; tid < kThreads; ++tid) stage(g, sm, tid, k0, n, a);
+        for (int tid = 0; tid < kThreads; ++tid) accumulate(g, sm, tid, k0, n, &acc[tid * kTile]);
+      }
+      for (int tid = 0; tid < kThreads; ++tid) spill(g, sm, tid, &acc[tid * kTile]);
+      const BwdSink<float> sink{static_cast<float*>(f.base.dh_prev), f.H, o.u0, o.r0, f.gru};
+      for (int tid = 0; tid < kThreads; ++tid) reduce(g, sm, tid, n, sink);
+    }
+  }
+}
+
+// The step layout for the kernels: nullptr when dense; else size and off, on the device of x.
+struct LayoutBuf {
+  Tensor t;
+  Layout lay;
+  LayoutBuf(const Problem& pr, const Tensor& x, bool reverse) : lay{pr.T, pr.B, nullptr, nullptr, reverse} {
+    if (!pr.packed) return;
+    std::vector<int64_t> v(pr.size.begin(), pr.size.end());
+    v.insert(v.end(), pr.off.begin(), pr.off.begin() + pr.T);
+    t = at::tensor(v, at::TensorOptions().dtype(at::kLong)).to(x.device(), /*non_blocking=*/false);
+    lay.size = t.data_ptr<int64_t>();
+    lay.off = lay.size + pr.T;
+  }
+};
+
+template <class Args, class Emulate>
+void run(const Problem& pr, const Tensor& x, const Args& args, Emulate emulate) {
+  if (x.is_cpu()) {
+    emulate(args);
+    return;
+  }
+#ifdef FASTRNN_WITH_CUDA
+  void* stream = c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
+  if constexpr (std::is_same_v<Args, Fwd>) {
+    fwd_cuda(pr.mode, dtype_of(x), args, stream);
+  } else {
+    bwd_cuda(pr.mode, dtype_of(x), args, stream);
+  }
+#endif
+}
+
+}  // namespace
+
+Plan plan_for(const Problem& pr, const at::Tensor& x) {
+  Plan none;
+  Limits lim;
+  if (x.is_cpu()) {
+    if (g_emulated.sms == 0 || x.scalar_type() != at::kFloat) return none;
+    lim = g_emulated;
+  } else {
+#ifdef FASTRNN_WITH_CUDA
+    if (!x.is_cuda() || !cuda_enabled()) return none;
+    lim = limits(x.device().index());
+    if (!lim.cooperative) lim.sms = 1;  // no cooperative launch: only plans without a grid barrier
+#else
+    return none;
+#endif
+  }
+  if (pr.proj) {
+    none.why = "proj_size: the per-step path";
+    return none;
+  }
+  if (x.scalar_type() == at::kDouble) {
+    none.why = "fp64: the per-step path";
+    return none;
+  }
+  return make_plan(pr.G, pr.B, pr.H, x.element_size(), lim.sms, lim.smem);
+}
+
+std::vector<Tensor> fwd(const Problem& pr, const Plan& plan, const Tensor& x, const Tensor& h0, const Tensor& c0,
+                        const Tensor& w_ih, const Tensor& w_hh, const Tensor& bias, const Tensor& b_hn, bool reverse,
+                        bool save) {
+  const auto opts = x.options();
+  const int64_t H = pr.H, GH = pr.G * H;
+  Tensor gates = gemm(x, w_ih.t());
+  Tensor hs = h0.clone(at::MemoryFormat::Contiguous);
+  Tensor cs = pr.lstm ? c0.clone(at::MemoryFormat::Contiguous) : empty0(x);
+  Tensor y = ws_empty({pr.N, H}, opts);
+  Tensor hg = ws_empty({pr.B, GH}, opts);
+  const bool save_c = save && pr.lstm, save_hn = save && pr.gru;
+  Tensor c_save = save_c ? ws_empty({pr.N, H}, opts) : empty0(x);
+  Tensor hn_save = save_hn ? ws_empty({pr.N, H}, opts) : empty0(x);
+  const Tensor h0c = h0.contiguous();
+  const LayoutBuf lb(pr, x, reverse);
+
+  Fwd f{plan, lb.lay, H, pr.G, CellParams{}, save_c, save_hn, w_hh.data_ptr(), h0c.data_ptr()};
+  CellParams& p = f.base;
+  p.H = H;
+  p.gw = H;
+  p.gs = GH;
+  p.hg_stride = GH;
+  p.gates = gates.data_ptr();
+  p.hg = hg.data_ptr();
+  p.bias = bias.data_ptr();
+  p.b_hn = pr.gru ? b_hn.data_ptr() : nullptr;
+  p.h = hs.data_ptr();
+  p.h_prev = p.h;
+  p.h_stride = H;
+  p.y = y.data_ptr();
+  p.y_stride = H;
+  if (pr.lstm) {
+    p.c = cs.data_ptr();
+    p.c_save = save_c ? c_save.data_ptr() : p.c;
+  }
+  if (pr.gru) {
+    p.hn_save = save_hn ? hn_save.data_ptr() : static_cast<char*>(hg.data_ptr()) + 2 * H * hg.element_size();
+    p.hn_stride = save_hn ? H : GH;
+  }
+  run(pr, x, f, [&](const Fwd& a) { visit_fwd(pr.mode, [&](auto op) { emulate_fwd<decltype(op)>(a); }); });
+  const bool save_gates = save && (pr.lstm || pr.gru);
+  return {y, hs, cs, save_gates ? gates : empty0(x), c_save, hn_save};
+}
+
+std::vector<Tensor> bwd(const Problem& pr, const Plan& plan, const Tensor& x, const Tensor& h0, const Tensor& c0,
+                        const Tensor& w_ih, const Tensor& w_hh, bool has_b_ih, bool has_b_hh, bool reverse,
+                        const Tensor& y, const Tensor& gates, const Tensor& c_save, const Tensor& hn_save,
+                        const Tensor& dy, const Tensor& dh_n, const Tensor& dc_n, bool need_dx) {
+  const auto opts = x.options();
+  const int64_t H = pr.H, GH = pr.G * H, N = pr.N;
+  Tensor dhs = dh_n.clone(at::MemoryFormat::Contiguous);
+  Tensor dcs = pr.lstm ? dc_n.clone(at::MemoryFormat::Contiguous) : empty0(x);
+  Tensor dgx = ws_empty({N, GH}, opts);
+  Tensor dgh = pr.gru ? ws_empty({N, GH}, opts) : dgx;
+  const LayoutBuf lb(pr, x, reverse);
+
+  Bwd f{plan, lb.lay, H, pr.G, CellGradParams{}, pr.gru, pr.lstm, w_hh.data_ptr()};
+  CellGradParams& p = f.base;
+  p.H = H;
+  p.gw = H;
+  p.gs = GH;
+  p.gates = pr.lstm || pr.gru ? gates.data_ptr() : nullptr;
+  p.c = pr.lstm ? c_save.data_ptr() : nullptr;
+  p.hn = pr.gru ? hn_save.data_ptr() : nullptr;
+  p.out = y.data_ptr();
+  p.out_stride = H;
+  if (pr.lstm || pr.gru) {
+    p.init = pr.lstm ? c0.data_ptr() : h0.data_ptr();
+    p.prev = pr.lstm ? c_save.data_ptr() : y.data_ptr();
+    p.prev_stride = H;
+  }
+  p.dh = dhs.data_ptr();
+  p.dh_stride = H;
+  p.dy = dy.data_ptr();
+  p.dy_stride = H;
+  p.dc = pr.lstm ? dcs.data_ptr() : nullptr;
+  p.dgx = dgx.data_ptr();
+  p.dgh = dgh.data_ptr();
+  p.dh_prev = dhs.data_ptr();
+  run(pr, x, f, [&](const Bwd& a) { visit_bwd(pr.mode, [&](auto op) { emulate_bwd<decltype(op)>(a); }); });
+
+  // The weight gradients as one chunk of all N rows: packed h_{t-1} rows gathered by one index_select from
+  // [y; h0] (the per-step driver copies them step by step).
+  Tensor hprev;
+  if (pr.packed) {
+    std::vector<int64_t> idx(N);
+    for (int64_t t = 0; t < pr.T; ++t) {
+      const PrevStep prev = prev_step(pr, t, reverse);
+      for (int64_t b = 0; b < pr.size[t]; ++b) idx[pr.off[t] + b] = b < prev.rows ? pr.off[prev.t] + b : N + b;
+    }
+    const Tensor index = at::tensor(idx, at::TensorOptions().dtype(at::kLong)).to(x.device());
+    hprev = at::cat({y, h0}).index_select(0, index);
+  }
+  GradSums sums = grad_sums(pr, x, w_ih, w_hh, has_b_ih, has_b_hh, need_dx, N);
+  flush_chunk(pr, reverse, 0, N, dgx, dgh, x, y, h0, hprev, w_ih, sums);
+  const auto [db_ih, db_hh] = bias_grads(sums, has_b_ih, has_b_hh, pr.gru, x);
+  return {sums.dx, dhs, dcs, sums.dw_ih, sums.dw_hh, db_ih, db_hh, empty0(x)};
+}
+
+void set_emulation(int64_t sms, int64_t smem) {
+  g_emulated.sms = sms;
+  g_emulated.smem = smem;
+  g_emulated.cooperative = true;
+}
+
+}  // namespace persist
+}  // namespace fastrnn

@@ -1,0 +1,403 @@
+// The persistent CUDA engine's plan and block program, shared by the CUDA kernels (persist_cuda.cu) and the
+// CPU emulator (persist.cpp) that runs the very same phases thread by thread, so that the CPU tests exercise
+// the GPU's index arithmetic, shared-memory layout, reduction order and cell calls.
+//
+// One launch covers a layer's whole recurrence. Block (tile, slice) owns batch rows [tile*bt, +bt) and hidden
+// units [slice*U, +U) with all G gates of those units, and keeps its slice of W_hh in shared memory for the
+// whole sequence. Per step (forward):
+//   stage + accumulate: hg[rows, own gate columns] = h_{t-1}[rows, :] . W_hh[own rows, :]^T, over K chunks;
+//   reduce: the threads' K-split partial sums, in a fixed order (deterministic), stored to hg (global, L2);
+//   cell: cell.h's op on each (row, own unit), exactly as the per-step driver calls it;
+//   barrier: the grid (slices > 1: other blocks read this step's h) or only the block (slices == 1).
+// Backward mirrors it: the cell backward of each (row, own unit) writes dgates, a barrier, then
+// dh_{t-1}[rows, own units] = dgates[rows, :] . W_hh[:, own units]. c and dc are read and written only by the
+// block that owns their unit; h_{t-1} and dgates cross blocks through L2 (loaded with ld.global.cg).
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#include "dispatch.h"
+
+#if defined(__CUDA_ARCH__)
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#endif
+
+namespace fastrnn {
+namespace persist {
+
+// 256 threads: 8 warps hide the shared-memory latency of the K loop, and 256 x 16 partial sums (16 KiB) is
+// the reduction buffer. Each thread accumulates a 4 x 4 register tile (4 batch rows x 4 gate columns): 8
+// shared loads per 16 FMAs, where a 1 x 1 tile would be bound by shared-memory bandwidth at 1/4 of the FMA rate.
+constexpr int kThreads = 256;
+constexpr int kTileRows = 4;
+constexpr int kTileCols = 4;
+constexpr int kTile = kTileRows * kTileCols;
+// Columns of the staged operand per K chunk: a 64-row batch tile stages 64 x 65 floats (16.6 KiB).
+constexpr int64_t kChunk = 64;
+// The plan's cost model, in SM cycles: one grid-wide barrier (~1 us on a 132-SM H100/H200, from published
+// cooperative-groups measurements) against the K loop's 16 FMAs per thread per K step.
+constexpr int64_t kGridSyncCycles = 2000;
+
+enum Scheme : int { kNone = 0, kBlock = 1, kGrid = 2 };
+
+// What fits where, decided once per call on the host from the device's SM count and shared memory.
+struct Plan {
+  int scheme = kNone;
+  int64_t units = 0;   // U: hidden units per block
+  int64_t slices = 0;  // ceil(H / U)
+  int64_t bt = 0;      // batch rows per block
+  int64_t tiles = 0;   // ceil(B / bt)
+  int64_t smem = 0;    // dynamic shared memory per block, bytes
+  const char* why = "";
+};
+
+// The K-split map of one block's GEMM out[bt, R] = A[bt, K] . Ws[K, R]: items = cw * bg threads each own a
+// 4 x 4 tile (columns cg + j*cw, rows bg_ + i*bg), and ks such groups split K.
+struct Gemm {
+  int64_t K, R, bt;
+  int64_t cw, bg, items, ks;
+};
+
+FRNN_HD int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+FRNN_HD Gemm make_gemm(int64_t K, int64_t R, int64_t bt) {
+  Gemm g{K, R, bt, cdiv(R, kTileCols), cdiv(bt, kTileRows), 0, 1};
+  g.items = g.cw * g.bg;
+  while (g.items * g.ks * 2 <= kThreads && g.ks * 2 <= kChunk) g.ks *= 2;
+  return g;
+}
+
+// Shared memory of one block, in this order: the staged operand (floats, bt x (kChunk + 1): the pad puts the
+// rows a warp reads in distinct banks), the reduction buffer (kThreads x 16 floats), W_hh's slice (G*H*U
+// elements of the storage type, forward [H][G*U], backward [G*H][U]).
+FRNN_HD int64_t stage_floats(int64_t bt) { return bt * (kChunk + 1); }
+FRNN_HD int64_t smem_bytes(int64_t G, int64_t H, int64_t U, int64_t bt, int64_t esize) {
+  return (stage_floats(bt) + int64_t(kThreads) * kTile) * 4 + G * H * U * esize;
+}
+
+// The cheapest feasible (U, bt) by the cost model; kNone when even one unit per block over every SM does not
+// fit, or the problem is one the engine does not run (decided by the caller: proj_size, fp64).
+inline Plan make_plan(int64_t G, int64_t B, int64_t H, int64_t esize, int64_t sms, int64_t smem_max) {
+  Plan best;
+  best.why = "W_hh does not fit: one unit per block over every SM needs more shared memory than a block has";
+  int64_t best_cost = -1;
+  for (int64_t slices = 1; slices <= sms && slices <= H; ++slices) {
+    const int64_t U = cdiv(H, slices);
+    if (cdiv(H, U) != slices) continue;  // the same U as a smaller slice count
+    for (int64_t tiles = 1; tiles * slices <= sms && tiles <= B; ++tiles) {
+      const int64_t bt = cdiv(B, tiles);
+      if (cdiv(B, bt) != tiles) continue;
+      const int64_t smem = smem_bytes(G, H, U, bt, esize);
+      const Gemm f = make_gemm(H, G * U, bt), b = make_gemm(G * H, U, bt);
+      if (smem > smem_max || f.items > kThreads || b.items > kThreads) continue;
+      const bool grid = slices > 1;
+      // forward and backward K loops per step, plus the barrier
+      const int64_t cost = (cdiv(H, f.ks) + cdiv(G * H, b.ks)) * kTile + (grid ? 2 * kGridSyncCycles : 0);
+      if (best_cost < 0 || cost < best_cost) {
+        best_cost = cost;
+        best.scheme = grid ? kGrid : kBlock;
+        best.units = U;
+        best.slices = slices;
+        best.bt = bt;
+        best.tiles = tiles;
+        best.smem = smem;
+        best.why = grid ? "W_hh split over blocks by hidden units, a grid barrier per step"
+                        : "each block holds all of W_hh for its batch rows: no barrier between blocks";
+      }
+    }
+  }
+  return best;
+}
+
+// The rows of the step processed k-th in the forward's order, and of the step before it (h_{t-1}, c_{t-1});
+// rows past prev_rows start from h0/c0 (reverse direction of a packed batch).
+struct StepRows {
+  int64_t t, rows, off, prev_rows, prev_off;
+};
+
+struct Layout {
+  int64_t T, B;
+  const int64_t* size;  // [T] rows per step, nullptr when dense (B every step)
+  const int64_t* off;   // [T] first row of each step, nullptr when dense (t*B)
+  bool reverse;
+};
+
+FRNN_HD StepRows step_rows(const Layout& s, int64_t k) {
+  const int64_t t = s.reverse ? s.T - 1 - k : k;
+  StepRows r{t, s.size ? s.size[t] : s.B, s.off ? s.off[t] : t * s.B, 0, 0};
+  if (k > 0) {
+    const int64_t tp = s.reverse ? t + 1 : t - 1;
+    const int64_t rp = s.size ? s.size[tp] : s.B;
+    r.prev_rows = rp < r.rows ? rp : r.rows;
+    r.prev_off = s.off ? s.off[tp] : tp * s.B;
+  }
+  return r;
+}
+
+// A load of data that another block wrote during this launch: through L2 only (ld.global.cg), since L1 is not
+// coherent across SMs. 16-bit storage types are loaded as their bits.
+template <typename T>
+FRNN_HD float ld_l2(const T* p) {
+#if defined(__CUDA_ARCH__)
+  if constexpr (sizeof(T) == 4) {
+    return __ldcg(reinterpret_cast<const float*>(p));
+  } else {
+    const unsigned short bits = __ldcg(reinterpret_cast<const unsigned short*>(p));
+    T v;
+    memcpy(&v, &bits, sizeof(bits));
+    return static_cast<float>(v);
+  }
+#else
+  return static_cast<float>(*p);
+#endif
+}
+
+FRNN_HD float fma_acc(float a, float b, float c) {
+#if defined(__CUDA_ARCH__)
+  return __fmaf_rn(a, b, c);
+#else
+  return std::fma(a, b, c);
+#endif
+}
+
+// One block's view of its shared memory.
+template <typename T>
+struct Smem {
+  float* stage;  // [bt][kChunk + 1]
+  float* red;    // [ks][kTile][items]
+  T* w;          // [K][R]
+
+  FRNN_HD static Smem carve(void* base, int64_t bt) {
+    float* f = static_cast<float*>(base);
+    return {f, f + stage_floats(bt), reinterpret_cast<T*>(f + stage_floats(bt) + int64_t(kThreads) * kTile)};
+  }
+};
+
+// The block GEMM's phases. A(r, k) gives the operand (row r of the block's rows), Sink(r, c, v) takes a result.
+// Between phases the caller puts a block barrier; `acc` lives in the thread's registers across K chunks.
+template <typename T, class A>
+FRNN_HD void stage(const Gemm& g, const Smem<T>& sm, int tid, int64_t k0, int64_t nrows, const A& a) {
+  const int64_t klen = g.K - k0 < kChunk ? g.K - k0 : kChunk;
+  for (int64_t i = tid; i < nrows * klen; i += kThreads) {
+    const int64_t r = i / klen, kk = i - r * klen;
+    sm.stage[r * (kChunk + 1) + kk] = a(r, k0 + kk);
+  }
+}
+
+template <typename T>
+FRNN_HD void accumulate(const Gemm& g, const Smem<T>& sm, int tid, int64_t k0, int64_t nrows, float* acc) {
+  if (tid >= g.items * g.ks) return;
+  const int64_t item = tid % g.items, ksl = tid / g.items;
+  const int64_t bg0 = item / g.cw, cg = item - bg0 * g.cw;
+  const int64_t klen = g.K - k0 < kChunk ? g.K - k0 : kChunk;
+  for (int64_t kk = ksl; kk < klen; kk += g.ks) {
+    float w[kTileCols], x[kTileRows];
+    for (int j = 0; j < kTileCols; ++j) {
+      const int64_t c = cg + j * g.cw;
+      w[j] = c < g.R ? static_cast<float>(sm.w[(k0 + kk) * g.R + c]) : 0.0f;
+    }
+    for (int i = 0; i < kTileRows; ++i) {
+      const int64_t r = bg0 + i * g.bg;
+      x[i] = r < nrows ? sm.stage[r * (kChunk + 1) + kk] : 0.0f;
+    }
+    for (int i = 0; i < kTileRows; ++i)
+      for (int j = 0; j < kTileCols; ++j) acc[i * kTileCols + j] = fma_acc(x[i], w[j], acc[i * kTileCols + j]);
+  }
+}
+
+template <typename T>
+FRNN_HD void spill(const Gemm& g, const Smem<T>& sm, int tid, const float* acc) {
+  if (tid >= g.items * g.ks) return;
+  const int64_t item = tid % g.items, ksl = tid / g.items;
+  for (int e = 0; e < kTile; ++e) sm.red[(ksl * kTile + e) * g.items + item] = acc[e];
+}
+
+template <typename T, class Sink>
+FRNN_HD void reduce(const Gemm& g, const Smem<T>& sm, int tid, int64_t nrows, const Sink& sink) {
+  for (int64_t o = tid; o < kTile * g.items; o += kThreads) {
+    const int64_t e = o / g.items, item = o - e * g.items;
+    const int64_t bg0 = item / g.cw, cg = item - bg0 * g.cw;
+    const int64_t r = bg0 + (e / kTileCols) * g.bg, c = cg + (e % kTileCols) * g.cw;
+    if (r >= nrows || c >= g.R) continue;
+    float v = 0.0f;
+    for (int64_t s = 0; s < g.ks; ++s) v += sm.red[(s * kTile + e) * g.items + item];
+    sink(r, c, v);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Forward. Pointers at row 0 of their tensors; the kernel offsets them per step.
+struct Fwd {
+  Plan plan;
+  Layout lay;
+  int64_t H, G;
+  CellParams base;  // gates [N, G*H] x.W_ih^T, y [N, H], c [B, H], c_save [N, H] (or c), hn_save [N, H] (or hg's n
+                    // block, stride G*H), h [B, H] running state, hg [B, G*H] this launch's recurrent products
+  bool save_c, save_hn;
+  const void* w_hh;  // [G*H, H]
+  const void* h0;    // [B, H]
+};
+
+template <typename T>
+FRNN_HD void fwd_load_w(const Fwd& f, const Smem<T>& sm, int tid, int64_t u0) {
+  // Ws[k][g*U + jj] = W_hh[g*H + u0 + jj][k]
+  const int64_t U = f.plan.units, R = f.G * U, H = f.H;
+  const T* w = static_cast<const T*>(f.w_hh);
+  for (int64_t i = tid; i < H * R; i += kThreads) {
+    const int64_t c = i / H, k = i - c * H, g = c / U, u = u0 + (c - g * U);
+    sm.w[k * R + c] = u < H ? w[(g * H + u) * H + k] : T(0.0f);
+  }
+}
+
+// The cell params of one step: the base's per-row pointers moved to the step's first row.
+template <typename T>
+FRNN_HD CellParams fwd_step_params(const Fwd& f, const StepRows& s) {
+  CellParams p = f.base;
+  const int64_t GH = f.G * f.H;
+  p.rows = s.rows;
+  p.gates = static_cast<T*>(p.gates) + s.off * GH;
+  p.y = static_cast<T*>(p.y) + s.off * p.y_stride;
+  if (f.save_c) p.c_save = static_cast<T*>(p.c_save) + s.off * f.H;
+  if (f.save_hn) p.hn_save = static_cast<T*>(p.hn_save) + s.off * p.hn_stride;
+  return p;
+}
+
+// Block `blk`'s rows and units.
+struct Owned {
+  int64_t r0, u0, units;
+};
+FRNN_HD Owned owned(const Plan& p, int64_t H, int64_t blk) {
+  const int64_t tile = blk / p.slices, slice = blk - tile * p.slices;
+  const int64_t u0 = slice * p.units;
+  return {tile * p.bt, u0, H - u0 < p.units ? H - u0 : p.units};
+}
+
+template <typename T>
+struct FwdOperand {  // h_{t-1} of the block's row r: the previous step's y row, else h0
+  const T* y;
+  const T* h0;
+  int64_t H, r0;
+  StepRows s;
+  FRNN_HD float operator()(int64_t r, int64_t k) const {
+    const int64_t b = r0 + r;
+    return b < s.prev_rows ? ld_l2(y + (s.prev_off + b) * H + k) : static_cast<float>(h0[b * H + k]);
+  }
+};
+
+template <typename T>
+struct FwdSink {  // hg[b][g*H + u0 + jj]
+  T* hg;
+  int64_t H, G, U, u0, r0;
+  FRNN_HD void operator()(int64_t r, int64_t c, float v) const {
+    const int64_t g = c / U, u = u0 + c - g * U;
+    if (u < H) hg[(r0 + r) * G * H + g * H + u] = static_cast<T>(v);
+  }
+};
+
+// The block's rows of step s: [r0, r0 + n) with n <= bt (0 when the step's rows end before the tile).
+FRNN_HD int64_t tile_rows(const Plan& p, const Owned& o, const StepRows& s) {
+  const int64_t n = s.rows - o.r0;
+  return n <= 0 ? 0 : (n < p.bt ? n : p.bt);
+}
+
+template <class Op, typename T>
+FRNN_HD void fwd_cell(const Fwd& f, const Owned& o, const StepRows& s, int64_t n, int tid) {
+  const CellParams p = fwd_step_params<T>(f, s);
+  for (int64_t i = tid; i < n * o.units; i += kThreads) {
+    const int64_t r = i / o.units;
+    Op::template elem<T>(p, o.r0 + r, o.u0 + i - r * o.units);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Backward. Pointers at row 0 of their tensors.
+struct Bwd {
+  Plan plan;
+  Layout lay;
+  int64_t H, G;
+  // gates/c/hn/out/dy/dgx/dgh at row 0 of their [N, .] tensors; prev at row 0 of c_save (LSTM) or y (GRU); dh
+  // [B, H] the running dh (also dh_prev), dc [B, H]
+  CellGradParams base;
+  bool gru, lstm;
+  const void* w_hh;  // [G*H, H]
+};
+
+template <typename T>
+FRNN_HD void bwd_load_w(const Bwd& f, const Smem<T>& sm, int tid, int64_t u0) {
+  // Ws[k][jj] = W_hh[k][u0 + jj]
+  const int64_t U = f.plan.units, H = f.H, K = f.G * H;
+  const T* w = static_cast<const T*>(f.w_hh);
+  for (int64_t i = tid; i < K * U; i += kThreads) {
+    const int64_t k = i / U, jj = i - k * U;
+    sm.w[k * U + jj] = u0 + jj < H ? w[k * H + u0 + jj] : T(0.0f);
+  }
+}
+
+template <typename T>
+FRNN_HD CellGradParams bwd_step_params(const Bwd& f, const StepRows& s) {
+  CellGradParams p = f.base;
+  const int64_t GH = f.G * f.H;
+  p.rows = s.rows;
+  if (p.gates) p.gates = static_cast<const T*>(p.gates) + s.off * GH;
+  if (p.c) p.c = static_cast<const T*>(p.c) + s.off * f.H;
+  if (p.hn) p.hn = static_cast<const T*>(p.hn) + s.off * f.H;
+  p.out = static_cast<const T*>(p.out) + s.off * p.out_stride;
+  p.dy = static_cast<const T*>(p.dy) + s.off * p.dy_stride;
+  p.dgx = static_cast<T*>(p.dgx) + s.off * GH;
+  p.dgh = static_cast<T*>(p.dgh) + s.off * GH;
+  if (p.prev) p.prev = s.prev_rows > 0 ? static_cast<const T*>(p.prev) + s.prev_off * p.prev_stride : p.init;
+  p.n_prev = s.prev_rows;
+  return p;
+}
+
+template <class Op, typename T>
+FRNN_HD void bwd_cell(const Bwd& f, const Owned& o, const StepRows& s, int64_t n, int tid) {
+  const CellGradParams p = bwd_step_params<T>(f, s);
+  for (int64_t i = tid; i < n * o.units; i += kThreads) {
+    const int64_t r = i / o.units;
+    Op::template elem<T>(p, o.r0 + r, o.u0 + i - r * o.units);
+  }
+}
+
+template <typename T>
+struct BwdOperand {  // dgh of the step's row r0 + r, all G*H columns
+  const T* dgh;
+  int64_t GH, r0;
+  StepRows s;
+  FRNN_HD float operator()(int64_t r, int64_t k) const { return ld_l2(dgh + (s.off + r0 + r) * GH + k); }
+};
+
+template <typename T>
+struct BwdSink {  // dh[b][u0 + c]; GRU adds to the direct z*dh term the cell left there
+  T* dh;
+  int64_t H, u0, r0;
+  bool add;
+  FRNN_HD void operator()(int64_t r, int64_t c, float v) const {
+    if (u0 + c >= H) return;
+    T* d = dh + (r0 + r) * H + u0 + c;
+    *d = static_cast<T>(add ? static_cast<float>(*d) + v : v);
+  }
+};
+
+// What the plan needs of a device.
+struct Limits {
+  int64_t sms = 0;    // streaming multiprocessors
+  int64_t smem = 0;   // dynamic shared memory one block may opt in to, bytes
+  bool cooperative = false;
+};
+
+// CPU: the block program run thread by thread, block by block, step by step (fp32), for the tests.
+void fwd_emulate(Mode m, const Fwd& f);
+void bwd_emulate(Mode m, const Bwd& f);
+
+#ifdef FASTRNN_WITH_CUDA
+// CUDA: fp32, fp16, bf16, launched on `stream` (a cudaStream_t) of the current device.
+void fwd_cuda(Mode m, Dtype d, const Fwd& f, void* stream);
+void bwd_cuda(Mode m, Dtype d, const Bwd& f, void* stream);
+Limits limits(int device);
+#endif
+
+}  // namespace persist
+}  // namespace fastrnn

@@ -1,0 +1,148 @@
+// The persistent CUDA engine: one launch per layer and direction runs every step of the recurrence (the block
+// program is in persist.h, shared with the CPU emulator). Only c10 headers, as in cell_cuda.cu.
+#include <c10/cuda/CUDAException.h>
+#include <cooperative_groups.h>
+#include <cuda_runtime.h>
+
+#include <type_traits>
+
+#include "persist.h"
+
+namespace fastrnn {
+namespace persist {
+namespace {
+
+namespace cg = cooperative_groups;
+
+// The end of a step: other blocks read this step's h (forward) or dgates (backward) only with slices > 1.
+__device__ __forceinline__ void step_barrier(const Plan& p) {
+  if (p.scheme == kGrid) {
+    cg::this_grid().sync();
+  } else {
+    __syncthreads();
+  }
+}
+
+// f: the forward of a layer (persist.h Fwd); grid: plan.tiles * plan.slices blocks of kThreads.
+template <class Op, typename T>
+__global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const Fwd f) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const int tid = threadIdx.x;
+  const Owned o = owned(f.plan, f.H, blockIdx.x);
+  const Smem<T> sm = Smem<T>::carve(smem_raw, f.plan.bt);
+  const Gemm g = make_gemm(f.H, f.G * f.plan.units, f.plan.bt);
+  fwd_load_w<T>(f, sm, tid, o.u0);
+  for (int64_t k = 0; k < f.lay.T; ++k) {
+    const StepRows s = step_rows(f.lay, k);
+    const int64_t n = tile_rows(f.plan, o, s);
+    if (n > 0) {
+      float acc[kTile] = {};
+      const FwdOperand<T> a{static_cast<const T*>(f.base.y), static_cast<const T*>(f.h0), f.H, o.r0, s};
+      for (int64_t k0 = 0; k0 < g.K; k0 += kChunk) {
+        __syncthreads();
+        stage(g, sm, tid, k0, n, a);
+        __syncthreads();
+        accumulate(g, sm, tid, k0, n, acc);
+      }
+      spill(g, sm, tid, acc);
+      __syncthreads();
+      reduce(g, sm, tid, n, FwdSink<T>{static_cast<T*>(const_cast<void*>(f.base.hg)), f.H, f.G, f.plan.units, o.u0, o.r0});
+      __syncthreads();
+      fwd_cell<Op, T>(f, o, s, n, tid);
+    }
+    step_barrier(f.plan);
+  }
+}
+
+template <class Op, typename T>
+__global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const Bwd f) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const int tid = threadIdx.x;
+  const Owned o = owned(f.plan, f.H, blockIdx.x);
+  const Smem<T> sm = Smem<T>::carve(smem_raw, f.plan.bt);
+  const Gemm g = make_gemm(f.G * f.H, f.plan.units, f.plan.bt);
+  bwd_load_w<T>(f, sm, tid, o.u0);
+  __syncthreads();
+  for (int64_t k = f.lay.T - 1; k >= 0; --k) {
+    const StepRows s = step_rows(f.lay, k);
+    const int64_t n = tile_rows(f.plan, o, s);
+    if (n > 0) bwd_cell<Op, T>(f, o, s, n, tid);
+    step_barrier(f.plan);
+    if (n > 0) {
+      float acc[kTile] = {};
+      const BwdOperand<T> a{static_cast<const T*>(f.base.dgh), f.G * f.H, o.r0, s};
+      for (int64_t k0 = 0; k0 < g.K; k0 += kChunk) {
+        __syncthreads();
+        stage(g, sm, tid, k0, n, a);
+        __syncthreads();
+        accumulate(g, sm, tid, k0, n, acc);
+      }
+      spill(g, sm, tid, acc);
+      __syncthreads();
+      reduce(g, sm, tid, n, BwdSink<T>{static_cast<T*>(f.base.dh_prev), f.H, o.u0, o.r0, f.gru});
+    }
+    __syncthreads();
+  }
+}
+
+template <class Args>
+void launch(const void* kernel, const Args& args, cudaStream_t stream) {
+  const Plan& p = args.plan;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(p.smem)));
+  const dim3 grid(static_cast<unsigned>(p.tiles * p.slices)), block(kThreads);
+  Args copy = args;
+  void* params[] = {&copy};
+  if (p.scheme == kGrid) {
+    // a cooperative launch guarantees every block is resident at once, which the grid barrier needs
+    C10_CUDA_CHECK(cudaLaunchCooperativeKernel(kernel, grid, block, params, static_cast<size_t>(p.smem), stream));
+  } else {
+    C10_CUDA_CHECK(cudaLaunchKernel(kernel, grid, block, params, static_cast<size_t>(p.smem), stream));
+  }
+}
+
+template <class Visit, class Args>
+void run(Mode m, Dtype d, const Args& args, void* stream, Visit visit) {
+  auto s = static_cast<cudaStream_t>(stream);
+  visit(m, [&](auto op) {
+    using Op = decltype(op);
+    auto go = [&](auto zero) {
+      using T = decltype(zero);
+      if constexpr (std::is_same_v<Args, Fwd>) {
+        launch(reinterpret_cast<const void*>(&fwd_kernel<Op, T>), args, s);
+      } else {
+        launch(reinterpret_cast<const void*>(&bwd_kernel<Op, T>), args, s);
+      }
+    };
+    switch (d) {
+      case Dtype::F32: return go(float{});
+      case Dtype::F16: return go(c10::Half{});
+      case Dtype::BF16: return go(c10::BFloat16{});
+      case Dtype::F64: TORCH_CHECK(false, "fastrnn: the persistent CUDA engine has no fp64 kernels");
+    }
+  });
+}
+
+}  // namespace
+
+void fwd_cuda(Mode m, Dtype d, const Fwd& f, void* stream) {
+  run(m, d, f, stream, [](Mode mm, auto&& fn) { visit_fwd(mm, fn); });
+}
+
+void bwd_cuda(Mode m, Dtype d, const Bwd& f, void* stream) {
+  run(m, d, f, stream, [](Mode mm, auto&& fn) { visit_bwd(mm, fn); });
+}
+
+Limits limits(int device) {
+  Limits l;
+  int sms = 0, smem = 0, coop = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&coop, cudaDevAttrCooperativeLaunch, device));
+  l.sms = sms;
+  l.smem = smem;
+  l.cooperative = coop != 0;
+  return l;
+}
+
+}  // namespace persist
+}  // namespace fastrnn

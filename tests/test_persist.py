@@ -1,0 +1,119 @@
+"""The persistent CUDA engine (csrc/persist.h) on the CPU: its plan against the limits it must respect, and its
+block program (the kernels' phases, run thread by thread by the emulator in csrc/persist.cpp) against the
+reference backend for every mode, dense and packed, both directions, odd shapes, with NaN-filled workspaces,
+under plans that split the hidden units over blocks (a grid barrier per step) and the batch over tiles."""
+
+import contextlib
+import itertools
+
+import pytest
+import torch
+
+from fastrnn.ops import GATES, MODES, cpp
+from layer_cases import Case, Impl, assert_matches_reference, nan_poisoned, one_step_and_one_unit
+
+pytestmark = pytest.mark.skipif(cpp.availability(torch.device("cpu"), torch.float32) is not None,
+                                reason=f"cpp backend unavailable: {cpp.availability(torch.device('cpu'), torch.float32)}")
+
+CPU32 = Impl("cpp", "cpu", torch.float32)
+THREADS, TILE = 256, 16  # persist.h kThreads, kTileRows * kTileCols
+H200 = dict(sms=132, smem=232448)  # multiProcessorCount, sharedMemPerBlockOptin
+
+
+def lib():
+    return cpp._lib()
+
+
+@contextlib.contextmanager
+def emulated(sms: int, smem: int):
+    lib()._set_persist_emulation(sms, smem)
+    try:
+        yield
+    finally:
+        lib()._set_persist_emulation(0, 0)
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def smem_bytes(G: int, H: int, U: int, bt: int, esize: int) -> int:
+    return (bt * 65 + THREADS * TILE) * 4 + G * H * U * esize
+
+
+def feasible(G: int, B: int, H: int, esize: int, sms: int, smem: int) -> bool:
+    """Whether any split into U units x bt rows per block fits: brute force over every U and bt."""
+    for U, bt in itertools.product(range(1, H + 1), range(1, B + 1)):
+        if (cdiv(H, U) * cdiv(B, bt) <= sms and smem_bytes(G, H, U, bt, esize) <= smem
+                and cdiv(G * U, 4) * cdiv(bt, 4) <= THREADS):
+            return True
+    return False
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("esize", [4, 2], ids=["fp32", "16bit"])
+@pytest.mark.parametrize("B", [1, 7, 64, 256])
+@pytest.mark.parametrize("H", [1, 33, 128, 512, 1024, 4096])
+def test_plan_respects_the_device(mode, esize, B, H):
+    """Every block's hidden units with all their gates, every batch row once, no more blocks than SMs (the grid
+    barrier needs them resident), shared memory within the opt-in limit, each thread at most one 4 x 4 tile."""
+    G = GATES[mode]
+    p = lib().persist_plan(G, B, H, esize, **H200)
+    assert (p["scheme"] == "per-step") == (not feasible(G, B, H, esize, **H200)), p
+    if p["scheme"] == "per-step":
+        return
+    U, S, bt, tiles = p["units"], p["slices"], p["batch_tile"], p["tiles"]
+    assert (S - 1) * U < H <= S * U and (tiles - 1) * bt < B <= tiles * bt
+    assert p["blocks"] == S * tiles <= H200["sms"]
+    assert p["smem"] == smem_bytes(G, H, U, bt, esize) <= H200["smem"]
+    for R in (G * U, U):  # forward and backward GEMM tiles
+        assert cdiv(R, 4) * cdiv(bt, 4) <= THREADS
+    assert p["scheme"] == ("block" if S == 1 else "grid")
+
+
+def test_plan_takes_the_per_step_path_where_w_hh_cannot_stay_on_chip():
+    assert lib().persist_plan(4, 64, 4096, 4, **H200)["scheme"] == "per-step"
+    assert lib().persist_plan(4, 64, 512, 4, **H200)["scheme"] == "grid"
+    # one SM's worth of W_hh: no barrier between blocks at all
+    assert lib().persist_plan(1, 16, 64, 4, **H200)["scheme"] == "block"
+
+
+# (sms, smem) of the emulated device: a roomy one, one that forces hidden units over several blocks (grid
+# barrier) with batch tiles, and a tiny one where each block owns a single unit.
+DEVICES = {"roomy": (132, 232448), "split": (6, 16 * 1024 + 65 * 4 * 8 + 8000), "unit": (100, 16384 + 2 * 260 + 600)}
+CASES = [Case(m, 5, 6, 7, 33, bias=bias, packed=packed, reverse=rev)
+         for m, bias, packed, rev in itertools.product(MODES, (True, False), (False, True), (False, True))
+         if bias or not packed] + one_step_and_one_unit(4) + [Case(m, 3, 70, 5, 20, packed=True) for m in MODES]
+# the (device, case) pairs with a persistent plan (the others would take the per-step path)
+RUNS = [(d, c) for d in DEVICES for c in CASES if lib().persist_plan(GATES[c.mode], c.B, c.H, 4, *DEVICES[d])["blocks"]]
+
+
+@pytest.mark.parametrize("device, c", RUNS, ids=[f"{d}-{c.id}" for d, c in RUNS])
+def test_block_program_matches_reference(device, c):
+    with emulated(*DEVICES[device]), nan_poisoned(CPU32):
+        assert_matches_reference(CPU32, c)
+
+
+def test_emulated_plans_cover_both_schemes_and_batch_tiles():
+    """The runs above exercise what they claim: hidden units split over blocks with several batch tiles, a
+    single unit per block, block plans; and every case under at least two devices."""
+    plans = [lib().persist_plan(GATES[c.mode], c.B, c.H, 4, *DEVICES[d]) for d, c in RUNS]
+    assert any(p["slices"] > 1 and p["tiles"] > 1 for p in plans)
+    assert any(p["scheme"] == "block" and p["tiles"] > 1 for p in plans)
+    assert any(p["units"] == 1 and p["slices"] > 1 for p in plans)
+    assert all(sum(c == k for _, k in RUNS) >= 2 for c in CASES)
+
+
+def test_emulation_is_deterministic_and_off_after_the_hook():
+    c = Case("LSTM", 4, 9, 5, 40, packed=True)
+    from layer_cases import make_inputs, run
+
+    inputs = make_inputs(c, CPU32)
+    with emulated(*DEVICES["split"]):
+        a = run(CPU32.layer, c, inputs)
+        b = run(CPU32.layer, c, inputs)
+    for x, y in zip(a[0], b[0]):
+        assert torch.equal(x, y)
+    for k in a[1]:
+        assert torch.equal(a[1][k], b[1][k])
+    assert_matches_reference(CPU32, c, inputs)  # the engine again, hook off
