@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
 # The GPU check in one command, for a machine with a CUDA GPU:
-#   1. build fastrnn._C in place (with its CUDA kernels when nvcc and a CUDA build of torch are there);
-#   2. the tests that carry the `cuda` marker (python -m pytest -m cuda);
-#   3. compute-sanitizer's memcheck and racecheck over benchmarks/gpu_smoke.py (every kernel once, fwd+bwd);
-#   4. the benchmark on CUDA against cuDNN (python benchmarks/bench_rnn.py --quick --device cuda).
+#   1. build fastrnn._C in place for the present GPU's architecture only (FASTRNN_CUDA_ARCHS overrides);
+#   2. the tests that carry the `cuda` marker (python -m pytest -m cuda; in parallel with pytest-xdist), once on
+#      the per-step path and once with the persistent engine on (FASTRNN_PERSISTENT=1);
+#   3. compute-sanitizer's memcheck, racecheck and synccheck over benchmarks/gpu_smoke.py (every kernel once,
+#      fwd+bwd), with the persistent engine on (memcheck also without);
+#   4. the benchmark on CUDA against cuDNN with the persistent engine on (python benchmarks/bench_rnn.py --quick
+#      --device cuda).
+# Each step has a time limit (seconds, in STEPS below), so a hang costs one step, not the session.
 # Everything goes to benchmarks/results/gpu/ (or --out DIR): one log per step and summary.md.
 #
 #   bash benchmarks/gpu_check.sh             # run it
@@ -44,22 +48,31 @@ find_sanitizer() {
 }
 SANITIZER=$(find_sanitizer || echo compute-sanitizer)
 
-# name | command: the steps, in order
-STEPS=()
-[ $BUILD = 1 ] && STEPS+=("build|$PY setup.py build_ext --inplace")
-STEPS+=("backends|$PY -m fastrnn")
-STEPS+=("cuda-tests|$PY -m pytest -m cuda -q -p no:cacheprovider")
+# the present GPU's compute capability ("90"), for a build of that architecture alone
+ARCH=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1 | tr -d '. ')
+XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n 10")
+ON="FASTRNN_PERSISTENT=1"
 # PYTORCH_NO_CUDA_MEMORY_CACHING: every tensor its own allocation, so memcheck sees overruns into
 # neighbouring tensors that the caching allocator would hide inside one block
-for tool in memcheck racecheck; do
-    STEPS+=("$tool|PYTORCH_NO_CUDA_MEMORY_CACHING=1 $SANITIZER --tool $tool --error-exitcode 3 $PY benchmarks/gpu_smoke.py")
+SAN="PYTORCH_NO_CUDA_MEMORY_CACHING=1 $SANITIZER --error-exitcode 3"
+
+# name | time limit (s) | command: the steps, in order
+STEPS=()
+[ $BUILD = 1 ] && STEPS+=("build|300|FASTRNN_CUDA_ARCHS=${FASTRNN_CUDA_ARCHS:-${ARCH:-90}} MAX_JOBS=${MAX_JOBS:-16} $PY setup.py build_ext --inplace")
+STEPS+=("backends|60|$ON $PY -m fastrnn")
+STEPS+=("cuda-tests|240|$PY -m pytest -m cuda -q -p no:cacheprovider $XDIST")
+STEPS+=("cuda-tests-persistent|240|$ON $PY -m pytest -m cuda -q -p no:cacheprovider $XDIST")
+STEPS+=("memcheck|120|$SAN --tool memcheck $PY benchmarks/gpu_smoke.py")
+for tool in memcheck racecheck synccheck; do
+    STEPS+=("$tool-persistent|180|$ON $SAN --tool $tool $PY benchmarks/gpu_smoke.py")
 done
-[ $BENCH = 1 ] && STEPS+=("benchmark|$PY benchmarks/bench_rnn.py --quick --device cuda --out $OUT")
+[ $BENCH = 1 ] && STEPS+=("benchmark|300|$ON $PY benchmarks/bench_rnn.py --quick --device cuda --out $OUT")
 
 if [ $DRY = 1 ]; then
     echo "gpu_check plan (from the repository root; logs and summary.md in $OUT/):"
     for step in "${STEPS[@]}"; do
-        echo "  ${step%%|*}: ${step#*|}  > $OUT/${step%%|*}.log"
+        IFS='|' read -r name limit cmd <<< "$step"
+        echo "  $name: $cmd  > $OUT/$name.log (limit ${limit} s)"
     done
     exit 0
 fi
@@ -88,19 +101,21 @@ SUMMARY="$OUT/summary.md"
 
 failed=0
 for step in "${STEPS[@]}"; do
-    name=${step%%|*}
-    cmd=${step#*|}
+    IFS='|' read -r name limit cmd <<< "$step"
     log="$OUT/$name.log"
     echo "== $name: $cmd"
     start=$SECONDS
-    { echo "\$ $cmd"; bash -c "$cmd"; } > "$log" 2>&1
+    { echo "\$ $cmd"; timeout -k 10 "$limit" bash -c "$cmd"; } > "$log" 2>&1
     rc=$?
     if [ $rc = 0 ]; then
         result="passed"
-    elif [ "$name" = cuda-tests ] && [ $rc = 5 ]; then
+    elif [ $rc = 124 ] || [ $rc = 137 ]; then
+        result="**TIMED OUT** after ${limit} s"
+        failed=1
+    elif [ "${name%-persistent}" = cuda-tests ] && [ $rc = 5 ]; then
         # pytest's "no tests collected": no test carries the marker yet, which is no failure of the GPU
         result="no tests carry the \`cuda\` marker yet"
-    elif [ "$name" = memcheck ] || [ "$name" = racecheck ] && ! command -v "$SANITIZER" >/dev/null 2>&1; then
+    elif [[ "$name" == *check* ]] && ! command -v "$SANITIZER" >/dev/null 2>&1; then
         result="**FAILED**: compute-sanitizer not found (CUDA toolkit's bin/ on PATH, or CUDA_HOME)"
         failed=1
     else

@@ -102,6 +102,13 @@ void emulate_bwd(const Bwd& f) {
   }
 }
 
+// Host indices on x's device. To CUDA through pinned memory without blocking: the caching host allocator keeps
+// the pinned block until the copy on the current stream has run.
+Tensor indices_on(const std::vector<int64_t>& v, const Tensor& x) {
+  Tensor host = at::tensor(v, at::TensorOptions().dtype(at::kLong));
+  return x.is_cpu() ? host : host.pin_memory().to(x.device(), /*non_blocking=*/true);
+}
+
 // The step layout for the kernels: nullptr when dense; else size and off, on the device of x.
 struct LayoutBuf {
   Tensor t;
@@ -110,7 +117,7 @@ struct LayoutBuf {
     if (!pr.packed) return;
     std::vector<int64_t> v(pr.size.begin(), pr.size.end());
     v.insert(v.end(), pr.off.begin(), pr.off.begin() + pr.T);
-    t = at::tensor(v, at::TensorOptions().dtype(at::kLong)).to(x.device(), /*non_blocking=*/false);
+    t = indices_on(v, x);
     lay.size = t.data_ptr<int64_t>();
     lay.off = lay.size + pr.T;
   }
@@ -250,8 +257,7 @@ std::vector<Tensor> bwd(const Problem& pr, const Plan& plan, const Tensor& x, co
       const PrevStep prev = prev_step(pr, t, reverse);
       for (int64_t b = 0; b < pr.size[t]; ++b) idx[pr.off[t] + b] = b < prev.rows ? pr.off[prev.t] + b : N + b;
     }
-    const Tensor index = at::tensor(idx, at::TensorOptions().dtype(at::kLong)).to(x.device());
-    hprev = at::cat({y, h0}).index_select(0, index);
+    hprev = at::cat({y, h0}).index_select(0, indices_on(idx, x));
   }
   GradSums sums = grad_sums(pr, x, w_ih, w_hh, has_b_ih, has_b_hh, need_dx, N);
   flush_chunk(pr, reverse, 0, N, dgx, dgh, x, y, h0, hprev, w_ih, sums);

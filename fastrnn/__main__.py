@@ -34,7 +34,30 @@ def report() -> str:
         for dtype in (torch.float32, torch.bfloat16):
             lines.append(f"{dev} {dtype}:")
             lines.append(backend.availability_report(dev, dtype))
+    if _ext._C is not None and torch.cuda.is_available() and _ext._C.build_info().get("with_cuda"):
+        lines += persistent_report()
     return "\n".join(lines)
+
+
+# (batch, hidden) of the benchmark's standard configurations
+_PLAN_SHAPES = ((64, 256), (64, 1024), (1, 512), (16, 128), (64, 512))
+
+
+def persistent_report() -> list:
+    """The persistent CUDA engine's scheme per mode and standard shape on the current GPU."""
+    from fastrnn.ops import MODES, cpp
+
+    on = cpp.persistent_plan("LSTM", 1, 1)["enabled"]
+    lines = [f"cuda persistent engine (FASTRNN_PERSISTENT=1 {'set' if on else 'not set: every call per-step'}),"
+             " fp32 scheme [blocks, units per block x batch rows per block]:"]
+    for mode in MODES:
+        cells = []
+        for B, H in _PLAN_SHAPES:
+            p = cpp.persistent_plan(mode, B, H)
+            detail = f" [{p['blocks']}, {p['units']}x{p['batch_tile']}]" if p["blocks"] else ""
+            cells.append(f"B={B} H={H}: {p['scheme']}{detail}")
+        lines.append(f"  {mode}: " + "; ".join(cells))
+    return lines
 
 
 if __name__ == "__main__":

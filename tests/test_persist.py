@@ -5,6 +5,7 @@ under plans that split the hidden units over blocks (a grid barrier per step) an
 
 import contextlib
 import itertools
+import os
 
 import pytest
 import torch
@@ -117,3 +118,15 @@ def test_emulation_is_deterministic_and_off_after_the_hook():
     for k in a[1]:
         assert torch.equal(a[1][k], b[1][k])
     assert_matches_reference(CPU32, c, inputs)  # the engine again, hook off
+
+
+def test_persistent_plan_says_which_scheme_and_why():
+    """The explain helper on a described device (none is needed here): proj_size and fp64 keep the per-step
+    path, a device without cooperative launch gets no grid plan, and the switch is reported."""
+    plan = cpp.persistent_plan("LSTM", 64, 512, torch.float32, limits=H200)
+    assert plan["scheme"] == "grid" and plan["blocks"] <= H200["sms"] and plan["why"]
+    assert plan["enabled"] == (os.environ.get("FASTRNN_PERSISTENT") == "1")
+    assert cpp.persistent_plan("LSTM", 64, 512, proj_size=128, limits=H200)["scheme"] == "per-step"
+    assert cpp.persistent_plan("GRU", 64, 512, torch.float64, limits=H200)["scheme"] == "per-step"
+    no_coop = cpp.persistent_plan("LSTM", 64, 512, limits=dict(H200, cooperative=False))
+    assert no_coop["scheme"] in ("block", "per-step") and no_coop["blocks"] <= 1

@@ -21,7 +21,7 @@ CSV_FIELDS = (
     "tokens_per_s", "tokens_per_s_q1", "tokens_per_s_q3",
     "ratio_vs_torch_nn", "ratio_ci_lo", "ratio_ci_hi", "ratio_q1", "ratio_q3",
     "compile_s", "peak_mem_bytes", "max_err", "round_times_s", "round_ratios",
-    "variant", "proj_size", "autocast", "gemm_flops", "gflops_per_s", "peak_gflops_per_s", "peak_fraction",
+    "variant", "proj_size", "autocast", "gemm_flops", "gflops_per_s", "peak_gflops_per_s", "peak_dtype", "peak_fraction",
 )  # fmt: skip
 # what identifies a result across runs; "variant" came later, so older CSVs read as its empty default
 KEY_FIELDS = CSV_FIELDS[:12] + ("variant",)
@@ -32,10 +32,22 @@ def _dtype_name(dtype: Optional[torch.dtype]) -> str:
     return "" if dtype is None else str(dtype).replace("torch.", "")
 
 
+def roofline_peak(peaks: Optional[Peaks], dtype: Optional[torch.dtype]) -> Optional[Tuple[float, str]]:
+    """(GF/s, dtype name) of the GEMM peak that bounds a case computing in ``dtype``: its own, except where a
+    16-bit GEMM runs slower than fp32 (a CPU without bf16/fp16 arithmetic emulates it), where the fastest way to
+    compute the case is in fp32 (fastrnn's 16-bit path does so) and the fp32 peak bounds it."""
+    own, fp32 = (peaks or {}).get(_dtype_name(dtype)), (peaks or {}).get("float32")
+    if own is None:
+        return None
+    if dtype in (torch.bfloat16, torch.float16) and fp32 is not None and fp32[0] > own[0]:
+        return fp32[0], "float32"
+    return own[0], _dtype_name(dtype)
+
+
 def summarize(case: Case, mode: str, entries: List[Entry], peaks: Optional[Peaks] = None) -> List[dict]:
     base = next((e for e in entries if e.impl == BASELINE and e.times), None)
     flops = gemm_flops(case, mode)
-    peak = (peaks or {}).get(_dtype_name(case.compute_dtype))
+    peak = roofline_peak(peaks, case.compute_dtype)
     rows = []
     for e in entries:
         row = dict(
@@ -45,7 +57,7 @@ def summarize(case: Case, mode: str, entries: List[Entry], peaks: Optional[Peaks
             status=e.status, note=e.note, tokens=case.tokens, repeats=len(e.times),
             calls_per_repeat=e.calls if e.times else "", variant=case.variant, proj_size=case.proj_size,
             autocast=_dtype_name(case.autocast), gemm_flops=flops,
-            peak_gflops_per_s=f"{peak[0]:.4g}" if peak else "",
+            peak_gflops_per_s=f"{peak[0]:.4g}" if peak else "", peak_dtype=peak[1] if peak else "",
         )  # fmt: skip
         row.update({k: "" for k in CSV_FIELDS if k not in row})
         if e.err is not None:
@@ -86,17 +98,32 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
+def cpu_description() -> str:
+    """The CPU's model name with its family/model numbers and vector ISA: a VM may name every generation of a
+    vendor's server CPUs alike ("AMD EPYC"), and what the figures mean depends on AVX-512 and its bf16 part."""
+    fields: Dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for ln in f:
+                if ":" in ln:
+                    key, value = (x.strip() for x in ln.split(":", 1))
+                    fields.setdefault(key, value)
+    except OSError:
+        return platform.processor() or platform.machine()
+    flags = set(fields.get("flags", "").split())
+    isa = ("AVX-512" + (" with AVX512-BF16" if "avx512_bf16" in flags else ", no AVX512-BF16") if "avx512f" in flags
+           else "AVX2+FMA, no AVX-512" if {"avx2", "fma"} <= flags else "no AVX2")
+    name = fields.get("model name", platform.processor() or platform.machine())
+    family = f"family {fields['cpu family']} model {fields['model']}, " if "cpu family" in fields else ""
+    return f"{name} ({family}{isa})"
+
+
 def machine_info(device: torch.device) -> Dict[str, str]:
     import fastrnn
     from fastrnn import _ext
     from importlib import metadata
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
-    except OSError:
-        pass
+    cpu = cpu_description()
     try:
         # the installed distribution's version: importing triton would load a GPU compiler stack (and its
         # nanobind bindings) into runs that never use it
@@ -197,7 +224,9 @@ def write_markdown(
         "implementation but torch.nn, the median of the per-round ratio tokens/s ÷ torch.nn's tokens/s "
         f"(above 1: faster than torch.nn) with the {CI_LEVEL:.0%} confidence interval of that median; in "
         "brackets, the model's GEMM FLOPs per second as a fraction of the GEMM peak measured in this run "
-        "for the dtype the case computes in (benchmarks/README.md, \"Roofline\").",
+        "for the dtype the case computes in, or fp32's where a 16-bit GEMM runs slower than fp32 here (no "
+        "16-bit arithmetic on this CPU; the `peak_dtype` column of the CSV says which) (benchmarks/README.md, "
+        "\"Roofline\").",
     ]
     by_case: Dict[Tuple, Dict[str, dict]] = {}
     for row in rows:
@@ -225,7 +254,7 @@ def write_markdown(
         "during one call above what was allocated before it. Compile time is the first call's time minus "
         "the median call time and is not part of the throughput. GFLOP: the model's GEMM FLOPs per call; "
         "GF/s: those over the median time; % peak: GF/s over the measured GEMM peak of the case's compute "
-        "dtype. Implementations not run on this machine are left out.",
+        "dtype (fp32's where that runs 16-bit GEMMs faster). Implementations not run on this machine are left out.",
         "",
         "| cell | T,B,I,H,L | mode | impl | status | median ms | IQR ms | tokens/s | ratio (CI) | GFLOP | GF/s "
         "| % peak | peak memory | compile s | calls × rounds | note |",

@@ -9,6 +9,7 @@ round what they return, on the CPU and on CUDA alike.
 """
 
 import functools
+import os
 from typing import Optional
 
 import torch
@@ -55,6 +56,28 @@ def _arch_mismatch(device: torch.device) -> Optional[str]:
         return None
     return (f"fastrnn._C was built for sm_{', sm_'.join(archs)} and cannot run on this sm_{capability[0]}"
             f"{capability[1]} GPU; rebuild with FASTRNN_CUDA_ARCHS including {capability[0]}{capability[1]}")
+
+
+def persistent_plan(mode: str, batch: int, hidden: int, dtype: torch.dtype = torch.float32, *,
+                    device: Optional[torch.device] = None, proj_size: int = 0, limits: Optional[dict] = None) -> dict:
+    """How the ``cpp`` backend runs one layer of ``mode`` at this batch and hidden size on a CUDA device: the
+    persistent engine's scheme (``"block"``: each block holds all of W_hh for its batch rows; ``"grid"``: hidden
+    units split over blocks, a grid barrier per step; ``"per-step"``: a cuBLAS GEMM and a cell kernel per step),
+    its blocks, shared memory, and why. ``limits`` (``{"sms": ..., "smem": ...}``) stands for a device that is
+    not here; otherwise ``device`` (default: the current CUDA device) is asked. ``enabled`` says whether
+    ``FASTRNN_PERSISTENT=1`` is set, without which every CUDA call takes the per-step path."""
+    if limits is None:
+        limits = dict(_lib().cuda_limits(torch.device(device or "cuda").index or 0))
+    plan = dict(_lib().persist_plan(_ops.GATES[mode], batch, hidden, torch.tensor([], dtype=dtype).element_size(),
+                                    limits["sms"], limits["smem"]))
+    if limits.get("cooperative") is False and plan["scheme"] == "grid":
+        plan = dict(_lib().persist_plan(_ops.GATES[mode], batch, hidden,
+                                        torch.tensor([], dtype=dtype).element_size(), 1, limits["smem"]))
+    if proj_size or dtype == torch.float64:
+        plan = dict(plan, scheme="per-step", blocks=0,
+                    why="proj_size: the per-step path" if proj_size else "fp64: the per-step path")
+    plan["enabled"] = os.environ.get("FASTRNN_PERSISTENT") == "1"
+    return plan
 
 
 def _lib() -> object:
