@@ -12,6 +12,9 @@ sys.path.insert(0, os.path.dirname(__file__))
 if "triton" not in sys.modules and not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# cuBLAS is deterministic only with a fixed workspace; set before CUDA starts (tests/test_deterministic.py)
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
 import fastrnn  # noqa: E402
 from fastrnn import backend as _backend  # noqa: E402
 

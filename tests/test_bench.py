@@ -20,7 +20,8 @@ from rnnbench import cases, cli, report, runner, timing  # noqa: E402
 from conftest import nn_lstm_autocast_error  # noqa: E402
 
 IMPLS = ["fastrnn-reference", "torch.nn", "loop-eager"]
-# On a CPU the Triton backend never counts as runnable, so it always exercises the "unavailable" path.
+# On a CPU (the runs below ask for it, also where a GPU is present) the Triton backend never counts as runnable,
+# so it always exercises the "unavailable" path.
 ABSENT = "fastrnn-triton"
 ALL_CELLS = ["lstm", "gru", "rnn_tanh", "rnn_relu"]
 
@@ -29,7 +30,7 @@ def _run(tmp_path, cells, extra, in_process):
     """The CLI's stdout; in a subprocess, or in this process where a second torch import would cost most of
     the test's time."""
     argv = [
-        "--config", "3,2,4,5,1", "--passes", "2", "--repeats", "2", "--warmup", "1", "--min-time", "0.001", "--threads", "1",
+        "--device", "cpu", "--config", "3,2,4,5,1", "--passes", "2", "--repeats", "2", "--warmup", "1", "--min-time", "0.001", "--threads", "1",
         "--gemm-size", "128", "--cells", ",".join(cells), "--impls", ",".join(IMPLS + [ABSENT]), "--out", str(tmp_path), *extra,
     ]  # fmt: skip
     if not in_process:
@@ -112,7 +113,7 @@ def test_cli_writes_csv_markdown_png(tmp_path, cells, extra, in_process):
         assert all(int(r["tokens"]) == 6 for r in rows)
 
     md = (tmp_path / "results.md").read_text()
-    assert f"python benchmarks/bench_rnn.py --config 3,2,4,5,1" in md and f" --out {tmp_path.name} " in md
+    assert f"python benchmarks/bench_rnn.py --device cpu --config 3,2,4,5,1" in md and f" --out {tmp_path.name} " in md
     assert str(tmp_path.parent) not in md
     assert "| GEMM peak | float32 " in md
     assert "| CPU |" in md and "| torch |" in md and "| triton |" in md

@@ -211,3 +211,32 @@ def test_bad_ext_is_named(mode, change, message, via):
             cpp.layer(*args[:11], ext=CellExt(*args[11:]))
         else:
             cpp._lib().layer_ext_fwd(*args[:11], list(args[11:]), False)
+
+
+CUDA_DTYPES = [d for d in (torch.float32, torch.float64, torch.bfloat16, torch.float16) if torch.cuda.is_available()
+               and _backend.reason_unavailable("cpp", torch.device("cuda"), d) is None]
+CUDA_CASES = [Case(m, 5, 3, 4, 6, packed=p, reverse=p) for m in MODES for p in (False, True)] + [
+    Case("LSTM", 4, 3, 3, 5, proj=3, packed=True), Case("GRU", 3, 2, 5, 513), Case("LSTM", 1, 3, 2, 1)]
+
+
+def cuda_inputs(c: Case, dtype: torch.dtype, feature: str):
+    """The CPU tests' inputs and CellExt, made on the CPU (same draws) and moved to the GPU; batch_sizes stays."""
+    inputs = make_inputs(c, Impl("cpp", "cpu", dtype))
+    ext = make_ext(c, inputs, feature)
+    move = lambda t: t if t is None or t.dtype == torch.int64 else t.to("cuda")  # noqa: E731
+    return {k: move(v) for k, v in inputs.items()}, CellExt(*map(move, ext))
+
+
+if CUDA_DTYPES:  # collected only where a GPU is present
+    @pytest.mark.cuda
+    @pytest.mark.parametrize("dtype", CUDA_DTYPES, ids=lambda d: str(d)[6:])
+    @pytest.mark.parametrize("feature", ["ln-zo-rd", "ln", "zo", "rd", "ln-zo_eval"])
+    @pytest.mark.parametrize("c", CUDA_CASES, ids=lambda c: c.id)
+    def test_cuda_matches_reference(c, feature, dtype):
+        """csrc/cell_ln_cuda.cu against the equations (the reference backend): fp32/fp64 against fp64, 16-bit against
+        the reference in the same dtype (both compute in fp32), NaN-filled workspaces."""
+        inputs, ext = cuda_inputs(c, dtype, feature)
+        with nan_poisoned(Impl("cpp", "cuda", dtype)):
+            outs, _ = assert_layer_matches(cpp.layer, c, inputs, ext,
+                                           torch.float64 if dtype in (torch.float32, torch.float64) else None)
+        assert all(o.is_cuda for o in outs)

@@ -16,8 +16,15 @@ from layer_cases import Case, Impl, one_step_and_one_unit, make_inputs
 from test_cpp_ext import _ext_args, assert_layer_matches, make_ext, run
 
 tb = _backend._module("triton")
-pytestmark = pytest.mark.skipif(_backend.reason_unavailable("triton", torch.device("cpu"), torch.float32) is not None,
-                                reason="Triton kernels run here only under TRITON_INTERPRET=1")
+CPU_REASON = _backend.reason_unavailable("triton", torch.device("cpu"), torch.float32)
+
+
+@pytest.fixture(autouse=True)
+def _cpu_needs_the_interpreter(request):
+    """The CPU cases run the kernels in Triton's interpreter (TRITON_INTERPRET=1, set where no GPU is present);
+    the CUDA cases need none."""
+    if CPU_REASON is not None and request.node.get_closest_marker("cuda") is None:
+        pytest.skip(f"Triton on the CPU: {CPU_REASON}")
 
 
 def assert_matches_fp64(c: Case, dtype: torch.dtype, feature: str):
@@ -97,3 +104,21 @@ def test_fake_kernel_matches(dtype):
     args = _ext_args(c, inputs, make_ext(c, inputs, "ln-zo-rd")) + (None, False, True)
     torch.library.opcheck(tb.layer.ext_fwd, args, test_utils=("test_faketensor",))
 
+
+CUDA_DTYPES = [d for d in (torch.float32, torch.bfloat16) if torch.cuda.is_available()
+               and _backend.reason_unavailable("triton", torch.device("cuda"), d) is None]
+
+
+if CUDA_DTYPES:  # collected only where a GPU is present
+    @pytest.mark.cuda
+    @pytest.mark.parametrize("dtype", CUDA_DTYPES, ids=lambda d: str(d)[6:])
+    @pytest.mark.parametrize("feature", ["ln-zo-rd", "ln", "zo", "rd"])
+    @pytest.mark.parametrize("c", CASES + [Case("LSTM", 2, 2, 3, 1030), Case("GRU", 3, 2, 4, 63, reverse=True)],
+                             ids=lambda c: c.id)
+    def test_cuda_matches_fp64(c, feature, dtype):
+        """fastrnn/ops/triton/ext.py compiled for the GPU, against the reference backend in fp64 (16-bit: the
+        reference in the same dtype, as tests/test_cpp_ext.py judges 16-bit)."""
+        from test_cpp_ext import cuda_inputs
+
+        inputs, ext = cuda_inputs(c, dtype, feature)
+        assert_layer_matches(tb.layer, c, inputs, ext, torch.float64 if dtype == torch.float32 else None)
