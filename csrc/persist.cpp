@@ -32,6 +32,20 @@ bool cuda_enabled() {
   return v != nullptr && std::strcmp(v, "1") == 0;
 }
 
+// One block's GEMM of a step as persist_cuda.cu's block_gemm runs it: each phase on every thread before the next
+// (the block barrier), each thread's accumulators kept across K chunks in `acc` ([kThreads][kTile]).
+template <class A, class Sink>
+void emulate_gemm(const Gemm& g, const Smem<float>& sm, int64_t n, const A& a, const Sink& sink,
+                  std::vector<float>& acc) {
+  std::fill(acc.begin(), acc.end(), 0.0f);
+  for (int64_t k0 = 0; k0 < g.K; k0 += kChunk) {
+    for (int tid = 0; tid < kThreads; ++tid) stage(g, sm, tid, k0, n, a);
+    for (int tid = 0; tid < kThreads; ++tid) accumulate(g, sm, tid, k0, n, &acc[tid * kTile]);
+  }
+  for (int tid = 0; tid < kThreads; ++tid) spill(g, sm, tid, &acc[tid * kTile]);
+  for (int tid = 0; tid < kThreads; ++tid) reduce(g, sm, tid, n, sink);
+}
+
 // The block program on the CPU: every block's threads phase by phase with the barriers in between, all blocks
 // through one step before the next (what the grid barrier guarantees), as in persist_cuda.cu's kernels.
 template <class Op>
@@ -51,17 +65,11 @@ void emulate_fwd(const Fwd& f) {
       const Owned o = owned(p, f.H, b);
       const int64_t n = tile_rows(p, o, s);
       if (n == 0) continue;
-      const Smem<float> sm = Smem<float>::carve(smem[b].data(), p.bt);
-      const FwdOperand<float> a{static_cast<const float*>(f.base.y), static_cast<const float*>(f.h0), f.H, o.r0, s};
-      std::fill(acc.begin(), acc.end(), 0.0f);
-      for (int64_t k0 = 0; k0 < g.K; k0 += kChunk) {
-        for (int tid = 0; tid < kThreads; ++tid) stage(g, sm, tid, k0, n, a);
-        for (int tid = 0; tid < kThreads; ++tid) accumulate(g, sm, tid, k0, n, &acc[tid * kTile]);
-      }
-      for (int tid = 0; tid < kThreads; ++tid) spill(g, sm, tid, &acc[tid * kTile]);
-      const FwdSink<float> sink{static_cast<float*>(const_cast<void*>(f.base.hg)), f.H, f.G, p.units, o.u0, o.r0};
-      for (int tid = 0; tid < kThreads; ++tid) reduce(g, sm, tid, n, sink);
-      for (int tid = 0; tid < kThreads; ++tid) fwd_cell<Op, float>(f, o, s, n, tid);
+      emulate_gemm(g, Smem<float>::carve(smem[b].data(), p.bt), n,
+                   FwdOperand<float>{static_cast<const float*>(f.base.y), static_cast<const float*>(f.h0), f.H, o.r0, s},
+                   FwdSink<float>{static_cast<float*>(const_cast<void*>(f.base.hg)), f.H, f.G, p.units, o.u0, o.r0}, acc);
+      const CellParams cp = fwd_step_params<float>(f, s);
+      for (int tid = 0; tid < kThreads; ++tid) cell_phase<Op, float>(cp, o, n, tid);
     }
   }
 }
@@ -82,22 +90,16 @@ void emulate_bwd(const Bwd& f) {
     for (int64_t b = 0; b < blocks; ++b) {
       const Owned o = owned(p, f.H, b);
       const int64_t n = tile_rows(p, o, s);
-      for (int tid = 0; tid < kThreads && n > 0; ++tid) bwd_cell<Op, float>(f, o, s, n, tid);
+      const CellGradParams cp = bwd_step_params<float>(f, s);
+      for (int tid = 0; tid < kThreads && n > 0; ++tid) cell_phase<Op, float>(cp, o, n, tid);
     }
     for (int64_t b = 0; b < blocks; ++b) {
       const Owned o = owned(p, f.H, b);
       const int64_t n = tile_rows(p, o, s);
       if (n == 0) continue;
-      const Smem<float> sm = Smem<float>::carve(smem[b].data(), p.bt);
-      const BwdOperand<float> a{static_cast<const float*>(f.base.dgh), f.G * f.H, o.r0, s};
-      std::fill(acc.begin(), acc.end(), 0.0f);
-      for (int64_t k0 = 0; k0 < g.K; k0 += kChunk) {
-        for (int tid = 0; tid < kThreads; ++tid) stage(g, sm, tid, k0, n, a);
-        for (int tid = 0; tid < kThreads; ++tid) accumulate(g, sm, tid, k0, n, &acc[tid * kTile]);
-      }
-      for (int tid = 0; tid < kThreads; ++tid) spill(g, sm, tid, &acc[tid * kTile]);
-      const BwdSink<float> sink{static_cast<float*>(f.base.dh_prev), f.H, o.u0, o.r0, f.gru};
-      for (int tid = 0; tid < kThreads; ++tid) reduce(g, sm, tid, n, sink);
+      emulate_gemm(g, Smem<float>::carve(smem[b].data(), p.bt), n,
+                   BwdOperand<float>{static_cast<const float*>(f.base.dgh), f.G * f.H, o.r0, s},
+                   BwdSink<float>{static_cast<float*>(f.base.dh_prev), f.H, o.u0, o.r0, f.gru}, acc);
     }
   }
 }

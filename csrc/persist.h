@@ -302,9 +302,9 @@ FRNN_HD int64_t tile_rows(const Plan& p, const Owned& o, const StepRows& s) {
   return n <= 0 ? 0 : (n < p.bt ? n : p.bt);
 }
 
-template <class Op, typename T>
-FRNN_HD void fwd_cell(const Fwd& f, const Owned& o, const StepRows& s, int64_t n, int tid) {
-  const CellParams p = fwd_step_params<T>(f, s);
+// cell.h's op on the block's n rows x own units of one step, p pointed at the step's rows.
+template <class Op, typename T, class P>
+FRNN_HD void cell_phase(const P& p, const Owned& o, int64_t n, int tid) {
   for (int64_t i = tid; i < n * o.units; i += kThreads) {
     const int64_t r = i / o.units;
     Op::template elem<T>(p, o.r0 + r, o.u0 + i - r * o.units);
@@ -350,15 +350,6 @@ FRNN_HD CellGradParams bwd_step_params(const Bwd& f, const StepRows& s) {
   if (p.prev) p.prev = s.prev_rows > 0 ? static_cast<const T*>(p.prev) + s.prev_off * p.prev_stride : p.init;
   p.n_prev = s.prev_rows;
   return p;
-}
-
-template <class Op, typename T>
-FRNN_HD void bwd_cell(const Bwd& f, const Owned& o, const StepRows& s, int64_t n, int tid) {
-  const CellGradParams p = bwd_step_params<T>(f, s);
-  for (int64_t i = tid; i < n * o.units; i += kThreads) {
-    const int64_t r = i / o.units;
-    Op::template elem<T>(p, o.r0 + r, o.u0 + i - r * o.units);
-  }
 }
 
 template <typename T>

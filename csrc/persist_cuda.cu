@@ -23,6 +23,23 @@ __device__ __forceinline__ void step_barrier(const Plan& p) {
   }
 }
 
+// One block's GEMM of a step (persist.h's phases with the block barriers between them): out[n rows, g.R] =
+// A . Ws over K chunks, handed to `sink`.
+template <typename T, class A, class Sink>
+__device__ __forceinline__ void block_gemm(const Gemm& g, const Smem<T>& sm, int tid, int64_t n, const A& a,
+                                           const Sink& sink) {
+  float acc[kTile] = {};
+  for (int64_t k0 = 0; k0 < g.K; k0 += kChunk) {
+    __syncthreads();
+    stage(g, sm, tid, k0, n, a);
+    __syncthreads();
+    accumulate(g, sm, tid, k0, n, acc);
+  }
+  spill(g, sm, tid, acc);
+  __syncthreads();
+  reduce(g, sm, tid, n, sink);
+}
+
 // f: the forward of a layer (persist.h Fwd); grid: plan.tiles * plan.slices blocks of kThreads.
 template <class Op, typename T>
 __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const Fwd f) {
@@ -36,19 +53,10 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const Fwd f) {
     const StepRows s = step_rows(f.lay, k);
     const int64_t n = tile_rows(f.plan, o, s);
     if (n > 0) {
-      float acc[kTile] = {};
-      const FwdOperand<T> a{static_cast<const T*>(f.base.y), static_cast<const T*>(f.h0), f.H, o.r0, s};
-      for (int64_t k0 = 0; k0 < g.K; k0 += kChunk) {
-        __syncthreads();
-        stage(g, sm, tid, k0, n, a);
-        __syncthreads();
-        accumulate(g, sm, tid, k0, n, acc);
-      }
-      spill(g, sm, tid, acc);
+      block_gemm(g, sm, tid, n, FwdOperand<T>{static_cast<const T*>(f.base.y), static_cast<const T*>(f.h0), f.H, o.r0, s},
+                 FwdSink<T>{static_cast<T*>(const_cast<void*>(f.base.hg)), f.H, f.G, f.plan.units, o.u0, o.r0});
       __syncthreads();
-      reduce(g, sm, tid, n, FwdSink<T>{static_cast<T*>(const_cast<void*>(f.base.hg)), f.H, f.G, f.plan.units, o.u0, o.r0});
-      __syncthreads();
-      fwd_cell<Op, T>(f, o, s, n, tid);
+      cell_phase<Op, T>(fwd_step_params<T>(f, s), o, n, tid);
     }
     step_barrier(f.plan);
   }
@@ -66,20 +74,11 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const Bwd f) {
   for (int64_t k = f.lay.T - 1; k >= 0; --k) {
     const StepRows s = step_rows(f.lay, k);
     const int64_t n = tile_rows(f.plan, o, s);
-    if (n > 0) bwd_cell<Op, T>(f, o, s, n, tid);
+    if (n > 0) cell_phase<Op, T>(bwd_step_params<T>(f, s), o, n, tid);
     step_barrier(f.plan);
     if (n > 0) {
-      float acc[kTile] = {};
-      const BwdOperand<T> a{static_cast<const T*>(f.base.dgh), f.G * f.H, o.r0, s};
-      for (int64_t k0 = 0; k0 < g.K; k0 += kChunk) {
-        __syncthreads();
-        stage(g, sm, tid, k0, n, a);
-        __syncthreads();
-        accumulate(g, sm, tid, k0, n, acc);
-      }
-      spill(g, sm, tid, acc);
-      __syncthreads();
-      reduce(g, sm, tid, n, BwdSink<T>{static_cast<T*>(f.base.dh_prev), f.H, o.u0, o.r0, f.gru});
+      block_gemm(g, sm, tid, n, BwdOperand<T>{static_cast<const T*>(f.base.dgh), f.G * f.H, o.r0, s},
+                 BwdSink<T>{static_cast<T*>(f.base.dh_prev), f.H, o.u0, o.r0, f.gru});
     }
     __syncthreads();
   }
