@@ -143,30 +143,33 @@ void run(const Problem& pr, const Tensor& x, const Args& args, Emulate emulate) 
 
 }  // namespace
 
-Plan plan_for(const Problem& pr, const at::Tensor& x) {
+Plan plan_with(const Limits& lim, int64_t G, int64_t B, int64_t H, int64_t esize, bool proj) {
   Plan none;
-  Limits lim;
-  if (x.is_cpu()) {
-    if (g_emulated.sms == 0 || x.scalar_type() != at::kFloat) return none;
-    lim = g_emulated;
-  } else {
-#ifdef FASTRNN_WITH_CUDA
-    if (!x.is_cuda() || !cuda_enabled()) return none;
-    lim = limits(x.device().index());
-    if (!lim.cooperative) lim.sms = 1;  // no cooperative launch: only plans without a grid barrier
-#else
-    return none;
-#endif
-  }
-  if (pr.proj) {
+  if (proj) {
     none.why = "proj_size: the per-step path";
     return none;
   }
-  if (x.scalar_type() == at::kDouble) {
+  if (esize == 8) {
     none.why = "fp64: the per-step path";
     return none;
   }
-  return make_plan(pr.G, pr.B, pr.H, x.element_size(), lim.sms, lim.smem);
+  return make_plan(G, B, H, esize, lim.sms, lim.smem, lim.cooperative);
+}
+
+Plan plan_for(const Problem& pr, const at::Tensor& x) {
+  Limits lim;
+  if (x.is_cpu()) {
+    if (g_emulated.sms == 0 || x.scalar_type() != at::kFloat) return Plan{};
+    lim = g_emulated;
+  } else {
+#ifdef FASTRNN_WITH_CUDA
+    if (!x.is_cuda() || !cuda_enabled()) return Plan{};
+    lim = limits(x.device().index());
+#else
+    return Plan{};
+#endif
+  }
+  return plan_with(lim, pr.G, pr.B, pr.H, x.element_size(), pr.proj);
 }
 
 std::vector<Tensor> fwd(const Problem& pr, const Plan& plan, const Tensor& x, const Tensor& h0, const Tensor& c0,

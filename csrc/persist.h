@@ -78,12 +78,15 @@ FRNN_HD int64_t smem_bytes(int64_t G, int64_t H, int64_t U, int64_t bt, int64_t 
 }
 
 // The cheapest feasible (U, bt) by the cost model; kNone when even one unit per block over every SM does not
-// fit, or the problem is one the engine does not run (decided by the caller: proj_size, fp64).
-inline Plan make_plan(int64_t G, int64_t B, int64_t H, int64_t esize, int64_t sms, int64_t smem_max) {
+// fit, or the problem is one the engine does not run (decided by the caller: proj_size, fp64). Without `grid`
+// (no cooperative launch) only plans whose blocks each hold all of W_hh.
+inline Plan make_plan(int64_t G, int64_t B, int64_t H, int64_t esize, int64_t sms, int64_t smem_max,
+                      bool grid_ok = true) {
   Plan best;
-  best.why = "W_hh does not fit: one unit per block over every SM needs more shared memory than a block has";
+  best.why = grid_ok ? "W_hh does not fit: one unit per block over every SM needs more shared memory than a block has"
+                     : "no cooperative launch, and W_hh does not fit in one block";
   int64_t best_cost = -1;
-  for (int64_t slices = 1; slices <= sms && slices <= H; ++slices) {
+  for (int64_t slices = 1; slices <= (grid_ok ? sms : 1) && slices <= H; ++slices) {
     const int64_t U = cdiv(H, slices);
     if (cdiv(H, U) != slices) continue;  // the same U as a smaller slice count
     for (int64_t tiles = 1; tiles * slices <= sms && tiles <= B; ++tiles) {

@@ -4,7 +4,9 @@
 #include <cooperative_groups.h>
 #include <cuda_runtime.h>
 
+#include <mutex>
 #include <type_traits>
+#include <unordered_map>
 
 #include "persist.h"
 
@@ -131,7 +133,8 @@ void bwd_cuda(Mode m, Dtype d, const Bwd& f, void* stream) {
   run(m, d, f, stream, [](Mode mm, auto&& fn) { visit_bwd(mm, fn); });
 }
 
-Limits limits(int device) {
+namespace {
+Limits query_limits(int device) {
   Limits l;
   int sms = 0, smem = 0, coop = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
@@ -141,6 +144,17 @@ Limits limits(int device) {
   l.smem = smem;
   l.cooperative = coop != 0;
   return l;
+}
+}  // namespace
+
+// Asked once per device: every layer call plans with them.
+Limits limits(int device) {
+  static std::mutex m;
+  static std::unordered_map<int, Limits> known;
+  const std::lock_guard<std::mutex> lock(m);
+  auto it = known.find(device);
+  if (it == known.end()) it = known.emplace(device, query_limits(device)).first;
+  return it->second;
 }
 
 }  // namespace persist

@@ -226,6 +226,9 @@ namespace persist {
 // FASTRNN_PERSISTENT=1, or CPU fp32 under the emulation test hook; then its forward and backward, with
 // layer_fwd / layer_bwd's returns (saved activations in PyTorch's layout, as the per-step path).
 Plan plan_for(const Problem& pr, const at::Tensor& x);
+// The plan on a device of limits `lim` for G gates, batch B, hidden H, element size esize (8: fp64), with or
+// without proj_size: what plan_for decides once it knows the device, and what persistent_plan() reports.
+Plan plan_with(const Limits& lim, int64_t G, int64_t B, int64_t H, int64_t esize, bool proj);
 std::vector<at::Tensor> fwd(const Problem& pr, const Plan& plan, const at::Tensor& x, const at::Tensor& h0,
                             const at::Tensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
                             const at::Tensor& bias, const at::Tensor& b_hn, bool reverse, bool save);

@@ -69,13 +69,7 @@ def persistent_plan(mode: str, batch: int, hidden: int, dtype: torch.dtype = tor
     if limits is None:
         limits = dict(_lib().cuda_limits(torch.device(device or "cuda").index or 0))
     plan = dict(_lib().persist_plan(_ops.GATES[mode], batch, hidden, torch.tensor([], dtype=dtype).element_size(),
-                                    limits["sms"], limits["smem"]))
-    if limits.get("cooperative") is False and plan["scheme"] == "grid":
-        plan = dict(_lib().persist_plan(_ops.GATES[mode], batch, hidden,
-                                        torch.tensor([], dtype=dtype).element_size(), 1, limits["smem"]))
-    if proj_size or dtype == torch.float64:
-        plan = dict(plan, scheme="per-step", blocks=0,
-                    why="proj_size: the per-step path" if proj_size else "fp64: the per-step path")
+                                    limits["sms"], limits["smem"], limits.get("cooperative", True), bool(proj_size)))
     plan["enabled"] = os.environ.get("FASTRNN_PERSISTENT") == "1"
     return plan
 
