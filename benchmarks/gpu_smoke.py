@@ -1,7 +1,8 @@
 """Every fused kernel once, forward and backward, on a small case: the workload compute-sanitizer checks.
 
-``python benchmarks/gpu_smoke.py`` runs the cpp backend's kernels and both Triton variants ("step" and
-"seq") for every cell, plus the LSTM projection, on the GPU, and compares each result and gradient with
+``python benchmarks/gpu_smoke.py`` runs the cpp backend's kernels and the three Triton variants ("step",
+"seq", and "persist" at an H of three hidden slices, so its barrier runs) for every cell, plus the LSTM
+projection, on the GPU, and compares each result and gradient with
 the plain-PyTorch reference backend on the same inputs. On a machine without a GPU, ``--device cpu`` runs
 the cpp cases on the CPU kernels (and the Triton ones when TRITON_INTERPRET=1 is set); ``--list`` prints
 the cases. Exit status 1 when any case fails or differs.
@@ -21,6 +22,7 @@ from fastrnn import backend as fr_backend  # noqa: E402
 from fastrnn.ops import GATES, MODES  # noqa: E402
 
 T, B, I, H, PROJ = 5, 3, 8, 16, 8  # H small enough for the whole-sequence Triton kernels
+H_SLICES = 48  # Triton's "persist" kernels split this H over three programs that meet at a barrier each step
 TOLERANCE = 1e-4  # fp32 with TF32 off: only summation order differs from the reference
 
 
@@ -29,13 +31,16 @@ class SmokeCase(NamedTuple):
     mode: str
     variant: Optional[str] = None  # Triton's kernel variant; the cpp backend has one per device
     proj: bool = False
+    hidden: int = H
 
     @property
     def name(self) -> str:
-        return "-".join(filter(None, [self.backend, self.variant, self.mode.lower(), "proj" if self.proj else ""]))
+        return "-".join(filter(None, [self.backend, self.variant, self.mode.lower(), "proj" if self.proj else "",
+                                      f"h{self.hidden}" if self.hidden != H else ""]))
 
 
 CASES = [SmokeCase("cpp", m) for m in MODES] + [SmokeCase("triton", m, v) for v in ("step", "seq") for m in MODES] + [
+    SmokeCase("triton", m, "persist", hidden=H_SLICES) for m in MODES] + [
     SmokeCase("cpp", "LSTM", proj=True),
     SmokeCase("triton", "LSTM", "step", proj=True),  # "seq" has no projection
 ]  # fmt: skip
@@ -44,10 +49,11 @@ CASES = [SmokeCase("cpp", m) for m in MODES] + [SmokeCase("triton", m, v) for v 
 def inputs(case: SmokeCase, device: torch.device) -> List[Optional[torch.Tensor]]:
     """x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr of one dense layer, each requiring grad."""
     g = torch.Generator().manual_seed(sum(map(ord, case.name)))
-    h_out = PROJ if case.proj else H
-    shapes = [(T * B, I), (B, h_out), (B, H) if case.mode == "LSTM" else None, (GATES[case.mode] * H, I),
-              (GATES[case.mode] * H, h_out), (GATES[case.mode] * H,), (GATES[case.mode] * H,),
-              (h_out, H) if case.proj else None]  # fmt: skip
+    hid = case.hidden
+    h_out = PROJ if case.proj else hid
+    shapes = [(T * B, I), (B, h_out), (B, hid) if case.mode == "LSTM" else None, (GATES[case.mode] * hid, I),
+              (GATES[case.mode] * hid, h_out), (GATES[case.mode] * hid,), (GATES[case.mode] * hid,),
+              (h_out, hid) if case.proj else None]  # fmt: skip
     return [None if s is None else (0.5 * torch.randn(s, generator=g)).to(device).requires_grad_() for s in shapes]
 
 

@@ -1,10 +1,10 @@
 """Registers, shared memory and spills of every Triton kernel configuration, compiled ahead of time.
 
 No GPU is needed: each configuration the launch heuristics can pick (``triton_step.STEP_CONFIGS``,
-``triton_seq.seq_configs_for``) is compiled with ``triton.compile`` for sm_80 and sm_90 and the PTX is
-run (``ptxas -v``) through the ptxas Triton itself assembles that target with (``ptxas_tool``: Triton 3.9
-uses its ``ptxas-blackwell`` from sm_90 on, Triton 3.8 its ``ptxas`` below sm_100) for register and spill
-counts; the report names each tool and its version.
+``triton_persist.PERSIST_CONFIGS``, ``triton_seq.seq_configs_for``) is compiled with ``triton.compile`` for
+sm_80 and sm_90 and the PTX is run (``ptxas -v``) through the ptxas Triton itself assembles that target with
+(``ptxas_tool``: Triton 3.9 uses its ``ptxas-blackwell`` from sm_90 on, Triton 3.8 its ``ptxas`` below
+sm_100) for register and spill counts; the report names each tool and its version.
 Specialisations that only remove work (no bias, forward direction) are not compiled separately: the
 configurations below carry the bias and every optional input of their mode.
 
@@ -33,6 +33,7 @@ from triton.compiler import ASTSource  # noqa: E402
 from fastrnn import _buildcfg  # noqa: E402
 from fastrnn.ops import GATES, MODES  # noqa: E402
 from fastrnn.ops.triton import ext as triton_ext  # noqa: E402
+from fastrnn.ops.triton import persist as triton_persist  # noqa: E402
 from fastrnn.ops.triton import seq as triton_seq  # noqa: E402
 from fastrnn.ops.triton import step as triton_step  # noqa: E402
 from fastrnn.ops.triton.cells import FP_FUSION  # noqa: E402
@@ -43,14 +44,17 @@ TT_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"
 STORAGE_PTRS = {"p_b", "p_w", "p_h0", "p_c0", "p_dy"}
 # The same for fastrnn's cells (triton_ext): LayerNorm gains, zoneout weights, the mask, y and dy.
 EXT_STORAGE_PTRS = {"p_gx", "p_gh", "p_gc", "p_sc", "p_g", "p_zh", "p_zc", "p_m", "p_y", "p_dy"}
-# Hidden sizes whose row-kernel chunk (triton_ext.row_config) the report compiles; wider rows loop over
-# MAX_CHUNK-column chunks in the code compiled for the widest.
-EXT_HIDDEN = (256, 1024)
-INDEX_PTRS = {"p_bs": "*i32", "p_off": "*i64"}
+# Hidden sizes whose row-kernel tile (triton_ext.row_config) the report compiles: one per tile, 256 for the
+# widest (wider rows loop over MAX_CHUNK-column chunks in the same code); --quick the widest and one narrow.
+EXT_HIDDEN = (16, 32, 64, 128, 256)
+EXT_HIDDEN_QUICK = (64, 256)
+INDEX_PTRS = {"p_bs": "*i32", "p_off": "*i64", "p_sync": "*i32"}
 ALIGNED_INTS = {"H", "HO", "n"}
 LAUNCHES = {
     "step": ("1 fused step kernel (+1 torch mm with proj)", "1 fused step kernel (+3 torch ops with proj)"),
     "seq": ("1 per sequence (0 per step)", "1 per sequence (0 per step)"),
+    "persist": ("1 per sequence + 1 memset (0 per step; a barrier per step)",
+                "1 per sequence + 1 memset (0 per step; a barrier per step)"),
     "ext (fastrnn's cells)": ("1 torch mm + 1 row kernel (+2 to 4 torch ops with proj)",
                               "1 row kernel + 1 torch mm (+1 to 2 elementwise torch ops; +3 to 4 with proj)"),
 }
@@ -73,6 +77,15 @@ def kernel_specs(quick: bool) -> List[Dict]:
                                       fn=triton_step._bwd_step_kernel, mode=mode, dtype=dtype,
                                       warps=tile["num_warps"], stages=tile["bwd_stages"],
                                       const=dict(MODE=mode_id, G=G, DH_GIVEN=dh_given, UPCAST=False, **tiles)))
+            for tile in triton_persist.PERSIST_CONFIGS:
+                tiles = {k: tile[k] for k in ("BB", "BH", "BK")}
+                specs.append(dict(kernel="persist_fwd", fn=triton_persist._fwd_persist_kernel, mode=mode,
+                                  dtype=dtype, warps=tile["num_warps"], stages=tile["fwd_stages"],
+                                  const=dict(MODE=mode_id, G=G, HAS_BIAS=True, SAVE=True, REVERSE=False,
+                                             UPCAST=False, SYNC=True, **tiles)))
+                specs.append(dict(kernel="persist_bwd", fn=triton_persist._bwd_persist_kernel, mode=mode,
+                                  dtype=dtype, warps=tile["num_warps"], stages=tile["bwd_stages"],
+                                  const=dict(MODE=mode_id, G=G, REVERSE=False, UPCAST=False, SYNC=True, **tiles)))
             for cfg in triton_seq.seq_configs_for(dtype, mode):
                 tiles = {"BB": cfg["BB"], "BH": cfg["BH"]}
                 specs.append(dict(kernel="seq_fwd", fn=triton_seq._fwd_seq_kernel, mode=mode, dtype=dtype,
@@ -82,14 +95,15 @@ def kernel_specs(quick: bool) -> List[Dict]:
                 specs.append(dict(kernel="seq_bwd", fn=triton_seq._bwd_seq_kernel, mode=mode, dtype=dtype,
                                   warps=cfg["num_warps"], stages=cfg["num_stages"],
                                   const=dict(MODE=mode_id, G=G, REVERSE=False, UPCAST=False, **tiles)))
-    specs += ext_specs(dtypes)
+    specs += ext_specs(dtypes, EXT_HIDDEN_QUICK if quick else EXT_HIDDEN)
     return [dict(spec, aligned=aligned) for spec in specs for aligned in (False, True)]
 
 
-def ext_specs(dtypes) -> List[Dict]:
-    """fastrnn's cells (LayerNorm, zoneout, recurrent dropout): every feature on, per ``EXT_HIDDEN`` chunk."""
+def ext_specs(dtypes, hidden) -> List[Dict]:
+    """fastrnn's cells (LayerNorm, zoneout, recurrent dropout): every feature on, per tile of the ``hidden``
+    sizes."""
     specs = []
-    for H in EXT_HIDDEN:
+    for H in hidden:
         cfg = triton_ext.row_config(H)
         common = dict(warps=cfg["num_warps"], stages=1, storage=EXT_STORAGE_PTRS,
                       tiles=f"BR{cfg['BR']}xBC{cfg['BC']} (H {H})")

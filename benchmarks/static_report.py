@@ -26,6 +26,7 @@ import triton  # noqa: E402
 
 from fastrnn.ops import GATES  # noqa: E402
 from fastrnn.ops.triton.host import pick_variant  # noqa: E402
+from fastrnn.ops.triton.persist import persist_config  # noqa: E402
 from fastrnn.ops.triton.step import step_config  # noqa: E402
 
 CONFIGS: Tuple[Tuple[int, int, int, int, int], ...] = (
@@ -38,14 +39,17 @@ CONFIGS: Tuple[Tuple[int, int, int, int, int], ...] = (
 CELLS = ("LSTM", "GRU", "RNN_TANH")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 F32 = 4
-# Launches inside the time loop per step (see fastrnn/ops/triton.py); the seq variant loops in-kernel.
-LAUNCHES = {"step": (1, 1), "seq": (0, 0)}
+# Launches inside the time loop per step (see fastrnn/ops/triton/__init__.py); seq and persist loop in-kernel.
+LAUNCHES = {"step": (1, 1), "seq": (0, 0), "persist": (0, 0)}
+# The grid limit of the persist variant: an H200's SM count (fastrnn.ops.triton.persist.device_programs).
+SMS = 132
 
 
-def step_bytes(mode: str, B: int, H: int, s: int) -> Dict[str, int]:
-    """Per step and layer, all rows active, no projection (HO = H)."""
+def step_bytes(mode: str, B: int, H: int, s: int, persist: bool = False) -> Dict[str, int]:
+    """Per step and layer, all rows active, no projection (HO = H); the step kernels' tiles, or with
+    ``persist`` the persist kernels' (which move the same terms)."""
     G = GATES[mode]
-    cfg = step_config(B, H)
+    cfg = persist_config(B, H, SMS) if persist else step_config(B, H)
     n_b, n_h = triton.cdiv(B, cfg["BB"]), triton.cdiv(H, cfg["BH"])
     lstm, gru, saves = mode == "LSTM", mode == "GRU", mode in ("LSTM", "GRU")
     w = G * H * H * s
@@ -77,6 +81,9 @@ def rows() -> List[Dict]:
                 variant = pick_variant(H, dtype, False, mode)
                 b = step_bytes(mode, B, H, s)
                 out.append(dict(cfg=f"{T},{B},{I},{H},{L}", dtype=dname, mode=mode, variant=variant, L=L, **b))
+                if variant == "step" and persist_config(B, H, SMS) is not None:
+                    b = step_bytes(mode, B, H, s, persist=True)
+                    out.append(dict(cfg=f"{T},{B},{I},{H},{L}", dtype=dname, mode=mode, variant="persist", L=L, **b))
     return out
 
 
@@ -111,6 +118,8 @@ def markdown(table: List[Dict]) -> str:
         "for dx, dW_ih, dW_hh and the biases. With an LSTM projection the step loop adds 1 torch matmul per",
         "step forward and 3 torch ops per step backward. With `cuda_graph=True` (unverified on a GPU) the",
         "per-step launches are replayed from a CUDA graph, which removes their host cost but not the launches.",
+        f"The persist rows (`FASTRNN_PERSISTENT=1`, unverified on a GPU) assume {SMS} SMs; each step ends at a",
+        "barrier between the hidden slices of a batch tile instead of a kernel boundary.",
         "",
         "The re-read factors dominate for large H: each batch tile re-reads W_hh (L2-resident on H100 when",
         "G*H*H*s fits the 50 MB L2, so DRAM traffic is closer to the minimum than these L2 numbers).",

@@ -36,6 +36,8 @@ def report() -> str:
             lines.append(backend.availability_report(dev, dtype))
     if _ext._C is not None and torch.cuda.is_available() and _ext._C.build_info().get("with_cuda"):
         lines += persistent_report()
+    if torch.cuda.is_available():
+        lines += triton_variant_report(torch.device("cuda"))
     return "\n".join(lines)
 
 
@@ -57,6 +59,28 @@ def persistent_report() -> list:
             detail = f" [{p['blocks']}, {p['units']}x{p['batch_tile']}]" if p["blocks"] else ""
             cells.append(f"B={B} H={H}: {p['scheme']}{detail}")
         lines.append(f"  {mode}: " + "; ".join(cells))
+    return lines
+
+
+def triton_variant_report(device: torch.device) -> list:
+    """The Triton kernel variant a layer without projection takes per standard shape on ``device``, and its
+    grid where it is one of the whole-sequence kernels."""
+    from fastrnn.ops import triton as tb
+
+    if tb._host is None:
+        return [f"triton variants: {tb._IMPORT_ERROR}"]
+    persist = tb._host.persist
+    on = persist.enabled_by_default()
+    lines = [f"triton variant, fp32 (FASTRNN_PERSISTENT=1 {'set' if on else 'not set: no persist'}; "
+             f"persist grids up to {persist.device_programs(device)} programs):"]
+    cells = []
+    for B, H in _PLAN_SHAPES:
+        variant = tb._host.pick_variant(H, torch.float32, False, "LSTM", B, device)
+        cfg = persist.persist_config(B, H, persist.device_programs(device))
+        tiles, slices = persist.grid(B, H, cfg) if cfg else (0, 0)
+        detail = f" [{tiles} batch tiles x {slices} hidden slices]" if variant == "persist" else ""
+        cells.append(f"B={B} H={H}: {variant}{detail}")
+    lines.append("  LSTM: " + "; ".join(cells))
     return lines
 
 

@@ -16,7 +16,8 @@ from fastrnn.ops import GATES, GRAD_NAMES, MODES, reference
 
 DTYPE_IDS = {torch.float64: "fp64", torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 # Backend options each fused backend is tested under: the Triton kernel variants are separate kernels.
-OPTIONS = {"cpp": ({},), "triton": ({"variant": "step"}, {"variant": "seq"}), "reference": ({},)}
+OPTIONS = {"cpp": ({},), "triton": ({"variant": "step"}, {"variant": "seq"}, {"variant": "persist"}),
+           "reference": ({},)}
 
 
 @dataclass(frozen=True)
@@ -40,15 +41,22 @@ class Impl:
         return _backend._module(self.backend).layer(*args, **dict(self.options), **kwargs)
 
     def supports(self, c: "Case") -> bool:
-        """Whether the case is in this implementation's domain (Triton's "seq" kernels: small H, no proj)."""
+        """Whether the case is in this implementation's domain (Triton's "seq" kernels: small H, no proj;
+        "persist": no proj, a grid the device holds)."""
         if c.mode == "RNN_RELU" and self.dtype in (torch.float16, torch.bfloat16) and c.T * c.B > 8:
             # ReLU's derivative jumps at 0 and 8/11-bit rounding of h moves pre-activations across it: over
             # many rows some gradient element flips against any reference; small cases keep the coverage.
             return False
-        if dict(self.options).get("variant") != "seq":
+        variant = dict(self.options).get("variant")
+        if variant not in ("seq", "persist"):
             return True
         from fastrnn.ops.triton import host
 
+        if variant == "persist":
+            # In the interpreter, H <= 64: several hidden slices and two reduction chunks (H = 40) are what the
+            # persist kernels add; wider H runs their per-step tile, which the "step" cases cover at H = 513.
+            wide_on_cpu = self.device == "cpu" and c.H > 64
+            return not wide_on_cpu and host.persist_fits(c.B, c.H, bool(c.proj), torch.device(self.device))
         return not c.proj and c.H <= host.seq_max_h(self.dtype, c.mode)
 
 

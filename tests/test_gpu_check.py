@@ -49,8 +49,17 @@ def test_unknown_option_is_a_usage_error():
 def test_smoke_covers_every_kernel_of_both_backends():
     names = {c.name for c in gpu_smoke.CASES}
     for mode in ("lstm", "gru", "rnn_tanh", "rnn_relu"):
-        assert {f"cpp-{mode}", f"triton-step-{mode}", f"triton-seq-{mode}"} <= names
+        assert {f"cpp-{mode}", f"triton-step-{mode}", f"triton-seq-{mode}",
+                f"triton-persist-{mode}-h{gpu_smoke.H_SLICES}"} <= names
     assert {"cpp-lstm-proj", "triton-step-lstm-proj"} <= names
+
+
+def test_smoke_persist_cases_split_the_hidden_units():
+    """The sanitizer's racecheck and synccheck see the persist kernels' barrier only with several slices."""
+    from fastrnn.ops.triton import persist
+
+    cfg = persist.persist_config(gpu_smoke.B, gpu_smoke.H_SLICES, None)
+    assert persist.grid(gpu_smoke.B, gpu_smoke.H_SLICES, cfg)[1] >= 2
 
 
 def test_smoke_runs_the_cpp_cases_on_cpu(capsys):

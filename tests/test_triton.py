@@ -21,7 +21,7 @@ import torch  # noqa: E402
 
 import fastrnn  # noqa: E402
 from fastrnn.ops import triton as triton_backend  # noqa: E402
-from layer_cases import Case, Impl, assert_matches_reference, make_inputs  # noqa: E402
+from layer_cases import Case, Impl, assert_matches_reference, make_inputs, run  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IN_PROCESS = triton_backend._host is not None and triton_backend._host.interpreting()
@@ -65,6 +65,41 @@ def test_auto_variant_and_limits():
         triton_backend.layer("LSTM", reverse=False, cuda_graph=True, **inputs)
     with pytest.raises(ValueError, match="variant must be one of"):
         triton_backend.layer("LSTM", reverse=False, variant="fast", **inputs)
+    with pytest.raises(ValueError, match="'persist' variant needs no projection"):
+        triton_backend.layer("LSTM", reverse=False, variant="persist", **inputs)
+
+
+@interpreted
+@pytest.mark.parametrize("persistent", ["1", None], ids=["FASTRNN_PERSISTENT=1", "unset"])
+def test_auto_variant_takes_persist_on_cuda_only_when_asked(persistent, monkeypatch):
+    host = triton_backend._host
+    monkeypatch.setattr(host.persist, "device_programs", lambda device: 132)  # an H200's SM count
+    if persistent:
+        monkeypatch.setenv("FASTRNN_PERSISTENT", persistent)
+    else:
+        monkeypatch.delenv("FASTRNN_PERSISTENT", raising=False)
+    cuda = torch.device("cuda")
+    expected = "persist" if persistent else "step"
+    assert host.pick_variant(256, torch.float32, False, "LSTM", 64, cuda) == expected
+    assert host.pick_variant(8, torch.float32, False, "LSTM", 64, cuda) == "seq"
+    assert host.pick_variant(256, torch.float32, True, "LSTM", 64, cuda) == "step"
+    # 8 batch tiles x 32 hidden slices would not all be resident on 132 SMs: the barrier could never open
+    assert host.pick_variant(1024, torch.float32, False, "LSTM", 256, cuda) == "step"
+    assert host.pick_variant(256, torch.float32, False, "LSTM", 64, torch.device("cpu")) == "step"
+
+
+@pytest.mark.parametrize("max_programs", [1, 4, 132, None])
+def test_persist_config_grid_fits_the_device(max_programs):
+    from fastrnn.ops.triton import persist
+
+    for B in (1, 15, 16, 17, 33, 64, 100, 512):
+        for H in (1, 16, 17, 40, 256, 1000, 4096):
+            cfg = persist.persist_config(B, H, max_programs)
+            tile = persist.PERSIST_CONFIGS[0 if B <= 16 else 1]
+            programs = -(-B // tile["BB"]) * -(-H // tile["BH"])
+            assert cfg == (tile if max_programs is None or programs <= max_programs else None), (B, H)
+            if cfg is not None:
+                assert persist.grid(B, H, cfg) == (-(-B // cfg["BB"]), -(-H // cfg["BH"]))
 
 
 @interpreted
@@ -78,7 +113,7 @@ def test_custom_op_registration():
 
 
 @interpreted
-@pytest.mark.parametrize("variant", ["step", "seq"])
+@pytest.mark.parametrize("variant", ["step", "seq", "persist"])
 def test_module_end_to_end_with_backend_options(variant, monkeypatch):
     """A module passes ``backend_options`` to the backend that runs it (and only to that one)."""
     ref = torch.nn.LSTM(4, 6, num_layers=2, bidirectional=True)
@@ -99,6 +134,26 @@ def test_module_end_to_end_with_backend_options(variant, monkeypatch):
     for a, b in zip(g, g_ref):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     assert seen and all(opts == (variant, False) for opts in seen), seen
+
+
+if torch.cuda.is_available():  # collected only where a GPU is present
+    @pytest.mark.cuda
+    @pytest.mark.parametrize("mode", ["LSTM", "GRU"])
+    def test_cuda_graph_replays_match_and_the_cache_is_bounded(mode, monkeypatch):
+        """``cuda_graph=True`` gives the plain loop's results on every replay, with new inputs each call,
+        and keeps at most ``GRAPH_CACHE_SIZE`` captured shapes."""
+        host = triton_backend._host
+        monkeypatch.setattr(host, "GRAPH_CACHE_SIZE", 2)
+        monkeypatch.setattr(host, "_GRAPHS", type(host._GRAPHS)())
+        plain = Impl("triton", "cuda", torch.float32, (("variant", "step"),))
+        graphed = Impl("triton", "cuda", torch.float32, (("cuda_graph", True), ("variant", "step")))
+        for T, seed in ((5, 0), (5, 1), (7, 2), (9, 3), (5, 4)):
+            c = Case(mode, T, 4, 3, 40, proj=3 if mode == "LSTM" else 0, packed=True, seed=seed)
+            inputs = make_inputs(c, plain)
+            (outs, grads), (g_outs, g_grads) = run(plain.layer, c, inputs), run(graphed.layer, c, inputs)
+            for a, b in zip(outs + list(grads.values()), g_outs + list(g_grads.values())):
+                torch.testing.assert_close(b, a)
+            assert len(host._GRAPHS) <= 2
 
 
 @interpreted
@@ -180,10 +235,10 @@ def test_every_config_compiles_without_spills():
                           "--check", "--no-cuda", "--jobs", "2"], cwd=ROOT, env=_env(interpret=False),
                          capture_output=True, text=True, timeout=1200)
     assert res.returncode == 0, res.stderr[-4000:]
-    rows = [line for line in res.stdout.splitlines() if line.startswith(("| step_", "| seq_", "| ext_"))]
+    rows = [line for line in res.stdout.splitlines() if line.startswith(("| step_", "| seq_", "| persist_", "| ext_"))]
     kernels = {line.split("|")[1].strip() for line in rows}
-    assert kernels == {"step_fwd", "step_bwd", "step_bwd_proj", "seq_fwd", "seq_bwd", "ext_fwd", "ext_bwd",
-                       "ext_bwd_proj", "ext_ln_rows", "ext_ln_rows_bwd"}, kernels
+    assert kernels == {"step_fwd", "step_bwd", "step_bwd_proj", "seq_fwd", "seq_bwd", "persist_fwd", "persist_bwd",
+                       "ext_fwd", "ext_bwd", "ext_bwd_proj", "ext_ln_rows", "ext_ln_rows_bwd"}, kernels
     # the report names the assembler it used per target, and its CUDA version
     tools = re.findall(r"^- sm_(\d+)a?: `[^`]*ptxas[^`]*`, CUDA \d+\.\d+$", res.stdout, re.M)
     assert sorted(tools) == ["80", "90"], res.stdout[:1500]

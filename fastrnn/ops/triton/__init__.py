@@ -4,10 +4,14 @@ The package, kernel to public entry: ``cells`` (cell arithmetic shared by the ke
 ``seq`` (kernels and their launchers), ``host`` (the time loops and buffers), and here the custom ops
 (``fastrnn::triton_layer_fwd``/``_bwd``, through :class:`fastrnn.ops.glue.LayerOp`) and ``layer``.
 
-Two kernel variants, chosen per layer:
+Three kernel variants, chosen per layer:
 
 - ``"seq"``: whole-sequence kernels, one launch forward and one backward per layer and direction, for H
   small enough that W_hh stays in registers (``seq.seq_config``) and no projection.
+- ``"persist"``: whole-sequence kernels for any H without projection whose grid (batch tiles x hidden
+  slices) the GPU holds at once: the step kernels' tiles looping over time themselves, W_hh streamed from
+  L2 each step, the hidden slices of a batch tile meeting at a barrier in global memory after each step
+  (``persist``). Chosen automatically only with ``FASTRNN_PERSISTENT=1`` until measured on a GPU.
 - ``"step"``: one fused launch per time step forward and one per step backward for any H; with an LSTM
   projection the per-step ``w_hr`` product (and its backward) run as torch matmuls beside the kernel.
 
@@ -19,17 +23,20 @@ step a torch GEMM for the recurrent product and one fused row kernel (the recurr
 the cell, LSTM's LayerNorm of c, zoneout, the next step's masked GEMM operand), backward likewise, saving
 ``fastrnn.ops.SavedExt`` in fp32; 16-bit storage is computed in fp32. The options below do not apply to them.
 
-UNVERIFIED on a GPU: no Triton kernel of fastrnn has run on one. They are tested in the interpreter on CPU
-and compiled ahead of time for sm_80/sm_90 (benchmarks/kernel_report.py: registers, no spills).
+On a GPU (an H200, 2026-12-04) the "step" and "seq" kernels passed every CUDA test; the ext kernels, the
+"persist" kernels and ``cuda_graph`` have not been checked on one yet. All are tested in the interpreter on
+CPU and compiled ahead of time for sm_80/sm_90 (benchmarks/kernel_report.py: registers, no spills).
 On CPU the kernels run only under the Triton interpreter (``TRITON_INTERPRET=1`` set before triton is
 imported), which is how the tests exercise them.
 
 Options, as keywords of ``layer`` or, from a module, ``backend_options={"triton": {...}}``:
 
-- ``variant``: ``"step"`` or ``"seq"``; ``None`` (default) picks ``"seq"`` wherever it applies.
+- ``variant``: ``"step"``, ``"seq"`` or ``"persist"``; ``None`` (default) picks ``"seq"`` wherever it applies,
+  then ``"persist"`` (with ``FASTRNN_PERSISTENT=1``), else ``"step"``.
 - ``cuda_graph``: capture the per-step launches of the ``"step"`` variant into a CUDA graph on the first
-  call with given shapes and batch sizes and replay it afterwards, removing the per-launch host cost.
-  UNVERIFIED: it has never run on a GPU.
+  call with given shapes and batch sizes and replay it afterwards, removing the per-launch host cost
+  (``host.run_loop``: at most ``GRAPH_CACHE_SIZE`` shapes kept). ``None`` (default): on for the step variant
+  on CUDA with ``FASTRNN_PERSISTENT=1``, off otherwise. UNVERIFIED: it has never run on a GPU.
 """
 
 from typing import Optional
@@ -73,15 +80,23 @@ def availability(device: torch.device, dtype: torch.dtype) -> Optional[str]:
 
 def _resolve_options(a: LayerArgs, options: tuple) -> tuple:
     variant, cuda_graph = options
+    B, proj = a.h0.shape[0], a.w_hr is not None
     if variant is None:
-        variant = _host.pick_variant(a.H, a.w_hh.dtype, a.w_hr is not None, a.mode)
+        variant = _host.pick_variant(a.H, a.w_hh.dtype, proj, a.mode, B, a.x.device)
     if variant not in _host.VARIANTS:
         raise ValueError(f"variant must be one of {_host.VARIANTS} or None, got {variant!r}")
-    if variant == "seq" and (a.w_hr is not None or _host.seq_config(a.H, a.w_hh.dtype, a.mode) is None):
+    with_proj = " with a projection" if proj else ""
+    if variant == "seq" and (proj or _host.seq_config(a.H, a.w_hh.dtype, a.mode) is None):
         raise ValueError(f"the 'seq' variant needs no projection and H <= {_host.seq_max_h(a.w_hh.dtype, a.mode)}, "
-                         f"got H = {a.H}" + (" with a projection" if a.w_hr is not None else ""))
+                         f"got H = {a.H}{with_proj}")
+    if variant == "persist" and not _host.persist_fits(B, a.H, proj, a.x.device):
+        raise ValueError("the 'persist' variant needs no projection and a grid of batch tiles x hidden slices no "
+                         f"larger than the device's {_host.persist.device_programs(a.x.device)} SMs, got batch {B}, "
+                         f"H = {a.H}{with_proj}")
     if cuda_graph and a.x.device.type != "cuda":
         raise ValueError(f"cuda_graph=True needs CUDA tensors, got x on {a.x.device}")
+    if cuda_graph is None:
+        cuda_graph = variant == "step" and a.x.device.type == "cuda" and _host.persist.enabled_by_default()
     return variant, bool(cuda_graph)
 
 
@@ -110,6 +125,6 @@ def _ext_fake_saved(a: LayerArgs, e: CellExt, _options: tuple, save: bool) -> Sa
 
 
 layer = LayerOp("triton", "triton_layer", availability, _forward, _backward, _fake_saved,
-                options=(("variant", "str?", None), ("cuda_graph", "bool", False)), resolve_options=_resolve_options,
+                options=(("variant", "str?", None), ("cuda_graph", "bool?", None)), resolve_options=_resolve_options,
                 ext=ExtImpl(_ext_forward, _ext_backward, _ext_fake_saved))
-"""One layer in one direction: ``layer(args: LayerArgs, variant=None, cuda_graph=False)`` or the fields flat."""
+"""One layer in one direction: ``layer(args: LayerArgs, variant=None, cuda_graph=None)`` or the fields flat."""

@@ -38,9 +38,12 @@ from fastrnn.ops.triton.host import MODE_IDS, input_projection, nan_buffer, plac
 _EPS = tl.constexpr(LN_EPS)
 # Columns of the per-row statistics (SavedExt.stats): rstd of xs and of hs, LSTM's mean and rstd of c.
 RS_X, RS_H, MU_C, RS_C, N_STATS = 0, 1, 2, 3, 4
-# The most values a program holds per tensor: 512 fp32 over 8 warps are 2 registers per thread. 1024 (4 per
-# thread) spilled the LSTM backward on sm_90 (benchmarks/kernel_report.py).
-MAX_CHUNK = 512
+# The most values a program holds per tensor, and its warps: 256 values, one per thread of 8 warps, for every
+# tile. 512 (2 per thread) spilled the LSTM forward and projected backward on sm_90 with Triton 3.6 at 8 and
+# at 16 warps, and 256 over 4 warps spilled 8-16 B of the LSTM kernels on one version or the other
+# (benchmarks/kernel_report.py on Triton 3.6 and 3.8).
+MAX_CHUNK = 256
+ROW_WARPS = 8
 
 
 def row_config(width: int) -> dict:
@@ -50,7 +53,7 @@ def row_config(width: int) -> dict:
     programs)."""
     bc = max(16, min(triton.next_power_of_2(width), MAX_CHUNK))
     br = max(1, min(16, MAX_CHUNK // bc))
-    return {"BR": br, "BC": bc, "num_warps": 4 if br * bc <= 256 else 8}
+    return {"BR": br, "BC": bc, "num_warps": ROW_WARPS}
 
 
 @triton.jit

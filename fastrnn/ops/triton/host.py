@@ -15,6 +15,7 @@ Backward produces ``g_h: [N, G*H]`` (gradients of the recurrent pre-activations)
 """
 
 import os
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -23,13 +24,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastrnn.ops import GATES, MODES, LayerArgs, Saved
+from fastrnn.ops.triton import persist
 from fastrnn.ops.triton.cells import interpreting
 from fastrnn.ops.triton.seq import bwd_seq, fwd_seq, seq_config, seq_max_h
 from fastrnn.ops.triton.step import bwd_step, fwd_step
 
 MODE_IDS = {m: i for i, m in enumerate(MODES)}
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-VARIANTS = ("step", "seq")
+VARIANTS = ("step", "seq", "persist")
 __all__ = ["DTYPES", "VARIANTS", "seq_max_h", "seq_config", "backward", "forward", "interpreting", "pick_variant"]
 
 
@@ -37,8 +39,27 @@ def upcast_dot(dtype: torch.dtype) -> bool:
     return dtype == torch.bfloat16 and interpreting()
 
 
-def pick_variant(H: int, dtype: torch.dtype, has_proj: bool, mode: str) -> str:
-    return "seq" if not has_proj and seq_config(H, dtype, mode) is not None else "step"
+def persist_fits(B: int, H: int, has_proj: bool, device: torch.device) -> bool:
+    """Whether the ``"persist"`` kernels take this layer (no projection, a grid the device holds at once)."""
+    return not has_proj and persist.persist_config(B, H, persist.device_programs(device)) is not None
+
+
+def pick_variant(H: int, dtype: torch.dtype, has_proj: bool, mode: str, B: int = 1,
+                 device: torch.device = torch.device("cpu")) -> str:
+    """``"seq"`` where W_hh fits in registers, else ``"persist"`` where it fits and ``FASTRNN_PERSISTENT=1``
+    asks for it on CUDA (see ``persist.enabled_by_default``), else ``"step"``."""
+    if not has_proj and seq_config(H, dtype, mode) is not None:
+        return "seq"
+    if device.type == "cuda" and persist.enabled_by_default() and persist_fits(B, H, has_proj, device):
+        return "persist"
+    return "step"
+
+
+def step_tables(rows: "Rows", device: torch.device) -> Tuple[Tensor, Tensor]:
+    """Rows and first row of every step, ``int32``/``int64 [T]`` on the device, for the kernels that loop over
+    time themselves."""
+    return (torch.tensor(rows.sizes, dtype=torch.int32, device=device),
+            torch.tensor(rows.offsets, dtype=torch.int64, device=device))
 
 
 @dataclass
@@ -133,7 +154,11 @@ def padded_state(B: int, H: int, w_hh: Tensor, mode: str, present: bool = True) 
     return nan_buffer(-(-B // cfg["BB"]) * cfg["BB"], cfg["BH"], w_hh)
 
 
-_GRAPHS: Dict[tuple, tuple] = {}
+# Captured graphs, least recently used first. Each holds a copy of its loop's inputs and its outputs (for
+# one layer and direction: about the activations kept for backward, G*H+2H fp32 values per row) plus the
+# graph's private memory pool, so the cache is bounded: GRAPH_CACHE_SIZE shapes, the oldest dropped first.
+GRAPH_CACHE_SIZE = 16
+_GRAPHS: "OrderedDict[tuple, tuple]" = OrderedDict()
 
 
 def run_loop(key: Optional[tuple], loop: Callable[..., Sequence[Tensor]], inputs: Sequence[Tensor]) -> List[Tensor]:
@@ -144,10 +169,15 @@ def run_loop(key: Optional[tuple], loop: Callable[..., Sequence[Tensor]], inputs
     inputs in, replay and clone the outputs (the next replay overwrites them). ``key`` must determine
     every host-side decision the loop makes (shapes, batch sizes, flags).
     """
-    if key is None:
+    if key is None or torch.cuda.is_current_stream_capturing():
+        # inside a caller's own capture the launches are recorded into that graph already
         return list(loop(*inputs))
     entry = _GRAPHS.get(key)
-    if entry is None:
+    if entry is not None:
+        _GRAPHS.move_to_end(key)
+    else:
+        while len(_GRAPHS) >= GRAPH_CACHE_SIZE:
+            _GRAPHS.popitem(last=False)
         static_in = [t.clone() for t in inputs]
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -207,8 +237,7 @@ def forward(a: LayerArgs, options: tuple, save: bool) -> Tuple[Tensor, Tensor, T
         cs = nan_buffer(N, H, x) if lstm else placeholder(x)
         gates, hn = _saved_buffers(mode, N, H, save, x)
         h_n, c_n = padded_state(B, H, w_hh, mode), padded_state(B, H, w_hh, mode, lstm)
-        bs = torch.tensor(rows.sizes, dtype=torch.int32, device=x.device)
-        off = torch.tensor(rows.offsets, dtype=torch.int64, device=x.device)
+        bs, off = step_tables(rows, x.device)
         fwd_seq(mode_id, G, xp, b_hh, w_hh, h0, c0 if c0 is not None else placeholder(x), bs, off,
                 hs, cs, gates, hn, h_n, c_n, save, reverse, upcast)
         h_n, c_n = h_n[:B, :H].contiguous(), (c_n[:B, :H].contiguous() if lstm else c_n)
@@ -221,7 +250,11 @@ def forward(a: LayerArgs, options: tuple, save: bool) -> Tuple[Tensor, Tensor, T
             cs = nan_buffer(N, H, xp) if lstm else placeholder(xp)
             gates, hn = _saved_buffers(mode, N, H, save, xp)
             w_hr32 = w_hr.float()
-            for k, t in enumerate(rows.order):
+            if variant == "persist":
+                bs, off = step_tables(rows, xp.device)
+                persist.fwd_persist(mode_id, G, xp, _opt(b_hh), w_hh, h0, c0 if c0.numel() else cs, bs, off,
+                                    hs, cs, gates, hn, save, reverse, upcast)
+            for k, t in enumerate([] if variant == "persist" else rows.order):
                 r, n = rows.rows(t), rows.sizes[t]
                 rp, n_prev = rows.neighbour(k - 1)
                 fwd_step(mode_id, G, xp[r], _opt(b_hh), w_hh, hs[rp], h0, cs[rp] if lstm else cs,
@@ -235,7 +268,7 @@ def forward(a: LayerArgs, options: tuple, save: bool) -> Tuple[Tensor, Tensor, T
             return hs, (hr if w_hr.numel() else hs.new_empty(0, H)), cs, gates, hn, h_n, c_n
 
         key = None
-        if cuda_graph:
+        if cuda_graph and variant == "step":
             key = ("fwd", mode, tuple(rows.sizes), reverse, save, x.device, xp.dtype, tuple(h0.shape),
                    tuple(w_hh.shape), b_hh is not None, c0 is not None, w_hr is not None)
         hs, hr, cs, gates, hn, h_n, c_n = run_loop(
@@ -285,8 +318,7 @@ def backward(a: LayerArgs, options: tuple, y: Tensor, saved: Saved, dy: Tensor, 
             g_h = nan_buffer(N, G * H, x)
             g_x = nan_buffer(N, H, x) if gru else placeholder(x)
             dh0, dc0 = padded_state(B, H, w_hh, mode), padded_state(B, H, w_hh, mode, lstm)
-            bs = torch.tensor(rows.sizes, dtype=torch.int32, device=x.device)
-            off = torch.tensor(rows.offsets, dtype=torch.int64, device=x.device)
+            bs, off = step_tables(rows, x.device)
             bwd_seq(mode_id, G, dy, dh_n, dc_n, w_hh, gates, hn, hs, cs, h_prev, c_prev, bs, off,
                     g_h, g_x, dh0, dc0, reverse, upcast)
             dh0, dc0 = dh0[:B, :H].contiguous(), (dc0[:B, :H].contiguous() if lstm else dc0)
@@ -294,8 +326,9 @@ def backward(a: LayerArgs, options: tuple, y: Tensor, saved: Saved, dy: Tensor, 
         else:
             g_h, g_x, dh0, dc0, dhs = _backward_steps(
                 mode, rows, dy, dh_n, dc_n, w_hh, w_hr, gates, hn, h_cell, cs, h_prev, c_prev, upcast,
-                cuda_graph and ("bwd", mode, tuple(rows.sizes), reverse, x.device, x.dtype, tuple(h0.shape),
-                                tuple(w_hh.shape), proj))
+                variant == "persist", reverse,
+                cuda_graph and variant == "step" and ("bwd", mode, tuple(rows.sizes), reverse, x.device, x.dtype,
+                                                      tuple(h0.shape), tuple(w_hh.shape), proj))
     g_in = torch.cat([g_h[:, : 2 * H], g_x], 1) if gru else g_h
     dt = x.dtype
 
@@ -312,8 +345,9 @@ def backward(a: LayerArgs, options: tuple, y: Tensor, saved: Saved, dy: Tensor, 
 
 
 def _backward_steps(mode: str, rows: Rows, dy, dh_n, dc_n, w_hh, w_hr, gates, hn, h_cell, cs, h_prev, c_prev,
-                    upcast: bool, key):
-    """The step variant's backward loop: ``(g_h, g_x, dh0, dc0, dhs)``; ``key`` as :func:`run_loop`'s."""
+                    upcast: bool, in_kernel: bool, reverse: bool, key):
+    """The step variant's backward loop, or with ``in_kernel`` the persist variant's one launch:
+    ``(g_h, g_x, dh0, dc0, dhs)``; ``key`` as :func:`run_loop`'s."""
     mode_id, G = MODE_IDS[mode], GATES[mode]
     lstm, gru, proj = mode == "LSTM", mode == "GRU", w_hr is not None
     N, H, HO = dy.shape[0], h_cell.shape[1], dy.shape[1]
@@ -325,7 +359,11 @@ def _backward_steps(mode: str, rows: Rows, dy, dh_n, dc_n, w_hh, w_hr, gates, hn
         dh_state, dc_state = dh_n.clone(), dc_n.clone()
         dhs = nan_buffer(N, HO, dy) if proj else placeholder(dy)
         w_hh32, w_hr32 = w_hh.float(), w_hr.float()
-        for k in range(len(rows.order) - 1, -1, -1):
+        if in_kernel:
+            bs, off = step_tables(rows, dy.device)
+            persist.bwd_persist(mode_id, G, dy, dh_state, dc_state, w_hh, gates, hn, h_cell, cs, h_prev, c_prev,
+                                bs, off, g_h, g_x, reverse, upcast)
+        for k in ([] if in_kernel else range(len(rows.order) - 1, -1, -1)):
             t = rows.order[k]
             r, n = rows.rows(t), rows.sizes[t]
             rp, n_prev = rows.neighbour(k + 1)

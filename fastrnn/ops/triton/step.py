@@ -19,10 +19,16 @@ import triton.language as tl
 from fastrnn.ops.triton.cells import FP_FUSION, backward_tile, forward_tile, load_gates, mma
 
 
-STEP_CONFIGS = tuple(
-    {"BB": bb, "BH": bh, "BK": 32, "num_warps": 4 if bb == 16 else 8, "fwd_stages": 2, "bwd_stages": 1}
-    for bb in (16, 32)
-    for bh in (16, 32)
+# (BB rows, BH units): warps and pipeline stages, forward and backward. Each entry is one that compiles without
+# spills for every mode and dtype on sm_80 and sm_90 with Triton 3.6 and 3.8 alike (benchmarks/kernel_report.py,
+# searched over 4/8 warps and 1/2 stages): 32-unit slices take 8 warps and double-buffer both directions (with
+# 4 warps Triton 3.6 spilled the GRU forward at 16 rows on sm_90, with one backward stage the 16-bit LSTM
+# backward at 32 rows on sm_80); 16-unit slices keep one backward stage, which two spilled on 3.8.
+STEP_CONFIGS = (
+    {"BB": 16, "BH": 16, "BK": 32, "num_warps": 4, "fwd_stages": 2, "bwd_stages": 1},
+    {"BB": 16, "BH": 32, "BK": 32, "num_warps": 8, "fwd_stages": 2, "bwd_stages": 2},
+    {"BB": 32, "BH": 16, "BK": 32, "num_warps": 8, "fwd_stages": 2, "bwd_stages": 1},
+    {"BB": 32, "BH": 32, "BK": 32, "num_warps": 8, "fwd_stages": 2, "bwd_stages": 2},
 )
 
 
@@ -31,9 +37,8 @@ def step_config(n_rows: int, H: int) -> Dict[str, int]:
 
     The step kernel is a skinny GEMM (``n_rows`` x ``G*H`` x ``Hout``) bound by reading W_hh each step, so
     tiles stay small to spread the weights over many programs: 16 rows unless the batch fills 32, 32
-    hidden units and a 32-wide reduction chunk, double-buffered forward. Wider chunks, 64-unit slices or
-    a single stage spill the LSTM forward (4 gates x BB x BH fp32 accumulators) on sm_80/sm_90, 32 rows
-    need 8 warps, and the backward spills with two stages (benchmarks/kernel_report.py, sm_80 fp32).
+    hidden units and a 32-wide reduction chunk. Wider chunks or 64-unit slices spill the LSTM forward
+    (4 gates x BB x BH fp32 accumulators) on sm_80/sm_90.
     Keyed on rows and H only, deterministically: an autotuner would benchmark by re-running kernels that
     update state in place, and would re-tune inside a CUDA graph capture.
     """
@@ -42,33 +47,41 @@ def step_config(n_rows: int, H: int) -> Dict[str, int]:
 
 
 @triton.jit
-def _load_prev(p_src, p_init, o_b, o_c, n_rows, n_prev, ncols):
-    """fp32 block ``[rows o_b, cols o_c]`` of the state a step starts from (previous step's rows or init)."""
+def _load_prev(p_src, p_init, o_b, o_c, n_rows, n_prev, ncols, VOLATILE: tl.constexpr):
+    """fp32 block ``[rows o_b, cols o_c]`` of the state a step starts from (previous step's rows or init).
+
+    ``VOLATILE`` when other programs of the same launch wrote the previous rows (persist.py): such loads
+    must bypass L1, which is not coherent across SMs and may hold a line read a step earlier."""
     m = (o_b < n_rows)[:, None] & (o_c < ncols)[None, :]
     prev = (o_b < n_prev)[:, None]
     off = o_b[:, None] * ncols + o_c[None, :]
-    b_prev = tl.load(p_src + off, mask=m & prev, other=0.0).to(tl.float32)
+    b_prev = tl.load(p_src + off, mask=m & prev, other=0.0, volatile=VOLATILE).to(tl.float32)
     b_init = tl.load(p_init + off, mask=m & ~prev, other=0.0).to(tl.float32)
     return b_prev + b_init
 
 
 @triton.jit
-def _step_tile(n_rows, H, BB: tl.constexpr, BH: tl.constexpr):
-    """This program's rows and hidden units (grid: row tiles x hidden slices) and their masks."""
-    o_b = tl.program_id(0) * BB + tl.arange(0, BB)
-    o_h = tl.program_id(1) * BH + tl.arange(0, BH)
+def _step_tile(n_rows, H, z, BB: tl.constexpr, BH: tl.constexpr):
+    """This program's rows and hidden units (grid: row tiles x hidden slices) and their masks; ``z`` is 0
+    (see :func:`fwd_step_tile`)."""
+    o_b = tl.program_id(0) * BB + z + tl.arange(0, BB)
+    o_h = tl.program_id(1) * BH + z + tl.arange(0, BH)
     m_h = o_h < H
     return o_b, o_h, m_h, (o_b < n_rows)[:, None] & m_h[None, :]
 
 
 @triton.jit
-def _fwd_step_kernel(
-    p_x, p_b, p_w, p_hsrc, p_h0, p_csrc, p_c0, p_h, p_c, p_s, p_hn,
-    n_rows, n_prev, H, HO,
+def fwd_step_tile(
+    p_x, p_b, p_w, p_hsrc, p_h0, p_csrc, p_c0, p_h, p_c, p_s, p_hn, n_rows, n_prev, H, HO, z,
     MODE: tl.constexpr, G: tl.constexpr, HAS_BIAS: tl.constexpr, SAVE: tl.constexpr, UPCAST: tl.constexpr,
-    BB: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr,
+    VOLATILE: tl.constexpr, BB: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr,
 ):
-    o_b, o_h, m_h, m_bh = _step_tile(n_rows, H, BB, BH)
+    """One forward step for this program's tile; the pointers are the step's row blocks (see the module
+    docstring), ``VOLATILE`` as :func:`_load_prev`'s. ``z`` is a zero the compiler cannot see through: a
+    caller looping over steps passes ``step * zero`` (a run-time 0) so that nothing here looks invariant
+    across its loop; hoisted, the tile's index and address tensors stayed live through the whole loop and
+    spilled."""
+    o_b, o_h, m_h, m_bh = _step_tile(n_rows, H, z, BB, BH)
     b_a0 = tl.zeros([BB, BH], dtype=tl.float32)
     b_a1 = tl.zeros([BB, BH], dtype=tl.float32)
     b_a2 = tl.zeros([BB, BH], dtype=tl.float32)
@@ -78,7 +91,7 @@ def _fwd_step_kernel(
     s_g = tl.cast(H, tl.int64) * HO
     for k0 in range(0, HO, BK):
         o_k = k0 + tl.arange(0, BK)
-        b_hk = _load_prev(p_hsrc, p_h0, o_b, o_k, n_rows, n_prev, HO).to(p_w.dtype.element_ty)
+        b_hk = _load_prev(p_hsrc, p_h0, o_b, o_k, n_rows, n_prev, HO, VOLATILE).to(p_w.dtype.element_ty)
         m_w = (o_k < HO)[:, None] & m_h[None, :]
         p_wk = p_w + o_wr[None, :] + o_k[:, None]
         b_a0 = mma(b_a0, b_hk, tl.load(p_wk, mask=m_w, other=0.0), UPCAST)
@@ -96,20 +109,34 @@ def _fwd_step_kernel(
     b_hp = b_a0
     b_cp = b_a0
     if MODE == 1:
-        b_hp = _load_prev(p_hsrc, p_h0, o_b, o_h, n_rows, n_prev, H)
+        b_hp = _load_prev(p_hsrc, p_h0, o_b, o_h, n_rows, n_prev, H, VOLATILE)
     if MODE == 0:
-        b_cp = _load_prev(p_csrc, p_c0, o_b, o_h, n_rows, n_prev, H)
+        b_cp = _load_prev(p_csrc, p_c0, o_b, o_h, n_rows, n_prev, H, VOLATILE)
     forward_tile(MODE, G, SAVE, p_x, p_h, p_c, p_s, p_hn, o_b, o_h, m_bh, H, b_a0, b_a1, b_a2, b_a3, b_hp, b_cp)
 
 
 @triton.jit
-def _bwd_step_kernel(
-    p_dy, p_dhs, p_dcs, p_gprev, p_w, p_s, p_hn, p_h, p_c, p_hp, p_cp, p_gh, p_gx,
+def _fwd_step_kernel(
+    p_x, p_b, p_w, p_hsrc, p_h0, p_csrc, p_c0, p_h, p_c, p_s, p_hn,
     n_rows, n_prev, H, HO,
-    MODE: tl.constexpr, G: tl.constexpr, DH_GIVEN: tl.constexpr, UPCAST: tl.constexpr,
+    MODE: tl.constexpr, G: tl.constexpr, HAS_BIAS: tl.constexpr, SAVE: tl.constexpr, UPCAST: tl.constexpr,
     BB: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr,
 ):
-    o_b, o_h, m_h, m_bh = _step_tile(n_rows, H, BB, BH)
+    fwd_step_tile(p_x, p_b, p_w, p_hsrc, p_h0, p_csrc, p_c0, p_h, p_c, p_s, p_hn, n_rows, n_prev, H, HO, 0,
+                  MODE, G, HAS_BIAS, SAVE, UPCAST, False, BB, BH, BK)
+
+
+@triton.jit
+def bwd_step_tile(
+    p_dy, p_dhs, p_dcs, p_gprev, p_w, p_s, p_hn, p_h, p_c, p_hp, p_cp, p_gh, p_gx, n_rows, n_prev, H, HO, z,
+    MODE: tl.constexpr, G: tl.constexpr, DH_GIVEN: tl.constexpr, UPCAST: tl.constexpr, VOLATILE: tl.constexpr,
+    BB: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr,
+):
+    """One backward step for this program's tile: ``p_gprev`` holds the gate gradients of the step
+    processed before it (written by every hidden slice; ``VOLATILE`` as :func:`_load_prev`'s), ``p_dhs`` and
+    ``p_dcs`` the ``[B, H]`` carried gradients, read and written by this tile alone; ``z`` as
+    :func:`fwd_step_tile`'s."""
+    o_b, o_h, m_h, m_bh = _step_tile(n_rows, H, z, BB, BH)
     o_r = o_b[:, None] * H + o_h[None, :]
     b_dh = tl.zeros([BB, BH], dtype=tl.float32)
     if not DH_GIVEN:
@@ -119,7 +146,8 @@ def _bwd_step_kernel(
         for k0 in range(0, G * H, BK):
             o_k = k0 + tl.arange(0, BK)
             m_k = o_k < G * H
-            b_g = tl.load(p_gprev + o_b[:, None] * (G * H) + o_k[None, :], mask=m_p & m_k[None, :], other=0.0)
+            b_g = tl.load(p_gprev + o_b[:, None] * (G * H) + o_k[None, :], mask=m_p & m_k[None, :], other=0.0,
+                          volatile=VOLATILE)
             p_wk = p_w + o_k.to(tl.int64)[:, None] * HO + o_h[None, :]
             b_w = tl.load(p_wk, mask=m_k[:, None] & m_h[None, :], other=0.0)
             b_dh = mma(b_dh, b_g.to(p_w.dtype.element_ty), b_w, UPCAST)
@@ -134,6 +162,17 @@ def _bwd_step_kernel(
         tl.store(p_dcs + o_r, b_dcp, mask=m_bh)
     if not DH_GIVEN:
         tl.store(p_dhs + o_r, b_dd, mask=m_bh)
+
+
+@triton.jit
+def _bwd_step_kernel(
+    p_dy, p_dhs, p_dcs, p_gprev, p_w, p_s, p_hn, p_h, p_c, p_hp, p_cp, p_gh, p_gx,
+    n_rows, n_prev, H, HO,
+    MODE: tl.constexpr, G: tl.constexpr, DH_GIVEN: tl.constexpr, UPCAST: tl.constexpr,
+    BB: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr,
+):
+    bwd_step_tile(p_dy, p_dhs, p_dcs, p_gprev, p_w, p_s, p_hn, p_h, p_c, p_hp, p_cp, p_gh, p_gx, n_rows, n_prev, H,
+                  HO, 0, MODE, G, DH_GIVEN, UPCAST, False, BB, BH, BK)
 
 
 def _grid(n_rows: int, H: int, cfg: Dict[str, int]):

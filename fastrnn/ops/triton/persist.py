@@ -1,0 +1,184 @@
+"""Whole-sequence kernels for any H: one launch per layer and direction, the time loop inside the kernel.
+
+The grid is laid out as the step kernels' (``step.py``): batch tiles x hidden slices, each program owning ``BB``
+rows and ``BH`` hidden units with every gate of those units, and each step is the step kernels' tile function. What
+changes is who runs the loop over time: the programs themselves, reading the step's row count and offset
+from ``batch_sizes`` on the device, so the host issues one launch instead of one per step and Python never
+sees a time step. W_hh is streamed from L2 every step (an H200 keeps 60 MB there; one fp32 LSTM layer at
+H = 1024 is 16 MB), as the step kernels do.
+
+A step needs the previous step's ``h`` (backward: gate gradients) of every hidden unit, written by the
+other slices of the same batch tile, so the slices of a tile meet at a barrier after each step: an atomic
+counter per batch tile in global memory (release on arrival, acquire while waiting). Batch tiles never
+wait for each other. A barrier between programs only works if all of them are resident at once, hence
+:func:`persist_config` refusing a grid larger than the GPU's SM count (every configuration fits at least
+one program per SM; see ``benchmarks/kernel_report.py``). The previous step's rows are loaded ``volatile``
+(bypassing L1, which is not coherent across SMs).
+
+The Triton interpreter runs the programs of a launch one after another, so a program waiting for a later
+one would never return: there, a grid of several slices is launched once per step (the launch boundary is
+the barrier) with the barrier compiled out, and a single-slice grid runs the whole sequence in one launch
+with the barrier compiled in (it then waits only for itself). Both run the same kernel as the GPU.
+
+No projection (``proj_size``): its per-step product mixes all hidden units after the cell; the step
+kernels handle it.
+"""
+
+import os
+from typing import Dict, Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from fastrnn.ops.triton.cells import FP_FUSION, interpreting
+from fastrnn.ops.triton.step import bwd_step_tile, fwd_step_tile
+
+ENV = "FASTRNN_PERSISTENT"
+
+
+def enabled_by_default() -> bool:
+    """Whether the automatic variant choice may pick ``"persist"``: only with ``FASTRNN_PERSISTENT=1`` (the
+    switch the cpp backend's persistent engine has too) until a GPU run has measured it."""
+    return os.environ.get(ENV) == "1"
+
+
+# Tiles of the persist kernels: BB batch rows x BH hidden units (all their gates), BK-wide reduction chunks.
+# 16-unit slices: the only ones whose forward and backward compile without spills for every mode and dtype on
+# sm_80 and sm_90 with Triton 3.6 and 3.8 alike (benchmarks/kernel_report.py, searched over 4/8 warps and 1/2
+# stages; at 32 units some (mode, dtype, arch) spills 8-16 B on one version or the other, where the loop over
+# time keeps the tile's index arithmetic live). Forward double-buffers its chunks of W_hh; backward spilled
+# with two stages on 3.8.
+PERSIST_CONFIGS = (
+    {"BB": 16, "BH": 16, "BK": 32, "num_warps": 4, "fwd_stages": 2, "bwd_stages": 1},
+    {"BB": 32, "BH": 16, "BK": 32, "num_warps": 8, "fwd_stages": 2, "bwd_stages": 1},
+)
+
+
+def persist_config(B: int, H: int, max_programs: Optional[int]) -> Optional[Dict[str, int]]:
+    """The tile (one of ``PERSIST_CONFIGS``) for ``B`` rows and ``H`` units, or ``None`` when its grid would
+    exceed ``max_programs`` (the SM count: the barrier needs every program resident; ``None``: no limit, the
+    interpreter's case).
+
+    16-row tiles up to 16 rows, else 32: each batch tile streams all of W_hh from L2 once per step, so fewer,
+    taller tiles move less.
+    """
+    cfg = PERSIST_CONFIGS[0 if B <= 16 else 1]
+    n_tiles, n_slices = grid(B, H, cfg)
+    return cfg if max_programs is None or n_tiles * n_slices <= max_programs else None
+
+
+def grid(B: int, H: int, cfg: Dict[str, int]):
+    return (triton.cdiv(B, cfg["BB"]), triton.cdiv(H, cfg["BH"]))
+
+
+def device_programs(device: torch.device) -> Optional[int]:
+    """How many programs of one launch are sure to be resident together: the SM count on CUDA, no limit
+    under the interpreter."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+@triton.jit
+def _barrier(p_count, target, SYNC: tl.constexpr):
+    """Wait until ``target`` arrivals at this batch tile's counter, counting this program's. Without
+    ``SYNC`` only the program's own threads meet (what a single-slice grid needs between steps)."""
+    tl.debug_barrier()
+    if SYNC:
+        tl.atomic_add(p_count, 1, sem="release")
+        arrived = tl.atomic_add(p_count, 0, sem="acquire")
+        while arrived < target:
+            arrived = tl.atomic_add(p_count, 0, sem="acquire")
+        tl.debug_barrier()
+
+
+@triton.jit
+def _step_rows(p_bs, p_off, T, t, t_other, has_other):
+    """Row count and offset of step ``t`` and of the neighbouring step ``t_other`` (count 0 when absent)."""
+    n_t = tl.load(p_bs + t)
+    o_t = tl.load(p_off + t)
+    t_o = tl.minimum(tl.maximum(t_other, 0), T - 1)
+    n_o = tl.where(has_other, tl.load(p_bs + t_o), 0)
+    o_o = tl.load(p_off + t_o)
+    return n_t, o_t, n_o, o_o
+
+
+# ``zero`` is always 0 and must stay a run-time value (see step.fwd_step_tile), hence never specialised.
+@triton.jit(do_not_specialize=["zero"])
+def _fwd_persist_kernel(
+    p_x, p_b, p_w, p_h0, p_c0, p_bs, p_off, p_h, p_c, p_s, p_hn, p_sync,
+    k_begin, k_end, T, H, zero,
+    MODE: tl.constexpr, G: tl.constexpr, HAS_BIAS: tl.constexpr, SAVE: tl.constexpr, REVERSE: tl.constexpr,
+    UPCAST: tl.constexpr, SYNC: tl.constexpr, BB: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr,
+):
+    # Steps in processing order k (t = T-1-k in reverse); the state comes from the step processed before.
+    n_slices = tl.num_programs(1)
+    for k in range(k_begin, k_end):
+        t = T - 1 - k if REVERSE else k
+        n_t, o_t, n_p, o_p = _step_rows(p_bs, p_off, T, t, t + 1 if REVERSE else t - 1, k > 0)
+        if tl.program_id(0) * BB < n_t:
+            z = k * zero
+            fwd_step_tile(p_x + o_t * (G * H), p_b + z, p_w + z, p_h + o_p * H, p_h0 + z, p_c + o_p * H, p_c0 + z,
+                          p_h + o_t * H, p_c + o_t * H, p_s + o_t * (G * H), p_hn + o_t * H, n_t, n_p, H, H, z,
+                          MODE, G, HAS_BIAS, SAVE, UPCAST, SYNC, BB, BH, BK)
+        if k + 1 < k_end:
+            _barrier(p_sync + tl.program_id(0), (k + 1 - k_begin) * n_slices, SYNC)
+
+
+@triton.jit(do_not_specialize=["zero"])
+def _bwd_persist_kernel(
+    p_dy, p_dhs, p_dcs, p_w, p_s, p_hn, p_h, p_c, p_hp, p_cp, p_gh, p_gx, p_bs, p_off, p_sync,
+    j_begin, j_end, T, H, zero,
+    MODE: tl.constexpr, G: tl.constexpr, REVERSE: tl.constexpr, UPCAST: tl.constexpr, SYNC: tl.constexpr,
+    BB: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr,
+):
+    # j counts backward steps: processing position k = T-1-j, whose gradient arrives from position k+1.
+    n_slices = tl.num_programs(1)
+    for j in range(j_begin, j_end):
+        k = T - 1 - j
+        t = T - 1 - k if REVERSE else k
+        n_t, o_t, n_n, o_n = _step_rows(p_bs, p_off, T, t, t - 1 if REVERSE else t + 1, k + 1 < T)
+        if tl.program_id(0) * BB < n_t:
+            z = j * zero
+            bwd_step_tile(p_dy + o_t * H, p_dhs + z, p_dcs + z, p_gh + o_n * (G * H), p_w + z, p_s + o_t * (G * H),
+                          p_hn + o_t * H, p_h + o_t * H, p_c + o_t * H, p_hp + o_t * H, p_cp + o_t * H,
+                          p_gh + o_t * (G * H), p_gx + o_t * H, n_t, n_n, H, H, z,
+                          MODE, G, False, UPCAST, SYNC, BB, BH, BK)
+        if j + 1 < j_end:
+            _barrier(p_sync + tl.program_id(0), (j + 1 - j_begin) * n_slices, SYNC)
+
+
+def _launch(kernel, args, T: int, B: int, H: int, device: torch.device, consts: Dict) -> None:
+    """One launch over all ``T`` steps, or on the interpreter with several slices one per step (module
+    docstring)."""
+    cfg = persist_config(B, H, device_programs(device))
+    g = grid(B, H, cfg)
+    per_step = interpreting() and g[1] > 1
+    sync = g[1] > 1 or interpreting()
+    spans = [(k, k + 1) for k in range(T)] if per_step else [(0, T)]
+    for begin, end in spans:
+        counters = torch.zeros(g[0], dtype=torch.int32, device=device)
+        kernel[g](*args, counters, begin, end, T, H, 0, **consts, SYNC=sync and not per_step,
+                  BB=cfg["BB"], BH=cfg["BH"], BK=cfg["BK"], num_warps=cfg["num_warps"],
+                  num_stages=cfg["fwd_stages" if kernel is _fwd_persist_kernel else "bwd_stages"],
+                  enable_fp_fusion=FP_FUSION)
+
+
+def fwd_persist(mode_id: int, G: int, xp, b_hh, w_hh, h0, c0, bs, off, hs, cs, gates, hn,
+                save: bool, reverse: bool, upcast: bool) -> None:
+    """The forward of every step into ``hs``/``cs`` (and, with ``save``, ``gates``/``hn``), all ``[N, *]``
+    fp32 in time-major row order; ``bs``/``off`` are device int32/int64 ``[T]``."""
+    B, H = h0.shape
+    _launch(_fwd_persist_kernel, (xp, w_hh if b_hh is None else b_hh, w_hh, h0, c0, bs, off, hs, cs, gates, hn),
+            bs.shape[0], B, H, xp.device,
+            dict(MODE=mode_id, G=G, HAS_BIAS=b_hh is not None, SAVE=save, REVERSE=reverse, UPCAST=upcast))
+
+
+def bwd_persist(mode_id: int, G: int, dy, dh_state, dc_state, w_hh, gates, hn, hs, cs, h_prev, c_prev, bs, off,
+                g_h, g_x, reverse: bool, upcast: bool) -> None:
+    """The backward of every step: gate gradients into ``g_h``/``g_x``; ``dh_state``/``dc_state`` ``[B, H]``
+    fp32 enter as ``dh_n``/``dc_n`` and leave as the direct parts of ``dh0``/``dc0`` (as the step loop's)."""
+    B, H = dh_state.shape
+    _launch(_bwd_persist_kernel, (dy, dh_state, dc_state, w_hh, gates, hn, hs, cs, h_prev, c_prev, g_h, g_x, bs, off),
+            bs.shape[0], B, H, dy.device, dict(MODE=mode_id, G=G, REVERSE=reverse, UPCAST=upcast))
