@@ -12,7 +12,8 @@ other slices of the same batch tile, so the slices of a tile meet at a barrier a
 counter per batch tile in global memory (release on arrival, acquire while waiting). Batch tiles never
 wait for each other. A barrier between programs only works if all of them are resident at once, hence
 :func:`persist_config` refusing a grid larger than the GPU's SM count (every configuration fits at least
-one program per SM; see ``benchmarks/kernel_report.py``). The previous step's rows are loaded ``volatile``
+one program per SM; see ``benchmarks/kernel_report.py``) and a cooperative launch whenever programs wait
+for each other. The previous step's rows are loaded ``volatile``
 (bypassing L1, which is not coherent across SMs).
 
 The Triton interpreter runs the programs of a launch one after another, so a program waiting for a later
@@ -156,13 +157,16 @@ def _launch(kernel, args, T: int, B: int, H: int, device: torch.device, consts: 
     g = grid(B, H, cfg)
     per_step = interpreting() and g[1] > 1
     sync = g[1] > 1 or interpreting()
+    # A cooperative launch makes the driver guarantee that every program is resident (or refuse the launch)
+    # even beside other kernels on other streams, which the SM-count bound alone cannot.
+    launch = {"launch_cooperative_grid": True} if g[1] > 1 and not interpreting() else {}
     spans = [(k, k + 1) for k in range(T)] if per_step else [(0, T)]
     for begin, end in spans:
         counters = torch.zeros(g[0], dtype=torch.int32, device=device)
         kernel[g](*args, counters, begin, end, T, H, 0, **consts, SYNC=sync and not per_step,
                   BB=cfg["BB"], BH=cfg["BH"], BK=cfg["BK"], num_warps=cfg["num_warps"],
                   num_stages=cfg["fwd_stages" if kernel is _fwd_persist_kernel else "bwd_stages"],
-                  enable_fp_fusion=FP_FUSION)
+                  enable_fp_fusion=FP_FUSION, **launch)
 
 
 def fwd_persist(mode_id: int, G: int, xp, b_hh, w_hh, h0, c0, bs, off, hs, cs, gates, hn,
