@@ -103,6 +103,31 @@ def test_persist_config_grid_fits_the_device(max_programs):
 
 
 @interpreted
+@pytest.mark.parametrize("H, slices", [(8, 1), (40, 3)])
+def test_persist_launches_per_step_only_where_programs_would_wait(H, slices, monkeypatch):
+    """In the interpreter (programs run one after another) several hidden slices get one launch per step
+    without the barrier; one slice gets one launch for the sequence with it. Never a cooperative launch here."""
+    from fastrnn.ops.triton import persist
+
+    calls = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            return lambda *args, **kw: calls.append((grid, args[-5:-3], kw))
+
+    monkeypatch.setattr(persist, "_fwd_persist_kernel", Recorder())
+    T, B = 5, 3
+    bs = torch.full((T,), B, dtype=torch.int32)
+    off = torch.arange(T, dtype=torch.int64) * B
+    xp, h = torch.zeros(T * B, H), torch.zeros(B, H)
+    persist.fwd_persist(2, 1, xp, None, torch.zeros(H, H), h, h, bs, off, xp, h, h, h, False, False, False)
+    assert all(grid == (1, slices) for grid, _, _ in calls)
+    spans = [span for _, span, _ in calls]
+    assert spans == ([(k, k + 1) for k in range(T)] if slices > 1 else [(0, T)])
+    assert all(kw["SYNC"] == (slices == 1) and "launch_cooperative_grid" not in kw for _, _, kw in calls)
+
+
+@interpreted
 def test_custom_op_registration():
     t = make_inputs(Case("RNN_TANH", 2, 2, 3, 4), triton_impl(torch.float32, "seq"))
     t = {k: v if v is None or v.dtype == torch.int64 else v.requires_grad_() for k, v in t.items()}
