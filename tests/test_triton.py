@@ -90,16 +90,22 @@ def test_auto_variant_takes_persist_on_cuda_only_when_asked(persistent, monkeypa
 
 @pytest.mark.parametrize("max_programs", [1, 4, 132, None])
 def test_persist_config_grid_fits_the_device(max_programs):
+    """Every tile it returns covers the layer, keeps the whole grid resident and compiles (kernel_report checks
+    PERSIST_CONFIGS); it refuses only where even the tallest tile's grid would not be resident."""
     from fastrnn.ops.triton import persist
 
+    tallest = max(c["BB"] for c in persist.PERSIST_CONFIGS)
     for B in (1, 15, 16, 17, 33, 64, 100, 512):
         for H in (1, 16, 17, 40, 256, 1000, 4096):
             cfg = persist.persist_config(B, H, max_programs)
-            tile = persist.PERSIST_CONFIGS[0 if B <= 16 else 1]
-            programs = -(-B // tile["BB"]) * -(-H // tile["BH"])
-            assert cfg == (tile if max_programs is None or programs <= max_programs else None), (B, H)
-            if cfg is not None:
-                assert persist.grid(B, H, cfg) == (-(-B // cfg["BB"]), -(-H // cfg["BH"]))
+            slices = -(-H // min(c["BH"] for c in persist.PERSIST_CONFIGS))
+            if cfg is None:
+                assert max_programs is not None and -(-B // tallest) * slices > max_programs, (B, H)
+                continue
+            assert cfg in persist.PERSIST_CONFIGS
+            tiles, n_slices = persist.grid(B, H, cfg)
+            assert tiles * cfg["BB"] >= B > (tiles - 1) * cfg["BB"] and n_slices * cfg["BH"] >= H
+            assert max_programs is None or tiles * n_slices <= max_programs, (B, H, cfg)
 
 
 @interpreted

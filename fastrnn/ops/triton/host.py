@@ -254,15 +254,16 @@ def forward(a: LayerArgs, options: tuple, save: bool) -> Tuple[Tensor, Tensor, T
                 bs, off = step_tables(rows, xp.device)
                 persist.fwd_persist(mode_id, G, xp, _opt(b_hh), w_hh, h0, c0 if c0.numel() else cs, bs, off,
                                     hs, cs, gates, hn, save, reverse, upcast)
-            for k, t in enumerate([] if variant == "persist" else rows.order):
-                r, n = rows.rows(t), rows.sizes[t]
-                rp, n_prev = rows.neighbour(k - 1)
-                fwd_step(mode_id, G, xp[r], _opt(b_hh), w_hh, hs[rp], h0, cs[rp] if lstm else cs,
-                         c0 if c0.numel() else cs, hr[r], cs[r] if lstm else cs,
-                         gates[r] if save and (lstm or gru) else gates, hn[r] if save and gru else hn,
-                         n, n_prev, save, upcast)
-                if w_hr.numel():
-                    torch.mm(hr[r], w_hr32.t(), out=hs[r])
+            else:
+                for k, t in enumerate(rows.order):
+                    r, n = rows.rows(t), rows.sizes[t]
+                    rp, n_prev = rows.neighbour(k - 1)
+                    fwd_step(mode_id, G, xp[r], _opt(b_hh), w_hh, hs[rp], h0, cs[rp] if lstm else cs,
+                             c0 if c0.numel() else cs, hr[r], cs[r] if lstm else cs,
+                             gates[r] if save and (lstm or gru) else gates, hn[r] if save and gru else hn,
+                             n, n_prev, save, upcast)
+                    if w_hr.numel():
+                        torch.mm(hr[r], w_hr32.t(), out=hs[r])
             h_n = hs[last_rows]
             c_n = cs[last_rows] if lstm else placeholder(xp)
             return hs, (hr if w_hr.numel() else hs.new_empty(0, H)), cs, gates, hn, h_n, c_n
@@ -363,21 +364,22 @@ def _backward_steps(mode: str, rows: Rows, dy, dh_n, dc_n, w_hh, w_hr, gates, hn
             bs, off = step_tables(rows, dy.device)
             persist.bwd_persist(mode_id, G, dy, dh_state, dc_state, w_hh, gates, hn, h_cell, cs, h_prev, c_prev,
                                 bs, off, g_h, g_x, reverse, upcast)
-        for k in ([] if in_kernel else range(len(rows.order) - 1, -1, -1)):
-            t = rows.order[k]
-            r, n = rows.rows(t), rows.sizes[t]
-            rp, n_prev = rows.neighbour(k + 1)
-            if proj:
-                # The projection mixes all hidden units, so dh is assembled here: dh_t = dy_t + dG_{t+1} W_hh.
-                if n_prev:
-                    torch.mm(g_h[rp], w_hh32, out=dh_state[:n_prev])
-                torch.add(dh_state[:n], dy[r], out=dhs[r])
-                dh_step = dhs[r] @ w_hr32
-            else:
-                dh_step = dy[r]
-            bwd_step(mode_id, G, dh_step, dh_state, dc_state, g_h[rp], w_hh, gates[r] if lstm or gru else gates,
-                     hn[r] if gru else hn, h_cell[r], cs[r] if lstm else cs, h_prev[r],
-                     c_prev[r] if lstm else c_prev, g_h[r], g_x[r] if gru else g_x, n, n_prev, proj, upcast)
+        else:
+            for k in range(len(rows.order) - 1, -1, -1):
+                t = rows.order[k]
+                r, n = rows.rows(t), rows.sizes[t]
+                rp, n_prev = rows.neighbour(k + 1)
+                if proj:
+                    # The projection mixes all hidden units, so dh is assembled here: dh_t = dy_t + dG_{t+1} W_hh.
+                    if n_prev:
+                        torch.mm(g_h[rp], w_hh32, out=dh_state[:n_prev])
+                    torch.add(dh_state[:n], dy[r], out=dhs[r])
+                    dh_step = dhs[r] @ w_hr32
+                else:
+                    dh_step = dy[r]
+                bwd_step(mode_id, G, dh_step, dh_state, dc_state, g_h[rp], w_hh, gates[r] if lstm or gru else gates,
+                         hn[r] if gru else hn, h_cell[r], cs[r] if lstm else cs, h_prev[r],
+                         c_prev[r] if lstm else c_prev, g_h[r], g_x[r] if gru else g_x, n, n_prev, proj, upcast)
         dh0 = g_h[first_rows] @ w_hh32
         if not proj:
             dh0 = dh0 + dh_state

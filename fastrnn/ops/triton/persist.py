@@ -161,8 +161,8 @@ def _launch(kernel, args, T: int, B: int, H: int, device: torch.device, consts: 
     # even beside other kernels on other streams, which the SM-count bound alone cannot.
     launch = {"launch_cooperative_grid": True} if g[1] > 1 and not interpreting() else {}
     spans = [(k, k + 1) for k in range(T)] if per_step else [(0, T)]
+    counters = torch.zeros(g[0], dtype=torch.int32, device=device)  # one barrier per batch tile; unused per step
     for begin, end in spans:
-        counters = torch.zeros(g[0], dtype=torch.int32, device=device)
         kernel[g](*args, counters, begin, end, T, H, 0, **consts, SYNC=sync and not per_step,
                   BB=cfg["BB"], BH=cfg["BH"], BK=cfg["BK"], num_warps=cfg["num_warps"],
                   num_stages=cfg["fwd_stages" if kernel is _fwd_persist_kernel else "bwd_stages"],
