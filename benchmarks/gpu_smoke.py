@@ -2,7 +2,9 @@
 
 ``python benchmarks/gpu_smoke.py`` runs the cpp backend's kernels and the three Triton variants ("step",
 "seq", and "persist" at an H of three hidden slices, so its barrier runs) for every cell, plus the LSTM
-projection, on the GPU, and compares each result and gradient with
+projection and fastrnn's cells with every feature (LayerNorm, zoneout, recurrent dropout: the cpp kernels and
+Triton's "step" and "seq" ones), on the GPU, and compares each result and gradient (the LayerNorm parameters'
+too) with
 the plain-PyTorch reference backend on the same inputs. On a machine without a GPU, ``--device cpu`` runs
 the cpp cases on the CPU kernels (and the Triton ones when TRITON_INTERPRET=1 is set); ``--list`` prints
 the cases. Exit status 1 when any case fails or differs.
@@ -19,7 +21,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from fastrnn import backend as fr_backend  # noqa: E402
-from fastrnn.ops import GATES, MODES  # noqa: E402
+from fastrnn.ops import GATES, MODES, CellExt  # noqa: E402
 
 T, B, I, H, PROJ = 5, 3, 8, 16, 8  # H small enough for the whole-sequence Triton kernels
 H_SLICES = 48  # Triton's "persist" kernels split this H over three programs that meet at a barrier each step
@@ -32,18 +34,20 @@ class SmokeCase(NamedTuple):
     variant: Optional[str] = None  # Triton's kernel variant; the cpp backend has one per device
     proj: bool = False
     hidden: int = H
+    cells: bool = False  # fastrnn's cells with every feature
 
     @property
     def name(self) -> str:
         return "-".join(filter(None, [self.backend, self.variant, self.mode.lower(), "proj" if self.proj else "",
-                                      f"h{self.hidden}" if self.hidden != H else ""]))
+                                      f"h{self.hidden}" if self.hidden != H else "", "cells" if self.cells else ""]))
 
 
 CASES = [SmokeCase("cpp", m) for m in MODES] + [SmokeCase("triton", m, v) for v in ("step", "seq") for m in MODES] + [
     SmokeCase("triton", m, "persist", hidden=H_SLICES) for m in MODES] + [
     SmokeCase("cpp", "LSTM", proj=True),
     SmokeCase("triton", "LSTM", "step", proj=True),  # "seq" has no projection
-]  # fmt: skip
+] + [SmokeCase("cpp", m, cells=True) for m in MODES] + [
+    SmokeCase("triton", m, v, cells=True) for v in ("step", "seq") for m in MODES]  # fmt: skip
 
 
 def inputs(case: SmokeCase, device: torch.device) -> List[Optional[torch.Tensor]]:
@@ -57,6 +61,25 @@ def inputs(case: SmokeCase, device: torch.device) -> List[Optional[torch.Tensor]
     return [None if s is None else (0.5 * torch.randn(s, generator=g)).to(device).requires_grad_() for s in shapes]
 
 
+def cell_ext(case: SmokeCase, device: torch.device) -> Optional[CellExt]:
+    """With ``case.cells``: LayerNorm parameters off their 1/0 initialisation (requiring grad), zoneout draws of
+    0/1 and a recurrent-dropout mask scaled by 1/(1-p)."""
+    if not case.cells:
+        return None
+    g = torch.Generator().manual_seed(sum(map(ord, case.name)) + 1)
+    hid, gh, lstm = case.hidden, GATES[case.mode] * case.hidden, case.mode == "LSTM"
+
+    def param(n: int, center: float) -> torch.Tensor:
+        return (center + 0.3 * torch.randn(n, generator=g)).to(device).requires_grad_()
+
+    def draws(shape, p: float) -> torch.Tensor:
+        return torch.bernoulli(torch.full(shape, p), generator=g).to(device)
+
+    return CellExt(param(gh, 1.0), param(gh, 0.0), param(gh, 1.0), param(gh, 0.0),
+                   param(hid, 1.0) if lstm else None, param(hid, 0.0) if lstm else None,
+                   draws((T * B, hid), 0.25), draws((T * B, hid), 0.25) if lstm else None, draws((B, hid), 0.7) / 0.7)
+
+
 def rel_err(a: Optional[torch.Tensor], b: Optional[torch.Tensor]) -> float:
     if a is None or b is None:
         return 0.0 if a is None and b is None else float("inf")
@@ -66,13 +89,17 @@ def rel_err(a: Optional[torch.Tensor], b: Optional[torch.Tensor]) -> float:
 def run(case: SmokeCase, device: torch.device) -> float:
     """The largest relative difference from the reference over outputs and every gradient."""
     x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr = inputs(case, device)
+    ext = cell_ext(case, device)
     results = []
     for name in (case.backend, "reference"):
         layer = importlib.import_module(f"fastrnn.ops.{name}").layer
         extra = {"variant": case.variant} if case.variant and name == case.backend else {}
+        if ext is not None:
+            extra["ext"] = ext
         y, h_n, c_n = layer(case.mode, x, None, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, False, **extra)
         outs = [t for t in (y, h_n, c_n) if t is not None]
-        leaves = [t for t in (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr) if t is not None]
+        leaves = [t for t in (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr) + tuple(ext or ())[:6]
+                  if t is not None and t.requires_grad]
         torch.manual_seed(0)
         grads = torch.autograd.grad(outs, leaves, [torch.randn_like(t) for t in outs])
         results.append(outs + list(grads))

@@ -57,6 +57,7 @@ LAUNCHES = {
                 "1 per sequence + 1 memset (0 per step; a barrier per step)"),
     "ext (fastrnn's cells)": ("1 torch mm + 1 row kernel (+2 to 4 torch ops with proj)",
                               "1 row kernel + 1 torch mm (+1 to 2 elementwise torch ops; +3 to 4 with proj)"),
+    "ext seq (fastrnn's cells, no proj)": ("1 per sequence (0 per step)", "1 per sequence (0 per step)"),
 }
 
 
@@ -121,6 +122,16 @@ def ext_specs(dtypes, hidden) -> List[Dict]:
                     specs.append(dict(common, kernel="ext_bwd_proj", fn=triton_ext._bwd_kernel, mode=mode,
                                       dtype=dtype, const=dict(ids, ZONE_H=False, ZONE_C=True, HAS_DY=False,
                                                               BYPASS=False, WRITE_HR=True, SPLIT=True)))
+                G = GATES[mode]
+                fwd, bwd = triton_ext.seq_config(H, H, G * H), triton_ext.seq_config(H, G * H, H)
+                specs.append(dict(common, kernel="ext_seq_fwd", warps=fwd["num_warps"], fn=triton_ext._fwd_seq_kernel, mode=mode, dtype=dtype,
+                                  tiles=f"BR{fwd['BR']}xBC{fwd['BC']}, BN{fwd['BN']}xBK{fwd['BK']} (H {H})",
+                                  const=dict(ids, SAVE=True, STORE=True, RAW=True, ZONE_H=True, ZONE_C=lstm,
+                                             MASK=True, REVERSE=False, BN=fwd["BN"], BK=fwd["BK"])))
+                specs.append(dict(common, kernel="ext_seq_bwd", warps=bwd["num_warps"], fn=triton_ext._bwd_seq_kernel, mode=mode, dtype=dtype,
+                                  tiles=f"BR{bwd['BR']}xBC{bwd['BC']}, BN{bwd['BN']}xBK{bwd['BK']} (H {H})",
+                                  const=dict(ids, ZONE_H=True, ZONE_C=lstm, BYPASS=True, SPLIT=True, MASK=True,
+                                             REVERSE=False, BN=bwd["BN"], BK=bwd["BK"])))
             # the input projection's LayerNorm rows are G*H wide: their launches pick among the same chunks
             for kernel, fn in (("ext_ln_rows", triton_ext._ln_rows_kernel),
                                ("ext_ln_rows_bwd", triton_ext._ln_rows_bwd_kernel)):

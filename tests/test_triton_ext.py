@@ -7,11 +7,13 @@ Triton lacks fp64, so fp32 and bf16 are measured against the fp64 truth with the
 conftest. The kernels run in the Triton interpreter (slow): the cases are small.
 """
 
+import functools
+
 import pytest
 import torch
 
 from fastrnn import backend as _backend
-from fastrnn.ops import MODES
+from fastrnn.ops import MODES, LayerArgs
 from layer_cases import Case, Impl, one_step_and_one_unit, make_inputs
 from test_cpp_ext import _ext_args, assert_layer_matches, make_ext, run
 
@@ -27,11 +29,18 @@ def _cpu_needs_the_interpreter(request):
         pytest.skip(f"Triton on the CPU: {CPU_REASON}")
 
 
-def assert_matches_fp64(c: Case, dtype: torch.dtype, feature: str):
-    """Triton in ``dtype`` against the reference backend on fp64 copies of the same inputs (a NaN-filled element
-    a kernel did not write shows as non-finite); returns Triton's outputs and gradients."""
+def assert_matches_fp64(c: Case, dtype: torch.dtype, feature: str, variant: str):
+    """Triton's ``variant`` in ``dtype`` against the reference backend on fp64 copies of the same inputs (a
+    NaN-filled element a kernel did not write shows as non-finite); returns Triton's outputs and gradients."""
     inputs = make_inputs(c, Impl("triton", "cpu", dtype))
-    return assert_layer_matches(tb.layer, c, inputs, make_ext(c, inputs, feature), torch.float64)
+    return assert_layer_matches(functools.partial(tb.layer, variant=variant), c, inputs,
+                                make_ext(c, inputs, feature), torch.float64)
+
+
+def with_variants(cases):
+    """Each case with every variant that runs it: the step loop, and the whole-sequence kernels where there is
+    no projection."""
+    return [pytest.param(c, v, id=f"{c.id}-{v}") for c in cases for v in ("step",) + (("seq",) if not c.proj else ())]
 
 
 def test_buffers_start_nan_filled():
@@ -45,54 +54,90 @@ CASES = [Case(m, 4, 3, 3, 5, packed=p, reverse=p) for m in MODES for p in (False
      Case("GRU", 3, 2, 3, 4, bias=False), Case("LSTM", 3, 2, 3, 4, proj=2, bias=False, packed=True)]
 
 
-@pytest.mark.parametrize("c", CASES, ids=lambda c: c.id)
-def test_all_features_match_fp64(c):
-    assert_matches_fp64(c, torch.float32, "ln-zo-rd")
+@pytest.mark.parametrize("c, variant", with_variants(CASES))
+def test_all_features_match_fp64(c, variant):
+    assert_matches_fp64(c, torch.float32, "ln-zo-rd", variant)
 
 
 @pytest.mark.parametrize("feature", ["ln", "zo", "rd", "ln-zo_eval"])
-@pytest.mark.parametrize("c", [Case(m, 3, 3, 3, 5, packed=True, reverse=m != "GRU") for m in MODES]
-                         + [Case("LSTM", 3, 3, 3, 5, proj=3, packed=True)], ids=lambda c: c.id)
-def test_each_feature_matches_fp64(c, feature):
-    assert_matches_fp64(c, torch.float32, feature)
+@pytest.mark.parametrize("c, variant", with_variants([Case(m, 3, 3, 3, 5, packed=True, reverse=m != "GRU")
+                                                      for m in MODES] + [Case("LSTM", 3, 3, 3, 5, proj=3, packed=True)]))
+def test_each_feature_matches_fp64(c, variant, feature):
+    assert_matches_fp64(c, torch.float32, feature, variant)
 
 
-@pytest.mark.parametrize("c", one_step_and_one_unit(3), ids=lambda c: c.id)
-def test_one_step_and_one_unit(c):
-    assert_matches_fp64(c, torch.float32, "ln-zo-rd")
+@pytest.mark.parametrize("c, variant", with_variants(one_step_and_one_unit(3)))
+def test_one_step_and_one_unit(c, variant):
+    assert_matches_fp64(c, torch.float32, "ln-zo-rd", variant)
 
 
-@pytest.mark.parametrize("c", [Case("LSTM", 3, 3, 4, 63, proj=7, packed=True), Case("GRU", 3, 2, 4, 63, reverse=True),
-                               Case("LSTM", 2, 2, 3, 1030), Case("RNN_TANH", 2, 3, 3, 1030, packed=True)],
-                         ids=lambda c: c.id)
-def test_odd_and_wide_rows(c):
+@pytest.mark.parametrize("c, variant", with_variants([
+    Case("LSTM", 3, 3, 4, 63, proj=7, packed=True), Case("GRU", 3, 2, 4, 63, reverse=True),
+    Case("LSTM", 2, 2, 3, 1030), Case("RNN_TANH", 2, 3, 3, 1030, packed=True)]))
+def test_odd_and_wide_rows(c, variant):
     """H = 63: masked chunk tails; H = 1030: rows wider than ext.MAX_CHUNK, so every row loop (the statistics,
-    LSTM's c passes, the LayerNorm backward) runs over more than one chunk."""
-    assert_matches_fp64(c, torch.float32, "ln-zo-rd")
+    LSTM's c passes, the LayerNorm backward) runs over more than one chunk, and the seq kernels' products over
+    several column blocks and K chunks."""
+    assert_matches_fp64(c, torch.float32, "ln-zo-rd", variant)
 
 
-@pytest.mark.parametrize("c", [Case("LSTM", 4, 3, 3, 8, proj=4, packed=True), Case("GRU", 4, 3, 3, 8, reverse=True)],
-                         ids=lambda c: c.id)
-def test_bf16_against_fp64(c):
+@pytest.mark.parametrize("c, variant", with_variants([Case("LSTM", 4, 3, 3, 8, proj=4, packed=True),
+                                                      Case("GRU", 4, 3, 3, 8, reverse=True)]))
+def test_bf16_against_fp64(c, variant):
     """16-bit storage is computed in fp32: only the inputs and the returned values are rounded."""
-    assert_matches_fp64(c, torch.bfloat16, "ln-zo-rd")
+    assert_matches_fp64(c, torch.bfloat16, "ln-zo-rd", variant)
 
 
-@pytest.mark.parametrize("mode", ["LSTM", "GRU"])
-def test_inference_and_determinism(mode):
+@pytest.mark.parametrize("c, variant", with_variants([Case("LSTM", 4, 3, 3, 6, proj=3, packed=True),
+                                                      Case("LSTM", 4, 3, 3, 6, packed=True),
+                                                      Case("GRU", 4, 3, 3, 6, packed=True)]))
+def test_inference_and_determinism(c, variant):
     """Without a gradient nothing is saved (another code path of the kernels) and the outputs are the same bits;
     the LayerNorm parameters' gradients (per-row sums, no atomics) are the same bits on every run."""
-    c = Case(mode, 4, 3, 3, 6, proj=3 if mode == "LSTM" else 0, packed=True)
+    layer = functools.partial(tb.layer, variant=variant)
     inputs = make_inputs(c, Impl("triton", "cpu", torch.float32))
     ext = make_ext(c, inputs, "ln-zo-rd")
-    outs, grads = run(tb.layer, c, inputs, ext)
+    outs, grads = run(layer, c, inputs, ext)
     with torch.no_grad():
-        plain = [o for o in tb.layer(c.mode, reverse=c.reverse, ext=ext, **inputs) if o is not None]
+        plain = [o for o in layer(c.mode, reverse=c.reverse, ext=ext, **inputs) if o is not None]
     for got, want in zip(plain, outs):
         assert torch.equal(got, want)
-    again = run(tb.layer, c, inputs, ext)[1]
+    again = run(layer, c, inputs, ext)[1]
     for name in grads:
         assert torch.equal(again[name], grads[name]), name
+
+
+@pytest.mark.parametrize("c", [Case("GRU", 4, 5, 3, 6, packed=True, reverse=True), Case("LSTM", 3, 2, 3, 40)],
+                         ids=lambda c: c.id)
+def test_seq_and_step_agree(c):
+    """The whole-sequence kernels against the step loop on the same inputs: the same cell code, only the
+    recurrent product summed in another order, so they agree to fp32 rounding (more rows than one program's
+    tile: the programs' rows stay apart)."""
+    inputs = make_inputs(c, Impl("triton", "cpu", torch.float32))
+    ext = make_ext(c, inputs, "ln-zo-rd")
+    step = run(functools.partial(tb.layer, variant="step"), c, inputs, ext)
+    seq = run(functools.partial(tb.layer, variant="seq"), c, inputs, ext)
+    for got, want in zip(seq[0], step[0]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for name in step[1]:
+        torch.testing.assert_close(seq[1][name], step[1][name], rtol=1e-4, atol=1e-4, msg=name)
+
+
+def test_variant_choice():
+    """Unasked, the cells take the step loop on the CPU (the seq kernels are the default only on CUDA with
+    FASTRNN_PERSISTENT=1 until they have run on a GPU); a projection, the persist variant or a CUDA graph are
+    refused with the reason."""
+    c = Case("LSTM", 2, 2, 3, 4)
+    a = LayerArgs(c.mode, torch.zeros(4, 3), None, torch.zeros(2, 4), torch.zeros(2, 4),
+                          torch.zeros(16, 3), torch.zeros(16, 4), None, None, None, False)
+    assert tb._resolve_options(a, (None, None), True) == ("step", False)
+    assert tb._resolve_options(a, ("seq", None), True) == ("seq", False)
+    with pytest.raises(ValueError, match="variant"):
+        tb._resolve_options(a, ("persist", None), True)
+    with pytest.raises(ValueError, match="cuda_graph"):
+        tb._resolve_options(a, ("seq", True), True)
+    with pytest.raises(ValueError, match="projection"):
+        tb._resolve_options(a._replace(w_hr=torch.zeros(2, 4)), ("seq", None), True)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -113,12 +158,15 @@ if CUDA_DTYPES:  # collected only where a GPU is present
     @pytest.mark.cuda
     @pytest.mark.parametrize("dtype", CUDA_DTYPES, ids=lambda d: str(d)[6:])
     @pytest.mark.parametrize("feature", ["ln-zo-rd", "ln", "zo", "rd"])
-    @pytest.mark.parametrize("c", CASES + [Case("LSTM", 2, 2, 3, 1030), Case("GRU", 3, 2, 4, 63, reverse=True)],
-                             ids=lambda c: c.id)
-    def test_cuda_matches_fp64(c, feature, dtype):
-        """fastrnn/ops/triton/ext.py compiled for the GPU, against the reference backend in fp64 (16-bit: the
-        reference in the same dtype, as tests/test_cpp_ext.py judges 16-bit)."""
+    @pytest.mark.parametrize("c, variant", with_variants(
+        CASES + [Case("LSTM", 2, 2, 3, 1030), Case("GRU", 3, 2, 4, 63, reverse=True),
+                 Case("LSTM", 6, 40, 3, 48, packed=True, reverse=True)]))
+    def test_cuda_matches_fp64(c, variant, feature, dtype):
+        """fastrnn/ops/triton/ext.py compiled for the GPU, both variants, against the reference backend in fp64
+        (16-bit: the reference in the same dtype, as tests/test_cpp_ext.py judges 16-bit); 40 rows make several
+        seq programs."""
         from test_cpp_ext import cuda_inputs
 
         inputs, ext = cuda_inputs(c, dtype, feature)
-        assert_layer_matches(tb.layer, c, inputs, ext, torch.float64 if dtype == torch.float32 else None)
+        assert_layer_matches(functools.partial(tb.layer, variant=variant), c, inputs, ext,
+                             torch.float64 if dtype == torch.float32 else None)

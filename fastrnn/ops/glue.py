@@ -161,8 +161,8 @@ class LayerOp:
 
     ``backend`` names it in errors, ``name`` its ops (``fastrnn::<name>_fwd``/``_bwd``, attributes ``fwd`` and
     ``bwd``). ``options``: ``(name, schema type, default)`` of the backend's options, passed to ``layer`` by
-    keyword and to ``forward``/``backward`` as a tuple in this order, after ``resolve_options(args, options)``
-    has checked them and filled in input-dependent defaults. ``ext``: the backend also runs fastrnn's cells,
+    keyword and to ``forward``/``backward`` as a tuple in this order, after ``resolve_options(args, options,
+    cells)`` has checked them and filled in input-dependent defaults (``cells``: the call runs fastrnn's cells). ``ext``: the backend also runs fastrnn's cells,
     as a second pair of ops ``fastrnn::<name>_ext_fwd``/``_ext_bwd`` (attributes ``ext_fwd``, ``ext_bwd``) that
     ``layer(args, ext=CellExt(...))`` calls when the ``CellExt`` uses any feature.
     """
@@ -170,7 +170,7 @@ class LayerOp:
     def __init__(self, backend: str, name: str, availability: Callable[[torch.device, torch.dtype], Optional[str]],
                  forward: Forward, backward: Backward, fake_saved: FakeSaved,
                  options: Sequence[Tuple[str, str, object]] = (),
-                 resolve_options: Optional[Callable[[LayerArgs, tuple], tuple]] = None,
+                 resolve_options: Optional[Callable[[LayerArgs, tuple, bool], tuple]] = None,
                  ext: Optional[ExtImpl] = None) -> None:
         self.backend, self.availability = backend, availability
         self.options, self._resolve_options = tuple(options), resolve_options
@@ -201,7 +201,7 @@ class LayerOp:
             raise RuntimeError(f"fastrnn {self.backend} backend unavailable: {reason}")
         opts = tuple(kwargs.get(opt, default) for opt, _, default in self.options)
         if self._resolve_options is not None:
-            opts = self._resolve_options(a, opts)
+            opts = self._resolve_options(a, opts, cells)
         if _transformed():
             return reference.layer(a, ext=ext if cells else None)
         differentiable = a.tensors() + (tuple(ext)[:len(EXT_GRAD_NAMES)] if cells else ())

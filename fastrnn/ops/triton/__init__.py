@@ -18,13 +18,15 @@ Three kernel variants, chosen per layer:
 The input projection of all steps is one GEMM before the loop and the weight gradients are GEMMs after it.
 
 fastrnn's own cells (``CellExt``: LayerNorm, zoneout, recurrent dropout; ``EXT_FEATURES``) run through
-``fastrnn::triton_layer_ext_fwd``/``_ext_bwd`` (``ext``, mirroring the cpp backend's csrc/rnn_ext.cpp): per
-step a torch GEMM for the recurrent product and one fused row kernel (the recurrent LayerNorm's statistics,
-the cell, LSTM's LayerNorm of c, zoneout, the next step's masked GEMM operand), backward likewise, saving
-``fastrnn.ops.SavedExt`` in fp32; 16-bit storage is computed in fp32. The options below do not apply to them.
+``fastrnn::triton_layer_ext_fwd``/``_ext_bwd`` (``ext``, mirroring the cpp backend's csrc/rnn_ext.cpp), saving
+``fastrnn.ops.SavedExt`` in fp32; 16-bit storage is computed in fp32. Two variants (``EXT_VARIANTS``):
+``"step"``, per step a torch GEMM for the recurrent product and one fused row kernel (the recurrent
+LayerNorm's statistics, the cell, LSTM's LayerNorm of c, zoneout, the next step's masked GEMM operand),
+backward likewise; ``"seq"`` (no projection), one launch per direction forward and one backward, each program
+owning a few batch rows for the whole sequence and computing their recurrent product itself.
 
-On a GPU (an H200, 2026-12-04) the "step" and "seq" kernels passed every CUDA test; the ext kernels, the
-"persist" kernels and ``cuda_graph`` have not been checked on one yet. All are tested in the interpreter on
+On a GPU (an H200, 2026-12-04) the "step" and "seq" kernels passed every CUDA test; the ext kernels (both
+variants), the "persist" kernels and ``cuda_graph`` have not been checked on one yet. All are tested in the interpreter on
 CPU and compiled ahead of time for sm_80/sm_90 (benchmarks/kernel_report.py: registers, no spills).
 On CPU the kernels run only under the Triton interpreter (``TRITON_INTERPRET=1`` set before triton is
 imported), which is how the tests exercise them.
@@ -32,11 +34,13 @@ imported), which is how the tests exercise them.
 Options, as keywords of ``layer`` or, from a module, ``backend_options={"triton": {...}}``:
 
 - ``variant``: ``"step"``, ``"seq"`` or ``"persist"``; ``None`` (default) picks ``"seq"`` wherever it applies,
-  then ``"persist"`` (with ``FASTRNN_PERSISTENT=1``), else ``"step"``.
+  then ``"persist"`` (with ``FASTRNN_PERSISTENT=1``), else ``"step"``. fastrnn's cells take ``"step"`` or
+  ``"seq"``; ``None`` picks ``"seq"`` on CUDA with ``FASTRNN_PERSISTENT=1`` and no projection, else ``"step"``.
 - ``cuda_graph``: capture the per-step launches of the ``"step"`` variant into a CUDA graph on the first
   call with given shapes and batch sizes and replay it afterwards, removing the per-launch host cost
   (``host.run_loop``: at most ``GRAPH_CACHE_SIZE`` shapes kept). ``None`` (default): on for the step variant
-  on CUDA with ``FASTRNN_PERSISTENT=1``, off otherwise. UNVERIFIED: it has never run on a GPU.
+  on CUDA with ``FASTRNN_PERSISTENT=1``, off otherwise; never for fastrnn's cells. UNVERIFIED: it has never
+  run on a GPU.
 """
 
 from typing import Optional
@@ -57,6 +61,7 @@ else:
     _IMPORT_ERROR = None
 
 EXT_FEATURES = _ops.EXT_FEATURES  # LayerNorm, zoneout and recurrent dropout: the ext kernels
+EXT_VARIANTS = ("step", "seq")
 
 CPU_REASON = (
     "Triton kernels need a CUDA GPU; set TRITON_INTERPRET=1 before importing triton to run them on CPU "
@@ -78,9 +83,11 @@ def availability(device: torch.device, dtype: torch.dtype) -> Optional[str]:
     return f"Triton kernels run on CUDA devices (or CPU under TRITON_INTERPRET=1), got {device.type}"
 
 
-def _resolve_options(a: LayerArgs, options: tuple) -> tuple:
+def _resolve_options(a: LayerArgs, options: tuple, cells: bool = False) -> tuple:
     variant, cuda_graph = options
     B, proj = a.h0.shape[0], a.w_hr is not None
+    if cells:
+        return _resolve_ext_options(a, variant, cuda_graph)
     if variant is None:
         variant = _host.pick_variant(a.H, a.w_hh.dtype, proj, a.mode, B, a.x.device)
     if variant not in _host.VARIANTS:
@@ -100,6 +107,23 @@ def _resolve_options(a: LayerArgs, options: tuple) -> tuple:
     return variant, bool(cuda_graph)
 
 
+def _resolve_ext_options(a: LayerArgs, variant: Optional[str], cuda_graph: Optional[bool]) -> tuple:
+    """fastrnn's cells: ``"seq"`` (one launch per direction, no projection) or ``"step"``; no CUDA graph."""
+    proj = a.w_hr is not None
+    if variant is None:
+        variant = "seq" if _host.ext_seq_by_default(proj, a.x.device) else "step"
+    if variant not in EXT_VARIANTS:
+        raise ValueError(f"fastrnn's cells ({', '.join(EXT_FEATURES)}) take variant {EXT_VARIANTS} or None, "
+                         f"got {variant!r}")
+    if variant == "seq" and proj:
+        raise ValueError("the 'seq' variant of fastrnn's cells needs no projection, got proj_size "
+                         f"{a.w_hr.shape[0]}")
+    if cuda_graph:
+        raise ValueError("cuda_graph=True applies to the plain cells' 'step' variant, not to fastrnn's cells "
+                         f"({', '.join(EXT_FEATURES)})")
+    return variant, False
+
+
 def _fake_saved(a: LayerArgs, _options: tuple, save: bool) -> Saved:
     return Saved.empty_like(a, save, torch.float32, h=a.x.dtype != torch.float32, hr=True)
 
@@ -112,12 +136,12 @@ def _backward(a, options, y, saved, dy, dh_n, dc_n, need_dx):
     return _host.backward(a, options, y, saved, dy, dh_n, dc_n, need_dx)
 
 
-def _ext_forward(a: LayerArgs, e: CellExt, _options: tuple, save: bool):
-    return _ext.forward(a, e, save)
+def _ext_forward(a: LayerArgs, e: CellExt, options: tuple, save: bool):
+    return _ext.forward(a, e, save, seq=options[0] == "seq")
 
 
-def _ext_backward(a: LayerArgs, e: CellExt, _options: tuple, y, saved: SavedExt, dy, dh_n, dc_n, need_dx: bool):
-    return _ext.backward(a, e, y, saved, dy, dh_n, dc_n, need_dx)
+def _ext_backward(a: LayerArgs, e: CellExt, options: tuple, y, saved: SavedExt, dy, dh_n, dc_n, need_dx: bool):
+    return _ext.backward(a, e, y, saved, dy, dh_n, dc_n, need_dx, seq=options[0] == "seq")
 
 
 def _ext_fake_saved(a: LayerArgs, e: CellExt, _options: tuple, save: bool) -> SavedExt:

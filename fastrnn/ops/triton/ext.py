@@ -10,6 +10,11 @@ Kernel, launcher and host loop in one place, mirroring the cpp backend's driver 
   the recurrent LayerNorm's backward and its parameters' per-row sums), then the GEMM ``dG W_hh``; after the
   loop :func:`_ln_rows_bwd_kernel` over the input side's rows and every weight gradient as one GEMM.
 
+With the ``"seq"`` variant (no projection) each direction is one launch instead, :func:`_fwd_seq_kernel` and
+:func:`_bwd_seq_kernel`: a program owns ``BR`` batch rows for the whole sequence and computes their recurrent
+product itself before the row pass of each step (W_hh read from L2 every step), so no Python runs per step and
+no program waits for another; the parallelism is ``B / BR`` programs.
+
 A program walks its ``BR`` rows in chunks of ``BC`` columns (``row_config``), so no width makes it spill; a
 row's statistics come from the program's own loads (two passes: the deviations' squares, not
 ``E[v^2] - E[v]^2``, which cancels for rows whose mean is large against their spread). Values a later loop
@@ -33,7 +38,7 @@ from torch import Tensor
 
 from fastrnn.ops import GATES, LN_EPS, CellExt, LayerArgs, SavedExt
 from fastrnn.ops.triton.cells import FP_FUSION, _tanh, cell_backward, cell_forward, lstm_gate_grads
-from fastrnn.ops.triton.host import MODE_IDS, input_projection, nan_buffer, placeholder, plan_rows
+from fastrnn.ops.triton.host import MODE_IDS, input_projection, nan_buffer, placeholder, plan_rows, step_tables
 
 _EPS = tl.constexpr(LN_EPS)
 # Columns of the per-row statistics (SavedExt.stats): rstd of xs and of hs, LSTM's mean and rstd of c.
@@ -240,6 +245,17 @@ def _fwd_kernel(
     zc: [n, H] zoneout of c (ZONE_C). ``G`` gates: LSTM 4, GRU 3, Elman 1.
     """
     o_r, m_b = _rows(n_rows, BR)
+    _fwd_rows(p_xs, p_hs, p_nh, p_st, p_gx, p_gh, p_bias, p_bhn, p_gc, p_sc, p_h, p_y, p_zh, p_m, p_hm, p_c, p_cs,
+              p_zc, o_r, m_b, H, MODE, G, LN, SAVE, STORE, ZONE_H, ZONE_C, MASK, WRITE_Y, BR, BC)
+
+
+@triton.jit
+def _fwd_rows(p_xs, p_hs, p_nh, p_st, p_gx, p_gh, p_bias, p_bhn, p_gc, p_sc, p_h, p_y, p_zh, p_m, p_hm, p_c, p_cs,
+              p_zc, o_r, m_b, H, MODE: tl.constexpr, G: tl.constexpr, LN: tl.constexpr, SAVE: tl.constexpr,
+              STORE: tl.constexpr, ZONE_H: tl.constexpr, ZONE_C: tl.constexpr, MASK: tl.constexpr,
+              WRITE_Y: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
+    """:func:`_fwd_kernel`'s step on the rows ``o_r`` (``[BR, 1]``, mask ``m_b``) of pointers at the step's first
+    row."""
     GH = G * H
     o_rg = o_r * GH
     o_rh = o_r * H
@@ -333,6 +349,18 @@ def _bwd_kernel(
     part: [n, 2*G*H + 2*H] LN: the hh gain's, hh shift's, c gain's and c shift's terms added.
     """
     o_r, m_b = _rows(n_rows, BR)
+    _bwd_rows(p_xs, p_hs, p_st, p_gx, p_gh, p_bias, p_bhn, p_gc, p_sc, p_hp, p_cp, p_zh, p_zc, p_dh, p_dy, p_dc,
+              p_hr, p_dgx, p_dgh, p_part, o_r, m_b, H, MODE, G, LN, ZONE_H, ZONE_C, HAS_DY, BYPASS, WRITE_HR, SPLIT,
+              BR, BC)
+
+
+@triton.jit
+def _bwd_rows(p_xs, p_hs, p_st, p_gx, p_gh, p_bias, p_bhn, p_gc, p_sc, p_hp, p_cp, p_zh, p_zc, p_dh, p_dy, p_dc,
+              p_hr, p_dgx, p_dgh, p_part, o_r, m_b, H, MODE: tl.constexpr, G: tl.constexpr, LN: tl.constexpr,
+              ZONE_H: tl.constexpr, ZONE_C: tl.constexpr, HAS_DY: tl.constexpr, BYPASS: tl.constexpr,
+              WRITE_HR: tl.constexpr, SPLIT: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
+    """:func:`_bwd_kernel`'s step on the rows ``o_r`` (``[BR, 1]``, mask ``m_b``) of pointers at the step's first
+    row."""
     GH = G * H
     o_rg = o_r * GH
     o_rh = o_r * H
@@ -406,6 +434,145 @@ def _bwd_kernel(
     if LN:
         rstd_h = tl.load(p_st + o_r * 4 + 1, mask=m_b, other=0.0)
         _ln_backward_rows(p_dgh, p_hs, p_gh, p_part, o_r, o_rp, m_b, rstd_h, GH, True, BR, BC)
+
+
+@triton.jit
+def _matmul_rows(p_a, lda, p_w, w_sk, w_sn, o_r, m_b, K, NC, n0, BR: tl.constexpr, BN: tl.constexpr,
+                 BK: tl.constexpr):
+    """Columns ``[n0, n0 + BN)`` of ``A[o_r, :K] . W``, ``[BR, BN]`` fp32: ``A`` fp32 with row stride ``lda``,
+    element ``(k, n)`` of ``W: [K, NC]`` at ``k * w_sk + n * w_sn``."""
+    o_n = n0 + tl.arange(0, BN)
+    acc = tl.zeros([BR, BN], dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        o_k = k0 + tl.arange(0, BK)
+        b_a = tl.load(p_a + o_r * lda + o_k[None, :], mask=m_b & (o_k[None, :] < K), other=0.0)
+        b_w = tl.load(p_w + o_k[:, None] * w_sk + o_n[None, :] * w_sn,
+                      mask=(o_k[:, None] < K) & (o_n[None, :] < NC), other=0.0)
+        acc += tl.sum(b_a[:, :, None] * b_w[None, :, :], 1)
+    return acc
+
+
+@triton.jit
+def _seq_rows(p_bs, p_off, T, k, REVERSE: tl.constexpr):
+    """Step of processing position ``k``: its row count and first row."""
+    t = T - 1 - k if REVERSE else k
+    return tl.load(p_bs + t), tl.load(p_off + t)
+
+
+# ``zero`` is always 0 and must stay a run-time value, hence never specialised: ``k * zero`` added to the
+# step-invariant addresses keeps the compiler from hoisting them out of the time loop, where they spilled 8-16 B
+# at 64-80 registers (as in persist.py).
+@triton.jit(do_not_specialize=["zero"])
+def _fwd_seq_kernel(
+    p_xs, p_hs, p_raw, p_st, p_gx, p_gh, p_bias, p_bhn, p_gc, p_sc,
+    p_h, p_y, p_zh, p_m, p_hm, p_c, p_cs, p_zc, p_wt, p_bs, p_off,
+    T, H, zero,
+    MODE: tl.constexpr, G: tl.constexpr, LN: tl.constexpr, SAVE: tl.constexpr, STORE: tl.constexpr,
+    RAW: tl.constexpr, ZONE_H: tl.constexpr, ZONE_C: tl.constexpr, MASK: tl.constexpr, REVERSE: tl.constexpr,
+    BR: tl.constexpr, BC: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+):
+    """The whole forward, a program per ``BR`` batch rows looping over the steps: each step the rows' recurrent
+    product ``(h_{t-1} * m) W_hh^T`` and then :func:`_fwd_rows` on them. A row's state, its GEMM operand and
+    its products are the program's own, so programs never wait for each other.
+
+    Pointers at row 0 of ``[N, *]`` time-major tensors (the step's rows at ``off[t]``): xs, hs (SAVE; without RAW
+    the product's destination, with LN its normalised copy), st, y, zh, cs, zc, as :func:`_fwd_kernel`; raw:
+    [B, G*H] the products' scratch (RAW: LayerNorm, or nothing saved). Per batch row ``[B, *]``: h, m, hm, c.
+    wt: [H, G*H] W_hh^T fp32; bs: [T] int32 rows per step; off: [T] int64 first row per step.
+    """
+    GH = G * H
+    for k in range(0, T):
+        n_t, o_t = _seq_rows(p_bs, p_off, T, k, REVERSE)
+        z = k * zero
+        o_r, m_b = _rows(n_t, BR)
+        o_r += z
+        if RAW:
+            p_g = p_raw
+        else:
+            p_g = p_hs + o_t * GH
+        # the previous step's row pass wrote the operand with its own column-to-thread map
+        tl.debug_barrier()
+        for n0 in range(0, GH, BN):
+            if MASK:
+                acc = _matmul_rows(p_hm, H, p_wt + z, GH, 1, o_r, m_b, H, GH, n0, BR, BN, BK)
+            else:
+                acc = _matmul_rows(p_h, H, p_wt + z, GH, 1, o_r, m_b, H, GH, n0, BR, BN, BK)
+            o_n = (n0 + tl.arange(0, BN))[None, :]
+            tl.store(p_g + o_r * GH + o_n, acc, mask=m_b & (o_n < GH))
+        tl.debug_barrier()
+        _fwd_rows(p_xs + o_t * GH, p_g, p_hs + o_t * GH, p_st + o_t * 4, p_gx + z, p_gh + z, p_bias + z, p_bhn + z,
+                  p_gc + z, p_sc + z, p_h,
+                  p_y + o_t * H, p_zh + o_t * H, p_m, p_hm, p_c, p_cs + o_t * H, p_zc + o_t * H, o_r, m_b, H, MODE, G,
+                  LN, SAVE, STORE, ZONE_H, ZONE_C, MASK, True, BR, BC)
+
+
+@triton.jit(do_not_specialize=["zero"])
+def _bwd_seq_kernel(
+    p_xs, p_hs, p_st, p_gx, p_gh, p_bias, p_bhn, p_gc, p_sc,
+    p_hp, p_cp, p_zh, p_zc, p_dh, p_dy, p_dc, p_dgx, p_dgh, p_part, p_m, p_w, p_bs, p_off,
+    T, H, zero,
+    MODE: tl.constexpr, G: tl.constexpr, LN: tl.constexpr, ZONE_H: tl.constexpr, ZONE_C: tl.constexpr,
+    BYPASS: tl.constexpr, SPLIT: tl.constexpr, MASK: tl.constexpr, REVERSE: tl.constexpr, BR: tl.constexpr,
+    BC: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+):
+    """The whole backward, a program per ``BR`` batch rows walking the steps back: :func:`_bwd_rows` on the
+    rows, then ``dh_{t-1} = (dG_h W_hh) * m``, added to the part that bypasses W_hh (BYPASS) or replacing
+    ``dh``. Rows never leave their program, as in :func:`_fwd_seq_kernel`.
+
+    Pointers at row 0 of ``[N, *]`` time-major tensors: xs, hs, st, hp, cp, zh, zc, dy, dgx, dgh as
+    :func:`_bwd_kernel`; per batch row: dh, dc, part (LN), m [B, H]; w: [G*H, H] W_hh fp32; bs, off as
+    :func:`_fwd_seq_kernel`.
+    """
+    GH = G * H
+    for j in range(0, T):
+        n_t, o_t = _seq_rows(p_bs, p_off, T, T - 1 - j, REVERSE)
+        z = j * zero
+        o_r, m_b = _rows(n_t, BR)
+        o_r += z
+        # the previous step's product pass wrote dh with its own column-to-thread map
+        tl.debug_barrier()
+        _bwd_rows(p_xs + o_t * GH, p_hs + o_t * GH, p_st + o_t * 4, p_gx + z, p_gh + z, p_bias + z, p_bhn + z,
+                  p_gc + z, p_sc + z,
+                  p_hp + o_t * H, p_cp + o_t * H, p_zh + o_t * H, p_zc + o_t * H, p_dh, p_dy + o_t * H, p_dc, p_dh,
+                  p_dgx + o_t * GH, p_dgh + o_t * GH, p_part, o_r, m_b, H, MODE, G, LN, ZONE_H, ZONE_C, True, BYPASS,
+                  False, SPLIT, BR, BC)
+        tl.debug_barrier()
+        for n0 in range(0, H, BN):
+            acc = _matmul_rows(p_dgh + o_t * GH, GH, p_w + z, H, 1, o_r, m_b, GH, H, n0, BR, BN, BK)
+            o_n = (n0 + tl.arange(0, BN))[None, :]
+            m = m_b & (o_n < H)
+            if MASK:
+                acc *= tl.load(p_m + o_r * H + o_n, mask=m, other=0.0).to(tl.float32)
+            if BYPASS:
+                acc += tl.load(p_dh + o_r * H + o_n, mask=m, other=0.0)
+            tl.store(p_dh + o_r * H + o_n, acc, mask=m)
+
+
+# The seq kernels run on SEQ_WARPS warps and hold a product block ([BR, BK, BN] before its sum over K) of
+# GEMM_VALUES, 16 per thread, at most GEMM_COLS columns wide. At ROW_WARPS (8) warps with 16 values per thread,
+# or 8 per thread with 32 or 64 columns, 8 to 21 of the 320 configurations spilled 8-32 B (at 32-80 registers,
+# values live across the time loop's barriers) on Triton 3.8; 4 warps with 16 per thread spill none on 3.6 and
+# 3.8 (benchmarks/kernel_report.py). Their row passes then hold 2 values per thread of a MAX_CHUNK chunk.
+SEQ_WARPS = 4
+GEMM_VALUES = 16 * 32 * SEQ_WARPS
+GEMM_COLS = 64
+
+
+def seq_config(H: int, K: int, NC: int) -> dict:
+    """Tiles of :func:`_fwd_seq_kernel` (``K = H``, ``NC = G*H``) or :func:`_bwd_seq_kernel` (``K = G*H``,
+    ``NC = H``): the row tile of ``row_config(H)``, ``BN`` product columns and ``BK`` as deep as fills
+    ``GEMM_VALUES``."""
+    cfg = row_config(H)
+    bn = min(GEMM_COLS, max(16, triton.next_power_of_2(NC)))
+    bk = max(1, min(GEMM_VALUES // (cfg["BR"] * bn), triton.next_power_of_2(K)))
+    return dict(cfg, BN=bn, BK=bk, num_warps=SEQ_WARPS)
+
+
+def _launch_seq(kernel, B: int, H: int, K: int, NC: int, *args, **constexprs) -> None:
+    cfg = seq_config(H, K, NC)
+    kernel[(triton.cdiv(B, cfg["BR"]),)](*args, BR=cfg["BR"], BC=cfg["BC"], BN=cfg["BN"], BK=cfg["BK"],
+                                         num_warps=cfg["num_warps"], num_stages=1, enable_fp_fusion=FP_FUSION,
+                                         **constexprs)
 
 
 def _launch(kernel, n_rows: int, width: int, *args, **constexprs) -> None:
@@ -488,8 +655,9 @@ def _contig(t: Optional[Tensor]) -> Optional[Tensor]:
     return None if t is None else t.contiguous()
 
 
-def forward(a: LayerArgs, e: CellExt, save: bool):
-    """``(y, h_n, c_n, SavedExt)``; ``c_n`` is empty unless LSTM, the saved entries empty unless ``save``."""
+def forward(a: LayerArgs, e: CellExt, save: bool, seq: bool = False):
+    """``(y, h_n, c_n, SavedExt)``; ``c_n`` is empty unless LSTM, the saved entries empty unless ``save``.
+    ``seq``: one :func:`_fwd_seq_kernel` launch instead of the step loop (no projection)."""
     mode, x, dt = a.mode, a.x, a.x.dtype
     lstm, proj, ln = mode == "LSTM", a.w_hr is not None, e.layer_norm
     N, B, H, HO, GH = x.shape[0], a.h0.shape[0], a.H, a.h0.shape[1], a.w_hh.shape[0]
@@ -515,23 +683,34 @@ def forward(a: LayerArgs, e: CellExt, save: bool):
     y = nan_buffer(N, HO, x, dt)
     hr = nan_buffer(B, H, x) if proj else None
     projected = nan_buffer(B, HO, x) if proj and zh is not None else None
-    for t in rows.order:
-        r, n = rows.rows(t), rows.sizes[t]
-        g_rows = raw[:n] if raw is not None else hs[r]
-        torch.mm(operand[:n], w_hh.t(), out=g_rows)
-        fwd_step(mode, n, H, xs[r], g_rows, hs[r] if save and ln else None, stats[r] if ln else None, gains, bias,
-                 b_hn, hr if proj else h, None if proj else y[r], None if proj else _at(zh, r),
-                 None if proj else mask, None if proj else hm, c, _at(cs, r), _at(zc, r), save, not proj)
-        if proj:
-            # zoneout and the mask act on the projected h, which mixes all units: torch ops beside the kernel
-            if zh is not None:
-                torch.mm(hr[:n], w_hr.t(), out=projected[:n])
-                torch.lerp(projected[:n], h[:n], zh[r].float(), out=h[:n])
-            else:
-                torch.mm(hr[:n], w_hr.t(), out=h[:n])
-            y[r] = h[:n]
-            if mask is not None:
-                torch.mul(h[:n], mask[:n], out=hm[:n])
+    if seq:
+        ph = placeholder(xs)
+        bs, off = step_tables(rows, x.device)
+        gx, gh, gc, sc = gains if ln else (bias,) * 4
+        _launch_seq(_fwd_seq_kernel, B, H, H, GH,
+                    xs, _or(hs, ph), _or(raw, ph), stats if ln else ph, gx, gh, bias, _or(b_hn, ph), _or(gc, ph),
+                    _or(sc, ph), h, y, _or(zh, ph), _or(mask, ph), _or(hm, ph), _or(c, ph), _or(cs, ph), _or(zc, ph),
+                    w_hh.t().contiguous(), bs, off, len(rows.order), H, 0,
+                    MODE=MODE_IDS[mode], G=GATES[mode], LN=ln, SAVE=save, STORE=save and ln, RAW=raw is not None,
+                    ZONE_H=zh is not None, ZONE_C=zc is not None, MASK=mask is not None, REVERSE=a.reverse)
+    else:
+        for t in rows.order:
+            r, n = rows.rows(t), rows.sizes[t]
+            g_rows = raw[:n] if raw is not None else hs[r]
+            torch.mm(operand[:n], w_hh.t(), out=g_rows)
+            fwd_step(mode, n, H, xs[r], g_rows, hs[r] if save and ln else None, stats[r] if ln else None, gains, bias,
+                     b_hn, hr if proj else h, None if proj else y[r], None if proj else _at(zh, r),
+                     None if proj else mask, None if proj else hm, c, _at(cs, r), _at(zc, r), save, not proj)
+            if proj:
+                # zoneout and the mask act on the projected h, which mixes all units: torch ops beside the kernel
+                if zh is not None:
+                    torch.mm(hr[:n], w_hr.t(), out=projected[:n])
+                    torch.lerp(projected[:n], h[:n], zh[r].float(), out=h[:n])
+                else:
+                    torch.mm(hr[:n], w_hr.t(), out=h[:n])
+                y[r] = h[:n]
+                if mask is not None:
+                    torch.mul(h[:n], mask[:n], out=hm[:n])
     c_out = c.to(dt) if lstm else x.new_empty(0)
     if not save:
         return y, h.to(dt), c_out, nothing
@@ -544,8 +723,9 @@ def _at(t: Optional[Tensor], r: slice) -> Optional[Tensor]:
 
 
 def backward(a: LayerArgs, e: CellExt, y: Tensor, saved: SavedExt, dy: Tensor, dh_n: Tensor,
-             dc_n: Optional[Tensor], need_dx: bool):
-    """Gradients in ``GRAD_NAMES`` order, then the LayerNorm parameters' (``EXT_GRAD_NAMES``); absent: empty."""
+             dc_n: Optional[Tensor], need_dx: bool, seq: bool = False):
+    """Gradients in ``GRAD_NAMES`` order, then the LayerNorm parameters' (``EXT_GRAD_NAMES``); absent: empty.
+    ``seq``: one :func:`_bwd_seq_kernel` launch instead of the step loop (no projection)."""
     mode, x, dt = a.mode, a.x, a.x.dtype
     lstm, gru, proj, ln = mode == "LSTM", mode == "GRU", a.w_hr is not None, e.layer_norm
     N, B, H, HO, GH = x.shape[0], a.h0.shape[0], a.H, a.h0.shape[1], a.w_hh.shape[0]
@@ -567,27 +747,38 @@ def backward(a: LayerArgs, e: CellExt, y: Tensor, saved: SavedExt, dy: Tensor, d
         dts = nan_buffer(N, HO, x) if proj else None
         hrs = nan_buffer(N, H, x) if proj else None
         bypass = zh is not None or gru
-        for t in reversed(rows.order):
-            r, n = rows.rows(t), rows.sizes[t]
-            if proj:
-                # the projection mixes all units: its backward and h's zoneout are torch ops beside the kernel
-                d_tot = dts[r]
-                torch.add(dh[:n], dy[r], out=d_tot)
-                if zh is not None:
-                    torch.mul(d_tot, zh[r], out=dh[:n])
-                    d_tot.sub_(dh[:n])
-                bwd_step(mode, n, H, xs[r], hs[r], _at(stats, r), gains, bias, b_hn, None, c_prev[r], None,
-                         _at(zc, r), d_tot @ w_hr, None, dc, hrs[r], dgx[r], dgh[r], part)
-            else:
-                bwd_step(mode, n, H, xs[r], hs[r], _at(stats, r), gains, bias, b_hn, h_prev[r],
-                         _at(c_prev, r), _at(zh, r), _at(zc, r), dh, dy[r], dc, None, dgx[r], dgh[r], part)
-            d_prev = dgh[r] @ w_hh
-            if mask is not None:
-                d_prev.mul_(mask[:n])
-            if bypass:
-                dh[:n] += d_prev
-            else:
-                dh[:n] = d_prev
+        if seq:
+            ph = placeholder(xs)
+            bs, off = step_tables(rows, x.device)
+            gx, gh, gc, sc = gains if ln else (bias,) * 4
+            _launch_seq(_bwd_seq_kernel, B, H, GH, H,
+                        xs, hs, stats if ln else ph, gx, gh, bias, _or(b_hn, ph), _or(gc, ph), _or(sc, ph), h_prev,
+                        _or(c_prev, ph), _or(zh, ph), _or(zc, ph), dh, dy, _or(dc, ph), dgx, dgh, _or(part, ph),
+                        _or(mask, ph), w_hh, bs, off, len(rows.order), H, 0,
+                        MODE=MODE_IDS[mode], G=GATES[mode], LN=ln, ZONE_H=zh is not None, ZONE_C=zc is not None,
+                        BYPASS=bypass, SPLIT=ln or gru, MASK=mask is not None, REVERSE=a.reverse)
+        else:
+            for t in reversed(rows.order):
+                r, n = rows.rows(t), rows.sizes[t]
+                if proj:
+                    # the projection mixes all units: its backward and h's zoneout are torch ops beside the kernel
+                    d_tot = dts[r]
+                    torch.add(dh[:n], dy[r], out=d_tot)
+                    if zh is not None:
+                        torch.mul(d_tot, zh[r], out=dh[:n])
+                        d_tot.sub_(dh[:n])
+                    bwd_step(mode, n, H, xs[r], hs[r], _at(stats, r), gains, bias, b_hn, None, c_prev[r], None,
+                             _at(zc, r), d_tot @ w_hr, None, dc, hrs[r], dgx[r], dgh[r], part)
+                else:
+                    bwd_step(mode, n, H, xs[r], hs[r], _at(stats, r), gains, bias, b_hn, h_prev[r],
+                             _at(c_prev, r), _at(zh, r), _at(zc, r), dh, dy[r], dc, None, dgx[r], dgh[r], part)
+                d_prev = dgh[r] @ w_hh
+                if mask is not None:
+                    d_prev.mul_(mask[:n])
+                if bypass:
+                    dh[:n] += d_prev
+                else:
+                    dh[:n] = d_prev
         if mask is not None:
             h_prev.mul_(torch.cat([mask[:n] for n in rows.sizes]))
 
