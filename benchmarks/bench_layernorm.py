@@ -1,8 +1,11 @@
 """LayerNorm LSTM forward + backward: fastrnn against the loop users write today, and against its plain LSTM.
 
-Implementations, timed side by side in every round (the order rotates), fp32, one layer, unidirectional:
+Implementations, timed side by side in every round (the order rotates), fp32, one layer, unidirectional, on
+the CPU or (``--device cuda``, TF32 off, CUDA events) the GPU:
 
-- ``fastrnn``: ``fastrnn.LSTM(..., layer_norm=True)`` on the backend ``auto`` picks for it;
+- ``fastrnn``: ``fastrnn.LSTM(..., layer_norm=True)`` on the backend ``auto`` picks for it; with ``--backend``
+  (repeatable) one row ``fastrnn-<backend>`` per named backend instead (``--triton-variant`` picks Triton's
+  kernels for fastrnn's cells: ``step`` or ``seq``);
 - ``loop-eager``: the LayerNorm LSTM written by hand as a Python loop over time (``F.layer_norm``, one GEMM for
   the input projection), what pytorch#6760/#12167 readers write;
 - ``loop-compiled``: the same loop with its step ``torch.compile``'d (compiling the unrolled sequence takes
@@ -31,7 +34,7 @@ from rnnbench.cases import Config  # noqa: E402
 
 import fastrnn  # noqa: E402
 
-IMPLS = ("fastrnn", "loop-eager", "loop-compiled", "fastrnn-plain")
+BASELINES = ("loop-eager", "loop-compiled", "fastrnn-plain")
 
 
 def ln_lstm_step(xp: Tensor, h: Tensor, c: Tensor, w_hh: Tensor, b_hh: Tensor, ln_hh_w: Tensor, ln_hh_b: Tensor,
@@ -59,25 +62,32 @@ def ln_lstm_loop(x: Tensor, m: fastrnn.LSTM, step: Callable) -> Tensor:
     return torch.stack(ys)
 
 
-def runners(cfg: Config, seed: int):
+def runners(cfg: Config, seed: int, device: torch.device, backends: List[str], options: Dict[str, dict]):
     """Each implementation as a call that runs forward + backward and returns ``[y, dx, *dparams]``, and the
-    name of the backend fastrnn's LayerNorm LSTM runs on."""
+    backend each fastrnn LayerNorm LSTM runs on; ``backends``: ``["auto"]`` or the backends to time, one row
+    each."""
     torch.manual_seed(seed)
-    ln = fastrnn.LSTM(cfg.I, cfg.H, layer_norm=True)
+    ln = fastrnn.LSTM(cfg.I, cfg.H, layer_norm=True, backend_options=options).to(device)
     with torch.no_grad():  # LayerNorm parameters off 1/0, as after some training
         for name, p in ln.named_parameters():
             if name.startswith("layer_norm_"):
                 p.add_(torch.randn_like(p) * 0.1)
-    plain = fastrnn.LSTM(cfg.I, cfg.H)
-    x = torch.randn(cfg.T, cfg.B, cfg.I, requires_grad=True)
-    dy = torch.randn(cfg.T, cfg.B, cfg.H)
+    plain = fastrnn.LSTM(cfg.I, cfg.H).to(device)
+    x = torch.randn(cfg.T, cfg.B, cfg.I, device=device, requires_grad=True)
+    dy = torch.randn(cfg.T, cfg.B, cfg.H, device=device)
     compiled_step = torch.compile(ln_lstm_step, dynamic=False)
-    forwards = {
-        "fastrnn": (ln, lambda: ln(x)[0]),
+    mine = {}
+    for b in backends:
+        m = ln if b == "auto" else fastrnn.LSTM(cfg.I, cfg.H, layer_norm=True, backend=b,
+                                                backend_options=options).to(device)
+        m.load_state_dict(ln.state_dict())
+        mine["fastrnn" if b == "auto" else f"fastrnn-{b}"] = m
+    forwards = {name: (m, (lambda m=m: m(x)[0])) for name, m in mine.items()}
+    forwards.update({
         "loop-eager": (ln, lambda: ln_lstm_loop(x, ln, ln_lstm_step)),
         "loop-compiled": (ln, lambda: ln_lstm_loop(x, ln, compiled_step)),
         "fastrnn-plain": (plain, lambda: plain(x)[0]),
-    }
+    })
 
     def make(module, forward) -> Callable[[], List[Tensor]]:
         params = list(module.parameters())
@@ -89,47 +99,59 @@ def runners(cfg: Config, seed: int):
 
         return run
 
-    backend = ln._backend_for(x, ("layer_norm",))[0].__name__.rsplit(".", 1)[-1]
-    return {name: make(*forwards[name]) for name in IMPLS}, backend
+    ran_on = {name: m._backend_for(x, ("layer_norm",))[0].__name__.rsplit(".", 1)[-1] for name, m in mine.items()}
+    return {name: make(*fwd) for name, fwd in forwards.items()}, ran_on
 
 
 def check_agreement(runs: Dict[str, Callable[[], List[Tensor]]]) -> None:
-    """The loops compute what fastrnn computes (fp32 orders of summation apart), before anything is timed."""
-    want = runs["fastrnn"]()
-    for name in ("loop-eager", "loop-compiled"):
+    """The loops (and every other fastrnn backend) compute what the first fastrnn row computes (fp32 orders of
+    summation apart), before anything is timed."""
+    names = list(runs)
+    want = runs[names[0]]()
+    for name in names[1:]:
+        if name == "fastrnn-plain":
+            continue
         for k, (g, w) in enumerate(zip(runs[name](), want)):
             scale = max(1.0, w.abs().max().item())
             err = (g - w).abs().max().item()
             if err > 1e-3 * scale:
-                raise SystemExit(f"{name} disagrees with fastrnn in output {k}: {err:.3g} (scale {scale:.3g})")
+                raise SystemExit(f"{name} disagrees with {names[0]} in output {k}: {err:.3g} (scale {scale:.3g})")
 
 
-def measure(runs: Dict[str, Callable[[], List[Tensor]]], rounds: int, min_time: float) -> Dict[str, List[float]]:
-    cpu = torch.device("cpu")
+def measure(runs: Dict[str, Callable[[], List[Tensor]]], rounds: int, min_time: float,
+            device: torch.device) -> Dict[str, List[float]]:
     for run in runs.values():
         run()  # warm-up: compilation and weight packing are no part of the rate
-    calls = {name: timing.calibrate(run, min_time, cpu) for name, run in runs.items()}
+    calls = {name: timing.calibrate(run, min_time, device) for name, run in runs.items()}
     times: Dict[str, List[float]] = {name: [] for name in runs}
     names = list(runs)
     for r in range(rounds):
         for name in names[r % len(names):] + names[: r % len(names)]:
-            times[name].append(timing.time_calls(runs[name], calls[name], cpu))
+            times[name].append(timing.time_calls(runs[name], calls[name], device))
     return times
 
 
-def table(times: Dict[str, List[float]], cfg: Config, backend: str, command: str) -> str:
+def where(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, TF32 off"
+    return f"{torch.get_num_threads()} threads, {platform.machine()}"
+
+
+def table(times: Dict[str, List[float]], cfg: Config, ran_on: Dict[str, str], device: torch.device,
+          command: str) -> str:
     med = {name: timing.median_ci(ts) for name, ts in times.items()}
     mid = {name: statistics.median(ts) for name, ts in times.items()}
-    base = mid["fastrnn"]
+    first = next(iter(ran_on))
+    base = mid[first]
+    backends = "; ".join(f"{name} ran on the {b!r} backend" for name, b in ran_on.items())
     lines = [
-        f"LayerNorm LSTM forward + backward, fp32, (T,B,I,H,L) = ({cfg.label}), {torch.get_num_threads()} threads, "
-        f"torch {torch.__version__}, {platform.machine()}; fastrnn's LayerNorm LSTM ran on its {backend!r} backend; "
-        f"{len(next(iter(times.values())))} rounds.",
+        f"LayerNorm LSTM forward + backward, fp32, (T,B,I,H,L) = ({cfg.label}), {where(device)}, "
+        f"torch {torch.__version__}; {backends}; {len(next(iter(times.values())))} rounds.",
         "",
-        "| implementation | ms per call (median) | 95 % interval | time ÷ fastrnn's |",
+        f"| implementation | ms per call (median) | 95 % interval | time ÷ {first}'s |",
         "|---|---:|---:|---:|",
     ]
-    for name in IMPLS:
+    for name in times:
         lo, hi = med[name]
         lines.append(f"| {name} | {mid[name] * 1e3:.2f} | {lo * 1e3:.2f}–{hi * 1e3:.2f} | {mid[name] / base:.2f} |")
     lines += ["", f"Command: `{command}`", ""]
@@ -141,18 +163,27 @@ def main(argv: Optional[List[str]] = None) -> str:
     p.add_argument("--config", type=Config.parse, default=Config(100, 64, 256, 256, 1), help="T,B,I,H,L (L = 1)")
     p.add_argument("--rounds", type=int, default=9)
     p.add_argument("--min-time", type=float, default=0.3, help="seconds per timed repeat")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2, help="CPU threads")
+    p.add_argument("--device", type=torch.device, default=torch.device("cpu"), help="cpu or cuda")
+    p.add_argument("--backend", action="append", choices=fastrnn.backend.BACKENDS,
+                   help="time fastrnn's LayerNorm LSTM on this backend (repeatable; default: what auto picks)")
+    p.add_argument("--triton-variant", choices=("step", "seq"), help="Triton's kernels for fastrnn's cells")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="also write the table to this markdown file")
     args = p.parse_args(argv)
     if args.config.L != 1:
         p.error("--config: the loop baselines are one layer (L = 1)")
+    if args.device.type == "cuda":
+        if not torch.cuda.is_available():
+            p.error("--device cuda: no CUDA device visible to torch")
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     torch.set_num_threads(args.threads)
-    runs, backend = runners(args.config, args.seed)
+    options = {"triton": {"variant": args.triton_variant}} if args.triton_variant else {}
+    runs, ran_on = runners(args.config, args.seed, args.device, args.backend or ["auto"], options)
     check_agreement(runs)
-    times = measure(runs, args.rounds, args.min_time)
+    times = measure(runs, args.rounds, args.min_time, args.device)
     command = "python benchmarks/bench_layernorm.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
-    text = table(times, args.config, backend, command.strip())
+    text = table(times, args.config, ran_on, args.device, command.strip())
     print(text)
     if args.out:
         with open(args.out, "w") as f:

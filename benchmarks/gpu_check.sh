@@ -6,7 +6,8 @@
 #   3. compute-sanitizer's memcheck, racecheck and synccheck over benchmarks/gpu_smoke.py (every kernel once,
 #      fwd+bwd), with the persistent engine on (memcheck also without);
 #   4. the benchmark on CUDA against cuDNN with the persistent engine on (python benchmarks/bench_rnn.py --quick
-#      --device cuda).
+#      --device cuda), then the LayerNorm LSTM on the cpp and Triton backends against the hand-written loop
+#      (python benchmarks/bench_layernorm.py --device cuda).
 # Each step has a time limit (seconds, in STEPS below), so a hang costs one step, not the session.
 # Everything goes to benchmarks/results/gpu/ (or --out DIR): one log per step and summary.md.
 #
@@ -67,6 +68,8 @@ for tool in memcheck racecheck synccheck; do
     STEPS+=("$tool-persistent|180|$ON $SAN --tool $tool $PY benchmarks/gpu_smoke.py")
 done
 [ $BENCH = 1 ] && STEPS+=("benchmark|300|$ON $PY benchmarks/bench_rnn.py --quick --device cuda --out $OUT")
+[ $BENCH = 1 ] && STEPS+=("layernorm|120|$ON $PY benchmarks/bench_layernorm.py --device cuda --rounds 5 --min-time 0.1 \
+--backend cpp --backend triton --out $OUT/layernorm.md")
 
 if [ $DRY = 1 ]; then
     echo "gpu_check plan (from the repository root; logs and summary.md in $OUT/):"
@@ -125,6 +128,6 @@ for step in "${STEPS[@]}"; do
     echo "   $result ($((SECONDS - start)) s)"
     echo "| $name | $result ($((SECONDS - start)) s) | [$name.log]($name.log) |" >> "$SUMMARY"
 done
-[ $BENCH = 1 ] && echo -e "\nBenchmark report: [results.md](results.md)" >> "$SUMMARY"
+[ $BENCH = 1 ] && echo -e "\nBenchmark reports: [results.md](results.md), [layernorm.md](layernorm.md)" >> "$SUMMARY"
 echo "wrote $SUMMARY"
 exit $failed

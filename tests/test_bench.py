@@ -329,15 +329,23 @@ def test_layernorm_benchmark_table_and_agreement_check(tmp_path, monkeypatch):
                                  "--out", str(out)])
     assert out.read_text() == text
     rows = [line for line in text.splitlines() if line.startswith("| ") and "implementation" not in line]
-    assert [r.split("|")[1].strip() for r in rows] == list(bench_layernorm.IMPLS)
+    assert [r.split("|")[1].strip() for r in rows] == ["fastrnn", *bench_layernorm.BASELINES]
     assert rows[0].rstrip().endswith("| 1.00 |")
     assert "python benchmarks/bench_layernorm.py --config 4,3,5,6,1" in text
+
+    # named backends: one row each, the first the ratios' base, each checked against it before timing
+    text = bench_layernorm.main(["--config", "4,3,5,6,1", "--rounds", "1", "--min-time", "0.001", "--threads", "1",
+                                 "--backend", "cpp", "--backend", "reference"])
+    rows = [line for line in text.splitlines() if line.startswith("| ") and "implementation" not in line]
+    assert [r.split("|")[1].strip() for r in rows] == ["fastrnn-cpp", "fastrnn-reference", *bench_layernorm.BASELINES]
+    assert "fastrnn-cpp ran on the 'cpp' backend; fastrnn-reference ran on the 'reference' backend" in text
+    assert "time ÷ fastrnn-cpp's" in text
 
     # a loop that computes something else is refused before anything is timed
     right = bench_layernorm.ln_lstm_step
     wrong = lambda *args: tuple(1.01 * t for t in right(*args))  # noqa: E731
     monkeypatch.setattr(bench_layernorm, "ln_lstm_step", wrong)
-    with pytest.raises(SystemExit, match="loop-eager disagrees with fastrnn"):
+    with pytest.raises(SystemExit, match="loop-eager disagrees with fastrnn in output"):
         bench_layernorm.main(["--config", "4,3,5,6,1", "--rounds", "1", "--min-time", "0.001", "--threads", "1"])
 
 
