@@ -405,12 +405,19 @@ Dtype seq_dtype(const Tensor& x) { return x.scalar_type() == at::kBFloat16 ? Dty
 
 }  // namespace
 
-bool engine_takes(const Problem& pr, const at::Tensor& x) {
-  if (!x.is_cpu() || pr.proj || pr.N < kEngineRows) return false;
-  if (x.scalar_type() == at::kFloat) return fp32_ukernel();
-  if (x.scalar_type() == at::kBFloat16) return pr.H % 2 == 0 && bf16_ukernel();
-  return false;
+std::string engine_refusal(const Problem& pr, const at::Tensor& x) {
+  if (!x.is_cpu()) return "not a CPU tensor";
+  if (pr.proj) return "proj_size";
+  if (pr.N < kEngineRows) return "fewer than " + std::to_string(kEngineRows) + " rows (T*B)";
+  if (x.scalar_type() == at::kFloat) return fp32_ukernel() ? "" : "no oneDNN ukernel (or torch.backends.mkldnn off)";
+  if (x.scalar_type() == at::kBFloat16) {
+    if (pr.H % 2) return "odd H (bf16 pairs along K)";
+    return bf16_ukernel() ? "" : "no bf16 ukernel on this CPU";
+  }
+  return std::string(c10::toString(x.scalar_type())) + " storage";
 }
+
+bool engine_takes(const Problem& pr, const at::Tensor& x) { return engine_refusal(pr, x).empty(); }
 
 std::vector<std::pair<std::string, std::string>> engine_report() {
   auto fused = [](const std::string& how, const std::string& fewer) {

@@ -44,6 +44,30 @@ bool cpu_16bit_fallback(const Problem& pr, const Tensor& x) {
   return x.is_cpu() && at::isReducedFloatingType(x.scalar_type()) && !engine_takes(pr, x);
 }
 
+// The path layer_fwd (cells: layer_ext_fwd) takes for these inputs, in words, from the same decisions in the
+// same order: what fastrnn.explain reports.
+std::string layer_path(const std::string& mode, const Tensor& x, const OptTensor& batch_sizes, const Tensor& h0,
+                       const OptTensor& c0, const Tensor& w_ih, const Tensor& w_hh, const OptTensor& b_ih,
+                       const OptTensor& b_hh, const OptTensor& w_hr, bool /*reverse*/, bool cells) {
+  const Problem pr = check_inputs(parse_mode(mode), x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, true);
+  const std::string gemm = x.is_cpu() ? "at::mm" : "cuBLAS GEMM";
+  const bool widen = cells ? at::isReducedFloatingType(x.scalar_type()) : cpu_16bit_fallback(pr, x);
+  const Tensor like = widen ? at::empty({0}, x.options().dtype(at::kFloat)) : x;
+  const std::string pre = widen ? "computed in fp32, rounding what is returned; " : "";
+  if (cells) {
+    const bool team = !pr.proj && StepGemm::takes(like);
+    return pre + "per step one fused row kernel after the recurrent GEMM, " +
+           (team ? "on the CPU engine's threads and brgemm ukernel" : gemm);
+  }
+  const persist::Plan plan = persist::plan_for(pr, like);
+  if (plan.scheme != persist::kNone) {
+    return pre + "persistent engine, one launch per direction: " + plan.why;
+  }
+  if (engine_takes(pr, like)) return pre + "fused CPU engine (oneDNN brgemm ukernel + cell per step and thread)";
+  const std::string why = x.is_cpu() ? "CPU engine: " + engine_refusal(pr, like) : std::string(plan.why);
+  return pre + "per step " + gemm + " and the fused cell kernel" + (why.empty() ? "" : " (" + why + ")");
+}
+
 // Forward of one layer in one direction. Returns y [N, Hout], h_n [B, Hout], c_n [B, H] (LSTM, else [0]) and
 // what backward needs when `save`: gates [N, G*H] (activated, LSTM/GRU), c [N, H] (LSTM), hn [N, H] (GRU:
 // W_hn h + b_hn); each is [0] when not saved or not needed (RNN saves nothing, it reuses y).
@@ -347,6 +371,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   const auto def = [&](const char* name, auto f, auto own) {
     std::apply([&](auto... a) { m.def(name, f, a...); }, std::tuple_cat(layer_args, own));
   };
+  def("layer_path", &fastrnn::layer_path, std::make_tuple(py::arg("cells") = false));
   def("layer_ext_fwd", &fastrnn::layer_ext_fwd, std::make_tuple(py::arg("ext"), py::arg("save")));
   def("layer_ext_bwd", &fastrnn::layer_ext_bwd,
       std::make_tuple(py::arg("ext"), py::arg("y"), py::arg("xs"), py::arg("hs"), py::arg("stats"), py::arg("c"),

@@ -163,8 +163,10 @@ void flush_chunk(const Problem& pr, bool reverse, int64_t lo, int64_t R, const a
                  const at::Tensor& x, const at::Tensor& y, const at::Tensor& h0, const at::Tensor& hprev,
                  const at::Tensor& w_ih, GradSums& g);
 
-// Whether the CPU engine (per-step fused brgemm + cell, engine_cpu.cpp) runs this problem with x's dtype.
+// Whether the CPU engine (per-step fused brgemm + cell, engine_cpu.cpp) runs this problem with x's dtype, and
+// why not ("" when it does).
 bool engine_takes(const Problem& pr, const at::Tensor& x);
+std::string engine_refusal(const Problem& pr, const at::Tensor& x);
 // Which GEMM engine the CPU runs per dtype, for build_info().
 std::vector<std::pair<std::string, std::string>> engine_report();
 

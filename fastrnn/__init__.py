@@ -2,6 +2,7 @@
 
 from fastrnn._ext import _C  # noqa: F401  (warns once if the extension is missing)
 from fastrnn.backend import BACKENDS, availability_report, set_backend, use_backend
+from fastrnn.explain import explain
 from fastrnn.modules import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell
 from fastrnn.patch import patch, unpatch
 
@@ -23,6 +24,7 @@ __all__ = [
     "set_backend",
     "use_backend",
     "availability_report",
+    "explain",
     "BACKENDS",
     "SAFE_GLOBALS",
 ]

@@ -8,7 +8,7 @@ graph-break on torch's own recurrent modules.
 
 import warnings
 from types import ModuleType
-from typing import Dict, List, NamedTuple, Optional, Tuple, Union
+from typing import Callable, Dict, List, NamedTuple, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -60,6 +60,10 @@ def _check_probability(name: str, p) -> float:
     if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p <= 1:
         raise ValueError(f"{name} must be a number in [0, 1], got {p!r}")
     return float(p)
+
+
+# Called with (args, ext, backend module, options) before each layer call: how fastrnn.explain sees the calls.
+LAYER_CALL_OBSERVERS: List[Callable[[LayerArgs, CellExt, ModuleType, dict], None]] = []
 
 
 class _BackendMixin:
@@ -139,6 +143,8 @@ class _BackendMixin:
 
     def _call_layer(self, a: LayerArgs, ext: CellExt):
         impl, options = self._backend_for(a.x, ext.features())
+        for observe in LAYER_CALL_OBSERVERS:
+            observe(a, ext, impl, options)
         if ext.features():
             return impl.layer(a, ext=ext, **options)
         return impl.layer(a, **options)

@@ -1,0 +1,91 @@
+"""fastrnn.explain: one line per layer call, naming the backend and the path the call really took.
+
+The cpp lines come from the extension's own decisions (csrc/rnn.cpp layer_path), so each case below puts an
+input on both sides of one decision and checks that the line changes with it; the Triton lines come from the
+options resolution the call runs (cases under the interpreter only).
+"""
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_sequence
+
+import fastrnn
+from fastrnn import backend as _backend
+from test_persist import emulated
+
+CPP_REASON = _backend.reason_unavailable("cpp", torch.device("cpu"), torch.float32)
+TRITON_REASON = _backend.reason_unavailable("triton", torch.device("cpu"), torch.float32)
+needs_cpp = pytest.mark.skipif(CPP_REASON is not None, reason=f"cpp: {CPP_REASON}")
+needs_triton = pytest.mark.skipif(TRITON_REASON is not None, reason=f"triton: {TRITON_REASON}")
+
+
+def lines(module, x, hx=None):
+    return fastrnn.explain(module, x, hx).splitlines()
+
+
+@needs_cpp
+def test_one_line_per_layer_and_direction_in_call_order():
+    m = fastrnn.GRU(5, 6, num_layers=2, bidirectional=True, backend="cpp")
+    got = lines(m, torch.randn(4, 3, 5))
+    assert [ln.split(":")[0] for ln in got] == ["call 0", "call 1", "call 2", "call 3"]
+    assert ["reverse" in ln for ln in got] == [False, True, False, True]
+    assert "I=5 H=6" in got[0] and "I=12 H=6" in got[2]  # the second layer reads both directions
+    assert all("-> cpp:" in ln for ln in got)
+
+
+@needs_cpp
+def test_cpu_engine_threshold_and_refusals_named():
+    """T*B rows on either side of the engine's threshold, then a projection and fp64, which it refuses."""
+    few = lines(fastrnn.LSTM(4, 6, backend="cpp"), torch.randn(5, 3, 4))[0]
+    many = lines(fastrnn.LSTM(4, 6, backend="cpp"), torch.randn(4, 4, 4))[0]
+    assert "per step at::mm" in few and "fewer than 16 rows" in few
+    assert "fused CPU engine" in many
+    assert "(CPU engine: proj_size)" in lines(fastrnn.LSTM(4, 6, proj_size=3, backend="cpp"), torch.randn(4, 4, 4))[0]
+    assert "per step at::mm" in lines(fastrnn.LSTM(4, 6, backend="cpp").double(), torch.randn(4, 4, 4).double())[0]
+
+
+@needs_cpp
+def test_persistent_engine_named_when_it_runs():
+    """Under the CPU emulation of a GPU's limits the cpp backend runs its persistent engine, and says so."""
+    m = fastrnn.RNN(4, 6, backend="cpp")
+    with emulated(4, 48 * 1024):
+        got = lines(m, torch.randn(3, 2, 4))[0]
+    assert "persistent engine, one launch per direction" in got
+    assert "persistent engine" not in lines(m, torch.randn(3, 2, 4))[0]
+
+
+@needs_cpp
+def test_cells_and_packed_input_on_cpp():
+    m = fastrnn.LSTM(4, 6, layer_norm=True, zoneout=0.1, backend="cpp")
+    got = lines(m, pack_sequence([torch.randn(5, 4), torch.randn(2, 4)]))[0]
+    assert "T=5 B=2" in got and "packed" in got and "cells: layer_norm, zoneout" in got
+    assert "one fused row kernel" in got
+
+
+@needs_triton
+def test_triton_variants_as_resolved():
+    x = torch.randn(4, 3, 5)
+    plain = lines(fastrnn.GRU(5, 6, backend="triton"), x)[0]
+    assert "variant 'seq'" in plain  # W_hh of H = 6 fits in registers
+    assert "variant 'step'" in lines(fastrnn.LSTM(5, 6, proj_size=2, backend="triton"), x)[0]
+    cells = fastrnn.GRU(5, 6, layer_norm=True, backend="triton")
+    assert "fastrnn's cells, variant 'step'" in lines(cells, x)[0]
+    cells.backend_options = {"triton": {"variant": "seq"}}
+    assert "fastrnn's cells, variant 'seq'" in lines(cells, x)[0] and "1 programs" in lines(cells, x)[0]
+
+
+@needs_cpp
+def test_model_holding_modules_and_nothing_to_explain():
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = fastrnn.LSTM(3, 4, backend="cpp"), fastrnn.GRU(4, 2, backend="cpp")
+
+        def forward(self, x):
+            return self.b(self.a(x)[0])
+
+    got = lines(Model(), torch.randn(2, 2, 3))
+    assert len(got) == 2 and got[0].startswith("call 0: LSTM") and got[1].startswith("call 1: GRU")
+    assert fastrnn.explain(nn.Linear(3, 3), torch.randn(2, 3)).startswith("no fastrnn layer call")
+    assert not fastrnn.modules.LAYER_CALL_OBSERVERS  # the recorder is gone afterwards
