@@ -548,12 +548,14 @@ def _bwd_seq_kernel(
             tl.store(p_dh + o_r * H + o_n, acc, mask=m)
 
 
-# The seq kernels run on SEQ_WARPS warps and hold a product block ([BR, BK, BN] before its sum over K) of
-# GEMM_VALUES, 16 per thread, at most GEMM_COLS columns wide. At ROW_WARPS (8) warps with 16 values per thread,
-# or 8 per thread with 32 or 64 columns, 8 to 21 of the 320 configurations spilled 8-32 B (at 32-80 registers,
-# values live across the time loop's barriers) on Triton 3.8; 4 warps with 16 per thread spill none on 3.6 and
-# 3.8 (benchmarks/kernel_report.py). Their row passes then hold 2 values per thread of a MAX_CHUNK chunk.
+# The seq kernels run on SEQ_WARPS warps, a row tile of SEQ_ROW_VALUES (one value per thread) and a product block
+# ([BR, BK, BN] before its sum over K) of GEMM_VALUES (16 per thread), at most GEMM_COLS columns wide. On Triton
+# 3.8 this spills in none of the 480 configurations benchmarks/kernel_report.py compiles; 8 warps, or the row
+# kernels' 256-value row tile, spilled 8-32 B in 8 to 21 of them (values live across the time loop's barriers,
+# at 32-96 registers). On Triton 3.6 16 forward configurations still spill 16-48 B, and no tile searched
+# (2-8 warps, 1024-4096 product and 64-256 row values; per-K-lane partial sums) is clean on both versions.
 SEQ_WARPS = 4
+SEQ_ROW_VALUES = 32 * SEQ_WARPS
 GEMM_VALUES = 16 * 32 * SEQ_WARPS
 GEMM_COLS = 64
 
@@ -562,10 +564,11 @@ def seq_config(H: int, K: int, NC: int) -> dict:
     """Tiles of :func:`_fwd_seq_kernel` (``K = H``, ``NC = G*H``) or :func:`_bwd_seq_kernel` (``K = G*H``,
     ``NC = H``): the row tile of ``row_config(H)``, ``BN`` product columns and ``BK`` as deep as fills
     ``GEMM_VALUES``."""
-    cfg = row_config(H)
+    bc = max(16, min(triton.next_power_of_2(H), SEQ_ROW_VALUES))
+    br = max(1, min(16, SEQ_ROW_VALUES // bc))
     bn = min(GEMM_COLS, max(16, triton.next_power_of_2(NC)))
-    bk = max(1, min(GEMM_VALUES // (cfg["BR"] * bn), triton.next_power_of_2(K)))
-    return dict(cfg, BN=bn, BK=bk, num_warps=SEQ_WARPS)
+    bk = max(1, min(GEMM_VALUES // (br * bn), triton.next_power_of_2(K)))
+    return dict(BR=br, BC=bc, BN=bn, BK=bk, num_warps=SEQ_WARPS)
 
 
 def _launch_seq(kernel, B: int, H: int, K: int, NC: int, *args, **constexprs) -> None:
