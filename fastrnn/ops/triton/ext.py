@@ -552,7 +552,7 @@ def _bwd_seq_kernel(
 # ([BR, BK, BN] before its sum over K) of GEMM_VALUES (16 per thread), at most GEMM_COLS columns wide. On Triton
 # 3.8 this spills in none of the 480 configurations benchmarks/kernel_report.py compiles; 8 warps, or the row
 # kernels' 256-value row tile, spilled 8-32 B in 8 to 21 of them (values live across the time loop's barriers,
-# at 32-96 registers). On Triton 3.6 16 forward configurations still spill 16-48 B, and no tile searched
+# at 32-96 registers). On Triton 3.6 16 configurations (14 forward) still spill 4-16 B, and no tile searched
 # (2-8 warps, 1024-4096 product and 64-256 row values; per-K-lane partial sums) is clean on both versions.
 SEQ_WARPS = 4
 SEQ_ROW_VALUES = 32 * SEQ_WARPS
