@@ -123,7 +123,7 @@ def ext_specs(dtypes, hidden) -> List[Dict]:
                                       dtype=dtype, const=dict(ids, ZONE_H=False, ZONE_C=True, HAS_DY=False,
                                                               BYPASS=False, WRITE_HR=True, SPLIT=True)))
                 G = GATES[mode]
-                fwd, bwd = triton_ext.seq_config(H, H, G * H), triton_ext.seq_config(H, G * H, H)
+                fwd, bwd = triton_ext.seq_tiles(H, G, False), triton_ext.seq_tiles(H, G, True)
                 specs.append(dict(common, kernel="ext_seq_fwd", warps=fwd["num_warps"], fn=triton_ext._fwd_seq_kernel, mode=mode, dtype=dtype,
                                   tiles=f"BR{fwd['BR']}xBC{fwd['BC']}, BN{fwd['BN']}xBK{fwd['BK']} (H {H})",
                                   const=dict(ids, SAVE=True, STORE=True, RAW=True, ZONE_H=True, ZONE_C=lstm,

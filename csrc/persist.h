@@ -17,7 +17,7 @@
 #include <cmath>
 #include <cstdint>
 
-#include "dispatch.h"
+#include "cell/dispatch.h"
 
 #if defined(__CUDA_ARCH__)
 #include <cuda_bf16.h>

@@ -11,7 +11,7 @@
 #include <utility>
 #include <vector>
 
-#include "dispatch.h"
+#include "cell/dispatch.h"
 #include "persist.h"
 
 namespace fastrnn {

@@ -16,15 +16,15 @@ from typing import Dict, List, Optional, Tuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CSRC = os.path.join(ROOT, "csrc")
-CPP_SOURCES = ["csrc/rnn.cpp", "csrc/rnn_ext.cpp", "csrc/seq.cpp", "csrc/engine_cpu.cpp", "csrc/cell_cpu.cpp",
-               "csrc/persist.cpp"]
-CUDA_SOURCES = ["csrc/cell_cuda.cu", "csrc/cell_ln_cuda.cu", "csrc/persist_cuda.cu"]
+CPP_SOURCES = ["csrc/rnn.cpp", "csrc/rnn_ext.cpp", "csrc/seq.cpp", "csrc/persist.cpp", "csrc/cpu/engine_cpu.cpp",
+               "csrc/cpu/cell_cpu.cpp"]
+CUDA_SOURCES = ["csrc/cuda/cell_cuda.cu", "csrc/cuda/cell_ln_cuda.cu", "csrc/cuda/persist_cuda.cu"]
 
 DEFAULT_CUDA_ARCHS = "80;90"
 
 # No contraction of a*b+c into a fused multiply-add, on any compiler: where g++ (x86-64-v3/v4 clones) and
 # nvcc would each fuse is their own choice, so only unfused code rounds identically on every CPU clone, on
-# the GPU and in the Triton interpreter (see FP_FUSION in fastrnn/ops/triton_cells.py). csrc/cell.h's
+# the GPU and in the Triton interpreter (see FP_FUSION in fastrnn/ops/triton_cells.py). csrc/cell/cell.h's
 # polynomials are written for it (the exp range reduction is exact without an FMA); the GEMMs, where the
 # time goes, are not compiled here and keep theirs.
 # -fno-trapping-math: the cells compute both sides of their selects (cell.h's tanh: polynomial or 1 - 2/(e+1)),

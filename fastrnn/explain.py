@@ -73,7 +73,7 @@ def _triton(a: LayerArgs, ext: CellExt, impl: ModuleType, options: dict) -> str:
     host, B, H = impl._host, a.h0.shape[0], a.H
     if cells:
         if variant == "seq":
-            cfg = impl._ext.seq_config(H, H, GATES[a.mode] * H)
+            cfg = impl._ext.seq_tiles(H, GATES[a.mode], False)
             programs = -(-B // cfg["BR"])
             return (f"fastrnn's cells, variant 'seq': one launch per direction forward and one backward, {programs} "
                     f"programs of {cfg['BR']} batch rows each computing their own recurrent product")

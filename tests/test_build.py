@@ -13,7 +13,7 @@ from fastrnn import _buildcfg
 NVCC = _buildcfg.nvcc_path()
 # one kernel per (op, dtype): forward and backward of LSTM, GRU, RNN_TANH, RNN_RELU in fp32/fp64/fp16/bf16
 N_CELL_KERNELS = 8 * 4
-# fastrnn's own cells (csrc/cell_ln_cuda.cu): forward and backward of the four modes, and the input LayerNorm, in
+# fastrnn's own cells (csrc/cuda/cell_ln_cuda.cu): forward and backward of the four modes, and the input LayerNorm, in
 # fp32/fp64
 N_EXT_KERNELS = (8 + 1) * 2
 

@@ -233,7 +233,7 @@ if CUDA_DTYPES:  # collected only where a GPU is present
     @pytest.mark.parametrize("feature", ["ln-zo-rd", "ln", "zo", "rd", "ln-zo_eval"])
     @pytest.mark.parametrize("c", CUDA_CASES, ids=lambda c: c.id)
     def test_cuda_matches_reference(c, feature, dtype):
-        """csrc/cell_ln_cuda.cu against the equations (the reference backend): fp32/fp64 against fp64, 16-bit against
+        """csrc/cuda/cell_ln_cuda.cu against the equations (the reference backend): fp32/fp64 against fp64, 16-bit against
         the reference in the same dtype (both compute in fp32), NaN-filled workspaces."""
         inputs, ext = cuda_inputs(c, dtype, feature)
         with nan_poisoned(Impl("cpp", "cuda", dtype)):

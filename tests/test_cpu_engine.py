@@ -1,4 +1,4 @@
-"""The CPU engine (csrc/engine_cpu.cpp) in 16-bit: bf16 and fp16 outputs and gradients against an fp64
+"""The CPU engine (csrc/cpu/engine_cpu.cpp) in 16-bit: bf16 and fp16 outputs and gradients against an fp64
 reference and against torch.nn's own error in the same dtype; thread-count independence of its layout; the
 fake (meta) kernels of the ops in 16-bit."""
 

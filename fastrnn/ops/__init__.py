@@ -76,7 +76,7 @@ class LayerOut(NamedTuple):
 class Saved(NamedTuple):
     """What a fused forward keeps for its backward, per row of ``x``; an absent entry is an empty ``[0]``.
 
-    - ``gates: [N, G*H]``: LSTM i, f, g, o and GRU r, z, n after their activation (csrc/cell.h's layout);
+    - ``gates: [N, G*H]``: LSTM i, f, g, o and GRU r, z, n after their activation (csrc/cell/cell.h's layout);
       the Elman RNN saves none, its derivative is a function of ``y`` alone.
     - ``c: [N, H]``: LSTM cell after each step.
     - ``hn: [N, H]``: GRU ``W_hn h_prev + b_hn`` (the n gate's recurrent term, inside ``r * (...)``).

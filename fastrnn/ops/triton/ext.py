@@ -548,31 +548,44 @@ def _bwd_seq_kernel(
             tl.store(p_dh + o_r * H + o_n, acc, mask=m)
 
 
-# The seq kernels run on SEQ_WARPS warps, a row tile of SEQ_ROW_VALUES (one value per thread) and a product block
-# ([BR, BK, BN] before its sum over K) of GEMM_VALUES (16 per thread), at most GEMM_COLS columns wide. On Triton
-# 3.8 this spills in none of the 480 configurations benchmarks/kernel_report.py compiles; 8 warps, or the row
-# kernels' 256-value row tile, spilled 8-32 B in 8 to 21 of them (values live across the time loop's barriers,
-# at 32-96 registers). On Triton 3.6 16 configurations (14 forward) still spill 4-16 B, and no tile searched
-# (2-8 warps, 1024-4096 product and 64-256 row values; per-K-lane partial sums) is clean on both versions.
-SEQ_WARPS = 4
-SEQ_ROW_VALUES = 32 * SEQ_WARPS
-GEMM_VALUES = 16 * 32 * SEQ_WARPS
+# The seq kernels' tile: (warps, product values, row values), i.e. a row tile of `row values` (one per thread at
+# 4 warps) and a product block ([BR, BK, BN] before its sum over K) of `product values` (16 per thread), at most
+# GEMM_COLS columns wide. On Triton 3.8 SEQ_TILE spills in none of the 480 configurations
+# benchmarks/kernel_report.py compiles; 8 warps, or the row kernels' 256-value row tile, spilled 8-32 B in 8 to
+# 21 of them (values live across the time loop's barriers, at 32-96 registers). Triton 3.6 spilled 4-16 B with
+# it in 16; SEQ_TILE_OVERRIDES holds, per Triton version, kernel and H tile, the tile chosen there instead: the
+# first clean one of (4, 1024, 128), (4, 4096, 128), (8, 4096, 256), (4, 2048, 256), (2, 1024, 64),
+# (8, 2048, 128), (8, 4096, 128) (no single tile was clean for every H tile on both versions).
+SEQ_TILE = (4, 2048, 128)
 GEMM_COLS = 64
+SEQ_TILE_OVERRIDES = {
+    "3.6": {("bwd", 16): (8, 4096, 256), ("fwd", 32): (4, 1024, 128), ("fwd", 64): (8, 4096, 128),
+            ("fwd", 128): (8, 4096, 256), ("fwd", 256): (8, 2048, 128)},
+}
 
 
-def seq_config(H: int, K: int, NC: int) -> dict:
-    """Tiles of :func:`_fwd_seq_kernel` (``K = H``, ``NC = G*H``) or :func:`_bwd_seq_kernel` (``K = G*H``,
-    ``NC = H``): the row tile of ``row_config(H)``, ``BN`` product columns and ``BK`` as deep as fills
-    ``GEMM_VALUES``."""
-    bc = max(16, min(triton.next_power_of_2(H), SEQ_ROW_VALUES))
-    br = max(1, min(16, SEQ_ROW_VALUES // bc))
+def _h_tile(H: int) -> int:
+    """The hidden sizes sharing a row tile: powers of two from 16 to MAX_CHUNK."""
+    return max(16, min(triton.next_power_of_2(H), MAX_CHUNK))
+
+
+def seq_tiles(H: int, G: int, backward: bool) -> dict:
+    """Tiles of :func:`_bwd_seq_kernel` (``backward``: ``K = G*H``, ``NC = H``) or :func:`_fwd_seq_kernel`
+    (``K = H``, ``NC = G*H``): ``BR`` rows of ``BC`` columns, ``BN`` product columns and ``BK`` as deep as fills
+    the product block, and the warps, from ``SEQ_TILE`` or this Triton's override."""
+    version = ".".join(triton.__version__.split(".")[:2])
+    key = ("bwd" if backward else "fwd", _h_tile(H))
+    warps, values, row_values = SEQ_TILE_OVERRIDES.get(version, {}).get(key, SEQ_TILE)
+    K, NC = (G * H, H) if backward else (H, G * H)
+    bc = max(16, min(triton.next_power_of_2(H), row_values))
+    br = max(1, min(16, row_values // bc))
     bn = min(GEMM_COLS, max(16, triton.next_power_of_2(NC)))
-    bk = max(1, min(GEMM_VALUES // (br * bn), triton.next_power_of_2(K)))
-    return dict(BR=br, BC=bc, BN=bn, BK=bk, num_warps=SEQ_WARPS)
+    bk = max(1, min(values // (br * bn), triton.next_power_of_2(K)))
+    return dict(BR=br, BC=bc, BN=bn, BK=bk, num_warps=warps)
 
 
-def _launch_seq(kernel, B: int, H: int, K: int, NC: int, *args, **constexprs) -> None:
-    cfg = seq_config(H, K, NC)
+def _launch_seq(kernel, B: int, H: int, *args, **constexprs) -> None:
+    cfg = seq_tiles(H, constexprs["G"], kernel is _bwd_seq_kernel)
     kernel[(triton.cdiv(B, cfg["BR"]),)](*args, BR=cfg["BR"], BC=cfg["BC"], BN=cfg["BN"], BK=cfg["BK"],
                                          num_warps=cfg["num_warps"], num_stages=1, enable_fp_fusion=FP_FUSION,
                                          **constexprs)
@@ -690,7 +703,7 @@ def forward(a: LayerArgs, e: CellExt, save: bool, seq: bool = False):
         ph = placeholder(xs)
         bs, off = step_tables(rows, x.device)
         gx, gh, gc, sc = gains if ln else (bias,) * 4
-        _launch_seq(_fwd_seq_kernel, B, H, H, GH,
+        _launch_seq(_fwd_seq_kernel, B, H,
                     xs, _or(hs, ph), _or(raw, ph), stats if ln else ph, gx, gh, bias, _or(b_hn, ph), _or(gc, ph),
                     _or(sc, ph), h, y, _or(zh, ph), _or(mask, ph), _or(hm, ph), _or(c, ph), _or(cs, ph), _or(zc, ph),
                     w_hh.t().contiguous(), bs, off, len(rows.order), H, 0,
@@ -754,7 +767,7 @@ def backward(a: LayerArgs, e: CellExt, y: Tensor, saved: SavedExt, dy: Tensor, d
             ph = placeholder(xs)
             bs, off = step_tables(rows, x.device)
             gx, gh, gc, sc = gains if ln else (bias,) * 4
-            _launch_seq(_bwd_seq_kernel, B, H, GH, H,
+            _launch_seq(_bwd_seq_kernel, B, H,
                         xs, hs, stats if ln else ph, gx, gh, bias, _or(b_hn, ph), _or(gc, ph), _or(sc, ph), h_prev,
                         _or(c_prev, ph), _or(zh, ph), _or(zc, ph), dh, dy, _or(dc, ph), dgx, dgh, _or(part, ph),
                         _or(mask, ph), w_hh, bs, off, len(rows.order), H, 0,

@@ -23,7 +23,7 @@ from fastrnn.ops.triton.cells import FP_FUSION, backward_tile, forward_tile, loa
 # uses", a broken shuffle vectorisation) compiling the LSTM backward for sm_90 with 16-aligned arguments, so
 # fp32 H in 17..32 takes the step kernels (benchmarks/kernel_report.py compiles every config to catch this).
 SEQ_MAX_H = {torch.float32: 16, torch.float16: 64, torch.bfloat16: 64}
-# GRU keeps hn apart from its gates (csrc/cell.h's layout); the one more pointer live through the backward's
+# GRU keeps hn apart from its gates (csrc/cell/cell.h's layout); the one more pointer live through the backward's
 # time loop spilled 16 B at bf16 H = 64 on sm_90 (128 registers, 16-aligned), so 16-bit GRU stops at 32.
 SEQ_MAX_H_GRU = {torch.float32: 16, torch.float16: 32, torch.bfloat16: 32}
 

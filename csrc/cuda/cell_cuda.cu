@@ -6,7 +6,7 @@
 
 #include <algorithm>
 
-#include "dispatch.h"
+#include "cell/dispatch.h"
 
 namespace fastrnn {
 

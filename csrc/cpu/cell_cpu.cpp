@@ -6,7 +6,7 @@
 #include <type_traits>
 #include <utility>
 
-#include "dispatch.h"
+#include "cell/dispatch.h"
 
 namespace fastrnn {
 namespace {

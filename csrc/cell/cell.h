@@ -12,7 +12,7 @@
 //
 // Gate k of unit j sits at column k*gw + j of its row, LSTM (i,f,g,o), GRU (r,z,n). PyTorch's layout is
 // gw = H (the GPU path); the CPU engine points the kernel at one block of units whose gates are stored
-// next to each other (gw = the block's width), see csrc/engine_cpu.cpp. Row strides are in elements.
+// next to each other (gw = the block's width), see csrc/cpu/engine_cpu.cpp. Row strides are in elements.
 #pragma once
 
 #include <cmath>
