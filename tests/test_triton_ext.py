@@ -123,6 +123,16 @@ def test_seq_and_step_agree(c):
         torch.testing.assert_close(seq[1][name], step[1][name], rtol=1e-4, atol=1e-4, msg=name)
 
 
+@pytest.mark.parametrize("version, key", [(v, k) for v, table in tb._ext.SEQ_TILE_OVERRIDES.items() for k in table],
+                         ids=lambda p: p if isinstance(p, str) else f"{p[0]}-h{p[1]}")
+def test_seq_tiles_chosen_for_other_tritons(monkeypatch, version, key):
+    """The tiles another Triton version takes (ext.SEQ_TILE_OVERRIDES; compiled there by kernel_report.py) run
+    here too: the case is sized to the override's H tile and checked against fp64."""
+    monkeypatch.setattr(tb._ext, "SEQ_TILE", tb._ext.SEQ_TILE_OVERRIDES[version][key])
+    c = Case("LSTM" if key[0] == "fwd" else "RNN_TANH", 2, 3, 3, key[1], packed=True, reverse=True)
+    assert_matches_fp64(c, torch.float32, "ln-zo-rd", "seq")
+
+
 def test_variant_choice():
     """Unasked, the cells take the step loop on the CPU (the seq kernels are the default only on CUDA with
     FASTRNN_PERSISTENT=1 until they have run on a GPU); a projection, the persist variant or a CUDA graph are
