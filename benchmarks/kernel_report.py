@@ -127,17 +127,22 @@ def ext_specs(dtypes, hidden) -> List[Dict]:
                 specs.append(dict(common, kernel="ext_seq_fwd", warps=fwd["num_warps"], fn=triton_ext._fwd_seq_kernel, mode=mode, dtype=dtype,
                                   tiles=f"BR{fwd['BR']}xBC{fwd['BC']}, BN{fwd['BN']}xBK{fwd['BK']} (H {H})",
                                   const=dict(ids, SAVE=True, STORE=True, RAW=True, ZONE_H=True, ZONE_C=lstm,
-                                             MASK=True, REVERSE=False, BN=fwd["BN"], BK=fwd["BK"])))
+                                             MASK=True, REVERSE=False, **seq_consts(fwd))))
                 specs.append(dict(common, kernel="ext_seq_bwd", warps=bwd["num_warps"], fn=triton_ext._bwd_seq_kernel, mode=mode, dtype=dtype,
                                   tiles=f"BR{bwd['BR']}xBC{bwd['BC']}, BN{bwd['BN']}xBK{bwd['BK']} (H {H})",
                                   const=dict(ids, ZONE_H=True, ZONE_C=lstm, BYPASS=True, SPLIT=True, MASK=True,
-                                             REVERSE=False, BN=bwd["BN"], BK=bwd["BK"])))
+                                             REVERSE=False, **seq_consts(bwd))))
             # the input projection's LayerNorm rows are G*H wide: their launches pick among the same chunks
             for kernel, fn in (("ext_ln_rows", triton_ext._ln_rows_kernel),
                                ("ext_ln_rows_bwd", triton_ext._ln_rows_bwd_kernel)):
                 specs.append(dict(common, kernel=kernel, fn=fn, mode="any", dtype=dtype,
                                   const=dict(BR=cfg["BR"], BC=cfg["BC"])))
     return specs
+
+
+def seq_consts(tiles: Dict) -> Dict:
+    """The constexprs of a seq kernel's tile (``triton_ext.seq_tiles``), not the row kernels' ``BR``/``BC``."""
+    return {k: tiles[k] for k in ("BR", "BC", "BN", "BK")}
 
 
 def alignment_attrs(spec: Dict) -> Dict:

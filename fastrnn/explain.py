@@ -21,7 +21,8 @@ from fastrnn.ops import GATES, CellExt, LayerArgs
 def explain(module: nn.Module, input, hx=None) -> str:
     """One line per layer call of ``module(input, hx)``: its shape, the backend that ran it and the kernels it
     took there, with the reason where a choice was made. ``module`` is a fastrnn module (or a model holding
-    them: every fastrnn layer call it makes is listed)."""
+    them: every fastrnn layer call it makes is listed). It runs in the mode the module is in: in training,
+    zoneout and recurrent dropout draw their masks (from torch's generator) as a forward call would."""
     calls: List[Tuple[LayerArgs, CellExt, ModuleType, dict]] = []
     with _recording(calls), torch.no_grad():
         module(input) if hx is None else module(input, hx)
@@ -73,10 +74,11 @@ def _triton(a: LayerArgs, ext: CellExt, impl: ModuleType, options: dict) -> str:
     host, B, H = impl._host, a.h0.shape[0], a.H
     if cells:
         if variant == "seq":
-            cfg = impl._ext.seq_tiles(H, GATES[a.mode], False)
-            programs = -(-B // cfg["BR"])
-            return (f"fastrnn's cells, variant 'seq': one launch per direction forward and one backward, {programs} "
-                    f"programs of {cfg['BR']} batch rows each computing their own recurrent product")
+            rows = [impl._ext.seq_tiles(H, GATES[a.mode], backward)["BR"] for backward in (False, True)]
+            grids = " and ".join(f"{-(-B // r)} programs of {r} batch rows {d}" for r, d in zip(rows, ("forward",
+                                                                                                   "backward")))
+            return (f"fastrnn's cells, variant 'seq': one launch per direction forward and one backward, {grids}, "
+                    "each computing its rows' recurrent product")
         return "fastrnn's cells, variant 'step': per step a torch GEMM and one fused row kernel"
     if variant == "seq":
         return "variant 'seq': one launch per direction forward and one backward, W_hh held in registers"

@@ -37,6 +37,8 @@ def test_one_line_per_layer_and_direction_in_call_order():
 @needs_cpp
 def test_cpu_engine_threshold_and_refusals_named():
     """T*B rows on either side of the engine's threshold, then a projection and fp64, which it refuses."""
+    if not fastrnn._C.build_info()["cpu_gemm"]["float32"].startswith("fused"):
+        pytest.skip("no CPU engine here (oneDNN's ukernel missing)")
     few = lines(fastrnn.LSTM(4, 6, backend="cpp"), torch.randn(5, 3, 4))[0]
     many = lines(fastrnn.LSTM(4, 6, backend="cpp"), torch.randn(4, 4, 4))[0]
     assert "per step at::mm" in few and "fewer than 16 rows" in few
@@ -72,7 +74,7 @@ def test_triton_variants_as_resolved():
     cells = fastrnn.GRU(5, 6, layer_norm=True, backend="triton")
     assert "fastrnn's cells, variant 'step'" in lines(cells, x)[0]
     cells.backend_options = {"triton": {"variant": "seq"}}
-    assert "fastrnn's cells, variant 'seq'" in lines(cells, x)[0] and "1 programs" in lines(cells, x)[0]
+    assert "fastrnn's cells, variant 'seq'" in lines(cells, x)[0] and "1 programs of" in lines(cells, x)[0]
 
 
 @needs_cpp

@@ -107,12 +107,14 @@ def test_inference_and_determinism(c, variant):
         assert torch.equal(again[name], grads[name]), name
 
 
-@pytest.mark.parametrize("c", [Case("GRU", 4, 5, 3, 6, packed=True, reverse=True), Case("LSTM", 3, 2, 3, 40)],
+@pytest.mark.parametrize("c", [Case("GRU", 4, 20, 3, 6, packed=True, reverse=True), Case("LSTM", 3, 5, 3, 40)],
                          ids=lambda c: c.id)
 def test_seq_and_step_agree(c):
     """The whole-sequence kernels against the step loop on the same inputs: the same cell code, only the
-    recurrent product summed in another order, so they agree to fp32 rounding (more rows than one program's
-    tile: the programs' rows stay apart)."""
+    recurrent product summed in another order, so they agree to fp32 rounding (each case has more rows than
+    one program's tile, so several programs keep their rows apart)."""
+    for backward in (False, True):
+        assert c.B > tb._ext.seq_tiles(c.H, 3 if c.mode == "GRU" else 4, backward)["BR"]
     inputs = make_inputs(c, Impl("triton", "cpu", torch.float32))
     ext = make_ext(c, inputs, "ln-zo-rd")
     step = run(functools.partial(tb.layer, variant="step"), c, inputs, ext)
@@ -135,19 +137,30 @@ def test_seq_tiles_chosen_for_other_tritons(monkeypatch, version, key):
 
 def test_variant_choice():
     """Unasked, the cells take the step loop on the CPU (the seq kernels are the default only on CUDA with
-    FASTRNN_PERSISTENT=1 until they have run on a GPU); a projection, the persist variant or a CUDA graph are
-    refused with the reason."""
-    c = Case("LSTM", 2, 2, 3, 4)
-    a = LayerArgs(c.mode, torch.zeros(4, 3), None, torch.zeros(2, 4), torch.zeros(2, 4),
-                          torch.zeros(16, 3), torch.zeros(16, 4), None, None, None, False)
+    FASTRNN_PERSISTENT=1 until they have run on a GPU); the plain cells' persist variant and CUDA graph, which a
+    module's options may carry for its plain calls, leave the cells on their default; "seq" with a projection
+    and an unknown variant are refused with the reason."""
+    a = LayerArgs("LSTM", torch.zeros(4, 3), None, torch.zeros(2, 4), torch.zeros(2, 4), torch.zeros(16, 3),
+                  torch.zeros(16, 4), None, None, None, False)
     assert tb._resolve_options(a, (None, None), True) == ("step", False)
     assert tb._resolve_options(a, ("seq", None), True) == ("seq", False)
-    with pytest.raises(ValueError, match="variant"):
-        tb._resolve_options(a, ("persist", None), True)
-    with pytest.raises(ValueError, match="cuda_graph"):
-        tb._resolve_options(a, ("seq", True), True)
+    assert tb._resolve_options(a, ("persist", True), True) == ("step", False)
+    with pytest.raises(ValueError, match="variant must be one of"):
+        tb._resolve_options(a, ("fast", None), True)
     with pytest.raises(ValueError, match="projection"):
         tb._resolve_options(a._replace(w_hr=torch.zeros(2, 4)), ("seq", None), True)
+
+
+def test_seq_tiles_follow_the_triton_version(monkeypatch):
+    """seq_tiles takes a version's override where it has one and SEQ_TILE elsewhere."""
+    if not tb._ext.SEQ_TILE_OVERRIDES:
+        pytest.skip("no Triton version takes other seq tiles")
+    version, table = next(iter(tb._ext.SEQ_TILE_OVERRIDES.items()))
+    (kind, h), tile = next(iter(table.items()))
+    monkeypatch.setattr(tb._ext.triton, "__version__", version + ".9")
+    assert tb._ext.seq_tiles(h, 4, kind == "bwd")["num_warps"] == tile[0]
+    monkeypatch.setattr(tb._ext.triton, "__version__", "0.0.0")
+    assert tb._ext.seq_tiles(h, 4, kind == "bwd")["num_warps"] == tb._ext.SEQ_TILE[0]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])

@@ -35,12 +35,13 @@ Options, as keywords of ``layer`` or, from a module, ``backend_options={"triton"
 
 - ``variant``: ``"step"``, ``"seq"`` or ``"persist"``; ``None`` (default) picks ``"seq"`` wherever it applies,
   then ``"persist"`` (with ``FASTRNN_PERSISTENT=1``), else ``"step"``. fastrnn's cells take ``"step"`` or
-  ``"seq"``; ``None`` picks ``"seq"`` on CUDA with ``FASTRNN_PERSISTENT=1`` and no projection, else ``"step"``.
+  ``"seq"``; ``None`` (or ``"persist"``, which they lack) picks ``"seq"`` on CUDA with ``FASTRNN_PERSISTENT=1``
+  and no projection, else ``"step"``.
 - ``cuda_graph``: capture the per-step launches of the ``"step"`` variant into a CUDA graph on the first
   call with given shapes and batch sizes and replay it afterwards, removing the per-launch host cost
   (``host.run_loop``: at most ``GRAPH_CACHE_SIZE`` shapes kept). ``None`` (default): on for the step variant
-  on CUDA with ``FASTRNN_PERSISTENT=1``, off otherwise; never for fastrnn's cells. UNVERIFIED: it has never
-  run on a GPU.
+  on CUDA with ``FASTRNN_PERSISTENT=1``, off otherwise; fastrnn's cells never replay a graph (the option is
+  ignored for them). UNVERIFIED: it has never run on a GPU.
 """
 
 from typing import Optional
@@ -108,19 +109,17 @@ def _resolve_options(a: LayerArgs, options: tuple, cells: bool = False) -> tuple
 
 
 def _resolve_ext_options(a: LayerArgs, variant: Optional[str], cuda_graph: Optional[bool]) -> tuple:
-    """fastrnn's cells: ``"seq"`` (one launch per direction, no projection) or ``"step"``; no CUDA graph."""
+    """fastrnn's cells: ``"seq"`` (one launch per direction, no projection) or ``"step"``. A module's options
+    serve its plain calls too (zoneout and recurrent dropout exist only in training), so the plain cells'
+    ``"persist"`` and ``cuda_graph`` are no error here: the cells take their default and no CUDA graph."""
     proj = a.w_hr is not None
-    if variant is None:
-        variant = "seq" if _host.ext_seq_by_default(proj, a.x.device) else "step"
+    if variant not in _host.VARIANTS + (None,):
+        raise ValueError(f"variant must be one of {_host.VARIANTS} or None, got {variant!r}")
     if variant not in EXT_VARIANTS:
-        raise ValueError(f"fastrnn's cells ({', '.join(EXT_FEATURES)}) take variant {EXT_VARIANTS} or None, "
-                         f"got {variant!r}")
+        variant = "seq" if _host.ext_seq_by_default(proj, a.x.device) else "step"
     if variant == "seq" and proj:
         raise ValueError("the 'seq' variant of fastrnn's cells needs no projection, got proj_size "
                          f"{a.w_hr.shape[0]}")
-    if cuda_graph:
-        raise ValueError("cuda_graph=True applies to the plain cells' 'step' variant, not to fastrnn's cells "
-                         f"({', '.join(EXT_FEATURES)})")
     return variant, False
 
 

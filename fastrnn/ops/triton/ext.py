@@ -549,18 +549,18 @@ def _bwd_seq_kernel(
 
 
 # The seq kernels' tile: (warps, product values, row values), i.e. a row tile of `row values` (one per thread at
-# 4 warps) and a product block ([BR, BK, BN] before its sum over K) of `product values` (16 per thread), at most
-# GEMM_COLS columns wide. On Triton 3.8 SEQ_TILE spills in none of the 480 configurations
-# benchmarks/kernel_report.py compiles; 8 warps, or the row kernels' 256-value row tile, spilled 8-32 B in 8 to
-# 21 of them (values live across the time loop's barriers, at 32-96 registers). Triton 3.6 spilled 4-16 B with
-# it in 16; SEQ_TILE_OVERRIDES holds, per Triton version, kernel and H tile, the tile chosen there instead: the
-# first clean one of (4, 1024, 128), (4, 4096, 128), (8, 4096, 256), (4, 2048, 256), (2, 1024, 64),
-# (8, 2048, 128), (8, 4096, 128) (no single tile was clean for every H tile on both versions).
+# 4 warps) and a product block ([BR, BK, BN] before its sum over K) of `product values` (16 per thread at 4
+# warps), at most GEMM_COLS columns wide. SEQ_TILE spills in none of the 480 configurations
+# benchmarks/kernel_report.py compiles on Triton 3.8; 8 warps, or the row kernels' 256-value row tile, spilled
+# 8-32 B in several (values live across the time loop's barriers, at 32-96 registers). On Triton 3.6 it spilled
+# 4-16 B in 11 forward configurations (H tiles 16, 64, 128, 256), and no tile searched was clean for every H tile
+# on both versions, so SEQ_TILE_OVERRIDES gives 3.6, per kernel and H tile, the first tile clean there of
+# (8, 4096, 128), (8, 2048, 128), (4, 1024, 128), (8, 4096, 256), (4, 4096, 128).
 SEQ_TILE = (4, 2048, 128)
 GEMM_COLS = 64
 SEQ_TILE_OVERRIDES = {
-    "3.6": {("bwd", 16): (8, 4096, 256), ("fwd", 32): (4, 1024, 128), ("fwd", 64): (8, 4096, 128),
-            ("fwd", 128): (8, 4096, 256), ("fwd", 256): (8, 2048, 128)},
+    "3.6": {("fwd", 16): (8, 2048, 128), ("fwd", 64): (4, 4096, 128), ("fwd", 128): (8, 2048, 128),
+            ("fwd", 256): (8, 2048, 128)},
 }
 
 
@@ -699,6 +699,8 @@ def forward(a: LayerArgs, e: CellExt, save: bool, seq: bool = False):
     y = nan_buffer(N, HO, x, dt)
     hr = nan_buffer(B, H, x) if proj else None
     projected = nan_buffer(B, HO, x) if proj and zh is not None else None
+    if seq and proj:
+        raise ValueError("the 'seq' kernels of fastrnn's cells take no projection (w_hr)")
     if seq:
         ph = placeholder(xs)
         bs, off = step_tables(rows, x.device)
@@ -763,6 +765,8 @@ def backward(a: LayerArgs, e: CellExt, y: Tensor, saved: SavedExt, dy: Tensor, d
         dts = nan_buffer(N, HO, x) if proj else None
         hrs = nan_buffer(N, H, x) if proj else None
         bypass = zh is not None or gru
+        if seq and proj:
+            raise ValueError("the 'seq' kernels of fastrnn's cells take no projection (w_hr)")
         if seq:
             ph = placeholder(xs)
             bs, off = step_tables(rows, x.device)
