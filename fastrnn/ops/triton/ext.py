@@ -38,7 +38,8 @@ from torch import Tensor
 
 from fastrnn.ops import GATES, LN_EPS, CellExt, LayerArgs, SavedExt
 from fastrnn.ops.triton.cells import FP_FUSION, _tanh, cell_backward, cell_forward, lstm_gate_grads
-from fastrnn.ops.triton.host import MODE_IDS, input_projection, nan_buffer, placeholder, plan_rows, step_tables
+from fastrnn.ops.triton.host import (MODE_IDS, Rows, input_projection, nan_buffer, placeholder, plan_rows,
+                                     step_tables)
 
 _EPS = tl.constexpr(LN_EPS)
 # Columns of the per-row statistics (SavedExt.stats): rstd of xs and of hs, LSTM's mean and rstd of c.
@@ -584,11 +585,13 @@ def seq_tiles(H: int, G: int, backward: bool) -> dict:
     return dict(BR=br, BC=bc, BN=bn, BK=bk, num_warps=warps)
 
 
-def _launch_seq(kernel, B: int, H: int, *args, **constexprs) -> None:
+def _launch_seq(kernel, rows: Rows, B: int, H: int, *args, **constexprs) -> None:
+    """``args`` up to the weight; the step tables, ``T``, ``H`` and ``zero`` follow from ``rows``."""
     cfg = seq_tiles(H, constexprs["G"], kernel is _bwd_seq_kernel)
-    kernel[(triton.cdiv(B, cfg["BR"]),)](*args, BR=cfg["BR"], BC=cfg["BC"], BN=cfg["BN"], BK=cfg["BK"],
-                                         num_warps=cfg["num_warps"], num_stages=1, enable_fp_fusion=FP_FUSION,
-                                         **constexprs)
+    bs, off = step_tables(rows, args[0].device)
+    kernel[(triton.cdiv(B, cfg["BR"]),)](*args, bs, off, len(rows.order), H, 0, BR=cfg["BR"], BC=cfg["BC"],
+                                         BN=cfg["BN"], BK=cfg["BK"], num_warps=cfg["num_warps"], num_stages=1,
+                                         enable_fp_fusion=FP_FUSION, **constexprs)
 
 
 def _launch(kernel, n_rows: int, width: int, *args, **constexprs) -> None:
@@ -612,11 +615,10 @@ def fwd_step(mode: str, n: int, H: int, xs, hs, nh, stats, gains, bias, b_hn, h,
     """Launch :func:`_fwd_kernel` over ``n`` rows; ``gains``: ``(gx, gh, gc, sc)``, ``None`` without LayerNorm;
     an absent optional tensor is ``None``."""
     ln = gains is not None
-    gx, gh, gc, sc = gains if ln else (bias,) * 4
     ph = placeholder(xs)
     _launch(_fwd_kernel, n, H,
-            xs, hs, nh if nh is not None else ph, stats if ln else ph, gx, gh, bias, _or(b_hn, ph), _or(gc, ph),
-            _or(sc, ph), h, _or(y, ph), _or(zh, ph), _or(mask, ph), _or(hm, ph), _or(c, ph), _or(cs, ph),
+            xs, hs, nh if nh is not None else ph, stats if ln else ph, *_cell_params(gains, bias, b_hn, ph), h,
+            _or(y, ph), _or(zh, ph), _or(mask, ph), _or(hm, ph), _or(c, ph), _or(cs, ph),
             _or(zc, ph), n, H,
             MODE=MODE_IDS[mode], G=GATES[mode], LN=ln, SAVE=save, STORE=save and ln, ZONE_H=zh is not None,
             ZONE_C=zc is not None, MASK=mask is not None, WRITE_Y=write_y)
@@ -627,10 +629,9 @@ def bwd_step(mode: str, n: int, H: int, xs, hs, stats, gains, bias, b_hn, h_prev
     """Launch :func:`_bwd_kernel` over ``n`` rows; ``dy`` ``None`` means the projection's backward (``dh`` is
     the whole gradient of the cell's h, ``hr`` receives the cell's h)."""
     ln = gains is not None
-    gx, gh, gc, sc = gains if ln else (bias,) * 4
     ph = placeholder(xs)
     _launch(_bwd_kernel, n, H,
-            xs, hs, stats if ln else ph, gx, gh, bias, _or(b_hn, ph), _or(gc, ph), _or(sc, ph), _or(h_prev, ph),
+            xs, hs, stats if ln else ph, *_cell_params(gains, bias, b_hn, ph), _or(h_prev, ph),
             _or(c_prev, ph), _or(zh, ph), _or(zc, ph), dh, _or(dy, ph), _or(dc, ph), _or(hr, ph), dgx, dgh,
             _or(part, ph), n, H,
             MODE=MODE_IDS[mode], G=GATES[mode], LN=ln, ZONE_H=zh is not None, ZONE_C=zc is not None,
@@ -640,6 +641,13 @@ def bwd_step(mode: str, n: int, H: int, xs, hs, stats, gains, bias, b_hn, h_prev
 
 def _or(t: Optional[Tensor], ph: Tensor) -> Tensor:
     return ph if t is None else t
+
+
+def _cell_params(gains, bias: Tensor, b_hn: Optional[Tensor], ph: Tensor) -> tuple:
+    """Every kernel's ``p_gx, p_gh, p_bias, p_bhn, p_gc, p_sc``; ``gains``: ``(gx, gh, gc, sc)`` or ``None``
+    without LayerNorm (then never read)."""
+    gx, gh, gc, sc = gains if gains is not None else (bias,) * 4
+    return gx, gh, bias, _or(b_hn, ph), _or(gc, ph), _or(sc, ph)
 
 
 def _fold_bias(a: LayerArgs, e: CellExt):
@@ -703,12 +711,10 @@ def forward(a: LayerArgs, e: CellExt, save: bool, seq: bool = False):
         raise ValueError("the 'seq' kernels of fastrnn's cells take no projection (w_hr)")
     if seq:
         ph = placeholder(xs)
-        bs, off = step_tables(rows, x.device)
-        gx, gh, gc, sc = gains if ln else (bias,) * 4
-        _launch_seq(_fwd_seq_kernel, B, H,
-                    xs, _or(hs, ph), _or(raw, ph), stats if ln else ph, gx, gh, bias, _or(b_hn, ph), _or(gc, ph),
-                    _or(sc, ph), h, y, _or(zh, ph), _or(mask, ph), _or(hm, ph), _or(c, ph), _or(cs, ph), _or(zc, ph),
-                    w_hh.t().contiguous(), bs, off, len(rows.order), H, 0,
+        _launch_seq(_fwd_seq_kernel, rows, B, H,
+                    xs, _or(hs, ph), _or(raw, ph), stats if ln else ph, *_cell_params(gains, bias, b_hn, ph), h, y,
+                    _or(zh, ph), _or(mask, ph), _or(hm, ph), _or(c, ph), _or(cs, ph), _or(zc, ph),
+                    w_hh.t().contiguous(),
                     MODE=MODE_IDS[mode], G=GATES[mode], LN=ln, SAVE=save, STORE=save and ln, RAW=raw is not None,
                     ZONE_H=zh is not None, ZONE_C=zc is not None, MASK=mask is not None, REVERSE=a.reverse)
     else:
@@ -769,12 +775,9 @@ def backward(a: LayerArgs, e: CellExt, y: Tensor, saved: SavedExt, dy: Tensor, d
             raise ValueError("the 'seq' kernels of fastrnn's cells take no projection (w_hr)")
         if seq:
             ph = placeholder(xs)
-            bs, off = step_tables(rows, x.device)
-            gx, gh, gc, sc = gains if ln else (bias,) * 4
-            _launch_seq(_bwd_seq_kernel, B, H,
-                        xs, hs, stats if ln else ph, gx, gh, bias, _or(b_hn, ph), _or(gc, ph), _or(sc, ph), h_prev,
-                        _or(c_prev, ph), _or(zh, ph), _or(zc, ph), dh, dy, _or(dc, ph), dgx, dgh, _or(part, ph),
-                        _or(mask, ph), w_hh, bs, off, len(rows.order), H, 0,
+            _launch_seq(_bwd_seq_kernel, rows, B, H,
+                        xs, hs, stats if ln else ph, *_cell_params(gains, bias, b_hn, ph), h_prev, _or(c_prev, ph),
+                        _or(zh, ph), _or(zc, ph), dh, dy, _or(dc, ph), dgx, dgh, _or(part, ph), _or(mask, ph), w_hh,
                         MODE=MODE_IDS[mode], G=GATES[mode], LN=ln, ZONE_H=zh is not None, ZONE_C=zc is not None,
                         BYPASS=bypass, SPLIT=ln or gru, MASK=mask is not None, REVERSE=a.reverse)
         else:
