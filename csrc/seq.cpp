@@ -41,6 +41,7 @@ void check_dtype_device(const at::Tensor& x) {
   } else {
     TORCH_CHECK(x.is_cpu(), "fastrnn: x must be on a CPU or CUDA device, got ", x.device());
     dtype_of(x);
+    isa_level();  // throws for an unknown FASTRNN_CPU_ISA, before any CPU kernel runs
   }
 }
 

@@ -1,6 +1,10 @@
 """The CPU engine (csrc/cpu/engine_cpu.cpp) in 16-bit: bf16 and fp16 outputs and gradients against an fp64
 reference and against torch.nn's own error in the same dtype; thread-count independence of its layout; the
-fake (meta) kernels of the ops in 16-bit."""
+fake (meta) kernels of the ops in 16-bit; the engine at every ISA level FASTRNN_CPU_ISA allows."""
+
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -158,10 +162,11 @@ def test_fp32_wide_unit_blocks(c):
     assert_matches_reference(CPU32, c)
 
 
-# From 8 rows per step (engine_cpu.cpp's kFuseRows) the forward computes x_t . W_ih^T inside the step, one
-# GEMM per thread where its tiles are small, else block by block (gate by gate where a block's weights exceed
-# kSplitBytes), into the saved gates' rows when training and a per-thread tile otherwise; below it (and for
-# bf16 with odd I) all steps' projection is one GEMM up front. Packed cases shrink below 8 rows on the way.
+# From 4 rows per step (engine_cpu.cpp's kFuseRows), where the weights fit in the L3, the forward computes
+# x_t . W_ih^T inside the step, one GEMM per thread where its tiles are small, else block by block (gate by gate
+# where a block's weights exceed kSplitBytes), into the saved gates' rows when training and a per-thread tile
+# otherwise; below it each thread projects all rows for its columns before the first step, on the same packed
+# panels (bf16 with odd I: one fp32 GEMM up front). Packed cases shrink below 4 rows on the way.
 def in_step_cases():
     for mode in MODES:
         yield Case(mode, 7, 9, 6, 70, packed=True, reverse=mode != "GRU")
@@ -174,6 +179,9 @@ def in_step_cases():
     # either side of engine_cpu.cpp's kEngineRows (16 rows: T = 1 on the engine, 15 rows on at::mm)
     yield Case("LSTM", 1, 16, 5, 40)
     yield Case("GRU", 3, 5, 6, 40)
+    # every step under 4 rows: the all-rows projection, in several 64-row calls (kProjRows)
+    yield Case("LSTM", 70, 2, 6, 40, reverse=True)
+    yield Case("RNN_RELU", 50, 3, 7, 36, packed=True)
     # a thread's tiles over 64 KiB (engine_cpu.cpp's kGroupBytes): a GEMM per unit block, not one per thread
     yield Case("LSTM", 3, 48, 6, 200)
     yield Case("GRU", 3, 48, 5, 240, packed=True)
@@ -323,3 +331,66 @@ def test_autocast_module_runs_the_bf16_engine_like_torch_nn(against):
     else:
         assert want_nn.dtype == torch.bfloat16
         assert rel_err(got, exact) <= NN_FACTOR * max(rel_err(want_nn, exact), 2.0**-8)
+
+
+ISA_LEVELS = ["baseline", "avx2", "avx512"]
+TESTS = os.path.dirname(os.path.abspath(__file__))
+
+
+def run_with_isa(cap: str, body: str) -> subprocess.CompletedProcess:
+    """``body`` in a fresh interpreter with FASTRNN_CPU_ISA=cap (the level is fixed per process)."""
+    code = f"import sys; sys.path.insert(0, {TESTS!r})\n" + body
+    return subprocess.run([sys.executable, "-c", code], env={**os.environ, "FASTRNN_CPU_ISA": cap},
+                          capture_output=True, text=True, timeout=300)
+
+
+def own_isa_level() -> int:
+    info = cpp._lib().build_info()["cpu_isa"]
+    if os.environ.get("FASTRNN_CPU_ISA"):
+        pytest.skip(f"FASTRNN_CPU_ISA is set for this run: {info}")
+    return 2 if info.startswith("x86-64-v4") else 1 if info.startswith("x86-64-v3") else 0
+
+
+@pytest.mark.parametrize("cap", ISA_LEVELS)
+def test_engine_at_each_isa_level(cap):
+    """FASTRNN_CPU_ISA caps the level fastrnn's CPU code runs at (the cell loops' clones, the engine's
+    transposes and block sizes), so an AVX-512 machine shows the AVX2 path: build_info names the level and the
+    cap, and at that level the engine still matches the reference, in fp32 and bf16, both projection paths,
+    short and whole unit blocks."""
+    own = own_isa_level()
+    proc = run_with_isa(cap, """
+import torch
+from fastrnn.ops import cpp
+from layer_cases import Case, Impl, assert_matches_reference, at_least_threads
+from test_cpu_engine import assert_within_tolerance, make_inputs
+print(cpp._lib().build_info()["cpu_isa"])
+with at_least_threads(2):
+    for c in [Case("LSTM", 5, 16, 24, 70), Case("GRU", 20, 1, 6, 40, reverse=True),
+              Case("RNN_TANH", 4, 9, 8, 100, packed=True), Case("RNN_RELU", 3, 6, 5, 33)]:
+        assert_matches_reference(Impl("cpp", "cpu", torch.float32), c)
+        assert_within_tolerance(c, make_inputs(c), torch.bfloat16)
+""")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    want = min(own, ISA_LEVELS.index(cap))
+    info = proc.stdout.splitlines()[0]
+    assert info.startswith(("x86-64 baseline", "x86-64-v3", "x86-64-v4")[want]), info
+    assert ("capped by FASTRNN_CPU_ISA=" + cap in info) == (want < own), info
+
+
+def test_unknown_isa_cap_is_refused():
+    """An unknown FASTRNN_CPU_ISA is named, with the accepted values, by build_info and by the first CPU call
+    (a RuntimeError, not a silent fallback)."""
+    proc = run_with_isa("avx3", """
+import torch, fastrnn
+from fastrnn.ops import cpp
+print(cpp._lib().build_info()["cpu_isa"])
+try:
+    fastrnn.GRU(4, 8, backend="cpp")(torch.randn(3, 2, 4))
+except RuntimeError as e:
+    print("raised:", str(e).splitlines()[0])
+""")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    info, raised = proc.stdout.splitlines()[:2]
+    assert "FASTRNN_CPU_ISA='avx3' is not one of avx512, avx2, baseline" in info, info
+    assert raised == ("raised: fastrnn: FASTRNN_CPU_ISA must be one of avx512, avx2, baseline (or unset), "
+                      "got 'avx3'"), raised

@@ -5,6 +5,8 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <string>
+
 #include "cell.h"
 #include "cell_ln.h"
 
@@ -47,7 +49,7 @@ void visit_ext(Mode m, F&& f) {
   visit<LstmExt, GruExt, RnnExt<false>, RnnExt<true>>(m, f);
 }
 
-// CPU: fp32 (runtime-dispatched avx512/avx2/baseline clones) and fp64; parallel over rows x hidden.
+// CPU: fp32 (compiled per ISA level, run at isa_level()) and fp64; parallel over rows x hidden.
 void cell_cpu(Mode m, Dtype d, const CellParams& p);
 void cell_cpu(Mode m, Dtype d, const CellGradParams& p);
 // CPU, on the calling thread only (the engine's threads each run their own unit block): rows [0, p.rows) x
@@ -64,8 +66,13 @@ void ln_rows_cpu(Dtype d, const LnRowsParams& p);
 // that owns slot s runs [s, s + 1)).
 void ext_cpu_tasks(Mode m, Dtype d, const ExtParams& p, int64_t begin, int64_t end);
 void ext_cpu_tasks(Mode m, Dtype d, const ExtGradParams& p, int64_t begin, int64_t end);
-// The ISA the fp32 clones resolve to on this CPU, for build_info().
-const char* cpu_isa();
+// The x86-64 level fastrnn's CPU code runs at: the CPU's, or less where FASTRNN_CPU_ISA=avx512|avx2|baseline
+// caps it (an unknown value throws, naming it). Fixed for the process: the CPU engine's weight layout follows it,
+// and a backward must find the layout its forward saved.
+enum class Isa { Baseline, V3, V4 };
+Isa isa_level();
+// isa_level() in words, with the cap where one applies, for build_info()
+std::string cpu_isa();
 
 // The most LayerNorm gradient slots (blocks) a CUDA backward step uses; each is a partial sum of 4*G*H + 2*H.
 constexpr int64_t kCudaLnSlots = 128;

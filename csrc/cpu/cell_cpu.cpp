@@ -3,6 +3,8 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <string>
 #include <type_traits>
 #include <utility>
 
@@ -11,13 +13,81 @@
 namespace fastrnn {
 namespace {
 
-// fp32 code is cloned per x86-64 ISA level and the loader picks one clone (ifunc), so a portable binary
-// still runs 512-bit vectors where the CPU has them; -march=native would tie the wheel to the build host.
+// fp32 code is compiled once per x86-64 ISA level and the level is chosen when the process first needs it, so a
+// portable binary still runs 512-bit vectors where the CPU has them (-march=native would tie the wheel to the
+// build host), and FASTRNN_CPU_ISA can cap it to show a smaller machine's path on a bigger one.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define FRNN_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define FRNN_CLONES
+#define FRNN_ISA_CLONES 1
 #endif
+
+Isa detect_isa() {
+#ifdef FRNN_ISA_CLONES
+  if (__builtin_cpu_supports("x86-64-v4")) return Isa::V4;
+  if (__builtin_cpu_supports("x86-64-v3")) return Isa::V3;
+#endif
+  return Isa::Baseline;
+}
+
+const char* isa_name(Isa i) {
+  switch (i) {
+    case Isa::V4: return "avx512";
+    case Isa::V3: return "avx2";
+    default: return "baseline";
+  }
+}
+
+struct IsaChoice {
+  Isa cpu, level;
+  std::string cap;     // FASTRNN_CPU_ISA as given, "" when unset
+  bool known = true;   // cap is unset or names a level
+};
+
+const IsaChoice& isa_choice() {
+  static const IsaChoice c = [] {
+    IsaChoice out{detect_isa(), detect_isa(), ""};
+    const char* env = std::getenv("FASTRNN_CPU_ISA");
+    if (env == nullptr || *env == '\0') return out;
+    out.cap = env;
+    for (Isa i : {Isa::Baseline, Isa::V3, Isa::V4}) {
+      if (out.cap == isa_name(i)) {
+        out.level = std::min(out.cpu, i);
+        return out;
+      }
+    }
+    out.level = Isa::Baseline;
+    out.known = false;
+    return out;
+  }();
+  return c;
+}
+
+// on_isa(f) runs f inlined (flatten) into a function compiled for the chosen level: the loops inside f
+// vectorise for it.
+#ifdef FRNN_ISA_CLONES
+template <class F>
+__attribute__((target("arch=x86-64-v4"), flatten)) void on_v4(const F& f) {
+  f();
+}
+template <class F>
+__attribute__((target("arch=x86-64-v3"), flatten)) void on_v3(const F& f) {
+  f();
+}
+#endif
+template <class F>
+__attribute__((flatten)) void on_baseline(const F& f) {
+  f();
+}
+template <class F>
+void on_isa(const F& f) {
+#ifdef FRNN_ISA_CLONES
+  switch (isa_choice().level) {  // an unknown FASTRNN_CPU_ISA runs baseline here; isa_level() reports it
+    case Isa::V4: return on_v4(f);
+    case Isa::V3: return on_v3(f);
+    default: break;
+  }
+#endif
+  on_baseline(f);
+}
 
 template <class Op, typename T, class P>
 FRNN_HD void row_segment(const P& p, int64_t r, int64_t j0, int64_t j1) {
@@ -25,23 +95,22 @@ FRNN_HD void row_segment(const P& p, int64_t r, int64_t j0, int64_t j1) {
   for (int64_t j = j0; j < j1; ++j) Op::template elem<T>(p, r, j);
 }
 
-template <class Op, class P>
-FRNN_CLONES void row_segment_f32(const P& p, int64_t r, int64_t j0, int64_t j1) {
-  row_segment<Op, float>(p, r, j0, j1);
-}
-
 // bf16 sequence tensors, fp32 workspaces (the engine's bf16 path)
 template <class Op, class P>
-FRNN_CLONES void rows_bf16(const P& p, int64_t units) {
-  for (int64_t r = 0; r < p.rows; ++r) {
+void rows_bf16(const P& p, int64_t units) {
+  on_isa([&] {
+    for (int64_t r = 0; r < p.rows; ++r) {
 #pragma GCC ivdep
-    for (int64_t j = 0; j < units; ++j) Op::template elem<c10::BFloat16, float>(p, r, j);
-  }
+      for (int64_t j = 0; j < units; ++j) Op::template elem<c10::BFloat16, float>(p, r, j);
+    }
+  });
 }
 
 template <class Op, class P>
-FRNN_CLONES void rows_f32(const P& p, int64_t units) {
-  for (int64_t r = 0; r < p.rows; ++r) row_segment<Op, float>(p, r, 0, units);
+void rows_f32(const P& p, int64_t units) {
+  on_isa([&] {
+    for (int64_t r = 0; r < p.rows; ++r) row_segment<Op, float>(p, r, 0, units);
+  });
 }
 
 // Below this many elements a fork/join costs more than the arithmetic.
@@ -53,7 +122,7 @@ void run(const P& p) {
     for (int64_t i = begin; i < end;) {
       const int64_t r = i / p.H, j0 = i - r * p.H, j1 = std::min(p.H, j0 + (end - i));
       if constexpr (std::is_same_v<T, float>) {
-        row_segment_f32<Op>(p, r, j0, j1);
+        on_isa([&] { row_segment<Op, float>(p, r, j0, j1); });
       } else {
         row_segment<Op, T>(p, r, j0, j1);
       }
@@ -145,8 +214,8 @@ FRNN_HD void ext_range(const LnRowsParams& params, int64_t begin, int64_t end) {
 }
 
 template <class Op, class P>
-FRNN_CLONES void ext_range_f32(const P& p, int64_t begin, int64_t end) {
-  ext_range<Op, float>(p, begin, end);
+void ext_range_f32(const P& p, int64_t begin, int64_t end) {
+  on_isa([&] { ext_range<Op, float>(p, begin, end); });
 }
 
 // (tasks, grain): a row is G*H elements of work a few times over, a slot at least one row.
@@ -209,12 +278,22 @@ void cell_cpu(Mode m, Dtype d, const CellGradParams& p) {
   run_cpu(m, d, p, [](Mode mm, auto&& f) { visit_bwd(mm, f); });
 }
 
-const char* cpu_isa() {
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-  // mirrors the clone order above, which is also the order the ifunc resolver tries
-  if (__builtin_cpu_supports("x86-64-v4")) return "x86-64-v4 (avx512)";
-  if (__builtin_cpu_supports("x86-64-v3")) return "x86-64-v3 (avx2+fma)";
-  return "x86-64 baseline (sse2)";
+Isa isa_level() {
+  const IsaChoice& c = isa_choice();
+  TORCH_CHECK(c.known, "fastrnn: FASTRNN_CPU_ISA must be one of avx512, avx2, baseline (or unset), got '", c.cap,
+              "'");
+  return c.level;
+}
+
+std::string cpu_isa() {
+#ifdef FRNN_ISA_CLONES
+  const IsaChoice& c = isa_choice();
+  const Isa level = c.level;
+  if (!c.known) return "FASTRNN_CPU_ISA='" + c.cap + "' is not one of avx512, avx2, baseline: CPU calls will raise";
+  std::string s = level == Isa::V4 ? "x86-64-v4 (avx512)" : level == Isa::V3 ? "x86-64-v3 (avx2+fma)"
+                                                                             : "x86-64 baseline (sse2)";
+  if (level != c.cpu) s += std::string(", capped by FASTRNN_CPU_ISA=") + c.cap + " (the CPU has " + isa_name(c.cpu) + ")";
+  return s;
 #else
   return "compiler default";
 #endif

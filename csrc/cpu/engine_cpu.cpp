@@ -39,7 +39,11 @@
 #include <exception>
 #include <mutex>
 #include <optional>
+#include <fstream>
+#include <string>
 #include <thread>
+
+#include <unistd.h>
 
 #include "seq.h"
 
@@ -49,29 +53,79 @@ namespace {
 using at::Tensor;
 namespace cpublas = at::native::cpublas;
 
-// Units per block, U. Each block's GEMM rereads all of A (h_{t-1}, or dgates in backward), which favours wide
-// blocks; its B panel (G*U x H in forward, G*H x U in backward: the same size) should stay within L2 while
-// the call's rows reuse it, and H should still make 8 blocks for the threads. So U doubles from 32 (two
-// 512-bit fp32 vectors per gate row segment) up to 128 while both hold, where a forward panel split by gate
-// (StepWeight) counts one gate's part. Measured on Zen 4 (1 MiB L2): LSTM H = 512 fp32 ran a few % faster
-// with 64-unit blocks than with 32, H = 1024 15 % slower with 128 (both before the split); with the split,
-// LSTM (T,B,I,H) = (100,64,256,1024) with 64 against 32: forward 410 -> 385 ms, forward + backward 1157 ->
-// 1125, GRU forward + backward 837 -> 817.
-constexpr int64_t kPanelBytes = 512 * 1024;
-// A forward block panel over kSplitBytes runs gate by gate (StepWeight says why)
+// What the block sizes below follow, read from the machine once: the ISA level fastrnn's code runs at
+// (isa_level(), so FASTRNN_CPU_ISA shows a smaller machine's choices), the L2 per core and the L3 the process's
+// first core shares.
+struct Machine {
+  Isa isa;
+  int64_t l2, l3;
+};
+// bytes of cpu0's cache at `level` from sysfs, else sysconf's answer (which on the Zen 2 VM measured says 256 MiB
+// of L3 where sysfs says 16), else `fallback`
+int64_t cache_bytes(int level, int sysconf_name, int64_t fallback) {
+  for (int i = 0; i < 8; ++i) {
+    const std::string dir = "/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(i) + "/";
+    std::ifstream lv(dir + "level"), ty(dir + "type"), sz(dir + "size");
+    int l = 0;
+    std::string type, size;
+    if (!(lv >> l) || !(ty >> type) || !(sz >> size)) continue;
+    if (l != level || type == "Instruction") continue;
+    const int64_t n = std::atoll(size.c_str());
+    const char unit = size.empty() ? ' ' : size.back();
+    const int64_t bytes = unit == 'K' ? n << 10 : unit == 'M' ? n << 20 : n;
+    if (bytes > 0) return bytes;
+  }
+  const long s = sysconf(sysconf_name);
+  return s > 0 ? static_cast<int64_t>(s) : fallback;
+}
+const Machine& machine() {
+  // where neither source says: the smaller of the machines measured below
+  static const Machine m{isa_level(), cache_bytes(2, _SC_LEVEL2_CACHE_SIZE, int64_t{512} << 10),
+                         cache_bytes(3, _SC_LEVEL3_CACHE_SIZE, int64_t{16} << 20)};
+  return m;
+}
+
+// A forward block panel over kSplitBytes runs gate by gate (StepWeight says why). The same on both machines
+// measured: with 32-unit blocks on Zen 2 (512 KiB L2), LSTM forward (T,B,I,H) = (100,64,512,512) ran 163 ms
+// unsplit (256 KiB panels) against 171 split, (100,64,256,1024) 446 split (512 KiB) against 506 unsplit.
 constexpr int64_t kSplitBytes = 256 * 1024;
+
+// Units per block, U. Each block's GEMM rereads all of A (h_{t-1}, or dgates in backward), which favours wide
+// blocks; its B panel (G*U x H in forward, G*H x U in backward: the same size) should stay within half the L2
+// while the call's rows reuse it, and H should still make 8 blocks for the threads.
+// AVX-512: U doubles from 32 (two 512-bit fp32 vectors per gate row segment) up to 128 while both hold, where a
+// forward panel split by gate (StepWeight) counts one gate's part. Measured on Zen 4 (1 MiB L2): LSTM H = 512
+// fp32 ran a few % faster with 64-unit blocks than with 32, H = 1024 15 % slower with 128 (both before the
+// split); with the split, LSTM (T,B,I,H) = (100,64,256,1024) with 64 against 32: forward 410 -> 385 ms, forward
+// + backward 1157 -> 1125, GRU forward + backward 837 -> 817.
+// AVX2: 32 always. On Zen 2 every wider block was slower, worst at 64, where oneDNN's AVX2 brgemm runs at
+// 78 GF/s per core against 100 for 32 columns (M = 64, K = 1024, one thread): forward at (100,64,512,512) /
+// (100,64,256,1024), U = 32 / 64 / 128: LSTM 163 / 199 / 165 and 446 / 542 / 507 ms, GRU 125 / 149 / 121 and
+// 312 / 379 / 348, RNN 47 / 52 / 45 and 105 / 132 / 109; LSTM backward steps 90 against 125 and 341 against
+// 424 ms (32 against 64).
 int64_t unit_block(int64_t H, int64_t G, int64_t esize) {
-  // a panel over kPanelBytes is over kSplitBytes too, so it is split
-  auto fits = [&](int64_t u) { return G * u * H * esize <= kPanelBytes || (G > 1 && u * H * esize <= kSplitBytes); };
+  const Machine& m = machine();
+  if (m.isa != Isa::V4) return 32;
+  const int64_t panel_bytes = m.l2 / 2;
+  // a panel over kSplitBytes runs split by gate (StepWeight), so one gate's part fitting kSplitBytes will do
+  auto fits = [&](int64_t u) { return G * u * H * esize <= panel_bytes || (G > 1 && u * H * esize <= kSplitBytes); };
   int64_t U = 32;
   while (U < 128 && H >= 16 * U && fits(2 * U)) U *= 2;
   return U;
 }
 
-// Rows per step from which the forward computes x_t . W_ih^T inside the step (engine_fwd). Measured on Zen 4,
-// LSTM forward: in the step 16.5 ms against 24 up front at (T,B,I,H) = (512,16,128,128), 20 against 23 at
-// (100,8,128,512), but 28 against 15 at (100,1,128,512) (two layers).
-constexpr int64_t kFuseRows = 8;
+// Rows per step from which the forward may compute x_t . W_ih^T inside the step (engine_fwd), where both weights
+// fit in the L3 together: each step then reads W_ih's panels again, from L3, or from memory when they do not
+// fit. Zen 2 (16 MiB L3), LSTM forward, in the step against up front (the all-rows projection on the same
+// panels): (T,B,I,H) = (100,4,128,512) 10.8 against 12.1 ms, (100,8,128,512) 17.0 / 19.1, (512,16,128,128)
+// 17.2 / 24.5, (100,64,512,512) 164 / 187, (100,2,128,512) and (100,3,256,512) level, (100,1,128,512,2) 15.6 /
+// 13.6; with 24 MiB of weights, (100,B,512,1024) at B = 4 / 8 / 16 / 32: 97 / 48, 141 / 82, 221 / 185, 318 /
+// 280, and with 20 MiB at (100,64,256,1024) level. Zen 4, against the earlier up-front path (at::mm on a
+// permuted copy of W_ih): 16.5 against 24 ms at (512,16,128,128), 20 against 23 at (100,8,128,512).
+constexpr int64_t kFuseRows = 4;
+// Rows per ukernel call where the input projection runs ahead of the steps: the M the per-step calls are tuned
+// for at B = 64.
+constexpr int64_t kProjRows = 64;
 // Rows (T*B, or a packed sequence's total) from which a layer takes the engine. Below, packing the weights
 // costs more than the per-step at::mm it replaces. Zen 4, forward, (I,H,L) = (65,512,2), B = 1, engine
 // against at::mm: LSTM 4.9 / 0.67 ms at T = 1, 4.1 / 3.5 at T = 8, 3.8 / 5.0 at T = 16; GRU 2.5 / 0.54,
@@ -156,25 +210,55 @@ __attribute__((target("avx512f"))) void transpose_tile16(const uint32_t* src, in
     _mm512_storeu_si512(dst + (12 + q) * dst_ld, _mm512_shuffle_i32x4(hi_ab, hi_cd, 0xDD));
   }
 }
-#pragma GCC diagnostic pop
-bool has_avx512() {
-  static const bool ok = __builtin_cpu_supports("avx512f");
-  return ok;
+// One full 8 x 8 tile: 32-bit interleaves of row pairs, 64-bit-wide shuffles that leave each 128-bit lane
+// holding a 4 x 4 block, then one lane exchange per output row pair.
+__attribute__((target("avx2"))) void transpose_tile8(const uint32_t* src, int64_t src_ld, uint32_t* dst,
+                                                      int64_t dst_ld) {
+  __m256 r[8], t[8];
+  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(reinterpret_cast<const float*>(src + i * src_ld));
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
+  // r[4h + q], lane l: column 4l + q of rows 4h .. 4h + 3
+  for (int h = 0; h < 8; h += 4) {
+    r[h] = _mm256_shuffle_ps(t[h], t[h + 2], 0x44);
+    r[h + 1] = _mm256_shuffle_ps(t[h], t[h + 2], 0xEE);
+    r[h + 2] = _mm256_shuffle_ps(t[h + 1], t[h + 3], 0x44);
+    r[h + 3] = _mm256_shuffle_ps(t[h + 1], t[h + 3], 0xEE);
+  }
+  for (int q = 0; q < 4; ++q) {
+    _mm256_storeu_ps(reinterpret_cast<float*>(dst + q * dst_ld), _mm256_permute2f128_ps(r[q], r[4 + q], 0x20));
+    _mm256_storeu_ps(reinterpret_cast<float*>(dst + (4 + q) * dst_ld), _mm256_permute2f128_ps(r[q], r[4 + q], 0x31));
+  }
 }
+#pragma GCC diagnostic pop
 #endif
 
-// dst[c * dst_ld + r] = src[r * src_ld + c] for r < rows, c < cols, in 16 x 16 tiles of 32-bit elements. With
-// scalar tiles only, packing a 4 MiB W_hh took 0.4-1.1 ms of a 4-6 ms layer forward at B = 1 (Zen 4); the
-// register tiles took LSTM (T,B,I,H,L) = (100,1,128,512,2) forward from 13.5 to 12.2 ms.
+// dst[c * dst_ld + r] = src[r * src_ld + c] for r < rows, c < cols, in 16 x 16 tiles of 32-bit elements, a
+// full one in registers (one 512-bit tile, or four 256-bit ones). With scalar tiles only, packing a 4 MiB W_hh
+// took 0.4-1.1 ms of a 4-6 ms layer forward at B = 1 (Zen 4); the register tiles took LSTM (T,B,I,H,L) =
+// (100,1,128,512,2) forward from 13.5 to 12.2 ms there; on Zen 2 (AVX2, 8 x 8 tiles) the short (16,1,128,512,2)
+// went from 7.7 to 6.6 ms.
 void transpose32(const uint32_t* src, int64_t src_ld, uint32_t* dst, int64_t dst_ld, int64_t rows, int64_t cols) {
   constexpr int64_t kT = 16;
+  const Isa isa = machine().isa;
   for (int64_t r0 = 0; r0 < rows; r0 += kT) {
     const int64_t r1 = std::min(rows, r0 + kT);
     for (int64_t c0 = 0; c0 < cols; c0 += kT) {
       const int64_t c1 = std::min(cols, c0 + kT);
 #if defined(__x86_64__)
-      if (r1 - r0 == kT && c1 - c0 == kT && has_avx512()) {
-        transpose_tile16(src + r0 * src_ld + c0, src_ld, dst + c0 * dst_ld + r0, dst_ld);
+      if (r1 - r0 == kT && c1 - c0 == kT && isa != Isa::Baseline) {
+        const uint32_t* s = src + r0 * src_ld + c0;
+        uint32_t* d = dst + c0 * dst_ld + r0;
+        if (isa == Isa::V4) {
+          transpose_tile16(s, src_ld, d, dst_ld);
+        } else {
+          for (int64_t q = 0; q < 4; ++q) {
+            const int64_t i = q / 2 * 8, j = q % 2 * 8;  // rows i.., columns j.. of the tile
+            transpose_tile8(s + i * src_ld + j, src_ld, d + j * dst_ld + i, dst_ld);
+          }
+        }
         continue;
       }
 #endif
@@ -340,17 +424,22 @@ struct Team {
 };
 
 // Unit ranges whose per-step GEMMs run as one ukernel call on one packed panel (the forward's x . W_ih^T and
-// h . W_hh^T, the backward's dh): each thread's whole range where its tiles stay within kGroupBytes, else
-// every unit block alone. Fewer, wider calls: RNN forward at (T,B,I,H) = (512,16,128,128) 4.8 -> 4.0 ms
-// (Zen 4, two threads, 64 units each instead of two 32-unit blocks).
+// h . W_hh^T, the backward's dh): each thread's whole range where its tiles stay within kGroupBytes and its
+// panel within the L2, else every unit block alone. Fewer, wider calls: RNN forward at (T,B,I,H) =
+// (512,16,128,128) 4.8 -> 4.0 ms (Zen 4, two threads, 64 units each instead of two 32-unit blocks). A wider
+// panel than the L2 streams from L3 either way, and as one call it streamed slower than as its blocks' calls:
+// Zen 2, B = 1, forward, LSTM (100,1,128,512,2) 26.7 against 16.0 ms (a 2 MiB panel per thread), RNN
+// (100,1,128,1024,1) 6.4 against 5.3.
 constexpr int64_t kGroupBytes = 64 * 1024;
 struct Segments {
   std::vector<int64_t> begin, end;  // per block: the range it belongs to
   int64_t widest = 0;
-  Segments(const Layout& L, const Team& team, int64_t rows, bool group) : begin(L.nb), end(L.nb) {
+  // unit_bytes: a unit's share of the widest panel the ranges' calls read (K * columns per unit * esize)
+  Segments(const Layout& L, const Team& team, int64_t rows, int64_t unit_bytes, bool group)
+      : begin(L.nb), end(L.nb) {
     for (int tid = 0; tid < team.nt; ++tid) {
       const auto [ja, jb] = team.units(tid);
-      group = group && rows * L.G * (jb - ja) * 4 <= kGroupBytes;
+      group = group && rows * L.G * (jb - ja) * 4 <= kGroupBytes && unit_bytes * (jb - ja) <= machine().l2;
     }
     for (int64_t b = 0; b < L.nb; ++b) {
       begin[b] = L.unit(b);
@@ -439,7 +528,7 @@ struct StepGemm::Impl {
   Tensor panels;
   Impl(const Tensor& w_kn)
       : K(w_kn.size(0)), L(w_kn.size(1), 1, 4), team(L),
-        panels(L.panels(w_kn.to(at::kFloat), 1, false, Segments(L, team, 0, false).end)) {}
+        panels(L.panels(w_kn.to(at::kFloat), 1, false, Segments(L, team, 0, 0, false).end)) {}
 };
 
 bool StepGemm::takes(const Tensor& x) { return x.is_cpu() && x.scalar_type() == at::kFloat && fp32_ukernel(); }
@@ -469,21 +558,26 @@ std::vector<Tensor> engine_fwd(const Problem& pr, const Tensor& x, const Tensor&
   const auto opts = x.options(), f32 = opts.dtype(at::kFloat);
   const Layout L(H, G, x.element_size());
 
-  // x_t . W_ih^T runs in the step, block by block beside h_{t-1} . W_hh^T, so a block's input-side gates are
-  // computed into cache right before its cell reads them (a [N, G*H] projection made up front is read back
-  // from memory, which left the LSTM's cell waiting on loads); bf16 needs even I (VNNI pairs along K). With
-  // few rows a step's GEMM streams its weights from L3 instead of reusing them, so below kFuseRows the input
-  // projection stays one GEMM over all steps.
+  // x . W_ih^T on the ukernel from W_ih packed like W_hh (bf16 needs even I: VNNI pairs along K; odd I takes one
+  // fp32 GEMM up front). Where kFuseRows says so it runs in the step, block by block beside h_{t-1} . W_hh^T, so
+  // a block's input-side gates are computed into cache right before its cell reads them (a [N, G*H] projection
+  // made up front is read back from memory, which left the LSTM's cell waiting on loads). Otherwise each thread
+  // projects all rows for its own columns before its first step (only it reads them: no barrier), a block at a
+  // time, so the block's panel stays in cache across the row chunks. Zen 2, LSTM (16,1,128,512,2) forward: 4.7
+  // ms against 6.6 with at::mm on a permuted copy of W_ih (which MKL then packs again).
   const int64_t I = pr.I;
-  const bool fuse_x = (!bf16 || I % 2 == 0) && B >= kFuseRows;
+  const bool x_panels = !bf16 || I % 2 == 0;
+  const bool fuse_x =
+      x_panels && B >= kFuseRows && (pr.I + pr.H) * GH * static_cast<int64_t>(x.element_size()) <= machine().l3;
   const bool save_gates = save && (pr.lstm || pr.gru);
-  Tensor gates = !fuse_x ? gemm(x.to(at::kFloat), L.rows(w_ih, kWsRowsX).to(at::kFloat).t())
-                         : save_gates ? ws_empty({pr.N, GH}, f32) : Tensor();
+  Tensor gates = !x_panels ? gemm(x.to(at::kFloat), L.rows(w_ih, kWsRowsX).to(at::kFloat).t())
+                 : save_gates || !fuse_x ? ws_empty({pr.N, GH}, f32) : Tensor();
   const Team team(L);
   const int64_t esize = x.element_size();
-  const Segments seg(L, team, B, !StepWeight::splits(L, H, esize) && !(fuse_x && StepWeight::splits(L, I, esize)));
+  const Segments seg(L, team, B, std::max(H, x_panels ? I : 0) * G * esize,
+                     !StepWeight::splits(L, H, esize) && !(x_panels && StepWeight::splits(L, I, esize)));
   const std::optional<StepWeight> wx =
-      fuse_x ? std::make_optional<StepWeight>(L, w_ih, bf16, seg, kWsPanelX) : std::nullopt;
+      x_panels ? std::make_optional<StepWeight>(L, w_ih, bf16, seg, kWsPanelX) : std::nullopt;
   const StepWeight wf(L, w_hh, bf16, seg, kWsPanelH);
   const Tensor bias_p = L.rows(bias).to(at::kFloat);
   const Tensor bhn = pr.gru ? b_hn.to(at::kFloat).contiguous() : Tensor();
@@ -506,6 +600,14 @@ std::vector<Tensor> engine_fwd(const Problem& pr, const Tensor& x, const Tensor&
     float* hg = tiles.data_ptr<float>() + tid * tiles.stride(0);
     const char* h_prev = static_cast<const char*>(hs.data_ptr()) + k % 2 * hs_bytes;
     char* h_next = static_cast<char*>(hs.data_ptr()) + (k + 1) % 2 * hs_bytes;
+    if (k == 0 && x_panels && !fuse_x) {
+      for (int64_t s0 = ja; s0 < jb; s0 = seg.end[s0 / L.U]) {
+        for (int64_t r0 = 0; r0 < pr.N; r0 += kProjRows) {
+          wx->gemm(std::min(kProjRows, pr.N - r0), at_row(x, r0), I, s0, seg.end[s0 / L.U],
+                   reinterpret_cast<float*>(at_row(gates, r0, G * s0)), GH);
+        }
+      }
+    }
     for (int64_t s0 = ja; s0 < jb;) {
       const int64_t s1 = seg.end[s0 / L.U], sw = G * (s1 - s0);
       float* xg = gates.defined() ? reinterpret_cast<float*>(at_row(gates, o, G * s0)) : hg + tile;
@@ -575,7 +677,7 @@ std::vector<Tensor> engine_bwd(const Problem& pr, const Tensor& x, const Tensor&
   const Layout L(H, G, x.element_size());
   const Tensor wih_p = L.rows(w_ih, kWsRowsX), whh_p = L.rows(w_hh, kWsRowsH);
   const Team team(L);
-  const Segments seg(L, team, pr.B, true);
+  const Segments seg(L, team, pr.B, GH * x.element_size(), true);
   const Tensor wb = L.panels(whh_p, 1, bf16, seg.end, kWsPanelDh);  // dgates . W_hh: K = G*H, a column per unit
   // dh's GEMM in K chunks of kDhChunkBytes per row, each over all the thread's blocks, once a row of dgates
   // outgrows two of them: the chunk of dgates then stays in L2 while the blocks' panels stream past it.
