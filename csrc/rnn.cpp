@@ -287,7 +287,8 @@ pybind11::dict build_info() {
 #endif
   d["cuda_archs"] = archs;
   d["cpu_isa"] = cpu_isa();
-  d["cpu_vectorisation"] = "fp32 kernels cloned for x86-64-v4/v3/baseline (target_clones), fp64 baseline";
+  d["cpu_vectorisation"] = "fp32 kernels compiled for x86-64-v4/v3/baseline, run at cpu_isa; fp64 baseline";
+  d["cpu_engine"] = engine_machine();
   pybind11::dict gemm;
   for (const auto& [dtype, engine] : engine_report()) gemm[dtype.c_str()] = engine;
   d["cpu_gemm"] = gemm;

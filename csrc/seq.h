@@ -169,6 +169,8 @@ bool engine_takes(const Problem& pr, const at::Tensor& x);
 std::string engine_refusal(const Problem& pr, const at::Tensor& x);
 // Which GEMM engine the CPU runs per dtype, for build_info().
 std::vector<std::pair<std::string, std::string>> engine_report();
+// what the CPU engine read from the machine (ISA level, caches) and the block sizes it derived, in words
+std::string engine_machine();
 
 // layer_fwd / layer_bwd of the engine; bias is b_ih + b_hh as rnn.cpp folds it (GRU: without b_hn), in
 // PyTorch's gate order. Same returns as rnn.cpp's layer_fwd / layer_bwd, with the saved gates in the

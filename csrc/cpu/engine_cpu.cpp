@@ -508,6 +508,15 @@ std::string engine_refusal(const Problem& pr, const at::Tensor& x) {
 
 bool engine_takes(const Problem& pr, const at::Tensor& x) { return engine_refusal(pr, x).empty(); }
 
+std::string engine_machine() {
+  const Machine& m = machine();
+  auto kib = [](int64_t b) { return b >= (int64_t{1} << 20) && b % (int64_t{1} << 20) == 0
+                                        ? std::to_string(b >> 20) + " MiB" : std::to_string(b >> 10) + " KiB"; };
+  return std::string("L2 ") + kib(m.l2) + " per core, L3 " + kib(m.l3) + "; " +
+         (m.isa == Isa::V4 ? "unit blocks of 32-128 (panels within half the L2)" : "32-unit blocks (not AVX-512)") +
+         "; x . W_ih^T in the step from " + std::to_string(kFuseRows) + " rows per step where W_ih and W_hh fit the L3";
+}
+
 std::vector<std::pair<std::string, std::string>> engine_report() {
   auto fused = [](const std::string& how, const std::string& fewer) {
     return "fused per-step oneDNN brgemm ukernel + cell" + how + " from " + std::to_string(kEngineRows) +
