@@ -74,7 +74,10 @@ inline at::Tensor empty0(const at::Tensor& like) { return at::empty({0}, like.op
 // VM); with this scratch, fwd+bwd at (T,B,I,H,L) = (100,1,128,512,2) went from 40.7 to 31.4 ms (LSTM) and
 // 26.5 to 22.4 (GRU). Only for a tensor that dies with the call; NaN-filled under the test hook like
 // ws_empty, which serves a request instead once kScratchBytes are kept by the thread. CPU only.
-enum ScratchSlot { kWsPanelX, kWsPanelH, kWsRowsX, kWsRowsH, kWsPanelDh, kWsDgx, kWsDgh, kWsDwIh, kWsDwHh, kWsSlots };
+enum ScratchSlot {
+  kWsPanelX, kWsPanelH, kWsRowsX, kWsRowsH, kWsPanelDh, kWsDgx, kWsDgh, kWsDwIh, kWsDwHh,
+  kWsPackGx, kWsPackGh, kWsStatesT, kWsDwT, kWsSlots
+};
 constexpr int64_t kScratchBytes = 64 << 20;
 at::Tensor ws_scratch(ScratchSlot slot, at::IntArrayRef shape, const at::TensorOptions& opts);
 
@@ -159,9 +162,12 @@ GradSums grad_sums(const Problem& pr, const at::Tensor& x, const at::Tensor& w_i
 std::pair<at::Tensor, at::Tensor> bias_grads(const GradSums& g, bool has_b_ih, bool has_b_hh, bool gru,
                                              const at::Tensor& like);
 
+// A backward chunk's rows [lo, lo + R) into g: dx = gx . w_ih, the bias sums and, with weight_grads, the weight
+// gradients dW_ih += gx^T . x and dW_hh += gh^T . h_prev (h_prev: hprev's rows where defined (packed), else y
+// shifted by one step and h0).
 void flush_chunk(const Problem& pr, bool reverse, int64_t lo, int64_t R, const at::Tensor& gx, const at::Tensor& gh,
                  const at::Tensor& x, const at::Tensor& y, const at::Tensor& h0, const at::Tensor& hprev,
-                 const at::Tensor& w_ih, GradSums& g);
+                 const at::Tensor& w_ih, GradSums& g, bool weight_grads = true);
 
 // Whether the CPU engine (per-step fused brgemm + cell, engine_cpu.cpp) runs this problem with x's dtype, and
 // why not ("" when it does).

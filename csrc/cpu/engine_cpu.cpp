@@ -490,6 +490,95 @@ char* at_row(const Tensor& t, int64_t row, int64_t col = 0) {
   return static_cast<char*>(t.data_ptr()) + (row * t.stride(0) + col) * static_cast<int64_t>(t.element_size());
 }
 
+// The backward's weight gradients on the ukernel, as their transposes: dW^T[:, c] += [x | h_prev]^T . dgates[:, c]
+// for 32-column panels c of dgates. Per chunk each thread packs its own panels of the chunk's dgates
+// ([R][32] each, contiguous: the ukernel walks K = R down a panel) and a share of [x | h_prev]^T ([I + H, R]);
+// after a barrier it runs its panels against all of [x | h_prev]^T in 64-row calls. Taken where oneDNN's matmul
+// does not run fp32 (no AVX-512: torch refuses it there) and MKL's sgemm is left, which runs these products with
+// the transposed dgates at 127-143 GF/s on Zen 2 (R = 1024, (I, G*H) = (512, 2048), (256, 4096), (1024, 4096),
+// two threads) where this ran 164-171 with the packing, 190-195 without it (the panels are 32 columns wide:
+// oneDNN's AVX2 ukernel ran 64-column panels at 143-149).
+struct WeightGrads {
+  static constexpr int64_t kPanel = 32, kRows = 64;
+  const Problem& pr;
+  const Team& team;
+  int64_t GH, K;     // K = I + H: the rows of dW^T
+  Tensor dwt;        // [I + H, G*H] fp32: dW_ih^T over dW_hh^T, in the engine's column order
+  Tensor pack_x, pack_h;  // the chunk's dgates (and GRU's dgh) as panels, [G*H / 32][R][32] (the last narrower)
+  Tensor states_t;        // [I + H, rmax]: x^T over h_prev^T
+
+  static bool takes(const Tensor& x) { return x.scalar_type() == at::kFloat && machine().isa != Isa::V4; }
+  WeightGrads(const Problem& p, const Team& t, int64_t rmax)
+      : pr(p), team(t), GH(p.G * p.H), K(p.I + p.H),
+        dwt(ws_scratch(kWsDwT, {K, GH}, at::TensorOptions(at::kFloat)).zero_()),
+        pack_x(ws_scratch(kWsPackGx, {rmax * GH}, at::TensorOptions(at::kFloat))),
+        pack_h(p.gru ? ws_scratch(kWsPackGh, {rmax * GH}, at::TensorOptions(at::kFloat)) : pack_x),
+        states_t(ws_scratch(kWsStatesT, {K, rmax}, at::TensorOptions(at::kFloat))) {}
+
+  // The chunk of rows [lo, lo + R): gx, gh [R, G*H] its dgates; hprev [R, H] its h_prev rows where defined
+  // (packed), else they are y's rows one step back (forward: before; reverse: after), h0's at the first step.
+  void add(int64_t lo, int64_t R, bool reverse, const Tensor& gx, const Tensor& gh, const Tensor& x, const Tensor& y,
+           const Tensor& h0, const Tensor& hprev) {
+    const int64_t np = (GH + kPanel - 1) / kPanel, I = pr.I, H = pr.H, B = pr.B;
+    float* st = states_t.data_ptr<float>();
+    team.run(1, 2, false, false, [&](int tid, int64_t, int64_t, int64_t, int phase) {
+      const int nt = team.nt;
+      const int64_t p0 = np * tid / nt, p1 = np * (tid + 1) / nt;
+      if (phase == 0) {
+        for (const Tensor* g : {&gx, &gh}) {
+          float* pack = (g == &gx ? pack_x : pack_h).data_ptr<float>();
+          for (int64_t p = p0; p < p1 && (g == &gx || pr.gru); ++p) {
+            const int64_t c0 = p * kPanel, w = std::min(kPanel, GH - c0);
+            for (int64_t r = 0; r < R; ++r) {
+              std::memcpy(pack + c0 * R + r * w, at_row(*g, r, c0), w * sizeof(float));
+            }
+          }
+        }
+        // this thread's columns of x^T's and h_prev^T's sources
+        auto share = [&](int64_t n) { return std::make_pair(n * tid / nt, n * (tid + 1) / nt); };
+        const auto [xa, xb] = share(I);
+        transpose32(reinterpret_cast<const uint32_t*>(at_row(x, lo, xa)), x.stride(0),
+                    reinterpret_cast<uint32_t*>(st + xa * R), R, R, xb - xa);
+        const auto [ha, hb] = share(H);
+        uint32_t* ht = reinterpret_cast<uint32_t*>(st + (I + ha) * R);
+        auto rows_t = [&](const Tensor& src, int64_t row, int64_t at_col, int64_t n) {
+          transpose32(reinterpret_cast<const uint32_t*>(at_row(src, row, ha)), src.stride(0), ht + at_col, R, n, hb - ha);
+        };
+        if (hprev.defined()) {
+          rows_t(hprev, 0, 0, R);
+        } else {
+          // dense: the step whose h_prev is h0 is the first (forward) or the last (reverse) of the sequence
+          const bool first = reverse ? lo + R == pr.N : lo == 0;
+          const int64_t from_y = R - (first ? B : 0);
+          const int64_t y0 = reverse ? 0 : R - from_y;  // chunk row of the first h_prev taken from y
+          if (first) rows_t(h0, 0, reverse ? from_y : 0, B);
+          if (from_y > 0) rows_t(y, lo + y0 + (reverse ? B : -B), y0, from_y);
+        }
+        return;
+      }
+      for (int64_t p = p0; p < p1; ++p) {
+        const int64_t c0 = p * kPanel, w = std::min(kPanel, GH - c0);
+        for (int64_t m0 = 0; m0 < K; m0 += kRows) {
+          const int64_t m = std::min(kRows, K - m0);
+          // rows of x^T take dgx; rows of h_prev^T dgh (GRU's differs in n); a block spanning both is split
+          const int64_t split = m0 < I && m0 + m > I ? I - m0 : m;
+          for (int64_t a = m0, n = split; a < m0 + m; a += n, n = m0 + m - a) {
+            const float* pack = (a < I ? pack_x : pack_h).data_ptr<float>() + c0 * R;
+            ukernel(false, n, w, R, R, w, GH, true, st + a * R, pack, dwt.data_ptr<float>() + a * GH + c0);
+          }
+        }
+      }
+    });
+  }
+
+  // dW_ih and dW_hh in the engine's row order, into the given [G*H, I] and [G*H, H] tensors
+  void finish(Tensor& dw_ih, Tensor& dw_hh) const {
+    const auto* src = reinterpret_cast<const uint32_t*>(dwt.data_ptr<float>());
+    transpose32(src, GH, reinterpret_cast<uint32_t*>(dw_ih.data_ptr<float>()), pr.I, pr.I, GH);
+    transpose32(src + pr.I * GH, GH, reinterpret_cast<uint32_t*>(dw_hh.data_ptr<float>()), pr.H, pr.H, GH);
+  }
+};
+
 Dtype seq_dtype(const Tensor& x) { return x.scalar_type() == at::kBFloat16 ? Dtype::BF16 : Dtype::F32; }
 
 }  // namespace
@@ -509,6 +598,11 @@ std::string engine_refusal(const Problem& pr, const at::Tensor& x) {
 bool engine_takes(const Problem& pr, const at::Tensor& x) { return engine_refusal(pr, x).empty(); }
 
 std::string engine_machine() {
+  try {
+    machine();
+  } catch (const c10::Error& e) {
+    return e.msg();  // an unknown FASTRNN_CPU_ISA, which the first CPU call reports too
+  }
   const Machine& m = machine();
   auto kib = [](int64_t b) { return b >= (int64_t{1} << 20) && b % (int64_t{1} << 20) == 0
                                         ? std::to_string(b >> 20) + " MiB" : std::to_string(b >> 10) + " KiB"; };
@@ -702,6 +796,8 @@ std::vector<Tensor> engine_bwd(const Problem& pr, const Tensor& x, const Tensor&
   Tensor dgh = pr.gru ? ws_scratch(kWsDgh, {rmax, GH}, opts) : dgx;
   Tensor hprev = pr.packed ? ws_empty({rmax, H}, opts) : Tensor();
   GradSums sums = grad_sums(pr, x, wih_p, whh_p, has_b_ih, has_b_hh, need_dx, rmax, true);
+  std::optional<WeightGrads> wg;
+  if (WeightGrads::takes(x) && fp32_ukernel()) wg.emplace(pr, team, rmax);
   // LSTM's cell backward needs c_prev (fp32), GRU's h_prev (sequence dtype): previous step's rows or initial
   const Tensor& prev_src = pr.lstm ? c_save : y;
   const Tensor& init = pr.lstm ? c0f : h0;
@@ -766,8 +862,10 @@ std::vector<Tensor> engine_bwd(const Problem& pr, const Tensor& x, const Tensor&
         }
       }
     });
-    flush_chunk(pr, reverse, lo, R, dgx.narrow(0, 0, R), dgh.narrow(0, 0, R), x, y, h0, hprev, wih_p, sums);
+    flush_chunk(pr, reverse, lo, R, dgx.narrow(0, 0, R), dgh.narrow(0, 0, R), x, y, h0, hprev, wih_p, sums, !wg);
+    if (wg) wg->add(lo, R, reverse, dgx, dgh, x, y, h0, hprev);
   });
+  if (wg) wg->finish(sums.dw_ih, sums.dw_hh);
   const auto [db_ih, db_hh] = bias_grads(sums, has_b_ih, has_b_hh, pr.gru, x);
   auto un = [&](const Tensor& t) { return t.numel() > 0 ? L.unrows(t) : t; };
   Tensor dcs_out = pr.lstm ? dcs.to(x.scalar_type()) : empty0(x);
