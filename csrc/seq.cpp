@@ -336,14 +336,14 @@ std::pair<at::Tensor, at::Tensor> bias_grads(const GradSums& g, bool has_b_ih, b
 
 void flush_chunk(const Problem& pr, bool reverse, int64_t lo, int64_t R, const at::Tensor& gx, const at::Tensor& gh,
                  const at::Tensor& x, const at::Tensor& y, const at::Tensor& h0, const at::Tensor& hprev,
-                 const at::Tensor& w_ih, GradSums& g, bool weight_grads) {
-  if (g.dx.numel() > 0) {
-    gemm(g.dx.narrow(0, lo, R), gx, w_ih, false);
-  }
+                 const at::Tensor& w_ih, GradSums& g, bool products) {
   const at::Tensor ones = g.ones.narrow(0, 0, R);
   if (g.db_x.defined()) g.db_x.addmv_(gx.t(), ones);
   if (g.db_h.defined()) g.db_h.addmv_(gh.t(), ones);
-  if (!weight_grads) return;
+  if (!products) return;
+  if (g.dx.numel() > 0) {
+    gemm(g.dx.narrow(0, lo, R), gx, w_ih, false);
+  }
   gemm(g.dw_ih, gx.t(), x.narrow(0, lo, R), true);
   if (hprev.defined()) {
     gemm(g.dw_hh, gh.t(), hprev.narrow(0, 0, R), true);

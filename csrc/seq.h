@@ -76,7 +76,7 @@ inline at::Tensor empty0(const at::Tensor& like) { return at::empty({0}, like.op
 // ws_empty, which serves a request instead once kScratchBytes are kept by the thread. CPU only.
 enum ScratchSlot {
   kWsPanelX, kWsPanelH, kWsRowsX, kWsRowsH, kWsPanelDh, kWsDgx, kWsDgh, kWsDwIh, kWsDwHh,
-  kWsPackGx, kWsPackGh, kWsStatesT, kWsDwT, kWsSlots
+  kWsPackGx, kWsPackGh, kWsStatesT, kWsDwT, kWsPanelDx, kWsSlots
 };
 constexpr int64_t kScratchBytes = 64 << 20;
 at::Tensor ws_scratch(ScratchSlot slot, at::IntArrayRef shape, const at::TensorOptions& opts);
@@ -162,12 +162,12 @@ GradSums grad_sums(const Problem& pr, const at::Tensor& x, const at::Tensor& w_i
 std::pair<at::Tensor, at::Tensor> bias_grads(const GradSums& g, bool has_b_ih, bool has_b_hh, bool gru,
                                              const at::Tensor& like);
 
-// A backward chunk's rows [lo, lo + R) into g: dx = gx . w_ih, the bias sums and, with weight_grads, the weight
+// A backward chunk's rows [lo, lo + R) into g: the bias sums and, with products, dx = gx . w_ih and the weight
 // gradients dW_ih += gx^T . x and dW_hh += gh^T . h_prev (h_prev: hprev's rows where defined (packed), else y
 // shifted by one step and h0).
 void flush_chunk(const Problem& pr, bool reverse, int64_t lo, int64_t R, const at::Tensor& gx, const at::Tensor& gh,
                  const at::Tensor& x, const at::Tensor& y, const at::Tensor& h0, const at::Tensor& hprev,
-                 const at::Tensor& w_ih, GradSums& g, bool weight_grads = true);
+                 const at::Tensor& w_ih, GradSums& g, bool products = true);
 
 // Whether the CPU engine (per-step fused brgemm + cell, engine_cpu.cpp) runs this problem with x's dtype, and
 // why not ("" when it does).

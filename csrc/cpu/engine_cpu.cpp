@@ -1,6 +1,7 @@
 // The CPU engine: per time step one fused pass per thread, x_t . W_ih and h_{t-1} . W_hh on oneDNN's
 // batch-reduce GEMM ukernel (at::native::cpublas::brgemm) into tiles that stay in cache, then cell.h's math
-// on them. The weight gradients and dx stay big GEMMs (seq.cpp's flush_chunk).
+// on them. The weight gradients and dx stay big GEMMs per chunk of steps: on the ukernel too off AVX-512
+// (BigProducts), else seq.cpp's flush_chunk (oneDNN's matmul or MKL).
 //
 // Blocked gate layout. Hidden units are cut into blocks of U = unit_block(...) (the last one shorter); block
 // [j0, j1) stores its G gates next to each other: gate k of unit j0 + u is column G*j0 + k*(j1 - j0) + u of
@@ -490,30 +491,46 @@ char* at_row(const Tensor& t, int64_t row, int64_t col = 0) {
   return static_cast<char*>(t.data_ptr()) + (row * t.stride(0) + col) * static_cast<int64_t>(t.element_size());
 }
 
-// The backward's weight gradients on the ukernel, as their transposes: dW^T[:, c] += [x | h_prev]^T . dgates[:, c]
-// for 32-column panels c of dgates. Per chunk each thread packs its own panels of the chunk's dgates
-// ([R][32] each, contiguous: the ukernel walks K = R down a panel) and a share of [x | h_prev]^T ([I + H, R]);
-// after a barrier it runs its panels against all of [x | h_prev]^T in 64-row calls. Taken where oneDNN's matmul
-// does not run fp32 (no AVX-512: torch refuses it there) and MKL's sgemm is left, which runs these products with
-// the transposed dgates at 127-143 GF/s on Zen 2 (R = 1024, (I, G*H) = (512, 2048), (256, 4096), (1024, 4096),
-// two threads) where this ran 164-171 with the packing, 190-195 without it (the panels are 32 columns wide:
-// oneDNN's AVX2 ukernel ran 64-column panels at 143-149).
-struct WeightGrads {
-  static constexpr int64_t kPanel = 32, kRows = 64;
+// The backward's big products on the ukernel: dx = dgates . W_ih and the weight gradients as their transposes,
+// dW^T[:, c] += [x | h_prev]^T . dgates[:, c] for 32-column panels c of dgates. W_ih is packed once per call
+// into 32-column panels [GH][32]; per chunk each thread packs its own panels of the chunk's dgates ([R][32]
+// each, contiguous: the ukernel walks K = R down a panel) and a share of [x | h_prev]^T ([I + H, R]); after a
+// barrier it runs its panels against all of [x | h_prev]^T in 64-row calls, and dx for its share of the rows,
+// 64 rows by 512 of K at a time (the A block then stays in L2). Taken where oneDNN's matmul does not run fp32
+// (no AVX-512: torch refuses it there) and MKL's sgemm is left. Zen 2, two threads, R = 1024 rows, (I, G*H) =
+// (512, 2048), (256, 4096), (1024, 4096): the weight gradients ran at 164-171 GF/s with the packing (190-195
+// without) where MKL ran them, with the transposed dgates, at 127-143; dx at 165-196 GF/s (MKL 149-153). The
+// panels are 32 columns wide: oneDNN's AVX2 ukernel ran 64-column panels at 143-149.
+struct BigProducts {
+  static constexpr int64_t kPanel = 32, kRows = 64, kDepth = 512;
   const Problem& pr;
   const Team& team;
   int64_t GH, K;     // K = I + H: the rows of dW^T
   Tensor dwt;        // [I + H, G*H] fp32: dW_ih^T over dW_hh^T, in the engine's column order
   Tensor pack_x, pack_h;  // the chunk's dgates (and GRU's dgh) as panels, [G*H / 32][R][32] (the last narrower)
   Tensor states_t;        // [I + H, rmax]: x^T over h_prev^T
+  Tensor w_panels;        // W_ih in the engine's row order as panels [I / 32][G*H][32] (the last narrower)
+  Tensor dx;              // [N, I], undefined without need_dx
 
   static bool takes(const Tensor& x) { return x.scalar_type() == at::kFloat && machine().isa != Isa::V4; }
-  WeightGrads(const Problem& p, const Team& t, int64_t rmax)
+  BigProducts(const Problem& p, const Team& t, int64_t rmax, const Tensor& w_ih, const Tensor& dx_)
       : pr(p), team(t), GH(p.G * p.H), K(p.I + p.H),
         dwt(ws_scratch(kWsDwT, {K, GH}, at::TensorOptions(at::kFloat)).zero_()),
         pack_x(ws_scratch(kWsPackGx, {rmax * GH}, at::TensorOptions(at::kFloat))),
         pack_h(p.gru ? ws_scratch(kWsPackGh, {rmax * GH}, at::TensorOptions(at::kFloat)) : pack_x),
-        states_t(ws_scratch(kWsStatesT, {K, rmax}, at::TensorOptions(at::kFloat))) {}
+        states_t(ws_scratch(kWsStatesT, {K, rmax}, at::TensorOptions(at::kFloat))),
+        dx(dx_.numel() > 0 ? dx_ : Tensor()) {
+    if (!dx.defined()) return;
+    w_panels = ws_scratch(kWsPanelDx, {GH * p.I}, at::TensorOptions(at::kFloat));
+    const int64_t nq = (p.I + kPanel - 1) / kPanel;
+    at::parallel_for(0, nq, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t q = begin; q < end; ++q) {
+        const int64_t c0 = q * kPanel, w = std::min(kPanel, p.I - c0);
+        float* dst = w_panels.data_ptr<float>() + c0 * GH;
+        for (int64_t k = 0; k < GH; ++k) std::memcpy(dst + k * w, at_row(w_ih, k, c0), w * sizeof(float));
+      }
+    });
+  }
 
   // The chunk of rows [lo, lo + R): gx, gh [R, G*H] its dgates; hprev [R, H] its h_prev rows where defined
   // (packed), else they are y's rows one step back (forward: before; reverse: after), h0's at the first step.
@@ -565,6 +582,19 @@ struct WeightGrads {
           for (int64_t a = m0, n = split; a < m0 + m; a += n, n = m0 + m - a) {
             const float* pack = (a < I ? pack_x : pack_h).data_ptr<float>() + c0 * R;
             ukernel(false, n, w, R, R, w, GH, true, st + a * R, pack, dwt.data_ptr<float>() + a * GH + c0);
+          }
+        }
+      }
+      if (!dx.defined()) return;
+      const int64_t r0 = R * tid / nt, r1 = R * (tid + 1) / nt;
+      for (int64_t m0 = r0; m0 < r1; m0 += kRows) {
+        const int64_t m = std::min(kRows, r1 - m0);
+        for (int64_t k0 = 0; k0 < GH; k0 += kDepth) {
+          const int64_t kd = std::min(kDepth, GH - k0);
+          for (int64_t q0 = 0; q0 < I; q0 += kPanel) {
+            const int64_t w = std::min(kPanel, I - q0);
+            ukernel(false, m, w, kd, GH, w, dx.stride(0), k0 > 0, at_row(gx, m0, k0),
+                    w_panels.data_ptr<float>() + q0 * GH + k0 * w, reinterpret_cast<float*>(at_row(dx, lo + m0, q0)));
           }
         }
       }
@@ -796,8 +826,8 @@ std::vector<Tensor> engine_bwd(const Problem& pr, const Tensor& x, const Tensor&
   Tensor dgh = pr.gru ? ws_scratch(kWsDgh, {rmax, GH}, opts) : dgx;
   Tensor hprev = pr.packed ? ws_empty({rmax, H}, opts) : Tensor();
   GradSums sums = grad_sums(pr, x, wih_p, whh_p, has_b_ih, has_b_hh, need_dx, rmax, true);
-  std::optional<WeightGrads> wg;
-  if (WeightGrads::takes(x) && fp32_ukernel()) wg.emplace(pr, team, rmax);
+  std::optional<BigProducts> big;
+  if (BigProducts::takes(x) && fp32_ukernel()) big.emplace(pr, team, rmax, wih_p, sums.dx);
   // LSTM's cell backward needs c_prev (fp32), GRU's h_prev (sequence dtype): previous step's rows or initial
   const Tensor& prev_src = pr.lstm ? c_save : y;
   const Tensor& init = pr.lstm ? c0f : h0;
@@ -862,10 +892,10 @@ std::vector<Tensor> engine_bwd(const Problem& pr, const Tensor& x, const Tensor&
         }
       }
     });
-    flush_chunk(pr, reverse, lo, R, dgx.narrow(0, 0, R), dgh.narrow(0, 0, R), x, y, h0, hprev, wih_p, sums, !wg);
-    if (wg) wg->add(lo, R, reverse, dgx, dgh, x, y, h0, hprev);
+    flush_chunk(pr, reverse, lo, R, dgx.narrow(0, 0, R), dgh.narrow(0, 0, R), x, y, h0, hprev, wih_p, sums, !big);
+    if (big) big->add(lo, R, reverse, dgx, dgh, x, y, h0, hprev);
   });
-  if (wg) wg->finish(sums.dw_ih, sums.dw_hh);
+  if (big) big->finish(sums.dw_ih, sums.dw_hh);
   const auto [db_ih, db_hh] = bias_grads(sums, has_b_ih, has_b_hh, pr.gru, x);
   auto un = [&](const Tensor& t) { return t.numel() > 0 ? L.unrows(t) : t; };
   Tensor dcs_out = pr.lstm ? dcs.to(x.scalar_type()) : empty0(x);
