@@ -210,6 +210,27 @@ def test_input_projection_in_the_step(c, dtype):
             torch.testing.assert_close(got, want.detach(), rtol=0, atol=0)
 
 
+# From 512 rows per call, off AVX-512 (engine_cpu.cpp's BigProducts, kBigProductRows), the fp32 backward's dx and
+# weight gradients run on the ukernel: 32-column panels of dgates and of W_ih with a short last one, dx in several
+# 512-deep blocks of K = G*H, 64-row blocks of [x | h_prev]^T with one spanning both parts, several chunks,
+# h_prev from h0 at the first step of either
+# direction (dense) or gathered (packed), GRU's dgh apart from dgx. Elsewhere the same cases run seq.cpp's GEMMs.
+def big_product_cases():
+    yield Case("LSTM", 40, 13, 6, 150)
+    yield Case("GRU", 44, 12, 70, 36, reverse=True)
+    yield Case("RNN_TANH", 90, 12, 5, 33, packed=True)
+    yield Case("RNN_RELU", 80, 12, 8, 100, packed=True, reverse=True)
+    yield Case("GRU", 64, 8, 3, 20, bias=False)
+
+
+@pytest.mark.parametrize("c", list(big_product_cases()), ids=lambda c: c.id)
+def test_fp32_backward_products_on_the_ukernel(c):
+    """Outputs and every gradient against the reference on two threads, NaN-filled workspaces, backward chunks
+    ending inside steps."""
+    with at_least_threads(2), nan_poisoned(CPU64), backward_chunk_rows(100):
+        assert_matches_reference(CPU32, c)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("mode", MODES)
 def test_results_outlive_the_thread_scratch(mode, dtype):
@@ -356,7 +377,7 @@ def test_engine_at_each_isa_level(cap):
     """FASTRNN_CPU_ISA caps the level fastrnn's CPU code runs at (the cell loops' clones, the engine's
     transposes and block sizes), so an AVX-512 machine shows the AVX2 path: build_info names the level and the
     cap, and at that level the engine still matches the reference, in fp32 and bf16, both projection paths,
-    short and whole unit blocks."""
+    short and whole unit blocks, and a backward long enough for the ukernel's dx and weight gradients."""
     own = own_isa_level()
     proc = run_with_isa(cap, """
 import torch
@@ -366,7 +387,8 @@ from test_cpu_engine import assert_within_tolerance, make_inputs
 print(cpp._lib().build_info()["cpu_isa"])
 with at_least_threads(2):
     for c in [Case("LSTM", 5, 16, 24, 70), Case("GRU", 20, 1, 6, 40, reverse=True),
-              Case("RNN_TANH", 4, 9, 8, 100, packed=True), Case("RNN_RELU", 3, 6, 5, 33)]:
+              Case("RNN_TANH", 4, 9, 8, 100, packed=True), Case("RNN_RELU", 3, 6, 5, 33),
+              Case("GRU", 44, 12, 7, 36, reverse=True)]:
         assert_matches_reference(Impl("cpp", "cpu", torch.float32), c)
         assert_within_tolerance(c, make_inputs(c), torch.bfloat16)
 """)
