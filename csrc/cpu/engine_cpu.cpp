@@ -652,7 +652,15 @@ std::vector<std::pair<std::string, std::string>> engine_report() {
     return "fused per-step oneDNN brgemm ukernel + cell" + how + " from " + std::to_string(kEngineRows) +
            " rows (T*B; fewer" + fewer + ")";
   };
-  const std::string big = "; dx and weight gradients: " + big_gemm_engine(at::kFloat);
+  bool ukernel_products = false;
+  try {
+    ukernel_products = fp32_ukernel() && machine().isa != Isa::V4;
+  } catch (const c10::Error&) {  // an unknown FASTRNN_CPU_ISA: engine_machine() names it
+  }
+  const std::string big = "; dx and weight gradients: " +
+                          (ukernel_products ? "the brgemm ukernel from " + std::to_string(kBigProductRows) +
+                                                  " rows (fewer: " + big_gemm_engine(at::kFloat) + ")"
+                                            : big_gemm_engine(at::kFloat));
   return {{"float32", (fp32_ukernel() ? fused("", ": at::mm per step") : "at::mm per step + pointwise cell") + big},
           {"bfloat16", bf16_ukernel() ? fused(" (bf16 VNNI, fp32 state)", " or odd H: the float32 path")
                                       : "the float32 path, rounding outputs to bfloat16"},
