@@ -334,6 +334,13 @@ std::pair<at::Tensor, at::Tensor> bias_grads(const GradSums& g, bool has_b_ih, b
   return {db_ih, db_hh};
 }
 
+DenseHprev dense_hprev(const Problem& pr, bool reverse, int64_t lo, int64_t R) {
+  const bool first = reverse ? lo + R == pr.N : lo == 0;
+  const int64_t from_y = R - (first ? pr.B : 0);
+  const int64_t y_at = reverse ? 0 : R - from_y;
+  return {first ? (reverse ? from_y : 0) : -1, y_at, from_y, lo + y_at + (reverse ? pr.B : -pr.B)};
+}
+
 void flush_chunk(const Problem& pr, bool reverse, int64_t lo, int64_t R, const at::Tensor& gx, const at::Tensor& gh,
                  const at::Tensor& x, const at::Tensor& y, const at::Tensor& h0, const at::Tensor& hprev,
                  const at::Tensor& w_ih, GradSums& g, bool products) {
@@ -351,11 +358,9 @@ void flush_chunk(const Problem& pr, bool reverse, int64_t lo, int64_t R, const a
   }
   // dense: h_prev of rows [lo, lo+R) is y shifted by one step, except the step whose h_prev is h0
   const int64_t B = pr.B;
-  const bool first = reverse ? lo + R == pr.N : lo == 0;
-  const int64_t from_y = R - (first ? B : 0);
-  const int64_t g_y = reverse ? 0 : R - from_y;
-  if (first) gemm(g.dw_hh, gh.narrow(0, reverse ? from_y : 0, B).t(), h0, true);
-  if (from_y > 0) gemm(g.dw_hh, gh.narrow(0, g_y, from_y).t(), y.narrow(0, lo + g_y + (reverse ? B : -B), from_y), true);
+  const DenseHprev d = dense_hprev(pr, reverse, lo, R);
+  if (d.h0_at >= 0) gemm(g.dw_hh, gh.narrow(0, d.h0_at, B).t(), h0, true);
+  if (d.from_y > 0) gemm(g.dw_hh, gh.narrow(0, d.y_at, d.from_y).t(), y.narrow(0, d.y_row, d.from_y), true);
 }
 
 }  // namespace fastrnn

@@ -162,6 +162,16 @@ GradSums grad_sums(const Problem& pr, const at::Tensor& x, const at::Tensor& w_i
 std::pair<at::Tensor, at::Tensor> bias_grads(const GradSums& g, bool has_b_ih, bool has_b_hh, bool gru,
                                              const at::Tensor& like);
 
+// Where a dense backward chunk's h_prev rows (rows [lo, lo + R)) come from: y's rows one step back, except the
+// sequence's first step (forward: the chunk's first B rows; reverse: its last), whose h_prev is h0.
+struct DenseHprev {
+  int64_t h0_at;   // chunk row of h0's first row; -1 when no row of the chunk takes h0
+  int64_t y_at;    // chunk row of the first of from_y rows taken from y
+  int64_t from_y;  // rows taken from y
+  int64_t y_row;   // y's row for chunk row y_at
+};
+DenseHprev dense_hprev(const Problem& pr, bool reverse, int64_t lo, int64_t R);
+
 // A backward chunk's rows [lo, lo + R) into g: the bias sums and, with products, dx = gx . w_ih and the weight
 // gradients dW_ih += gx^T . x and dW_hh += gh^T . h_prev (h_prev: hprev's rows where defined (packed), else y
 // shifted by one step and h0).

@@ -570,12 +570,9 @@ struct BigProducts {
         if (hprev.defined()) {
           rows_t(hprev, 0, 0, R);
         } else {
-          // dense: the step whose h_prev is h0 is the first (forward) or the last (reverse) of the sequence
-          const bool first = reverse ? lo + R == pr.N : lo == 0;
-          const int64_t from_y = R - (first ? B : 0);
-          const int64_t y0 = reverse ? 0 : R - from_y;  // chunk row of the first h_prev taken from y
-          if (first) rows_t(h0, 0, reverse ? from_y : 0, B);
-          if (from_y > 0) rows_t(y, lo + y0 + (reverse ? B : -B), y0, from_y);
+          const DenseHprev d = dense_hprev(pr, reverse, lo, R);
+          if (d.h0_at >= 0) rows_t(h0, 0, d.h0_at, B);
+          if (d.from_y > 0) rows_t(y, d.y_row, d.y_at, d.from_y);
         }
         return;
       }
@@ -633,13 +630,22 @@ std::string engine_refusal(const Problem& pr, const at::Tensor& x) {
 
 bool engine_takes(const Problem& pr, const at::Tensor& x) { return engine_refusal(pr, x).empty(); }
 
-std::string engine_machine() {
+// machine() for the reports, which must not throw: nullptr (and the reason) under an unknown FASTRNN_CPU_ISA,
+// which the first CPU call reports too
+static const Machine* reported_machine(std::string* why = nullptr) {
   try {
-    machine();
+    return &machine();
   } catch (const c10::Error& e) {
-    return e.msg();  // an unknown FASTRNN_CPU_ISA, which the first CPU call reports too
+    if (why) *why = e.msg();
+    return nullptr;
   }
-  const Machine& m = machine();
+}
+
+std::string engine_machine() {
+  std::string why;
+  const Machine* known = reported_machine(&why);
+  if (!known) return why;
+  const Machine& m = *known;
   auto kib = [](int64_t b) { return b >= (int64_t{1} << 20) && b % (int64_t{1} << 20) == 0
                                         ? std::to_string(b >> 20) + " MiB" : std::to_string(b >> 10) + " KiB"; };
   return std::string("L2 ") + kib(m.l2) + " per core, L3 " + kib(m.l3) + "; " +
@@ -652,11 +658,8 @@ std::vector<std::pair<std::string, std::string>> engine_report() {
     return "fused per-step oneDNN brgemm ukernel + cell" + how + " from " + std::to_string(kEngineRows) +
            " rows (T*B; fewer" + fewer + ")";
   };
-  bool ukernel_products = false;
-  try {
-    ukernel_products = fp32_ukernel() && machine().isa != Isa::V4;
-  } catch (const c10::Error&) {  // an unknown FASTRNN_CPU_ISA: engine_machine() names it
-  }
+  const Machine* m = reported_machine();
+  const bool ukernel_products = m && fp32_ukernel() && m->isa != Isa::V4;
   const std::string big = "; dx and weight gradients: " +
                           (ukernel_products ? "the brgemm ukernel from " + std::to_string(kBigProductRows) +
                                                   " rows (fewer: " + big_gemm_engine(at::kFloat) + ")"
