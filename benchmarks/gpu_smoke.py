@@ -3,9 +3,9 @@
 ``python benchmarks/gpu_smoke.py`` runs the cpp backend's kernels and the three Triton variants ("step",
 "seq", and "persist" at an H of three hidden slices, so its barrier runs) for every cell, plus the LSTM
 projection and fastrnn's cells with every feature (LayerNorm, zoneout, recurrent dropout: the cpp kernels and
-Triton's "step" and "seq" ones), on the GPU, and compares each result and gradient (the LayerNorm parameters'
-too) with
-the plain-PyTorch reference backend on the same inputs. On a machine without a GPU, ``--device cpu`` runs
+Triton's "step" and "seq" ones), and the cpp backend's plain and new cells again at an H whose W_hh its
+persistent engine (FASTRNN_PERSISTENT=1) splits over blocks, on the GPU, and compares each result and gradient
+(the LayerNorm parameters' too) with the plain-PyTorch reference backend on the same inputs. On a machine without a GPU, ``--device cpu`` runs
 the cpp cases on the CPU kernels (and the Triton ones when TRITON_INTERPRET=1 is set); ``--list`` prints
 the cases. Exit status 1 when any case fails or differs.
 """
@@ -25,6 +25,7 @@ from fastrnn.ops import GATES, MODES, CellExt  # noqa: E402
 
 T, B, I, H, PROJ = 5, 3, 8, 16, 8  # H small enough for the whole-sequence Triton kernels
 H_SLICES = 48  # Triton's "persist" kernels split this H over three programs that meet at a barrier each step
+H_GRID = 256  # the cpp persistent engine's W_hh slices over several blocks on any GPU (fp32 RNN: 256 KiB)
 TOLERANCE = 1e-4  # fp32 with TF32 off: only summation order differs from the reference
 
 
@@ -47,6 +48,9 @@ CASES = [SmokeCase("cpp", m) for m in MODES] + [SmokeCase("triton", m, v) for v 
     SmokeCase("cpp", "LSTM", proj=True),
     SmokeCase("triton", "LSTM", "step", proj=True),  # "seq" has no projection
 ] + [SmokeCase("cpp", m, cells=True) for m in MODES] + [
+    # with FASTRNN_PERSISTENT=1: W_hh of H_GRID fits no single block, so the persistent engine splits it over
+    # blocks (its grid barriers run; at H the whole W_hh sits in each block)
+    SmokeCase("cpp", m, hidden=H_GRID, cells=c) for m in MODES for c in (False, True)] + [
     SmokeCase("triton", m, v, cells=True) for v in ("step", "seq") for m in MODES]  # fmt: skip
 
 

@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "cpu/row_serial.h"
 #include "persist.h"
 #include "seq.h"
 
@@ -47,27 +48,36 @@ void emulate_gemm(const Gemm& g, const Smem<float>& sm, int64_t n, const A& a, c
 }
 
 // The block program on the CPU: every block's threads phase by phase with the barriers in between, all blocks
-// through one step before the next (what the grid barrier guarantees), as in persist_cuda.cu's kernels.
+// through a phase before the next where a grid barrier separates them, as in persist_cuda.cu's kernels.
+struct Blocks {
+  std::vector<std::vector<char>> smem;
+  std::vector<float> acc = std::vector<float>(int64_t(kThreads) * kTile);
+
+  // every block's shared memory, W_hh's slice loaded by `load(sm, tid, u0)`
+  template <class Load>
+  Blocks(const Plan& p, int64_t H, const Load& load) : smem(p.tiles * p.slices, std::vector<char>(p.smem)) {
+    for (int64_t b = 0; b < blocks(); ++b) {
+      for (int tid = 0; tid < kThreads; ++tid) load(sm(p, b), tid, owned(p, H, b).u0);
+    }
+  }
+  int64_t blocks() const { return static_cast<int64_t>(smem.size()); }
+  Smem<float> sm(const Plan& p, int64_t b) { return Smem<float>::carve(smem[b].data(), p.bt); }
+};
+
 template <class Op>
 void emulate_fwd(const Fwd& f) {
   const Plan& p = f.plan;
-  const int64_t blocks = p.tiles * p.slices;
-  std::vector<std::vector<char>> smem(blocks, std::vector<char>(p.smem));
-  std::vector<float> acc(int64_t(kThreads) * kTile);
+  Blocks bl(p, f.H, [&](const Smem<float>& sm, int tid, int64_t u0) { fwd_load_w<float>(f, sm, tid, u0); });
   const Gemm g = make_gemm(f.H, f.G * p.units, p.bt);
-  for (int64_t b = 0; b < blocks; ++b) {
-    const Smem<float> sm = Smem<float>::carve(smem[b].data(), p.bt);
-    for (int tid = 0; tid < kThreads; ++tid) fwd_load_w<float>(f, sm, tid, owned(p, f.H, b).u0);
-  }
   for (int64_t k = 0; k < f.lay.T; ++k) {
     const StepRows s = step_rows(f.lay, k);
-    for (int64_t b = 0; b < blocks; ++b) {
+    for (int64_t b = 0; b < bl.blocks(); ++b) {
       const Owned o = owned(p, f.H, b);
       const int64_t n = tile_rows(p, o, s);
       if (n == 0) continue;
-      emulate_gemm(g, Smem<float>::carve(smem[b].data(), p.bt), n,
+      emulate_gemm(g, bl.sm(p, b), n,
                    FwdOperand<float>{static_cast<const float*>(f.base.y), static_cast<const float*>(f.h0), f.H, o.r0, s},
-                   FwdSink<float>{static_cast<float*>(const_cast<void*>(f.base.hg)), f.H, f.G, p.units, o.u0, o.r0}, acc);
+                   FwdSink<float>{static_cast<float*>(const_cast<void*>(f.base.hg)), f.H, f.G, p.units, o.u0, o.r0}, bl.acc);
       const CellParams cp = fwd_step_params<float>(f, s);
       for (int tid = 0; tid < kThreads; ++tid) cell_phase<Op, float>(cp, o, n, tid);
     }
@@ -77,29 +87,69 @@ void emulate_fwd(const Fwd& f) {
 template <class Op>
 void emulate_bwd(const Bwd& f) {
   const Plan& p = f.plan;
-  const int64_t blocks = p.tiles * p.slices;
-  std::vector<std::vector<char>> smem(blocks, std::vector<char>(p.smem));
-  std::vector<float> acc(int64_t(kThreads) * kTile);
+  Blocks bl(p, f.H, [&](const Smem<float>& sm, int tid, int64_t u0) { bwd_load_w<float>(f, sm, tid, u0); });
   const Gemm g = make_gemm(f.G * f.H, p.units, p.bt);
-  for (int64_t b = 0; b < blocks; ++b) {
-    const Smem<float> sm = Smem<float>::carve(smem[b].data(), p.bt);
-    for (int tid = 0; tid < kThreads; ++tid) bwd_load_w<float>(f, sm, tid, owned(p, f.H, b).u0);
-  }
   for (int64_t k = f.lay.T - 1; k >= 0; --k) {
     const StepRows s = step_rows(f.lay, k);
-    for (int64_t b = 0; b < blocks; ++b) {
+    for (int64_t b = 0; b < bl.blocks(); ++b) {
       const Owned o = owned(p, f.H, b);
       const int64_t n = tile_rows(p, o, s);
       const CellGradParams cp = bwd_step_params<float>(f, s);
       for (int tid = 0; tid < kThreads && n > 0; ++tid) cell_phase<Op, float>(cp, o, n, tid);
     }
-    for (int64_t b = 0; b < blocks; ++b) {
+    for (int64_t b = 0; b < bl.blocks(); ++b) {
       const Owned o = owned(p, f.H, b);
       const int64_t n = tile_rows(p, o, s);
       if (n == 0) continue;
-      emulate_gemm(g, Smem<float>::carve(smem[b].data(), p.bt), n,
-                   BwdOperand<float>{static_cast<const float*>(f.base.dgh), f.G * f.H, o.r0, s},
-                   BwdSink<float>{static_cast<float*>(f.base.dh_prev), f.H, o.u0, o.r0, f.gru}, acc);
+      emulate_gemm(g, bl.sm(p, b), n, BwdOperand<float>{static_cast<const float*>(f.base.dgh), f.G * f.H, o.r0, s},
+                   BwdSink<float>{static_cast<float*>(f.base.dh_prev), f.H, o.u0, o.r0, f.gru}, bl.acc);
+    }
+  }
+}
+
+// fastrnn's own cells: the row phase runs each row on one thread (RowSerial, the CPU kernels' executor); its
+// rows are the ones the kernel's block takes, in the same order.
+template <class Op>
+void emulate_ext_fwd(const ExtFwd& f) {
+  const Plan& p = f.plan;
+  Blocks bl(p, f.H, [&](const Smem<float>& sm, int tid, int64_t u0) { fwd_load_w<float>(f, sm, tid, u0); });
+  const Gemm g = make_gemm(f.H, f.G * p.units, p.bt);
+  for (int64_t k = 0; k < f.lay.T; ++k) {
+    const StepRows s = step_rows(f.lay, k);
+    const ExtParams ep = ext_step_params(f, s);
+    for (int64_t b = 0; b < bl.blocks(); ++b) {
+      const Owned o = owned(p, f.H, b);
+      const int64_t n = tile_rows(p, o, s);
+      if (n == 0) continue;
+      emulate_gemm(g, bl.sm(p, b), n, RowsOperand{static_cast<const float*>(f.operand), f.H, o.r0},
+                   FwdSink<float>{static_cast<float*>(ep.hs), f.H, f.G, p.units, o.u0, o.r0}, bl.acc);
+    }
+    for (int64_t b = 0; b < bl.blocks(); ++b) {
+      const Owned o = owned(p, f.H, b);
+      ext_fwd_rows<Op>(RowSerial{}, ep, p, o, tile_rows(p, o, s));
+    }
+  }
+}
+
+template <class Op>
+void emulate_ext_bwd(const ExtBwd& f) {
+  const Plan& p = f.plan;
+  Blocks bl(p, f.H, [&](const Smem<float>& sm, int tid, int64_t u0) { bwd_load_w<float>(f, sm, tid, u0); });
+  const Gemm g = make_gemm(f.G * f.H, p.units, p.bt);
+  for (int64_t k = f.lay.T - 1; k >= 0; --k) {
+    const StepRows s = step_rows(f.lay, k);
+    for (int64_t b = 0; b < bl.blocks(); ++b) {
+      const Owned o = owned(p, f.H, b);
+      ext_bwd_rows<Op>(RowSerial{}, ext_step_params(f, s, b), p, o, tile_rows(p, o, s));
+    }
+    for (int64_t b = 0; b < bl.blocks(); ++b) {
+      const Owned o = owned(p, f.H, b);
+      const int64_t n = tile_rows(p, o, s);
+      if (n == 0) continue;
+      emulate_gemm(g, bl.sm(p, b), n, BwdOperand<float>{static_cast<const float*>(f.base.dgh), f.G * f.H, o.r0, s},
+                   BwdSink<float>{static_cast<float*>(const_cast<void*>(f.base.dh)), f.H, o.u0, o.r0, f.bypass,
+                                  static_cast<const float*>(f.mask)},
+                   bl.acc);
     }
   }
 }
@@ -125,25 +175,23 @@ struct LayoutBuf {
   }
 };
 
-template <class Args, class Emulate>
-void run(const Problem& pr, const Tensor& x, const Args& args, Emulate emulate) {
+// The launch on x's device: the emulator on the CPU, else the CUDA kernels on the current stream.
+template <class Emulate, class Cuda>
+void run(const Tensor& x, const Emulate& emulate, const Cuda& cuda) {
   if (x.is_cpu()) {
-    emulate(args);
+    emulate();
     return;
   }
 #ifdef FASTRNN_WITH_CUDA
-  void* stream = c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
-  if constexpr (std::is_same_v<Args, Fwd>) {
-    fwd_cuda(pr.mode, dtype_of(x), args, stream);
-  } else {
-    bwd_cuda(pr.mode, dtype_of(x), args, stream);
-  }
+  cuda(c10::cuda::getCurrentCUDAStream(x.device().index()).stream());
+#else
+  (void)cuda;
 #endif
 }
 
 }  // namespace
 
-Plan plan_with(const Limits& lim, int64_t G, int64_t B, int64_t H, int64_t esize, bool proj) {
+Plan plan_with(const Limits& lim, int64_t G, int64_t B, int64_t H, int64_t esize, bool proj, bool cells) {
   Plan none;
   if (proj) {
     none.why = "proj_size: the per-step path";
@@ -153,10 +201,10 @@ Plan plan_with(const Limits& lim, int64_t G, int64_t B, int64_t H, int64_t esize
     none.why = "fp64: the per-step path";
     return none;
   }
-  return make_plan(G, B, H, esize, lim.sms, lim.smem, lim.cooperative);
+  return make_plan(G, B, H, esize, lim.sms, lim.smem, lim.cooperative, cells);
 }
 
-Plan plan_for(const Problem& pr, const at::Tensor& x) {
+Plan plan_for(const Problem& pr, const at::Tensor& x, bool cells) {
   Limits lim;
   if (x.is_cpu()) {
     if (g_emulated.sms == 0 || x.scalar_type() != at::kFloat) return Plan{};
@@ -169,7 +217,7 @@ Plan plan_for(const Problem& pr, const at::Tensor& x) {
     return Plan{};
 #endif
   }
-  return plan_with(lim, pr.G, pr.B, pr.H, x.element_size(), pr.proj);
+  return plan_with(lim, pr.G, pr.B, pr.H, x.element_size(), pr.proj, cells);
 }
 
 std::vector<Tensor> fwd(const Problem& pr, const Plan& plan, const Tensor& x, const Tensor& h0, const Tensor& c0,
@@ -211,7 +259,9 @@ std::vector<Tensor> fwd(const Problem& pr, const Plan& plan, const Tensor& x, co
     p.hn_save = save_hn ? hn_save.data_ptr() : static_cast<char*>(hg.data_ptr()) + 2 * H * hg.element_size();
     p.hn_stride = save_hn ? H : GH;
   }
-  run(pr, x, f, [&](const Fwd& a) { visit_fwd(pr.mode, [&](auto op) { emulate_fwd<decltype(op)>(a); }); });
+  run(
+      x, [&] { visit_fwd(pr.mode, [&](auto op) { emulate_fwd<decltype(op)>(f); }); },
+      [&](void* stream) { fwd_cuda(pr.mode, dtype_of(x), f, stream); });
   const bool save_gates = save && (pr.lstm || pr.gru);
   return {y, hs, cs, save_gates ? gates : empty0(x), c_save, hn_save};
 }
@@ -251,7 +301,9 @@ std::vector<Tensor> bwd(const Problem& pr, const Plan& plan, const Tensor& x, co
   p.dgx = dgx.data_ptr();
   p.dgh = dgh.data_ptr();
   p.dh_prev = dhs.data_ptr();
-  run(pr, x, f, [&](const Bwd& a) { visit_bwd(pr.mode, [&](auto op) { emulate_bwd<decltype(op)>(a); }); });
+  run(
+      x, [&] { visit_bwd(pr.mode, [&](auto op) { emulate_bwd<decltype(op)>(f); }); },
+      [&](void* stream) { bwd_cuda(pr.mode, dtype_of(x), f, stream); });
 
   // The weight gradients as one chunk of all N rows: packed h_{t-1} rows gathered by one index_select from
   // [y; h0] (the per-step driver copies them step by step).
@@ -268,6 +320,24 @@ std::vector<Tensor> bwd(const Problem& pr, const Plan& plan, const Tensor& x, co
   flush_chunk(pr, reverse, 0, N, dgx, dgh, x, y, h0, hprev, w_ih, sums);
   const auto [db_ih, db_hh] = bias_grads(sums, has_b_ih, has_b_hh, pr.gru, x);
   return {sums.dx, dhs, dcs, sums.dw_ih, sums.dw_hh, db_ih, db_hh, empty0(x)};
+}
+
+void ext_fwd(const Problem& pr, const Plan& plan, const Tensor& x, const ExtParams& base, bool save,
+             const Tensor& w_hh, const Tensor& operand, bool reverse) {
+  const LayoutBuf lb(pr, x, reverse);
+  const ExtFwd f{plan, lb.lay, pr.H, pr.G, base, save, w_hh.data_ptr(), operand.data_ptr()};
+  run(
+      x, [&] { visit_ext(pr.mode, [&](auto op) { emulate_ext_fwd<decltype(op)>(f); }); },
+      [&](void* stream) { ext_fwd_cuda(pr.mode, f, stream); });
+}
+
+void ext_bwd(const Problem& pr, const Plan& plan, const Tensor& x, const ExtGradParams& base, bool bypass,
+             const OptTensor& mask, const Tensor& w_hh, bool reverse) {
+  const LayoutBuf lb(pr, x, reverse);
+  const ExtBwd f{plan, lb.lay, pr.H, pr.G, base, bypass, mask ? mask->data_ptr() : nullptr, w_hh.data_ptr()};
+  run(
+      x, [&] { visit_ext(pr.mode, [&](auto op) { emulate_ext_bwd<decltype(op)>(f); }); },
+      [&](void* stream) { ext_bwd_cuda(pr.mode, f, stream); });
 }
 
 void set_emulation(int64_t sms, int64_t smem) {

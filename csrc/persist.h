@@ -77,11 +77,22 @@ FRNN_HD int64_t smem_bytes(int64_t G, int64_t H, int64_t U, int64_t bt, int64_t 
   return (stage_floats(bt) + int64_t(kThreads) * kTile) * 4 + G * H * U * esize;
 }
 
+// fastrnn's own cells (cell_ln.h) run a row phase after each step's GEMM: a block takes whole rows of its
+// batch tile, all G*H columns, with its threads as the row's executor (row_block.cuh), whose sums need this
+// much static shared memory beside the plan's (sum<K> keeps K <= 4 floats per warp, once per K used).
+constexpr int64_t kRowSmem = 1024;
+// The cost model's price of one row in the row phase, in SM cycles: about six passes over G*H/kThreads
+// elements each and eight block barriers (~50 cycles each) for its sums.
+constexpr int64_t kRowPassCycles = 6;
+constexpr int64_t kRowSyncCycles = 400;
+
 // The cheapest feasible (U, bt) by the cost model; kNone when even one unit per block over every SM does not
 // fit, or the problem is one the engine does not run (decided by the caller: proj_size, fp64). Without `grid`
-// (no cooperative launch) only plans whose blocks each hold all of W_hh.
+// (no cooperative launch) only plans whose blocks each hold all of W_hh. With `cells` (fastrnn's own cells):
+// the row phase's shared memory and cost, and two barriers per step (after the GEMM, after the rows).
 inline Plan make_plan(int64_t G, int64_t B, int64_t H, int64_t esize, int64_t sms, int64_t smem_max,
-                      bool grid_ok = true) {
+                      bool grid_ok = true, bool cells = false) {
+  if (cells) smem_max -= kRowSmem;
   Plan best;
   best.why = grid_ok ? "W_hh does not fit: one unit per block over every SM needs more shared memory than a block has"
                      : "no cooperative launch, and W_hh does not fit in one block";
@@ -96,8 +107,10 @@ inline Plan make_plan(int64_t G, int64_t B, int64_t H, int64_t esize, int64_t sm
       const Gemm f = make_gemm(H, G * U, bt), b = make_gemm(G * H, U, bt);
       if (smem > smem_max || f.items > kThreads || b.items > kThreads) continue;
       const bool grid = slices > 1;
-      // forward and backward K loops per step, plus the barrier
-      const int64_t cost = (cdiv(H, f.ks) + cdiv(G * H, b.ks)) * kTile + (grid ? 2 * kGridSyncCycles : 0);
+      // forward and backward K loops per step, plus the barriers and (cells) the rows each block walks
+      const int64_t barriers = cells ? 4 : 2;
+      const int64_t rows = cells ? 2 * cdiv(bt, slices) * (kRowPassCycles * cdiv(G * H, kThreads) + kRowSyncCycles) : 0;
+      const int64_t cost = (cdiv(H, f.ks) + cdiv(G * H, b.ks)) * kTile + rows + (grid ? barriers * kGridSyncCycles : 0);
       if (best_cost < 0 || cost < best_cost) {
         best_cost = cost;
         best.scheme = grid ? kGrid : kBlock;
@@ -106,7 +119,8 @@ inline Plan make_plan(int64_t G, int64_t B, int64_t H, int64_t esize, int64_t sm
         best.bt = bt;
         best.tiles = tiles;
         best.smem = smem;
-        best.why = grid ? "W_hh split over blocks by hidden units, a grid barrier per step"
+        best.why = grid ? (cells ? "W_hh split over blocks by hidden units, two grid barriers per step (whole rows for the row phase)"
+                                 : "W_hh split over blocks by hidden units, a grid barrier per step")
                         : "each block holds all of W_hh for its batch rows: no barrier between blocks";
       }
     }
@@ -243,8 +257,8 @@ struct Fwd {
   const void* h0;    // [B, H]
 };
 
-template <typename T>
-FRNN_HD void fwd_load_w(const Fwd& f, const Smem<T>& sm, int tid, int64_t u0) {
+template <typename T, class F>
+FRNN_HD void fwd_load_w(const F& f, const Smem<T>& sm, int tid, int64_t u0) {
   // Ws[k][g*U + jj] = W_hh[g*H + u0 + jj][k]
   const int64_t U = f.plan.units, R = f.G * U, H = f.H;
   const T* w = static_cast<const T*>(f.w_hh);
@@ -327,8 +341,8 @@ struct Bwd {
   const void* w_hh;  // [G*H, H]
 };
 
-template <typename T>
-FRNN_HD void bwd_load_w(const Bwd& f, const Smem<T>& sm, int tid, int64_t u0) {
+template <typename T, class F>
+FRNN_HD void bwd_load_w(const F& f, const Smem<T>& sm, int tid, int64_t u0) {
   // Ws[k][jj] = W_hh[k][u0 + jj]
   const int64_t U = f.plan.units, H = f.H, K = f.G * H;
   const T* w = static_cast<const T*>(f.w_hh);
@@ -364,16 +378,75 @@ struct BwdOperand {  // dgh of the step's row r0 + r, all G*H columns
 };
 
 template <typename T>
-struct BwdSink {  // dh[b][u0 + c]; GRU adds to the direct z*dh term the cell left there
+struct BwdSink {  // dh[b][u0 + c]; `add`: to the direct term the cell left there (GRU's z*dh, zoneout)
   T* dh;
   int64_t H, u0, r0;
   bool add;
+  const T* mask = nullptr;  // [B, H] recurrent dropout: the product reached h_{t-1} * mask
   FRNN_HD void operator()(int64_t r, int64_t c, float v) const {
     if (u0 + c >= H) return;
-    T* d = dh + (r0 + r) * H + u0 + c;
-    *d = static_cast<T>(add ? static_cast<float>(*d) + v : v);
+    const int64_t i = (r0 + r) * H + u0 + c;
+    if (mask) v *= static_cast<float>(mask[i]);
+    dh[i] = static_cast<T>(add ? static_cast<float>(dh[i]) + v : v);
   }
 };
+
+// ---------------------------------------------------------------------------------------------------
+// fastrnn's own cells (cell_ln.h, fp32: the drivers compute them in fp32). A LayerNorm needs a whole row of the
+// recurrent projection before any of it is final, so a step has two phases with a barrier after each (a grid
+// barrier with slices > 1, else the block's): forward the GEMM hs[rows, own columns] = operand . W_hh^T, then
+// the row phase; backward the row phase (dgx, dgh, dc, and the part of dh_{t-1} that bypasses W_hh), then
+// dh_{t-1}[rows, own units] += dgh . W_hh[:, own units] (times the recurrent-dropout mask). In the row phase
+// block (tile, slice) takes its tile's rows r with r % slices == slice, whole, always the same ones, so that
+// the running state of a row (c, cn, h, hm; dc) is read and written by one block only.
+struct ExtFwd {
+  Plan plan;
+  Layout lay;
+  int64_t H, G;
+  ExtParams base;  // at row 0 of the [N, .] tensors (ext_fwd_step); h, hm, c, cn the running [B, .] state
+  bool save;       // hs [N, G*H] kept per step, else a [B, G*H] scratch
+  const void* w_hh;     // [G*H, H]
+  const void* operand;  // [B, H] the GEMM's A: h_{t-1} (base.h), or h_{t-1} * rec_mask (base.hm)
+};
+
+struct ExtBwd {
+  Plan plan;
+  Layout lay;
+  int64_t H, G;
+  ExtGradParams base;  // at row 0 (ext_bwd_step); dh, dc the running [B, .] state; dgx, dgh [N, G*H]; part
+                       // [blocks, part_width] one LayerNorm slot per block (slots = 1 after step_params)
+  bool bypass;         // the row phase leaves a direct part of dh_{t-1} in dh (zoneout, GRU's z*h)
+  const void* mask;    // [B, H] rec_mask or nullptr
+  const void* w_hh;    // [G*H, H]
+};
+
+// The forward step params of block o's row phase.
+FRNN_HD ExtParams ext_step_params(const ExtFwd& f, const StepRows& s) {
+  return ext_fwd_step(f.base, s.rows, s.off, f.save, sizeof(float));
+}
+
+FRNN_HD ExtGradParams ext_step_params(const ExtBwd& f, const StepRows& s, int64_t blk) {
+  ExtGradParams p = ext_bwd_step(f.base, s.rows, s.off, s.off, s.prev_rows, s.prev_off, sizeof(float));
+  p.part = rows_down(p.part, blk, part_width(f.G * f.H, f.H), sizeof(float));
+  p.slots = 1;
+  return p;
+}
+
+struct RowsOperand {  // row r0 + r of a running [B, H] buffer
+  const float* a;
+  int64_t H, r0;
+  FRNN_HD float operator()(int64_t r, int64_t k) const { return ld_l2(a + (r0 + r) * H + k); }
+};
+
+// The row phase: cell_ln.h's whole-row op on the rows of the block's tile that its slice takes, with executor x.
+template <class Op, class X>
+FRNN_HD void ext_fwd_rows(const X& x, const ExtParams& p, const Plan& plan, const Owned& o, int64_t n) {
+  for (int64_t r = o.u0 / plan.units; r < n; r += plan.slices) ext_fwd_row<Op, X, float>(x, p, o.r0 + r);
+}
+template <class Op, class X>
+FRNN_HD void ext_bwd_rows(const X& x, const ExtGradParams& p, const Plan& plan, const Owned& o, int64_t n) {
+  for (int64_t r = o.u0 / plan.units; r < n; r += plan.slices) ext_bwd_row<Op, X, float>(x, p, o.r0 + r);
+}
 
 // What the plan needs of a device.
 struct Limits {
@@ -382,14 +455,14 @@ struct Limits {
   bool cooperative = false;
 };
 
-// CPU: the block program run thread by thread, block by block, step by step (fp32), for the tests.
-void fwd_emulate(Mode m, const Fwd& f);
-void bwd_emulate(Mode m, const Bwd& f);
-
-#ifdef FASTRNN_WITH_CUDA
-// CUDA: fp32, fp16, bf16, launched on `stream` (a cudaStream_t) of the current device.
+// CUDA: fp32, fp16, bf16, launched on `stream` (a cudaStream_t) of the current device. Defined in CUDA builds
+// only (persist_cuda.cu), where only calls on CUDA tensors reach them.
 void fwd_cuda(Mode m, Dtype d, const Fwd& f, void* stream);
 void bwd_cuda(Mode m, Dtype d, const Bwd& f, void* stream);
+// CUDA, fastrnn's own cells: fp32.
+void ext_fwd_cuda(Mode m, const ExtFwd& f, void* stream);
+void ext_bwd_cuda(Mode m, const ExtBwd& f, void* stream);
+#ifdef FASTRNN_WITH_CUDA
 Limits limits(int device);
 #endif
 

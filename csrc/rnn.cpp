@@ -55,6 +55,10 @@ std::string layer_path(const std::string& mode, const Tensor& x, const OptTensor
   const Tensor like = widen ? at::empty({0}, x.options().dtype(at::kFloat)) : x;
   const std::string pre = widen ? "computed in fp32, rounding what is returned; " : "";
   if (cells) {
+    const persist::Plan plan = persist::plan_for(pr, like, true);
+    if (plan.scheme != persist::kNone) {
+      return pre + "persistent engine, one launch per direction, the fused row kernel's rows in it: " + plan.why;
+    }
     const bool team = !pr.proj && StepGemm::takes(like);
     return pre + "per step one fused row kernel after the recurrent GEMM, " +
            (team ? "on the CPU engine's threads and brgemm ukernel" : gemm);
@@ -308,15 +312,16 @@ pybind11::dict build_info() {
 }
 
 // The persistent engine's plan for G gates, batch B, hidden H, storage element size esize (8: fp64), with or
-// without proj_size, on a device with `sms` SMs, `smem` bytes of shared memory per block and cooperative launch
+// without proj_size, plain cells or fastrnn's own (`cells`), on a device with `sms` SMs, `smem` bytes of shared
+// memory per block and cooperative launch
 // or not (persist::plan_with, what a call on such a device takes).
 pybind11::dict persist_plan(int64_t G, int64_t B, int64_t H, int64_t esize, int64_t sms, int64_t smem,
-                            bool cooperative, bool proj) {
+                            bool cooperative, bool proj, bool cells) {
   persist::Limits lim;
   lim.sms = sms;
   lim.smem = smem;
   lim.cooperative = cooperative;
-  const persist::Plan p = persist::plan_with(lim, G, B, H, esize, proj);
+  const persist::Plan p = persist::plan_with(lim, G, B, H, esize, proj, cells);
   static const char* names[] = {"per-step", "block", "grid"};
   pybind11::dict d;
   d["scheme"] = names[p.scheme];
@@ -382,7 +387,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("_set_chunk_rows", &fastrnn::set_chunk_rows, "test hook: backward chunk size in rows (0: default)");
   m.def("persist_plan", &fastrnn::persist_plan, py::arg("G"), py::arg("B"), py::arg("H"), py::arg("esize"),
         py::arg("sms"), py::arg("smem"), py::arg("cooperative") = true, py::arg("proj") = false,
-        "the persistent CUDA engine's plan for a problem on a device of these limits");
+        py::arg("cells") = false, "the persistent CUDA engine's plan for a problem on a device of these limits");
   m.def("cuda_limits", &fastrnn::cuda_limits, py::arg("device"), "SM count, shared memory per block, cooperative launch");
   m.def("_set_persist_emulation", &fastrnn::persist::set_emulation, py::arg("sms"), py::arg("smem"),
         "test hook: CPU fp32 calls run the persistent engine's block program as on a GPU of these limits (0: off)");

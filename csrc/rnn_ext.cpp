@@ -10,7 +10,9 @@
 // region per call (per chunk in backward), W_hh packed once, per step two phases with a barrier after each —
 // forward: each thread's columns of the recurrent GEMM on the brgemm ukernel, then each thread's rows of the row
 // kernel (a LayerNorm needs the whole row, so the GEMM must finish first); backward: each thread's LayerNorm
-// slot of the row kernel, then its columns of dh_{t-1}. Elsewhere (fp64, a projection, CUDA) at::mm per step.
+// slot of the row kernel, then its columns of dh_{t-1}. Where the persistent engine plans (CUDA with
+// FASTRNN_PERSISTENT=1, no projection; its CPU emulator under the test hook) one launch per direction runs the
+// same two phases for every step (persist.h). Elsewhere (fp64, a projection, CUDA) at::mm per step.
 //
 // Saved for backward (each [0] when not saving): xs, hs [N, G*H] the two projections, normalised with
 // LayerNorm (raw without); stats [N, kStats] their rstd and LSTM's c mean and rstd (LayerNorm only); c [N, H]
@@ -196,37 +198,41 @@ std::vector<Tensor> layer_ext_fwd(const std::string& mode, const Tensor& x_in, c
   Tensor hr = pr.proj ? ws_empty({B, H}, opts) : Tensor();
   Tensor projected = pr.proj && e.zh ? ws_empty({B, Hout}, opts) : Tensor();
 
+  ExtParams base{};  // at row 0 of the [N, .] tensors: ext_fwd_step moves it to a step's rows
+  set_common(base, pr, e, bias, b_hn);
+  base.xs = xs.data_ptr();
+  base.hs = hs.data_ptr();
+  base.stats = ln ? stats.data_ptr() : nullptr;
+  if (pr.proj) {
+    // the cell's h is o*tanh(.), the projection GEMM's input; zoneout and the mask follow the projection
+    base.h = hr.data_ptr();
+    base.h_stride = base.y_stride = H;
+  } else {
+    base.h = h.data_ptr();
+    base.y = y.data_ptr();
+    base.h_stride = base.y_stride = Hout;
+    base.zh = ptr(e.zh);
+    base.rec_mask = ptr(e.mask);
+    base.hm = e.mask ? hm.data_ptr() : nullptr;
+  }
+  if (pr.lstm) {
+    base.c = c.data_ptr();
+    base.c_save = save ? c_save.data_ptr() : base.c;
+    base.zc = ptr(e.zc);
+    base.cn = cn.data_ptr();
+  }
+  const int64_t esize = x.element_size();
   auto params = [&](int64_t t) {
-    const int64_t b = pr.size[t], o = pr.off[t];
-    ExtParams p{};
-    set_common(p, pr, e, bias, b_hn);
-    p.rows = b;
-    p.xs = row_ptr(xs, o, GH);
-    p.hs = row_ptr(hs, save ? o : 0, GH);
-    p.stats = ln ? row_ptr(stats, o, kStats) : nullptr;
-    if (pr.proj) {
-      // the cell's h is o*tanh(.), the projection GEMM's input; zoneout and the mask follow the projection
-      p.h = p.y = hr.data_ptr();
-      p.h_stride = p.y_stride = H;
-    } else {
-      p.h = h.data_ptr();
-      p.y = row_ptr(y, o, Hout);
-      p.h_stride = p.y_stride = Hout;
-      p.zh = e.zh ? row_ptr(*e.zh, o, Hout) : nullptr;
-      p.rec_mask = ptr(e.mask);
-      p.hm = e.mask ? hm.data_ptr() : nullptr;
-    }
-    if (pr.lstm) {
-      p.c = c.data_ptr();
-      p.c_save = save ? row_ptr(c_save, o, H) : p.c;
-      p.zc = e.zc ? row_ptr(*e.zc, o, H) : nullptr;
-      p.cn = cn.data_ptr();
-    }
+    ExtParams p = ext_fwd_step(base, pr.size[t], pr.off[t], save, esize);
+    if (pr.proj) p.y = p.h;
     return p;
   };
   const Tensor& operand = e.mask ? hm : h;  // the recurrent GEMM's A: h_{t-1}, masked
 
-  if (!pr.proj && StepGemm::takes(x)) {
+  const persist::Plan plan = persist::plan_for(pr, x, /*cells=*/true);
+  if (plan.scheme != persist::kNone) {
+    persist::ext_fwd(pr, plan, x, base, save, w_hh, operand, reverse);
+  } else if (!pr.proj && StepGemm::takes(x)) {
     // the team: phase 0 each thread's columns of the step's GEMM, phase 1 each thread's rows of the row kernel
     const StepGemm gemm(w_hh.t());
     const int nt = gemm.threads();
@@ -308,7 +314,10 @@ std::vector<Tensor> layer_ext_bwd(const std::string& mode, const Tensor& x_in, c
   const Tensor stats = stats_in.contiguous(), c_save = c_save_in.contiguous();
   const auto opts = x.options();
 
-  const Chunks chunks = backward_chunks(pr, false);
+  // the persistent engine runs every step in one launch: one chunk of all rows
+  const persist::Plan plan = persist::plan_for(pr, x, /*cells=*/true);
+  const bool persistent = plan.scheme != persist::kNone;
+  const Chunks chunks = backward_chunks(pr, persistent);
   const int64_t rmax = chunks.rmax;
   Tensor dhs = dh_n.clone(at::MemoryFormat::Contiguous);
   Tensor dcs = pr.lstm ? dc_n->clone(at::MemoryFormat::Contiguous) : empty0(x);
@@ -324,8 +333,10 @@ std::vector<Tensor> layer_ext_bwd(const std::string& mode, const Tensor& x_in, c
   Tensor dw_hr = pr.proj ? at::zeros_like(w_hr) : empty0(x);
   // the team (fp32 CPU, no projection): per step phase 0 the row kernel, each thread a LayerNorm slot, phase 1
   // each thread's columns of dh_{t-1}
-  const std::unique_ptr<StepGemm> team = !pr.proj && StepGemm::takes(x) ? std::make_unique<StepGemm>(w_hh) : nullptr;
+  const std::unique_ptr<StepGemm> team =
+      !persistent && !pr.proj && StepGemm::takes(x) ? std::make_unique<StepGemm>(w_hh) : nullptr;
   const int64_t slots = !ln                    ? B
+                        : persistent           ? plan.tiles * plan.slices
                         : x.is_cuda()          ? std::min(B, kCudaLnSlots)
                         : team                 ? team->threads()
                                                : at::get_num_threads();
@@ -337,21 +348,36 @@ std::vector<Tensor> layer_ext_bwd(const std::string& mode, const Tensor& x_in, c
   // the direct part of dh_{t-1} (zoneout, GRU's z*h), which the recurrent GEMM's term adds to
   const bool bypass = e.zh || pr.gru;
 
+  ExtGradParams base{};  // at row 0 of the [N, .] tensors: ext_bwd_step moves it to a step's rows
+  set_common(base, pr, e, bias, b_hn);
+  base.xs = xs.data_ptr();
+  base.hs = hs.data_ptr();
+  base.stats = ln ? stats.data_ptr() : nullptr;
+  if (pr.lstm || pr.gru) {
+    base.init = init.data_ptr();
+    base.prev = prev_src.data_ptr();
+  }
+  if (!pr.proj) {
+    base.dh = dhs.data_ptr();
+    base.dh_stride = base.dy_stride = Hout;
+    base.dy = dy.data_ptr();
+    base.zh = ptr(e.zh);
+    base.dh_prev = bypass ? dhs.data_ptr() : nullptr;
+  }
+  if (pr.lstm) {
+    base.dc = dcs.data_ptr();
+    base.zc = ptr(e.zc);
+  }
+  base.dgx = dgx.data_ptr();
+  base.dgh = dgh.data_ptr();
+  base.part = ln ? part.data_ptr() : nullptr;
+  base.slots = slots;
+  const int64_t esize = x.element_size();
   // the row kernel's pointers for step t (with a projection this runs the projection's backward first)
   auto grad_params = [&](int64_t t, int64_t local) {
     const int64_t b = pr.size[t], o = pr.off[t];
     const PrevStep prev = prev_step(pr, t, reverse);
-    ExtGradParams p{};
-    set_common(p, pr, e, bias, b_hn);
-    p.rows = b;
-    p.xs = row_ptr(xs, o, GH);
-    p.hs = row_ptr(hs, o, GH);
-    p.stats = ln ? row_ptr(stats, o, kStats) : nullptr;
-    if (pr.lstm || pr.gru) {
-      p.init = init.data_ptr();
-      p.prev = prev.rows > 0 ? row_ptr(prev_src, pr.off[prev.t], H) : p.init;
-      p.n_prev = prev.rows;
-    }
+    ExtGradParams p = ext_bwd_step(base, b, o, local, prev.rows, prev.rows > 0 ? pr.off[prev.t] : 0, esize);
     if (pr.proj) {
       Tensor dh_b = dhs.narrow(0, 0, b);
       Tensor dt = proj.total(local, dh_b, dy.narrow(0, o, b));
@@ -361,22 +387,7 @@ std::vector<Tensor> layer_ext_bwd(const std::string& mode, const Tensor& x_in, c
       }
       proj.to_cell(p, dt, w_hr);
       p.hr = row_ptr(proj.hr, local, H);
-    } else {
-      p.dh = dhs.data_ptr();
-      p.dh_stride = Hout;
-      p.dy = row_ptr(dy, o, Hout);
-      p.dy_stride = Hout;
-      p.zh = e.zh ? row_ptr(*e.zh, o, Hout) : nullptr;
-      p.dh_prev = bypass ? dhs.data_ptr() : nullptr;
     }
-    if (pr.lstm) {
-      p.dc = dcs.data_ptr();
-      p.zc = e.zc ? row_ptr(*e.zc, o, H) : nullptr;
-    }
-    p.dgx = row_ptr(dgx, local, GH);
-    p.dgh = row_ptr(dgh, local, GH);
-    p.part = ln ? part.data_ptr() : nullptr;
-    p.slots = slots;
     return p;
   };
   // dW_hh's operand where it is not y shifted by a step
@@ -392,7 +403,11 @@ std::vector<Tensor> layer_ext_bwd(const std::string& mode, const Tensor& x_in, c
     if (pr.proj) gemm(dw_hr, proj.dtot.narrow(0, 0, R).t(), proj.hr.narrow(0, 0, R), true);
   };
 
-  if (team) {
+  if (persistent) {
+    persist::ext_bwd(pr, plan, x, base, bypass, e.mask, w_hh, reverse);
+    for (int64_t t = 0; t < pr.T; ++t) gather(t, pr.off[t]);
+    flush(0, N);
+  } else if (team) {
     const int nt = team->threads();
     for_each_chunk(pr, chunks, reverse, [&](int64_t ta, int64_t tb) {
       const int64_t lo = pr.off[ta];

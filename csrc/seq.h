@@ -245,10 +245,12 @@ namespace persist {
 // persist.cpp: the plan a call gets (scheme kNone: the per-step path, with the reason in `why`): CUDA with
 // FASTRNN_PERSISTENT=1, or CPU fp32 under the emulation test hook; then its forward and backward, with
 // layer_fwd / layer_bwd's returns (saved activations in PyTorch's layout, as the per-step path).
-Plan plan_for(const Problem& pr, const at::Tensor& x);
+// With `cells`: for fastrnn's own cells (fp32 calls; 16-bit ones are widened before they plan).
+Plan plan_for(const Problem& pr, const at::Tensor& x, bool cells = false);
 // The plan on a device of limits `lim` for G gates, batch B, hidden H, element size esize (8: fp64), with or
-// without proj_size: what plan_for decides once it knows the device, and what persistent_plan() reports.
-Plan plan_with(const Limits& lim, int64_t G, int64_t B, int64_t H, int64_t esize, bool proj);
+// without proj_size, plain cells or fastrnn's own: what plan_for decides once it knows the device, and what
+// persistent_plan() reports.
+Plan plan_with(const Limits& lim, int64_t G, int64_t B, int64_t H, int64_t esize, bool proj, bool cells = false);
 std::vector<at::Tensor> fwd(const Problem& pr, const Plan& plan, const at::Tensor& x, const at::Tensor& h0,
                             const at::Tensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
                             const at::Tensor& bias, const at::Tensor& b_hn, bool reverse, bool save);
@@ -257,6 +259,13 @@ std::vector<at::Tensor> bwd(const Problem& pr, const Plan& plan, const at::Tenso
                             bool has_b_hh, bool reverse, const at::Tensor& y, const at::Tensor& gates,
                             const at::Tensor& c_save, const at::Tensor& hn_save, const at::Tensor& dy,
                             const at::Tensor& dh_n, const at::Tensor& dc_n, bool need_dx);
+// fastrnn's own cells (rnn_ext.cpp's buffers and params, base at row 0 as ext_fwd_step / ext_bwd_step take
+// it): the forward's recurrence with `operand` its GEMM's A (h, or h * rec_mask); the backward's, leaving dgx,
+// dgh of all rows and the LayerNorm slots (one per block) for the driver's weight gradients.
+void ext_fwd(const Problem& pr, const Plan& plan, const at::Tensor& x, const ExtParams& base, bool save,
+             const at::Tensor& w_hh, const at::Tensor& operand, bool reverse);
+void ext_bwd(const Problem& pr, const Plan& plan, const at::Tensor& x, const ExtGradParams& base, bool bypass,
+             const OptTensor& mask, const at::Tensor& w_hh, bool reverse);
 // Test hook (_C._set_persist_emulation): run CPU fp32 calls through the emulator as on a GPU with `sms` SMs and
 // `smem` bytes of shared memory per block; sms == 0: off.
 void set_emulation(int64_t sms, int64_t smem);

@@ -16,6 +16,9 @@ N_CELL_KERNELS = 8 * 4
 # fastrnn's own cells (csrc/cuda/cell_ln_cuda.cu): forward and backward of the four modes, and the input LayerNorm, in
 # fp32/fp64
 N_EXT_KERNELS = (8 + 1) * 2
+# the persistent engine (csrc/cuda/persist_cuda.cu): forward and backward of the four modes in fp32/fp16/bf16, and of
+# fastrnn's own cells in fp32
+N_PERSIST_KERNELS = 8 * 3 + 8
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +33,10 @@ def test_cuda_kernels_compile_without_spills(ptxas, arch):
     kernels = ptxas.get(arch, {})
     cell = {k: v for k, v in kernels.items() if "cell_kernel" in k}
     assert len(cell) == N_CELL_KERNELS, f"sm_{arch}: expected {N_CELL_KERNELS} cell kernels, got {sorted(cell)}"
-    ext = {k: v for k, v in kernels.items() if any(n in k for n in ("ext_fwd_kernel", "ext_bwd_kernel", "ln_rows"))}
+    ext = {k: v for k, v in kernels.items() if "cell_ln_cuda" in k}
     assert len(ext) == N_EXT_KERNELS, f"sm_{arch}: expected {N_EXT_KERNELS} kernels of the cells, got {sorted(ext)}"
+    persist = [k for k in kernels if "persist_cuda" in k]
+    assert len(persist) == N_PERSIST_KERNELS, f"sm_{arch}: expected {N_PERSIST_KERNELS} persistent kernels, got {persist}"
     cell.update(ext)
     spilling = {k: v for k, v in kernels.items() if v["spill_stores"] or v["spill_loads"] or v["stack"]}
     assert not spilling, f"sm_{arch}: kernels spill to local memory: {spilling}"

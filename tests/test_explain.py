@@ -58,6 +58,15 @@ def test_persistent_engine_named_when_it_runs():
 
 
 @needs_cpp
+def test_cells_on_the_persistent_engine_named():
+    m = fastrnn.GRU(4, 6, layer_norm=True, backend="cpp")
+    with emulated(4, 48 * 1024):
+        got = lines(m, torch.randn(3, 2, 4))[0]
+    assert "persistent engine" in got and "row kernel's rows in it" in got
+    assert "persistent engine" not in lines(m, torch.randn(3, 2, 4))[0]
+
+
+@needs_cpp
 def test_cells_and_packed_input_on_cpp():
     m = fastrnn.LSTM(4, 6, layer_norm=True, zoneout=0.1, backend="cpp")
     got = lines(m, pack_sequence([torch.randn(5, 4), torch.randn(2, 4)]))[0]

@@ -1,7 +1,8 @@
 """The persistent CUDA engine (csrc/persist.h) on the CPU: its plan against the limits it must respect, and its
 block program (the kernels' phases, run thread by thread by the emulator in csrc/persist.cpp) against the
 reference backend for every mode, dense and packed, both directions, odd shapes, with NaN-filled workspaces,
-under plans that split the hidden units over blocks (a grid barrier per step) and the batch over tiles."""
+under plans that split the hidden units over blocks (a grid barrier per step) and the batch over tiles; the
+same for fastrnn's own cells (LayerNorm, zoneout, recurrent dropout: a row phase after each step's GEMM)."""
 
 import contextlib
 import itertools
@@ -12,12 +13,14 @@ import torch
 
 from fastrnn.ops import GATES, MODES, cpp
 from layer_cases import Case, Impl, assert_matches_reference, nan_poisoned, one_step_and_one_unit
+from test_cpp_ext import assert_matches_reference as assert_cells_match
 
 pytestmark = pytest.mark.skipif(cpp.availability(torch.device("cpu"), torch.float32) is not None,
                                 reason=f"cpp backend unavailable: {cpp.availability(torch.device('cpu'), torch.float32)}")
 
 CPU32 = Impl("cpp", "cpu", torch.float32)
 THREADS, TILE = 256, 16  # persist.h kThreads, kTileRows * kTileCols
+ROW_SMEM = 1024  # persist.h kRowSmem: the row phase's static shared memory (fastrnn's own cells)
 H200 = dict(sms=132, smem=232448)  # multiProcessorCount, sharedMemPerBlockOptin
 
 
@@ -133,3 +136,56 @@ def test_persistent_plan_says_which_scheme_and_why():
     assert no_coop["scheme"] == "per-step"  # 4 MiB of W_hh fits no single block
     small = cpp.persistent_plan("RNN_TANH", 64, 64, limits=dict(H200, cooperative=False))
     assert small["scheme"] == "block" and small["slices"] == 1 and small["tiles"] >= 1
+
+
+# fastrnn's own cells: the same devices with the row phase's shared memory added, so that their plans are the plain
+# cells' (checked below) and cover the same schemes.
+CELL_DEVICES = {d: (sms, smem + ROW_SMEM) for d, (sms, smem) in DEVICES.items()}
+CELL_CASES = [Case(m, 5, 6, 7, 33, packed=p, reverse=p) for m in MODES for p in (False, True)] \
+    + [Case(m, 3, 70, 5, 20, packed=True, reverse=True) for m in MODES] + one_step_and_one_unit(4)
+CELL_RUNS = [(d, c, f) for d in CELL_DEVICES for c in CELL_CASES for f in ("ln-zo-rd", "zo", "rd", "ln")
+             if (f == "ln-zo-rd" or (d == "split" and c.T == 5))
+             and cpp.availability(torch.device("cpu"), torch.float32) is None
+             and lib().persist_plan(GATES[c.mode], c.B, c.H, 4, *CELL_DEVICES[d], cells=True)["blocks"]]
+
+
+@pytest.mark.parametrize("device, c, feature", CELL_RUNS, ids=[f"{d}-{c.id}-{f}" for d, c, f in CELL_RUNS])
+def test_cells_block_program_matches_reference(device, c, feature):
+    """Every output and gradient (the LayerNorm parameters' too) against the reference backend in fp64."""
+    with emulated(*CELL_DEVICES[device]), nan_poisoned(CPU32):
+        assert_cells_match(c, torch.float32, feature)
+
+
+def test_cell_plans_cover_both_schemes_and_reserve_the_row_phase():
+    plans = [lib().persist_plan(GATES[c.mode], c.B, c.H, 4, *CELL_DEVICES[d], cells=True) for d, c, _ in CELL_RUNS]
+    assert any(p["slices"] > 1 and p["tiles"] > 1 for p in plans)
+    assert any(p["scheme"] == "block" and p["tiles"] > 1 for p in plans)
+    assert any(p["units"] == 1 and p["slices"] > 1 for p in plans)
+    assert all(sum(c == k for _, k, f in CELL_RUNS if f == "ln-zo-rd") >= 2 for c in CELL_CASES)
+    for G, B, H in ((4, 64, 512), (3, 7, 33), (1, 16, 64)):
+        cells = lib().persist_plan(G, B, H, 4, H200["sms"], H200["smem"], cells=True)
+        if cells["blocks"]:
+            assert cells["smem"] + ROW_SMEM <= H200["smem"]
+        unit = lib().persist_plan(G, B, H, 4, *CELL_DEVICES["unit"], cells=True)
+        assert (unit["units"], unit["batch_tile"]) == (lambda p: (p["units"], p["batch_tile"]))(
+            lib().persist_plan(G, B, H, 4, *DEVICES["unit"]))
+    grid = cpp.persistent_plan("LSTM", 64, 512, torch.bfloat16, cells=True, limits=H200)
+    assert grid["scheme"] == "grid" and "two grid barriers" in grid["why"]
+    assert grid["smem"] >= 4 * 512 * grid["units"] * 4  # fp32 W_hh slice: the cells compute in fp32
+
+
+def test_cells_emulation_is_deterministic():
+    """The LayerNorm parameters' gradients sum one slot per block in a fixed order: the same bits twice."""
+    from test_cpp_ext import make_ext, run as run_cells
+
+    c = Case("LSTM", 4, 9, 5, 40, packed=True)
+    from layer_cases import make_inputs
+
+    inputs = make_inputs(c, CPU32)
+    ext = make_ext(c, inputs, "ln-zo-rd")
+    with emulated(*CELL_DEVICES["split"]):
+        a = run_cells(cpp.layer, c, inputs, ext)
+        b = run_cells(cpp.layer, c, inputs, ext)
+    for x, y in zip(a[0], b[0]):
+        assert torch.equal(x, y)
+    assert a[1].keys() == b[1].keys() and all(torch.equal(a[1][k], b[1][k]) for k in a[1])

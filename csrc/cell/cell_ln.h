@@ -174,6 +174,49 @@ struct ExtGradParams {
 // Columns of a slot in ExtGradParams::part: gain_x, shift_x, gain_h, shift_h (GH each), gain_c, shift_c (H each).
 FRNN_HD int64_t part_width(int64_t GH, int64_t H) { return 4 * GH + 2 * H; }
 
+// Pointer p moved down `rows` rows of `width` elements of `esize` bytes; nullptr stays nullptr.
+FRNN_HD void* rows_down(void* p, int64_t rows, int64_t width, int64_t esize) {
+  return p ? static_cast<char*>(p) + rows * width * esize : p;
+}
+FRNN_HD const void* rows_down(const void* p, int64_t rows, int64_t width, int64_t esize) {
+  return p ? static_cast<const char*>(p) + rows * width * esize : p;
+}
+
+// The params of the forward step whose `rows` rows start at row o of the sequence, from `base` with its per-row
+// pointers at row 0 of their [N, .] tensors; the running state and scratch ([B, .]: h, hm, c, cn) stay. hs
+// moves only where it is kept per step (`save`, else a [B, G*H] scratch), c_save only where it is not c.
+FRNN_HD ExtParams ext_fwd_step(ExtParams p, int64_t rows, int64_t o, bool save, int64_t esize) {
+  p.rows = rows;
+  p.xs = rows_down(p.xs, o, p.GH, esize);
+  if (save) p.hs = rows_down(p.hs, o, p.GH, esize);
+  p.stats = rows_down(p.stats, o, kStats, esize);
+  p.y = rows_down(p.y, o, p.y_stride, esize);
+  p.zh = rows_down(p.zh, o, p.h_stride, esize);
+  if (p.c_save != p.c) p.c_save = rows_down(p.c_save, o, p.H, esize);
+  p.zc = rows_down(p.zc, o, p.H, esize);
+  return p;
+}
+
+// The params of the backward step whose `rows` rows start at row o of the sequence (at row `local` of the
+// dgx/dgh workspaces), from `base` with its per-row pointers at row 0 and `prev` at row 0 of the saved states
+// it reads (LSTM c, GRU y); the running dh, dc and the LayerNorm slots stay. `prev_rows` rows of the previous
+// step, from row prev_off, precede this one (the others start from `init`).
+FRNN_HD ExtGradParams ext_bwd_step(ExtGradParams p, int64_t rows, int64_t o, int64_t local, int64_t prev_rows,
+                                   int64_t prev_off, int64_t esize) {
+  p.rows = rows;
+  p.xs = rows_down(p.xs, o, p.GH, esize);
+  p.hs = rows_down(p.hs, o, p.GH, esize);
+  p.stats = rows_down(p.stats, o, kStats, esize);
+  p.prev = prev_rows > 0 ? rows_down(p.prev, prev_off, p.H, esize) : p.init;
+  p.n_prev = prev_rows;
+  p.zh = rows_down(p.zh, o, p.dh_stride, esize);
+  p.zc = rows_down(p.zc, o, p.H, esize);
+  p.dy = rows_down(p.dy, o, p.dy_stride, esize);
+  p.dgx = rows_down(p.dgx, local, p.GH, esize);
+  p.dgh = rows_down(p.dgh, local, p.GH, esize);
+  return p;
+}
+
 // The gate column g of row r: the input side's and the recurrent side's terms before the bias.
 template <typename T, class P>
 FRNN_HD acc_t<T> xpart(const P& p, int64_t r, int64_t g) {

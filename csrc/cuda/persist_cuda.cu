@@ -8,6 +8,7 @@
 #include <type_traits>
 #include <unordered_map>
 
+#include "cuda/row_block.cuh"
 #include "persist.h"
 
 namespace fastrnn {
@@ -15,6 +16,9 @@ namespace persist {
 namespace {
 
 namespace cg = cooperative_groups;
+
+// The row phase runs cell_ln.h's rows on the block's threads through the row kernels' executor.
+static_assert(kRowThreads == kThreads, "RowBlock strides over the block's kThreads threads");
 
 // The end of a step: other blocks read this step's h (forward) or dgates (backward) only with slices > 1.
 __device__ __forceinline__ void step_barrier(const Plan& p) {
@@ -86,6 +90,55 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const Bwd f) {
   }
 }
 
+// f: fastrnn's own cells' forward (persist.h ExtFwd): per step the GEMM into hs, a barrier, the row phase, a
+// barrier. Every block reaches every barrier, with rows this step or not.
+template <class Op>
+__global__ void __launch_bounds__(kThreads, 1) ext_fwd_kernel(const ExtFwd f) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const int tid = threadIdx.x;
+  const Owned o = owned(f.plan, f.H, blockIdx.x);
+  const Smem<float> sm = Smem<float>::carve(smem_raw, f.plan.bt);
+  const Gemm g = make_gemm(f.H, f.G * f.plan.units, f.plan.bt);
+  fwd_load_w<float>(f, sm, tid, o.u0);
+  for (int64_t k = 0; k < f.lay.T; ++k) {
+    const StepRows s = step_rows(f.lay, k);
+    const int64_t n = tile_rows(f.plan, o, s);
+    const ExtParams p = ext_step_params(f, s);
+    if (n > 0) {
+      block_gemm(g, sm, tid, n, RowsOperand{static_cast<const float*>(f.operand), f.H, o.r0},
+                 FwdSink<float>{static_cast<float*>(p.hs), f.H, f.G, f.plan.units, o.u0, o.r0});
+    }
+    step_barrier(f.plan);
+    ext_fwd_rows<Op>(RowBlock{}, p, f.plan, o, n);
+    step_barrier(f.plan);
+  }
+}
+
+// f: its backward (persist.h ExtBwd): per step the row phase, a barrier, dh_{t-1} from the block's W_hh slice,
+// a barrier.
+template <class Op>
+__global__ void __launch_bounds__(kThreads, 1) ext_bwd_kernel(const ExtBwd f) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const int tid = threadIdx.x;
+  const Owned o = owned(f.plan, f.H, blockIdx.x);
+  const Smem<float> sm = Smem<float>::carve(smem_raw, f.plan.bt);
+  const Gemm g = make_gemm(f.G * f.H, f.plan.units, f.plan.bt);
+  bwd_load_w<float>(f, sm, tid, o.u0);
+  __syncthreads();
+  for (int64_t k = f.lay.T - 1; k >= 0; --k) {
+    const StepRows s = step_rows(f.lay, k);
+    const int64_t n = tile_rows(f.plan, o, s);
+    ext_bwd_rows<Op>(RowBlock{}, ext_step_params(f, s, blockIdx.x), f.plan, o, n);
+    step_barrier(f.plan);
+    if (n > 0) {
+      block_gemm(g, sm, tid, n, BwdOperand<float>{static_cast<const float*>(f.base.dgh), f.G * f.H, o.r0, s},
+                 BwdSink<float>{static_cast<float*>(const_cast<void*>(f.base.dh)), f.H, o.u0, o.r0, f.bypass,
+                                static_cast<const float*>(f.mask)});
+    }
+    step_barrier(f.plan);
+  }
+}
+
 template <class Args>
 void launch(const void* kernel, const Args& args, cudaStream_t stream) {
   const Plan& p = args.plan;
@@ -131,6 +184,18 @@ void fwd_cuda(Mode m, Dtype d, const Fwd& f, void* stream) {
 
 void bwd_cuda(Mode m, Dtype d, const Bwd& f, void* stream) {
   run(m, d, f, stream, [](Mode mm, auto&& fn) { visit_bwd(mm, fn); });
+}
+
+void ext_fwd_cuda(Mode m, const ExtFwd& f, void* stream) {
+  visit_ext(m, [&](auto op) {
+    launch(reinterpret_cast<const void*>(&ext_fwd_kernel<decltype(op)>), f, static_cast<cudaStream_t>(stream));
+  });
+}
+
+void ext_bwd_cuda(Mode m, const ExtBwd& f, void* stream) {
+  visit_ext(m, [&](auto op) {
+    launch(reinterpret_cast<const void*>(&ext_bwd_kernel<decltype(op)>), f, static_cast<cudaStream_t>(stream));
+  });
 }
 
 namespace {

@@ -59,17 +59,21 @@ def _arch_mismatch(device: torch.device) -> Optional[str]:
 
 
 def persistent_plan(mode: str, batch: int, hidden: int, dtype: torch.dtype = torch.float32, *,
-                    device: Optional[torch.device] = None, proj_size: int = 0, limits: Optional[dict] = None) -> dict:
+                    device: Optional[torch.device] = None, proj_size: int = 0, cells: bool = False,
+                    limits: Optional[dict] = None) -> dict:
     """How the ``cpp`` backend runs one layer of ``mode`` at this batch and hidden size on a CUDA device: the
     persistent engine's scheme (``"block"``: each block holds all of W_hh for its batch rows; ``"grid"``: hidden
-    units split over blocks, a grid barrier per step; ``"per-step"``: a cuBLAS GEMM and a cell kernel per step),
-    its blocks, shared memory, and why. ``limits`` (``{"sms": ..., "smem": ...}``) stands for a device that is
-    not here; otherwise ``device`` (default: the current CUDA device) is asked. ``enabled`` says whether
-    ``FASTRNN_PERSISTENT=1`` is set, without which every CUDA call takes the per-step path."""
+    units split over blocks, a grid barrier per step, two with ``cells``; ``"per-step"``: a cuBLAS GEMM and a cell
+    kernel per step), its blocks, shared memory, and why. ``cells``: fastrnn's own cells (LayerNorm, zoneout,
+    recurrent dropout), which compute in fp32 whatever ``dtype``. ``limits`` (``{"sms": ..., "smem": ...}``)
+    stands for a device that is not here; otherwise ``device`` (default: the current CUDA device) is asked.
+    ``enabled`` says whether ``FASTRNN_PERSISTENT=1`` is set, without which every CUDA call takes the per-step
+    path."""
     if limits is None:
         limits = dict(_lib().cuda_limits(torch.device(device or "cuda").index or 0))
-    plan = dict(_lib().persist_plan(_ops.GATES[mode], batch, hidden, torch.tensor([], dtype=dtype).element_size(),
-                                    limits["sms"], limits["smem"], limits.get("cooperative", True), bool(proj_size)))
+    esize = 4 if cells and dtype != torch.float64 else torch.tensor([], dtype=dtype).element_size()
+    plan = dict(_lib().persist_plan(_ops.GATES[mode], batch, hidden, esize, limits["sms"], limits["smem"],
+                                    limits.get("cooperative", True), bool(proj_size), cells))
     plan["enabled"] = os.environ.get("FASTRNN_PERSISTENT") == "1"
     return plan
 
