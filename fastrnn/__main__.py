@@ -1,6 +1,7 @@
 """``python -m fastrnn``: versions, the compiled extension, and which backend runs where."""
 
 import platform
+from typing import Optional
 
 import torch
 
@@ -45,20 +46,22 @@ def report() -> str:
 _PLAN_SHAPES = ((64, 256), (64, 1024), (1, 512), (16, 128), (64, 512))
 
 
-def persistent_report() -> list:
-    """The persistent CUDA engine's scheme per mode and standard shape on the current GPU."""
+def persistent_report(limits: Optional[dict] = None) -> list:
+    """The persistent CUDA engine's scheme per mode (plain, and fastrnn's own cells) and standard shape on the
+    current GPU, or on a device of these ``limits`` (``cpp.persistent_plan``'s)."""
     from fastrnn.ops import MODES, cpp
 
-    on = cpp.persistent_plan("LSTM", 1, 1)["enabled"]
+    on = cpp.persistent_plan("LSTM", 1, 1, limits=limits)["enabled"]
     lines = [f"cuda persistent engine (FASTRNN_PERSISTENT=1 {'set' if on else 'not set: every call per-step'}),"
              " fp32 scheme [blocks, units per block x batch rows per block]:"]
     for mode in MODES:
-        cells = []
-        for B, H in _PLAN_SHAPES:
-            p = cpp.persistent_plan(mode, B, H)
-            detail = f" [{p['blocks']}, {p['units']}x{p['batch_tile']}]" if p["blocks"] else ""
-            cells.append(f"B={B} H={H}: {p['scheme']}{detail}")
-        lines.append(f"  {mode}: " + "; ".join(cells))
+        for ext in (False, True):
+            cells = []
+            for B, H in _PLAN_SHAPES:
+                p = cpp.persistent_plan(mode, B, H, cells=ext, limits=limits)
+                detail = f" [{p['blocks']}, {p['units']}x{p['batch_tile']}]" if p["blocks"] else ""
+                cells.append(f"B={B} H={H}: {p['scheme']}{detail}")
+            lines.append(f"  {mode}{' cells' if ext else ''}: " + "; ".join(cells))
     return lines
 
 

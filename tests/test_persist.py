@@ -189,3 +189,15 @@ def test_cells_emulation_is_deterministic():
     for x, y in zip(a[0], b[0]):
         assert torch.equal(x, y)
     assert a[1].keys() == b[1].keys() and all(torch.equal(a[1][k], b[1][k]) for k in a[1])
+
+
+def test_python_m_fastrnn_reports_plans_for_plain_and_new_cells():
+    from fastrnn.__main__ import persistent_report
+
+    lines = persistent_report(limits=H200)
+    assert len(lines) == 1 + 2 * len(MODES)
+    for mode in MODES:
+        plain, = [ln for ln in lines if ln.startswith(f"  {mode}: ")]
+        cells, = [ln for ln in lines if ln.startswith(f"  {mode} cells: ")]
+        assert plain.count("B=") == cells.count("B=") == 5
+    assert "grid [" in "".join(lines) and "per-step" in "".join(lines)
