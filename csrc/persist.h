@@ -420,7 +420,8 @@ struct ExtBwd {
   const void* w_hh;    // [G*H, H]
 };
 
-// The forward step params of block o's row phase.
+// The row phase's params of step s (the same for every block; ext_*_rows pick the block's rows), and in backward
+// the block's LayerNorm slot.
 FRNN_HD ExtParams ext_step_params(const ExtFwd& f, const StepRows& s) {
   return ext_fwd_step(f.base, s.rows, s.off, f.save, sizeof(float));
 }
