@@ -201,7 +201,7 @@ Plan plan_with(const Limits& lim, int64_t G, int64_t B, int64_t H, int64_t esize
     none.why = "fp64: the per-step path";
     return none;
   }
-  return make_plan(G, B, H, esize, lim.sms, lim.smem, lim.cooperative, cells);
+  return make_plan(G, B, H, esize, lim, cells);
 }
 
 Plan plan_for(const Problem& pr, const at::Tensor& x, bool cells) {
@@ -340,10 +340,11 @@ void ext_bwd(const Problem& pr, const Plan& plan, const Tensor& x, const ExtGrad
       [&](void* stream) { ext_bwd_cuda(pr.mode, f, stream); });
 }
 
-void set_emulation(int64_t sms, int64_t smem) {
+void set_emulation(int64_t sms, int64_t smem, int64_t cluster) {
   g_emulated.sms = sms;
   g_emulated.smem = smem;
   g_emulated.cooperative = true;
+  g_emulated.cluster = cluster;
 }
 
 }  // namespace persist

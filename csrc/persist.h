@@ -8,7 +8,8 @@
 //   stage + accumulate: hg[rows, own gate columns] = h_{t-1}[rows, :] . W_hh[own rows, :]^T, over K chunks;
 //   reduce: the threads' K-split partial sums, in a fixed order (deterministic), stored to hg (global, L2);
 //   cell: cell.h's op on each (row, own unit), exactly as the per-step driver calls it;
-//   barrier: the grid (slices > 1: other blocks read this step's h) or only the block (slices == 1).
+//   barrier: the grid's or the tile's cluster's (slices > 1: other blocks read this step's h), or only the
+//   block's (slices == 1).
 // Backward mirrors it: the cell backward of each (row, own unit) writes dgates, a barrier, then
 // dh_{t-1}[rows, own units] = dgates[rows, :] . W_hh[:, own units]. c and dc are read and written only by the
 // block that owns their unit; h_{t-1} and dgates cross blocks through L2 (loaded with ld.global.cg).
@@ -40,7 +41,24 @@ constexpr int64_t kChunk = 64;
 // cooperative-groups measurements) against the K loop's 16 FMAs per thread per K step.
 constexpr int64_t kGridSyncCycles = 2000;
 
-enum Scheme : int { kNone = 0, kBlock = 1, kGrid = 2 };
+// A Hopper thread-block cluster's barrier is the hardware's, among at most 8 SMs of one GPC, where the grid
+// barrier is software (atomics in global memory, every SM polling): taken as a quarter of its cost until a GPU
+// run measures it.
+constexpr int64_t kClusterSyncCycles = kGridSyncCycles / 4;
+
+// kBlock: a block holds all of W_hh for its batch rows; kGrid: the hidden units split over blocks that meet at a
+// grid barrier (cooperative launch); kCluster: split over the blocks of one thread-block cluster per batch tile,
+// which meet at the cluster's barrier.
+enum Scheme : int { kNone = 0, kBlock = 1, kGrid = 2, kCluster = 3 };
+
+// What the plan needs of a device.
+struct Limits {
+  int64_t sms = 0;    // streaming multiprocessors
+  int64_t smem = 0;   // dynamic shared memory one block may opt in to, bytes
+  bool cooperative = false;
+  int64_t cluster = 0;  // most blocks in a thread-block cluster (sm_90 and later: 8, the portable size), 0: none
+};
+
 
 // What fits where, decided once per call on the host from the device's SM count and shared memory.
 struct Plan {
@@ -87,17 +105,19 @@ constexpr int64_t kRowPassCycles = 6;
 constexpr int64_t kRowSyncCycles = 400;
 
 // The cheapest feasible (U, bt) by the cost model; kNone when even one unit per block over every SM does not
-// fit, or the problem is one the engine does not run (decided by the caller: proj_size, fp64). Without `grid`
-// (no cooperative launch) only plans whose blocks each hold all of W_hh. With `cells` (fastrnn's own cells):
-// the row phase's shared memory and cost, and two barriers per step (after the GEMM, after the rows).
-inline Plan make_plan(int64_t G, int64_t B, int64_t H, int64_t esize, int64_t sms, int64_t smem_max,
-                      bool grid_ok = true, bool cells = false) {
-  if (cells) smem_max -= kRowSmem;
+// fit, or the problem is one the engine does not run (decided by the caller: proj_size, fp64). A split over
+// at most lim.cluster blocks runs as a cluster, a wider one needs cooperative launch (the grid barrier needs
+// every block resident). With `cells` (fastrnn's own cells): the row phase's shared memory and cost, and two
+// barriers per step (after the GEMM, after the rows).
+inline Plan make_plan(int64_t G, int64_t B, int64_t H, int64_t esize, const Limits& lim, bool cells = false) {
+  const int64_t sms = lim.sms, smem_max = lim.smem - (cells ? kRowSmem : 0);
+  const int64_t max_slices = lim.cooperative ? sms : (lim.cluster < sms ? lim.cluster : sms);
   Plan best;
-  best.why = grid_ok ? "W_hh does not fit: one unit per block over every SM needs more shared memory than a block has"
-                     : "no cooperative launch, and W_hh does not fit in one block";
+  best.why = lim.cooperative || lim.cluster
+                 ? "W_hh does not fit: one unit per block over every SM needs more shared memory than a block has"
+                 : "no cooperative launch or clusters, and W_hh does not fit in one block";
   int64_t best_cost = -1;
-  for (int64_t slices = 1; slices <= (grid_ok ? sms : 1) && slices <= H; ++slices) {
+  for (int64_t slices = 1; slices <= (max_slices > 1 ? max_slices : 1) && slices <= H; ++slices) {
     const int64_t U = cdiv(H, slices);
     if (cdiv(H, U) != slices) continue;  // the same U as a smaller slice count
     for (int64_t tiles = 1; tiles * slices <= sms && tiles <= B; ++tiles) {
@@ -106,22 +126,28 @@ inline Plan make_plan(int64_t G, int64_t B, int64_t H, int64_t esize, int64_t sm
       const int64_t smem = smem_bytes(G, H, U, bt, esize);
       const Gemm f = make_gemm(H, G * U, bt), b = make_gemm(G * H, U, bt);
       if (smem > smem_max || f.items > kThreads || b.items > kThreads) continue;
-      const bool grid = slices > 1;
+      const int scheme = slices == 1 ? kBlock : slices <= lim.cluster ? kCluster : kGrid;
       // forward and backward K loops per step, plus the barriers and (cells) the rows each block walks
       const int64_t barriers = cells ? 4 : 2;
+      const int64_t sync = scheme == kGrid ? kGridSyncCycles : scheme == kCluster ? kClusterSyncCycles : 0;
       const int64_t rows = cells ? 2 * cdiv(bt, slices) * (kRowPassCycles * cdiv(G * H, kThreads) + kRowSyncCycles) : 0;
-      const int64_t cost = (cdiv(H, f.ks) + cdiv(G * H, b.ks)) * kTile + rows + (grid ? barriers * kGridSyncCycles : 0);
+      const int64_t cost = (cdiv(H, f.ks) + cdiv(G * H, b.ks)) * kTile + rows + barriers * sync;
       if (best_cost < 0 || cost < best_cost) {
         best_cost = cost;
-        best.scheme = grid ? kGrid : kBlock;
+        best.scheme = scheme;
         best.units = U;
         best.slices = slices;
         best.bt = bt;
         best.tiles = tiles;
         best.smem = smem;
-        best.why = grid ? (cells ? "W_hh split over blocks by hidden units, two grid barriers per step (whole rows for the row phase)"
-                                 : "W_hh split over blocks by hidden units, a grid barrier per step")
-                        : "each block holds all of W_hh for its batch rows: no barrier between blocks";
+        best.why = scheme == kGrid    ? (cells ? "W_hh split over blocks by hidden units, two grid barriers per step "
+                                                   "(whole rows for the row phase)"
+                                                 : "W_hh split over blocks by hidden units, a grid barrier per step")
+                   : scheme == kCluster ? (cells ? "W_hh split over the blocks of a thread-block cluster per batch tile, "
+                                                   "two cluster barriers per step (whole rows for the row phase)"
+                                                 : "W_hh split over the blocks of a thread-block cluster per batch tile, "
+                                                   "a cluster barrier per step")
+                                        : "each block holds all of W_hh for its batch rows: no barrier between blocks";
       }
     }
   }
@@ -448,13 +474,6 @@ template <class Op, class X>
 FRNN_HD void ext_bwd_rows(const X& x, const ExtGradParams& p, const Plan& plan, const Owned& o, int64_t n) {
   for (int64_t r = o.u0 / plan.units; r < n; r += plan.slices) ext_bwd_row<Op, X, float>(x, p, o.r0 + r);
 }
-
-// What the plan needs of a device.
-struct Limits {
-  int64_t sms = 0;    // streaming multiprocessors
-  int64_t smem = 0;   // dynamic shared memory one block may opt in to, bytes
-  bool cooperative = false;
-};
 
 // CUDA: fp32, fp16, bf16, launched on `stream` (a cudaStream_t) of the current device. Defined in CUDA builds
 // only (persist_cuda.cu), where only calls on CUDA tensors reach them.

@@ -313,16 +313,17 @@ pybind11::dict build_info() {
 
 // The persistent engine's plan for G gates, batch B, hidden H, storage element size esize (8: fp64), with or
 // without proj_size, plain cells or fastrnn's own (`cells`), on a device with `sms` SMs, `smem` bytes of shared
-// memory per block and cooperative launch
+// memory per block, cooperative launch or not and thread-block clusters of up to `cluster` blocks (0: none)
 // or not (persist::plan_with, what a call on such a device takes).
 pybind11::dict persist_plan(int64_t G, int64_t B, int64_t H, int64_t esize, int64_t sms, int64_t smem,
-                            bool cooperative, bool proj, bool cells) {
+                            bool cooperative, bool proj, bool cells, int64_t cluster) {
   persist::Limits lim;
   lim.sms = sms;
   lim.smem = smem;
   lim.cooperative = cooperative;
+  lim.cluster = cluster;
   const persist::Plan p = persist::plan_with(lim, G, B, H, esize, proj, cells);
-  static const char* names[] = {"per-step", "block", "grid"};
+  static const char* names[] = {"per-step", "block", "grid", "cluster"};
   pybind11::dict d;
   d["scheme"] = names[p.scheme];
   d["units"] = p.units;
@@ -342,6 +343,7 @@ pybind11::dict cuda_limits(int device) {
   d["sms"] = l.sms;
   d["smem"] = l.smem;
   d["cooperative"] = l.cooperative;
+  d["cluster"] = l.cluster;
 #else
   (void)device;
   TORCH_CHECK(false, "fastrnn: _C was built without CUDA");
@@ -387,9 +389,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("_set_chunk_rows", &fastrnn::set_chunk_rows, "test hook: backward chunk size in rows (0: default)");
   m.def("persist_plan", &fastrnn::persist_plan, py::arg("G"), py::arg("B"), py::arg("H"), py::arg("esize"),
         py::arg("sms"), py::arg("smem"), py::arg("cooperative") = true, py::arg("proj") = false,
-        py::arg("cells") = false, "the persistent CUDA engine's plan for a problem on a device of these limits");
-  m.def("cuda_limits", &fastrnn::cuda_limits, py::arg("device"), "SM count, shared memory per block, cooperative launch");
+        py::arg("cells") = false, py::arg("cluster") = 0,
+        "the persistent CUDA engine's plan for a problem on a device of these limits");
+  m.def("cuda_limits", &fastrnn::cuda_limits, py::arg("device"),
+        "SM count, shared memory per block, cooperative launch, most blocks per thread-block cluster");
   m.def("_set_persist_emulation", &fastrnn::persist::set_emulation, py::arg("sms"), py::arg("smem"),
+        py::arg("cluster") = 0,
         "test hook: CPU fp32 calls run the persistent engine's block program as on a GPU of these limits (0: off)");
   m.def("cuda_probe", &fastrnn::cuda_probe_py,
         "touches the CUDA runtime (device count, one tiny kernel); raises RuntimeError on any CUDA error");

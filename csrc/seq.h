@@ -266,9 +266,9 @@ void ext_fwd(const Problem& pr, const Plan& plan, const at::Tensor& x, const Ext
              const at::Tensor& w_hh, const at::Tensor& operand, bool reverse);
 void ext_bwd(const Problem& pr, const Plan& plan, const at::Tensor& x, const ExtGradParams& base, bool bypass,
              const OptTensor& mask, const at::Tensor& w_hh, bool reverse);
-// Test hook (_C._set_persist_emulation): run CPU fp32 calls through the emulator as on a GPU with `sms` SMs and
-// `smem` bytes of shared memory per block; sms == 0: off.
-void set_emulation(int64_t sms, int64_t smem);
+// Test hook (_C._set_persist_emulation): run CPU fp32 calls through the emulator as on a GPU with `sms` SMs,
+// `smem` bytes of shared memory per block and clusters of up to `cluster` blocks (0: none); sms == 0: off.
+void set_emulation(int64_t sms, int64_t smem, int64_t cluster);
 }  // namespace persist
 
 }  // namespace fastrnn

@@ -29,8 +29,8 @@ def lib():
 
 
 @contextlib.contextmanager
-def emulated(sms: int, smem: int):
-    lib()._set_persist_emulation(sms, smem)
+def emulated(sms: int, smem: int, cluster: int = 0):
+    lib()._set_persist_emulation(sms, smem, cluster)
     try:
         yield
     finally:
@@ -201,3 +201,45 @@ def test_python_m_fastrnn_reports_plans_for_plain_and_new_cells():
         cells, = [ln for ln in lines if ln.startswith(f"  {mode} cells: ")]
         assert plain.count("B=") == cells.count("B=") == 5
     assert "grid [" in "".join(lines) and "per-step" in "".join(lines)
+
+
+
+def test_cluster_plans_where_the_split_fits_a_cluster():
+    """With thread-block clusters of up to 8 blocks (sm_90), a split over 2-8 blocks per batch tile is a cluster
+    (its barrier is cheaper than the grid's), a wider one a grid; without cooperative launch only clusters split."""
+    hopper = dict(H200, cluster=8)
+    seen = set()
+    for mode, B, H, dtype in itertools.product(MODES, (1, 16, 64), (128, 256, 512, 1024), (torch.float32, torch.bfloat16)):
+        p = cpp.persistent_plan(mode, B, H, dtype, limits=hopper)
+        plain = cpp.persistent_plan(mode, B, H, dtype, limits=H200)
+        seen.add(p["scheme"])
+        if p["scheme"] == "cluster":
+            assert 2 <= p["slices"] <= 8 and "cluster barrier" in p["why"]
+        elif p["scheme"] == "grid":
+            assert p["slices"] > 8
+        assert (p["scheme"] == "per-step") == (plain["scheme"] == "per-step")
+        no_coop = cpp.persistent_plan(mode, B, H, dtype, limits=dict(hopper, cooperative=False))
+        assert no_coop["scheme"] in ("per-step", "block", "cluster") and no_coop["slices"] <= 8
+    assert {"cluster", "grid", "block"} <= seen
+    # 512 KiB of bf16 W_hh over 8 blocks of a cluster, where no single block holds it
+    p = cpp.persistent_plan("LSTM", 64, 256, torch.bfloat16, limits=dict(hopper, cooperative=False))
+    assert p["scheme"] == "cluster" and p["slices"] == 8
+
+
+# a device whose clusters take the "split" device's W_hh slices: every split plan there becomes a cluster plan
+CLUSTER = DEVICES["split"] + (8,)
+# LSTM and GRU: two batch tiles of 3 rows, each a cluster of 3 blocks; RNN: one tile, a cluster of 6
+CLUSTER_CASES = [Case(m, 5, 6, 7, 33 if GATES[m] > 1 else 90, packed=True, reverse=True) for m in MODES]
+
+
+@pytest.mark.parametrize("cells", [False, True], ids=["plain", "cells"])
+@pytest.mark.parametrize("c", CLUSTER_CASES, ids=lambda c: c.id)
+def test_cluster_plans_run_the_block_program(c, cells):
+    smem = CLUSTER[1] + (ROW_SMEM if cells else 0)
+    plan = lib().persist_plan(GATES[c.mode], c.B, c.H, 4, CLUSTER[0], smem, cells=cells, cluster=CLUSTER[2])
+    assert plan["scheme"] == "cluster" and plan["tiles"] >= 1, plan
+    with emulated(CLUSTER[0], smem, CLUSTER[2]), nan_poisoned(CPU32):
+        if cells:
+            assert_cells_match(c, torch.float32, "ln-zo-rd")
+        else:
+            assert_matches_reference(CPU32, c)

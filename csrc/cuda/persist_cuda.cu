@@ -20,10 +20,19 @@ namespace cg = cooperative_groups;
 // The row phase runs cell_ln.h's rows on the block's threads through the row kernels' executor.
 static_assert(kRowThreads == kThreads, "RowBlock strides over the block's kThreads threads");
 
-// The end of a step: other blocks read this step's h (forward) or dgates (backward) only with slices > 1.
+// The end of a phase: other blocks read this step's h (forward) or dgates (backward) only with slices > 1, and
+// only their own batch tile's, so a cluster (one per tile) needs no more than its own barrier, which orders
+// global memory among its blocks (release / acquire at cluster scope). Clusters exist from sm_90 on; the plan
+// takes them only on such devices.
 __device__ __forceinline__ void step_barrier(const Plan& p) {
   if (p.scheme == kGrid) {
     cg::this_grid().sync();
+  } else if (p.scheme == kCluster) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    cg::this_cluster().sync();
+#else
+    __trap();
+#endif
   } else {
     __syncthreads();
   }
@@ -149,6 +158,21 @@ void launch(const void* kernel, const Args& args, cudaStream_t stream) {
   if (p.scheme == kGrid) {
     // a cooperative launch guarantees every block is resident at once, which the grid barrier needs
     C10_CUDA_CHECK(cudaLaunchCooperativeKernel(kernel, grid, block, params, static_cast<size_t>(p.smem), stream));
+  } else if (p.scheme == kCluster) {
+    // a tile's slices are consecutive blocks (persist.h owned()): one cluster each
+    cudaLaunchAttribute attr{};
+    attr.id = cudaLaunchAttributeClusterDimension;
+    attr.val.clusterDim.x = static_cast<unsigned>(p.slices);
+    attr.val.clusterDim.y = 1;
+    attr.val.clusterDim.z = 1;
+    cudaLaunchConfig_t cfg{};
+    cfg.gridDim = grid;
+    cfg.blockDim = block;
+    cfg.dynamicSmemBytes = static_cast<size_t>(p.smem);
+    cfg.stream = stream;
+    cfg.attrs = &attr;
+    cfg.numAttrs = 1;
+    C10_CUDA_CHECK(cudaLaunchKernelExC(&cfg, kernel, params));
   } else {
     C10_CUDA_CHECK(cudaLaunchKernel(kernel, grid, block, params, static_cast<size_t>(p.smem), stream));
   }
@@ -199,15 +223,21 @@ void ext_bwd_cuda(Mode m, const ExtBwd& f, void* stream) {
 }
 
 namespace {
+// The portable cluster size: larger ones need cudaFuncAttributeNonPortableClusterSizeAllowed and are not
+// guaranteed to be schedulable with a block per SM.
+constexpr int64_t kMaxCluster = 8;
+
 Limits query_limits(int device) {
   Limits l;
-  int sms = 0, smem = 0, coop = 0;
+  int sms = 0, smem = 0, coop = 0, cluster = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&coop, cudaDevAttrCooperativeLaunch, device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&cluster, cudaDevAttrClusterLaunch, device));
   l.sms = sms;
   l.smem = smem;
   l.cooperative = coop != 0;
+  l.cluster = cluster != 0 ? kMaxCluster : 0;
   return l;
 }
 }  // namespace
