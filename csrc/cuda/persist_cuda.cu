@@ -148,17 +148,23 @@ __global__ void __launch_bounds__(kThreads, 1) ext_bwd_kernel(const ExtBwd f) {
   }
 }
 
+// Whether a cluster of `slices` blocks with this kernel's shared memory can be placed at all (the blocks of a
+// cluster share one GPC): the device's limits alone do not say.
+bool cluster_fits(const void* kernel, const cudaLaunchConfig_t& cfg) {
+  int clusters = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg));
+  return clusters > 0;
+}
+
 template <class Args>
 void launch(const void* kernel, const Args& args, cudaStream_t stream) {
-  const Plan& p = args.plan;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(p.smem)));
-  const dim3 grid(static_cast<unsigned>(p.tiles * p.slices)), block(kThreads);
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      static_cast<int>(args.plan.smem)));
+  const dim3 grid(static_cast<unsigned>(args.plan.tiles * args.plan.slices)), block(kThreads);
   Args copy = args;
+  Plan& p = copy.plan;
   void* params[] = {&copy};
-  if (p.scheme == kGrid) {
-    // a cooperative launch guarantees every block is resident at once, which the grid barrier needs
-    C10_CUDA_CHECK(cudaLaunchCooperativeKernel(kernel, grid, block, params, static_cast<size_t>(p.smem), stream));
-  } else if (p.scheme == kCluster) {
+  if (p.scheme == kCluster) {
     // a tile's slices are consecutive blocks (persist.h owned()): one cluster each
     cudaLaunchAttribute attr{};
     attr.id = cudaLaunchAttributeClusterDimension;
@@ -172,7 +178,16 @@ void launch(const void* kernel, const Args& args, cudaStream_t stream) {
     cfg.stream = stream;
     cfg.attrs = &attr;
     cfg.numAttrs = 1;
-    C10_CUDA_CHECK(cudaLaunchKernelExC(&cfg, kernel, params));
+    if (cluster_fits(kernel, cfg)) {
+      C10_CUDA_CHECK(cudaLaunchKernelExC(&cfg, kernel, params));
+      return;
+    }
+    // the same blocks, meeting at the grid barrier instead (the plan keeps its blocks within the SM count)
+    p.scheme = kGrid;
+  }
+  if (p.scheme == kGrid) {
+    // a cooperative launch guarantees every block is resident at once, which the grid barrier needs
+    C10_CUDA_CHECK(cudaLaunchCooperativeKernel(kernel, grid, block, params, static_cast<size_t>(p.smem), stream));
   } else {
     C10_CUDA_CHECK(cudaLaunchKernel(kernel, grid, block, params, static_cast<size_t>(p.smem), stream));
   }
