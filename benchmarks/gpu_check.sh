@@ -7,7 +7,8 @@
 #      fwd+bwd), with the persistent engine on (memcheck also without);
 #   4. the benchmark on CUDA against cuDNN with the persistent engine on (python benchmarks/bench_rnn.py --quick
 #      --device cuda), then the LayerNorm LSTM on the cpp and Triton backends against the hand-written loop
-#      (python benchmarks/bench_layernorm.py --device cuda).
+#      (python benchmarks/bench_layernorm.py --device cuda), then two configurations again with the persistent
+#      engine's split plans at the grid barrier instead of a cluster's (FASTRNN_PERSISTENT_CLUSTER=0).
 # Each step has a time limit (seconds, in STEPS below), so a hang costs one step, not the session.
 # Everything goes to benchmarks/results/gpu/ (or --out DIR): one log per step and summary.md.
 #
@@ -70,6 +71,8 @@ done
 [ $BENCH = 1 ] && STEPS+=("benchmark|300|$ON $PY benchmarks/bench_rnn.py --quick --device cuda --out $OUT")
 [ $BENCH = 1 ] && STEPS+=("layernorm|120|$ON $PY benchmarks/bench_layernorm.py --device cuda --rounds 5 --min-time 0.1 \
 --backend cpp --backend triton --out $OUT/layernorm.md")
+[ $BENCH = 1 ] && STEPS+=("grid-barrier|120|$ON FASTRNN_PERSISTENT_CLUSTER=0 $PY benchmarks/bench_rnn.py --device cuda \
+--config 512,16,128,128,1 --config 100,64,256,256,1 --impls fastrnn-cpp,torch.nn --quick --out $OUT/grid-barrier")
 
 if [ $DRY = 1 ]; then
     echo "gpu_check plan (from the repository root; logs and summary.md in $OUT/):"
@@ -128,6 +131,7 @@ for step in "${STEPS[@]}"; do
     echo "   $result ($((SECONDS - start)) s)"
     echo "| $name | $result ($((SECONDS - start)) s) | [$name.log]($name.log) |" >> "$SUMMARY"
 done
-[ $BENCH = 1 ] && echo -e "\nBenchmark reports: [results.md](results.md), [layernorm.md](layernorm.md)" >> "$SUMMARY"
+[ $BENCH = 1 ] && echo -e "\nBenchmark reports: [results.md](results.md), [layernorm.md](layernorm.md), \
+[grid-barrier/results.md](grid-barrier/results.md)" >> "$SUMMARY"
 echo "wrote $SUMMARY"
 exit $failed

@@ -4,6 +4,8 @@
 #include <cooperative_groups.h>
 #include <cuda_runtime.h>
 
+#include <cstdlib>
+#include <cstring>
 #include <mutex>
 #include <type_traits>
 #include <unordered_map>
@@ -242,6 +244,13 @@ namespace {
 // guaranteed to be schedulable with a block per SM.
 constexpr int64_t kMaxCluster = 8;
 
+// FASTRNN_PERSISTENT_CLUSTER=0 plans as if the GPU had no clusters (split plans then meet at the grid barrier),
+// to measure one barrier against the other; read once per device, with its limits.
+bool clusters_allowed() {
+  const char* v = std::getenv("FASTRNN_PERSISTENT_CLUSTER");
+  return v == nullptr || std::strcmp(v, "0") != 0;
+}
+
 Limits query_limits(int device) {
   Limits l;
   int sms = 0, smem = 0, coop = 0, cluster = 0;
@@ -252,7 +261,7 @@ Limits query_limits(int device) {
   l.sms = sms;
   l.smem = smem;
   l.cooperative = coop != 0;
-  l.cluster = cluster != 0 ? kMaxCluster : 0;
+  l.cluster = cluster != 0 && clusters_allowed() ? kMaxCluster : 0;
   return l;
 }
 }  // namespace
