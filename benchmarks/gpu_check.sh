@@ -4,7 +4,7 @@
 #   2. the tests that carry the `cuda` marker (python -m pytest -m cuda; in parallel with pytest-xdist), once on
 #      the per-step path and once with the persistent engine on (FASTRNN_PERSISTENT=1);
 #   3. compute-sanitizer's memcheck, racecheck and synccheck over benchmarks/gpu_smoke.py (every kernel once,
-#      fwd+bwd), with the persistent engine on (memcheck also without);
+#      fwd+bwd), with the persistent engine on (memcheck also without, and with clusters off);
 #   4. the benchmark on CUDA against cuDNN with the persistent engine on (python benchmarks/bench_rnn.py --quick
 #      --device cuda), then the LayerNorm LSTM on the cpp and Triton backends against the hand-written loop
 #      (python benchmarks/bench_layernorm.py --device cuda), then two configurations again with the persistent
@@ -68,6 +68,8 @@ STEPS+=("memcheck|120|$SAN --tool memcheck $PY benchmarks/gpu_smoke.py")
 for tool in memcheck racecheck synccheck; do
     STEPS+=("$tool-persistent|180|$ON $SAN --tool $tool $PY benchmarks/gpu_smoke.py")
 done
+# the split plans again at the grid barrier: on sm_90 the steps above take clusters
+STEPS+=("memcheck-grid|180|$ON FASTRNN_PERSISTENT_CLUSTER=0 $SAN --tool memcheck $PY benchmarks/gpu_smoke.py")
 [ $BENCH = 1 ] && STEPS+=("benchmark|300|$ON $PY benchmarks/bench_rnn.py --quick --device cuda --out $OUT")
 [ $BENCH = 1 ] && STEPS+=("layernorm|120|$ON $PY benchmarks/bench_layernorm.py --device cuda --rounds 5 --min-time 0.1 \
 --backend cpp --backend triton --out $OUT/layernorm.md")

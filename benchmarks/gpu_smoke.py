@@ -49,7 +49,8 @@ CASES = [SmokeCase("cpp", m) for m in MODES] + [SmokeCase("triton", m, v) for v 
     SmokeCase("triton", "LSTM", "step", proj=True),  # "seq" has no projection
 ] + [SmokeCase("cpp", m, cells=True) for m in MODES] + [
     # with FASTRNN_PERSISTENT=1: W_hh of H_GRID fits no single block, so the persistent engine splits it over
-    # blocks (its grid barriers run; at H the whole W_hh sits in each block)
+    # blocks meeting at a cluster's barrier (sm_90) or the grid's (FASTRNN_PERSISTENT_CLUSTER=0, or before
+    # sm_90); at H the whole W_hh sits in each block
     SmokeCase("cpp", m, hidden=H_GRID, cells=c) for m in MODES for c in (False, True)] + [
     SmokeCase("triton", m, v, cells=True) for v in ("step", "seq") for m in MODES]  # fmt: skip
 

@@ -12,7 +12,10 @@
 //   block's (slices == 1).
 // Backward mirrors it: the cell backward of each (row, own unit) writes dgates, a barrier, then
 // dh_{t-1}[rows, own units] = dgates[rows, :] . W_hh[:, own units]. c and dc are read and written only by the
-// block that owns their unit; h_{t-1} and dgates cross blocks through L2 (loaded with ld.global.cg).
+// block that owns their unit; h_{t-1} and dgates cross blocks through L2 (loaded with ld.global.cg). The row
+// phase of fastrnn's own cells (below) and the backward sink's add read other blocks' hs and dh with plain
+// loads: safe because the grid and cluster barriers acquire (grid.sync fences; barrier.cluster.wait is .acquire
+// by default), which a split arrive / relaxed wait would break.
 #pragma once
 
 #include <cmath>

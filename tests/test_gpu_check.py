@@ -24,7 +24,7 @@ def test_dry_run_prints_every_step_with_its_log():
     assert proc.returncode == 0, proc.stderr
     steps = [ln.split(":")[0].strip() for ln in proc.stdout.splitlines()[1:]]
     assert steps == ["backends", "cuda-tests", "cuda-tests-persistent", "memcheck", "memcheck-persistent",
-                     "racecheck-persistent", "synccheck-persistent", "benchmark", "layernorm", "grid-barrier"]
+                     "racecheck-persistent", "synccheck-persistent", "memcheck-grid", "benchmark", "layernorm", "grid-barrier"]
     assert "pytest -m cuda" in proc.stdout and "--tool racecheck" in proc.stdout and "--tool synccheck" in proc.stdout
     assert "FASTRNN_PERSISTENT=1" in proc.stdout.split("cuda-tests-persistent:")[1].splitlines()[0]
     assert all("(limit " in ln for ln in proc.stdout.splitlines()[1:])

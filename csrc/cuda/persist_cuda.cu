@@ -158,6 +158,14 @@ bool cluster_fits(const void* kernel, const cudaLaunchConfig_t& cfg) {
   return clusters > 0;
 }
 
+// Whether the kernel runs sm_90 code, where the cluster barrier exists: a build without it (FASTRNN_CUDA_ARCHS
+// below 90) runs its PTX on a Hopper GPU, where step_barrier's cluster branch would trap.
+bool has_clusters(const void* kernel) {
+  cudaFuncAttributes attr{};
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
+  return attr.ptxVersion >= 90;
+}
+
 template <class Args>
 void launch(const void* kernel, const Args& args, cudaStream_t stream) {
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -180,11 +188,17 @@ void launch(const void* kernel, const Args& args, cudaStream_t stream) {
     cfg.stream = stream;
     cfg.attrs = &attr;
     cfg.numAttrs = 1;
-    if (cluster_fits(kernel, cfg)) {
+    if (has_clusters(kernel) && cluster_fits(kernel, cfg)) {
       C10_CUDA_CHECK(cudaLaunchKernelExC(&cfg, kernel, params));
       return;
     }
     // the same blocks, meeting at the grid barrier instead (the plan keeps its blocks within the SM count)
+    int device = 0, coop = 0;
+    C10_CUDA_CHECK(cudaGetDevice(&device));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&coop, cudaDevAttrCooperativeLaunch, device));
+    TORCH_CHECK(coop != 0, "fastrnn: the persistent engine planned a thread-block cluster of ", p.slices,
+                " blocks that this GPU cannot place or this build cannot run (no sm_90 code), and the GPU has no "
+                "cooperative launch for the grid barrier instead; unset FASTRNN_PERSISTENT for the per-step path");
     p.scheme = kGrid;
   }
   if (p.scheme == kGrid) {
