@@ -47,8 +47,7 @@ void emulate_gemm(const Gemm& g, const Smem<float>& sm, int64_t n, const A& a, c
   for (int tid = 0; tid < kThreads; ++tid) reduce(g, sm, tid, n, sink);
 }
 
-// The block program on the CPU: every block's threads phase by phase with the barriers in between, all blocks
-// through a phase before the next where a grid barrier separates them, as in persist_cuda.cu's kernels.
+// Every block's shared memory for the emulator, as the kernels carve theirs.
 struct Blocks {
   std::vector<std::vector<char>> smem;
   std::vector<float> acc = std::vector<float>(int64_t(kThreads) * kTile);
@@ -64,92 +63,37 @@ struct Blocks {
   Smem<float> sm(const Plan& p, int64_t b) { return Smem<float>::carve(smem[b].data(), p.bt); }
 };
 
-template <class Op>
-void emulate_fwd(const Fwd& f) {
-  const Plan& p = f.plan;
-  Blocks bl(p, f.H, [&](const Smem<float>& sm, int tid, int64_t u0) { fwd_load_w<float>(f, sm, tid, u0); });
-  const Gemm g = make_gemm(f.H, f.G * p.units, p.bt);
-  for (int64_t k = 0; k < f.lay.T; ++k) {
-    const StepRows s = step_rows(f.lay, k);
-    for (int64_t b = 0; b < bl.blocks(); ++b) {
-      const Owned o = owned(p, f.H, b);
-      const int64_t n = tile_rows(p, o, s);
-      if (n == 0) continue;
-      emulate_gemm(g, bl.sm(p, b), n,
-                   FwdOperand<float>{static_cast<const float*>(f.base.y), static_cast<const float*>(f.h0), f.H, o.r0, s},
-                   FwdSink<float>{static_cast<float*>(const_cast<void*>(f.base.hg)), f.H, f.G, p.units, o.u0, o.r0}, bl.acc);
-      const CellParams cp = fwd_step_params<float>(f, s);
-      for (int tid = 0; tid < kThreads; ++tid) cell_phase<Op, float>(cp, o, n, tid);
-    }
+// The block's executor for persist.h's programs on the CPU: each phase on every thread in turn, the GEMM as
+// persist_cuda.cu's block_gemm runs it, rows on one thread (RowSerial, the CPU kernels' executor).
+struct EmulatedBlock {
+  std::vector<float>* acc;
+  template <class A, class Sink>
+  void gemm(const Gemm& g, const Smem<float>& sm, int64_t n, const A& a, const Sink& sink) const {
+    emulate_gemm(g, sm, n, a, sink, *acc);
   }
-}
-
-template <class Op>
-void emulate_bwd(const Bwd& f) {
-  const Plan& p = f.plan;
-  Blocks bl(p, f.H, [&](const Smem<float>& sm, int tid, int64_t u0) { bwd_load_w<float>(f, sm, tid, u0); });
-  const Gemm g = make_gemm(f.G * f.H, p.units, p.bt);
-  for (int64_t k = f.lay.T - 1; k >= 0; --k) {
-    const StepRows s = step_rows(f.lay, k);
-    for (int64_t b = 0; b < bl.blocks(); ++b) {
-      const Owned o = owned(p, f.H, b);
-      const int64_t n = tile_rows(p, o, s);
-      const CellGradParams cp = bwd_step_params<float>(f, s);
-      for (int tid = 0; tid < kThreads && n > 0; ++tid) cell_phase<Op, float>(cp, o, n, tid);
-    }
-    for (int64_t b = 0; b < bl.blocks(); ++b) {
-      const Owned o = owned(p, f.H, b);
-      const int64_t n = tile_rows(p, o, s);
-      if (n == 0) continue;
-      emulate_gemm(g, bl.sm(p, b), n, BwdOperand<float>{static_cast<const float*>(f.base.dgh), f.G * f.H, o.r0, s},
-                   BwdSink<float>{static_cast<float*>(f.base.dh_prev), f.H, o.u0, o.r0, f.gru}, bl.acc);
-    }
+  template <class F>
+  void threads(const F& f) const {
+    for (int tid = 0; tid < kThreads; ++tid) f(tid);
   }
-}
+  void sync() const {}
+  RowSerial rows() const { return {}; }
+};
 
-// fastrnn's own cells: the row phase runs each row on one thread (RowSerial, the CPU kernels' executor); its
-// rows are the ones the kernel's block takes, in the same order.
-template <class Op>
-void emulate_ext_fwd(const ExtFwd& f) {
+// A block program (persist.h: FwdProgram, BwdProgram, ExtFwdProgram, ExtBwdProgram) on the CPU: each phase on
+// all blocks before the next, in block order, which is what either barrier after a phase guarantees and more.
+template <class Prog>
+void emulate(const typename Prog::Args& f) {
   const Plan& p = f.plan;
-  Blocks bl(p, f.H, [&](const Smem<float>& sm, int tid, int64_t u0) { fwd_load_w<float>(f, sm, tid, u0); });
-  const Gemm g = make_gemm(f.H, f.G * p.units, p.bt);
-  for (int64_t k = 0; k < f.lay.T; ++k) {
-    const StepRows s = step_rows(f.lay, k);
-    const ExtParams ep = ext_step_params(f, s);
-    for (int64_t b = 0; b < bl.blocks(); ++b) {
-      const Owned o = owned(p, f.H, b);
-      const int64_t n = tile_rows(p, o, s);
-      if (n == 0) continue;
-      emulate_gemm(g, bl.sm(p, b), n, RowsOperand{static_cast<const float*>(f.operand), f.H, o.r0},
-                   FwdSink<float>{static_cast<float*>(ep.hs), f.H, f.G, p.units, o.u0, o.r0}, bl.acc);
-    }
-    for (int64_t b = 0; b < bl.blocks(); ++b) {
-      const Owned o = owned(p, f.H, b);
-      ext_fwd_rows<Op>(RowSerial{}, ep, p, o, tile_rows(p, o, s));
-    }
-  }
-}
-
-template <class Op>
-void emulate_ext_bwd(const ExtBwd& f) {
-  const Plan& p = f.plan;
-  Blocks bl(p, f.H, [&](const Smem<float>& sm, int tid, int64_t u0) { bwd_load_w<float>(f, sm, tid, u0); });
-  const Gemm g = make_gemm(f.G * f.H, p.units, p.bt);
-  for (int64_t k = f.lay.T - 1; k >= 0; --k) {
-    const StepRows s = step_rows(f.lay, k);
-    for (int64_t b = 0; b < bl.blocks(); ++b) {
-      const Owned o = owned(p, f.H, b);
-      ext_bwd_rows<Op>(RowSerial{}, ext_step_params(f, s, b), p, o, tile_rows(p, o, s));
-    }
-    for (int64_t b = 0; b < bl.blocks(); ++b) {
-      const Owned o = owned(p, f.H, b);
-      const int64_t n = tile_rows(p, o, s);
-      if (n == 0) continue;
-      emulate_gemm(g, bl.sm(p, b), n, BwdOperand<float>{static_cast<const float*>(f.base.dgh), f.G * f.H, o.r0, s},
-                   BwdSink<float>{static_cast<float*>(const_cast<void*>(f.base.dh)), f.H, o.u0, o.r0, f.bypass,
-                                  static_cast<const float*>(f.mask)},
-                   bl.acc);
+  Blocks bl(p, f.H, [&](const Smem<float>& sm, int tid, int64_t u0) { Prog::load(f, sm, tid, u0); });
+  const Gemm g = Prog::gemm(f);
+  const EmulatedBlock x{&bl.acc};
+  for (int64_t i = 0; i < f.lay.T; ++i) {
+    const StepRows s = step_rows(f.lay, Prog::kForward ? i : f.lay.T - 1 - i);
+    for (int ph = 0; ph < Prog::kPhases; ++ph) {
+      for (int64_t b = 0; b < bl.blocks(); ++b) {
+        const Owned o = owned(p, f.H, b);
+        Prog::phase(f, ph, x, bl.sm(p, b), g, s, o, tile_rows(p, o, s), b);
+      }
     }
   }
 }
@@ -260,7 +204,7 @@ std::vector<Tensor> fwd(const Problem& pr, const Plan& plan, const Tensor& x, co
     p.hn_stride = save_hn ? H : GH;
   }
   run(
-      x, [&] { visit_fwd(pr.mode, [&](auto op) { emulate_fwd<decltype(op)>(f); }); },
+      x, [&] { visit_fwd(pr.mode, [&](auto op) { emulate<FwdProgram<decltype(op), float>>(f); }); },
       [&](void* stream) { fwd_cuda(pr.mode, dtype_of(x), f, stream); });
   const bool save_gates = save && (pr.lstm || pr.gru);
   return {y, hs, cs, save_gates ? gates : empty0(x), c_save, hn_save};
@@ -302,7 +246,7 @@ std::vector<Tensor> bwd(const Problem& pr, const Plan& plan, const Tensor& x, co
   p.dgh = dgh.data_ptr();
   p.dh_prev = dhs.data_ptr();
   run(
-      x, [&] { visit_bwd(pr.mode, [&](auto op) { emulate_bwd<decltype(op)>(f); }); },
+      x, [&] { visit_bwd(pr.mode, [&](auto op) { emulate<BwdProgram<decltype(op), float>>(f); }); },
       [&](void* stream) { bwd_cuda(pr.mode, dtype_of(x), f, stream); });
 
   // The weight gradients as one chunk of all N rows: packed h_{t-1} rows gathered by one index_select from
@@ -327,7 +271,7 @@ void ext_fwd(const Problem& pr, const Plan& plan, const Tensor& x, const ExtPara
   const LayoutBuf lb(pr, x, reverse);
   const ExtFwd f{plan, lb.lay, pr.H, pr.G, base, save, w_hh.data_ptr(), operand.data_ptr()};
   run(
-      x, [&] { visit_ext(pr.mode, [&](auto op) { emulate_ext_fwd<decltype(op)>(f); }); },
+      x, [&] { visit_ext(pr.mode, [&](auto op) { emulate<ExtFwdProgram<decltype(op)>>(f); }); },
       [&](void* stream) { ext_fwd_cuda(pr.mode, f, stream); });
 }
 
@@ -336,7 +280,7 @@ void ext_bwd(const Problem& pr, const Plan& plan, const Tensor& x, const ExtGrad
   const LayoutBuf lb(pr, x, reverse);
   const ExtBwd f{plan, lb.lay, pr.H, pr.G, base, bypass, mask ? mask->data_ptr() : nullptr, w_hh.data_ptr()};
   run(
-      x, [&] { visit_ext(pr.mode, [&](auto op) { emulate_ext_bwd<decltype(op)>(f); }); },
+      x, [&] { visit_ext(pr.mode, [&](auto op) { emulate<ExtBwdProgram<decltype(op)>>(f); }); },
       [&](void* stream) { ext_bwd_cuda(pr.mode, f, stream); });
 }
 

@@ -478,6 +478,100 @@ FRNN_HD void ext_bwd_rows(const X& x, const ExtGradParams& p, const Plan& plan, 
   for (int64_t r = o.u0 / plan.units; r < n; r += plan.slices) ext_bwd_row<Op, X, float>(x, p, o.r0 + r);
 }
 
+// ---------------------------------------------------------------------------------------------------
+// The four block programs (plain cells and fastrnn's own, forward and backward) as the phases of one step, so
+// that one kernel (persist_cuda.cu) and one emulator (persist.cpp) run them all. Every block runs each phase;
+// after phase ph comes the step barrier where step_barrier_after(ph) (other blocks read what it wrote), else
+// only the block's. X is the block's executor: gemm(g, sm, n, a, sink) the block GEMM, threads(f) f(tid) for
+// each of its threads, sync() the block barrier, rows() cell_ln.h's row executor.
+template <class Op, typename T>
+struct FwdProgram {  // GEMM and cell of the block's units, then the step barrier
+  using Args = Fwd;
+  using Elem = T;
+  static constexpr bool kForward = true;
+  static constexpr int kPhases = 1;
+  FRNN_HD static bool step_barrier_after(int) { return true; }
+  FRNN_HD static Gemm gemm(const Args& f) { return make_gemm(f.H, f.G * f.plan.units, f.plan.bt); }
+  FRNN_HD static void load(const Args& f, const Smem<T>& sm, int tid, int64_t u0) { fwd_load_w<T>(f, sm, tid, u0); }
+  template <class X>
+  FRNN_HD static void phase(const Args& f, int, const X& x, const Smem<T>& sm, const Gemm& g, const StepRows& s,
+                            const Owned& o, int64_t n, int64_t) {
+    if (n == 0) return;
+    x.gemm(g, sm, n, FwdOperand<T>{static_cast<const T*>(f.base.y), static_cast<const T*>(f.h0), f.H, o.r0, s},
+           FwdSink<T>{static_cast<T*>(const_cast<void*>(f.base.hg)), f.H, f.G, f.plan.units, o.u0, o.r0});
+    x.sync();
+    const CellParams p = fwd_step_params<T>(f, s);
+    x.threads([&](int tid) { cell_phase<Op, T>(p, o, n, tid); });
+  }
+};
+
+template <class Op, typename T>
+struct BwdProgram {  // cell backward of the block's units, the step barrier, dh_{t-1} of its units
+  using Args = Bwd;
+  using Elem = T;
+  static constexpr bool kForward = false;
+  static constexpr int kPhases = 2;
+  FRNN_HD static bool step_barrier_after(int ph) { return ph == 0; }
+  FRNN_HD static Gemm gemm(const Args& f) { return make_gemm(f.G * f.H, f.plan.units, f.plan.bt); }
+  FRNN_HD static void load(const Args& f, const Smem<T>& sm, int tid, int64_t u0) { bwd_load_w<T>(f, sm, tid, u0); }
+  template <class X>
+  FRNN_HD static void phase(const Args& f, int ph, const X& x, const Smem<T>& sm, const Gemm& g, const StepRows& s,
+                            const Owned& o, int64_t n, int64_t) {
+    if (n == 0) return;
+    if (ph == 0) {
+      const CellGradParams p = bwd_step_params<T>(f, s);
+      x.threads([&](int tid) { cell_phase<Op, T>(p, o, n, tid); });
+    } else {
+      x.gemm(g, sm, n, BwdOperand<T>{static_cast<const T*>(f.base.dgh), f.G * f.H, o.r0, s},
+             BwdSink<T>{static_cast<T*>(f.base.dh_prev), f.H, o.u0, o.r0, f.gru});
+    }
+  }
+};
+
+template <class Op>
+struct ExtFwdProgram {  // GEMM of the block's columns, the step barrier, the row phase, the step barrier
+  using Args = ExtFwd;
+  using Elem = float;
+  static constexpr bool kForward = true;
+  static constexpr int kPhases = 2;
+  FRNN_HD static bool step_barrier_after(int) { return true; }
+  FRNN_HD static Gemm gemm(const Args& f) { return make_gemm(f.H, f.G * f.plan.units, f.plan.bt); }
+  FRNN_HD static void load(const Args& f, const Smem<float>& sm, int tid, int64_t u0) {
+    fwd_load_w<float>(f, sm, tid, u0);
+  }
+  template <class X>
+  FRNN_HD static void phase(const Args& f, int ph, const X& x, const Smem<float>& sm, const Gemm& g,
+                            const StepRows& s, const Owned& o, int64_t n, int64_t) {
+    const ExtParams p = ext_step_params(f, s);
+    if (ph == 1) return ext_fwd_rows<Op>(x.rows(), p, f.plan, o, n);
+    if (n == 0) return;
+    x.gemm(g, sm, n, RowsOperand{static_cast<const float*>(f.operand), f.H, o.r0},
+           FwdSink<float>{static_cast<float*>(p.hs), f.H, f.G, f.plan.units, o.u0, o.r0});
+  }
+};
+
+template <class Op>
+struct ExtBwdProgram {  // the row phase, the step barrier, dh_{t-1} of the block's units, the step barrier
+  using Args = ExtBwd;
+  using Elem = float;
+  static constexpr bool kForward = false;
+  static constexpr int kPhases = 2;
+  FRNN_HD static bool step_barrier_after(int) { return true; }
+  FRNN_HD static Gemm gemm(const Args& f) { return make_gemm(f.G * f.H, f.plan.units, f.plan.bt); }
+  FRNN_HD static void load(const Args& f, const Smem<float>& sm, int tid, int64_t u0) {
+    bwd_load_w<float>(f, sm, tid, u0);
+  }
+  template <class X>
+  FRNN_HD static void phase(const Args& f, int ph, const X& x, const Smem<float>& sm, const Gemm& g,
+                            const StepRows& s, const Owned& o, int64_t n, int64_t blk) {
+    if (ph == 0) return ext_bwd_rows<Op>(x.rows(), ext_step_params(f, s, blk), f.plan, o, n);
+    if (n == 0) return;
+    x.gemm(g, sm, n, BwdOperand<float>{static_cast<const float*>(f.base.dgh), f.G * f.H, o.r0, s},
+           BwdSink<float>{static_cast<float*>(const_cast<void*>(f.base.dh)), f.H, o.u0, o.r0, f.bypass,
+                          static_cast<const float*>(f.mask)});
+  }
+};
+
 // CUDA: fp32, fp16, bf16, launched on `stream` (a cudaStream_t) of the current device. Defined in CUDA builds
 // only (persist_cuda.cu), where only calls on CUDA tensors reach them.
 void fwd_cuda(Mode m, Dtype d, const Fwd& f, void* stream);

@@ -57,96 +57,51 @@ __device__ __forceinline__ void block_gemm(const Gemm& g, const Smem<T>& sm, int
   reduce(g, sm, tid, n, sink);
 }
 
-// f: the forward of a layer (persist.h Fwd); grid: plan.tiles * plan.slices blocks of kThreads.
-template <class Op, typename T>
-__global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const Fwd f) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  const int tid = threadIdx.x;
-  const Owned o = owned(f.plan, f.H, blockIdx.x);
-  const Smem<T> sm = Smem<T>::carve(smem_raw, f.plan.bt);
-  const Gemm g = make_gemm(f.H, f.G * f.plan.units, f.plan.bt);
-  fwd_load_w<T>(f, sm, tid, o.u0);
-  for (int64_t k = 0; k < f.lay.T; ++k) {
-    const StepRows s = step_rows(f.lay, k);
-    const int64_t n = tile_rows(f.plan, o, s);
-    if (n > 0) {
-      block_gemm(g, sm, tid, n, FwdOperand<T>{static_cast<const T*>(f.base.y), static_cast<const T*>(f.h0), f.H, o.r0, s},
-                 FwdSink<T>{static_cast<T*>(const_cast<void*>(f.base.hg)), f.H, f.G, f.plan.units, o.u0, o.r0});
-      __syncthreads();
-      cell_phase<Op, T>(fwd_step_params<T>(f, s), o, n, tid);
-    }
-    step_barrier(f.plan);
+// The block's executor for persist.h's programs: its threads run the phases side by side. Host stubs only keep
+// the host pass of the __host__ __device__ programs compiling.
+struct BlockExec {
+  int tid;
+  template <typename T, class A, class Sink>
+  FRNN_HD void gemm(const Gemm& g, const Smem<T>& sm, int64_t n, const A& a, const Sink& sink) const {
+#if defined(__CUDA_ARCH__)
+    block_gemm(g, sm, tid, n, a, sink);
+#endif
   }
-}
-
-template <class Op, typename T>
-__global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const Bwd f) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  const int tid = threadIdx.x;
-  const Owned o = owned(f.plan, f.H, blockIdx.x);
-  const Smem<T> sm = Smem<T>::carve(smem_raw, f.plan.bt);
-  const Gemm g = make_gemm(f.G * f.H, f.plan.units, f.plan.bt);
-  bwd_load_w<T>(f, sm, tid, o.u0);
-  __syncthreads();
-  for (int64_t k = f.lay.T - 1; k >= 0; --k) {
-    const StepRows s = step_rows(f.lay, k);
-    const int64_t n = tile_rows(f.plan, o, s);
-    if (n > 0) cell_phase<Op, T>(bwd_step_params<T>(f, s), o, n, tid);
-    step_barrier(f.plan);
-    if (n > 0) {
-      block_gemm(g, sm, tid, n, BwdOperand<T>{static_cast<const T*>(f.base.dgh), f.G * f.H, o.r0, s},
-                 BwdSink<T>{static_cast<T*>(f.base.dh_prev), f.H, o.u0, o.r0, f.gru});
-    }
+  template <class F>
+  FRNN_HD void threads(const F& f) const {
+    f(tid);
+  }
+  FRNN_HD void sync() const {
+#if defined(__CUDA_ARCH__)
     __syncthreads();
+#endif
   }
-}
+  FRNN_HD RowBlock rows() const { return {}; }
+};
 
-// f: fastrnn's own cells' forward (persist.h ExtFwd): per step the GEMM into hs, a barrier, the row phase, a
-// barrier. Every block reaches every barrier, with rows this step or not.
-template <class Op>
-__global__ void __launch_bounds__(kThreads, 1) ext_fwd_kernel(const ExtFwd f) {
+// f: one layer and direction (Prog::Args); grid: plan.tiles * plan.slices blocks of kThreads. Every block
+// reaches every barrier, with rows this step or not.
+template <class Prog>
+__global__ void __launch_bounds__(kThreads, 1) persist_kernel(const typename Prog::Args f) {
+  using T = typename Prog::Elem;
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  const int tid = threadIdx.x;
+  const BlockExec x{static_cast<int>(threadIdx.x)};
   const Owned o = owned(f.plan, f.H, blockIdx.x);
-  const Smem<float> sm = Smem<float>::carve(smem_raw, f.plan.bt);
-  const Gemm g = make_gemm(f.H, f.G * f.plan.units, f.plan.bt);
-  fwd_load_w<float>(f, sm, tid, o.u0);
-  for (int64_t k = 0; k < f.lay.T; ++k) {
-    const StepRows s = step_rows(f.lay, k);
-    const int64_t n = tile_rows(f.plan, o, s);
-    const ExtParams p = ext_step_params(f, s);
-    if (n > 0) {
-      block_gemm(g, sm, tid, n, RowsOperand{static_cast<const float*>(f.operand), f.H, o.r0},
-                 FwdSink<float>{static_cast<float*>(p.hs), f.H, f.G, f.plan.units, o.u0, o.r0});
-    }
-    step_barrier(f.plan);
-    ext_fwd_rows<Op>(RowBlock{}, p, f.plan, o, n);
-    step_barrier(f.plan);
-  }
-}
-
-// f: its backward (persist.h ExtBwd): per step the row phase, a barrier, dh_{t-1} from the block's W_hh slice,
-// a barrier.
-template <class Op>
-__global__ void __launch_bounds__(kThreads, 1) ext_bwd_kernel(const ExtBwd f) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  const int tid = threadIdx.x;
-  const Owned o = owned(f.plan, f.H, blockIdx.x);
-  const Smem<float> sm = Smem<float>::carve(smem_raw, f.plan.bt);
-  const Gemm g = make_gemm(f.G * f.H, f.plan.units, f.plan.bt);
-  bwd_load_w<float>(f, sm, tid, o.u0);
+  const Smem<T> sm = Smem<T>::carve(smem_raw, f.plan.bt);
+  const Gemm g = Prog::gemm(f);
+  Prog::load(f, sm, x.tid, o.u0);
   __syncthreads();
-  for (int64_t k = f.lay.T - 1; k >= 0; --k) {
-    const StepRows s = step_rows(f.lay, k);
+  for (int64_t i = 0; i < f.lay.T; ++i) {
+    const StepRows s = step_rows(f.lay, Prog::kForward ? i : f.lay.T - 1 - i);
     const int64_t n = tile_rows(f.plan, o, s);
-    ext_bwd_rows<Op>(RowBlock{}, ext_step_params(f, s, blockIdx.x), f.plan, o, n);
-    step_barrier(f.plan);
-    if (n > 0) {
-      block_gemm(g, sm, tid, n, BwdOperand<float>{static_cast<const float*>(f.base.dgh), f.G * f.H, o.r0, s},
-                 BwdSink<float>{static_cast<float*>(const_cast<void*>(f.base.dh)), f.H, o.u0, o.r0, f.bypass,
-                                static_cast<const float*>(f.mask)});
+    for (int ph = 0; ph < Prog::kPhases; ++ph) {
+      Prog::phase(f, ph, x, sm, g, s, o, n, blockIdx.x);
+      if (Prog::step_barrier_after(ph)) {
+        step_barrier(f.plan);
+      } else {
+        __syncthreads();
+      }
     }
-    step_barrier(f.plan);
   }
 }
 
@@ -217,9 +172,9 @@ void run(Mode m, Dtype d, const Args& args, void* stream, Visit visit) {
     auto go = [&](auto zero) {
       using T = decltype(zero);
       if constexpr (std::is_same_v<Args, Fwd>) {
-        launch(reinterpret_cast<const void*>(&fwd_kernel<Op, T>), args, s);
+        launch(reinterpret_cast<const void*>(&persist_kernel<FwdProgram<Op, T>>), args, s);
       } else {
-        launch(reinterpret_cast<const void*>(&bwd_kernel<Op, T>), args, s);
+        launch(reinterpret_cast<const void*>(&persist_kernel<BwdProgram<Op, T>>), args, s);
       }
     };
     switch (d) {
@@ -243,13 +198,15 @@ void bwd_cuda(Mode m, Dtype d, const Bwd& f, void* stream) {
 
 void ext_fwd_cuda(Mode m, const ExtFwd& f, void* stream) {
   visit_ext(m, [&](auto op) {
-    launch(reinterpret_cast<const void*>(&ext_fwd_kernel<decltype(op)>), f, static_cast<cudaStream_t>(stream));
+    launch(reinterpret_cast<const void*>(&persist_kernel<ExtFwdProgram<decltype(op)>>), f,
+           static_cast<cudaStream_t>(stream));
   });
 }
 
 void ext_bwd_cuda(Mode m, const ExtBwd& f, void* stream) {
   visit_ext(m, [&](auto op) {
-    launch(reinterpret_cast<const void*>(&ext_bwd_kernel<decltype(op)>), f, static_cast<cudaStream_t>(stream));
+    launch(reinterpret_cast<const void*>(&persist_kernel<ExtBwdProgram<decltype(op)>>), f,
+           static_cast<cudaStream_t>(stream));
   });
 }
 
