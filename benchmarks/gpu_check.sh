@@ -8,7 +8,9 @@
 #   4. the benchmark on CUDA against cuDNN with the persistent engine on (python benchmarks/bench_rnn.py --quick
 #      --device cuda), then the LayerNorm LSTM on the cpp and Triton backends against the hand-written loop
 #      (python benchmarks/bench_layernorm.py --device cuda), then two configurations again with the persistent
-#      engine's split plans at the grid barrier instead of a cluster's (FASTRNN_PERSISTENT_CLUSTER=0).
+#      engine's split plans at the grid barrier instead of a cluster's (FASTRNN_PERSISTENT_CLUSTER=0), then bf16
+#      modules at every standard configuration against cuDNN's bf16, and two of them again with the engine's
+#      GEMMs off the tensor cores (FASTRNN_PERSISTENT_MMA=0).
 # Each step has a time limit (seconds, in STEPS below), so a hang costs one step, not the session.
 # Everything goes to benchmarks/results/gpu/ (or --out DIR): one log per step and summary.md.
 #
@@ -75,6 +77,13 @@ STEPS+=("memcheck-grid|180|$ON FASTRNN_PERSISTENT_CLUSTER=0 $SAN --tool memcheck
 --backend cpp --backend triton --out $OUT/layernorm.md")
 [ $BENCH = 1 ] && STEPS+=("grid-barrier|120|$ON FASTRNN_PERSISTENT_CLUSTER=0 $PY benchmarks/bench_rnn.py --device cuda \
 --config 512,16,128,128,1 --config 100,64,256,256,1 --impls fastrnn-cpp,torch.nn --quick --out $OUT/grid-barrier")
+# bf16 modules against cuDNN's bf16 at every standard configuration (the engine's tensor cores), then two of them
+# with the engine's GEMMs on the SIMT loop instead (FASTRNN_PERSISTENT_MMA=0)
+[ $BENCH = 1 ] && STEPS+=("bf16|150|$ON $PY benchmarks/bench_rnn.py --device cuda --dtype bfloat16 \
+--impls fastrnn-cpp,torch.nn --quick --out $OUT/bf16")
+[ $BENCH = 1 ] && STEPS+=("bf16-simt|90|$ON FASTRNN_PERSISTENT_MMA=0 $PY benchmarks/bench_rnn.py --device cuda \
+--dtype bfloat16 --config 512,16,128,128,1 --config 100,64,256,256,1 --impls fastrnn-cpp,torch.nn --quick \
+--out $OUT/bf16-simt")
 
 if [ $DRY = 1 ]; then
     echo "gpu_check plan (from the repository root; logs and summary.md in $OUT/):"
@@ -134,6 +143,7 @@ for step in "${STEPS[@]}"; do
     echo "| $name | $result ($((SECONDS - start)) s) | [$name.log]($name.log) |" >> "$SUMMARY"
 done
 [ $BENCH = 1 ] && echo -e "\nBenchmark reports: [results.md](results.md), [layernorm.md](layernorm.md), \
-[grid-barrier/results.md](grid-barrier/results.md)" >> "$SUMMARY"
+[grid-barrier/results.md](grid-barrier/results.md), [bf16/results.md](bf16/results.md), \
+[bf16-simt/results.md](bf16-simt/results.md)" >> "$SUMMARY"
 echo "wrote $SUMMARY"
 exit $failed

@@ -4,8 +4,9 @@
 "seq", and "persist" at an H of three hidden slices, so its barrier runs) for every cell, plus the LSTM
 projection and fastrnn's cells with every feature (LayerNorm, zoneout, recurrent dropout: the cpp kernels and
 Triton's "step" and "seq" ones), and the cpp backend's plain and new cells again at an H whose W_hh its
-persistent engine (FASTRNN_PERSISTENT=1) splits over blocks, on the GPU, and compares each result and gradient
-(the LayerNorm parameters' too) with the plain-PyTorch reference backend on the same inputs. On a machine without a GPU, ``--device cpu`` runs
+persistent engine (FASTRNN_PERSISTENT=1) splits over blocks, and the plain cells in bf16 (the engine's tensor
+cores), on the GPU, and compares each result and gradient (the LayerNorm parameters' too) with the plain-PyTorch
+reference backend on the same inputs (in fp32 from the same rounded values). On a machine without a GPU, ``--device cpu`` runs
 the cpp cases on the CPU kernels (and the Triton ones when TRITON_INTERPRET=1 is set); ``--list`` prints
 the cases. Exit status 1 when any case fails or differs.
 """
@@ -26,7 +27,10 @@ from fastrnn.ops import GATES, MODES, CellExt  # noqa: E402
 T, B, I, H, PROJ = 5, 3, 8, 16, 8  # H small enough for the whole-sequence Triton kernels
 H_SLICES = 48  # Triton's "persist" kernels split this H over three programs that meet at a barrier each step
 H_GRID = 256  # the cpp persistent engine's W_hh slices over several blocks on any GPU (fp32 RNN: 256 KiB)
-TOLERANCE = 1e-4  # fp32 with TF32 off: only summation order differs from the reference
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# largest difference from the reference, relative to the largest value, by storage dtype
+TOLERANCE = {"fp32": 1e-4,  # TF32 off: only summation order differs from the reference
+             "bf16": 3e-2}  # h rounded to 8 bits every step; a wrong fragment or tile is off by O(1)
 
 
 class SmokeCase(NamedTuple):
@@ -36,11 +40,13 @@ class SmokeCase(NamedTuple):
     proj: bool = False
     hidden: int = H
     cells: bool = False  # fastrnn's cells with every feature
+    dtype: str = "fp32"  # storage dtype (DTYPES); the reference computes in fp32 from the same rounded values
 
     @property
     def name(self) -> str:
         return "-".join(filter(None, [self.backend, self.variant, self.mode.lower(), "proj" if self.proj else "",
-                                      f"h{self.hidden}" if self.hidden != H else "", "cells" if self.cells else ""]))
+                                      f"h{self.hidden}" if self.hidden != H else "", "cells" if self.cells else "",
+                                      self.dtype if self.dtype != "fp32" else ""]))
 
 
 CASES = [SmokeCase("cpp", m) for m in MODES] + [SmokeCase("triton", m, v) for v in ("step", "seq") for m in MODES] + [
@@ -52,18 +58,26 @@ CASES = [SmokeCase("cpp", m) for m in MODES] + [SmokeCase("triton", m, v) for v 
     # blocks meeting at a cluster's barrier (sm_90) or the grid's (FASTRNN_PERSISTENT_CLUSTER=0, or before
     # sm_90); at H the whole W_hh sits in each block
     SmokeCase("cpp", m, hidden=H_GRID, cells=c) for m in MODES for c in (False, True)] + [
-    SmokeCase("triton", m, v, cells=True) for v in ("step", "seq") for m in MODES]  # fmt: skip
+    SmokeCase("triton", m, v, cells=True) for v in ("step", "seq") for m in MODES] + [
+    # bf16: with FASTRNN_PERSISTENT=1 the persistent engine's GEMMs on tensor cores (mma.sync), in one block at
+    # H and split over blocks at H_GRID; not ReLU, whose derivative flips where rounding h to 8 bits moves a
+    # pre-activation across 0 (its GEMMs are the tanh RNN's)
+    SmokeCase("cpp", m, hidden=h, dtype="bf16") for m in ("LSTM", "GRU", "RNN_TANH") for h in (H, H_GRID)]  # fmt: skip
 
 
 def inputs(case: SmokeCase, device: torch.device) -> List[Optional[torch.Tensor]]:
-    """x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr of one dense layer, each requiring grad."""
+    """x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr of one dense layer in fp32, rounded to the case's dtype."""
     g = torch.Generator().manual_seed(sum(map(ord, case.name)))
     hid = case.hidden
     h_out = PROJ if case.proj else hid
     shapes = [(T * B, I), (B, h_out), (B, hid) if case.mode == "LSTM" else None, (GATES[case.mode] * hid, I),
               (GATES[case.mode] * hid, h_out), (GATES[case.mode] * hid,), (GATES[case.mode] * hid,),
               (h_out, hid) if case.proj else None]  # fmt: skip
-    return [None if s is None else (0.5 * torch.randn(s, generator=g)).to(device).requires_grad_() for s in shapes]
+    dt = DTYPES[case.dtype]
+    # 16-bit at std 0.5 and H = 256 saturates tanh, and 1 - y^2 of a y rounded to 8 bits near 1 is noise: 16-bit
+    # cases scale as 1/sqrt(H), as torch.nn's initialisation does
+    std = 0.5 if dt == torch.float32 else min(0.5, 2 / hid**0.5)
+    return [None if s is None else (std * torch.randn(s, generator=g)).to(dt).float().to(device) for s in shapes]
 
 
 def cell_ext(case: SmokeCase, device: torch.device) -> Optional[CellExt]:
@@ -93,10 +107,12 @@ def rel_err(a: Optional[torch.Tensor], b: Optional[torch.Tensor]) -> float:
 
 def run(case: SmokeCase, device: torch.device) -> float:
     """The largest relative difference from the reference over outputs and every gradient."""
-    x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr = inputs(case, device)
+    values = inputs(case, device)
     ext = cell_ext(case, device)
     results = []
     for name in (case.backend, "reference"):
+        dt = DTYPES[case.dtype] if name == case.backend else torch.float32
+        x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr = [None if v is None else v.to(dt).requires_grad_() for v in values]
         layer = importlib.import_module(f"fastrnn.ops.{name}").layer
         extra = {"variant": case.variant} if case.variant and name == case.backend else {}
         if ext is not None:
@@ -106,15 +122,16 @@ def run(case: SmokeCase, device: torch.device) -> float:
         leaves = [t for t in (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr) + tuple(ext or ())[:6]
                   if t is not None and t.requires_grad]
         torch.manual_seed(0)
-        grads = torch.autograd.grad(outs, leaves, [torch.randn_like(t) for t in outs])
-        results.append(outs + list(grads))
+        up = [torch.randn(t.shape).to(DTYPES[case.dtype]).to(t) for t in outs]
+        grads = torch.autograd.grad(outs, leaves, up)
+        results.append([t.float() for t in outs + list(grads)])
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return max(rel_err(a, b) for a, b in zip(*results))
 
 
 def why_not(case: SmokeCase, device: torch.device) -> Optional[str]:
-    return fr_backend.reason_unavailable(case.backend, device, torch.float32)
+    return fr_backend.reason_unavailable(case.backend, device, DTYPES[case.dtype])
 
 
 def main(argv=None) -> int:
@@ -144,7 +161,7 @@ def main(argv=None) -> int:
             failed += 1
             print(f"FAIL {case.name}: {type(exc).__name__}: {exc}")
             continue
-        ok = err <= TOLERANCE
+        ok = err <= TOLERANCE[case.dtype]
         failed += not ok
         print(f"{'ok  ' if ok else 'FAIL'} {case.name}: max relative difference from the reference {err:.2e}")
     print(f"{ran - failed} of {ran} cases passed, {len(CASES) - ran} skipped")

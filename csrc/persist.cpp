@@ -22,8 +22,8 @@ namespace {
 
 using at::Tensor;
 
-// Test hook (_C._set_persist_emulation): CPU fp32 calls run the block program on the CPU as if on a GPU with
-// these limits; sms == 0 turns it off.
+// Test hook (_C._set_persist_emulation): CPU fp32, fp16 and bf16 calls run the block program on the CPU as if on
+// a GPU with these limits; sms == 0 turns it off.
 Limits g_emulated;
 
 // FASTRNN_PERSISTENT=1 puts CUDA calls on the persistent engine where a plan fits. Off by default until its
@@ -33,12 +33,54 @@ bool cuda_enabled() {
   return v != nullptr && std::strcmp(v, "1") == 0;
 }
 
+// The value in slot s of a lane's 16-bit fragment registers (slot 2i in the low half of register i).
+template <typename T>
+float half_at(const uint32_t* regs, int s) {
+  const uint16_t bits = static_cast<uint16_t>(regs[s / 2] >> (16 * (s % 2)));
+  T v;
+  std::memcpy(&v, &bits, sizeof(bits));
+  return static_cast<float>(v);
+}
+
+// mma.m16n8k16 on the CPU for one lane: the warp's A (16 x 16) and B (16 x 8) gathered from every lane's
+// fragments by the PTX ISA's table (lane = 4 * group + t; A's slot s: row group + 8 * (s / 2 % 2), column
+// 2t + s % 2 + 8 * (s / 4); B's slot s: row 2t + s % 2 + 8 * (s / 2), column group; D's value e: row group +
+// 8 * (e / 2), column 2t + e % 2), which persist.h's w_index and load_frags must match for the sums to be right.
+template <typename T>
+struct EmulatedMma {
+  int lane;
+  template <class F>
+  void operator()(float* d, const F& frags) const {
+    float a[16][16], b[16][8];
+    for (int l = 0; l < 32; ++l) {
+      const Frags f = frags(l);
+      const int grp = l / 4, t = l % 4;
+      for (int s = 0; s < 8; ++s) a[grp + 8 * (s / 2 % 2)][2 * t + s % 2 + 8 * (s / 4)] = half_at<T>(f.a, s);
+      for (int s = 0; s < 4; ++s) b[2 * t + s % 2 + 8 * (s / 2)][grp] = half_at<T>(f.b, s);
+    }
+    const int grp = lane / 4, t = lane % 4;
+    for (int e = 0; e < 4; ++e) {
+      float v = d[e];
+      for (int k = 0; k < 16; ++k) v = std::fma(a[grp + 8 * (e / 2)][k], b[k][2 * t + e % 2], v);
+      d[e] = v;
+    }
+  }
+};
+
 // One block's GEMM of a step as persist_cuda.cu's block_gemm runs it: each phase on every thread before the next
 // (the block barrier), each thread's accumulators kept across K chunks in `acc` ([kThreads][kTile]).
-template <class A, class Sink>
-void emulate_gemm(const Gemm& g, const Smem<float>& sm, int64_t n, const A& a, const Sink& sink,
-                  std::vector<float>& acc) {
+template <typename T, class A, class Sink>
+void emulate_gemm(const Gemm& g, const Smem<T>& sm, int64_t n, const A& a, const Sink& sink, std::vector<float>& acc) {
   std::fill(acc.begin(), acc.end(), 0.0f);
+  if (g.mma) {
+    for (int64_t k0 = 0; k0 < g.K; k0 += kMmaChunk) {
+      for (int tid = 0; tid < kThreads; ++tid) stage_mma(g, sm, tid, k0, n, a);
+      for (int tid = 0; tid < kThreads; ++tid) accumulate_mma(g, sm, tid, k0, &acc[tid * kTile], EmulatedMma<T>{tid % 32});
+    }
+    for (int tid = 0; tid < kThreads; ++tid) spill_mma(g, sm, tid, &acc[tid * kTile]);
+    for (int tid = 0; tid < kThreads; ++tid) reduce_mma(g, sm, tid, n, sink);
+    return;
+  }
   for (int64_t k0 = 0; k0 < g.K; k0 += kChunk) {
     for (int tid = 0; tid < kThreads; ++tid) stage(g, sm, tid, k0, n, a);
     for (int tid = 0; tid < kThreads; ++tid) accumulate(g, sm, tid, k0, n, &acc[tid * kTile]);
@@ -48,6 +90,7 @@ void emulate_gemm(const Gemm& g, const Smem<float>& sm, int64_t n, const A& a, c
 }
 
 // Every block's shared memory for the emulator, as the kernels carve theirs.
+template <typename T>
 struct Blocks {
   std::vector<std::vector<char>> smem;
   std::vector<float> acc = std::vector<float>(int64_t(kThreads) * kTile);
@@ -60,15 +103,15 @@ struct Blocks {
     }
   }
   int64_t blocks() const { return static_cast<int64_t>(smem.size()); }
-  Smem<float> sm(const Plan& p, int64_t b) { return Smem<float>::carve(smem[b].data(), p.bt); }
+  Smem<T> sm(const Plan& p, int64_t b) { return Smem<T>::carve(smem[b].data(), p.bt, p.mma); }
 };
 
 // The block's executor for persist.h's programs on the CPU: each phase on every thread in turn, the GEMM as
 // persist_cuda.cu's block_gemm runs it, rows on one thread (RowSerial, the CPU kernels' executor).
 struct EmulatedBlock {
   std::vector<float>* acc;
-  template <class A, class Sink>
-  void gemm(const Gemm& g, const Smem<float>& sm, int64_t n, const A& a, const Sink& sink) const {
+  template <typename T, class A, class Sink>
+  void gemm(const Gemm& g, const Smem<T>& sm, int64_t n, const A& a, const Sink& sink) const {
     emulate_gemm(g, sm, n, a, sink, *acc);
   }
   template <class F>
@@ -83,9 +126,10 @@ struct EmulatedBlock {
 // all blocks before the next, in block order, which is what either barrier after a phase guarantees and more.
 template <class Prog>
 void emulate(const typename Prog::Args& f) {
+  using T = typename Prog::Elem;
   const Plan& p = f.plan;
-  Blocks bl(p, f.H, [&](const Smem<float>& sm, int tid, int64_t u0) { Prog::load(f, sm, tid, u0); });
   const Gemm g = Prog::gemm(f);
+  Blocks<T> bl(p, f.H, [&](const Smem<T>& sm, int tid, int64_t u0) { Prog::load(f, sm, g, tid, u0); });
   const EmulatedBlock x{&bl.acc};
   for (int64_t i = 0; i < f.lay.T; ++i) {
     const StepRows s = step_rows(f.lay, Prog::kForward ? i : f.lay.T - 1 - i);
@@ -95,6 +139,16 @@ void emulate(const typename Prog::Args& f) {
         Prog::phase(f, ph, x, bl.sm(p, b), g, s, o, tile_rows(p, o, s), b);
       }
     }
+  }
+}
+
+// f(T{}) with the storage type of x: the emulator runs what the kernels store, fp32 or 16-bit.
+template <class F>
+void with_storage(const Tensor& x, const F& f) {
+  switch (x.scalar_type()) {
+    case at::kHalf: return f(c10::Half{});
+    case at::kBFloat16: return f(c10::BFloat16{});
+    default: return f(float{});
   }
 }
 
@@ -151,7 +205,7 @@ Plan plan_with(const Limits& lim, int64_t G, int64_t B, int64_t H, int64_t esize
 Plan plan_for(const Problem& pr, const at::Tensor& x, bool cells) {
   Limits lim;
   if (x.is_cpu()) {
-    if (g_emulated.sms == 0 || x.scalar_type() != at::kFloat) return Plan{};
+    if (!emulating(x)) return Plan{};
     lim = g_emulated;
   } else {
 #ifdef FASTRNN_WITH_CUDA
@@ -204,7 +258,12 @@ std::vector<Tensor> fwd(const Problem& pr, const Plan& plan, const Tensor& x, co
     p.hn_stride = save_hn ? H : GH;
   }
   run(
-      x, [&] { visit_fwd(pr.mode, [&](auto op) { emulate<FwdProgram<decltype(op), float>>(f); }); },
+      x,
+      [&] {
+        visit_fwd(pr.mode, [&](auto op) {
+          with_storage(x, [&](auto t) { emulate<FwdProgram<decltype(op), decltype(t)>>(f); });
+        });
+      },
       [&](void* stream) { fwd_cuda(pr.mode, dtype_of(x), f, stream); });
   const bool save_gates = save && (pr.lstm || pr.gru);
   return {y, hs, cs, save_gates ? gates : empty0(x), c_save, hn_save};
@@ -246,7 +305,12 @@ std::vector<Tensor> bwd(const Problem& pr, const Plan& plan, const Tensor& x, co
   p.dgh = dgh.data_ptr();
   p.dh_prev = dhs.data_ptr();
   run(
-      x, [&] { visit_bwd(pr.mode, [&](auto op) { emulate<BwdProgram<decltype(op), float>>(f); }); },
+      x,
+      [&] {
+        visit_bwd(pr.mode, [&](auto op) {
+          with_storage(x, [&](auto t) { emulate<BwdProgram<decltype(op), decltype(t)>>(f); });
+        });
+      },
       [&](void* stream) { bwd_cuda(pr.mode, dtype_of(x), f, stream); });
 
   // The weight gradients as one chunk of all N rows: packed h_{t-1} rows gathered by one index_select from
@@ -284,11 +348,17 @@ void ext_bwd(const Problem& pr, const Plan& plan, const Tensor& x, const ExtGrad
       [&](void* stream) { ext_bwd_cuda(pr.mode, f, stream); });
 }
 
-void set_emulation(int64_t sms, int64_t smem, int64_t cluster) {
+bool emulating(const Tensor& x) {
+  const auto d = x.scalar_type();
+  return x.is_cpu() && g_emulated.sms > 0 && (d == at::kFloat || d == at::kHalf || d == at::kBFloat16);
+}
+
+void set_emulation(int64_t sms, int64_t smem, int64_t cluster, bool mma) {
   g_emulated.sms = sms;
   g_emulated.smem = smem;
   g_emulated.cooperative = true;
   g_emulated.cluster = cluster;
+  g_emulated.mma = mma;
 }
 
 }  // namespace persist

@@ -16,10 +16,14 @@
 // phase of fastrnn's own cells (below) and the backward sink's add read other blocks' hs and dh with plain
 // loads: safe because the grid and cluster barriers acquire (grid.sync fences; barrier.cluster.wait is .acquire
 // by default), which a split arrive / relaxed wait would break.
+// With 16-bit storage on sm_80 and later the block GEMMs may run on tensor cores (mma.sync, fp32 accumulation,
+// Ws in shared memory in the instruction's fragment order); the plan chooses per shape, and the emulator runs
+// the instruction lane by lane from the PTX ISA's fragment table.
 #pragma once
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
 #include "cell/dispatch.h"
 
@@ -49,6 +53,22 @@ constexpr int64_t kGridSyncCycles = 2000;
 // run measures it.
 constexpr int64_t kClusterSyncCycles = kGridSyncCycles / 4;
 
+// Tensor cores for 16-bit storage (sm_80 on: mma.sync m16n8k16, fp32 accumulation), on the block GEMM
+// transposed, out^T[R, n] = Ws^T[R, K] . A^T[K, n]: the instruction's M (16) runs over the block's gate columns,
+// of which there are many, its N (8) over the batch rows, of which there may be one. A warp's accumulators are
+// kWarpTiles 16 x 8 tiles of 4 floats per thread: the SIMT loop's kTile registers, so the same reduction buffer.
+constexpr int kWarps = kThreads / 32;
+constexpr int kWarpTiles = kTile / 4;
+// K staged per chunk: 8 k-steps of 16, one per warp when all 8 split K. The 16-bit rows are padded by 8 values
+// to 68 words, so the B fragments' rows (lane / 4) land on banks 4 * row + lane % 4: all 32 distinct.
+constexpr int64_t kMmaChunk = 128;
+constexpr int64_t kMmaStride = kMmaChunk + 8;
+// The plan's price of one warp's m16n8k16 (2048 FMAs) in the SIMT loop's unit (a thread's FMA). A SIMT K step
+// (16 FMAs and 8 shared loads per thread) keeps the block ~64 cycles: 8 warps x 8 loads of one wavefront each,
+// so a unit is ~4 cycles. A round of 8 warps' mma takes ~48: 6 wavefronts of fragments each (one 16-byte A load
+// of 4, two conflict-free B words), where the tensor cores need ~16. So ~12 units, until a GPU run measures it.
+constexpr int64_t kMmaCycles = 12;
+
 // kBlock: a block holds all of W_hh for its batch rows; kGrid: the hidden units split over blocks that meet at a
 // grid barrier (cooperative launch); kCluster: split over the blocks of one thread-block cluster per batch tile,
 // which meet at the cluster's barrier.
@@ -60,6 +80,7 @@ struct Limits {
   int64_t smem = 0;   // dynamic shared memory one block may opt in to, bytes
   bool cooperative = false;
   int64_t cluster = 0;  // most blocks in a thread-block cluster (sm_90 and later: 8, the portable size), 0: none
+  bool mma = false;     // tensor cores for 16-bit (sm_80 and later)
 };
 
 
@@ -71,31 +92,74 @@ struct Plan {
   int64_t bt = 0;      // batch rows per block
   int64_t tiles = 0;   // ceil(B / bt)
   int64_t smem = 0;    // dynamic shared memory per block, bytes
+  bool mma = false;    // the block GEMMs on tensor cores (16-bit storage)
   const char* why = "";
 };
 
-// The K-split map of one block's GEMM out[bt, R] = A[bt, K] . Ws[K, R]: items = cw * bg threads each own a
-// 4 x 4 tile (columns cg + j*cw, rows bg_ + i*bg), and ks such groups split K.
+// The K-split map of one block's GEMM out[bt, R] = A[bt, K] . Ws[K, R]. SIMT: items = cw * bg threads each own
+// a 4 x 4 tile (columns cg + j*cw, rows bg_ + i*bg), and ks such groups split K. Tensor cores (mma): items = cw *
+// bg tiles of 16 columns x 8 rows (tile j: column tile j / bg, row tile j % bg), warp w takes tiles w % wg +
+// i*wg (i < kWarpTiles) of its K slice w / wg, with wg = kWarps / ks warps per slice.
 struct Gemm {
   int64_t K, R, bt;
   int64_t cw, bg, items, ks;
+  bool mma;
 };
 
 FRNN_HD int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-FRNN_HD Gemm make_gemm(int64_t K, int64_t R, int64_t bt) {
-  Gemm g{K, R, bt, cdiv(R, kTileCols), cdiv(bt, kTileRows), 0, 1};
+FRNN_HD Gemm make_gemm(int64_t K, int64_t R, int64_t bt, bool mma = false) {
+  if (mma) {
+    Gemm g{K, R, bt, cdiv(R, 16), cdiv(bt, 8), 0, 1, true};
+    g.items = g.cw * g.bg;
+    while (g.items * g.ks * 2 <= kWarps && g.ks * 2 <= kMmaChunk / 16) g.ks *= 2;
+    return g;
+  }
+  Gemm g{K, R, bt, cdiv(R, kTileCols), cdiv(bt, kTileRows), 0, 1, false};
   g.items = g.cw * g.bg;
   while (g.items * g.ks * 2 <= kThreads && g.ks * 2 <= kChunk) g.ks *= 2;
   return g;
 }
 
-// Shared memory of one block, in this order: the staged operand (floats, bt x (kChunk + 1): the pad puts the
-// rows a warp reads in distinct banks), the reduction buffer (kThreads x 16 floats), W_hh's slice (G*H*U
-// elements of the storage type, forward [H][G*U], backward [G*H][U]).
-FRNN_HD int64_t stage_floats(int64_t bt) { return bt * (kChunk + 1); }
-FRNN_HD int64_t smem_bytes(int64_t G, int64_t H, int64_t U, int64_t bt, int64_t esize) {
-  return (stage_floats(bt) + int64_t(kThreads) * kTile) * 4 + G * H * U * esize;
+// Whether every thread's share fits its kTile accumulators.
+FRNN_HD bool gemm_fits(const Gemm& g) {
+  return g.mma ? cdiv(g.items, kWarps / g.ks) <= kWarpTiles : g.items <= kThreads;
+}
+
+// A thread's serial work per step in the plan's units (SIMT FMAs): its K loop, or its warp's mma instructions.
+FRNN_HD int64_t gemm_cycles(const Gemm& g) {
+  return g.mma ? cdiv(g.items, kWarps / g.ks) * cdiv(cdiv(g.K, 16), g.ks) * kMmaCycles : cdiv(g.K, g.ks) * kTile;
+}
+
+// Ws as stored: K x R, padded to whole 16 x 16 tiles for the tensor cores (zeros beyond K and R).
+FRNN_HD int64_t k_stored(const Gemm& g) { return g.mma ? cdiv(g.K, 16) * 16 : g.K; }
+FRNN_HD int64_t r_stored(const Gemm& g) { return g.mma ? g.cw * 16 : g.R; }
+
+// Where Ws(k, c) lives in shared memory: row-major for the SIMT loop; for the tensor cores in the order the A
+// fragments of mma.m16n8k16 take Ws^T (row c, column k), so that a lane's 8 values of a 16 x 16 tile are one
+// 16-byte load: tile (c / 16, k / 16), then lane, then the value's slot in the lane's four registers.
+FRNN_HD int64_t w_index(const Gemm& g, int64_t k, int64_t c) {
+  if (!g.mma) return k * g.R + c;
+  const int64_t i = c % 16, j = k % 16;
+  const int64_t lane = (i % 8) * 4 + (j % 8) / 2, slot = (j % 2) + 2 * (i / 8) + 4 * (j / 8);
+  return (((c / 16) * cdiv(g.K, 16) + k / 16) * 32 + lane) * 8 + slot;
+}
+
+// Shared memory of one block, in this order: the staged operand (SIMT: floats, bt x (kChunk + 1), the pad puts
+// the rows a warp reads in distinct banks; mma: 16-bit, bt rounded up to 8 rows x kMmaStride), the reduction
+// buffer (kThreads x 16 floats), W_hh's slice as stored (G*H*U elements of the storage type, forward [H][G*U],
+// backward [G*H][U], each padded to 16 x 16 tiles for the tensor cores).
+FRNN_HD int64_t stage_bytes(int64_t bt, bool mma) {
+  return mma ? cdiv(bt, 8) * 8 * kMmaStride * 2 : bt * (kChunk + 1) * 4;
+}
+// The larger of the forward's and the backward's slice (they differ only in their padding).
+FRNN_HD int64_t w_elems(int64_t G, int64_t H, int64_t U, bool mma) {
+  if (!mma) return G * H * U;
+  const int64_t fwd = cdiv(H, 16) * cdiv(G * U, 16), bwd = cdiv(G * H, 16) * cdiv(U, 16);
+  return (fwd > bwd ? fwd : bwd) * 256;
+}
+FRNN_HD int64_t smem_bytes(int64_t G, int64_t H, int64_t U, int64_t bt, int64_t esize, bool mma = false) {
+  return stage_bytes(bt, mma) + int64_t(kThreads) * kTile * 4 + w_elems(G, H, U, mma) * esize;
 }
 
 // fastrnn's own cells (cell_ln.h) run a row phase after each step's GEMM: a block takes whole rows of its
@@ -120,38 +184,43 @@ inline Plan make_plan(int64_t G, int64_t B, int64_t H, int64_t esize, const Limi
                  ? "W_hh does not fit: one unit per block over every SM needs more shared memory than a block has"
                  : "no cooperative launch or clusters, and W_hh does not fit in one block";
   int64_t best_cost = -1;
+  // a candidate split, its GEMMs on the SIMT loop or the tensor cores
+  auto consider = [&](int64_t U, int64_t slices, int64_t bt, int64_t tiles, bool mma) {
+    const int64_t smem = smem_bytes(G, H, U, bt, esize, mma);
+    const Gemm f = make_gemm(H, G * U, bt, mma), b = make_gemm(G * H, U, bt, mma);
+    if (smem > smem_max || !gemm_fits(f) || !gemm_fits(b)) return;
+    const int scheme = slices == 1 ? kBlock : slices <= lim.cluster ? kCluster : kGrid;
+    // forward and backward GEMMs per step, plus the barriers and (cells) the rows each block walks
+    const int64_t barriers = cells ? 4 : 2;
+    const int64_t sync = scheme == kGrid ? kGridSyncCycles : scheme == kCluster ? kClusterSyncCycles : 0;
+    const int64_t rows = cells ? 2 * cdiv(bt, slices) * (kRowPassCycles * cdiv(G * H, kThreads) + kRowSyncCycles) : 0;
+    const int64_t cost = gemm_cycles(f) + gemm_cycles(b) + rows + barriers * sync;
+    if (best_cost >= 0 && cost >= best_cost) return;
+    best_cost = cost;
+    best.scheme = scheme;
+    best.units = U;
+    best.slices = slices;
+    best.bt = bt;
+    best.tiles = tiles;
+    best.smem = smem;
+    best.mma = mma;
+    best.why = scheme == kGrid    ? (cells ? "W_hh split over blocks by hidden units, two grid barriers per step "
+                                             "(whole rows for the row phase)"
+                                           : "W_hh split over blocks by hidden units, a grid barrier per step")
+               : scheme == kCluster ? (cells ? "W_hh split over the blocks of a thread-block cluster per batch tile, "
+                                               "two cluster barriers per step (whole rows for the row phase)"
+                                             : "W_hh split over the blocks of a thread-block cluster per batch tile, "
+                                               "a cluster barrier per step")
+                                    : "each block holds all of W_hh for its batch rows: no barrier between blocks";
+  };
   for (int64_t slices = 1; slices <= (max_slices > 1 ? max_slices : 1) && slices <= H; ++slices) {
     const int64_t U = cdiv(H, slices);
     if (cdiv(H, U) != slices) continue;  // the same U as a smaller slice count
     for (int64_t tiles = 1; tiles * slices <= sms && tiles <= B; ++tiles) {
       const int64_t bt = cdiv(B, tiles);
       if (cdiv(B, bt) != tiles) continue;
-      const int64_t smem = smem_bytes(G, H, U, bt, esize);
-      const Gemm f = make_gemm(H, G * U, bt), b = make_gemm(G * H, U, bt);
-      if (smem > smem_max || f.items > kThreads || b.items > kThreads) continue;
-      const int scheme = slices == 1 ? kBlock : slices <= lim.cluster ? kCluster : kGrid;
-      // forward and backward K loops per step, plus the barriers and (cells) the rows each block walks
-      const int64_t barriers = cells ? 4 : 2;
-      const int64_t sync = scheme == kGrid ? kGridSyncCycles : scheme == kCluster ? kClusterSyncCycles : 0;
-      const int64_t rows = cells ? 2 * cdiv(bt, slices) * (kRowPassCycles * cdiv(G * H, kThreads) + kRowSyncCycles) : 0;
-      const int64_t cost = (cdiv(H, f.ks) + cdiv(G * H, b.ks)) * kTile + rows + barriers * sync;
-      if (best_cost < 0 || cost < best_cost) {
-        best_cost = cost;
-        best.scheme = scheme;
-        best.units = U;
-        best.slices = slices;
-        best.bt = bt;
-        best.tiles = tiles;
-        best.smem = smem;
-        best.why = scheme == kGrid    ? (cells ? "W_hh split over blocks by hidden units, two grid barriers per step "
-                                                   "(whole rows for the row phase)"
-                                                 : "W_hh split over blocks by hidden units, a grid barrier per step")
-                   : scheme == kCluster ? (cells ? "W_hh split over the blocks of a thread-block cluster per batch tile, "
-                                                   "two cluster barriers per step (whole rows for the row phase)"
-                                                 : "W_hh split over the blocks of a thread-block cluster per batch tile, "
-                                                   "a cluster barrier per step")
-                                        : "each block holds all of W_hh for its batch rows: no barrier between blocks";
-      }
+      consider(U, slices, bt, tiles, false);
+      if (lim.mma && esize == 2) consider(U, slices, bt, tiles, true);
     }
   }
   return best;
@@ -211,15 +280,28 @@ FRNN_HD float fma_acc(float a, float b, float c) {
 // One block's view of its shared memory.
 template <typename T>
 struct Smem {
-  float* stage;  // [bt][kChunk + 1]
+  float* stage;  // SIMT: [bt][kChunk + 1] floats; mma: [cdiv(bt, 8) * 8][kMmaStride] of T
   float* red;    // [ks][kTile][items]
-  T* w;          // [K][R]
+  T* w;          // Ws as stored (w_index)
 
-  FRNN_HD static Smem carve(void* base, int64_t bt) {
-    float* f = static_cast<float*>(base);
-    return {f, f + stage_floats(bt), reinterpret_cast<T*>(f + stage_floats(bt) + int64_t(kThreads) * kTile)};
+  FRNN_HD static Smem carve(void* base, int64_t bt, bool mma) {
+    unsigned char* b = static_cast<unsigned char*>(base);
+    float* red = reinterpret_cast<float*>(b + stage_bytes(bt, mma));
+    return {reinterpret_cast<float*>(b), red, reinterpret_cast<T*>(red + int64_t(kThreads) * kTile)};
   }
+  FRNN_HD T* stage16() const { return reinterpret_cast<T*>(stage); }
 };
+
+// W_hh's slice into shared memory: Ws(k, c) = w(k, c) for k < K, c < R, zeros in the tensor cores' padding.
+// Consecutive threads take consecutive k of a column, which the loaders read from consecutive addresses.
+template <typename T, class W>
+FRNN_HD void load_w(const Gemm& g, const Smem<T>& sm, int tid, const W& w) {
+  const int64_t Ks = k_stored(g), Rs = r_stored(g);
+  for (int64_t i = tid; i < Ks * Rs; i += kThreads) {
+    const int64_t c = i / Ks, k = i - c * Ks;
+    sm.w[w_index(g, k, c)] = k < g.K && c < g.R ? w(k, c) : T(0.0f);
+  }
+}
 
 // The block GEMM's phases. A(r, k) gives the operand (row r of the block's rows), Sink(r, c, v) takes a result.
 // Between phases the caller puts a block barrier; `acc` lives in the thread's registers across K chunks.
@@ -273,6 +355,87 @@ FRNN_HD void reduce(const Gemm& g, const Smem<T>& sm, int tid, int64_t nrows, co
   }
 }
 
+// The tensor cores' phases (g.mma), with the same barriers between them. The chunk's operand is staged as the
+// storage type, zero-padded to whole 8-row and 16-column tiles (the padding meets zeros of Ws, and 0 * NaN of a
+// stale value would not be 0).
+template <typename T, class A>
+FRNN_HD void stage_mma(const Gemm& g, const Smem<T>& sm, int tid, int64_t k0, int64_t nrows, const A& a) {
+  const int64_t klen = g.K - k0 < kMmaChunk ? g.K - k0 : kMmaChunk, kp = cdiv(klen, 16) * 16;
+  T* st = sm.stage16();
+  for (int64_t i = tid; i < g.bg * 8 * kp; i += kThreads) {
+    const int64_t r = i / kp, kk = i - r * kp;
+    st[r * kMmaStride + kk] = r < nrows && kk < klen ? static_cast<T>(a(r, k0 + kk)) : T(0.0f);
+  }
+}
+
+// One lane's operands of an m16n8k16 step, four and two 32-bit registers of two 16-bit values each (the lower
+// index in the low half), in the PTX ISA's fragment layout: a from Ws's fragment order, b from the staged rows
+// (b[0]: rows k, k + 1 of column n; b[1]: k + 8, k + 9; with n = tile row + lane / 4, k = 2 * (lane % 4)).
+struct Frags {
+  uint32_t a[4], b[2];
+};
+
+template <typename T>
+FRNN_HD Frags load_frags(const Gemm& g, const Smem<T>& sm, int lane, int64_t j, int64_t k0, int64_t kk) {
+  Frags f;
+  const int64_t ct = j / g.bg, rt = j - ct * g.bg;
+  const T* wa = sm.w + ((ct * cdiv(g.K, 16) + (k0 + kk) / 16) * 32 + lane) * 8;
+  const T* sb = sm.stage16() + (rt * 8 + lane / 4) * kMmaStride + kk + 2 * (lane % 4);
+#if defined(__CUDA_ARCH__)
+  const uint4 v = *reinterpret_cast<const uint4*>(wa);
+  f.a[0] = v.x;
+  f.a[1] = v.y;
+  f.a[2] = v.z;
+  f.a[3] = v.w;
+  f.b[0] = *reinterpret_cast<const uint32_t*>(sb);
+  f.b[1] = *reinterpret_cast<const uint32_t*>(sb + 8);
+#else
+  std::memcpy(f.a, wa, sizeof(f.a));
+  std::memcpy(&f.b[0], sb, 4);
+  std::memcpy(&f.b[1], sb + 8, 4);
+#endif
+  return f;
+}
+
+// `mma(d, frags)`: d[0..3] += the warp's m16n8k16 product, the lane's part (the device's instruction, or the
+// emulator's from every lane's frags(lane)). Warp-uniform: every lane of a warp takes the same tiles and steps.
+template <typename T, class Mma>
+FRNN_HD void accumulate_mma(const Gemm& g, const Smem<T>& sm, int tid, int64_t k0, float* acc, const Mma& mma) {
+  const int64_t warp = tid / 32, wg = kWarps / g.ks, slice = warp / wg, first = warp - slice * wg;
+  const int64_t steps = cdiv(g.K - k0 < kMmaChunk ? g.K - k0 : kMmaChunk, 16);
+  for (int64_t s = slice; s < steps; s += g.ks) {
+    for (int i = 0; i < kWarpTiles; ++i) {
+      const int64_t j = first + i * wg;
+      if (j >= g.items) break;
+      mma(acc + 4 * i, [&](int l) { return load_frags(g, sm, l, j, k0, s * 16); });
+    }
+  }
+}
+
+// The accumulators by (K slice, tile slot i, value e, warp of the slice, lane), summed over the slices in a
+// fixed order; value e of a lane's tile is column lane / 4 + 8 * (e / 2), row 2 * (lane % 4) + e % 2.
+template <typename T>
+FRNN_HD void spill_mma(const Gemm& g, const Smem<T>& sm, int tid, const float* acc) {
+  const int64_t wg = kWarps / g.ks, slice = tid / 32 / wg, q = tid - slice * wg * 32;
+  for (int e = 0; e < kTile; ++e) sm.red[(slice * kTile + e) * wg * 32 + q] = acc[e];
+}
+
+template <typename T, class Sink>
+FRNN_HD void reduce_mma(const Gemm& g, const Smem<T>& sm, int tid, int64_t nrows, const Sink& sink) {
+  const int64_t wg = kWarps / g.ks, lanes = wg * 32;
+  for (int64_t o = tid; o < kTile * lanes; o += kThreads) {
+    const int64_t e = o / lanes, q = o - e * lanes, lane = q % 32;
+    const int64_t j = q / 32 + (e / 4) * wg;
+    if (j >= g.items) continue;
+    const int64_t ct = j / g.bg, rt = j - ct * g.bg;
+    const int64_t c = ct * 16 + lane / 4 + 8 * ((e % 4) / 2), r = rt * 8 + 2 * (lane % 4) + e % 2;
+    if (r >= nrows || c >= g.R) continue;
+    float v = 0.0f;
+    for (int64_t s = 0; s < g.ks; ++s) v += sm.red[(s * kTile + e) * lanes + q];
+    sink(r, c, v);
+  }
+}
+
 // ---------------------------------------------------------------------------------------------------
 // Forward. Pointers at row 0 of their tensors; the kernel offsets them per step.
 struct Fwd {
@@ -286,15 +449,15 @@ struct Fwd {
   const void* h0;    // [B, H]
 };
 
+// Ws[k][g*U + jj] = W_hh[g*H + u0 + jj][k]
 template <typename T, class F>
-FRNN_HD void fwd_load_w(const F& f, const Smem<T>& sm, int tid, int64_t u0) {
-  // Ws[k][g*U + jj] = W_hh[g*H + u0 + jj][k]
-  const int64_t U = f.plan.units, R = f.G * U, H = f.H;
+FRNN_HD void fwd_load_w(const F& f, const Smem<T>& sm, const Gemm& gm, int tid, int64_t u0) {
+  const int64_t U = f.plan.units, H = f.H;
   const T* w = static_cast<const T*>(f.w_hh);
-  for (int64_t i = tid; i < H * R; i += kThreads) {
-    const int64_t c = i / H, k = i - c * H, g = c / U, u = u0 + (c - g * U);
-    sm.w[k * R + c] = u < H ? w[(g * H + u) * H + k] : T(0.0f);
-  }
+  load_w(gm, sm, tid, [&](int64_t k, int64_t c) {
+    const int64_t g = c / U, u = u0 + (c - g * U);
+    return u < H ? w[(g * H + u) * H + k] : T(0.0f);
+  });
 }
 
 // The cell params of one step: the base's per-row pointers moved to the step's first row.
@@ -370,15 +533,12 @@ struct Bwd {
   const void* w_hh;  // [G*H, H]
 };
 
+// Ws[k][jj] = W_hh[k][u0 + jj]
 template <typename T, class F>
-FRNN_HD void bwd_load_w(const F& f, const Smem<T>& sm, int tid, int64_t u0) {
-  // Ws[k][jj] = W_hh[k][u0 + jj]
-  const int64_t U = f.plan.units, H = f.H, K = f.G * H;
+FRNN_HD void bwd_load_w(const F& f, const Smem<T>& sm, const Gemm& gm, int tid, int64_t u0) {
+  const int64_t H = f.H;
   const T* w = static_cast<const T*>(f.w_hh);
-  for (int64_t i = tid; i < K * U; i += kThreads) {
-    const int64_t k = i / U, jj = i - k * U;
-    sm.w[k * U + jj] = u0 + jj < H ? w[k * H + u0 + jj] : T(0.0f);
-  }
+  load_w(gm, sm, tid, [&](int64_t k, int64_t c) { return u0 + c < H ? w[k * H + u0 + c] : T(0.0f); });
 }
 
 template <typename T>
@@ -491,8 +651,10 @@ struct FwdProgram {  // GEMM and cell of the block's units, then the step barrie
   static constexpr bool kForward = true;
   static constexpr int kPhases = 1;
   FRNN_HD static bool step_barrier_after(int) { return true; }
-  FRNN_HD static Gemm gemm(const Args& f) { return make_gemm(f.H, f.G * f.plan.units, f.plan.bt); }
-  FRNN_HD static void load(const Args& f, const Smem<T>& sm, int tid, int64_t u0) { fwd_load_w<T>(f, sm, tid, u0); }
+  FRNN_HD static Gemm gemm(const Args& f) { return make_gemm(f.H, f.G * f.plan.units, f.plan.bt, f.plan.mma); }
+  FRNN_HD static void load(const Args& f, const Smem<T>& sm, const Gemm& g, int tid, int64_t u0) {
+    fwd_load_w<T>(f, sm, g, tid, u0);
+  }
   template <class X>
   FRNN_HD static void phase(const Args& f, int, const X& x, const Smem<T>& sm, const Gemm& g, const StepRows& s,
                             const Owned& o, int64_t n, int64_t) {
@@ -512,8 +674,10 @@ struct BwdProgram {  // cell backward of the block's units, the step barrier, dh
   static constexpr bool kForward = false;
   static constexpr int kPhases = 2;
   FRNN_HD static bool step_barrier_after(int ph) { return ph == 0; }
-  FRNN_HD static Gemm gemm(const Args& f) { return make_gemm(f.G * f.H, f.plan.units, f.plan.bt); }
-  FRNN_HD static void load(const Args& f, const Smem<T>& sm, int tid, int64_t u0) { bwd_load_w<T>(f, sm, tid, u0); }
+  FRNN_HD static Gemm gemm(const Args& f) { return make_gemm(f.G * f.H, f.plan.units, f.plan.bt, f.plan.mma); }
+  FRNN_HD static void load(const Args& f, const Smem<T>& sm, const Gemm& g, int tid, int64_t u0) {
+    bwd_load_w<T>(f, sm, g, tid, u0);
+  }
   template <class X>
   FRNN_HD static void phase(const Args& f, int ph, const X& x, const Smem<T>& sm, const Gemm& g, const StepRows& s,
                             const Owned& o, int64_t n, int64_t) {
@@ -536,8 +700,8 @@ struct ExtFwdProgram {  // GEMM of the block's columns, the step barrier, the ro
   static constexpr int kPhases = 2;
   FRNN_HD static bool step_barrier_after(int) { return true; }
   FRNN_HD static Gemm gemm(const Args& f) { return make_gemm(f.H, f.G * f.plan.units, f.plan.bt); }
-  FRNN_HD static void load(const Args& f, const Smem<float>& sm, int tid, int64_t u0) {
-    fwd_load_w<float>(f, sm, tid, u0);
+  FRNN_HD static void load(const Args& f, const Smem<float>& sm, const Gemm& g, int tid, int64_t u0) {
+    fwd_load_w<float>(f, sm, g, tid, u0);
   }
   template <class X>
   FRNN_HD static void phase(const Args& f, int ph, const X& x, const Smem<float>& sm, const Gemm& g,
@@ -558,8 +722,8 @@ struct ExtBwdProgram {  // the row phase, the step barrier, dh_{t-1} of the bloc
   static constexpr int kPhases = 2;
   FRNN_HD static bool step_barrier_after(int) { return true; }
   FRNN_HD static Gemm gemm(const Args& f) { return make_gemm(f.G * f.H, f.plan.units, f.plan.bt); }
-  FRNN_HD static void load(const Args& f, const Smem<float>& sm, int tid, int64_t u0) {
-    bwd_load_w<float>(f, sm, tid, u0);
+  FRNN_HD static void load(const Args& f, const Smem<float>& sm, const Gemm& g, int tid, int64_t u0) {
+    bwd_load_w<float>(f, sm, g, tid, u0);
   }
   template <class X>
   FRNN_HD static void phase(const Args& f, int ph, const X& x, const Smem<float>& sm, const Gemm& g,

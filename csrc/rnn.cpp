@@ -38,10 +38,11 @@ void run_cell(const Problem& pr, const Tensor& like, const P& params) {
   }
 }
 
-// 16-bit on the CPU where the engine does not take the problem (proj_size, odd H, no bf16 ukernel, fp16):
-// the fp32 computation, rounding only what is returned.
+// 16-bit on the CPU where the engine does not take the problem (proj_size, odd H, no bf16 ukernel, fp16) and the
+// persistent engine's emulator does not either (test hook): the fp32 computation, rounding only what is returned.
 bool cpu_16bit_fallback(const Problem& pr, const Tensor& x) {
-  return x.is_cpu() && at::isReducedFloatingType(x.scalar_type()) && !engine_takes(pr, x);
+  return x.is_cpu() && at::isReducedFloatingType(x.scalar_type()) && !engine_takes(pr, x) &&
+         persist::plan_for(pr, x).scheme == persist::kNone;
 }
 
 // The path layer_fwd (cells: layer_ext_fwd) takes for these inputs, in words, from the same decisions in the
@@ -65,7 +66,8 @@ std::string layer_path(const std::string& mode, const Tensor& x, const OptTensor
   }
   const persist::Plan plan = persist::plan_for(pr, like);
   if (plan.scheme != persist::kNone) {
-    return pre + "persistent engine, one launch per direction: " + plan.why;
+    return pre + "persistent engine, one launch per direction: " + plan.why +
+           (plan.mma ? "; its GEMMs on tensor cores (mma.sync, fp32 accumulation)" : "");
   }
   if (engine_takes(pr, like)) return pre + "fused CPU engine (oneDNN brgemm ukernel + cell per step and thread)";
   const std::string why = x.is_cpu() ? "CPU engine: " + engine_refusal(pr, like) : std::string(plan.why);
@@ -175,7 +177,9 @@ std::vector<Tensor> layer_bwd(const std::string& mode, const Tensor& x_in, const
   const NoAutocast no_autocast;
   const int64_t H = pr.H, GH = pr.G * H, Hout = pr.Hout, N = pr.N;
   check_grad_outputs(pr, x_in, y_in, dy_in, dh_n, dc_n);
-  const Tensor ws = at::empty({0}, x_in.options().dtype(ws_dtype(x_in)));
+  const persist::Plan plan = persist::plan_for(pr, x_in);
+  const bool own_dtype = plan.scheme != persist::kNone;  // the persistent engine saves in x's dtype, CPU or not
+  const Tensor ws = at::empty({0}, x_in.options().dtype(own_dtype ? x_in.scalar_type() : ws_dtype(x_in)));
   const char* ws_name = "the workspace dtype of x";
   if (pr.lstm || pr.gru) check_like(gates_in, "saved gates", ws, {N, GH}, ws_name);
   if (pr.lstm) check_like(c_save_in, "saved c", ws, {N, H}, ws_name);
@@ -194,7 +198,6 @@ std::vector<Tensor> layer_bwd(const std::string& mode, const Tensor& x_in, const
   const Tensor y = y_in.contiguous(), gates = gates_in.contiguous(), dy = dy_in.contiguous();
   const Tensor c_save = c_save_in.contiguous(), hn_save = hn_save_in.contiguous();
   const auto opts = x.options();
-  const persist::Plan plan = persist::plan_for(pr, x);
   if (plan.scheme != persist::kNone) {
     return persist::bwd(pr, plan, x, h0, c0, w_ih, w_hh, b_ih.has_value(), b_hh.has_value(), reverse, y, gates,
                         c_save, hn_save, dy, dh_n.contiguous(), contig(dc_n), need_dx);
@@ -316,12 +319,13 @@ pybind11::dict build_info() {
 // memory per block, cooperative launch or not and thread-block clusters of up to `cluster` blocks (0: none)
 // or not (persist::plan_with, what a call on such a device takes).
 pybind11::dict persist_plan(int64_t G, int64_t B, int64_t H, int64_t esize, int64_t sms, int64_t smem,
-                            bool cooperative, bool proj, bool cells, int64_t cluster) {
+                            bool cooperative, bool proj, bool cells, int64_t cluster, bool mma) {
   persist::Limits lim;
   lim.sms = sms;
   lim.smem = smem;
   lim.cooperative = cooperative;
   lim.cluster = cluster;
+  lim.mma = mma;
   const persist::Plan p = persist::plan_with(lim, G, B, H, esize, proj, cells);
   static const char* names[] = {"per-step", "block", "grid", "cluster"};
   pybind11::dict d;
@@ -330,6 +334,7 @@ pybind11::dict persist_plan(int64_t G, int64_t B, int64_t H, int64_t esize, int6
   d["slices"] = p.slices;
   d["batch_tile"] = p.bt;
   d["tiles"] = p.tiles;
+  d["mma"] = p.mma;
   d["blocks"] = p.tiles * p.slices;
   d["smem"] = p.smem;
   d["why"] = p.why;
@@ -344,6 +349,7 @@ pybind11::dict cuda_limits(int device) {
   d["smem"] = l.smem;
   d["cooperative"] = l.cooperative;
   d["cluster"] = l.cluster;
+  d["mma"] = l.mma;
 #else
   (void)device;
   TORCH_CHECK(false, "fastrnn: _C was built without CUDA");
@@ -389,13 +395,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("_set_chunk_rows", &fastrnn::set_chunk_rows, "test hook: backward chunk size in rows (0: default)");
   m.def("persist_plan", &fastrnn::persist_plan, py::arg("G"), py::arg("B"), py::arg("H"), py::arg("esize"),
         py::arg("sms"), py::arg("smem"), py::arg("cooperative") = true, py::arg("proj") = false,
-        py::arg("cells") = false, py::arg("cluster") = 0,
+        py::arg("cells") = false, py::arg("cluster") = 0, py::arg("mma") = false,
         "the persistent CUDA engine's plan for a problem on a device of these limits");
   m.def("cuda_limits", &fastrnn::cuda_limits, py::arg("device"),
-        "SM count, shared memory per block, cooperative launch, most blocks per thread-block cluster");
+        "SM count, shared memory per block, cooperative launch, most blocks per thread-block cluster, tensor "
+        "cores for 16-bit");
   m.def("_set_persist_emulation", &fastrnn::persist::set_emulation, py::arg("sms"), py::arg("smem"),
-        py::arg("cluster") = 0,
-        "test hook: CPU fp32 calls run the persistent engine's block program as on a GPU of these limits (0: off)");
+        py::arg("cluster") = 0, py::arg("mma") = false,
+        "test hook: CPU fp32 and 16-bit calls run the persistent engine's block program as on a GPU of these "
+        "limits (0: off)");
   m.def("cuda_probe", &fastrnn::cuda_probe_py,
         "touches the CUDA runtime (device count, one tiny kernel); raises RuntimeError on any CUDA error");
 }

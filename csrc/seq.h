@@ -243,7 +243,8 @@ std::vector<at::Tensor> layer_ext_bwd(const std::string& mode, const at::Tensor&
 
 namespace persist {
 // persist.cpp: the plan a call gets (scheme kNone: the per-step path, with the reason in `why`): CUDA with
-// FASTRNN_PERSISTENT=1, or CPU fp32 under the emulation test hook; then its forward and backward, with
+// FASTRNN_PERSISTENT=1, or CPU fp32 / fp16 / bf16 under the emulation test hook (16-bit then keeps its
+// workspaces and saved activations in its own dtype, as on CUDA, not in fp32 as the CPU otherwise does); then its forward and backward, with
 // layer_fwd / layer_bwd's returns (saved activations in PyTorch's layout, as the per-step path).
 // With `cells`: for fastrnn's own cells (fp32 calls; 16-bit ones are widened before they plan).
 Plan plan_for(const Problem& pr, const at::Tensor& x, bool cells = false);
@@ -266,9 +267,11 @@ void ext_fwd(const Problem& pr, const Plan& plan, const at::Tensor& x, const Ext
              const at::Tensor& w_hh, const at::Tensor& operand, bool reverse);
 void ext_bwd(const Problem& pr, const Plan& plan, const at::Tensor& x, const ExtGradParams& base, bool bypass,
              const OptTensor& mask, const at::Tensor& w_hh, bool reverse);
-// Test hook (_C._set_persist_emulation): run CPU fp32 calls through the emulator as on a GPU with `sms` SMs,
-// `smem` bytes of shared memory per block and clusters of up to `cluster` blocks (0: none); sms == 0: off.
-void set_emulation(int64_t sms, int64_t smem, int64_t cluster);
+// Test hook (_C._set_persist_emulation): run CPU fp32 and 16-bit calls through the emulator as on a GPU with
+// `sms` SMs, `smem` bytes of shared memory per block, clusters of up to `cluster` blocks (0: none) and, with
+// `mma`, tensor cores for 16-bit; sms == 0: off. emulating(x): whether it is on for x's device and dtype.
+void set_emulation(int64_t sms, int64_t smem, int64_t cluster, bool mma);
+bool emulating(const at::Tensor& x);
 }  // namespace persist
 
 }  // namespace fastrnn

@@ -24,7 +24,8 @@ def test_dry_run_prints_every_step_with_its_log():
     assert proc.returncode == 0, proc.stderr
     steps = [ln.split(":")[0].strip() for ln in proc.stdout.splitlines()[1:]]
     assert steps == ["backends", "cuda-tests", "cuda-tests-persistent", "memcheck", "memcheck-persistent",
-                     "racecheck-persistent", "synccheck-persistent", "memcheck-grid", "benchmark", "layernorm", "grid-barrier"]
+                     "racecheck-persistent", "synccheck-persistent", "memcheck-grid", "benchmark", "layernorm", "grid-barrier",
+                     "bf16", "bf16-simt"]
     assert "pytest -m cuda" in proc.stdout and "--tool racecheck" in proc.stdout and "--tool synccheck" in proc.stdout
     assert "FASTRNN_PERSISTENT=1" in proc.stdout.split("cuda-tests-persistent:")[1].splitlines()[0]
     assert all("(limit " in ln for ln in proc.stdout.splitlines()[1:])
@@ -32,6 +33,8 @@ def test_dry_run_prints_every_step_with_its_log():
     assert "bench_layernorm.py --device cuda" in proc.stdout and "--out benchmarks/results/gpu/layernorm.md" in proc.stdout
     assert "> benchmarks/results/gpu/memcheck.log" in proc.stdout
     assert "FASTRNN_PERSISTENT_CLUSTER=0" in proc.stdout.split("grid-barrier:")[1].splitlines()[0]
+    assert "--dtype bfloat16" in proc.stdout.split("bf16:")[1].splitlines()[0]
+    assert "FASTRNN_PERSISTENT_MMA=0" in proc.stdout.split("bf16-simt:")[1].splitlines()[0]
     assert REPO not in proc.stdout
 
 
@@ -83,3 +86,22 @@ def test_smoke_reports_a_kernel_that_differs(monkeypatch, capsys):
     monkeypatch.setattr(cpp, "layer", skewed)
     assert gpu_smoke.main(["--device", "cpu"]) == 1
     assert "FAIL cpp-gru: max relative difference from the reference 1.0" in capsys.readouterr().out
+
+
+def test_smoke_bf16_cases_take_the_tensor_cores_and_pass_with_their_numerics():
+    """On an H200's limits the bf16 cases plan the persistent engine on tensor cores, in one block at H and split
+    over blocks at H_GRID; under the emulator (the GPU's storage rounding and fragment layout) each is within the
+    smoke's bf16 tolerance, so a GPU failure there is the GPU's, not the inputs'."""
+    from fastrnn.ops import cpp
+
+    bf16 = [c for c in gpu_smoke.CASES if c.dtype == "bf16"]
+    limits = dict(sms=132, smem=232448, cooperative=True, cluster=8, mma=True)
+    plans = {c.name: cpp.persistent_plan(c.mode, gpu_smoke.B, c.hidden, torch.bfloat16, limits=limits) for c in bf16}
+    assert all(p["mma"] for p in plans.values())
+    assert any(p["slices"] == 1 for p in plans.values()) and any(p["slices"] > 1 for p in plans.values())
+    cpp._lib()._set_persist_emulation(limits["sms"], limits["smem"], limits["cluster"], True)
+    try:
+        for c in bf16:
+            assert gpu_smoke.run(c, torch.device("cpu")) <= gpu_smoke.TOLERANCE["bf16"], c.name
+    finally:
+        cpp._lib()._set_persist_emulation(0, 0)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from fastrnn.ops import GATES, MODES, cpp
-from layer_cases import Case, Impl, assert_matches_reference, nan_poisoned, one_step_and_one_unit
+from layer_cases import DTYPE_IDS, Case, Impl, assert_matches_reference, nan_poisoned, one_step_and_one_unit
 from test_cpp_ext import assert_matches_reference as assert_cells_match
 
 pytestmark = pytest.mark.skipif(cpp.availability(torch.device("cpu"), torch.float32) is not None,
@@ -29,8 +29,8 @@ def lib():
 
 
 @contextlib.contextmanager
-def emulated(sms: int, smem: int, cluster: int = 0):
-    lib()._set_persist_emulation(sms, smem, cluster)
+def emulated(sms: int, smem: int, cluster: int = 0, mma: bool = False):
+    lib()._set_persist_emulation(sms, smem, cluster, mma)
     try:
         yield
     finally:
@@ -124,6 +124,83 @@ def test_emulation_is_deterministic_and_off_after_the_hook():
     assert_matches_reference(CPU32, c, inputs)  # the engine again, hook off
 
 
+def mma_smem(G: int, H: int, U: int, bt: int) -> int:
+    """persist.h smem_bytes with tensor cores: 16-bit staged rows (8-row tiles of 136 values), the reduction
+    buffer, W_hh's slice padded to 16 x 16 tiles (the larger of the forward's and the backward's)."""
+    w = max(cdiv(H, 16) * cdiv(G * U, 16), cdiv(G * H, 16) * cdiv(U, 16)) * 256
+    return cdiv(bt, 8) * 8 * 136 * 2 + THREADS * TILE * 4 + w * 2
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("B", [1, 7, 64, 256])
+@pytest.mark.parametrize("H", [1, 33, 128, 512, 1024, 4096])
+def test_tensor_core_plans_respect_the_device(mode, B, H):
+    """With tensor cores, 16-bit plans take them where the cost model says so, within the device's shared memory
+    and with each warp at most 4 tiles of 16 x 8 per GEMM; whatever the SIMT loop alone plans still plans, and
+    fp32 never takes them."""
+    G = GATES[mode]
+    p = lib().persist_plan(G, B, H, 2, **H200, mma=True)
+    simt = lib().persist_plan(G, B, H, 2, **H200)
+    assert not simt["mma"] and not lib().persist_plan(G, B, H, 4, **H200, mma=True)["mma"]
+    assert p["scheme"] != "per-step" or simt["scheme"] == "per-step"
+    if not p["mma"]:
+        return
+    U, bt = p["units"], p["batch_tile"]
+    assert p["smem"] == mma_smem(G, H, U, bt) <= H200["smem"]
+    for R in (G * U, U):
+        assert cdiv(R, 16) * cdiv(bt, 8) <= 8 * 4
+
+
+def test_tensor_cores_take_the_standard_16bit_shapes():
+    """On an H200's limits the 16-bit plans of the benchmark's shapes run on tensor cores; the
+    (512,16,128,128,1) LSTM in a single block per batch tile."""
+    hopper = dict(H200, cluster=8, mma=True)
+    for mode, (B, H) in itertools.product(MODES, ((64, 256), (64, 1024), (1, 512), (16, 128), (64, 512))):
+        p = cpp.persistent_plan(mode, B, H, torch.bfloat16, limits=hopper)
+        assert p["mma"], (mode, B, H, p)
+    assert cpp.persistent_plan("LSTM", 16, 128, torch.bfloat16, limits=hopper)["scheme"] == "block"
+
+
+# 16-bit storage: the tensor cores (the PTX ISA's mma.m16n8k16 fragments, emulated lane by lane) and the SIMT
+# loop, on a roomy device (block plans, batch tiles, several 8-row tiles, forward K over two chunks) and one that
+# splits the hidden units over blocks.
+DEVICES16 = {"roomy": (132, 232448), "split": (8, 16384 + 2 * 272 + 6000)}
+CASES16 = [Case(m, 5, 6, 7, 33, packed=p, reverse=p) for m in MODES for p in (False, True)] \
+    + [Case(m, 3, 20, 5, 140, packed=True) for m in MODES] + [Case(m, 3, 70, 5, 20, packed=True) for m in MODES] \
+    + one_step_and_one_unit(4)
+
+
+def plan16(device: str, c: Case, mma: bool) -> dict:
+    return lib().persist_plan(GATES[c.mode], c.B, c.H, 2, *DEVICES16[device], mma=mma)
+
+
+RUNS16 = [(d, dtype, mma, c) for d in DEVICES16 for dtype in (torch.bfloat16, torch.float16) for mma in (True, False)
+          for c in CASES16 if (dtype == torch.bfloat16 or mma) and (d == "roomy" or mma)
+          and cpp.availability(torch.device("cpu"), torch.float32) is None
+          and Impl("cpp", "cpu", dtype).supports(c) and plan16(d, c, mma)["blocks"]
+          and plan16(d, c, mma)["mma"] == mma]
+
+
+@pytest.mark.parametrize("device, dtype, mma, c", RUNS16,
+                         ids=[f"{d}-{DTYPE_IDS[t]}-{'mma' if m else 'simt'}-{c.id}" for d, t, m, c in RUNS16])
+def test_16bit_block_program_matches_reference(device, dtype, mma, c):
+    impl = Impl("cpp", "cpu", dtype)
+    with emulated(*DEVICES16[device], mma=mma), nan_poisoned(impl):
+        assert_matches_reference(impl, c)
+
+
+def test_16bit_runs_cover_the_tensor_core_tiling():
+    """The runs above reach what the tensor cores' tiling adds: a split over blocks, batch tiles, more than one
+    8-row tile, K over more than one staged chunk (forward K = H > 128), more 16 x 8 tiles than warps (a warp
+    takes several), and K split over warps (fewer tiles than warps)."""
+    plans = [(plan16(d, c, True), c) for d, _, mma, c in RUNS16 if mma]
+    assert any(p["slices"] > 1 for p, _ in plans) and any(p["tiles"] > 1 for p, _ in plans)
+    assert any(p["batch_tile"] > 8 for p, _ in plans) and any(c.H > 128 for _, c in plans)
+    items = [cdiv(GATES[c.mode] * p["units"], 16) * cdiv(p["batch_tile"], 8) for p, c in plans]
+    assert max(items) > 8 and min(items) <= 4
+    assert any(not mma for _, _, mma, _ in RUNS16)
+
+
 def test_persistent_plan_says_which_scheme_and_why():
     """The explain helper on a described device (none is needed here): proj_size and fp64 keep the per-step
     path, a device without cooperative launch gets no grid plan, and the switch is reported."""
@@ -195,12 +272,16 @@ def test_python_m_fastrnn_reports_plans_for_plain_and_new_cells():
     from fastrnn.__main__ import persistent_report
 
     lines = persistent_report(limits=H200)
-    assert len(lines) == 1 + 2 * len(MODES)
+    assert len(lines) == 1 + 3 * len(MODES)
     for mode in MODES:
         plain, = [ln for ln in lines if ln.startswith(f"  {mode}: ")]
+        bf16, = [ln for ln in lines if ln.startswith(f"  {mode} bf16: ")]
         cells, = [ln for ln in lines if ln.startswith(f"  {mode} cells: ")]
-        assert plain.count("B=") == cells.count("B=") == 5
+        assert plain.count("B=") == bf16.count("B=") == cells.count("B=") == 5
+        assert "mma" not in plain + bf16 + cells  # H200 as given: no tensor cores
     assert "grid [" in "".join(lines) and "per-step" in "".join(lines)
+    tc = persistent_report(limits=dict(H200, mma=True))
+    assert all(("mma" in ln) == (" bf16: " in ln) for ln in tc[1:])
 
 
 

@@ -40,12 +40,56 @@ __device__ __forceinline__ void step_barrier(const Plan& p) {
   }
 }
 
+// One warp's mma.m16n8k16 with fp32 accumulation (sm_80 on; the plan takes tensor cores only on such devices):
+// d += A . B from the lane's fragments.
+template <typename T>
+struct WarpMma {
+  int lane;
+  template <class F>
+  __device__ __forceinline__ void operator()(float* d, const F& frags) const {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    const Frags f = frags(lane);
+    if constexpr (std::is_same_v<T, c10::BFloat16>) {
+      asm volatile(
+          "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+          "{%0,%1,%2,%3};"
+          : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+          : "r"(f.a[0]), "r"(f.a[1]), "r"(f.a[2]), "r"(f.a[3]), "r"(f.b[0]), "r"(f.b[1]));
+    } else {
+      asm volatile(
+          "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+          "{%0,%1,%2,%3};"
+          : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+          : "r"(f.a[0]), "r"(f.a[1]), "r"(f.a[2]), "r"(f.a[3]), "r"(f.b[0]), "r"(f.b[1]));
+    }
+#else
+    (void)d;
+    (void)frags;
+    __trap();
+#endif
+  }
+};
+
 // One block's GEMM of a step (persist.h's phases with the block barriers between them): out[n rows, g.R] =
-// A . Ws over K chunks, handed to `sink`.
+// A . Ws over K chunks, handed to `sink`; on the tensor cores where the plan says so (16-bit storage only).
 template <typename T, class A, class Sink>
 __device__ __forceinline__ void block_gemm(const Gemm& g, const Smem<T>& sm, int tid, int64_t n, const A& a,
                                            const Sink& sink) {
   float acc[kTile] = {};
+  if constexpr (sizeof(T) == 2) {
+    if (g.mma) {
+      for (int64_t k0 = 0; k0 < g.K; k0 += kMmaChunk) {
+        __syncthreads();
+        stage_mma(g, sm, tid, k0, n, a);
+        __syncthreads();
+        accumulate_mma(g, sm, tid, k0, acc, WarpMma<T>{tid % 32});
+      }
+      spill_mma(g, sm, tid, acc);
+      __syncthreads();
+      reduce_mma(g, sm, tid, n, sink);
+      return;
+    }
+  }
   for (int64_t k0 = 0; k0 < g.K; k0 += kChunk) {
     __syncthreads();
     stage(g, sm, tid, k0, n, a);
@@ -87,9 +131,9 @@ __global__ void __launch_bounds__(kThreads, 1) persist_kernel(const typename Pro
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const BlockExec x{static_cast<int>(threadIdx.x)};
   const Owned o = owned(f.plan, f.H, blockIdx.x);
-  const Smem<T> sm = Smem<T>::carve(smem_raw, f.plan.bt);
+  const Smem<T> sm = Smem<T>::carve(smem_raw, f.plan.bt, f.plan.mma);
   const Gemm g = Prog::gemm(f);
-  Prog::load(f, sm, x.tid, o.u0);
+  Prog::load(f, sm, g, x.tid, o.u0);
   __syncthreads();
   for (int64_t i = 0; i < f.lay.T; ++i) {
     const StepRows s = step_rows(f.lay, Prog::kForward ? i : f.lay.T - 1 - i);
@@ -216,10 +260,23 @@ namespace {
 constexpr int64_t kMaxCluster = 8;
 
 // FASTRNN_PERSISTENT_CLUSTER=0 plans as if the GPU had no clusters (split plans then meet at the grid barrier),
-// to measure one barrier against the other; read once per device, with its limits.
-bool clusters_allowed() {
-  const char* v = std::getenv("FASTRNN_PERSISTENT_CLUSTER");
+// to measure one barrier against the other; read once per device, with its limits, as is
+// FASTRNN_PERSISTENT_MMA.
+bool allowed(const char* var) {
+  const char* v = std::getenv(var);
   return v == nullptr || std::strcmp(v, "0") != 0;
+}
+
+// Tensor cores for 16-bit: sm_80 and later, in a build whose code for this device has the mma instruction (a
+// build for sm_75 alone would run PTX without it). FASTRNN_PERSISTENT_MMA=0 keeps 16-bit on the SIMT loop, to
+// measure one against the other.
+bool tensor_cores(int device) {
+  int major = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  cudaFuncAttributes attr{};
+  C10_CUDA_CHECK(cudaFuncGetAttributes(
+      &attr, reinterpret_cast<const void*>(&persist_kernel<FwdProgram<LstmFwd, c10::BFloat16>>)));
+  return major >= 8 && attr.ptxVersion >= 80 && allowed("FASTRNN_PERSISTENT_MMA");
 }
 
 Limits query_limits(int device) {
@@ -232,7 +289,8 @@ Limits query_limits(int device) {
   l.sms = sms;
   l.smem = smem;
   l.cooperative = coop != 0;
-  l.cluster = cluster != 0 && clusters_allowed() ? kMaxCluster : 0;
+  l.cluster = cluster != 0 && allowed("FASTRNN_PERSISTENT_CLUSTER") ? kMaxCluster : 0;
+  l.mma = tensor_cores(device);
   return l;
 }
 }  // namespace
