@@ -2,6 +2,10 @@
 // params of one launch, the big GEMMs around it (input projection before; dx and the weight gradients after,
 // shared with rnn.cpp through seq.h), and the CPU emulator of its block program.
 #include <ATen/ATen.h>
+#include <ATen/Context.h>
+#if __has_include(<torch/headeronly/version.h>)
+#include <torch/headeronly/version.h>
+#endif
 
 #ifdef FASTRNN_WITH_CUDA
 #include <c10/cuda/CUDAStream.h>
@@ -42,26 +46,41 @@ float half_at(const uint32_t* regs, int s) {
   return static_cast<float>(v);
 }
 
-// mma.m16n8k16 on the CPU for one lane: the warp's A (16 x 16) and B (16 x 8) gathered from every lane's
-// fragments by the PTX ISA's table (lane = 4 * group + t; A's slot s: row group + 8 * (s / 2 % 2), column
-// 2t + s % 2 + 8 * (s / 4); B's slot s: row 2t + s % 2 + 8 * (s / 2), column group; D's value e: row group +
-// 8 * (e / 2), column 2t + e % 2), which persist.h's w_index and load_frags must match for the sums to be right.
+// fp32 register s of a lane's TF32 fragment.
+float word_at(const uint32_t* regs, int s) {
+  float v;
+  std::memcpy(&v, &regs[s], sizeof(v));
+  return v;
+}
+
+// mma.sync on the CPU for one lane: the warp's A (16 x K) and B (K x 8) gathered from every lane's fragments by
+// the PTX ISA's tables (lane = 4 * group + t), which persist.h's w_index and load_frags must match for the sums
+// to be right. m16n8k16 (16-bit): A's slot s at row group + 8 * (s / 2 % 2), column 2t + s % 2 + 8 * (s / 4);
+// B's slot s at row 2t + s % 2 + 8 * (s / 2), column group. m16n8k8 (TF32): A's slot s at row group + 8 * (s % 2),
+// column t + 4 * (s / 2); B's slot s at row t + 4 * s, column group. Both: D's value e at row group + 8 * (e / 2),
+// column 2t + e % 2.
 template <typename T>
 struct EmulatedMma {
+  static constexpr int K = sizeof(T) == 2 ? 16 : 8;
   int lane;
   template <class F>
   void operator()(float* d, const F& frags) const {
-    float a[16][16], b[16][8];
+    float a[16][K], b[K][8];
     for (int l = 0; l < 32; ++l) {
       const Frags f = frags(l);
       const int grp = l / 4, t = l % 4;
-      for (int s = 0; s < 8; ++s) a[grp + 8 * (s / 2 % 2)][2 * t + s % 2 + 8 * (s / 4)] = half_at<T>(f.a, s);
-      for (int s = 0; s < 4; ++s) b[2 * t + s % 2 + 8 * (s / 2)][grp] = half_at<T>(f.b, s);
+      if constexpr (K == 16) {
+        for (int s = 0; s < 8; ++s) a[grp + 8 * (s / 2 % 2)][2 * t + s % 2 + 8 * (s / 4)] = half_at<T>(f.a, s);
+        for (int s = 0; s < 4; ++s) b[2 * t + s % 2 + 8 * (s / 2)][grp] = half_at<T>(f.b, s);
+      } else {
+        for (int s = 0; s < 4; ++s) a[grp + 8 * (s % 2)][t + 4 * (s / 2)] = word_at(f.a, s);
+        for (int s = 0; s < 2; ++s) b[t + 4 * s][grp] = word_at(f.b, s);
+      }
     }
     const int grp = lane / 4, t = lane % 4;
     for (int e = 0; e < 4; ++e) {
       float v = d[e];
-      for (int k = 0; k < 16; ++k) v = std::fma(a[grp + 8 * (e / 2)][k], b[k][2 * t + e % 2], v);
+      for (int k = 0; k < K; ++k) v = std::fma(a[grp + 8 * (e / 2)][k], b[k][2 * t + e % 2], v);
       d[e] = v;
     }
   }
@@ -202,6 +221,14 @@ Plan plan_with(const Limits& lim, int64_t G, int64_t B, int64_t H, int64_t esize
   return make_plan(G, B, H, esize, lim, cells);
 }
 
+bool tf32_allowed() {
+#if defined(TORCH_VERSION_MAJOR) && (TORCH_VERSION_MAJOR > 2 || TORCH_VERSION_MINOR >= 9)
+  return at::globalContext().allowTF32CuDNN(at::Float32Op::RNN);
+#else
+  return at::globalContext().allowTF32CuDNN();
+#endif
+}
+
 Plan plan_for(const Problem& pr, const at::Tensor& x, bool cells) {
   Limits lim;
   if (x.is_cpu()) {
@@ -211,6 +238,7 @@ Plan plan_for(const Problem& pr, const at::Tensor& x, bool cells) {
 #ifdef FASTRNN_WITH_CUDA
     if (!x.is_cuda() || !cuda_enabled()) return Plan{};
     lim = limits(x.device().index());
+    lim.tf32 = tf32_allowed();
 #else
     return Plan{};
 #endif
@@ -353,12 +381,13 @@ bool emulating(const Tensor& x) {
   return x.is_cpu() && g_emulated.sms > 0 && (d == at::kFloat || d == at::kHalf || d == at::kBFloat16);
 }
 
-void set_emulation(int64_t sms, int64_t smem, int64_t cluster, bool mma) {
+void set_emulation(int64_t sms, int64_t smem, int64_t cluster, bool mma, bool tf32) {
   g_emulated.sms = sms;
   g_emulated.smem = smem;
   g_emulated.cooperative = true;
   g_emulated.cluster = cluster;
   g_emulated.mma = mma;
+  g_emulated.tf32 = tf32;
 }
 
 }  // namespace persist

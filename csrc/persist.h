@@ -53,17 +53,21 @@ constexpr int64_t kGridSyncCycles = 2000;
 // run measures it.
 constexpr int64_t kClusterSyncCycles = kGridSyncCycles / 4;
 
-// Tensor cores for 16-bit storage (sm_80 on: mma.sync m16n8k16, fp32 accumulation), on the block GEMM
-// transposed, out^T[R, n] = Ws^T[R, K] . A^T[K, n]: the instruction's M (16) runs over the block's gate columns,
+// Tensor cores (sm_80 on, fp32 accumulation): mma.sync m16n8k16 for 16-bit storage, m16n8k8 in TF32 for fp32
+// where torch allows TF32 for cuDNN's RNN (the one the engine replaces). Both on the block GEMM transposed, out^T[R, n] = Ws^T[R, K] . A^T[K, n]: the instruction's M (16) runs over the block's gate columns,
 // of which there are many, its N (8) over the batch rows, of which there may be one. A warp's accumulators are
 // kWarpTiles 16 x 8 tiles of 4 floats per thread: the SIMT loop's kTile registers, so the same reduction buffer.
 constexpr int kWarps = kThreads / 32;
 constexpr int kWarpTiles = kTile / 4;
-// K staged per chunk: 8 k-steps of 16, one per warp when all 8 split K. The 16-bit rows are padded by 8 values
-// to 68 words, so the B fragments' rows (lane / 4) land on banks 4 * row + lane % 4: all 32 distinct.
+// K staged per chunk: 8 k-steps of 16 (16 of 8 in TF32), at least one per warp when all 8 split K. A staged
+// row is padded to 68 words (16-bit) or 132 (fp32), so the B fragments' rows (lane / 4) land on banks
+// 4 * row + lane % 4: all 32 distinct.
 constexpr int64_t kMmaChunk = 128;
-constexpr int64_t kMmaStride = kMmaChunk + 8;
-// The plan's price of one warp's m16n8k16 (2048 FMAs) in the SIMT loop's unit (a thread's FMA). A SIMT K step
+FRNN_HD constexpr int64_t mma_stride(int64_t es) { return kMmaChunk + (es == 2 ? 8 : 4); }
+// K of one instruction: 16 with 16-bit operands, 8 with TF32; either way 4 A and 2 B registers per lane.
+FRNN_HD constexpr int64_t mma_k(int64_t es) { return es == 2 ? 16 : 8; }
+// The plan's price of one warp's m16n8k16 (2048 FMAs; an m16n8k8 in TF32 is half the work at half the rate,
+// and the same fragment bytes) in the SIMT loop's unit (a thread's FMA). A SIMT K step
 // (16 FMAs and 8 shared loads per thread) keeps the block ~64 cycles: 8 warps x 8 loads of one wavefront each,
 // so a unit is ~4 cycles. A round of 8 warps' mma takes ~48: 6 wavefronts of fragments each (one 16-byte A load
 // of 4, two conflict-free B words), where the tensor cores need ~16. So ~12 units, until a GPU run measures it.
@@ -80,7 +84,8 @@ struct Limits {
   int64_t smem = 0;   // dynamic shared memory one block may opt in to, bytes
   bool cooperative = false;
   int64_t cluster = 0;  // most blocks in a thread-block cluster (sm_90 and later: 8, the portable size), 0: none
-  bool mma = false;     // tensor cores for 16-bit (sm_80 and later)
+  bool mma = false;     // tensor cores (sm_80 and later): 16-bit always, fp32 only with `tf32`
+  bool tf32 = false;    // torch allows TF32 for cuDNN's RNN (torch.backends.cudnn.allow_tf32 / rnn.fp32_precision)
 };
 
 
@@ -92,30 +97,32 @@ struct Plan {
   int64_t bt = 0;      // batch rows per block
   int64_t tiles = 0;   // ceil(B / bt)
   int64_t smem = 0;    // dynamic shared memory per block, bytes
-  bool mma = false;    // the block GEMMs on tensor cores (16-bit storage)
+  bool mma = false;    // the block GEMMs on tensor cores (fp32 storage: in TF32)
   const char* why = "";
 };
 
 // The K-split map of one block's GEMM out[bt, R] = A[bt, K] . Ws[K, R]. SIMT: items = cw * bg threads each own
 // a 4 x 4 tile (columns cg + j*cw, rows bg_ + i*bg), and ks such groups split K. Tensor cores (mma): items = cw *
 // bg tiles of 16 columns x 8 rows (tile j: column tile j / bg, row tile j % bg), warp w takes tiles w % wg +
-// i*wg (i < kWarpTiles) of its K slice w / wg, with wg = kWarps / ks warps per slice.
+// i*wg (i < kWarpTiles) of its K slice w / wg, with wg = kWarps / ks warps per slice; es: the operands' element
+// size (2: 16-bit, 4: TF32 in fp32 storage).
 struct Gemm {
   int64_t K, R, bt;
   int64_t cw, bg, items, ks;
   bool mma;
+  int64_t es;
 };
 
 FRNN_HD int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-FRNN_HD Gemm make_gemm(int64_t K, int64_t R, int64_t bt, bool mma = false) {
+FRNN_HD Gemm make_gemm(int64_t K, int64_t R, int64_t bt, bool mma = false, int64_t es = 4) {
   if (mma) {
-    Gemm g{K, R, bt, cdiv(R, 16), cdiv(bt, 8), 0, 1, true};
+    Gemm g{K, R, bt, cdiv(R, 16), cdiv(bt, 8), 0, 1, true, es};
     g.items = g.cw * g.bg;
-    while (g.items * g.ks * 2 <= kWarps && g.ks * 2 <= kMmaChunk / 16) g.ks *= 2;
+    while (g.items * g.ks * 2 <= kWarps && g.ks * 2 <= kMmaChunk / mma_k(es)) g.ks *= 2;
     return g;
   }
-  Gemm g{K, R, bt, cdiv(R, kTileCols), cdiv(bt, kTileRows), 0, 1, false};
+  Gemm g{K, R, bt, cdiv(R, kTileCols), cdiv(bt, kTileRows), 0, 1, false, es};
   g.items = g.cw * g.bg;
   while (g.items * g.ks * 2 <= kThreads && g.ks * 2 <= kChunk) g.ks *= 2;
   return g;
@@ -128,38 +135,40 @@ FRNN_HD bool gemm_fits(const Gemm& g) {
 
 // A thread's serial work per step in the plan's units (SIMT FMAs): its K loop, or its warp's mma instructions.
 FRNN_HD int64_t gemm_cycles(const Gemm& g) {
-  return g.mma ? cdiv(g.items, kWarps / g.ks) * cdiv(cdiv(g.K, 16), g.ks) * kMmaCycles : cdiv(g.K, g.ks) * kTile;
+  return g.mma ? cdiv(g.items, kWarps / g.ks) * cdiv(cdiv(g.K, mma_k(g.es)), g.ks) * kMmaCycles
+               : cdiv(g.K, g.ks) * kTile;
 }
 
-// Ws as stored: K x R, padded to whole 16 x 16 tiles for the tensor cores (zeros beyond K and R).
-FRNN_HD int64_t k_stored(const Gemm& g) { return g.mma ? cdiv(g.K, 16) * 16 : g.K; }
+// Ws as stored: K x R, padded to whole 16 x mma_k tiles for the tensor cores (zeros beyond K and R).
+FRNN_HD int64_t k_stored(const Gemm& g) { return g.mma ? cdiv(g.K, mma_k(g.es)) * mma_k(g.es) : g.K; }
 FRNN_HD int64_t r_stored(const Gemm& g) { return g.mma ? g.cw * 16 : g.R; }
 
 // Where Ws(k, c) lives in shared memory: row-major for the SIMT loop; for the tensor cores in the order the A
-// fragments of mma.m16n8k16 take Ws^T (row c, column k), so that a lane's 8 values of a 16 x 16 tile are one
-// 16-byte load: tile (c / 16, k / 16), then lane, then the value's slot in the lane's four registers.
+// fragments take Ws^T (row c, column k), so that a lane's values of a 16 x mma_k tile are one 16-byte load
+// (8 16-bit values, or 4 fp32): tile (c / 16, k / mma_k), then lane, then the value's slot in its registers.
 FRNN_HD int64_t w_index(const Gemm& g, int64_t k, int64_t c) {
   if (!g.mma) return k * g.R + c;
-  const int64_t i = c % 16, j = k % 16;
-  const int64_t lane = (i % 8) * 4 + (j % 8) / 2, slot = (j % 2) + 2 * (i / 8) + 4 * (j / 8);
-  return (((c / 16) * cdiv(g.K, 16) + k / 16) * 32 + lane) * 8 + slot;
+  const int64_t kk = mma_k(g.es), i = c % 16, j = k % kk, tile = (c / 16) * cdiv(g.K, kk) + k / kk;
+  if (g.es == 4) return (tile * 32 + (i % 8) * 4 + j % 4) * 4 + i / 8 + 2 * (j / 4);
+  return (tile * 32 + (i % 8) * 4 + (j % 8) / 2) * 8 + (j % 2) + 2 * (i / 8) + 4 * (j / 8);
 }
 
 // Shared memory of one block, in this order: the staged operand (SIMT: floats, bt x (kChunk + 1), the pad puts
-// the rows a warp reads in distinct banks; mma: 16-bit, bt rounded up to 8 rows x kMmaStride), the reduction
-// buffer (kThreads x 16 floats), W_hh's slice as stored (G*H*U elements of the storage type, forward [H][G*U],
-// backward [G*H][U], each padded to 16 x 16 tiles for the tensor cores).
-FRNN_HD int64_t stage_bytes(int64_t bt, bool mma) {
-  return mma ? cdiv(bt, 8) * 8 * kMmaStride * 2 : bt * (kChunk + 1) * 4;
+// the rows a warp reads in distinct banks; mma: the storage type, bt rounded up to 8 rows x mma_stride), the
+// reduction buffer (kThreads x 16 floats), W_hh's slice as stored (G*H*U elements of the storage type, forward
+// [H][G*U], backward [G*H][U], each padded to 16 x mma_k tiles for the tensor cores).
+FRNN_HD int64_t stage_bytes(int64_t bt, bool mma, int64_t es) {
+  return mma ? cdiv(bt, 8) * 8 * mma_stride(es) * es : bt * (kChunk + 1) * 4;
 }
 // The larger of the forward's and the backward's slice (they differ only in their padding).
-FRNN_HD int64_t w_elems(int64_t G, int64_t H, int64_t U, bool mma) {
+FRNN_HD int64_t w_elems(int64_t G, int64_t H, int64_t U, bool mma, int64_t es) {
   if (!mma) return G * H * U;
-  const int64_t fwd = cdiv(H, 16) * cdiv(G * U, 16), bwd = cdiv(G * H, 16) * cdiv(U, 16);
-  return (fwd > bwd ? fwd : bwd) * 256;
+  const int64_t kk = mma_k(es);
+  const int64_t fwd = cdiv(H, kk) * cdiv(G * U, 16), bwd = cdiv(G * H, kk) * cdiv(U, 16);
+  return (fwd > bwd ? fwd : bwd) * 16 * kk;
 }
 FRNN_HD int64_t smem_bytes(int64_t G, int64_t H, int64_t U, int64_t bt, int64_t esize, bool mma = false) {
-  return stage_bytes(bt, mma) + int64_t(kThreads) * kTile * 4 + w_elems(G, H, U, mma) * esize;
+  return stage_bytes(bt, mma, esize) + int64_t(kThreads) * kTile * 4 + w_elems(G, H, U, mma, esize) * esize;
 }
 
 // fastrnn's own cells (cell_ln.h) run a row phase after each step's GEMM: a block takes whole rows of its
@@ -187,7 +196,7 @@ inline Plan make_plan(int64_t G, int64_t B, int64_t H, int64_t esize, const Limi
   // a candidate split, its GEMMs on the SIMT loop or the tensor cores
   auto consider = [&](int64_t U, int64_t slices, int64_t bt, int64_t tiles, bool mma) {
     const int64_t smem = smem_bytes(G, H, U, bt, esize, mma);
-    const Gemm f = make_gemm(H, G * U, bt, mma), b = make_gemm(G * H, U, bt, mma);
+    const Gemm f = make_gemm(H, G * U, bt, mma, esize), b = make_gemm(G * H, U, bt, mma, esize);
     if (smem > smem_max || !gemm_fits(f) || !gemm_fits(b)) return;
     const int scheme = slices == 1 ? kBlock : slices <= lim.cluster ? kCluster : kGrid;
     // forward and backward GEMMs per step, plus the barriers and (cells) the rows each block walks
@@ -220,7 +229,7 @@ inline Plan make_plan(int64_t G, int64_t B, int64_t H, int64_t esize, const Limi
       const int64_t bt = cdiv(B, tiles);
       if (cdiv(B, bt) != tiles) continue;
       consider(U, slices, bt, tiles, false);
-      if (lim.mma && esize == 2) consider(U, slices, bt, tiles, true);
+      if (lim.mma && (esize == 2 || (esize == 4 && lim.tf32 && !cells))) consider(U, slices, bt, tiles, true);
     }
   }
   return best;
@@ -280,26 +289,49 @@ FRNN_HD float fma_acc(float a, float b, float c) {
 // One block's view of its shared memory.
 template <typename T>
 struct Smem {
-  float* stage;  // SIMT: [bt][kChunk + 1] floats; mma: [cdiv(bt, 8) * 8][kMmaStride] of T
+  float* stage;  // SIMT: [bt][kChunk + 1] floats; mma: [cdiv(bt, 8) * 8][mma_stride] of T
   float* red;    // [ks][kTile][items]
   T* w;          // Ws as stored (w_index)
 
   FRNN_HD static Smem carve(void* base, int64_t bt, bool mma) {
     unsigned char* b = static_cast<unsigned char*>(base);
-    float* red = reinterpret_cast<float*>(b + stage_bytes(bt, mma));
+    float* red = reinterpret_cast<float*>(b + stage_bytes(bt, mma, sizeof(T)));
     return {reinterpret_cast<float*>(b), red, reinterpret_cast<T*>(red + int64_t(kThreads) * kTile)};
   }
-  FRNN_HD T* stage16() const { return reinterpret_cast<T*>(stage); }
+  FRNN_HD T* staged() const { return reinterpret_cast<T*>(stage); }
 };
 
-// W_hh's slice into shared memory: Ws(k, c) = w(k, c) for k < K, c < R, zeros in the tensor cores' padding.
-// Consecutive threads take consecutive k of a column, which the loaders read from consecutive addresses.
+// An operand as the tensor cores take it: 16-bit values as they are; fp32 rounded to TF32 (10 mantissa bits, to
+// nearest, ties away from zero: cvt.rna), which the instruction itself would truncate.
+template <typename T>
+FRNN_HD T mma_operand(float v) {
+  if constexpr (sizeof(T) == 2) {
+    return static_cast<T>(v);
+  } else {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    uint32_t u;
+    asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(u) : "f"(v));
+    return __uint_as_float(u);
+#else
+    uint32_t u;
+    std::memcpy(&u, &v, sizeof(u));
+    if ((u & 0x7f800000u) != 0x7f800000u) u = (u + 0x1000u) & ~0x1fffu;
+    std::memcpy(&v, &u, sizeof(u));
+    return v;
+#endif
+  }
+}
+
+// W_hh's slice into shared memory: Ws(k, c) = w(k, c) for k < K, c < R (as an mma operand for the tensor cores),
+// zeros in their padding. Consecutive threads take consecutive k of a column, which the loaders read from
+// consecutive addresses.
 template <typename T, class W>
 FRNN_HD void load_w(const Gemm& g, const Smem<T>& sm, int tid, const W& w) {
   const int64_t Ks = k_stored(g), Rs = r_stored(g);
   for (int64_t i = tid; i < Ks * Rs; i += kThreads) {
     const int64_t c = i / Ks, k = i - c * Ks;
-    sm.w[w_index(g, k, c)] = k < g.K && c < g.R ? w(k, c) : T(0.0f);
+    const T v = k < g.K && c < g.R ? w(k, c) : T(0.0f);
+    sm.w[w_index(g, k, c)] = g.mma ? mma_operand<T>(static_cast<float>(v)) : v;
   }
 }
 
@@ -356,31 +388,34 @@ FRNN_HD void reduce(const Gemm& g, const Smem<T>& sm, int tid, int64_t nrows, co
 }
 
 // The tensor cores' phases (g.mma), with the same barriers between them. The chunk's operand is staged as the
-// storage type, zero-padded to whole 8-row and 16-column tiles (the padding meets zeros of Ws, and 0 * NaN of a
-// stale value would not be 0).
+// storage type (TF32-rounded fp32), zero-padded to whole 8-row and mma_k-column tiles (the padding meets zeros
+// of Ws, and 0 * NaN of a stale value would not be 0).
 template <typename T, class A>
 FRNN_HD void stage_mma(const Gemm& g, const Smem<T>& sm, int tid, int64_t k0, int64_t nrows, const A& a) {
-  const int64_t klen = g.K - k0 < kMmaChunk ? g.K - k0 : kMmaChunk, kp = cdiv(klen, 16) * 16;
-  T* st = sm.stage16();
+  const int64_t klen = g.K - k0 < kMmaChunk ? g.K - k0 : kMmaChunk, kp = cdiv(klen, mma_k(g.es)) * mma_k(g.es);
+  const int64_t stride = mma_stride(g.es);
+  T* st = sm.staged();
   for (int64_t i = tid; i < g.bg * 8 * kp; i += kThreads) {
     const int64_t r = i / kp, kk = i - r * kp;
-    st[r * kMmaStride + kk] = r < nrows && kk < klen ? static_cast<T>(a(r, k0 + kk)) : T(0.0f);
+    st[r * stride + kk] = r < nrows && kk < klen ? mma_operand<T>(a(r, k0 + kk)) : T(0.0f);
   }
 }
 
-// One lane's operands of an m16n8k16 step, four and two 32-bit registers of two 16-bit values each (the lower
-// index in the low half), in the PTX ISA's fragment layout: a from Ws's fragment order, b from the staged rows
-// (b[0]: rows k, k + 1 of column n; b[1]: k + 8, k + 9; with n = tile row + lane / 4, k = 2 * (lane % 4)).
+// One lane's operands of an instruction, four and two 32-bit registers, in the PTX ISA's fragment layout: a
+// from Ws's fragment order (8 16-bit values, the lower index in the low half, or 4 TF32), b from the staged
+// rows: column n = tile row + lane / 4 of B, its rows k, k + 1 and k + 8, k + 9 with k = 2 * (lane % 4)
+// (16-bit), or k and k + 4 with k = lane % 4 (TF32).
 struct Frags {
   uint32_t a[4], b[2];
 };
 
 template <typename T>
 FRNN_HD Frags load_frags(const Gemm& g, const Smem<T>& sm, int lane, int64_t j, int64_t k0, int64_t kk) {
+  constexpr int64_t per = 16 / sizeof(T), kstep = sizeof(T) == 2 ? 16 : 8;
   Frags f;
   const int64_t ct = j / g.bg, rt = j - ct * g.bg;
-  const T* wa = sm.w + ((ct * cdiv(g.K, 16) + (k0 + kk) / 16) * 32 + lane) * 8;
-  const T* sb = sm.stage16() + (rt * 8 + lane / 4) * kMmaStride + kk + 2 * (lane % 4);
+  const T* wa = sm.w + ((ct * cdiv(g.K, kstep) + (k0 + kk) / kstep) * 32 + lane) * per;
+  const T* sb = sm.staged() + (rt * 8 + lane / 4) * mma_stride(sizeof(T)) + kk + (lane % 4) * (4 / sizeof(T));
 #if defined(__CUDA_ARCH__)
   const uint4 v = *reinterpret_cast<const uint4*>(wa);
   f.a[0] = v.x;
@@ -388,26 +423,27 @@ FRNN_HD Frags load_frags(const Gemm& g, const Smem<T>& sm, int lane, int64_t j, 
   f.a[2] = v.z;
   f.a[3] = v.w;
   f.b[0] = *reinterpret_cast<const uint32_t*>(sb);
-  f.b[1] = *reinterpret_cast<const uint32_t*>(sb + 8);
+  f.b[1] = *reinterpret_cast<const uint32_t*>(sb + kstep / 2);
 #else
   std::memcpy(f.a, wa, sizeof(f.a));
   std::memcpy(&f.b[0], sb, 4);
-  std::memcpy(&f.b[1], sb + 8, 4);
+  std::memcpy(&f.b[1], sb + kstep / 2, 4);
 #endif
   return f;
 }
 
-// `mma(d, frags)`: d[0..3] += the warp's m16n8k16 product, the lane's part (the device's instruction, or the
-// emulator's from every lane's frags(lane)). Warp-uniform: every lane of a warp takes the same tiles and steps.
+// `mma(d, frags)`: d[0..3] += the warp's 16 x 8 product over one instruction's K, the lane's part (the device's
+// instruction, or the emulator's from every lane's frags(lane)). Warp-uniform: every lane of a warp takes the
+// same tiles and steps.
 template <typename T, class Mma>
 FRNN_HD void accumulate_mma(const Gemm& g, const Smem<T>& sm, int tid, int64_t k0, float* acc, const Mma& mma) {
   const int64_t warp = tid / 32, wg = kWarps / g.ks, slice = warp / wg, first = warp - slice * wg;
-  const int64_t steps = cdiv(g.K - k0 < kMmaChunk ? g.K - k0 : kMmaChunk, 16);
+  const int64_t kstep = mma_k(g.es), steps = cdiv(g.K - k0 < kMmaChunk ? g.K - k0 : kMmaChunk, kstep);
   for (int64_t s = slice; s < steps; s += g.ks) {
     for (int i = 0; i < kWarpTiles; ++i) {
       const int64_t j = first + i * wg;
       if (j >= g.items) break;
-      mma(acc + 4 * i, [&](int l) { return load_frags(g, sm, l, j, k0, s * 16); });
+      mma(acc + 4 * i, [&](int l) { return load_frags(g, sm, l, j, k0, s * kstep); });
     }
   }
 }
@@ -651,7 +687,9 @@ struct FwdProgram {  // GEMM and cell of the block's units, then the step barrie
   static constexpr bool kForward = true;
   static constexpr int kPhases = 1;
   FRNN_HD static bool step_barrier_after(int) { return true; }
-  FRNN_HD static Gemm gemm(const Args& f) { return make_gemm(f.H, f.G * f.plan.units, f.plan.bt, f.plan.mma); }
+  FRNN_HD static Gemm gemm(const Args& f) {
+    return make_gemm(f.H, f.G * f.plan.units, f.plan.bt, f.plan.mma, sizeof(T));
+  }
   FRNN_HD static void load(const Args& f, const Smem<T>& sm, const Gemm& g, int tid, int64_t u0) {
     fwd_load_w<T>(f, sm, g, tid, u0);
   }
@@ -674,7 +712,9 @@ struct BwdProgram {  // cell backward of the block's units, the step barrier, dh
   static constexpr bool kForward = false;
   static constexpr int kPhases = 2;
   FRNN_HD static bool step_barrier_after(int ph) { return ph == 0; }
-  FRNN_HD static Gemm gemm(const Args& f) { return make_gemm(f.G * f.H, f.plan.units, f.plan.bt, f.plan.mma); }
+  FRNN_HD static Gemm gemm(const Args& f) {
+    return make_gemm(f.G * f.H, f.plan.units, f.plan.bt, f.plan.mma, sizeof(T));
+  }
   FRNN_HD static void load(const Args& f, const Smem<T>& sm, const Gemm& g, int tid, int64_t u0) {
     bwd_load_w<T>(f, sm, g, tid, u0);
   }

@@ -67,7 +67,10 @@ std::string layer_path(const std::string& mode, const Tensor& x, const OptTensor
   const persist::Plan plan = persist::plan_for(pr, like);
   if (plan.scheme != persist::kNone) {
     return pre + "persistent engine, one launch per direction: " + plan.why +
-           (plan.mma ? "; its GEMMs on tensor cores (mma.sync, fp32 accumulation)" : "");
+           (plan.mma ? x.scalar_type() == at::kFloat
+                           ? "; its GEMMs on tensor cores in TF32 (torch allows TF32 for cuDNN's RNN)"
+                           : "; its GEMMs on tensor cores (mma.sync, fp32 accumulation)"
+                     : "");
   }
   if (engine_takes(pr, like)) return pre + "fused CPU engine (oneDNN brgemm ukernel + cell per step and thread)";
   const std::string why = x.is_cpu() ? "CPU engine: " + engine_refusal(pr, like) : std::string(plan.why);
@@ -319,13 +322,14 @@ pybind11::dict build_info() {
 // memory per block, cooperative launch or not and thread-block clusters of up to `cluster` blocks (0: none)
 // or not (persist::plan_with, what a call on such a device takes).
 pybind11::dict persist_plan(int64_t G, int64_t B, int64_t H, int64_t esize, int64_t sms, int64_t smem,
-                            bool cooperative, bool proj, bool cells, int64_t cluster, bool mma) {
+                            bool cooperative, bool proj, bool cells, int64_t cluster, bool mma, bool tf32) {
   persist::Limits lim;
   lim.sms = sms;
   lim.smem = smem;
   lim.cooperative = cooperative;
   lim.cluster = cluster;
   lim.mma = mma;
+  lim.tf32 = tf32;
   const persist::Plan p = persist::plan_with(lim, G, B, H, esize, proj, cells);
   static const char* names[] = {"per-step", "block", "grid", "cluster"};
   pybind11::dict d;
@@ -350,6 +354,7 @@ pybind11::dict cuda_limits(int device) {
   d["cooperative"] = l.cooperative;
   d["cluster"] = l.cluster;
   d["mma"] = l.mma;
+  d["tf32"] = persist::tf32_allowed();
 #else
   (void)device;
   TORCH_CHECK(false, "fastrnn: _C was built without CUDA");
@@ -395,13 +400,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("_set_chunk_rows", &fastrnn::set_chunk_rows, "test hook: backward chunk size in rows (0: default)");
   m.def("persist_plan", &fastrnn::persist_plan, py::arg("G"), py::arg("B"), py::arg("H"), py::arg("esize"),
         py::arg("sms"), py::arg("smem"), py::arg("cooperative") = true, py::arg("proj") = false,
-        py::arg("cells") = false, py::arg("cluster") = 0, py::arg("mma") = false,
+        py::arg("cells") = false, py::arg("cluster") = 0, py::arg("mma") = false, py::arg("tf32") = false,
         "the persistent CUDA engine's plan for a problem on a device of these limits");
   m.def("cuda_limits", &fastrnn::cuda_limits, py::arg("device"),
         "SM count, shared memory per block, cooperative launch, most blocks per thread-block cluster, tensor "
-        "cores for 16-bit");
+        "cores, and whether torch now allows TF32 for cuDNN's RNN");
   m.def("_set_persist_emulation", &fastrnn::persist::set_emulation, py::arg("sms"), py::arg("smem"),
-        py::arg("cluster") = 0, py::arg("mma") = false,
+        py::arg("cluster") = 0, py::arg("mma") = false, py::arg("tf32") = false,
         "test hook: CPU fp32 and 16-bit calls run the persistent engine's block program as on a GPU of these "
         "limits (0: off)");
   m.def("cuda_probe", &fastrnn::cuda_probe_py,

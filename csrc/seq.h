@@ -269,9 +269,14 @@ void ext_bwd(const Problem& pr, const Plan& plan, const at::Tensor& x, const Ext
              const OptTensor& mask, const at::Tensor& w_hh, bool reverse);
 // Test hook (_C._set_persist_emulation): run CPU fp32 and 16-bit calls through the emulator as on a GPU with
 // `sms` SMs, `smem` bytes of shared memory per block, clusters of up to `cluster` blocks (0: none) and, with
-// `mma`, tensor cores for 16-bit; sms == 0: off. emulating(x): whether it is on for x's device and dtype.
-void set_emulation(int64_t sms, int64_t smem, int64_t cluster, bool mma);
+// `mma`, tensor cores for 16-bit (and fp32 with `tf32`); sms == 0: off. emulating(x): whether it is on for x's
+// device and dtype.
+void set_emulation(int64_t sms, int64_t smem, int64_t cluster, bool mma, bool tf32);
 bool emulating(const at::Tensor& x);
+// Whether torch allows TF32 for cuDNN's RNN (torch.backends.cudnn.rnn.fp32_precision, or the older
+// torch.backends.cudnn.allow_tf32), read per call as torch.nn's cuDNN path does: fp32 CUDA calls then plan the
+// persistent engine's GEMMs on tensor cores in TF32.
+bool tf32_allowed();
 }  // namespace persist
 
 }  // namespace fastrnn

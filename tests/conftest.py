@@ -15,6 +15,13 @@ if "triton" not in sys.modules and not torch.cuda.is_available():
 # cuBLAS is deterministic only with a fixed workspace; set before CUDA starts (tests/test_deterministic.py)
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
+# fp32 is fp32 in every test: cuDNN's RNN (torch.nn) and fastrnn's persistent engine both take TF32 where torch
+# allows it for cuDNN's RNN, which it does by default; the TF32 tests ask for it themselves.
+if hasattr(torch.backends.cudnn, "rnn"):
+    torch.backends.cudnn.rnn.fp32_precision = "ieee"
+else:
+    torch.backends.cudnn.allow_tf32 = False
+
 import fastrnn  # noqa: E402
 from fastrnn import backend as _backend  # noqa: E402
 
@@ -26,6 +33,10 @@ TOL = {
     torch.bfloat16: dict(rtol=3e-2, atol=3e-2),
     torch.float16: dict(rtol=4e-3, atol=4e-3),
 }
+
+# fp32 storage with the recurrent products on tensor cores in TF32 (10-bit mantissas, as fp16's), where torch
+# allows TF32 for cuDNN's RNN: fp16's bound.
+TOL_TF32 = {**TOL, torch.float32: TOL[torch.float16]}
 
 # LayerNorm cells against the fp64 truth: the normalisation divides by each row's deviation, so a row whose
 # gates are nearly equal magnifies fp32 rounding. torch's own ops (the reference backend) reach 7e-5 of the

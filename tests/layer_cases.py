@@ -10,7 +10,7 @@ from typing import Dict, List, Optional, Tuple
 import pytest
 import torch
 
-from conftest import assert_close
+from conftest import TOL, assert_close
 from fastrnn import backend as _backend
 from fastrnn.ops import GATES, GRAD_NAMES, MODES, reference
 
@@ -173,17 +173,17 @@ def as_function(impl: Impl, c: Case):
     return f, [inputs[k].clone().requires_grad_() for k in names]
 
 
-def assert_matches_reference(impl: Impl, c: Case, inputs=None, frozen=()) -> None:
+def assert_matches_reference(impl: Impl, c: Case, inputs=None, frozen=(), table: dict = TOL) -> None:
     inputs = inputs if inputs is not None else make_inputs(c, impl)
     outs, grads = run(impl.layer, c, inputs, frozen=frozen)
     ref_outs, ref_grads = run(reference.layer, c, inputs, frozen=frozen)
     assert len(outs) == len(ref_outs) == (3 if c.mode == "LSTM" else 2)
     for name, got, want in zip(("y", "h_n", "c_n"), outs, ref_outs):
         assert torch.isfinite(got).all(), f"{name} has non-finite values"
-        assert_close(got, want, name)
+        assert_close(got, want, name, table)
     assert grads.keys() == ref_grads.keys()
     for name in grads:
-        assert_close(grads[name], ref_grads[name], f"d{name}")
+        assert_close(grads[name], ref_grads[name], f"d{name}", table)
 
 
 @contextlib.contextmanager

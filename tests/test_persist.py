@@ -29,8 +29,8 @@ def lib():
 
 
 @contextlib.contextmanager
-def emulated(sms: int, smem: int, cluster: int = 0, mma: bool = False):
-    lib()._set_persist_emulation(sms, smem, cluster, mma)
+def emulated(sms: int, smem: int, cluster: int = 0, mma: bool = False, tf32: bool = False):
+    lib()._set_persist_emulation(sms, smem, cluster, mma, tf32)
     try:
         yield
     finally:
@@ -187,6 +187,35 @@ def test_16bit_block_program_matches_reference(device, dtype, mma, c):
     impl = Impl("cpp", "cpu", dtype)
     with emulated(*DEVICES16[device], mma=mma), nan_poisoned(impl):
         assert_matches_reference(impl, c)
+
+
+# fp32 with TF32 allowed: the same tiling on m16n8k8 instructions (K steps of 8, fp32 staged and rounded to TF32),
+# on a roomy device, one of two SMs (batch tiles of more than 8 rows) and one that splits the hidden units.
+TF32_DEVICES = {"roomy": (132, 232448), "few": (2, 232448), "split": (8, 29608)}
+TF32_RUNS = [(d, c) for d in TF32_DEVICES for c in CASES16
+             if cpp.availability(torch.device("cpu"), torch.float32) is None
+             and lib().persist_plan(GATES[c.mode], c.B, c.H, 4, *TF32_DEVICES[d], mma=True, tf32=True)["mma"]]
+
+
+@pytest.mark.parametrize("device, c", TF32_RUNS, ids=[f"{d}-{c.id}" for d, c in TF32_RUNS])
+def test_tf32_block_program_matches_reference(device, c):
+    from conftest import TOL_TF32
+
+    with emulated(*TF32_DEVICES[device], mma=True, tf32=True), nan_poisoned(CPU32):
+        assert_matches_reference(CPU32, c, table=TOL_TF32)
+
+
+def test_tf32_only_where_allowed_and_never_for_the_new_cells():
+    """fp32 takes the tensor cores only with TF32 allowed, and fastrnn's own cells (their row phase's numbers
+    are fp32 throughout) never; the TF32 runs above cover a split and several tiles per warp."""
+    for G, B, H in ((4, 64, 256), (3, 16, 128), (1, 1, 512)):
+        assert lib().persist_plan(G, B, H, 4, **H200, mma=True, tf32=True)["mma"]
+        assert not lib().persist_plan(G, B, H, 4, **H200, mma=True)["mma"]
+        assert not lib().persist_plan(G, B, H, 4, H200["sms"], H200["smem"], cells=True, mma=True, tf32=True)["mma"]
+    plans = [lib().persist_plan(GATES[c.mode], c.B, c.H, 4, *TF32_DEVICES[d], mma=True, tf32=True)
+             for d, c in TF32_RUNS]
+    assert any(p["slices"] > 1 for p in plans) and any(p["batch_tile"] > 8 for p in plans)
+    assert len(TF32_RUNS) >= len(CASES16)
 
 
 def test_16bit_runs_cover_the_tensor_core_tiling():

@@ -40,8 +40,8 @@ __device__ __forceinline__ void step_barrier(const Plan& p) {
   }
 }
 
-// One warp's mma.m16n8k16 with fp32 accumulation (sm_80 on; the plan takes tensor cores only on such devices):
-// d += A . B from the lane's fragments.
+// One warp's mma.sync with fp32 accumulation (sm_80 on; the plan takes tensor cores only on such devices):
+// d += A . B from the lane's fragments; m16n8k16 for 16-bit storage, m16n8k8 in TF32 for fp32.
 template <typename T>
 struct WarpMma {
   int lane;
@@ -49,7 +49,13 @@ struct WarpMma {
   __device__ __forceinline__ void operator()(float* d, const F& frags) const {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
     const Frags f = frags(lane);
-    if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    if constexpr (std::is_same_v<T, float>) {
+      asm volatile(
+          "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+          "{%0,%1,%2,%3};"
+          : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+          : "r"(f.a[0]), "r"(f.a[1]), "r"(f.a[2]), "r"(f.a[3]), "r"(f.b[0]), "r"(f.b[1]));
+    } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
       asm volatile(
           "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
           "{%0,%1,%2,%3};"
@@ -71,24 +77,22 @@ struct WarpMma {
 };
 
 // One block's GEMM of a step (persist.h's phases with the block barriers between them): out[n rows, g.R] =
-// A . Ws over K chunks, handed to `sink`; on the tensor cores where the plan says so (16-bit storage only).
+// A . Ws over K chunks, handed to `sink`; on the tensor cores where the plan says so.
 template <typename T, class A, class Sink>
 __device__ __forceinline__ void block_gemm(const Gemm& g, const Smem<T>& sm, int tid, int64_t n, const A& a,
                                            const Sink& sink) {
   float acc[kTile] = {};
-  if constexpr (sizeof(T) == 2) {
-    if (g.mma) {
-      for (int64_t k0 = 0; k0 < g.K; k0 += kMmaChunk) {
-        __syncthreads();
-        stage_mma(g, sm, tid, k0, n, a);
-        __syncthreads();
-        accumulate_mma(g, sm, tid, k0, acc, WarpMma<T>{tid % 32});
-      }
-      spill_mma(g, sm, tid, acc);
+  if (g.mma) {
+    for (int64_t k0 = 0; k0 < g.K; k0 += kMmaChunk) {
       __syncthreads();
-      reduce_mma(g, sm, tid, n, sink);
-      return;
+      stage_mma(g, sm, tid, k0, n, a);
+      __syncthreads();
+      accumulate_mma(g, sm, tid, k0, acc, WarpMma<T>{tid % 32});
     }
+    spill_mma(g, sm, tid, acc);
+    __syncthreads();
+    reduce_mma(g, sm, tid, n, sink);
+    return;
   }
   for (int64_t k0 = 0; k0 < g.K; k0 += kChunk) {
     __syncthreads();

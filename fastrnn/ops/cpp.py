@@ -66,10 +66,12 @@ def persistent_plan(mode: str, batch: int, hidden: int, dtype: torch.dtype = tor
     units split over blocks, a grid barrier per step, two with ``cells``; ``"cluster"``: split over the blocks of a
     thread-block cluster per batch tile (sm_90 and later), a cluster barrier per step, two with ``cells``;
     ``"per-step"``: a cuBLAS GEMM and a cell kernel per step), its blocks, shared memory, whether its GEMMs run
-    on tensor cores (``"mma"``: 16-bit storage on sm_80 and later), and why. ``cells``:
+    on tensor cores (``"mma"``: 16-bit storage on sm_80 and later, and fp32 in TF32 where torch allows TF32 for
+    cuDNN's RNN: ``torch.backends.cudnn.rnn.fp32_precision``, or ``torch.backends.cudnn.allow_tf32``), and why. ``cells``:
     fastrnn's own cells (LayerNorm, zoneout, recurrent dropout), which compute in fp32 whatever ``dtype``.
     ``limits`` (``{"sms": ..., "smem": ...}``, optionally ``"cooperative"``, ``"cluster"``: most blocks per
-    cluster, and ``"mma"``: tensor cores for 16-bit) stands for a device that is not here; otherwise ``device`` (default: the current CUDA device) is asked.
+    cluster, ``"mma"``: tensor cores, ``"tf32"``: torch allows TF32 for cuDNN's RNN, which puts fp32 on them too)
+    stands for a device that is not here; otherwise ``device`` (default: the current CUDA device) is asked.
     ``enabled`` says whether ``FASTRNN_PERSISTENT=1`` is set, without which every CUDA call takes the per-step
     path."""
     if limits is None:
@@ -77,7 +79,7 @@ def persistent_plan(mode: str, batch: int, hidden: int, dtype: torch.dtype = tor
     esize = 4 if cells and dtype != torch.float64 else torch.tensor([], dtype=dtype).element_size()
     plan = dict(_lib().persist_plan(_ops.GATES[mode], batch, hidden, esize, limits["sms"], limits["smem"],
                                     limits.get("cooperative", True), bool(proj_size), cells,
-                                    limits.get("cluster", 0), limits.get("mma", False)))
+                                    limits.get("cluster", 0), limits.get("mma", False), limits.get("tf32", False)))
     plan["enabled"] = os.environ.get("FASTRNN_PERSISTENT") == "1"
     return plan
 
