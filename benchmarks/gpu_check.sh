@@ -10,13 +10,14 @@
 #      (python benchmarks/bench_layernorm.py --device cuda), then two configurations again with the persistent
 #      engine's split plans at the grid barrier instead of a cluster's (FASTRNN_PERSISTENT_CLUSTER=0), then bf16
 #      modules at every standard configuration against cuDNN's bf16, and two of them again with the engine's
-#      GEMMs off the tensor cores (FASTRNN_PERSISTENT_MMA=0).
+#      GEMMs off the tensor cores (FASTRNN_PERSISTENT_MMA=0), and two in fp32 with TF32 allowed on both sides.
 # Each step has a time limit (seconds, in STEPS below), so a hang costs one step, not the session.
 # Everything goes to benchmarks/results/gpu/ (or --out DIR): one log per step and summary.md.
 #
 #   bash benchmarks/gpu_check.sh             # run it
 #   bash benchmarks/gpu_check.sh --dry-run   # print the plan; needs no GPU
-#   options: --out DIR (inside the repository), --no-build, --no-bench
+#   bash benchmarks/gpu_check.sh --only build,cuda-tests-persistent,benchmark   # a few steps, in plan order
+#   options: --out DIR (inside the repository), --no-build, --no-bench, --only STEP[,STEP...]
 #
 # Exit status: 0 every step passed; 1 a step failed (summary.md says which); 2 no CUDA GPU visible to torch
 # (nothing run) or a usage error.
@@ -27,12 +28,14 @@ OUT=benchmarks/results/gpu
 DRY=0
 BUILD=1
 BENCH=1
+ONLY=""
 while [ $# -gt 0 ]; do
     case "$1" in
         --dry-run) DRY=1 ;;
         --no-build) BUILD=0 ;;
         --no-bench) BENCH=0 ;;
         --out) OUT="${2:?--out needs a folder}"; shift ;;
+        --only) ONLY="${2:?--only needs step names (see --dry-run)}"; shift ;;
         -h|--help) awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "$0"; exit 0 ;;
         *) echo "gpu_check: unknown option $1 (see --help)" >&2; exit 2 ;;
     esac
@@ -84,6 +87,26 @@ STEPS+=("memcheck-grid|180|$ON FASTRNN_PERSISTENT_CLUSTER=0 $SAN --tool memcheck
 [ $BENCH = 1 ] && STEPS+=("bf16-simt|90|$ON FASTRNN_PERSISTENT_MMA=0 $PY benchmarks/bench_rnn.py --device cuda \
 --dtype bfloat16 --config 512,16,128,128,1 --config 100,64,256,256,1 --impls fastrnn-cpp,torch.nn --quick \
 --out $OUT/bf16-simt")
+# fp32 with TF32 allowed on both sides (cuDNN's default): the engine's GEMMs on tensor cores in TF32
+[ $BENCH = 1 ] && STEPS+=("tf32|90|$ON $PY benchmarks/bench_rnn.py --device cuda --tf32 --config 512,16,128,128,1 \
+--config 100,64,256,256,1 --impls fastrnn-cpp,torch.nn --quick --out $OUT/tf32")
+
+# --only: the named steps alone, in the plan's order; a name the plan lacks is a usage error
+if [ -n "$ONLY" ]; then
+    KEPT=()
+    for want in ${ONLY//,/ }; do
+        found=0
+        for step in "${STEPS[@]}"; do [ "${step%%|*}" = "$want" ] && found=1; done
+        if [ $found = 0 ]; then
+            echo "gpu_check: --only names an unknown step $want (see --dry-run)" >&2
+            exit 2
+        fi
+    done
+    for step in "${STEPS[@]}"; do
+        [[ ",$ONLY," == *",${step%%|*},"* ]] && KEPT+=("$step")
+    done
+    STEPS=("${KEPT[@]}")
+fi
 
 if [ $DRY = 1 ]; then
     echo "gpu_check plan (from the repository root; logs and summary.md in $OUT/):"
@@ -105,7 +128,7 @@ SUMMARY="$OUT/summary.md"
     echo "# GPU check"
     echo
     echo '```'
-    echo "bash benchmarks/gpu_check.sh $([ $BUILD = 0 ] && echo '--no-build ')$([ $BENCH = 0 ] && echo '--no-bench ')--out $OUT"
+    echo "bash benchmarks/gpu_check.sh $([ $BUILD = 0 ] && echo '--no-build ')$([ $BENCH = 0 ] && echo '--no-bench ')$([ -n "$ONLY" ] && echo "--only $ONLY ")--out $OUT"
     echo '```'
     echo
     echo "- date (UTC): $(date -u '+%Y-%m-%d %H:%M')"
@@ -144,6 +167,6 @@ for step in "${STEPS[@]}"; do
 done
 [ $BENCH = 1 ] && echo -e "\nBenchmark reports: [results.md](results.md), [layernorm.md](layernorm.md), \
 [grid-barrier/results.md](grid-barrier/results.md), [bf16/results.md](bf16/results.md), \
-[bf16-simt/results.md](bf16-simt/results.md)" >> "$SUMMARY"
+[bf16-simt/results.md](bf16-simt/results.md), [tf32/results.md](tf32/results.md)" >> "$SUMMARY"
 echo "wrote $SUMMARY"
 exit $failed

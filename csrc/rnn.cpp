@@ -402,6 +402,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("sms"), py::arg("smem"), py::arg("cooperative") = true, py::arg("proj") = false,
         py::arg("cells") = false, py::arg("cluster") = 0, py::arg("mma") = false, py::arg("tf32") = false,
         "the persistent CUDA engine's plan for a problem on a device of these limits");
+  m.def("tf32_allowed", &fastrnn::persist::tf32_allowed,
+        "whether torch now allows TF32 for cuDNN's RNN, which puts fp32 CUDA calls of the persistent engine on "
+        "tensor cores in TF32");
   m.def("cuda_limits", &fastrnn::cuda_limits, py::arg("device"),
         "SM count, shared memory per block, cooperative launch, most blocks per thread-block cluster, tensor "
         "cores, and whether torch now allows TF32 for cuDNN's RNN");

@@ -107,6 +107,10 @@ def test_cli_writes_csv_markdown_png(tmp_path, cells, extra, in_process):
             gflops = int(r["gemm_flops"]) / float(r["time_median_s"]) / 1e9
             assert float(r["gflops_per_s"]) == pytest.approx(gflops, rel=1e-3)
             assert float(r["peak_fraction"]) == pytest.approx(gflops / float(r["peak_gflops_per_s"]), rel=2e-3)
+            # T = 3 steps per layer and direction, twice with the backward; floor / step = the peak fraction
+            assert int(r["steps"]) == 3 * dirs * (2 if r["mode"] == "fwd+bwd" else 1)
+            assert float(r["step_us"]) == pytest.approx(float(r["time_median_s"]) * 1e6 / int(r["steps"]), rel=1e-3)
+            assert float(r["step_floor_us"]) / float(r["step_us"]) == pytest.approx(float(r["peak_fraction"]), rel=5e-3)
     if "--packed" in extra:
         assert all(3 <= int(r["tokens"]) <= 6 for r in rows)
     else:

@@ -25,7 +25,7 @@ def test_dry_run_prints_every_step_with_its_log():
     steps = [ln.split(":")[0].strip() for ln in proc.stdout.splitlines()[1:]]
     assert steps == ["backends", "cuda-tests", "cuda-tests-persistent", "memcheck", "memcheck-persistent",
                      "racecheck-persistent", "synccheck-persistent", "memcheck-grid", "benchmark", "layernorm", "grid-barrier",
-                     "bf16", "bf16-simt"]
+                     "bf16", "bf16-simt", "tf32"]
     assert "pytest -m cuda" in proc.stdout and "--tool racecheck" in proc.stdout and "--tool synccheck" in proc.stdout
     assert "FASTRNN_PERSISTENT=1" in proc.stdout.split("cuda-tests-persistent:")[1].splitlines()[0]
     assert all("(limit " in ln for ln in proc.stdout.splitlines()[1:])
@@ -44,6 +44,15 @@ def test_without_a_gpu_it_says_so_and_runs_nothing(tmp_path):
     proc = _check("--out", str(out))
     assert proc.returncode == 2 and "no CUDA GPU" in proc.stderr
     assert not out.exists()
+
+
+def test_only_keeps_the_named_steps_in_plan_order():
+    proc = _check("--dry-run", "--only", "tf32,cuda-tests,memcheck")
+    assert proc.returncode == 0, proc.stderr
+    assert [ln.split(":")[0].strip() for ln in proc.stdout.splitlines()[1:]] == ["cuda-tests", "memcheck", "tf32"]
+    assert "--tf32" in proc.stdout.split("tf32:")[1]
+    bad = _check("--dry-run", "--only", "cuda-tests,nonesuch")
+    assert bad.returncode == 2 and "unknown step nonesuch" in bad.stderr
 
 
 def test_unknown_option_is_a_usage_error():

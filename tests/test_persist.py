@@ -218,6 +218,28 @@ def test_tf32_only_where_allowed_and_never_for_the_new_cells():
     assert len(TF32_RUNS) >= len(CASES16)
 
 
+def test_tf32_follows_torchs_flag_for_cudnns_rnn():
+    """Read per call, as torch.nn's cuDNN path reads it: the older switch, and the newer per-operator setting."""
+    per_op = hasattr(torch.backends.cudnn, "rnn")
+    saved = (torch.backends.cudnn.conv.fp32_precision, torch.backends.cudnn.rnn.fp32_precision) if per_op \
+        else torch.backends.cudnn.allow_tf32
+    try:
+        torch.backends.cudnn.allow_tf32 = True
+        assert lib().tf32_allowed()
+        torch.backends.cudnn.allow_tf32 = False
+        assert not lib().tf32_allowed()
+        if per_op:
+            torch.backends.cudnn.rnn.fp32_precision = "tf32"
+            assert lib().tf32_allowed()
+            torch.backends.cudnn.rnn.fp32_precision = "ieee"
+            assert not lib().tf32_allowed()
+    finally:
+        if per_op:
+            torch.backends.cudnn.conv.fp32_precision, torch.backends.cudnn.rnn.fp32_precision = saved
+        else:
+            torch.backends.cudnn.allow_tf32 = saved
+
+
 def test_16bit_runs_cover_the_tensor_core_tiling():
     """The runs above reach what the tensor cores' tiling adds: a split over blocks, batch tiles, more than one
     8-row tile, K over more than one staged chunk (forward K = H > 128), more 16 x 8 tiles than warps (a warp

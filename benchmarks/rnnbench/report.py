@@ -22,6 +22,7 @@ CSV_FIELDS = (
     "ratio_vs_torch_nn", "ratio_ci_lo", "ratio_ci_hi", "ratio_q1", "ratio_q3",
     "compile_s", "peak_mem_bytes", "max_err", "round_times_s", "round_ratios",
     "variant", "proj_size", "autocast", "gemm_flops", "gflops_per_s", "peak_gflops_per_s", "peak_dtype", "peak_fraction",
+    "steps", "step_us", "step_floor_us",
 )  # fmt: skip
 # what identifies a result across runs; "variant" came later, so older CSVs read as its empty default
 KEY_FIELDS = CSV_FIELDS[:12] + ("variant",)
@@ -44,10 +45,17 @@ def roofline_peak(peaks: Optional[Peaks], dtype: Optional[torch.dtype]) -> Optio
     return own[0], _dtype_name(dtype)
 
 
+def sequential_steps(case: Case, mode: str) -> int:
+    """Recurrent steps one after another in a call, one direction at a time: T per layer and direction, twice
+    with the backward's recurrence."""
+    return case.cfg.T * case.cfg.L * (2 if case.bidirectional else 1) * (2 if mode == "fwd+bwd" else 1)
+
+
 def summarize(case: Case, mode: str, entries: List[Entry], peaks: Optional[Peaks] = None) -> List[dict]:
     base = next((e for e in entries if e.impl == BASELINE and e.times), None)
     flops = gemm_flops(case, mode)
     peak = roofline_peak(peaks, case.compute_dtype)
+    steps = sequential_steps(case, mode)
     rows = []
     for e in entries:
         row = dict(
@@ -57,7 +65,8 @@ def summarize(case: Case, mode: str, entries: List[Entry], peaks: Optional[Peaks
             status=e.status, note=e.note, tokens=case.tokens, repeats=len(e.times),
             calls_per_repeat=e.calls if e.times else "", variant=case.variant, proj_size=case.proj_size,
             autocast=_dtype_name(case.autocast), gemm_flops=flops,
-            peak_gflops_per_s=f"{peak[0]:.4g}" if peak else "", peak_dtype=peak[1] if peak else "",
+            peak_gflops_per_s=f"{peak[0]:.4g}" if peak else "", peak_dtype=peak[1] if peak else "", steps=steps,
+            step_floor_us=f"{flops / steps / (peak[0] * 1e9) * 1e6:.4g}" if peak else "",
         )  # fmt: skip
         row.update({k: "" for k in CSV_FIELDS if k not in row})
         if e.err is not None:
@@ -69,7 +78,7 @@ def summarize(case: Case, mode: str, entries: List[Entry], peaks: Optional[Peaks
                 time_min_s=f"{min(e.times):.6g}", time_max_s=f"{max(e.times):.6g}",
                 tokens_per_s=f"{case.tokens / med:.6g}",
                 tokens_per_s_q1=f"{case.tokens / q3:.6g}", tokens_per_s_q3=f"{case.tokens / q1:.6g}",
-                gflops_per_s=f"{flops / med / 1e9:.4g}",
+                gflops_per_s=f"{flops / med / 1e9:.4g}", step_us=f"{med / steps * 1e6:.4g}",
             )  # fmt: skip
             if peak:
                 row["peak_fraction"] = f"{flops / med / 1e9 / peak[0]:.4g}"
@@ -254,11 +263,14 @@ def write_markdown(
         "during one call above what was allocated before it. Compile time is the first call's time minus "
         "the median call time and is not part of the throughput. GFLOP: the model's GEMM FLOPs per call; "
         "GF/s: those over the median time; % peak: GF/s over the measured GEMM peak of the case's compute "
-        "dtype (fp32's where that runs 16-bit GEMMs faster). Implementations not run on this machine are left out.",
+        "dtype (fp32's where that runs 16-bit GEMMs faster). µs/step: the median time per sequential "
+        "recurrent step (T per layer and direction, twice with the backward); floor: the call's GEMM FLOPs per "
+        "such step at that peak, before any per-step synchronisation. Implementations not run on this machine "
+        "are left out.",
         "",
         "| cell | T,B,I,H,L | mode | impl | status | median ms | IQR ms | tokens/s | ratio (CI) | GFLOP | GF/s "
-        "| % peak | peak memory | compile s | calls × rounds | note |",
-        "| --- " * 16 + "|",
+        "| % peak | µs/step (floor) | peak memory | compile s | calls × rounds | note |",
+        "| --- " * 17 + "|",
     ]
     for r in (r for r in rows if r["impl"] not in absent):
         cell, cfg = case_key(r)
@@ -272,10 +284,13 @@ def write_markdown(
         mem = fmt_bytes(int(r["peak_mem_bytes"])) if r["peak_mem_bytes"] != "" else ""
         runs = f"{r['calls_per_repeat']} × {r['repeats']}" if r["repeats"] else ""
         gflop = f"{int(r['gemm_flops']) / 1e9:.3g}"
+        step = r.get("step_us", "")
+        if step and r.get("step_floor_us"):
+            step += f" ({r['step_floor_us']})"
         lines.append(
             f"| {cell} | {cfg} | {r['mode']} | {r['impl']} | {r['status']} | {med} | {iqr} | {rate} | {ratio} | "
-            f"{gflop} | {r['gflops_per_s']} | {fmt_percent(r['peak_fraction'])} | {mem} | {r['compile_s']} | "
-            f"{runs} | {r['note']} |"
+            f"{gflop} | {r['gflops_per_s']} | {fmt_percent(r['peak_fraction'])} | {step} | {mem} | "
+            f"{r['compile_s']} | {runs} | {r['note']} |"
         )
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
