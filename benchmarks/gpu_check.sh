@@ -11,13 +11,15 @@
 #      engine's split plans at the grid barrier instead of a cluster's (FASTRNN_PERSISTENT_CLUSTER=0), then bf16
 #      modules at every standard configuration against cuDNN's bf16, and two of them again with the engine's
 #      GEMMs off the tensor cores (FASTRNN_PERSISTENT_MMA=0), and two in fp32 with TF32 allowed on both sides.
-# Each step has a time limit (seconds, in STEPS below), so a hang costs one step, not the session.
+# Each step has a time limit (seconds, in STEPS below), so a hang costs one step, not the session. The
+# correctness checks of 2. and 3. run side by side, each its own process on the one GPU (--serial: one after
+# another); the benchmarks run alone after them.
 # Everything goes to benchmarks/results/gpu/ (or --out DIR): one log per step and summary.md.
 #
 #   bash benchmarks/gpu_check.sh             # run it
 #   bash benchmarks/gpu_check.sh --dry-run   # print the plan; needs no GPU
 #   bash benchmarks/gpu_check.sh --only build,cuda-tests-persistent,benchmark   # a few steps, in plan order
-#   options: --out DIR (inside the repository), --no-build, --no-bench, --only STEP[,STEP...]
+#   options: --out DIR (inside the repository), --no-build, --no-bench, --only STEP[,STEP...], --serial
 #
 # Exit status: 0 every step passed; 1 a step failed (summary.md says which); 2 no CUDA GPU visible to torch
 # (nothing run) or a usage error.
@@ -29,11 +31,13 @@ DRY=0
 BUILD=1
 BENCH=1
 ONLY=""
+SERIAL=0
 while [ $# -gt 0 ]; do
     case "$1" in
         --dry-run) DRY=1 ;;
         --no-build) BUILD=0 ;;
         --no-bench) BENCH=0 ;;
+        --serial) SERIAL=1 ;;
         --out) OUT="${2:?--out needs a folder}"; shift ;;
         --only) ONLY="${2:?--only needs step names (see --dry-run)}"; shift ;;
         -h|--help) awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "$0"; exit 0 ;;
@@ -57,24 +61,25 @@ SANITIZER=$(find_sanitizer || echo compute-sanitizer)
 
 # the present GPU's compute capability ("90"), for a build of that architecture alone
 ARCH=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1 | tr -d '. ')
-XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n 10")
+# two test steps side by side with the sanitizers: 4 workers each on a 16-core machine
+XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n $([ $SERIAL = 1 ] && echo 10 || echo 4)")
 ON="FASTRNN_PERSISTENT=1"
 # PYTORCH_NO_CUDA_MEMORY_CACHING: every tensor its own allocation, so memcheck sees overruns into
 # neighbouring tensors that the caching allocator would hide inside one block
 SAN="PYTORCH_NO_CUDA_MEMORY_CACHING=1 $SANITIZER --error-exitcode 3"
 
-# name | time limit (s) | command: the steps, in order
+# name | time limit (s) | command [| side]: the steps, in order; consecutive steps marked "side" run side by side
 STEPS=()
 [ $BUILD = 1 ] && STEPS+=("build|300|FASTRNN_CUDA_ARCHS=${FASTRNN_CUDA_ARCHS:-${ARCH:-90}} MAX_JOBS=${MAX_JOBS:-16} $PY setup.py build_ext --inplace")
 STEPS+=("backends|60|$ON $PY -m fastrnn")
-STEPS+=("cuda-tests|240|$PY -m pytest -m cuda -q -p no:cacheprovider $XDIST")
-STEPS+=("cuda-tests-persistent|240|$ON $PY -m pytest -m cuda -q -p no:cacheprovider $XDIST")
-STEPS+=("memcheck|120|$SAN --tool memcheck $PY benchmarks/gpu_smoke.py")
+STEPS+=("cuda-tests|240|$PY -m pytest -m cuda -q -p no:cacheprovider $XDIST|side")
+STEPS+=("cuda-tests-persistent|240|$ON $PY -m pytest -m cuda -q -p no:cacheprovider $XDIST|side")
+STEPS+=("memcheck|240|$SAN --tool memcheck $PY benchmarks/gpu_smoke.py|side")
 for tool in memcheck racecheck synccheck; do
-    STEPS+=("$tool-persistent|180|$ON $SAN --tool $tool $PY benchmarks/gpu_smoke.py")
+    STEPS+=("$tool-persistent|300|$ON $SAN --tool $tool $PY benchmarks/gpu_smoke.py|side")
 done
 # the split plans again at the grid barrier: on sm_90 the steps above take clusters
-STEPS+=("memcheck-grid|180|$ON FASTRNN_PERSISTENT_CLUSTER=0 $SAN --tool memcheck $PY benchmarks/gpu_smoke.py")
+STEPS+=("memcheck-grid|300|$ON FASTRNN_PERSISTENT_CLUSTER=0 $SAN --tool memcheck $PY benchmarks/gpu_smoke.py|side")
 [ $BENCH = 1 ] && STEPS+=("benchmark|300|$ON $PY benchmarks/bench_rnn.py --quick --device cuda --out $OUT")
 [ $BENCH = 1 ] && STEPS+=("layernorm|120|$ON $PY benchmarks/bench_layernorm.py --device cuda --rounds 5 --min-time 0.1 \
 --backend cpp --backend triton --out $OUT/layernorm.md")
@@ -111,8 +116,8 @@ fi
 if [ $DRY = 1 ]; then
     echo "gpu_check plan (from the repository root; logs and summary.md in $OUT/):"
     for step in "${STEPS[@]}"; do
-        IFS='|' read -r name limit cmd <<< "$step"
-        echo "  $name: $cmd  > $OUT/$name.log (limit ${limit} s)"
+        IFS='|' read -r name limit cmd side <<< "$step"
+        echo "  $name: $cmd  > $OUT/$name.log (limit ${limit} s)$([ -n "$side" ] && [ $SERIAL = 0 ] && echo ', side by side')"
     done
     exit 0
 fi
@@ -139,31 +144,55 @@ SUMMARY="$OUT/summary.md"
     echo "| --- | --- | --- |"
 } > "$SUMMARY"
 
-failed=0
-for step in "${STEPS[@]}"; do
-    IFS='|' read -r name limit cmd <<< "$step"
-    log="$OUT/$name.log"
-    echo "== $name: $cmd"
-    start=$SECONDS
-    { echo "\$ $cmd"; timeout -k 10 "$limit" bash -c "$cmd"; } > "$log" 2>&1
+# One step: its log, and its summary row in $OUT/.row.NAME; exit status 1 when it failed.
+run_step() {
+    local name=$1 limit=$2 cmd=$3 start=$SECONDS rc result bad=1
+    { echo "\$ $cmd"; timeout -k 10 "$limit" bash -c "$cmd"; } > "$OUT/$name.log" 2>&1
     rc=$?
     if [ $rc = 0 ]; then
         result="passed"
+        bad=0
     elif [ $rc = 124 ] || [ $rc = 137 ]; then
         result="**TIMED OUT** after ${limit} s"
-        failed=1
     elif [ "${name%-persistent}" = cuda-tests ] && [ $rc = 5 ]; then
         # pytest's "no tests collected": no test carries the marker yet, which is no failure of the GPU
         result="no tests carry the \`cuda\` marker yet"
+        bad=0
     elif [[ "$name" == *check* ]] && ! command -v "$SANITIZER" >/dev/null 2>&1; then
         result="**FAILED**: compute-sanitizer not found (CUDA toolkit's bin/ on PATH, or CUDA_HOME)"
-        failed=1
     else
         result="**FAILED** (exit status $rc)"
-        failed=1
     fi
-    echo "   $result ($((SECONDS - start)) s)"
-    echo "| $name | $result ($((SECONDS - start)) s) | [$name.log]($name.log) |" >> "$SUMMARY"
+    echo "| $name | $result ($((SECONDS - start)) s) | [$name.log]($name.log) |" > "$OUT/.row.$name"
+    return $bad
+}
+
+failed=0
+i=0
+while [ $i -lt ${#STEPS[@]} ]; do
+    # the run of consecutive "side" steps from i (or step i alone)
+    group=()
+    IFS='|' read -r _ _ _ side <<< "${STEPS[$i]}"
+    while [ $i -lt ${#STEPS[@]} ]; do
+        IFS='|' read -r _ _ _ s2 <<< "${STEPS[$i]}"
+        if [ ${#group[@]} -gt 0 ] && { [ -z "$side" ] || [ -z "$s2" ] || [ $SERIAL = 1 ]; }; then break; fi
+        group+=("${STEPS[$i]}")
+        i=$((i + 1))
+    done
+    pids=()
+    for step in "${group[@]}"; do
+        IFS='|' read -r name limit cmd _ <<< "$step"
+        echo "== $name: $cmd"
+        run_step "$name" "$limit" "$cmd" &
+        pids+=($!)
+    done
+    for pid in "${pids[@]}"; do wait "$pid" || failed=1; done
+    for step in "${group[@]}"; do
+        name=${step%%|*}
+        echo "   $name: $(cut -d'|' -f3 "$OUT/.row.$name" | sed 's/^ *//; s/ *$//')"
+        cat "$OUT/.row.$name" >> "$SUMMARY"
+        rm -f "$OUT/.row.$name"
+    done
 done
 [ $BENCH = 1 ] && echo -e "\nBenchmark reports: [results.md](results.md), [layernorm.md](layernorm.md), \
 [grid-barrier/results.md](grid-barrier/results.md), [bf16/results.md](bf16/results.md), \

@@ -114,9 +114,11 @@ struct Blocks {
   std::vector<std::vector<char>> smem;
   std::vector<float> acc = std::vector<float>(int64_t(kThreads) * kTile);
 
-  // every block's shared memory, W_hh's slice loaded by `load(sm, tid, u0)`
+  // every block's shared memory, W_hh's slice loaded by `load(sm, tid, u0)`; the rest NaN bytes (fp32, fp16 and
+  // bf16 alike), as a GPU's shared memory holds whatever was there: a read of a value never written shows
   template <class Load>
-  Blocks(const Plan& p, int64_t H, const Load& load) : smem(p.tiles * p.slices, std::vector<char>(p.smem)) {
+  Blocks(const Plan& p, int64_t H, const Load& load)
+      : smem(p.tiles * p.slices, std::vector<char>(p.smem, static_cast<char>(0xff))) {
     for (int64_t b = 0; b < blocks(); ++b) {
       for (int tid = 0; tid < kThreads; ++tid) load(sm(p, b), tid, owned(p, H, b).u0);
     }
@@ -222,7 +224,7 @@ Plan plan_with(const Limits& lim, int64_t G, int64_t B, int64_t H, int64_t esize
 }
 
 bool tf32_allowed() {
-#if defined(TORCH_VERSION_MAJOR) && (TORCH_VERSION_MAJOR > 2 || TORCH_VERSION_MINOR >= 9)
+#if defined(TORCH_VERSION_MAJOR) && (TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 9))
   return at::globalContext().allowTF32CuDNN(at::Float32Op::RNN);
 #else
   return at::globalContext().allowTF32CuDNN();
@@ -360,6 +362,7 @@ std::vector<Tensor> bwd(const Problem& pr, const Plan& plan, const Tensor& x, co
 
 void ext_fwd(const Problem& pr, const Plan& plan, const Tensor& x, const ExtParams& base, bool save,
              const Tensor& w_hh, const Tensor& operand, bool reverse) {
+  TORCH_CHECK(!plan.mma, "fastrnn: the persistent engine's cells run on fp32 FMAs; a plan with tensor cores is a bug");
   const LayoutBuf lb(pr, x, reverse);
   const ExtFwd f{plan, lb.lay, pr.H, pr.G, base, save, w_hh.data_ptr(), operand.data_ptr()};
   run(
@@ -369,6 +372,7 @@ void ext_fwd(const Problem& pr, const Plan& plan, const Tensor& x, const ExtPara
 
 void ext_bwd(const Problem& pr, const Plan& plan, const Tensor& x, const ExtGradParams& base, bool bypass,
              const OptTensor& mask, const Tensor& w_hh, bool reverse) {
+  TORCH_CHECK(!plan.mma, "fastrnn: the persistent engine's cells run on fp32 FMAs; a plan with tensor cores is a bug");
   const LayoutBuf lb(pr, x, reverse);
   const ExtBwd f{plan, lb.lay, pr.H, pr.G, base, bypass, mask ? mask->data_ptr() : nullptr, w_hh.data_ptr()};
   run(

@@ -24,6 +24,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <stdexcept>
 
 #include "cell/dispatch.h"
 
@@ -54,8 +55,9 @@ constexpr int64_t kGridSyncCycles = 2000;
 constexpr int64_t kClusterSyncCycles = kGridSyncCycles / 4;
 
 // Tensor cores (sm_80 on, fp32 accumulation): mma.sync m16n8k16 for 16-bit storage, m16n8k8 in TF32 for fp32
-// where torch allows TF32 for cuDNN's RNN (the one the engine replaces). Both on the block GEMM transposed, out^T[R, n] = Ws^T[R, K] . A^T[K, n]: the instruction's M (16) runs over the block's gate columns,
-// of which there are many, its N (8) over the batch rows, of which there may be one. A warp's accumulators are
+// where torch allows TF32 for cuDNN's RNN (the one the engine replaces). Both on the block GEMM transposed,
+// out^T[R, n] = Ws^T[R, K] . A^T[K, n]: the instruction's M (16) runs over the block's gate columns, of which
+// there are many, its N (8) over the batch rows, of which there may be one. A warp's accumulators are
 // kWarpTiles 16 x 8 tiles of 4 floats per thread: the SIMT loop's kTile registers, so the same reduction buffer.
 constexpr int kWarps = kThreads / 32;
 constexpr int kWarpTiles = kTile / 4;
@@ -323,13 +325,14 @@ FRNN_HD T mma_operand(float v) {
 }
 
 // W_hh's slice into shared memory: Ws(k, c) = w(k, c) for k < K, c < R (as an mma operand for the tensor cores),
-// zeros in their padding. Consecutive threads take consecutive k of a column, which the loaders read from
-// consecutive addresses.
+// zeros in their padding. Consecutive threads take consecutive k of a column (`k_fastest`: the forward's
+// W_hh rows) or consecutive columns of a k (the backward's), whichever the caller reads from consecutive
+// addresses.
 template <typename T, class W>
-FRNN_HD void load_w(const Gemm& g, const Smem<T>& sm, int tid, const W& w) {
+FRNN_HD void load_w(const Gemm& g, const Smem<T>& sm, int tid, bool k_fastest, const W& w) {
   const int64_t Ks = k_stored(g), Rs = r_stored(g);
   for (int64_t i = tid; i < Ks * Rs; i += kThreads) {
-    const int64_t c = i / Ks, k = i - c * Ks;
+    const int64_t c = k_fastest ? i / Ks : i % Rs, k = k_fastest ? i - c * Ks : i / Rs;
     const T v = k < g.K && c < g.R ? w(k, c) : T(0.0f);
     sm.w[w_index(g, k, c)] = g.mma ? mma_operand<T>(static_cast<float>(v)) : v;
   }
@@ -409,13 +412,13 @@ struct Frags {
   uint32_t a[4], b[2];
 };
 
+// A lane's fragments from its tile's first A values in Ws (wt) and its first staged row (st), both at the step's k.
 template <typename T>
-FRNN_HD Frags load_frags(const Gemm& g, const Smem<T>& sm, int lane, int64_t j, int64_t k0, int64_t kk) {
-  constexpr int64_t per = 16 / sizeof(T), kstep = sizeof(T) == 2 ? 16 : 8;
+FRNN_HD Frags load_frags(const T* wt, const T* st, int lane) {
+  constexpr int64_t per = 16 / sizeof(T), kstep = sizeof(T) == 2 ? 16 : 8, stride = mma_stride(sizeof(T));
   Frags f;
-  const int64_t ct = j / g.bg, rt = j - ct * g.bg;
-  const T* wa = sm.w + ((ct * cdiv(g.K, kstep) + (k0 + kk) / kstep) * 32 + lane) * per;
-  const T* sb = sm.staged() + (rt * 8 + lane / 4) * mma_stride(sizeof(T)) + kk + (lane % 4) * (4 / sizeof(T));
+  const T* wa = wt + lane * per;
+  const T* sb = st + (lane / 4) * stride + (lane % 4) * (4 / sizeof(T));
 #if defined(__CUDA_ARCH__)
   const uint4 v = *reinterpret_cast<const uint4*>(wa);
   f.a[0] = v.x;
@@ -425,6 +428,10 @@ FRNN_HD Frags load_frags(const Gemm& g, const Smem<T>& sm, int lane, int64_t j, 
   f.b[0] = *reinterpret_cast<const uint32_t*>(sb);
   f.b[1] = *reinterpret_cast<const uint32_t*>(sb + kstep / 2);
 #else
+  // the device's 16-byte and 4-byte loads need these alignments: a carving that broke them must fail here too
+  if (reinterpret_cast<uintptr_t>(wa) % 16 != 0 || reinterpret_cast<uintptr_t>(sb) % 4 != 0) {
+    throw std::logic_error("fastrnn: misaligned tensor-core fragment in the persistent engine's shared memory");
+  }
   std::memcpy(f.a, wa, sizeof(f.a));
   std::memcpy(&f.b[0], sb, 4);
   std::memcpy(&f.b[1], sb + kstep / 2, 4);
@@ -434,16 +441,25 @@ FRNN_HD Frags load_frags(const Gemm& g, const Smem<T>& sm, int lane, int64_t j, 
 
 // `mma(d, frags)`: d[0..3] += the warp's 16 x 8 product over one instruction's K, the lane's part (the device's
 // instruction, or the emulator's from every lane's frags(lane)). Warp-uniform: every lane of a warp takes the
-// same tiles and steps.
+// same tiles and steps. Tile by tile, so that its addresses are worked out once per chunk, not per instruction.
 template <typename T, class Mma>
 FRNN_HD void accumulate_mma(const Gemm& g, const Smem<T>& sm, int tid, int64_t k0, float* acc, const Mma& mma) {
-  const int64_t warp = tid / 32, wg = kWarps / g.ks, slice = warp / wg, first = warp - slice * wg;
-  const int64_t kstep = mma_k(g.es), steps = cdiv(g.K - k0 < kMmaChunk ? g.K - k0 : kMmaChunk, kstep);
-  for (int64_t s = slice; s < steps; s += g.ks) {
-    for (int i = 0; i < kWarpTiles; ++i) {
-      const int64_t j = first + i * wg;
-      if (j >= g.items) break;
-      mma(acc + 4 * i, [&](int l) { return load_frags(g, sm, l, j, k0, s * kstep); });
+  constexpr int64_t per = 16 / sizeof(T), kstep = sizeof(T) == 2 ? 16 : 8, stride = mma_stride(sizeof(T));
+  const int warp = tid / 32, wg = kWarps / static_cast<int>(g.ks), slice = warp / wg, first = warp - slice * wg;
+  const int ks = static_cast<int>(g.ks), items = static_cast<int>(g.items), bg = static_cast<int>(g.bg);
+  const int steps = static_cast<int>(cdiv(g.K - k0 < kMmaChunk ? g.K - k0 : kMmaChunk, kstep));
+  const int64_t ktiles = cdiv(g.K, kstep);
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+  for (int i = 0; i < kWarpTiles; ++i) {
+    const int j = first + i * wg;
+    if (j >= items) break;
+    const int ct = j / bg, rt = j - ct * bg;
+    const T* wt = sm.w + (ct * ktiles + k0 / kstep) * 32 * per;
+    const T* st = sm.staged() + rt * 8 * stride;
+    for (int s = slice; s < steps; s += ks) {
+      mma(acc + 4 * i, [&](int l) { return load_frags(wt + s * 32 * per, st + s * kstep, l); });
     }
   }
 }
@@ -490,7 +506,7 @@ template <typename T, class F>
 FRNN_HD void fwd_load_w(const F& f, const Smem<T>& sm, const Gemm& gm, int tid, int64_t u0) {
   const int64_t U = f.plan.units, H = f.H;
   const T* w = static_cast<const T*>(f.w_hh);
-  load_w(gm, sm, tid, [&](int64_t k, int64_t c) {
+  load_w(gm, sm, tid, true, [&](int64_t k, int64_t c) {
     const int64_t g = c / U, u = u0 + (c - g * U);
     return u < H ? w[(g * H + u) * H + k] : T(0.0f);
   });
@@ -574,7 +590,7 @@ template <typename T, class F>
 FRNN_HD void bwd_load_w(const F& f, const Smem<T>& sm, const Gemm& gm, int tid, int64_t u0) {
   const int64_t H = f.H;
   const T* w = static_cast<const T*>(f.w_hh);
-  load_w(gm, sm, tid, [&](int64_t k, int64_t c) { return u0 + c < H ? w[k * H + u0 + c] : T(0.0f); });
+  load_w(gm, sm, tid, false, [&](int64_t k, int64_t c) { return u0 + c < H ? w[k * H + u0 + c] : T(0.0f); });
 }
 
 template <typename T>

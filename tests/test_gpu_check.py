@@ -114,3 +114,37 @@ def test_smoke_bf16_cases_take_the_tensor_cores_and_pass_with_their_numerics():
             assert gpu_smoke.run(c, torch.device("cpu")) <= gpu_smoke.TOLERANCE["bf16"], c.name
     finally:
         cpp._lib()._set_persist_emulation(0, 0)
+
+
+def test_side_by_side_steps_run_at_once_and_report_in_plan_order(tmp_path):
+    """The correctness steps as concurrent processes: with a stand-in python (CUDA present, each check 3 s) and
+    compute-sanitizer (runs its program), the seven side-by-side steps take about one step's time, every row of
+    summary.md says passed, in the plan's order; one failing check fails the run and only its row."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake_py = bin_dir / "python"
+    fake_py.write_text("#!/bin/bash\n[ \"$1\" = -c ] && exit 0\n[ \"$1\" = -m ] && [ \"$2\" = fastrnn ] && exit 0\n"
+                       "sleep 3\n[ -n \"$FAIL_ONE\" ] && [ \"$FASTRNN_PERSISTENT_CLUSTER\" = 0 ] && exit 7\nexit 0\n")
+    sanitizer = bin_dir / "compute-sanitizer"
+    sanitizer.write_text("#!/bin/bash\nwhile [[ \"$1\" == --* ]]; do shift 2; done\nexec \"$@\"\n")
+    for f in (fake_py, sanitizer):
+        f.chmod(0o755)
+    env = dict(os.environ, PYTHON=str(fake_py), PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    out = tmp_path / "gpu"
+    start = __import__("time").monotonic()
+    proc = subprocess.run(["bash", CHECK, "--no-build", "--no-bench", "--out", str(out)], capture_output=True,
+                          text=True, timeout=120, cwd=REPO, env=env)
+    took = __import__("time").monotonic() - start
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert took < 12, took  # seven 3 s steps one after another would take 21 s
+    rows = [ln for ln in (out / "summary.md").read_text().splitlines() if ln.startswith("| ") and "---" not in ln][1:]
+    assert [r.split("|")[1].strip() for r in rows] == [
+        "backends", "cuda-tests", "cuda-tests-persistent", "memcheck", "memcheck-persistent", "racecheck-persistent",
+        "synccheck-persistent", "memcheck-grid"]
+    assert all("passed" in r for r in rows) and not list(out.glob(".row.*"))
+    env["FAIL_ONE"] = "1"
+    proc = subprocess.run(["bash", CHECK, "--no-build", "--no-bench", "--out", str(out)], capture_output=True,
+                          text=True, timeout=120, cwd=REPO, env=env)
+    assert proc.returncode == 1
+    failed = [ln for ln in (out / "summary.md").read_text().splitlines() if "FAILED" in ln]
+    assert len(failed) == 1 and "memcheck-grid" in failed[0] and "exit status 7" in failed[0]
