@@ -192,8 +192,10 @@ def test_16bit_block_program_matches_reference(device, dtype, mma, c):
 # fp32 with TF32 allowed: the same tiling on m16n8k8 instructions (K steps of 8, fp32 staged and rounded to TF32),
 # on a roomy device, one of two SMs (batch tiles of more than 8 rows) and one that splits the hidden units.
 TF32_DEVICES = {"roomy": (132, 232448), "few": (2, 232448), "split": (8, 29608)}
+# TF32 rounds products' operands to fp16's 10-bit mantissa, so fp16's ReLU caveat (Impl.supports) applies.
 TF32_RUNS = [(d, c) for d in TF32_DEVICES for c in CASES16
              if cpp.availability(torch.device("cpu"), torch.float32) is None
+             and Impl("cpp", "cpu", torch.float16).supports(c)
              and lib().persist_plan(GATES[c.mode], c.B, c.H, 4, *TF32_DEVICES[d], mma=True, tf32=True)["mma"]]
 
 
@@ -238,6 +240,39 @@ def test_tf32_follows_torchs_flag_for_cudnns_rnn():
             torch.backends.cudnn.conv.fp32_precision, torch.backends.cudnn.rnn.fp32_precision = saved
         else:
             torch.backends.cudnn.allow_tf32 = saved
+
+
+@contextlib.contextmanager
+def tf32_for_cudnn_rnn(on: bool):
+    """torch's TF32 switch for cuDNN (conv and RNN alike), restored after."""
+    saved = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = on
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32 = saved
+
+
+CUDA_TF32_CASES = [Case(m, 7, 5, 9, 70, packed=p, reverse=p) if m != "RNN_RELU" else Case(m, 2, 4, 9, 70, packed=p)
+                   for m in MODES for p in (False, True)]  # ReLU: T*B <= 8, as fp16's caveat (Impl.supports)
+
+if torch.cuda.is_available():  # collected only where a GPU is present
+    @pytest.mark.cuda
+    @pytest.mark.parametrize("c", CUDA_TF32_CASES, ids=lambda c: c.id)
+    def test_cuda_tf32_engine_matches_reference(c, monkeypatch):
+        """On a GPU with FASTRNN_PERSISTENT=1 and TF32 allowed for cuDNN's RNN, fp32 plans the tensor cores (sm_80
+        and later) and matches the reference within TF32's bound; with TF32 off the same call plans without them."""
+        from conftest import TOL_TF32
+
+        monkeypatch.setenv("FASTRNN_PERSISTENT", "1")
+        impl = Impl("cpp", "cuda", torch.float32)
+        with tf32_for_cudnn_rnn(True):
+            plan = cpp.persistent_plan(c.mode, c.B, c.H, torch.float32)
+            assert plan["mma"] == (torch.cuda.get_device_capability()[0] >= 8), plan
+            with nan_poisoned(impl):
+                assert_matches_reference(impl, c, table=TOL_TF32)
+        with tf32_for_cudnn_rnn(False):
+            assert not cpp.persistent_plan(c.mode, c.B, c.H, torch.float32)["mma"]
 
 
 def test_16bit_runs_cover_the_tensor_core_tiling():
