@@ -129,6 +129,7 @@ fi
 
 mkdir -p "$OUT"
 SUMMARY="$OUT/summary.md"
+touch "$SUMMARY.start"  # what the benchmarks write after this is this run's
 {
     echo "# GPU check"
     echo
@@ -194,8 +195,12 @@ while [ $i -lt ${#STEPS[@]} ]; do
         rm -f "$OUT/.row.$name"
     done
 done
-[ $BENCH = 1 ] && echo -e "\nBenchmark reports: [results.md](results.md), [layernorm.md](layernorm.md), \
-[grid-barrier/results.md](grid-barrier/results.md), [bf16/results.md](bf16/results.md), \
-[bf16-simt/results.md](bf16-simt/results.md), [tf32/results.md](tf32/results.md)" >> "$SUMMARY"
+# the benchmark reports this run wrote
+reports=""
+for f in results.md layernorm.md grid-barrier/results.md bf16/results.md bf16-simt/results.md tf32/results.md; do
+    [ -f "$OUT/$f" ] && [ "$OUT/$f" -nt "$SUMMARY.start" ] && reports+="${reports:+, }[$f]($f)"
+done
+rm -f "$SUMMARY.start"
+[ -n "$reports" ] && echo -e "\nBenchmark reports: $reports" >> "$SUMMARY"
 echo "wrote $SUMMARY"
 exit $failed

@@ -410,3 +410,20 @@ def test_cluster_plans_run_the_block_program(c, cells):
             assert_cells_match(c, torch.float32, "ln-zo-rd")
         else:
             assert_matches_reference(CPU32, c)
+
+
+# 16-bit on tensor cores in thread-block clusters: a device whose 16-bit plans split GRU and the tanh RNN over a
+# cluster's blocks with the mma tiling (ReLU: fp16's caveat, Impl.supports)
+CLUSTER16 = (8, 16384 + 2 * 272 + 6000, 8)
+CLUSTER16_RUNS = [(dt, c) for dt in (torch.bfloat16, torch.float16) for c in CLUSTER_CASES
+                  if c.mode in ("GRU", "RNN_TANH") and cpp.availability(torch.device("cpu"), torch.float32) is None]
+
+
+@pytest.mark.parametrize("dtype, c", CLUSTER16_RUNS, ids=[f"{DTYPE_IDS[d]}-{c.id}" for d, c in CLUSTER16_RUNS])
+def test_16bit_cluster_plans_run_on_tensor_cores(dtype, c):
+    plan = lib().persist_plan(GATES[c.mode], c.B, c.H, 2, CLUSTER16[0], CLUSTER16[1], cluster=CLUSTER16[2], mma=True)
+    assert plan["scheme"] == "cluster" and plan["mma"] and plan["slices"] > 1, plan
+    impl = Impl("cpp", "cpu", dtype)
+    with emulated(*CLUSTER16, mma=True), nan_poisoned(impl):
+        assert_matches_reference(impl, c)
+
