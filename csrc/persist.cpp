@@ -3,9 +3,7 @@
 // shared with rnn.cpp through seq.h), and the CPU emulator of its block program.
 #include <ATen/ATen.h>
 #include <ATen/Context.h>
-#if __has_include(<torch/headeronly/version.h>)
-#include <torch/headeronly/version.h>
-#endif
+#include <torch/version.h>
 
 #ifdef FASTRNN_WITH_CUDA
 #include <c10/cuda/CUDAStream.h>
@@ -223,9 +221,13 @@ Plan plan_with(const Limits& lim, int64_t G, int64_t B, int64_t H, int64_t esize
   return make_plan(G, B, H, esize, lim, cells);
 }
 
+// The getter's signature changed twice: per operator as an enum from torch 2.10, as a string in 2.9, one switch
+// for conv and RNN alike before.
 bool tf32_allowed() {
-#if defined(TORCH_VERSION_MAJOR) && (TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 9))
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 10)
   return at::globalContext().allowTF32CuDNN(at::Float32Op::RNN);
+#elif TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR == 9
+  return at::globalContext().allowTF32CuDNN("rnn");
 #else
   return at::globalContext().allowTF32CuDNN();
 #endif
