@@ -5,7 +5,7 @@
 projection and fastrnn's cells with every feature (LayerNorm, zoneout, recurrent dropout: the cpp kernels and
 Triton's "step" and "seq" ones), and the cpp backend's plain and new cells again at an H whose W_hh its
 persistent engine (FASTRNN_PERSISTENT=1) splits over blocks, and the plain cells in bf16 (the engine's tensor
-cores), on the GPU, and compares each result and gradient (the LayerNorm parameters' too) with the plain-PyTorch
+cores) and bidirectional (both directions in one launch), on the GPU, and compares each result and gradient (the LayerNorm parameters' too) with the plain-PyTorch
 reference backend on the same inputs (in fp32 from the same rounded values). On a machine without a GPU, ``--device cpu`` runs
 the cpp cases on the CPU kernels (and the Triton ones when TRITON_INTERPRET=1 is set); ``--list`` prints
 the cases. Exit status 1 when any case fails or differs.
@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from fastrnn import backend as fr_backend  # noqa: E402
-from fastrnn.ops import GATES, MODES, CellExt  # noqa: E402
+from fastrnn.ops import GATES, MODES, CellExt, LayerArgs  # noqa: E402
 
 T, B, I, H, PROJ = 5, 3, 8, 16, 8  # H small enough for the whole-sequence Triton kernels
 H_SLICES = 48  # Triton's "persist" kernels split this H over three programs that meet at a barrier each step
@@ -41,12 +41,13 @@ class SmokeCase(NamedTuple):
     hidden: int = H
     cells: bool = False  # fastrnn's cells with every feature
     dtype: str = "fp32"  # storage dtype (DTYPES); the reference computes in fp32 from the same rounded values
+    pair: bool = False  # both directions of a bidirectional layer through the backend's layer.pair
 
     @property
     def name(self) -> str:
         return "-".join(filter(None, [self.backend, self.variant, self.mode.lower(), "proj" if self.proj else "",
                                       f"h{self.hidden}" if self.hidden != H else "", "cells" if self.cells else "",
-                                      self.dtype if self.dtype != "fp32" else ""]))
+                                      self.dtype if self.dtype != "fp32" else "", "bidir" if self.pair else ""]))
 
 
 CASES = [SmokeCase("cpp", m) for m in MODES] + [SmokeCase("triton", m, v) for v in ("step", "seq") for m in MODES] + [
@@ -62,12 +63,15 @@ CASES = [SmokeCase("cpp", m) for m in MODES] + [SmokeCase("triton", m, v) for v 
     # bf16: with FASTRNN_PERSISTENT=1 the persistent engine's GEMMs on tensor cores (mma.sync), in one block at
     # H and split over blocks at H_GRID; not ReLU, whose derivative flips where rounding h to 8 bits moves a
     # pre-activation across 0 (its GEMMs are the tanh RNN's)
-    SmokeCase("cpp", m, hidden=h, dtype="bf16") for m in ("LSTM", "GRU", "RNN_TANH") for h in (H, H_GRID)]  # fmt: skip
+    SmokeCase("cpp", m, hidden=h, dtype="bf16") for m in ("LSTM", "GRU", "RNN_TANH") for h in (H, H_GRID)] + [
+    # both directions in one launch of the persistent engine: each on half the SMs, their blocks one grid
+    SmokeCase("cpp", m, hidden=h, dtype=d, pair=True) for m in ("LSTM", "GRU", "RNN_TANH") for h in (H, H_GRID)
+    for d in ("fp32", "bf16")]  # fmt: skip
 
 
-def inputs(case: SmokeCase, device: torch.device) -> List[Optional[torch.Tensor]]:
+def inputs(case: SmokeCase, device: torch.device, seed: int = 0) -> List[Optional[torch.Tensor]]:
     """x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr of one dense layer in fp32, rounded to the case's dtype."""
-    g = torch.Generator().manual_seed(sum(map(ord, case.name)))
+    g = torch.Generator().manual_seed(sum(map(ord, case.name)) + seed)
     hid = case.hidden
     h_out = PROJ if case.proj else hid
     shapes = [(T * B, I), (B, h_out), (B, hid) if case.mode == "LSTM" else None, (GATES[case.mode] * hid, I),
@@ -108,19 +112,24 @@ def rel_err(a: Optional[torch.Tensor], b: Optional[torch.Tensor]) -> float:
 def run(case: SmokeCase, device: torch.device) -> float:
     """The largest relative difference from the reference over outputs and every gradient."""
     values = inputs(case, device)
+    reverse = inputs(case, device, seed=1)[1:] if case.pair else []  # the reverse direction's own tensors
     ext = cell_ext(case, device)
     results = []
     for name in (case.backend, "reference"):
         dt = DTYPES[case.dtype] if name == case.backend else torch.float32
-        x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr = [None if v is None else v.to(dt).requires_grad_() for v in values]
+        x, *own = [None if v is None else v.to(dt).requires_grad_() for v in values + reverse]
         layer = importlib.import_module(f"fastrnn.ops.{name}").layer
         extra = {"variant": case.variant} if case.variant and name == case.backend else {}
         if ext is not None:
             extra["ext"] = ext
-        y, h_n, c_n = layer(case.mode, x, None, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, False, **extra)
-        outs = [t for t in (y, h_n, c_n) if t is not None]
-        leaves = [t for t in (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr) + tuple(ext or ())[:6]
-                  if t is not None and t.requires_grad]
+        a = LayerArgs(case.mode, x, None, *own[:7], False)
+        if case.pair:
+            r = a._replace(**dict(zip(LayerArgs._fields[3:10], own[7:])), reverse=True)
+            outs = layer.pair(a, r) if name == case.backend else (layer(a), layer(r))
+        else:
+            outs = (layer(a, **extra),)
+        outs = [t for out in outs for t in out if t is not None]
+        leaves = [t for t in [x] + own + list(ext or ())[:6] if t is not None and t.requires_grad]
         torch.manual_seed(0)
         up = [torch.randn(t.shape).to(DTYPES[case.dtype]).to(t) for t in outs]
         grads = torch.autograd.grad(outs, leaves, up)

@@ -11,6 +11,7 @@
 
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -116,7 +117,7 @@ struct Blocks {
   // bf16 alike), as a GPU's shared memory holds whatever was there: a read of a value never written shows
   template <class Load>
   Blocks(const Plan& p, int64_t H, const Load& load)
-      : smem(p.tiles * p.slices, std::vector<char>(p.smem, static_cast<char>(0xff))) {
+      : smem(dir_blocks(p), std::vector<char>(p.smem, static_cast<char>(0xff))) {
     for (int64_t b = 0; b < blocks(); ++b) {
       for (int tid = 0; tid < kThreads; ++tid) load(sm(p, b), tid, owned(p, H, b).u0);
     }
@@ -141,21 +142,30 @@ struct EmulatedBlock {
   RowSerial rows() const { return {}; }
 };
 
-// A block program (persist.h: FwdProgram, BwdProgram, ExtFwdProgram, ExtBwdProgram) on the CPU: each phase on
-// all blocks before the next, in block order, which is what either barrier after a phase guarantees and more.
+// A block program (persist.h: FwdProgram, BwdProgram, ExtFwdProgram, ExtBwdProgram) on the CPU, over the launch's
+// directions: each phase on all blocks before the next, in block order, which is what either barrier after a
+// phase guarantees and more.
 template <class Prog>
-void emulate(const typename Prog::Args& f) {
+void emulate(const Dirs<typename Prog::Args>& ds) {
   using T = typename Prog::Elem;
-  const Plan& p = f.plan;
-  const Gemm g = Prog::gemm(f);
-  Blocks<T> bl(p, f.H, [&](const Smem<T>& sm, int tid, int64_t u0) { Prog::load(f, sm, g, tid, u0); });
-  const EmulatedBlock x{&bl.acc};
-  for (int64_t i = 0; i < f.lay.T; ++i) {
-    const StepRows s = step_rows(f.lay, Prog::kForward ? i : f.lay.T - 1 - i);
+  const Plan& p = ds.d[0].plan;
+  const int64_t per = dir_blocks(p);
+  std::vector<Blocks<T>> bl;
+  std::vector<Gemm> g;
+  for (int64_t d = 0; d < p.dirs; ++d) {
+    const auto& f = ds.d[d];
+    g.push_back(Prog::gemm(f));
+    bl.emplace_back(f.plan, f.H, [&](const Smem<T>& sm, int tid, int64_t u0) { Prog::load(f, sm, g[d], tid, u0); });
+  }
+  for (int64_t i = 0; i < ds.d[0].lay.T; ++i) {
     for (int ph = 0; ph < Prog::kPhases; ++ph) {
-      for (int64_t b = 0; b < bl.blocks(); ++b) {
-        const Owned o = owned(p, f.H, b);
-        Prog::phase(f, ph, x, bl.sm(p, b), g, s, o, tile_rows(p, o, s), b);
+      for (int64_t b = 0; b < p.dirs * per; ++b) {
+        const LaunchBlock lb = launch_block(p, b);
+        const auto& f = ds.d[lb.dir];
+        const StepRows s = step_rows(f.lay, Prog::kForward ? i : f.lay.T - 1 - i);
+        const Owned o = owned(f.plan, f.H, lb.blk);
+        Prog::phase(f, ph, EmulatedBlock{&bl[lb.dir].acc}, bl[lb.dir].sm(f.plan, lb.blk), g[lb.dir], s, o,
+                    tile_rows(f.plan, o, s), lb.blk);
       }
     }
   }
@@ -208,7 +218,7 @@ void run(const Tensor& x, const Emulate& emulate, const Cuda& cuda) {
 
 }  // namespace
 
-Plan plan_with(const Limits& lim, int64_t G, int64_t B, int64_t H, int64_t esize, bool proj, bool cells) {
+Plan plan_with(const Limits& lim, int64_t G, int64_t B, int64_t H, int64_t esize, bool proj, bool cells, bool pair) {
   Plan none;
   if (proj) {
     none.why = "proj_size: the per-step path";
@@ -218,7 +228,7 @@ Plan plan_with(const Limits& lim, int64_t G, int64_t B, int64_t H, int64_t esize
     none.why = "fp64: the per-step path";
     return none;
   }
-  return make_plan(G, B, H, esize, lim, cells);
+  return pair && !cells ? make_pair_plan(G, B, H, esize, lim) : make_plan(G, B, H, esize, lim, cells);
 }
 
 // The getter's signature changed twice: per operator as an enum from torch 2.10, as a string in 2.9, one switch
@@ -233,133 +243,190 @@ bool tf32_allowed() {
 #endif
 }
 
+namespace {
+// The device's limits for a call on x, or false where the engine does not run it (not CUDA with
+// FASTRNN_PERSISTENT=1, nor the emulator's dtypes on the CPU under the test hook).
+bool limits_for(const at::Tensor& x, Limits& lim) {
+  if (x.is_cpu()) {
+    if (!emulating(x)) return false;
+    lim = g_emulated;
+    return true;
+  }
+#ifdef FASTRNN_WITH_CUDA
+  if (!x.is_cuda() || !cuda_enabled()) return false;
+  lim = limits(x.device().index());
+  lim.tf32 = tf32_allowed();
+  return true;
+#else
+  return false;
+#endif
+}
+}  // namespace
+
 Plan plan_for(const Problem& pr, const at::Tensor& x, bool cells) {
   Limits lim;
-  if (x.is_cpu()) {
-    if (!emulating(x)) return Plan{};
-    lim = g_emulated;
-  } else {
-#ifdef FASTRNN_WITH_CUDA
-    if (!x.is_cuda() || !cuda_enabled()) return Plan{};
-    lim = limits(x.device().index());
-    lim.tf32 = tf32_allowed();
-#else
-    return Plan{};
-#endif
-  }
-  return plan_with(lim, pr.G, pr.B, pr.H, x.element_size(), pr.proj, cells);
+  return limits_for(x, lim) ? plan_with(lim, pr.G, pr.B, pr.H, x.element_size(), pr.proj, cells) : Plan{};
 }
 
-std::vector<Tensor> fwd(const Problem& pr, const Plan& plan, const Tensor& x, const Tensor& h0, const Tensor& c0,
-                        const Tensor& w_ih, const Tensor& w_hh, const Tensor& bias, const Tensor& b_hn, bool reverse,
-                        bool save) {
-  const auto opts = x.options();
-  const int64_t H = pr.H, GH = pr.G * H;
-  Tensor gates = gemm(x, w_ih.t());
-  Tensor hs = h0.clone(at::MemoryFormat::Contiguous);
-  Tensor cs = pr.lstm ? c0.clone(at::MemoryFormat::Contiguous) : empty0(x);
-  Tensor y = ws_empty({pr.N, H}, opts);
-  Tensor hg = ws_empty({pr.B, GH}, opts);
-  const bool save_c = save && pr.lstm, save_hn = save && pr.gru;
-  Tensor c_save = save_c ? ws_empty({pr.N, H}, opts) : empty0(x);
-  Tensor hn_save = save_hn ? ws_empty({pr.N, H}, opts) : empty0(x);
-  const Tensor h0c = h0.contiguous();
-  const LayoutBuf lb(pr, x, reverse);
+Plan pair_plan_for(const Problem& pr, const at::Tensor& x) {
+  Limits lim;
+  return limits_for(x, lim) ? plan_with(lim, pr.G, pr.B, pr.H, x.element_size(), pr.proj, false, true) : Plan{};
+}
 
-  Fwd f{plan, lb.lay, H, pr.G, CellParams{}, save_c, save_hn, w_hh.data_ptr(), h0c.data_ptr()};
-  CellParams& p = f.base;
-  p.H = H;
-  p.gw = H;
-  p.gs = GH;
-  p.hg_stride = GH;
-  p.gates = gates.data_ptr();
-  p.hg = hg.data_ptr();
-  p.bias = bias.data_ptr();
-  p.b_hn = pr.gru ? b_hn.data_ptr() : nullptr;
-  p.h = hs.data_ptr();
-  p.h_prev = p.h;
-  p.h_stride = H;
-  p.y = y.data_ptr();
-  p.y_stride = H;
-  if (pr.lstm) {
-    p.c = cs.data_ptr();
-    p.c_save = save_c ? c_save.data_ptr() : p.c;
+namespace {
+// One direction's launch args and the buffers behind their pointers.
+struct FwdRun {
+  Tensor gates, hs, cs, y, hg, c_save, hn_save, h0c;
+  LayoutBuf lb;
+  Fwd f;
+
+  FwdRun(const Problem& pr, const Plan& plan, const Tensor& x, const FwdDir& d, bool save)
+      : lb(pr, x, d.reverse) {
+    const auto opts = x.options();
+    const int64_t H = pr.H, GH = pr.G * H;
+    gates = gemm(x, d.w_ih.t());
+    hs = d.h0.clone(at::MemoryFormat::Contiguous);
+    cs = pr.lstm ? d.c0.clone(at::MemoryFormat::Contiguous) : empty0(x);
+    y = ws_empty({pr.N, H}, opts);
+    hg = ws_empty({pr.B, GH}, opts);
+    const bool save_c = save && pr.lstm, save_hn = save && pr.gru;
+    c_save = save_c ? ws_empty({pr.N, H}, opts) : empty0(x);
+    hn_save = save_hn ? ws_empty({pr.N, H}, opts) : empty0(x);
+    h0c = d.h0.contiguous();
+    f = Fwd{plan, lb.lay, H, pr.G, CellParams{}, save_c, save_hn, d.w_hh.data_ptr(), h0c.data_ptr()};
+    CellParams& p = f.base;
+    p.H = H;
+    p.gw = H;
+    p.gs = GH;
+    p.hg_stride = GH;
+    p.gates = gates.data_ptr();
+    p.hg = hg.data_ptr();
+    p.bias = d.bias.data_ptr();
+    p.b_hn = pr.gru ? d.b_hn.data_ptr() : nullptr;
+    p.h = hs.data_ptr();
+    p.h_prev = p.h;
+    p.h_stride = H;
+    p.y = y.data_ptr();
+    p.y_stride = H;
+    if (pr.lstm) {
+      p.c = cs.data_ptr();
+      p.c_save = save_c ? c_save.data_ptr() : p.c;
+    }
+    if (pr.gru) {
+      p.hn_save = save_hn ? hn_save.data_ptr() : static_cast<char*>(hg.data_ptr()) + 2 * H * hg.element_size();
+      p.hn_stride = save_hn ? H : GH;
+    }
   }
-  if (pr.gru) {
-    p.hn_save = save_hn ? hn_save.data_ptr() : static_cast<char*>(hg.data_ptr()) + 2 * H * hg.element_size();
-    p.hn_stride = save_hn ? H : GH;
+};
+
+struct BwdRun {
+  Tensor dhs, dcs, dgx, dgh;
+  LayoutBuf lb;
+  Bwd f;
+
+  BwdRun(const Problem& pr, const Plan& plan, const Tensor& x, const BwdDir& d) : lb(pr, x, d.reverse) {
+    const auto opts = x.options();
+    const int64_t H = pr.H, GH = pr.G * H;
+    dhs = d.dh_n.clone(at::MemoryFormat::Contiguous);
+    dcs = pr.lstm ? d.dc_n.clone(at::MemoryFormat::Contiguous) : empty0(x);
+    dgx = ws_empty({pr.N, GH}, opts);
+    dgh = pr.gru ? ws_empty({pr.N, GH}, opts) : dgx;
+    f = Bwd{plan, lb.lay, H, pr.G, CellGradParams{}, pr.gru, pr.lstm, d.w_hh.data_ptr()};
+    CellGradParams& p = f.base;
+    p.H = H;
+    p.gw = H;
+    p.gs = GH;
+    p.gates = pr.lstm || pr.gru ? d.gates.data_ptr() : nullptr;
+    p.c = pr.lstm ? d.c_save.data_ptr() : nullptr;
+    p.hn = pr.gru ? d.hn_save.data_ptr() : nullptr;
+    p.out = d.y.data_ptr();
+    p.out_stride = H;
+    if (pr.lstm || pr.gru) {
+      p.init = pr.lstm ? d.c0.data_ptr() : d.h0.data_ptr();
+      p.prev = pr.lstm ? d.c_save.data_ptr() : d.y.data_ptr();
+      p.prev_stride = H;
+    }
+    p.dh = dhs.data_ptr();
+    p.dh_stride = H;
+    p.dy = d.dy.data_ptr();
+    p.dy_stride = H;
+    p.dc = pr.lstm ? dcs.data_ptr() : nullptr;
+    p.dgx = dgx.data_ptr();
+    p.dgh = dgh.data_ptr();
+    p.dh_prev = dhs.data_ptr();
   }
+};
+
+// The launch's args, direction by direction.
+template <class Args, class Run>
+Dirs<Args> dirs_of(const std::vector<std::unique_ptr<Run>>& runs) {
+  Dirs<Args> ds{};
+  for (size_t i = 0; i < runs.size(); ++i) ds.d[i] = runs[i]->f;
+  return ds;
+}
+
+void check_dirs(const Plan& plan, size_t n) {
+  TORCH_CHECK(static_cast<int64_t>(n) == plan.dirs, "fastrnn: the persistent engine got ", n,
+              " direction(s) for a plan of ", plan.dirs, "; this is a bug");
+}
+}  // namespace
+
+std::vector<std::vector<Tensor>> fwd(const Problem& pr, const Plan& plan, const Tensor& x,
+                                     const std::vector<FwdDir>& dirs, bool save) {
+  check_dirs(plan, dirs.size());
+  std::vector<std::unique_ptr<FwdRun>> runs;
+  for (const FwdDir& d : dirs) runs.push_back(std::make_unique<FwdRun>(pr, plan, x, d, save));
+  const Dirs<Fwd> ds = dirs_of<Fwd>(runs);
   run(
       x,
       [&] {
         visit_fwd(pr.mode, [&](auto op) {
-          with_storage(x, [&](auto t) { emulate<FwdProgram<decltype(op), decltype(t)>>(f); });
+          with_storage(x, [&](auto t) { emulate<FwdProgram<decltype(op), decltype(t)>>(ds); });
         });
       },
-      [&](void* stream) { fwd_cuda(pr.mode, dtype_of(x), f, stream); });
+      [&](void* stream) { fwd_cuda(pr.mode, dtype_of(x), ds, stream); });
   const bool save_gates = save && (pr.lstm || pr.gru);
-  return {y, hs, cs, save_gates ? gates : empty0(x), c_save, hn_save};
+  std::vector<std::vector<Tensor>> out;
+  for (const auto& r : runs) out.push_back({r->y, r->hs, r->cs, save_gates ? r->gates : empty0(x), r->c_save, r->hn_save});
+  return out;
 }
 
-std::vector<Tensor> bwd(const Problem& pr, const Plan& plan, const Tensor& x, const Tensor& h0, const Tensor& c0,
-                        const Tensor& w_ih, const Tensor& w_hh, bool has_b_ih, bool has_b_hh, bool reverse,
-                        const Tensor& y, const Tensor& gates, const Tensor& c_save, const Tensor& hn_save,
-                        const Tensor& dy, const Tensor& dh_n, const Tensor& dc_n, bool need_dx) {
-  const auto opts = x.options();
-  const int64_t H = pr.H, GH = pr.G * H, N = pr.N;
-  Tensor dhs = dh_n.clone(at::MemoryFormat::Contiguous);
-  Tensor dcs = pr.lstm ? dc_n.clone(at::MemoryFormat::Contiguous) : empty0(x);
-  Tensor dgx = ws_empty({N, GH}, opts);
-  Tensor dgh = pr.gru ? ws_empty({N, GH}, opts) : dgx;
-  const LayoutBuf lb(pr, x, reverse);
-
-  Bwd f{plan, lb.lay, H, pr.G, CellGradParams{}, pr.gru, pr.lstm, w_hh.data_ptr()};
-  CellGradParams& p = f.base;
-  p.H = H;
-  p.gw = H;
-  p.gs = GH;
-  p.gates = pr.lstm || pr.gru ? gates.data_ptr() : nullptr;
-  p.c = pr.lstm ? c_save.data_ptr() : nullptr;
-  p.hn = pr.gru ? hn_save.data_ptr() : nullptr;
-  p.out = y.data_ptr();
-  p.out_stride = H;
-  if (pr.lstm || pr.gru) {
-    p.init = pr.lstm ? c0.data_ptr() : h0.data_ptr();
-    p.prev = pr.lstm ? c_save.data_ptr() : y.data_ptr();
-    p.prev_stride = H;
-  }
-  p.dh = dhs.data_ptr();
-  p.dh_stride = H;
-  p.dy = dy.data_ptr();
-  p.dy_stride = H;
-  p.dc = pr.lstm ? dcs.data_ptr() : nullptr;
-  p.dgx = dgx.data_ptr();
-  p.dgh = dgh.data_ptr();
-  p.dh_prev = dhs.data_ptr();
+std::vector<std::vector<Tensor>> bwd(const Problem& pr, const Plan& plan, const Tensor& x,
+                                     const std::vector<BwdDir>& dirs, bool need_dx) {
+  check_dirs(plan, dirs.size());
+  std::vector<std::unique_ptr<BwdRun>> runs;
+  for (const BwdDir& d : dirs) runs.push_back(std::make_unique<BwdRun>(pr, plan, x, d));
+  const Dirs<Bwd> ds = dirs_of<Bwd>(runs);
   run(
       x,
       [&] {
         visit_bwd(pr.mode, [&](auto op) {
-          with_storage(x, [&](auto t) { emulate<BwdProgram<decltype(op), decltype(t)>>(f); });
+          with_storage(x, [&](auto t) { emulate<BwdProgram<decltype(op), decltype(t)>>(ds); });
         });
       },
-      [&](void* stream) { bwd_cuda(pr.mode, dtype_of(x), f, stream); });
+      [&](void* stream) { bwd_cuda(pr.mode, dtype_of(x), ds, stream); });
 
-  // The weight gradients as one chunk of all N rows: packed h_{t-1} rows gathered by one index_select from
-  // [y; h0] (the per-step driver copies them step by step).
-  Tensor hprev;
-  if (pr.packed) {
-    std::vector<int64_t> idx(N);
-    for (int64_t t = 0; t < pr.T; ++t) {
-      const PrevStep prev = prev_step(pr, t, reverse);
-      for (int64_t b = 0; b < pr.size[t]; ++b) idx[pr.off[t] + b] = b < prev.rows ? pr.off[prev.t] + b : N + b;
+  std::vector<std::vector<Tensor>> out;
+  for (size_t i = 0; i < dirs.size(); ++i) {
+    const BwdDir& d = dirs[i];
+    const BwdRun& r = *runs[i];
+    // The weight gradients as one chunk of all N rows: packed h_{t-1} rows gathered by one index_select from
+    // [y; h0] (the per-step driver copies them step by step).
+    Tensor hprev;
+    if (pr.packed) {
+      std::vector<int64_t> idx(pr.N);
+      for (int64_t t = 0; t < pr.T; ++t) {
+        const PrevStep prev = prev_step(pr, t, d.reverse);
+        for (int64_t b = 0; b < pr.size[t]; ++b) idx[pr.off[t] + b] = b < prev.rows ? pr.off[prev.t] + b : pr.N + b;
+      }
+      hprev = at::cat({d.y, d.h0}).index_select(0, indices_on(idx, x));
     }
-    hprev = at::cat({y, h0}).index_select(0, indices_on(idx, x));
+    GradSums sums = grad_sums(pr, x, d.w_ih, d.w_hh, d.has_b_ih, d.has_b_hh, need_dx, pr.N);
+    flush_chunk(pr, d.reverse, 0, pr.N, r.dgx, r.dgh, x, d.y, d.h0, hprev, d.w_ih, sums);
+    const auto [db_ih, db_hh] = bias_grads(sums, d.has_b_ih, d.has_b_hh, pr.gru, x);
+    out.push_back({sums.dx, r.dhs, r.dcs, sums.dw_ih, sums.dw_hh, db_ih, db_hh, empty0(x)});
   }
-  GradSums sums = grad_sums(pr, x, w_ih, w_hh, has_b_ih, has_b_hh, need_dx, N);
-  flush_chunk(pr, reverse, 0, N, dgx, dgh, x, y, h0, hprev, w_ih, sums);
-  const auto [db_ih, db_hh] = bias_grads(sums, has_b_ih, has_b_hh, pr.gru, x);
-  return {sums.dx, dhs, dcs, sums.dw_ih, sums.dw_hh, db_ih, db_hh, empty0(x)};
+  return out;
 }
 
 void ext_fwd(const Problem& pr, const Plan& plan, const Tensor& x, const ExtParams& base, bool save,
@@ -368,7 +435,7 @@ void ext_fwd(const Problem& pr, const Plan& plan, const Tensor& x, const ExtPara
   const LayoutBuf lb(pr, x, reverse);
   const ExtFwd f{plan, lb.lay, pr.H, pr.G, base, save, w_hh.data_ptr(), operand.data_ptr()};
   run(
-      x, [&] { visit_ext(pr.mode, [&](auto op) { emulate<ExtFwdProgram<decltype(op)>>(f); }); },
+      x, [&] { visit_ext(pr.mode, [&](auto op) { emulate<ExtFwdProgram<decltype(op)>>(Dirs<ExtFwd>{{f}}); }); },
       [&](void* stream) { ext_fwd_cuda(pr.mode, f, stream); });
 }
 
@@ -378,7 +445,7 @@ void ext_bwd(const Problem& pr, const Plan& plan, const Tensor& x, const ExtGrad
   const LayoutBuf lb(pr, x, reverse);
   const ExtBwd f{plan, lb.lay, pr.H, pr.G, base, bypass, mask ? mask->data_ptr() : nullptr, w_hh.data_ptr()};
   run(
-      x, [&] { visit_ext(pr.mode, [&](auto op) { emulate<ExtBwdProgram<decltype(op)>>(f); }); },
+      x, [&] { visit_ext(pr.mode, [&](auto op) { emulate<ExtBwdProgram<decltype(op)>>(Dirs<ExtBwd>{{f}}); }); },
       [&](void* stream) { ext_bwd_cuda(pr.mode, f, stream); });
 }
 

@@ -100,8 +100,23 @@ struct Plan {
   int64_t tiles = 0;   // ceil(B / bt)
   int64_t smem = 0;    // dynamic shared memory per block, bytes
   bool mma = false;    // the block GEMMs on tensor cores (fp32 storage: in TF32)
+  int64_t dirs = 1;    // directions in one launch: a bidirectional layer's two share it, each on tiles * slices
+                       // blocks of its own (direction-major), where the device has the SMs for both
+  int64_t cost = 0;    // the cost model's price of a forward and a backward step, SM cycles
   const char* why = "";
 };
+
+// The blocks of one direction; a launch has dirs times as many, direction-major.
+FRNN_HD int64_t dir_blocks(const Plan& p) { return p.tiles * p.slices; }
+
+// Block b of a launch: its direction and its index among that direction's blocks (owned() takes it).
+struct LaunchBlock {
+  int64_t dir, blk;
+};
+FRNN_HD LaunchBlock launch_block(const Plan& p, int64_t b) {
+  const int64_t per = dir_blocks(p), dir = b / per;
+  return {dir, b - dir * per};
+}
 
 // The K-split map of one block's GEMM out[bt, R] = A[bt, K] . Ws[K, R]. SIMT: items = cw * bg threads each own
 // a 4 x 4 tile (columns cg + j*cw, rows bg_ + i*bg), and ks such groups split K. Tensor cores (mma): items = cw *
@@ -208,6 +223,7 @@ inline Plan make_plan(int64_t G, int64_t B, int64_t H, int64_t esize, const Limi
     const int64_t cost = gemm_cycles(f) + gemm_cycles(b) + rows + barriers * sync;
     if (best_cost >= 0 && cost >= best_cost) return;
     best_cost = cost;
+    best.cost = cost;
     best.scheme = scheme;
     best.units = U;
     best.slices = slices;
@@ -236,6 +252,29 @@ inline Plan make_plan(int64_t G, int64_t B, int64_t H, int64_t esize, const Limi
   }
   return best;
 }
+
+// Both directions of a bidirectional layer in one launch where that costs less than one launch after the other:
+// each direction then plans on half the SMs (a grid barrier needs every block of both resident), and a step
+// of the pair costs one step of that plan where two launches cost two of the whole device's. Otherwise the
+// plan of one direction (dirs = 1), each launched on its own. Plain cells only: fastrnn's own keep a launch per
+// direction.
+inline Plan make_pair_plan(int64_t G, int64_t B, int64_t H, int64_t esize, const Limits& lim) {
+  const Plan one = make_plan(G, B, H, esize, lim);
+  Limits half = lim;
+  half.sms = lim.sms / 2;
+  if (one.scheme == kNone || half.sms == 0) return one;
+  Plan both = make_plan(G, B, H, esize, half);
+  if (both.scheme == kNone || both.cost >= 2 * one.cost) return one;
+  both.dirs = 2;
+  return both;
+}
+
+// The kernels' argument: the args of each direction a launch runs (d[1] only with plan.dirs == 2; both carry
+// the same plan).
+template <class Args>
+struct Dirs {
+  Args d[2];
+};
 
 // The rows of the step processed k-th in the forward's order, and of the step before it (h_{t-1}, c_{t-1});
 // rows past prev_rows start from h0/c0 (reverse direction of a packed batch).
@@ -794,8 +833,8 @@ struct ExtBwdProgram {  // the row phase, the step barrier, dh_{t-1} of the bloc
 
 // CUDA: fp32, fp16, bf16, launched on `stream` (a cudaStream_t) of the current device. Defined in CUDA builds
 // only (persist_cuda.cu), where only calls on CUDA tensors reach them.
-void fwd_cuda(Mode m, Dtype d, const Fwd& f, void* stream);
-void bwd_cuda(Mode m, Dtype d, const Bwd& f, void* stream);
+void fwd_cuda(Mode m, Dtype d, const Dirs<Fwd>& f, void* stream);
+void bwd_cuda(Mode m, Dtype d, const Dirs<Bwd>& f, void* stream);
 // CUDA, fastrnn's own cells: fp32.
 void ext_fwd_cuda(Mode m, const ExtFwd& f, void* stream);
 void ext_bwd_cuda(Mode m, const ExtBwd& f, void* stream);

@@ -45,11 +45,11 @@ bool cpu_16bit_fallback(const Problem& pr, const Tensor& x) {
          persist::plan_for(pr, x).scheme == persist::kNone;
 }
 
-// The path layer_fwd (cells: layer_ext_fwd) takes for these inputs, in words, from the same decisions in the
-// same order: what fastrnn.explain reports.
+// The path layer_fwd (cells: layer_ext_fwd; pair: layer_pair_fwd, for a direction of a bidirectional layer) takes
+// for these inputs, in words, from the same decisions in the same order: what fastrnn.explain reports.
 std::string layer_path(const std::string& mode, const Tensor& x, const OptTensor& batch_sizes, const Tensor& h0,
                        const OptTensor& c0, const Tensor& w_ih, const Tensor& w_hh, const OptTensor& b_ih,
-                       const OptTensor& b_hh, const OptTensor& w_hr, bool /*reverse*/, bool cells) {
+                       const OptTensor& b_hh, const OptTensor& w_hr, bool /*reverse*/, bool cells, bool pair) {
   const Problem pr = check_inputs(parse_mode(mode), x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, true);
   const std::string gemm = x.is_cpu() ? "at::mm" : "cuBLAS GEMM";
   const bool widen = cells ? at::isReducedFloatingType(x.scalar_type()) : cpu_16bit_fallback(pr, x);
@@ -64,9 +64,9 @@ std::string layer_path(const std::string& mode, const Tensor& x, const OptTensor
     return pre + "per step one fused row kernel after the recurrent GEMM, " +
            (team ? "on the CPU engine's threads and brgemm ukernel" : gemm);
   }
-  const persist::Plan plan = persist::plan_for(pr, like);
+  const persist::Plan plan = pair ? persist::pair_plan_for(pr, like) : persist::plan_for(pr, like);
   if (plan.scheme != persist::kNone) {
-    return pre + "persistent engine, one launch per direction: " + plan.why +
+    return pre + (plan.dirs == 2 ? "persistent engine, both directions in one launch: " : "persistent engine, one launch per direction: ") + plan.why +
            (plan.mma ? x.scalar_type() == at::kFloat
                            ? "; its GEMMs on tensor cores in TF32 (torch allows TF32 for cuDNN's RNN)"
                            : "; its GEMMs on tensor cores (mma.sync, fp32 accumulation)"
@@ -75,6 +75,19 @@ std::string layer_path(const std::string& mode, const Tensor& x, const OptTensor
   if (engine_takes(pr, like)) return pre + "fused CPU engine (oneDNN brgemm ukernel + cell per step and thread)";
   const std::string why = x.is_cpu() ? "CPU engine: " + engine_refusal(pr, like) : std::string(plan.why);
   return pre + "per step " + gemm + " and the fused cell kernel" + (why.empty() ? "" : " (" + why + ")");
+}
+
+// Biases are added in the pointwise kernel: addmm would first broadcast-copy them over all N x G*H rows.
+// b_hh joins b_ih except GRU's b_hn, which sits inside r * (W_hn h + b_hn). Returns (bias [G*H], b_hn [H] or
+// undefined).
+std::pair<Tensor, Tensor> cell_biases(const Problem& pr, const OptTensor& b_ih, const OptTensor& b_hh,
+                                      const at::TensorOptions& opts) {
+  const int64_t H = pr.H, GH = pr.G * H;
+  Tensor bias = b_ih ? b_ih->clone(at::MemoryFormat::Contiguous) : at::zeros({GH}, opts);
+  if (b_hh) bias.narrow(0, 0, pr.gru ? 2 * H : GH).add_(b_hh->narrow(0, 0, pr.gru ? 2 * H : GH));
+  Tensor b_hn;
+  if (pr.gru) b_hn = b_hh ? b_hh->narrow(0, 2 * H, H).contiguous() : at::zeros({H}, opts);
+  return {bias, b_hn};
 }
 
 // Forward of one layer in one direction. Returns y [N, Hout], h_n [B, Hout], c_n [B, H] (LSTM, else [0]) and
@@ -100,15 +113,10 @@ std::vector<Tensor> layer_fwd(const std::string& mode, const Tensor& x_in, const
   const auto opts = x.options();
   const int64_t H = pr.H, GH = pr.G * H, Hout = pr.Hout;
 
-  // Biases are added in the pointwise kernel: addmm would first broadcast-copy them over all N x G*H rows.
-  // b_hh joins b_ih except GRU's b_hn, which sits inside r * (W_hn h + b_hn).
-  Tensor bias = b_ih ? b_ih->clone(at::MemoryFormat::Contiguous) : at::zeros({GH}, opts);
-  if (b_hh) bias.narrow(0, 0, pr.gru ? 2 * H : GH).add_(b_hh->narrow(0, 0, pr.gru ? 2 * H : GH));
-  Tensor b_hn;
-  if (pr.gru) b_hn = b_hh ? b_hh->narrow(0, 2 * H, H).contiguous() : at::zeros({H}, opts);
+  const auto [bias, b_hn] = cell_biases(pr, b_ih, b_hh, opts);
   const persist::Plan plan = persist::plan_for(pr, x);
   if (plan.scheme != persist::kNone) {
-    return persist::fwd(pr, plan, x, h0.contiguous(), contig(c0), w_ih, w_hh, bias, b_hn, reverse, save);
+    return persist::fwd(pr, plan, x, {{h0.contiguous(), contig(c0), w_ih, w_hh, bias, b_hn, reverse}}, save)[0];
   }
   if (engine_takes(pr, x)) {
     return engine_fwd(pr, x, h0.contiguous(), contig(c0), w_ih, w_hh, bias, b_hn, reverse, save);
@@ -165,6 +173,26 @@ std::vector<Tensor> layer_fwd(const std::string& mode, const Tensor& x_in, const
   return {y, hs, cs, save_gates ? gates : empty0(x), c_save, hn_save};
 }
 
+// What layer_fwd saved, as layer_bwd gets it back (`suffix`: which direction's, in the pair's messages). The
+// persistent engine (`own_dtype`) saves in x's dtype, CPU or not.
+void check_saved(const Problem& pr, const Tensor& x, bool own_dtype, const Tensor& gates, const Tensor& c_save,
+                 const Tensor& hn_save, const std::string& suffix) {
+  const Tensor ws = at::empty({0}, x.options().dtype(own_dtype ? x.scalar_type() : ws_dtype(x)));
+  const char* ws_name = "the workspace dtype of x";
+  const int64_t N = pr.N, H = pr.H;
+  if (pr.lstm || pr.gru) check_like(gates, ("saved gates" + suffix).c_str(), ws, {N, pr.G * H}, ws_name);
+  if (pr.lstm) check_like(c_save, ("saved c" + suffix).c_str(), ws, {N, H}, ws_name);
+  if (pr.gru) check_like(hn_save, ("saved hn" + suffix).c_str(), ws, {N, H}, ws_name);
+}
+
+// The reverse direction of a pair has the forward one's sizes (a bidirectional layer's two directions).
+void check_pair(const Problem& pr, const Problem& rev) {
+  TORCH_CHECK(rev.H == pr.H && rev.Hout == pr.Hout && rev.B == pr.B && rev.proj == pr.proj,
+              "fastrnn: the reverse direction must have the forward one's sizes: H ", pr.H, ", Hout ", pr.Hout,
+              ", B ", pr.B, (pr.proj ? " with" : " without"), " w_hr; got H ", rev.H, ", Hout ", rev.Hout, ", B ",
+              rev.B, (rev.proj ? " with" : " without"), " w_hr_r");
+}
+
 // Backward of layer_fwd. dy [N, Hout], dh_n [B, Hout], dc_n [B, H] (LSTM). Returns dx, dh0, dc0, dw_ih, dw_hh,
 // db_ih, db_hh, dw_hr; an input that is absent gets a [0] gradient, and so does x unless need_dx (a first
 // layer fed with data skips one of the backward's four big GEMMs).
@@ -178,15 +206,10 @@ std::vector<Tensor> layer_bwd(const std::string& mode, const Tensor& x_in, const
       check_inputs(parse_mode(mode), x_in, batch_sizes, h0_in, c0_in, w_ih_in, w_hh_in, b_ih, b_hh, w_hr_in, false);
   const c10::DeviceGuard guard(x_in.device());
   const NoAutocast no_autocast;
-  const int64_t H = pr.H, GH = pr.G * H, Hout = pr.Hout, N = pr.N;
+  const int64_t H = pr.H, GH = pr.G * H, Hout = pr.Hout;
   check_grad_outputs(pr, x_in, y_in, dy_in, dh_n, dc_n);
   const persist::Plan plan = persist::plan_for(pr, x_in);
-  const bool own_dtype = plan.scheme != persist::kNone;  // the persistent engine saves in x's dtype, CPU or not
-  const Tensor ws = at::empty({0}, x_in.options().dtype(own_dtype ? x_in.scalar_type() : ws_dtype(x_in)));
-  const char* ws_name = "the workspace dtype of x";
-  if (pr.lstm || pr.gru) check_like(gates_in, "saved gates", ws, {N, GH}, ws_name);
-  if (pr.lstm) check_like(c_save_in, "saved c", ws, {N, H}, ws_name);
-  if (pr.gru) check_like(hn_save_in, "saved hn", ws, {N, H}, ws_name);
+  check_saved(pr, x_in, plan.scheme != persist::kNone, gates_in, c_save_in, hn_save_in, "");
   if (cpu_16bit_fallback(pr, x_in)) {
     auto grads = layer_bwd(mode, x_in.to(at::kFloat), batch_sizes, h0_in.to(at::kFloat), as_float(c0_in),
                            w_ih_in.to(at::kFloat), w_hh_in.to(at::kFloat), as_float(b_ih), as_float(b_hh),
@@ -202,8 +225,10 @@ std::vector<Tensor> layer_bwd(const std::string& mode, const Tensor& x_in, const
   const Tensor c_save = c_save_in.contiguous(), hn_save = hn_save_in.contiguous();
   const auto opts = x.options();
   if (plan.scheme != persist::kNone) {
-    return persist::bwd(pr, plan, x, h0, c0, w_ih, w_hh, b_ih.has_value(), b_hh.has_value(), reverse, y, gates,
-                        c_save, hn_save, dy, dh_n.contiguous(), contig(dc_n), need_dx);
+    return persist::bwd(pr, plan, x,
+                        {{h0, c0, w_ih, w_hh, b_ih.has_value(), b_hh.has_value(), reverse, y, gates, c_save, hn_save,
+                          dy, dh_n.contiguous(), contig(dc_n)}},
+                        need_dx)[0];
   }
   if (engine_takes(pr, x)) {
     return engine_bwd(pr, x, h0, c0, w_ih, w_hh, b_ih.has_value(), b_hh.has_value(), reverse, y, gates, c_save,
@@ -281,6 +306,91 @@ std::vector<Tensor> layer_bwd(const std::string& mode, const Tensor& x_in, const
   return {sums.dx, dhs, dcs, sums.dw_ih, sums.dw_hh, db_ih, db_hh, dw_hr};
 }
 
+// Both directions of a bidirectional layer, the reverse one's arguments suffixed _r: one persistent launch for the
+// two where persist::pair_plan_for plans it, else layer_fwd / layer_bwd for each. Forward returns layer_fwd's six
+// for the forward direction, then the reverse's; backward layer_bwd's eight for each (dx of each direction:
+// the caller sums them).
+std::vector<Tensor> layer_pair_fwd(const std::string& mode, const Tensor& x, const OptTensor& batch_sizes,
+                                   const Tensor& h0, const OptTensor& c0, const Tensor& w_ih, const Tensor& w_hh,
+                                   const OptTensor& b_ih, const OptTensor& b_hh, const OptTensor& w_hr,
+                                   const Tensor& h0_r, const OptTensor& c0_r, const Tensor& w_ih_r,
+                                   const Tensor& w_hh_r, const OptTensor& b_ih_r, const OptTensor& b_hh_r,
+                                   const OptTensor& w_hr_r, bool save) {
+  const Mode m = parse_mode(mode);
+  const Problem pr = check_inputs(m, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, true);
+  check_pair(pr, check_inputs(m, x, batch_sizes, h0_r, c0_r, w_ih_r, w_hh_r, b_ih_r, b_hh_r, w_hr_r, true));
+  const persist::Plan plan = persist::pair_plan_for(pr, x);
+  if (plan.dirs != 2) {
+    std::vector<Tensor> out = layer_fwd(mode, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, false, save);
+    const std::vector<Tensor> rev =
+        layer_fwd(mode, x, batch_sizes, h0_r, c0_r, w_ih_r, w_hh_r, b_ih_r, b_hh_r, w_hr_r, true, save);
+    out.insert(out.end(), rev.begin(), rev.end());
+    return out;
+  }
+  const c10::DeviceGuard guard(x.device());
+  const NoAutocast no_autocast;
+  const Tensor xc = x.contiguous();
+  auto dir = [&](const Tensor& h, const OptTensor& c, const Tensor& wi, const Tensor& wh, const OptTensor& bi,
+                 const OptTensor& bh, bool reverse) {
+    const auto biases = cell_biases(pr, bi, bh, xc.options());
+    return persist::FwdDir{h.contiguous(), contig(c), wi.contiguous(), wh.contiguous(), biases.first,
+                           biases.second, reverse};
+  };
+  const auto outs = persist::fwd(
+      pr, plan, xc, {dir(h0, c0, w_ih, w_hh, b_ih, b_hh, false), dir(h0_r, c0_r, w_ih_r, w_hh_r, b_ih_r, b_hh_r, true)},
+      save);
+  std::vector<Tensor> out = outs[0];
+  out.insert(out.end(), outs[1].begin(), outs[1].end());
+  return out;
+}
+
+std::vector<Tensor> layer_pair_bwd(const std::string& mode, const Tensor& x, const OptTensor& batch_sizes,
+                                   const Tensor& h0, const OptTensor& c0, const Tensor& w_ih, const Tensor& w_hh,
+                                   const OptTensor& b_ih, const OptTensor& b_hh, const OptTensor& w_hr,
+                                   const Tensor& h0_r, const OptTensor& c0_r, const Tensor& w_ih_r,
+                                   const Tensor& w_hh_r, const OptTensor& b_ih_r, const OptTensor& b_hh_r,
+                                   const OptTensor& w_hr_r, const Tensor& y, const Tensor& gates, const Tensor& c_save,
+                                   const Tensor& hn_save, const Tensor& y_r, const Tensor& gates_r,
+                                   const Tensor& c_save_r, const Tensor& hn_save_r, const Tensor& dy,
+                                   const Tensor& dh_n, const OptTensor& dc_n, const Tensor& dy_r,
+                                   const Tensor& dh_n_r, const OptTensor& dc_n_r, bool need_dx) {
+  const Mode m = parse_mode(mode);
+  const Problem pr = check_inputs(m, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, false);
+  check_pair(pr, check_inputs(m, x, batch_sizes, h0_r, c0_r, w_ih_r, w_hh_r, b_ih_r, b_hh_r, w_hr_r, false));
+  const persist::Plan plan = persist::pair_plan_for(pr, x);
+  if (plan.dirs != 2) {
+    std::vector<Tensor> out = layer_bwd(mode, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, false, y, gates,
+                                        c_save, hn_save, dy, dh_n, dc_n, need_dx);
+    const std::vector<Tensor> rev = layer_bwd(mode, x, batch_sizes, h0_r, c0_r, w_ih_r, w_hh_r, b_ih_r, b_hh_r,
+                                              w_hr_r, true, y_r, gates_r, c_save_r, hn_save_r, dy_r, dh_n_r, dc_n_r,
+                                              need_dx);
+    out.insert(out.end(), rev.begin(), rev.end());
+    return out;
+  }
+  const c10::DeviceGuard guard(x.device());
+  const NoAutocast no_autocast;
+  check_grad_outputs(pr, x, y, dy, dh_n, dc_n);
+  check_grad_outputs(pr, x, y_r, dy_r, dh_n_r, dc_n_r);
+  check_saved(pr, x, true, gates, c_save, hn_save, "");
+  check_saved(pr, x, true, gates_r, c_save_r, hn_save_r, " (reverse)");
+  auto dir = [&](const Tensor& h, const OptTensor& c, const Tensor& wi, const Tensor& wh, bool has_bi, bool has_bh,
+                 bool reverse, const Tensor& yy, const Tensor& g, const Tensor& cs, const Tensor& hn,
+                 const Tensor& d_y, const Tensor& d_h, const OptTensor& d_c) {
+    return persist::BwdDir{h.contiguous(), contig(c),        wi.contiguous(),  wh.contiguous(), has_bi,
+                           has_bh,         reverse,          yy.contiguous(),  g.contiguous(),  cs.contiguous(),
+                           hn.contiguous(), d_y.contiguous(), d_h.contiguous(), contig(d_c)};
+  };
+  const auto outs = persist::bwd(pr, plan, x.contiguous(),
+                                 {dir(h0, c0, w_ih, w_hh, b_ih.has_value(), b_hh.has_value(), false, y, gates, c_save,
+                                      hn_save, dy, dh_n, dc_n),
+                                  dir(h0_r, c0_r, w_ih_r, w_hh_r, b_ih_r.has_value(), b_hh_r.has_value(), true, y_r,
+                                      gates_r, c_save_r, hn_save_r, dy_r, dh_n_r, dc_n_r)},
+                                 need_dx);
+  std::vector<Tensor> out = outs[0];
+  out.insert(out.end(), outs[1].begin(), outs[1].end());
+  return out;
+}
+
 #define FRNN_STR2(x) #x
 #define FRNN_STR(x) FRNN_STR2(x)
 
@@ -318,11 +428,12 @@ pybind11::dict build_info() {
 }
 
 // The persistent engine's plan for G gates, batch B, hidden H, storage element size esize (8: fp64), with or
-// without proj_size, plain cells or fastrnn's own (`cells`), on a device with `sms` SMs, `smem` bytes of shared
+// without proj_size, plain cells or fastrnn's own (`cells`), one direction or both of a bidirectional layer
+// (`pair`: "dirs" 2 where they share a launch; "blocks" counts both), on a device with `sms` SMs, `smem` bytes of shared
 // memory per block, cooperative launch or not and thread-block clusters of up to `cluster` blocks (0: none)
 // or not (persist::plan_with, what a call on such a device takes).
 pybind11::dict persist_plan(int64_t G, int64_t B, int64_t H, int64_t esize, int64_t sms, int64_t smem,
-                            bool cooperative, bool proj, bool cells, int64_t cluster, bool mma, bool tf32) {
+                            bool cooperative, bool proj, bool cells, int64_t cluster, bool mma, bool tf32, bool pair) {
   persist::Limits lim;
   lim.sms = sms;
   lim.smem = smem;
@@ -330,7 +441,7 @@ pybind11::dict persist_plan(int64_t G, int64_t B, int64_t H, int64_t esize, int6
   lim.cluster = cluster;
   lim.mma = mma;
   lim.tf32 = tf32;
-  const persist::Plan p = persist::plan_with(lim, G, B, H, esize, proj, cells);
+  const persist::Plan p = persist::plan_with(lim, G, B, H, esize, proj, cells, pair);
   static const char* names[] = {"per-step", "block", "grid", "cluster"};
   pybind11::dict d;
   d["scheme"] = names[p.scheme];
@@ -339,7 +450,9 @@ pybind11::dict persist_plan(int64_t G, int64_t B, int64_t H, int64_t esize, int6
   d["batch_tile"] = p.bt;
   d["tiles"] = p.tiles;
   d["mma"] = p.mma;
-  d["blocks"] = p.tiles * p.slices;
+  d["dirs"] = p.dirs;
+  d["blocks"] = p.dirs * p.tiles * p.slices;
+  d["cost"] = p.cost;
   d["smem"] = p.smem;
   d["why"] = p.why;
   return d;
@@ -384,13 +497,27 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("reverse"), py::arg("y"), py::arg("gates"), py::arg("c"), py::arg("hn"), py::arg("dy"),
         py::arg("dh_n"), py::arg("dc_n"), py::arg("need_dx"));
   // the LayerArgs fields, then each function's own
-  const auto layer_args = std::make_tuple(py::arg("mode"), py::arg("x"), py::arg("batch_sizes"), py::arg("h0"),
-                                          py::arg("c0"), py::arg("w_ih"), py::arg("w_hh"), py::arg("b_ih"),
-                                          py::arg("b_hh"), py::arg("w_hr"), py::arg("reverse"));
+  const auto dir_args = std::make_tuple(py::arg("mode"), py::arg("x"), py::arg("batch_sizes"), py::arg("h0"),
+                                        py::arg("c0"), py::arg("w_ih"), py::arg("w_hh"), py::arg("b_ih"),
+                                        py::arg("b_hh"), py::arg("w_hr"));
+  const auto layer_args = std::tuple_cat(dir_args, std::make_tuple(py::arg("reverse")));
   const auto def = [&](const char* name, auto f, auto own) {
     std::apply([&](auto... a) { m.def(name, f, a...); }, std::tuple_cat(layer_args, own));
   };
-  def("layer_path", &fastrnn::layer_path, std::make_tuple(py::arg("cells") = false));
+  def("layer_path", &fastrnn::layer_path, std::make_tuple(py::arg("cells") = false, py::arg("pair") = false));
+  // a pair: the forward direction's fields, then the reverse direction's
+  const auto reverse_args = std::make_tuple(py::arg("h0_r"), py::arg("c0_r"), py::arg("w_ih_r"), py::arg("w_hh_r"),
+                                            py::arg("b_ih_r"), py::arg("b_hh_r"), py::arg("w_hr_r"));
+  const auto pair_args = std::tuple_cat(dir_args, reverse_args);
+  const auto def_pair = [&](const char* name, auto f, auto own) {
+    std::apply([&](auto... a) { m.def(name, f, a...); }, std::tuple_cat(pair_args, own));
+  };
+  def_pair("layer_pair_fwd", &fastrnn::layer_pair_fwd, std::make_tuple(py::arg("save")));
+  def_pair("layer_pair_bwd", &fastrnn::layer_pair_bwd,
+           std::make_tuple(py::arg("y"), py::arg("gates"), py::arg("c"), py::arg("hn"), py::arg("y_r"),
+                           py::arg("gates_r"), py::arg("c_r"), py::arg("hn_r"), py::arg("dy"), py::arg("dh_n"),
+                           py::arg("dc_n"), py::arg("dy_r"), py::arg("dh_n_r"), py::arg("dc_n_r"),
+                           py::arg("need_dx")));
   def("layer_ext_fwd", &fastrnn::layer_ext_fwd, std::make_tuple(py::arg("ext"), py::arg("save")));
   def("layer_ext_bwd", &fastrnn::layer_ext_bwd,
       std::make_tuple(py::arg("ext"), py::arg("y"), py::arg("xs"), py::arg("hs"), py::arg("stats"), py::arg("c"),
@@ -401,7 +528,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("persist_plan", &fastrnn::persist_plan, py::arg("G"), py::arg("B"), py::arg("H"), py::arg("esize"),
         py::arg("sms"), py::arg("smem"), py::arg("cooperative") = true, py::arg("proj") = false,
         py::arg("cells") = false, py::arg("cluster") = 0, py::arg("mma") = false, py::arg("tf32") = false,
-        "the persistent CUDA engine's plan for a problem on a device of these limits");
+        py::arg("pair") = false, "the persistent CUDA engine's plan for a problem on a device of these limits");
   m.def("tf32_allowed", &fastrnn::persist::tf32_allowed,
         "whether torch now allows TF32 for cuDNN's RNN, which puts fp32 CUDA calls of the persistent engine on "
         "tensor cores in TF32");

@@ -248,18 +248,31 @@ namespace persist {
 // layer_fwd / layer_bwd's returns (saved activations in PyTorch's layout, as the per-step path).
 // With `cells`: for fastrnn's own cells (fp32 calls; 16-bit ones are widened before they plan).
 Plan plan_for(const Problem& pr, const at::Tensor& x, bool cells = false);
+// The plan for both directions of a bidirectional layer of plain cells (persist.h make_pair_plan): dirs == 2 when
+// they share one launch, else a direction's own plan (kNone: the per-step path).
+Plan pair_plan_for(const Problem& pr, const at::Tensor& x);
 // The plan on a device of limits `lim` for G gates, batch B, hidden H, element size esize (8: fp64), with or
-// without proj_size, plain cells or fastrnn's own: what plan_for decides once it knows the device, and what
-// persistent_plan() reports.
-Plan plan_with(const Limits& lim, int64_t G, int64_t B, int64_t H, int64_t esize, bool proj, bool cells = false);
-std::vector<at::Tensor> fwd(const Problem& pr, const Plan& plan, const at::Tensor& x, const at::Tensor& h0,
-                            const at::Tensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
-                            const at::Tensor& bias, const at::Tensor& b_hn, bool reverse, bool save);
-std::vector<at::Tensor> bwd(const Problem& pr, const Plan& plan, const at::Tensor& x, const at::Tensor& h0,
-                            const at::Tensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh, bool has_b_ih,
-                            bool has_b_hh, bool reverse, const at::Tensor& y, const at::Tensor& gates,
-                            const at::Tensor& c_save, const at::Tensor& hn_save, const at::Tensor& dy,
-                            const at::Tensor& dh_n, const at::Tensor& dc_n, bool need_dx);
+// without proj_size, plain cells or fastrnn's own, one direction or a bidirectional layer's two (`pair`): what
+// plan_for and pair_plan_for decide once they know the device, and what persistent_plan() reports.
+Plan plan_with(const Limits& lim, int64_t G, int64_t B, int64_t H, int64_t esize, bool proj, bool cells = false,
+               bool pair = false);
+// One direction of a launch, as layer_fwd / layer_bwd hold it (contiguous; bias: b_ih with b_hh folded in as
+// the per-step driver adds it, b_hn GRU's).
+struct FwdDir {
+  at::Tensor h0, c0, w_ih, w_hh, bias, b_hn;
+  bool reverse;
+};
+struct BwdDir {
+  at::Tensor h0, c0, w_ih, w_hh;
+  bool has_b_ih, has_b_hh, reverse;
+  at::Tensor y, gates, c_save, hn_save, dy, dh_n, dc_n;
+};
+// One launch over plan.dirs directions; per direction layer_fwd's (y, h_n, c_n, gates, c, hn) and layer_bwd's
+// (dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr) returns.
+std::vector<std::vector<at::Tensor>> fwd(const Problem& pr, const Plan& plan, const at::Tensor& x,
+                                         const std::vector<FwdDir>& dirs, bool save);
+std::vector<std::vector<at::Tensor>> bwd(const Problem& pr, const Plan& plan, const at::Tensor& x,
+                                         const std::vector<BwdDir>& dirs, bool need_dx);
 // fastrnn's own cells (rnn_ext.cpp's buffers and params, base at row 0 as ext_fwd_step / ext_bwd_step take
 // it): the forward's recurrence with `operand` its GEMM's A (h, or h * rec_mask); the backward's, leaving dgx,
 // dgh of all rows and the LayerNorm slots (one per block) for the driver's weight gradients.

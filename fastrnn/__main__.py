@@ -47,21 +47,23 @@ _PLAN_SHAPES = ((64, 256), (64, 1024), (1, 512), (16, 128), (64, 512))
 
 
 def persistent_report(limits: Optional[dict] = None) -> list:
-    """The persistent CUDA engine's scheme per mode (plain fp32 and bf16, and fastrnn's own cells) and standard
-    shape on the current GPU, or on a device of these ``limits`` (``cpp.persistent_plan``'s)."""
+    """The persistent CUDA engine's scheme per mode (plain fp32 and bf16, fastrnn's own cells, and a bidirectional
+    layer's pair) and standard shape on the current GPU, or on a device of these ``limits`` (``cpp.persistent_plan``'s)."""
     from fastrnn.ops import MODES, cpp
 
     on = cpp.persistent_plan("LSTM", 1, 1, limits=limits)["enabled"]
     lines = [f"cuda persistent engine (FASTRNN_PERSISTENT=1 {'set' if on else 'not set: every call per-step'}),"
              " scheme [blocks, units per block x batch rows per block], 'mma': GEMMs on tensor cores:"]
     for mode in MODES:
-        for label, ext, dtype in (("", False, torch.float32), (" bf16", False, torch.bfloat16),
-                                  (" cells", True, torch.float32)):
+        for label, ext, dtype, bidir in (("", False, torch.float32, False), (" bf16", False, torch.bfloat16, False),
+                                         (" cells", True, torch.float32, False),
+                                         (" bidirectional", False, torch.float32, True)):
             cells = []
             for B, H in _PLAN_SHAPES:
-                p = cpp.persistent_plan(mode, B, H, dtype, cells=ext, limits=limits)
+                p = cpp.persistent_plan(mode, B, H, dtype, cells=ext, bidirectional=bidir, limits=limits)
                 detail = f" [{p['blocks']}, {p['units']}x{p['batch_tile']}]" if p["blocks"] else ""
-                cells.append(f"B={B} H={H}: {p['scheme']}{detail}{' mma' if p['mma'] else ''}")
+                both = " both directions in one launch" if p["dirs"] == 2 else ""
+                cells.append(f"B={B} H={H}: {p['scheme']}{detail}{' mma' if p['mma'] else ''}{both}")
             lines.append(f"  {mode}{label}: " + "; ".join(cells))
     return lines
 

@@ -23,7 +23,7 @@ def explain(module: nn.Module, input, hx=None) -> str:
     took there, with the reason where a choice was made. ``module`` is a fastrnn module (or a model holding
     them: every fastrnn layer call it makes is listed). It runs in the mode the module is in: in training,
     zoneout and recurrent dropout draw their masks (from torch's generator) as a forward call would."""
-    calls: List[Tuple[LayerArgs, CellExt, ModuleType, dict]] = []
+    calls: List[Tuple[LayerArgs, CellExt, ModuleType, dict, bool]] = []
     with _recording(calls), torch.no_grad():
         module(input) if hx is None else module(input, hx)
     if not calls:
@@ -41,8 +41,9 @@ def _recording(calls: list):
         _modules.LAYER_CALL_OBSERVERS.remove(observer)
 
 
-def describe(a: LayerArgs, ext: CellExt, impl: ModuleType, options: dict) -> str:
-    """One layer call: shape, backend, kernels."""
+def describe(a: LayerArgs, ext: CellExt, impl: ModuleType, options: dict, pair: bool = False) -> str:
+    """One layer call: shape, backend, kernels (``pair``: a direction of a bidirectional layer whose two
+    directions the backend ran in one call)."""
     name = impl.__name__.rsplit(".", 1)[-1]
     N, (B, H_out) = a.x.shape[0], a.h0.shape
     T = a.batch_sizes.numel() if a.batch_sizes is not None else (N // B if B else 0)
@@ -51,23 +52,24 @@ def describe(a: LayerArgs, ext: CellExt, impl: ModuleType, options: dict) -> str
              + (f" proj={H_out}" if a.w_hr is not None else "") + (", packed" if a.batch_sizes is not None else "")
              + f", {str(a.x.dtype)[6:]} on {a.x.device}" + (f", cells: {', '.join(features)}" if features else ""))
     how = {"cpp": _cpp, "triton": _triton}.get(name, lambda *_: "plain PyTorch ops, a GEMM and the cell per step")
-    return f"{shape} -> {name}: {how(a, ext, impl, options)}"
+    return f"{shape} -> {name}: {how(a, ext, impl, options, pair)}"
 
 
-def _cpp(a: LayerArgs, ext: CellExt, impl: ModuleType, options: dict) -> str:
+def _cpp(a: LayerArgs, ext: CellExt, impl: ModuleType, options: dict, pair: bool) -> str:
     cells = bool(ext.features())
-    path = impl._lib().layer_path(*a, cells=cells)
+    path = impl._lib().layer_path(*a, cells=cells, pair=pair)
     if a.x.device.type == "cuda" and not cells:
         plan = impl.persistent_plan(a.mode, a.h0.shape[0], a.H, a.x.dtype, device=a.x.device,
-                                    proj_size=a.h0.shape[1] if a.w_hr is not None else 0)
+                                    proj_size=a.h0.shape[1] if a.w_hr is not None else 0, bidirectional=pair)
         if plan["scheme"] != "per-step":
-            grid = (f"scheme {plan['scheme']!r}, {plan['blocks']} blocks of {plan['units']} units x "
+            both = " (both directions)" if plan["dirs"] == 2 else ""
+            grid = (f"scheme {plan['scheme']!r}, {plan['blocks']} blocks{both} of {plan['units']} units x "
                     f"{plan['batch_tile']} rows, {plan['smem']} B shared memory each")
             path += f"; {grid}" if plan["enabled"] else f"; FASTRNN_PERSISTENT=1 would take the persistent {grid}"
     return path
 
 
-def _triton(a: LayerArgs, ext: CellExt, impl: ModuleType, options: dict) -> str:
+def _triton(a: LayerArgs, ext: CellExt, impl: ModuleType, options: dict, _pair: bool) -> str:
     cells = bool(ext.features())
     opts = tuple(options.get(opt, default) for opt, _, default in impl.layer.options)
     variant, graph = impl._resolve_options(a, opts, cells)

@@ -62,8 +62,9 @@ def _check_probability(name: str, p) -> float:
     return float(p)
 
 
-# Called with (args, ext, backend module, options) before each layer call: how fastrnn.explain sees the calls.
-LAYER_CALL_OBSERVERS: List[Callable[[LayerArgs, CellExt, ModuleType, dict], None]] = []
+# Called with (args, ext, backend module, options, pair) before each layer call, per direction (pair: the call runs
+# both directions of a bidirectional layer through the backend's layer.pair): how fastrnn.explain sees the calls.
+LAYER_CALL_OBSERVERS: List[Callable[[LayerArgs, CellExt, ModuleType, dict, bool], None]] = []
 
 
 class _BackendMixin:
@@ -144,10 +145,22 @@ class _BackendMixin:
     def _call_layer(self, a: LayerArgs, ext: CellExt):
         impl, options = self._backend_for(a.x, ext.features())
         for observe in LAYER_CALL_OBSERVERS:
-            observe(a, ext, impl, options)
+            observe(a, ext, impl, options, False)
         if ext.features():
             return impl.layer(a, ext=ext, **options)
         return impl.layer(a, **options)
+
+    def _call_pair(self, a: LayerArgs, ext: CellExt, r: LayerArgs, ext_r: CellExt) -> list:
+        """Both directions of a bidirectional layer: in one call where the backend runs them as a pair (plain
+        cells), else one call each."""
+        impl, options = self._backend_for(a.x)
+        pair = getattr(impl.layer, "pair", None)
+        if ext.features() or ext_r.features() or pair is None:
+            return [self._call_layer(a, ext), self._call_layer(r, ext_r)]
+        for observe in LAYER_CALL_OBSERVERS:
+            observe(a, ext, impl, options, True)
+            observe(r, ext_r, impl, options, True)
+        return list(pair(a, r, **options))
 
 
 class _Rows(NamedTuple):
@@ -320,7 +333,7 @@ class _RNNBase(_BackendMixin, nn.RNNBase):
         num_dir = 2 if self.bidirectional else 1
         finals: List[List[Tensor]] = [[] for _ in states]
         for layer in range(self.num_layers):
-            outs = []
+            calls = []
             for d in range(num_dir):
                 params = self._layer_params(layer, d)
                 _check_params(params, ["weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr"], rows)
@@ -329,11 +342,12 @@ class _RNNBase(_BackendMixin, nn.RNNBase):
                 k = layer * num_dir + d
                 c0 = states[1][k] if self.mode == "LSTM" else None
                 a = LayerArgs(self.mode, rows, batch_sizes, states[0][k], c0, *params, d == 1)
-                out = self._call_layer(a, self._layer_ext(a, layer, d, amp_dtype))
-                outs.append(out.y)
+                calls.append((a, self._layer_ext(a, layer, d, amp_dtype)))
+            outs = self._call_pair(*calls[0], *calls[1]) if num_dir == 2 else [self._call_layer(*calls[0])]
+            for out in outs:
                 for final, s in zip(finals, (out.h_n, out.c_n)):
                     final.append(s)
-            rows = outs[0] if num_dir == 1 else torch.cat(outs, 1)
+            rows = outs[0].y if num_dir == 1 else torch.cat([out.y for out in outs], 1)
             if self.dropout > 0 and self.training and layer < self.num_layers - 1:
                 rows = F.dropout(rows, self.dropout, True)
         return rows, tuple(torch.stack(f) for f in finals)

@@ -2,6 +2,7 @@
 the comparison of every output and gradient with the float64-capable reference backend."""
 
 import contextlib
+import dataclasses
 import os
 import itertools
 from dataclasses import dataclass
@@ -12,7 +13,7 @@ import torch
 
 from conftest import TOL, assert_close
 from fastrnn import backend as _backend
-from fastrnn.ops import GATES, GRAD_NAMES, MODES, reference
+from fastrnn.ops import GATES, GRAD_NAMES, MODES, LayerArgs, reference
 
 DTYPE_IDS = {torch.float64: "fp64", torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 # Backend options each fused backend is tested under: the Triton kernel variants are separate kernels.
@@ -152,6 +153,11 @@ def run(layer, c: Case, inputs, grad_seed: int = 1, frozen=(), around=contextlib
     args = {k: leaves.get(k, inputs[k]) for k in inputs}
     with around():
         outs = [o for o in layer(c.mode, reverse=c.reverse, **args) if o is not None]
+    return _with_grads(outs, leaves, grad_seed)
+
+
+def _with_grads(outs, leaves: dict, grad_seed: int):
+    """``outs`` detached and the gradients of a random linear function of them w.r.t. ``leaves``."""
     g = torch.Generator().manual_seed(grad_seed)
     loss = sum((o.double() * torch.randn(o.shape, generator=g, dtype=torch.float64).to(o.device)).sum()
                for o in outs)
@@ -179,6 +185,43 @@ def assert_matches_reference(impl: Impl, c: Case, inputs=None, frozen=(), table:
     ref_outs, ref_grads = run(reference.layer, c, inputs, frozen=frozen)
     assert len(outs) == len(ref_outs) == (3 if c.mode == "LSTM" else 2)
     for name, got, want in zip(("y", "h_n", "c_n"), outs, ref_outs):
+        assert torch.isfinite(got).all(), f"{name} has non-finite values"
+        assert_close(got, want, name, table)
+    assert grads.keys() == ref_grads.keys()
+    for name in grads:
+        assert_close(grads[name], ref_grads[name], f"d{name}", table)
+
+
+# A bidirectional layer's reverse direction in a pair (fastrnn.ops.glue): its own tensors, suffixed _r in inputs.
+REVERSE = ("h0", "c0", "w_ih", "w_hh", "b_ih", "b_hh", "w_hr")
+
+
+def pair_inputs(c: Case, impl: Impl) -> Dict[str, Optional[torch.Tensor]]:
+    """Both directions' inputs: ``make_inputs`` for the forward one, the reverse one's own tensors from the next
+    seed (``<name>_r``), one x and batch_sizes."""
+    rev = make_inputs(dataclasses.replace(c, seed=c.seed + 1), impl)
+    return dict(make_inputs(c, impl), **{f"{k}_r": rev[k] for k in REVERSE})
+
+
+def run_pair(pair, c: Case, inputs, grad_seed: int = 1):
+    """``run`` for ``pair(a, r)`` (both directions of a bidirectional layer): both directions' outputs, and the
+    gradients w.r.t. x and each direction's tensors."""
+    leaves = {k: t.detach().clone().requires_grad_() for k, t in inputs.items()
+              if t is not None and k != "batch_sizes"}
+    args = {k: leaves.get(k, t) for k, t in inputs.items()}
+    a = LayerArgs(c.mode, args["x"], args["batch_sizes"], *(args[k] for k in REVERSE), False)
+    r = a._replace(**{k: args[f"{k}_r"] for k in REVERSE}, reverse=True)
+    return _with_grads([o for out in pair(a, r) for o in out if o is not None], leaves, grad_seed)
+
+
+def assert_pair_matches_reference(impl: Impl, c: Case, table: dict = TOL) -> None:
+    """The backend's ``layer.pair`` against the reference backend run on each direction."""
+    inputs = pair_inputs(c, impl)
+    outs, grads = run_pair(_backend._module(impl.backend).layer.pair, c, inputs)
+    ref_outs, ref_grads = run_pair(lambda a, r: (reference.layer(a), reference.layer(r)), c, inputs)
+    names = ("y", "h_n", "c_n")[:3 if c.mode == "LSTM" else 2]
+    assert len(outs) == len(ref_outs) == 2 * len(names)
+    for name, got, want in zip([n + d for d in ("", "_r") for n in names], outs, ref_outs):
         assert torch.isfinite(got).all(), f"{name} has non-finite values"
         assert_close(got, want, name, table)
     assert grads.keys() == ref_grads.keys()

@@ -97,3 +97,24 @@ def test_unknown_backend_lists_the_choices():
         fastrnn.LSTM(3, 4, backend="cudnn")
     with pytest.raises(ValueError, match="got 'nope'"):
         fastrnn.set_backend("nope")
+
+
+@pytest.mark.skipif(fastrnn.backend.reason_unavailable("cpp", torch.device("cpu"), torch.float32) is not None,
+                    reason="cpp backend unavailable")
+def test_pair_errors_name_the_direction_and_sizes():
+    """layer.pair (both directions of a bidirectional layer) refuses a mismatched pair with the sizes of both."""
+    from fastrnn.ops import LayerArgs, cpp
+
+    def args(H, reverse, x=None):
+        return LayerArgs("GRU", torch.randn(6, 3) if x is None else x, None, torch.randn(2, H), None, torch.randn(3 * H, 3), torch.randn(3 * H, H),
+                         None, None, None, reverse)
+
+    a = args(4, False)
+    with pytest.raises(RuntimeError, match=r"reverse direction must have the forward one's sizes: H 4.*got H 5"):
+        cpp.layer.pair(a, args(5, True, a.x))
+    with pytest.raises(ValueError, match="reverse=False.*reverse=True"):
+        cpp.layer.pair(a, args(4, False, a.x))
+    with pytest.raises(ValueError, match="same mode, x and batch_sizes"):
+        cpp.layer.pair(a, args(4, True))
+    with pytest.raises(RuntimeError, match=r"w_hh must have shape \[12, 4\]"):
+        cpp.layer.pair(a, args(4, True, a.x)._replace(w_hh=torch.randn(12, 3)))

@@ -58,6 +58,23 @@ def test_persistent_engine_named_when_it_runs():
 
 
 @needs_cpp
+def test_both_directions_in_one_launch_named():
+    """A bidirectional layer's pair shares one launch where half the device's SMs hold each direction's plan, and
+    takes a launch per direction where only the whole device does (one SM: none to halve)."""
+    m = fastrnn.LSTM(4, 6, bidirectional=True, backend="cpp")
+    x = torch.randn(3, 2, 4)
+    cells = fastrnn.LSTM(4, 6, bidirectional=True, layer_norm=True, backend="cpp")
+    with emulated(4, 48 * 1024):
+        pair, ln = lines(m, x), lines(cells, x)
+    with emulated(1, 48 * 1024):
+        apart = lines(m, x)
+    assert len(pair) == 2 and all("persistent engine, both directions in one launch" in p for p in pair)
+    assert len(apart) == 2 and all("persistent engine, one launch per direction" in p for p in apart)
+    # fastrnn's own cells keep a launch per direction
+    assert len(ln) == 2 and all("persistent engine, one launch per direction, the fused row kernel" in p for p in ln)
+
+
+@needs_cpp
 def test_cells_on_the_persistent_engine_named():
     m = fastrnn.GRU(4, 6, layer_norm=True, backend="cpp")
     with emulated(4, 48 * 1024):

@@ -116,6 +116,20 @@ def test_smoke_bf16_cases_take_the_tensor_cores_and_pass_with_their_numerics():
         cpp._lib()._set_persist_emulation(0, 0)
 
 
+def test_smoke_bidirectional_cases_run_both_directions_in_one_launch():
+    """The sanitizers see the pair launch (each direction on half the SMs) at both hidden sizes and dtypes."""
+    from fastrnn.ops import cpp
+
+    pairs = [c for c in gpu_smoke.CASES if c.pair]
+    assert {(c.hidden, c.dtype) for c in pairs} == {(h, d) for h in (gpu_smoke.H, gpu_smoke.H_GRID)
+                                                    for d in ("fp32", "bf16")}
+    limits = dict(sms=132, smem=232448, cooperative=True, cluster=8, mma=True)
+    for c in pairs:
+        plan = cpp.persistent_plan(c.mode, gpu_smoke.B, c.hidden, gpu_smoke.DTYPES[c.dtype], limits=limits,
+                                   bidirectional=True)
+        assert plan["dirs"] == 2, (c.name, plan)
+
+
 def test_side_by_side_steps_run_at_once_and_report_in_plan_order(tmp_path):
     """The correctness steps as concurrent processes: with a stand-in python (CUDA present, each check 3 s) and
     compute-sanitizer (runs its program), the seven side-by-side steps take about one step's time, every row of

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from fastrnn.ops import GATES, MODES, cpp
-from layer_cases import DTYPE_IDS, Case, Impl, assert_matches_reference, nan_poisoned, one_step_and_one_unit
+from layer_cases import (DTYPE_IDS, Case, Impl, assert_matches_reference, assert_pair_matches_reference, nan_poisoned,
+                         one_step_and_one_unit)
 from test_cpp_ext import assert_matches_reference as assert_cells_match
 
 pytestmark = pytest.mark.skipif(cpp.availability(torch.device("cpu"), torch.float32) is not None,
@@ -354,17 +355,19 @@ def test_cells_emulation_is_deterministic():
     assert a[1].keys() == b[1].keys() and all(torch.equal(a[1][k], b[1][k]) for k in a[1])
 
 
-def test_python_m_fastrnn_reports_plans_for_plain_and_new_cells():
+def test_python_m_fastrnn_reports_plans_for_plain_and_new_cells_and_pairs():
     from fastrnn.__main__ import persistent_report
 
     lines = persistent_report(limits=H200)
-    assert len(lines) == 1 + 3 * len(MODES)
+    assert len(lines) == 1 + 4 * len(MODES)
     for mode in MODES:
         plain, = [ln for ln in lines if ln.startswith(f"  {mode}: ")]
         bf16, = [ln for ln in lines if ln.startswith(f"  {mode} bf16: ")]
         cells, = [ln for ln in lines if ln.startswith(f"  {mode} cells: ")]
-        assert plain.count("B=") == bf16.count("B=") == cells.count("B=") == 5
-        assert "mma" not in plain + bf16 + cells  # H200 as given: no tensor cores
+        bidir, = [ln for ln in lines if ln.startswith(f"  {mode} bidirectional: ")]
+        assert plain.count("B=") == bf16.count("B=") == cells.count("B=") == bidir.count("B=") == 5
+        assert "mma" not in plain + bf16 + cells + bidir  # H200 as given: no tensor cores
+        assert "both directions in one launch" in bidir and "both directions" not in plain + bf16 + cells
     assert "grid [" in "".join(lines) and "per-step" in "".join(lines)
     tc = persistent_report(limits=dict(H200, mma=True))
     assert all(("mma" in ln) == (" bf16: " in ln) for ln in tc[1:])
@@ -427,3 +430,95 @@ def test_16bit_cluster_plans_run_on_tensor_cores(dtype, c):
     with emulated(*CLUSTER16, mma=True), nan_poisoned(impl):
         assert_matches_reference(impl, c)
 
+
+
+# Both directions of a bidirectional layer in one launch (persist.h make_pair_plan, fastrnn.ops.glue's pair ops).
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("B", [1, 16, 64])
+@pytest.mark.parametrize("H", [64, 128, 256, 512, 1024])
+@pytest.mark.parametrize("esize", [4, 2], ids=["fp32", "16bit"])
+def test_pair_plan_halves_the_device_where_that_is_cheaper(mode, B, H, esize):
+    """A pair launch is each direction's plan on half the SMs, taken where the cost model prices one of its steps
+    below two steps of the whole device's plan; otherwise each direction's own plan."""
+    G, limits = GATES[mode], dict(H200, cluster=8, mma=True)
+    one = lib().persist_plan(G, B, H, esize, **limits)
+    pair = lib().persist_plan(G, B, H, esize, **limits, pair=True)
+    half = lib().persist_plan(G, B, H, esize, **dict(limits, sms=H200["sms"] // 2))
+    if pair["dirs"] == 1:
+        assert pair == one
+        assert half["scheme"] == "per-step" or half["cost"] >= 2 * one["cost"]
+        return
+    assert pair == dict(half, dirs=2, blocks=2 * half["blocks"])
+    assert pair["blocks"] == 2 * pair["tiles"] * pair["slices"] <= H200["sms"]
+    assert pair["cost"] < 2 * one["cost"]
+
+
+def test_pair_plans_take_the_small_shapes_and_never_the_new_cells():
+    hopper = dict(H200, cluster=8)
+    # the shapes where one direction leaves most SMs idle: both directions in one launch
+    for mode in MODES:
+        assert cpp.persistent_plan(mode, 16, 128, limits=hopper, bidirectional=True)["dirs"] == 2
+        assert cpp.persistent_plan(mode, 16, 128, limits=hopper)["dirs"] == 1
+    assert lib().persist_plan(4, 16, 128, 4, **H200, cells=True, pair=True)["dirs"] == 1
+    assert lib().persist_plan(4, 16, 128, 4, **H200, proj=True, pair=True)["scheme"] == "per-step"
+
+
+PAIR_CASES = [Case(m, 5, 6, 7, 33, bias=bias, packed=packed) for m, bias, packed in
+              itertools.product(MODES, (True, False), (False, True)) if bias or not packed] \
+    + [Case(m, 1, 3, 2, 4) for m in MODES] + [Case(m, 4, 3, 2, 1, packed=True) for m in MODES]
+# (device, dtype, tensor cores): fp32 on every emulated device and in clusters; 16-bit on tensor cores split
+PAIR_DEVICES = {"roomy": (DEVICES["roomy"], False), "split": (DEVICES["split"], False),
+                "unit": (DEVICES["unit"], False), "cluster": (CLUSTER, False), "split16": (DEVICES16["split"], True)}
+
+
+def pair_plan(device: str, c: Case, esize: int) -> dict:
+    limits, mma = PAIR_DEVICES[device]
+    return lib().persist_plan(GATES[c.mode], c.B, c.H, esize, *limits[:2], cluster=limits[2] if len(limits) > 2 else 0,
+                              mma=mma, pair=True)
+
+
+PAIR_RUNS = [(d, dtype, c) for d in PAIR_DEVICES for dtype in ((torch.bfloat16,) if PAIR_DEVICES[d][1] else
+                                                               (torch.float32,))
+             for c in PAIR_CASES if cpp.availability(torch.device("cpu"), torch.float32) is None
+             and Impl("cpp", "cpu", dtype).supports(c) and pair_plan(d, c, dtype.itemsize)["dirs"] == 2]
+
+
+@pytest.mark.parametrize("device, dtype, c", PAIR_RUNS, ids=[f"{d}-{DTYPE_IDS[t]}-{c.id}" for d, t, c in PAIR_RUNS])
+def test_pair_launch_matches_reference(device, dtype, c):
+    """Every output and gradient of both directions (dx summed over them) from one emulated launch."""
+    limits, mma = PAIR_DEVICES[device]
+    impl = Impl("cpp", "cpu", dtype)
+    with emulated(*limits, mma=mma), nan_poisoned(impl):
+        assert_pair_matches_reference(impl, c)
+
+
+def test_pair_runs_cover_every_scheme_and_tensor_cores():
+    schemes = {(pair_plan(d, c, t.itemsize)["scheme"], pair_plan(d, c, t.itemsize)["mma"]) for d, t, c in PAIR_RUNS}
+    assert {("block", False), ("grid", False), ("cluster", False)} <= schemes and any(m for _, m in schemes)
+
+
+@pytest.mark.parametrize("c", [Case("LSTM", 5, 6, 7, 33, packed=True), Case("GRU", 4, 6, 3, 33)], ids=lambda c: c.id)
+def test_pair_launch_is_each_direction_on_half_the_device(c):
+    """Each direction's blocks in a pair launch compute exactly what that direction's launch alone computes on a
+    device of half the SMs (the same plan): the block index arithmetic gives each its own args, bit for bit."""
+    from layer_cases import REVERSE, pair_inputs
+
+    sms, smem = DEVICES["split"]
+    inp = pair_inputs(c, CPU32)
+    fwd_args = [inp[k] for k in REVERSE]
+    rev_args = [inp[f"{k}_r"] for k in REVERSE]
+    assert pair_plan("split", c, 4)["dirs"] == 2
+    with emulated(sms, smem):
+        both = lib().layer_pair_fwd(c.mode, inp["x"], inp["batch_sizes"], *fwd_args, *rev_args, True)
+        g = torch.Generator().manual_seed(3)
+        grads = [torch.randn(t.shape, generator=g) if t.numel() else None for t in both[:3] + both[6:9]]
+        both_b = lib().layer_pair_bwd(c.mode, inp["x"], inp["batch_sizes"], *fwd_args, *rev_args, both[0],
+                                      *both[3:6], both[6], *both[9:12], *grads, True)
+    with emulated(sms // 2, smem):
+        alone = [lib().layer_fwd(c.mode, inp["x"], inp["batch_sizes"], *args, rev, True)
+                 for args, rev in ((fwd_args, False), (rev_args, True))]
+        alone_b = [lib().layer_bwd(c.mode, inp["x"], inp["batch_sizes"], *args, rev, out[0], *out[3:6], *gr, True)
+                   for args, rev, out, gr in ((fwd_args, False, alone[0], grads[:3]),
+                                              (rev_args, True, alone[1], grads[3:]))]
+    for got, want in zip(both + both_b, alone[0] + alone[1] + alone_b[0] + alone_b[1]):
+        assert torch.equal(got, want)

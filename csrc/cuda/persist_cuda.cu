@@ -1,5 +1,6 @@
-// The persistent CUDA engine: one launch per layer and direction runs every step of the recurrence (the block
-// program is in persist.h, shared with the CPU emulator). Only c10 headers, as in cell_cuda.cu.
+// The persistent CUDA engine: one launch runs every step of a layer's recurrence, in both directions of a
+// bidirectional layer where the plan says so (the block program is in persist.h, shared with the CPU
+// emulator). Only c10 headers, as in cell_cuda.cu.
 #include <c10/cuda/CUDAException.h>
 #include <cooperative_groups.h>
 #include <cuda_runtime.h>
@@ -127,14 +128,21 @@ struct BlockExec {
   FRNN_HD RowBlock rows() const { return {}; }
 };
 
-// f: one layer and direction (Prog::Args); grid: plan.tiles * plan.slices blocks of kThreads. Every block
-// reaches every barrier, with rows this step or not.
+// dirs: one layer's directions (Prog::Args each, plan.dirs of them); grid: plan.dirs * dir_blocks(plan) blocks of
+// kThreads, direction-major. Every block reaches every barrier, with rows this step or not; the directions'
+// blocks meet at the same grid barrier, and a cluster never spans two (dir_blocks is a multiple of its size).
+// __grid_constant__: a block reads its direction's args in place, through a run-time index. ptxas then holds
+// their fields in registers (96-162 per thread, 14-34 more than with one direction's args as constant operands;
+// taking each direction through a constant index in its own branch costs as many): within the one block per SM.
 template <class Prog>
-__global__ void __launch_bounds__(kThreads, 1) persist_kernel(const typename Prog::Args f) {
+__global__ void __launch_bounds__(kThreads, 1) persist_kernel(const __grid_constant__ Dirs<typename Prog::Args> dirs) {
   using T = typename Prog::Elem;
   extern __shared__ __align__(16) unsigned char smem_raw[];
+  const LaunchBlock lb = launch_block(dirs.d[0].plan, blockIdx.x);
+  const typename Prog::Args& f = dirs.d[lb.dir];
+  const int64_t blk = lb.blk;
   const BlockExec x{static_cast<int>(threadIdx.x)};
-  const Owned o = owned(f.plan, f.H, blockIdx.x);
+  const Owned o = owned(f.plan, f.H, blk);
   const Smem<T> sm = Smem<T>::carve(smem_raw, f.plan.bt, f.plan.mma);
   const Gemm g = Prog::gemm(f);
   Prog::load(f, sm, g, x.tid, o.u0);
@@ -143,7 +151,7 @@ __global__ void __launch_bounds__(kThreads, 1) persist_kernel(const typename Pro
     const StepRows s = step_rows(f.lay, Prog::kForward ? i : f.lay.T - 1 - i);
     const int64_t n = tile_rows(f.plan, o, s);
     for (int ph = 0; ph < Prog::kPhases; ++ph) {
-      Prog::phase(f, ph, x, sm, g, s, o, n, blockIdx.x);
+      Prog::phase(f, ph, x, sm, g, s, o, n, blk);
       if (Prog::step_barrier_after(ph)) {
         step_barrier(f.plan);
       } else {
@@ -170,12 +178,13 @@ bool has_clusters(const void* kernel) {
 }
 
 template <class Args>
-void launch(const void* kernel, const Args& args, cudaStream_t stream) {
+void launch(const void* kernel, const Dirs<Args>& dirs, cudaStream_t stream) {
+  const Plan& plan = dirs.d[0].plan;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                      static_cast<int>(args.plan.smem)));
-  const dim3 grid(static_cast<unsigned>(args.plan.tiles * args.plan.slices)), block(kThreads);
-  Args copy = args;
-  Plan& p = copy.plan;
+                                      static_cast<int>(plan.smem)));
+  const dim3 grid(static_cast<unsigned>(plan.dirs * dir_blocks(plan))), block(kThreads);
+  Dirs<Args> copy = dirs;
+  Plan& p = copy.d[0].plan;
   void* params[] = {&copy};
   if (p.scheme == kCluster) {
     // a tile's slices are consecutive blocks (persist.h owned()): one cluster each
@@ -202,7 +211,7 @@ void launch(const void* kernel, const Args& args, cudaStream_t stream) {
     TORCH_CHECK(coop != 0, "fastrnn: the persistent engine planned a thread-block cluster of ", p.slices,
                 " blocks that this GPU cannot place or this build cannot run (no sm_90 code), and the GPU has no "
                 "cooperative launch for the grid barrier instead; unset FASTRNN_PERSISTENT for the per-step path");
-    p.scheme = kGrid;
+    p.scheme = copy.d[1].plan.scheme = kGrid;
   }
   if (p.scheme == kGrid) {
     // a cooperative launch guarantees every block is resident at once, which the grid barrier needs
@@ -213,7 +222,7 @@ void launch(const void* kernel, const Args& args, cudaStream_t stream) {
 }
 
 template <class Visit, class Args>
-void run(Mode m, Dtype d, const Args& args, void* stream, Visit visit) {
+void run(Mode m, Dtype d, const Dirs<Args>& args, void* stream, Visit visit) {
   auto s = static_cast<cudaStream_t>(stream);
   visit(m, [&](auto op) {
     using Op = decltype(op);
@@ -236,24 +245,24 @@ void run(Mode m, Dtype d, const Args& args, void* stream, Visit visit) {
 
 }  // namespace
 
-void fwd_cuda(Mode m, Dtype d, const Fwd& f, void* stream) {
+void fwd_cuda(Mode m, Dtype d, const Dirs<Fwd>& f, void* stream) {
   run(m, d, f, stream, [](Mode mm, auto&& fn) { visit_fwd(mm, fn); });
 }
 
-void bwd_cuda(Mode m, Dtype d, const Bwd& f, void* stream) {
+void bwd_cuda(Mode m, Dtype d, const Dirs<Bwd>& f, void* stream) {
   run(m, d, f, stream, [](Mode mm, auto&& fn) { visit_bwd(mm, fn); });
 }
 
 void ext_fwd_cuda(Mode m, const ExtFwd& f, void* stream) {
   visit_ext(m, [&](auto op) {
-    launch(reinterpret_cast<const void*>(&persist_kernel<ExtFwdProgram<decltype(op)>>), f,
+    launch(reinterpret_cast<const void*>(&persist_kernel<ExtFwdProgram<decltype(op)>>), Dirs<ExtFwd>{{f}},
            static_cast<cudaStream_t>(stream));
   });
 }
 
 void ext_bwd_cuda(Mode m, const ExtBwd& f, void* stream) {
   visit_ext(m, [&](auto op) {
-    launch(reinterpret_cast<const void*>(&persist_kernel<ExtBwdProgram<decltype(op)>>), f,
+    launch(reinterpret_cast<const void*>(&persist_kernel<ExtBwdProgram<decltype(op)>>), Dirs<ExtBwd>{{f}},
            static_cast<cudaStream_t>(stream));
   });
 }

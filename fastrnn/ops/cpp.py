@@ -1,7 +1,8 @@
 """The "cpp" backend: fused C++/CUDA kernels of ``fastrnn._C`` (csrc/) behind the backend contract.
 
-``layer`` is a :class:`fastrnn.ops.glue.LayerOp` (custom ops ``fastrnn::layer_fwd``/``layer_bwd``). The
-kernels save gates, c and hn (``fastrnn.ops.Saved``) in the storage dtype and recompute the rest.
+``layer`` is a :class:`fastrnn.ops.glue.LayerOp` (custom ops ``fastrnn::layer_fwd``/``layer_bwd``, and for both
+directions of a bidirectional layer ``fastrnn::layer_pair_fwd``/``layer_pair_bwd``). The kernels save gates, c and
+hn (``fastrnn.ops.Saved``) in the storage dtype and recompute the rest.
 
 fastrnn's own cells (``CellExt``: LayerNorm, zoneout, recurrent dropout) run through ``fastrnn::layer_ext_fwd``/
 ``layer_ext_bwd`` (csrc/rnn_ext.cpp), saving ``fastrnn.ops.SavedExt``; 16-bit calls compute them in fp32 and
@@ -19,7 +20,7 @@ from fastrnn import _buildcfg
 from fastrnn._ext import _C, _C_ERROR
 from fastrnn import ops as _ops
 from fastrnn.ops import CellExt, LayerArgs, Saved, SavedExt
-from fastrnn.ops.glue import ExtImpl, LayerOp
+from fastrnn.ops.glue import ExtImpl, LayerOp, PairImpl
 
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 EXT_FEATURES = _ops.EXT_FEATURES  # LayerNorm, zoneout and recurrent dropout, fused
@@ -60,7 +61,7 @@ def _arch_mismatch(device: torch.device) -> Optional[str]:
 
 def persistent_plan(mode: str, batch: int, hidden: int, dtype: torch.dtype = torch.float32, *,
                     device: Optional[torch.device] = None, proj_size: int = 0, cells: bool = False,
-                    limits: Optional[dict] = None) -> dict:
+                    bidirectional: bool = False, limits: Optional[dict] = None) -> dict:
     """How the ``cpp`` backend runs one layer of ``mode`` at this batch and hidden size on a CUDA device: the
     persistent engine's scheme (``"block"``: each block holds all of W_hh for its batch rows; ``"grid"``: hidden
     units split over blocks, a grid barrier per step, two with ``cells``; ``"cluster"``: split over the blocks of a
@@ -69,6 +70,9 @@ def persistent_plan(mode: str, batch: int, hidden: int, dtype: torch.dtype = tor
     on tensor cores (``"mma"``: 16-bit storage on sm_80 and later, and fp32 in TF32 where torch allows TF32 for
     cuDNN's RNN: ``torch.backends.cudnn.rnn.fp32_precision``, or ``torch.backends.cudnn.allow_tf32``), and why. ``cells``:
     fastrnn's own cells (LayerNorm, zoneout, recurrent dropout), which compute in fp32 whatever ``dtype``.
+    ``bidirectional``: the plan of each direction of a bidirectional layer of plain cells; ``"dirs"`` is 2 where
+    both share one launch, each on half the SMs, because the cost model prices that below two launches one after
+    the other (``"blocks"`` then counts both directions').
     ``limits`` (``{"sms": ..., "smem": ...}``, optionally ``"cooperative"``, ``"cluster"``: most blocks per
     cluster, ``"mma"``: tensor cores, ``"tf32"``: torch allows TF32 for cuDNN's RNN, which puts fp32 on them too)
     stands for a device that is not here; otherwise ``device`` (default: the current CUDA device) is asked.
@@ -79,7 +83,8 @@ def persistent_plan(mode: str, batch: int, hidden: int, dtype: torch.dtype = tor
     esize = 4 if cells and dtype != torch.float64 else torch.tensor([], dtype=dtype).element_size()
     plan = dict(_lib().persist_plan(_ops.GATES[mode], batch, hidden, esize, limits["sms"], limits["smem"],
                                     limits.get("cooperative", True), bool(proj_size), cells,
-                                    limits.get("cluster", 0), limits.get("mma", False), limits.get("tf32", False)))
+                                    limits.get("cluster", 0), limits.get("mma", False), limits.get("tf32", False),
+                                    bidirectional))
     plan["enabled"] = os.environ.get("FASTRNN_PERSISTENT") == "1"
     return plan
 
@@ -92,7 +97,7 @@ def _lib() -> object:
 
 def _forward(a: LayerArgs, _options: tuple, save: bool):
     y, h_n, c_n, gates, c, hn = _lib().layer_fwd(*a, save)
-    return y, h_n, c_n, Saved(gates, c, hn, gates.new_empty(0), gates.new_empty(0))
+    return y, h_n, c_n, Saved(gates, c, hn, *_absent(gates, 2))
 
 
 def _ws_dtype(x: Tensor) -> torch.dtype:
@@ -122,7 +127,27 @@ def _ext_fake_saved(a: LayerArgs, e: CellExt, _options: tuple, save: bool) -> Sa
     return SavedExt.empty_like(a, e, save, a.x.dtype if wide else torch.float32)
 
 
+def _pair_forward(a: LayerArgs, r: LayerArgs, _options: tuple, save: bool):
+    out = _lib().layer_pair_fwd(*a[:-1], *r.tensors()[1:], save)
+    y, h_n, c_n, gates, c, hn, y_r, h_n_r, c_n_r, gates_r, c_r, hn_r = out
+    return (y, h_n, c_n, Saved(gates, c, hn, *_absent(gates, 2)), y_r, h_n_r, c_n_r,
+            Saved(gates_r, c_r, hn_r, *_absent(gates, 2)))
+
+
+def _absent(like: torch.Tensor, n: int) -> list:
+    """``n`` distinct empty [0] tensors for absent outputs (custom-op outputs may not alias one another)."""
+    return [like.new_empty(0) for _ in range(n)]
+
+
+def _pair_backward(a: LayerArgs, r: LayerArgs, _options: tuple, y, saved: Saved, y_r, saved_r: Saved, dy, dh_n, dc_n,
+                   dy_r, dh_n_r, dc_n_r, need_dx: bool):
+    return tuple(_lib().layer_pair_bwd(*a[:-1], *r.tensors()[1:], y, *saved[:3], y_r, *saved_r[:3], dy, dh_n, dc_n,
+                                       dy_r, dh_n_r, dc_n_r, need_dx))
+
+
 layer = LayerOp("cpp", "layer", availability, _forward, _backward, _fake_saved,
-                ext=ExtImpl(_ext_forward, _ext_backward, _ext_fake_saved))
+                ext=ExtImpl(_ext_forward, _ext_backward, _ext_fake_saved), pair=PairImpl(_pair_forward, _pair_backward))
 """One layer in one direction: ``layer(args: LayerArgs)`` or the fields flat (see ``fastrnn.ops``), with
-fastrnn's cells through ``ext=CellExt(...)``."""
+fastrnn's cells through ``ext=CellExt(...)``; ``layer.pair(a, r)`` both directions of a bidirectional layer of
+plain cells, in one persistent launch where ``persistent_plan(..., bidirectional=True)`` says so."""
+layer_pair = layer.pair

@@ -22,6 +22,11 @@ the contract's ground truth, so results agree to rounding):
 
 A backend that runs fastrnn's cells (``CellExt``) adds an :class:`ExtImpl`: a second pair of ops whose inputs
 include the ``CellExt`` fields and whose backward also returns the LayerNorm parameters' gradients.
+
+A backend that can run both directions of a bidirectional layer in one call (the cpp backend: one persistent
+launch where the device has the SMs for both) adds a :class:`PairImpl`: ops ``fastrnn::<name>_pair_fwd``/``_bwd``
+whose inputs are the forward direction's ``LayerArgs`` and the reverse direction's own tensors
+(``REVERSE_SCHEMA``), with the same autograd formula per direction and the two directions' ``dx`` summed.
 """
 
 from typing import Callable, NamedTuple, Optional, Sequence, Tuple
@@ -43,6 +48,23 @@ Forward = Callable[[LayerArgs, tuple, bool], Tuple[Tensor, Tensor, Tensor, Saved
 Backward = Callable[[LayerArgs, tuple, Tensor, Saved, Tensor, Tensor, Optional[Tensor], bool], Grads]
 # fake_saved(args, options, save) -> Saved of the shapes and dtypes forward returns
 FakeSaved = Callable[[LayerArgs, tuple, bool], Saved]
+
+
+# The reverse direction's own fields in a pair (LayerArgs order); it shares mode, x and batch_sizes.
+REVERSE_FIELDS = LayerArgs._fields[3:10]
+REVERSE_SCHEMA = ("Tensor h0_r, Tensor? c0_r, Tensor w_ih_r, Tensor w_hh_r, Tensor? b_ih_r, Tensor? b_hh_r, "
+                  "Tensor? w_hr_r")
+N_REVERSE = len(REVERSE_FIELDS)
+
+
+class PairImpl(NamedTuple):
+    """A backend's two directions of a bidirectional layer in one call: ``forward(a, r, options, save)`` returns
+    ``LayerOp``'s forward results for ``a`` (the forward direction) and then for ``r`` (the reverse one), eight
+    values; ``backward(a, r, options, y, saved, y_r, saved_r, dy, dh_n, dc_n, dy_r, dh_n_r, dc_n_r, need_dx)``
+    the ``GRAD_NAMES`` gradients of ``a`` and then of ``r`` (each direction's own dx), sixteen."""
+
+    forward: Callable
+    backward: Callable
 
 
 class ExtImpl(NamedTuple):
@@ -73,18 +95,10 @@ class _OpPair:
         ins = LAYER_SCHEMA + (f", {EXT_SCHEMA}" if ext else "") + opts_schema
         n_grads = 8 + (len(EXT_GRAD_NAMES) if ext else 0)
         saved_schema = ", ".join(f"Tensor {n}" for n in saved._fields)
-        self.fwd = torch.library.custom_op(
-            f"fastrnn::{name}_fwd", self._fwd_impl, mutates_args=(),
-            schema=f"({ins}, bool save) -> (Tensor, Tensor, Tensor, {', '.join('Tensor' for _ in saved._fields)})",
-        )
-        self.bwd = torch.library.custom_op(
-            f"fastrnn::{name}_bwd", self._bwd_impl, mutates_args=(),
-            schema=f"({ins}, Tensor y, {saved_schema}, Tensor dy, Tensor dh_n, Tensor? dc_n, bool need_dx) -> "
-                   f"({', '.join('Tensor' for _ in range(n_grads))})",
-        )
-        self.fwd.register_fake(self._fwd_fake)
-        self.bwd.register_fake(self._bwd_fake)
-        self.fwd.register_autograd(self._grad, setup_context=self._setup_context)
+        _register(self, name, f"({ins}, bool save) -> (Tensor, Tensor, Tensor, "
+                              f"{', '.join('Tensor' for _ in saved._fields)})",
+                  f"({ins}, Tensor y, {saved_schema}, Tensor dy, Tensor dh_n, Tensor? dc_n, bool need_dx) -> "
+                  f"({', '.join('Tensor' for _ in range(n_grads))})")
 
     def _split(self, inputs: tuple) -> Tuple[tuple, tuple, tuple]:
         """``(head, options, rest)``: head is ``(LayerArgs,)``, with ext ``(LayerArgs, CellExt)``."""
@@ -102,10 +116,7 @@ class _OpPair:
 
     def _fwd_fake(self, *inputs):
         head, opts, (save,) = self._split(inputs)
-        a = head[0]
-        x, (B, Hout) = a.x, a.h0.shape
-        c_n = x.new_empty(B, a.H) if a.mode == "LSTM" else x.new_empty(0)
-        return (x.new_empty(x.shape[0], Hout), x.new_empty(B, Hout), c_n, *self._fake_saved(*head, opts, save))
+        return _fake_outputs(head[0], self._fake_saved(*head, opts, save))
 
     def _bwd_impl(self, *inputs):
         head, opts, rest = self._split(inputs)
@@ -134,12 +145,7 @@ class _OpPair:
         a = LayerArgs(ctx.mode, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, ctx.reverse)
         e = tuple(rest[:self._n_ext])
         y, saved = rest[self._n_ext], rest[self._n_ext + 1:]
-        dy = torch.zeros_like(y) if dy is None else dy
-        dh_n = torch.zeros_like(h0) if dh_n is None else dh_n
-        if c0 is None:
-            dc_n = None
-        elif dc_n is None:
-            dc_n = torch.zeros_like(c0)
+        dy, dh_n, dc_n = _filled(a, y, dy, dh_n, dc_n)
         if torch.is_grad_enabled():
             needed = [ctx.needs_input_grad[i] for i in _GRAD_POSITIONS]
             needed += [ctx.needs_input_grad[N_ARGS + i] for i in range(len(EXT_GRAD_NAMES))] if self.ext else []
@@ -154,6 +160,101 @@ class _OpPair:
         ext_grads = tuple(present[8:]) + (None,) * (self._n_ext - len(EXT_GRAD_NAMES)) if self.ext else ()
         return ((None, dx, None, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr, None) + ext_grads
                 + (None,) * (len(ctx.opts) + 1))
+
+
+class _PairOps:
+    """Both directions of a bidirectional layer as a forward and a backward custom op (see the module docstring):
+    ``_OpPair``'s autograd formula for each direction, their ``dx`` summed. Plain cells only."""
+
+    def __init__(self, name: str, opts_schema: str, n_opts: int, impl: PairImpl, fake_saved) -> None:
+        self._impl, self._fake_saved = impl, fake_saved
+        self._n_in = N_ARGS + N_REVERSE + n_opts
+        ins = f"{LAYER_SCHEMA}, {REVERSE_SCHEMA}{opts_schema}"
+        n_out = 2 * (3 + len(Saved._fields))
+        saved = ", ".join(f"Tensor {n}" for n in Saved._fields)
+        saved_r = ", ".join(f"Tensor {n}_r" for n in Saved._fields)
+        _register(self, f"{name}_pair", f"({ins}, bool save) -> ({', '.join(['Tensor'] * n_out)})",
+                  f"({ins}, Tensor y, {saved}, Tensor y_r, {saved_r}, Tensor dy, Tensor dh_n, Tensor? dc_n, "
+                  f"Tensor dy_r, Tensor dh_n_r, Tensor? dc_n_r, bool need_dx) -> ({', '.join(['Tensor'] * 16)})")
+
+    def _split(self, inputs: tuple) -> Tuple[LayerArgs, LayerArgs, tuple, tuple]:
+        """``(a, r, options, rest)``: the forward and the reverse direction's ``LayerArgs``."""
+        a = LayerArgs(*inputs[:N_ARGS])
+        return (a, reverse_of(a, inputs[N_ARGS:N_ARGS + N_REVERSE]), tuple(inputs[N_ARGS + N_REVERSE:self._n_in]),
+                tuple(inputs[self._n_in:]))
+
+    def _fwd_impl(self, *inputs):
+        a, r, opts, (save,) = self._split(inputs)
+        with torch.autocast(a.x.device.type, enabled=False):
+            y, h_n, c_n, saved, y_r, h_n_r, c_n_r, saved_r = self._impl.forward(a, r, opts, save)
+        return (y, h_n, c_n, *saved, y_r, h_n_r, c_n_r, *saved_r)
+
+    def _fwd_fake(self, *inputs):
+        a, r, opts, (save,) = self._split(inputs)
+        return _fake_outputs(a, self._fake_saved(a, opts, save)) + _fake_outputs(r, self._fake_saved(r, opts, save))
+
+    def _bwd_impl(self, *inputs):
+        a, r, opts, rest = self._split(inputs)
+        n = len(Saved._fields)
+        y, saved, y_r, saved_r = rest[0], Saved(*rest[1:1 + n]), rest[1 + n], Saved(*rest[2 + n:2 + 2 * n])
+        with torch.autocast(a.x.device.type, enabled=False):
+            return tuple(self._impl.backward(a, r, opts, y, saved, y_r, saved_r, *rest[2 + 2 * n:]))
+
+    def _bwd_fake(self, *inputs):
+        a, r, _, rest = self._split(inputs)
+        dx = a.x if rest[-1] else None
+        return tuple(_empty_or_like(a, t) for d in (a, r) for t in (dx,) + d.tensors()[1:])
+
+    def _setup_context(self, ctx, inputs, output) -> None:
+        a, r, opts, _ = self._split(inputs)
+        n = 3 + len(Saved._fields)
+        ctx.mode, ctx.opts = a.mode, opts
+        ctx.mark_non_differentiable(*output[3:n], *output[n + 3:])
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(a.x, a.batch_sizes, *a.tensors()[1:], *r.tensors()[1:], output[0], *output[3:n],
+                              output[n], *output[n + 3:])
+
+    def _grad(self, ctx, *grads):
+        n, k = 3 + len(Saved._fields), len(Saved._fields)
+        x, batch_sizes, *t = ctx.saved_tensors
+        a = LayerArgs(ctx.mode, x, batch_sizes, *t[:N_REVERSE], False)
+        r = reverse_of(a, t[N_REVERSE:2 * N_REVERSE])
+        y, saved = t[2 * N_REVERSE], t[2 * N_REVERSE + 1:2 * N_REVERSE + 1 + k]
+        y_r, saved_r = t[2 * N_REVERSE + 1 + k], t[2 * N_REVERSE + 2 + k:]
+        outs = _filled(a, y, *grads[:3]) + _filled(r, y_r, *grads[n:n + 3])
+        need_dx = ctx.needs_input_grad[1]
+        if torch.is_grad_enabled():
+            needed = [ctx.needs_input_grad[i] for i in _GRAD_POSITIONS]
+            needed_r = [need_dx] + [ctx.needs_input_grad[N_ARGS + i] for i in range(N_REVERSE)]
+            g, g_r = _differentiable_grads(a, None, needed, outs[:3]), _differentiable_grads(r, None, needed_r, outs[3:])
+        else:
+            both = self.bwd(*a, *r.tensors()[1:], *ctx.opts, y, *saved, y_r, *saved_r, *outs, need_dx)
+            g = [gr if tt is not None else None for gr, tt in zip(both[:8], a.tensors())]
+            g_r = [gr if tt is not None else None for gr, tt in zip(both[8:], r.tensors())]
+        dx = g[0] + g_r[0] if need_dx else None
+        return (None, dx, None, *g[1:], None, *g_r[1:]) + (None,) * (len(ctx.opts) + 1)
+
+
+def _register(owner, name: str, fwd_schema: str, bwd_schema: str) -> None:
+    """``owner.fwd``, ``owner.bwd``: custom ops ``fastrnn::<name>_fwd``/``_bwd`` of its implementations, with its
+    fakes and its autograd formula."""
+    owner.fwd = torch.library.custom_op(f"fastrnn::{name}_fwd", owner._fwd_impl, mutates_args=(), schema=fwd_schema)
+    owner.bwd = torch.library.custom_op(f"fastrnn::{name}_bwd", owner._bwd_impl, mutates_args=(), schema=bwd_schema)
+    owner.fwd.register_fake(owner._fwd_fake)
+    owner.bwd.register_fake(owner._bwd_fake)
+    owner.fwd.register_autograd(owner._grad, setup_context=owner._setup_context)
+
+
+def reverse_of(a: LayerArgs, fields: Sequence[Optional[Tensor]]) -> LayerArgs:
+    """The reverse direction of a pair: ``a``'s mode, x and batch_sizes with its own ``REVERSE_FIELDS``."""
+    return a._replace(**dict(zip(REVERSE_FIELDS, fields)), reverse=True)
+
+
+def _fake_outputs(a: LayerArgs, saved: Saved) -> tuple:
+    """A forward op's outputs for ``a`` as fake tensors: y, h_n, c_n (an empty [0] unless LSTM), the Saved."""
+    x, (B, Hout) = a.x, a.h0.shape
+    c_n = x.new_empty(B, a.H) if a.mode == "LSTM" else x.new_empty(0)
+    return (x.new_empty(x.shape[0], Hout), x.new_empty(B, Hout), c_n, *saved)
 
 
 class LayerOp:
@@ -171,7 +272,7 @@ class LayerOp:
                  forward: Forward, backward: Backward, fake_saved: FakeSaved,
                  options: Sequence[Tuple[str, str, object]] = (),
                  resolve_options: Optional[Callable[[LayerArgs, tuple, bool], tuple]] = None,
-                 ext: Optional[ExtImpl] = None) -> None:
+                 ext: Optional[ExtImpl] = None, pair: Optional[PairImpl] = None) -> None:
         self.backend, self.availability = backend, availability
         self.options, self._resolve_options = tuple(options), resolve_options
         opts = "".join(f", {kind} {opt}" for opt, kind, _ in self.options)
@@ -181,37 +282,84 @@ class LayerOp:
         if ext is not None:
             cells = _OpPair(f"{name}_ext", opts, len(self.options), *ext, SavedExt, True)
             self.ext_fwd, self.ext_bwd = cells.fwd, cells.bwd
+        self.pair_fwd = self.pair_bwd = None
+        if pair is not None:
+            both = _PairOps(name, opts, len(self.options), pair, fake_saved)
+            self.pair_fwd, self.pair_bwd = both.fwd, both.bwd
 
     def __call__(self, *args, ext: Optional[CellExt] = None, **kwargs) -> LayerOut:
         """The contract's ``layer(args, **options)`` (or the fields flat), with fastrnn's cells through ``ext``:
         checked once, then the forward op."""
         a, kwargs = parse_layer_args(args, kwargs)
-        unknown = set(kwargs) - {opt for opt, _, _ in self.options}
-        if unknown:
-            raise TypeError(f"unexpected backend option(s) {sorted(unknown)}; this backend takes "
-                            f"{[opt for opt, _, _ in self.options]}")
-        check(a)
         cells = ext is not None and bool(ext.features())
-        if cells:
-            if self.ext_fwd is None:
-                raise RuntimeError(f"fastrnn {self.backend} backend does not run {', '.join(ext.features())}")
-            check_ext(a, ext)
-        reason = self.availability(a.x.device, a.x.dtype)
-        if reason is not None:
-            raise RuntimeError(f"fastrnn {self.backend} backend unavailable: {reason}")
-        opts = tuple(kwargs.get(opt, default) for opt, _, default in self.options)
-        if self._resolve_options is not None:
-            opts = self._resolve_options(a, opts, cells)
+        if cells and self.ext_fwd is None:
+            raise RuntimeError(f"fastrnn {self.backend} backend does not run {', '.join(ext.features())}")
+        opts = self._checked(a, kwargs, ext if cells else None)
         if _transformed():
             return reference.layer(a, ext=ext if cells else None)
         differentiable = a.tensors() + (tuple(ext)[:len(EXT_GRAD_NAMES)] if cells else ())
-        # inference skips the saved activations: less memory and traffic
-        save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in differentiable)
+        save = _saving(differentiable)
         if cells:
             y, h_n, c_n = self.ext_fwd(*a, *ext, *opts, save)[:3]
         else:
             y, h_n, c_n = self.fwd(*a, *opts, save)[:3]
         return LayerOut(y, h_n, c_n if a.mode == "LSTM" else None)
+
+    def pair(self, a: LayerArgs, r: LayerArgs, **kwargs) -> Tuple[LayerOut, LayerOut]:
+        """Both directions of a bidirectional layer of plain cells: ``(layer(a), layer(r))`` with ``a`` the forward
+        direction and ``r`` the reverse one (the same mode, x and batch_sizes), in one call of the pair ops where
+        the backend has them."""
+        if a.reverse or not r.reverse:
+            raise ValueError(f"a pair is a forward direction (reverse=False) and a reverse one (reverse=True), got "
+                             f"reverse={a.reverse} and reverse={r.reverse}")
+        if r.mode != a.mode or r.x is not a.x or r.batch_sizes is not a.batch_sizes:
+            raise ValueError("the two directions of a pair take the same mode, x and batch_sizes")
+        if self.pair_fwd is None:
+            return self(a, **kwargs), self(r, **kwargs)
+        opts = self._checked(a, dict(kwargs), None)
+        check(r)
+        if (r.H, r.h0.shape, r.w_hr is None) != (a.H, a.h0.shape, a.w_hr is None):
+            raise RuntimeError(f"fastrnn: the reverse direction must have the forward one's sizes: H {a.H}, h0 "
+                               f"{list(a.h0.shape)}, w_hr {'absent' if a.w_hr is None else 'present'}; got H {r.H}, "
+                               f"h0 {list(r.h0.shape)}, w_hr {'absent' if r.w_hr is None else 'present'}")
+        if _transformed():
+            return reference.layer(a), reference.layer(r)
+        out = self.pair_fwd(*a, *r.tensors()[1:], *opts, _saving(a.tensors() + r.tensors()))
+        n = 3 + len(Saved._fields)
+        lstm = a.mode == "LSTM"
+        return (LayerOut(out[0], out[1], out[2] if lstm else None),
+                LayerOut(out[n], out[n + 1], out[n + 2] if lstm else None))
+
+    def _checked(self, a: LayerArgs, kwargs: dict, ext: Optional[CellExt]) -> tuple:
+        """The options of a call on ``a`` (with fastrnn's cells ``ext``) after the contract's checks and the
+        backend's availability."""
+        unknown = set(kwargs) - {opt for opt, _, _ in self.options}
+        if unknown:
+            raise TypeError(f"unexpected backend option(s) {sorted(unknown)}; this backend takes "
+                            f"{[opt for opt, _, _ in self.options]}")
+        check(a)
+        if ext is not None:
+            check_ext(a, ext)
+        reason = self.availability(a.x.device, a.x.dtype)
+        if reason is not None:
+            raise RuntimeError(f"fastrnn {self.backend} backend unavailable: {reason}")
+        opts = tuple(kwargs.get(opt, default) for opt, _, default in self.options)
+        return self._resolve_options(a, opts, ext is not None) if self._resolve_options is not None else opts
+
+
+def _saving(differentiable: Sequence[Optional[Tensor]]) -> bool:
+    """Whether the forward keeps activations for a backward: inference skips them (less memory and traffic)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in differentiable)
+
+
+def _filled(a: LayerArgs, y: Tensor, dy: Optional[Tensor], dh_n: Optional[Tensor], dc_n: Optional[Tensor]) -> tuple:
+    """The gradients of a layer's outputs with zeros where autograd has none (``dc_n`` stays ``None`` unless
+    LSTM)."""
+    dy = torch.zeros_like(y) if dy is None else dy
+    dh_n = torch.zeros_like(a.h0) if dh_n is None else dh_n
+    if a.c0 is None:
+        return dy, dh_n, None
+    return dy, dh_n, torch.zeros_like(a.c0) if dc_n is None else dc_n
 
 
 def _transformed() -> bool:
