@@ -359,11 +359,12 @@ std::vector<Tensor> layer_pair_bwd(const std::string& mode, const Tensor& x, con
   check_pair(pr, check_inputs(m, x, batch_sizes, h0_r, c0_r, w_ih_r, w_hh_r, b_ih_r, b_hh_r, w_hr_r, false));
   const persist::Plan plan = persist::pair_plan_for(pr, x);
   if (plan.dirs != 2) {
-    std::vector<Tensor> out = layer_bwd(mode, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, false, y, gates,
-                                        c_save, hn_save, dy, dh_n, dc_n, need_dx);
+    // the reverse direction first: its activations were the forward's last written, so the likelier in cache
     const std::vector<Tensor> rev = layer_bwd(mode, x, batch_sizes, h0_r, c0_r, w_ih_r, w_hh_r, b_ih_r, b_hh_r,
                                               w_hr_r, true, y_r, gates_r, c_save_r, hn_save_r, dy_r, dh_n_r, dc_n_r,
                                               need_dx);
+    std::vector<Tensor> out = layer_bwd(mode, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, false, y, gates,
+                                        c_save, hn_save, dy, dh_n, dc_n, need_dx);
     out.insert(out.end(), rev.begin(), rev.end());
     return out;
   }
