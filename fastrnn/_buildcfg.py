@@ -47,6 +47,10 @@ TORCH_NVCC_DEFINES = [
 ]
 
 
+# The oldest compute capability the CUDA kernels compile for: __grid_constant__ kernel arguments need sm_70.
+MIN_CUDA_ARCH = 70
+
+
 def cuda_archs() -> List[str]:
     """Compute capabilities to build, from FASTRNN_CUDA_ARCHS ("80;90", "8.0,9.0" and "sm_90" all work)."""
     raw = os.environ.get("FASTRNN_CUDA_ARCHS", DEFAULT_CUDA_ARCHS)
@@ -56,6 +60,11 @@ def cuda_archs() -> List[str]:
         if tok:
             if not re.fullmatch(r"\d+[af]?", tok):
                 raise ValueError(f"FASTRNN_CUDA_ARCHS: cannot parse {tok!r} in {raw!r}")
+            if int(tok.rstrip("af")) < MIN_CUDA_ARCH:
+                raise ValueError(f"FASTRNN_CUDA_ARCHS: sm_{tok} in {raw!r} is below sm_{MIN_CUDA_ARCH}, the oldest "
+                                 f"the CUDA kernels build for (the persistent engine reads its launch's arguments "
+                                 f"in place: __grid_constant__); build for {MIN_CUDA_ARCH} or later, or set "
+                                 f"FASTRNN_SKIP_CUDA_BUILD=1 for the CPU kernels only")
             archs.append(tok)
     return archs
 

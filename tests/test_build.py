@@ -72,6 +72,12 @@ def test_cuda_archs_parsing(monkeypatch, raw, expected):
     assert _buildcfg.cuda_archs() == expected
 
 
+def test_cuda_archs_below_the_oldest_supported_are_refused(monkeypatch):
+    monkeypatch.setenv("FASTRNN_CUDA_ARCHS", "61;80")
+    with pytest.raises(ValueError, match=r"sm_61 in '61;80' is below sm_70.*FASTRNN_SKIP_CUDA_BUILD=1"):
+        _buildcfg.cuda_archs()
+
+
 def test_default_archs_and_gencode(monkeypatch):
     monkeypatch.delenv("FASTRNN_CUDA_ARCHS", raising=False)
     assert _buildcfg.cuda_archs() == ["80", "90"]
