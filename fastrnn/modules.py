@@ -154,13 +154,12 @@ class _BackendMixin:
         """Both directions of a bidirectional layer: in one call where the backend runs them as a pair (plain
         cells), else one call each."""
         impl, options = self._backend_for(a.x)
-        pair = getattr(impl.layer, "pair", None)
-        if ext.features() or ext_r.features() or pair is None:
+        if ext.features() or ext_r.features() or getattr(impl.layer, "pair_fwd", None) is None:
             return [self._call_layer(a, ext), self._call_layer(r, ext_r)]
         for observe in LAYER_CALL_OBSERVERS:
             observe(a, ext, impl, options, True)
             observe(r, ext_r, impl, options, True)
-        return list(pair(a, r, **options))
+        return list(impl.layer.pair(a, r, **options))
 
 
 class _Rows(NamedTuple):

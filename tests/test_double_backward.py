@@ -75,3 +75,29 @@ def test_gradient_penalty_matches_torch_nn(kind, backend_dtype):
     got = _penalty_grads(fast, x.to(dtype), tuple(h.to(dtype) for h in hx), [w.to(dtype) for w in weights])
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w.to(dtype), **TOL[dtype])
+
+
+@pytest.mark.parametrize("frozen", [True, False], ids=["reverse-frozen", "both-trained"])
+def test_bidirectional_double_backward_with_a_frozen_direction(frozen, monkeypatch):
+    """A bidirectional layer on data (x takes no gradient) whose reverse direction is frozen: that direction runs
+    on its own, not in the cpp backend's pair (which would save and back-propagate it for nothing, and give double
+    backward nothing to differentiate there); a gradient penalty on the forward direction's weights matches
+    torch.nn's either way."""
+    from fastrnn.ops import cpp
+
+    pairs = []
+    op = cpp.layer.pair_fwd
+    monkeypatch.setattr(cpp.layer, "pair_fwd", lambda *a: pairs.append(1) or op(*a))
+    ref, fast = twins("lstm", 3, 4, torch.float64, "cpp", bidirectional=True)
+    for m in (ref, fast):
+        for name, p in m.named_parameters():
+            p.requires_grad_(not (frozen and name.endswith("_reverse")))
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    grads = []
+    for m in (ref, fast):
+        out = m(x)[0]
+        first = torch.autograd.grad(out.pow(2).sum(), m.weight_hh_l0, create_graph=True)[0]
+        grads.append(torch.autograd.grad(first.pow(2).sum(), [m.weight_ih_l0, m.bias_hh_l0]))
+    for g, w in zip(grads[1], grads[0], strict=True):
+        torch.testing.assert_close(g, w, **TOL[torch.float64])
+    assert bool(pairs) == (not frozen)

@@ -131,7 +131,7 @@ def _pair_forward(a: LayerArgs, r: LayerArgs, _options: tuple, save: bool):
     out = _lib().layer_pair_fwd(*a[:-1], *r.tensors()[1:], save)
     y, h_n, c_n, gates, c, hn, y_r, h_n_r, c_n_r, gates_r, c_r, hn_r = out
     return (y, h_n, c_n, Saved(gates, c, hn, *_absent(gates, 2)), y_r, h_n_r, c_n_r,
-            Saved(gates_r, c_r, hn_r, *_absent(gates, 2)))
+            Saved(gates_r, c_r, hn_r, *_absent(gates_r, 2)))
 
 
 def _absent(like: torch.Tensor, n: int) -> list:

@@ -314,7 +314,9 @@ class LayerOp:
                              f"reverse={a.reverse} and reverse={r.reverse}")
         if r.mode != a.mode or r.x is not a.x or r.batch_sizes is not a.batch_sizes:
             raise ValueError("the two directions of a pair take the same mode, x and batch_sizes")
-        if self.pair_fwd is None:
+        # a direction that takes no gradient (x does not, and its own tensors are frozen) runs on its own: in the
+        # pair its activations would be saved and its backward computed for nothing
+        if self.pair_fwd is None or _saving(a.tensors()) != _saving(r.tensors()):
             return self(a, **kwargs), self(r, **kwargs)
         opts = self._checked(a, dict(kwargs), None)
         check(r)
@@ -324,7 +326,7 @@ class LayerOp:
                                f"h0 {list(r.h0.shape)}, w_hr {'absent' if r.w_hr is None else 'present'}")
         if _transformed():
             return reference.layer(a), reference.layer(r)
-        out = self.pair_fwd(*a, *r.tensors()[1:], *opts, _saving(a.tensors() + r.tensors()))
+        out = self.pair_fwd(*a, *r.tensors()[1:], *opts, _saving(a.tensors()))
         n = 3 + len(Saved._fields)
         lstm = a.mode == "LSTM"
         return (LayerOut(out[0], out[1], out[2] if lstm else None),
