@@ -10,7 +10,8 @@
 #      (python benchmarks/bench_layernorm.py --device cuda), then two configurations again with the persistent
 #      engine's split plans at the grid barrier instead of a cluster's (FASTRNN_PERSISTENT_CLUSTER=0), then bf16
 #      modules at every standard configuration against cuDNN's bf16, and two of them again with the engine's
-#      GEMMs off the tensor cores (FASTRNN_PERSISTENT_MMA=0), and two in fp32 with TF32 allowed on both sides.
+#      GEMMs off the tensor cores (FASTRNN_PERSISTENT_MMA=0), two in fp32 with TF32 allowed on both sides, and
+#      two with bidirectional layers (the engine's two directions in one launch).
 # Each step has a time limit (seconds, in STEPS below), so a hang costs one step, not the session. The
 # correctness checks of 2. and 3. run side by side, each its own process on the one GPU (--serial: one after
 # another); the benchmarks run alone after them.
@@ -95,6 +96,9 @@ STEPS+=("memcheck-grid|300|$ON FASTRNN_PERSISTENT_CLUSTER=0 $SAN --tool memcheck
 # fp32 with TF32 allowed on both sides (cuDNN's default): the engine's GEMMs on tensor cores in TF32
 [ $BENCH = 1 ] && STEPS+=("tf32|90|$ON $PY benchmarks/bench_rnn.py --device cuda --tf32 --config 512,16,128,128,1 \
 --config 100,64,256,256,1 --impls fastrnn-cpp,torch.nn --quick --out $OUT/tf32")
+# bidirectional layers: the persistent engine's two directions in one launch, each on half the SMs
+[ $BENCH = 1 ] && STEPS+=("bidirectional|90|$ON $PY benchmarks/bench_rnn.py --device cuda --bidirectional \
+--config 512,16,128,128,1 --config 100,64,256,256,1 --impls fastrnn-cpp,torch.nn --quick --out $OUT/bidirectional")
 
 # --only: the named steps alone, in the plan's order; a name the plan lacks is a usage error
 if [ -n "$ONLY" ]; then
@@ -197,7 +201,8 @@ while [ $i -lt ${#STEPS[@]} ]; do
 done
 # the benchmark reports this run wrote
 reports=""
-for f in results.md layernorm.md grid-barrier/results.md bf16/results.md bf16-simt/results.md tf32/results.md; do
+for f in results.md layernorm.md grid-barrier/results.md bf16/results.md bf16-simt/results.md tf32/results.md \
+    bidirectional/results.md; do
     [ -f "$OUT/$f" ] && [ "$OUT/$f" -nt "$SUMMARY.start" ] && reports+="${reports:+, }[$f]($f)"
 done
 rm -f "$SUMMARY.start"
