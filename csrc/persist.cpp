@@ -455,12 +455,7 @@ bool emulating(const Tensor& x) {
 }
 
 void set_emulation(int64_t sms, int64_t smem, int64_t cluster, bool mma, bool tf32) {
-  g_emulated.sms = sms;
-  g_emulated.smem = smem;
-  g_emulated.cooperative = true;
-  g_emulated.cluster = cluster;
-  g_emulated.mma = mma;
-  g_emulated.tf32 = tf32;
+  g_emulated = Limits{sms, smem, /*cooperative=*/true, cluster, mma, tf32};
 }
 
 }  // namespace persist

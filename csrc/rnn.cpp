@@ -435,13 +435,7 @@ pybind11::dict build_info() {
 // or not (persist::plan_with, what a call on such a device takes).
 pybind11::dict persist_plan(int64_t G, int64_t B, int64_t H, int64_t esize, int64_t sms, int64_t smem,
                             bool cooperative, bool proj, bool cells, int64_t cluster, bool mma, bool tf32, bool pair) {
-  persist::Limits lim;
-  lim.sms = sms;
-  lim.smem = smem;
-  lim.cooperative = cooperative;
-  lim.cluster = cluster;
-  lim.mma = mma;
-  lim.tf32 = tf32;
+  const persist::Limits lim{sms, smem, cooperative, cluster, mma, tf32};
   const persist::Plan p = persist::plan_with(lim, G, B, H, esize, proj, cells, pair);
   static const char* names[] = {"per-step", "block", "grid", "cluster"};
   pybind11::dict d;
