@@ -72,7 +72,11 @@ std::string layer_path(const std::string& mode, const Tensor& x, const OptTensor
                            : "; its GEMMs on tensor cores (mma.sync, fp32 accumulation)"
                      : "");
   }
-  if (engine_takes(pr, like)) return pre + "fused CPU engine (oneDNN brgemm ukernel + cell per step and thread)";
+  if (engine_takes(pr, like)) {
+    return pre + "fused CPU engine (oneDNN brgemm ukernel + cell per step and thread" +
+           (engine_in_place(pr, like) ? "; h . W_hh^T a matrix-vector product on W_hh in place: one row per step" : "") +
+           ")";
+  }
   const std::string why = x.is_cpu() ? "CPU engine: " + engine_refusal(pr, like) : std::string(plan.why);
   return pre + "per step " + gemm + " and the fused cell kernel" + (why.empty() ? "" : " (" + why + ")");
 }
@@ -520,6 +524,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("build_info", &fastrnn::build_info, "how this extension was built: CUDA archs, compiler, CPU ISA");
   m.def("_set_nan_fill", &fastrnn::set_nan_fill, "test hook: NaN-fill every workspace and output at allocation");
   m.def("_set_chunk_rows", &fastrnn::set_chunk_rows, "test hook: backward chunk size in rows (0: default)");
+  m.def("_set_in_place_share", &fastrnn::set_in_place_share,
+        "test hook: W_hh bytes per thread from which a one-row CPU forward reads W_hh in place (0: default)");
   m.def("persist_plan", &fastrnn::persist_plan, py::arg("G"), py::arg("B"), py::arg("H"), py::arg("esize"),
         py::arg("sms"), py::arg("smem"), py::arg("cooperative") = true, py::arg("proj") = false,
         py::arg("cells") = false, py::arg("cluster") = 0, py::arg("mma") = false, py::arg("tf32") = false,

@@ -140,10 +140,13 @@ struct ProjGrad {
   }
 };
 
-// Test hooks (_C._set_nan_fill, _C._set_chunk_rows): NaN-fill every workspace, and the backward's chunk size
-// in rows (0: the default), so that small problems cross many chunk boundaries.
+// Test hooks (_C._set_nan_fill, _C._set_chunk_rows, _C._set_in_place_share): NaN-fill every workspace; the
+// backward's chunk size in rows (0: the default), so that small problems cross many chunk boundaries; the share
+// of W_hh per thread in bytes from which a one-row forward reads W_hh in place (engine_cpu.cpp's DotWeight; 0:
+// the default, half the L2), so that small problems take that path.
 void set_nan_fill(bool on);
 void set_chunk_rows(int64_t rows);
+void set_in_place_share(int64_t bytes);
 
 // Gradients the chunks accumulate into, each in the row order of the weights handed to flush_chunk.
 // dx undefined without need_dx, db_x without bias, db_h unless GRU with b_hh.
@@ -183,6 +186,8 @@ void flush_chunk(const Problem& pr, bool reverse, int64_t lo, int64_t R, const a
 // why not ("" when it does).
 bool engine_takes(const Problem& pr, const at::Tensor& x);
 std::string engine_refusal(const Problem& pr, const at::Tensor& x);
+// Whether the engine's forward reads W_hh in place (a matrix-vector product per step, no packed panels).
+bool engine_in_place(const Problem& pr, const at::Tensor& x);
 // Which GEMM engine the CPU runs per dtype, for build_info().
 std::vector<std::pair<std::string, std::string>> engine_report();
 // what the CPU engine read from the machine (ISA level, caches) and the block sizes it derived, in words

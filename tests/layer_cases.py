@@ -279,3 +279,25 @@ def backward_chunk_rows(rows: int):
         yield
     finally:
         lib._set_chunk_rows(0)
+
+
+@contextlib.contextmanager
+def in_place_share(nbytes: int):
+    """The cpp CPU engine's share of W_hh per thread (bytes) from which a one-row forward reads W_hh in place."""
+    lib = _backend._module("cpp")._lib()
+    lib._set_in_place_share(nbytes)
+    try:
+        yield
+    finally:
+        lib._set_in_place_share(0)
+
+
+@contextlib.contextmanager
+def exactly_threads(n: int):
+    """torch's intra-op threads set to ``n`` and restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

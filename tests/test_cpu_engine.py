@@ -12,8 +12,8 @@ import torch
 from conftest import nn_lstm_autocast_error
 from fastrnn.ops import GRAD_NAMES as NAMES
 from fastrnn.ops import MODES, cpp, reference
-from layer_cases import (Case, Impl, assert_matches_reference, at_least_threads, backward_chunk_rows, nan_poisoned,
-                         nn_module)
+from layer_cases import (Case, Impl, assert_matches_reference, at_least_threads, backward_chunk_rows, in_place_share,
+                         nan_poisoned, nn_module)
 from layer_cases import make_inputs as make_impl_inputs
 
 CPU64, CPU32 = Impl("cpp", "cpu", torch.float64), Impl("cpp", "cpu", torch.float32)
@@ -251,6 +251,28 @@ def test_fp32_backward_products_on_the_ukernel(c):
         assert_matches_reference(CPU32, c)
 
 
+# At one row per step (B = 1) in fp32, where a thread's share of W_hh fills half its L2, the forward reads W_hh
+# in place (engine_cpu.cpp's DotWeight: dot products over PyTorch's layout, four gates' rows at a time, or four
+# neighbouring rows of the one gate) instead of packed panels; the hook lowers that share to 1 byte so small
+# layers take it: H = 1 (no whole 8-lane vector), H not a multiple of 8, short last unit blocks, four rows and
+# a remainder with one gate, packed (one sequence), reverse, without bias. B = 2 keeps the panels.
+def in_place_cases():
+    for mode in MODES:
+        yield Case(mode, 17, 1, 6, 70)
+        yield Case(mode, 16, 1, 5, 37, packed=True, reverse=True)
+    yield Case("LSTM", 20, 1, 4, 1)
+    yield Case("RNN_RELU", 18, 1, 7, 130, bias=False)
+    yield Case("GRU", 16, 1, 9, 200, reverse=True)
+    yield Case("LSTM", 9, 2, 5, 40)
+
+
+@pytest.mark.parametrize("c", list(in_place_cases()), ids=lambda c: c.id)
+def test_fp32_forward_reads_w_hh_in_place(c):
+    """Outputs and every gradient against the reference on two threads, NaN-filled workspaces."""
+    with at_least_threads(2), nan_poisoned(CPU64), in_place_share(1):
+        assert_matches_reference(CPU32, c)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("mode", MODES)
 def test_results_outlive_the_thread_scratch(mode, dtype):
@@ -399,15 +421,16 @@ def test_engine_at_each_isa_level(cap):
     """FASTRNN_CPU_ISA caps the level fastrnn's CPU code runs at (the cell loops' clones, the engine's
     transposes and block sizes), so an AVX-512 machine shows the AVX2 path: build_info names the level and the
     cap, and at that level the engine still matches the reference, in fp32 and bf16, both projection paths,
-    short and whole unit blocks, and a backward long enough for the ukernel's dx and weight gradients."""
+    short and whole unit blocks, W_hh read in place at one row per step, and a backward long enough for the
+    ukernel's dx and weight gradients."""
     own = own_isa_level()
     proc = run_with_isa(cap, """
 import torch
 from fastrnn.ops import cpp
-from layer_cases import Case, Impl, assert_matches_reference, at_least_threads
+from layer_cases import Case, Impl, assert_matches_reference, at_least_threads, in_place_share
 from test_cpu_engine import assert_within_tolerance, make_inputs
 print(cpp._lib().build_info()["cpu_isa"])
-with at_least_threads(2):
+with at_least_threads(2), in_place_share(1):
     for c in [Case("LSTM", 5, 16, 24, 70), Case("GRU", 20, 1, 6, 40, reverse=True),
               Case("RNN_TANH", 4, 9, 8, 100, packed=True), Case("RNN_RELU", 3, 6, 5, 33),
               Case("GRU", 44, 12, 7, 36, reverse=True)]:

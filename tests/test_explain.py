@@ -12,6 +12,7 @@ from torch.nn.utils.rnn import pack_sequence
 
 import fastrnn
 from fastrnn import backend as _backend
+from layer_cases import exactly_threads, in_place_share
 from test_persist import emulated
 
 CPP_REASON = _backend.reason_unavailable("cpp", torch.device("cpu"), torch.float32)
@@ -45,6 +46,29 @@ def test_cpu_engine_threshold_and_refusals_named():
     assert "fused CPU engine" in many
     assert "(CPU engine: proj_size)" in lines(fastrnn.LSTM(4, 6, proj_size=3, backend="cpp"), torch.randn(4, 4, 4))[0]
     assert "per step at::mm" in lines(fastrnn.LSTM(4, 6, backend="cpp").double(), torch.randn(4, 4, 4).double())[0]
+
+
+@needs_cpp
+def test_cpu_in_place_recurrent_product_named():
+    """One row per step reads W_hh in place where a thread's share of it fills half the L2 (16 MiB over two
+    threads, more than any core's L2), not at two rows, not in bf16, and not where the share is small (1 KiB)
+    unless the test hook lowers the bar."""
+    if not fastrnn._C.build_info()["cpu_gemm"]["float32"].startswith("fused"):
+        pytest.skip("no CPU engine here (oneDNN's ukernel missing)")
+    wide, narrow = fastrnn.LSTM(4, 1024, backend="cpp"), fastrnn.GRU(4, 16, backend="cpp")
+    with exactly_threads(2):
+        one, two = lines(wide, torch.randn(16, 1, 4))[0], lines(wide, torch.randn(16, 2, 4))[0]
+        small = lines(narrow, torch.randn(16, 1, 4))[0]
+        with in_place_share(1):
+            forced = lines(narrow, torch.randn(16, 1, 4))[0]
+    assert "W_hh in place: one row per step" in one, one
+    assert "fused CPU engine" in two and "in place" not in two, two
+    assert "fused CPU engine" in small and "in place" not in small, small
+    assert "W_hh in place" in forced, forced
+    half = fastrnn.LSTM(4, 1024, backend="cpp").to(torch.bfloat16)
+    with exactly_threads(2):
+        bf16 = lines(half, torch.randn(16, 1, 4, dtype=torch.bfloat16))[0]
+    assert "in place" not in bf16, bf16
 
 
 @needs_cpp

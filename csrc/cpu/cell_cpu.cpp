@@ -9,18 +9,14 @@
 #include <utility>
 
 #include "cell/dispatch.h"
+#include "cpu/isa.h"
 #include "cpu/row_serial.h"
 
 namespace fastrnn {
 namespace {
 
-// fp32 code is compiled once per x86-64 ISA level and the level is chosen when the process first needs it, so a
-// portable binary still runs 512-bit vectors where the CPU has them (-march=native would tie the wheel to the
-// build host), and FASTRNN_CPU_ISA can cap it to show a smaller machine's path on a bigger one.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define FRNN_ISA_CLONES 1
-#endif
-
+// fp32 code is compiled once per x86-64 ISA level (cpu/isa.h) and the level is chosen when the process first
+// needs it; FASTRNN_CPU_ISA can cap it to show a smaller machine's path on a bigger one.
 Isa detect_isa() {
 #ifdef FRNN_ISA_CLONES
   if (__builtin_cpu_supports("x86-64-v4")) return Isa::V4;
@@ -62,32 +58,10 @@ const IsaChoice& isa_choice() {
   return c;
 }
 
-// on_isa(f) runs f inlined (flatten) into a function compiled for the chosen level: the loops inside f
-// vectorise for it.
-#ifdef FRNN_ISA_CLONES
-template <class F>
-__attribute__((target("arch=x86-64-v4"), flatten)) void on_v4(const F& f) {
-  f();
-}
-template <class F>
-__attribute__((target("arch=x86-64-v3"), flatten)) void on_v3(const F& f) {
-  f();
-}
-#endif
-template <class F>
-__attribute__((flatten)) void on_baseline(const F& f) {
-  f();
-}
+// an unknown FASTRNN_CPU_ISA runs baseline here; isa_level() reports it
 template <class F>
 void on_isa(const F& f) {
-#ifdef FRNN_ISA_CLONES
-  switch (isa_choice().level) {  // an unknown FASTRNN_CPU_ISA runs baseline here; isa_level() reports it
-    case Isa::V4: return on_v4(f);
-    case Isa::V3: return on_v3(f);
-    default: break;
-  }
-#endif
-  on_baseline(f);
+  run_at(isa_choice().level, f);
 }
 
 template <class Op, typename T, class P>

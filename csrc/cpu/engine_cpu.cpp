@@ -36,6 +36,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <exception>
 #include <mutex>
@@ -46,6 +47,7 @@
 
 #include <unistd.h>
 
+#include "cpu/isa.h"
 #include "seq.h"
 
 namespace fastrnn {
@@ -487,6 +489,99 @@ struct StepWeight {
   }
 };
 
+int64_t g_in_place_share = 0;  // set_in_place_share's
+
+// 8 fp32 lanes, one AVX2 register (AVX-512 runs them at half width: the product is bound by reading W_hh,
+// not by arithmetic). A wider vector than the target's registers is split by gcc through the stack.
+// aligned(4): loads at any row offset.
+typedef float Lanes __attribute__((vector_size(32), aligned(4), may_alias));
+constexpr int64_t kLanes = 8;
+
+// out[i * os] = a[:K] . w[i * ws, :K] for i < NR, the lanes summed once at the end. Separate multiply and add,
+// as everywhere in fastrnn's CPU code (-ffp-contract=off). Named accumulators: an array of them would live on
+// the stack (gcc scalarises arrays before it unrolls the loops that index them), which ran 3x slower.
+template <int NR>
+inline void dot_tile(int64_t K, const float* a, const float* w, int64_t ws, float* out, int64_t os) {
+  static_assert(NR >= 1 && NR <= 4, "four accumulators");
+  auto lanes = [](const float* p) -> const Lanes& { return *reinterpret_cast<const Lanes*>(p); };
+  const float *w0 = w, *w1 = w + ws, *w2 = w + 2 * ws, *w3 = w + 3 * ws;
+  Lanes acc0 = {}, acc1 = {}, acc2 = {}, acc3 = {};
+  int64_t k = 0;
+  for (; k + kLanes <= K; k += kLanes) {
+    const Lanes& av = lanes(a + k);
+    acc0 += lanes(w0 + k) * av;
+    if constexpr (NR > 1) acc1 += lanes(w1 + k) * av;
+    if constexpr (NR > 2) acc2 += lanes(w2 + k) * av;
+    if constexpr (NR > 3) acc3 += lanes(w3 + k) * av;
+  }
+  const Lanes acc[4] = {acc0, acc1, acc2, acc3};
+  for (int i = 0; i < NR; ++i) {
+    float sum[kLanes];
+    std::memcpy(sum, &acc[i], sizeof sum);
+    for (int64_t n = kLanes / 2; n > 0; n /= 2) {
+      for (int64_t l = 0; l < n; ++l) sum[l] += sum[l + n];
+    }
+    for (int64_t kk = k; kk < K; ++kk) sum[0] += w[i * ws + kk] * a[kk];
+    out[i * os] = sum[0];
+  }
+}
+
+// One unit block's gates from W_hh's rows [k*H + j0, k*H + j0 + n) for each gate k (w points at gate 0's first),
+// dotted with h: out[k * n + u], the block's tile. A tile reads up to four rows at once from different gates
+// (or, with one gate, neighbouring rows), so each stream runs through a gate's n * H contiguous floats in order:
+// tiles of neighbouring rows of one gate made streams of one row each (2 KiB at H = 512) that the prefetchers
+// never caught up with (slower than the panels).
+void dot_block(int64_t G, int64_t H, int64_t n, const float* a, const float* w, float* out) {
+  if (G == 1) {
+    int64_t u = 0;
+    for (; u + 4 <= n; u += 4) dot_tile<4>(H, a, w + u * H, H, out + u, 1);
+    for (; u < n; ++u) dot_tile<1>(H, a, w + u * H, H, out + u, 1);
+    return;
+  }
+  const int64_t gate = H * H;  // from a gate's row of unit j to the next gate's
+  for (int64_t u = 0; u < n; ++u) {
+    const float* wu = w + u * H;
+    if (G == 4) {
+      dot_tile<4>(H, a, wu, gate, out + u, n);
+    } else if (G == 3) {
+      dot_tile<3>(H, a, wu, gate, out + u, n);
+    } else {
+      for (int64_t k = 0; k < G; ++k) dot_tile<1>(H, a, wu + k * gate, gate, out + k * n + u, n);
+    }
+  }
+}
+
+// W_hh as it lies, and the step's h_{t-1} . W_hh^T over one segment from it (the tile StepWeight::gemm writes).
+// Taken instead of StepWeight's panels at one row per step (B = 1) in fp32 where a thread's share of W_hh fills
+// at least half its L2: the step is then a matrix-vector product streaming W_hh from L3 or memory, as fast from
+// either layout, and packing the panels (a transpose of all of W_hh per call) is pure cost. Forward, two
+// threads, panels against in place (medians of 15 calls, two to three alternating runs): AVX2 (Zen 4 capped)
+// LSTM (T,B,I,H,L) = (100,1,128,512,2) 9.7-10.0 -> 8.3-8.7 ms, (200,1,256,512,1) 9.0-9.2 -> 7.2-7.4, GRU 6.6-7.4
+// -> 5.7; AVX-512 LSTM (100,1,256,1024,1) 16.1-16.7 -> 13.4-14.0, (100,1,128,512,2) level. Where the share fits
+// the L2 the panels stay there and win: GRU (200,1,256,256,1) AVX2 1.6-1.7 against 2.2 ms, LSTM (512,1,128,128,1)
+// AVX-512 1.57 against 1.67-1.75. At B = 2 in place was level, at B = 3 and 4 12-18 % slower.
+struct DotWeight {
+  const Layout& L;
+  Tensor w;  // [G*H, H] fp32, PyTorch's gate order
+  static bool takes(const Layout& L, const Team& team, int64_t B, bool bf16) {
+    const int64_t share = g_in_place_share > 0 ? g_in_place_share : machine().l2 / 2;
+    return !bf16 && B == 1 && L.G * L.H * L.H * static_cast<int64_t>(sizeof(float)) >= team.nt * share;
+  }
+  DotWeight(const Layout& layout, const Tensor& w_hh) : L(layout), w(w_hh.contiguous()) {}
+  // C[0, :G*(s1-s0)] = h . W^T[:, columns of segment [s0, s1)] for one row h
+  void gemv(const void* h, int64_t s0, int64_t s1, float* C) const {
+    const auto* a = static_cast<const float*>(h);
+    const float* wp = w.data_ptr<float>();
+    run_at(machine().isa, [&] {
+      for (int64_t j0 = s0; j0 < s1;) {
+        const int64_t n = std::min(j0 + L.U, s1) - j0;
+        dot_block(L.G, L.H, n, a, wp + j0 * L.H, C + L.G * (j0 - s0));
+        j0 += n;
+      }
+    });
+  }
+};
+
 char* at_row(const Tensor& t, int64_t row, int64_t col = 0) {
   return static_cast<char*>(t.data_ptr()) + (row * t.stride(0) + col) * static_cast<int64_t>(t.element_size());
 }
@@ -630,6 +725,13 @@ std::string engine_refusal(const Problem& pr, const at::Tensor& x) {
 
 bool engine_takes(const Problem& pr, const at::Tensor& x) { return engine_refusal(pr, x).empty(); }
 
+bool engine_in_place(const Problem& pr, const at::Tensor& x) {
+  const Layout L(pr.H, pr.G, x.element_size());
+  return DotWeight::takes(L, Team(L), pr.B, x.scalar_type() == at::kBFloat16);
+}
+
+void set_in_place_share(int64_t bytes) { g_in_place_share = std::max<int64_t>(0, bytes); }
+
 // machine() for the reports, which must not throw: nullptr (and the reason) under an unknown FASTRNN_CPU_ISA,
 // which the first CPU call reports too
 static const Machine* reported_machine(std::string* why = nullptr) {
@@ -650,7 +752,9 @@ std::string engine_machine() {
                                         ? std::to_string(b >> 20) + " MiB" : std::to_string(b >> 10) + " KiB"; };
   return std::string("L2 ") + kib(m.l2) + " per core, L3 " + kib(m.l3) + "; " +
          (m.isa == Isa::V4 ? "unit blocks of 32-128 (panels within half the L2)" : "32-unit blocks (not AVX-512)") +
-         "; x . W_ih^T in the step from " + std::to_string(kFuseRows) + " rows per step where W_ih and W_hh fit the L3";
+         "; x . W_ih^T in the step from " + std::to_string(kFuseRows) +
+         " rows per step where W_ih and W_hh fit the L3; W_hh read in place at one row per step where a thread's "
+         "share fills half the L2";
 }
 
 std::vector<std::pair<std::string, std::string>> engine_report() {
@@ -728,7 +832,10 @@ std::vector<Tensor> engine_fwd(const Problem& pr, const Tensor& x, const Tensor&
                      !StepWeight::splits(L, H, esize) && !(x_panels && StepWeight::splits(L, I, esize)));
   const std::optional<StepWeight> wx =
       x_panels ? std::make_optional<StepWeight>(L, w_ih, bf16, seg, kWsPanelX) : std::nullopt;
-  const StepWeight wf(L, w_hh, bf16, seg, kWsPanelH);
+  const bool dot_h = DotWeight::takes(L, team, B, bf16);
+  const std::optional<StepWeight> wf =
+      dot_h ? std::nullopt : std::make_optional<StepWeight>(L, w_hh, bf16, seg, kWsPanelH);
+  const std::optional<DotWeight> wd = dot_h ? std::make_optional<DotWeight>(L, w_hh) : std::nullopt;
   const Tensor bias_p = L.rows(bias).to(at::kFloat);
   const Tensor bhn = pr.gru ? b_hn.to(at::kFloat).contiguous() : Tensor();
   Tensor hs = ws_empty({2, B, H}, opts);
@@ -763,7 +870,11 @@ std::vector<Tensor> engine_fwd(const Problem& pr, const Tensor& x, const Tensor&
       float* xg = gates.defined() ? reinterpret_cast<float*>(at_row(gates, o, G * s0)) : hg + tile;
       const int64_t xg_stride = gates.defined() ? GH : sw;
       if (fuse_x) wx->gemm(b, at_row(x, o), I, s0, s1, xg, xg_stride);
-      wf.gemm(b, h_prev, H, s0, s1, hg, sw);
+      if (dot_h) {
+        wd->gemv(h_prev, s0, s1, hg);
+      } else {
+        wf->gemm(b, h_prev, H, s0, s1, hg, sw);
+      }
       for (int64_t j0 = s0; j0 < s1;) {
         const int64_t j1 = std::min(j0 + L.U, s1), w = j1 - j0;
         float* hgb = hg + G * (j0 - s0);
