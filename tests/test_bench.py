@@ -295,16 +295,25 @@ def test_quick_extra_cases_run_and_match_torch_nn(variant):
 
 def test_recorded_command_has_no_path_of_this_machine():
     inside = os.path.join(REPO, "benchmarks", "results", "x")
-    assert cli.pasteable_command(["--quick", "--out", inside]) == (
+    assert cli.pasteable_command(["--quick", "--out", inside], env={}) == (
         "python benchmarks/bench_rnn.py --quick --out benchmarks/results/x"
     )  # fmt: skip
-    assert cli.pasteable_command([f"--out={inside}", "--note", "a b"]) == (
+    assert cli.pasteable_command([f"--out={inside}", "--note", "a b"], env={"HOME": "/x"}) == (
         "python benchmarks/bench_rnn.py --out=benchmarks/results/x --note 'a b'"
     )  # fmt: skip
     outside = os.path.join(os.path.dirname(REPO), "elsewhere", "run1")
-    assert cli.pasteable_command(["--out", outside, "--name", "n"]) == (
+    assert cli.pasteable_command(["--out", outside, "--name", "n"], env={}) == (
         "python benchmarks/bench_rnn.py --out run1 --name n"
     )  # fmt: skip
+
+
+def test_recorded_command_carries_the_isa_caps():
+    """A run capped to a smaller ISA (README, "CPU") records the caps, so its command reproduces the run."""
+    env = {"ATEN_CPU_CAPABILITY": "avx2", "FASTRNN_CPU_ISA": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "OTHER": "1"}
+    assert cli.pasteable_command(["--quick"], env=env) == (
+        "FASTRNN_CPU_ISA=avx2 ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 python benchmarks/bench_rnn.py --quick"
+    )  # fmt: skip
+    assert cli.pasteable_command(["--quick"], env={"FASTRNN_CPU_ISA": ""}) == "python benchmarks/bench_rnn.py --quick"
 
 
 def test_gemm_peaks_cover_every_dtype_the_cases_compute_in():

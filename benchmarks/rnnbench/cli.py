@@ -25,6 +25,9 @@ from rnnbench.timing import gemm_peaks
 
 SCRIPT = "benchmarks/bench_rnn.py"
 PATH_OPTIONS = ("--out",)
+# The variables that cap the vector ISA fastrnn, oneDNN and ATen run at (README, "CPU"): a run under them
+# measured a smaller machine's path, so its recorded command carries them.
+ISA_CAPS = ("FASTRNN_CPU_ISA", "ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -85,10 +88,13 @@ def _subset(p: argparse.ArgumentParser, flag: str, text: str, allowed: Sequence[
     return [a for a in allowed if a in chosen]
 
 
-def pasteable_command(argv: Sequence[str]) -> str:
-    """The command line as one runs it from the repository root on any machine: the script by its path in
-    the repository, an ``--out`` inside the repository relative to its root, and one outside it by its last
-    component, so that no path of this machine gets into a committed report."""
+def pasteable_command(argv: Sequence[str], env: Optional[Dict[str, str]] = None) -> str:
+    """The command line as one runs it from the repository root on any machine: the ISA caps set in ``env``
+    (default: this process's environment) first, the script by its path in the repository, an ``--out`` inside
+    the repository relative to its root, and one outside it by its last component, so that no path of this
+    machine gets into a committed report."""
+    env = os.environ if env is None else env
+    caps = [f"{k}={shlex.quote(env[k])}" for k in ISA_CAPS if env.get(k)]
 
     def portable(path: str) -> str:
         full = os.path.abspath(path)
@@ -106,7 +112,7 @@ def pasteable_command(argv: Sequence[str]) -> str:
         else:
             out.append(arg)
         pending = not pending and arg in PATH_OPTIONS
-    return "python " + shlex.join([SCRIPT] + out)
+    return " ".join(caps + ["python " + shlex.join([SCRIPT] + out)])
 
 
 def _configure_compiler() -> None:

@@ -155,7 +155,8 @@ def machine_info(device: torch.device) -> Dict[str, str]:
         "torch": f"{torch.__version__} (CUDA build: {torch.version.cuda or 'no'}, "
         f"oneDNN: {torch.backends.mkldnn.is_available()})",
         "triton": triton_version,
-        "fastrnn": f"{fastrnn.__version__}, extension fastrnn._C {'loaded' if _ext._C is not None else 'missing'}",
+        "fastrnn": f"{fastrnn.__version__}, extension fastrnn._C {'loaded' if _ext._C is not None else 'missing'}"
+        + (f"; its CPU code at {_ext._C.build_info()['cpu_isa']}" if _ext._C is not None else ""),
         "git": git or "no commit yet",
         "device": "CPU",
     }
