@@ -261,38 +261,6 @@ def nn_module(mode: str, I: int, H: int, proj: int, bias: bool, bidirectional: b
 
 
 @contextlib.contextmanager
-def at_least_threads(n: int):
-    """torch's intra-op threads raised to ``n`` (the CPU teams split work by thread) and restored after."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(max(n, threads))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
-@contextlib.contextmanager
-def backward_chunk_rows(rows: int):
-    lib = _backend._module("cpp")._lib()
-    lib._set_chunk_rows(rows)
-    try:
-        yield
-    finally:
-        lib._set_chunk_rows(0)
-
-
-@contextlib.contextmanager
-def in_place_share(nbytes: int):
-    """The cpp CPU engine's share of W_hh per thread (bytes) from which a one-row forward reads W_hh in place."""
-    lib = _backend._module("cpp")._lib()
-    lib._set_in_place_share(nbytes)
-    try:
-        yield
-    finally:
-        lib._set_in_place_share(0)
-
-
-@contextlib.contextmanager
 def exactly_threads(n: int):
     """torch's intra-op threads set to ``n`` and restored after."""
     threads = torch.get_num_threads()
@@ -301,3 +269,29 @@ def exactly_threads(n: int):
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+def at_least_threads(n: int):
+    """torch's intra-op threads raised to ``n`` (the CPU teams split work by thread) and restored after."""
+    return exactly_threads(max(n, torch.get_num_threads()))
+
+
+@contextlib.contextmanager
+def _cpp_test_hook(setter: str, value: int):
+    """One of the cpp extension's test hooks set to ``value``, and back to its default (0) after."""
+    hook = getattr(_backend._module("cpp")._lib(), setter)
+    hook(value)
+    try:
+        yield
+    finally:
+        hook(0)
+
+
+def backward_chunk_rows(rows: int):
+    """The cpp backward's chunk size in rows, so that small problems cross many chunk boundaries."""
+    return _cpp_test_hook("_set_chunk_rows", rows)
+
+
+def in_place_share(nbytes: int):
+    """The cpp CPU engine's share of W_hh per thread (bytes) from which a one-row forward reads W_hh in place."""
+    return _cpp_test_hook("_set_in_place_share", nbytes)
