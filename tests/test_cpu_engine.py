@@ -9,6 +9,8 @@ import sys
 import pytest
 import torch
 
+import fastrnn
+
 from conftest import nn_lstm_autocast_error
 from fastrnn.ops import GRAD_NAMES as NAMES
 from fastrnn.ops import MODES, cpp, reference
@@ -268,9 +270,17 @@ def in_place_cases():
 
 @pytest.mark.parametrize("c", list(in_place_cases()), ids=lambda c: c.id)
 def test_fp32_forward_reads_w_hh_in_place(c):
-    """Outputs and every gradient against the reference on two threads, NaN-filled workspaces."""
+    """Outputs and every gradient against the reference on two threads, NaN-filled workspaces; and
+    fastrnn.explain of a module of the same shape says the path was taken (only at B = 1)."""
+    if not cpp._lib().build_info()["cpu_gemm"]["float32"].startswith("fused"):
+        pytest.skip("no CPU engine here (oneDNN's ukernel missing)")
+    kind = {"LSTM": "LSTM", "GRU": "GRU"}.get(c.mode, "RNN")
+    extra = {} if kind != "RNN" else {"nonlinearity": c.mode[4:].lower()}
+    module = getattr(fastrnn, kind)(c.I, c.H, bias=c.bias, backend="cpp", **extra)
     with at_least_threads(2), nan_poisoned(CPU64), in_place_share(1):
         assert_matches_reference(CPU32, c)
+        line = fastrnn.explain(module, torch.randn(c.T, c.B, c.I)).splitlines()[0]
+    assert ("W_hh in place" in line) == (c.B == 1), line
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])

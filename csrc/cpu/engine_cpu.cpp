@@ -504,7 +504,8 @@ template <int NR>
 inline void dot_tile(int64_t K, const float* a, const float* w, int64_t ws, float* out, int64_t os) {
   static_assert(NR >= 1 && NR <= 4, "four accumulators");
   auto lanes = [](const float* p) -> const Lanes& { return *reinterpret_cast<const Lanes*>(p); };
-  const float *w0 = w, *w1 = w + ws, *w2 = w + 2 * ws, *w3 = w + 3 * ws;
+  // rows past the tile's point at its first (never read): no pointer past the end of W_hh
+  const float *w0 = w, *w1 = NR > 1 ? w + ws : w, *w2 = NR > 2 ? w + 2 * ws : w, *w3 = NR > 3 ? w + 3 * ws : w;
   Lanes acc0 = {}, acc1 = {}, acc2 = {}, acc3 = {};
   int64_t k = 0;
   for (; k + kLanes <= K; k += kLanes) {
