@@ -40,19 +40,16 @@ void run_cell(const Problem& pr, const Tensor& like, const P& params) {
 
 // 16-bit on the CPU where the engine does not take the problem (proj_size, odd H, no bf16 ukernel, fp16) and the
 // persistent engine's emulator does not either (test hook): the fp32 computation, rounding only what is returned.
-bool cpu_16bit_fallback(const Problem& pr, const Tensor& x) {
-  return x.is_cpu() && at::isReducedFloatingType(x.scalar_type()) && !engine_takes(pr, x) &&
+bool cpu_16bit_fallback(const Problem& pr, const Tensor& x, bool training) {
+  return x.is_cpu() && at::isReducedFloatingType(x.scalar_type()) && !engine_takes(pr, x, training) &&
          persist::plan_for(pr, x).scheme == persist::kNone;
 }
 
 // The path layer_fwd (cells: layer_ext_fwd; pair: layer_pair_fwd, for a direction of a bidirectional layer) takes
-// for these inputs, in words, from the same decisions in the same order: what fastrnn.explain reports.
-std::string layer_path(const std::string& mode, const Tensor& x, const OptTensor& batch_sizes, const Tensor& h0,
-                       const OptTensor& c0, const Tensor& w_ih, const Tensor& w_hh, const OptTensor& b_ih,
-                       const OptTensor& b_hh, const OptTensor& w_hr, bool /*reverse*/, bool cells, bool pair) {
-  const Problem pr = check_inputs(parse_mode(mode), x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, true);
+// for these inputs, in words, from the same decisions in the same order, with `training` as its `save`.
+std::string path_of(const Problem& pr, const Tensor& x, bool cells, bool pair, bool training) {
   const std::string gemm = x.is_cpu() ? "at::mm" : "cuBLAS GEMM";
-  const bool widen = cells ? at::isReducedFloatingType(x.scalar_type()) : cpu_16bit_fallback(pr, x);
+  const bool widen = cells ? at::isReducedFloatingType(x.scalar_type()) : cpu_16bit_fallback(pr, x, training);
   const Tensor like = widen ? at::empty({0}, x.options().dtype(at::kFloat)) : x;
   const std::string pre = widen ? "computed in fp32, rounding what is returned; " : "";
   if (cells) {
@@ -72,13 +69,22 @@ std::string layer_path(const std::string& mode, const Tensor& x, const OptTensor
                            : "; its GEMMs on tensor cores (mma.sync, fp32 accumulation)"
                      : "");
   }
-  if (engine_takes(pr, like)) {
+  if (engine_takes(pr, like, training)) {
     return pre + "fused CPU engine (oneDNN brgemm ukernel + cell per step and thread" +
            (engine_in_place(pr, like) ? "; h . W_hh^T a matrix-vector product on W_hh in place: one row per step" : "") +
            ")";
   }
-  const std::string why = x.is_cpu() ? "CPU engine: " + engine_refusal(pr, like) : std::string(plan.why);
+  const std::string why = x.is_cpu() ? "CPU engine: " + engine_refusal(pr, like, training) : std::string(plan.why);
   return pre + "per step " + gemm + " and the fused cell kernel" + (why.empty() ? "" : " (" + why + ")");
+}
+
+// What fastrnn.explain reports: the path of a call without gradients, and a training call's where it differs.
+std::string layer_path(const std::string& mode, const Tensor& x, const OptTensor& batch_sizes, const Tensor& h0,
+                       const OptTensor& c0, const Tensor& w_ih, const Tensor& w_hh, const OptTensor& b_ih,
+                       const OptTensor& b_hh, const OptTensor& w_hr, bool /*reverse*/, bool cells, bool pair) {
+  const Problem pr = check_inputs(parse_mode(mode), x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, true);
+  const std::string inference = path_of(pr, x, cells, pair, false), training = path_of(pr, x, cells, pair, true);
+  return training == inference ? inference : inference + "; in training (with gradients): " + training;
 }
 
 // Biases are added in the pointwise kernel: addmm would first broadcast-copy them over all N x G*H rows.
@@ -105,7 +111,7 @@ std::vector<Tensor> layer_fwd(const std::string& mode, const Tensor& x_in, const
       check_inputs(parse_mode(mode), x_in, batch_sizes, h0, c0, w_ih_in, w_hh_in, b_ih, b_hh, w_hr_in, true);
   const c10::DeviceGuard guard(x_in.device());
   const NoAutocast no_autocast;
-  if (cpu_16bit_fallback(pr, x_in)) {
+  if (cpu_16bit_fallback(pr, x_in, save)) {
     auto out = layer_fwd(mode, x_in.to(at::kFloat), batch_sizes, h0.to(at::kFloat), as_float(c0),
                          w_ih_in.to(at::kFloat), w_hh_in.to(at::kFloat), as_float(b_ih), as_float(b_hh),
                          as_float(w_hr_in), reverse, save);
@@ -122,7 +128,7 @@ std::vector<Tensor> layer_fwd(const std::string& mode, const Tensor& x_in, const
   if (plan.scheme != persist::kNone) {
     return persist::fwd(pr, plan, x, {{h0.contiguous(), contig(c0), w_ih, w_hh, bias, b_hn, reverse}}, save)[0];
   }
-  if (engine_takes(pr, x)) {
+  if (engine_takes(pr, x, save)) {
     return engine_fwd(pr, x, h0.contiguous(), contig(c0), w_ih, w_hh, bias, b_hn, reverse, save);
   }
   Tensor gates = gemm(x, w_ih.t());
@@ -214,7 +220,7 @@ std::vector<Tensor> layer_bwd(const std::string& mode, const Tensor& x_in, const
   check_grad_outputs(pr, x_in, y_in, dy_in, dh_n, dc_n);
   const persist::Plan plan = persist::plan_for(pr, x_in);
   check_saved(pr, x_in, plan.scheme != persist::kNone, gates_in, c_save_in, hn_save_in, "");
-  if (cpu_16bit_fallback(pr, x_in)) {
+  if (cpu_16bit_fallback(pr, x_in, true)) {
     auto grads = layer_bwd(mode, x_in.to(at::kFloat), batch_sizes, h0_in.to(at::kFloat), as_float(c0_in),
                            w_ih_in.to(at::kFloat), w_hh_in.to(at::kFloat), as_float(b_ih), as_float(b_hh),
                            as_float(w_hr_in), reverse, y_in.to(at::kFloat), gates_in, c_save_in, hn_save_in,
@@ -234,7 +240,7 @@ std::vector<Tensor> layer_bwd(const std::string& mode, const Tensor& x_in, const
                           dy, dh_n.contiguous(), contig(dc_n)}},
                         need_dx)[0];
   }
-  if (engine_takes(pr, x)) {
+  if (engine_takes(pr, x, true)) {
     return engine_bwd(pr, x, h0, c0, w_ih, w_hh, b_ih.has_value(), b_hh.has_value(), reverse, y, gates, c_save,
                       hn_save, dy, dh_n.contiguous(), contig(dc_n), need_dx);
   }

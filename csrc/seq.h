@@ -183,9 +183,10 @@ void flush_chunk(const Problem& pr, bool reverse, int64_t lo, int64_t R, const a
                  const at::Tensor& w_ih, GradSums& g, bool products = true);
 
 // Whether the CPU engine (per-step fused brgemm + cell, engine_cpu.cpp) runs this problem with x's dtype, and
-// why not ("" when it does).
-bool engine_takes(const Problem& pr, const at::Tensor& x);
-std::string engine_refusal(const Problem& pr, const at::Tensor& x);
+// why not ("" when it does). `training`: the forward saves for a backward (or is that backward); the engine
+// starts from fewer rows where nothing is saved, so a forward and its backward must pass the same.
+bool engine_takes(const Problem& pr, const at::Tensor& x, bool training);
+std::string engine_refusal(const Problem& pr, const at::Tensor& x, bool training);
 // Whether the engine's forward reads W_hh in place (a matrix-vector product per step, no packed panels).
 bool engine_in_place(const Problem& pr, const at::Tensor& x);
 // Which GEMM engine the CPU runs per dtype, for build_info().

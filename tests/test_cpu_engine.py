@@ -11,9 +11,9 @@ import torch
 
 import fastrnn
 
-from conftest import nn_lstm_autocast_error
+from conftest import assert_close, nn_lstm_autocast_error
+from fastrnn.ops import GATES, MODES, cpp, reference
 from fastrnn.ops import GRAD_NAMES as NAMES
-from fastrnn.ops import MODES, cpp, reference
 from layer_cases import (Case, Impl, assert_matches_reference, at_least_threads, backward_chunk_rows, in_place_share,
                          nan_poisoned, nn_module)
 from layer_cases import make_inputs as make_impl_inputs
@@ -198,7 +198,7 @@ def in_step_cases():
     # weight panels over 256 KiB per unit block run gate by gate: W_ih and W_hh in fp32, W_hh in bf16
     yield Case("LSTM", 3, 9, 600, 600, packed=True)
     yield Case("LSTM", 3, 9, 4, 1100)
-    # either side of engine_cpu.cpp's kEngineRows (16 rows: T = 1 on the engine, 15 rows on at::mm)
+    # either side of engine_cpu.cpp's kTrainRows (16 rows: T = 1 on the engine, 15 rows on at::mm in training)
     yield Case("LSTM", 1, 16, 5, 40)
     yield Case("GRU", 3, 5, 6, 40)
     # every step under 4 rows: the all-rows projection, in several 64-row calls (kProjRows)
@@ -214,7 +214,8 @@ def in_step_cases():
 def test_input_projection_in_the_step(c, dtype):
     """Outputs and every gradient against fp64 on two threads, NaN-filled workspaces, backward chunks ending
     inside steps; and the forward without autograd (no gates kept: the x tile) returns what the training one
-    does."""
+    does: bit for bit where both run the engine, within the suite's tolerance where training runs at::mm (under
+    16 rows) and inference the engine."""
     inputs = make_inputs(c)
     with at_least_threads(2), nan_poisoned(CPU64), backward_chunk_rows(10):
         if dtype == torch.float32:
@@ -227,9 +228,82 @@ def test_input_projection_in_the_step(c, dtype):
             plain = cpp.layer(c.mode, reverse=c.reverse, **args)
         trained = cpp.layer(c.mode, reverse=c.reverse,
                             **{k: v.requires_grad_() if k == "w_ih" else v for k, v in args.items()})
-    for got, want in zip(plain, trained):
-        if got is not None:
+    both_on_engine = rows(c, inputs) >= TRAIN_ROWS
+    for name, got, want in zip(("y", "h_n", "c_n"), plain, trained):
+        if got is None:
+            continue
+        if both_on_engine:
             torch.testing.assert_close(got, want.detach(), rtol=0, atol=0)
+        else:
+            assert_close(got, want.detach(), name)
+
+
+# Rows (T*B) from which the engine runs a call, engine_cpu.cpp's kTrainRows and kInferRows; off AVX-512 a call
+# without gradients starts at kInferRows only where the layer's weights reach kInferBytes.
+TRAIN_ROWS, INFER_ROWS, INFER_BYTES = 16, 2, 1 << 20
+
+
+def rows(c: Case, inputs) -> int:
+    return inputs["x"].shape[0]
+
+
+def inference_engine_expected(c: Case, n_rows: int) -> bool:
+    avx512 = cpp._lib().build_info()["cpu_isa"].startswith("x86-64-v4")
+    weight_bytes = GATES[c.mode] * c.H * (c.I + c.H) * 4
+    return n_rows >= TRAIN_ROWS or (n_rows >= INFER_ROWS and (avx512 or weight_bytes >= INFER_BYTES))
+
+
+# Calls without gradients under 16 rows: one step of two rows, two steps of one row (reading W_hh in place where
+# its share is large), packed, reverse, without bias, H = 1, odd H, and one layer whose weights reach 1 MiB (the
+# engine on every ISA level); a single row stays on at::mm.
+def inference_cases():
+    for mode in MODES:
+        yield Case(mode, 1, 2, 5, 40)
+        yield Case(mode, 2, 1, 6, 24, reverse=True)
+        yield Case(mode, 5, 3, 4, 33, packed=True, bias=False)
+    yield Case("LSTM", 3, 1, 7, 1)
+    yield Case("GRU", 4, 3, 9, 37, reverse=True)
+    yield Case("LSTM", 4, 2, 160, 300)
+    yield Case("GRU", 15, 1, 300, 300)
+    yield Case("RNN_TANH", 1, 1, 5, 40)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("c", list(inference_cases()), ids=lambda c: c.id)
+def test_inference_engine_under_training_rows(c, dtype):
+    """Outputs without gradients against fp64 (fp32: the suite's tolerance, bf16: REL_TOL) on two threads with
+    NaN-filled workspaces, and fastrnn.explain of a module of the case's shape names the engine exactly where
+    the rule takes it (fp32) and at::mm for the same call in training."""
+    if not cpp._lib().build_info()["cpu_gemm"]["float32"].startswith("fused"):
+        pytest.skip("no CPU engine here (oneDNN's ukernel missing)")
+    check_inference(c, dtype)
+
+
+def check_inference(c: Case, dtype: torch.dtype) -> None:
+    inputs = make_inputs(c)
+    with torch.no_grad():
+        want = [o for o in reference.layer(c.mode, reverse=c.reverse, **inputs) if o is not None]
+        args = {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in inputs.items()}
+        with at_least_threads(2), nan_poisoned(CPU64):
+            got = [o for o in cpp.layer(c.mode, reverse=c.reverse, **args) if o is not None]
+    for name, g, w in zip(("y", "h_n", "c_n"), got, want):
+        assert g.dtype == dtype and torch.isfinite(g).all(), name
+        if dtype == torch.float32:
+            assert_close(g, w.to(dtype), name)
+        else:
+            assert rel_err(g, w) <= REL_TOL[dtype], (name, rel_err(g, w))
+    if dtype != torch.float32 or c.packed:
+        return
+    kind = {"LSTM": "LSTM", "GRU": "GRU"}.get(c.mode, "RNN")
+    extra = {} if kind != "RNN" else {"nonlinearity": c.mode[4:].lower()}
+    module = getattr(fastrnn, kind)(c.I, c.H, bias=c.bias, backend="cpp", **extra)
+    line = fastrnn.explain(module, torch.randn(c.T, c.B, c.I)).splitlines()[0]
+    inference, _, training = line.partition("; in training (with gradients): ")
+    assert ("fused CPU engine" in inference) == inference_engine_expected(c, rows(c, inputs)), line
+    if rows(c, inputs) == 1:
+        assert not training and "per step at::mm" in inference and "a single row" in inference, line
+    else:
+        assert training.startswith("per step at::mm") and "fewer than 16 rows (T*B) in training" in training, line
 
 
 # From 512 rows per call, off AVX-512 (engine_cpu.cpp's BigProducts, kBigProductRows), the fp32 backward's dx and
@@ -432,14 +506,17 @@ def test_engine_at_each_isa_level(cap):
     transposes and block sizes), so an AVX-512 machine shows the AVX2 path: build_info names the level and the
     cap, and at that level the engine still matches the reference, in fp32 and bf16, both projection paths,
     short and whole unit blocks, W_hh read in place at one row per step, and a backward long enough for the
-    ukernel's dx and weight gradients."""
+    ukernel's dx and weight gradients; and without gradients from two rows where that level's rule says."""
     own = own_isa_level()
     proc = run_with_isa(cap, """
 import torch
 from fastrnn.ops import cpp
 from layer_cases import Case, Impl, assert_matches_reference, at_least_threads, in_place_share
-from test_cpu_engine import assert_within_tolerance, make_inputs
+from test_cpu_engine import assert_within_tolerance, check_inference, make_inputs
 print(cpp._lib().build_info()["cpu_isa"])
+for c in [Case("LSTM", 2, 1, 6, 24), Case("GRU", 3, 4, 60, 300, reverse=True)]:
+    check_inference(c, torch.float32)
+    check_inference(c, torch.bfloat16)
 with at_least_threads(2), in_place_share(1):
     for c in [Case("LSTM", 5, 16, 24, 70), Case("GRU", 20, 1, 6, 40, reverse=True),
               Case("RNN_TANH", 4, 9, 8, 100, packed=True), Case("RNN_RELU", 3, 6, 5, 33),

@@ -37,13 +37,18 @@ def test_one_line_per_layer_and_direction_in_call_order():
 
 @needs_cpp
 def test_cpu_engine_threshold_and_refusals_named():
-    """T*B rows on either side of the engine's threshold, then a projection and fp64, which it refuses."""
+    """T*B rows on either side of the engine's thresholds (a call in training from 16 rows, without gradients
+    from 2: on any CPU for a layer of 1 MiB of weights), then a projection and fp64, which it refuses."""
     if not fastrnn._C.build_info()["cpu_gemm"]["float32"].startswith("fused"):
         pytest.skip("no CPU engine here (oneDNN's ukernel missing)")
-    few = lines(fastrnn.LSTM(4, 6, backend="cpp"), torch.randn(5, 3, 4))[0]
+    few = lines(fastrnn.LSTM(4, 512, backend="cpp"), torch.randn(5, 3, 4))[0]
     many = lines(fastrnn.LSTM(4, 6, backend="cpp"), torch.randn(4, 4, 4))[0]
-    assert "per step at::mm" in few and "fewer than 16 rows" in few
-    assert "fused CPU engine" in many
+    one = lines(fastrnn.LSTM(4, 512, backend="cpp"), torch.randn(1, 1, 4))[0]
+    inference, _, training = few.partition("; in training (with gradients): ")
+    assert "fused CPU engine" in inference, few
+    assert training.startswith("per step at::mm") and "fewer than 16 rows (T*B) in training" in training, few
+    assert "fused CPU engine" in many and "in training" not in many, many
+    assert "per step at::mm" in one and "a single row" in one and "in training" not in one, one
     assert "(CPU engine: proj_size)" in lines(fastrnn.LSTM(4, 6, proj_size=3, backend="cpp"), torch.randn(4, 4, 4))[0]
     assert "per step at::mm" in lines(fastrnn.LSTM(4, 6, backend="cpp").double(), torch.randn(4, 4, 4).double())[0]
 

@@ -129,11 +129,30 @@ constexpr int64_t kFuseRows = 4;
 // Rows per ukernel call where the input projection runs ahead of the steps: the M the per-step calls are tuned
 // for at B = 64.
 constexpr int64_t kProjRows = 64;
-// Rows (T*B, or a packed sequence's total) from which a layer takes the engine. Below, packing the weights
-// costs more than the per-step at::mm it replaces. Zen 4, forward, (I,H,L) = (65,512,2), B = 1, engine
-// against at::mm: LSTM 4.9 / 0.67 ms at T = 1, 4.1 / 3.5 at T = 8, 3.8 / 5.0 at T = 16; GRU 2.5 / 0.54,
-// 4.1 / 2.8, 4.8 / 4.7; RNN 0.85 / 0.33, 0.66 / 0.73, 0.77 / 1.15; (T,B,I,H) = (1,16,128,128) GRU 0.25 / 0.23.
-constexpr int64_t kEngineRows = 16;
+// Rows (T*B, or a packed sequence's total) from which a layer takes the engine, by whether the call trains.
+// Training: below 16 rows the engine's fixed cost per call (the backward's permuted weights, dh panels and
+// gradient scratch) outweighs the per-step at::mm it replaces. Two threads, forward + backward, (T,B,I,H,L) =
+// (T,1,65,512,2) at T = 8 / 16 / 32, engine against at::mm, ms (ranges of 3 runs): AVX2 (Zen 4 capped) LSTM
+// 11.7-13.6 / 11.6-12.4 / 13.8-16.0 against 7.5-8.7 / 12.6-14.6 / 19.5-20.6, GRU 5.6-11.0 / 7.2-8.2 / 9.3-9.6
+// against 5.6-6.7 / 8.4-9.6 / 13.7-15.2.
+constexpr int64_t kTrainRows = 16;
+// Inference (nothing saved): the forward packs only what the steps read (and at one row per step not W_hh:
+// DotWeight), so it wins from two rows, by 1.15-2.8x on AVX-512 for every cell from (T,B,I,H) = (4,1,16,16) to
+// (4,1,256,1024) (Zen 4, forward, ranges of 3 runs: LSTM (2,1,128,128) 0.19 against 0.22 ms, (4,1,65,512,2)
+// 0.75-0.91 against 1.39-1.61). A single row stays on at::mm: at (1,1,65,512,2) the engine's GRU and RNN ran
+// level on AVX-512 and slower on AVX2 (0.94x, 0.83x).
+constexpr int64_t kInferRows = 2;
+// AVX2: the engine's fixed cost is larger against ATen's AVX2 kernels, and small layers lose 5-15 % from two
+// rows ((2,1,32,32) to (8,1,128,128), 0.13-0.25 ms calls), while weights from 1 MiB up win: (3,1,256,256) LSTM
+// 1.18x, GRU 1.05x, (2,8,128,512) 1.20-1.47x, (4,1,65,512,2) 1.16-2.5x. Below kInferBytes, inference starts
+// where training does.
+constexpr int64_t kInferBytes = int64_t{1} << 20;
+
+int64_t engine_rows(const Problem& pr, int64_t esize, bool training) {
+  if (training) return kTrainRows;
+  const int64_t weight_bytes = pr.G * pr.H * (pr.I + pr.H) * esize;
+  return machine().isa == Isa::V4 || weight_bytes >= kInferBytes ? kInferRows : kTrainRows;
+}
 // K chunk of the backward's dh GEMM, in bytes of a dgates row (engine_bwd says why)
 constexpr int64_t kDhChunkBytes = 4096;
 
@@ -712,10 +731,15 @@ Dtype seq_dtype(const Tensor& x) { return x.scalar_type() == at::kBFloat16 ? Dty
 
 }  // namespace
 
-std::string engine_refusal(const Problem& pr, const at::Tensor& x) {
+std::string engine_refusal(const Problem& pr, const at::Tensor& x, bool training) {
   if (!x.is_cpu()) return "not a CPU tensor";
   if (pr.proj) return "proj_size";
-  if (pr.N < kEngineRows) return "fewer than " + std::to_string(kEngineRows) + " rows (T*B)";
+  const int64_t from = engine_rows(pr, x.element_size(), training);
+  if (pr.N < from) {
+    if (pr.N == 1) return "a single row (T*B)";
+    return "fewer than " + std::to_string(from) + " rows (T*B)" +
+           (training ? " in training" : " (weights under 1 MiB, not AVX-512)");
+  }
   if (x.scalar_type() == at::kFloat) return fp32_ukernel() ? "" : "no oneDNN ukernel (or torch.backends.mkldnn off)";
   if (x.scalar_type() == at::kBFloat16) {
     if (pr.H % 2) return "odd H (bf16 pairs along K)";
@@ -724,7 +748,9 @@ std::string engine_refusal(const Problem& pr, const at::Tensor& x) {
   return std::string(c10::toString(x.scalar_type())) + " storage";
 }
 
-bool engine_takes(const Problem& pr, const at::Tensor& x) { return engine_refusal(pr, x).empty(); }
+bool engine_takes(const Problem& pr, const at::Tensor& x, bool training) {
+  return engine_refusal(pr, x, training).empty();
+}
 
 bool engine_in_place(const Problem& pr, const at::Tensor& x) {
   const Layout L(pr.H, pr.G, x.element_size());
@@ -760,8 +786,9 @@ std::string engine_machine() {
 
 std::vector<std::pair<std::string, std::string>> engine_report() {
   auto fused = [](const std::string& how, const std::string& fewer) {
-    return "fused per-step oneDNN brgemm ukernel + cell" + how + " from " + std::to_string(kEngineRows) +
-           " rows (T*B; fewer" + fewer + ")";
+    return "fused per-step oneDNN brgemm ukernel + cell" + how + " from " + std::to_string(kInferRows) +
+           " rows (T*B) without gradients (off AVX-512 where the weights reach 1 MiB, else " +
+           std::to_string(kTrainRows) + "), from " + std::to_string(kTrainRows) + " with them; fewer" + fewer;
   };
   const Machine* m = reported_machine();
   const bool ukernel_products = m && fp32_ukernel() && m->isa != Isa::V4;
