@@ -1,10 +1,12 @@
 """The layer contract (``fastrnn.ops``) for every backend x device x dtype that runs here, against the reference
 backend, torch.nn and gradcheck. Ids read ``<backend>[.<variant>]-<device>-<dtype>-<case>``."""
 
+import contextlib
 import re
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import TOL, assert_close
 from fastrnn import backend as _backend
@@ -134,6 +136,55 @@ def test_no_grad_saves_nothing_and_matches(impl, c):
     want = reference.layer(a)
     assert_close(y, want.y, "y")
     assert_close(h_n, want.h_n, "h_n")
+
+
+class _PassThrough(TorchDispatchMode):
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+# What watches a call, and whether the forward then goes through its custom op (see glue._run_forward).
+WATCHERS = {
+    "nothing": (contextlib.nullcontext, False),
+    "a-dispatch-mode": (_PassThrough, True),
+    "a-function-mode": (lambda: torch.device("cpu"), True),
+    "the-profiler": (torch.profiler.profile, True),
+}
+
+
+@pytest.mark.parametrize("watcher", WATCHERS)
+@pytest.mark.parametrize("impl", [i for i in FUSED if i.dtype == torch.float32 and i.device == "cpu"], ids=lambda i: i.id)
+def test_forward_op_dispatched_only_where_watched(impl, watcher, monkeypatch):
+    """Without gradients and unwatched, a call runs the backend's forward implementation itself, not its custom
+    op, with the op's results bit for bit; under a dispatch or function mode or the profiler, and with gradients,
+    the op runs. The pair (both directions of a bidirectional layer in one call) likewise."""
+    layer = _backend._module(impl.backend).layer
+    calls = []
+    for attr in ("fwd", "pair_fwd"):
+        op = getattr(layer, attr)
+        if op is not None:
+            monkeypatch.setattr(layer, attr, lambda *a, op=op, attr=attr: calls.append(attr) or op(*a))
+    c = Case("LSTM", 4, 3, 5, 6)
+    inputs = make_inputs(c, impl)
+    a = LayerArgs(c.mode, reverse=False, **inputs)
+    watch, dispatched = WATCHERS[watcher]
+    with torch.no_grad():
+        with watch():
+            got = layer(a, **dict(impl.options))
+        want = layer.fwd(*a, *layer._checked(a, dict(impl.options), None), False)
+    assert calls.count("fwd") == 1 + dispatched, calls
+    for g, w in zip(got, want):
+        if g is not None:
+            assert torch.equal(g, w)
+    calls.clear()
+    layer(a._replace(w_hh=a.w_hh.clone().requires_grad_()), **dict(impl.options))
+    assert calls == ["fwd"]
+    if layer.pair_fwd is not None:
+        calls.clear()
+        r = a._replace(reverse=True, w_ih=a.w_ih.flip(0), w_hh=a.w_hh.flip(0))
+        with torch.no_grad(), watch():
+            layer.pair(a, r, **dict(impl.options))
+        assert calls == (["pair_fwd"] if dispatched else []), calls
 
 
 def _expected_saved(a: LayerArgs):

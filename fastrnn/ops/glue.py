@@ -33,6 +33,7 @@ from typing import Callable, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from fastrnn.ops import (EXT_GRAD_NAMES, EXT_SCHEMA, GRAD_NAMES, LAYER_SCHEMA, CellExt, LayerArgs, LayerOut, Saved,
                          SavedExt, check, check_ext, parse_layer_args, reference)
@@ -276,16 +277,17 @@ class LayerOp:
         self.backend, self.availability = backend, availability
         self.options, self._resolve_options = tuple(options), resolve_options
         opts = "".join(f", {kind} {opt}" for opt, kind, _ in self.options)
+        # each forward op and its implementation, which a call without gradients may run directly (_run_forward)
         plain = _OpPair(name, opts, len(self.options), forward, backward, fake_saved, Saved, False)
-        self.fwd, self.bwd = plain.fwd, plain.bwd
-        self.ext_fwd = self.ext_bwd = None
+        self.fwd, self.bwd, self._fwd_impl = plain.fwd, plain.bwd, plain._fwd_impl
+        self.ext_fwd = self.ext_bwd = self._ext_fwd_impl = None
         if ext is not None:
             cells = _OpPair(f"{name}_ext", opts, len(self.options), *ext, SavedExt, True)
-            self.ext_fwd, self.ext_bwd = cells.fwd, cells.bwd
-        self.pair_fwd = self.pair_bwd = None
+            self.ext_fwd, self.ext_bwd, self._ext_fwd_impl = cells.fwd, cells.bwd, cells._fwd_impl
+        self.pair_fwd = self.pair_bwd = self._pair_fwd_impl = None
         if pair is not None:
             both = _PairOps(name, opts, len(self.options), pair, fake_saved)
-            self.pair_fwd, self.pair_bwd = both.fwd, both.bwd
+            self.pair_fwd, self.pair_bwd, self._pair_fwd_impl = both.fwd, both.bwd, both._fwd_impl
 
     def __call__(self, *args, ext: Optional[CellExt] = None, **kwargs) -> LayerOut:
         """The contract's ``layer(args, **options)`` (or the fields flat), with fastrnn's cells through ``ext``:
@@ -299,10 +301,9 @@ class LayerOp:
             return reference.layer(a, ext=ext if cells else None)
         differentiable = a.tensors() + (tuple(ext)[:len(EXT_GRAD_NAMES)] if cells else ())
         save = _saving(differentiable)
-        if cells:
-            y, h_n, c_n = self.ext_fwd(*a, *ext, *opts, save)[:3]
-        else:
-            y, h_n, c_n = self.fwd(*a, *opts, save)[:3]
+        inputs = (*a, *ext, *opts, save) if cells else (*a, *opts, save)
+        op, impl = (self.ext_fwd, self._ext_fwd_impl) if cells else (self.fwd, self._fwd_impl)
+        y, h_n, c_n = _run_forward(op, impl, inputs, save)[:3]
         return LayerOut(y, h_n, c_n if a.mode == "LSTM" else None)
 
     def pair(self, a: LayerArgs, r: LayerArgs, **kwargs) -> Tuple[LayerOut, LayerOut]:
@@ -326,7 +327,8 @@ class LayerOp:
                                f"h0 {list(r.h0.shape)}, w_hr {'absent' if r.w_hr is None else 'present'}")
         if _transformed():
             return reference.layer(a), reference.layer(r)
-        out = self.pair_fwd(*a, *r.tensors()[1:], *opts, _saving(a.tensors()))
+        save = _saving(a.tensors())
+        out = _run_forward(self.pair_fwd, self._pair_fwd_impl, (*a, *r.tensors()[1:], *opts, save), save)
         n = 3 + len(Saved._fields)
         lstm = a.mode == "LSTM"
         return (LayerOut(out[0], out[1], out[2] if lstm else None),
@@ -347,6 +349,26 @@ class LayerOp:
             raise RuntimeError(f"fastrnn {self.backend} backend unavailable: {reason}")
         opts = tuple(kwargs.get(opt, default) for opt, _, default in self.options)
         return self._resolve_options(a, opts, ext is not None) if self._resolve_options is not None else opts
+
+
+def _run_forward(op, impl, inputs: tuple, save: bool) -> tuple:
+    """The forward ``op`` on ``inputs``; without gradients, where nothing traces or records ops, its
+    implementation ``impl`` called directly: without an autograd node to make, the op's Python dispatch
+    serves nothing, and it cost 30-40 µs a layer call (Zen 4, one step without gradients, two threads: a
+    two-layer GRU at H = 512 536 against 619 µs, torch.nn's 290-370; (T,B,I,H) = (1,64,256,256) LSTM 525
+    against 561)."""
+    return impl(*inputs) if not save and _untraced(inputs) else op(*inputs)
+
+
+# Tensors a direct call may take: a subclass (FakeTensor, FunctionalTensor, DTensor, ...) has its own dispatch.
+_PLAIN_TENSORS = (Tensor, torch.nn.Parameter)
+
+
+def _untraced(inputs: tuple) -> bool:
+    """Whether no compiler, tracer, mode or profiler watches the ops of this call, and its tensors are plain."""
+    watched = (torch.compiler.is_compiling() or torch.jit.is_tracing() or torch._C._is_torch_function_mode_enabled()
+               or _get_current_dispatch_mode() is not None or torch._C._autograd._profiler_enabled())
+    return not watched and all(type(t) in _PLAIN_TENSORS for t in inputs if isinstance(t, Tensor))
 
 
 def _saving(differentiable: Sequence[Optional[Tensor]]) -> bool:
