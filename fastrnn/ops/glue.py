@@ -8,7 +8,9 @@ registers ``fastrnn::<name>_fwd`` and ``fastrnn::<name>_bwd`` with fake implemen
   (offloading, checkpointing) see every tensor backward reads;
 - they are outputs marked non-differentiable, with gradient materialisation off: autograd allocates no
   zero gradients for them, and a missing ``dy``/``dh_n``/``dc_n`` is filled here only when needed;
-- nothing is saved, or even written, when no gradient is wanted (``save=False``);
+- nothing is saved, or even written, when no gradient is wanted (``save=False``), and such a call that nothing
+  traces or records (no compiler, tracer, dispatch or function mode, profiler) runs the op's implementation
+  directly, without the op's dispatch (``_run_forward``);
 - the contract is checked once per call, in Python, before the forward op (backward reuses checked input);
 - autocast is off inside the ops: they compute in their inputs' dtype.
 
