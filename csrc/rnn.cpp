@@ -46,8 +46,10 @@ bool cpu_16bit_fallback(const Problem& pr, const Tensor& x, bool training) {
 }
 
 // The path layer_fwd (cells: layer_ext_fwd; pair: layer_pair_fwd, for a direction of a bidirectional layer) takes
-// for these inputs, in words, from the same decisions in the same order, with `training` as its `save`.
-std::string path_of(const Problem& pr, const Tensor& x, bool cells, bool pair, bool training) {
+// for these inputs, in words, from the same decisions in the same order, with `training` as its `save`: the path,
+// and why the CPU engine or the persistent one declined it ("" where neither did or was asked).
+std::pair<std::string, std::string> path_of(const Problem& pr, const Tensor& x, bool cells, bool pair,
+                                            bool training) {
   const std::string gemm = x.is_cpu() ? "at::mm" : "cuBLAS GEMM";
   const bool widen = cells ? at::isReducedFloatingType(x.scalar_type()) : cpu_16bit_fallback(pr, x, training);
   const Tensor like = widen ? at::empty({0}, x.options().dtype(at::kFloat)) : x;
@@ -55,27 +57,34 @@ std::string path_of(const Problem& pr, const Tensor& x, bool cells, bool pair, b
   if (cells) {
     const persist::Plan plan = persist::plan_for(pr, like, true);
     if (plan.scheme != persist::kNone) {
-      return pre + "persistent engine, one launch per direction, the fused row kernel's rows in it: " + plan.why;
+      return {pre + "persistent engine, one launch per direction, the fused row kernel's rows in it: " + plan.why, ""};
     }
     const bool team = !pr.proj && StepGemm::takes(like);
-    return pre + "per step one fused row kernel after the recurrent GEMM, " +
-           (team ? "on the CPU engine's threads and brgemm ukernel" : gemm);
+    return {pre + "per step one fused row kernel after the recurrent GEMM, " +
+                (team ? "on the CPU engine's threads and brgemm ukernel" : gemm),
+            ""};
   }
   const persist::Plan plan = pair ? persist::pair_plan_for(pr, like) : persist::plan_for(pr, like);
   if (plan.scheme != persist::kNone) {
-    return pre + (plan.dirs == 2 ? "persistent engine, both directions in one launch: " : "persistent engine, one launch per direction: ") + plan.why +
-           (plan.mma ? x.scalar_type() == at::kFloat
-                           ? "; its GEMMs on tensor cores in TF32 (torch allows TF32 for cuDNN's RNN)"
-                           : "; its GEMMs on tensor cores (mma.sync, fp32 accumulation)"
-                     : "");
+    return {pre + (plan.dirs == 2 ? "persistent engine, both directions in one launch: " : "persistent engine, one launch per direction: ") + plan.why +
+                (plan.mma ? x.scalar_type() == at::kFloat
+                                ? "; its GEMMs on tensor cores in TF32 (torch allows TF32 for cuDNN's RNN)"
+                                : "; its GEMMs on tensor cores (mma.sync, fp32 accumulation)"
+                          : ""),
+            ""};
   }
   if (engine_takes(pr, like, training)) {
-    return pre + "fused CPU engine (oneDNN brgemm ukernel + cell per step and thread" +
-           (engine_in_place(pr, like) ? "; h . W_hh^T a matrix-vector product on W_hh in place: one row per step" : "") +
-           ")";
+    return {pre + "fused CPU engine (oneDNN brgemm ukernel + cell per step and thread" +
+                (engine_in_place(pr, like) ? "; h . W_hh^T a matrix-vector product on W_hh in place: one row per step" : "") +
+                ")",
+            ""};
   }
   const std::string why = x.is_cpu() ? "CPU engine: " + engine_refusal(pr, like, training) : std::string(plan.why);
-  return pre + "per step " + gemm + " and the fused cell kernel" + (why.empty() ? "" : " (" + why + ")");
+  return {pre + "per step " + gemm + " and the fused cell kernel", why};
+}
+
+std::string with_reason(const std::pair<std::string, std::string>& p) {
+  return p.second.empty() ? p.first : p.first + " (" + p.second + ")";
 }
 
 // What fastrnn.explain reports: the path of a call without gradients, and a training call's where it differs.
@@ -83,8 +92,9 @@ std::string layer_path(const std::string& mode, const Tensor& x, const OptTensor
                        const OptTensor& c0, const Tensor& w_ih, const Tensor& w_hh, const OptTensor& b_ih,
                        const OptTensor& b_hh, const OptTensor& w_hr, bool /*reverse*/, bool cells, bool pair) {
   const Problem pr = check_inputs(parse_mode(mode), x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, true);
-  const std::string inference = path_of(pr, x, cells, pair, false), training = path_of(pr, x, cells, pair, true);
-  return training == inference ? inference : inference + "; in training (with gradients): " + training;
+  const auto inference = path_of(pr, x, cells, pair, false), training = path_of(pr, x, cells, pair, true);
+  const std::string said = with_reason(inference);
+  return training.first == inference.first ? said : said + "; in training (with gradients): " + with_reason(training);
 }
 
 // Biases are added in the pointwise kernel: addmm would first broadcast-copy them over all N x G*H rows.

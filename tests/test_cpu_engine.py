@@ -253,6 +253,14 @@ def inference_engine_expected(c: Case, n_rows: int) -> bool:
     return n_rows >= TRAIN_ROWS or (n_rows >= INFER_ROWS and (avx512 or weight_bytes >= INFER_BYTES))
 
 
+def mm_calls_without_grad(c: Case, args) -> int:
+    """aten::mm calls one layer call without gradients makes: one per step or more on the per-step path, none
+    on the engine's (its products run on the brgemm ukernel or in place)."""
+    with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        cpp.layer(c.mode, reverse=c.reverse, **args)
+    return sum(e.count for e in prof.key_averages() if e.key == "aten::mm")
+
+
 # Calls without gradients under 16 rows: one step of two rows, two steps of one row (reading W_hh in place where
 # its share is large), packed, reverse, without bias, H = 1, odd H, and one layer whose weights reach 1 MiB (the
 # engine on every ISA level); a single row stays on at::mm.
@@ -273,7 +281,8 @@ def inference_cases():
 def test_inference_engine_under_training_rows(c, dtype):
     """Outputs without gradients against fp64 (fp32: the suite's tolerance, bf16: REL_TOL) on two threads with
     NaN-filled workspaces, and fastrnn.explain of a module of the case's shape names the engine exactly where
-    the rule takes it (fp32) and at::mm for the same call in training."""
+    the rule takes it (fp32) and at::mm for the same call in training; the profiler's count of aten::mm calls
+    says the call ran the path named."""
     if not cpp._lib().build_info()["cpu_gemm"]["float32"].startswith("fused"):
         pytest.skip("no CPU engine here (oneDNN's ukernel missing)")
     check_inference(c, dtype)
@@ -299,11 +308,14 @@ def check_inference(c: Case, dtype: torch.dtype) -> None:
     module = getattr(fastrnn, kind)(c.I, c.H, bias=c.bias, backend="cpp", **extra)
     line = fastrnn.explain(module, torch.randn(c.T, c.B, c.I)).splitlines()[0]
     inference, _, training = line.partition("; in training (with gradients): ")
-    assert ("fused CPU engine" in inference) == inference_engine_expected(c, rows(c, inputs)), line
-    if rows(c, inputs) == 1:
-        assert not training and "per step at::mm" in inference and "a single row" in inference, line
-    else:
+    engine = inference_engine_expected(c, rows(c, inputs))
+    assert ("fused CPU engine" in inference) == engine, line
+    if engine:
         assert training.startswith("per step at::mm") and "fewer than 16 rows (T*B) in training" in training, line
+    else:
+        assert not training and "per step at::mm" in inference, line
+        assert ("a single row" if rows(c, inputs) == 1 else "weights under 1 MiB, not AVX-512") in inference, line
+    assert (mm_calls_without_grad(c, args) < c.T) == engine
 
 
 # From 512 rows per call, off AVX-512 (engine_cpu.cpp's BigProducts, kBigProductRows), the fp32 backward's dx and

@@ -148,9 +148,10 @@ constexpr int64_t kInferRows = 2;
 // where training does.
 constexpr int64_t kInferBytes = int64_t{1} << 20;
 
-int64_t engine_rows(const Problem& pr, int64_t esize, bool training) {
+// in fp32 bytes whatever the storage, so that a 16-bit layer and its fp32 fallback decide alike
+int64_t engine_rows(const Problem& pr, bool training) {
   if (training) return kTrainRows;
-  const int64_t weight_bytes = pr.G * pr.H * (pr.I + pr.H) * esize;
+  const int64_t weight_bytes = pr.G * pr.H * (pr.I + pr.H) * int64_t{4};
   return machine().isa == Isa::V4 || weight_bytes >= kInferBytes ? kInferRows : kTrainRows;
 }
 // K chunk of the backward's dh GEMM, in bytes of a dgates row (engine_bwd says why)
@@ -731,21 +732,24 @@ Dtype seq_dtype(const Tensor& x) { return x.scalar_type() == at::kBFloat16 ? Dty
 
 }  // namespace
 
+// What the call is refused for regardless of its rows comes first, so that a call refused with and without
+// gradients names the same reason.
 std::string engine_refusal(const Problem& pr, const at::Tensor& x, bool training) {
   if (!x.is_cpu()) return "not a CPU tensor";
   if (pr.proj) return "proj_size";
-  const int64_t from = engine_rows(pr, x.element_size(), training);
-  if (pr.N < from) {
-    if (pr.N == 1) return "a single row (T*B)";
-    return "fewer than " + std::to_string(from) + " rows (T*B)" +
-           (training ? " in training" : " (weights under 1 MiB, not AVX-512)");
-  }
-  if (x.scalar_type() == at::kFloat) return fp32_ukernel() ? "" : "no oneDNN ukernel (or torch.backends.mkldnn off)";
-  if (x.scalar_type() == at::kBFloat16) {
+  if (x.scalar_type() == at::kFloat) {
+    if (!fp32_ukernel()) return "no oneDNN ukernel (or torch.backends.mkldnn off)";
+  } else if (x.scalar_type() == at::kBFloat16) {
     if (pr.H % 2) return "odd H (bf16 pairs along K)";
-    return bf16_ukernel() ? "" : "no bf16 ukernel on this CPU";
+    if (!bf16_ukernel()) return "no bf16 ukernel on this CPU";
+  } else {
+    return std::string(c10::toString(x.scalar_type())) + " storage";
   }
-  return std::string(c10::toString(x.scalar_type())) + " storage";
+  const int64_t from = engine_rows(pr, training);
+  if (pr.N >= from) return "";
+  if (pr.N == 1) return "a single row (T*B)";
+  return "fewer than " + std::to_string(from) + " rows (T*B)" +
+         (training ? " in training" : " (weights under 1 MiB, not AVX-512)");
 }
 
 bool engine_takes(const Problem& pr, const at::Tensor& x, bool training) {
