@@ -20,7 +20,10 @@ namespace fastrnn {
 namespace {
 
 // Rows of dgates the backward keeps before flushing them into dx/dW with big GEMMs: bounds the backward's
-// workspace to O(chunk) instead of O(N) while each GEMM still has a thousand rows.
+// workspace to O(chunk) instead of O(N) while each GEMM still has a thousand rows. The same on both ISA levels
+// (Zen 4, two threads, forward + backward, chunks of 512 / 1024 / 2048 / 4096 rows, medians of 7, ms): AVX-512
+// LSTM (T,B,I,H) = (100,64,512,512) 395 / 393 / 393 / 395, GRU (100,64,256,256) 82 / 81 / 82 / 82; capped to
+// AVX2 437 / 435 / 438 / 463 and 88 / 89 / 90 / 94, LSTM (512,16,128,128) 43 / 44 / 44 / 46.
 constexpr int64_t kChunkRows = 1024;
 int64_t g_chunk_rows = kChunkRows;
 bool g_nan_fill = false;
