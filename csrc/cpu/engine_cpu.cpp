@@ -154,7 +154,10 @@ int64_t engine_rows(const Problem& pr, bool training) {
   const int64_t weight_bytes = pr.G * pr.H * (pr.I + pr.H) * int64_t{4};
   return machine().isa == Isa::V4 || weight_bytes >= kInferBytes ? kInferRows : kTrainRows;
 }
-// K chunk of the backward's dh GEMM, in bytes of a dgates row (engine_bwd says why)
+// K chunk of the backward's dh GEMM, in bytes of a dgates row (engine_bwd says why). The same on both ISA levels
+// (Zen 4, two threads, backward of (T,B,I,H) = (100,64,256,1024), chunks of 2 / 4 / 8 KiB / one pass, ms, two
+// runs each): AVX-512 LSTM 665-693 / 665-672 / 759-762 / 758-769, GRU 500-518 / 505-518 / 536-547 / 540-542;
+// capped to AVX2 LSTM 712-721 / 705-724 / 755-756 / 743-761, GRU 531-536 / 530-536 / 548-578 / 541-551.
 constexpr int64_t kDhChunkBytes = 4096;
 
 // oneDNN's brgemm ukernel: fp32 takes a plain row-major B; bf16 takes B in VNNI layout ([K/2][N][2], ld_b
