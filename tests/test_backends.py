@@ -153,7 +153,8 @@ WATCHERS = {
 
 
 @pytest.mark.parametrize("watcher", WATCHERS)
-@pytest.mark.parametrize("impl", [i for i in FUSED if i.dtype == torch.float32 and i.device == "cpu"], ids=lambda i: i.id)
+@pytest.mark.parametrize("impl", [i for i in FUSED if i.dtype == torch.float32 and i.device == "cpu"],
+                         ids=lambda i: i.id)
 def test_forward_op_dispatched_only_where_watched(impl, watcher, monkeypatch):
     """Without gradients and unwatched, a call runs the backend's forward implementation itself, not its custom
     op, with the op's results bit for bit; under a dispatch or function mode or the profiler, and with gradients,
