@@ -137,7 +137,7 @@ constexpr int64_t kProjRows = 64;
 // against 5.6-6.7 / 8.4-9.6 / 13.7-15.2.
 constexpr int64_t kTrainRows = 16;
 // Inference (nothing saved): the forward packs only what the steps read (and at one row per step not W_hh:
-// DotWeight), so it wins from two rows, by 1.15-2.8x on AVX-512 for every cell from (T,B,I,H) = (4,1,16,16) to
+// DotWeight), so it wins from two rows, by 1.12-2.8x on AVX-512 for every cell from (T,B,I,H) = (4,1,16,16) to
 // (4,1,256,1024) (Zen 4, forward, ranges of 3 runs: LSTM (2,1,128,128) 0.19 against 0.22 ms, (4,1,65,512,2)
 // 0.75-0.91 against 1.39-1.61). A single row stays on at::mm: at (1,1,65,512,2) the engine's GRU and RNN ran
 // level on AVX-512 and slower on AVX2 (0.94x, 0.83x).
