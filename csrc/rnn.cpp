@@ -14,6 +14,7 @@
 #include <cuda_runtime_api.h>
 #endif
 
+#include <array>
 #include <limits>
 #include <string>
 #include <tuple>
@@ -75,7 +76,9 @@ std::pair<std::string, std::string> path_of(const Problem& pr, const Tensor& x, 
   }
   if (engine_takes(pr, like, training)) {
     return {pre + "fused CPU engine (oneDNN brgemm ukernel + cell per step and thread" +
-                (engine_in_place(pr, like) ? "; h . W_hh^T a matrix-vector product on W_hh in place: one row per step" : "") +
+                std::array<const char*, 3>{"", "; h . W_hh^T a matrix-vector product on W_hh in place: one row per step",
+                                           "; h . W_hh^T and x . W_ih^T matrix-vector products on W_hh and W_ih in "
+                                           "place: one row per step"}[engine_in_place(pr, like)] +
                 ")",
             ""};
   }

@@ -177,17 +177,32 @@ bool dnn_on() {
 #endif
 }
 
+// A product this small goes to at::mm: oneDNN's matmul pays ~18 us a call for its primitive (creation or cache
+// lookup, memory descriptors) that the product never earns back. Zen 4, two threads, a product [M, K] . [K, N],
+// us, at::mm against oneDNN's: M = 1, (K, N) = (65, 512) 3.8 / 22, (512, 512) 22.6 / 30.9, (512, 2048) 90 / 56;
+// M = 16, (65, 512) 15 / 36, (512, 512) 89 / 92; M = 64, (65, 512) 36 / 41, (512, 512) 203 / 187. In a layer:
+// one step of one row (T = B = 1) at (I, H) = (64, 64) 12-14 against 27-34 us for every cell, (65, 512) RNN 39
+// against 61, LSTM 117 against 135; fwd+bwd at (T,B,I,H) = (4,2,128,128) 0.56-0.78 against 0.71-0.94 ms.
+// oneDNN keeps the products with an operand of 1 MiB or more, which at::mm (MKL's generic kernels on AMD) streams
+// on one thread. Capped to AVX2 the rule changes nothing measurable: oneDNN's AVX2 matmul showed no such cost
+// (the same one-step and fwd+bwd cases level with and without it).
+constexpr int64_t kSmallMacs = int64_t{1} << 22;
+constexpr int64_t kSmallOperand = int64_t{1} << 18;  // elements
+
 bool dnn_takes(const at::Tensor& c, const at::Tensor& a, const at::Tensor& b) {
   if (!dnn_on()) return false;
   for (const at::Tensor* t : {&c, &a, &b}) {
     if (!t->is_cpu() || t->scalar_type() != at::kFloat || t->numel() == 0) return false;
   }
-  return true;
+  const bool small = a.size(0) * a.size(1) * b.size(1) <= kSmallMacs && a.numel() <= kSmallOperand &&
+                     b.numel() <= kSmallOperand && c.numel() <= kSmallOperand;
+  return !small;
 }
 }  // namespace
 
 std::string big_gemm_engine(at::ScalarType t) {
-  return t == at::kFloat && dnn_on() ? "oneDNN matmul" : "at::mm";
+  return t == at::kFloat && dnn_on() ? "oneDNN matmul (at::mm below 4M multiply-adds with operands under 1 MiB)"
+                                      : "at::mm";
 }
 
 void gemm(const at::Tensor& c, const at::Tensor& a, const at::Tensor& b, bool add) {

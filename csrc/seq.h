@@ -187,8 +187,9 @@ void flush_chunk(const Problem& pr, bool reverse, int64_t lo, int64_t R, const a
 // starts from fewer rows where nothing is saved, so a forward and its backward must pass the same.
 bool engine_takes(const Problem& pr, const at::Tensor& x, bool training);
 std::string engine_refusal(const Problem& pr, const at::Tensor& x, bool training);
-// Whether the engine's forward reads W_hh in place (a matrix-vector product per step, no packed panels).
-bool engine_in_place(const Problem& pr, const at::Tensor& x);
+// Which weights the engine's forward reads in place (a matrix-vector product per step, no packed panels): 0 none,
+// 1 W_hh, 2 W_hh and W_ih.
+int engine_in_place(const Problem& pr, const at::Tensor& x);
 // Which GEMM engine the CPU runs per dtype, for build_info().
 std::vector<std::pair<std::string, std::string>> engine_report();
 // what the CPU engine read from the machine (ISA level, caches) and the block sizes it derived, in words

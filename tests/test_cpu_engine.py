@@ -239,8 +239,9 @@ def test_input_projection_in_the_step(c, dtype):
 
 
 # Rows (T*B) from which the engine runs a call, engine_cpu.cpp's kTrainRows and kInferRows; off AVX-512 a call
-# without gradients starts at kInferRows only where the layer's weights reach kInferBytes.
-TRAIN_ROWS, INFER_ROWS, INFER_BYTES = 16, 2, 1 << 20
+# without gradients starts at kInferRows only where the layer's weights reach kInferBytes. A single row without
+# gradients takes it in fp32 from kOneRowBytes of weights.
+TRAIN_ROWS, INFER_ROWS, INFER_BYTES, ONE_ROW_BYTES = 16, 2, 1 << 20, 256 << 10
 
 
 def rows(c: Case, inputs) -> int:
@@ -250,6 +251,8 @@ def rows(c: Case, inputs) -> int:
 def inference_engine_expected(c: Case, n_rows: int) -> bool:
     avx512 = cpp._lib().build_info()["cpu_isa"].startswith("x86-64-v4")
     weight_bytes = GATES[c.mode] * c.H * (c.I + c.H) * 4
+    if n_rows == 1:
+        return weight_bytes >= ONE_ROW_BYTES
     return n_rows >= TRAIN_ROWS or (n_rows >= INFER_ROWS and (avx512 or weight_bytes >= INFER_BYTES))
 
 
@@ -263,7 +266,8 @@ def mm_calls_without_grad(c: Case, args) -> int:
 
 # Calls without gradients under 16 rows: one step of two rows, two steps of one row (reading W_hh in place where
 # its share is large), packed, reverse, without bias, H = 1, odd H, and one layer whose weights reach 1 MiB (the
-# engine on every ISA level); a single row stays on at::mm.
+# engine on every ISA level); a single row of a small layer stays on at::mm, of 256 KiB and more it takes the
+# engine, reading both weights in place (I and H not multiples of 8 among them; packed: one sequence of one step).
 def inference_cases():
     for mode in MODES:
         yield Case(mode, 1, 2, 5, 40)
@@ -274,6 +278,9 @@ def inference_cases():
     yield Case("LSTM", 4, 2, 160, 300)
     yield Case("GRU", 15, 1, 300, 300)
     yield Case("RNN_TANH", 1, 1, 5, 40)
+    yield Case("GRU", 1, 1, 203, 150, reverse=True)
+    yield Case("LSTM", 1, 1, 7, 261, packed=True)
+    yield Case("RNN_RELU", 1, 1, 300, 250, bias=False)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -311,11 +318,38 @@ def check_inference(c: Case, dtype: torch.dtype) -> None:
     engine = inference_engine_expected(c, rows(c, inputs))
     assert ("fused CPU engine" in inference) == engine, line
     if engine:
-        assert training.startswith("per step at::mm") and "fewer than 16 rows (T*B) in training" in training, line
+        why = "a single row (T*B)" if rows(c, inputs) == 1 else "fewer than 16 rows (T*B) in training"
+        assert training.startswith("per step at::mm") and why in training, line
     else:
         assert not training and "per step at::mm" in inference, line
         assert ("a single row" if rows(c, inputs) == 1 else "weights under 1 MiB, not AVX-512") in inference, line
     assert (mm_calls_without_grad(c, args) < c.T) == engine
+
+
+# One or two rows at B = 1 where W_hh is read in place read W_ih in place too (engine_cpu.cpp's DotWeight::kRowsX),
+# with the hook's bar lowered so that small layers take it: every mode, I = 1 (no whole 8-lane vector), I and H
+# not multiples of 8, H = 1, packed, reverse, without bias; three rows read only W_hh in place.
+def both_in_place_cases():
+    for mode in MODES:
+        yield Case(mode, 2, 1, 13, 70)
+    yield Case("LSTM", 2, 1, 1, 40, packed=True, reverse=True)
+    yield Case("GRU", 2, 1, 9, 1, bias=False)
+    yield Case("RNN_TANH", 3, 1, 21, 19, reverse=True)
+
+
+@pytest.mark.parametrize("c", list(both_in_place_cases()), ids=lambda c: c.id)
+def test_forward_reads_w_ih_in_place_at_one_or_two_rows(c):
+    """check_inference's outputs, explain and aten::mm count, and where the engine runs, explain names the
+    weights read in place: both at one or two rows, W_hh alone at three."""
+    if not cpp._lib().build_info()["cpu_gemm"]["float32"].startswith("fused"):
+        pytest.skip("no CPU engine here (oneDNN's ukernel missing)")
+    with in_place_share(1):
+        check_inference(c, torch.float32)
+        kind = {"LSTM": "LSTM", "GRU": "GRU"}.get(c.mode, "RNN")
+        module = getattr(fastrnn, kind)(c.I, c.H, bias=c.bias, backend="cpp")
+        line = fastrnn.explain(module, torch.randn(c.T, c.B, c.I)).splitlines()[0]
+    if inference_engine_expected(c, c.T * c.B):
+        assert ("W_hh and W_ih in place" in line) == (c.T * c.B <= 2) and "W_hh" in line, line
 
 
 # From 512 rows per call, off AVX-512 (engine_cpu.cpp's BigProducts, kBigProductRows), the fp32 backward's dx and
@@ -406,8 +440,9 @@ def test_fp32_without_onednn(c):
     lib = cpp._lib()
     # where torch's oneDNN matmul runs fp32 (it may refuse, e.g. on a CPU without AVX-512) the runtime names it
     before = lib.build_info()["cpu_gemm"]["float32"]
-    assert before.endswith(("dx and weight gradients: oneDNN matmul", "dx and weight gradients: at::mm",
-                            "dx and weight gradients: the brgemm ukernel from 512 rows (fewer: oneDNN matmul)",
+    onednn = "oneDNN matmul (at::mm below 4M multiply-adds with operands under 1 MiB)"
+    assert before.endswith((f"dx and weight gradients: {onednn}", "dx and weight gradients: at::mm",
+                            f"dx and weight gradients: the brgemm ukernel from 512 rows (fewer: {onednn})",
                             "dx and weight gradients: the brgemm ukernel from 512 rows (fewer: at::mm)")), before
     # flags() would also reset oneDNN's TF32 switch, which warns on a torch without Intel GPU support
     torch.backends.mkldnn.enabled = False

@@ -38,17 +38,23 @@ def test_one_line_per_layer_and_direction_in_call_order():
 @needs_cpp
 def test_cpu_engine_threshold_and_refusals_named():
     """T*B rows on either side of the engine's thresholds (a call in training from 16 rows, without gradients
-    from 2: on any CPU for a layer of 1 MiB of weights), then a projection and fp64, which it refuses."""
+    from 2: on any CPU for a layer of 1 MiB of weights; a single row without gradients from 256 KiB of weights),
+    then a projection and fp64, which it refuses."""
     if not fastrnn._C.build_info()["cpu_gemm"]["float32"].startswith("fused"):
         pytest.skip("no CPU engine here (oneDNN's ukernel missing)")
     few = lines(fastrnn.LSTM(4, 512, backend="cpp"), torch.randn(5, 3, 4))[0]
     many = lines(fastrnn.LSTM(4, 6, backend="cpp"), torch.randn(4, 4, 4))[0]
     one = lines(fastrnn.LSTM(4, 512, backend="cpp"), torch.randn(1, 1, 4))[0]
+    one_small = lines(fastrnn.LSTM(4, 120, backend="cpp"), torch.randn(1, 1, 4))[0]  # 4*120*124*4 < 256 KiB
     inference, _, training = few.partition("; in training (with gradients): ")
     assert "fused CPU engine" in inference, few
     assert training.startswith("per step at::mm") and "fewer than 16 rows (T*B) in training" in training, few
     assert "fused CPU engine" in many and "in training" not in many, many
-    assert "per step at::mm" in one and "a single row" in one and "in training" not in one, one
+    one_inference, _, one_training = one.partition("; in training (with gradients): ")
+    assert "fused CPU engine" in one_inference and "W_hh and W_ih in place" in one_inference, one
+    assert one_training.startswith("per step at::mm") and "a single row (T*B))" in one_training, one
+    assert "per step at::mm" in one_small and "a single row (T*B) of weights under 256 KiB" in one_small, one_small
+    assert "in training" not in one_small, one_small
     assert "(CPU engine: proj_size)" in lines(fastrnn.LSTM(4, 6, proj_size=3, backend="cpp"), torch.randn(4, 4, 4))[0]
     assert "per step at::mm" in lines(fastrnn.LSTM(4, 6, backend="cpp").double(), torch.randn(4, 4, 4).double())[0]
 
@@ -58,7 +64,7 @@ def test_cpu_in_place_recurrent_product_named():
     """One row per step reads W_hh in place where a thread's share of it fills half the L2 (16 MiB over two
     threads, more than any core's L2), not at two rows, not in bf16 on the bf16 engine (where the CPU has no bf16
     ukernel, bf16 is computed in fp32 and reads W_hh in place like fp32), and not where the share is small (1 KiB)
-    unless the test hook lowers the bar."""
+    unless the test hook lowers the bar; W_ih too at one or two rows, not at three."""
     if not fastrnn._C.build_info()["cpu_gemm"]["float32"].startswith("fused"):
         pytest.skip("no CPU engine here (oneDNN's ukernel missing)")
     wide, narrow = fastrnn.LSTM(4, 1024, backend="cpp"), fastrnn.GRU(4, 16, backend="cpp")
@@ -68,6 +74,9 @@ def test_cpu_in_place_recurrent_product_named():
         with in_place_share(1):
             forced = lines(narrow, torch.randn(16, 1, 4))[0]
     assert "W_hh in place: one row per step" in one, one
+    with exactly_threads(2), in_place_share(1):
+        x_two, x_three = lines(narrow, torch.randn(2, 1, 4))[0], lines(narrow, torch.randn(3, 1, 4))[0]
+    assert "W_hh and W_ih in place" in x_two and "W_hh in place" in x_three, (x_two, x_three)
     assert "fused CPU engine" in two and "in place" not in two, two
     assert "fused CPU engine" in small and "in place" not in small, small
     assert "W_hh in place" in forced, forced

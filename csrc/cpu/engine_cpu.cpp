@@ -555,29 +555,29 @@ inline void dot_tile(int64_t K, const float* a, const float* w, int64_t ws, floa
 // (or, with one gate, neighbouring rows), so each stream runs through a gate's n * H contiguous floats in order:
 // tiles of neighbouring rows of one gate made streams of one row each (2 KiB at H = 512) that the prefetchers
 // never caught up with (slower than the panels).
-void dot_block(int64_t G, int64_t H, int64_t n, const float* a, const float* w, float* out) {
+void dot_block(int64_t G, int64_t H, int64_t K, int64_t n, const float* a, const float* w, float* out) {
   if (G == 1) {
     int64_t u = 0;
-    for (; u + 4 <= n; u += 4) dot_tile<4>(H, a, w + u * H, H, out + u, 1);
-    for (; u < n; ++u) dot_tile<1>(H, a, w + u * H, H, out + u, 1);
+    for (; u + 4 <= n; u += 4) dot_tile<4>(K, a, w + u * K, K, out + u, 1);
+    for (; u < n; ++u) dot_tile<1>(K, a, w + u * K, K, out + u, 1);
     return;
   }
-  const int64_t gate = H * H;  // from a gate's row of unit j to the next gate's
+  const int64_t gate = H * K;  // from a gate's row of unit j to the next gate's
   for (int64_t u = 0; u < n; ++u) {
-    const float* wu = w + u * H;
+    const float* wu = w + u * K;
     if (G == 4) {
-      dot_tile<4>(H, a, wu, gate, out + u, n);
+      dot_tile<4>(K, a, wu, gate, out + u, n);
     } else if (G == 3) {
-      dot_tile<3>(H, a, wu, gate, out + u, n);
+      dot_tile<3>(K, a, wu, gate, out + u, n);
     } else {
-      for (int64_t k = 0; k < G; ++k) dot_tile<1>(H, a, wu + k * gate, gate, out + k * n + u, n);
+      for (int64_t k = 0; k < G; ++k) dot_tile<1>(K, a, wu + k * gate, gate, out + k * n + u, n);
     }
   }
 }
 
 // W_hh as it lies, and the step's h_{t-1} . W_hh^T over one segment from it (the tile StepWeight::gemm writes).
-// Taken instead of StepWeight's panels at one row per step (B = 1) in fp32 where a thread's share of W_hh fills
-// at least half its L2: the step is then a matrix-vector product streaming W_hh from L3 or memory, as fast from
+// Taken instead of StepWeight's panels at one row per step (B = 1) in fp32 for a single row (one_row_engine), and
+// where a thread's share of W_hh fills at least half its L2: the step is then a matrix-vector product streaming W_hh from L3 or memory, as fast from
 // either layout, and packing the panels (a transpose of all of W_hh per call) is pure cost. Forward, two
 // threads, panels against in place (medians of 15 calls, two to three alternating runs): AVX2 (Zen 4 capped)
 // LSTM (T,B,I,H,L) = (100,1,128,512,2) 9.7-10.0 -> 8.3-8.7 ms, (200,1,256,512,1) 9.0-9.2 -> 7.2-7.4, GRU 6.6-7.4
@@ -586,20 +586,26 @@ void dot_block(int64_t G, int64_t H, int64_t n, const float* a, const float* w, 
 // AVX-512 1.57 against 1.67-1.75. At B = 2 in place was level, at B = 3 and 4 12-18 % slower.
 struct DotWeight {
   const Layout& L;
-  Tensor w;  // [G*H, H] fp32, PyTorch's gate order
-  static bool takes(const Layout& L, const Team& team, int64_t B, bool bf16) {
+  Tensor w;  // [G*H, K] fp32, PyTorch's gate order: W_hh (K = H), or W_ih (K = I) for a single row
+  int64_t K;
+  static bool takes(const Layout& L, const Team& team, int64_t B, int64_t N, bool bf16) {
     const int64_t share = g_in_place_share > 0 ? g_in_place_share : machine().l2 / 2;
-    return !bf16 && B == 1 && L.G * L.H * L.H * static_cast<int64_t>(sizeof(float)) >= team.nt * share;
+    return !bf16 && B == 1 && (N == 1 || L.G * L.H * L.H * static_cast<int64_t>(sizeof(float)) >= team.nt * share);
   }
-  DotWeight(const Layout& layout, const Tensor& w_hh) : L(layout), w(w_hh.contiguous()) {}
-  // C[0, :G*(s1-s0)] = h . W^T[:, columns of segment [s0, s1)] for one row h
+  // W_ih too, for the step's x_t . W_ih^T, where W_hh is read in place and the call has at most kRowsX rows:
+  // packing W_ih into panels for a projection up front pays from four. Forward at B = 1, two threads, us, in place
+  // against packed (two runs), AVX-512: T = 2 LSTM (I, H) = (65, 512) 88-90 against 100-137, GRU (512, 512)
+  // 102-113 / 134-154, RNN (256, 1024) 91 / 126-142; T = 4 level (155-160 / 157-205); T = 8 5-15 % slower.
+  static constexpr int64_t kRowsX = 2;
+  DotWeight(const Layout& layout, const Tensor& weight) : L(layout), w(weight.contiguous()), K(w.size(1)) {}
+  // C[0, :G*(s1-s0)] = h . W^T[:, columns of segment [s0, s1)] for one row h [K]
   void gemv(const void* h, int64_t s0, int64_t s1, float* C) const {
     const auto* a = static_cast<const float*>(h);
     const float* wp = w.data_ptr<float>();
     run_at(machine().isa, [&] {
       for (int64_t j0 = s0; j0 < s1;) {
         const int64_t n = std::min(j0 + L.U, s1) - j0;
-        dot_block(L.G, L.H, n, a, wp + j0 * L.H, C + L.G * (j0 - s0));
+        dot_block(L.G, L.H, K, n, a, wp + j0 * K, C + L.G * (j0 - s0));
         j0 += n;
       }
     });
@@ -737,6 +743,21 @@ Dtype seq_dtype(const Tensor& x) { return x.scalar_type() == at::kBFloat16 ? Dty
 
 // What the call is refused for regardless of its rows comes first, so that a call refused with and without
 // gradients names the same reason.
+// A single row without gradients (T = B = 1: a step of generation) takes the engine in fp32 from kOneRowBytes of
+// weights (fp32, W_ih and W_hh), reading both weights in place (DotWeight): at::mm's matrix-vector products
+// run on one thread (MKL's generic kernels on AMD), the engine's threads each stream their share of the rows.
+// One step at (I, H), two threads, us, engine against at::mm (ranges of two runs), AVX-512 | capped to AVX2: GRU
+// (65, 512) 45-60 against 90-92 | 47-48 against 92-93, LSTM (256, 1024) 198-202 / 656-716 | 206-223 / 1183-1187,
+// RNN (512, 512) 32-42 / 60 | 33 / 62, LSTM (256, 256) 33-37 / 69-71 | 33-34 / 71-77, GRU (128, 128) 17-18 /
+// 20-24 | 18-20 / 21-23; below 256 KiB level or up to 1.5 us slower: RNN (128, 128) 15 / 14 | 15 / 14, GRU (64,
+// 64) 15-18 / 14-16 | 15 / 15. A two-layer module at (I, H) = (65, 512), one step: RNN 115-137 against 147-148
+// us, GRU 164-199 / 315-317, LSTM 196-223 / 392-440 on AVX-512.
+constexpr int64_t kOneRowBytes = int64_t{256} << 10;
+
+bool one_row_engine(const Problem& pr, const at::Tensor& x, bool training) {
+  return !training && x.scalar_type() == at::kFloat && pr.G * pr.H * (pr.I + pr.H) * int64_t{4} >= kOneRowBytes;
+}
+
 std::string engine_refusal(const Problem& pr, const at::Tensor& x, bool training) {
   if (!x.is_cpu()) return "not a CPU tensor";
   if (pr.proj) return "proj_size";
@@ -750,7 +771,10 @@ std::string engine_refusal(const Problem& pr, const at::Tensor& x, bool training
   }
   const int64_t from = engine_rows(pr, training);
   if (pr.N >= from) return "";
-  if (pr.N == 1) return "a single row (T*B)";
+  if (pr.N == 1) {
+    if (one_row_engine(pr, x, training)) return "";
+    return training ? "a single row (T*B)" : "a single row (T*B) of weights under 256 KiB (or not fp32)";
+  }
   return "fewer than " + std::to_string(from) + " rows (T*B)" +
          (training ? " in training" : " (weights under 1 MiB, not AVX-512)");
 }
@@ -759,9 +783,10 @@ bool engine_takes(const Problem& pr, const at::Tensor& x, bool training) {
   return engine_refusal(pr, x, training).empty();
 }
 
-bool engine_in_place(const Problem& pr, const at::Tensor& x) {
+int engine_in_place(const Problem& pr, const at::Tensor& x) {
   const Layout L(pr.H, pr.G, x.element_size());
-  return DotWeight::takes(L, Team(L), pr.B, x.scalar_type() == at::kBFloat16);
+  if (!DotWeight::takes(L, Team(L), pr.B, pr.N, x.scalar_type() == at::kBFloat16)) return 0;
+  return pr.N <= DotWeight::kRowsX ? 2 : 1;
 }
 
 void set_in_place_share(int64_t bytes) { g_in_place_share = std::max<int64_t>(0, bytes); }
@@ -788,7 +813,7 @@ std::string engine_machine() {
          (m.isa == Isa::V4 ? "unit blocks of 32-128 (panels within half the L2)" : "32-unit blocks (not AVX-512)") +
          "; x . W_ih^T in the step from " + std::to_string(kFuseRows) +
          " rows per step where W_ih and W_hh fit the L3; W_hh read in place at one row per step where a thread's "
-         "share fills half the L2";
+         "share fills half the L2 or the call has a single row, W_ih too at one or two rows";
 }
 
 std::vector<std::pair<std::string, std::string>> engine_report() {
@@ -803,7 +828,10 @@ std::vector<std::pair<std::string, std::string>> engine_report() {
                           (ukernel_products ? "the brgemm ukernel from " + std::to_string(kBigProductRows) +
                                                   " rows (fewer: " + big_gemm_engine(at::kFloat) + ")"
                                             : big_gemm_engine(at::kFloat));
-  return {{"float32", (fp32_ukernel() ? fused("", ": at::mm per step") : "at::mm per step + pointwise cell") + big},
+  return {{"float32", (fp32_ukernel() ? fused("", ": at::mm per step, but a single row without gradients takes the "
+                                                  "engine from " + std::to_string(kOneRowBytes >> 10) +
+                                                  " KiB of weights")
+                                      : "at::mm per step + pointwise cell") + big},
           {"bfloat16", bf16_ukernel() ? fused(" (bf16 VNNI, fp32 state)", " or odd H: the float32 path")
                                       : "the float32 path, rounding outputs to bfloat16"},
           {"float16", "the float32 path, rounding outputs to float16"},
@@ -853,21 +881,25 @@ std::vector<Tensor> engine_fwd(const Problem& pr, const Tensor& x, const Tensor&
   // made up front is read back from memory, which left the LSTM's cell waiting on loads). Otherwise each thread
   // projects all rows for its own columns before its first step (only it reads them: no barrier), a block at a
   // time, so the block's panel stays in cache across the row chunks. Zen 2, LSTM (16,1,128,512,2) forward: 4.7
-  // ms against 6.6 with at::mm on a permuted copy of W_ih (which MKL then packs again).
+  // ms against 6.6 with at::mm on a permuted copy of W_ih (which MKL then packs again). At one or two rows with
+  // W_hh in place, W_ih is read in place too, in the step (DotWeight::kRowsX).
   const int64_t I = pr.I;
   const bool x_panels = !bf16 || I % 2 == 0;
   const bool fuse_x =
       x_panels && B >= kFuseRows && (pr.I + pr.H) * GH * static_cast<int64_t>(x.element_size()) <= machine().l3;
+  const Team team(L);
+  const bool dot_h = DotWeight::takes(L, team, B, pr.N, bf16);
+  const bool dot_x = dot_h && pr.N <= DotWeight::kRowsX;
+  const bool in_step_x = fuse_x || dot_x;
   const bool save_gates = save && (pr.lstm || pr.gru);
   Tensor gates = !x_panels ? gemm(x.to(at::kFloat), L.rows(w_ih, kWsRowsX).to(at::kFloat).t())
-                 : save_gates || !fuse_x ? ws_empty({pr.N, GH}, f32) : Tensor();
-  const Team team(L);
+                 : save_gates || !in_step_x ? ws_empty({pr.N, GH}, f32) : Tensor();
   const int64_t esize = x.element_size();
   const Segments seg(L, team, B, std::max(H, x_panels ? I : 0) * G * esize,
                      !StepWeight::splits(L, H, esize) && !(x_panels && StepWeight::splits(L, I, esize)));
   const std::optional<StepWeight> wx =
-      x_panels ? std::make_optional<StepWeight>(L, w_ih, bf16, seg, kWsPanelX) : std::nullopt;
-  const bool dot_h = DotWeight::takes(L, team, B, bf16);
+      x_panels && !dot_x ? std::make_optional<StepWeight>(L, w_ih, bf16, seg, kWsPanelX) : std::nullopt;
+  const std::optional<DotWeight> wdx = dot_x ? std::make_optional<DotWeight>(L, w_ih) : std::nullopt;
   const std::optional<StepWeight> wf =
       dot_h ? std::nullopt : std::make_optional<StepWeight>(L, w_hh, bf16, seg, kWsPanelH);
   const std::optional<DotWeight> wd = dot_h ? std::make_optional<DotWeight>(L, w_hh) : std::nullopt;
@@ -883,7 +915,7 @@ std::vector<Tensor> engine_fwd(const Problem& pr, const Tensor& x, const Tensor&
   // one segment's h . W_hh^T per thread (and x . W_ih^T where no gates are kept), consumed by the cells of its
   // blocks right after the GEMMs, so they stay in cache
   const int64_t tile = B * G * seg.widest;
-  Tensor tiles = ws_empty({team.nt, fuse_x && !gates.defined() ? 2 : 1, tile}, f32);
+  Tensor tiles = ws_empty({team.nt, in_step_x && !gates.defined() ? 2 : 1, tile}, f32);
   const Dtype dt = seq_dtype(x);
   const int64_t hs_bytes = B * H * static_cast<int64_t>(hs.element_size());
 
@@ -892,7 +924,7 @@ std::vector<Tensor> engine_fwd(const Problem& pr, const Tensor& x, const Tensor&
     float* hg = tiles.data_ptr<float>() + tid * tiles.stride(0);
     const char* h_prev = static_cast<const char*>(hs.data_ptr()) + k % 2 * hs_bytes;
     char* h_next = static_cast<char*>(hs.data_ptr()) + (k + 1) % 2 * hs_bytes;
-    if (k == 0 && x_panels && !fuse_x) {
+    if (k == 0 && x_panels && !in_step_x) {
       for (int64_t s0 = ja; s0 < jb; s0 = seg.end[s0 / L.U]) {
         for (int64_t r0 = 0; r0 < pr.N; r0 += kProjRows) {
           wx->gemm(std::min(kProjRows, pr.N - r0), at_row(x, r0), I, s0, seg.end[s0 / L.U],
@@ -905,6 +937,7 @@ std::vector<Tensor> engine_fwd(const Problem& pr, const Tensor& x, const Tensor&
       float* xg = gates.defined() ? reinterpret_cast<float*>(at_row(gates, o, G * s0)) : hg + tile;
       const int64_t xg_stride = gates.defined() ? GH : sw;
       if (fuse_x) wx->gemm(b, at_row(x, o), I, s0, s1, xg, xg_stride);
+      if (dot_x) wdx->gemv(at_row(x, o), s0, s1, xg);
       if (dot_h) {
         wd->gemv(h_prev, s0, s1, hg);
       } else {
