@@ -415,6 +415,57 @@ std::vector<Tensor> layer_pair_bwd(const std::string& mode, const Tensor& x, con
   return out;
 }
 
+// A module's whole forward without gradients in one call, as torch.nn's `_VF.rnn_*`: at one step the Python
+// between a module's layers costs more than the layers (fastrnn/modules.py `_run_layers_at_once`). Each layer's
+// y is the next one's x; both directions of a bidirectional layer go through layer_pair_fwd, the forward
+// direction's y first. weights: torch.nn's `_flat_weights` order, per layer and direction w_ih, w_hh, then b_ih,
+// b_hh with `bias`, then w_hr with `proj`. hx: [L*D, B, Hout]; cx: [L*D, B, H] (LSTM). Returns y [N, D*Hout],
+// h_n [L*D, B, Hout] and c_n [L*D, B, H] (LSTM, else [0]).
+std::vector<Tensor> stack_fwd(const std::string& mode, const Tensor& x, const OptTensor& batch_sizes,
+                              const Tensor& hx, const OptTensor& cx, const std::vector<Tensor>& weights,
+                              int64_t num_layers, bool bidirectional, bool bias, bool proj) {
+  const bool lstm = parse_mode(mode) == Mode::LSTM;
+  const int64_t D = bidirectional ? 2 : 1, per = 2 + (bias ? 2 : 0) + (proj ? 1 : 0), n = num_layers * D;
+  TORCH_CHECK(num_layers >= 1 && static_cast<int64_t>(weights.size()) == n * per, "fastrnn: weights must hold ",
+              num_layers, " layers x ", D, " directions x ", per, " tensors, got ", weights.size(), " tensors for ",
+              num_layers, " layers");
+  TORCH_CHECK(hx.dim() == 3 && hx.size(0) == n, "fastrnn: hx must be [", n, ", B, Hout], got ",
+              shape_str(hx.sizes()));
+  TORCH_CHECK(lstm == cx.has_value(), "fastrnn: cx is ", lstm ? "required for LSTM" : "only for LSTM");
+  TORCH_CHECK(!cx || (cx->dim() == 3 && cx->size(0) == n), "fastrnn: cx must be [", n, ", B, H], got ",
+              shape_str(cx->sizes()));
+  struct Dir {
+    Tensor h0;
+    OptTensor c0, b_ih, b_hh, w_hr;
+    const Tensor &w_ih, &w_hh;
+  };
+  auto dir = [&](int64_t k) {
+    const Tensor* w = &weights[k * per];
+    return Dir{hx.select(0, k), cx ? OptTensor(cx->select(0, k)) : std::nullopt, bias ? OptTensor(w[2]) : std::nullopt,
+               bias ? OptTensor(w[3]) : std::nullopt, proj ? OptTensor(w[per - 1]) : std::nullopt, w[0], w[1]};
+  };
+  Tensor rows = x;
+  std::vector<Tensor> h_n, c_n;
+  for (int64_t l = 0; l < num_layers; ++l) {
+    const Dir f = dir(l * D);
+    std::vector<Tensor> out;
+    if (bidirectional) {
+      const Dir r = dir(l * D + 1);
+      out = layer_pair_fwd(mode, rows, batch_sizes, f.h0, f.c0, f.w_ih, f.w_hh, f.b_ih, f.b_hh, f.w_hr, r.h0, r.c0,
+                           r.w_ih, r.w_hh, r.b_ih, r.b_hh, r.w_hr, false);
+    } else {
+      out = layer_fwd(mode, rows, batch_sizes, f.h0, f.c0, f.w_ih, f.w_hh, f.b_ih, f.b_hh, f.w_hr, false, false);
+    }
+    // each direction's y, h_n, c_n and three saved activations (empty here)
+    for (size_t d = 0; d < out.size(); d += 6) {
+      h_n.push_back(out[d + 1]);
+      c_n.push_back(out[d + 2]);
+    }
+    rows = bidirectional ? at::cat({out[0], out[6]}, 1) : out[0];
+  }
+  return {rows, at::stack(h_n), lstm ? at::stack(c_n) : empty0(x)};
+}
+
 #define FRNN_STR2(x) #x
 #define FRNN_STR(x) FRNN_STR2(x)
 
@@ -540,6 +591,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   def("layer_ext_bwd", &fastrnn::layer_ext_bwd,
       std::make_tuple(py::arg("ext"), py::arg("y"), py::arg("xs"), py::arg("hs"), py::arg("stats"), py::arg("c"),
                       py::arg("dy"), py::arg("dh_n"), py::arg("dc_n"), py::arg("need_dx")));
+  m.def("stack_fwd", &fastrnn::stack_fwd, py::arg("mode"), py::arg("x"), py::arg("batch_sizes"), py::arg("hx"),
+        py::arg("cx"), py::arg("weights"), py::arg("num_layers"), py::arg("bidirectional"), py::arg("bias"),
+        py::arg("proj"), "a module's layers without gradients in one call: (y, h_n, c_n)");
   m.def("build_info", &fastrnn::build_info, "how this extension was built: CUDA archs, compiler, CPU ISA");
   m.def("_set_nan_fill", &fastrnn::set_nan_fill, "test hook: NaN-fill every workspace and output at allocation");
   m.def("_set_chunk_rows", &fastrnn::set_chunk_rows, "test hook: backward chunk size in rows (0: default)");

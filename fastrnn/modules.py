@@ -8,7 +8,7 @@ graph-break on torch's own recurrent modules.
 
 import warnings
 from types import ModuleType
-from typing import Callable, Dict, List, NamedTuple, Optional, Tuple, Union
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +18,7 @@ from torch.nn.utils.rnn import PackedSequence
 from fastrnn import interop as _interop
 from fastrnn import backend as _backend
 from fastrnn.ops import GATES, CellExt, LayerArgs
+from fastrnn.ops import glue as _glue
 
 
 class HiddenStateTypeError(TypeError, AttributeError, IndexError):
@@ -142,7 +143,27 @@ class _BackendMixin:
             name, impl = _backend.resolve_named("reference", x.device, x.dtype)
         return impl, self.backend_options.get(name, {})
 
+    def _cpp_at_once(self, x: Tensor, tensors: Sequence[Optional[Tensor]]) -> Optional[ModuleType]:
+        """The cpp backend where a call of torch.nn's cells on ``x`` may skip the layer ops and the contract's checks
+        in Python for one C++ call, else None: the cpp backend without options, nothing saved for a backward
+        and nothing tracing or watching ``tensors`` (``glue.direct``), and no ``LAYER_CALL_OBSERVERS``. Those
+        ~0.1 ms a layer in Python cost more than a layer at one step (generation): a two-layer RNN at H = 512
+        took 350 µs a step against torch.nn's 130."""
+        if LAYER_CALL_OBSERVERS:
+            return None
+        name, impl = _backend.resolve_named(self.backend, x.device, x.dtype)
+        if name != "cpp" or self.backend_options.get("cpp") or not _glue.direct(tensors):
+            return None
+        return impl
+
     def _call_layer(self, a: LayerArgs, ext: CellExt):
+        if not ext.features():
+            cpp = self._cpp_at_once(a.x, a.tensors())
+            if cpp is not None:
+                try:
+                    return cpp.layer_forward(a)
+                except RuntimeError:
+                    pass  # the op's path below raises the contract's error, naming the argument
         impl, options = self._backend_for(a.x, ext.features())
         for observe in LAYER_CALL_OBSERVERS:
             observe(a, ext, impl, options, False)
@@ -231,10 +252,13 @@ class _RNNBase(_BackendMixin, nn.RNNBase):
 
     __prepare_scriptable__ = _interop.prepare_scriptable
 
-    def _layer_params(self, layer: int, direction: int) -> List[Optional[Tensor]]:
+    @staticmethod
+    def _layer_param_names(layer: int, direction: int) -> List[str]:
         suffix = "_reverse" if direction == 1 else ""
-        names = ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")
-        return [getattr(self, f"{n}_l{layer}{suffix}", None) for n in names]
+        return [f"{n}_l{layer}{suffix}" for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")]
+
+    def _layer_params(self, layer: int, direction: int) -> List[Optional[Tensor]]:
+        return [getattr(self, name, None) for name in self._layer_param_names(layer, direction)]
 
     def _autocast_dtype(self, device_type: str) -> Optional[torch.dtype]:
         # as torch.nn: under autocast every mode computes in the autocast dtype (cuDNN; on CPU oneDNN's LSTM
@@ -326,16 +350,37 @@ class _RNNBase(_BackendMixin, nn.RNNBase):
             return states
         return tuple(s.index_select(1, permutation) for s in states)
 
+    def _run_layers_at_once(self, rows: Tensor, batch_sizes: Optional[Tensor],
+                            states: Tuple[Tensor, ...]) -> Optional[Tuple[Tensor, Tuple[Tensor, ...]]]:
+        """``_run_layers`` in one C++ call (``fastrnn.ops.cpp.stack_forward``) where ``_cpp_at_once`` allows it
+        and nothing runs between the layers (no dropout, no fastrnn cell), else None; None too where the call
+        fails, so that the per-layer path raises its error naming the module's parameter."""
+        if (self.layer_norm or self.zoneout or (self.training and (self.recurrent_dropout or
+                                                                   (self.dropout and self.num_layers > 1)))):
+            return None
+        weights = [getattr(self, name) for name in self._flat_weights_names]
+        cpp = self._cpp_at_once(rows, (rows, *states, *weights))
+        if cpp is None:
+            return None
+        try:
+            return cpp.stack_forward(self.mode, rows, batch_sizes, states, weights, self.num_layers,
+                                     self.bidirectional, self.bias, bool(self.proj_size))
+        except RuntimeError:
+            return None
+
     def _run_layers(self, rows: Tensor, batch_sizes: Optional[Tensor], states: Tuple[Tensor, ...],
                     amp_dtype: Optional[torch.dtype]) -> Tuple[Tensor, Tuple[Tensor, ...]]:
         """Every layer and direction through the backend: ``(last layer's rows, final states)``."""
+        at_once = self._run_layers_at_once(rows, batch_sizes, states) if amp_dtype is None else None
+        if at_once is not None:
+            return at_once
         num_dir = 2 if self.bidirectional else 1
         finals: List[List[Tensor]] = [[] for _ in states]
         for layer in range(self.num_layers):
             calls = []
             for d in range(num_dir):
                 params = self._layer_params(layer, d)
-                _check_params(params, ["weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr"], rows)
+                _check_params(params, self._layer_param_names(layer, d), rows)
                 if amp_dtype is not None:
                     params = [None if p is None else p.to(amp_dtype) for p in params]
                 k = layer * num_dir + d

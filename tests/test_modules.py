@@ -1,5 +1,6 @@
 """fastrnn modules against torch.nn with copied weights: outputs, states and every gradient."""
 
+import contextlib
 import copy
 import itertools
 
@@ -8,9 +9,11 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
+from torch.nn.utils.rnn import PackedSequence
 
 import fastrnn
 from conftest import TOL, nn_lstm_autocast_error, usable_backends
+from fastrnn.ops import cpp
 from rnn_cases import CELLS, KINDS, compare, random_packed, random_state, twins
 
 BACKENDS = usable_backends()
@@ -192,3 +195,127 @@ def test_autocast_runs_in_the_autocast_dtype_like_torch(kind, against):
             expected = tuple(o.to(torch.bfloat16) for o in copy.deepcopy(ref).double()(x.double())[:1])
     assert got[0].dtype == expected[0].dtype
     torch.testing.assert_close(got[0], expected[0], **TOL[torch.bfloat16])
+
+
+needs_cpp = pytest.mark.skipif("cpp" not in BACKENDS, reason="the cpp backend is not built here")
+ONE_CALL_OPTIONS = [dict(bias=True, batch_first=False, bidirectional=False, num_layers=1),
+                    dict(bias=True, batch_first=True, bidirectional=True, num_layers=3),
+                    dict(bias=False, batch_first=False, bidirectional=True, num_layers=2)]
+
+
+def _every_output(out) -> list:
+    out, state = out
+    return [out.data if isinstance(out, PackedSequence) else out, *(state if isinstance(state, tuple) else (state,))]
+
+
+def _counting(monkeypatch, owner, name: str) -> list:
+    """A list that gets one entry per call of ``owner.name`` (which still runs)."""
+    calls, real = [], getattr(owner, name)
+    monkeypatch.setattr(owner, name, lambda *a: calls.append(name) or real(*a))
+    return calls
+
+
+@needs_cpp
+@pytest.mark.parametrize("form", ["batched", "batched_no_hx", "unbatched_hx", "packed_unsorted_hx"])
+@pytest.mark.parametrize("opts", ONE_CALL_OPTIONS, ids=_opt_id)
+@pytest.mark.parametrize("kind", KINDS)
+def test_layers_in_one_call_without_gradients(kind, opts, form, monkeypatch):
+    """Without gradients and unwatched, a module of the cpp backend runs all its layers in one C++ call
+    (``fastrnn.ops.cpp.stack_forward``): once per module call, with the results of the per-layer ops (the same call
+    under a function mode, which sends each layer through its op) bit for bit, and torch.nn's within the fp32
+    tolerance."""
+    ref, fast = twins(kind, 3, 5, torch.float32, "cpp", **opts)
+    x, B = _make_input(ref, form.replace("_no_hx", "").replace("_hx", ""), 4, 3, torch.float32)
+    hx = random_state(ref, B, torch.float32, batched=B is not None) if form != "batched_no_hx" else None
+    args = (x,) if hx is None else (x, hx)
+    calls = _counting(monkeypatch, cpp, "stack_forward")
+    with torch.no_grad():
+        got = _every_output(fast(*args))
+        assert calls == ["stack_forward"]
+        with torch.device("cpu"):
+            per_layer = _every_output(fast(*args))
+        assert calls == ["stack_forward"]
+        want = _every_output(ref(*args))
+    for g, p, w in zip(got, per_layer, want):
+        assert torch.equal(g, p)
+        torch.testing.assert_close(g, w, **TOL[torch.float32])
+
+
+def _frozen(module):
+    return module.requires_grad_(False)
+
+
+# Calls that must run layer by layer (each through its op, or the reference backend's): what the one C++ call
+# cannot do, or would hide from a watcher.
+PER_LAYER = {
+    "with-gradients": (lambda m: m, contextlib.nullcontext, True),
+    "the-profiler": (_frozen, torch.profiler.profile, False),
+    "a-function-mode": (_frozen, lambda: torch.device("cpu"), False),
+    "autocast": (_frozen, lambda: torch.autocast("cpu", dtype=torch.bfloat16), False),
+    "dropout-in-training": (lambda m: _frozen(m).train(), contextlib.nullcontext, False),
+    "layer-norm": (lambda m: m, contextlib.nullcontext, False),
+    "zoneout-in-eval": (lambda m: m, contextlib.nullcontext, False),
+    "reference-backend": (lambda m: m, contextlib.nullcontext, False),
+}
+
+
+@needs_cpp
+@pytest.mark.parametrize("case", PER_LAYER)
+def test_layers_one_by_one_where_watched_or_needed(case, monkeypatch):
+    """With gradients, under the profiler, a function mode or autocast, with dropout between layers in training, with
+    fastrnn's own cells or another backend, a module runs its layers one by one; the same module frozen, in eval
+    and unwatched (where the case allows) takes the one call."""
+    prepare, context, grad = PER_LAYER[case]
+    extra = {"layer_norm": True} if case == "layer-norm" else {"zoneout": 0.3} if case == "zoneout-in-eval" else {}
+    backend = "reference" if case == "reference-backend" else "cpp"
+    module = prepare(fastrnn.GRU(3, 5, num_layers=2, dropout=0.5, backend=backend, **extra).eval())
+    one_call = _counting(monkeypatch, cpp, "stack_forward")
+    x = torch.randn(4, 2, 3)
+    with torch.set_grad_enabled(grad), context():
+        module(x)
+    assert one_call == []
+    module.requires_grad_(False).eval()
+    with torch.set_grad_enabled(grad):
+        module(x)
+    assert one_call == ([] if extra or backend != "cpp" else ["stack_forward"])
+
+
+@needs_cpp
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_broken_parameter_gets_the_per_layer_error(kind):
+    """A parameter of the wrong dtype or device: the one call fails, and the module raises what the per-layer ops
+    raise (naming the parameter where it is on another device), not the C++ call's own message."""
+    _, fast = twins(kind, 3, 5, torch.float32, "cpp", num_layers=2)
+    x = torch.randn(4, 2, 3)
+    for name, broken in (("weight_hh_l1", torch.float64), ("weight_ih_l1", "meta")):
+        good = getattr(fast, name)
+        setattr(fast, name, nn.Parameter(good.detach().to(broken)))
+        with torch.no_grad():
+            with pytest.raises(RuntimeError) as one_call:
+                fast(x)
+            with torch.device("cpu"), pytest.raises(RuntimeError) as per_layer:
+                fast(x)
+        setattr(fast, name, good)
+        assert str(one_call.value) == str(per_layer.value)
+        assert (name if broken == "meta" else "w_hh must have dtype torch.float32") in str(one_call.value)
+
+
+@needs_cpp
+@pytest.mark.parametrize("cell", CELLS)
+def test_cells_without_gradients_skip_the_op(cell, monkeypatch):
+    """A cell without gradients and unwatched calls the C++ forward directly (``cpp.layer_forward``), with the op's
+    results bit for bit; with gradients the op runs."""
+    cls, extra = CELLS[cell]
+    fast = getattr(fastrnn, cls.__name__)(5, 6, backend="cpp", **extra)
+    direct = _counting(monkeypatch, cpp, "layer_forward")
+    x = torch.randn(3, 5)
+    with torch.no_grad():
+        got = fast(x)
+        assert direct == ["layer_forward"]
+        with torch.device("cpu"):
+            via_op = fast(x)
+    assert direct == ["layer_forward"]
+    for g, w in zip(got if isinstance(got, tuple) else (got,), via_op if isinstance(via_op, tuple) else (via_op,)):
+        assert torch.equal(g, w)
+    fast(x)
+    assert direct == ["layer_forward"]

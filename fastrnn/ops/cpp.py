@@ -11,7 +11,7 @@ round what they return, on the CPU and on CUDA alike.
 
 import functools
 import os
-from typing import Optional
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -19,7 +19,7 @@ from torch import Tensor
 from fastrnn import _buildcfg
 from fastrnn._ext import _C, _C_ERROR
 from fastrnn import ops as _ops
-from fastrnn.ops import CellExt, LayerArgs, Saved, SavedExt
+from fastrnn.ops import CellExt, LayerArgs, LayerOut, Saved, SavedExt
 from fastrnn.ops.glue import ExtImpl, LayerOp, PairImpl
 
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -143,6 +143,24 @@ def _pair_backward(a: LayerArgs, r: LayerArgs, _options: tuple, y, saved: Saved,
                    dy_r, dh_n_r, dc_n_r, need_dx: bool):
     return tuple(_lib().layer_pair_bwd(*a[:-1], *r.tensors()[1:], y, *saved[:3], y_r, *saved_r[:3], dy, dh_n, dc_n,
                                        dy_r, dh_n_r, dc_n_r, need_dx))
+
+
+def layer_forward(a: LayerArgs) -> LayerOut:
+    """``layer(a)`` without its op and the contract's checks in Python, for a call ``glue.direct`` lets through
+    (the C++ checks every input itself)."""
+    y, h_n, c_n = _lib().layer_fwd(*a, False)[:3]
+    return LayerOut(y, h_n, c_n if a.mode == "LSTM" else None)
+
+
+def stack_forward(mode: str, x: Tensor, batch_sizes: Optional[Tensor], states: Tuple[Tensor, ...],
+                  weights: List[Tensor], num_layers: int, bidirectional: bool, bias: bool,
+                  proj: bool) -> Tuple[Tensor, Tuple[Tensor, ...]]:
+    """A module's layers in one C++ call (csrc/rnn.cpp ``stack_fwd``) for a call ``glue.direct`` lets through:
+    ``states`` ``(hx,)`` or LSTM's ``(hx, cx)``, ``[layers*directions, B, *]``, and ``weights`` in torch.nn's
+    ``_flat_weights`` order; returns the last layer's rows and the final states in the form of ``states``."""
+    y, h_n, c_n = _lib().stack_fwd(mode, x, batch_sizes, states[0], states[1] if len(states) == 2 else None,
+                                   weights, num_layers, bidirectional, bias, proj)
+    return y, (h_n, c_n) if len(states) == 2 else (h_n,)
 
 
 layer = LayerOp("cpp", "layer", availability, _forward, _backward, _fake_saved,

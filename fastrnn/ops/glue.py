@@ -373,6 +373,13 @@ def _untraced(inputs: tuple) -> bool:
     return not watched and all(type(t) in _PLAIN_TENSORS for t in inputs if isinstance(t, Tensor))
 
 
+def direct(tensors: Sequence[Optional[Tensor]]) -> bool:
+    """Whether a forward on ``tensors`` may skip the ops altogether (a module's one C++ call,
+    ``fastrnn.ops.cpp.stack_forward``): nothing to save for a backward, no torch.func transform or forward-mode
+    AD, and nothing tracing or watching the call (``_untraced``)."""
+    return not _saving(tensors) and not _transformed() and _untraced(tuple(tensors))
+
+
 def _saving(differentiable: Sequence[Optional[Tensor]]) -> bool:
     """Whether the forward keeps activations for a backward: inference skips them (less memory and traffic)."""
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in differentiable)
