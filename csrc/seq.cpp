@@ -183,8 +183,8 @@ bool dnn_on() {
 // M = 16, (65, 512) 15 / 36, (512, 512) 89 / 92; M = 64, (65, 512) 36 / 41, (512, 512) 203 / 187. In a layer:
 // one step of one row (T = B = 1) at (I, H) = (64, 64) 12-14 against 27-34 us for every cell, (65, 512) RNN 39
 // against 61, LSTM 117 against 135; fwd+bwd at (T,B,I,H) = (4,2,128,128) 0.56-0.78 against 0.71-0.94 ms.
-// oneDNN keeps the products with an operand of 1 MiB or more, which at::mm (MKL's generic kernels on AMD) streams
-// on one thread. Capped to AVX2 the rule changes nothing measurable: oneDNN's AVX2 matmul showed no such cost
+// oneDNN keeps the products with an operand over 1 MiB, which at::mm (MKL's generic kernels on AMD) streams on
+// one thread. Capped to AVX2 the rule changes nothing measurable: oneDNN's AVX2 matmul showed no such cost
 // (the same one-step and fwd+bwd cases level with and without it).
 constexpr int64_t kSmallMacs = int64_t{1} << 22;
 constexpr int64_t kSmallOperand = int64_t{1} << 18;  // elements
@@ -201,7 +201,7 @@ bool dnn_takes(const at::Tensor& c, const at::Tensor& a, const at::Tensor& b) {
 }  // namespace
 
 std::string big_gemm_engine(at::ScalarType t) {
-  return t == at::kFloat && dnn_on() ? "oneDNN matmul (at::mm below 4M multiply-adds with operands under 1 MiB)"
+  return t == at::kFloat && dnn_on() ? "oneDNN matmul (at::mm to 4M multiply-adds with operands to 1 MiB)"
                                       : "at::mm";
 }
 

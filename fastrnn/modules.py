@@ -354,13 +354,16 @@ class _RNNBase(_BackendMixin, nn.RNNBase):
                             states: Tuple[Tensor, ...]) -> Optional[Tuple[Tensor, Tuple[Tensor, ...]]]:
         """``_run_layers`` in one C++ call (``fastrnn.ops.cpp.stack_forward``) where ``_cpp_at_once`` allows it
         and nothing runs between the layers (no dropout, no fastrnn cell), else None; None too where the call
-        fails, so that the per-layer path raises its error naming the module's parameter."""
+        fails, so that the per-layer path raises its error naming the module's parameter. Decided before the
+        weights are read where it can be: a parametrized weight is computed once per call either way."""
         if (self.layer_norm or self.zoneout or (self.training and (self.recurrent_dropout or
                                                                    (self.dropout and self.num_layers > 1)))):
             return None
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (rows, *states, *self.parameters())):
+            return None
         weights = [getattr(self, name) for name in self._flat_weights_names]
         cpp = self._cpp_at_once(rows, (rows, *states, *weights))
-        if cpp is None:
+        if cpp is None or any(w is None for w in weights):
             return None
         try:
             return cpp.stack_forward(self.mode, rows, batch_sizes, states, weights, self.num_layers,

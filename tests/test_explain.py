@@ -74,8 +74,9 @@ def test_cpu_in_place_recurrent_product_named():
         with in_place_share(1):
             forced = lines(narrow, torch.randn(16, 1, 4))[0]
     assert "W_hh in place: one row per step" in one, one
+    wide_enough = fastrnn.GRU(4, 340, backend="cpp")  # 1.4 MiB of weights: the engine from 2 rows on any CPU
     with exactly_threads(2), in_place_share(1):
-        x_two, x_three = lines(narrow, torch.randn(2, 1, 4))[0], lines(narrow, torch.randn(3, 1, 4))[0]
+        x_two, x_three = lines(wide_enough, torch.randn(2, 1, 4))[0], lines(wide_enough, torch.randn(3, 1, 4))[0]
     assert "W_hh and W_ih in place" in x_two and "W_hh in place" in x_three, (x_two, x_three)
     assert "fused CPU engine" in two and "in place" not in two, two
     assert "fused CPU engine" in small and "in place" not in small, small

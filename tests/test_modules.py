@@ -215,17 +215,23 @@ def _counting(monkeypatch, owner, name: str) -> list:
     return calls
 
 
+# (I, H, T, B): small, and one step of one row of layers from 256 KiB (the CPU engine reading both weights in place)
+ONE_CALL_SIZES = {"small": (3, 5, 4, 3), "one-step": (65, 260, 1, 1)}
+
+
 @needs_cpp
+@pytest.mark.parametrize("size", ONE_CALL_SIZES)
 @pytest.mark.parametrize("form", ["batched", "batched_no_hx", "unbatched_hx", "packed_unsorted_hx"])
 @pytest.mark.parametrize("opts", ONE_CALL_OPTIONS, ids=_opt_id)
 @pytest.mark.parametrize("kind", KINDS)
-def test_layers_in_one_call_without_gradients(kind, opts, form, monkeypatch):
+def test_layers_in_one_call_without_gradients(kind, opts, form, size, monkeypatch):
     """Without gradients and unwatched, a module of the cpp backend runs all its layers in one C++ call
     (``fastrnn.ops.cpp.stack_forward``): once per module call, with the results of the per-layer ops (the same call
     under a function mode, which sends each layer through its op) bit for bit, and torch.nn's within the fp32
     tolerance."""
-    ref, fast = twins(kind, 3, 5, torch.float32, "cpp", **opts)
-    x, B = _make_input(ref, form.replace("_no_hx", "").replace("_hx", ""), 4, 3, torch.float32)
+    I, H, T, B = ONE_CALL_SIZES[size]
+    ref, fast = twins(kind, I, H, torch.float32, "cpp", **opts)
+    x, B = _make_input(ref, form.replace("_no_hx", "").replace("_hx", ""), T, B, torch.float32)
     hx = random_state(ref, B, torch.float32, batched=B is not None) if form != "batched_no_hx" else None
     args = (x,) if hx is None else (x, hx)
     calls = _counting(monkeypatch, cpp, "stack_forward")
@@ -301,21 +307,54 @@ def test_a_broken_parameter_gets_the_per_layer_error(kind):
 
 
 @needs_cpp
+@pytest.mark.parametrize("size", ONE_CALL_SIZES)
 @pytest.mark.parametrize("cell", CELLS)
-def test_cells_without_gradients_skip_the_op(cell, monkeypatch):
+def test_cells_without_gradients_skip_the_op(cell, size, monkeypatch):
     """A cell without gradients and unwatched calls the C++ forward directly (``cpp.layer_forward``), with the op's
-    results bit for bit; with gradients the op runs."""
+    results bit for bit and torch.nn's within the fp32 tolerance; with gradients the op runs."""
+    I, H, _, B = ONE_CALL_SIZES[size]
     cls, extra = CELLS[cell]
-    fast = getattr(fastrnn, cls.__name__)(5, 6, backend="cpp", **extra)
+    ref = cls(I, H, **extra)
+    fast = getattr(fastrnn, cls.__name__)(I, H, backend="cpp", **extra)
+    fast.load_state_dict(ref.state_dict())
     direct = _counting(monkeypatch, cpp, "layer_forward")
-    x = torch.randn(3, 5)
+    x = torch.randn(B, I)
     with torch.no_grad():
         got = fast(x)
         assert direct == ["layer_forward"]
         with torch.device("cpu"):
             via_op = fast(x)
+        want = ref(x)
     assert direct == ["layer_forward"]
-    for g, w in zip(got if isinstance(got, tuple) else (got,), via_op if isinstance(via_op, tuple) else (via_op,)):
-        assert torch.equal(g, w)
+    for g, o, w in zip(*(out if isinstance(out, tuple) else (out,) for out in (got, via_op, want))):
+        assert torch.equal(g, o)
+        torch.testing.assert_close(g, w, **TOL[torch.float32])
     fast(x)
     assert direct == ["layer_forward"]
+
+
+class _Counted(nn.Module):
+    """An identity parametrization that counts its evaluations."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return w
+
+
+@needs_cpp
+@pytest.mark.parametrize("grad", [False, True], ids=["no-grad", "grad"])
+def test_a_parametrized_weight_is_computed_once_per_call(grad, monkeypatch):
+    """A parametrization (spectral_norm's power iteration, say) runs once per module call whichever path the
+    call takes: the one C++ call without gradients, the per-layer ops with them."""
+    module = fastrnn.LSTM(3, 5, num_layers=2, backend="cpp")
+    counted = _Counted()
+    torch.nn.utils.parametrize.register_parametrization(module, "weight_hh_l1", counted)
+    counted.calls = 0  # registering evaluates it once
+    one_call = _counting(monkeypatch, cpp, "stack_forward")
+    with torch.set_grad_enabled(grad):
+        module(torch.randn(4, 2, 3))
+    assert counted.calls == 1 and one_call == ([] if grad else ["stack_forward"])

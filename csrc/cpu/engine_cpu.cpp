@@ -139,8 +139,8 @@ constexpr int64_t kTrainRows = 16;
 // Inference (nothing saved): the forward packs only what the steps read (and at one row per step not W_hh:
 // DotWeight), so it wins from two rows, by 1.12-2.8x on AVX-512 for every cell from (T,B,I,H) = (4,1,16,16) to
 // (4,1,256,1024) (Zen 4, forward, ranges of 3 runs: LSTM (2,1,128,128) 0.19 against 0.22 ms, (4,1,65,512,2)
-// 0.75-0.91 against 1.39-1.61). A single row stays on at::mm: at (1,1,65,512,2) the engine's GRU and RNN ran
-// level on AVX-512 and slower on AVX2 (0.94x, 0.83x).
+// 0.75-0.91 against 1.39-1.61). A single row has its own rule (one_row_engine): with W_ih packed into panels
+// for its one use, the engine's GRU and RNN had run level at (1,1,65,512,2) on AVX-512 and slower on AVX2.
 constexpr int64_t kInferRows = 2;
 // AVX2: the engine's fixed cost is larger against ATen's AVX2 kernels, and small layers lose 5-15 % from two
 // rows ((2,1,32,32) to (8,1,128,128), 0.13-0.25 ms calls), while weights from 1 MiB up win: (3,1,256,256) LSTM
@@ -586,7 +586,7 @@ void dot_block(int64_t G, int64_t H, int64_t K, int64_t n, const float* a, const
 // AVX-512 1.57 against 1.67-1.75. At B = 2 in place was level, at B = 3 and 4 12-18 % slower.
 struct DotWeight {
   const Layout& L;
-  Tensor w;  // [G*H, K] fp32, PyTorch's gate order: W_hh (K = H), or W_ih (K = I) for a single row
+  Tensor w;  // [G*H, K] fp32, PyTorch's gate order: W_hh (K = H), or W_ih (K = I) at one or two rows
   int64_t K;
   static bool takes(const Layout& L, const Team& team, int64_t B, int64_t N, bool bf16) {
     const int64_t share = g_in_place_share > 0 ? g_in_place_share : machine().l2 / 2;
