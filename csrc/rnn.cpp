@@ -76,9 +76,10 @@ std::pair<std::string, std::string> path_of(const Problem& pr, const Tensor& x, 
   }
   if (engine_takes(pr, like, training)) {
     return {pre + "fused CPU engine (oneDNN brgemm ukernel + cell per step and thread" +
-                std::array<const char*, 3>{"", "; h . W_hh^T a matrix-vector product on W_hh in place: one row per step",
-                                           "; h . W_hh^T and x . W_ih^T matrix-vector products on W_hh and W_ih in "
-                                           "place: one row per step"}[engine_in_place(pr, like)] +
+                std::array<const char*, 3>{
+                    "", "; h . W_hh^T a matrix-vector product on W_hh in place: one row per step",
+                    "; h . W_hh^T and x . W_ih^T matrix-vector products on W_hh and W_ih in place: one row per step"}
+                    [engine_in_place(pr, like)] +
                 ")",
             ""};
   }
@@ -441,8 +442,10 @@ std::vector<Tensor> stack_fwd(const std::string& mode, const Tensor& x, const Op
   };
   auto dir = [&](int64_t k) {
     const Tensor* w = &weights[k * per];
-    return Dir{hx.select(0, k), cx ? OptTensor(cx->select(0, k)) : std::nullopt, bias ? OptTensor(w[2]) : std::nullopt,
-               bias ? OptTensor(w[3]) : std::nullopt, proj ? OptTensor(w[per - 1]) : std::nullopt, w[0], w[1]};
+    // w[i] only where present: past the last direction's tensors there is nothing to refer to
+    const auto opt = [w](bool present, int64_t i) { return present ? OptTensor(w[i]) : std::nullopt; };
+    return Dir{hx.select(0, k), cx ? OptTensor(cx->select(0, k)) : std::nullopt, opt(bias, 2), opt(bias, 3),
+               opt(proj, per - 1), w[0], w[1]};
   };
   Tensor rows = x;
   std::vector<Tensor> h_n, c_n;

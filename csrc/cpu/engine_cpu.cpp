@@ -577,8 +577,9 @@ void dot_block(int64_t G, int64_t H, int64_t K, int64_t n, const float* a, const
 
 // W_hh as it lies, and the step's h_{t-1} . W_hh^T over one segment from it (the tile StepWeight::gemm writes).
 // Taken instead of StepWeight's panels at one row per step (B = 1) in fp32 for a single row (one_row_engine), and
-// where a thread's share of W_hh fills at least half its L2: the step is then a matrix-vector product streaming W_hh from L3 or memory, as fast from
-// either layout, and packing the panels (a transpose of all of W_hh per call) is pure cost. Forward, two
+// where a thread's share of W_hh fills at least half its L2: the step is then a matrix-vector product streaming
+// W_hh from L3 or memory, as fast from either layout, and packing the panels (a transpose of all of W_hh per
+// call) is pure cost. Forward, two
 // threads, panels against in place (medians of 15 calls, two to three alternating runs): AVX2 (Zen 4 capped)
 // LSTM (T,B,I,H,L) = (100,1,128,512,2) 9.7-10.0 -> 8.3-8.7 ms, (200,1,256,512,1) 9.0-9.2 -> 7.2-7.4, GRU 6.6-7.4
 // -> 5.7; AVX-512 LSTM (100,1,256,1024,1) 16.1-16.7 -> 13.4-14.0, (100,1,128,512,2) level. Where the share fits
@@ -741,8 +742,6 @@ Dtype seq_dtype(const Tensor& x) { return x.scalar_type() == at::kBFloat16 ? Dty
 
 }  // namespace
 
-// What the call is refused for regardless of its rows comes first, so that a call refused with and without
-// gradients names the same reason.
 // A single row without gradients (T = B = 1: a step of generation) takes the engine in fp32 from kOneRowBytes of
 // weights (fp32, W_ih and W_hh), reading both weights in place (DotWeight): at::mm's matrix-vector products
 // run on one thread (MKL's generic kernels on AMD), the engine's threads each stream their share of the rows.
@@ -754,10 +753,12 @@ Dtype seq_dtype(const Tensor& x) { return x.scalar_type() == at::kBFloat16 ? Dty
 // us, GRU 164-199 / 315-317, LSTM 196-223 / 392-440 on AVX-512.
 constexpr int64_t kOneRowBytes = int64_t{256} << 10;
 
-bool one_row_engine(const Problem& pr, const at::Tensor& x, bool training) {
+static bool one_row_engine(const Problem& pr, const at::Tensor& x, bool training) {
   return !training && x.scalar_type() == at::kFloat && pr.G * pr.H * (pr.I + pr.H) * int64_t{4} >= kOneRowBytes;
 }
 
+// What the call is refused for regardless of its rows comes first, so that a call refused with and without
+// gradients names the same reason.
 std::string engine_refusal(const Problem& pr, const at::Tensor& x, bool training) {
   if (!x.is_cpu()) return "not a CPU tensor";
   if (pr.proj) return "proj_size";
