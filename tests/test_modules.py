@@ -247,6 +247,31 @@ def test_layers_in_one_call_without_gradients(kind, opts, form, size, monkeypatc
         torch.testing.assert_close(g, w, **TOL[torch.float32])
 
 
+if torch.cuda.is_available() and "cpp" in usable_backends("cuda"):  # collected only where a GPU is present
+    @pytest.mark.cuda
+    @pytest.mark.parametrize("form", ["batched", "packed_unsorted_hx"])
+    @pytest.mark.parametrize("kind", KINDS)
+    def test_layers_in_one_call_on_cuda(kind, form, monkeypatch):
+        """The one C++ call on a CUDA device: once per module call, bit for bit the per-layer ops' results and
+        torch.nn's (cuDNN, TF32 off) within the fp32 tolerance, for a bidirectional two-layer module."""
+        ref, fast = twins(kind, 3, 5, torch.float32, "cpp", num_layers=2, bidirectional=True)
+        ref, fast = ref.cuda(), fast.cuda()
+        x, B = _make_input(ref, form.replace("_hx", ""), 4, 3, torch.float32)
+        x = x.to("cuda")
+        hx = random_state(ref, B, torch.float32)
+        hx = tuple(h.cuda() for h in hx) if isinstance(hx, tuple) else hx.cuda()
+        calls = _counting(monkeypatch, cpp, "stack_forward")
+        with torch.no_grad():
+            got = _every_output(fast(x, hx))
+            with torch.device("cuda"):
+                per_layer = _every_output(fast(x, hx))
+            want = _every_output(ref(x, hx))
+        assert calls == ["stack_forward"]
+        for g, p, w in zip(got, per_layer, want):
+            assert torch.equal(g, p)
+            torch.testing.assert_close(g, w, **TOL[torch.float32])
+
+
 def _frozen(module):
     return module.requires_grad_(False)
 
