@@ -256,6 +256,13 @@ def inference_engine_expected(c: Case, n_rows: int) -> bool:
     return n_rows >= TRAIN_ROWS or (n_rows >= INFER_ROWS and (avx512 or weight_bytes >= INFER_BYTES))
 
 
+def module_of(c: Case):
+    """A one-layer fastrnn module (cpp backend) of the case's mode and sizes, for fastrnn.explain."""
+    kind = {"LSTM": "LSTM", "GRU": "GRU"}.get(c.mode, "RNN")
+    extra = {} if kind != "RNN" else {"nonlinearity": c.mode[4:].lower()}
+    return getattr(fastrnn, kind)(c.I, c.H, bias=c.bias, backend="cpp", **extra)
+
+
 def mm_calls_without_grad(c: Case, args) -> int:
     """aten::mm calls one layer call without gradients makes: one per step or more on the per-step path, none
     on the engine's (its products run on the brgemm ukernel or in place)."""
@@ -310,9 +317,7 @@ def check_inference(c: Case, dtype: torch.dtype) -> None:
             assert rel_err(g, w) <= REL_TOL[dtype], (name, rel_err(g, w))
     if dtype != torch.float32 or c.packed:
         return
-    kind = {"LSTM": "LSTM", "GRU": "GRU"}.get(c.mode, "RNN")
-    extra = {} if kind != "RNN" else {"nonlinearity": c.mode[4:].lower()}
-    module = getattr(fastrnn, kind)(c.I, c.H, bias=c.bias, backend="cpp", **extra)
+    module = module_of(c)
     line = fastrnn.explain(module, torch.randn(c.T, c.B, c.I)).splitlines()[0]
     inference, _, training = line.partition("; in training (with gradients): ")
     engine = inference_engine_expected(c, rows(c, inputs))
@@ -347,9 +352,7 @@ def test_forward_reads_w_ih_in_place_at_one_or_two_rows(c):
         pytest.skip("no CPU engine here (oneDNN's ukernel missing)")
     with in_place_share(1):
         check_inference(c, torch.float32)
-        kind = {"LSTM": "LSTM", "GRU": "GRU"}.get(c.mode, "RNN")
-        module = getattr(fastrnn, kind)(c.I, c.H, bias=c.bias, backend="cpp")
-        line = fastrnn.explain(module, torch.randn(c.T, c.B, c.I)).splitlines()[0]
+        line = fastrnn.explain(module_of(c), torch.randn(c.T, c.B, c.I)).splitlines()[0]
     if inference_engine_expected(c, c.T * c.B):
         assert ("W_hh and W_ih in place" in line) == (c.T * c.B <= 2) and "W_hh" in line, line
 
@@ -396,9 +399,7 @@ def test_fp32_forward_reads_w_hh_in_place(c):
     fastrnn.explain of a module of the same shape says the path was taken (only at B = 1)."""
     if not cpp._lib().build_info()["cpu_gemm"]["float32"].startswith("fused"):
         pytest.skip("no CPU engine here (oneDNN's ukernel missing)")
-    kind = {"LSTM": "LSTM", "GRU": "GRU"}.get(c.mode, "RNN")
-    extra = {} if kind != "RNN" else {"nonlinearity": c.mode[4:].lower()}
-    module = getattr(fastrnn, kind)(c.I, c.H, bias=c.bias, backend="cpp", **extra)
+    module = module_of(c)
     with at_least_threads(2), nan_poisoned(CPU64), in_place_share(1):
         assert_matches_reference(CPU32, c)
         line = fastrnn.explain(module, torch.randn(c.T, c.B, c.I)).splitlines()[0]

@@ -234,11 +234,17 @@ def test_layers_in_one_call_without_gradients(kind, opts, form, size, monkeypatc
     x, B = _make_input(ref, form.replace("_no_hx", "").replace("_hx", ""), T, B, torch.float32)
     hx = random_state(ref, B, torch.float32, batched=B is not None) if form != "batched_no_hx" else None
     args = (x,) if hx is None else (x, hx)
+    _assert_one_call(ref, fast, args, "cpu", monkeypatch)
+
+
+def _assert_one_call(ref, fast, args: tuple, device: str, monkeypatch) -> None:
+    """``fast(*args)`` without gradients takes the one call exactly once, and returns bit for bit what it returns
+    under a function mode (each layer through its op) and ``ref``'s results within the fp32 tolerance."""
     calls = _counting(monkeypatch, cpp, "stack_forward")
     with torch.no_grad():
         got = _every_output(fast(*args))
         assert calls == ["stack_forward"]
-        with torch.device("cpu"):
+        with torch.device(device):
             per_layer = _every_output(fast(*args))
         assert calls == ["stack_forward"]
         want = _every_output(ref(*args))
@@ -260,16 +266,7 @@ if torch.cuda.is_available() and "cpp" in usable_backends("cuda"):  # collected 
         x = x.to("cuda")
         hx = random_state(ref, B, torch.float32)
         hx = tuple(h.cuda() for h in hx) if isinstance(hx, tuple) else hx.cuda()
-        calls = _counting(monkeypatch, cpp, "stack_forward")
-        with torch.no_grad():
-            got = _every_output(fast(x, hx))
-            with torch.device("cuda"):
-                per_layer = _every_output(fast(x, hx))
-            want = _every_output(ref(x, hx))
-        assert calls == ["stack_forward"]
-        for g, p, w in zip(got, per_layer, want):
-            assert torch.equal(g, p)
-            torch.testing.assert_close(g, w, **TOL[torch.float32])
+        _assert_one_call(ref, fast, (x, hx), "cuda", monkeypatch)
 
 
 def _frozen(module):
