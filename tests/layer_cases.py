@@ -292,6 +292,22 @@ def backward_chunk_rows(rows: int):
     return _cpp_test_hook("_set_chunk_rows", rows)
 
 
+def train_steps(steps: int):
+    """The steps from which the cpp CPU engine takes a training call (with its rows rule)."""
+    return _cpp_test_hook("_set_train_steps", steps)
+
+
+@pytest.fixture
+def engine_in_short_training():
+    """The cpp CPU engine takes training calls from its rows rule alone, so that a file's short sequences test
+    the engine's backward as long ones would (its steps rule: tests/test_explain.py, with the defaults)."""
+    if _backend.reason_unavailable("cpp", torch.device("cpu"), torch.float32) is not None:
+        yield
+        return
+    with train_steps(1):
+        yield
+
+
 def in_place_share(nbytes: int):
     """The cpp CPU engine's share of W_hh per thread (bytes) from which a one-row forward reads W_hh in place."""
     return _cpp_test_hook("_set_in_place_share", nbytes)

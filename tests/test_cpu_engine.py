@@ -14,8 +14,8 @@ import fastrnn
 from conftest import assert_close, nn_lstm_autocast_error
 from fastrnn.ops import GATES, MODES, cpp, reference
 from fastrnn.ops import GRAD_NAMES as NAMES
-from layer_cases import (Case, Impl, assert_matches_reference, at_least_threads, backward_chunk_rows, in_place_share,
-                         nan_poisoned, nn_module)
+from layer_cases import (Case, Impl, assert_matches_reference, at_least_threads, backward_chunk_rows,  # noqa: F401
+                         engine_in_short_training, in_place_share, nan_poisoned, nn_module)
 from layer_cases import make_inputs as make_impl_inputs
 
 CPU64, CPU32 = Impl("cpp", "cpu", torch.float64), Impl("cpp", "cpu", torch.float32)
@@ -25,10 +25,10 @@ def make_inputs(c: Case):
     """fp64 CPU inputs, rounded to each dtype under test by the tests themselves."""
     return make_impl_inputs(c, CPU64)
 
-pytestmark = pytest.mark.skipif(
+pytestmark = [pytest.mark.skipif(
     cpp.availability(torch.device("cpu"), torch.bfloat16) is not None,
     reason=f"cpp backend unavailable: {cpp.availability(torch.device('cpu'), torch.bfloat16)}",
-)
+), pytest.mark.usefixtures("engine_in_short_training")]
 
 # Relative error in norm, ||got - fp64|| / ||fp64||, of every output and gradient. bf16 keeps 8 significant
 # bits (rounding 2^-9 = 2e-3 per stored value) and fp16 11 (2.4e-4); outputs, the GEMM operands and the
@@ -561,13 +561,13 @@ def test_engine_at_each_isa_level(cap):
     proc = run_with_isa(cap, """
 import torch
 from fastrnn.ops import cpp
-from layer_cases import Case, Impl, assert_matches_reference, at_least_threads, in_place_share
+from layer_cases import Case, Impl, assert_matches_reference, at_least_threads, in_place_share, train_steps
 from test_cpu_engine import assert_within_tolerance, check_inference, make_inputs
 print(cpp._lib().build_info()["cpu_isa"])
 for c in [Case("LSTM", 2, 1, 6, 24), Case("GRU", 3, 4, 60, 300, reverse=True)]:
     check_inference(c, torch.float32)
     check_inference(c, torch.bfloat16)
-with at_least_threads(2), in_place_share(1):
+with at_least_threads(2), in_place_share(1), train_steps(1):
     for c in [Case("LSTM", 5, 16, 24, 70), Case("GRU", 20, 1, 6, 40, reverse=True),
               Case("RNN_TANH", 4, 9, 8, 100, packed=True), Case("RNN_RELU", 3, 6, 5, 33),
               Case("GRU", 44, 12, 7, 36, reverse=True)]:

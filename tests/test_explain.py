@@ -37,13 +37,13 @@ def test_one_line_per_layer_and_direction_in_call_order():
 
 @needs_cpp
 def test_cpu_engine_threshold_and_refusals_named():
-    """T*B rows on either side of the engine's thresholds (a call in training from 16 rows, without gradients
-    from 2: on any CPU for a layer of 1 MiB of weights; a single row without gradients from 256 KiB of weights),
-    then a projection and fp64, which it refuses."""
+    """T*B rows on either side of the engine's thresholds (a call in training from 16 rows and 8 steps, or 4 steps
+    of 64 rows, without gradients from 2 rows: on any CPU for a layer of 1 MiB of weights; a single row without
+    gradients from 256 KiB of weights), then a projection and fp64, which it refuses."""
     if not fastrnn._C.build_info()["cpu_gemm"]["float32"].startswith("fused"):
         pytest.skip("no CPU engine here (oneDNN's ukernel missing)")
     few = lines(fastrnn.LSTM(4, 512, backend="cpp"), torch.randn(5, 3, 4))[0]
-    many = lines(fastrnn.LSTM(4, 6, backend="cpp"), torch.randn(4, 4, 4))[0]
+    many = lines(fastrnn.LSTM(4, 6, backend="cpp"), torch.randn(8, 4, 4))[0]
     one = lines(fastrnn.LSTM(4, 512, backend="cpp"), torch.randn(1, 1, 4))[0]
     one_small = lines(fastrnn.LSTM(4, 120, backend="cpp"), torch.randn(1, 1, 4))[0]  # 4*120*124*4 < 256 KiB
     inference, _, training = few.partition("; in training (with gradients): ")
@@ -55,6 +55,18 @@ def test_cpu_engine_threshold_and_refusals_named():
     assert one_training.startswith("per step at::mm") and "a single row (T*B))" in one_training, one
     assert "per step at::mm" in one_small and "a single row (T*B) of weights under 256 KiB" in one_small, one_small
     assert "in training" not in one_small, one_small
+    # training from 8 steps of 16 rows, or 4 steps of 64 rows a step: one step of a cell (T = 1) stays on at::mm
+    for T, B, engine in ((7, 16, False), (8, 2, True), (3, 64, False), (4, 64, True), (1, 32, False)):
+        line = lines(fastrnn.LSTM(4, 6, backend="cpp"), torch.randn(T, B, 4))[0]
+        inference, _, training = line.partition("; in training (with gradients): ")
+        assert "fused CPU engine" in inference, line
+        if engine:
+            assert not training, line
+        else:
+            steps = 4 if B >= 64 else 8
+            assert training.startswith("per step at::mm") and f"fewer than {steps} steps in training" in training, line
+    cell = lines(fastrnn.GRUCell(4, 6, backend="cpp"), torch.randn(32, 4))[0]
+    assert "in training (with gradients): per step at::mm" in cell and "fewer than 8 steps in training" in cell, cell
     assert "(CPU engine: proj_size)" in lines(fastrnn.LSTM(4, 6, proj_size=3, backend="cpp"), torch.randn(4, 4, 4))[0]
     assert "per step at::mm" in lines(fastrnn.LSTM(4, 6, backend="cpp").double(), torch.randn(4, 4, 4).double())[0]
 

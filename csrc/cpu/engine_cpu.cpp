@@ -136,6 +136,25 @@ constexpr int64_t kProjRows = 64;
 // 11.7-13.6 / 11.6-12.4 / 13.8-16.0 against 7.5-8.7 / 12.6-14.6 / 19.5-20.6, GRU 5.6-11.0 / 7.2-8.2 / 9.3-9.6
 // against 5.6-6.7 / 8.4-9.6 / 13.7-15.2.
 constexpr int64_t kTrainRows = 16;
+// Steps from which a training call takes the engine (with kTrainRows rows): its fixed cost per call (the forward's
+// and the backward's weight copies and panels, the gradients unpermuted: weight-sized work, on memory mostly
+// page-faulted fresh) is paid back over the steps it runs, and one step runs the same products either way.
+// Two threads, forward + backward of one layer call, engine against at::mm per step, medians of 11 alternations
+// in one process (Zen 4), ratios at::mm time / engine time at T = 1 / 2 / 4 / 8: LSTM (H, B) = (128, 16) 0.73 /
+// 0.94 / 1.05 / 1.18, (256, 16) 0.60 / 0.76 / 0.96 / 1.12, (512, 16) 0.55 / 0.67 / 0.89 / 0.93, (128, 64) 0.93 /
+// 1.02 / 1.65 / 1.66, (256, 64) 0.89 / 1.02 / 1.05 / 1.05, (512, 64) 0.76 / 0.82 / 0.92 / 1.07; GRU (128, 16)
+// 0.43 / 0.62 / 0.82 / 1.01, (512, 16) 0.36 / 0.51 / 0.71 / 1.12, (128, 64) 0.72 / 0.97 / 1.10 / 1.24, (512, 64)
+// 0.75 / 0.90 / 1.01 / 1.10. So 8 steps, or 4 where a step has 64 rows. (A cell in a training loop is T = 1: the
+// engine had made fastrnn's LSTMCell 0.65x torch.nn's at (B, H) = (32, 256).)
+constexpr int64_t kTrainSteps = 8;
+constexpr int64_t kTrainStepsWide = 4;
+constexpr int64_t kTrainWideRows = 64;
+int64_t g_train_steps = 0;  // set_train_steps's
+
+static int64_t train_steps(const Problem& pr) {
+  if (g_train_steps > 0) return g_train_steps;
+  return pr.B >= kTrainWideRows ? kTrainStepsWide : kTrainSteps;
+}
 // Inference (nothing saved): the forward packs only what the steps read (and at one row per step not W_hh:
 // DotWeight), so it wins from two rows, by 1.12-2.8x on AVX-512 for every cell from (T,B,I,H) = (4,1,16,16) to
 // (4,1,256,1024) (Zen 4, forward, ranges of 3 runs: LSTM (2,1,128,128) 0.19 against 0.22 ms, (4,1,65,512,2)
@@ -771,7 +790,10 @@ std::string engine_refusal(const Problem& pr, const at::Tensor& x, bool training
     return std::string(c10::toString(x.scalar_type())) + " storage";
   }
   const int64_t from = engine_rows(pr, training);
-  if (pr.N >= from) return "";
+  if (pr.N >= from) {
+    if (!training || pr.T >= train_steps(pr)) return "";
+    return "fewer than " + std::to_string(train_steps(pr)) + " steps in training";
+  }
   if (pr.N == 1) {
     if (one_row_engine(pr, x, training)) return "";
     return training ? "a single row (T*B)" : "a single row (T*B) of weights under 256 KiB (or not fp32)";
@@ -791,6 +813,7 @@ int engine_in_place(const Problem& pr, const at::Tensor& x) {
 }
 
 void set_in_place_share(int64_t bytes) { g_in_place_share = std::max<int64_t>(0, bytes); }
+void set_train_steps(int64_t steps) { g_train_steps = std::max<int64_t>(0, steps); }
 
 // machine() for the reports, which must not throw: nullptr (and the reason) under an unknown FASTRNN_CPU_ISA,
 // which the first CPU call reports too
@@ -821,7 +844,9 @@ std::vector<std::pair<std::string, std::string>> engine_report() {
   auto fused = [](const std::string& how, const std::string& fewer) {
     return "fused per-step oneDNN brgemm ukernel + cell" + how + " from " + std::to_string(kInferRows) +
            " rows (T*B) without gradients (off AVX-512 where the weights reach 1 MiB, else " +
-           std::to_string(kTrainRows) + "), from " + std::to_string(kTrainRows) + " with them; fewer" + fewer;
+           std::to_string(kTrainRows) + "), from " + std::to_string(kTrainRows) + " rows and " +
+           std::to_string(kTrainSteps) + " steps with them (" + std::to_string(kTrainStepsWide) + " steps of " +
+           std::to_string(kTrainWideRows) + " rows); fewer" + fewer;
   };
   const Machine* m = reported_machine();
   const bool ukernel_products = m && fp32_ukernel() && m->isa != Isa::V4;
