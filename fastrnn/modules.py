@@ -149,12 +149,10 @@ class _BackendMixin:
         and nothing tracing or watching ``tensors`` (``glue.direct``), and no ``LAYER_CALL_OBSERVERS``. Those
         ~0.1 ms a layer in Python cost more than a layer at one step (generation): a two-layer RNN at H = 512
         took 350 µs a step against torch.nn's 130."""
-        if LAYER_CALL_OBSERVERS:
+        if LAYER_CALL_OBSERVERS or not _glue.direct(tensors):
             return None
         name, impl = _backend.resolve_named(self.backend, x.device, x.dtype)
-        if name != "cpp" or self.backend_options.get("cpp") or not _glue.direct(tensors):
-            return None
-        return impl
+        return impl if name == "cpp" and not self.backend_options.get("cpp") else None
 
     def _call_layer(self, a: LayerArgs, ext: CellExt):
         if not ext.features():

@@ -11,8 +11,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from conftest import TOL, assert_close
 from fastrnn import backend as _backend
 from fastrnn.ops import MODES, LayerArgs, Saved, reference
-from layer_cases import (Case, Impl, as_function, assert_matches_reference, backward_chunk_rows, impls, make_inputs,
-                         nan_poisoned, nn_module, option_cases, params, run)
+from layer_cases import (Case, Impl, as_function, assert_matches_reference, backward_chunk_rows,  # noqa: F401
+                         engine_in_short_training, impls, make_inputs, nan_poisoned, nn_module, option_cases, params,
+                         run)
+
+pytestmark = pytest.mark.usefixtures("engine_in_short_training")
 
 FUSED = impls()
 FP64 = [i for i in FUSED if i.dtype == torch.float64]
@@ -143,7 +146,7 @@ class _PassThrough(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-# What watches a call, and whether the forward then goes through its custom op (see glue._run_forward).
+# What watches a call, and whether the forward then goes through its custom op (see glue._Ops).
 WATCHERS = {
     "nothing": (contextlib.nullcontext, False),
     "a-dispatch-mode": (_PassThrough, True),
@@ -156,31 +159,35 @@ WATCHERS = {
 @pytest.mark.parametrize("impl", [i for i in FUSED if i.dtype == torch.float32 and i.device == "cpu"],
                          ids=lambda i: i.id)
 def test_forward_op_dispatched_only_where_watched(impl, watcher, monkeypatch):
-    """Without gradients and unwatched, a call runs the backend's forward implementation itself, not its custom
-    op, with the op's results bit for bit; under a dispatch or function mode or the profiler, and with gradients,
-    the op runs. The pair (both directions of a bidirectional layer in one call) likewise."""
+    """Unwatched, a call runs the backend's implementations, not its custom ops: without gradients the forward
+    directly, with them through the eager autograd Function; under a dispatch or function mode or the profiler
+    the op runs, with gradients or without. Outputs and gradients are the ops' bit for bit. The pair (both
+    directions of a bidirectional layer in one call) likewise."""
     layer = _backend._module(impl.backend).layer
     calls = []
-    for attr in ("fwd", "pair_fwd"):
-        op = getattr(layer, attr)
-        if op is not None:
-            monkeypatch.setattr(layer, attr, lambda *a, op=op, attr=attr: calls.append(attr) or op(*a))
+    for owner, name in ((layer._plain, "fwd"), (layer._pair, "pair_fwd")):
+        if owner is not None:
+            monkeypatch.setattr(owner, "fwd", lambda *a, op=owner.fwd, name=name: calls.append(name) or op(*a))
     c = Case("LSTM", 4, 3, 5, 6)
     inputs = make_inputs(c, impl)
     a = LayerArgs(c.mode, reverse=False, **inputs)
+    opts = layer._checked(a, dict(impl.options), None)
     watch, dispatched = WATCHERS[watcher]
-    with torch.no_grad():
-        with watch():
-            got = layer(a, **dict(impl.options))
-        want = layer.fwd(*a, *layer._checked(a, dict(impl.options), None), False)
-    assert calls.count("fwd") == 1 + dispatched, calls
-    for g, w in zip(got, want):
-        if g is not None:
-            assert torch.equal(g, w)
-    calls.clear()
-    layer(a._replace(w_hh=a.w_hh.clone().requires_grad_()), **dict(impl.options))
-    assert calls == ["fwd"]
-    if layer.pair_fwd is not None:
+    for grad in (False, True):
+        trained = a._replace(w_hh=a.w_hh.clone().requires_grad_()) if grad else a
+        with torch.set_grad_enabled(grad):
+            want = layer.fwd(*trained, *opts, grad)  # the op itself (LayerOp.fwd), not the patched one
+            want_grad = torch.autograd.grad(want[0].sum(), trained.w_hh) if grad else None
+            calls.clear()
+            with watch():
+                got = layer(trained, **dict(impl.options))
+            assert calls == (["fwd"] if dispatched else []), (grad, calls)
+            for g, w in zip(got, want):
+                if g is not None:
+                    assert torch.equal(g.detach(), w.detach())
+            if grad:
+                assert torch.equal(torch.autograd.grad(got.y.sum(), trained.w_hh)[0], want_grad[0])
+    if layer._pair is not None:
         calls.clear()
         r = a._replace(reverse=True, w_ih=a.w_ih.flip(0), w_hh=a.w_hh.flip(0))
         with torch.no_grad(), watch():

@@ -8,9 +8,11 @@ registers ``fastrnn::<name>_fwd`` and ``fastrnn::<name>_bwd`` with fake implemen
   (offloading, checkpointing) see every tensor backward reads;
 - they are outputs marked non-differentiable, with gradient materialisation off: autograd allocates no
   zero gradients for them, and a missing ``dy``/``dh_n``/``dc_n`` is filled here only when needed;
-- nothing is saved, or even written, when no gradient is wanted (``save=False``), and such a call that nothing
-  traces or records (no compiler, tracer, dispatch or function mode, profiler) runs the op's implementation
-  directly, without the op's dispatch (``_run_forward``);
+- nothing is saved, or even written, when no gradient is wanted (``save=False``);
+- a call that nothing traces or records (no compiler, tracer, dispatch or function mode, profiler; plain
+  tensors) skips the ops' dispatch: without gradients it runs the op's implementation directly, with them a
+  ``torch.autograd.Function`` over the same implementations and the same formula (``_Ops.forward``,
+  ``_Ops.backward``);
 - the contract is checked once per call, in Python, before the forward op (backward reuses checked input);
 - autocast is off inside the ops: they compute in their inputs' dtype.
 
@@ -31,6 +33,7 @@ whose inputs are the forward direction's ``LayerArgs`` and the reverse direction
 (``REVERSE_SCHEMA``), with the same autograd formula per direction and the two directions' ``dx`` summed.
 """
 
+import contextlib
 from typing import Callable, NamedTuple, Optional, Sequence, Tuple
 
 import torch
@@ -84,7 +87,31 @@ def _empty_or_like(a: LayerArgs, t: Optional[Tensor]) -> Tensor:
     return a.x.new_empty(0) if t is None else torch.empty_like(t, memory_format=torch.contiguous_format)
 
 
-class _OpPair:
+class _Ops:
+    """What ``_OpPair`` and ``_PairOps`` share: how a call reaches their implementations. The ops' dispatch
+    serves a compiler, a tracer or a mode that watches the call; without one it only costs: in eager mode
+    ``torch.library``'s Python autograd wrapper took ~170 µs a layer call (Zen 4: a one-layer RNN of 8 units,
+    one step, forward 224 µs against torch.nn's 37), and a call without gradients 30-40 µs a layer (a two-layer
+    GRU at H = 512, one step: 536 against 619 µs). So an unwatched call runs the implementations directly,
+    through ``_eager`` (a ``torch.autograd.Function`` with the ops' own ``_setup_context`` and ``_grad``) where
+    it saves for a backward."""
+
+    fwd: Callable
+    bwd: Callable
+    _eager: type
+
+    def forward(self, inputs: tuple, save: bool) -> tuple:
+        """The forward on the op's ``inputs`` (``save``: its last one)."""
+        if not _untraced(inputs):
+            return self.fwd(*inputs)
+        return self._eager.apply(*inputs) if save else self._fwd_impl(*inputs)
+
+    def backward(self, *inputs) -> tuple:
+        """The backward op on ``inputs``, without gradients of its own (``_grad``'s first-order branch)."""
+        return self._bwd_impl(*inputs) if _untraced(inputs) else self.bwd(*inputs)
+
+
+class _OpPair(_Ops):
     """A forward and a backward custom op with the shared autograd formula. ``ext``: the ``CellExt`` fields are
     inputs after the ``LayerArgs`` ones, the callbacks take the ``CellExt`` after the ``LayerArgs`` and the
     LayerNorm parameters get gradients."""
@@ -113,7 +140,7 @@ class _OpPair:
         head, opts, (save,) = self._split(inputs)
         # a backend's torch ops (GEMMs beside the kernels) compute in the inputs' dtype, as the kernels do:
         # the caller casts for autocast (the modules do, as torch.nn)
-        with torch.autocast(head[0].x.device.type, enabled=False):
+        with _autocast_off(head[0].x):
             y, h_n, c_n, saved = self._forward(*head, opts, save)
         return (y, h_n, c_n, *saved)
 
@@ -125,7 +152,7 @@ class _OpPair:
         head, opts, rest = self._split(inputs)
         n = len(self.saved._fields)
         y, saved, (dy, dh_n, dc_n, need_dx) = rest[0], self.saved(*rest[1:1 + n]), rest[1 + n:]
-        with torch.autocast(head[0].x.device.type, enabled=False):
+        with _autocast_off(head[0].x):
             return tuple(self._backward(*head, opts, y, saved, dy, dh_n, dc_n, need_dx))
 
     def _bwd_fake(self, *inputs):
@@ -155,7 +182,7 @@ class _OpPair:
             present = _differentiable_grads(a, CellExt(*e) if self.ext else None, needed, (dy, dh_n, dc_n))
         else:
             need_dx = ctx.needs_input_grad[1]
-            grads = self.bwd(*a, *e, *ctx.opts, y, *saved, dy, dh_n, dc_n, need_dx)
+            grads = self.backward(*a, *e, *ctx.opts, y, *saved, dy, dh_n, dc_n, need_dx)
             present = [g if t is not None else None for g, t in zip(grads, a.tensors() + e[:len(EXT_GRAD_NAMES)])]
             if not need_dx:
                 present[0] = None
@@ -165,7 +192,7 @@ class _OpPair:
                 + (None,) * (len(ctx.opts) + 1))
 
 
-class _PairOps:
+class _PairOps(_Ops):
     """Both directions of a bidirectional layer as a forward and a backward custom op (see the module docstring):
     ``_OpPair``'s autograd formula for each direction, their ``dx`` summed. Plain cells only."""
 
@@ -188,7 +215,7 @@ class _PairOps:
 
     def _fwd_impl(self, *inputs):
         a, r, opts, (save,) = self._split(inputs)
-        with torch.autocast(a.x.device.type, enabled=False):
+        with _autocast_off(a.x):
             y, h_n, c_n, saved, y_r, h_n_r, c_n_r, saved_r = self._impl.forward(a, r, opts, save)
         return (y, h_n, c_n, *saved, y_r, h_n_r, c_n_r, *saved_r)
 
@@ -200,7 +227,7 @@ class _PairOps:
         a, r, opts, rest = self._split(inputs)
         n = len(Saved._fields)
         y, saved, y_r, saved_r = rest[0], Saved(*rest[1:1 + n]), rest[1 + n], Saved(*rest[2 + n:2 + 2 * n])
-        with torch.autocast(a.x.device.type, enabled=False):
+        with _autocast_off(a.x):
             return tuple(self._impl.backward(a, r, opts, y, saved, y_r, saved_r, *rest[2 + 2 * n:]))
 
     def _bwd_fake(self, *inputs):
@@ -231,7 +258,7 @@ class _PairOps:
             needed_r = [need_dx] + [ctx.needs_input_grad[N_ARGS + i] for i in range(N_REVERSE)]
             g, g_r = _differentiable_grads(a, None, needed, outs[:3]), _differentiable_grads(r, None, needed_r, outs[3:])
         else:
-            both = self.bwd(*a, *r.tensors()[1:], *ctx.opts, y, *saved, y_r, *saved_r, *outs, need_dx)
+            both = self.backward(*a, *r.tensors()[1:], *ctx.opts, y, *saved, y_r, *saved_r, *outs, need_dx)
             g = [gr if tt is not None else None for gr, tt in zip(both[:8], a.tensors())]
             g_r = [gr if tt is not None else None for gr, tt in zip(both[8:], r.tensors())]
         dx = g[0] + g_r[0] if need_dx else None
@@ -240,12 +267,29 @@ class _PairOps:
 
 def _register(owner, name: str, fwd_schema: str, bwd_schema: str) -> None:
     """``owner.fwd``, ``owner.bwd``: custom ops ``fastrnn::<name>_fwd``/``_bwd`` of its implementations, with its
-    fakes and its autograd formula."""
+    fakes and its autograd formula; ``owner._eager``: that formula over the implementations, for ``_Ops``."""
     owner.fwd = torch.library.custom_op(f"fastrnn::{name}_fwd", owner._fwd_impl, mutates_args=(), schema=fwd_schema)
     owner.bwd = torch.library.custom_op(f"fastrnn::{name}_bwd", owner._bwd_impl, mutates_args=(), schema=bwd_schema)
     owner.fwd.register_fake(owner._fwd_fake)
     owner.bwd.register_fake(owner._bwd_fake)
     owner.fwd.register_autograd(owner._grad, setup_context=owner._setup_context)
+    owner._eager = type(f"{name}_eager", (torch.autograd.Function,), {
+        "forward": staticmethod(lambda ctx, *inputs: _eager_forward(owner, ctx, inputs)),
+        "backward": staticmethod(owner._grad)})
+
+
+def _eager_forward(owner: _Ops, ctx, inputs: tuple) -> tuple:
+    """The forward of ``owner._eager``: the implementation, then the op's autograd context on its outputs."""
+    output = owner._fwd_impl(*inputs)
+    owner._setup_context(ctx, inputs, output)
+    return output
+
+
+def _autocast_off(x: Tensor):
+    """Autocast off for ``x``'s device where it is on (entering torch.autocast costs ~3 µs a call even where
+    there is nothing to turn off)."""
+    device = x.device.type
+    return torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device) else contextlib.nullcontext()
 
 
 def reverse_of(a: LayerArgs, fields: Sequence[Optional[Tensor]]) -> LayerArgs:
@@ -279,24 +323,22 @@ class LayerOp:
         self.backend, self.availability = backend, availability
         self.options, self._resolve_options = tuple(options), resolve_options
         opts = "".join(f", {kind} {opt}" for opt, kind, _ in self.options)
-        # each forward op and its implementation, which a call without gradients may run directly (_run_forward)
-        plain = _OpPair(name, opts, len(self.options), forward, backward, fake_saved, Saved, False)
-        self.fwd, self.bwd, self._fwd_impl = plain.fwd, plain.bwd, plain._fwd_impl
-        self.ext_fwd = self.ext_bwd = self._ext_fwd_impl = None
+        self._plain = _OpPair(name, opts, len(self.options), forward, backward, fake_saved, Saved, False)
+        self.fwd, self.bwd = self._plain.fwd, self._plain.bwd
+        self._cells = self._pair = self.ext_fwd = self.ext_bwd = self.pair_fwd = self.pair_bwd = None
         if ext is not None:
-            cells = _OpPair(f"{name}_ext", opts, len(self.options), *ext, SavedExt, True)
-            self.ext_fwd, self.ext_bwd, self._ext_fwd_impl = cells.fwd, cells.bwd, cells._fwd_impl
-        self.pair_fwd = self.pair_bwd = self._pair_fwd_impl = None
+            self._cells = _OpPair(f"{name}_ext", opts, len(self.options), *ext, SavedExt, True)
+            self.ext_fwd, self.ext_bwd = self._cells.fwd, self._cells.bwd
         if pair is not None:
-            both = _PairOps(name, opts, len(self.options), pair, fake_saved)
-            self.pair_fwd, self.pair_bwd, self._pair_fwd_impl = both.fwd, both.bwd, both._fwd_impl
+            self._pair = _PairOps(name, opts, len(self.options), pair, fake_saved)
+            self.pair_fwd, self.pair_bwd = self._pair.fwd, self._pair.bwd
 
     def __call__(self, *args, ext: Optional[CellExt] = None, **kwargs) -> LayerOut:
         """The contract's ``layer(args, **options)`` (or the fields flat), with fastrnn's cells through ``ext``:
         checked once, then the forward op."""
         a, kwargs = parse_layer_args(args, kwargs)
         cells = ext is not None and bool(ext.features())
-        if cells and self.ext_fwd is None:
+        if cells and self._cells is None:
             raise RuntimeError(f"fastrnn {self.backend} backend does not run {', '.join(ext.features())}")
         opts = self._checked(a, kwargs, ext if cells else None)
         if _transformed():
@@ -304,8 +346,7 @@ class LayerOp:
         differentiable = a.tensors() + (tuple(ext)[:len(EXT_GRAD_NAMES)] if cells else ())
         save = _saving(differentiable)
         inputs = (*a, *ext, *opts, save) if cells else (*a, *opts, save)
-        op, impl = (self.ext_fwd, self._ext_fwd_impl) if cells else (self.fwd, self._fwd_impl)
-        y, h_n, c_n = _run_forward(op, impl, inputs, save)[:3]
+        y, h_n, c_n = (self._cells if cells else self._plain).forward(inputs, save)[:3]
         return LayerOut(y, h_n, c_n if a.mode == "LSTM" else None)
 
     def pair(self, a: LayerArgs, r: LayerArgs, **kwargs) -> Tuple[LayerOut, LayerOut]:
@@ -319,7 +360,7 @@ class LayerOp:
             raise ValueError("the two directions of a pair take the same mode, x and batch_sizes")
         # a direction that takes no gradient (x does not, and its own tensors are frozen) runs on its own: in the
         # pair its activations would be saved and its backward computed for nothing
-        if self.pair_fwd is None or _saving(a.tensors()) != _saving(r.tensors()):
+        if self._pair is None or _saving(a.tensors()) != _saving(r.tensors()):
             return self(a, **kwargs), self(r, **kwargs)
         opts = self._checked(a, dict(kwargs), None)
         check(r)
@@ -330,7 +371,7 @@ class LayerOp:
         if _transformed():
             return reference.layer(a), reference.layer(r)
         save = _saving(a.tensors())
-        out = _run_forward(self.pair_fwd, self._pair_fwd_impl, (*a, *r.tensors()[1:], *opts, save), save)
+        out = self._pair.forward((*a, *r.tensors()[1:], *opts, save), save)
         n = 3 + len(Saved._fields)
         lstm = a.mode == "LSTM"
         return (LayerOut(out[0], out[1], out[2] if lstm else None),
@@ -351,15 +392,6 @@ class LayerOp:
             raise RuntimeError(f"fastrnn {self.backend} backend unavailable: {reason}")
         opts = tuple(kwargs.get(opt, default) for opt, _, default in self.options)
         return self._resolve_options(a, opts, ext is not None) if self._resolve_options is not None else opts
-
-
-def _run_forward(op, impl, inputs: tuple, save: bool) -> tuple:
-    """The forward ``op`` on ``inputs``; without gradients, where nothing traces or records ops, its
-    implementation ``impl`` called directly: without an autograd node to make, the op's Python dispatch
-    serves nothing, and it cost 30-40 µs a layer call (Zen 4, one step without gradients, two threads: a
-    two-layer GRU at H = 512 536 against 619 µs, torch.nn's 290-370; (T,B,I,H) = (1,64,256,256) LSTM 525
-    against 561)."""
-    return impl(*inputs) if not save and _untraced(inputs) else op(*inputs)
 
 
 # Tensors a direct call may take: a subclass (FakeTensor, FunctionalTensor, DTensor, ...) has its own dispatch.
