@@ -17,7 +17,7 @@ sys.path.insert(0, os.path.join(REPO, "benchmarks"))
 import torch  # noqa: E402
 from rnnbench import cases, cli, report, runner, timing  # noqa: E402
 
-from conftest import nn_lstm_autocast_error  # noqa: E402
+from conftest import assert_close, nn_lstm_autocast_error  # noqa: E402
 
 IMPLS = ["fastrnn-reference", "torch.nn", "loop-eager"]
 # On a CPU (the runs below ask for it, also where a GPU is present) the Triton backend never counts as runnable,
@@ -258,14 +258,20 @@ def test_quick_adds_the_issue_11_cases_to_the_standard_table():
         s = extras[cell, "autocast bf16"]
         assert s.dtype == torch.float32 and s.autocast == torch.bfloat16
     assert extras["lstm", "packed"].packed and extras["lstm", "proj 128"].proj_size == 128
+    assert {c for c, v in extras if v == cases.CELL_LOOP} == {"lstm", "gru", "rnn_tanh"}
     assert not any(s.variant for s in cli.plan(cli.parse_args(["--quick", "--config", "3,2,4,5,1"]), torch.float32))
     assert not any(s.variant for s in cli.plan(cli.parse_args([]), torch.float32))
     assert [s.cell for s in cli.plan(cli.parse_args(["--quick", "--cells", "gru"]), torch.float32) if s.variant] == [
-        "gru", "gru"
+        "gru", "gru", "gru"
     ]  # fmt: skip
+    looped = cli.plan(cli.parse_args(["--cell-loop", "--config", "3,2,4,5,2"]), torch.float32)
+    assert len(looped) == 8 and all(s.variant == cases.CELL_LOOP for s in looped)
+    for bad in ("--bidirectional", "--packed"):
+        with pytest.raises(SystemExit):
+            cli.parse_args(["--cell-loop", bad])
 
 
-@pytest.mark.parametrize("variant", ["bf16", "autocast bf16", "packed", "proj 128"])
+@pytest.mark.parametrize("variant", ["bf16", "autocast bf16", "packed", "proj 128", cases.CELL_LOOP])
 def test_quick_extra_cases_run_and_match_torch_nn(variant):
     """Each kind of extra case, shrunk, runs every implementation that can run it and matches torch.nn."""
     args = cli.parse_args(["--quick", "--passes", "1", "--repeats", "1", "--min-time", "0.001", "--no-memory",
@@ -277,8 +283,9 @@ def test_quick_extra_cases_run_and_match_torch_nn(variant):
     entries = runner.new_entries(args.impls, cli.skips(small, args, torch.device("cpu"), {}))
     runner.run_case(case, small.mode, entries, args)
     rows = {r["impl"]: r for r in report.summarize(case, small.mode, entries)}
-    assert rows["loop-compiled"]["status"] == ("unavailable" if small.proj_size else "skipped")
-    assert rows["loop-eager"]["status"] == ("unavailable" if small.proj_size else "ok")
+    no_loop = bool(small.proj_size) or variant == cases.CELL_LOOP  # cell loops: torch.nn's and fastrnn's cells
+    assert rows["loop-compiled"]["status"] == ("unavailable" if no_loop else "skipped")
+    assert rows["loop-eager"]["status"] == ("unavailable" if no_loop else "ok")
     nn_fails = small.autocast and small.cell == "lstm" and nn_lstm_autocast_error()
     if nn_fails:
         # torch.nn cannot run it on this CPU: a row saying why, and fastrnn checked against float64 instead
@@ -371,3 +378,21 @@ def test_roofline_uses_fp32_where_16bit_gemms_are_emulated():
     assert report.roofline_peak(native, torch.bfloat16) == (440.0, "bfloat16")
     assert report.roofline_peak(emulated, torch.float32) == (69.0, "float32")
     assert report.roofline_peak({}, torch.float32) is None
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_relu"])
+def test_cell_loop_runs_the_cells_of_each_layer(cell):
+    """The cell-loop runners call torch.nn's and fastrnn's *Cell modules on the case module's own parameters:
+    two layers' outputs and final states are the module's (fastrnn's cells within the fp32 tolerance)."""
+    spec = cli.plan(cli.parse_args(["--cell-loop", "--cells", cell, "--config", "4,3,5,6,2"]), torch.float32)[0]
+    case = cases.build_case(spec.cell, spec.cfg, False, False, torch.device("cpu"), torch.float32, 0,
+                            variant=spec.variant)  # fmt: skip
+    want = cases._module_runner(case.module, case)()
+    impls = ["torch.nn"] + [i for i in ("fastrnn-cpp", "fastrnn-reference")
+                            if cases.unavailable_reason(i, torch.device("cpu"), torch.float32) is None]  # fmt: skip
+    for impl in impls:
+        got = cases.make_runner(impl, case)()
+        for name, g, w in zip(("rows", "h_n", "c_n"), got, want):
+            assert (g is None) == (w is None), (impl, name)
+            if w is not None:
+                assert_close(g, w, f"{impl} {name}")

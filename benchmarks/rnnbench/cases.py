@@ -31,6 +31,9 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 QUICK_REFERENCE_MAX_FLOPS = 20e9
 QUICK_COMPILE_MAX_STEPS = 100
 QUICK_COMPILE_MAX_FLOPS = 10e9
+# The variant in which torch.nn and fastrnn run their ``*Cell`` modules in a Python loop over the steps (a decoder
+# with attention, teacher forcing): one call per step and layer, each with its own autograd node.
+CELL_LOOP = "cell loop"
 
 
 @dataclass(frozen=True)
@@ -79,7 +82,8 @@ class Spec:
 
 def quick_extras(cells: Sequence[str], modes: Sequence[str]) -> List[Spec]:
     """The cases issue 11 measures beyond the standard table: bf16 storage and CPU autocast, packed
-    variable-length input and an LSTM projection, forward + backward at the first standard configuration."""
+    variable-length input and an LSTM projection, forward + backward at the first standard configuration; and
+    there the cells in a Python loop (``CELL_LOOP``)."""
     if "fwd+bwd" not in modes:
         return []
     cfg, f32, bf16 = STANDARD_CONFIGS[0], torch.float32, torch.bfloat16
@@ -92,6 +96,7 @@ def quick_extras(cells: Sequence[str], modes: Sequence[str]) -> List[Spec]:
         Spec("lstm", cfg, "fwd+bwd", False, True, f32, variant="packed"),
         Spec("lstm", cfg, "fwd+bwd", False, False, f32, proj_size=128, variant="proj 128"),
     ]
+    specs += [Spec(c, cfg, "fwd+bwd", False, False, f32, variant=CELL_LOOP) for c in ("lstm", "gru", "rnn_tanh")]
     return [s for s in specs if s.cell in cells]
 
 
@@ -201,7 +206,49 @@ def _loop_runner(case: Case, compiled: bool) -> Callable[[], Outputs]:
     return run
 
 
+def _torch_cells(case: Case) -> List[nn.RNNCellBase]:
+    """torch.nn's ``*Cell`` per layer, sharing the case module's parameters."""
+    m = case.module
+    cells = []
+    for layer in range(case.cfg.L):
+        width = case.cfg.I if layer == 0 else case.cfg.H
+        if case.cell == "lstm":
+            cell = nn.LSTMCell(width, case.cfg.H, bias=m.bias, device="meta")
+        elif case.cell == "gru":
+            cell = nn.GRUCell(width, case.cfg.H, bias=m.bias, device="meta")
+        else:
+            cell = nn.RNNCell(width, case.cfg.H, bias=m.bias, nonlinearity=m.nonlinearity, device="meta")
+        for name in list(cell._parameters):
+            cell._parameters[name] = m._parameters[f"{name}_l{layer}"]
+        cells.append(cell)
+    return cells
+
+
+def _cell_loop_runner(cells: Sequence[nn.Module], case: Case) -> Callable[[], Outputs]:
+    """``cells`` called once per step and layer, the steps of the input unbound (one gradient buffer each)."""
+    lstm = case.cell == "lstm"
+
+    def run() -> Outputs:
+        state: List[object] = [None] * len(cells)
+        outs = []
+        for x in case.leaf.unbind(0):
+            for layer, cell in enumerate(cells):
+                state[layer] = cell(x, state[layer])
+                x = state[layer][0] if lstm else state[layer]
+            outs.append(x)
+        h = torch.stack([s[0] if lstm else s for s in state])
+        return torch.cat(outs), h, torch.stack([s[1] for s in state]) if lstm else None
+
+    return run
+
+
 def make_runner(impl: str, case: Case) -> Callable[[], Outputs]:
+    if case.variant == CELL_LOOP:
+        cells = _torch_cells(case)
+        if impl in FASTRNN_IMPLS:
+            cls = {"lstm": fastrnn.LSTMCell, "gru": fastrnn.GRUCell}.get(case.cell, fastrnn.RNNCell)
+            cells = [cls.from_torch(c, backend=FASTRNN_IMPLS[impl]) for c in cells]
+        return _cell_loop_runner(cells, case)
     if impl == BASELINE:
         return _module_runner(case.module, case)
     if impl in FASTRNN_IMPLS:
@@ -261,6 +308,8 @@ def case_unsupported(impl: str, spec: Spec) -> Optional[str]:
     """Why ``impl`` cannot run one case although it runs on this machine (None when it can)."""
     if impl in LOOP_IMPLS and spec.proj_size:
         return "the cell loop has no LSTM projection"
+    if impl in LOOP_IMPLS and spec.variant == CELL_LOOP:
+        return "the cell-loop variant compares torch.nn's and fastrnn's *Cell modules"
     return None
 
 

@@ -13,7 +13,7 @@ import torch
 
 from rnnbench import REPO
 from rnnbench.cases import (
-    CELLS, DTYPES, IMPLS, MODES, STANDARD_CONFIGS, Case, Config, Spec, build_case, case_unsupported,
+    CELL_LOOP, CELLS, DTYPES, IMPLS, MODES, STANDARD_CONFIGS, Case, Config, Spec, build_case, case_unsupported,
     quick_extras, quick_skip, unavailable_reason,
 )  # fmt: skip
 from rnnbench.plot import write_plot
@@ -42,6 +42,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--impls", default=",".join(IMPLS), help="comma-separated subset of " + ",".join(IMPLS))
     p.add_argument("--bidirectional", action="store_true", help="bidirectional layers")
     p.add_argument("--packed", action="store_true", help="variable-length PackedSequence input (lengths T/2..T)")
+    p.add_argument("--cell-loop", action="store_true",
+                   help="each implementation's *Cell modules called per step and layer in a Python loop (torch.nn's "
+                   "and fastrnn's; unidirectional, dense)")  # fmt: skip
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
@@ -77,6 +80,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         p.error("--passes, --repeats, --warmup and --threads must be at least 1")
     if args.gemm_size < 0:
         p.error("--gemm-size must be 0 or more")
+    if args.cell_loop and (args.bidirectional or args.packed):
+        p.error("--cell-loop runs unidirectional cells over dense input: not with --bidirectional or --packed")
     return args
 
 
@@ -136,7 +141,7 @@ def plan(args: argparse.Namespace, dtype: torch.dtype) -> List[Spec]:
     """Every case of the run, in sweep order: the chosen table, then ``--quick``'s extra cases, which need
     the standard configurations (a run with ``--config`` times exactly what it names)."""
     specs = [
-        Spec(cell, cfg, mode, args.bidirectional, args.packed, dtype)
+        Spec(cell, cfg, mode, args.bidirectional, args.packed, dtype, variant=CELL_LOOP if args.cell_loop else "")
         for cfg in args.configs
         for cell in args.cells
         for mode in args.modes
