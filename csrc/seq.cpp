@@ -337,11 +337,17 @@ GradSums grad_sums(const Problem& pr, const at::Tensor& x, const at::Tensor& w_i
   const int64_t GH = pr.G * pr.H;
   GradSums g;
   g.dx = need_dx ? ws_empty({pr.N, pr.I}, opts) : empty0(x);
-  g.dw_ih = scratch_dw ? ws_scratch(kWsDwIh, w_ih.sizes(), w_ih.options()).zero_() : at::zeros_like(w_ih);
-  g.dw_hh = scratch_dw ? ws_scratch(kWsDwHh, w_hh.sizes(), w_hh.options()).zero_() : at::zeros_like(w_hh);
-  if (has_b_ih || has_b_hh) g.db_x = at::zeros({GH}, opts);
-  if (pr.gru && has_b_hh) g.db_h = at::zeros({GH}, opts);
+  g.dw_ih = scratch_dw ? ws_scratch(kWsDwIh, w_ih.sizes(), w_ih.options()) : ws_empty(w_ih.sizes(), w_ih.options());
+  g.dw_hh = scratch_dw ? ws_scratch(kWsDwHh, w_hh.sizes(), w_hh.options()) : ws_empty(w_hh.sizes(), w_hh.options());
+  if (has_b_ih || has_b_hh) g.db_x = ws_empty({GH}, opts);
+  if (pr.gru && has_b_hh) g.db_h = ws_empty({GH}, opts);
   g.ones = at::ones({rmax}, opts);
+  if (pr.N == 0) {
+    for (at::Tensor* t : {&g.dw_ih, &g.dw_hh, &g.db_x, &g.db_h}) {
+      if (t->defined()) t->zero_();
+    }
+    g.dw_written = g.db_written = true;
+  }
   return g;
 }
 
@@ -363,22 +369,29 @@ void flush_chunk(const Problem& pr, bool reverse, int64_t lo, int64_t R, const a
                  const at::Tensor& x, const at::Tensor& y, const at::Tensor& h0, const at::Tensor& hprev,
                  const at::Tensor& w_ih, GradSums& g, bool products) {
   const at::Tensor ones = g.ones.narrow(0, 0, R);
-  if (g.db_x.defined()) g.db_x.addmv_(gx.t(), ones);
-  if (g.db_h.defined()) g.db_h.addmv_(gh.t(), ones);
+  const double db_beta = g.db_written ? 1.0 : 0.0;
+  if (g.db_x.defined()) g.db_x.addmv_(gx.t(), ones, db_beta);
+  if (g.db_h.defined()) g.db_h.addmv_(gh.t(), ones, db_beta);
+  g.db_written = true;
   if (!products) return;
   if (g.dx.numel() > 0) {
     gemm(g.dx.narrow(0, lo, R), gx, w_ih, false);
   }
-  gemm(g.dw_ih, gx.t(), x.narrow(0, lo, R), true);
+  bool add = g.dw_written;
+  g.dw_written = true;
+  gemm(g.dw_ih, gx.t(), x.narrow(0, lo, R), add);
   if (hprev.defined()) {
-    gemm(g.dw_hh, gh.t(), hprev.narrow(0, 0, R), true);
+    gemm(g.dw_hh, gh.t(), hprev.narrow(0, 0, R), add);
     return;
   }
   // dense: h_prev of rows [lo, lo+R) is y shifted by one step, except the step whose h_prev is h0
   const int64_t B = pr.B;
   const DenseHprev d = dense_hprev(pr, reverse, lo, R);
-  if (d.h0_at >= 0) gemm(g.dw_hh, gh.narrow(0, d.h0_at, B).t(), h0, true);
-  if (d.from_y > 0) gemm(g.dw_hh, gh.narrow(0, d.y_at, d.from_y).t(), y.narrow(0, d.y_row, d.from_y), true);
+  if (d.h0_at >= 0) {
+    gemm(g.dw_hh, gh.narrow(0, d.h0_at, B).t(), h0, add);
+    add = true;
+  }
+  if (d.from_y > 0) gemm(g.dw_hh, gh.narrow(0, d.y_at, d.from_y).t(), y.narrow(0, d.y_row, d.from_y), add);
 }
 
 }  // namespace fastrnn

@@ -155,6 +155,10 @@ void set_train_steps(int64_t steps);
 // dx undefined without need_dx, db_x without bias, db_h unless GRU with b_hh.
 struct GradSums {
   at::Tensor dx, dw_ih, dw_hh, db_x, db_h, ones;
+  // Whether a chunk has written the weight and bias sums yet: the first chunk writes them and later ones add, so
+  // that the sums need no zero fill (weight-sized: at one step of a cell in a training loop, a zeroed 8 MiB for
+  // an LSTM of H = 512 that the first GEMM then reads back). A call of no rows gets them zeroed.
+  bool dw_written = false, db_written = false;
 };
 
 // Folds the dgates rows [lo, lo + R) of one chunk (gx, gh: [R, G*H], gh = gx but for GRU) into g with big
