@@ -15,7 +15,7 @@ from conftest import assert_close, nn_lstm_autocast_error
 from fastrnn.ops import GATES, MODES, cpp, reference
 from fastrnn.ops import GRAD_NAMES as NAMES
 from layer_cases import (Case, Impl, assert_matches_reference, at_least_threads, backward_chunk_rows,  # noqa: F401
-                         engine_in_short_training, in_place_share, nan_poisoned, nn_module)
+                         engine_in_short_training, in_place_share, nan_poisoned, nn_module, train_steps)
 from layer_cases import make_inputs as make_impl_inputs
 
 CPU64, CPU32 = Impl("cpp", "cpu", torch.float64), Impl("cpp", "cpu", torch.float32)
@@ -236,6 +236,25 @@ def test_input_projection_in_the_step(c, dtype):
             torch.testing.assert_close(got, want.detach(), rtol=0, atol=0)
         else:
             assert_close(got, want.detach(), name)
+
+
+# Under the default steps rule (this file's fixture lifts it): 16 rows or more over fewer than 8 steps (4 at 64 rows
+# a step) train on the per-step path, fp32 and bf16 (computed in fp32) alike; packed and reverse among them.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("c", [Case("LSTM", 1, 32, 5, 40), Case("GRU", 3, 64, 6, 24, packed=True),
+                               Case("RNN_TANH", 7, 3, 4, 33, reverse=True)], ids=lambda c: c.id)
+def test_short_training_calls_take_the_per_step_path(c, dtype):
+    """Outputs and every gradient against fp64 on two threads with NaN-filled workspaces, and fastrnn.explain of a
+    module of the case's shape names the per-step path in training for the steps rule."""
+    inputs = make_inputs(c)
+    with train_steps(0), at_least_threads(2), nan_poisoned(CPU64):
+        if dtype == torch.float32:
+            assert_matches_reference(CPU32, c, {k: v.float() if torch.is_tensor(v) and v.is_floating_point()
+                                                else v for k, v in inputs.items()})
+        else:
+            assert_within_tolerance(c, inputs, dtype)
+        line = fastrnn.explain(module_of(c), torch.randn(c.T, c.B, c.I)).splitlines()[0]
+    assert "in training (with gradients): per step at::mm" in line and "steps in training" in line, line
 
 
 # Rows (T*B) from which the engine runs a call, engine_cpu.cpp's kTrainRows and kInferRows; off AVX-512 a call

@@ -109,3 +109,24 @@ def test_functional_call_substitutes_parameters(kind, backend_dtype):
     for g, w in zip(outs["fastrnn"], outs["torch.nn"], strict=True):
         torch.testing.assert_close(g, w, **TOL[dtype])
     assert all(not torch.equal(v, p) for v, p in zip(new.values(), fast.parameters()))
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop because we have not yet implemented the batching rule")
+@pytest.mark.parametrize("backend_dtype", every_backend())
+@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn_tanh_cell"])
+def test_batched_backward_of_a_graph_built_outside_vmap(kind, backend_dtype):
+    """A graph built without a transform (the backend's own forward), then its backward batched over several
+    output gradients: ``autograd.grad(..., is_grads_batched=True)`` and ``vmap`` over ``autograd.grad``; each
+    equals torch.nn's, one gradient at a time. The batched gradients reach the backward without storage, so the
+    backward must not hand them to the kernels directly."""
+    ref, fast, dtype = _pair(kind, backend_dtype)
+    x = _batch(kind, dtype)
+    outs = {m: _flat(m(x)) for m in (ref, fast)}
+    seeds = [torch.randn((3, *o.shape), dtype=dtype) for o in outs[ref]]
+    wrt = {m: list(m.parameters()) for m in (ref, fast)}
+    want = torch.autograd.grad(outs[ref], wrt[ref], seeds, is_grads_batched=True, retain_graph=True)
+    got = torch.autograd.grad(outs[fast], wrt[fast], seeds, is_grads_batched=True, retain_graph=True)
+    mapped = vmap(lambda *g: torch.autograd.grad(outs[fast], wrt[fast], list(g), retain_graph=True))(*seeds)
+    for g, m, w in zip(got, mapped, want, strict=True):
+        torch.testing.assert_close(g, w, **TOL[dtype])
+        torch.testing.assert_close(m, w, **TOL[dtype])

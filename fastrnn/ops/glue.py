@@ -107,8 +107,11 @@ class _Ops:
         return self._eager.apply(*inputs) if save else self._fwd_impl(*inputs)
 
     def backward(self, *inputs) -> tuple:
-        """The backward op on ``inputs``, without gradients of its own (``_grad``'s first-order branch)."""
-        return self._bwd_impl(*inputs) if _untraced(inputs) else self.bwd(*inputs)
+        """The backward op on ``inputs``, without gradients of its own (``_grad``'s first-order branch). Batched
+        gradients (``autograd.grad(..., is_grads_batched=True)``, ``torch.func.vmap`` over a backward) have no
+        storage for the implementation: the op's dispatch runs them sample by sample."""
+        direct = _untraced(inputs) and not any(_batched(t) for t in inputs if isinstance(t, Tensor))
+        return self._bwd_impl(*inputs) if direct else self.bwd(*inputs)
 
 
 class _OpPair(_Ops):
@@ -403,6 +406,12 @@ def _untraced(inputs: tuple) -> bool:
     watched = (torch.compiler.is_compiling() or torch.jit.is_tracing() or torch._C._is_torch_function_mode_enabled()
                or _get_current_dispatch_mode() is not None or torch._C._autograd._profiler_enabled())
     return not watched and all(type(t) in _PLAIN_TENSORS for t in inputs if isinstance(t, Tensor))
+
+
+def _batched(t: Tensor) -> bool:
+    """Whether ``t`` is a vmap's batched view (functorch's, or the older one behind ``is_grads_batched``): a plain
+    ``Tensor`` by type, without storage."""
+    return torch._C._functorch.is_functorch_wrapped_tensor(t) or torch._C._functorch.is_legacy_batchedtensor(t)
 
 
 def direct(tensors: Sequence[Optional[Tensor]]) -> bool:
