@@ -209,15 +209,12 @@ def _loop_runner(case: Case, compiled: bool) -> Callable[[], Outputs]:
 def _torch_cells(case: Case) -> List[nn.RNNCellBase]:
     """torch.nn's ``*Cell`` per layer, sharing the case module's parameters."""
     m = case.module
+    kind = {"lstm": nn.LSTMCell, "gru": nn.GRUCell}.get(case.cell, nn.RNNCell)
+    extra = {"nonlinearity": m.nonlinearity} if kind is nn.RNNCell else {}
     cells = []
     for layer in range(case.cfg.L):
         width = case.cfg.I if layer == 0 else case.cfg.H
-        if case.cell == "lstm":
-            cell = nn.LSTMCell(width, case.cfg.H, bias=m.bias, device="meta")
-        elif case.cell == "gru":
-            cell = nn.GRUCell(width, case.cfg.H, bias=m.bias, device="meta")
-        else:
-            cell = nn.RNNCell(width, case.cfg.H, bias=m.bias, nonlinearity=m.nonlinearity, device="meta")
+        cell = kind(width, case.cfg.H, bias=m.bias, device="meta", **extra)
         for name in list(cell._parameters):
             cell._parameters[name] = m._parameters[f"{name}_l{layer}"]
         cells.append(cell)
