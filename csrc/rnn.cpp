@@ -7,7 +7,10 @@
 // Hout = proj_size or H, G gates (4 LSTM, 3 GRU, 1 RNN).
 #include <torch/extension.h>
 
+#include <ATen/PythonTorchFunctionTLS.h>
 #include <c10/core/DeviceGuard.h>
+#include <c10/core/impl/TorchDispatchModeTLS.h>
+#include <torch/csrc/profiler/api.h>
 
 #ifdef FASTRNN_WITH_CUDA
 #include <c10/cuda/CUDAStream.h>
@@ -416,6 +419,90 @@ std::vector<Tensor> layer_pair_bwd(const std::string& mode, const Tensor& x, con
   return out;
 }
 
+// Python's half of LayerNode's backward (fastrnn/ops/cpp.py `_node_grad`: the op's autograd formula), set once at
+// import. Leaked on purpose: a py::object destroyed after the interpreter would crash the exit.
+pybind11::object* g_node_grad = nullptr;
+
+void set_node_grad(pybind11::object f) { g_node_grad = new pybind11::object(std::move(f)); }
+
+// A gradient the kernels cannot read: a vmap's batched view (autograd.grad(..., is_grads_batched=True),
+// torch.func over a backward) has no storage of its own.
+bool batched(const Tensor& t) {
+  constexpr c10::DispatchKeySet kWrapped({c10::DispatchKey::FuncTorchBatched, c10::DispatchKey::FuncTorchGradWrapper,
+                                          c10::DispatchKey::Batched, c10::DispatchKey::BatchedNestedTensor});
+  return t.defined() && t.key_set().has_any(kWrapped);
+}
+
+// A training call of one plain layer in one direction as a C++ autograd node (fastrnn/ops/cpp.py
+// `layer_forward`): layer_fwd saving, then layer_bwd, with no Python between the user's call and the kernels.
+// The op path's Python (the contract's checks, torch.autograd.Function, the formula) cost ~80 µs a call forward
+// and ~120 backward on a Zen 4, where a step of a small cell computes in 20: cells stepped in a training loop ran
+// at 0.2-0.8x torch.nn. Where the op's formula must decide (a backward that builds a graph, batched gradients,
+// a profiler or a mode watching the backward) the backward hands the node's saved tensors to it instead, so both
+// paths give the same gradients from one formula.
+struct LayerNode : torch::autograd::Function<LayerNode> {
+  static std::vector<Tensor> forward(torch::autograd::AutogradContext* ctx, const std::string& mode,
+                                     const Tensor& x, const OptTensor& batch_sizes, const Tensor& h0,
+                                     const OptTensor& c0, const Tensor& w_ih, const Tensor& w_hh,
+                                     const OptTensor& b_ih, const OptTensor& b_hh, const OptTensor& w_hr,
+                                     bool reverse) {
+    std::vector<Tensor> out = layer_fwd(mode, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, true);
+    const auto val = [](const OptTensor& t) { return t ? *t : Tensor(); };
+    ctx->saved_data["mode"] = mode;
+    ctx->saved_data["reverse"] = reverse;
+    // the op's saved tensors, in its order: inputs, y, then gates, c, hn
+    ctx->save_for_backward({x, val(batch_sizes), h0, val(c0), w_ih, w_hh, val(b_ih), val(b_hh), val(w_hr), out[0],
+                            out[3], out[4], out[5]});
+    ctx->set_materialize_grads(false);
+    if (!c0) ctx->mark_non_differentiable({out[2]});
+    return {out[0], out[1], out[2]};
+  }
+
+  // One gradient per forward argument (mode and reverse get none): layer_bwd's, or the op formula's.
+  static std::vector<Tensor> backward(torch::autograd::AutogradContext* ctx, std::vector<Tensor> grads) {
+    const std::vector<Tensor> s = ctx->get_saved_variables();
+    const std::string mode = ctx->saved_data["mode"].toStringRef();
+    const bool reverse = ctx->saved_data["reverse"].toBool();
+    // needs_input_grad counts the tensor arguments present, in argument order; the op's inputs count all
+    std::vector<bool> needs(11, false);
+    for (int i = 0, edge = 0; i < 9; ++i) {
+      if (s[i].defined()) needs[i + 1] = ctx->needs_input_grad(edge++);
+    }
+    const bool watched = at::GradMode::is_enabled() || c10::impl::TorchDispatchModeTLS::any_modes_set() ||
+                         at::impl::torch_function_mode_enabled() || torch::profiler::impl::profilerEnabled() ||
+                         batched(grads[0]) || batched(grads[1]) || batched(grads[2]);
+    if (watched) {
+      TORCH_CHECK(g_node_grad != nullptr, "fastrnn: LayerNode's formula was not registered (import fastrnn.ops.cpp)");
+      pybind11::gil_scoped_acquire gil;
+      const auto got = (*g_node_grad)(mode, reverse, s, needs, grads[0], grads[1], grads[2]).cast<std::vector<OptTensor>>();
+      std::vector<Tensor> out;
+      for (const OptTensor& t : got) out.push_back(t ? *t : Tensor());
+      return out;
+    }
+    const Tensor &x = s[0], &h0 = s[2], &y = s[9];
+    const auto opt = [](const Tensor& t) { return t.defined() ? OptTensor(t) : std::nullopt; };
+    const Tensor dy = grads[0].defined() ? grads[0] : at::zeros_like(y);
+    const Tensor dh_n = grads[1].defined() ? grads[1] : at::zeros_like(h0);
+    OptTensor dc_n;
+    if (s[3].defined()) dc_n = grads[2].defined() ? grads[2] : at::zeros_like(s[3]);
+    std::vector<Tensor> g = layer_bwd(mode, x, opt(s[1]), h0, opt(s[3]), s[4], s[5], opt(s[6]), opt(s[7]),
+                                      opt(s[8]), reverse, y, s[10], s[11], s[12], dy, dh_n, dc_n, needs[1]);
+    // layer_bwd's x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr at the arguments' places; [0] where absent or unneeded
+    std::vector<Tensor> out(11);
+    constexpr std::array<int, 8> kArg{1, 3, 4, 5, 6, 7, 8, 9};
+    for (size_t k = 0; k < kArg.size(); ++k) {
+      if (needs[kArg[k]]) out[kArg[k]] = std::move(g[k]);
+    }
+    return out;
+  }
+};
+
+std::vector<Tensor> layer_node(const std::string& mode, const Tensor& x, const OptTensor& batch_sizes,
+                               const Tensor& h0, const OptTensor& c0, const Tensor& w_ih, const Tensor& w_hh,
+                               const OptTensor& b_ih, const OptTensor& b_hh, const OptTensor& w_hr, bool reverse) {
+  return LayerNode::apply(mode, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse);
+}
+
 // A module's whole forward without gradients in one call, as torch.nn's `_VF.rnn_*`: at one step the Python
 // between a module's layers costs more than the layers (fastrnn/modules.py `_run_layers_at_once`). Each layer's
 // y is the next one's x; both directions of a bidirectional layer go through layer_pair_fwd, the forward
@@ -576,6 +663,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   const auto def = [&](const char* name, auto f, auto own) {
     std::apply([&](auto... a) { m.def(name, f, a...); }, std::tuple_cat(layer_args, own));
   };
+  def("layer_node", &fastrnn::layer_node, std::make_tuple());
+  m.def("_set_node_grad", &fastrnn::set_node_grad, "the op formula LayerNode's backward defers to (set at import)");
   def("layer_path", &fastrnn::layer_path, std::make_tuple(py::arg("cells") = false, py::arg("pair") = false));
   // a pair: the forward direction's fields, then the reverse direction's
   const auto reverse_args = std::make_tuple(py::arg("h0_r"), py::arg("c0_r"), py::arg("w_ih_r"), py::arg("w_hh_r"),

@@ -68,6 +68,10 @@ def _check_probability(name: str, p) -> float:
 LAYER_CALL_OBSERVERS: List[Callable[[LayerArgs, CellExt, ModuleType, dict, bool], None]] = []
 
 
+# torch.nn's cells: no LayerNorm, zoneout or recurrent dropout
+_PLAIN_CELLS = CellExt(*(None,) * len(CellExt._fields))
+
+
 class _BackendMixin:
     """Backend choice, and fastrnn's own cells (``CellExt``): options, LayerNorm parameters, masks."""
 
@@ -143,20 +147,21 @@ class _BackendMixin:
             name, impl = _backend.resolve_named("reference", x.device, x.dtype)
         return impl, self.backend_options.get(name, {})
 
-    def _cpp_at_once(self, x: Tensor, tensors: Sequence[Optional[Tensor]]) -> Optional[ModuleType]:
+    def _cpp_at_once(self, x: Tensor, tensors: Sequence[Optional[Tensor]], training: bool) -> Optional[ModuleType]:
         """The cpp backend where a call of torch.nn's cells on ``x`` may skip the layer ops and the contract's checks
-        in Python for one C++ call, else None: the cpp backend without options, nothing saved for a backward
-        and nothing tracing or watching ``tensors`` (``glue.direct``), and no ``LAYER_CALL_OBSERVERS``. Those
-        ~0.1 ms a layer in Python cost more than a layer at one step (generation): a two-layer RNN at H = 512
-        took 350 µs a step against torch.nn's 130."""
-        if LAYER_CALL_OBSERVERS or not _glue.direct(tensors):
+        in Python for its C++ entry points, else None: the cpp backend without options, nothing tracing or
+        watching ``tensors`` (``glue.unwatched``), no ``LAYER_CALL_OBSERVERS``, and nothing saved for a backward
+        unless ``training`` (one layer: csrc/rnn.cpp's autograd node). Those ~0.1 ms a layer in Python cost more
+        than a layer at one step: a two-layer RNN at H = 512 generating took 350 µs a step against torch.nn's 130,
+        and an RNNCell of 8 units in a training loop 0.24x torch.nn."""
+        if LAYER_CALL_OBSERVERS or not _glue.unwatched(tensors) or (not training and _glue.saving(tensors)):
             return None
         name, impl = _backend.resolve_named(self.backend, x.device, x.dtype)
         return impl if name == "cpp" and not self.backend_options.get("cpp") else None
 
     def _call_layer(self, a: LayerArgs, ext: CellExt):
-        if not ext.features():
-            cpp = self._cpp_at_once(a.x, a.tensors())
+        if ext is _PLAIN_CELLS or not ext.features():
+            cpp = self._cpp_at_once(a.x, a.tensors(), True)
             if cpp is not None:
                 try:
                     return cpp.layer_forward(a)
@@ -360,7 +365,7 @@ class _RNNBase(_BackendMixin, nn.RNNBase):
         if torch.is_grad_enabled() and any(t.requires_grad for t in (rows, *states, *self.parameters())):
             return None
         weights = [getattr(self, name) for name in self._flat_weights_names]
-        cpp = self._cpp_at_once(rows, (rows, *states, *weights))
+        cpp = self._cpp_at_once(rows, (rows, *states, *weights), False)
         if cpp is None or any(w is None for w in weights):
             return None
         try:
@@ -537,6 +542,8 @@ class _CellBase(_BackendMixin, nn.RNNCellBase):
         self._dropout_mask = None
 
     def _cell_ext(self, x: Tensor, new_sequence: bool) -> CellExt:
+        if not (self.layer_norm or self.zoneout or self.recurrent_dropout):
+            return _PLAIN_CELLS
         B, H = x.shape[0], self.hidden_size
         lstm = self._mode == "LSTM"
         zh = self._zoneout_mask(x, B, H)

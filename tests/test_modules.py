@@ -329,30 +329,77 @@ def test_a_broken_parameter_gets_the_per_layer_error(kind):
 
 
 @needs_cpp
+@pytest.mark.parametrize("grad", [False, True], ids=["no-grad", "grad"])
 @pytest.mark.parametrize("size", ONE_CALL_SIZES)
 @pytest.mark.parametrize("cell", CELLS)
-def test_cells_without_gradients_skip_the_op(cell, size, monkeypatch):
-    """A cell without gradients and unwatched calls the C++ forward directly (``cpp.layer_forward``), with the op's
-    results bit for bit and torch.nn's within the fp32 tolerance; with gradients the op runs."""
+def test_unwatched_cells_skip_the_op(cell, size, grad, monkeypatch):
+    """An unwatched cell call goes to the C++ directly (``cpp.layer_forward``; with gradients csrc/rnn.cpp's
+    autograd node ``LayerNode``), with the op path's outputs and gradients bit for bit and torch.nn's within the
+    fp32 tolerance; a watched call (here a function mode) takes the op."""
     I, H, _, B = ONE_CALL_SIZES[size]
     cls, extra = CELLS[cell]
     ref = cls(I, H, **extra)
     fast = getattr(fastrnn, cls.__name__)(I, H, backend="cpp", **extra)
     fast.load_state_dict(ref.state_dict())
     direct = _counting(monkeypatch, cpp, "layer_forward")
-    x = torch.randn(B, I)
-    with torch.no_grad():
-        got = fast(x)
-        assert direct == ["layer_forward"]
-        with torch.device("cpu"):
-            via_op = fast(x)
-        want = ref(x)
+    x = torch.randn(B, I, requires_grad=grad)
+    params = [x, *fast.parameters()]
+
+    def run(module, watched: bool) -> list:
+        with torch.set_grad_enabled(grad), torch.device("cpu") if watched else contextlib.nullcontext():
+            out = module(x)
+        out = list(out) if isinstance(out, tuple) else [out]
+        if grad:
+            with torch.device("cpu") if watched else contextlib.nullcontext():
+                grads = torch.autograd.grad(out, params if module is fast else [x, *module.parameters()],
+                                            [torch.ones_like(o) for o in out])
+            out += list(grads)
+        return out
+
+    got = run(fast, False)
     assert direct == ["layer_forward"]
-    for g, o, w in zip(*(out if isinstance(out, tuple) else (out,) for out in (got, via_op, want))):
+    if grad:
+        assert "LayerNode" in got[0].grad_fn.name()
+    via_op = run(fast, True)
+    assert direct == ["layer_forward"]
+    want = run(ref, False)
+    assert len(got) == len(via_op) == len(want)
+    for g, o, w in zip(got, via_op, want):
         assert torch.equal(g, o)
         torch.testing.assert_close(g, w, **TOL[torch.float32])
-    fast(x)
-    assert direct == ["layer_forward"]
+
+
+@needs_cpp
+@pytest.mark.parametrize("cell", CELLS)
+def test_the_cpp_node_saves_through_autograd(cell):
+    """The C++ node saves through autograd's saved variables: ``saved_tensors_hooks`` pack every tensor it saves
+    (offloaded as copies, the gradients do not change) and a non-reentrant checkpoint recomputes it; a cell
+    whose only used output is the last (LSTM's c) gets that output's gradient alone."""
+    cls, extra = CELLS[cell]
+    fast = getattr(fastrnn, cls.__name__)(4, 6, backend="cpp", **extra)
+    x = torch.randn(3, 4, requires_grad=True)
+    params = [x, *fast.parameters()]
+
+    def loss(inp):
+        out = fast(inp)
+        return (out[-1] if isinstance(out, tuple) else out).square().sum()
+
+    first = fast(x)
+    assert "LayerNode" in (first[0] if isinstance(first, tuple) else first).grad_fn.name()
+    want = torch.autograd.grad(loss(x), params)
+    packed = []
+
+    def pack(t):
+        packed.append(t)
+        return t.clone()
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        offloaded = torch.autograd.grad(loss(x), params)
+    assert any(t is x for t in packed) and any(t is fast.weight_hh for t in packed)
+    recomputed = torch.autograd.grad(torch.utils.checkpoint.checkpoint(loss, x, use_reentrant=False), params)
+    for w, o, r in zip(want, offloaded, recomputed, strict=True):
+        assert torch.equal(w, o)
+        assert torch.equal(w, r)
 
 
 class _Counted(nn.Module):

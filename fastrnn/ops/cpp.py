@@ -11,7 +11,7 @@ round what they return, on the CPU and on CUDA alike.
 
 import functools
 import os
-from typing import List, Optional, Tuple
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -20,7 +20,7 @@ from fastrnn import _buildcfg
 from fastrnn._ext import _C, _C_ERROR
 from fastrnn import ops as _ops
 from fastrnn.ops import CellExt, LayerArgs, LayerOut, Saved, SavedExt
-from fastrnn.ops.glue import ExtImpl, LayerOp, PairImpl
+from fastrnn.ops.glue import ExtImpl, LayerOp, PairImpl, saving
 
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 EXT_FEATURES = _ops.EXT_FEATURES  # LayerNorm, zoneout and recurrent dropout, fused
@@ -146,16 +146,39 @@ def _pair_backward(a: LayerArgs, r: LayerArgs, _options: tuple, y, saved: Saved,
 
 
 def layer_forward(a: LayerArgs) -> LayerOut:
-    """``layer(a)`` without its op and the contract's checks in Python, for a call ``glue.direct`` lets through
-    (the C++ checks every input itself)."""
-    y, h_n, c_n = _lib().layer_fwd(*a, False)[:3]
+    """``layer(a)`` without its op and the contract's checks in Python, for a call ``glue.unwatched`` lets through
+    (the C++ checks every input itself): the kernels alone without gradients, with them csrc/rnn.cpp's
+    ``LayerNode``, an autograd node in C++ whose backward runs ``layer_bwd`` (or ``_node_grad``)."""
+    if saving(a.tensors()):
+        y, h_n, c_n = _lib().layer_node(*a)
+    else:
+        y, h_n, c_n = _lib().layer_fwd(*a, False)[:3]
     return LayerOut(y, h_n, c_n if a.mode == "LSTM" else None)
+
+
+class _NodeContext(NamedTuple):
+    """What the op's autograd formula reads of its context, from a ``LayerNode``."""
+
+    saved_tensors: tuple
+    mode: str
+    reverse: bool
+    needs_input_grad: Sequence[bool]
+    opts: tuple = ()
+
+
+def _node_grad(mode: str, reverse: bool, saved: list, needs: list, dy: Optional[Tensor], dh_n: Optional[Tensor],
+               dc_n: Optional[Tensor]) -> list:
+    """``LayerNode``'s backward where the op's formula decides (a graph of its own, batched gradients, a watched
+    backward): that formula on the node's saved tensors (the op's, without the two it leaves empty), returning
+    the gradients of the ``LayerArgs`` fields."""
+    ctx = _NodeContext((*saved, *_absent(saved[0], 2)), mode, reverse, needs)
+    return list(layer._plain._grad(ctx, dy, dh_n, dc_n)[:len(LayerArgs._fields)])
 
 
 def stack_forward(mode: str, x: Tensor, batch_sizes: Optional[Tensor], states: Tuple[Tensor, ...],
                   weights: List[Tensor], num_layers: int, bidirectional: bool, bias: bool,
                   proj: bool) -> Tuple[Tensor, Tuple[Tensor, ...]]:
-    """A module's layers in one C++ call (csrc/rnn.cpp ``stack_fwd``) for a call ``glue.direct`` lets through:
+    """A module's layers in one C++ call (csrc/rnn.cpp ``stack_fwd``) for a call ``glue.unwatched`` lets through without gradients:
     ``states`` ``(hx,)`` or LSTM's ``(hx, cx)``, ``[layers*directions, B, *]``, and ``weights`` in torch.nn's
     ``_flat_weights`` order; returns the last layer's rows and the final states in the form of ``states``."""
     y, h_n, c_n = _lib().stack_fwd(mode, x, batch_sizes, states[0], states[1] if len(states) == 2 else None,
@@ -169,3 +192,5 @@ layer = LayerOp("cpp", "layer", availability, _forward, _backward, _fake_saved,
 fastrnn's cells through ``ext=CellExt(...)``; ``layer.pair(a, r)`` both directions of a bidirectional layer of
 plain cells, in one persistent launch where ``persistent_plan(..., bidirectional=True)`` says so."""
 layer_pair = layer.pair
+if _C is not None:
+    _C._set_node_grad(_node_grad)

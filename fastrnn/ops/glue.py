@@ -347,7 +347,7 @@ class LayerOp:
         if _transformed():
             return reference.layer(a, ext=ext if cells else None)
         differentiable = a.tensors() + (tuple(ext)[:len(EXT_GRAD_NAMES)] if cells else ())
-        save = _saving(differentiable)
+        save = saving(differentiable)
         inputs = (*a, *ext, *opts, save) if cells else (*a, *opts, save)
         y, h_n, c_n = (self._cells if cells else self._plain).forward(inputs, save)[:3]
         return LayerOut(y, h_n, c_n if a.mode == "LSTM" else None)
@@ -363,7 +363,7 @@ class LayerOp:
             raise ValueError("the two directions of a pair take the same mode, x and batch_sizes")
         # a direction that takes no gradient (x does not, and its own tensors are frozen) runs on its own: in the
         # pair its activations would be saved and its backward computed for nothing
-        if self._pair is None or _saving(a.tensors()) != _saving(r.tensors()):
+        if self._pair is None or saving(a.tensors()) != saving(r.tensors()):
             return self(a, **kwargs), self(r, **kwargs)
         opts = self._checked(a, dict(kwargs), None)
         check(r)
@@ -373,7 +373,7 @@ class LayerOp:
                                f"h0 {list(r.h0.shape)}, w_hr {'absent' if r.w_hr is None else 'present'}")
         if _transformed():
             return reference.layer(a), reference.layer(r)
-        save = _saving(a.tensors())
+        save = saving(a.tensors())
         out = self._pair.forward((*a, *r.tensors()[1:], *opts, save), save)
         n = 3 + len(Saved._fields)
         lstm = a.mode == "LSTM"
@@ -414,14 +414,14 @@ def _batched(t: Tensor) -> bool:
     return torch._C._functorch.is_functorch_wrapped_tensor(t) or torch._C._functorch.is_legacy_batchedtensor(t)
 
 
-def direct(tensors: Sequence[Optional[Tensor]]) -> bool:
-    """Whether a forward on ``tensors`` may skip the ops altogether (a module's one C++ call,
-    ``fastrnn.ops.cpp.stack_forward``): nothing to save for a backward, no torch.func transform or forward-mode
-    AD, and nothing tracing or watching the call (``_untraced``)."""
-    return not _saving(tensors) and not _transformed() and _untraced(tuple(tensors))
+def unwatched(tensors: Sequence[Optional[Tensor]]) -> bool:
+    """Whether a call on ``tensors`` may skip the ops altogether (the cpp backend's C++ entry points,
+    ``fastrnn.ops.cpp.layer_forward`` and ``stack_forward``): no torch.func transform or forward-mode AD, and
+    nothing tracing or watching the call (``_untraced``)."""
+    return not _transformed() and _untraced(tuple(tensors))
 
 
-def _saving(differentiable: Sequence[Optional[Tensor]]) -> bool:
+def saving(differentiable: Sequence[Optional[Tensor]]) -> bool:
     """Whether the forward keeps activations for a backward: inference skips them (less memory and traffic)."""
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in differentiable)
 
