@@ -32,7 +32,7 @@ class HiddenStateTypeError(TypeError, AttributeError, IndexError):
 def _check_state(name: str, t: Tensor, x: Tensor, expected: Tuple[int, ...]) -> None:
     if not isinstance(t, Tensor):
         raise HiddenStateTypeError(f"{name} must be a Tensor, got {type(t).__name__}")
-    if tuple(t.shape) != tuple(expected):
+    if t.shape != expected:
         raise RuntimeError(f"Expected {name} size {tuple(expected)}, got {list(t.shape)}")
     if t.dtype != x.dtype:
         raise RuntimeError(f"{name} dtype must equal the input dtype {x.dtype}, got {t.dtype}")
@@ -557,46 +557,51 @@ class _CellBase(_BackendMixin, nn.RNNCellBase):
         tool = _interop.torch_nn_tool()
         if tool is not None:
             return _interop.run_as_torch_nn(self, tool, input, hx)
-        name = self._get_name()
         if not isinstance(input, Tensor):
-            raise TypeError(f"{name}: input must be a Tensor, got {type(input).__name__}")
-        if input.dim() not in (1, 2):
-            raise ValueError(f"{name}: Expected input to be 1D or 2D, got {input.dim()}D instead")
-        is_batched = input.dim() == 2
-        x = input if is_batched else input.unsqueeze(0)
-        w = self.weight_ih
-        if x.size(1) != self.input_size:
-            raise RuntimeError(f"{name}: input has inconsistent input_size: got {x.size(1)} expected {self.input_size}")
-        if x.dtype != w.dtype:
-            raise RuntimeError(f"{name}: input dtype {x.dtype} does not match weight dtype {w.dtype}")
-        if x.device != w.device:
-            raise RuntimeError(f"{name}: input is on {x.device} but the weights are on {w.device}")
-        names = ("hx[0]", "hx[1]") if n_states == 2 else ("hx",)
+            raise TypeError(f"{self._get_name()}: input must be a Tensor, got {type(input).__name__}")
+        dim = input.dim()
+        if dim not in (1, 2):
+            raise ValueError(f"{self._get_name()}: Expected input to be 1D or 2D, got {dim}D instead")
+        x = input if dim == 2 else input.unsqueeze(0)
+        w_ih, H = self.weight_ih, self.hidden_size
+        if x.shape[1] != self.input_size:
+            raise RuntimeError(f"{self._get_name()}: input has inconsistent input_size: got {x.shape[1]} expected "
+                               f"{self.input_size}")
+        if x.dtype != w_ih.dtype:
+            raise RuntimeError(f"{self._get_name()}: input dtype {x.dtype} does not match weight dtype {w_ih.dtype}")
+        if x.device != w_ih.device:
+            raise RuntimeError(f"{self._get_name()}: input is on {x.device} but the weights are on {w_ih.device}")
         if hx is None:
-            states = tuple(x.new_zeros(x.size(0), self.hidden_size) for _ in range(n_states))
+            states = tuple(x.new_zeros(x.shape[0], H) for _ in range(n_states))
         else:
-            if n_states == 2 and not isinstance(hx, (tuple, list)):
-                raise HiddenStateTypeError(f"{name}: hx must be a tuple (h_0, c_0), got {type(hx).__name__}")
-            if n_states == 1 and not isinstance(hx, Tensor):
-                raise HiddenStateTypeError(f"{name}: hx must be a Tensor, got {type(hx).__name__}")
-            states = tuple(hx) if n_states == 2 else (hx,)
-            for n, s in zip(names, states):
-                if not isinstance(s, Tensor):
-                    raise HiddenStateTypeError(f"{name}: {n} must be a Tensor, got {type(s).__name__}")
-                if s.dim() not in (1, 2):
-                    raise ValueError(f"{name}: Expected {n} to be 1D or 2D, got {s.dim()}D instead")
-            if not is_batched:
-                states = tuple(s.unsqueeze(0) for s in states)
-            for n, s in zip(names, states):
-                _check_state(n, s, x, (x.size(0), self.hidden_size))
-        c0 = states[1] if n_states == 2 else None
-        a = LayerArgs(self._mode, x, None, states[0], c0, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh,
-                      None, False)
+            states = self._given_states(hx, n_states, x, dim == 2)
+        a = LayerArgs(self._mode, x, None, states[0], states[1] if n_states == 2 else None, w_ih, self.weight_hh,
+                      self.bias_ih, self.bias_hh, None, False)
         h, _, c = self._call_layer(a, self._cell_ext(x, hx is None))
-        if not is_batched:
+        if dim == 1:
             h = h.squeeze(0)
             c = None if c is None else c.squeeze(0)
         return (h, c) if n_states == 2 else h
+
+    def _given_states(self, hx, n_states: int, x: Tensor, is_batched: bool) -> Tuple[Tensor, ...]:
+        """``hx`` checked as torch.nn's cells take it, batched like ``x``."""
+        name = self._get_name()
+        if n_states == 2 and not isinstance(hx, (tuple, list)):
+            raise HiddenStateTypeError(f"{name}: hx must be a tuple (h_0, c_0), got {type(hx).__name__}")
+        if n_states == 1 and not isinstance(hx, Tensor):
+            raise HiddenStateTypeError(f"{name}: hx must be a Tensor, got {type(hx).__name__}")
+        states = tuple(hx) if n_states == 2 else (hx,)
+        names = ("hx[0]", "hx[1]") if n_states == 2 else ("hx",)
+        for n, s in zip(names, states):
+            if not isinstance(s, Tensor):
+                raise HiddenStateTypeError(f"{name}: {n} must be a Tensor, got {type(s).__name__}")
+            if s.dim() not in (1, 2):
+                raise ValueError(f"{name}: Expected {n} to be 1D or 2D, got {s.dim()}D instead")
+        if not is_batched:
+            states = tuple(s.unsqueeze(0) for s in states)
+        for n, s in zip(names, states):
+            _check_state(n, s, x, (x.shape[0], self.hidden_size))
+        return states
 
     __prepare_scriptable__ = _interop.prepare_scriptable
 

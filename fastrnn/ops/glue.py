@@ -397,15 +397,16 @@ class LayerOp:
         return self._resolve_options(a, opts, ext is not None) if self._resolve_options is not None else opts
 
 
-# Tensors a direct call may take: a subclass (FakeTensor, FunctionalTensor, DTensor, ...) has its own dispatch.
-_PLAIN_TENSORS = (Tensor, torch.nn.Parameter)
+# What a direct call's inputs may be: plain tensors (a subclass, FakeTensor, FunctionalTensor, DTensor, ..., has
+# its own dispatch) and the Python scalars of modes and options.
+_DIRECT_TYPES = frozenset({Tensor, torch.nn.Parameter, type(None), bool, int, float, str})
 
 
 def _untraced(inputs: tuple) -> bool:
     """Whether no compiler, tracer, mode or profiler watches the ops of this call, and its tensors are plain."""
     watched = (torch.compiler.is_compiling() or torch.jit.is_tracing() or torch._C._is_torch_function_mode_enabled()
                or _get_current_dispatch_mode() is not None or torch._C._autograd._profiler_enabled())
-    return not watched and all(type(t) in _PLAIN_TENSORS for t in inputs if isinstance(t, Tensor))
+    return not watched and _DIRECT_TYPES.issuperset(map(type, inputs))
 
 
 def _batched(t: Tensor) -> bool:
