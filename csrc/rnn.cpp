@@ -17,6 +17,7 @@
 #include <cuda_runtime_api.h>
 #endif
 
+#include <algorithm>
 #include <array>
 #include <limits>
 #include <string>
@@ -419,7 +420,7 @@ std::vector<Tensor> layer_pair_bwd(const std::string& mode, const Tensor& x, con
   return out;
 }
 
-// Python's half of LayerNode's backward (fastrnn/ops/cpp.py `_node_grad`: the op's autograd formula), set once at
+// Python's half of the nodes' backward (fastrnn/ops/cpp.py `_node_grad`: the op's autograd formula), set once at
 // import. Leaked on purpose: a py::object destroyed after the interpreter would crash the exit.
 pybind11::object* g_node_grad = nullptr;
 
@@ -433,66 +434,145 @@ bool batched(const Tensor& t) {
   return t.defined() && t.key_set().has_any(kWrapped);
 }
 
+using torch::autograd::AutogradContext;
+
+Tensor value_or_undefined(const OptTensor& t) { return t ? *t : Tensor(); }
+
+OptTensor present(const Tensor& t) { return t.defined() ? OptTensor(t) : std::nullopt; }
+
+// What the nodes below share. Each saves the op's saved tensors: its tensor arguments in order (an absent optional
+// one undefined), then per direction y, gates, c, hn; `kArgOf[i]` is the argument saved at i.
+template <size_t kSaved>
+struct NodeIo {
+  const std::vector<Tensor> s;
+  std::vector<bool> needs;  // per forward argument, tensor or not
+
+  NodeIo(AutogradContext* ctx, const std::array<int, kSaved>& arg_of, size_t n_args)
+      : s(ctx->get_saved_variables()), needs(n_args, false) {
+    // needs_input_grad counts the tensor arguments present, in argument order
+    size_t edge = 0;
+    for (size_t i = 0; i < kSaved; ++i) {
+      if (s[i].defined()) needs[arg_of[i]] = ctx->needs_input_grad(edge++);
+    }
+  }
+
+  // Where the op's formula decides: a backward that builds a graph (create_graph), batched gradients, or a mode or
+  // the profiler watching the backward; both paths then give the same gradients from one formula.
+  static bool formula_decides(const std::vector<Tensor>& grads) {
+    if (at::GradMode::is_enabled() || c10::impl::TorchDispatchModeTLS::any_modes_set() ||
+        at::impl::torch_function_mode_enabled() || torch::profiler::impl::profilerEnabled()) {
+      return true;
+    }
+    return std::any_of(grads.begin(), grads.end(), batched);
+  }
+
+  // The formula's gradients, one per forward argument (`pair`: PairNode's).
+  std::vector<Tensor> formula(AutogradContext* ctx, bool pair, bool reverse, const std::vector<Tensor>& grads) const {
+    TORCH_CHECK(g_node_grad != nullptr, "fastrnn: the nodes' formula is not registered (import fastrnn.ops.cpp)");
+    pybind11::gil_scoped_acquire gil;
+    const auto got = (*g_node_grad)(ctx->saved_data["mode"].toStringRef(), pair, reverse, s, needs, grads)
+                         .cast<std::vector<OptTensor>>();
+    std::vector<Tensor> out;
+    for (const OptTensor& t : got) out.push_back(value_or_undefined(t));
+    return out;
+  }
+
+  // A direction's output gradients with zeros for those autograd has none of (y [N, Hout], h0 [B, Hout], c0).
+  static std::array<OptTensor, 3> filled(const Tensor* g, const Tensor& y, const Tensor& h0, const Tensor& c0) {
+    const auto fill = [](const Tensor& grad, const Tensor& like) { return grad.defined() ? grad : at::zeros_like(like); };
+    return {fill(g[0], y), fill(g[1], h0), c0.defined() ? OptTensor(fill(g[2], c0)) : std::nullopt};
+  }
+
+  // layer_bwd's eight (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr) of one direction into `out` at `args`, where needed.
+  void place(std::vector<Tensor>& out, std::vector<Tensor> g, const std::array<int, 8>& args) const {
+    for (size_t k = 0; k < args.size(); ++k) {
+      if (needs[args[k]]) out[args[k]] = std::move(g[k]);
+    }
+  }
+};
+
 // A training call of one plain layer in one direction as a C++ autograd node (fastrnn/ops/cpp.py
 // `layer_forward`): layer_fwd saving, then layer_bwd, with no Python between the user's call and the kernels.
 // The op path's Python (the contract's checks, torch.autograd.Function, the formula) cost ~80 µs a call forward
 // and ~120 backward on a Zen 4, where a step of a small cell computes in 20: cells stepped in a training loop ran
-// at 0.2-0.8x torch.nn. Where the op's formula must decide (a backward that builds a graph, batched gradients,
-// a profiler or a mode watching the backward) the backward hands the node's saved tensors to it instead, so both
-// paths give the same gradients from one formula.
+// at 0.4-0.8x torch.nn. Where the op's formula must decide (NodeIo::formula_decides) the backward hands the
+// node's saved tensors to it.
 struct LayerNode : torch::autograd::Function<LayerNode> {
-  static std::vector<Tensor> forward(torch::autograd::AutogradContext* ctx, const std::string& mode,
-                                     const Tensor& x, const OptTensor& batch_sizes, const Tensor& h0,
-                                     const OptTensor& c0, const Tensor& w_ih, const Tensor& w_hh,
-                                     const OptTensor& b_ih, const OptTensor& b_hh, const OptTensor& w_hr,
-                                     bool reverse) {
+  // arguments: mode, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse
+  static constexpr std::array<int, 9> kArgOf{1, 2, 3, 4, 5, 6, 7, 8, 9};
+  static constexpr std::array<int, 8> kGradArgs{1, 3, 4, 5, 6, 7, 8, 9};
+
+  static std::vector<Tensor> forward(AutogradContext* ctx, const std::string& mode, const Tensor& x,
+                                     const OptTensor& batch_sizes, const Tensor& h0, const OptTensor& c0,
+                                     const Tensor& w_ih, const Tensor& w_hh, const OptTensor& b_ih,
+                                     const OptTensor& b_hh, const OptTensor& w_hr, bool reverse) {
     std::vector<Tensor> out = layer_fwd(mode, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, true);
-    const auto val = [](const OptTensor& t) { return t ? *t : Tensor(); };
     ctx->saved_data["mode"] = mode;
     ctx->saved_data["reverse"] = reverse;
-    // the op's saved tensors, in its order: inputs, y, then gates, c, hn
-    ctx->save_for_backward({x, val(batch_sizes), h0, val(c0), w_ih, w_hh, val(b_ih), val(b_hh), val(w_hr), out[0],
-                            out[3], out[4], out[5]});
+    const auto v = value_or_undefined;
+    ctx->save_for_backward({x, v(batch_sizes), h0, v(c0), w_ih, w_hh, v(b_ih), v(b_hh), v(w_hr), out[0], out[3],
+                            out[4], out[5]});
     ctx->set_materialize_grads(false);
     if (!c0) ctx->mark_non_differentiable({out[2]});
     return {out[0], out[1], out[2]};
   }
 
-  // One gradient per forward argument (mode and reverse get none): layer_bwd's, or the op formula's.
-  static std::vector<Tensor> backward(torch::autograd::AutogradContext* ctx, std::vector<Tensor> grads) {
-    const std::vector<Tensor> s = ctx->get_saved_variables();
-    const std::string mode = ctx->saved_data["mode"].toStringRef();
-    const bool reverse = ctx->saved_data["reverse"].toBool();
-    // needs_input_grad counts the tensor arguments present, in argument order; the op's inputs count all
-    std::vector<bool> needs(11, false);
-    for (int i = 0, edge = 0; i < 9; ++i) {
-      if (s[i].defined()) needs[i + 1] = ctx->needs_input_grad(edge++);
-    }
-    const bool watched = at::GradMode::is_enabled() || c10::impl::TorchDispatchModeTLS::any_modes_set() ||
-                         at::impl::torch_function_mode_enabled() || torch::profiler::impl::profilerEnabled() ||
-                         batched(grads[0]) || batched(grads[1]) || batched(grads[2]);
-    if (watched) {
-      TORCH_CHECK(g_node_grad != nullptr, "fastrnn: LayerNode's formula was not registered (import fastrnn.ops.cpp)");
-      pybind11::gil_scoped_acquire gil;
-      const auto got = (*g_node_grad)(mode, reverse, s, needs, grads[0], grads[1], grads[2]).cast<std::vector<OptTensor>>();
-      std::vector<Tensor> out;
-      for (const OptTensor& t : got) out.push_back(t ? *t : Tensor());
-      return out;
-    }
-    const Tensor &x = s[0], &h0 = s[2], &y = s[9];
-    const auto opt = [](const Tensor& t) { return t.defined() ? OptTensor(t) : std::nullopt; };
-    const Tensor dy = grads[0].defined() ? grads[0] : at::zeros_like(y);
-    const Tensor dh_n = grads[1].defined() ? grads[1] : at::zeros_like(h0);
-    OptTensor dc_n;
-    if (s[3].defined()) dc_n = grads[2].defined() ? grads[2] : at::zeros_like(s[3]);
-    std::vector<Tensor> g = layer_bwd(mode, x, opt(s[1]), h0, opt(s[3]), s[4], s[5], opt(s[6]), opt(s[7]),
-                                      opt(s[8]), reverse, y, s[10], s[11], s[12], dy, dh_n, dc_n, needs[1]);
-    // layer_bwd's x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr at the arguments' places; [0] where absent or unneeded
+  static std::vector<Tensor> backward(AutogradContext* ctx, std::vector<Tensor> grads) {
+    const NodeIo<9> io(ctx, kArgOf, 11);
+    if (io.formula_decides(grads)) return io.formula(ctx, false, ctx->saved_data["reverse"].toBool(), grads);
+    const std::vector<Tensor>& s = io.s;
+    const auto [dy, dh_n, dc_n] = io.filled(grads.data(), s[9], s[2], s[3]);
     std::vector<Tensor> out(11);
-    constexpr std::array<int, 8> kArg{1, 3, 4, 5, 6, 7, 8, 9};
-    for (size_t k = 0; k < kArg.size(); ++k) {
-      if (needs[kArg[k]]) out[kArg[k]] = std::move(g[k]);
-    }
+    io.place(out,
+             layer_bwd(ctx->saved_data["mode"].toStringRef(), s[0], present(s[1]), s[2], present(s[3]), s[4], s[5],
+                       present(s[6]), present(s[7]), present(s[8]), ctx->saved_data["reverse"].toBool(), s[9], s[10],
+                       s[11], s[12], *dy, *dh_n, dc_n, io.needs[1]),
+             kGradArgs);
+    return out;
+  }
+};
+
+// Both directions of a bidirectional layer as one node (fastrnn/ops/cpp.py `pair_forward`): layer_pair_fwd and
+// layer_pair_bwd, as LayerNode for one direction; outputs y, h_n, c_n of the forward direction, then the reverse's.
+struct PairNode : torch::autograd::Function<PairNode> {
+  // arguments: mode, x, batch_sizes, then h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr of each direction
+  static constexpr std::array<int, 16> kArgOf{1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16};
+  static constexpr std::array<int, 8> kGradArgs{1, 3, 4, 5, 6, 7, 8, 9};
+  static constexpr std::array<int, 8> kGradArgsReverse{1, 10, 11, 12, 13, 14, 15, 16};
+
+  static std::vector<Tensor> forward(AutogradContext* ctx, const std::string& mode, const Tensor& x,
+                                     const OptTensor& batch_sizes, const Tensor& h0, const OptTensor& c0,
+                                     const Tensor& w_ih, const Tensor& w_hh, const OptTensor& b_ih,
+                                     const OptTensor& b_hh, const OptTensor& w_hr, const Tensor& h0_r,
+                                     const OptTensor& c0_r, const Tensor& w_ih_r, const Tensor& w_hh_r,
+                                     const OptTensor& b_ih_r, const OptTensor& b_hh_r, const OptTensor& w_hr_r) {
+    std::vector<Tensor> out = layer_pair_fwd(mode, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, h0_r, c0_r,
+                                             w_ih_r, w_hh_r, b_ih_r, b_hh_r, w_hr_r, true);
+    ctx->saved_data["mode"] = mode;
+    const auto v = value_or_undefined;
+    ctx->save_for_backward({x, v(batch_sizes), h0, v(c0), w_ih, w_hh, v(b_ih), v(b_hh), v(w_hr), h0_r, v(c0_r), w_ih_r,
+                            w_hh_r, v(b_ih_r), v(b_hh_r), v(w_hr_r), out[0], out[3], out[4], out[5], out[6], out[9],
+                            out[10], out[11]});
+    ctx->set_materialize_grads(false);
+    if (!c0) ctx->mark_non_differentiable({out[2], out[8]});
+    return {out[0], out[1], out[2], out[6], out[7], out[8]};
+  }
+
+  static std::vector<Tensor> backward(AutogradContext* ctx, std::vector<Tensor> grads) {
+    const NodeIo<16> io(ctx, kArgOf, 17);
+    if (io.formula_decides(grads)) return io.formula(ctx, true, false, grads);
+    const std::vector<Tensor>& s = io.s;
+    const auto [dy, dh_n, dc_n] = io.filled(grads.data(), s[16], s[2], s[3]);
+    const auto [dy_r, dh_n_r, dc_n_r] = io.filled(grads.data() + 3, s[20], s[9], s[10]);
+    std::vector<Tensor> g = layer_pair_bwd(
+        ctx->saved_data["mode"].toStringRef(), s[0], present(s[1]), s[2], present(s[3]), s[4], s[5], present(s[6]),
+        present(s[7]), present(s[8]), s[9], present(s[10]), s[11], s[12], present(s[13]), present(s[14]),
+        present(s[15]), s[16], s[17], s[18], s[19], s[20], s[21], s[22], s[23], *dy, *dh_n, dc_n, *dy_r, *dh_n_r,
+        dc_n_r, io.needs[1]);
+    if (io.needs[1]) g[0].add_(g[8]);  // x feeds both directions
+    std::vector<Tensor> out(17);
+    io.place(out, std::vector<Tensor>(g.begin() + 8, g.end()), kGradArgsReverse);
+    io.place(out, std::vector<Tensor>(g.begin(), g.begin() + 8), kGradArgs);
     return out;
   }
 };
@@ -501,6 +581,16 @@ std::vector<Tensor> layer_node(const std::string& mode, const Tensor& x, const O
                                const Tensor& h0, const OptTensor& c0, const Tensor& w_ih, const Tensor& w_hh,
                                const OptTensor& b_ih, const OptTensor& b_hh, const OptTensor& w_hr, bool reverse) {
   return LayerNode::apply(mode, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse);
+}
+
+std::vector<Tensor> layer_pair_node(const std::string& mode, const Tensor& x, const OptTensor& batch_sizes,
+                                    const Tensor& h0, const OptTensor& c0, const Tensor& w_ih, const Tensor& w_hh,
+                                    const OptTensor& b_ih, const OptTensor& b_hh, const OptTensor& w_hr,
+                                    const Tensor& h0_r, const OptTensor& c0_r, const Tensor& w_ih_r,
+                                    const Tensor& w_hh_r, const OptTensor& b_ih_r, const OptTensor& b_hh_r,
+                                    const OptTensor& w_hr_r) {
+  return PairNode::apply(mode, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, h0_r, c0_r, w_ih_r, w_hh_r,
+                         b_ih_r, b_hh_r, w_hr_r);
 }
 
 // A module's whole forward without gradients in one call, as torch.nn's `_VF.rnn_*`: at one step the Python
@@ -664,7 +754,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     std::apply([&](auto... a) { m.def(name, f, a...); }, std::tuple_cat(layer_args, own));
   };
   def("layer_node", &fastrnn::layer_node, std::make_tuple());
-  m.def("_set_node_grad", &fastrnn::set_node_grad, "the op formula LayerNode's backward defers to (set at import)");
+  m.def("_set_node_grad", &fastrnn::set_node_grad, "the op formula the nodes' backward defers to (set at import)");
   def("layer_path", &fastrnn::layer_path, std::make_tuple(py::arg("cells") = false, py::arg("pair") = false));
   // a pair: the forward direction's fields, then the reverse direction's
   const auto reverse_args = std::make_tuple(py::arg("h0_r"), py::arg("c0_r"), py::arg("w_ih_r"), py::arg("w_hh_r"),
@@ -674,6 +764,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     std::apply([&](auto... a) { m.def(name, f, a...); }, std::tuple_cat(pair_args, own));
   };
   def_pair("layer_pair_fwd", &fastrnn::layer_pair_fwd, std::make_tuple(py::arg("save")));
+  def_pair("layer_pair_node", &fastrnn::layer_pair_node, std::make_tuple());
   def_pair("layer_pair_bwd", &fastrnn::layer_pair_bwd,
            std::make_tuple(py::arg("y"), py::arg("gates"), py::arg("c"), py::arg("hn"), py::arg("y_r"),
                            py::arg("gates_r"), py::arg("c_r"), py::arg("hn_r"), py::arg("dy"), py::arg("dh_n"),

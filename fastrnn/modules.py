@@ -177,8 +177,16 @@ class _BackendMixin:
     def _call_pair(self, a: LayerArgs, ext: CellExt, r: LayerArgs, ext_r: CellExt) -> list:
         """Both directions of a bidirectional layer: in one call where the backend runs them as a pair (plain
         cells), else one call each."""
+        plain = not (ext.features() or ext_r.features())
+        if plain and _glue.saving(a.tensors()) == _glue.saving(r.tensors()):
+            cpp = self._cpp_at_once(a.x, a.tensors() + r.tensors()[1:], True)
+            if cpp is not None:
+                try:
+                    return list(cpp.pair_forward(a, r))
+                except RuntimeError:
+                    pass  # the op's path below raises the contract's error, naming the argument
         impl, options = self._backend_for(a.x)
-        if ext.features() or ext_r.features() or getattr(impl.layer, "pair_fwd", None) is None:
+        if not plain or getattr(impl.layer, "pair_fwd", None) is None:
             return [self._call_layer(a, ext), self._call_layer(r, ext_r)]
         for observe in LAYER_CALL_OBSERVERS:
             observe(a, ext, impl, options, True)

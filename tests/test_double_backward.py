@@ -80,7 +80,7 @@ def test_gradient_penalty_matches_torch_nn(kind, backend_dtype):
 @pytest.mark.parametrize("frozen", [True, False], ids=["reverse-frozen", "both-trained"])
 def test_bidirectional_double_backward_with_a_frozen_direction(frozen, monkeypatch):
     """A bidirectional layer on data (x takes no gradient) whose reverse direction is frozen: that direction runs
-    on its own, not in the cpp backend's pair (which would save and back-propagate it for nothing, and give double
+    on its own, not in the cpp backend's pair (op or C++ node, which would save and back-propagate it for nothing, and give double
     backward nothing to differentiate there); a gradient penalty on the forward direction's weights matches
     torch.nn's either way."""
     from fastrnn.ops import cpp
@@ -88,6 +88,7 @@ def test_bidirectional_double_backward_with_a_frozen_direction(frozen, monkeypat
     pairs = []
     both = cpp.layer._pair
     monkeypatch.setattr(both, "forward", lambda inputs, save, f=both.forward: pairs.append(1) or f(inputs, save))
+    monkeypatch.setattr(cpp, "pair_forward", lambda a, r, f=cpp.pair_forward: pairs.append(1) or f(a, r))
     ref, fast = twins("lstm", 3, 4, torch.float64, "cpp", bidirectional=True)
     for m in (ref, fast):
         for name, p in m.named_parameters():

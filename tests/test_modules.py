@@ -370,6 +370,42 @@ def test_unwatched_cells_skip_the_op(cell, size, grad, monkeypatch):
 
 
 @needs_cpp
+@pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_unwatched_bidirectional_training_takes_the_pair_node(kind, packed, monkeypatch):
+    """A bidirectional layer in training, unwatched, runs both directions in csrc/rnn.cpp's ``PairNode``
+    (``cpp.pair_forward``): outputs and every gradient bit for bit those of the pair op (a watched call) and
+    torch.nn's within the fp32 tolerance."""
+    ref, fast = twins(kind, 3, 5, torch.float32, "cpp", num_layers=2, bidirectional=True)
+    pairs = _counting(monkeypatch, cpp, "pair_forward")
+    x = random_packed(6, 4, 3, torch.float32) if packed else torch.randn(6, 4, 3)
+    data = x.data if packed else x
+    data.requires_grad_()
+
+    def run(module, watched: bool) -> list:
+        with torch.device("cpu") if watched else contextlib.nullcontext():
+            out = [o for o in _flat_outputs(module(x))]
+            params = [data, *module.parameters()]
+            return out + list(torch.autograd.grad(out, params, [torch.ones_like(o) for o in out]))
+
+    got = run(fast, False)
+    assert pairs == ["pair_forward"] * 2
+    via_op = run(fast, True)
+    assert pairs == ["pair_forward"] * 2
+    want = run(ref, False)
+    assert len(got) == len(via_op) == len(want)
+    for g, o, w in zip(got, via_op, want):
+        assert torch.equal(g, o)
+        torch.testing.assert_close(g, w, **TOL[torch.float32])
+
+
+def _flat_outputs(out) -> list:
+    """A sequence module's output rows and final states as a flat list of tensors."""
+    y, h = out
+    return [y.data if isinstance(y, PackedSequence) else y, *(h if isinstance(h, tuple) else (h,))]
+
+
+@needs_cpp
 @pytest.mark.parametrize("cell", CELLS)
 def test_the_cpp_node_saves_through_autograd(cell):
     """The C++ node saves through autograd's saved variables: ``saved_tensors_hooks`` pack every tensor it saves

@@ -20,7 +20,7 @@ from fastrnn import _buildcfg
 from fastrnn._ext import _C, _C_ERROR
 from fastrnn import ops as _ops
 from fastrnn.ops import CellExt, LayerArgs, LayerOut, Saved, SavedExt
-from fastrnn.ops.glue import ExtImpl, LayerOp, PairImpl, saving
+from fastrnn.ops.glue import N_REVERSE, ExtImpl, LayerOp, PairImpl, saving
 
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 EXT_FEATURES = _ops.EXT_FEATURES  # LayerNorm, zoneout and recurrent dropout, fused
@@ -156,23 +156,46 @@ def layer_forward(a: LayerArgs) -> LayerOut:
     return LayerOut(y, h_n, c_n if a.mode == "LSTM" else None)
 
 
+def pair_forward(a: LayerArgs, r: LayerArgs) -> Tuple[LayerOut, LayerOut]:
+    """``layer.pair(a, r)`` as ``layer_forward`` calls one direction: the kernels alone without gradients, with them
+    csrc/rnn.cpp's ``PairNode``. Both directions save or neither (``layer.pair`` runs the other case)."""
+    if saving(a.tensors()):
+        y, h_n, c_n, y_r, h_n_r, c_n_r = _lib().layer_pair_node(*a[:-1], *r.tensors()[1:])
+    else:
+        out = _lib().layer_pair_fwd(*a[:-1], *r.tensors()[1:], False)
+        y, h_n, c_n, y_r, h_n_r, c_n_r = out[:3] + out[6:9]
+    lstm = a.mode == "LSTM"
+    return LayerOut(y, h_n, c_n if lstm else None), LayerOut(y_r, h_n_r, c_n_r if lstm else None)
+
+
 class _NodeContext(NamedTuple):
-    """What the op's autograd formula reads of its context, from a ``LayerNode``."""
+    """What the ops' autograd formula reads of its context, from a node of csrc/rnn.cpp."""
 
     saved_tensors: tuple
     mode: str
-    reverse: bool
     needs_input_grad: Sequence[bool]
+    reverse: bool = False
     opts: tuple = ()
 
 
-def _node_grad(mode: str, reverse: bool, saved: list, needs: list, dy: Optional[Tensor], dh_n: Optional[Tensor],
-               dc_n: Optional[Tensor]) -> list:
-    """``LayerNode``'s backward where the op's formula decides (a graph of its own, batched gradients, a watched
-    backward): that formula on the node's saved tensors (the op's, without the two it leaves empty), returning
-    the gradients of the ``LayerArgs`` fields."""
-    ctx = _NodeContext((*saved, *_absent(saved[0], 2)), mode, reverse, needs)
-    return list(layer._plain._grad(ctx, dy, dh_n, dc_n)[:len(LayerArgs._fields)])
+_REVERSE_AT = LayerArgs._fields.index("reverse")
+
+
+def _node_grad(mode: str, pair: bool, reverse: bool, saved: list, needs: list, grads: list) -> list:
+    """The backward of csrc/rnn.cpp's ``LayerNode`` (``pair``: ``PairNode``) where the ops' formula decides (a
+    graph of its own, batched gradients, a watched backward): that formula on the node's saved tensors, returning
+    a gradient per node argument. The node saves the op's tensors but the two per direction it leaves empty, and
+    a ``PairNode`` takes no ``reverse``."""
+    empty = _absent(saved[0], 2)
+    if not pair:
+        ctx = _NodeContext((*saved, *empty), mode, needs, reverse)
+        return list(layer._plain._grad(ctx, *grads)[:len(needs)])
+    k = 2 + 2 * N_REVERSE  # x, batch_sizes, each direction's own tensors; then y, gates, c, hn of each
+    ctx = _NodeContext((*saved[:k], *saved[k:k + 4], *empty, *saved[k + 4:k + 8], *empty), mode,
+                       (*needs[:_REVERSE_AT], False, *needs[_REVERSE_AT:]))
+    unused = (None,) * (len(Saved._fields))  # the Saved outputs of each direction take no gradient
+    got = layer._pair._grad(ctx, *grads[:3], *unused, *grads[3:], *unused)
+    return [*got[:_REVERSE_AT], *got[_REVERSE_AT + 1:len(needs) + 1]]
 
 
 def stack_forward(mode: str, x: Tensor, batch_sizes: Optional[Tensor], states: Tuple[Tensor, ...],

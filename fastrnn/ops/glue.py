@@ -12,7 +12,9 @@ registers ``fastrnn::<name>_fwd`` and ``fastrnn::<name>_bwd`` with fake implemen
 - a call that nothing traces or records (no compiler, tracer, dispatch or function mode, profiler; plain
   tensors) skips the ops' dispatch: without gradients it runs the op's implementation directly, with them a
   ``torch.autograd.Function`` over the same implementations and the same formula (``_Ops.forward``,
-  ``_Ops.backward``);
+  ``_Ops.backward``); the modules skip even that on the cpp backend for torch.nn's cells (``unwatched``): C++
+  autograd nodes (csrc/rnn.cpp ``LayerNode``, ``PairNode``) whose backward hands their saved tensors back to
+  this formula (``_grad``) where it must decide;
 - the contract is checked once per call, in Python, before the forward op (backward reuses checked input);
 - autocast is off inside the ops: they compute in their inputs' dtype.
 
@@ -449,6 +451,8 @@ def _differentiable_grads(a: LayerArgs, e: Optional[CellExt], needed: Sequence[b
     layer recomputed on the reference backend, with their graph (``create_graph=True``)."""
     inputs = a.tensors() + (tuple(e)[:len(EXT_GRAD_NAMES)] if e is not None else ())
     wanted = [t for t, need in zip(inputs, needed) if need and t is not None]
+    if not wanted:  # a C++ node asks per backward: this one may want nothing of one direction of a pair
+        return [None] * len(inputs)
     out = reference.layer(a, ext=e)
     pairs = [(o, g) for o, g in zip(out, grad_outputs) if o is not None]
     grads = iter(torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs], create_graph=True,
