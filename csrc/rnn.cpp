@@ -427,11 +427,13 @@ pybind11::object* g_node_grad = nullptr;
 void set_node_grad(pybind11::object f) { g_node_grad = new pybind11::object(std::move(f)); }
 
 // A gradient the kernels cannot read: a vmap's batched view (autograd.grad(..., is_grads_batched=True),
-// torch.func over a backward) has no storage of its own.
-bool batched(const Tensor& t) {
-  constexpr c10::DispatchKeySet kWrapped({c10::DispatchKey::FuncTorchBatched, c10::DispatchKey::FuncTorchGradWrapper,
-                                          c10::DispatchKey::Batched, c10::DispatchKey::BatchedNestedTensor});
-  return t.defined() && t.key_set().has_any(kWrapped);
+// torch.func over a backward) has no storage of its own, and a tensor subclass (a backward hook may return one)
+// has its own dispatch.
+bool foreign(const Tensor& t) {
+  constexpr c10::DispatchKeySet kForeign({c10::DispatchKey::FuncTorchBatched, c10::DispatchKey::FuncTorchGradWrapper,
+                                          c10::DispatchKey::Batched, c10::DispatchKey::BatchedNestedTensor,
+                                          c10::DispatchKey::Python, c10::DispatchKey::PythonTLSSnapshot});
+  return t.defined() && t.key_set().has_any(kForeign);
 }
 
 using torch::autograd::AutogradContext;
@@ -440,54 +442,82 @@ Tensor value_or_undefined(const OptTensor& t) { return t ? *t : Tensor(); }
 
 OptTensor present(const Tensor& t) { return t.defined() ? OptTensor(t) : std::nullopt; }
 
-// What the nodes below share. Each saves the op's saved tensors: its tensor arguments in order (an absent optional
-// one undefined), then per direction y, gates, c, hn; `kArgOf[i]` is the argument saved at i.
-template <size_t kSaved>
+// layer_bwd's eight gradients (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr) as node arguments: a node's arguments
+// are mode, x, batch_sizes, then each direction's h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr (LayerNode: then reverse)
+constexpr std::array<int, 8> kForwardGrads{1, 3, 4, 5, 6, 7, 8, 9};
+constexpr std::array<int, 8> kReverseGrads{1, 10, 11, 12, 13, 14, 15, 16};
+
+// What the nodes below share. A node returns y, h_n and (LSTM) c_n per direction: an output that is always empty
+// would need mark_non_differentiable, which compiled autograd refuses. It saves the op's saved tensors: its
+// n_inputs tensor arguments in argument order from x (an absent optional one undefined), then per direction y,
+// gates, c, hn.
 struct NodeIo {
   const std::vector<Tensor> s;
-  std::vector<bool> needs;  // per forward argument, tensor or not
+  std::vector<bool> needs;  // per node argument, tensor or not
+  const bool lstm;
 
-  NodeIo(AutogradContext* ctx, const std::array<int, kSaved>& arg_of, size_t n_args)
-      : s(ctx->get_saved_variables()), needs(n_args, false) {
-    // needs_input_grad counts the tensor arguments present, in argument order
+  NodeIo(AutogradContext* ctx, size_t n_inputs, size_t n_args)
+      : s(ctx->get_saved_variables()), needs(n_args, false), lstm(s[3].defined()) {
+    // needs_input_grad counts the tensor arguments present, in argument order; argument 0 is the mode
     size_t edge = 0;
-    for (size_t i = 0; i < kSaved; ++i) {
-      if (s[i].defined()) needs[arg_of[i]] = ctx->needs_input_grad(edge++);
+    for (size_t i = 0; i < n_inputs; ++i) {
+      if (s[i].defined()) needs[i + 1] = ctx->needs_input_grad(edge++);
     }
   }
 
-  // Where the op's formula decides: a backward that builds a graph (create_graph), batched gradients, or a mode or
-  // the profiler watching the backward; both paths then give the same gradients from one formula.
+  // Where the op's formula decides: a backward that builds a graph (create_graph), gradients the kernels cannot
+  // read, or a mode or the profiler watching the backward; both paths then give the same gradients from one
+  // formula.
   static bool formula_decides(const std::vector<Tensor>& grads) {
     if (at::GradMode::is_enabled() || c10::impl::TorchDispatchModeTLS::any_modes_set() ||
         at::impl::torch_function_mode_enabled() || torch::profiler::impl::profilerEnabled()) {
       return true;
     }
-    return std::any_of(grads.begin(), grads.end(), batched);
+    return std::any_of(grads.begin(), grads.end(), foreign);
   }
 
-  // The formula's gradients, one per forward argument (`pair`: PairNode's).
+  // The formula's gradients, one per node argument (`pair`: PairNode's), from the output gradients as the op's
+  // formula takes them: y, h_n, c_n (None unless LSTM) per direction.
   std::vector<Tensor> formula(AutogradContext* ctx, bool pair, bool reverse, const std::vector<Tensor>& grads) const {
     TORCH_CHECK(g_node_grad != nullptr, "fastrnn: the nodes' formula is not registered (import fastrnn.ops.cpp)");
+    std::vector<Tensor> per_direction;
+    for (size_t d = 0; d < (pair ? 2u : 1u); ++d) {
+      const Tensor* g = direction(grads, d);
+      per_direction.insert(per_direction.end(), {g[0], g[1], lstm ? g[2] : Tensor()});
+    }
     pybind11::gil_scoped_acquire gil;
-    const auto got = (*g_node_grad)(ctx->saved_data["mode"].toStringRef(), pair, reverse, s, needs, grads)
+    const auto got = (*g_node_grad)(ctx->saved_data["mode"].toStringRef(), pair, reverse, s, needs, per_direction)
                          .cast<std::vector<OptTensor>>();
     std::vector<Tensor> out;
     for (const OptTensor& t : got) out.push_back(value_or_undefined(t));
     return out;
   }
 
-  // A direction's output gradients with zeros for those autograd has none of (y [N, Hout], h0 [B, Hout], c0).
-  static std::array<OptTensor, 3> filled(const Tensor* g, const Tensor& y, const Tensor& h0, const Tensor& c0) {
-    const auto fill = [](const Tensor& grad, const Tensor& like) { return grad.defined() ? grad : at::zeros_like(like); };
-    return {fill(g[0], y), fill(g[1], h0), c0.defined() ? OptTensor(fill(g[2], c0)) : std::nullopt};
+  // Direction d's output gradients among a node's.
+  const Tensor* direction(const std::vector<Tensor>& grads, size_t d) const {
+    return grads.data() + d * (lstm ? 3 : 2);
   }
 
-  // layer_bwd's eight (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr) of one direction into `out` at `args`, where needed.
-  void place(std::vector<Tensor>& out, std::vector<Tensor> g, const std::array<int, 8>& args) const {
-    for (size_t k = 0; k < args.size(); ++k) {
-      if (needs[args[k]]) out[args[k]] = std::move(g[k]);
+  // Direction d's output gradients with zeros for those autograd has none of (y [N, Hout], h0 [B, Hout], c0).
+  std::array<OptTensor, 3> filled(const std::vector<Tensor>& grads, size_t d, const Tensor& y, const Tensor& h0,
+                                  const Tensor& c0) const {
+    const Tensor* g = direction(grads, d);
+    const auto fill = [](const Tensor& grad, const Tensor& like) {
+      return grad.defined() ? grad : at::zeros_like(like);
+    };
+    return {fill(g[0], y), fill(g[1], h0), lstm ? OptTensor(fill(g[2], c0)) : std::nullopt};
+  }
+
+  // A direction's eight gradients from layer_bwd into `out` at `args`, where needed and given.
+  void place(std::vector<Tensor>& out, std::vector<Tensor>::iterator g, const std::array<int, 8>& args) const {
+    for (size_t k = 0; k < args.size(); ++k, ++g) {
+      if (needs[args[k]] && g->defined()) out[args[k]] = std::move(*g);
     }
+  }
+
+  static std::vector<Tensor> outputs(const std::vector<Tensor>& out, size_t d, bool lstm) {
+    return lstm ? std::vector<Tensor>{out[6 * d], out[6 * d + 1], out[6 * d + 2]}
+                : std::vector<Tensor>{out[6 * d], out[6 * d + 1]};
   }
 };
 
@@ -498,10 +528,6 @@ struct NodeIo {
 // at 0.4-0.8x torch.nn. Where the op's formula must decide (NodeIo::formula_decides) the backward hands the
 // node's saved tensors to it.
 struct LayerNode : torch::autograd::Function<LayerNode> {
-  // arguments: mode, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse
-  static constexpr std::array<int, 9> kArgOf{1, 2, 3, 4, 5, 6, 7, 8, 9};
-  static constexpr std::array<int, 8> kGradArgs{1, 3, 4, 5, 6, 7, 8, 9};
-
   static std::vector<Tensor> forward(AutogradContext* ctx, const std::string& mode, const Tensor& x,
                                      const OptTensor& batch_sizes, const Tensor& h0, const OptTensor& c0,
                                      const Tensor& w_ih, const Tensor& w_hh, const OptTensor& b_ih,
@@ -513,33 +539,28 @@ struct LayerNode : torch::autograd::Function<LayerNode> {
     ctx->save_for_backward({x, v(batch_sizes), h0, v(c0), w_ih, w_hh, v(b_ih), v(b_hh), v(w_hr), out[0], out[3],
                             out[4], out[5]});
     ctx->set_materialize_grads(false);
-    if (!c0) ctx->mark_non_differentiable({out[2]});
-    return {out[0], out[1], out[2]};
+    return NodeIo::outputs(out, 0, c0.has_value());
   }
 
   static std::vector<Tensor> backward(AutogradContext* ctx, std::vector<Tensor> grads) {
-    const NodeIo<9> io(ctx, kArgOf, 11);
-    if (io.formula_decides(grads)) return io.formula(ctx, false, ctx->saved_data["reverse"].toBool(), grads);
+    const NodeIo io(ctx, 9, 11);
+    const bool reverse = ctx->saved_data["reverse"].toBool();
+    if (io.formula_decides(grads)) return io.formula(ctx, false, reverse, grads);
     const std::vector<Tensor>& s = io.s;
-    const auto [dy, dh_n, dc_n] = io.filled(grads.data(), s[9], s[2], s[3]);
+    const auto [dy, dh_n, dc_n] = io.filled(grads, 0, s[9], s[2], s[3]);
+    std::vector<Tensor> g =
+        layer_bwd(ctx->saved_data["mode"].toStringRef(), s[0], present(s[1]), s[2], present(s[3]), s[4], s[5],
+                  present(s[6]), present(s[7]), present(s[8]), reverse, s[9], s[10], s[11], s[12], *dy, *dh_n, dc_n,
+                  io.needs[1]);
     std::vector<Tensor> out(11);
-    io.place(out,
-             layer_bwd(ctx->saved_data["mode"].toStringRef(), s[0], present(s[1]), s[2], present(s[3]), s[4], s[5],
-                       present(s[6]), present(s[7]), present(s[8]), ctx->saved_data["reverse"].toBool(), s[9], s[10],
-                       s[11], s[12], *dy, *dh_n, dc_n, io.needs[1]),
-             kGradArgs);
+    io.place(out, g.begin(), kForwardGrads);
     return out;
   }
 };
 
 // Both directions of a bidirectional layer as one node (fastrnn/ops/cpp.py `pair_forward`): layer_pair_fwd and
-// layer_pair_bwd, as LayerNode for one direction; outputs y, h_n, c_n of the forward direction, then the reverse's.
+// layer_pair_bwd, as LayerNode for one direction; the forward direction's outputs, then the reverse's.
 struct PairNode : torch::autograd::Function<PairNode> {
-  // arguments: mode, x, batch_sizes, then h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr of each direction
-  static constexpr std::array<int, 16> kArgOf{1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16};
-  static constexpr std::array<int, 8> kGradArgs{1, 3, 4, 5, 6, 7, 8, 9};
-  static constexpr std::array<int, 8> kGradArgsReverse{1, 10, 11, 12, 13, 14, 15, 16};
-
   static std::vector<Tensor> forward(AutogradContext* ctx, const std::string& mode, const Tensor& x,
                                      const OptTensor& batch_sizes, const Tensor& h0, const OptTensor& c0,
                                      const Tensor& w_ih, const Tensor& w_hh, const OptTensor& b_ih,
@@ -554,25 +575,30 @@ struct PairNode : torch::autograd::Function<PairNode> {
                             w_hh_r, v(b_ih_r), v(b_hh_r), v(w_hr_r), out[0], out[3], out[4], out[5], out[6], out[9],
                             out[10], out[11]});
     ctx->set_materialize_grads(false);
-    if (!c0) ctx->mark_non_differentiable({out[2], out[8]});
-    return {out[0], out[1], out[2], out[6], out[7], out[8]};
+    std::vector<Tensor> both = NodeIo::outputs(out, 0, c0.has_value());
+    const std::vector<Tensor> rev = NodeIo::outputs(out, 1, c0.has_value());
+    both.insert(both.end(), rev.begin(), rev.end());
+    return both;
   }
 
   static std::vector<Tensor> backward(AutogradContext* ctx, std::vector<Tensor> grads) {
-    const NodeIo<16> io(ctx, kArgOf, 17);
+    const NodeIo io(ctx, 16, 17);
     if (io.formula_decides(grads)) return io.formula(ctx, true, false, grads);
     const std::vector<Tensor>& s = io.s;
-    const auto [dy, dh_n, dc_n] = io.filled(grads.data(), s[16], s[2], s[3]);
-    const auto [dy_r, dh_n_r, dc_n_r] = io.filled(grads.data() + 3, s[20], s[9], s[10]);
+    const auto [dy, dh_n, dc_n] = io.filled(grads, 0, s[16], s[2], s[3]);
+    const auto [dy_r, dh_n_r, dc_n_r] = io.filled(grads, 1, s[20], s[9], s[10]);
     std::vector<Tensor> g = layer_pair_bwd(
         ctx->saved_data["mode"].toStringRef(), s[0], present(s[1]), s[2], present(s[3]), s[4], s[5], present(s[6]),
         present(s[7]), present(s[8]), s[9], present(s[10]), s[11], s[12], present(s[13]), present(s[14]),
         present(s[15]), s[16], s[17], s[18], s[19], s[20], s[21], s[22], s[23], *dy, *dh_n, dc_n, *dy_r, *dh_n_r,
         dc_n_r, io.needs[1]);
-    if (io.needs[1]) g[0].add_(g[8]);  // x feeds both directions
+    if (io.needs[1]) {
+      g[0].add_(g[8]);  // x feeds both directions
+      g[8] = Tensor();
+    }
     std::vector<Tensor> out(17);
-    io.place(out, std::vector<Tensor>(g.begin() + 8, g.end()), kGradArgsReverse);
-    io.place(out, std::vector<Tensor>(g.begin(), g.begin() + 8), kGradArgs);
+    io.place(out, g.begin(), kForwardGrads);
+    io.place(out, g.begin() + 8, kReverseGrads);
     return out;
   }
 };

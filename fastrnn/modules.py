@@ -8,7 +8,7 @@ graph-break on torch's own recurrent modules.
 
 import warnings
 from types import ModuleType
-from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, TypeVar, Union
 
 import torch
 import torch.nn.functional as F
@@ -68,6 +68,7 @@ def _check_probability(name: str, p) -> float:
 LAYER_CALL_OBSERVERS: List[Callable[[LayerArgs, CellExt, ModuleType, dict, bool], None]] = []
 
 
+_T = TypeVar("_T")
 # torch.nn's cells: no LayerNorm, zoneout or recurrent dropout
 _PLAIN_CELLS = CellExt(*(None,) * len(CellExt._fields))
 
@@ -147,26 +148,30 @@ class _BackendMixin:
             name, impl = _backend.resolve_named("reference", x.device, x.dtype)
         return impl, self.backend_options.get(name, {})
 
-    def _cpp_at_once(self, x: Tensor, tensors: Sequence[Optional[Tensor]], training: bool) -> Optional[ModuleType]:
-        """The cpp backend where a call of torch.nn's cells on ``x`` may skip the layer ops and the contract's checks
-        in Python for its C++ entry points, else None: the cpp backend without options, nothing tracing or
-        watching ``tensors`` (``glue.unwatched``), no ``LAYER_CALL_OBSERVERS``, and nothing saved for a backward
-        unless ``training`` (one layer: csrc/rnn.cpp's autograd node). Those ~0.1 ms a layer in Python cost more
-        than a layer at one step: a two-layer RNN at H = 512 generating took 350 µs a step against torch.nn's 130,
-        and an RNNCell of 8 units in a training loop 0.24x torch.nn."""
-        if LAYER_CALL_OBSERVERS or not _glue.unwatched(tensors) or (not training and _glue.saving(tensors)):
+    def _cpp_at_once(self, x: Tensor, tensors: Sequence[Optional[Tensor]],
+                     run: Callable[[ModuleType], _T]) -> Optional[_T]:
+        """``run(cpp)`` where a call of torch.nn's cells on ``x`` may skip the layer ops and the contract's checks
+        in Python for the cpp backend's C++ entry points (the C++ checks every input itself), else None: the cpp
+        backend without options, nothing tracing or watching ``tensors`` (``glue.unwatched``) and no
+        ``LAYER_CALL_OBSERVERS``; None too where ``run`` fails, so that the op's path raises its error naming the
+        argument. With gradients the entry points are csrc/rnn.cpp's autograd nodes. Those ~0.1-0.2 ms a layer in
+        Python cost more than a layer at one step: a two-layer RNN at H = 512 generating took 350 µs a step against
+        torch.nn's 130, and an RNNCell of 8 units in a training loop ran at 0.24x torch.nn."""
+        if LAYER_CALL_OBSERVERS or not _glue.unwatched(tensors):
             return None
         name, impl = _backend.resolve_named(self.backend, x.device, x.dtype)
-        return impl if name == "cpp" and not self.backend_options.get("cpp") else None
+        if name != "cpp" or self.backend_options.get("cpp"):
+            return None
+        try:
+            return run(impl)
+        except RuntimeError:
+            return None
 
     def _call_layer(self, a: LayerArgs, ext: CellExt):
         if ext is _PLAIN_CELLS or not ext.features():
-            cpp = self._cpp_at_once(a.x, a.tensors(), True)
-            if cpp is not None:
-                try:
-                    return cpp.layer_forward(a)
-                except RuntimeError:
-                    pass  # the op's path below raises the contract's error, naming the argument
+            out = self._cpp_at_once(a.x, a.tensors(), lambda cpp: cpp.layer_forward(a))
+            if out is not None:
+                return out
         impl, options = self._backend_for(a.x, ext.features())
         for observe in LAYER_CALL_OBSERVERS:
             observe(a, ext, impl, options, False)
@@ -176,17 +181,14 @@ class _BackendMixin:
 
     def _call_pair(self, a: LayerArgs, ext: CellExt, r: LayerArgs, ext_r: CellExt) -> list:
         """Both directions of a bidirectional layer: in one call where the backend runs them as a pair (plain
-        cells), else one call each."""
-        plain = not (ext.features() or ext_r.features())
-        if plain and _glue.saving(a.tensors()) == _glue.saving(r.tensors()):
-            cpp = self._cpp_at_once(a.x, a.tensors() + r.tensors()[1:], True)
-            if cpp is not None:
-                try:
-                    return list(cpp.pair_forward(a, r))
-                except RuntimeError:
-                    pass  # the op's path below raises the contract's error, naming the argument
+        cells, both directions taking gradients or neither), else one call each."""
+        if ext.features() or ext_r.features() or _glue.saving(a.tensors()) != _glue.saving(r.tensors()):
+            return [self._call_layer(a, ext), self._call_layer(r, ext_r)]
+        out = self._cpp_at_once(a.x, a.tensors() + r.tensors()[1:], lambda cpp: cpp.pair_forward(a, r))
+        if out is not None:
+            return list(out)
         impl, options = self._backend_for(a.x)
-        if not plain or getattr(impl.layer, "pair_fwd", None) is None:
+        if getattr(impl.layer, "pair_fwd", None) is None:
             return [self._call_layer(a, ext), self._call_layer(r, ext_r)]
         for observe in LAYER_CALL_OBSERVERS:
             observe(a, ext, impl, options, True)
@@ -373,14 +375,11 @@ class _RNNBase(_BackendMixin, nn.RNNBase):
         if torch.is_grad_enabled() and any(t.requires_grad for t in (rows, *states, *self.parameters())):
             return None
         weights = [getattr(self, name) for name in self._flat_weights_names]
-        cpp = self._cpp_at_once(rows, (rows, *states, *weights), False)
-        if cpp is None or any(w is None for w in weights):
+        if any(w is None for w in weights):
             return None
-        try:
-            return cpp.stack_forward(self.mode, rows, batch_sizes, states, weights, self.num_layers,
-                                     self.bidirectional, self.bias, bool(self.proj_size))
-        except RuntimeError:
-            return None
+        return self._cpp_at_once(rows, (rows, *states, *weights), lambda cpp: cpp.stack_forward(
+            self.mode, rows, batch_sizes, states, weights, self.num_layers, self.bidirectional, self.bias,
+            bool(self.proj_size)))
 
     def _run_layers(self, rows: Tensor, batch_sizes: Optional[Tensor], states: Tuple[Tensor, ...],
                     amp_dtype: Optional[torch.dtype]) -> Tuple[Tensor, Tuple[Tensor, ...]]:

@@ -47,3 +47,22 @@ def test_compile_zero_graph_breaks_same_result(name, backend):
     (g_comp,) = torch.autograd.grad(out, x)
     torch.testing.assert_close(out, eager, **TOL[torch.float64])
     torch.testing.assert_close(g_comp, g_eager, **TOL[torch.float64])
+
+
+@pytest.mark.parametrize("backend", usable_backends())
+@pytest.mark.parametrize("name", MODULES)
+def test_compiled_autograd_runs_an_eager_graphs_backward(name, backend):
+    """Compiled autograd over the backward of a graph built in eager mode (on the cpp backend, its C++ autograd
+    nodes, which it calls as they are): every gradient equals eager autograd's."""
+    from torch._dynamo import compiled_autograd
+
+    torch._dynamo.reset()
+    model = Model(MODULES[name](backend)).double()
+    x = torch.randn((4, 3) if "cell" in name else (4, 2, 3), dtype=torch.float64, requires_grad=True)
+    params = [x, *model.parameters()]
+    want = torch.autograd.grad(model(x), params)
+    loss = model(x)
+    with compiled_autograd._enable(torch.compile(backend="eager")):
+        loss.backward()
+    for p, w in zip(params, want, strict=True):
+        torch.testing.assert_close(p.grad, w, **TOL[torch.float64])

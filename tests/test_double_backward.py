@@ -80,9 +80,9 @@ def test_gradient_penalty_matches_torch_nn(kind, backend_dtype):
 @pytest.mark.parametrize("frozen", [True, False], ids=["reverse-frozen", "both-trained"])
 def test_bidirectional_double_backward_with_a_frozen_direction(frozen, monkeypatch):
     """A bidirectional layer on data (x takes no gradient) whose reverse direction is frozen: that direction runs
-    on its own, not in the cpp backend's pair (op or C++ node, which would save and back-propagate it for nothing, and give double
-    backward nothing to differentiate there); a gradient penalty on the forward direction's weights matches
-    torch.nn's either way."""
+    on its own, not in the cpp backend's pair (op or C++ node, which would save and back-propagate it for
+    nothing, and give double backward nothing to differentiate there); a gradient penalty on the forward
+    direction's weights matches torch.nn's either way."""
     from fastrnn.ops import cpp
 
     pairs = []

@@ -209,9 +209,16 @@ def _every_output(out) -> list:
 
 
 def _counting(monkeypatch, owner, name: str) -> list:
-    """A list that gets one entry per call of ``owner.name`` (which still runs)."""
+    """A list that gets one entry per call of ``owner.name`` that returns (a call that raises leaves none: the
+    modules then take the op's path)."""
     calls, real = [], getattr(owner, name)
-    monkeypatch.setattr(owner, name, lambda *a: calls.append(name) or real(*a))
+
+    def counted(*args):
+        out = real(*args)
+        calls.append(name)
+        return out
+
+    monkeypatch.setattr(owner, name, counted)
     return calls
 
 
@@ -328,74 +335,107 @@ def test_a_broken_parameter_gets_the_per_layer_error(kind):
         assert (name if broken == "meta" else "w_hh must have dtype torch.float32") in str(one_call.value)
 
 
+# the C++ entry points' tests: on CUDA (collected with a GPU) the two paths agree within the fp32 tolerance, as
+# cuBLAS may pick another algorithm between two calls
+DEVICES = ["cpu"] + ([pytest.param("cuda", marks=pytest.mark.cuda)] if torch.cuda.is_available() else [])
+
+
+def _same_as_op(device: str):
+    return torch.equal if device == "cpu" else (lambda g, o: torch.testing.assert_close(g, o) or True)
+
+
 @needs_cpp
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("grad", [False, True], ids=["no-grad", "grad"])
 @pytest.mark.parametrize("size", ONE_CALL_SIZES)
 @pytest.mark.parametrize("cell", CELLS)
-def test_unwatched_cells_skip_the_op(cell, size, grad, monkeypatch):
+def test_unwatched_cells_skip_the_op(cell, size, grad, device, monkeypatch):
     """An unwatched cell call goes to the C++ directly (``cpp.layer_forward``; with gradients csrc/rnn.cpp's
-    autograd node ``LayerNode``), with the op path's outputs and gradients bit for bit and torch.nn's within the
-    fp32 tolerance; a watched call (here a function mode) takes the op."""
+    autograd node ``LayerNode``), with the op path's outputs and gradients (bit for bit on the CPU) and torch.nn's
+    within the fp32 tolerance; a watched call (here a function mode) takes the op, and the node's backward watched
+    hands over to the op's formula, with the same gradients."""
     I, H, _, B = ONE_CALL_SIZES[size]
     cls, extra = CELLS[cell]
-    ref = cls(I, H, **extra)
-    fast = getattr(fastrnn, cls.__name__)(I, H, backend="cpp", **extra)
+    ref = cls(I, H, device=device, **extra)
+    fast = getattr(fastrnn, cls.__name__)(I, H, backend="cpp", device=device, **extra)
     fast.load_state_dict(ref.state_dict())
     direct = _counting(monkeypatch, cpp, "layer_forward")
-    x = torch.randn(B, I, requires_grad=grad)
+    x = torch.randn(B, I, device=device, requires_grad=grad)
     params = [x, *fast.parameters()]
 
-    def run(module, watched: bool) -> list:
-        with torch.set_grad_enabled(grad), torch.device("cpu") if watched else contextlib.nullcontext():
+    def watched(on: bool):
+        return torch.device(device) if on else contextlib.nullcontext()
+
+    def run(module, watched_forward: bool, watched_backward: bool) -> list:
+        with torch.set_grad_enabled(grad), watched(watched_forward):
             out = module(x)
         out = list(out) if isinstance(out, tuple) else [out]
         if grad:
-            with torch.device("cpu") if watched else contextlib.nullcontext():
+            with watched(watched_backward):
                 grads = torch.autograd.grad(out, params if module is fast else [x, *module.parameters()],
                                             [torch.ones_like(o) for o in out])
             out += list(grads)
         return out
 
-    got = run(fast, False)
+    got = run(fast, False, False)
     assert direct == ["layer_forward"]
     if grad:
         assert "LayerNode" in got[0].grad_fn.name()
-    via_op = run(fast, True)
+    via_op = run(fast, True, True)
     assert direct == ["layer_forward"]
-    want = run(ref, False)
-    assert len(got) == len(via_op) == len(want)
-    for g, o, w in zip(got, via_op, want):
-        assert torch.equal(g, o)
+    via_formula = run(fast, False, True)
+    want = run(ref, False, False)
+    assert len(got) == len(via_op) == len(via_formula) == len(want)
+    same = _same_as_op(device)
+    for g, o, f, w in zip(got, via_op, via_formula, want):
+        assert same(g, o)
+        assert same(g, f)
         torch.testing.assert_close(g, w, **TOL[torch.float32])
 
 
 @needs_cpp
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
 @pytest.mark.parametrize("kind", KINDS)
-def test_unwatched_bidirectional_training_takes_the_pair_node(kind, packed, monkeypatch):
+def test_unwatched_bidirectional_training_takes_the_pair_node(kind, packed, device, monkeypatch):
     """A bidirectional layer in training, unwatched, runs both directions in csrc/rnn.cpp's ``PairNode``
-    (``cpp.pair_forward``): outputs and every gradient bit for bit those of the pair op (a watched call) and
-    torch.nn's within the fp32 tolerance."""
-    ref, fast = twins(kind, 3, 5, torch.float32, "cpp", num_layers=2, bidirectional=True)
-    pairs = _counting(monkeypatch, cpp, "pair_forward")
+    (``cpp.pair_forward``): outputs and every gradient those of the pair op (a watched call; bit for bit on the
+    CPU) and torch.nn's within the fp32 tolerance; so are the gradients of the reverse directions' parameters
+    alone (the node's backward asked for one direction)."""
+    ref, fast = (m.to(device) for m in twins(kind, 3, 5, torch.float32, "cpp", num_layers=2, bidirectional=True))
+    pairs, real = [], cpp.pair_forward
+
+    def recorded(a, r):
+        out = real(a, r)
+        pairs.append(out[0].y.grad_fn.name())
+        return out
+
+    monkeypatch.setattr(cpp, "pair_forward", recorded)
     x = random_packed(6, 4, 3, torch.float32) if packed else torch.randn(6, 4, 3)
+    x = x.to(device)
     data = x.data if packed else x
     data.requires_grad_()
 
     def run(module, watched: bool) -> list:
-        with torch.device("cpu") if watched else contextlib.nullcontext():
-            out = [o for o in _flat_outputs(module(x))]
+        with torch.device(device) if watched else contextlib.nullcontext():
+            out = _flat_outputs(module(x))
             params = [data, *module.parameters()]
             return out + list(torch.autograd.grad(out, params, [torch.ones_like(o) for o in out]))
 
     got = run(fast, False)
-    assert pairs == ["pair_forward"] * 2
+    assert len(pairs) == 2 and all("PairNode" in name for name in pairs)
     via_op = run(fast, True)
-    assert pairs == ["pair_forward"] * 2
+    assert len(pairs) == 2
     want = run(ref, False)
     assert len(got) == len(via_op) == len(want)
+    same = _same_as_op(device)
     for g, o, w in zip(got, via_op, want):
-        assert torch.equal(g, o)
+        assert same(g, o)
+        torch.testing.assert_close(g, w, **TOL[torch.float32])
+    reverse = {m: [p for n, p in m.named_parameters() if n.endswith("_reverse")] for m in (fast, ref)}
+    alone = {m: torch.autograd.grad(_flat_outputs(m(x))[0].sum(), reverse[m]) for m in (fast, ref)}
+    assert len(pairs) == 4
+    for g, w in zip(alone[fast], alone[ref], strict=True):
         torch.testing.assert_close(g, w, **TOL[torch.float32])
 
 
@@ -418,20 +458,22 @@ def test_the_cpp_node_saves_through_autograd(cell):
 
     def loss(inp):
         out = fast(inp)
-        return (out[-1] if isinstance(out, tuple) else out).square().sum()
+        return (out[-1] if isinstance(out, tuple) else out).sum()  # a sum saves no tensor of its own
 
     first = fast(x)
     assert "LayerNode" in (first[0] if isinstance(first, tuple) else first).grad_fn.name()
     want = torch.autograd.grad(loss(x), params)
-    packed = []
+    packed, unpacked = [], []
 
     def pack(t):
         packed.append(t)
         return t.clone()
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: unpacked.append(t) or t):
         offloaded = torch.autograd.grad(loss(x), params)
     assert any(t is x for t in packed) and any(t is fast.weight_hh for t in packed)
+    # x, h0, (c0), w_ih, w_hh, b_ih, b_hh, y, gates, c, hn: all that is defined of the op's saved tensors, each read
+    assert len(packed) == len(unpacked) == (11 if cell == "lstm_cell" else 10)
     recomputed = torch.autograd.grad(torch.utils.checkpoint.checkpoint(loss, x, use_reentrant=False), params)
     for w, o, r in zip(want, offloaded, recomputed, strict=True):
         assert torch.equal(w, o)

@@ -149,27 +149,28 @@ def layer_forward(a: LayerArgs) -> LayerOut:
     """``layer(a)`` without its op and the contract's checks in Python, for a call ``glue.unwatched`` lets through
     (the C++ checks every input itself): the kernels alone without gradients, with them csrc/rnn.cpp's
     ``LayerNode``, an autograd node in C++ whose backward runs ``layer_bwd`` (or ``_node_grad``)."""
-    if saving(a.tensors()):
-        y, h_n, c_n = _lib().layer_node(*a)
-    else:
-        y, h_n, c_n = _lib().layer_fwd(*a, False)[:3]
-    return LayerOut(y, h_n, c_n if a.mode == "LSTM" else None)
+    lstm = a.mode == "LSTM"
+    out = _lib().layer_node(*a) if saving(a.tensors()) else _lib().layer_fwd(*a, False)
+    return LayerOut(out[0], out[1], out[2] if lstm else None)
 
 
 def pair_forward(a: LayerArgs, r: LayerArgs) -> Tuple[LayerOut, LayerOut]:
     """``layer.pair(a, r)`` as ``layer_forward`` calls one direction: the kernels alone without gradients, with them
     csrc/rnn.cpp's ``PairNode``. Both directions save or neither (``layer.pair`` runs the other case)."""
+    lstm = a.mode == "LSTM"
     if saving(a.tensors()):
-        y, h_n, c_n, y_r, h_n_r, c_n_r = _lib().layer_pair_node(*a[:-1], *r.tensors()[1:])
+        out = _lib().layer_pair_node(*a[:-1], *r.tensors()[1:])  # per direction y, h_n and LSTM's c_n
+        n = 3 if lstm else 2
+        fwd, rev = out[:n], out[n:]
     else:
         out = _lib().layer_pair_fwd(*a[:-1], *r.tensors()[1:], False)
-        y, h_n, c_n, y_r, h_n_r, c_n_r = out[:3] + out[6:9]
-    lstm = a.mode == "LSTM"
-    return LayerOut(y, h_n, c_n if lstm else None), LayerOut(y_r, h_n_r, c_n_r if lstm else None)
+        fwd, rev = out[:3], out[6:9]
+    return tuple(LayerOut(d[0], d[1], d[2] if lstm else None) for d in (fwd, rev))
 
 
 class _NodeContext(NamedTuple):
-    """What the ops' autograd formula reads of its context, from a node of csrc/rnn.cpp."""
+    """What the ops' autograd formula reads of its context, from a node of csrc/rnn.cpp (``opts``: the cpp layer
+    has no options)."""
 
     saved_tensors: tuple
     mode: str
@@ -184,8 +185,8 @@ _REVERSE_AT = LayerArgs._fields.index("reverse")
 def _node_grad(mode: str, pair: bool, reverse: bool, saved: list, needs: list, grads: list) -> list:
     """The backward of csrc/rnn.cpp's ``LayerNode`` (``pair``: ``PairNode``) where the ops' formula decides (a
     graph of its own, batched gradients, a watched backward): that formula on the node's saved tensors, returning
-    a gradient per node argument. The node saves the op's tensors but the two per direction it leaves empty, and
-    a ``PairNode`` takes no ``reverse``."""
+    a gradient per node argument; ``grads``: y, h_n and c_n (None unless LSTM) per direction. The node saves the
+    op's tensors but the two per direction it leaves empty, and a ``PairNode`` takes no ``reverse``."""
     empty = _absent(saved[0], 2)
     if not pair:
         ctx = _NodeContext((*saved, *empty), mode, needs, reverse)
@@ -201,9 +202,10 @@ def _node_grad(mode: str, pair: bool, reverse: bool, saved: list, needs: list, g
 def stack_forward(mode: str, x: Tensor, batch_sizes: Optional[Tensor], states: Tuple[Tensor, ...],
                   weights: List[Tensor], num_layers: int, bidirectional: bool, bias: bool,
                   proj: bool) -> Tuple[Tensor, Tuple[Tensor, ...]]:
-    """A module's layers in one C++ call (csrc/rnn.cpp ``stack_fwd``) for a call ``glue.unwatched`` lets through without gradients:
-    ``states`` ``(hx,)`` or LSTM's ``(hx, cx)``, ``[layers*directions, B, *]``, and ``weights`` in torch.nn's
-    ``_flat_weights`` order; returns the last layer's rows and the final states in the form of ``states``."""
+    """A module's layers in one C++ call (csrc/rnn.cpp ``stack_fwd``) for a call without gradients that
+    ``glue.unwatched`` lets through: ``states`` ``(hx,)`` or LSTM's ``(hx, cx)``, ``[layers*directions, B, *]``,
+    and ``weights`` in torch.nn's ``_flat_weights`` order; returns the last layer's rows and the final states in
+    the form of ``states``."""
     y, h_n, c_n = _lib().stack_fwd(mode, x, batch_sizes, states[0], states[1] if len(states) == 2 else None,
                                    weights, num_layers, bidirectional, bias, proj)
     return y, (h_n, c_n) if len(states) == 2 else (h_n,)

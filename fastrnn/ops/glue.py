@@ -419,8 +419,8 @@ def _batched(t: Tensor) -> bool:
 
 def unwatched(tensors: Sequence[Optional[Tensor]]) -> bool:
     """Whether a call on ``tensors`` may skip the ops altogether (the cpp backend's C++ entry points,
-    ``fastrnn.ops.cpp.layer_forward`` and ``stack_forward``): no torch.func transform or forward-mode AD, and
-    nothing tracing or watching the call (``_untraced``)."""
+    ``fastrnn.ops.cpp.layer_forward``, ``pair_forward`` and ``stack_forward``): no torch.func transform or
+    forward-mode AD, and nothing tracing or watching the call (``_untraced``)."""
     return not _transformed() and _untraced(tuple(tensors))
 
 
