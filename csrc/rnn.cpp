@@ -448,7 +448,8 @@ constexpr std::array<int, 8> kForwardGrads{1, 3, 4, 5, 6, 7, 8, 9};
 constexpr std::array<int, 8> kReverseGrads{1, 10, 11, 12, 13, 14, 15, 16};
 
 // What the nodes below share. A node returns y, h_n and (LSTM) c_n per direction: an output that is always empty
-// would need mark_non_differentiable, which compiled autograd refuses. It saves the op's saved tensors: its
+// would need mark_non_differentiable, which compiled autograd refuses (torch's CppNode::compiled_args asserts that
+// a node marked none). It saves the op's saved tensors: its
 // n_inputs tensor arguments in argument order from x (an absent optional one undefined), then per direction y,
 // gates, c, hn.
 struct NodeIo {
