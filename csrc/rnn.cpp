@@ -807,8 +807,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("build_info", &fastrnn::build_info, "how this extension was built: CUDA archs, compiler, CPU ISA");
   m.def("_set_nan_fill", &fastrnn::set_nan_fill, "test hook: NaN-fill every workspace and output at allocation");
   m.def("_set_chunk_rows", &fastrnn::set_chunk_rows, "test hook: backward chunk size in rows (0: default)");
-  m.def("_set_train_steps", &fastrnn::set_train_steps,
-        "test hook: steps from which a training call takes the CPU engine (0: default)");
+  m.def("_set_engine_steps", &fastrnn::set_engine_steps,
+        "test hook: steps from which a call takes the CPU engine, with gradients or without (0: default)");
   m.def("_set_in_place_share", &fastrnn::set_in_place_share,
         "test hook: W_hh bytes per thread from which a one-row CPU forward reads W_hh in place (0: default)");
   m.def("persist_plan", &fastrnn::persist_plan, py::arg("G"), py::arg("B"), py::arg("H"), py::arg("esize"),

@@ -292,19 +292,19 @@ def backward_chunk_rows(rows: int):
     return _cpp_test_hook("_set_chunk_rows", rows)
 
 
-def train_steps(steps: int):
-    """The steps from which the cpp CPU engine takes a training call (with its rows rule)."""
-    return _cpp_test_hook("_set_train_steps", steps)
+def engine_steps(steps: int):
+    """The steps from which the cpp CPU engine takes a call, with gradients or without (with its rows rule)."""
+    return _cpp_test_hook("_set_engine_steps", steps)
 
 
 @pytest.fixture
 def engine_in_short_training():
-    """The cpp CPU engine takes training calls from its rows rule alone, so that a file's short sequences test
-    the engine's backward as long ones would (its steps rule: tests/test_explain.py, with the defaults)."""
+    """The cpp CPU engine takes calls from its rows rule alone, so that a file's short sequences test the engine,
+    backward included, as long ones would (its steps rules: tests/test_explain.py, with the defaults)."""
     if _backend.reason_unavailable("cpp", torch.device("cpu"), torch.float32) is not None:
         yield
         return
-    with train_steps(1):
+    with engine_steps(1):
         yield
 
 

@@ -15,7 +15,7 @@ from conftest import assert_close, nn_lstm_autocast_error
 from fastrnn.ops import GATES, MODES, cpp, reference
 from fastrnn.ops import GRAD_NAMES as NAMES
 from layer_cases import (Case, Impl, assert_matches_reference, at_least_threads, backward_chunk_rows,  # noqa: F401
-                         engine_in_short_training, in_place_share, nan_poisoned, nn_module, train_steps)
+                         engine_in_short_training, engine_steps, in_place_share, nan_poisoned, nn_module)
 from layer_cases import make_inputs as make_impl_inputs
 
 CPU64, CPU32 = Impl("cpp", "cpu", torch.float64), Impl("cpp", "cpu", torch.float32)
@@ -184,7 +184,8 @@ def test_fp32_wide_unit_blocks(c):
     assert_matches_reference(CPU32, c)
 
 
-# From 4 rows per step (engine_cpu.cpp's kFuseRows), where the weights fit in the L3, the forward computes
+# From 4 rows per step (engine_cpu.cpp's kFuseRows) where the weights fit the threads' L2s, and from 64
+# (kFuseRowsBeyondL2) where they do not, the forward computes
 # x_t . W_ih^T inside the step, one GEMM per thread where its tiles are small, else block by block (gate by gate
 # where a block's weights exceed kSplitBytes), into the saved gates' rows when training and a per-thread tile
 # otherwise; below it each thread projects all rows for its columns before the first step, on the same packed
@@ -198,6 +199,7 @@ def in_step_cases():
     # weight panels over 256 KiB per unit block run gate by gate: W_ih and W_hh in fp32, W_hh in bf16
     yield Case("LSTM", 3, 9, 600, 600, packed=True)
     yield Case("LSTM", 3, 9, 4, 1100)
+    yield Case("LSTM", 2, 64, 600, 600)
     # either side of engine_cpu.cpp's kTrainRows (16 rows: T = 1 on the engine, 15 rows on at::mm in training)
     yield Case("LSTM", 1, 16, 5, 40)
     yield Case("GRU", 3, 5, 6, 40)
@@ -247,14 +249,18 @@ def test_short_training_calls_take_the_per_step_path(c, dtype):
     """Outputs and every gradient against fp64 on two threads with NaN-filled workspaces, and fastrnn.explain of a
     module of the case's shape names the per-step path in training for the steps rule."""
     inputs = make_inputs(c)
-    with train_steps(0), at_least_threads(2), nan_poisoned(CPU64):
+    with engine_steps(0), at_least_threads(2), nan_poisoned(CPU64):
         if dtype == torch.float32:
             assert_matches_reference(CPU32, c, {k: v.float() if torch.is_tensor(v) and v.is_floating_point()
                                                 else v for k, v in inputs.items()})
         else:
             assert_within_tolerance(c, inputs, dtype)
         line = fastrnn.explain(module_of(c), torch.randn(c.T, c.B, c.I)).splitlines()[0]
-    assert "in training (with gradients): per step at::mm" in line and "steps in training" in line, line
+    inference, _, training = line.partition("; in training (with gradients): ")
+    if training:
+        assert training.startswith("per step at::mm") and "steps in training" in training, line
+    else:  # on an Intel CPU a call of so few steps runs at::mm without gradients too, and the line names that rule
+        assert "-> cpp: per step at::mm" in inference and "without gradients (on an Intel CPU)" in inference, line
 
 
 # Rows (T*B) from which the engine runs a call, engine_cpu.cpp's kTrainRows and kInferRows; off AVX-512 a call
@@ -580,13 +586,14 @@ def test_engine_at_each_isa_level(cap):
     proc = run_with_isa(cap, """
 import torch
 from fastrnn.ops import cpp
-from layer_cases import Case, Impl, assert_matches_reference, at_least_threads, in_place_share, train_steps
+from layer_cases import Case, Impl, assert_matches_reference, at_least_threads, engine_steps, in_place_share
 from test_cpu_engine import assert_within_tolerance, check_inference, make_inputs
 print(cpp._lib().build_info()["cpu_isa"])
-for c in [Case("LSTM", 2, 1, 6, 24), Case("GRU", 3, 4, 60, 300, reverse=True)]:
-    check_inference(c, torch.float32)
-    check_inference(c, torch.bfloat16)
-with at_least_threads(2), in_place_share(1), train_steps(1):
+with engine_steps(1):  # the rows rules of this level (the steps rule on an Intel CPU: tests/test_explain.py)
+    for c in [Case("LSTM", 2, 1, 6, 24), Case("GRU", 3, 4, 60, 300, reverse=True)]:
+        check_inference(c, torch.float32)
+        check_inference(c, torch.bfloat16)
+with at_least_threads(2), in_place_share(1), engine_steps(1):
     for c in [Case("LSTM", 5, 16, 24, 70), Case("GRU", 20, 1, 6, 40, reverse=True),
               Case("RNN_TANH", 4, 9, 8, 100, packed=True), Case("RNN_RELU", 3, 6, 5, 33),
               Case("GRU", 44, 12, 7, 36, reverse=True)]:

@@ -12,7 +12,7 @@ from torch.nn.utils.rnn import pack_sequence
 
 import fastrnn
 from fastrnn import backend as _backend
-from layer_cases import exactly_threads, in_place_share
+from layer_cases import engine_steps, exactly_threads, in_place_share
 from test_persist import emulated
 
 CPP_REASON = _backend.reason_unavailable("cpp", torch.device("cpu"), torch.float32)
@@ -23,6 +23,14 @@ needs_triton = pytest.mark.skipif(TRITON_REASON is not None, reason=f"triton: {T
 
 def lines(module, x, hx=None):
     return fastrnn.explain(module, x, hx).splitlines()
+
+
+def inference_steps(B: int) -> int:
+    """Steps from which a call without gradients takes the CPU engine at batch B (with its rows rule): on an Intel
+    CPU by B (engine_cpu.cpp's kInferSteps...), elsewhere any; the extension's report says which machine it is."""
+    if "on this Intel CPU" not in fastrnn._C.build_info()["cpu_engine"]:
+        return 1
+    return 4 if B >= 16 else 8 if B >= 4 else 16
 
 
 @needs_cpp
@@ -38,12 +46,14 @@ def test_one_line_per_layer_and_direction_in_call_order():
 @needs_cpp
 def test_cpu_engine_threshold_and_refusals_named():
     """T*B rows on either side of the engine's thresholds (a call in training from 16 rows and 8 steps, or 4 steps
-    of 64 rows, without gradients from 2 rows: on any CPU for a layer of 1 MiB of weights; a single row without
-    gradients from 256 KiB of weights), then a projection and fp64, which it refuses."""
+    of 64 rows, without gradients from 2 rows: on any CPU for a layer of 1 MiB of weights, on an Intel CPU over 4-16
+    steps by batch; a single row without gradients from 256 KiB of weights), then a projection and fp64, which it
+    refuses."""
     if not fastrnn._C.build_info()["cpu_gemm"]["float32"].startswith("fused"):
         pytest.skip("no CPU engine here (oneDNN's ukernel missing)")
-    few = lines(fastrnn.LSTM(4, 512, backend="cpp"), torch.randn(5, 3, 4))[0]
-    many = lines(fastrnn.LSTM(4, 6, backend="cpp"), torch.randn(8, 4, 4))[0]
+    with engine_steps(1):  # the rows rules first; the steps rules below
+        few = lines(fastrnn.LSTM(4, 512, backend="cpp"), torch.randn(5, 3, 4))[0]
+        many = lines(fastrnn.LSTM(4, 6, backend="cpp"), torch.randn(8, 4, 4))[0]
     one = lines(fastrnn.LSTM(4, 512, backend="cpp"), torch.randn(1, 1, 4))[0]
     one_small = lines(fastrnn.LSTM(4, 120, backend="cpp"), torch.randn(1, 1, 4))[0]  # 4*120*124*4 < 256 KiB
     inference, _, training = few.partition("; in training (with gradients): ")
@@ -55,18 +65,26 @@ def test_cpu_engine_threshold_and_refusals_named():
     assert one_training.startswith("per step at::mm") and "a single row (T*B))" in one_training, one
     assert "per step at::mm" in one_small and "a single row (T*B) of weights under 256 KiB" in one_small, one_small
     assert "in training" not in one_small, one_small
-    # training from 8 steps of 16 rows, or 4 steps of 64 rows a step: one step of a cell (T = 1) stays on at::mm
-    for T, B, engine in ((7, 16, False), (8, 2, True), (3, 64, False), (4, 64, True), (1, 32, False)):
+    # training from 8 steps of 16 rows, or 4 steps of 64 rows a step: one step of a cell (T = 1) stays on at::mm;
+    # without gradients on an Intel CPU from 16 steps below batch 4, 8 below 16, else 4
+    for T, B in ((7, 16), (8, 2), (3, 64), (4, 64), (1, 32), (15, 3), (16, 3), (7, 4), (3, 16)):
         line = lines(fastrnn.LSTM(4, 6, backend="cpp"), torch.randn(T, B, 4))[0]
         inference, _, training = line.partition("; in training (with gradients): ")
-        assert "fused CPU engine" in inference, line
-        if engine:
+        infer_engine, train = T >= inference_steps(B), 4 if B >= 64 else 8
+        assert ("fused CPU engine" in inference) == infer_engine, line
+        if not infer_engine:
+            assert f"fewer than {inference_steps(B)} steps at batch {B} without gradients" in inference, line
+        if (T >= train) == infer_engine:
             assert not training, line
+        elif T >= train:
+            assert "fused CPU engine" in training, line
         else:
-            steps = 4 if B >= 64 else 8
-            assert training.startswith("per step at::mm") and f"fewer than {steps} steps in training" in training, line
+            assert training.startswith("per step at::mm") and f"fewer than {train} steps in training" in training, line
     cell = lines(fastrnn.GRUCell(4, 6, backend="cpp"), torch.randn(32, 4))[0]
-    assert "in training (with gradients): per step at::mm" in cell and "fewer than 8 steps in training" in cell, cell
+    if inference_steps(32) > 1:
+        assert "-> cpp: per step at::mm" in cell and "fewer than 4 steps at batch 32 without gradients" in cell, cell
+    else:
+        assert "in training (with gradients): per step at::mm" in cell and "fewer than 8 steps in training" in cell, cell
     assert "(CPU engine: proj_size)" in lines(fastrnn.LSTM(4, 6, proj_size=3, backend="cpp"), torch.randn(4, 4, 4))[0]
     assert "per step at::mm" in lines(fastrnn.LSTM(4, 6, backend="cpp").double(), torch.randn(4, 4, 4).double())[0]
 
@@ -87,7 +105,7 @@ def test_cpu_in_place_recurrent_product_named():
             forced = lines(narrow, torch.randn(16, 1, 4))[0]
     assert "W_hh in place: one row per step" in one, one
     wide_enough = fastrnn.GRU(4, 340, backend="cpp")  # 1.4 MiB of weights: the engine from 2 rows on any CPU
-    with exactly_threads(2), in_place_share(1):
+    with exactly_threads(2), in_place_share(1), engine_steps(1):
         x_two, x_three = lines(wide_enough, torch.randn(2, 1, 4))[0], lines(wide_enough, torch.randn(3, 1, 4))[0]
     assert "W_hh and W_ih in place" in x_two and "W_hh in place" in x_three, (x_two, x_three)
     assert "fused CPU engine" in two and "in place" not in two, two

@@ -30,6 +30,7 @@
 
 #include <omp.h>
 #if defined(__x86_64__)
+#include <cpuid.h>
 #include <immintrin.h>
 #endif
 
@@ -62,7 +63,21 @@ namespace cpublas = at::native::cpublas;
 struct Machine {
   Isa isa;
   int64_t l2, l3;
+  bool intel;  // GenuineIntel: ATen's per-step products run on MKL's kernels for this CPU (short calls below)
 };
+bool genuine_intel() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  unsigned a = 0, b = 0, c = 0, d = 0;
+  if (!__get_cpuid(0, &a, &b, &c, &d)) return false;
+  char vendor[13] = {};
+  std::memcpy(vendor, &b, 4);
+  std::memcpy(vendor + 4, &d, 4);
+  std::memcpy(vendor + 8, &c, 4);
+  return std::strcmp(vendor, "GenuineIntel") == 0;
+#else
+  return false;
+#endif
+}
 // bytes of cpu0's cache at `level` from sysfs, else sysconf's answer (which on the Zen 2 VM measured says 256 MiB
 // of L3 where sysfs says 16), else `fallback`
 int64_t cache_bytes(int level, int sysconf_name, int64_t fallback) {
@@ -84,7 +99,7 @@ int64_t cache_bytes(int level, int sysconf_name, int64_t fallback) {
 const Machine& machine() {
   // where neither source says: the smaller of the machines measured below
   static const Machine m{isa_level(), cache_bytes(2, _SC_LEVEL2_CACHE_SIZE, int64_t{512} << 10),
-                         cache_bytes(3, _SC_LEVEL3_CACHE_SIZE, int64_t{16} << 20)};
+                         cache_bytes(3, _SC_LEVEL3_CACHE_SIZE, int64_t{16} << 20), genuine_intel()};
   return m;
 }
 
@@ -118,14 +133,23 @@ int64_t unit_block(int64_t H, int64_t G, int64_t esize) {
 }
 
 // Rows per step from which the forward may compute x_t . W_ih^T inside the step (engine_fwd), where both weights
-// fit in the L3 together: each step then reads W_ih's panels again, from L3, or from memory when they do not
-// fit. Zen 2 (16 MiB L3), LSTM forward, in the step against up front (the all-rows projection on the same
-// panels): (T,B,I,H) = (100,4,128,512) 10.8 against 12.1 ms, (100,8,128,512) 17.0 / 19.1, (512,16,128,128)
-// 17.2 / 24.5, (100,64,512,512) 164 / 187, (100,2,128,512) and (100,3,256,512) level, (100,1,128,512,2) 15.6 /
-// 13.6; with 24 MiB of weights, (100,B,512,1024) at B = 4 / 8 / 16 / 32: 97 / 48, 141 / 82, 221 / 185, 318 /
-// 280, and with 20 MiB at (100,64,256,1024) level. Zen 4, against the earlier up-front path (at::mm on a
-// permuted copy of W_ih): 16.5 against 24 ms at (512,16,128,128), 20 against 23 at (100,8,128,512).
+// fit in the team's L2s together (each thread's share of W_ih beside its share of W_hh): each step then reads its
+// W_ih panels again from its own L2. Zen 2 (16 MiB L3), LSTM forward, in the step against up front (the all-rows
+// projection on the same panels): (T,B,I,H) = (512,16,128,128) 17.2 against 24.5 ms, (100,64,512,512) 164 / 187;
+// Zen 4, against the earlier up-front path (at::mm on a permuted copy of W_ih): 16.5 against 24 ms at
+// (512,16,128,128).
 constexpr int64_t kFuseRows = 4;
+// Rows per step from which it does so with weights beyond the L2s, read again from L3 or memory every step: below
+// that a step is bound by the bytes it reads, and W_ih's panels add theirs to W_hh's, while from 64 rows the
+// products bound it and the gates computed into cache pay. Intel Xeon (Emerald Rapids VM, 2 MiB L2, 300 MiB of
+// socket L3 reported), forward, in the step against up front, ms: LSTM (T,B,I,H) = (100,4,512,512) 14.3 / 6.6,
+// (100,16,512,512) 25.0 / 19.5, (100,64,512,512) 75.5 / 85.8, (100,8,1024,1024) 74.0 / 58.4, (100,64,1024,1024)
+// 293 / 314; RNN (100,4,1024,1024) 15.0 / 8.2, (100,64,1024,1024) 73.6 / 84.6, (100,16,512,512), weights in
+// the L2s, 4.8 / 5.2. Zen 2 measured the same way: 24 MiB of weights at B = 4 / 8 / 16 / 32, 97 / 48, 141 / 82,
+// 221 / 185, 318 / 280, 20 MiB at B = 64 level; but 5.2 MiB (within its 16 MiB L3, beyond its 1 MiB of L2) at
+// (100,4,128,512) 10.8 / 12.1 and (100,8,128,512) 17.0 / 19.1: that L3 served every step at the rate the step
+// computed, where the Xeon's serves about 30 GB/s a core.
+constexpr int64_t kFuseRowsBeyondL2 = 64;
 // Rows per ukernel call where the input projection runs ahead of the steps: the M the per-step calls are tuned
 // for at B = 64.
 constexpr int64_t kProjRows = 64;
@@ -149,10 +173,10 @@ constexpr int64_t kTrainRows = 16;
 constexpr int64_t kTrainSteps = 8;
 constexpr int64_t kTrainStepsWide = 4;
 constexpr int64_t kTrainWideRows = 64;
-int64_t g_train_steps = 0;  // set_train_steps's
+int64_t g_engine_steps = 0;  // set_engine_steps's: both steps rules
 
 static int64_t train_steps(const Problem& pr) {
-  if (g_train_steps > 0) return g_train_steps;
+  if (g_engine_steps > 0) return g_engine_steps;
   return pr.B >= kTrainWideRows ? kTrainStepsWide : kTrainSteps;
 }
 // Inference (nothing saved): the forward packs only what the steps read (and at one row per step not W_hh:
@@ -166,6 +190,31 @@ constexpr int64_t kInferRows = 2;
 // 1.18x, GRU 1.05x, (2,8,128,512) 1.20-1.47x, (4,1,65,512,2) 1.16-2.5x. Below kInferBytes, inference starts
 // where training does.
 constexpr int64_t kInferBytes = int64_t{1} << 20;
+// Steps from which a call without gradients takes the engine on an Intel CPU, by its rows per step (elsewhere the
+// rows rule alone decides), unless it packs no weights at all (one row a step, W_hh and W_ih read in place). There
+// ATen's per-step products run on MKL's kernels for that CPU, and the engine's packing of the weights per call
+// (a transpose of each: 36 % of an LSTM (T,B,I,H) = (2,2,256,256) call, perf) is paid back only over several
+// steps; on the Zen 4 the engine had beaten them from one step of B = 2-64. Intel Xeon (Emerald Rapids VM, 2
+// MiB L2), forward, two threads, at::mm time / engine time at T = 1 / 2 / 4 / 8 (medians of 7 in-process
+// alternations, I = H): LSTM H = 256, B = 2: 0.27 / 0.35 / 0.52 / 0.82, B = 4: 0.38 / 0.48 / 0.80 / 1.12, B = 8:
+// 0.48 / 0.71 / 1.04 / 1.15, B = 16: 0.77 / 1.07 / 1.30 / 1.40, B = 64: 0.93 / 1.01 / 1.08 / 1.12; LSTM H = 64,
+// B = 2: 0.50 / 0.72 / 0.87 / 1.27, B = 8: 0.69 / 0.97 / 1.28 / 1.76, B = 16: 0.84 / 1.08 / 1.47 / 1.90; LSTM H
+// = 1024, B = 4: 0.54 / 0.70 / 0.96 / 1.20, B = 16: 0.70 / 0.90 / 1.14 / 1.28; RNN H = 256, B = 2: 0.48 / 0.61 /
+// 0.80 / 1.08, B = 8: 0.66 / 0.88 / 1.05 / 1.32, B = 16: 0.85 / 1.06 / 1.32 / 1.70; at B = 1 (panels: a thread's
+// share of W_hh under half its L2) LSTM H = 256 0.36 / 0.58 / 0.83 at T = 2 / 4 / 8 and 1.22 at 16, RNN H = 64
+// 0.61 / 0.82 / 1.03 / 1.43 at T = 2 / 4 / 8 / 16. Slower still at every T to 16: RNN H = 1024 at B = 2-16
+// (0.59-0.91 at T = 8).
+constexpr int64_t kInferStepsFew = 16;
+constexpr int64_t kInferSteps = 8;
+constexpr int64_t kInferStepsWide = 4;
+constexpr int64_t kInferMidRows = 4;
+constexpr int64_t kInferWideRows = 16;
+
+static int64_t infer_steps(const Problem& pr) {
+  if (g_engine_steps > 0) return g_engine_steps;
+  if (!machine().intel) return 1;
+  return pr.B >= kInferWideRows ? kInferStepsWide : pr.B >= kInferMidRows ? kInferSteps : kInferStepsFew;
+}
 
 // in fp32 bytes whatever the storage, so that a 16-bit layer and its fp32 fallback decide alike
 int64_t engine_rows(const Problem& pr, bool training) {
@@ -791,8 +840,10 @@ std::string engine_refusal(const Problem& pr, const at::Tensor& x, bool training
   }
   const int64_t from = engine_rows(pr, training);
   if (pr.N >= from) {
-    if (!training || pr.T >= train_steps(pr)) return "";
-    return "fewer than " + std::to_string(train_steps(pr)) + " steps in training";
+    const int64_t steps = training ? train_steps(pr) : infer_steps(pr);
+    if (pr.T >= steps || (!training && engine_in_place(pr, x) == 2)) return "";
+    return "fewer than " + std::to_string(steps) + " steps" +
+           (training ? " in training" : " at batch " + std::to_string(pr.B) + " without gradients (on an Intel CPU)");
   }
   if (pr.N == 1) {
     if (one_row_engine(pr, x, training)) return "";
@@ -813,7 +864,7 @@ int engine_in_place(const Problem& pr, const at::Tensor& x) {
 }
 
 void set_in_place_share(int64_t bytes) { g_in_place_share = std::max<int64_t>(0, bytes); }
-void set_train_steps(int64_t steps) { g_train_steps = std::max<int64_t>(0, steps); }
+void set_engine_steps(int64_t steps) { g_engine_steps = std::max<int64_t>(0, steps); }
 
 // machine() for the reports, which must not throw: nullptr (and the reason) under an unknown FASTRNN_CPU_ISA,
 // which the first CPU call reports too
@@ -836,7 +887,14 @@ std::string engine_machine() {
   return std::string("L2 ") + kib(m.l2) + " per core, L3 " + kib(m.l3) + "; " +
          (m.isa == Isa::V4 ? "unit blocks of 32-128 (panels within half the L2)" : "32-unit blocks (not AVX-512)") +
          "; x . W_ih^T in the step from " + std::to_string(kFuseRows) +
-         " rows per step where W_ih and W_hh fit the L3; W_hh read in place at one row per step where a thread's "
+         " rows per step where W_ih and W_hh fit the threads' L2s, from " + std::to_string(kFuseRowsBeyondL2) +
+         " where not; " +
+         (m.intel ? "without gradients from " + std::to_string(kInferStepsFew) + " steps (" +
+                        std::to_string(kInferSteps) + " from batch " + std::to_string(kInferMidRows) + ", " +
+                        std::to_string(kInferStepsWide) + " from " + std::to_string(kInferWideRows) +
+                        ") on this Intel CPU; "
+                  : std::string("without gradients whatever the steps (not an Intel CPU); ")) +
+         "W_hh read in place at one row per step where a thread's "
          "share fills half the L2 or the call has a single row, W_ih too at one or two rows";
 }
 
@@ -844,7 +902,8 @@ std::vector<std::pair<std::string, std::string>> engine_report() {
   auto fused = [](const std::string& how, const std::string& fewer) {
     return "fused per-step oneDNN brgemm ukernel + cell" + how + " from " + std::to_string(kInferRows) +
            " rows (T*B) without gradients (off AVX-512 where the weights reach 1 MiB, else " +
-           std::to_string(kTrainRows) + "), from " + std::to_string(kTrainRows) + " rows and " +
+           std::to_string(kTrainRows) + "; on an Intel CPU over " + std::to_string(kInferStepsWide) + "-" +
+           std::to_string(kInferStepsFew) + " steps by batch), from " + std::to_string(kTrainRows) + " rows and " +
            std::to_string(kTrainSteps) + " steps with them (" + std::to_string(kTrainStepsWide) + " steps of " +
            std::to_string(kTrainWideRows) + " rows); fewer" + fewer;
   };
@@ -911,9 +970,9 @@ std::vector<Tensor> engine_fwd(const Problem& pr, const Tensor& x, const Tensor&
   // W_hh in place, W_ih is read in place too, in the step (DotWeight::kRowsX).
   const int64_t I = pr.I;
   const bool x_panels = !bf16 || I % 2 == 0;
-  const bool fuse_x =
-      x_panels && B >= kFuseRows && (pr.I + pr.H) * GH * static_cast<int64_t>(x.element_size()) <= machine().l3;
   const Team team(L);
+  const bool in_l2 = (pr.I + pr.H) * GH * static_cast<int64_t>(x.element_size()) <= team.nt * machine().l2;
+  const bool fuse_x = x_panels && B >= (in_l2 ? kFuseRows : kFuseRowsBeyondL2);
   const bool dot_h = DotWeight::takes(L, team, B, pr.N, bf16);
   const bool dot_x = dot_h && pr.N <= DotWeight::kRowsX;
   const bool in_step_x = fuse_x || dot_x;
