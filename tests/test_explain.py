@@ -25,12 +25,13 @@ def lines(module, x, hx=None):
     return fastrnn.explain(module, x, hx).splitlines()
 
 
-def inference_steps(B: int) -> int:
+def inference_steps(B: int, weight_bytes: int) -> int:
     """Steps from which a call without gradients takes the CPU engine at batch B (with its rows rule): on an Intel
-    CPU by B (engine_cpu.cpp's kInferSteps...), elsewhere any; the extension's report says which machine it is."""
+    CPU by B and the layer's fp32 weight bytes (engine_cpu.cpp's kInferSteps...), elsewhere any; the extension's
+    report says which machine it is."""
     if "on this Intel CPU" not in fastrnn._C.build_info()["cpu_engine"]:
         return 1
-    return 4 if B >= 16 else 8 if B >= 4 else 16
+    return 4 if B >= 16 else 8 if B >= 4 or weight_bytes < 1 << 20 else 16
 
 
 @needs_cpp
@@ -66,22 +67,25 @@ def test_cpu_engine_threshold_and_refusals_named():
     assert "per step at::mm" in one_small and "a single row (T*B) of weights under 256 KiB" in one_small, one_small
     assert "in training" not in one_small, one_small
     # training from 8 steps of 16 rows, or 4 steps of 64 rows a step: one step of a cell (T = 1) stays on at::mm;
-    # without gradients on an Intel CPU from 16 steps below batch 4, 8 below 16, else 4
-    for T, B in ((7, 16), (8, 2), (3, 64), (4, 64), (1, 32), (15, 3), (16, 3), (7, 4), (3, 16)):
-        line = lines(fastrnn.LSTM(4, 6, backend="cpp"), torch.randn(T, B, 4))[0]
+    # without gradients on an Intel CPU from 8 steps (16 below batch 4 from 1 MiB of weights), 4 from batch 16
+    for H, T, B in ((6, 7, 16), (6, 8, 2), (6, 3, 64), (6, 4, 64), (6, 1, 32), (6, 7, 3), (6, 7, 4), (6, 3, 16),
+                    (512, 15, 3), (512, 16, 3), (512, 8, 4)):
+        line = lines(fastrnn.LSTM(4, H, backend="cpp"), torch.randn(T, B, 4))[0]
         inference, _, training = line.partition("; in training (with gradients): ")
-        infer_engine, train = T >= inference_steps(B), 4 if B >= 64 else 8
-        assert ("fused CPU engine" in inference) == infer_engine, line
-        if not infer_engine:
-            assert f"fewer than {inference_steps(B)} steps at batch {B} without gradients" in inference, line
-        if (T >= train) == infer_engine:
+        steps, train = inference_steps(B, 4 * H * (4 + H) * 4), 4 if B >= 64 else 8
+        assert ("fused CPU engine" in inference) == (T >= steps), line
+        if T < steps:
+            assert f"fewer than {steps} steps at batch {B} without gradients" in inference, line
+        if T * B < 16:
+            assert "fewer than 16 rows (T*B) in training" in training, line
+        elif (T >= train) == (T >= steps):
             assert not training, line
         elif T >= train:
             assert "fused CPU engine" in training, line
         else:
             assert training.startswith("per step at::mm") and f"fewer than {train} steps in training" in training, line
     cell = lines(fastrnn.GRUCell(4, 6, backend="cpp"), torch.randn(32, 4))[0]
-    if inference_steps(32) > 1:
+    if inference_steps(32, 0) > 1:
         assert "-> cpp: per step at::mm" in cell and "fewer than 4 steps at batch 32 without gradients" in cell, cell
     else:
         assert "in training (with gradients): per step at::mm" in cell and "fewer than 8 steps in training" in cell, cell

@@ -200,10 +200,10 @@ constexpr int64_t kInferBytes = int64_t{1} << 20;
 // 0.48 / 0.71 / 1.04 / 1.15, B = 16: 0.77 / 1.07 / 1.30 / 1.40, B = 64: 0.93 / 1.01 / 1.08 / 1.12; LSTM H = 64,
 // B = 2: 0.50 / 0.72 / 0.87 / 1.27, B = 8: 0.69 / 0.97 / 1.28 / 1.76, B = 16: 0.84 / 1.08 / 1.47 / 1.90; LSTM H
 // = 1024, B = 4: 0.54 / 0.70 / 0.96 / 1.20, B = 16: 0.70 / 0.90 / 1.14 / 1.28; RNN H = 256, B = 2: 0.48 / 0.61 /
-// 0.80 / 1.08, B = 8: 0.66 / 0.88 / 1.05 / 1.32, B = 16: 0.85 / 1.06 / 1.32 / 1.70; at B = 1 (panels: a thread's
-// share of W_hh under half its L2) LSTM H = 256 0.36 / 0.58 / 0.83 at T = 2 / 4 / 8 and 1.22 at 16, RNN H = 64
-// 0.61 / 0.82 / 1.03 / 1.43 at T = 2 / 4 / 8 / 16. Slower still at every T to 16: RNN H = 1024 at B = 2-16
-// (0.59-0.91 at T = 8).
+// 0.80 / 1.08, B = 8: 0.66 / 0.88 / 1.05 / 1.32, B = 16: 0.85 / 1.06 / 1.32 / 1.70; at B = 1-2 the engine wins from
+// 8 steps under kInferBytes of weights (LSTM H = 64, 128 KiB: 1.61 and 1.27 at T = 8, RNN H = 256, 512 KiB: 1.27
+// and 1.08), above it from 16 (LSTM H = 256, 2 MiB: 0.83 and 0.82 at T = 8, 1.22 and 1.07 at 16). Slower still at
+// every T to 16: RNN H = 1024 at B = 2-16 (0.59-0.91 at T = 8).
 constexpr int64_t kInferStepsFew = 16;
 constexpr int64_t kInferSteps = 8;
 constexpr int64_t kInferStepsWide = 4;
@@ -213,7 +213,9 @@ constexpr int64_t kInferWideRows = 16;
 static int64_t infer_steps(const Problem& pr) {
   if (g_engine_steps > 0) return g_engine_steps;
   if (!machine().intel) return 1;
-  return pr.B >= kInferWideRows ? kInferStepsWide : pr.B >= kInferMidRows ? kInferSteps : kInferStepsFew;
+  if (pr.B >= kInferWideRows) return kInferStepsWide;
+  const bool light = pr.G * pr.H * (pr.I + pr.H) * int64_t{4} < kInferBytes;
+  return pr.B >= kInferMidRows || light ? kInferSteps : kInferStepsFew;
 }
 
 // in fp32 bytes whatever the storage, so that a 16-bit layer and its fp32 fallback decide alike
@@ -890,9 +892,9 @@ std::string engine_machine() {
          " rows per step where W_ih and W_hh fit the threads' L2s, from " + std::to_string(kFuseRowsBeyondL2) +
          " where not; " +
          (m.intel ? "without gradients from " + std::to_string(kInferStepsFew) + " steps (" +
-                        std::to_string(kInferSteps) + " from batch " + std::to_string(kInferMidRows) + ", " +
-                        std::to_string(kInferStepsWide) + " from " + std::to_string(kInferWideRows) +
-                        ") on this Intel CPU; "
+                        std::to_string(kInferSteps) + " from batch " + std::to_string(kInferMidRows) +
+                        " or under 1 MiB of weights, " + std::to_string(kInferStepsWide) + " from batch " +
+                        std::to_string(kInferWideRows) + ") on this Intel CPU; "
                   : std::string("without gradients whatever the steps (not an Intel CPU); ")) +
          "W_hh read in place at one row per step where a thread's "
          "share fills half the L2 or the call has a single row, W_ih too at one or two rows";
