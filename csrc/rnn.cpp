@@ -809,6 +809,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("_set_chunk_rows", &fastrnn::set_chunk_rows, "test hook: backward chunk size in rows (0: default)");
   m.def("_set_engine_steps", &fastrnn::set_engine_steps,
         "test hook: steps from which a call takes the CPU engine, with gradients or without (0: default)");
+  m.def("_set_intel_rules", &fastrnn::set_intel_rules,
+        "test hook: 1 or 0 makes the CPU engine apply its Intel CPU rules or not (-1: by the CPU's vendor)");
   m.def("_set_in_place_share", &fastrnn::set_in_place_share,
         "test hook: W_hh bytes per thread from which a one-row CPU forward reads W_hh in place (0: default)");
   m.def("persist_plan", &fastrnn::persist_plan, py::arg("G"), py::arg("B"), py::arg("H"), py::arg("esize"),

@@ -140,16 +140,18 @@ struct ProjGrad {
   }
 };
 
-// Test hooks (_C._set_nan_fill, _C._set_chunk_rows, _C._set_in_place_share, _C._set_engine_steps): NaN-fill every
-// workspace; the backward's chunk size in rows (0: the default), so that small problems cross many chunk
-// boundaries; the share of W_hh per thread in bytes from which a one-row forward reads W_hh in place
+// Test hooks (_C._set_nan_fill, _C._set_chunk_rows, _C._set_in_place_share, _C._set_engine_steps,
+// _C._set_intel_rules): NaN-fill every workspace; the backward's chunk size in rows (0: the default), so that small
+// problems cross many chunk boundaries; the share of W_hh per thread in bytes from which a one-row forward reads W_hh in place
 // (engine_cpu.cpp's DotWeight; 0: the default, half the L2), so that small problems take that path; the steps from
 // which a call takes the CPU engine, with gradients or without (0: the defaults, engine_cpu.cpp's kTrainSteps and
-// kInferSteps), so that short sequences test it.
+// kInferSteps), so that short sequences test it; whether the CPU engine applies the rules measured on an Intel CPU
+// (-1: the default, by the CPU's vendor), so that either vendor's choices run anywhere.
 void set_nan_fill(bool on);
 void set_chunk_rows(int64_t rows);
 void set_in_place_share(int64_t bytes);
 void set_engine_steps(int64_t steps);
+void set_intel_rules(int64_t on);
 
 // Gradients the chunks accumulate into, each in the row order of the weights handed to flush_chunk.
 // dx undefined without need_dx, db_x without bias, db_h unless GRU with b_hh.

@@ -277,14 +277,14 @@ def at_least_threads(n: int):
 
 
 @contextlib.contextmanager
-def _cpp_test_hook(setter: str, value: int):
-    """One of the cpp extension's test hooks set to ``value``, and back to its default (0) after."""
+def _cpp_test_hook(setter: str, value: int, default: int = 0):
+    """One of the cpp extension's test hooks set to ``value``, and back to its default after."""
     hook = getattr(_backend._module("cpp")._lib(), setter)
     hook(value)
     try:
         yield
     finally:
-        hook(0)
+        hook(default)
 
 
 def backward_chunk_rows(rows: int):
@@ -295,6 +295,11 @@ def backward_chunk_rows(rows: int):
 def engine_steps(steps: int):
     """The steps from which the cpp CPU engine takes a call, with gradients or without (with its rows rule)."""
     return _cpp_test_hook("_set_engine_steps", steps)
+
+
+def intel_rules(on: bool):
+    """The cpp CPU engine's rules measured on an Intel CPU applied (or not) whatever the CPU's vendor."""
+    return _cpp_test_hook("_set_intel_rules", int(on), default=-1)
 
 
 @pytest.fixture

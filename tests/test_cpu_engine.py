@@ -15,7 +15,8 @@ from conftest import assert_close, nn_lstm_autocast_error
 from fastrnn.ops import GATES, MODES, cpp, reference
 from fastrnn.ops import GRAD_NAMES as NAMES
 from layer_cases import (Case, Impl, assert_matches_reference, at_least_threads, backward_chunk_rows,  # noqa: F401
-                         engine_in_short_training, engine_steps, in_place_share, nan_poisoned, nn_module)
+                         engine_in_short_training, engine_steps, in_place_share, intel_rules, nan_poisoned,
+                         nn_module)
 from layer_cases import make_inputs as make_impl_inputs
 
 CPU64, CPU32 = Impl("cpp", "cpu", torch.float64), Impl("cpp", "cpu", torch.float32)
@@ -184,8 +185,8 @@ def test_fp32_wide_unit_blocks(c):
     assert_matches_reference(CPU32, c)
 
 
-# From 4 rows per step (engine_cpu.cpp's kFuseRows) where the weights fit the threads' L2s, and from 64
-# (kFuseRowsBeyondL2) where they do not, the forward computes
+# From 4 rows per step (engine_cpu.cpp's kFuseRows) where the weights fit the L3 (on an Intel CPU: the threads'
+# L2s, or from 64 rows, kFuseRowsBeyondL2), the forward computes
 # x_t . W_ih^T inside the step, one GEMM per thread where its tiles are small, else block by block (gate by gate
 # where a block's weights exceed kSplitBytes), into the saved gates' rows when training and a per-thread tile
 # otherwise; below it each thread projects all rows for its columns before the first step, on the same packed
@@ -211,15 +212,17 @@ def in_step_cases():
     yield Case("GRU", 3, 48, 5, 240, packed=True)
 
 
+@pytest.mark.parametrize("intel", [False, True], ids=["other-cpu-rules", "intel-cpu-rules"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("c", list(in_step_cases()), ids=lambda c: c.id)
-def test_input_projection_in_the_step(c, dtype):
+def test_input_projection_in_the_step(c, dtype, intel):
     """Outputs and every gradient against fp64 on two threads, NaN-filled workspaces, backward chunks ending
     inside steps; and the forward without autograd (no gates kept: the x tile) returns what the training one
     does: bit for bit where both run the engine, within the suite's tolerance where training runs at::mm (under
-    16 rows) and inference the engine."""
+    16 rows) and inference the engine. Under either vendor's rules: the wide cases project in the step under the
+    L3 rule and up front under the Intel one below 64 rows."""
     inputs = make_inputs(c)
-    with at_least_threads(2), nan_poisoned(CPU64), backward_chunk_rows(10):
+    with at_least_threads(2), nan_poisoned(CPU64), backward_chunk_rows(10), intel_rules(intel):
         if dtype == torch.float32:
             assert_matches_reference(CPU32, c, {k: v.float() if torch.is_tensor(v) and v.is_floating_point()
                                                 else v for k, v in inputs.items()})

@@ -12,7 +12,7 @@ from torch.nn.utils.rnn import pack_sequence
 
 import fastrnn
 from fastrnn import backend as _backend
-from layer_cases import engine_steps, exactly_threads, in_place_share
+from layer_cases import engine_steps, exactly_threads, in_place_share, intel_rules
 from test_persist import emulated
 
 CPP_REASON = _backend.reason_unavailable("cpp", torch.device("cpu"), torch.float32)
@@ -25,11 +25,10 @@ def lines(module, x, hx=None):
     return fastrnn.explain(module, x, hx).splitlines()
 
 
-def inference_steps(B: int, weight_bytes: int) -> int:
-    """Steps from which a call without gradients takes the CPU engine at batch B (with its rows rule): on an Intel
-    CPU by B and the layer's fp32 weight bytes (engine_cpu.cpp's kInferSteps...), elsewhere any; the extension's
-    report says which machine it is."""
-    if "on this Intel CPU" not in fastrnn._C.build_info()["cpu_engine"]:
+def inference_steps(B: int, weight_bytes: int, intel: bool) -> int:
+    """Steps from which a call without gradients takes the CPU engine at batch B (with its rows rule): under the
+    Intel CPU rules by B and the layer's fp32 weight bytes (engine_cpu.cpp's kInferSteps...), elsewhere any."""
+    if not intel:
         return 1
     return 4 if B >= 16 else 8 if B >= 4 or weight_bytes < 1 << 20 else 16
 
@@ -45,7 +44,8 @@ def test_one_line_per_layer_and_direction_in_call_order():
 
 
 @needs_cpp
-def test_cpu_engine_threshold_and_refusals_named():
+@pytest.mark.parametrize("intel", [False, True], ids=["other-cpu-rules", "intel-cpu-rules"])
+def test_cpu_engine_threshold_and_refusals_named(intel):
     """T*B rows on either side of the engine's thresholds (a call in training from 16 rows and 8 steps, or 4 steps
     of 64 rows, without gradients from 2 rows: on any CPU for a layer of 1 MiB of weights, on an Intel CPU over 4-16
     steps by batch; a single row without gradients from 256 KiB of weights), then a projection and fp64, which it
@@ -67,28 +67,33 @@ def test_cpu_engine_threshold_and_refusals_named():
     assert "per step at::mm" in one_small and "a single row (T*B) of weights under 256 KiB" in one_small, one_small
     assert "in training" not in one_small, one_small
     # training from 8 steps of 16 rows, or 4 steps of 64 rows a step: one step of a cell (T = 1) stays on at::mm;
-    # without gradients on an Intel CPU from 8 steps (16 below batch 4 from 1 MiB of weights), 4 from batch 16
-    for H, T, B in ((6, 7, 16), (6, 8, 2), (6, 3, 64), (6, 4, 64), (6, 1, 32), (6, 7, 3), (6, 7, 4), (6, 3, 16),
-                    (512, 15, 3), (512, 16, 3), (512, 8, 4)):
-        line = lines(fastrnn.LSTM(4, H, backend="cpp"), torch.randn(T, B, 4))[0]
-        inference, _, training = line.partition("; in training (with gradients): ")
-        steps, train = inference_steps(B, 4 * H * (4 + H) * 4), 4 if B >= 64 else 8
-        assert ("fused CPU engine" in inference) == (T >= steps), line
-        if T < steps:
-            assert f"fewer than {steps} steps at batch {B} without gradients" in inference, line
-        if T * B < 16:
-            assert "fewer than 16 rows (T*B) in training" in training, line
-        elif (T >= train) == (T >= steps):
-            assert not training, line
-        elif T >= train:
-            assert "fused CPU engine" in training, line
-        else:
-            assert training.startswith("per step at::mm") and f"fewer than {train} steps in training" in training, line
-    cell = lines(fastrnn.GRUCell(4, 6, backend="cpp"), torch.randn(32, 4))[0]
-    if inference_steps(32, 0) > 1:
+    # without gradients under the Intel CPU rules from 8 steps (16 below batch 4 from 1 MiB of weights), 4 from
+    # batch 16, under the others from the rows alone
+    with intel_rules(intel):
+        said = fastrnn._C.build_info()["cpu_engine"]
+        for H, T, B in ((6, 7, 16), (6, 8, 2), (6, 3, 64), (6, 4, 64), (6, 1, 32), (6, 7, 3), (6, 7, 4), (6, 3, 16),
+                        (512, 15, 3), (512, 16, 3), (512, 8, 4)):
+            line = lines(fastrnn.LSTM(4, H, backend="cpp"), torch.randn(T, B, 4))[0]
+            inference, _, training = line.partition("; in training (with gradients): ")
+            steps, train = inference_steps(B, 4 * H * (4 + H) * 4, intel), 4 if B >= 64 else 8
+            assert ("fused CPU engine" in inference) == (T >= steps), line
+            if T < steps:
+                assert f"fewer than {steps} steps at batch {B} without gradients" in inference, line
+            if T * B < 16:
+                assert "fewer than 16 rows (T*B) in training" in training, line
+            elif (T >= train) == (T >= steps):
+                assert not training, line
+            elif T >= train:
+                assert "fused CPU engine" in training, line
+            else:
+                assert training.startswith("per step at::mm") and f"fewer than {train} steps in training" in training
+        cell = lines(fastrnn.GRUCell(4, 6, backend="cpp"), torch.randn(32, 4))[0]
+    assert ("without gradients from 16 steps" in said) == intel and ("whatever the steps" in said) != intel, said
+    if intel:
         assert "-> cpp: per step at::mm" in cell and "fewer than 4 steps at batch 32 without gradients" in cell, cell
     else:
-        assert "in training (with gradients): per step at::mm" in cell and "fewer than 8 steps in training" in cell, cell
+        assert "in training (with gradients): per step at::mm" in cell, cell
+        assert "fewer than 8 steps in training" in cell, cell
     assert "(CPU engine: proj_size)" in lines(fastrnn.LSTM(4, 6, proj_size=3, backend="cpp"), torch.randn(4, 4, 4))[0]
     assert "per step at::mm" in lines(fastrnn.LSTM(4, 6, backend="cpp").double(), torch.randn(4, 4, 4).double())[0]
 

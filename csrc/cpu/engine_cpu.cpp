@@ -102,6 +102,9 @@ const Machine& machine() {
                          cache_bytes(3, _SC_LEVEL3_CACHE_SIZE, int64_t{16} << 20), genuine_intel()};
   return m;
 }
+int g_intel_rules = -1;  // set_intel_rules's: 0 or 1 stands for the vendor, -1 asks cpuid
+// Whether the rules measured on an Intel CPU apply (short calls without gradients, x . W_ih^T in the step)
+bool intel_rules() { return g_intel_rules >= 0 ? g_intel_rules == 1 : machine().intel; }
 
 // A forward block panel over kSplitBytes runs gate by gate (StepWeight says why). The same on both machines
 // measured: with 32-unit blocks on Zen 2 (512 KiB L2), LSTM forward (T,B,I,H) = (100,64,512,512) ran 163 ms
@@ -133,22 +136,22 @@ int64_t unit_block(int64_t H, int64_t G, int64_t esize) {
 }
 
 // Rows per step from which the forward may compute x_t . W_ih^T inside the step (engine_fwd), where both weights
-// fit in the team's L2s together (each thread's share of W_ih beside its share of W_hh): each step then reads its
-// W_ih panels again from its own L2. Zen 2 (16 MiB L3), LSTM forward, in the step against up front (the all-rows
-// projection on the same panels): (T,B,I,H) = (512,16,128,128) 17.2 against 24.5 ms, (100,64,512,512) 164 / 187;
-// Zen 4, against the earlier up-front path (at::mm on a permuted copy of W_ih): 16.5 against 24 ms at
-// (512,16,128,128).
+// fit together in the cache each step then reads W_ih's panels again from: the L3 on an AMD CPU (a Zen CCX's,
+// which kept pace with the step), the threads' L2s on an Intel one (whose L3, a mesh across the socket, served
+// about 30 GB/s a core: kFuseRowsBeyondL2). Zen 2 (16 MiB L3), LSTM forward, in the step against up front (the
+// all-rows projection on the same panels): (T,B,I,H) = (100,4,128,512) 10.8 against 12.1 ms, (100,8,128,512) 17.0
+// / 19.1, (512,16,128,128) 17.2 / 24.5, (100,64,512,512) 164 / 187, (100,2,128,512) and (100,3,256,512) level;
+// with 24 MiB of weights, beyond that L3, (100,B,512,1024) at B = 4 / 8 / 16 / 32: 97 / 48, 141 / 82, 221 / 185,
+// 318 / 280, and with 20 MiB at (100,64,256,1024) level. Zen 4, against the earlier up-front path (at::mm on a
+// permuted copy of W_ih): 16.5 against 24 ms at (512,16,128,128), 20 against 23 at (100,8,128,512).
 constexpr int64_t kFuseRows = 4;
-// Rows per step from which it does so with weights beyond the L2s, read again from L3 or memory every step: below
-// that a step is bound by the bytes it reads, and W_ih's panels add theirs to W_hh's, while from 64 rows the
-// products bound it and the gates computed into cache pay. Intel Xeon (Emerald Rapids VM, 2 MiB L2, 300 MiB of
-// socket L3 reported), forward, in the step against up front, ms: LSTM (T,B,I,H) = (100,4,512,512) 14.3 / 6.6,
-// (100,16,512,512) 25.0 / 19.5, (100,64,512,512) 75.5 / 85.8, (100,8,1024,1024) 74.0 / 58.4, (100,64,1024,1024)
-// 293 / 314; RNN (100,4,1024,1024) 15.0 / 8.2, (100,64,1024,1024) 73.6 / 84.6, (100,16,512,512), weights in
-// the L2s, 4.8 / 5.2. Zen 2 measured the same way: 24 MiB of weights at B = 4 / 8 / 16 / 32, 97 / 48, 141 / 82,
-// 221 / 185, 318 / 280, 20 MiB at B = 64 level; but 5.2 MiB (within its 16 MiB L3, beyond its 1 MiB of L2) at
-// (100,4,128,512) 10.8 / 12.1 and (100,8,128,512) 17.0 / 19.1: that L3 served every step at the rate the step
-// computed, where the Xeon's serves about 30 GB/s a core.
+// On an Intel CPU, rows per step from which it does so with weights beyond the L2s, read again from L3 or memory
+// every step: below that a step is bound by the bytes it reads, and W_ih's panels add theirs to W_hh's, while
+// from 64 rows the products bound it and the gates computed into cache pay. Intel Xeon (Emerald Rapids VM, 2 MiB
+// L2, 300 MiB of socket L3 reported), forward, in the step against up front, ms: LSTM (T,B,I,H) = (100,4,512,512)
+// 14.3 / 6.6, (100,16,512,512) 25.0 / 19.5, (100,64,512,512) 75.5 / 85.8, (100,8,1024,1024) 74.0 / 58.4,
+// (100,64,1024,1024) 293 / 314; RNN (100,4,1024,1024) 15.0 / 8.2, (100,64,1024,1024) 73.6 / 84.6,
+// (100,16,512,512), weights in the L2s, 4.8 / 5.2.
 constexpr int64_t kFuseRowsBeyondL2 = 64;
 // Rows per ukernel call where the input projection runs ahead of the steps: the M the per-step calls are tuned
 // for at B = 64.
@@ -212,7 +215,7 @@ constexpr int64_t kInferWideRows = 16;
 
 static int64_t infer_steps(const Problem& pr) {
   if (g_engine_steps > 0) return g_engine_steps;
-  if (!machine().intel) return 1;
+  if (!intel_rules()) return 1;
   if (pr.B >= kInferWideRows) return kInferStepsWide;
   const bool light = pr.G * pr.H * (pr.I + pr.H) * int64_t{4} < kInferBytes;
   return pr.B >= kInferMidRows || light ? kInferSteps : kInferStepsFew;
@@ -844,8 +847,8 @@ std::string engine_refusal(const Problem& pr, const at::Tensor& x, bool training
   if (pr.N >= from) {
     const int64_t steps = training ? train_steps(pr) : infer_steps(pr);
     if (pr.T >= steps || (!training && engine_in_place(pr, x) == 2)) return "";
-    return "fewer than " + std::to_string(steps) + " steps" +
-           (training ? " in training" : " at batch " + std::to_string(pr.B) + " without gradients (on an Intel CPU)");
+    const std::string where = " at batch " + std::to_string(pr.B) + " without gradients (on an Intel CPU)";
+    return "fewer than " + std::to_string(steps) + " steps" + (training ? " in training" : where);
   }
   if (pr.N == 1) {
     if (one_row_engine(pr, x, training)) return "";
@@ -867,6 +870,7 @@ int engine_in_place(const Problem& pr, const at::Tensor& x) {
 
 void set_in_place_share(int64_t bytes) { g_in_place_share = std::max<int64_t>(0, bytes); }
 void set_engine_steps(int64_t steps) { g_engine_steps = std::max<int64_t>(0, steps); }
+void set_intel_rules(int64_t on) { g_intel_rules = on < 0 ? -1 : on > 0 ? 1 : 0; }
 
 // machine() for the reports, which must not throw: nullptr (and the reason) under an unknown FASTRNN_CPU_ISA,
 // which the first CPU call reports too
@@ -889,12 +893,13 @@ std::string engine_machine() {
   return std::string("L2 ") + kib(m.l2) + " per core, L3 " + kib(m.l3) + "; " +
          (m.isa == Isa::V4 ? "unit blocks of 32-128 (panels within half the L2)" : "32-unit blocks (not AVX-512)") +
          "; x . W_ih^T in the step from " + std::to_string(kFuseRows) +
-         " rows per step where W_ih and W_hh fit the threads' L2s, from " + std::to_string(kFuseRowsBeyondL2) +
-         " where not; " +
-         (m.intel ? "without gradients from " + std::to_string(kInferStepsFew) + " steps (" +
+         " rows per step where W_ih and W_hh fit " +
+         (intel_rules() ? "the threads' L2s, from " + std::to_string(kFuseRowsBeyondL2) + " where not; "
+                  : std::string("the L3; ")) +
+         (intel_rules() ? "without gradients from " + std::to_string(kInferStepsFew) + " steps (" +
                         std::to_string(kInferSteps) + " from batch " + std::to_string(kInferMidRows) +
                         " or under 1 MiB of weights, " + std::to_string(kInferStepsWide) + " from batch " +
-                        std::to_string(kInferWideRows) + ") on this Intel CPU; "
+                        std::to_string(kInferWideRows) + ", the Intel CPU rules); "
                   : std::string("without gradients whatever the steps (not an Intel CPU); ")) +
          "W_hh read in place at one row per step where a thread's "
          "share fills half the L2 or the call has a single row, W_ih too at one or two rows";
@@ -973,8 +978,10 @@ std::vector<Tensor> engine_fwd(const Problem& pr, const Tensor& x, const Tensor&
   const int64_t I = pr.I;
   const bool x_panels = !bf16 || I % 2 == 0;
   const Team team(L);
-  const bool in_l2 = (pr.I + pr.H) * GH * static_cast<int64_t>(x.element_size()) <= team.nt * machine().l2;
-  const bool fuse_x = x_panels && B >= (in_l2 ? kFuseRows : kFuseRowsBeyondL2);
+  const Machine& m = machine();
+  const bool intel = intel_rules();
+  const bool near = (pr.I + pr.H) * GH * static_cast<int64_t>(x.element_size()) <= (intel ? team.nt * m.l2 : m.l3);
+  const bool fuse_x = x_panels && (near ? B >= kFuseRows : intel && B >= kFuseRowsBeyondL2);
   const bool dot_h = DotWeight::takes(L, team, B, pr.N, bf16);
   const bool dot_x = dot_h && pr.N <= DotWeight::kRowsX;
   const bool in_step_x = fuse_x || dot_x;
