@@ -79,12 +79,14 @@ std::pair<std::string, std::string> path_of(const Problem& pr, const Tensor& x, 
             ""};
   }
   if (engine_takes(pr, like, training)) {
+    const int in_place = engine_in_place(pr, like);
+    const char* x_side = engine_projects_in_step(pr, like) ? "; x . W_ih^T in the step" : "; x . W_ih^T up front";
     return {pre + "fused CPU engine (oneDNN brgemm ukernel + cell per step and thread" +
                 std::array<const char*, 3>{
                     "", "; h . W_hh^T a matrix-vector product on W_hh in place: one row per step",
                     "; h . W_hh^T and x . W_ih^T matrix-vector products on W_hh and W_ih in place: one row per step"}
-                    [engine_in_place(pr, like)] +
-                ")",
+                    [in_place] +
+                (in_place == 2 ? "" : x_side) + ")",
             ""};
   }
   const std::string why = x.is_cpu() ? "CPU engine: " + engine_refusal(pr, like, training) : std::string(plan.why);

@@ -199,6 +199,8 @@ std::string engine_refusal(const Problem& pr, const at::Tensor& x, bool training
 // Which weights the engine's forward reads in place (a matrix-vector product per step, no packed panels): 0 none,
 // 1 W_hh, 2 W_hh and W_ih.
 int engine_in_place(const Problem& pr, const at::Tensor& x);
+// Whether the engine's forward computes x_t . W_ih^T inside each step (else up front for all rows, or in place)
+bool engine_projects_in_step(const Problem& pr, const at::Tensor& x);
 // Which GEMM engine the CPU runs per dtype, for build_info().
 std::vector<std::pair<std::string, std::string>> engine_report();
 // what the CPU engine read from the machine (ISA level, caches) and the block sizes it derived, in words

@@ -5,6 +5,8 @@ input on both sides of one decision and checks that the line changes with it; th
 options resolution the call runs (cases under the interpreter only).
 """
 
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -96,6 +98,26 @@ def test_cpu_engine_threshold_and_refusals_named(intel):
         assert "fewer than 8 steps in training" in cell, cell
     assert "(CPU engine: proj_size)" in lines(fastrnn.LSTM(4, 6, proj_size=3, backend="cpp"), torch.randn(4, 4, 4))[0]
     assert "per step at::mm" in lines(fastrnn.LSTM(4, 6, backend="cpp").double(), torch.randn(4, 4, 4).double())[0]
+
+
+@needs_cpp
+@pytest.mark.parametrize("intel", [False, True], ids=["other-cpu-rules", "intel-cpu-rules"])
+def test_input_projection_place_named(intel):
+    """x . W_ih^T inside the step from 4 rows a step where both weights fit the L3, under the Intel CPU rules the
+    two threads' L2s (no core's L2 holds half of 11.5 MiB) or from 64 rows; else up front (calls of 18 rows or
+    more: the engine at every ISA level)."""
+    if not fastrnn._C.build_info()["cpu_gemm"]["float32"].startswith("fused"):
+        pytest.skip("no CPU engine here (oneDNN's ukernel missing)")
+    size, unit = re.search(r"L3 (\d+) (MiB|KiB)", fastrnn._C.build_info()["cpu_engine"]).groups()
+    l3 = int(size) << (20 if unit == "MiB" else 10)
+    wide, small = fastrnn.LSTM(600, 600, backend="cpp"), fastrnn.LSTM(4, 6, backend="cpp")  # 11.5 MiB, 2 KiB
+    with exactly_threads(2), engine_steps(1), intel_rules(intel):
+        got = {(m, B): lines(m, torch.randn(6, B, m.input_size))[0] for m in (wide, small) for B in (3, 4, 9, 64)}
+    for (m, B), line in got.items():
+        in_cache = m is small or (not intel and 4 * 600 * 1200 * 4 <= l3)
+        in_step = B >= 4 if in_cache else intel and B >= 64
+        assert "fused CPU engine" in line, line
+        assert ("x . W_ih^T in the step" if in_step else "x . W_ih^T up front") in line, line
 
 
 @needs_cpp

@@ -862,6 +862,16 @@ bool engine_takes(const Problem& pr, const at::Tensor& x, bool training) {
   return engine_refusal(pr, x, training).empty();
 }
 
+bool engine_projects_in_step(const Problem& pr, const at::Tensor& x) {
+  if (x.scalar_type() == at::kBFloat16 && pr.I % 2) return false;  // no VNNI panels of W_ih: one GEMM up front
+  const Layout L(pr.H, pr.G, x.element_size());
+  const Machine& m = machine();
+  const bool intel = intel_rules();
+  const int64_t bytes = (pr.I + pr.H) * pr.G * pr.H * static_cast<int64_t>(x.element_size());
+  const bool near = bytes <= (intel ? Team(L).nt * m.l2 : m.l3);
+  return near ? pr.B >= kFuseRows : intel && pr.B >= kFuseRowsBeyondL2;
+}
+
 int engine_in_place(const Problem& pr, const at::Tensor& x) {
   const Layout L(pr.H, pr.G, x.element_size());
   if (!DotWeight::takes(L, Team(L), pr.B, pr.N, x.scalar_type() == at::kBFloat16)) return 0;
@@ -978,10 +988,7 @@ std::vector<Tensor> engine_fwd(const Problem& pr, const Tensor& x, const Tensor&
   const int64_t I = pr.I;
   const bool x_panels = !bf16 || I % 2 == 0;
   const Team team(L);
-  const Machine& m = machine();
-  const bool intel = intel_rules();
-  const bool near = (pr.I + pr.H) * GH * static_cast<int64_t>(x.element_size()) <= (intel ? team.nt * m.l2 : m.l3);
-  const bool fuse_x = x_panels && (near ? B >= kFuseRows : intel && B >= kFuseRowsBeyondL2);
+  const bool fuse_x = engine_projects_in_step(pr, x);
   const bool dot_h = DotWeight::takes(L, team, B, pr.N, bf16);
   const bool dot_x = dot_h && pr.N <= DotWeight::kRowsX;
   const bool in_step_x = fuse_x || dot_x;
