@@ -113,8 +113,13 @@ std::string layer_path(const std::string& mode, const Tensor& x, const OptTensor
 std::pair<Tensor, Tensor> cell_biases(const Problem& pr, const OptTensor& b_ih, const OptTensor& b_hh,
                                       const at::TensorOptions& opts) {
   const int64_t H = pr.H, GH = pr.G * H;
-  Tensor bias = b_ih ? b_ih->clone(at::MemoryFormat::Contiguous) : at::zeros({GH}, opts);
-  if (b_hh) bias.narrow(0, 0, pr.gru ? 2 * H : GH).add_(b_hh->narrow(0, 0, pr.gru ? 2 * H : GH));
+  Tensor bias;
+  if (b_ih && b_hh && !pr.gru) {
+    bias = at::add(*b_ih, *b_hh);  // one op: at one step of a small cell each op is a visible share of the call
+  } else {
+    bias = b_ih ? b_ih->clone(at::MemoryFormat::Contiguous) : at::zeros({GH}, opts);
+    if (b_hh) bias.narrow(0, 0, pr.gru ? 2 * H : GH).add_(b_hh->narrow(0, 0, pr.gru ? 2 * H : GH));
+  }
   Tensor b_hn;
   if (pr.gru) b_hn = b_hh ? b_hh->narrow(0, 2 * H, H).contiguous() : at::zeros({H}, opts);
   return {bias, b_hn};
@@ -153,7 +158,11 @@ std::vector<Tensor> layer_fwd(const std::string& mode, const Tensor& x_in, const
   }
   Tensor gates = gemm(x, w_ih.t());
 
-  Tensor hs = h0.clone(at::MemoryFormat::Contiguous);
+  // Where the first step updates every row, it reads h0 in place and writes hs whole: no copy of h0 (a reverse
+  // packed layer's first step has the fewest rows and finds the others' h0 in hs)
+  const Tensor h0c = h0.contiguous();
+  const bool h0_in_place = pr.T > 0 && pr.size[reverse ? pr.T - 1 : 0] == pr.B;
+  Tensor hs = h0_in_place ? ws_empty({pr.B, Hout}, opts) : h0c.clone();
   Tensor cs = pr.lstm ? c0->clone(at::MemoryFormat::Contiguous) : empty0(x);
   Tensor y = ws_empty({pr.N, Hout}, opts);
   Tensor hg = ws_empty({pr.B, GH}, opts);
@@ -165,9 +174,10 @@ std::vector<Tensor> layer_fwd(const std::string& mode, const Tensor& x_in, const
 
   for (int64_t k = 0; k < pr.T; ++k) {
     const int64_t t = reverse ? pr.T - 1 - k : k, b = pr.size[t], o = pr.off[t];
-    Tensor h_b = hs.narrow(0, 0, b);
-    Tensor hg_b = hg.narrow(0, 0, b);
-    at::mm_out(hg_b, h_b, w_hh_t);
+    const Tensor& h_in = k == 0 && h0_in_place ? h0c : hs;
+    const auto rows = [b, &pr](const Tensor& m) { return b == pr.B ? m : m.narrow(0, 0, b); };
+    Tensor hg_b = rows(hg);
+    at::mm_out(hg_b, rows(h_in), w_hh_t);
     CellParams p{};
     p.rows = b;
     p.H = H;
@@ -180,7 +190,7 @@ std::vector<Tensor> layer_fwd(const std::string& mode, const Tensor& x_in, const
     p.b_hn = pr.gru ? b_hn.data_ptr() : nullptr;
     // with a projection the cell's h is o*tanh(c), the input of the per-step projection GEMM
     p.h = pr.proj ? hr.data_ptr() : hs.data_ptr();
-    p.h_prev = p.h;
+    p.h_prev = pr.proj ? p.h : h_in.data_ptr();
     p.h_stride = H;
     p.y = pr.proj ? hr.data_ptr() : row_ptr(y, o, Hout);
     p.y_stride = H;
@@ -195,7 +205,8 @@ std::vector<Tensor> layer_fwd(const std::string& mode, const Tensor& x_in, const
     }
     run_cell(pr, x, p);
     if (pr.proj) {
-      at::mm_out(h_b, hr.narrow(0, 0, b), w_hr.t());
+      Tensor h_b = rows(hs);
+      at::mm_out(h_b, rows(hr), w_hr.t());
       y.narrow(0, o, b).copy_(h_b);
     }
   }
@@ -622,6 +633,37 @@ std::vector<Tensor> layer_pair_node(const std::string& mode, const Tensor& x, co
                          b_ih_r, b_hh_r, w_hr_r);
 }
 
+// One call of a torch.nn-style *Cell (fastrnn/modules.py `_CellBase._step`) in one entry, as torch.nn's
+// `_VF.*_cell`: the Python of the checked path (~13 µs a call) cost more than a step of a small cell computes.
+// input: [B, I] or unbatched [I]; hx, cx: [B, H] or [H] as the input, both absent for zeros (cx: LSTM only).
+// A LayerNode where gradients are needed, else layer_fwd. Returns h' (LSTM: h', c') in the input's form. Any
+// other input fails here, and the Python path then raises torch.nn's error for it.
+std::vector<Tensor> cell_call(const std::string& mode, const Tensor& input, const OptTensor& hx, const OptTensor& cx,
+                              const Tensor& w_ih, const Tensor& w_hh, const OptTensor& b_ih, const OptTensor& b_hh) {
+  const bool lstm = parse_mode(mode) == Mode::LSTM;
+  const int64_t dim = input.dim();
+  TORCH_CHECK((dim == 1 || dim == 2) && w_hh.dim() == 2, "fastrnn: input must be 1-D or 2-D and w_hh 2-D");
+  TORCH_CHECK(cx.has_value() == (lstm && hx.has_value()), "fastrnn: cx goes with hx, and only for LSTM");
+  const auto batched = [dim](const Tensor& t) {
+    TORCH_CHECK(t.dim() == dim, "fastrnn: a state must have the input's dimensions");
+    return dim == 2 ? t : t.unsqueeze(0);
+  };
+  const Tensor x = batched(input);
+  const Tensor h0 = hx ? batched(*hx) : at::zeros({x.size(0), w_hh.size(1)}, x.options());
+  const OptTensor c0 = !lstm ? OptTensor() : cx ? batched(*cx) : OptTensor(at::zeros_like(h0));
+  const auto wants = [](const OptTensor& t) { return t && t->requires_grad(); };
+  const bool save = at::GradMode::is_enabled() && (x.requires_grad() || h0.requires_grad() || wants(c0) ||
+                                                   w_ih.requires_grad() || w_hh.requires_grad() || wants(b_ih) ||
+                                                   wants(b_hh));
+  std::vector<Tensor> out = save
+                                ? LayerNode::apply(mode, x, std::nullopt, h0, c0, w_ih, w_hh, b_ih, b_hh,
+                                                   std::nullopt, false)
+                                : layer_fwd(mode, x, std::nullopt, h0, c0, w_ih, w_hh, b_ih, b_hh, std::nullopt, false,
+                                            false);
+  const auto form = [dim](const Tensor& t) { return dim == 2 ? t : t.squeeze(0); };
+  return lstm ? std::vector<Tensor>{form(out[0]), form(out[2])} : std::vector<Tensor>{form(out[0])};
+}
+
 // A module's whole forward without gradients in one call, as torch.nn's `_VF.rnn_*`: at one step the Python
 // between a module's layers costs more than the layers (fastrnn/modules.py `_run_layers_at_once`). Each layer's
 // y is the next one's x; both directions of a bidirectional layer go through layer_pair_fwd, the forward
@@ -673,6 +715,42 @@ std::vector<Tensor> stack_fwd(const std::string& mode, const Tensor& x, const Op
     rows = bidirectional ? at::cat({out[0], out[6]}, 1) : out[0];
   }
   return {rows, at::stack(h_n), lstm ? at::stack(c_n) : empty0(x)};
+}
+
+// A module's call without gradients on a dense input in one entry (fastrnn/modules.py `_RNNBase._run_at_once`):
+// the input and state forms torch.nn's modules take, around stack_fwd. At one step the checked path's Python
+// (~19 µs against torch.nn's ~12) was a visible share of a small module's call. input: [T, B, I], [B, T, I] with
+// `batch_first`, or unbatched [T, I]; hx: [L*D, B, Hout] ([L*D, Hout] unbatched), cx: [L*D, B, H] (LSTM), both
+// absent for zeros. Returns y in the input's form, h_n and (LSTM) c_n. Any other input, or one that needs
+// gradients, fails here, and the Python path then takes the call (and raises torch.nn's errors).
+std::vector<Tensor> module_call(const std::string& mode, const Tensor& input, const OptTensor& hx,
+                                const OptTensor& cx, const std::vector<Tensor>& weights, int64_t num_layers,
+                                bool bidirectional, bool bias, int64_t proj_size, bool batch_first) {
+  const Mode m = parse_mode(mode);
+  const bool lstm = m == Mode::LSTM;
+  const int64_t dim = input.dim(), D = bidirectional ? 2 : 1;
+  TORCH_CHECK((dim == 2 || dim == 3) && weights.size() >= 2 && weights[1].dim() == 2,
+              "fastrnn: input must be 2-D or 3-D and w_hh 2-D");
+  TORCH_CHECK(cx.has_value() == (lstm && hx.has_value()), "fastrnn: cx goes with hx, and only for LSTM");
+  const auto wants = [](const Tensor& t) { return t.requires_grad(); };
+  TORCH_CHECK(!at::GradMode::is_enabled() ||
+                  !(input.requires_grad() || (hx && hx->requires_grad()) || (cx && cx->requires_grad()) ||
+                    std::any_of(weights.begin(), weights.end(), wants)),
+              "fastrnn: module_call runs without gradients only");
+  const Tensor x = dim == 2 ? input.unsqueeze(1) : batch_first ? input.transpose(0, 1) : input;
+  const int64_t T = x.size(0), B = x.size(1), H = weights[1].size(0) / gates_of(m), Hout = proj_size ? proj_size : H;
+  TORCH_CHECK(T > 0, "fastrnn: no steps");
+  const auto state = [&](const OptTensor& s, int64_t width) {
+    if (!s) return at::zeros({num_layers * D, B, width}, x.options());
+    TORCH_CHECK(s->dim() == dim, "fastrnn: a state must have the input's dimensions");
+    return dim == 2 ? s->unsqueeze(1) : *s;
+  };
+  const OptTensor c0 = lstm ? OptTensor(state(cx, H)) : std::nullopt;
+  std::vector<Tensor> out = stack_fwd(mode, x.reshape({T * B, x.size(2)}), std::nullopt, state(hx, Hout), c0,
+                                      weights, num_layers, bidirectional, bias, proj_size != 0);
+  Tensor y = out[0].view({T, B, out[0].size(1)});
+  if (dim == 2) return {y.squeeze(1), out[1].squeeze(1), lstm ? out[2].squeeze(1) : out[2]};
+  return {batch_first ? y.transpose(0, 1) : y, out[1], out[2]};
 }
 
 #define FRNN_STR2(x) #x
@@ -803,9 +881,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   def("layer_ext_bwd", &fastrnn::layer_ext_bwd,
       std::make_tuple(py::arg("ext"), py::arg("y"), py::arg("xs"), py::arg("hs"), py::arg("stats"), py::arg("c"),
                       py::arg("dy"), py::arg("dh_n"), py::arg("dc_n"), py::arg("need_dx")));
+  m.def("cell_call", &fastrnn::cell_call, py::arg("mode"), py::arg("input"), py::arg("hx"), py::arg("cx"),
+        py::arg("w_ih"), py::arg("w_hh"), py::arg("b_ih"), py::arg("b_hh"),
+        "one call of a torch.nn-style cell: h' (LSTM: h', c'), with gradients through a C++ autograd node");
   m.def("stack_fwd", &fastrnn::stack_fwd, py::arg("mode"), py::arg("x"), py::arg("batch_sizes"), py::arg("hx"),
         py::arg("cx"), py::arg("weights"), py::arg("num_layers"), py::arg("bidirectional"), py::arg("bias"),
         py::arg("proj"), "a module's layers without gradients in one call: (y, h_n, c_n)");
+  m.def("module_call", &fastrnn::module_call, py::arg("mode"), py::arg("input"), py::arg("hx"), py::arg("cx"),
+        py::arg("weights"), py::arg("num_layers"), py::arg("bidirectional"), py::arg("bias"), py::arg("proj_size"),
+        py::arg("batch_first"), "a module's call without gradients on a dense input: (y, h_n, c_n)");
   m.def("build_info", &fastrnn::build_info, "how this extension was built: CUDA archs, compiler, CPU ISA");
   m.def("_set_nan_fill", &fastrnn::set_nan_fill, "test hook: NaN-fill every workspace and output at allocation");
   m.def("_set_chunk_rows", &fastrnn::set_chunk_rows, "test hook: backward chunk size in rows (0: default)");

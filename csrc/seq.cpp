@@ -28,8 +28,6 @@ constexpr int64_t kChunkRows = 1024;
 int64_t g_chunk_rows = kChunkRows;
 bool g_nan_fill = false;
 
-int64_t gates_of(Mode m) { return m == Mode::LSTM ? 4 : m == Mode::GRU ? 3 : 1; }
-
 void check_absent(const OptTensor& t, const char* name, const char* why) {
   TORCH_CHECK(!t.has_value(), "fastrnn: ", name, " must be None ", why);
 }

@@ -28,6 +28,7 @@ struct Problem {
 };
 
 Mode parse_mode(const std::string& s);
+inline int64_t gates_of(Mode m) { return m == Mode::LSTM ? 4 : m == Mode::GRU ? 3 : 1; }
 Dtype dtype_of(const at::Tensor& t);
 std::string shape_str(at::IntArrayRef s);
 

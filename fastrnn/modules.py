@@ -164,7 +164,7 @@ class _BackendMixin:
             return None
         try:
             return run(impl)
-        except RuntimeError:
+        except (RuntimeError, TypeError):  # TypeError: an argument pybind cannot convert
             return None
 
     def _call_layer(self, a: LayerArgs, ext: CellExt):
@@ -194,6 +194,20 @@ class _BackendMixin:
             observe(a, ext, impl, options, True)
             observe(r, ext_r, impl, options, True)
         return list(impl.layer.pair(a, r, **options))
+
+
+def _plain_parameters(module: nn.Module, names: Sequence[str]) -> Optional[List[Optional[Tensor]]]:
+    """``module``'s parameters ``names`` as they are registered (~0.5 µs a name less than ``nn.Module.__getattr__``),
+    or None where one is not (a parametrization or ``weight_norm`` computes it; the checked path computes it, once
+    a call) or is absent (no bias: None)."""
+    p = module._parameters
+    try:
+        return [p[name] for name in names]
+    except KeyError:
+        return None
+
+
+_CELL_WEIGHTS = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
 
 
 class _Rows(NamedTuple):
@@ -381,6 +395,34 @@ class _RNNBase(_BackendMixin, nn.RNNBase):
             self.mode, rows, batch_sizes, states, weights, self.num_layers, self.bidirectional, self.bias,
             bool(self.proj_size)))
 
+
+    def _run_at_once(self, input, hx):
+        """``_run`` in one C++ call (``fastrnn.ops.cpp.module_forward``) for a dense input without gradients where
+        ``_run_layers_at_once`` would take the layers in one call, else None (also where that call fails: the
+        checked path then raises torch.nn's error)."""
+        if (not isinstance(input, Tensor) or self.layer_norm or self.zoneout
+                or (self.training and (self.recurrent_dropout or (self.dropout and self.num_layers > 1)))
+                or _interop.torch_nn_tool() is not None):
+            return None
+        device_type = input.device.type  # the kernels' devices; autocast raises for some others (meta)
+        if device_type not in ("cpu", "cuda") or self._autocast_dtype(device_type) is not None:
+            return None
+        if hx is None or self.mode != "LSTM":
+            h, c = hx, None
+        elif type(hx) in (tuple, list) and len(hx) == 2:
+            h, c = hx
+        else:
+            return None
+        weights = _plain_parameters(self, self._flat_weights_names)
+        if weights is None:
+            return None
+        tensors = (input, h, c, *weights)
+        if torch.is_grad_enabled() and any(getattr(t, "requires_grad", False) for t in tensors):
+            return None  # the layers' autograd nodes, one by one
+        return self._cpp_at_once(input, tensors, lambda cpp: cpp.module_forward(
+            self.mode, input, h, c, weights, self.num_layers, self.bidirectional, self.bias, self.proj_size,
+            self.batch_first))
+
     def _run_layers(self, rows: Tensor, batch_sizes: Optional[Tensor], states: Tuple[Tensor, ...],
                     amp_dtype: Optional[torch.dtype]) -> Tuple[Tensor, Tuple[Tensor, ...]]:
         """Every layer and direction through the backend: ``(last layer's rows, final states)``."""
@@ -437,6 +479,9 @@ class _RNNBase(_BackendMixin, nn.RNNBase):
     def _run(self, input: Union[Tensor, PackedSequence], hx: Optional[Union[Tensor, Tuple[Tensor, Tensor]]]):
         """Shared forward, in torch.nn's steps: check the input and hidden state, permute the hidden state to
         the packed order, run the layers, restore the input's form."""
+        out = self._run_at_once(input, hx)
+        if out is not None:
+            return out
         tool = _interop.torch_nn_tool()
         if tool is not None:
             return _interop.run_as_torch_nn(self, tool, input, hx)
@@ -560,7 +605,28 @@ class _CellBase(_BackendMixin, nn.RNNCellBase):
             mask = self._dropout_mask = self._recurrent_dropout_mask(x, B, H)
         return CellExt(*self._layer_norm_params(""), zh, zc, mask if self.training else None)
 
+    def _step_at_once(self, input: Tensor, hx, n_states: int):
+        """``_step`` in one C++ call (``fastrnn.ops.cpp.cell_forward``) where ``_cpp_at_once`` allows it and the
+        cell is torch.nn's, else None (also where that call fails: the checked path below then raises torch.nn's
+        error). The checked path's Python, ~13 µs a call, took longer than a step of an RNNCell of 64 units."""
+        if (self.layer_norm or self.zoneout or self.recurrent_dropout or not isinstance(input, Tensor)
+                or _interop.torch_nn_tool() is not None):
+            return None
+        if hx is None or n_states == 1:
+            h, c = hx, None
+        elif type(hx) in (tuple, list) and len(hx) == 2:
+            h, c = hx
+        else:
+            return None
+        w = _plain_parameters(self, _CELL_WEIGHTS)
+        if w is None:
+            return None
+        return self._cpp_at_once(input, (input, h, c, *w), lambda cpp: cpp.cell_forward(self._mode, input, h, c, *w))
+
     def _step(self, input: Tensor, hx, n_states: int):
+        out = self._step_at_once(input, hx, n_states)
+        if out is not None:
+            return out
         tool = _interop.torch_nn_tool()
         if tool is not None:
             return _interop.run_as_torch_nn(self, tool, input, hx)

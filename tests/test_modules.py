@@ -208,18 +208,25 @@ def _every_output(out) -> list:
     return [out.data if isinstance(out, PackedSequence) else out, *(state if isinstance(state, tuple) else (state,))]
 
 
-def _counting(monkeypatch, owner, name: str) -> list:
-    """A list that gets one entry per call of ``owner.name`` that returns (a call that raises leaves none: the
-    modules then take the op's path)."""
-    calls, real = [], getattr(owner, name)
+def _counting(monkeypatch, owner, *names: str) -> list:
+    """A list that gets the name of each call of ``owner.<name>`` that returns, for each of ``names`` (a call that
+    raises leaves none: the modules then take the op's path)."""
+    calls = []
 
-    def counted(*args):
-        out = real(*args)
-        calls.append(name)
-        return out
+    def counter(name: str, real):
+        def counted(*args):
+            out = real(*args)
+            calls.append(name)
+            return out
+        return counted
 
-    monkeypatch.setattr(owner, name, counted)
+    for name in names:
+        monkeypatch.setattr(owner, name, counter(name, getattr(owner, name)))
     return calls
+
+
+# A module's call without gradients in one C++ call: dense inputs in module_forward, packed ones in stack_forward
+ONE_CALL = ("module_forward", "stack_forward")
 
 
 # (I, H, T, B): small, and one step of one row of layers from 256 KiB (the CPU engine reading both weights in place)
@@ -228,18 +235,19 @@ ONE_CALL_SIZES = {"small": (3, 5, 4, 3), "one-step": (65, 260, 1, 1)}
 
 @needs_cpp
 @pytest.mark.parametrize("size", ONE_CALL_SIZES)
-@pytest.mark.parametrize("form", ["batched", "batched_no_hx", "unbatched_hx", "packed_unsorted_hx"])
+@pytest.mark.parametrize("form", ["batched", "batched_no_hx", "unbatched", "unbatched_hx", "packed_unsorted_hx"])
 @pytest.mark.parametrize("opts", ONE_CALL_OPTIONS, ids=_opt_id)
 @pytest.mark.parametrize("kind", KINDS)
 def test_layers_in_one_call_without_gradients(kind, opts, form, size, monkeypatch):
     """Without gradients and unwatched, a module of the cpp backend runs all its layers in one C++ call
-    (``fastrnn.ops.cpp.stack_forward``): once per module call, with the results of the per-layer ops (the same call
-    under a function mode, which sends each layer through its op) bit for bit, and torch.nn's within the fp32
-    tolerance."""
+    (``fastrnn.ops.cpp.module_forward``, packed: ``stack_forward``): once per module call, with the results of the
+    per-layer ops (the same call under a function mode, which sends each layer through its op) bit for bit, and
+    torch.nn's within the fp32 tolerance."""
     I, H, T, B = ONE_CALL_SIZES[size]
     ref, fast = twins(kind, I, H, torch.float32, "cpp", **opts)
     x, B = _make_input(ref, form.replace("_no_hx", "").replace("_hx", ""), T, B, torch.float32)
-    hx = random_state(ref, B, torch.float32, batched=B is not None) if form != "batched_no_hx" else None
+    with_hx = form in ("batched", "unbatched_hx", "packed_unsorted_hx")
+    hx = random_state(ref, B, torch.float32, batched=B is not None) if with_hx else None
     args = (x,) if hx is None else (x, hx)
     _assert_one_call(ref, fast, args, "cpu", monkeypatch)
 
@@ -247,13 +255,14 @@ def test_layers_in_one_call_without_gradients(kind, opts, form, size, monkeypatc
 def _assert_one_call(ref, fast, args: tuple, device: str, monkeypatch) -> None:
     """``fast(*args)`` without gradients takes the one call exactly once, and returns bit for bit what it returns
     under a function mode (each layer through its op) and ``ref``'s results within the fp32 tolerance."""
-    calls = _counting(monkeypatch, cpp, "stack_forward")
+    calls = _counting(monkeypatch, cpp, *ONE_CALL)
+    one_call = ["stack_forward" if isinstance(args[0], PackedSequence) else "module_forward"]
     with torch.no_grad():
         got = _every_output(fast(*args))
-        assert calls == ["stack_forward"]
+        assert calls == one_call
         with torch.device(device):
             per_layer = _every_output(fast(*args))
-        assert calls == ["stack_forward"]
+        assert calls == one_call
         want = _every_output(ref(*args))
     for g, p, w in zip(got, per_layer, want):
         assert torch.equal(g, p)
@@ -304,7 +313,7 @@ def test_layers_one_by_one_where_watched_or_needed(case, monkeypatch):
     extra = {"layer_norm": True} if case == "layer-norm" else {"zoneout": 0.3} if case == "zoneout-in-eval" else {}
     backend = "reference" if case == "reference-backend" else "cpp"
     module = prepare(fastrnn.GRU(3, 5, num_layers=2, dropout=0.5, backend=backend, **extra).eval())
-    one_call = _counting(monkeypatch, cpp, "stack_forward")
+    one_call = _counting(monkeypatch, cpp, *ONE_CALL)
     x = torch.randn(4, 2, 3)
     with torch.set_grad_enabled(grad), context():
         module(x)
@@ -312,7 +321,7 @@ def test_layers_one_by_one_where_watched_or_needed(case, monkeypatch):
     module.requires_grad_(False).eval()
     with torch.set_grad_enabled(grad):
         module(x)
-    assert one_call == ([] if extra or backend != "cpp" else ["stack_forward"])
+    assert one_call == ([] if extra or backend != "cpp" else ["module_forward"])
 
 
 @needs_cpp
@@ -346,48 +355,57 @@ def _same_as_op(device: str):
 
 @needs_cpp
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("form", ["zero-state", "state", "unbatched"])
 @pytest.mark.parametrize("grad", [False, True], ids=["no-grad", "grad"])
 @pytest.mark.parametrize("size", ONE_CALL_SIZES)
 @pytest.mark.parametrize("cell", CELLS)
-def test_unwatched_cells_skip_the_op(cell, size, grad, device, monkeypatch):
-    """An unwatched cell call goes to the C++ directly (``cpp.layer_forward``; with gradients csrc/rnn.cpp's
+def test_unwatched_cells_skip_the_op(cell, size, grad, form, device, monkeypatch):
+    """An unwatched cell call goes to the C++ in one entry (``cpp.cell_forward``; with gradients csrc/rnn.cpp's
     autograd node ``LayerNode``), with the op path's outputs and gradients (bit for bit on the CPU) and torch.nn's
-    within the fp32 tolerance; a watched call (here a function mode) takes the op, and the node's backward watched
-    hands over to the op's formula, with the same gradients."""
+    within the fp32 tolerance, for ``hx`` absent, given (its gradients too) and unbatched; a watched call (here a
+    function mode) takes the op, and the node's backward watched hands over to the op's formula, with the same
+    gradients."""
     I, H, _, B = ONE_CALL_SIZES[size]
     cls, extra = CELLS[cell]
     ref = cls(I, H, device=device, **extra)
     fast = getattr(fastrnn, cls.__name__)(I, H, backend="cpp", device=device, **extra)
     fast.load_state_dict(ref.state_dict())
-    direct = _counting(monkeypatch, cpp, "layer_forward")
-    x = torch.randn(B, I, device=device, requires_grad=grad)
-    params = [x, *fast.parameters()]
+    direct = _counting(monkeypatch, cpp, "cell_forward")
+    lead = () if form == "unbatched" else (B,)
+    x = torch.randn(*lead, I, device=device, requires_grad=grad)
+    states = [torch.randn(*lead, H, device=device, requires_grad=grad) for _ in range(2 if cls is nn.LSTMCell else 1)]
+    args = (x,) if form == "zero-state" else (x, tuple(states) if len(states) == 2 else states[0])
+    inputs = [x] if form == "zero-state" else [x, *states]
 
     def watched(on: bool):
         return torch.device(device) if on else contextlib.nullcontext()
 
     def run(module, watched_forward: bool, watched_backward: bool) -> list:
         with torch.set_grad_enabled(grad), watched(watched_forward):
-            out = module(x)
+            out = module(*args)
         out = list(out) if isinstance(out, tuple) else [out]
         if grad:
             with watched(watched_backward):
-                grads = torch.autograd.grad(out, params if module is fast else [x, *module.parameters()],
-                                            [torch.ones_like(o) for o in out])
+                grads = torch.autograd.grad(out, [*inputs, *module.parameters()], [torch.ones_like(o) for o in out])
             out += list(grads)
         return out
 
     got = run(fast, False, False)
-    assert direct == ["layer_forward"]
+    assert direct == ["cell_forward"]
     if grad:
-        assert "LayerNode" in got[0].grad_fn.name()
+        node = got[0].grad_fn
+        if form == "unbatched":
+            assert "Squeeze" in node.name()
+            node = node.next_functions[0][0]
+        assert "LayerNode" in node.name()
     via_op = run(fast, True, True)
-    assert direct == ["layer_forward"]
+    assert direct == ["cell_forward"]
     via_formula = run(fast, False, True)
     want = run(ref, False, False)
     assert len(got) == len(via_op) == len(via_formula) == len(want)
     same = _same_as_op(device)
     for g, o, f, w in zip(got, via_op, via_formula, want):
+        assert g.shape == w.shape
         assert same(g, o)
         assert same(g, f)
         torch.testing.assert_close(g, w, **TOL[torch.float32])
@@ -501,7 +519,7 @@ def test_a_parametrized_weight_is_computed_once_per_call(grad, monkeypatch):
     counted = _Counted()
     torch.nn.utils.parametrize.register_parametrization(module, "weight_hh_l1", counted)
     counted.calls = 0  # registering evaluates it once
-    one_call = _counting(monkeypatch, cpp, "stack_forward")
+    one_call = _counting(monkeypatch, cpp, *ONE_CALL)
     with torch.set_grad_enabled(grad):
         module(torch.randn(4, 2, 3))
     assert counted.calls == 1 and one_call == ([] if grad else ["stack_forward"])

@@ -154,6 +154,15 @@ def layer_forward(a: LayerArgs) -> LayerOut:
     return LayerOut(out[0], out[1], out[2] if lstm else None)
 
 
+def cell_forward(mode: str, x: Tensor, hx: Optional[Tensor], cx: Optional[Tensor], w_ih: Tensor, w_hh: Tensor,
+                 b_ih: Optional[Tensor], b_hh: Optional[Tensor]):
+    """One call of a torch.nn-style cell in one C++ entry (csrc/rnn.cpp ``cell_call``), for a call
+    ``glue.unwatched`` lets through: ``x`` [B, I] or [I], ``hx``/``cx`` as ``x`` or None for zeros; returns h' (LSTM:
+    ``(h', c')``), through ``LayerNode`` where gradients are needed."""
+    out = _lib().cell_call(mode, x, hx, cx, w_ih, w_hh, b_ih, b_hh)
+    return (out[0], out[1]) if mode == "LSTM" else out[0]
+
+
 def pair_forward(a: LayerArgs, r: LayerArgs) -> Tuple[LayerOut, LayerOut]:
     """``layer.pair(a, r)`` as ``layer_forward`` calls one direction: the kernels alone without gradients, with them
     csrc/rnn.cpp's ``PairNode``. Both directions save or neither (``layer.pair`` runs the other case)."""
@@ -209,6 +218,16 @@ def stack_forward(mode: str, x: Tensor, batch_sizes: Optional[Tensor], states: T
     y, h_n, c_n = _lib().stack_fwd(mode, x, batch_sizes, states[0], states[1] if len(states) == 2 else None,
                                    weights, num_layers, bidirectional, bias, proj)
     return y, (h_n, c_n) if len(states) == 2 else (h_n,)
+
+
+def module_forward(mode: str, x: Tensor, hx: Optional[Tensor], cx: Optional[Tensor], weights: List[Tensor],
+                   num_layers: int, bidirectional: bool, bias: bool, proj_size: int, batch_first: bool):
+    """A module's call without gradients on a dense input in one C++ entry (csrc/rnn.cpp ``module_call``), for a
+    call ``glue.unwatched`` lets through: ``x`` and ``hx``/``cx`` (None for zeros) in any form torch.nn's modules
+    take them; returns what the module returns: ``(y, (h_n, c_n))``, or ``(y, h_n)`` unless LSTM, ``y`` in the form
+    of ``x``."""
+    y, h_n, c_n = _lib().module_call(mode, x, hx, cx, weights, num_layers, bidirectional, bias, proj_size, batch_first)
+    return y, (h_n, c_n) if mode == "LSTM" else h_n
 
 
 layer = LayerOp("cpp", "layer", availability, _forward, _backward, _fake_saved,
