@@ -664,15 +664,17 @@ std::vector<Tensor> cell_call(const std::string& mode, const Tensor& input, cons
   return lstm ? std::vector<Tensor>{form(out[0]), form(out[2])} : std::vector<Tensor>{form(out[0])};
 }
 
-// A module's whole forward without gradients in one call, as torch.nn's `_VF.rnn_*`: at one step the Python
-// between a module's layers costs more than the layers (fastrnn/modules.py `_run_layers_at_once`). Each layer's
-// y is the next one's x; both directions of a bidirectional layer go through layer_pair_fwd, the forward
-// direction's y first. weights: torch.nn's `_flat_weights` order, per layer and direction w_ih, w_hh, then b_ih,
-// b_hh with `bias`, then w_hr with `proj`. hx: [L*D, B, Hout]; cx: [L*D, B, H] (LSTM). Returns y [N, D*Hout],
-// h_n [L*D, B, Hout] and c_n [L*D, B, H] (LSTM, else [0]).
+// A module's layers in one call, as torch.nn's `_VF.rnn_*`: at one step the Python between a module's layers
+// cost more than the layers (fastrnn/modules.py `_run_at_once`, `_run_layers_at_once`). Each layer's y is the next
+// one's x, after dropout with probability `dropout` (the caller passes 0 outside training). A layer whose inputs
+// need gradients runs in its autograd node (LayerNode; both directions of a bidirectional layer in a PairNode
+// where both need them or neither, as the modules' per-layer path decides), else the kernels alone, so that
+// either path gives the same bits. weights: torch.nn's `_flat_weights` order, per layer and direction w_ih, w_hh,
+// then b_ih, b_hh with `bias`, then w_hr with `proj`. hx: [L*D, B, Hout]; cx: [L*D, B, H] (LSTM). Returns y
+// [N, D*Hout], h_n [L*D, B, Hout] and c_n [L*D, B, H] (LSTM, else [0]).
 std::vector<Tensor> stack_fwd(const std::string& mode, const Tensor& x, const OptTensor& batch_sizes,
                               const Tensor& hx, const OptTensor& cx, const std::vector<Tensor>& weights,
-                              int64_t num_layers, bool bidirectional, bool bias, bool proj) {
+                              int64_t num_layers, bool bidirectional, bool bias, bool proj, double dropout) {
   const bool lstm = parse_mode(mode) == Mode::LSTM;
   const int64_t D = bidirectional ? 2 : 1, per = 2 + (bias ? 2 : 0) + (proj ? 1 : 0), n = num_layers * D;
   TORCH_CHECK(num_layers >= 1 && static_cast<int64_t>(weights.size()) == n * per, "fastrnn: weights must hold ",
@@ -695,48 +697,75 @@ std::vector<Tensor> stack_fwd(const std::string& mode, const Tensor& x, const Op
     return Dir{hx.select(0, k), cx ? OptTensor(cx->select(0, k)) : std::nullopt, opt(bias, 2), opt(bias, 3),
                opt(proj, per - 1), w[0], w[1]};
   };
+  const bool grad_mode = at::GradMode::is_enabled();
+  const auto saves = [grad_mode](const Tensor& rows, const Dir& d) {
+    const auto wants = [](const OptTensor& t) { return t && t->requires_grad(); };
+    return grad_mode && (rows.requires_grad() || d.h0.requires_grad() || wants(d.c0) || d.w_ih.requires_grad() ||
+                         d.w_hh.requires_grad() || wants(d.b_ih) || wants(d.b_hh) || wants(d.w_hr));
+  };
+  const size_t per_dir = lstm ? 3 : 2;
+  // a direction's y, h_n and c_n (LSTM): the first of `out` from `at` (a node returns just those, the kernels six)
+  const auto take = [per_dir](std::vector<Tensor>& into, const std::vector<Tensor>& out, size_t at) {
+    into.insert(into.end(), out.begin() + at, out.begin() + at + per_dir);
+  };
+  const auto one = [&](const Tensor& rows, const Dir& d, bool reverse, std::vector<Tensor>& into) {
+    take(into,
+         saves(rows, d) ? LayerNode::apply(mode, rows, batch_sizes, d.h0, d.c0, d.w_ih, d.w_hh, d.b_ih, d.b_hh,
+                                           d.w_hr, reverse)
+                        : layer_fwd(mode, rows, batch_sizes, d.h0, d.c0, d.w_ih, d.w_hh, d.b_ih, d.b_hh, d.w_hr,
+                                    reverse, false),
+         0);
+  };
   Tensor rows = x;
   std::vector<Tensor> h_n, c_n;
   for (int64_t l = 0; l < num_layers; ++l) {
     const Dir f = dir(l * D);
-    std::vector<Tensor> out;
-    if (bidirectional) {
-      const Dir r = dir(l * D + 1);
-      out = layer_pair_fwd(mode, rows, batch_sizes, f.h0, f.c0, f.w_ih, f.w_hh, f.b_ih, f.b_hh, f.w_hr, r.h0, r.c0,
-                           r.w_ih, r.w_hh, r.b_ih, r.b_hh, r.w_hr, false);
+    std::vector<Tensor> outs;  // per direction y, h_n, c_n (LSTM)
+    if (!bidirectional) {
+      one(rows, f, false, outs);
     } else {
-      out = layer_fwd(mode, rows, batch_sizes, f.h0, f.c0, f.w_ih, f.w_hh, f.b_ih, f.b_hh, f.w_hr, false, false);
+      const Dir r = dir(l * D + 1);
+      const bool save = saves(rows, f);
+      if (save != saves(rows, r)) {
+        one(rows, f, false, outs);
+        one(rows, r, true, outs);
+      } else if (save) {
+        outs = PairNode::apply(mode, rows, batch_sizes, f.h0, f.c0, f.w_ih, f.w_hh, f.b_ih, f.b_hh, f.w_hr, r.h0,
+                               r.c0, r.w_ih, r.w_hh, r.b_ih, r.b_hh, r.w_hr);
+      } else {
+        const std::vector<Tensor> out = layer_pair_fwd(mode, rows, batch_sizes, f.h0, f.c0, f.w_ih, f.w_hh, f.b_ih,
+                                                       f.b_hh, f.w_hr, r.h0, r.c0, r.w_ih, r.w_hh, r.b_ih, r.b_hh,
+                                                       r.w_hr, false);
+        take(outs, out, 0);
+        take(outs, out, 6);
+      }
     }
-    // each direction's y, h_n, c_n and three saved activations (empty here)
-    for (size_t d = 0; d < out.size(); d += 6) {
-      h_n.push_back(out[d + 1]);
-      c_n.push_back(out[d + 2]);
+    for (size_t d = 0; d < outs.size(); d += per_dir) {
+      h_n.push_back(outs[d + 1]);
+      if (lstm) c_n.push_back(outs[d + 2]);
     }
-    rows = bidirectional ? at::cat({out[0], out[6]}, 1) : out[0];
+    rows = bidirectional ? at::cat({outs[0], outs[per_dir]}, 1) : outs[0];
+    if (dropout > 0 && l + 1 < num_layers) rows = at::dropout(rows, dropout, true);
   }
   return {rows, at::stack(h_n), lstm ? at::stack(c_n) : empty0(x)};
 }
 
-// A module's call without gradients on a dense input in one entry (fastrnn/modules.py `_RNNBase._run_at_once`):
-// the input and state forms torch.nn's modules take, around stack_fwd. At one step the checked path's Python
-// (~19 µs against torch.nn's ~12) was a visible share of a small module's call. input: [T, B, I], [B, T, I] with
+// A module's call on a dense input in one entry (fastrnn/modules.py `_RNNBase._run_at_once`): the input and state
+// forms torch.nn's modules take, around stack_fwd (gradients through its nodes, `dropout` between layers). The
+// checked path's Python took ~19 µs a call without gradients (torch.nn's ~12) and ~70 with them, where a small
+// module computes a step in ~75 (RNN (1,64,256,256,1) on the Xeon). input: [T, B, I], [B, T, I] with
 // `batch_first`, or unbatched [T, I]; hx: [L*D, B, Hout] ([L*D, Hout] unbatched), cx: [L*D, B, H] (LSTM), both
-// absent for zeros. Returns y in the input's form, h_n and (LSTM) c_n. Any other input, or one that needs
-// gradients, fails here, and the Python path then takes the call (and raises torch.nn's errors).
+// absent for zeros. Returns y in the input's form, h_n and (LSTM) c_n. Any other input fails here, and the Python
+// path then takes the call (and raises torch.nn's errors).
 std::vector<Tensor> module_call(const std::string& mode, const Tensor& input, const OptTensor& hx,
                                 const OptTensor& cx, const std::vector<Tensor>& weights, int64_t num_layers,
-                                bool bidirectional, bool bias, int64_t proj_size, bool batch_first) {
+                                bool bidirectional, bool bias, int64_t proj_size, bool batch_first, double dropout) {
   const Mode m = parse_mode(mode);
   const bool lstm = m == Mode::LSTM;
   const int64_t dim = input.dim(), D = bidirectional ? 2 : 1;
   TORCH_CHECK((dim == 2 || dim == 3) && weights.size() >= 2 && weights[1].dim() == 2,
               "fastrnn: input must be 2-D or 3-D and w_hh 2-D");
   TORCH_CHECK(cx.has_value() == (lstm && hx.has_value()), "fastrnn: cx goes with hx, and only for LSTM");
-  const auto wants = [](const Tensor& t) { return t.requires_grad(); };
-  TORCH_CHECK(!at::GradMode::is_enabled() ||
-                  !(input.requires_grad() || (hx && hx->requires_grad()) || (cx && cx->requires_grad()) ||
-                    std::any_of(weights.begin(), weights.end(), wants)),
-              "fastrnn: module_call runs without gradients only");
   const Tensor x = dim == 2 ? input.unsqueeze(1) : batch_first ? input.transpose(0, 1) : input;
   const int64_t T = x.size(0), B = x.size(1), H = weights[1].size(0) / gates_of(m), Hout = proj_size ? proj_size : H;
   TORCH_CHECK(T > 0, "fastrnn: no steps");
@@ -747,7 +776,7 @@ std::vector<Tensor> module_call(const std::string& mode, const Tensor& input, co
   };
   const OptTensor c0 = lstm ? OptTensor(state(cx, H)) : std::nullopt;
   std::vector<Tensor> out = stack_fwd(mode, x.reshape({T * B, x.size(2)}), std::nullopt, state(hx, Hout), c0,
-                                      weights, num_layers, bidirectional, bias, proj_size != 0);
+                                      weights, num_layers, bidirectional, bias, proj_size != 0, dropout);
   Tensor y = out[0].view({T, B, out[0].size(1)});
   if (dim == 2) return {y.squeeze(1), out[1].squeeze(1), lstm ? out[2].squeeze(1) : out[2]};
   return {batch_first ? y.transpose(0, 1) : y, out[1], out[2]};
@@ -886,10 +915,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "one call of a torch.nn-style cell: h' (LSTM: h', c'), with gradients through a C++ autograd node");
   m.def("stack_fwd", &fastrnn::stack_fwd, py::arg("mode"), py::arg("x"), py::arg("batch_sizes"), py::arg("hx"),
         py::arg("cx"), py::arg("weights"), py::arg("num_layers"), py::arg("bidirectional"), py::arg("bias"),
-        py::arg("proj"), "a module's layers without gradients in one call: (y, h_n, c_n)");
+        py::arg("proj"), py::arg("dropout"), "a module's layers in one call: (y, h_n, c_n)");
   m.def("module_call", &fastrnn::module_call, py::arg("mode"), py::arg("input"), py::arg("hx"), py::arg("cx"),
         py::arg("weights"), py::arg("num_layers"), py::arg("bidirectional"), py::arg("bias"), py::arg("proj_size"),
-        py::arg("batch_first"), "a module's call without gradients on a dense input: (y, h_n, c_n)");
+        py::arg("batch_first"), py::arg("dropout"), "a module's call on a dense input: (y, h_n, c_n)");
   m.def("build_info", &fastrnn::build_info, "how this extension was built: CUDA archs, compiler, CPU ISA");
   m.def("_set_nan_fill", &fastrnn::set_nan_fill, "test hook: NaN-fill every workspace and output at allocation");
   m.def("_set_chunk_rows", &fastrnn::set_chunk_rows, "test hook: backward chunk size in rows (0: default)");

@@ -397,12 +397,12 @@ class _RNNBase(_BackendMixin, nn.RNNBase):
 
 
     def _run_at_once(self, input, hx):
-        """``_run`` in one C++ call (``fastrnn.ops.cpp.module_forward``) for a dense input without gradients where
-        ``_run_layers_at_once`` would take the layers in one call, else None (also where that call fails: the
-        checked path then raises torch.nn's error)."""
+        """``_run`` in one C++ call (``fastrnn.ops.cpp.module_forward``) for a dense input where ``_cpp_at_once``
+        allows it and nothing of fastrnn's own cells runs, else None (also where that call fails: the checked path
+        then raises torch.nn's error). With gradients each layer is a node of csrc/rnn.cpp, as on the per-layer
+        path, whose Python cost ~70 µs a call where a small layer computes a step in ~75."""
         if (not isinstance(input, Tensor) or self.layer_norm or self.zoneout
-                or (self.training and (self.recurrent_dropout or (self.dropout and self.num_layers > 1)))
-                or _interop.torch_nn_tool() is not None):
+                or (self.training and self.recurrent_dropout) or _interop.torch_nn_tool() is not None):
             return None
         device_type = input.device.type  # the kernels' devices; autocast raises for some others (meta)
         if device_type not in ("cpu", "cuda") or self._autocast_dtype(device_type) is not None:
@@ -416,12 +416,10 @@ class _RNNBase(_BackendMixin, nn.RNNBase):
         weights = _plain_parameters(self, self._flat_weights_names)
         if weights is None:
             return None
-        tensors = (input, h, c, *weights)
-        if torch.is_grad_enabled() and any(getattr(t, "requires_grad", False) for t in tensors):
-            return None  # the layers' autograd nodes, one by one
-        return self._cpp_at_once(input, tensors, lambda cpp: cpp.module_forward(
+        dropout = self.dropout if self.training else 0.0
+        return self._cpp_at_once(input, (input, h, c, *weights), lambda cpp: cpp.module_forward(
             self.mode, input, h, c, weights, self.num_layers, self.bidirectional, self.bias, self.proj_size,
-            self.batch_first))
+            self.batch_first, dropout))
 
     def _run_layers(self, rows: Tensor, batch_sizes: Optional[Tensor], states: Tuple[Tensor, ...],
                     amp_dtype: Optional[torch.dtype]) -> Tuple[Tensor, Tuple[Tensor, ...]]:

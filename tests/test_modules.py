@@ -292,11 +292,10 @@ def _frozen(module):
 # Calls that must run layer by layer (each through its op, or the reference backend's): what the one C++ call
 # cannot do, or would hide from a watcher.
 PER_LAYER = {
-    "with-gradients": (lambda m: m, contextlib.nullcontext, True),
+    "packed-with-gradients": (lambda m: m, contextlib.nullcontext, True),
     "the-profiler": (_frozen, torch.profiler.profile, False),
     "a-function-mode": (_frozen, lambda: torch.device("cpu"), False),
     "autocast": (_frozen, lambda: torch.autocast("cpu", dtype=torch.bfloat16), False),
-    "dropout-in-training": (lambda m: _frozen(m).train(), contextlib.nullcontext, False),
     "layer-norm": (lambda m: m, contextlib.nullcontext, False),
     "zoneout-in-eval": (lambda m: m, contextlib.nullcontext, False),
     "reference-backend": (lambda m: m, contextlib.nullcontext, False),
@@ -306,22 +305,80 @@ PER_LAYER = {
 @needs_cpp
 @pytest.mark.parametrize("case", PER_LAYER)
 def test_layers_one_by_one_where_watched_or_needed(case, monkeypatch):
-    """With gradients, under the profiler, a function mode or autocast, with dropout between layers in training, with
-    fastrnn's own cells or another backend, a module runs its layers one by one; the same module frozen, in eval
-    and unwatched (where the case allows) takes the one call."""
+    """A packed input with gradients, the profiler, a function mode or autocast, fastrnn's own cells or another
+    backend: a module runs its layers one by one; the same module frozen, in eval and unwatched (where the case
+    allows) takes the one call."""
     prepare, context, grad = PER_LAYER[case]
     extra = {"layer_norm": True} if case == "layer-norm" else {"zoneout": 0.3} if case == "zoneout-in-eval" else {}
     backend = "reference" if case == "reference-backend" else "cpp"
     module = prepare(fastrnn.GRU(3, 5, num_layers=2, dropout=0.5, backend=backend, **extra).eval())
     one_call = _counting(monkeypatch, cpp, *ONE_CALL)
-    x = torch.randn(4, 2, 3)
+    x = random_packed(4, 2, 3, torch.float32) if case.startswith("packed") else torch.randn(4, 2, 3)
     with torch.set_grad_enabled(grad), context():
         module(x)
     assert one_call == []
     module.requires_grad_(False).eval()
     with torch.set_grad_enabled(grad):
         module(x)
-    assert one_call == ([] if extra or backend != "cpp" else ["module_forward"])
+    one = "stack_forward" if case.startswith("packed") else "module_forward"
+    assert one_call == ([] if extra or backend != "cpp" else [one])
+
+
+def _graph_nodes(t: torch.Tensor) -> list:
+    """The names of the autograd nodes ``t`` was computed by."""
+    names, seen, todo = [], set(), [t.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.append(node.name())
+        todo.extend(f for f, _ in node.next_functions)
+    return names
+
+
+@needs_cpp
+@pytest.mark.parametrize("frozen", [False, True], ids=["", "l0-frozen"])
+@pytest.mark.parametrize("dropout", [0.0, 0.5], ids=["no-dropout", "dropout"])
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bidir"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_training_calls_in_one_call(kind, bidirectional, dropout, frozen, monkeypatch):
+    """A dense training call, unwatched, runs in the one C++ call (``cpp.module_forward``) with each layer that
+    needs gradients a node of csrc/rnn.cpp (``PairNode`` for a bidirectional one, one ``LayerNode`` per direction
+    where only one direction needs them: here the first layer's forward direction frozen) and dropout between
+    layers: outputs and every gradient bit for bit those of the per-layer ops (the same call under a function mode;
+    dropout's masks from the same generator state), and torch.nn's within the fp32 tolerance."""
+    ref, fast = twins(kind, 3, 5, torch.float32, "cpp", num_layers=2, bidirectional=bidirectional, dropout=dropout)
+    ref.train(), fast.train()
+    for m in (ref, fast):
+        for name, p in m.named_parameters():
+            p.requires_grad_(not (frozen and name.endswith("_l0")))
+    one_call = _counting(monkeypatch, cpp, *ONE_CALL)
+    x = torch.randn(4, 2, 3, requires_grad=not frozen)
+
+    def run(module, watched: bool) -> list:
+        torch.manual_seed(0)
+        with torch.device("cpu") if watched else contextlib.nullcontext():
+            out = _flat_outputs(module(x, random_state(module, 2, torch.float32)))
+            wrt = [t for t in (x, *module.parameters()) if t.requires_grad]
+            grads = torch.autograd.grad(out, wrt, [torch.ones_like(o) for o in out])
+        return [out, list(grads)]
+
+    got = run(fast, False)
+    assert one_call == ["module_forward"]
+    nodes = _graph_nodes(got[0][0])
+    if frozen and bidirectional:  # the first layer's reverse direction alone, then both of the second
+        assert sum("LayerNode" in n for n in nodes) == 1 and sum("PairNode" in n for n in nodes) == 1
+    else:
+        node = "PairNode" if bidirectional else "LayerNode"
+        assert sum(node in name for name in nodes) == (1 if frozen else 2)
+    via_op = run(fast, True)
+    assert one_call == ["module_forward"]
+    want = run(ref, False)
+    for g, o, w in zip(sum(got, []), sum(via_op, []), sum(want, [])):
+        assert torch.equal(g, o)
+        if not dropout:
+            torch.testing.assert_close(g, w, **TOL[torch.float32])
 
 
 @needs_cpp
@@ -416,19 +473,12 @@ def test_unwatched_cells_skip_the_op(cell, size, grad, form, device, monkeypatch
 @pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
 @pytest.mark.parametrize("kind", KINDS)
 def test_unwatched_bidirectional_training_takes_the_pair_node(kind, packed, device, monkeypatch):
-    """A bidirectional layer in training, unwatched, runs both directions in csrc/rnn.cpp's ``PairNode``
-    (``cpp.pair_forward``): outputs and every gradient those of the pair op (a watched call; bit for bit on the
-    CPU) and torch.nn's within the fp32 tolerance; so are the gradients of the reverse directions' parameters
-    alone (the node's backward asked for one direction)."""
+    """A bidirectional layer in training, unwatched, runs both directions in csrc/rnn.cpp's ``PairNode`` (packed:
+    ``cpp.pair_forward``, dense: in the module's one call, ``cpp.module_forward``): outputs and every gradient
+    those of the pair op (a watched call; bit for bit on the CPU) and torch.nn's within the fp32 tolerance; so are
+    the gradients of the reverse directions' parameters alone (the node's backward asked for one direction)."""
     ref, fast = (m.to(device) for m in twins(kind, 3, 5, torch.float32, "cpp", num_layers=2, bidirectional=True))
-    pairs, real = [], cpp.pair_forward
-
-    def recorded(a, r):
-        out = real(a, r)
-        pairs.append(out[0].y.grad_fn.name())
-        return out
-
-    monkeypatch.setattr(cpp, "pair_forward", recorded)
+    calls = _counting(monkeypatch, cpp, "pair_forward", "module_forward")
     x = random_packed(6, 4, 3, torch.float32) if packed else torch.randn(6, 4, 3)
     x = x.to(device)
     data = x.data if packed else x
@@ -441,9 +491,10 @@ def test_unwatched_bidirectional_training_takes_the_pair_node(kind, packed, devi
             return out + list(torch.autograd.grad(out, params, [torch.ones_like(o) for o in out]))
 
     got = run(fast, False)
-    assert len(pairs) == 2 and all("PairNode" in name for name in pairs)
+    assert calls == (["pair_forward"] * 2 if packed else ["module_forward"])
+    assert sum("PairNode" in name for name in _graph_nodes(got[0])) == 2
     via_op = run(fast, True)
-    assert len(pairs) == 2
+    assert len(calls) == (2 if packed else 1)
     want = run(ref, False)
     assert len(got) == len(via_op) == len(want)
     same = _same_as_op(device)
@@ -452,7 +503,7 @@ def test_unwatched_bidirectional_training_takes_the_pair_node(kind, packed, devi
         torch.testing.assert_close(g, w, **TOL[torch.float32])
     reverse = {m: [p for n, p in m.named_parameters() if n.endswith("_reverse")] for m in (fast, ref)}
     alone = {m: torch.autograd.grad(_flat_outputs(m(x))[0].sum(), reverse[m]) for m in (fast, ref)}
-    assert len(pairs) == 4
+    assert len(calls) == (4 if packed else 2)
     for g, w in zip(alone[fast], alone[ref], strict=True):
         torch.testing.assert_close(g, w, **TOL[torch.float32])
 

@@ -216,17 +216,19 @@ def stack_forward(mode: str, x: Tensor, batch_sizes: Optional[Tensor], states: T
     and ``weights`` in torch.nn's ``_flat_weights`` order; returns the last layer's rows and the final states in
     the form of ``states``."""
     y, h_n, c_n = _lib().stack_fwd(mode, x, batch_sizes, states[0], states[1] if len(states) == 2 else None,
-                                   weights, num_layers, bidirectional, bias, proj)
+                                   weights, num_layers, bidirectional, bias, proj, 0.0)
     return y, (h_n, c_n) if len(states) == 2 else (h_n,)
 
 
 def module_forward(mode: str, x: Tensor, hx: Optional[Tensor], cx: Optional[Tensor], weights: List[Tensor],
-                   num_layers: int, bidirectional: bool, bias: bool, proj_size: int, batch_first: bool):
-    """A module's call without gradients on a dense input in one C++ entry (csrc/rnn.cpp ``module_call``), for a
-    call ``glue.unwatched`` lets through: ``x`` and ``hx``/``cx`` (None for zeros) in any form torch.nn's modules
-    take them; returns what the module returns: ``(y, (h_n, c_n))``, or ``(y, h_n)`` unless LSTM, ``y`` in the form
-    of ``x``."""
-    y, h_n, c_n = _lib().module_call(mode, x, hx, cx, weights, num_layers, bidirectional, bias, proj_size, batch_first)
+                   num_layers: int, bidirectional: bool, bias: bool, proj_size: int, batch_first: bool,
+                   dropout: float):
+    """A module's call on a dense input in one C++ entry (csrc/rnn.cpp ``module_call``), for a call
+    ``glue.unwatched`` lets through: ``x`` and ``hx``/``cx`` (None for zeros) in any form torch.nn's modules take
+    them, gradients through csrc/rnn.cpp's nodes, ``dropout`` between layers (0 outside training); returns what the
+    module returns: ``(y, (h_n, c_n))``, or ``(y, h_n)`` unless LSTM, ``y`` in the form of ``x``."""
+    y, h_n, c_n = _lib().module_call(mode, x, hx, cx, weights, num_layers, bidirectional, bias, proj_size, batch_first,
+                                     dropout)
     return y, (h_n, c_n) if mode == "LSTM" else h_n
 
 
