@@ -236,13 +236,14 @@ void check_pair(const Problem& pr, const Problem& rev) {
 
 // Backward of layer_fwd. dy [N, Hout], dh_n [B, Hout], dc_n [B, H] (LSTM). Returns dx, dh0, dc0, dw_ih, dw_hh,
 // db_ih, db_hh, dw_hr; an input that is absent gets a [0] gradient, and so does x unless need_dx (a first
-// layer fed with data skips one of the backward's four big GEMMs).
+// layer fed with data skips one of the backward's four big GEMMs). Without need_dh0 the per-step path skips the
+// last step's dh . W_hh, whose only use is dh0 (a quarter of a one-step call's products), and dh0 is undefined.
 std::vector<Tensor> layer_bwd(const std::string& mode, const Tensor& x_in, const OptTensor& batch_sizes,
                               const Tensor& h0_in, const OptTensor& c0_in, const Tensor& w_ih_in,
                               const Tensor& w_hh_in, const OptTensor& b_ih, const OptTensor& b_hh,
                               const OptTensor& w_hr_in, bool reverse, const Tensor& y_in, const Tensor& gates_in,
                               const Tensor& c_save_in, const Tensor& hn_save_in, const Tensor& dy_in,
-                              const Tensor& dh_n, const OptTensor& dc_n, bool need_dx) {
+                              const Tensor& dh_n, const OptTensor& dc_n, bool need_dx, bool need_dh0) {
   const Problem pr =
       check_inputs(parse_mode(mode), x_in, batch_sizes, h0_in, c0_in, w_ih_in, w_hh_in, b_ih, b_hh, w_hr_in, false);
   const c10::DeviceGuard guard(x_in.device());
@@ -255,8 +256,10 @@ std::vector<Tensor> layer_bwd(const std::string& mode, const Tensor& x_in, const
     auto grads = layer_bwd(mode, x_in.to(at::kFloat), batch_sizes, h0_in.to(at::kFloat), as_float(c0_in),
                            w_ih_in.to(at::kFloat), w_hh_in.to(at::kFloat), as_float(b_ih), as_float(b_hh),
                            as_float(w_hr_in), reverse, y_in.to(at::kFloat), gates_in, c_save_in, hn_save_in,
-                           dy_in.to(at::kFloat), dh_n.to(at::kFloat), as_float(dc_n), need_dx);
-    for (Tensor& g : grads) g = g.to(x_in.scalar_type());
+                           dy_in.to(at::kFloat), dh_n.to(at::kFloat), as_float(dc_n), need_dx, need_dh0);
+    for (Tensor& g : grads) {
+      if (g.defined()) g = g.to(x_in.scalar_type());
+    }
     return grads;
   }
 
@@ -325,6 +328,8 @@ std::vector<Tensor> layer_bwd(const std::string& mode, const Tensor& x_in, const
     p.dh_prev = dhs.data_ptr();
     run_cell(pr, x, p);
     if (pr.packed) gather_hprev(pr, prev, y, h0, hprev.narrow(0, local, b));
+    // the last step of the backward starts every row it has from h0 (in either direction, packed or not)
+    if (!need_dh0 && t == (reverse ? pr.T - 1 : 0)) return;
     const Tensor dgh_b = dgh.narrow(0, local, b);
     if (pr.gru) {
       dh_b.addmm_(dgh_b, w_hh);  // dh_b holds the direct z*dh term
@@ -344,7 +349,7 @@ std::vector<Tensor> layer_bwd(const std::string& mode, const Tensor& x_in, const
     }
   });
   const auto [db_ih, db_hh] = bias_grads(sums, b_ih.has_value(), b_hh.has_value(), pr.gru, x);
-  return {sums.dx, dhs, dcs, sums.dw_ih, sums.dw_hh, db_ih, db_hh, dw_hr};
+  return {sums.dx, need_dh0 ? dhs : Tensor(), dcs, sums.dw_ih, sums.dw_hh, db_ih, db_hh, dw_hr};
 }
 
 // Both directions of a bidirectional layer, the reverse one's arguments suffixed _r: one persistent launch for the
@@ -403,9 +408,9 @@ std::vector<Tensor> layer_pair_bwd(const std::string& mode, const Tensor& x, con
     // the reverse direction first: its activations were the forward's last written, so the likelier in cache
     const std::vector<Tensor> rev = layer_bwd(mode, x, batch_sizes, h0_r, c0_r, w_ih_r, w_hh_r, b_ih_r, b_hh_r,
                                               w_hr_r, true, y_r, gates_r, c_save_r, hn_save_r, dy_r, dh_n_r, dc_n_r,
-                                              need_dx);
+                                              need_dx, true);
     std::vector<Tensor> out = layer_bwd(mode, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, false, y, gates,
-                                        c_save, hn_save, dy, dh_n, dc_n, need_dx);
+                                        c_save, hn_save, dy, dh_n, dc_n, need_dx, true);
     out.insert(out.end(), rev.begin(), rev.end());
     return out;
   }
@@ -565,7 +570,7 @@ struct LayerNode : torch::autograd::Function<LayerNode> {
     std::vector<Tensor> g =
         layer_bwd(ctx->saved_data["mode"].toStringRef(), s[0], present(s[1]), s[2], present(s[3]), s[4], s[5],
                   present(s[6]), present(s[7]), present(s[8]), reverse, s[9], s[10], s[11], s[12], *dy, *dh_n, dc_n,
-                  io.needs[1]);
+                  io.needs[1], io.needs[3]);
     std::vector<Tensor> out(11);
     io.place(out, g.begin(), kForwardGrads);
     return out;
@@ -880,7 +885,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("layer_bwd", &fastrnn::layer_bwd, py::arg("mode"), py::arg("x"), py::arg("batch_sizes"), py::arg("h0"),
         py::arg("c0"), py::arg("w_ih"), py::arg("w_hh"), py::arg("b_ih"), py::arg("b_hh"), py::arg("w_hr"),
         py::arg("reverse"), py::arg("y"), py::arg("gates"), py::arg("c"), py::arg("hn"), py::arg("dy"),
-        py::arg("dh_n"), py::arg("dc_n"), py::arg("need_dx"));
+        py::arg("dh_n"), py::arg("dc_n"), py::arg("need_dx"), py::arg("need_dh0") = true);
   // the LayerArgs fields, then each function's own
   const auto dir_args = std::make_tuple(py::arg("mode"), py::arg("x"), py::arg("batch_sizes"), py::arg("h0"),
                                         py::arg("c0"), py::arg("w_ih"), py::arg("w_hh"), py::arg("b_ih"),

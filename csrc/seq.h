@@ -153,6 +153,8 @@ void set_chunk_rows(int64_t rows);
 void set_in_place_share(int64_t bytes);
 void set_engine_steps(int64_t steps);
 void set_intel_rules(int64_t on);
+// Whether the CPU engine and gemm() apply the rules measured on an Intel CPU (its vendor's, or set_intel_rules)
+bool intel_rules_on();
 
 // Gradients the chunks accumulate into, each in the row order of the weights handed to flush_chunk.
 // dx undefined without need_dx, db_x without bias, db_h unless GRU with b_hh.

@@ -471,10 +471,10 @@ def test_fp32_without_onednn(c):
     lib = cpp._lib()
     # where torch's oneDNN matmul runs fp32 (it may refuse, e.g. on a CPU without AVX-512) the runtime names it
     before = lib.build_info()["cpu_gemm"]["float32"]
-    onednn = "oneDNN matmul (at::mm to 4M multiply-adds with operands to 1 MiB)"
-    assert before.endswith((f"dx and weight gradients: {onednn}", "dx and weight gradients: at::mm",
-                            f"dx and weight gradients: the brgemm ukernel from 512 rows (fewer: {onednn})",
-                            "dx and weight gradients: the brgemm ukernel from 512 rows (fewer: at::mm)")), before
+    engines = [f"oneDNN matmul (at::mm to 4M multiply-adds with operands to 1 MiB{intel})"
+               for intel in ("", ", or under 16 rows on an Intel CPU")] + ["at::mm"]
+    assert before.endswith(tuple(f"dx and weight gradients: {e}" for e in engines) + tuple(
+        f"dx and weight gradients: the brgemm ukernel from 512 rows (fewer: {e})" for e in engines)), before
     # flags() would also reset oneDNN's TF32 switch, which warns on a torch without Intel GPU support
     torch.backends.mkldnn.enabled = False
     try:
@@ -485,6 +485,22 @@ def test_fp32_without_onednn(c):
     finally:
         torch.backends.mkldnn.enabled = True
     assert lib.build_info()["cpu_gemm"]["float32"] == before
+
+
+def test_products_of_few_rows_take_at_mm_on_an_intel_cpu():
+    """Under the Intel CPU rules a backward's products of fewer than 16 rows (here one step of one row) run on
+    at::mm, which the profiler records, where the other rules send those with an operand over 1 MiB (dW_hh of
+    H = 512) to oneDNN's matmul, which it does not; either way the gradients match the float64 reference."""
+    if "oneDNN" not in cpp._lib().build_info()["cpu_gemm"]["float32"]:
+        pytest.skip("torch's oneDNN matmul does not run fp32 here")
+    c = Case("GRU", 1, 1, 65, 512)
+    products = {}
+    for intel in (False, True):
+        with intel_rules(intel), torch.profiler.profile() as prof:
+            assert_matches_reference(CPU32, c)
+        products[intel] = sum(e.count for e in prof.key_averages() if e.key in ("aten::mm", "aten::addmm_",
+                                                                                  "aten::addmm", "aten::mm_out"))
+    assert products[True] > products[False], products
 
 
 @pytest.mark.parametrize("mode", MODES)

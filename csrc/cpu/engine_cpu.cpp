@@ -881,6 +881,7 @@ int engine_in_place(const Problem& pr, const at::Tensor& x) {
 void set_in_place_share(int64_t bytes) { g_in_place_share = std::max<int64_t>(0, bytes); }
 void set_engine_steps(int64_t steps) { g_engine_steps = std::max<int64_t>(0, steps); }
 void set_intel_rules(int64_t on) { g_intel_rules = on < 0 ? -1 : on > 0 ? 1 : 0; }
+bool intel_rules_on() { return intel_rules(); }
 
 // machine() for the reports, which must not throw: nullptr (and the reason) under an unknown FASTRNN_CPU_ISA,
 // which the first CPU call reports too
