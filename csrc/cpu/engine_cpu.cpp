@@ -63,8 +63,8 @@ namespace cpublas = at::native::cpublas;
 struct Machine {
   Isa isa;
   int64_t l2, l3;
-  bool intel;  // GenuineIntel: ATen's per-step products run on MKL's kernels for this CPU (short calls below)
 };
+// GenuineIntel: ATen's products run on MKL's kernels for this CPU (short calls below, and seq.cpp's gemm())
 bool genuine_intel() {
 #if defined(__x86_64__) && defined(__GNUC__)
   unsigned a = 0, b = 0, c = 0, d = 0;
@@ -99,12 +99,16 @@ int64_t cache_bytes(int level, int sysconf_name, int64_t fallback) {
 const Machine& machine() {
   // where neither source says: the smaller of the machines measured below
   static const Machine m{isa_level(), cache_bytes(2, _SC_LEVEL2_CACHE_SIZE, int64_t{512} << 10),
-                         cache_bytes(3, _SC_LEVEL3_CACHE_SIZE, int64_t{16} << 20), genuine_intel()};
+                         cache_bytes(3, _SC_LEVEL3_CACHE_SIZE, int64_t{16} << 20)};
   return m;
 }
 int g_intel_rules = -1;  // set_intel_rules's: 0 or 1 stands for the vendor, -1 asks cpuid
-// Whether the rules measured on an Intel CPU apply (short calls without gradients, x . W_ih^T in the step)
-bool intel_rules() { return g_intel_rules >= 0 ? g_intel_rules == 1 : machine().intel; }
+// Whether the rules measured on an Intel CPU apply (short calls without gradients, x . W_ih^T in the step, and
+// seq.cpp's gemm()); the vendor is read apart from machine(), which a bad FASTRNN_CPU_ISA makes throw
+bool intel_rules() {
+  static const bool intel = genuine_intel();
+  return g_intel_rules >= 0 ? g_intel_rules == 1 : intel;
+}
 
 // A forward block panel over kSplitBytes runs gate by gate (StepWeight says why). The same on both machines
 // measured: with 32-unit blocks on Zen 2 (512 KiB L2), LSTM forward (T,B,I,H) = (100,64,512,512) ran 163 ms
