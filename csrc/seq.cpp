@@ -194,23 +194,28 @@ constexpr int64_t kSmallOperand = int64_t{1} << 18;  // elements
 // 22 / 38 / 48 / 72 against 32 / 86 / 99 / 107; at R = 16 the last turned (188 against 125). A GRU of (65, 512, 2)
 // layers at one step of one row, forward + backward: 1.92 ms against torch.nn's 1.39, 1.22 with at::mm.
 constexpr int64_t kIntelMmRows = 16;
+// And there at::mm keeps the products with operands of at most 1 MiB to 32M multiply-adds (a step's x . W_ih^T of
+// a mid-size batch): [R, 256] . [256, 768 | 1024], R = 16 / 32 / 48 / 64: 37 / 54 / 72 / 87 | 53 / 75 / 96 / 113 us
+// against oneDNN's 51 / 72 / 87 / 112 | 67 / 91 / 110 / 137; R = 128: 160 against 178; R = 256 (64M) 351 against
+// 317. With W_ih over 1 MiB oneDNN led at every R ([16, 512] . [512, 1536]: 255 against 168).
+constexpr int64_t kIntelSmallMacs = int64_t{1} << 25;
 
 bool dnn_takes(const at::Tensor& c, const at::Tensor& a, const at::Tensor& b) {
   if (!dnn_on()) return false;
   for (const at::Tensor* t : {&c, &a, &b}) {
     if (!t->is_cpu() || t->scalar_type() != at::kFloat || t->numel() == 0) return false;
   }
-  const bool small = a.size(0) * a.size(1) * b.size(1) <= kSmallMacs && a.numel() <= kSmallOperand &&
-                     b.numel() <= kSmallOperand && c.numel() <= kSmallOperand;
-  const bool intel_mm = std::min(a.size(0), a.size(1)) < kIntelMmRows && intel_rules_on();
-  return !small && !intel_mm;
+  const bool intel = intel_rules_on();
+  const bool small = a.size(0) * a.size(1) * b.size(1) <= (intel ? kIntelSmallMacs : kSmallMacs) &&
+                     a.numel() <= kSmallOperand && b.numel() <= kSmallOperand && c.numel() <= kSmallOperand;
+  return !small && !(intel && std::min(a.size(0), a.size(1)) < kIntelMmRows);
 }
 }  // namespace
 
 std::string big_gemm_engine(at::ScalarType t) {
   if (t != at::kFloat || !dnn_on()) return "at::mm";
-  return intel_rules_on() ? "oneDNN matmul (at::mm to 4M multiply-adds with operands to 1 MiB, or under 16 rows on an "
-                            "Intel CPU)"
+  return intel_rules_on() ? "oneDNN matmul (at::mm to 32M multiply-adds with operands to 1 MiB, or under 16 rows: the "
+                            "Intel CPU rules)"
                           : "oneDNN matmul (at::mm to 4M multiply-adds with operands to 1 MiB)";
 }
 
