@@ -210,6 +210,14 @@ def _plain_parameters(module: nn.Module, names: Sequence[str]) -> Optional[List[
 _CELL_WEIGHTS = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
 
 
+def _state_pair(hx, lstm: bool) -> Optional[tuple]:
+    """``(h, c)`` of a module's or cell's ``hx`` for the C++ entries (``c`` None unless LSTM, both None for zeros),
+    or None for an LSTM ``hx`` that is no pair (the checked path names what is wrong)."""
+    if hx is None or not lstm:
+        return hx, None
+    return tuple(hx) if type(hx) in (tuple, list) and len(hx) == 2 else None
+
+
 class _Rows(NamedTuple):
     """An input flattened to time-major rows (``fastrnn.ops`` layout) and what restores its form."""
 
@@ -395,7 +403,6 @@ class _RNNBase(_BackendMixin, nn.RNNBase):
             self.mode, rows, batch_sizes, states, weights, self.num_layers, self.bidirectional, self.bias,
             bool(self.proj_size)))
 
-
     def _run_at_once(self, input, hx):
         """``_run`` in one C++ call (``fastrnn.ops.cpp.module_forward``) for a dense input where ``_cpp_at_once``
         allows it and nothing of fastrnn's own cells runs, else None (also where that call fails: the checked path
@@ -407,15 +414,11 @@ class _RNNBase(_BackendMixin, nn.RNNBase):
         device_type = input.device.type  # the kernels' devices; autocast raises for some others (meta)
         if device_type not in ("cpu", "cuda") or self._autocast_dtype(device_type) is not None:
             return None
-        if hx is None or self.mode != "LSTM":
-            h, c = hx, None
-        elif type(hx) in (tuple, list) and len(hx) == 2:
-            h, c = hx
-        else:
-            return None
+        states = _state_pair(hx, self.mode == "LSTM")
         weights = _plain_parameters(self, self._flat_weights_names)
-        if weights is None:
+        if states is None or weights is None:
             return None
+        h, c = states
         dropout = self.dropout if self.training else 0.0
         return self._cpp_at_once(input, (input, h, c, *weights), lambda cpp: cpp.module_forward(
             self.mode, input, h, c, weights, self.num_layers, self.bidirectional, self.bias, self.proj_size,
@@ -610,15 +613,11 @@ class _CellBase(_BackendMixin, nn.RNNCellBase):
         if (self.layer_norm or self.zoneout or self.recurrent_dropout or not isinstance(input, Tensor)
                 or _interop.torch_nn_tool() is not None):
             return None
-        if hx is None or n_states == 1:
-            h, c = hx, None
-        elif type(hx) in (tuple, list) and len(hx) == 2:
-            h, c = hx
-        else:
-            return None
+        states = _state_pair(hx, n_states == 2)
         w = _plain_parameters(self, _CELL_WEIGHTS)
-        if w is None:
+        if states is None or w is None:
             return None
+        h, c = states
         return self._cpp_at_once(input, (input, h, c, *w), lambda cpp: cpp.cell_forward(self._mode, input, h, c, *w))
 
     def _step(self, input: Tensor, hx, n_states: int):
