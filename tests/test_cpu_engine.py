@@ -503,6 +503,32 @@ def test_products_of_few_rows_take_at_mm_on_an_intel_cpu():
     assert products[True] > products[False], products
 
 
+@pytest.mark.parametrize("packed,reverse", [(False, False), (True, False), (True, True)],
+                         ids=["dense", "packed", "packed-reverse"])
+@pytest.mark.parametrize("mode", MODES)
+def test_backward_without_dh0_changes_nothing_else(mode, packed, reverse):
+    """layer_bwd(need_dh0=False), as LayerNode asks where h0 takes no gradient, skips the per-step path's product
+    that only dh0 needs (the CPU engine held off): dh0 is absent and every other gradient is bit for bit the full
+    backward's, for sequences that start at different steps (packed, reverse)."""
+    torch.manual_seed(0)
+    T, B, I, H = 5, 4, 3, 6
+    batch_sizes = torch.tensor([4, 3, 3, 2, 1]) if packed else None
+    N = int(batch_sizes.sum()) if packed else T * B
+    G, lstm = GATES[mode], mode == "LSTM"
+    x, h0, c0 = torch.randn(N, I), torch.randn(B, H), torch.randn(B, H) if lstm else None
+    weights = [torch.randn(G * H, I), torch.randn(G * H, H), torch.randn(G * H), torch.randn(G * H)]
+    lib = cpp._lib()
+    with engine_steps(10**9):
+        y, h_n, _, gates, c, hn = lib.layer_fwd(mode, x, batch_sizes, h0, c0, *weights, None, reverse, True)
+    grads = (torch.randn_like(y), torch.randn_like(h_n), torch.randn(B, H) if lstm else None)
+    args = (mode, x, batch_sizes, h0, c0, *weights, None, reverse, y, gates, c, hn, *grads, True)
+    with engine_steps(10**9):
+        full, without = lib.layer_bwd(*args), lib.layer_bwd(*args, need_dh0=False)
+    assert full[1] is not None and without[1] is None
+    for k in (0, 2, 3, 4, 5, 6, 7):
+        assert (full[k] is None and without[k] is None) or torch.equal(full[k], without[k]), NAMES[k]
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_bf16_nan_poisoned_workspaces_across_chunks(mode):
     c = Case(mode, 9, 4, 6, 64, packed=True, reverse=mode == "GRU")
