@@ -638,6 +638,15 @@ std::vector<Tensor> layer_pair_node(const std::string& mode, const Tensor& x, co
                          b_ih_r, b_hh_r, w_hr_r);
 }
 
+// Whether a layer call on these tensors keeps what a backward needs: gradients on, and one of them requires them
+// (fastrnn/ops/glue.py `saving`, the per-layer path's test).
+bool wants_grad(const Tensor& t) { return t.requires_grad(); }
+bool wants_grad(const OptTensor& t) { return t && t->requires_grad(); }
+template <class... Ts>
+bool saving(const Ts&... ts) {
+  return at::GradMode::is_enabled() && (wants_grad(ts) || ...);
+}
+
 // One call of a torch.nn-style *Cell (fastrnn/modules.py `_CellBase._step`) in one entry, as torch.nn's
 // `_VF.*_cell`: the Python of the checked path (~13 µs a call) cost more than a step of a small cell computes.
 // input: [B, I] or unbatched [I]; hx, cx: [B, H] or [H] as the input, both absent for zeros (cx: LSTM only).
@@ -656,11 +665,7 @@ std::vector<Tensor> cell_call(const std::string& mode, const Tensor& input, cons
   const Tensor x = batched(input);
   const Tensor h0 = hx ? batched(*hx) : at::zeros({x.size(0), w_hh.size(1)}, x.options());
   const OptTensor c0 = !lstm ? OptTensor() : cx ? batched(*cx) : OptTensor(at::zeros_like(h0));
-  const auto wants = [](const OptTensor& t) { return t && t->requires_grad(); };
-  const bool save = at::GradMode::is_enabled() && (x.requires_grad() || h0.requires_grad() || wants(c0) ||
-                                                   w_ih.requires_grad() || w_hh.requires_grad() || wants(b_ih) ||
-                                                   wants(b_hh));
-  std::vector<Tensor> out = save
+  std::vector<Tensor> out = saving(x, h0, c0, w_ih, w_hh, b_ih, b_hh)
                                 ? LayerNode::apply(mode, x, std::nullopt, h0, c0, w_ih, w_hh, b_ih, b_hh,
                                                    std::nullopt, false)
                                 : layer_fwd(mode, x, std::nullopt, h0, c0, w_ih, w_hh, b_ih, b_hh, std::nullopt, false,
@@ -702,11 +707,8 @@ std::vector<Tensor> stack_fwd(const std::string& mode, const Tensor& x, const Op
     return Dir{hx.select(0, k), cx ? OptTensor(cx->select(0, k)) : std::nullopt, opt(bias, 2), opt(bias, 3),
                opt(proj, per - 1), w[0], w[1]};
   };
-  const bool grad_mode = at::GradMode::is_enabled();
-  const auto saves = [grad_mode](const Tensor& rows, const Dir& d) {
-    const auto wants = [](const OptTensor& t) { return t && t->requires_grad(); };
-    return grad_mode && (rows.requires_grad() || d.h0.requires_grad() || wants(d.c0) || d.w_ih.requires_grad() ||
-                         d.w_hh.requires_grad() || wants(d.b_ih) || wants(d.b_hh) || wants(d.w_hr));
+  const auto saves = [](const Tensor& rows, const Dir& d) {
+    return saving(rows, d.h0, d.c0, d.w_ih, d.w_hh, d.b_ih, d.b_hh, d.w_hr);
   };
   const size_t per_dir = lstm ? 3 : 2;
   // a direction's y, h_n and c_n (LSTM): the first of `out` from `at` (a node returns just those, the kernels six)
