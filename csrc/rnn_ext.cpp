@@ -240,7 +240,7 @@ std::vector<Tensor> layer_ext_fwd(const std::string& mode, const Tensor& x_in, c
       const int64_t t = reverse ? pr.T - 1 - k : k, b = pr.size[t];
       const ExtParams p = params(t);
       if (phase == 0) {
-        gemm.run(tid, b, operand.data_ptr<float>(), Hout, static_cast<float*>(p.hs), GH, false);
+        gemm.run(tid, b, operand.data_ptr<float>(), Hout, static_cast<float*>(p.hs), GH, false, k % 2 == 1);
       } else {
         ext_cpu_tasks(pr.mode, Dtype::F32, p, b * tid / nt, b * (tid + 1) / nt);
       }
@@ -421,9 +421,9 @@ std::vector<Tensor> layer_ext_bwd(const std::string& mode, const Tensor& x_in, c
         }
         float* dh = dhs.data_ptr<float>();
         const float* dg = dgh.data_ptr<float>() + local * GH;
-        if (!e.mask) return team->run(tid, b, dg, GH, dh, Hout, bypass);
+        if (!e.mask) return team->run(tid, b, dg, GH, dh, Hout, bypass, false);
         float* dm = dmasked.data_ptr<float>();
-        team->run(tid, b, dg, GH, dm, Hout, false);
+        team->run(tid, b, dg, GH, dm, Hout, false, false);
         const float* mask = e.mask->data_ptr<float>();
         const auto [j0, j1] = team->cols(tid);
         for (int64_t r = 0; r < b; ++r) {
