@@ -186,7 +186,7 @@ def test_fp32_wide_unit_blocks(c):
 
 
 # From 4 rows per step (engine_cpu.cpp's kFuseRows) where the weights fit the L3 (on an Intel CPU: the threads'
-# L2s, or from 64 rows, kFuseRowsBeyondL2), the forward computes
+# L2s, or from 40 rows, kFuseRowsBeyondL2), the forward computes
 # x_t . W_ih^T inside the step, one GEMM per thread where its tiles are small, else block by block (gate by gate
 # where a block's weights exceed kSplitBytes), into the saved gates' rows when training and a per-thread tile
 # otherwise; below it each thread projects all rows for its columns before the first step, on the same packed

@@ -104,18 +104,22 @@ def test_cpu_engine_threshold_and_refusals_named(intel):
 @pytest.mark.parametrize("intel", [False, True], ids=["other-cpu-rules", "intel-cpu-rules"])
 def test_input_projection_place_named(intel):
     """x . W_ih^T inside the step from 4 rows a step where both weights fit the L3, under the Intel CPU rules the
-    two threads' L2s (no core's L2 holds half of 11.5 MiB) or from 64 rows; else up front (calls of 18 rows or
-    more: the engine at every ISA level)."""
+    two threads' L2s (no core's L2 holds half of 11.5 MiB) or from the rows build_info names (kFuseRowsBeyondL2),
+    either side of them; else up front (calls of 18 rows or more: the engine at every ISA level)."""
     if not fastrnn._C.build_info()["cpu_gemm"]["float32"].startswith("fused"):
         pytest.skip("no CPU engine here (oneDNN's ukernel missing)")
-    size, unit = re.search(r"L3 (\d+) (MiB|KiB)", fastrnn._C.build_info()["cpu_engine"]).groups()
+    engine = fastrnn._C.build_info()["cpu_engine"]
+    size, unit = re.search(r"L3 (\d+) (MiB|KiB)", engine).groups()
     l3 = int(size) << (20 if unit == "MiB" else 10)
+    with intel_rules(True):  # the rule is named only where it applies
+        beyond = int(re.search(r"L2s, from (\d+) where not", fastrnn._C.build_info()["cpu_engine"]).group(1))
     wide, small = fastrnn.LSTM(600, 600, backend="cpp"), fastrnn.LSTM(4, 6, backend="cpp")  # 11.5 MiB, 2 KiB
+    batches = (3, 4, 9, beyond - 1, beyond)
     with exactly_threads(2), engine_steps(1), intel_rules(intel):
-        got = {(m, B): lines(m, torch.randn(6, B, m.input_size))[0] for m in (wide, small) for B in (3, 4, 9, 64)}
+        got = {(m, B): lines(m, torch.randn(6, B, m.input_size))[0] for m in (wide, small) for B in batches}
     for (m, B), line in got.items():
         in_cache = m is small or (not intel and 4 * 600 * 1200 * 4 <= l3)
-        in_step = B >= 4 if in_cache else intel and B >= 64
+        in_step = B >= 4 if in_cache else intel and B >= beyond
         assert "fused CPU engine" in line, line
         assert ("x . W_ih^T in the step" if in_step else "x . W_ih^T up front") in line, line
 

@@ -151,12 +151,16 @@ int64_t unit_block(int64_t H, int64_t G, int64_t esize) {
 constexpr int64_t kFuseRows = 4;
 // On an Intel CPU, rows per step from which it does so with weights beyond the L2s, read again from L3 or memory
 // every step: below that a step is bound by the bytes it reads, and W_ih's panels add theirs to W_hh's, while
-// from 64 rows the products bound it and the gates computed into cache pay. Intel Xeon (Emerald Rapids VM, 2 MiB
+// from 40 rows the products bound it and the gates computed into cache pay. Intel Xeon (Emerald Rapids VM, 2 MiB
 // L2, 300 MiB of socket L3 reported), forward, in the step against up front, ms: LSTM (T,B,I,H) = (100,4,512,512)
 // 14.3 / 6.6, (100,16,512,512) 25.0 / 19.5, (100,64,512,512) 75.5 / 85.8, (100,8,1024,1024) 74.0 / 58.4,
 // (100,64,1024,1024) 293 / 314; RNN (100,4,1024,1024) 15.0 / 8.2, (100,64,1024,1024) 73.6 / 84.6,
-// (100,16,512,512), weights in the L2s, 4.8 / 5.2.
-constexpr int64_t kFuseRowsBeyondL2 = 64;
+// (100,16,512,512), weights in the L2s, 4.8 / 5.2. With the forward's odd steps walked backwards (engine_fwd),
+// up-front time / in-step time, medians of 15 in-process alternations: LSTM (512,512) at B = 16 / 32 / 40 / 44 /
+// 48 / 56: 0.90 / 0.96 / 0.98-1.04 / 1.11 / 1.11 / 1.16, (256,1024) at 32 / 40: 1.09 / 1.12, (128,1024) at 40:
+// 1.18, (1024,1024) at 40 / 48: 1.01 / 1.08; GRU (512,512) at 32 / 40 / 48: 0.95 / 1.01 / 0.99, (256,1024) at
+// 40: 1.19; forward + backward, LSTM (512,512) at 40 / 48: 0.99 / 1.02.
+constexpr int64_t kFuseRowsBeyondL2 = 40;
 // Rows per ukernel call where the input projection runs ahead of the steps: the M the per-step calls are tuned
 // for at B = 64.
 constexpr int64_t kProjRows = 64;
