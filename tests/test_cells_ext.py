@@ -181,16 +181,17 @@ def perturb_layer_norm(m):
     return m
 
 
-def check_module(m, form: str, dtype, T=6, B=4) -> None:
-    """Outputs, states and every gradient of ``m`` against ``loop_module`` with ``m``'s own draws."""
+def check_module(m, form: str, dtype, T=6, B=4, device="cpu") -> None:
+    """Outputs, states and every gradient of ``m`` (on ``device``) against ``loop_module`` with ``m``'s own draws,
+    the loop on the CPU in fp64."""
     H, Hout = m.hidden_size, m.proj_size or m.hidden_size
     L = m.num_layers * (2 if m.bidirectional else 1)
     lengths = torch.full((B,), T) if form != "packed" else torch.randint(1, T + 1, (B,))
     if form == "packed":
         lengths[0] = T
-    x_tm = torch.randn(T, B, m.input_size, dtype=dtype, requires_grad=True)
-    h0 = torch.randn(L, B, Hout, dtype=dtype, requires_grad=True)
-    c0 = torch.randn(L, B, H, dtype=dtype, requires_grad=True) if m.mode == "LSTM" else None
+    x_tm = torch.randn(T, B, m.input_size, dtype=dtype, device=device, requires_grad=True)
+    h0 = torch.randn(L, B, Hout, dtype=dtype, device=device, requires_grad=True)
+    c0 = torch.randn(L, B, H, dtype=dtype, device=device, requires_grad=True) if m.mode == "LSTM" else None
     hx = (h0, c0) if c0 is not None else h0
 
     with MaskRecorder(m)() as rec:
@@ -199,7 +200,7 @@ def check_module(m, form: str, dtype, T=6, B=4) -> None:
             packed = pack_padded_sequence(x_tm, lengths, enforce_sorted=False)
             out, hn = m(packed, hx)
             y = pad_packed_sequence(out, total_length=T)[0]
-            batch_sizes, order = packed.batch_sizes, packed.sorted_indices
+            batch_sizes, order = packed.batch_sizes, packed.sorted_indices.cpu()
         elif form == "unbatched":
             out, hn = m(x_tm[:, 0], tuple(s[:, 0] for s in hx) if c0 is not None else h0[:, 0])
             y = out.unsqueeze(1)
@@ -219,20 +220,20 @@ def check_module(m, form: str, dtype, T=6, B=4) -> None:
 
     def loop_run(mod, dt):
         """The loop on ``dt`` copies of the inputs and ``mod``'s parameters: outputs, then gradients."""
-        xs = [None if t is None else t.detach().to(dt).requires_grad_() for t in (x_tm, h0, c0)]
+        xs = [None if t is None else t.detach().cpu().to(dt).requires_grad_() for t in (x_tm, h0, c0)]
         sel = order if order is not None else torch.arange(y.shape[1])
         res = loop_module(mod, xs[0][:, sel], lengths[sel], xs[1][:, sel], None if c0 is None else xs[2][:, sel],
-                          [mk.to(dt) for mk in rec.masks], batch_sizes)
+                          [mk.cpu().to(dt) for mk in rec.masks], batch_sizes)
         back = torch.argsort(sel)
         res = [r[:, back] for r in res if r is not None]
         ins = [t for t in xs if t is not None] + list(mod.parameters())
-        return res, torch.autograd.grad(sum((r * w.to(dt)).sum() for r, w in zip(res, weights)), ins)
+        return res, torch.autograd.grad(sum((r * w.cpu().to(dt)).sum() for r, w in zip(res, weights)), ins)
 
     got_grads = torch.autograd.grad(sum((o * w.to(dtype)).sum() for o, w in zip(outs, weights)),
                                     [t for t in (x_tm, h0, c0) if t is not None] + list(m.parameters()))
     # fp64, the truth every dtype is measured against: fp32 is not compared with an fp32 loop, whose own
     # rounding through LayerNorm's division by the row's deviation would count twice
-    truth = loop_run(copy.deepcopy(m).double(), torch.float64)
+    truth = loop_run(copy.deepcopy(m).double().cpu(), torch.float64)
     for i, (got, want) in enumerate(((outs, truth[0]), (got_grads, truth[1]))):
         for label, g, w in zip(names if i == 0 else ["d" + n for n in grad_names], got, want):
             assert_close(g, w.to(g.dtype), label, TOL_LAYER_NORM if m.layer_norm else TOL)
@@ -260,6 +261,27 @@ def test_module_matches_loop(kind, opts, features, train, dtype, backend):
     skip_unless_runs(backend, dtype)
     m = make_module(kind, FEATURES[features], dtype, backend, **opts).train(train)
     check_module(m, "batch_first" if opts.get("batch_first") else "batched", dtype)
+
+
+# On a GPU (collected only where one is present): the cpp backend's CUDA kernels (per-step, or the persistent
+# engine under FASTRNN_PERSISTENT=1, which benchmarks/gpu_check.sh sets for its second pass) and Triton's, fp32
+# (and fp64 where the backend stores it) against the same fp64 loop on the CPU; 16-bit storage is checked per
+# layer in tests/test_cpp_ext.py and tests/test_triton_ext.py.
+CUDA_EXT = [pytest.param(b, d, id=f"{b}-{str(d)[6:]}") for b in ("cpp", "triton")
+            for d in (torch.float32, torch.float64) if torch.cuda.is_available()
+            and _backend.reason_unavailable(b, torch.device("cuda"), d) is None
+            and "layer_norm" in getattr(_backend._module(b), "EXT_FEATURES", ())]
+
+if CUDA_EXT:
+    @pytest.mark.cuda
+    @pytest.mark.parametrize("backend, dtype", CUDA_EXT)
+    @pytest.mark.parametrize("form", ["batched", "packed"])
+    @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+    @pytest.mark.parametrize("features", FEATURES)
+    @pytest.mark.parametrize("kind", KINDS)
+    def test_cuda_module_matches_loop(kind, features, train, form, backend, dtype):
+        m = make_module(kind, FEATURES[features], dtype, backend, num_layers=2, bidirectional=True)
+        check_module(m.to("cuda").train(train), form, dtype, device="cuda")
 
 
 @pytest.mark.parametrize("backend", ext_backends(torch.float64))
