@@ -532,21 +532,27 @@ struct Team {
 
 // Unit ranges whose per-step GEMMs run as one ukernel call on one packed panel (the forward's x . W_ih^T and
 // h . W_hh^T, the backward's dh): each thread's whole range where its tiles stay within kGroupBytes and its
-// panel within the L2, else every unit block alone. Fewer, wider calls: RNN forward at (T,B,I,H) =
-// (512,16,128,128) 4.8 -> 4.0 ms (Zen 4, two threads, 64 units each instead of two 32-unit blocks). A wider
-// panel than the L2 streams from L3 either way, and as one call it streamed slower than as its blocks' calls:
-// Zen 2, B = 1, forward, LSTM (100,1,128,512,2) 26.7 against 16.0 ms (a 2 MiB panel per thread), RNN
-// (100,1,128,1024,1) 6.4 against 5.3.
+// panel within half the L2, else every unit block alone. Fewer, wider calls: RNN forward at (T,B,I,H) =
+// (512,16,128,128) 4.8 -> 4.0 ms (Zen 4, two threads, 64 units each instead of two 32-unit blocks). A panel
+// that does not stay in L2 streams from L3, and as one call (the ukernel walks its column blocks down rows a
+// whole panel wide) it streamed slower than as its blocks' calls (each a contiguous run): Zen 2, B = 1,
+// forward, LSTM (100,1,128,512,2) 26.7 against 16.0 ms (a 2 MiB panel per thread), RNN (100,1,128,1024,1) 6.4
+// against 5.3. Half the L2, not all of it: on the Xeon (2 MiB L2) panels of 1.5-2 MiB ran faster as blocks,
+// grouped time / per-block time, medians of 15 in-process alternations: RNN forward (100,B,I,1024) at (B, I) =
+// (2, 128) / (4, 128) / (8, 256) 1.19 / 1.15 / 1.43, (100,16,128,768) 1.10; LSTM forward + backward (the dh
+// panels) (100,8,512,512) 1.10-1.11, (100,16,512,512) 1.08-1.09, (100,1,128,512) 1.03, (100,64,512,512) level
+// (never grouped: its tiles); level where a panel fits half the L2 ((512,16,128,128) every cell, RNN
+// (100,8,512,512)).
 constexpr int64_t kGroupBytes = 64 * 1024;
 struct Segments {
   std::vector<int64_t> begin, end;  // per block: the range it belongs to
-  int64_t widest = 0;
+  int64_t U, widest = 0;
   // unit_bytes: a unit's share of the widest panel the ranges' calls read (K * columns per unit * esize)
   Segments(const Layout& L, const Team& team, int64_t rows, int64_t unit_bytes, bool group)
-      : begin(L.nb), end(L.nb) {
+      : begin(L.nb), end(L.nb), U(L.U) {
     for (int tid = 0; tid < team.nt; ++tid) {
       const auto [ja, jb] = team.units(tid);
-      group = group && rows * L.G * (jb - ja) * 4 <= kGroupBytes && unit_bytes * (jb - ja) <= machine().l2;
+      group = group && rows * L.G * (jb - ja) * 4 <= kGroupBytes && unit_bytes * (jb - ja) <= machine().l2 / 2;
     }
     for (int64_t b = 0; b < L.nb; ++b) {
       begin[b] = L.unit(b);
@@ -560,6 +566,16 @@ struct Segments {
       }
     }
     for (int64_t b = 0; b < L.nb; ++b) widest = std::max(widest, end[b] - begin[b]);
+  }
+  // f(s0, s1) for each range within a thread's units [ja, jb), first to last or, `backwards`, last to first: a
+  // step that starts on the panels the step before read last finds them still in L2 (engine_fwd says more)
+  template <class F>
+  void walk(int64_t ja, int64_t jb, bool backwards, F&& f) const {
+    if (backwards) {
+      for (int64_t s1 = jb; s1 > ja; s1 = begin[(s1 - 1) / U]) f(begin[(s1 - 1) / U], s1);
+    } else {
+      for (int64_t s0 = ja; s0 < jb; s0 = end[s0 / U]) f(s0, end[s0 / U]);
+    }
   }
 };
 
@@ -1038,12 +1054,12 @@ std::vector<Tensor> engine_fwd(const Problem& pr, const Tensor& x, const Tensor&
     const char* h_prev = static_cast<const char*>(hs.data_ptr()) + k % 2 * hs_bytes;
     char* h_next = static_cast<char*>(hs.data_ptr()) + (k + 1) % 2 * hs_bytes;
     if (k == 0 && x_panels && !in_step_x) {
-      for (int64_t s0 = ja; s0 < jb; s0 = seg.end[s0 / L.U]) {
+      seg.walk(ja, jb, false, [&](int64_t s0, int64_t s1) {
         for (int64_t r0 = 0; r0 < pr.N; r0 += kProjRows) {
-          wx->gemm(std::min(kProjRows, pr.N - r0), at_row(x, r0), I, s0, seg.end[s0 / L.U],
+          wx->gemm(std::min(kProjRows, pr.N - r0), at_row(x, r0), I, s0, s1,
                    reinterpret_cast<float*>(at_row(gates, r0, G * s0)), GH);
         }
-      }
+      });
     }
     // Odd steps walk the thread's segments (and an in-place segment's blocks) last to first, so that a step
     // starts on the weights the previous one read last, still in L2 where the thread's share of the weights
@@ -1053,7 +1069,7 @@ std::vector<Tensor> engine_fwd(const Problem& pr, const Tensor& x, const Tensor&
     // (100,1,512,1024) 1.13, (100,64,512,512) 1.02-1.03; RNN (100,1,128,1024) 1.27 (W_hh in place: its blocks
     // reversed); GRU (100,64,512,512) 1.02; fastrnn's LayerNorm LSTM (StepGemm) (100,1,128,512) 1.27,
     // (100,8,512,512) 1.11; level where the share fits the L2 ((100,64,256,256)). The backward's dh product
-    // walked so gained nothing (within 3 % at B = 1-64): it stays one way.
+    // walks so too (engine_bwd).
     const bool backwards = k % 2 == 1;
     auto segment = [&](int64_t s0, int64_t s1) {
       const int64_t sw = G * (s1 - s0);
@@ -1097,11 +1113,7 @@ std::vector<Tensor> engine_fwd(const Problem& pr, const Tensor& x, const Tensor&
         j0 = j1;
       }
     };
-    if (backwards) {
-      for (int64_t s1 = jb; s1 > ja; s1 = seg.begin[(s1 - 1) / L.U]) segment(seg.begin[(s1 - 1) / L.U], s1);
-    } else {
-      for (int64_t s0 = ja; s0 < jb; s0 = seg.end[s0 / L.U]) segment(s0, seg.end[s0 / L.U]);
-    }
+    seg.walk(ja, jb, backwards, segment);
   });
 
   // h_n: each sequence's last output row (a packed sequence ends at its own step), or h0 without steps
@@ -1163,15 +1175,23 @@ std::vector<Tensor> engine_bwd(const Problem& pr, const Tensor& x, const Tensor&
     team.run(tb - ta, 2, false, bf16, [&](int, int64_t ja, int64_t jb, int64_t s, int phase) {
       const int64_t t = reverse ? ta + s : tb - 1 - s, b = pr.size[t], o = pr.off[t], local = o - lo;
       if (phase == 1) {
-        for (int64_t k0 = 0; k0 < GH; k0 += kc) {
-          const int64_t k = std::min(kc, GH - k0);
-          for (int64_t s0 = ja; s0 < jb;) {
-            const int64_t s1 = seg.end[s0 / L.U], w = s1 - s0;
-            ukernel(bf16, b, w, k, GH, w, H, pr.gru || k0 > 0, at_row(dgh, local, k0),
+        // Odd steps walk the chunks and ranges last to first, as the forward does its weights. The first chunk
+        // a step runs writes dh (GRU's adds to the z * dh term), the others add: the order of the sum is fixed
+        // per step, whatever the backward's row chunks or the threads. Xeon, forward + backward, per-block
+        // panels one way / both ways (medians of 15 in-process alternations): LSTM (100,1,128,512) 1.11,
+        // (100,2,512,1024) 1.06, (100,8,512,512) 0.97-1.02, (100,16,512,512) 1.01-1.02, (100,64,512,512)
+        // level. (One pass over K instead of chunks would keep the sum's order on odd steps too: as fast at B
+        // = 1-16, 5 % slower at (100,64,256,1024).)
+        const bool backwards = t % 2 == 1;
+        const int64_t nk = (GH + kc - 1) / kc;
+        for (int64_t q = 0; q < nk; ++q) {
+          const int64_t k0 = (backwards ? nk - 1 - q : q) * kc, k = std::min(kc, GH - k0);
+          seg.walk(ja, jb, backwards, [&](int64_t s0, int64_t s1) {
+            const int64_t w = s1 - s0;
+            ukernel(bf16, b, w, k, GH, w, H, pr.gru || q > 0, at_row(dgh, local, k0),
                     static_cast<const char*>(Layout::panel(wb, GH, 1, s0)) + k0 * w * esize,
                     dhs.data_ptr<float>() + s0);
-            s0 = s1;
-          }
+          });
         }
         return;
       }
