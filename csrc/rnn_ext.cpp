@@ -421,9 +421,12 @@ std::vector<Tensor> layer_ext_bwd(const std::string& mode, const Tensor& x_in, c
         }
         float* dh = dhs.data_ptr<float>();
         const float* dg = dgh.data_ptr<float>() + local * GH;
-        if (!e.mask) return team->run(tid, b, dg, GH, dh, Hout, bypass, false);
+        // odd steps walk the blocks last to first, as the forward does (engine_fwd): LayerNorm LSTM forward +
+        // backward (100,1,128,512) 1.08x, (100,8,512,512) 1.04x on the Xeon, level at B = 64 (in-process)
+        const bool backwards = t % 2 == 1;
+        if (!e.mask) return team->run(tid, b, dg, GH, dh, Hout, bypass, backwards);
         float* dm = dmasked.data_ptr<float>();
-        team->run(tid, b, dg, GH, dm, Hout, false, false);
+        team->run(tid, b, dg, GH, dm, Hout, false, backwards);
         const float* mask = e.mask->data_ptr<float>();
         const auto [j0, j1] = team->cols(tid);
         for (int64_t r = 0; r < b; ++r) {

@@ -236,7 +236,7 @@ class StepGemm {
   // thread tid's columns [n0, n1)
   std::pair<int64_t, int64_t> cols(int tid) const;
   // C[:M, own columns] = A[:M, :K] . W[:, own columns], plus C's old values with `add`; lda, ldc in elements.
-  // `backwards` walks the thread's blocks last to first: a forward's odd steps do (engine_fwd says why).
+  // `backwards` walks the thread's blocks last to first: odd steps do, forward and backward (engine_fwd says why).
   void run(int tid, int64_t M, const float* A, int64_t lda, float* C, int64_t ldc, bool add, bool backwards) const;
   // body(tid, step, phase) on every thread of the team for steps x phases, a barrier after each phase
   void steps(int64_t n, int phases, const std::function<void(int, int64_t, int)>& body) const;
