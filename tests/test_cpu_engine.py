@@ -385,7 +385,9 @@ def test_forward_reads_w_ih_in_place_at_one_or_two_rows(c):
         assert ("W_hh and W_ih in place" in line) == (c.T * c.B <= 2) and "W_hh" in line, line
 
 
-# From 512 rows per call, off AVX-512 (engine_cpu.cpp's BigProducts, kBigProductRows), the fp32 backward's dx and
+# From 512 rows per call, off AVX-512 and not under the Intel CPU rules (engine_cpu.cpp's BigProducts,
+# kBigProductRows; test_engine_at_each_isa_level runs one such case at each level under both rules), the fp32
+# backward's dx and
 # weight gradients run on the ukernel: 32-column panels of dgates and of W_ih with a short last one, dx in several
 # 512-deep blocks of K = G*H, 64-row blocks of [x | h_prev]^T with one spanning both parts, several chunks,
 # h_prev from h0 at the first step of either
@@ -631,7 +633,8 @@ def test_engine_at_each_isa_level(cap):
     proc = run_with_isa(cap, """
 import torch
 from fastrnn.ops import cpp
-from layer_cases import Case, Impl, assert_matches_reference, at_least_threads, engine_steps, in_place_share
+from layer_cases import (Case, Impl, assert_matches_reference, at_least_threads, engine_steps, in_place_share,
+                         intel_rules)
 from test_cpu_engine import assert_within_tolerance, check_inference, make_inputs
 print(cpp._lib().build_info()["cpu_isa"])
 with engine_steps(1):  # the rows rules of this level (the steps rule on an Intel CPU: tests/test_explain.py)
@@ -640,10 +643,14 @@ with engine_steps(1):  # the rows rules of this level (the steps rule on an Inte
         check_inference(c, torch.bfloat16)
 with at_least_threads(2), in_place_share(1), engine_steps(1):
     for c in [Case("LSTM", 5, 16, 24, 70), Case("GRU", 20, 1, 6, 40, reverse=True),
-              Case("RNN_TANH", 4, 9, 8, 100, packed=True), Case("RNN_RELU", 3, 6, 5, 33),
-              Case("GRU", 44, 12, 7, 36, reverse=True)]:
+              Case("RNN_TANH", 4, 9, 8, 100, packed=True), Case("RNN_RELU", 3, 6, 5, 33)]:
         assert_matches_reference(Impl("cpp", "cpu", torch.float32), c)
         assert_within_tolerance(c, make_inputs(c), torch.bfloat16)
+    for intel in (False, True):  # over 512 rows: the backward's products on the ukernel off AVX-512 but for Intel
+        with intel_rules(intel):
+            c = Case("GRU", 44, 12, 7, 36, reverse=True)
+            assert_matches_reference(Impl("cpp", "cpu", torch.float32), c)
+            assert_within_tolerance(c, make_inputs(c), torch.bfloat16)
 """)
     assert proc.returncode == 0, proc.stderr[-3000:]
     want = min(own, ISA_LEVELS.index(cap))

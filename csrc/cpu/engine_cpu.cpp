@@ -727,7 +727,12 @@ char* at_row(const Tensor& t, int64_t row, int64_t col = 0) {
 // panels are 32 columns wide: oneDNN's AVX2 ukernel ran 64-column panels at 143-149. Each call also packs
 // W_ih, zeroes dW^T and transposes it back: about three passes over the weights, which a few hundred rows repay;
 // from kBigProductRows. Zen 2, LSTM (100,1,128,512,2) forward + backward (100 rows per layer): 0.88x torch.nn
-// with these products, 0.98x without.
+// with these products, 0.98x without. Not on an Intel CPU, where MKL's sgemm runs its kernels for that CPU: on
+// the Xeon capped to AVX2, forward + backward, time with the ukernel's products / with seq.cpp's gemm() (there
+// oneDNN's AVX2 matmul | at::mm, MKL's AVX2 kernels, as on an Intel CPU without AVX-512, where torch's oneDNN
+// matmul refuses fp32), medians of 15 in-process alternations: LSTM (100,64,256,1024) 1.04 | 1.04,
+// (100,64,512,512) 1.05-1.07 | 1.06, (100,16,512,512) 1.06-1.07 | 1.05, GRU (100,64,256,256) 1.05 | 1.07,
+// (100,8,256,1024) 1.16 | 1.13; LSTM (512,16,128,128) level.
 constexpr int64_t kBigProductRows = 512;
 struct BigProducts {
   static constexpr int64_t kPanel = 32, kRows = 64, kDepth = 512;
@@ -741,7 +746,8 @@ struct BigProducts {
   Tensor dx;              // [N, I], undefined without need_dx
 
   static bool takes(const Problem& p, const Tensor& x) {
-    return x.scalar_type() == at::kFloat && machine().isa != Isa::V4 && p.N >= kBigProductRows && fp32_ukernel();
+    return x.scalar_type() == at::kFloat && machine().isa != Isa::V4 && !intel_rules() && p.N >= kBigProductRows &&
+           fp32_ukernel();
   }
   BigProducts(const Problem& p, const Team& t, int64_t rmax, const Tensor& w_ih, const Tensor& dx_)
       : pr(p), team(t), GH(p.G * p.H), K(p.I + p.H),
@@ -951,7 +957,7 @@ std::vector<std::pair<std::string, std::string>> engine_report() {
            std::to_string(kTrainWideRows) + " rows); fewer" + fewer;
   };
   const Machine* m = reported_machine();
-  const bool ukernel_products = m && fp32_ukernel() && m->isa != Isa::V4;
+  const bool ukernel_products = m && fp32_ukernel() && m->isa != Isa::V4 && !intel_rules();
   const std::string big = "; dx and weight gradients: " +
                           (ukernel_products ? "the brgemm ukernel from " + std::to_string(kBigProductRows) +
                                                   " rows (fewer: " + big_gemm_engine(at::kFloat) + ")"
