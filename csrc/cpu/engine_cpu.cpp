@@ -734,6 +734,10 @@ char* at_row(const Tensor& t, int64_t row, int64_t col = 0) {
 // (100,64,512,512) 1.05-1.07 | 1.06, (100,16,512,512) 1.06-1.07 | 1.05, GRU (100,64,256,256) 1.05 | 1.07,
 // (100,8,256,1024) 1.16 | 1.13; LSTM (512,16,128,128) level.
 constexpr int64_t kBigProductRows = 512;
+// whether the rule above puts a long call's products on the ukernel here (what the report names)
+bool ukernel_products() {
+  return machine().isa != Isa::V4 && !intel_rules() && fp32_ukernel();
+}
 struct BigProducts {
   static constexpr int64_t kPanel = 32, kRows = 64, kDepth = 512;
   const Problem& pr;
@@ -746,8 +750,7 @@ struct BigProducts {
   Tensor dx;              // [N, I], undefined without need_dx
 
   static bool takes(const Problem& p, const Tensor& x) {
-    return x.scalar_type() == at::kFloat && machine().isa != Isa::V4 && !intel_rules() && p.N >= kBigProductRows &&
-           fp32_ukernel();
+    return x.scalar_type() == at::kFloat && p.N >= kBigProductRows && ukernel_products();
   }
   BigProducts(const Problem& p, const Team& t, int64_t rmax, const Tensor& w_ih, const Tensor& dx_)
       : pr(p), team(t), GH(p.G * p.H), K(p.I + p.H),
@@ -957,9 +960,8 @@ std::vector<std::pair<std::string, std::string>> engine_report() {
            std::to_string(kTrainWideRows) + " rows); fewer" + fewer;
   };
   const Machine* m = reported_machine();
-  const bool ukernel_products = m && fp32_ukernel() && m->isa != Isa::V4 && !intel_rules();
   const std::string big = "; dx and weight gradients: " +
-                          (ukernel_products ? "the brgemm ukernel from " + std::to_string(kBigProductRows) +
+                          (m && ukernel_products() ? "the brgemm ukernel from " + std::to_string(kBigProductRows) +
                                                   " rows (fewer: " + big_gemm_engine(at::kFloat) + ")"
                                             : big_gemm_engine(at::kFloat));
   return {{"float32", (fp32_ukernel() ? fused("", ": at::mm per step, but a single row without gradients takes the "
