@@ -353,7 +353,7 @@ def test_layernorm_benchmark_table_and_agreement_check(tmp_path, monkeypatch):
     assert rows[0].rstrip().endswith("| 1.00 |")
     assert "python benchmarks/bench_layernorm.py --config 4,3,5,6,1" in text
 
-    # named backends: one row each, the first the ratios' base, each checked against it before timing
+    # named backends: one row each, the first the ratios' base, each checked against the float64 reference
     text = bench_layernorm.main(["--config", "4,3,5,6,1", "--rounds", "1", "--min-time", "0.001", "--threads", "1",
                                  "--backend", "cpp", "--backend", "reference"])
     rows = [line for line in text.splitlines() if line.startswith("| ") and "implementation" not in line]
@@ -365,7 +365,7 @@ def test_layernorm_benchmark_table_and_agreement_check(tmp_path, monkeypatch):
     right = bench_layernorm.ln_lstm_step
     wrong = lambda *args: tuple(1.01 * t for t in right(*args))  # noqa: E731
     monkeypatch.setattr(bench_layernorm, "ln_lstm_step", wrong)
-    with pytest.raises(SystemExit, match="loop-eager disagrees with fastrnn in output"):
+    with pytest.raises(SystemExit, match="loop-eager disagrees with the float64 reference in output"):
         bench_layernorm.main(["--config", "4,3,5,6,1", "--rounds", "1", "--min-time", "0.001", "--threads", "1"])
 
 
