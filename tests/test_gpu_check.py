@@ -48,6 +48,35 @@ def test_without_a_gpu_it_says_so_and_runs_nothing(tmp_path):
     assert not out.exists()
 
 
+# What a one-GPU machine reports (an H200's figures), for collecting the CUDA cases where there is none.
+FAKE_GPU = """
+import sys, types, torch, pytest
+props = types.SimpleNamespace(name="NVIDIA H200 (faked)", major=9, minor=0, multi_processor_count=132,
+                              total_memory=141 << 30, shared_memory_per_block_optin=232448, L2_cache_size=60 << 20,
+                              max_threads_per_multi_processor=2048, regs_per_multiprocessor=65536, warp_size=32)
+torch.cuda.is_available = lambda: True
+torch.cuda.device_count = lambda: 1
+torch.cuda.current_device = lambda: 0
+torch.cuda.get_device_capability = lambda *a, **k: (props.major, props.minor)
+torch.cuda.get_device_properties = lambda *a, **k: props
+torch.cuda.get_device_name = lambda *a, **k: props.name
+sys.exit(pytest.main(["--collect-only", "-q", "-m", "cuda", "-p", "no:cacheprovider"]))
+"""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU collects its CUDA cases itself")
+def test_cuda_cases_collect_where_a_gpu_would_be():
+    """The GPU session's first minutes must not go to a collection error: its `pytest -m cuda` collects here
+    with the device queries answered as an H200 would, and every kernel family has CUDA cases."""
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-c", FAKE_GPU], capture_output=True, text=True, timeout=300, cwd=REPO,
+                          env=env)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    files = {ln.split("::")[0] for ln in proc.stdout.splitlines() if "::" in ln}
+    families = ["backends", "modules", "persist", "cells_ext", "cpp_ext", "triton_ext", "deterministic", "export"]
+    assert {f"tests/test_{name}.py" for name in families} <= files, files
+
+
 def test_only_keeps_the_named_steps_in_plan_order():
     proc = _check("--dry-run", "--only", "tf32,cuda-tests,memcheck")
     assert proc.returncode == 0, proc.stderr

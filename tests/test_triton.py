@@ -12,6 +12,7 @@ import os
 import re
 import subprocess
 import sys
+import types
 
 if "triton" not in sys.modules:
     os.environ["TRITON_INTERPRET"] = "1"
@@ -27,8 +28,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IN_PROCESS = triton_backend._host is not None and triton_backend._host.interpreting()
 SUBPROCESS_FLAG = "FASTRNN_TRITON_TEST_CHILD"
 parent_only = pytest.mark.skipif(os.environ.get(SUBPROCESS_FLAG) == "1", reason="the parent process runs it")
-interpreted = pytest.mark.skipif(not IN_PROCESS, reason="kernels imported without the interpreter; see "
-                                 "test_interpreter_suite_in_subprocess")
+NOT_INTERPRETED = ("kernels imported without the interpreter; see test_interpreter_suite_in_subprocess"
+                   if not IN_PROCESS else triton_backend.availability(torch.device("cpu"), torch.float32))
+interpreted = pytest.mark.skipif(NOT_INTERPRETED is not None, reason=str(NOT_INTERPRETED))
 
 def _env(interpret: bool):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -225,6 +227,8 @@ def test_passed_count_reads_the_summary(output, expected):
 
 @pytest.mark.skipif(IN_PROCESS or os.environ.get(SUBPROCESS_FLAG) == "1", reason="kernels run in process")
 def test_interpreter_suite_in_subprocess():
+    if triton_backend._host is not None and triton_backend._host.INTERPRETER_PROBLEM is not None:
+        pytest.skip(triton_backend._host.INTERPRETER_PROBLEM)
     env = dict(_env(interpret=True), **{SUBPROCESS_FLAG: "1"})
     # the Triton cases of the shared harness too, on the CPU (a GPU, if any, runs them in the parent)
     harness = os.path.join(os.path.dirname(__file__), "test_backends.py")
@@ -233,6 +237,28 @@ def test_interpreter_suite_in_subprocess():
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
     assert passed_count(res.stdout) > 0, "the child ran no test:\n" + res.stdout[-4000:]
+
+
+@pytest.mark.skipif(triton_backend._host is None, reason="triton cannot be imported")
+@pytest.mark.parametrize("version, numpy_refuses, names_it", [
+    ("3.6.0", True, True), ("3.6.0", False, False), ("3.7.0", True, False), ("3.10.1", True, False),
+])
+def test_interpreter_problem_named_with_both_versions(version, numpy_refuses, names_it, monkeypatch):
+    from fastrnn.ops.triton import cells
+
+    class OneElement:
+        def __int__(self):
+            if numpy_refuses:
+                raise TypeError("only 0-dimensional arrays can be converted to Python scalars")
+            return 1
+
+    monkeypatch.setattr(cells.triton, "__version__", version)
+    monkeypatch.setattr(cells, "numpy", types.SimpleNamespace(ones=lambda n: OneElement(), __version__="2.4.1"))
+    why = cells.interpreter_problem()
+    if names_it:
+        assert why is not None and "Triton 3.6.0" in why and "NumPy 2.4.1" in why and "triton>=3.7" in why, why
+    else:
+        assert why is None, why
 
 
 @parent_only

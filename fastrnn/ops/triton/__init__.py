@@ -77,8 +77,10 @@ def availability(device: torch.device, dtype: torch.dtype) -> Optional[str]:
     if dtype not in _host.DTYPES:
         return f"Triton kernels support float32, float16 and bfloat16 storage, got {dtype}"
     device = torch.device(device)
-    if device.type == "cuda" or (device.type == "cpu" and _host.interpreting()):
+    if device.type == "cuda":
         return None
+    if device.type == "cpu" and _host.interpreting():
+        return _host.INTERPRETER_PROBLEM
     if device.type == "cpu":
         return CPU_REASON
     return f"Triton kernels run on CUDA devices (or CPU under TRITON_INTERPRET=1), got {device.type}"

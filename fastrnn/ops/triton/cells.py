@@ -11,6 +11,11 @@ GRU r, z, n after their activation) and GRU's ``hn [N, H]`` (``W_hn h + b_hn``);
 nothing because its derivative is a function of ``h_t`` alone.
 """
 
+import re
+import warnings
+from typing import Optional
+
+import numpy
 import triton
 import triton.language as tl
 
@@ -31,6 +36,30 @@ def interpreting() -> bool:
     but before fastrnn would mix the two and fail inside the kernels.
     """
     return all(type(fn).__name__ == "InterpretedFunction" for fn in (_sigmoid, tl.zeros))
+
+
+def interpreter_problem() -> Optional[str]:
+    """Why this Triton's interpreter cannot run the kernels, or ``None``.
+
+    Before 3.7 the interpreter turns a kernel's run-time scalar into a Python int with ``int()`` of a
+    one-element array (each ``range(0, n, ...)`` over an argument does), which NumPy 2.4 refuses; the
+    error surfaces deep inside the first kernel, so it is found here and named instead.
+    """
+    if tuple(int(p) for p in re.findall(r"\d+", triton.__version__)[:2]) >= (3, 7):
+        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        try:
+            int(numpy.ones(1))
+        except TypeError:
+            return (f"Triton {triton.__version__}'s interpreter cannot run under NumPy {numpy.__version__} (it "
+                    "converts scalar arguments with int() of a one-element array, which this NumPy refuses): "
+                    "install triton>=3.7 or numpy<2.4 to run the Triton kernels on CPU")
+    return None
+
+
+# Found once, at import: availability() runs inside torch.compile's traces, which cannot enter catch_warnings.
+INTERPRETER_PROBLEM = interpreter_problem()
 
 
 @triton.jit

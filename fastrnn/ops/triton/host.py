@@ -25,14 +25,14 @@ from torch import Tensor
 
 from fastrnn.ops import GATES, MODES, LayerArgs, Saved
 from fastrnn.ops.triton import persist
-from fastrnn.ops.triton.cells import interpreting
+from fastrnn.ops.triton.cells import INTERPRETER_PROBLEM, interpreting
 from fastrnn.ops.triton.seq import bwd_seq, fwd_seq, seq_config, seq_max_h
 from fastrnn.ops.triton.step import bwd_step, fwd_step
 
 MODE_IDS = {m: i for i, m in enumerate(MODES)}
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 VARIANTS = ("step", "seq", "persist")
-__all__ = ["DTYPES", "VARIANTS", "seq_max_h", "seq_config", "backward", "forward", "interpreting", "pick_variant"]
+__all__ = ["DTYPES", "VARIANTS", "seq_max_h", "seq_config", "backward", "forward", "INTERPRETER_PROBLEM", "interpreting", "pick_variant"]
 
 
 def upcast_dot(dtype: torch.dtype) -> bool:
