@@ -57,7 +57,7 @@ def _extension():
     print(f"fastrnn: building fastrnn._C for CPU + CUDA (sm_{', sm_'.join(archs)}"
           f"{f' + compute_{ptx} PTX' if ptx else ''}) with {_cuda_home}, MAX_JOBS={os.environ['MAX_JOBS']}")
     return CUDAExtension("fastrnn._C", sources + cfg.CUDA_SOURCES,
-                         include_dirs=include_dirs + cfg.nvidia_include_dirs(),
+                         include_dirs=include_dirs + cfg.cuda_include_dirs(),
                          extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=_LINK_ARGS)
 
 

@@ -128,6 +128,14 @@ def nvcc_version() -> Optional[str]:
     return m.group(1) if m else None
 
 
+def cuda_include_dirs() -> List[str]:
+    """The CUDA builds' header dirs after CSRC and torch's: the toolkit's own first, then the pip `nvidia`
+    packages' for what a bare toolkit lacks. A torch built for a newer CUDA than the local nvcc brings that
+    CUDA's headers in `nvidia/cu13/include`; found first, they mixed with the toolkit's and nvcc refused them
+    ("CUDA compiler and CUDA toolkit headers are incompatible": torch 2.15 for CUDA 13.2 under nvcc 13.0)."""
+    return [os.path.join(find_cuda_home(), "include")] + nvidia_include_dirs()
+
+
 def nvidia_include_dirs() -> List[str]:
     """Header dirs of the pip `nvidia` packages (cublas, cusparse, ...) that torch's CUDA headers include but a
     bare toolkit may lack; found from the interpreter's own site dirs, never from a hand-set variable."""

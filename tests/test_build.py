@@ -121,6 +121,26 @@ def test_nvidia_headers_are_found_without_env():
         assert any(os.path.isfile(os.path.join(d, header)) for d in dirs + toolkit), f"{header} not found in {dirs}"
 
 
+def test_toolkit_headers_come_before_the_pip_packages(tmp_path):
+    """A torch built for a newer CUDA than the local nvcc ships that CUDA's headers in its pip packages; the
+    toolkit's must be found first, or nvcc mixes the two and refuses them (torch 2.15 for CUDA 13.2 under
+    nvcc 13.0 did)."""
+    home = _buildcfg.find_cuda_home()
+    if home is None:
+        pytest.skip("no CUDA toolkit")
+    dirs = _buildcfg.cuda_include_dirs()
+    assert dirs[0] == os.path.join(home, "include"), dirs
+    assert dirs[1:] == _buildcfg.nvidia_include_dirs(), dirs
+    # what nvcc resolves with them: the toolkit's copy of a header the pip packages may carry too
+    src = tmp_path / "k.cu"
+    src.write_text("#include <cooperative_groups.h>\n")
+    proc = subprocess.run([_buildcfg.nvcc_path(), "-M", str(src), *(f"-I{d}" for d in dirs)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    found = [ln.strip(" \\") for ln in proc.stdout.splitlines() if ln.strip(" \\").endswith("/cooperative_groups.h")]
+    assert found and all(f.startswith(dirs[0]) for f in found), found
+
+
 def _C():
     from fastrnn._ext import _C
 
