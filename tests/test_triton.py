@@ -110,6 +110,21 @@ def test_persist_config_grid_fits_the_device(max_programs):
             assert max_programs is None or tiles * n_slices <= max_programs, (B, H, cfg)
 
 
+def test_persist_tiles_per_triton_release(monkeypatch):
+    """This Triton's tiles are PERSIST_TILES with its release's changes (kernel_report compiles
+    PERSIST_CONFIGS, so CI checks the override of the release it installs); other releases keep the tiles."""
+    from fastrnn.ops.triton import cells, persist
+
+    assert persist.PERSIST_CONFIGS == persist.configs_for(cells.release())
+    assert persist.configs_for("3.8") == persist.PERSIST_TILES
+    for release, changes in persist.PERSIST_OVERRIDES.items():
+        got = {c["BB"]: c for c in persist.configs_for(release)}
+        for tile in persist.PERSIST_TILES:
+            assert got[tile["BB"]] == dict(tile, **changes.get(tile["BB"], {})), (release, tile)
+    monkeypatch.setattr(cells.triton, "__version__", "3.9.0")
+    assert cells.release() == "3.9" and persist.configs_for(cells.release())[1]["fwd_stages"] == 1
+
+
 @interpreted
 @pytest.mark.parametrize("H, slices", [(8, 1), (40, 3)])
 def test_persist_launches_per_step_only_where_programs_would_wait(H, slices, monkeypatch):

@@ -38,6 +38,11 @@ def interpreting() -> bool:
     return all(type(fn).__name__ == "InterpretedFunction" for fn in (_sigmoid, tl.zeros))
 
 
+def release() -> str:
+    """This Triton's release, "3.8": the key of the per-release tile tables (ext, persist)."""
+    return ".".join(triton.__version__.split(".")[:2])
+
+
 def interpreter_problem() -> Optional[str]:
     """Why this Triton's interpreter cannot run the kernels, or ``None``.
 
@@ -45,7 +50,7 @@ def interpreter_problem() -> Optional[str]:
     one-element array (each ``range(0, n, ...)`` over an argument does), which NumPy 2.4 refuses; the
     error surfaces deep inside the first kernel, so it is found here and named instead.
     """
-    if tuple(int(p) for p in re.findall(r"\d+", triton.__version__)[:2]) >= (3, 7):
+    if tuple(int(p) for p in re.findall(r"\d+", release())) >= (3, 7):
         return None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)

@@ -37,7 +37,7 @@ import triton.language as tl
 from torch import Tensor
 
 from fastrnn.ops import GATES, LN_EPS, CellExt, LayerArgs, SavedExt
-from fastrnn.ops.triton.cells import FP_FUSION, _tanh, cell_backward, cell_forward, lstm_gate_grads
+from fastrnn.ops.triton.cells import FP_FUSION, _tanh, cell_backward, cell_forward, lstm_gate_grads, release
 from fastrnn.ops.triton.host import (MODE_IDS, Rows, input_projection, nan_buffer, placeholder, plan_rows,
                                      step_tables)
 
@@ -574,9 +574,8 @@ def seq_tiles(H: int, G: int, backward: bool) -> dict:
     """Tiles of :func:`_bwd_seq_kernel` (``backward``: ``K = G*H``, ``NC = H``) or :func:`_fwd_seq_kernel`
     (``K = H``, ``NC = G*H``): ``BR`` rows of ``BC`` columns, ``BN`` product columns and ``BK`` as deep as fills
     the product block, and the warps, from ``SEQ_TILE`` or this Triton's override."""
-    version = ".".join(triton.__version__.split(".")[:2])
     key = ("bwd" if backward else "fwd", _h_tile(H))
-    warps, values, row_values = SEQ_TILE_OVERRIDES.get(version, {}).get(key, SEQ_TILE)
+    warps, values, row_values = SEQ_TILE_OVERRIDES.get(release(), {}).get(key, SEQ_TILE)
     K, NC = (G * H, H) if backward else (H, G * H)
     bc = max(16, min(triton.next_power_of_2(H), row_values))
     br = max(1, min(16, row_values // bc))
