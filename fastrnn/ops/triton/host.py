@@ -32,7 +32,8 @@ from fastrnn.ops.triton.step import bwd_step, fwd_step
 MODE_IDS = {m: i for i, m in enumerate(MODES)}
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 VARIANTS = ("step", "seq", "persist")
-__all__ = ["DTYPES", "VARIANTS", "seq_max_h", "seq_config", "backward", "forward", "INTERPRETER_PROBLEM", "interpreting", "pick_variant"]
+__all__ = ["DTYPES", "VARIANTS", "seq_max_h", "seq_config", "backward", "forward", "INTERPRETER_PROBLEM",
+           "interpreting", "pick_variant"]
 
 
 def upcast_dot(dtype: torch.dtype) -> bool:

@@ -60,9 +60,9 @@ PERSIST_TILES = (
 PERSIST_OVERRIDES = {"3.9": {32: {"fwd_stages": 1}}}
 
 
-def configs_for(release: str) -> Tuple[Dict[str, int], ...]:
-    """``PERSIST_TILES`` as Triton ``release`` ("3.9") compiles them."""
-    changes = PERSIST_OVERRIDES.get(release, {})
+def configs_for(version: str) -> Tuple[Dict[str, int], ...]:
+    """``PERSIST_TILES`` as Triton release ``version`` ("3.9") compiles them."""
+    changes = PERSIST_OVERRIDES.get(version, {})
     return tuple(dict(tile, **changes.get(tile["BB"], {})) for tile in PERSIST_TILES)
 
 
