@@ -23,10 +23,10 @@ CUDA_SOURCES = ["csrc/cuda/cell_cuda.cu", "csrc/cuda/cell_ln_cuda.cu", "csrc/cud
 DEFAULT_CUDA_ARCHS = "80;90"
 
 # No contraction of a*b+c into a fused multiply-add, on any compiler: where g++ (x86-64-v3/v4 clones) and
-# nvcc would each fuse is their own choice, so only unfused code rounds identically on every CPU clone, on
-# the GPU and in the Triton interpreter (see FP_FUSION in fastrnn/ops/triton_cells.py). csrc/cell/cell.h's
-# polynomials are written for it (the exp range reduction is exact without an FMA); the GEMMs, where the
-# time goes, are not compiled here and keep theirs.
+# nvcc would each fuse is their own choice, so the CPU and the GPU would round differently. csrc/cell/cell.h
+# writes the fused multiply-adds of its polynomials out instead (fmaf, `Fused`), which round alike on both
+# (the CPU's x86-64 baseline clone, without FMA units, runs them unfused); the GEMMs, where most of the time
+# goes, are not compiled here and keep theirs.
 # -fno-trapping-math: the cells compute both sides of their selects (cell.h's tanh: polynomial or 1 - 2/(e+1)),
 # but gcc sinks each side under its branch, and under the default -ftrapping-math it may not speculate the
 # division back out without AVX-512's masked lanes: the x86-64-v3 (AVX2) clones of every cell loop stayed

@@ -100,6 +100,30 @@ def test_block_program_matches_reference(device, c):
         assert_matches_reference(CPU32, c)
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_cpu_kernels_give_the_block_programs_bits(mode):
+    """The cell math is one copy (csrc/cell/cell.h) that rounds alike on the CPU and the GPU: where the CPU's
+    level has FMA units, the CPU engine and the per-step CPU kernels give the emulated GPU block program's
+    forward bit for bit. With I = 1, no bias and h0 = 0 every pre-activation is one product, the same in any
+    GEMM, so only the cells could differ (unfused polynomials differ in the last bit for many of 16k units)."""
+    if lib().build_info()["cpu_isa"].startswith("x86-64 baseline"):
+        pytest.skip("the x86-64 baseline clone runs the cells' polynomials unfused (no FMA units)")
+    from layer_cases import engine_steps, make_inputs, run
+
+    c = Case(mode, 1, 64, 1, 256, bias=False)
+    inputs = make_inputs(c, CPU32)
+    inputs["h0"] = torch.zeros_like(inputs["h0"])
+    with emulated(*DEVICES["roomy"]), nan_poisoned(CPU32):
+        gpu = run(CPU32.layer, c, inputs)[0]
+    with engine_steps(1):
+        engine = run(CPU32.layer, c, inputs)[0]
+    per_step = run(CPU32.layer, c, inputs)[0]
+    assert lib().persist_plan(GATES[mode], c.B, c.H, 4, *DEVICES["roomy"])["blocks"]
+    for name, outs in (("engine", engine), ("per-step", per_step)):
+        for k, (a, b) in enumerate(zip(gpu, outs)):
+            assert torch.equal(a, b), f"{name} output {k}: {(a != b).sum().item()} of {a.numel()} differ"
+
+
 def test_emulated_plans_cover_both_schemes_and_batch_tiles():
     """The runs above exercise what they claim: hidden units split over blocks with several batch tiles, a
     single unit per block, block plans; and every case under at least two devices."""

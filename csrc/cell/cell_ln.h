@@ -11,6 +11,7 @@
 //   sum(v)           replaces every v[k] of a K-array by its sum over the row's threads (CPU: nothing to do)
 //   sync()      makes this row's writes visible to the row's other threads (CPU: nothing to do)
 //   leader()    whether this thread stores the row's scalars
+//   Math        cell.h's multiply-add (Fused, or Unfused in the CPU's x86-64 baseline clone)
 // A loop over n elements gives element j to the same thread in every loop over n, so an element written in one
 // loop and read at the same index in a later one needs no barrier; reads at other indices (the H-wide cell
 // loops against the G*H-wide LayerNorm loops) follow a sum() or sync(). The functions handed to each() and
@@ -238,11 +239,11 @@ template <typename T>
 struct GruN {
   acc_t<T> n, hn;
 };
-template <typename T, class P>
+template <typename T, class M, class P>
 FRNN_HD GruN<T> gru_n(const P& p, int64_t r, int64_t j, acc_t<T> rg) {
   const int64_t g = 2 * p.H + j;
   const acc_t<T> hn = hpart<T>(p, r, g) + ld<T>(p.b_hn, j);
-  return {ftanh(xpart<T>(p, r, g) + ld<T>(p.bias, g) + rg * hn), hn};
+  return {ftanh<M>(xpart<T>(p, r, g) + ld<T>(p.bias, g) + rg * hn), hn};
 }
 
 // h_t from the cell's new value: zoneout, the output row, the next step's masked GEMM operand.
@@ -284,10 +285,12 @@ FRNN_HD void put_dgate(const ExtGradParams& p, int64_t r, int64_t g, acc_t<T> dx
 struct LstmExt {
   template <class X, typename T>
   static FRNN_HD void fwd(const X& x, const ExtParams& p, int64_t r) {
+    using M = typename X::Math;
     using A = acc_t<T>;
     const int64_t H = p.H, rc = r * H;
     x.each(H, [&](int64_t j) FRNN_LAMBDA {
-      const A i = sigmoid(pre<T>(p, r, j)), f = sigmoid(pre<T>(p, r, H + j)), g = ftanh(pre<T>(p, r, 2 * H + j));
+      const A i = sigmoid<M>(pre<T>(p, r, j)), f = sigmoid<M>(pre<T>(p, r, H + j));
+      const A g = ftanh<M>(pre<T>(p, r, 2 * H + j));
       const A cp = ld<T>(p.c, rc + j), cn = f * cp + i * g;
       const A c = p.zc ? zone(ld<T>(p.zc, rc + j), cp, cn) : cn;
       st<T>(p.cn, rc + j, cn);
@@ -305,7 +308,7 @@ struct LstmExt {
     x.each(H, [&](int64_t j) FRNN_LAMBDA {
       A cl = ld<T>(p.cn, rc + j);
       if (p.gain_c) cl = (cl - mean) * rstd * ld<T>(p.gain_c, j) + ld<T>(p.shift_c, j);
-      put_h<T>(p, r, j, sigmoid(pre<T>(p, r, 3 * H + j)) * ftanh(cl));
+      put_h<T>(p, r, j, sigmoid<M>(pre<T>(p, r, 3 * H + j)) * ftanh<M>(cl));
     });
   }
 
@@ -314,24 +317,25 @@ struct LstmExt {
   struct Unit {
     acc_t<T> i, f, g, o, cp, nc, tcl;  // gates, c_{t-1}, normalised c (c itself without LayerNorm), tanh(LN(c))
   };
-  template <typename T>
+  template <typename T, class M>
   static FRNN_HD Unit<T> unit(const ExtGradParams& p, int64_t r, int64_t j, acc_t<T> mean, acc_t<T> rstd) {
     using A = acc_t<T>;
     const int64_t H = p.H;
     Unit<T> u;
-    u.i = sigmoid(pre<T>(p, r, j));
-    u.f = sigmoid(pre<T>(p, r, H + j));
-    u.g = ftanh(pre<T>(p, r, 2 * H + j));
-    u.o = sigmoid(pre<T>(p, r, 3 * H + j));
+    u.i = sigmoid<M>(pre<T>(p, r, j));
+    u.f = sigmoid<M>(pre<T>(p, r, H + j));
+    u.g = ftanh<M>(pre<T>(p, r, 2 * H + j));
+    u.o = sigmoid<M>(pre<T>(p, r, 3 * H + j));
     u.cp = prev_at<T>(p, r, j);
     u.nc = (u.f * u.cp + u.i * u.g - mean) * rstd;
     const A cl = p.gain_c ? u.nc * ld<T>(p.gain_c, j) + ld<T>(p.shift_c, j) : u.nc;
-    u.tcl = ftanh(cl);
+    u.tcl = ftanh<M>(cl);
     return u;
   }
 
   template <class X, typename T>
   static FRNN_HD void bwd(const X& x, const ExtGradParams& p, int64_t r, void* part) {
+    using M = typename X::Math;
     using A = acc_t<T>;
     const int64_t H = p.H, GH = p.GH, rc = r * H;
     const bool ln = p.gain_c != nullptr;
@@ -341,7 +345,7 @@ struct LstmExt {
     A m[2] = {A(0), A(0)};
     if (ln) {
       x.reduce(H, m, [&](int64_t j, A(&t)[2]) FRNN_LAMBDA {
-        const Unit<T> u = unit<T>(p, r, j, mean, rstd);
+        const Unit<T> u = unit<T, M>(p, r, j, mean, rstd);
         const A dcl = split_dh<T>(p, r, j).cell * u.o * (A(1) - u.tcl * u.tcl);
         const A dnc = dcl * ld<T>(p.gain_c, j);
         t[0] = dnc;
@@ -353,7 +357,7 @@ struct LstmExt {
       m[1] /= A(H);
     }
     x.each(H, [&](int64_t j) FRNN_LAMBDA {
-      const Unit<T> u = unit<T>(p, r, j, mean, rstd);
+      const Unit<T> u = unit<T, M>(p, r, j, mean, rstd);
       const DhSplit<T> d = split_dh<T>(p, r, j);
       const A dcl = d.cell * u.o * (A(1) - u.tcl * u.tcl);
       const A dcn = ln ? rstd * (dcl * ld<T>(p.gain_c, j) - m[0] - u.nc * m[1]) : dcl;
@@ -376,21 +380,23 @@ struct LstmExt {
 struct GruExt {
   template <class X, typename T>
   static FRNN_HD void fwd(const X& x, const ExtParams& p, int64_t r) {
+    using M = typename X::Math;
     using A = acc_t<T>;
     x.each(p.H, [&](int64_t j) FRNN_LAMBDA {
-      const A rg = sigmoid(pre<T>(p, r, j)), z = sigmoid(pre<T>(p, r, p.H + j));
-      const A n = gru_n<T>(p, r, j, rg).n;
+      const A rg = sigmoid<M>(pre<T>(p, r, j)), z = sigmoid<M>(pre<T>(p, r, p.H + j));
+      const A n = gru_n<T, M>(p, r, j, rg).n;
       put_h<T>(p, r, j, (A(1) - z) * n + z * ld<T>(p.h, r * p.h_stride + j));
     });
   }
 
   template <class X, typename T>
   static FRNN_HD void bwd(const X& x, const ExtGradParams& p, int64_t r, void*) {
+    using M = typename X::Math;
     using A = acc_t<T>;
     const int64_t H = p.H;
     x.each(H, [&](int64_t j) FRNN_LAMBDA {
-      const A rg = sigmoid(pre<T>(p, r, j)), z = sigmoid(pre<T>(p, r, H + j));
-      const GruN<T> g = gru_n<T>(p, r, j, rg);
+      const A rg = sigmoid<M>(pre<T>(p, r, j)), z = sigmoid<M>(pre<T>(p, r, H + j));
+      const GruN<T> g = gru_n<T, M>(p, r, j, rg);
       const A n = g.n, hn = g.hn;
       const DhSplit<T> d = split_dh<T>(p, r, j);
       const A dn = d.cell * (A(1) - z) * (A(1) - n * n);
@@ -406,21 +412,23 @@ struct GruExt {
 
 template <bool Relu>
 struct RnnExt {
-  template <typename A>
+  template <class M, typename A>
   static FRNN_HD A act(A a) {
-    return Relu ? (a > A(0) ? a : A(0)) : ftanh(a);
+    return Relu ? (a > A(0) ? a : A(0)) : ftanh<M>(a);
   }
 
   template <class X, typename T>
   static FRNN_HD void fwd(const X& x, const ExtParams& p, int64_t r) {
-    x.each(p.H, [&](int64_t j) FRNN_LAMBDA { put_h<T>(p, r, j, act(pre<T>(p, r, j))); });
+    using M = typename X::Math;
+    x.each(p.H, [&](int64_t j) FRNN_LAMBDA { put_h<T>(p, r, j, act<M>(pre<T>(p, r, j))); });
   }
 
   template <class X, typename T>
   static FRNN_HD void bwd(const X& x, const ExtGradParams& p, int64_t r, void*) {
+    using M = typename X::Math;
     using A = acc_t<T>;
     x.each(p.H, [&](int64_t j) FRNN_LAMBDA {
-      const A a = pre<T>(p, r, j), h = act(a);
+      const A a = pre<T>(p, r, j), h = act<M>(a);
       const DhSplit<T> d = split_dh<T>(p, r, j);
       const A da = Relu ? (a > A(0) ? d.cell : A(0)) : d.cell * (A(1) - h * h);
       put_dgate<T>(p, r, j, da, da);

@@ -64,27 +64,27 @@ void on_isa(const F& f) {
   run_at(isa_choice().level, f);
 }
 
-template <class Op, typename T, class P>
+template <class Op, typename T, class M = Fused, class P>
 FRNN_HD void row_segment(const P& p, int64_t r, int64_t j0, int64_t j1) {
 #pragma GCC ivdep
-  for (int64_t j = j0; j < j1; ++j) Op::template elem<T>(p, r, j);
+  for (int64_t j = j0; j < j1; ++j) Op::template elem<T, T, M>(p, r, j);
 }
 
 // bf16 sequence tensors, fp32 workspaces (the engine's bf16 path)
 template <class Op, class P>
 void rows_bf16(const P& p, int64_t units) {
-  on_isa([&] {
+  on_isa([&](auto m) {
     for (int64_t r = 0; r < p.rows; ++r) {
 #pragma GCC ivdep
-      for (int64_t j = 0; j < units; ++j) Op::template elem<c10::BFloat16, float>(p, r, j);
+      for (int64_t j = 0; j < units; ++j) Op::template elem<c10::BFloat16, float, decltype(m)>(p, r, j);
     }
   });
 }
 
 template <class Op, class P>
 void rows_f32(const P& p, int64_t units) {
-  on_isa([&] {
-    for (int64_t r = 0; r < p.rows; ++r) row_segment<Op, float>(p, r, 0, units);
+  on_isa([&](auto m) {
+    for (int64_t r = 0; r < p.rows; ++r) row_segment<Op, float, decltype(m)>(p, r, 0, units);
   });
 }
 
@@ -97,7 +97,7 @@ void run(const P& p) {
     for (int64_t i = begin; i < end;) {
       const int64_t r = i / p.H, j0 = i - r * p.H, j1 = std::min(p.H, j0 + (end - i));
       if constexpr (std::is_same_v<T, float>) {
-        on_isa([&] { row_segment<Op, float>(p, r, j0, j1); });
+        on_isa([&](auto m) { row_segment<Op, float, decltype(m)>(p, r, j0, j1); });
       } else {
         row_segment<Op, T>(p, r, j0, j1);
       }
@@ -133,27 +133,27 @@ void run_block(Mode m, Dtype d, const P& p, int64_t units, Visit visit) {
 // Tasks [begin, end): rows of a forward step or of the input LayerNorm; slots of a backward step, each slot
 // rows s, s + slots, ... so that its partial sums have one writer. Each range runs on a local copy of the params: a store through one of the row pointers could otherwise alias
 // the caller's struct, and the compiler then reloads every pointer per element and keeps the loops scalar.
-template <class Op, typename T>
+template <class Op, typename T, class M = Fused>
 FRNN_HD void ext_range(const ExtParams& params, int64_t begin, int64_t end) {
   const ExtParams p = params;
-  for (int64_t r = begin; r < end; ++r) ext_fwd_row<Op, RowSerial, T>(RowSerial{}, p, r);
+  for (int64_t r = begin; r < end; ++r) ext_fwd_row<Op, RowSerialAt<M>, T>(RowSerialAt<M>{}, p, r);
 }
-template <class Op, typename T>
+template <class Op, typename T, class M = Fused>
 FRNN_HD void ext_range(const ExtGradParams& params, int64_t begin, int64_t end) {
   const ExtGradParams p = params;
   for (int64_t s = begin; s < end; ++s) {
-    for (int64_t r = s; r < p.rows; r += p.slots) ext_bwd_row<Op, RowSerial, T>(RowSerial{}, p, r);
+    for (int64_t r = s; r < p.rows; r += p.slots) ext_bwd_row<Op, RowSerialAt<M>, T>(RowSerialAt<M>{}, p, r);
   }
 }
-template <class Op, typename T>
+template <class Op, typename T, class M = Fused>
 FRNN_HD void ext_range(const LnRowsParams& params, int64_t begin, int64_t end) {
   const LnRowsParams p = params;
-  for (int64_t r = begin; r < end; ++r) ln_rows_row<RowSerial, T>(RowSerial{}, p, r);
+  for (int64_t r = begin; r < end; ++r) ln_rows_row<RowSerialAt<M>, T>(RowSerialAt<M>{}, p, r);
 }
 
 template <class Op, class P>
 void ext_range_f32(const P& p, int64_t begin, int64_t end) {
-  on_isa([&] { ext_range<Op, float>(p, begin, end); });
+  on_isa([&](auto m) { ext_range<Op, float, decltype(m)>(p, begin, end); });
 }
 
 // (tasks, grain): a row is G*H elements of work a few times over, a slot at least one row.

@@ -710,7 +710,7 @@ struct DotWeight {
     const auto* a = static_cast<const float*>(h);
     const float* wp = w.data_ptr<float>();
     const int64_t nb = (s1 - s0 + L.U - 1) / L.U;
-    run_at(machine().isa, [&] {
+    run_at(machine().isa, [&](auto) {
       for (int64_t i = 0; i < nb; ++i) {
         const int64_t j0 = s0 + (backwards ? nb - 1 - i : i) * L.U, n = std::min(j0 + L.U, s1) - j0;
         dot_block(L.G, L.H, K, n, a, wp + j0 * K, C + L.G * (j0 - s0));

@@ -9,8 +9,10 @@
 namespace fastrnn {
 
 // One row of fastrnn's own cells on the calling thread (cell_ln.h's executor interface), its loops SIMD: an
-// element reads and writes only its own index (cell_ln.h), so lanes are independent.
-struct RowSerial {
+// element reads and writes only its own index (cell_ln.h), so lanes are independent. M: cell.h's multiply-add.
+template <class M>
+struct RowSerialAt {
+  using Math = M;
   template <class F>
   FRNN_HD void each(int64_t n, F&& f) const {
 #pragma omp simd
@@ -44,5 +46,6 @@ struct RowSerial {
   void sync() const {}
   bool leader() const { return true; }
 };
+using RowSerial = RowSerialAt<Fused>;  // the GPU's arithmetic: the emulator's, and the CPU's but in baseline
 
 }  // namespace fastrnn

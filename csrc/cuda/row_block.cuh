@@ -17,6 +17,7 @@ constexpr int kWarps = kRowThreads / 32;
 // cell_ln.h's executor for the block that owns a row. Host stubs only keep the host pass of these
 // __host__ __device__ templates compiling; the kernels run the device branch.
 struct RowBlock {
+  using Math = Fused;
   template <class F>
   FRNN_HD void each(int64_t n, F&& f) const {
 #if defined(__CUDA_ARCH__)

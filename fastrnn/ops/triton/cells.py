@@ -22,9 +22,9 @@ import triton.language as tl
 # Every launch and ahead-of-time compile passes this as ``enable_fp_fusion``, so fastrnn never depends on
 # Triton's default (fusion on until 3.9, off from 3.10, with a warning when TRITON_DEFAULT_FP_FUSION is
 # unset). Off: the interpreter, where the tests run these kernels on CPU, rounds every multiply and add
-# separately, and only unfused code rounds the same way there, compiled, and in csrc/cell/cell.h, which is
-# built without contraction for the same reason (see fastrnn/_buildcfg.py). The cell math is a small part
-# of a step next to the recurrent product, whose tl.dot is unaffected.
+# separately, and only unfused code rounds the same way there and compiled (csrc/cell/cell.h, built without
+# contraction too, fuses explicitly: see fastrnn/_buildcfg.py). The cell math is a small part of a step next
+# to the recurrent product, whose tl.dot is unaffected.
 FP_FUSION = False
 
 
