@@ -203,6 +203,22 @@ if torch.cuda.is_available():  # collected only where a GPU is present
                 torch.testing.assert_close(b, a)
             assert len(host._GRAPHS) <= 2
 
+    @pytest.mark.cuda
+    def test_cuda_graph_of_one_shape_in_another_dtype_is_its_own(monkeypatch):
+        """Calls of one shape in several dtypes, one after another: each replays a graph of its own dtype (a
+        graph captured for fp16 and replayed with fp32 inputs would round them to fp16)."""
+        host = triton_backend._host
+        monkeypatch.setattr(host, "_GRAPHS", type(host._GRAPHS)())
+        c = Case("LSTM", 6, 4, 3, 40, seed=5)
+        for dt in (torch.float16, torch.float32, torch.bfloat16, torch.float32):
+            plain = Impl("triton", "cuda", dt, (("variant", "step"),))
+            graphed = Impl("triton", "cuda", dt, (("cuda_graph", True), ("variant", "step")))
+            inputs = make_inputs(c, plain)
+            (outs, grads), (g_outs, g_grads) = run(plain.layer, c, inputs), run(graphed.layer, c, inputs)
+            for a, b in zip(outs + list(grads.values()), g_outs + list(g_grads.values())):
+                assert b.dtype == a.dtype == dt
+                torch.testing.assert_close(b, a)
+
 
 @interpreted
 def test_torch_compile_fullgraph():

@@ -174,11 +174,14 @@ def run_loop(key: Optional[tuple], loop: Callable[..., Sequence[Tensor]], inputs
     UNVERIFIED: this path has never run on a GPU. Capture follows ``torch.cuda.graphs``: warm up on a side
     stream, capture into a graph whose inputs are copies held by the cache, then per call copy the new
     inputs in, replay and clone the outputs (the next replay overwrites them). ``key`` must determine
-    every host-side decision the loop makes (shapes, batch sizes, flags).
+    every host-side decision the loop makes (batch sizes, flags); the inputs' dtypes and shapes are added
+    here, since a graph's input copies keep the first call's (``copy_`` would convert a later call's
+    inputs to them silently: fp32 weights replayed in fp16).
     """
     if key is None or torch.cuda.is_current_stream_capturing():
         # inside a caller's own capture the launches are recorded into that graph already
         return list(loop(*inputs))
+    key = (key, tuple((t.dtype, tuple(t.shape)) for t in inputs))
     entry = _GRAPHS.get(key)
     if entry is not None:
         _GRAPHS.move_to_end(key)
@@ -277,8 +280,8 @@ def forward(a: LayerArgs, options: tuple, save: bool) -> Tuple[Tensor, Tensor, T
 
         key = None
         if cuda_graph and variant == "step":
-            key = ("fwd", mode, tuple(rows.sizes), reverse, save, x.device, xp.dtype, tuple(h0.shape),
-                   tuple(w_hh.shape), b_hh is not None, c0 is not None, w_hr is not None)
+            key = ("fwd", mode, tuple(rows.sizes), reverse, save, x.device, b_hh is not None, c0 is not None,
+                   w_hr is not None)
         hs, hr, cs, gates, hn, h_n, c_n = run_loop(
             key, loop, [xp, h0, c0 if c0 is not None else empty, w_hh, b_hh if b_hh is not None else empty,
                         w_hr if w_hr is not None else empty, rows.last_rows])
