@@ -161,12 +161,17 @@ __global__ void __launch_bounds__(kThreads, 1) persist_kernel(const __grid_const
   }
 }
 
-// Whether a cluster of `slices` blocks with this kernel's shared memory can be placed at all (the blocks of a
-// cluster share one GPC): the device's limits alone do not say.
-bool cluster_fits(const void* kernel, const cudaLaunchConfig_t& cfg) {
+// Whether all of the launch's clusters with this kernel's shared memory are resident at once (the blocks of a
+// cluster share one GPC: the device's limits alone do not say; with 5-8 blocks per cluster and a block per SM
+// the GPCs hold fewer clusters than SMs / blocks). Clusters never wait on each other, so more would still be
+// right but run in a second wave, the layer's time twice over: the grid barrier is cheaper then.
+bool clusters_fit(const void* kernel, const cudaLaunchConfig_t& cfg) {
   int clusters = 0;
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg));
-  return clusters > 0;
+  if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg) != cudaSuccess) {
+    (void)cudaGetLastError();  // a cluster this GPU cannot place: not an error, the grid barrier runs instead
+    return false;
+  }
+  return static_cast<unsigned>(clusters) * cfg.attrs[0].val.clusterDim.x >= cfg.gridDim.x;
 }
 
 // Whether the kernel runs sm_90 code, where the cluster barrier exists: a build without it (FASTRNN_CUDA_ARCHS
@@ -200,7 +205,7 @@ void launch(const void* kernel, const Dirs<Args>& dirs, cudaStream_t stream) {
     cfg.stream = stream;
     cfg.attrs = &attr;
     cfg.numAttrs = 1;
-    if (has_clusters(kernel) && cluster_fits(kernel, cfg)) {
+    if (has_clusters(kernel) && clusters_fit(kernel, cfg)) {
       C10_CUDA_CHECK(cudaLaunchKernelExC(&cfg, kernel, params));
       return;
     }
@@ -209,8 +214,9 @@ void launch(const void* kernel, const Dirs<Args>& dirs, cudaStream_t stream) {
     C10_CUDA_CHECK(cudaGetDevice(&device));
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&coop, cudaDevAttrCooperativeLaunch, device));
     TORCH_CHECK(coop != 0, "fastrnn: the persistent engine planned a thread-block cluster of ", p.slices,
-                " blocks that this GPU cannot place or this build cannot run (no sm_90 code), and the GPU has no "
-                "cooperative launch for the grid barrier instead; unset FASTRNN_PERSISTENT for the per-step path");
+                " blocks that this GPU cannot place all at once or this build cannot run (no sm_90 code), and the GPU "
+                "has no cooperative launch for the grid barrier instead; unset FASTRNN_PERSISTENT for the per-step "
+                "path");
     p.scheme = copy.d[1].plan.scheme = kGrid;
   }
   if (p.scheme == kGrid) {
