@@ -420,3 +420,18 @@ def test_cpp_availability():
     else:
         assert "without CUDA" in cpp.availability(cuda, torch.float32)
     assert "no kernels" in cpp.availability(torch.device("meta"), torch.float32)
+
+
+if torch.cuda.is_available():  # collected only where a GPU is present
+    @pytest.mark.cuda
+    @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs a second GPU")
+    @pytest.mark.parametrize("backend", ["cpp", "triton"])
+    def test_layer_on_a_gpu_other_than_the_current_one(backend):
+        """Tensors on cuda:1 while cuda:0 is current: the layer runs on theirs (Triton launches, CUDA graphs
+        and the persistent engine's device queries go to the current device unless told)."""
+        impl = Impl(backend, "cuda:1", torch.float32)
+        if impl.reason() is not None:
+            pytest.skip(impl.reason())
+        with torch.cuda.device(0):
+            assert_matches_reference(impl, Case("LSTM", 5, 3, 4, 20, packed=True))
+            assert torch.cuda.current_device() == 0

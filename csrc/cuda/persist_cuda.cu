@@ -2,6 +2,7 @@
 // bidirectional layer where the plan says so (the block program is in persist.h, shared with the CPU
 // emulator). Only c10 headers, as in cell_cuda.cu.
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
 #include <cooperative_groups.h>
 #include <cuda_runtime.h>
 
@@ -323,7 +324,11 @@ Limits limits(int device) {
   static std::unordered_map<int, Limits> known;
   const std::lock_guard<std::mutex> lock(m);
   auto it = known.find(device);
-  if (it == known.end()) it = known.emplace(device, query_limits(device)).first;
+  if (it == known.end()) {
+    // tensor_cores' cudaFuncGetAttributes asks the current device: this one, whichever the caller's is
+    const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
+    it = known.emplace(device, query_limits(device)).first;
+  }
   return it->second;
 }
 

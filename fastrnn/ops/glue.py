@@ -145,7 +145,7 @@ class _OpPair(_Ops):
         head, opts, (save,) = self._split(inputs)
         # a backend's torch ops (GEMMs beside the kernels) compute in the inputs' dtype, as the kernels do:
         # the caller casts for autocast (the modules do, as torch.nn)
-        with _autocast_off(head[0].x):
+        with _on_device_of(head[0].x):
             y, h_n, c_n, saved = self._forward(*head, opts, save)
         return (y, h_n, c_n, *saved)
 
@@ -157,7 +157,7 @@ class _OpPair(_Ops):
         head, opts, rest = self._split(inputs)
         n = len(self.saved._fields)
         y, saved, (dy, dh_n, dc_n, need_dx) = rest[0], self.saved(*rest[1:1 + n]), rest[1 + n:]
-        with _autocast_off(head[0].x):
+        with _on_device_of(head[0].x):
             return tuple(self._backward(*head, opts, y, saved, dy, dh_n, dc_n, need_dx))
 
     def _bwd_fake(self, *inputs):
@@ -220,7 +220,7 @@ class _PairOps(_Ops):
 
     def _fwd_impl(self, *inputs):
         a, r, opts, (save,) = self._split(inputs)
-        with _autocast_off(a.x):
+        with _on_device_of(a.x):
             y, h_n, c_n, saved, y_r, h_n_r, c_n_r, saved_r = self._impl.forward(a, r, opts, save)
         return (y, h_n, c_n, *saved, y_r, h_n_r, c_n_r, *saved_r)
 
@@ -232,7 +232,7 @@ class _PairOps(_Ops):
         a, r, opts, rest = self._split(inputs)
         n = len(Saved._fields)
         y, saved, y_r, saved_r = rest[0], Saved(*rest[1:1 + n]), rest[1 + n], Saved(*rest[2 + n:2 + 2 * n])
-        with _autocast_off(a.x):
+        with _on_device_of(a.x):
             return tuple(self._impl.backward(a, r, opts, y, saved, y_r, saved_r, *rest[2 + 2 * n:]))
 
     def _bwd_fake(self, *inputs):
@@ -290,11 +290,21 @@ def _eager_forward(owner: _Ops, ctx, inputs: tuple) -> tuple:
     return output
 
 
-def _autocast_off(x: Tensor):
+def _on_device_of(x: Tensor):
     """Autocast off for ``x``'s device where it is on (entering torch.autocast costs ~3 µs a call even where
-    there is nothing to turn off)."""
-    device = x.device.type
-    return torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device) else contextlib.nullcontext()
+    there is nothing to turn off), and on CUDA ``x``'s device the current one where it is not (Triton launches,
+    CUDA graphs and side streams go to the current device, not to their tensors')."""
+    device = x.device
+    autocast = torch.is_autocast_enabled(device.type)
+    elsewhere = device.type == "cuda" and device.index != torch.cuda.current_device()
+    if not (autocast or elsewhere):
+        return contextlib.nullcontext()
+    stack = contextlib.ExitStack()
+    if autocast:
+        stack.enter_context(torch.autocast(device.type, enabled=False))
+    if elsewhere:
+        stack.enter_context(torch.cuda.device(device))
+    return stack
 
 
 def reverse_of(a: LayerArgs, fields: Sequence[Optional[Tensor]]) -> LayerArgs:
