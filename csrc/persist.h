@@ -132,6 +132,18 @@ struct Gemm {
 
 FRNN_HD int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// a / b in the phases' per-step index arithmetic, whose operands count the elements of one block's tile, chunk or
+// columns (a block's plan keeps them to thousands): in 32 bits. nvcc compiles a 64-bit division as a test of the
+// high words, a 32-bit division, and a subroutine of some 70 instructions for wide operands, per element of the
+// staging and cell loops; these never need the subroutine (sm_90 PTX: 982 div.s64 before, 264 after).
+FRNN_HD int64_t div_small(int64_t a, int64_t b) {
+#if !defined(__CUDA_ARCH__)
+  // the emulator checks what the GPU assumes, on every plan the tests run
+  if (a < 0 || a > INT32_MAX || b <= 0 || b > INT32_MAX) throw std::out_of_range("persist: index beyond 32 bits");
+#endif
+  return static_cast<int64_t>(static_cast<uint32_t>(a) / static_cast<uint32_t>(b));
+}
+
 FRNN_HD Gemm make_gemm(int64_t K, int64_t R, int64_t bt, bool mma = false, int64_t es = 4) {
   if (mma) {
     Gemm g{K, R, bt, cdiv(R, 16), cdiv(bt, 8), 0, 1, true, es};
@@ -383,7 +395,7 @@ template <typename T, class A>
 FRNN_HD void stage(const Gemm& g, const Smem<T>& sm, int tid, int64_t k0, int64_t nrows, const A& a) {
   const int64_t klen = g.K - k0 < kChunk ? g.K - k0 : kChunk;
   for (int64_t i = tid; i < nrows * klen; i += kThreads) {
-    const int64_t r = i / klen, kk = i - r * klen;
+    const int64_t r = div_small(i, klen), kk = i - r * klen;
     sm.stage[r * (kChunk + 1) + kk] = a(r, k0 + kk);
   }
 }
@@ -391,8 +403,8 @@ FRNN_HD void stage(const Gemm& g, const Smem<T>& sm, int tid, int64_t k0, int64_
 template <typename T>
 FRNN_HD void accumulate(const Gemm& g, const Smem<T>& sm, int tid, int64_t k0, int64_t nrows, float* acc) {
   if (tid >= g.items * g.ks) return;
-  const int64_t item = tid % g.items, ksl = tid / g.items;
-  const int64_t bg0 = item / g.cw, cg = item - bg0 * g.cw;
+  const int64_t ksl = div_small(tid, g.items), item = tid - ksl * g.items;
+  const int64_t bg0 = div_small(item, g.cw), cg = item - bg0 * g.cw;
   const int64_t klen = g.K - k0 < kChunk ? g.K - k0 : kChunk;
   for (int64_t kk = ksl; kk < klen; kk += g.ks) {
     float w[kTileCols], x[kTileRows];
@@ -412,15 +424,15 @@ FRNN_HD void accumulate(const Gemm& g, const Smem<T>& sm, int tid, int64_t k0, i
 template <typename T>
 FRNN_HD void spill(const Gemm& g, const Smem<T>& sm, int tid, const float* acc) {
   if (tid >= g.items * g.ks) return;
-  const int64_t item = tid % g.items, ksl = tid / g.items;
+  const int64_t ksl = div_small(tid, g.items), item = tid - ksl * g.items;
   for (int e = 0; e < kTile; ++e) sm.red[(ksl * kTile + e) * g.items + item] = acc[e];
 }
 
 template <typename T, class Sink>
 FRNN_HD void reduce(const Gemm& g, const Smem<T>& sm, int tid, int64_t nrows, const Sink& sink) {
   for (int64_t o = tid; o < kTile * g.items; o += kThreads) {
-    const int64_t e = o / g.items, item = o - e * g.items;
-    const int64_t bg0 = item / g.cw, cg = item - bg0 * g.cw;
+    const int64_t e = div_small(o, g.items), item = o - e * g.items;
+    const int64_t bg0 = div_small(item, g.cw), cg = item - bg0 * g.cw;
     const int64_t r = bg0 + (e / kTileCols) * g.bg, c = cg + (e % kTileCols) * g.cw;
     if (r >= nrows || c >= g.R) continue;
     float v = 0.0f;
@@ -438,7 +450,7 @@ FRNN_HD void stage_mma(const Gemm& g, const Smem<T>& sm, int tid, int64_t k0, in
   const int64_t stride = mma_stride(g.es);
   T* st = sm.staged();
   for (int64_t i = tid; i < g.bg * 8 * kp; i += kThreads) {
-    const int64_t r = i / kp, kk = i - r * kp;
+    const int64_t r = div_small(i, kp), kk = i - r * kp;
     st[r * stride + kk] = r < nrows && kk < klen ? mma_operand<T>(a(r, k0 + kk)) : T(0.0f);
   }
 }
@@ -515,10 +527,10 @@ template <typename T, class Sink>
 FRNN_HD void reduce_mma(const Gemm& g, const Smem<T>& sm, int tid, int64_t nrows, const Sink& sink) {
   const int64_t wg = kWarps / g.ks, lanes = wg * 32;
   for (int64_t o = tid; o < kTile * lanes; o += kThreads) {
-    const int64_t e = o / lanes, q = o - e * lanes, lane = q % 32;
+    const int64_t e = div_small(o, lanes), q = o - e * lanes, lane = q % 32;
     const int64_t j = q / 32 + (e / 4) * wg;
     if (j >= g.items) continue;
-    const int64_t ct = j / g.bg, rt = j - ct * g.bg;
+    const int64_t ct = div_small(j, g.bg), rt = j - ct * g.bg;
     const int64_t c = ct * 16 + lane / 4 + 8 * ((e % 4) / 2), r = rt * 8 + 2 * (lane % 4) + e % 2;
     if (r >= nrows || c >= g.R) continue;
     float v = 0.0f;
@@ -591,7 +603,7 @@ struct FwdSink {  // hg[b][g*H + u0 + jj]
   T* hg;
   int64_t H, G, U, u0, r0;
   FRNN_HD void operator()(int64_t r, int64_t c, float v) const {
-    const int64_t g = c / U, u = u0 + c - g * U;
+    const int64_t g = div_small(c, U), u = u0 + c - g * U;
     if (u < H) hg[(r0 + r) * G * H + g * H + u] = static_cast<T>(v);
   }
 };
@@ -606,7 +618,7 @@ FRNN_HD int64_t tile_rows(const Plan& p, const Owned& o, const StepRows& s) {
 template <class Op, typename T, class P>
 FRNN_HD void cell_phase(const P& p, const Owned& o, int64_t n, int tid) {
   for (int64_t i = tid; i < n * o.units; i += kThreads) {
-    const int64_t r = i / o.units;
+    const int64_t r = div_small(i, o.units);
     Op::template elem<T>(p, o.r0 + r, o.u0 + i - r * o.units);
   }
 }
