@@ -11,7 +11,10 @@
 #      engine's split plans at the grid barrier instead of a cluster's (FASTRNN_PERSISTENT_CLUSTER=0), then bf16
 #      modules at every standard configuration against cuDNN's bf16, and two of them again with the engine's
 #      GEMMs off the tensor cores (FASTRNN_PERSISTENT_MMA=0), two in fp32 with TF32 allowed on both sides, and
-#      two with bidirectional layers (the engine's two directions in one launch).
+#      two with bidirectional layers (the engine's two directions in one launch);
+#   5. Nsight Compute's count of shared-memory bank conflicts in the persistent engine's forward and backward
+#      kernels at (100,64,256,256,1), LSTM and GRU, with the SIMT loop's padded strides and without
+#      (FASTRNN_PERSISTENT_PAD=0), and two configurations timed without them.
 # Each step has a time limit (seconds, in STEPS below), so a hang costs one step, not the session. The
 # correctness checks of 2. and 3. run side by side, each its own process on the one GPU (--serial: one after
 # another); the benchmarks run alone after them.
@@ -59,6 +62,8 @@ find_sanitizer() {
     return 1
 }
 SANITIZER=$(find_sanitizer || echo compute-sanitizer)
+NCU=$(command -v ncu || { [ -x "${CUDA_HOME:-/usr/local/cuda}/bin/ncu" ] && echo "${CUDA_HOME:-/usr/local/cuda}/bin/ncu"; } \
+      || echo ncu)
 
 # the present GPU's compute capability ("90"), for a build of that architecture alone
 ARCH=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1 | tr -d '. ')
@@ -99,6 +104,18 @@ STEPS+=("memcheck-grid|300|$ON FASTRNN_PERSISTENT_CLUSTER=0 $SAN --tool memcheck
 # bidirectional layers: the persistent engine's two directions in one launch, each on half the SMs
 [ $BENCH = 1 ] && STEPS+=("bidirectional|90|$ON $PY benchmarks/bench_rnn.py --device cuda --bidirectional \
 --config 512,16,128,128,1 --config 100,64,256,256,1 --impls fastrnn-cpp,torch.nn --quick --out $OUT/bidirectional")
+# the SIMT loop's bank conflicts, padded and not: wavefronts and conflicts of shared loads and stores in the first
+# forward and backward launch of each cell (the warm-up call), then two configurations timed without the pads
+BANKS="l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_ld.sum,l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_st.sum,\
+l1tex__data_pipe_lsu_wavefronts_mem_shared_op_ld.sum,l1tex__data_pipe_lsu_wavefronts_mem_shared_op_st.sum,gpu__time_duration.sum"
+for pad in 1 0; do
+    [ $BENCH = 1 ] && STEPS+=("bank-conflicts-pad$pad|180|$ON FASTRNN_PERSISTENT_PAD=$pad $NCU --kernel-name \
+regex:persist_kernel --launch-count 4 --metrics $BANKS $PY benchmarks/bench_rnn.py --device cuda --config \
+100,64,256,256,1 --cells lstm,gru --modes fwd+bwd --impls fastrnn-cpp --warmup 1 --repeats 1 --passes 1 --no-memory \
+--out $OUT/bank-conflicts-pad$pad")
+done
+[ $BENCH = 1 ] && STEPS+=("unpadded|90|$ON FASTRNN_PERSISTENT_PAD=0 $PY benchmarks/bench_rnn.py --device cuda \
+--config 512,16,128,128,1 --config 100,64,256,256,1 --impls fastrnn-cpp,torch.nn --quick --out $OUT/unpadded")
 
 # --only: the named steps alone, in the plan's order; a name the plan lacks is a usage error
 if [ -n "$ONLY" ]; then

@@ -9,10 +9,15 @@
 #include <c10/cuda/CUDAStream.h>
 #endif
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
+#include <map>
 #include <memory>
+#include <mutex>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "cpu/row_serial.h"
@@ -115,15 +120,19 @@ struct Blocks {
 
   // every block's shared memory, W_hh's slice loaded by `load(sm, tid, u0)`; the rest NaN bytes (fp32, fp16 and
   // bf16 alike), as a GPU's shared memory holds whatever was there: a read of a value never written shows
+  Gemm g;
+
   template <class Load>
-  Blocks(const Plan& p, int64_t H, const Load& load)
-      : smem(dir_blocks(p), std::vector<char>(p.smem, static_cast<char>(0xff))) {
+  Blocks(const Plan& p, const Gemm& gemm, int64_t H, const Load& load)
+      : smem(dir_blocks(p), std::vector<char>(p.smem, static_cast<char>(0xff))), g(gemm) {
+    // a carving beyond the plan's bytes would run past the launch's shared memory on the device
+    if (smem_bytes(g) > p.smem) throw std::logic_error("fastrnn: the persistent engine's GEMM outgrows its plan");
     for (int64_t b = 0; b < blocks(); ++b) {
-      for (int tid = 0; tid < kThreads; ++tid) load(sm(p, b), tid, owned(p, H, b).u0);
+      for (int tid = 0; tid < kThreads; ++tid) load(sm(b), tid, owned(p, H, b).u0);
     }
   }
   int64_t blocks() const { return static_cast<int64_t>(smem.size()); }
-  Smem<T> sm(const Plan& p, int64_t b) { return Smem<T>::carve(smem[b].data(), p.bt, p.mma); }
+  Smem<T> sm(int64_t b) { return Smem<T>::carve(smem[b].data(), g); }
 };
 
 // The block's executor for persist.h's programs on the CPU: each phase on every thread in turn, the GEMM as
@@ -151,11 +160,10 @@ void emulate(const Dirs<typename Prog::Args>& ds) {
   const Plan& p = ds.d[0].plan;
   const int64_t per = dir_blocks(p);
   std::vector<Blocks<T>> bl;
-  std::vector<Gemm> g;
   for (int64_t d = 0; d < p.dirs; ++d) {
     const auto& f = ds.d[d];
-    g.push_back(Prog::gemm(f));
-    bl.emplace_back(f.plan, f.H, [&](const Smem<T>& sm, int tid, int64_t u0) { Prog::load(f, sm, g[d], tid, u0); });
+    const Gemm g = Prog::gemm(f);
+    bl.emplace_back(f.plan, g, f.H, [&](const Smem<T>& sm, int tid, int64_t u0) { Prog::load(f, sm, g, tid, u0); });
   }
   for (int64_t i = 0; i < ds.d[0].lay.T; ++i) {
     for (int ph = 0; ph < Prog::kPhases; ++ph) {
@@ -164,7 +172,7 @@ void emulate(const Dirs<typename Prog::Args>& ds) {
         const auto& f = ds.d[lb.dir];
         const StepRows s = step_rows(f.lay, Prog::kForward ? i : f.lay.T - 1 - i);
         const Owned o = owned(f.plan, f.H, lb.blk);
-        Prog::phase(f, ph, EmulatedBlock{&bl[lb.dir].acc}, bl[lb.dir].sm(f.plan, lb.blk), g[lb.dir], s, o,
+        Prog::phase(f, ph, EmulatedBlock{&bl[lb.dir].acc}, bl[lb.dir].sm(lb.blk), bl[lb.dir].g, s, o,
                     tile_rows(f.plan, o, s), lb.blk);
       }
     }
@@ -218,7 +226,9 @@ void run(const Tensor& x, const Emulate& emulate, const Cuda& cuda) {
 
 }  // namespace
 
-Plan plan_with(const Limits& lim, int64_t G, int64_t B, int64_t H, int64_t esize, bool proj, bool cells, bool pair) {
+namespace {
+Plan plan_uncached(const Limits& lim, int64_t G, int64_t B, int64_t H, int64_t esize, bool proj, bool cells,
+                   bool pair) {
   Plan none;
   if (proj) {
     none.why = "proj_size: the per-step path";
@@ -229,6 +239,28 @@ Plan plan_with(const Limits& lim, int64_t G, int64_t B, int64_t H, int64_t esize
     return none;
   }
   return pair && !cells ? make_pair_plan(G, B, H, esize, lim) : make_plan(G, B, H, esize, lim, cells);
+}
+}  // namespace
+
+// Plans are kept per problem and device: pricing the bank conflicts of unpadded candidates takes up to a few
+// hundred microseconds, once. A model's calls take a handful of shapes; past kPlans the cache starts over.
+Plan plan_with(const Limits& lim, int64_t G, int64_t B, int64_t H, int64_t esize, bool proj, bool cells, bool pair) {
+  constexpr size_t kPlans = 4096;
+  using Key = std::tuple<int64_t, int64_t, bool, int64_t, bool, bool, int64_t, int64_t, int64_t, int64_t, int>;
+  static std::mutex mu;
+  static std::map<Key, Plan> plans;
+  const Key key{lim.sms, lim.smem, lim.cooperative, lim.cluster, lim.mma, lim.tf32, G, B, H, esize,
+                proj | cells << 1 | pair << 2 | lim.pad << 3};
+  {
+    const std::lock_guard<std::mutex> lock(mu);
+    const auto it = plans.find(key);
+    if (it != plans.end()) return it->second;
+  }
+  const Plan p = plan_uncached(lim, G, B, H, esize, proj, cells, pair);
+  const std::lock_guard<std::mutex> lock(mu);
+  if (plans.size() >= kPlans) plans.clear();
+  plans.emplace(key, p);
+  return p;
 }
 
 // The getter's signature changed twice: per operator as an enum from torch 2.10, as a string in 2.9, one switch
@@ -447,6 +479,39 @@ void ext_bwd(const Problem& pr, const Plan& plan, const Tensor& x, const ExtGrad
   run(
       x, [&] { visit_ext(pr.mode, [&](auto op) { emulate<ExtBwdProgram<decltype(op)>>(Dirs<ExtBwd>{{f}}); }); },
       [&](void* stream) { ext_bwd_cuda(pr.mode, f, stream); });
+}
+
+std::map<std::string, std::pair<int64_t, int64_t>> bank_report(int64_t K, int64_t R, int64_t bt, int64_t es,
+                                                                int64_t ldw, int64_t lds, int64_t ldr) {
+  Gemm g = make_gemm(K, R, bt, false, es);
+  if (ldw > 0) g.ldw = ldw;
+  if (lds > 0) g.lds = lds;
+  if (ldr > 0) g.ldr = ldr;
+  const int64_t klen = std::min(K, kChunk), threads = g.items * g.ks;
+  std::map<std::string, std::pair<int64_t, int64_t>> out;
+  // one warp instruction, lane l's word at(w0 + l) (-1: none)
+  auto count = [&](const char* phase, int64_t w0, const std::function<int64_t(int64_t)>& at) {
+    int64_t word[32];
+    for (int l = 0; l < 32; ++l) word[l] = at(w0 + l);
+    const int64_t w = warp_wavefronts(word);
+    auto& o = out[phase];
+    o.first += w;
+    o.second += w > 0;
+  };
+  for (int64_t w0 = 0; w0 < kThreads; w0 += 32) {
+    // the first K chunk's first pass of each loop, as stage / accumulate / spill / reduce index it
+    count("stage", w0, [&](int64_t i) { return i < bt * klen ? stage_at(g, i / klen, i % klen) : -1; });
+    for (int load = 0; load < kTileCols + kTileRows; ++load) {
+      count(load < kTileCols ? "ws" : "xs", w0, [&](int64_t tid) { return k_step_word(g, tid, load); });
+    }
+    for (int e = 0; e < kTile; ++e) {
+      count("spill", w0, [&](int64_t tid) {
+        return tid < threads ? red_at(g, simt_thread(g, tid).ksl, e, simt_thread(g, tid).item) : -1;
+      });
+    }
+    count("reduce", w0, [&](int64_t o) { return o < kTile * g.items ? red_at(g, 0, o / g.items, o % g.items) : -1; });
+  }
+  return out;
 }
 
 bool emulating(const Tensor& x) {

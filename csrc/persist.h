@@ -88,6 +88,7 @@ struct Limits {
   int64_t cluster = 0;  // most blocks in a thread-block cluster (sm_90 and later: 8, the portable size), 0: none
   bool mma = false;     // tensor cores (sm_80 and later): 16-bit always, fp32 only with `tf32`
   bool tf32 = false;    // torch allows TF32 for cuDNN's RNN (torch.backends.cudnn.allow_tf32 / rnn.fp32_precision)
+  bool pad = true;      // the SIMT loop's strides padded where they fit (off: FASTRNN_PERSISTENT_PAD=0, to measure)
 };
 
 
@@ -100,6 +101,7 @@ struct Plan {
   int64_t tiles = 0;   // ceil(B / bt)
   int64_t smem = 0;    // dynamic shared memory per block, bytes
   bool mma = false;    // the block GEMMs on tensor cores (fp32 storage: in TF32)
+  bool pad = true;     // the SIMT loop's strides padded against bank conflicts (simt_strides)
   int64_t dirs = 1;    // directions in one launch: a bidirectional layer's two share it, each on tiles * slices
                        // blocks of its own (direction-major), where the device has the SMs for both
   int64_t cost = 0;    // the cost model's price of a forward and a backward step, SM cycles
@@ -122,12 +124,13 @@ FRNN_HD LaunchBlock launch_block(const Plan& p, int64_t b) {
 // a 4 x 4 tile (columns cg + j*cw, rows bg_ + i*bg), and ks such groups split K. Tensor cores (mma): items = cw *
 // bg tiles of 16 columns x 8 rows (tile j: column tile j / bg, row tile j % bg), warp w takes tiles w % wg +
 // i*wg (i < kWarpTiles) of its K slice w / wg, with wg = kWarps / ks warps per slice; es: the operands' element
-// size (2: 16-bit, 4: TF32 in fp32 storage).
+// size (2: 16-bit, 4: TF32 in fp32 storage). ldw, lds, ldr: the SIMT loop's shared-memory strides (simt_strides).
 struct Gemm {
   int64_t K, R, bt;
   int64_t cw, bg, items, ks;
   bool mma;
   int64_t es;
+  int64_t ldw, lds, ldr;
 };
 
 FRNN_HD int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -144,16 +147,59 @@ FRNN_HD int64_t div_small(int64_t a, int64_t b) {
   return static_cast<int64_t>(static_cast<uint32_t>(a) / static_cast<uint32_t>(b));
 }
 
-FRNN_HD Gemm make_gemm(int64_t K, int64_t R, int64_t bt, bool mma = false, int64_t es = 4) {
+// The SIMT loop's strides, chosen so that a warp's shared loads of one K step are free of bank conflicts (the
+// 32 banks of 4 bytes serve one word each per cycle). Thread tid is (ksl, item) = (tid / items, tid % items), so
+// with items < 32 a warp spans `span` K slices, each reading its own row kk of Ws and column kk of the stage:
+// - Ws, ldw elements per row (>= R): a warp reads columns cg + j*cw of `span` rows. With a row stride of cw*m
+//   words, m odd, row q's columns fall on banks cw*(q*m mod 32/cw) + cg: distinct for cw a power of two; for
+//   other cw a stride of cw (mod 32) words puts (ksl, cg) on bank ksl*cw + cg, the lane's own for bg = 1.
+//   16-bit Ws pairs columns in a word, so the rule runs on words (ceil(R / 2) per row, ceil(cw / 2) per group).
+//   The pad costs (ldw - R) * K elements: 25 % at R = 4cw with cw a power of two.
+// - stage, lds floats per row: rows bg_ (bg of them) and `span` columns meet on bank bg_ * (lds - kChunk) +
+//   column: distinct with lds = kChunk + span while bg * span <= 32 (kChunk + 1 when span is 1, as before).
+// - reduction buffer, ldr floats per K slice: spill's store of value e puts (ksl, item) on bank ksl*ldr + item
+//   (+ e*items), the lane's own (ksl*items + item) with ldr = items (mod 32); reduce reads consecutive floats of
+//   each slice. At most 31 floats per slice beyond kTile * items.
+// With one K slice per warp (items a multiple of 32) no two rows meet and nothing is padded. Unpadded (`pad`
+// false: ldw = R, lds = kChunk + 1, ldr = kTile * items) where the plan finds no room for the pads.
+// tests/test_persist.py counts the phases' wavefronts per warp (bank_report, persist.cpp) on the plans' GEMMs.
+FRNN_HD int64_t ksl_span(int64_t items, int64_t ks) {
+  if (items % 32 == 0 || ks == 1) return 1;
+  if (32 % items == 0) return 32 / items < ks ? 32 / items : ks;
+  int64_t span = 1;
+  for (int64_t t0 = 0; t0 < items * ks; t0 += 32) {
+    const int64_t t1 = t0 + 31 < items * ks ? t0 + 31 : items * ks - 1, s = t1 / items - t0 / items + 1;
+    span = s > span ? s : span;
+  }
+  return span;
+}
+// The row stride, in words, of rows of r words that a warp reads in groups of cw words from `span` rows.
+FRNN_HD int64_t word_stride(int64_t r, int64_t cw, int64_t span) {
+  if (span == 1) return r;
+  if ((cw & (cw - 1)) == 0) {
+    const int64_t m = cdiv(r, cw);
+    return cw * (m % 2 ? m : m + 1);
+  }
+  return r + ((cw - r) % 32 + 32) % 32;
+}
+FRNN_HD void simt_strides(Gemm& g, bool pad) {
+  const int64_t span = pad ? ksl_span(g.items, g.ks) : 1;
+  g.ldw = g.es == 2 && span > 1 ? 2 * word_stride(cdiv(g.R, 2), cdiv(g.cw, 2), span) : word_stride(g.R, g.cw, span);
+  g.lds = kChunk + span;
+  g.ldr = kTile * g.items + (pad ? ((g.items - kTile * g.items) % 32 + 32) % 32 : 0);
+}
+
+FRNN_HD Gemm make_gemm(int64_t K, int64_t R, int64_t bt, bool mma = false, int64_t es = 4, bool pad = true) {
   if (mma) {
-    Gemm g{K, R, bt, cdiv(R, 16), cdiv(bt, 8), 0, 1, true, es};
+    Gemm g{K, R, bt, cdiv(R, 16), cdiv(bt, 8), 0, 1, true, es, 0, 0, 0};
     g.items = g.cw * g.bg;
     while (g.items * g.ks * 2 <= kWarps && g.ks * 2 <= kMmaChunk / mma_k(es)) g.ks *= 2;
     return g;
   }
-  Gemm g{K, R, bt, cdiv(R, kTileCols), cdiv(bt, kTileRows), 0, 1, false, es};
+  Gemm g{K, R, bt, cdiv(R, kTileCols), cdiv(bt, kTileRows), 0, 1, false, es, 0, 0, 0};
   g.items = g.cw * g.bg;
   while (g.items * g.ks * 2 <= kThreads && g.ks * 2 <= kChunk) g.ks *= 2;
+  simt_strides(g, pad);
   return g;
 }
 
@@ -172,32 +218,85 @@ FRNN_HD int64_t gemm_cycles(const Gemm& g) {
 FRNN_HD int64_t k_stored(const Gemm& g) { return g.mma ? cdiv(g.K, mma_k(g.es)) * mma_k(g.es) : g.K; }
 FRNN_HD int64_t r_stored(const Gemm& g) { return g.mma ? g.cw * 16 : g.R; }
 
+// The SIMT loop's places: thread tid's K slice and 4 x 4 tile; Ws(k, c); the staged operand's row r, column kk of
+// the chunk; value e of a K slice's item in the reduction buffer.
+struct SimtThread {
+  int64_t ksl, item, bg0, cg;
+};
+FRNN_HD SimtThread simt_thread(const Gemm& g, int64_t tid) {
+  const int64_t ksl = div_small(tid, g.items), item = tid - ksl * g.items, bg0 = div_small(item, g.cw);
+  return {ksl, item, bg0, item - bg0 * g.cw};
+}
+FRNN_HD int64_t simt_w(const Gemm& g, int64_t k, int64_t c) { return k * g.ldw + c; }
+FRNN_HD int64_t stage_at(const Gemm& g, int64_t r, int64_t kk) { return r * g.lds + kk; }
+FRNN_HD int64_t red_at(const Gemm& g, int64_t ksl, int64_t e, int64_t item) { return ksl * g.ldr + e * g.items + item; }
+
 // Where Ws(k, c) lives in shared memory: row-major for the SIMT loop; for the tensor cores in the order the A
 // fragments take Ws^T (row c, column k), so that a lane's values of a 16 x mma_k tile are one 16-byte load
 // (8 16-bit values, or 4 fp32): tile (c / 16, k / mma_k), then lane, then the value's slot in its registers.
 FRNN_HD int64_t w_index(const Gemm& g, int64_t k, int64_t c) {
-  if (!g.mma) return k * g.R + c;
+  if (!g.mma) return simt_w(g, k, c);
   const int64_t kk = mma_k(g.es), i = c % 16, j = k % kk, tile = (c / 16) * cdiv(g.K, kk) + k / kk;
   if (g.es == 4) return (tile * 32 + (i % 8) * 4 + j % 4) * 4 + i / 8 + 2 * (j / 4);
   return (tile * 32 + (i % 8) * 4 + (j % 8) / 2) * 8 + (j % 2) + 2 * (i / 8) + 4 * (j / 8);
 }
 
-// Shared memory of one block, in this order: the staged operand (SIMT: floats, bt x (kChunk + 1), the pad puts
-// the rows a warp reads in distinct banks; mma: the storage type, bt rounded up to 8 rows x mma_stride), the
-// reduction buffer (kThreads x 16 floats), W_hh's slice as stored (G*H*U elements of the storage type, forward
-// [H][G*U], backward [G*H][U], each padded to 16 x mma_k tiles for the tensor cores).
-FRNN_HD int64_t stage_bytes(int64_t bt, bool mma, int64_t es) {
-  return mma ? cdiv(bt, 8) * 8 * mma_stride(es) * es : bt * (kChunk + 1) * 4;
+// Shared memory of one block, in this order: the staged operand (SIMT: floats, bt x lds; mma: the storage type,
+// bt rounded up to 8 rows x mma_stride), the reduction buffer (SIMT: ks slices of ldr floats; at least, and with
+// mma exactly, kThreads x kTile floats), Ws as stored (SIMT: K rows of ldw elements of the storage type, the
+// forward's [H][G*U], the backward's [G*H][U]; mma: padded to 16 x mma_k tiles). The forward's and the backward's
+// launches each carve their own GEMM's; the plan reserves the larger.
+FRNN_HD int64_t stage_bytes(const Gemm& g) {
+  return g.mma ? cdiv(g.bt, 8) * 8 * mma_stride(g.es) * g.es : g.bt * g.lds * 4;
 }
-// The larger of the forward's and the backward's slice (they differ only in their padding).
-FRNN_HD int64_t w_elems(int64_t G, int64_t H, int64_t U, bool mma, int64_t es) {
-  if (!mma) return G * H * U;
-  const int64_t kk = mma_k(es);
-  const int64_t fwd = cdiv(H, kk) * cdiv(G * U, 16), bwd = cdiv(G * H, kk) * cdiv(U, 16);
-  return (fwd > bwd ? fwd : bwd) * 16 * kk;
+FRNN_HD int64_t red_floats(const Gemm& g) {
+  return g.mma || g.ks * g.ldr < int64_t(kThreads) * kTile ? int64_t(kThreads) * kTile : g.ks * g.ldr;
 }
-FRNN_HD int64_t smem_bytes(int64_t G, int64_t H, int64_t U, int64_t bt, int64_t esize, bool mma = false) {
-  return stage_bytes(bt, mma, esize) + int64_t(kThreads) * kTile * 4 + w_elems(G, H, U, mma, esize) * esize;
+FRNN_HD int64_t w_elems(const Gemm& g) { return g.mma ? k_stored(g) * r_stored(g) : g.K * g.ldw; }
+FRNN_HD int64_t smem_bytes(const Gemm& g) { return stage_bytes(g) + red_floats(g) * 4 + w_elems(g) * g.es; }
+
+// The wavefronts of one warp's shared-memory access with lane l at 4-byte word word[l] (-1: the lane sits out):
+// the most distinct words any one bank serves (0: no lane takes part). Host code: the plan's price of unpadded
+// strides, and the tests' count (bank_report).
+inline int64_t warp_wavefronts(const int64_t (&word)[32]) {
+  int64_t seen[32][32], most = 0;
+  int n[32] = {};
+  for (const int64_t w : word) {
+    if (w < 0) continue;
+    const int64_t b = w % 32;
+    int i = 0;
+    while (i < n[b] && seen[b][i] != w) ++i;
+    if (i == n[b]) seen[b][n[b]++] = w;
+    most = n[b] > most ? n[b] : most;
+  }
+  return most;
+}
+// Lane l's word in warp instruction `load` of a SIMT K step (accumulate's first pass of a chunk): loads 0..3 Ws's
+// columns cg + j*cw, 4..7 the stage's rows bg_ + i*bg; -1 where the lane loads nothing.
+inline int64_t k_step_word(const Gemm& g, int64_t tid, int load) {
+  const int64_t klen = g.K < kChunk ? g.K : kChunk;
+  if (tid >= g.items * g.ks) return -1;
+  const SimtThread th = simt_thread(g, tid);
+  if (th.ksl >= klen) return -1;
+  if (load < kTileCols) {
+    const int64_t c = th.cg + load * g.cw;
+    return c < g.R ? simt_w(g, th.ksl, c) * g.es / 4 : -1;
+  }
+  const int64_t r = th.bg0 + (load - kTileCols) * g.bg;
+  return r < g.bt ? stage_at(g, r, th.ksl) : -1;
+}
+// A SIMT K step's price in the plan's units (a thread's FMA, ~4 cycles; 16 per K step): its FMAs, or the block's
+// shared-load wavefronts at one per cycle where bank conflicts make those the longer.
+inline int64_t k_step_cycles(const Gemm& g) {
+  int64_t waves = 0;
+  for (int64_t w0 = 0; w0 < kThreads; w0 += 32) {
+    for (int load = 0; load < kTileCols + kTileRows; ++load) {
+      int64_t word[32];
+      for (int l = 0; l < 32; ++l) word[l] = k_step_word(g, w0 + l, load);
+      waves += warp_wavefronts(word);
+    }
+  }
+  return cdiv(waves, 4) > kTile ? cdiv(waves, 4) : kTile;
 }
 
 // fastrnn's own cells (cell_ln.h) run a row phase after each step's GEMM: a block takes whole rows of its
@@ -224,15 +323,28 @@ inline Plan make_plan(int64_t G, int64_t B, int64_t H, int64_t esize, const Limi
   int64_t best_cost = -1;
   // a candidate split, its GEMMs on the SIMT loop or the tensor cores
   auto consider = [&](int64_t U, int64_t slices, int64_t bt, int64_t tiles, bool mma) {
-    const int64_t smem = smem_bytes(G, H, U, bt, esize, mma);
-    const Gemm f = make_gemm(H, G * U, bt, mma, esize), b = make_gemm(G * H, U, bt, mma, esize);
+    // padded strides where they fit, else the unpadded ones, whose bank conflicts are priced below
+    Gemm f = make_gemm(H, G * U, bt, mma, esize, false), b = make_gemm(G * H, U, bt, mma, esize, false);
+    int64_t smem = smem_bytes(f) > smem_bytes(b) ? smem_bytes(f) : smem_bytes(b);
     if (smem > smem_max || !gemm_fits(f) || !gemm_fits(b)) return;
+    const Gemm fp = make_gemm(H, G * U, bt, mma, esize), bp = make_gemm(G * H, U, bt, mma, esize);
+    const int64_t smem_p = smem_bytes(fp) > smem_bytes(bp) ? smem_bytes(fp) : smem_bytes(bp);
+    const bool pad = mma || (lim.pad && smem_p <= smem_max);
+    if (pad) {
+      f = fp;
+      b = bp;
+      smem = smem_p;
+    }
     const int scheme = slices == 1 ? kBlock : slices <= lim.cluster ? kCluster : kGrid;
     // forward and backward GEMMs per step, plus the barriers and (cells) the rows each block walks
     const int64_t barriers = cells ? 4 : 2;
     const int64_t sync = scheme == kGrid ? kGridSyncCycles : scheme == kCluster ? kClusterSyncCycles : 0;
     const int64_t rows = cells ? 2 * cdiv(bt, slices) * (kRowPassCycles * cdiv(G * H, kThreads) + kRowSyncCycles) : 0;
-    const int64_t cost = gemm_cycles(f) + gemm_cycles(b) + rows + barriers * sync;
+    // conflict-free GEMMs first (the padded strides are, within 0.3 % over tests/test_persist.py's sweep), the
+    // unpadded strides' conflicts counted only for a candidate that would otherwise win
+    int64_t cost = gemm_cycles(f) + gemm_cycles(b) + rows + barriers * sync;
+    if (best_cost >= 0 && cost >= best_cost) return;
+    if (!pad) cost += (cdiv(f.K, f.ks) * k_step_cycles(f) - gemm_cycles(f)) + (cdiv(b.K, b.ks) * k_step_cycles(b) - gemm_cycles(b));
     if (best_cost >= 0 && cost >= best_cost) return;
     best_cost = cost;
     best.cost = cost;
@@ -243,6 +355,7 @@ inline Plan make_plan(int64_t G, int64_t B, int64_t H, int64_t esize, const Limi
     best.tiles = tiles;
     best.smem = smem;
     best.mma = mma;
+    best.pad = pad;
     best.why = scheme == kGrid    ? (cells ? "W_hh split over blocks by hidden units, two grid barriers per step "
                                              "(whole rows for the row phase)"
                                            : "W_hh split over blocks by hidden units, a grid barrier per step")
@@ -342,14 +455,14 @@ FRNN_HD float fma_acc(float a, float b, float c) {
 // One block's view of its shared memory.
 template <typename T>
 struct Smem {
-  float* stage;  // SIMT: [bt][kChunk + 1] floats; mma: [cdiv(bt, 8) * 8][mma_stride] of T
-  float* red;    // [ks][kTile][items]
+  float* stage;  // SIMT: [bt][lds] floats; mma: [cdiv(bt, 8) * 8][mma_stride] of T
+  float* red;    // SIMT: [ks][ldr], a slice's first kTile * items as [kTile][items]; mma: [ks][kTile][wg * 32]
   T* w;          // Ws as stored (w_index)
 
-  FRNN_HD static Smem carve(void* base, int64_t bt, bool mma) {
+  FRNN_HD static Smem carve(void* base, const Gemm& g) {
     unsigned char* b = static_cast<unsigned char*>(base);
-    float* red = reinterpret_cast<float*>(b + stage_bytes(bt, mma, sizeof(T)));
-    return {reinterpret_cast<float*>(b), red, reinterpret_cast<T*>(red + int64_t(kThreads) * kTile)};
+    float* red = reinterpret_cast<float*>(b + stage_bytes(g));
+    return {reinterpret_cast<float*>(b), red, reinterpret_cast<T*>(red + red_floats(g))};
   }
   FRNN_HD T* staged() const { return reinterpret_cast<T*>(stage); }
 };
@@ -396,25 +509,24 @@ FRNN_HD void stage(const Gemm& g, const Smem<T>& sm, int tid, int64_t k0, int64_
   const int64_t klen = g.K - k0 < kChunk ? g.K - k0 : kChunk;
   for (int64_t i = tid; i < nrows * klen; i += kThreads) {
     const int64_t r = div_small(i, klen), kk = i - r * klen;
-    sm.stage[r * (kChunk + 1) + kk] = a(r, k0 + kk);
+    sm.stage[stage_at(g, r, kk)] = a(r, k0 + kk);
   }
 }
 
 template <typename T>
 FRNN_HD void accumulate(const Gemm& g, const Smem<T>& sm, int tid, int64_t k0, int64_t nrows, float* acc) {
   if (tid >= g.items * g.ks) return;
-  const int64_t ksl = div_small(tid, g.items), item = tid - ksl * g.items;
-  const int64_t bg0 = div_small(item, g.cw), cg = item - bg0 * g.cw;
+  const SimtThread th = simt_thread(g, tid);
   const int64_t klen = g.K - k0 < kChunk ? g.K - k0 : kChunk;
-  for (int64_t kk = ksl; kk < klen; kk += g.ks) {
+  for (int64_t kk = th.ksl; kk < klen; kk += g.ks) {
     float w[kTileCols], x[kTileRows];
     for (int j = 0; j < kTileCols; ++j) {
-      const int64_t c = cg + j * g.cw;
-      w[j] = c < g.R ? static_cast<float>(sm.w[(k0 + kk) * g.R + c]) : 0.0f;
+      const int64_t c = th.cg + j * g.cw;
+      w[j] = c < g.R ? static_cast<float>(sm.w[simt_w(g, k0 + kk, c)]) : 0.0f;
     }
     for (int i = 0; i < kTileRows; ++i) {
-      const int64_t r = bg0 + i * g.bg;
-      x[i] = r < nrows ? sm.stage[r * (kChunk + 1) + kk] : 0.0f;
+      const int64_t r = th.bg0 + i * g.bg;
+      x[i] = r < nrows ? sm.stage[stage_at(g, r, kk)] : 0.0f;
     }
     for (int i = 0; i < kTileRows; ++i)
       for (int j = 0; j < kTileCols; ++j) acc[i * kTileCols + j] = fma_acc(x[i], w[j], acc[i * kTileCols + j]);
@@ -424,8 +536,8 @@ FRNN_HD void accumulate(const Gemm& g, const Smem<T>& sm, int tid, int64_t k0, i
 template <typename T>
 FRNN_HD void spill(const Gemm& g, const Smem<T>& sm, int tid, const float* acc) {
   if (tid >= g.items * g.ks) return;
-  const int64_t ksl = div_small(tid, g.items), item = tid - ksl * g.items;
-  for (int e = 0; e < kTile; ++e) sm.red[(ksl * kTile + e) * g.items + item] = acc[e];
+  const SimtThread th = simt_thread(g, tid);
+  for (int e = 0; e < kTile; ++e) sm.red[red_at(g, th.ksl, e, th.item)] = acc[e];
 }
 
 template <typename T, class Sink>
@@ -436,7 +548,7 @@ FRNN_HD void reduce(const Gemm& g, const Smem<T>& sm, int tid, int64_t nrows, co
     const int64_t r = bg0 + (e / kTileCols) * g.bg, c = cg + (e % kTileCols) * g.cw;
     if (r >= nrows || c >= g.R) continue;
     float v = 0.0f;
-    for (int64_t s = 0; s < g.ks; ++s) v += sm.red[(s * kTile + e) * g.items + item];
+    for (int64_t s = 0; s < g.ks; ++s) v += sm.red[red_at(g, s, e, item)];
     sink(r, c, v);
   }
 }
@@ -755,7 +867,7 @@ struct FwdProgram {  // GEMM and cell of the block's units, then the step barrie
   static constexpr int kPhases = 1;
   FRNN_HD static bool step_barrier_after(int) { return true; }
   FRNN_HD static Gemm gemm(const Args& f) {
-    return make_gemm(f.H, f.G * f.plan.units, f.plan.bt, f.plan.mma, sizeof(T));
+    return make_gemm(f.H, f.G * f.plan.units, f.plan.bt, f.plan.mma, sizeof(T), f.plan.pad);
   }
   FRNN_HD static void load(const Args& f, const Smem<T>& sm, const Gemm& g, int tid, int64_t u0) {
     fwd_load_w<T>(f, sm, g, tid, u0);
@@ -780,7 +892,7 @@ struct BwdProgram {  // cell backward of the block's units, the step barrier, dh
   static constexpr int kPhases = 2;
   FRNN_HD static bool step_barrier_after(int ph) { return ph == 0; }
   FRNN_HD static Gemm gemm(const Args& f) {
-    return make_gemm(f.G * f.H, f.plan.units, f.plan.bt, f.plan.mma, sizeof(T));
+    return make_gemm(f.G * f.H, f.plan.units, f.plan.bt, f.plan.mma, sizeof(T), f.plan.pad);
   }
   FRNN_HD static void load(const Args& f, const Smem<T>& sm, const Gemm& g, int tid, int64_t u0) {
     bwd_load_w<T>(f, sm, g, tid, u0);
@@ -806,7 +918,9 @@ struct ExtFwdProgram {  // GEMM of the block's columns, the step barrier, the ro
   static constexpr bool kForward = true;
   static constexpr int kPhases = 2;
   FRNN_HD static bool step_barrier_after(int) { return true; }
-  FRNN_HD static Gemm gemm(const Args& f) { return make_gemm(f.H, f.G * f.plan.units, f.plan.bt); }
+  FRNN_HD static Gemm gemm(const Args& f) {
+    return make_gemm(f.H, f.G * f.plan.units, f.plan.bt, false, 4, f.plan.pad);
+  }
   FRNN_HD static void load(const Args& f, const Smem<float>& sm, const Gemm& g, int tid, int64_t u0) {
     fwd_load_w<float>(f, sm, g, tid, u0);
   }
@@ -828,7 +942,9 @@ struct ExtBwdProgram {  // the row phase, the step barrier, dh_{t-1} of the bloc
   static constexpr bool kForward = false;
   static constexpr int kPhases = 2;
   FRNN_HD static bool step_barrier_after(int) { return true; }
-  FRNN_HD static Gemm gemm(const Args& f) { return make_gemm(f.G * f.H, f.plan.units, f.plan.bt); }
+  FRNN_HD static Gemm gemm(const Args& f) {
+    return make_gemm(f.G * f.H, f.plan.units, f.plan.bt, false, 4, f.plan.pad);
+  }
   FRNN_HD static void load(const Args& f, const Smem<float>& sm, const Gemm& g, int tid, int64_t u0) {
     bwd_load_w<float>(f, sm, g, tid, u0);
   }

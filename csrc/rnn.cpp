@@ -831,8 +831,9 @@ pybind11::dict build_info() {
 // memory per block, cooperative launch or not and thread-block clusters of up to `cluster` blocks (0: none)
 // or not (persist::plan_with, what a call on such a device takes).
 pybind11::dict persist_plan(int64_t G, int64_t B, int64_t H, int64_t esize, int64_t sms, int64_t smem,
-                            bool cooperative, bool proj, bool cells, int64_t cluster, bool mma, bool tf32, bool pair) {
-  const persist::Limits lim{sms, smem, cooperative, cluster, mma, tf32};
+                            bool cooperative, bool proj, bool cells, int64_t cluster, bool mma, bool tf32, bool pair,
+                            bool pad) {
+  const persist::Limits lim{sms, smem, cooperative, cluster, mma, tf32, pad};
   const persist::Plan p = persist::plan_with(lim, G, B, H, esize, proj, cells, pair);
   static const char* names[] = {"per-step", "block", "grid", "cluster"};
   pybind11::dict d;
@@ -842,6 +843,7 @@ pybind11::dict persist_plan(int64_t G, int64_t B, int64_t H, int64_t esize, int6
   d["batch_tile"] = p.bt;
   d["tiles"] = p.tiles;
   d["mma"] = p.mma;
+  d["padded"] = p.pad;
   d["dirs"] = p.dirs;
   d["blocks"] = p.dirs * p.tiles * p.slices;
   d["cost"] = p.cost;
@@ -860,6 +862,7 @@ pybind11::dict cuda_limits(int device) {
   d["cluster"] = l.cluster;
   d["mma"] = l.mma;
   d["tf32"] = persist::tf32_allowed();
+  d["pad"] = l.pad;
 #else
   (void)device;
   TORCH_CHECK(false, "fastrnn: _C was built without CUDA");
@@ -938,13 +941,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("persist_plan", &fastrnn::persist_plan, py::arg("G"), py::arg("B"), py::arg("H"), py::arg("esize"),
         py::arg("sms"), py::arg("smem"), py::arg("cooperative") = true, py::arg("proj") = false,
         py::arg("cells") = false, py::arg("cluster") = 0, py::arg("mma") = false, py::arg("tf32") = false,
-        py::arg("pair") = false, "the persistent CUDA engine's plan for a problem on a device of these limits");
+        py::arg("pair") = false, py::arg("pad") = true, "the persistent CUDA engine's plan for a problem on a device of these limits");
   m.def("tf32_allowed", &fastrnn::persist::tf32_allowed,
         "whether torch now allows TF32 for cuDNN's RNN, which puts fp32 CUDA calls of the persistent engine on "
         "tensor cores in TF32");
   m.def("cuda_limits", &fastrnn::cuda_limits, py::arg("device"),
         "SM count, shared memory per block, cooperative launch, most blocks per thread-block cluster, tensor "
         "cores, and whether torch now allows TF32 for cuDNN's RNN");
+  m.def("_persist_bank_report", &fastrnn::persist::bank_report, py::arg("K"), py::arg("R"), py::arg("bt"),
+        py::arg("es") = 4, py::arg("ldw") = 0, py::arg("lds") = 0, py::arg("ldr") = 0,
+        "test hook: shared-memory wavefronts and instructions per phase of one K step of the SIMT block GEMM");
   m.def("_set_persist_emulation", &fastrnn::persist::set_emulation, py::arg("sms"), py::arg("smem"),
         py::arg("cluster") = 0, py::arg("mma") = false, py::arg("tf32") = false,
         "test hook: CPU fp32 and 16-bit calls run the persistent engine's block program as on a GPU of these "

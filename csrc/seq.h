@@ -6,6 +6,7 @@
 #include <c10/core/impl/LocalDispatchKeySet.h>
 
 #include <functional>
+#include <map>
 #include <optional>
 #include <string>
 #include <utility>
@@ -308,6 +309,12 @@ void ext_bwd(const Problem& pr, const Plan& plan, const at::Tensor& x, const Ext
 // device and dtype.
 void set_emulation(int64_t sms, int64_t smem, int64_t cluster, bool mma, bool tf32);
 bool emulating(const at::Tensor& x);
+// Test hook (_C._persist_bank_report): the shared-memory wavefronts of one K step of the SIMT block GEMM over K x R
+// with bt rows (storage element size es), per warp instruction of each phase (stage, ws, xs, spill, reduce: the
+// stage's stores, accumulate's loads of Ws and of the stage, spill's stores, reduce's loads): {phase: (wavefronts,
+// instructions)}, a phase free of bank conflicts having as many of each. ldw, lds, ldr > 0 replace make_gemm's.
+std::map<std::string, std::pair<int64_t, int64_t>> bank_report(int64_t K, int64_t R, int64_t bt, int64_t es,
+                                                                int64_t ldw, int64_t lds, int64_t ldr);
 // Whether torch allows TF32 for cuDNN's RNN (torch.backends.cudnn.rnn.fp32_precision, or the older
 // torch.backends.cudnn.allow_tf32), read per call as torch.nn's cuDNN path does: fp32 CUDA calls then plan the
 // persistent engine's GEMMs on tensor cores in TF32.

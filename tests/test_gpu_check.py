@@ -25,7 +25,8 @@ def test_dry_run_prints_every_step_with_its_log():
     steps = [ln.split(":")[0].strip() for ln in proc.stdout.splitlines()[1:]]
     assert steps == ["backends", "cuda-tests", "cuda-tests-persistent", "memcheck", "memcheck-persistent",
                      "racecheck-persistent", "synccheck-persistent", "memcheck-grid", "benchmark", "layernorm", "grid-barrier",
-                     "bf16", "bf16-simt", "tf32", "bidirectional"]
+                     "bf16", "bf16-simt", "tf32", "bidirectional", "bank-conflicts-pad1", "bank-conflicts-pad0",
+                     "unpadded"]
     assert "pytest -m cuda" in proc.stdout and "--tool racecheck" in proc.stdout and "--tool synccheck" in proc.stdout
     assert "FASTRNN_PERSISTENT=1" in proc.stdout.split("cuda-tests-persistent:")[1].splitlines()[0]
     assert all("(limit " in ln for ln in proc.stdout.splitlines()[1:])
@@ -37,6 +38,10 @@ def test_dry_run_prints_every_step_with_its_log():
     assert "FASTRNN_PERSISTENT_MMA=0" in proc.stdout.split("bf16-simt:")[1].splitlines()[0]
     assert "FASTRNN_PERSISTENT=1" in proc.stdout.split("bidirectional:")[1].splitlines()[0]
     assert "--bidirectional" in proc.stdout.split("bidirectional:")[1].splitlines()[0]
+    for pad in (1, 0):
+        line = proc.stdout.split(f"bank-conflicts-pad{pad}:")[1].splitlines()[0]
+        assert f"FASTRNN_PERSISTENT_PAD={pad}" in line and "l1tex__data_bank_conflicts_pipe_lsu_mem_shared" in line
+    assert "FASTRNN_PERSISTENT_PAD=0" in proc.stdout.split("unpadded:")[1].splitlines()[0]
     assert REPO not in proc.stdout
 
 

@@ -70,7 +70,9 @@ def test_plan_respects_the_device(mode, esize, B, H):
     U, S, bt, tiles = p["units"], p["slices"], p["batch_tile"], p["tiles"]
     assert (S - 1) * U < H <= S * U and (tiles - 1) * bt < B <= tiles * bt
     assert p["blocks"] == S * tiles <= H200["sms"]
-    assert p["smem"] == smem_bytes(G, H, U, bt, esize) <= H200["smem"]
+    # the strides padded against bank conflicts where they fit, else today's unpadded layout
+    assert smem_bytes(G, H, U, bt, esize) <= p["smem"] <= H200["smem"]
+    assert p["padded"] or p["smem"] == smem_bytes(G, H, U, bt, esize)
     for R in (G * U, U):  # forward and backward GEMM tiles
         assert cdiv(R, 4) * cdiv(bt, 4) <= THREADS
     assert p["scheme"] == ("block" if S == 1 else "grid")
@@ -132,6 +134,10 @@ def test_emulated_plans_cover_both_schemes_and_batch_tiles():
     assert any(p["scheme"] == "block" and p["tiles"] > 1 for p in plans)
     assert any(p["units"] == 1 and p["slices"] > 1 for p in plans)
     assert all(sum(c == k for _, k in RUNS) >= 2 for c in CASES)
+    # both layouts of the SIMT loop: strides padded against bank conflicts (more bytes), and unpadded
+    grown = [p["padded"] and p["smem"] > smem_bytes(GATES[c.mode], c.H, p["units"], p["batch_tile"], 4)
+             for (_, c), p in zip(RUNS, plans)]
+    assert any(grown) and any(not p["padded"] for p in plans)
 
 
 def test_emulation_is_deterministic_and_off_after_the_hook():
@@ -324,6 +330,80 @@ def test_persistent_plan_says_which_scheme_and_why():
     assert no_coop["scheme"] == "per-step"  # 4 MiB of W_hh fits no single block
     small = cpp.persistent_plan("RNN_TANH", 64, 64, limits=dict(H200, cooperative=False))
     assert small["scheme"] == "block" and small["slices"] == 1 and small["tiles"] >= 1
+
+
+# The SIMT block GEMM's shared-memory banks: _persist_bank_report counts, per warp instruction of one K step, the
+# wavefronts the 32 four-byte banks need (distinct words per bank, at most); an access free of conflicts takes one.
+STANDARD = ((64, 256), (64, 1024), (1, 512), (16, 128), (64, 512))  # (batch, hidden) of the benchmark's shapes
+
+
+def unpadded(R: int, bt: int) -> dict:
+    """The strides before padding: Ws rows of R, staged rows of 65, K slices of 16 * items floats."""
+    return dict(ldw=R, lds=65, ldr=TILE * cdiv(R, 4) * cdiv(bt, 4))
+
+
+def conflicts(report: dict) -> dict:
+    return {phase: (waves, instr) for phase, (waves, instr) in report.items() if waves != instr}
+
+
+def test_bank_report_counts_the_unpadded_conflicts_by_hand():
+    """LSTM H = 256 backward on a 4-row tile (K = 1024, R = 32): 8 threads per K slice, so a warp spans 4 slices
+    whose Ws rows are 32 floats apart, all on the same 8 banks: each Ws load takes 4 wavefronts, and spill's
+    stores (slices 16 * 8 floats apart) 4 as well. The stage's columns are 4 adjacent words: one."""
+    rep = lib()._persist_bank_report(1024, 32, 4, **unpadded(32, 4))
+    assert rep["ws"] == (4 * 32, 32) and rep["spill"] == (4 * 128, 128) and rep["xs"] == (32, 32)
+    assert not conflicts(lib()._persist_bank_report(1024, 32, 4))
+
+
+@pytest.mark.parametrize("esize", [4, 2], ids=["fp32", "16bit"])
+def test_padded_strides_never_add_a_wavefront(esize):
+    """Over tile widths R and batch tiles bt of every residue: the padded strides take no more wavefronts than the
+    unpadded in any phase, none beyond one per instruction where R and bt are powers of two, and in all within 1 %
+    of one per instruction (the unpadded: 2.5 times as many)."""
+    padded = ideal = before = 0
+    for R in list(range(1, 41)) + [48, 60, 64, 96, 100, 128, 160, 192, 256, 512]:
+        for bt in (1, 2, 3, 4, 5, 7, 8, 12, 16, 24, 32, 48, 64):
+            if cdiv(R, 4) * cdiv(bt, 4) > THREADS:
+                continue
+            new = lib()._persist_bank_report(64, R, bt, esize)
+            old = lib()._persist_bank_report(64, R, bt, esize, **unpadded(R, bt))
+            for phase, (waves, instr) in new.items():
+                assert waves <= old[phase][0], (R, bt, phase, new, old)
+                padded, ideal, before = padded + waves, ideal + instr, before + old[phase][0]
+            if R & (R - 1) == 0 and bt & (bt - 1) == 0:
+                assert not conflicts(new), (R, bt, new)
+    assert padded <= 1.01 * ideal and before > 2 * ideal
+
+
+@pytest.mark.parametrize("cells", [False, True], ids=["plain", "cells"])
+@pytest.mark.parametrize("mode", MODES)
+def test_standard_plans_on_an_h200_are_free_of_bank_conflicts(mode, cells):
+    """Each standard shape's plan on an H200's limits, where its GEMMs run the SIMT loop: padded strides, and not a
+    wavefront beyond one per instruction in either GEMM (forward K = H over G * U columns, backward K = G * H over
+    U)."""
+    hopper = dict(H200, cluster=8, mma=True)
+    for B, H in STANDARD:
+        p = cpp.persistent_plan(mode, B, H, torch.float32, cells=cells, limits=hopper)
+        assert p["blocks"] and not p["mma"], (B, H, p)
+        G, U, bt = GATES[mode], p["units"], p["batch_tile"]
+        assert p["padded"], (B, H, p)
+        for K, R in ((H, G * U), (G * H, U)):
+            assert not conflicts(lib()._persist_bank_report(K, R, bt)), (B, H, K, R)
+
+
+def test_unpadded_conflicts_are_priced():
+    """Where only the unpadded strides fit, the cost model charges their conflicts: an LSTM at B = 4, H = 32 on
+    one SM with just enough shared memory for the unpadded layout (its backward, K = 128 over 32 columns, has
+    4-way Ws conflicts) costs more than the padded plan of a roomier device."""
+    G, H, bt = 4, 32, 4
+    unpadded_smem = (bt * 65 + THREADS * TILE) * 4 + G * H * H * 4
+    tight = lib().persist_plan(G, bt, H, 4, 1, unpadded_smem)
+    roomy = lib().persist_plan(G, bt, H, 4, 1, 2 * unpadded_smem)
+    assert tight["scheme"] == roomy["scheme"] == "block" and not tight["padded"] and roomy["padded"]
+    assert tight["smem"] == unpadded_smem < roomy["smem"] and tight["cost"] > roomy["cost"]
+    # FASTRNN_PERSISTENT_PAD=0's plan (a device's "pad": False) is the unpadded one, at the unpadded price
+    off = cpp.persistent_plan("LSTM", bt, H, limits=dict(sms=1, smem=2 * unpadded_smem, pad=False))
+    assert not off["padded"] and off["smem"] == tight["smem"] and off["cost"] == tight["cost"]
 
 
 # fastrnn's own cells: the same devices with the row phase's shared memory added, so that their plans are the plain

@@ -133,7 +133,7 @@ struct BlockExec {
 // kThreads, direction-major. Every block reaches every barrier, with rows this step or not; the directions'
 // blocks meet at the same grid barrier, and a cluster never spans two (dir_blocks is a multiple of its size).
 // __grid_constant__: a block reads its direction's args in place, through a run-time index. ptxas then holds
-// their fields in registers (106-162 per thread, 14-34 more than with one direction's args as constant operands;
+// their fields in registers (112-168 per thread, 14-34 more than with one direction's args as constant operands;
 // taking each direction through a constant index in its own branch costs as many): within the one block per SM.
 template <class Prog>
 __global__ void __launch_bounds__(kThreads, 1) persist_kernel(const __grid_constant__ Dirs<typename Prog::Args> dirs) {
@@ -144,8 +144,8 @@ __global__ void __launch_bounds__(kThreads, 1) persist_kernel(const __grid_const
   const int64_t blk = lb.blk;
   const BlockExec x{static_cast<int>(threadIdx.x)};
   const Owned o = owned(f.plan, f.H, blk);
-  const Smem<T> sm = Smem<T>::carve(smem_raw, f.plan.bt, f.plan.mma);
   const Gemm g = Prog::gemm(f);
+  const Smem<T> sm = Smem<T>::carve(smem_raw, g);
   Prog::load(f, sm, g, x.tid, o.u0);
   __syncthreads();
   for (int64_t i = 0; i < f.lay.T; ++i) {
@@ -280,8 +280,8 @@ namespace {
 constexpr int64_t kMaxCluster = 8;
 
 // FASTRNN_PERSISTENT_CLUSTER=0 plans as if the GPU had no clusters (split plans then meet at the grid barrier),
-// to measure one barrier against the other; read once per device, with its limits, as is
-// FASTRNN_PERSISTENT_MMA.
+// to measure one barrier against the other; read once per device, with its limits, as are
+// FASTRNN_PERSISTENT_MMA and FASTRNN_PERSISTENT_PAD (0: the SIMT loop's strides unpadded, bank conflicts and all).
 bool allowed(const char* var) {
   const char* v = std::getenv(var);
   return v == nullptr || std::strcmp(v, "0") != 0;
@@ -314,6 +314,7 @@ Limits query_limits(int device) {
   l.cooperative = coop != 0;
   l.cluster = cluster != 0 && allowed("FASTRNN_PERSISTENT_CLUSTER") ? kMaxCluster : 0;
   l.mma = tensor_cores(device);
+  l.pad = allowed("FASTRNN_PERSISTENT_PAD");
   return l;
 }
 }  // namespace

@@ -74,8 +74,10 @@ def persistent_plan(mode: str, batch: int, hidden: int, dtype: torch.dtype = tor
     both share one launch, each on half the SMs, because the cost model prices that below two launches one after
     the other (``"blocks"`` then counts both directions').
     ``limits`` (``{"sms": ..., "smem": ...}``, optionally ``"cooperative"``, ``"cluster"``: most blocks per
-    cluster, ``"mma"``: tensor cores, ``"tf32"``: torch allows TF32 for cuDNN's RNN, which puts fp32 on them too)
-    stands for a device that is not here; otherwise ``device`` (default: the current CUDA device) is asked.
+    cluster, ``"mma"``: tensor cores, ``"tf32"``: torch allows TF32 for cuDNN's RNN, which puts fp32 on them too,
+    ``"pad"``: False plans as ``FASTRNN_PERSISTENT_PAD=0`` does) stands for a device that is not here; otherwise
+    ``device`` (default: the current CUDA device) is asked. ``"padded"``: the SIMT loop's shared-memory strides
+    padded against bank conflicts (where they fit; else unpadded, the conflicts priced into the plan's cost).
     ``enabled`` says whether ``FASTRNN_PERSISTENT=1`` is set, without which every CUDA call takes the per-step
     path."""
     if limits is None:
@@ -84,7 +86,7 @@ def persistent_plan(mode: str, batch: int, hidden: int, dtype: torch.dtype = tor
     plan = dict(_lib().persist_plan(_ops.GATES[mode], batch, hidden, esize, limits["sms"], limits["smem"],
                                     limits.get("cooperative", True), bool(proj_size), cells,
                                     limits.get("cluster", 0), limits.get("mma", False), limits.get("tf32", False),
-                                    bidirectional))
+                                    bidirectional, limits.get("pad", True)))
     plan["enabled"] = os.environ.get("FASTRNN_PERSISTENT") == "1"
     return plan
 
