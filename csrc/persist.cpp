@@ -117,11 +117,10 @@ template <typename T>
 struct Blocks {
   std::vector<std::vector<char>> smem;
   std::vector<float> acc = std::vector<float>(int64_t(kThreads) * kTile);
+  Gemm g;  // the launch's GEMM, whose layout carves the memory
 
   // every block's shared memory, W_hh's slice loaded by `load(sm, tid, u0)`; the rest NaN bytes (fp32, fp16 and
   // bf16 alike), as a GPU's shared memory holds whatever was there: a read of a value never written shows
-  Gemm g;
-
   template <class Load>
   Blocks(const Plan& p, const Gemm& gemm, int64_t H, const Load& load)
       : smem(dir_blocks(p), std::vector<char>(p.smem, static_cast<char>(0xff))), g(gemm) {

@@ -36,8 +36,8 @@
 namespace fastrnn {
 namespace persist {
 
-// 256 threads: 8 warps hide the shared-memory latency of the K loop, and 256 x 16 partial sums (16 KiB) is
-// the reduction buffer. Each thread accumulates a 4 x 4 register tile (4 batch rows x 4 gate columns): 8
+// 256 threads: 8 warps hide the shared-memory latency of the K loop, and 256 x 16 partial sums (16 KiB, a little
+// more with the SIMT loop's padded K slices) is the reduction buffer. Each thread accumulates a 4 x 4 register tile (4 batch rows x 4 gate columns): 8
 // shared loads per 16 FMAs, where a 1 x 1 tile would be bound by shared-memory bandwidth at 1/4 of the FMA rate.
 constexpr int kThreads = 256;
 constexpr int kTileRows = 4;
@@ -323,13 +323,13 @@ inline Plan make_plan(int64_t G, int64_t B, int64_t H, int64_t esize, const Limi
   int64_t best_cost = -1;
   // a candidate split, its GEMMs on the SIMT loop or the tensor cores
   auto consider = [&](int64_t U, int64_t slices, int64_t bt, int64_t tiles, bool mma) {
-    // padded strides where they fit, else the unpadded ones, whose bank conflicts are priced below
+    // padded strides where they fit (and FASTRNN_PERSISTENT_PAD is not 0), else the unpadded ones
     Gemm f = make_gemm(H, G * U, bt, mma, esize, false), b = make_gemm(G * H, U, bt, mma, esize, false);
     int64_t smem = smem_bytes(f) > smem_bytes(b) ? smem_bytes(f) : smem_bytes(b);
     if (smem > smem_max || !gemm_fits(f) || !gemm_fits(b)) return;
     const Gemm fp = make_gemm(H, G * U, bt, mma, esize), bp = make_gemm(G * H, U, bt, mma, esize);
     const int64_t smem_p = smem_bytes(fp) > smem_bytes(bp) ? smem_bytes(fp) : smem_bytes(bp);
-    const bool pad = mma || (lim.pad && smem_p <= smem_max);
+    const bool pad = lim.pad && (mma || smem_p <= smem_max);
     if (pad) {
       f = fp;
       b = bp;
@@ -340,11 +340,12 @@ inline Plan make_plan(int64_t G, int64_t B, int64_t H, int64_t esize, const Limi
     const int64_t barriers = cells ? 4 : 2;
     const int64_t sync = scheme == kGrid ? kGridSyncCycles : scheme == kCluster ? kClusterSyncCycles : 0;
     const int64_t rows = cells ? 2 * cdiv(bt, slices) * (kRowPassCycles * cdiv(G * H, kThreads) + kRowSyncCycles) : 0;
-    // conflict-free GEMMs first (the padded strides are, within 0.3 % over tests/test_persist.py's sweep), the
-    // unpadded strides' conflicts counted only for a candidate that would otherwise win
+    // priced conflict-free first, then, for a candidate that would still win, the SIMT loop's bank conflicts
+    // added (the unpadded strides' and what the pads leave: a stage with bg * span > 32, odd tile widths)
     int64_t cost = gemm_cycles(f) + gemm_cycles(b) + rows + barriers * sync;
     if (best_cost >= 0 && cost >= best_cost) return;
-    if (!pad) cost += (cdiv(f.K, f.ks) * k_step_cycles(f) - gemm_cycles(f)) + (cdiv(b.K, b.ks) * k_step_cycles(b) - gemm_cycles(b));
+    auto conflicts = [](const Gemm& g) { return g.mma ? 0 : cdiv(g.K, g.ks) * k_step_cycles(g) - gemm_cycles(g); };
+    cost += conflicts(f) + conflicts(b);
     if (best_cost >= 0 && cost >= best_cost) return;
     best_cost = cost;
     best.cost = cost;

@@ -359,7 +359,7 @@ def test_bank_report_counts_the_unpadded_conflicts_by_hand():
 def test_padded_strides_never_add_a_wavefront(esize):
     """Over tile widths R and batch tiles bt of every residue: the padded strides take no more wavefronts than the
     unpadded in any phase, none beyond one per instruction where R and bt are powers of two, and in all within 1 %
-    of one per instruction (the unpadded: 2.5 times as many)."""
+    of one per instruction (the unpadded: about 2.5 times as many)."""
     padded = ideal = before = 0
     for R in list(range(1, 41)) + [48, 60, 64, 96, 100, 128, 160, 192, 256, 512]:
         for bt in (1, 2, 3, 4, 5, 7, 8, 12, 16, 24, 32, 48, 64):
@@ -372,7 +372,7 @@ def test_padded_strides_never_add_a_wavefront(esize):
                 padded, ideal, before = padded + waves, ideal + instr, before + old[phase][0]
             if R & (R - 1) == 0 and bt & (bt - 1) == 0:
                 assert not conflicts(new), (R, bt, new)
-    assert padded <= 1.01 * ideal and before > 2 * ideal
+    assert padded <= 1.01 * ideal and before > 2.4 * ideal
 
 
 @pytest.mark.parametrize("cells", [False, True], ids=["plain", "cells"])
