@@ -53,7 +53,8 @@ def persistent_report(limits: Optional[dict] = None) -> list:
 
     on = cpp.persistent_plan("LSTM", 1, 1, limits=limits)["enabled"]
     lines = [f"cuda persistent engine (FASTRNN_PERSISTENT=1 {'set' if on else 'not set: every call per-step'}),"
-             " scheme [blocks, units per block x batch rows per block], 'mma': GEMMs on tensor cores:"]
+             " scheme [blocks, units per block x batch rows per block], 'mma': GEMMs on tensor cores, 'unpadded':"
+             " no room for the SIMT loop's padding against bank conflicts:"]
     for mode in MODES:
         for label, ext, dtype, bidir in (("", False, torch.float32, False), (" bf16", False, torch.bfloat16, False),
                                          (" cells", True, torch.float32, False),
@@ -63,7 +64,8 @@ def persistent_report(limits: Optional[dict] = None) -> list:
                 p = cpp.persistent_plan(mode, B, H, dtype, cells=ext, bidirectional=bidir, limits=limits)
                 detail = f" [{p['blocks']}, {p['units']}x{p['batch_tile']}]" if p["blocks"] else ""
                 both = " both directions in one launch" if p["dirs"] == 2 else ""
-                cells.append(f"B={B} H={H}: {p['scheme']}{detail}{' mma' if p['mma'] else ''}{both}")
+                pad = "" if p["padded"] or not p["blocks"] else " unpadded"
+                cells.append(f"B={B} H={H}: {p['scheme']}{detail}{' mma' if p['mma'] else ''}{pad}{both}")
             lines.append(f"  {mode}{label}: " + "; ".join(cells))
     return lines
 

@@ -64,7 +64,8 @@ def _cpp(a: LayerArgs, ext: CellExt, impl: ModuleType, options: dict, pair: bool
         if plan["scheme"] != "per-step":
             both = " (both directions)" if plan["dirs"] == 2 else ""
             grid = (f"scheme {plan['scheme']!r}, {plan['blocks']} blocks{both} of {plan['units']} units x "
-                    f"{plan['batch_tile']} rows, {plan['smem']} B shared memory each")
+                    f"{plan['batch_tile']} rows, {plan['smem']} B shared memory each"
+                    f"{'' if plan['padded'] else ' (SIMT strides unpadded: no room for the pads)'}")
             path += f"; {grid}" if plan["enabled"] else f"; FASTRNN_PERSISTENT=1 would take the persistent {grid}"
     return path
 

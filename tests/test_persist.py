@@ -475,6 +475,14 @@ def test_python_m_fastrnn_reports_plans_for_plain_and_new_cells_and_pairs():
     assert "grid [" in "".join(lines) and "per-step" in "".join(lines)
     tc = persistent_report(limits=dict(H200, mma=True))
     assert all(("mma" in ln) == (" bf16: " in ln) for ln in tc[1:])
+    # an A100's shared memory leaves some plans no room for the SIMT loop's pads: the report says which
+    a100 = dict(sms=108, smem=166912)
+    lstm, = [ln for ln in persistent_report(limits=a100) if ln.startswith("  LSTM: ")]
+    for B, H in STANDARD:
+        p = cpp.persistent_plan("LSTM", B, H, limits=a100)
+        assert (f"B={B} H={H}: {p['scheme']} [{p['blocks']}, {p['units']}x{p['batch_tile']}] unpadded" in lstm) \
+            == (p["blocks"] > 0 and not p["padded"])
+    assert "unpadded" in lstm
 
 
 
