@@ -503,15 +503,17 @@ FRNN_HD void load_w(const Gemm& g, const Smem<T>& sm, int tid, bool k_fastest, c
   }
 }
 
+static_assert(kThreads % kChunk == 0 && kThreads % kMmaChunk == 0, "the stages take whole rows per pass");
+
 // The block GEMM's phases. A(r, k) gives the operand (row r of the block's rows), Sink(r, c, v) takes a result.
-// Between phases the caller puts a block barrier; `acc` lives in the thread's registers across K chunks.
+// Between phases the caller puts a block barrier; `acc` lives in the thread's registers across K chunks. The
+// stages give each thread one column of the chunk (tid % chunk) and every (threads / chunk)-th row: consecutive
+// threads read consecutive k of a row, and no element's place needs a division.
 template <typename T, class A>
 FRNN_HD void stage(const Gemm& g, const Smem<T>& sm, int tid, int64_t k0, int64_t nrows, const A& a) {
-  const int64_t klen = g.K - k0 < kChunk ? g.K - k0 : kChunk;
-  for (int64_t i = tid; i < nrows * klen; i += kThreads) {
-    const int64_t r = div_small(i, klen), kk = i - r * klen;
-    sm.stage[stage_at(g, r, kk)] = a(r, k0 + kk);
-  }
+  const int64_t klen = g.K - k0 < kChunk ? g.K - k0 : kChunk, kk = tid % kChunk;
+  if (kk >= klen) return;
+  for (int64_t r = tid / kChunk; r < nrows; r += kThreads / kChunk) sm.stage[stage_at(g, r, kk)] = a(r, k0 + kk);
 }
 
 template <typename T>
@@ -562,8 +564,9 @@ FRNN_HD void stage_mma(const Gemm& g, const Smem<T>& sm, int tid, int64_t k0, in
   const int64_t klen = g.K - k0 < kMmaChunk ? g.K - k0 : kMmaChunk, kp = cdiv(klen, mma_k(g.es)) * mma_k(g.es);
   const int64_t stride = mma_stride(g.es);
   T* st = sm.staged();
-  for (int64_t i = tid; i < g.bg * 8 * kp; i += kThreads) {
-    const int64_t r = div_small(i, kp), kk = i - r * kp;
+  const int64_t kk = tid % kMmaChunk;
+  if (kk >= kp) return;
+  for (int64_t r = tid / kMmaChunk; r < g.bg * 8; r += kThreads / kMmaChunk) {
     st[r * stride + kk] = r < nrows && kk < klen ? mma_operand<T>(a(r, k0 + kk)) : T(0.0f);
   }
 }
