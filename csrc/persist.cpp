@@ -96,7 +96,7 @@ template <typename T, class A, class Sink>
 void emulate_gemm(const Gemm& g, const Smem<T>& sm, int64_t n, const A& a, const Sink& sink, std::vector<float>& acc) {
   std::fill(acc.begin(), acc.end(), 0.0f);
   if (g.mma) {
-    for (int64_t k0 = 0; k0 < g.K; k0 += kMmaChunk) {
+    for (int64_t k0 = 0; k0 < g.K; k0 += g.kc) {
       for (int tid = 0; tid < kThreads; ++tid) stage_mma(g, sm, tid, k0, n, a);
       for (int tid = 0; tid < kThreads; ++tid) accumulate_mma(g, sm, tid, k0, &acc[tid * kTile], EmulatedMma<T>{tid % 32});
     }
@@ -104,7 +104,7 @@ void emulate_gemm(const Gemm& g, const Smem<T>& sm, int64_t n, const A& a, const
     for (int tid = 0; tid < kThreads; ++tid) reduce_mma(g, sm, tid, n, sink);
     return;
   }
-  for (int64_t k0 = 0; k0 < g.K; k0 += kChunk) {
+  for (int64_t k0 = 0; k0 < g.K; k0 += g.kc) {
     for (int tid = 0; tid < kThreads; ++tid) stage(g, sm, tid, k0, n, a);
     for (int tid = 0; tid < kThreads; ++tid) accumulate(g, sm, tid, k0, n, &acc[tid * kTile]);
   }

@@ -43,11 +43,17 @@ constexpr int kThreads = 256;
 constexpr int kTileRows = 4;
 constexpr int kTileCols = 4;
 constexpr int kTile = kTileRows * kTileCols;
-// Columns of the staged operand per K chunk: a 64-row batch tile stages 64 x 65 floats (16.6 KiB).
+// The SIMT stage's unit of K: a chunk is a multiple of it (the plan's, up to the whole K where shared memory
+// allows; a 64-row batch tile stages at least 64 x 65 floats, 16.6 KiB), a pass of the stage covers 4 rows of it,
+// and it bounds the K split (ks).
 constexpr int64_t kChunk = 64;
 // The plan's cost model, in SM cycles: one grid-wide barrier (~1 us on a 132-SM H100/H200, from published
 // cooperative-groups measurements) against the K loop's 16 FMAs per thread per K step.
 constexpr int64_t kGridSyncCycles = 2000;
+// A K chunk's fixed price: its operand's round trip to L2 (the loads wait for the barrier before them, the K
+// loop for the loads) and two block barriers, ~500 cycles until a GPU run measures it. A backward over K = G*H
+// = 1024 in 64-column chunks paid it 16 times a step; a chunk of the whole K pays it once.
+constexpr int64_t kStageCycles = kGridSyncCycles / 4;
 
 // A Hopper thread-block cluster's barrier is the hardware's, among at most 8 SMs of one GPC, where the grid
 // barrier is software (atomics in global memory, every SM polling): taken as a quarter of its cost until a GPU
@@ -61,11 +67,11 @@ constexpr int64_t kClusterSyncCycles = kGridSyncCycles / 4;
 // kWarpTiles 16 x 8 tiles of 4 floats per thread: the SIMT loop's kTile registers, so the same reduction buffer.
 constexpr int kWarps = kThreads / 32;
 constexpr int kWarpTiles = kTile / 4;
-// K staged per chunk: 8 k-steps of 16 (16 of 8 in TF32), at least one per warp when all 8 split K. A staged
-// row is padded to 68 words (16-bit) or 132 (fp32), so the B fragments' rows (lane / 4) land on banks
-// 4 * row + lane % 4: all 32 distinct.
+// The unit of K staged per chunk: 8 k-steps of 16 (16 of 8 in TF32), at least one per warp when all 8 split K; a
+// chunk is a multiple of it (the plan's). A staged row of kc values is padded by 8 (16-bit) or 4 (fp32), a
+// stride of 4 words (mod 32), so the B fragments' rows (lane / 4) land on banks 4 * row + lane % 4: all 32 distinct.
 constexpr int64_t kMmaChunk = 128;
-FRNN_HD constexpr int64_t mma_stride(int64_t es) { return kMmaChunk + (es == 2 ? 8 : 4); }
+FRNN_HD constexpr int64_t mma_stride(int64_t kc, int64_t es) { return kc + (es == 2 ? 8 : 4); }
 // K of one instruction: 16 with 16-bit operands, 8 with TF32; either way 4 A and 2 B registers per lane.
 FRNN_HD constexpr int64_t mma_k(int64_t es) { return es == 2 ? 16 : 8; }
 // The plan's price of one warp's m16n8k16 (2048 FMAs; an m16n8k8 in TF32 is half the work at half the rate,
@@ -104,6 +110,7 @@ struct Plan {
   bool pad = true;     // the SIMT loop's strides padded against bank conflicts (simt_strides)
   int64_t dirs = 1;    // directions in one launch: a bidirectional layer's two share it, each on tiles * slices
                        // blocks of its own (direction-major), where the device has the SMs for both
+  int64_t kc[2] = {kChunk, kChunk};  // the SIMT stage's K chunk, forward's and backward's GEMM (make_plan)
   int64_t cost = 0;    // the cost model's price of a forward and a backward step, SM cycles
   const char* why = "";
 };
@@ -124,13 +131,15 @@ FRNN_HD LaunchBlock launch_block(const Plan& p, int64_t b) {
 // a 4 x 4 tile (columns cg + j*cw, rows bg_ + i*bg), and ks such groups split K. Tensor cores (mma): items = cw *
 // bg tiles of 16 columns x 8 rows (tile j: column tile j / bg, row tile j % bg), warp w takes tiles w % wg +
 // i*wg (i < kWarpTiles) of its K slice w / wg, with wg = kWarps / ks warps per slice; es: the operands' element
-// size (2: 16-bit, 4: TF32 in fp32 storage). ldw, lds, ldr: the SIMT loop's shared-memory strides (simt_strides).
+// size (2: 16-bit, 4: TF32 in fp32 storage). ldw, lds, ldr: the SIMT loop's shared-memory strides (simt_strides);
+// kc: its K chunk (a multiple of kChunk, on the tensor cores of kMmaChunk).
 struct Gemm {
   int64_t K, R, bt;
   int64_t cw, bg, items, ks;
   bool mma;
   int64_t es;
   int64_t ldw, lds, ldr;
+  int64_t kc;
 };
 
 FRNN_HD int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -185,18 +194,19 @@ FRNN_HD int64_t word_stride(int64_t r, int64_t cw, int64_t span) {
 FRNN_HD void simt_strides(Gemm& g, bool pad) {
   const int64_t span = pad ? ksl_span(g.items, g.ks) : 1;
   g.ldw = g.es == 2 && span > 1 ? 2 * word_stride(cdiv(g.R, 2), cdiv(g.cw, 2), span) : word_stride(g.R, g.cw, span);
-  g.lds = kChunk + span;
+  g.lds = g.kc + span;
   g.ldr = kTile * g.items + (pad ? ((g.items - kTile * g.items) % 32 + 32) % 32 : 0);
 }
 
-FRNN_HD Gemm make_gemm(int64_t K, int64_t R, int64_t bt, bool mma = false, int64_t es = 4, bool pad = true) {
+FRNN_HD Gemm make_gemm(int64_t K, int64_t R, int64_t bt, bool mma = false, int64_t es = 4, bool pad = true,
+                       int64_t kc = kChunk) {
   if (mma) {
-    Gemm g{K, R, bt, cdiv(R, 16), cdiv(bt, 8), 0, 1, true, es, 0, 0, 0};
+    Gemm g{K, R, bt, cdiv(R, 16), cdiv(bt, 8), 0, 1, true, es, 0, 0, 0, cdiv(kc, kMmaChunk) * kMmaChunk};
     g.items = g.cw * g.bg;
     while (g.items * g.ks * 2 <= kWarps && g.ks * 2 <= kMmaChunk / mma_k(es)) g.ks *= 2;
     return g;
   }
-  Gemm g{K, R, bt, cdiv(R, kTileCols), cdiv(bt, kTileRows), 0, 1, false, es, 0, 0, 0};
+  Gemm g{K, R, bt, cdiv(R, kTileCols), cdiv(bt, kTileRows), 0, 1, false, es, 0, 0, 0, kc};
   g.items = g.cw * g.bg;
   while (g.items * g.ks * 2 <= kThreads && g.ks * 2 <= kChunk) g.ks *= 2;
   simt_strides(g, pad);
@@ -247,7 +257,7 @@ FRNN_HD int64_t w_index(const Gemm& g, int64_t k, int64_t c) {
 // forward's [H][G*U], the backward's [G*H][U]; mma: padded to 16 x mma_k tiles). The forward's and the backward's
 // launches each carve their own GEMM's; the plan reserves the larger.
 FRNN_HD int64_t stage_bytes(const Gemm& g) {
-  return g.mma ? cdiv(g.bt, 8) * 8 * mma_stride(g.es) * g.es : g.bt * g.lds * 4;
+  return g.mma ? cdiv(g.bt, 8) * 8 * mma_stride(g.kc, g.es) * g.es : g.bt * g.lds * 4;
 }
 FRNN_HD int64_t red_floats(const Gemm& g) {
   return g.mma || g.ks * g.ldr < int64_t(kThreads) * kTile ? int64_t(kThreads) * kTile : g.ks * g.ldr;
@@ -274,7 +284,7 @@ inline int64_t warp_wavefronts(const int64_t (&word)[32]) {
 // Lane l's word in warp instruction `load` of a SIMT K step (accumulate's first pass of a chunk): loads 0..3 Ws's
 // columns cg + j*cw, 4..7 the stage's rows bg_ + i*bg; -1 where the lane loads nothing.
 inline int64_t k_step_word(const Gemm& g, int64_t tid, int load) {
-  const int64_t klen = g.K < kChunk ? g.K : kChunk;
+  const int64_t klen = g.K < g.kc ? g.K : g.kc;
   if (tid >= g.items * g.ks) return -1;
   const SimtThread th = simt_thread(g, tid);
   if (th.ksl >= klen) return -1;
@@ -333,8 +343,22 @@ inline Plan make_plan(int64_t G, int64_t B, int64_t H, int64_t esize, const Limi
     if (pad) {
       f = fp;
       b = bp;
-      smem = smem_p;
     }
+    // each GEMM's K chunk as wide as a block's shared memory allows (each launch carves its own): the whole K,
+    // else halves of it in whole units (kChunk, kMmaChunk)
+    auto widen = [&](Gemm& g) {
+      const int64_t unit = g.mma ? kMmaChunk : kChunk;
+      for (int64_t kc = cdiv(g.K, unit) * unit; kc > g.kc; kc = cdiv(kc / 2, unit) * unit) {
+        const Gemm w = make_gemm(g.K, g.R, g.bt, g.mma, esize, pad, kc);
+        if (smem_bytes(w) <= smem_max) {
+          g = w;
+          return;
+        }
+      }
+    };
+    widen(f);
+    widen(b);
+    smem = smem_bytes(f) > smem_bytes(b) ? smem_bytes(f) : smem_bytes(b);
     const int scheme = slices == 1 ? kBlock : slices <= lim.cluster ? kCluster : kGrid;
     // forward and backward GEMMs per step, plus the barriers and (cells) the rows each block walks
     const int64_t barriers = cells ? 4 : 2;
@@ -342,7 +366,8 @@ inline Plan make_plan(int64_t G, int64_t B, int64_t H, int64_t esize, const Limi
     const int64_t rows = cells ? 2 * cdiv(bt, slices) * (kRowPassCycles * cdiv(G * H, kThreads) + kRowSyncCycles) : 0;
     // priced conflict-free first, then, for a candidate that would still win, the SIMT loop's bank conflicts
     // added (the unpadded strides' and what the pads leave: a stage with bg * span > 32, odd tile widths)
-    int64_t cost = gemm_cycles(f) + gemm_cycles(b) + rows + barriers * sync;
+    auto chunks = [](const Gemm& g) { return cdiv(g.K, g.kc); };
+    int64_t cost = gemm_cycles(f) + gemm_cycles(b) + (chunks(f) + chunks(b)) * kStageCycles + rows + barriers * sync;
     if (best_cost >= 0 && cost >= best_cost) return;
     auto conflicts = [](const Gemm& g) { return g.mma ? 0 : cdiv(g.K, g.ks) * k_step_cycles(g) - gemm_cycles(g); };
     cost += conflicts(f) + conflicts(b);
@@ -357,6 +382,8 @@ inline Plan make_plan(int64_t G, int64_t B, int64_t H, int64_t esize, const Limi
     best.smem = smem;
     best.mma = mma;
     best.pad = pad;
+    best.kc[0] = f.kc;
+    best.kc[1] = b.kc;
     best.why = scheme == kGrid    ? (cells ? "W_hh split over blocks by hidden units, two grid barriers per step "
                                              "(whole rows for the row phase)"
                                            : "W_hh split over blocks by hidden units, a grid barrier per step")
@@ -456,7 +483,7 @@ FRNN_HD float fma_acc(float a, float b, float c) {
 // One block's view of its shared memory.
 template <typename T>
 struct Smem {
-  float* stage;  // SIMT: [bt][lds] floats; mma: [cdiv(bt, 8) * 8][mma_stride] of T
+  float* stage;  // SIMT: [bt][lds] floats; mma: [cdiv(bt, 8) * 8][mma_stride(kc, es)] of T
   float* red;    // SIMT: [ks][ldr], a slice's first kTile * items as [kTile][items]; mma: [ks][kTile][wg * 32]
   T* w;          // Ws as stored (w_index)
 
@@ -507,20 +534,22 @@ static_assert(kThreads % kChunk == 0 && kThreads % kMmaChunk == 0, "the stages t
 
 // The block GEMM's phases. A(r, k) gives the operand (row r of the block's rows), Sink(r, c, v) takes a result.
 // Between phases the caller puts a block barrier; `acc` lives in the thread's registers across K chunks. The
-// stages give each thread one column of the chunk (tid % chunk) and every (threads / chunk)-th row: consecutive
-// threads read consecutive k of a row, and no element's place needs a division.
+// stages give each thread every unit-th column of the chunk from tid % unit and every (threads / unit)-th row
+// (unit: kChunk, or kMmaChunk on the tensor cores): consecutive threads read consecutive k of a row, and no
+// element's place needs a division.
 template <typename T, class A>
 FRNN_HD void stage(const Gemm& g, const Smem<T>& sm, int tid, int64_t k0, int64_t nrows, const A& a) {
-  const int64_t klen = g.K - k0 < kChunk ? g.K - k0 : kChunk, kk = tid % kChunk;
-  if (kk >= klen) return;
-  for (int64_t r = tid / kChunk; r < nrows; r += kThreads / kChunk) sm.stage[stage_at(g, r, kk)] = a(r, k0 + kk);
+  const int64_t klen = g.K - k0 < g.kc ? g.K - k0 : g.kc;
+  for (int64_t r = tid / kChunk; r < nrows; r += kThreads / kChunk) {
+    for (int64_t kk = tid % kChunk; kk < klen; kk += kChunk) sm.stage[stage_at(g, r, kk)] = a(r, k0 + kk);
+  }
 }
 
 template <typename T>
 FRNN_HD void accumulate(const Gemm& g, const Smem<T>& sm, int tid, int64_t k0, int64_t nrows, float* acc) {
   if (tid >= g.items * g.ks) return;
   const SimtThread th = simt_thread(g, tid);
-  const int64_t klen = g.K - k0 < kChunk ? g.K - k0 : kChunk;
+  const int64_t klen = g.K - k0 < g.kc ? g.K - k0 : g.kc;
   for (int64_t kk = th.ksl; kk < klen; kk += g.ks) {
     float w[kTileCols], x[kTileRows];
     for (int j = 0; j < kTileCols; ++j) {
@@ -561,13 +590,13 @@ FRNN_HD void reduce(const Gemm& g, const Smem<T>& sm, int tid, int64_t nrows, co
 // of Ws, and 0 * NaN of a stale value would not be 0).
 template <typename T, class A>
 FRNN_HD void stage_mma(const Gemm& g, const Smem<T>& sm, int tid, int64_t k0, int64_t nrows, const A& a) {
-  const int64_t klen = g.K - k0 < kMmaChunk ? g.K - k0 : kMmaChunk, kp = cdiv(klen, mma_k(g.es)) * mma_k(g.es);
-  const int64_t stride = mma_stride(g.es);
+  const int64_t klen = g.K - k0 < g.kc ? g.K - k0 : g.kc, kp = cdiv(klen, mma_k(g.es)) * mma_k(g.es);
+  const int64_t stride = mma_stride(g.kc, g.es);
   T* st = sm.staged();
-  const int64_t kk = tid % kMmaChunk;
-  if (kk >= kp) return;
   for (int64_t r = tid / kMmaChunk; r < g.bg * 8; r += kThreads / kMmaChunk) {
-    st[r * stride + kk] = r < nrows && kk < klen ? mma_operand<T>(a(r, k0 + kk)) : T(0.0f);
+    for (int64_t kk = tid % kMmaChunk; kk < kp; kk += kMmaChunk) {
+      st[r * stride + kk] = r < nrows && kk < klen ? mma_operand<T>(a(r, k0 + kk)) : T(0.0f);
+    }
   }
 }
 
@@ -579,10 +608,11 @@ struct Frags {
   uint32_t a[4], b[2];
 };
 
-// A lane's fragments from its tile's first A values in Ws (wt) and its first staged row (st), both at the step's k.
+// A lane's fragments from its tile's first A values in Ws (wt) and its first staged row (st, rows `stride` apart),
+// both at the step's k.
 template <typename T>
-FRNN_HD Frags load_frags(const T* wt, const T* st, int lane) {
-  constexpr int64_t per = 16 / sizeof(T), kstep = sizeof(T) == 2 ? 16 : 8, stride = mma_stride(sizeof(T));
+FRNN_HD Frags load_frags(const T* wt, const T* st, int64_t stride, int lane) {
+  constexpr int64_t per = 16 / sizeof(T), kstep = sizeof(T) == 2 ? 16 : 8;
   Frags f;
   const T* wa = wt + lane * per;
   const T* sb = st + (lane / 4) * stride + (lane % 4) * (4 / sizeof(T));
@@ -611,10 +641,11 @@ FRNN_HD Frags load_frags(const T* wt, const T* st, int lane) {
 // same tiles and steps. Tile by tile, so that its addresses are worked out once per chunk, not per instruction.
 template <typename T, class Mma>
 FRNN_HD void accumulate_mma(const Gemm& g, const Smem<T>& sm, int tid, int64_t k0, float* acc, const Mma& mma) {
-  constexpr int64_t per = 16 / sizeof(T), kstep = sizeof(T) == 2 ? 16 : 8, stride = mma_stride(sizeof(T));
+  constexpr int64_t per = 16 / sizeof(T), kstep = sizeof(T) == 2 ? 16 : 8;
+  const int64_t stride = mma_stride(g.kc, sizeof(T));
   const int warp = tid / 32, wg = kWarps / static_cast<int>(g.ks), slice = warp / wg, first = warp - slice * wg;
   const int ks = static_cast<int>(g.ks), items = static_cast<int>(g.items), bg = static_cast<int>(g.bg);
-  const int steps = static_cast<int>(cdiv(g.K - k0 < kMmaChunk ? g.K - k0 : kMmaChunk, kstep));
+  const int steps = static_cast<int>(cdiv(g.K - k0 < g.kc ? g.K - k0 : g.kc, kstep));
   const int64_t ktiles = cdiv(g.K, kstep);
 #if defined(__CUDA_ARCH__)
 #pragma unroll
@@ -626,7 +657,7 @@ FRNN_HD void accumulate_mma(const Gemm& g, const Smem<T>& sm, int tid, int64_t k
     const T* wt = sm.w + (ct * ktiles + k0 / kstep) * 32 * per;
     const T* st = sm.staged() + rt * 8 * stride;
     for (int s = slice; s < steps; s += ks) {
-      mma(acc + 4 * i, [&](int l) { return load_frags(wt + s * 32 * per, st + s * kstep, l); });
+      mma(acc + 4 * i, [&](int l) { return load_frags(wt + s * 32 * per, st + s * kstep, stride, l); });
     }
   }
 }
@@ -871,7 +902,7 @@ struct FwdProgram {  // GEMM and cell of the block's units, then the step barrie
   static constexpr int kPhases = 1;
   FRNN_HD static bool step_barrier_after(int) { return true; }
   FRNN_HD static Gemm gemm(const Args& f) {
-    return make_gemm(f.H, f.G * f.plan.units, f.plan.bt, f.plan.mma, sizeof(T), f.plan.pad);
+    return make_gemm(f.H, f.G * f.plan.units, f.plan.bt, f.plan.mma, sizeof(T), f.plan.pad, f.plan.kc[0]);
   }
   FRNN_HD static void load(const Args& f, const Smem<T>& sm, const Gemm& g, int tid, int64_t u0) {
     fwd_load_w<T>(f, sm, g, tid, u0);
@@ -896,7 +927,7 @@ struct BwdProgram {  // cell backward of the block's units, the step barrier, dh
   static constexpr int kPhases = 2;
   FRNN_HD static bool step_barrier_after(int ph) { return ph == 0; }
   FRNN_HD static Gemm gemm(const Args& f) {
-    return make_gemm(f.G * f.H, f.plan.units, f.plan.bt, f.plan.mma, sizeof(T), f.plan.pad);
+    return make_gemm(f.G * f.H, f.plan.units, f.plan.bt, f.plan.mma, sizeof(T), f.plan.pad, f.plan.kc[1]);
   }
   FRNN_HD static void load(const Args& f, const Smem<T>& sm, const Gemm& g, int tid, int64_t u0) {
     bwd_load_w<T>(f, sm, g, tid, u0);
@@ -923,7 +954,7 @@ struct ExtFwdProgram {  // GEMM of the block's columns, the step barrier, the ro
   static constexpr int kPhases = 2;
   FRNN_HD static bool step_barrier_after(int) { return true; }
   FRNN_HD static Gemm gemm(const Args& f) {
-    return make_gemm(f.H, f.G * f.plan.units, f.plan.bt, false, 4, f.plan.pad);
+    return make_gemm(f.H, f.G * f.plan.units, f.plan.bt, false, 4, f.plan.pad, f.plan.kc[0]);
   }
   FRNN_HD static void load(const Args& f, const Smem<float>& sm, const Gemm& g, int tid, int64_t u0) {
     fwd_load_w<float>(f, sm, g, tid, u0);
@@ -947,7 +978,7 @@ struct ExtBwdProgram {  // the row phase, the step barrier, dh_{t-1} of the bloc
   static constexpr int kPhases = 2;
   FRNN_HD static bool step_barrier_after(int) { return true; }
   FRNN_HD static Gemm gemm(const Args& f) {
-    return make_gemm(f.G * f.H, f.plan.units, f.plan.bt, false, 4, f.plan.pad);
+    return make_gemm(f.G * f.H, f.plan.units, f.plan.bt, false, 4, f.plan.pad, f.plan.kc[1]);
   }
   FRNN_HD static void load(const Args& f, const Smem<float>& sm, const Gemm& g, int tid, int64_t u0) {
     bwd_load_w<float>(f, sm, g, tid, u0);

@@ -844,6 +844,7 @@ pybind11::dict persist_plan(int64_t G, int64_t B, int64_t H, int64_t esize, int6
   d["tiles"] = p.tiles;
   d["mma"] = p.mma;
   d["padded"] = p.pad;
+  d["chunks"] = pybind11::make_tuple(p.kc[0], p.kc[1]);
   d["dirs"] = p.dirs;
   d["blocks"] = p.dirs * p.tiles * p.slices;
   d["cost"] = p.cost;

@@ -42,8 +42,14 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def smem_bytes(G: int, H: int, U: int, bt: int, esize: int) -> int:
-    return (bt * 65 + THREADS * TILE) * 4 + G * H * U * esize
+def smem_bytes(G: int, H: int, U: int, bt: int, esize: int, kc: int = 64) -> int:
+    """The unpadded SIMT layout: bt staged rows of a K chunk kc + 1, the reduction buffer, W_hh's slice."""
+    return (bt * (kc + 1) + THREADS * TILE) * 4 + G * H * U * esize
+
+
+def chunks_fit(p: dict, G: int, H: int, unit: int) -> bool:
+    """The plan's K chunks, forward (K = H) and backward (K = G * H): whole units, none beyond its K's."""
+    return all(kc % unit == 0 and unit <= kc <= cdiv(K, unit) * unit for kc, K in zip(p["chunks"], (H, G * H)))
 
 
 def feasible(G: int, B: int, H: int, esize: int, sms: int, smem: int) -> bool:
@@ -70,9 +76,9 @@ def test_plan_respects_the_device(mode, esize, B, H):
     U, S, bt, tiles = p["units"], p["slices"], p["batch_tile"], p["tiles"]
     assert (S - 1) * U < H <= S * U and (tiles - 1) * bt < B <= tiles * bt
     assert p["blocks"] == S * tiles <= H200["sms"]
-    # the strides padded against bank conflicts where they fit, else today's unpadded layout
-    assert smem_bytes(G, H, U, bt, esize) <= p["smem"] <= H200["smem"]
-    assert p["padded"] or p["smem"] == smem_bytes(G, H, U, bt, esize)
+    # the strides padded against bank conflicts where they fit, else the unpadded layout; K chunks as wide as fit
+    assert smem_bytes(G, H, U, bt, esize) <= p["smem"] <= H200["smem"] and chunks_fit(p, G, H, 64)
+    assert p["padded"] or p["smem"] == smem_bytes(G, H, U, bt, esize, max(p["chunks"]))
     for R in (G * U, U):  # forward and backward GEMM tiles
         assert cdiv(R, 4) * cdiv(bt, 4) <= THREADS
     assert p["scheme"] == ("block" if S == 1 else "grid")
@@ -134,6 +140,9 @@ def test_emulated_plans_cover_both_schemes_and_batch_tiles():
     assert any(p["scheme"] == "block" and p["tiles"] > 1 for p in plans)
     assert any(p["units"] == 1 and p["slices"] > 1 for p in plans)
     assert all(sum(c == k for _, k in RUNS) >= 2 for c in CASES)
+    # K in one chunk wider than the unit (64) and over several chunks
+    ks = [(kc, K) for (_, c), p in zip(RUNS, plans) for kc, K in zip(p["chunks"], (c.H, GATES[c.mode] * c.H))]
+    assert any(kc < K for kc, K in ks) and any(kc > 64 for kc, _ in ks)
     # both layouts of the SIMT loop: strides padded against bank conflicts (more bytes), and unpadded
     grown = [p["padded"] and p["smem"] > smem_bytes(GATES[c.mode], c.H, p["units"], p["batch_tile"], 4)
              for (_, c), p in zip(RUNS, plans)]
@@ -155,11 +164,12 @@ def test_emulation_is_deterministic_and_off_after_the_hook():
     assert_matches_reference(CPU32, c, inputs)  # the engine again, hook off
 
 
-def mma_smem(G: int, H: int, U: int, bt: int) -> int:
-    """persist.h smem_bytes with tensor cores: 16-bit staged rows (8-row tiles of 136 values), the reduction
-    buffer, W_hh's slice padded to 16 x 16 tiles (the larger of the forward's and the backward's)."""
-    w = max(cdiv(H, 16) * cdiv(G * U, 16), cdiv(G * H, 16) * cdiv(U, 16)) * 256
-    return cdiv(bt, 8) * 8 * 136 * 2 + THREADS * TILE * 4 + w * 2
+def mma_smem(G: int, H: int, U: int, bt: int, chunks=(128, 128)) -> int:
+    """persist.h smem_bytes with tensor cores, the larger of the forward's and the backward's launch: 16-bit staged
+    rows (8-row tiles of the K chunk + 8 values), the reduction buffer, W_hh's slice padded to 16 x 16 tiles."""
+    fwd = cdiv(bt, 8) * 8 * (chunks[0] + 8) * 2 + cdiv(H, 16) * cdiv(G * U, 16) * 256 * 2
+    bwd = cdiv(bt, 8) * 8 * (chunks[1] + 8) * 2 + cdiv(G * H, 16) * cdiv(U, 16) * 256 * 2
+    return max(fwd, bwd) + THREADS * TILE * 4
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -177,7 +187,7 @@ def test_tensor_core_plans_respect_the_device(mode, B, H):
     if not p["mma"]:
         return
     U, bt = p["units"], p["batch_tile"]
-    assert p["smem"] == mma_smem(G, H, U, bt) <= H200["smem"]
+    assert p["smem"] == mma_smem(G, H, U, bt, p["chunks"]) <= H200["smem"] and chunks_fit(p, G, H, 128)
     for R in (G * U, U):
         assert cdiv(R, 16) * cdiv(bt, 8) <= 8 * 4
 
@@ -195,7 +205,8 @@ def test_tensor_cores_take_the_standard_16bit_shapes():
 # 16-bit storage: the tensor cores (the PTX ISA's mma.m16n8k16 fragments, emulated lane by lane) and the SIMT
 # loop, on a roomy device (block plans, batch tiles, several 8-row tiles, forward K over two chunks) and one that
 # splits the hidden units over blocks.
-DEVICES16 = {"roomy": (132, 232448), "split": (8, 16384 + 2 * 272 + 6000)}
+# "chunked": room for an Elman cell's K = 140 (H = 140) in chunks of 128, not whole
+DEVICES16 = {"roomy": (132, 232448), "split": (8, 16384 + 2 * 272 + 6000), "chunked": (8, 32500)}
 CASES16 = [Case(m, 5, 6, 7, 33, packed=p, reverse=p) for m in MODES for p in (False, True)] \
     + [Case(m, 3, 20, 5, 140, packed=True) for m in MODES] + [Case(m, 3, 70, 5, 20, packed=True) for m in MODES] \
     + one_step_and_one_unit(4)
@@ -308,11 +319,13 @@ if torch.cuda.is_available():  # collected only where a GPU is present
 
 def test_16bit_runs_cover_the_tensor_core_tiling():
     """The runs above reach what the tensor cores' tiling adds: a split over blocks, batch tiles, more than one
-    8-row tile, K over more than one staged chunk (forward K = H > 128), more 16 x 8 tiles than warps (a warp
-    takes several), and K split over warps (fewer tiles than warps)."""
+    8-row tile, K over more than one staged chunk and chunks wider than the unit (128), more 16 x 8 tiles than
+    warps (a warp takes several), and K split over warps (fewer tiles than warps)."""
     plans = [(plan16(d, c, True), c) for d, _, mma, c in RUNS16 if mma]
     assert any(p["slices"] > 1 for p, _ in plans) and any(p["tiles"] > 1 for p, _ in plans)
     assert any(p["batch_tile"] > 8 for p, _ in plans) and any(c.H > 128 for _, c in plans)
+    ks = [(kc, K) for p, c in plans for kc, K in zip(p["chunks"], (c.H, GATES[c.mode] * c.H))]
+    assert any(kc < K for kc, K in ks) and any(kc > 128 for kc, _ in ks)
     items = [cdiv(GATES[c.mode] * p["units"], 16) * cdiv(p["batch_tile"], 8) for p, c in plans]
     assert max(items) > 8 and min(items) <= 4
     assert any(not mma for _, _, mma, _ in RUNS16)
@@ -396,7 +409,7 @@ def test_unpadded_conflicts_are_priced():
     one SM with just enough shared memory for the unpadded layout (its backward, K = 128 over 32 columns, has
     4-way Ws conflicts) costs more than the padded plan of a roomier device."""
     G, H, bt = 4, 32, 4
-    unpadded_smem = (bt * 65 + THREADS * TILE) * 4 + G * H * H * 4
+    unpadded_smem = smem_bytes(G, H, H, bt, 4, kc=G * H)  # the backward's whole K in one chunk
     tight = lib().persist_plan(G, bt, H, 4, 1, unpadded_smem)
     roomy = lib().persist_plan(G, bt, H, 4, 1, 2 * unpadded_smem)
     assert tight["scheme"] == roomy["scheme"] == "block" and not tight["padded"] and roomy["padded"]
@@ -404,6 +417,30 @@ def test_unpadded_conflicts_are_priced():
     # FASTRNN_PERSISTENT_PAD=0's plan (a device's "pad": False) is the unpadded one, at the unpadded price
     off = cpp.persistent_plan("LSTM", bt, H, limits=dict(sms=1, smem=2 * unpadded_smem, pad=False))
     assert not off["padded"] and off["smem"] == tight["smem"] and off["cost"] == tight["cost"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_stage_chunks_are_as_wide_as_shared_memory_allows(mode):
+    """Each GEMM stages its K (forward H, backward G * H) in chunks as wide as a block's shared memory allows: the
+    whole K in whole units of 64, else the widest of its halvings that fits (checked on the unpadded layout, whose
+    bytes the test models); every chunk is a fixed cost per step, so on an H200 the standard shapes' backward
+    stages its K of up to 4096 in a few chunks, not 64-column ones."""
+    G = GATES[mode]
+    for B, H in STANDARD + ((256, 256), (1, 1024), (64, 2048)):
+        p = cpp.persistent_plan(mode, B, H, limits=dict(H200, pad=False))
+        if not p["blocks"]:
+            continue
+        U, bt = p["units"], p["batch_tile"]
+        for kc, K in zip(p["chunks"], (H, G * H)):
+            widths = [cdiv(K, 64) * 64]
+            while widths[-1] > 64:
+                widths.append(cdiv(widths[-1] // 2, 64) * 64)
+            assert kc in widths, (B, H, p)
+            wider = widths[:widths.index(kc)]
+            assert all(smem_bytes(G, H, U, bt, 4, w) > H200["smem"] for w in wider), (B, H, K, kc, p)
+        assert p["smem"] == smem_bytes(G, H, U, bt, 4, max(p["chunks"]))
+    hopper = cpp.persistent_plan(mode, 64, 256, limits=dict(H200, cluster=8))
+    assert max(cdiv(K, kc) for kc, K in zip(hopper["chunks"], (256, G * 256))) <= 2
 
 
 # fastrnn's own cells: the same devices with the row phase's shared memory added, so that their plans are the plain

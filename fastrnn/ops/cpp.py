@@ -77,7 +77,9 @@ def persistent_plan(mode: str, batch: int, hidden: int, dtype: torch.dtype = tor
     cluster, ``"mma"``: tensor cores, ``"tf32"``: torch allows TF32 for cuDNN's RNN, which puts fp32 on them too,
     ``"pad"``: False plans as ``FASTRNN_PERSISTENT_PAD=0`` does) stands for a device that is not here; otherwise
     ``device`` (default: the current CUDA device) is asked. ``"padded"``: the SIMT loop's shared-memory strides
-    padded against bank conflicts (where they fit; else unpadded, the conflicts priced into the plan's cost).
+    padded against bank conflicts (where they fit; else unpadded, the conflicts priced into the plan's cost);
+    ``"chunks"``: the K chunk in which the forward's and the backward's block GEMM stage their operand (the whole
+    K where shared memory allows).
     ``enabled`` says whether ``FASTRNN_PERSISTENT=1`` is set, without which every CUDA call takes the per-step
     path."""
     if limits is None:
