@@ -164,13 +164,13 @@ FRNN_HD int64_t div_small(int64_t a, int64_t b) {
 //   other cw a stride of cw (mod 32) words puts (ksl, cg) on bank ksl*cw + cg, the lane's own for bg = 1.
 //   16-bit Ws pairs columns in a word, so the rule runs on words (ceil(R / 2) per row, ceil(cw / 2) per group).
 //   The pad costs (ldw - R) * K elements: 25 % at R = 4cw with cw a power of two.
-// - stage, lds floats per row: rows bg_ (bg of them) and `span` columns meet on bank bg_ * (lds - kChunk) +
-//   column: distinct with lds = kChunk + span while bg * span <= 32 (kChunk + 1 when span is 1, as before).
+// - stage, lds floats per row: rows bg_ (bg of them) and `span` columns meet on bank bg_ * (lds - kc) + column
+//   (kc, the chunk, a multiple of 32): distinct with lds = kc + span while bg * span <= 32 (kc + 1 for span 1).
 // - reduction buffer, ldr floats per K slice: spill's store of value e puts (ksl, item) on bank ksl*ldr + item
 //   (+ e*items), the lane's own (ksl*items + item) with ldr = items (mod 32); reduce reads consecutive floats of
 //   each slice. At most 31 floats per slice beyond kTile * items.
 // With one K slice per warp (items a multiple of 32) no two rows meet and nothing is padded. Unpadded (`pad`
-// false: ldw = R, lds = kChunk + 1, ldr = kTile * items) where the plan finds no room for the pads.
+// false: ldw = R, lds = kc + 1, ldr = kTile * items) where the plan finds no room for the pads.
 // tests/test_persist.py counts the phases' wavefronts per warp (bank_report, persist.cpp) on the plans' GEMMs.
 FRNN_HD int64_t ksl_span(int64_t items, int64_t ks) {
   if (items % 32 == 0 || ks == 1) return 1;
