@@ -500,7 +500,9 @@ std::map<std::string, std::pair<int64_t, int64_t>> bank_report(int64_t K, int64_
   for (int64_t w0 = 0; w0 < kThreads; w0 += 32) {
     // the first K chunk's first pass of each loop, as stage / accumulate / spill / reduce index it
     count("stage", w0, [&](int64_t tid) {
-      return tid % kChunk < klen && tid / kChunk < bt ? stage_at(g, tid / kChunk, tid % kChunk) : -1;
+      const int sh = stage_shift(klen, kChunkShift);
+      const int64_t r = tid >> sh, kk = tid & ((int64_t(1) << sh) - 1);
+      return kk < klen && r < bt ? stage_at(g, r, kk) : -1;
     });
     for (int load = 0; load < kTileCols + kTileRows; ++load) {
       count(load < kTileCols ? "ws" : "xs", w0, [&](int64_t tid) { return k_step_word(g, tid, load); });

@@ -37,8 +37,9 @@ namespace fastrnn {
 namespace persist {
 
 // 256 threads: 8 warps hide the shared-memory latency of the K loop, and 256 x 16 partial sums (16 KiB, a little
-// more with the SIMT loop's padded K slices) is the reduction buffer. Each thread accumulates a 4 x 4 register tile (4 batch rows x 4 gate columns): 8
-// shared loads per 16 FMAs, where a 1 x 1 tile would be bound by shared-memory bandwidth at 1/4 of the FMA rate.
+// more with the SIMT loop's padded K slices) is the reduction buffer. Each thread accumulates a 4 x 4 register
+// tile (4 batch rows x 4 gate columns): 8 shared loads per 16 FMAs, where a 1 x 1 tile would be bound by
+// shared-memory bandwidth at 1/4 of the FMA rate.
 constexpr int kThreads = 256;
 constexpr int kTileRows = 4;
 constexpr int kTileCols = 4;
@@ -110,7 +111,7 @@ struct Plan {
   bool pad = true;     // the SIMT loop's strides padded against bank conflicts (simt_strides)
   int64_t dirs = 1;    // directions in one launch: a bidirectional layer's two share it, each on tiles * slices
                        // blocks of its own (direction-major), where the device has the SMs for both
-  int64_t kc[2] = {kChunk, kChunk};  // the SIMT stage's K chunk, forward's and backward's GEMM (make_plan)
+  int64_t kc[2] = {kChunk, kChunk};  // the K chunk each GEMM stages, forward's and backward's (make_plan)
   int64_t cost = 0;    // the cost model's price of a forward and a backward step, SM cycles
   const char* why = "";
 };
@@ -534,14 +535,24 @@ static_assert(kThreads % kChunk == 0 && kThreads % kMmaChunk == 0, "the stages t
 
 // The block GEMM's phases. A(r, k) gives the operand (row r of the block's rows), Sink(r, c, v) takes a result.
 // Between phases the caller puts a block barrier; `acc` lives in the thread's registers across K chunks. The
-// stages give each thread every unit-th column of the chunk from tid % unit and every (threads / unit)-th row
-// (unit: kChunk, or kMmaChunk on the tensor cores): consecutive threads read consecutive k of a row, and no
-// element's place needs a division.
+// stages give each thread every unit-th column of the chunk from tid % unit and every (threads / unit)-th row:
+// consecutive threads read consecutive k of a row, and no element's place needs a division. The unit is a power of
+// two, 2^shift: kChunk (kMmaChunk on the tensor cores), halved down to 16 while half of it still covers a short
+// chunk (the last of a K, or a small K), so that threads past its end take rows instead of idling.
+constexpr int kChunkShift = 6, kMmaChunkShift = 7;
+static_assert(int64_t(1) << kChunkShift == kChunk && int64_t(1) << kMmaChunkShift == kMmaChunk, "units");
+FRNN_HD int stage_shift(int64_t len, int shift) {
+  while (shift > 4 && (int64_t(1) << (shift - 1)) >= len) --shift;
+  return shift;
+}
+
 template <typename T, class A>
 FRNN_HD void stage(const Gemm& g, const Smem<T>& sm, int tid, int64_t k0, int64_t nrows, const A& a) {
   const int64_t klen = g.K - k0 < g.kc ? g.K - k0 : g.kc;
-  for (int64_t r = tid / kChunk; r < nrows; r += kThreads / kChunk) {
-    for (int64_t kk = tid % kChunk; kk < klen; kk += kChunk) sm.stage[stage_at(g, r, kk)] = a(r, k0 + kk);
+  const int sh = stage_shift(klen, kChunkShift);
+  const int64_t unit = int64_t(1) << sh;
+  for (int64_t r = tid >> sh; r < nrows; r += kThreads >> sh) {
+    for (int64_t kk = tid & (unit - 1); kk < klen; kk += unit) sm.stage[stage_at(g, r, kk)] = a(r, k0 + kk);
   }
 }
 
@@ -593,8 +604,10 @@ FRNN_HD void stage_mma(const Gemm& g, const Smem<T>& sm, int tid, int64_t k0, in
   const int64_t klen = g.K - k0 < g.kc ? g.K - k0 : g.kc, kp = cdiv(klen, mma_k(g.es)) * mma_k(g.es);
   const int64_t stride = mma_stride(g.kc, g.es);
   T* st = sm.staged();
-  for (int64_t r = tid / kMmaChunk; r < g.bg * 8; r += kThreads / kMmaChunk) {
-    for (int64_t kk = tid % kMmaChunk; kk < kp; kk += kMmaChunk) {
+  const int sh = stage_shift(kp, kMmaChunkShift);
+  const int64_t unit = int64_t(1) << sh;
+  for (int64_t r = tid >> sh; r < g.bg * 8; r += kThreads >> sh) {
+    for (int64_t kk = tid & (unit - 1); kk < kp; kk += unit) {
       st[r * stride + kk] = r < nrows && kk < klen ? mma_operand<T>(a(r, k0 + kk)) : T(0.0f);
     }
   }

@@ -942,7 +942,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("persist_plan", &fastrnn::persist_plan, py::arg("G"), py::arg("B"), py::arg("H"), py::arg("esize"),
         py::arg("sms"), py::arg("smem"), py::arg("cooperative") = true, py::arg("proj") = false,
         py::arg("cells") = false, py::arg("cluster") = 0, py::arg("mma") = false, py::arg("tf32") = false,
-        py::arg("pair") = false, py::arg("pad") = true, "the persistent CUDA engine's plan for a problem on a device of these limits");
+        py::arg("pair") = false, py::arg("pad") = true,
+        "the persistent CUDA engine's plan for a problem on a device of these limits");
   m.def("tf32_allowed", &fastrnn::persist::tf32_allowed,
         "whether torch now allows TF32 for cuDNN's RNN, which puts fp32 CUDA calls of the persistent engine on "
         "tensor cores in TF32");

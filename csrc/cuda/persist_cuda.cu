@@ -133,7 +133,7 @@ struct BlockExec {
 // kThreads, direction-major. Every block reaches every barrier, with rows this step or not; the directions'
 // blocks meet at the same grid barrier, and a cluster never spans two (dir_blocks is a multiple of its size).
 // __grid_constant__: a block reads its direction's args in place, through a run-time index. ptxas then holds
-// their fields in registers (122-184 per thread, 14-34 more than with one direction's args as constant operands;
+// their fields in registers (96-168 per thread, 14-34 more than with one direction's args as constant operands;
 // taking each direction through a constant index in its own branch costs as many): within the one block per SM.
 template <class Prog>
 __global__ void __launch_bounds__(kThreads, 1) persist_kernel(const __grid_constant__ Dirs<typename Prog::Args> dirs) {
