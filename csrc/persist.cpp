@@ -509,7 +509,9 @@ std::map<std::string, std::pair<int64_t, int64_t>> bank_report(int64_t K, int64_
     }
     for (int e = 0; e < kTile; ++e) {
       count("spill", w0, [&](int64_t tid) {
-        return tid < threads ? red_at(g, simt_thread(g, tid).ksl, e, simt_thread(g, tid).item) : -1;
+        if (tid >= threads) return int64_t(-1);
+        const SimtThread th = simt_thread(g, tid);
+        return red_at(g, th.ksl, e, th.item);
       });
     }
     count("reduce", w0, [&](int64_t o) { return o < kTile * g.items ? red_at(g, 0, o / g.items, o % g.items) : -1; });

@@ -334,13 +334,15 @@ inline Plan make_plan(int64_t G, int64_t B, int64_t H, int64_t esize, const Limi
   int64_t best_cost = -1;
   // a candidate split, its GEMMs on the SIMT loop or the tensor cores
   auto consider = [&](int64_t U, int64_t slices, int64_t bt, int64_t tiles, bool mma) {
+    // the plan's shared memory: the larger of the two launches' carvings
+    auto larger = [](const Gemm& x, const Gemm& y) {
+      return smem_bytes(x) > smem_bytes(y) ? smem_bytes(x) : smem_bytes(y);
+    };
     // padded strides where they fit (and FASTRNN_PERSISTENT_PAD is not 0), else the unpadded ones
     Gemm f = make_gemm(H, G * U, bt, mma, esize, false), b = make_gemm(G * H, U, bt, mma, esize, false);
-    int64_t smem = smem_bytes(f) > smem_bytes(b) ? smem_bytes(f) : smem_bytes(b);
-    if (smem > smem_max || !gemm_fits(f) || !gemm_fits(b)) return;
+    if (larger(f, b) > smem_max || !gemm_fits(f) || !gemm_fits(b)) return;
     const Gemm fp = make_gemm(H, G * U, bt, mma, esize), bp = make_gemm(G * H, U, bt, mma, esize);
-    const int64_t smem_p = smem_bytes(fp) > smem_bytes(bp) ? smem_bytes(fp) : smem_bytes(bp);
-    const bool pad = lim.pad && (mma || smem_p <= smem_max);
+    const bool pad = lim.pad && (mma || larger(fp, bp) <= smem_max);
     if (pad) {
       f = fp;
       b = bp;
@@ -359,7 +361,7 @@ inline Plan make_plan(int64_t G, int64_t B, int64_t H, int64_t esize, const Limi
     };
     widen(f);
     widen(b);
-    smem = smem_bytes(f) > smem_bytes(b) ? smem_bytes(f) : smem_bytes(b);
+    const int64_t smem = larger(f, b);
     const int scheme = slices == 1 ? kBlock : slices <= lim.cluster ? kCluster : kGrid;
     // forward and backward GEMMs per step, plus the barriers and (cells) the rows each block walks
     const int64_t barriers = cells ? 4 : 2;
