@@ -79,3 +79,21 @@ def _seed():
     torch.manual_seed(seed)
     yield
 
+
+
+@pytest.fixture
+def emulated_cuda_graphs(monkeypatch):
+    """The Triton backend's CUDA-graph replay (``host.run_loop``) on the CPU: the capture (``host._capture``)
+    swapped for a rerun of the first call's loop on the graph's copies of its inputs. Like a graph, that rerun
+    reads whatever tensors the first call's loop closed over, so a loop that reads a tensor past its inputs
+    replays stale values; ``cuda_graph=True`` is let through on the CPU. Yields the (fresh) cache of captures."""
+    from fastrnn.ops import triton as tb
+
+    def capture(loop, static_in):
+        loop(*static_in)  # the warm-up run, as on a GPU
+        return lambda: loop(*static_in)
+
+    monkeypatch.setattr(tb._host, "_GRAPHS", type(tb._host._GRAPHS)())
+    monkeypatch.setattr(tb._host, "_capture", capture)
+    monkeypatch.setattr(tb, "_resolve_graph", lambda a, variant, cuda_graph: bool(cuda_graph) and variant == "step")
+    yield tb._host._GRAPHS

@@ -316,3 +316,16 @@ def engine_in_short_training():
 def in_place_share(nbytes: int):
     """The cpp CPU engine's share of W_hh per thread (bytes) from which a one-row forward reads W_hh in place."""
     return _cpp_test_hook("_set_in_place_share", nbytes)
+
+
+def fresh_values(inputs: Dict[str, Optional[torch.Tensor]], seed: int) -> Dict[str, Optional[torch.Tensor]]:
+    """The same shapes, dtypes and batch sizes with other values: every floating-point input scaled element by
+    element by a random factor in [0.5, 1.5)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def other(t):
+        if t is None or not t.is_floating_point():
+            return t
+        return t * (0.5 + torch.rand(t.shape, generator=g, dtype=torch.float64)).to(t.device, t.dtype)
+
+    return {k: other(v) for k, v in inputs.items()}

@@ -8,6 +8,7 @@ The ahead-of-time spill check and the "no interpreter on CPU" error are subproce
 the opposite setting.
 """
 
+import functools
 import os
 import re
 import subprocess
@@ -22,7 +23,7 @@ import torch  # noqa: E402
 
 import fastrnn  # noqa: E402
 from fastrnn.ops import triton as triton_backend  # noqa: E402
-from layer_cases import Case, Impl, assert_matches_reference, make_inputs, run  # noqa: E402
+from layer_cases import Case, Impl, assert_matches_reference, fresh_values, make_inputs, run  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IN_PROCESS = triton_backend._host is not None and triton_backend._host.interpreting()
@@ -182,6 +183,26 @@ def test_module_end_to_end_with_backend_options(variant, monkeypatch):
     for a, b in zip(g, g_ref):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     assert seen and all(opts == (variant, False) for opts in seen), seen
+
+
+@interpreted
+@pytest.mark.parametrize("c", [Case("LSTM", 4, 3, 3, 5, proj=3, packed=True, reverse=True),
+                               Case("GRU", 4, 3, 3, 5, packed=True), Case("RNN_RELU", 3, 2, 3, 4, bias=False)],
+                         ids=lambda c: c.id)
+def test_graph_replays_read_every_input_afresh(emulated_cuda_graphs, c):
+    """The step loop replayed as ``cuda_graph=True`` replays it (emulated on the CPU: conftest's
+    ``emulated_cuda_graphs``): calls of one shape with fresh inputs each give the loop's own outputs and
+    gradients bit for bit, from one forward and one backward capture."""
+    first = make_inputs(c, Impl("triton", "cpu", torch.float32))
+    for seed in range(3):
+        inputs = fresh_values(first, seed) if seed else first
+        want = run(functools.partial(triton_backend.layer, variant="step", cuda_graph=False), c, inputs)
+        got = run(functools.partial(triton_backend.layer, variant="step", cuda_graph=True), c, inputs)
+        for a, b in zip(got[0], want[0]):
+            assert torch.equal(a, b)
+        for name in want[1]:
+            assert torch.equal(got[1][name], want[1][name]), name
+        assert [k[0][0] for k in emulated_cuda_graphs] == ["fwd", "bwd"]
 
 
 if torch.cuda.is_available():  # collected only where a GPU is present

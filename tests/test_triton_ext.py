@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from fastrnn import backend as _backend
-from fastrnn.ops import MODES, LayerArgs
-from layer_cases import Case, Impl, one_step_and_one_unit, make_inputs
+from fastrnn.ops import MODES, CellExt, LayerArgs
+from layer_cases import Case, Impl, fresh_values, make_inputs, one_step_and_one_unit
 from test_cpp_ext import _ext_args, assert_layer_matches, make_ext, run
 
 tb = _backend._module("triton")
@@ -125,6 +125,26 @@ def test_seq_and_step_agree(c):
         torch.testing.assert_close(seq[1][name], step[1][name], rtol=1e-4, atol=1e-4, msg=name)
 
 
+@pytest.mark.parametrize("c", [Case("LSTM", 4, 3, 3, 5, proj=3, packed=True, reverse=True),
+                               Case("LSTM", 3, 3, 3, 5, packed=True), Case("GRU", 4, 3, 3, 5, packed=True)],
+                         ids=lambda c: c.id)
+def test_graph_replays_read_every_input_afresh(emulated_cuda_graphs, c):
+    """The step loop replayed as ``cuda_graph=True`` replays it (emulated on the CPU: conftest's
+    ``emulated_cuda_graphs``): calls of one shape with fresh inputs, LayerNorm parameters and masks each give the
+    loop's own outputs and gradients bit for bit, from one forward and one backward capture."""
+    first = make_inputs(c, Impl("triton", "cpu", torch.float32))
+    for seed in range(3):
+        inputs = fresh_values(first, seed) if seed else first
+        ext = make_ext(c, inputs, "ln-zo-rd", seed=seed)
+        want = run(functools.partial(tb.layer, variant="step", cuda_graph=False), c, inputs, ext)
+        got = run(functools.partial(tb.layer, variant="step", cuda_graph=True), c, inputs, ext)
+        for a, b in zip(got[0], want[0]):
+            assert torch.equal(a, b)
+        for name in want[1]:
+            assert torch.equal(got[1][name], want[1][name]), name
+        assert [k[0][0] for k in emulated_cuda_graphs] == ["ext_fwd", "ext_bwd"]
+
+
 @pytest.mark.parametrize("version, key", [(v, k) for v, table in tb._ext.SEQ_TILE_OVERRIDES.items() for k in table],
                          ids=lambda p: p if isinstance(p, str) else f"{p[0]}-h{p[1]}")
 def test_seq_tiles_chosen_for_other_tritons(monkeypatch, version, key):
@@ -137,14 +157,16 @@ def test_seq_tiles_chosen_for_other_tritons(monkeypatch, version, key):
 
 def test_variant_choice():
     """Unasked, the cells take the step loop on the CPU (the seq kernels are the default only on CUDA with
-    FASTRNN_PERSISTENT=1 until they have run on a GPU); the plain cells' persist variant and CUDA graph, which a
-    module's options may carry for its plain calls, leave the cells on their default; "seq" with a projection
-    and an unknown variant are refused with the reason."""
+    FASTRNN_PERSISTENT=1 until they have run on a GPU); the plain cells' persist variant, which a module's options
+    may carry for its plain calls, leaves the cells on their default; a CUDA graph on the CPU, "seq" with a
+    projection and an unknown variant are refused with the reason."""
     a = LayerArgs("LSTM", torch.zeros(4, 3), None, torch.zeros(2, 4), torch.zeros(2, 4), torch.zeros(16, 3),
                   torch.zeros(16, 4), None, None, None, False)
     assert tb._resolve_options(a, (None, None), True) == ("step", False)
     assert tb._resolve_options(a, ("seq", None), True) == ("seq", False)
-    assert tb._resolve_options(a, ("persist", True), True) == ("step", False)
+    assert tb._resolve_options(a, ("persist", None), True) == ("step", False)
+    with pytest.raises(ValueError, match="cuda_graph=True needs CUDA tensors, got x on cpu"):
+        tb._resolve_options(a, ("persist", True), True)
     with pytest.raises(ValueError, match="variant must be one of"):
         tb._resolve_options(a, ("fast", None), True)
     with pytest.raises(ValueError, match="projection"):
@@ -193,3 +215,25 @@ if CUDA_DTYPES:  # collected only where a GPU is present
         inputs, ext = cuda_inputs(c, dtype, feature)
         assert_layer_matches(functools.partial(tb.layer, variant=variant), c, inputs, ext,
                              torch.float64 if dtype == torch.float32 else None)
+
+    @pytest.mark.cuda
+    @pytest.mark.parametrize("dtype", CUDA_DTYPES, ids=lambda d: str(d)[6:])
+    @pytest.mark.parametrize("c", [Case("LSTM", 5, 4, 3, 40, proj=3, packed=True, reverse=True),
+                                   Case("GRU", 5, 4, 3, 40, packed=True)], ids=lambda c: c.id)
+    def test_cuda_graph_replays_match(c, dtype):
+        """The step loop replayed from real CUDA graphs: calls of one shape with fresh inputs, LayerNorm
+        parameters and masks each give the unreplayed loop's outputs and gradients."""
+        host = tb._host
+        move = lambda t: t if t is None or t.dtype == torch.int64 else t.to("cuda")  # noqa: E731
+        first = make_inputs(c, Impl("triton", "cpu", dtype))
+        for seed in range(3):
+            inputs = fresh_values(first, seed) if seed else first
+            ext = CellExt(*map(move, make_ext(c, inputs, "ln-zo-rd", seed=seed)))
+            inputs = {k: move(v) for k, v in inputs.items()}
+            want = run(functools.partial(tb.layer, variant="step", cuda_graph=False), c, inputs, ext)
+            got = run(functools.partial(tb.layer, variant="step", cuda_graph=True), c, inputs, ext)
+            for a, b in zip(got[0], want[0]):
+                torch.testing.assert_close(a, b)
+            for name in want[1]:
+                torch.testing.assert_close(got[1][name], want[1][name], msg=name)
+        assert any(k[0][0] == "ext_fwd" for k in host._GRAPHS) and any(k[0][0] == "ext_bwd" for k in host._GRAPHS)

@@ -37,11 +37,11 @@ Options, as keywords of ``layer`` or, from a module, ``backend_options={"triton"
   then ``"persist"`` (with ``FASTRNN_PERSISTENT=1``), else ``"step"``. fastrnn's cells take ``"step"`` or
   ``"seq"``; ``None`` (or ``"persist"``, which they lack) picks ``"seq"`` on CUDA with ``FASTRNN_PERSISTENT=1``
   and no projection, else ``"step"``.
-- ``cuda_graph``: capture the per-step launches of the ``"step"`` variant into a CUDA graph on the first
-  call with given shapes and batch sizes and replay it afterwards, removing the per-launch host cost
-  (``host.run_loop``: at most ``GRAPH_CACHE_SIZE`` shapes kept). ``None`` (default): on for the step variant
-  on CUDA with ``FASTRNN_PERSISTENT=1``, off otherwise; fastrnn's cells never replay a graph (the option is
-  ignored for them). UNVERIFIED: it has never run on a GPU.
+- ``cuda_graph``: capture the per-step launches of the ``"step"`` variant (the plain cells' and fastrnn's
+  own) into a CUDA graph on the first call with given shapes and batch sizes and replay it afterwards,
+  removing the per-launch host cost (``host.run_loop``: at most ``GRAPH_CACHE_SIZE`` shapes kept).
+  ``None`` (default): on for the step variant on CUDA with ``FASTRNN_PERSISTENT=1``, off otherwise.
+  UNVERIFIED on a GPU: the CPU tests replay an emulation of the capture.
 """
 
 from typing import Optional
@@ -103,17 +103,24 @@ def _resolve_options(a: LayerArgs, options: tuple, cells: bool = False) -> tuple
         raise ValueError("the 'persist' variant needs no projection and a grid of batch tiles x hidden slices no "
                          f"larger than the device's {_host.persist.device_programs(a.x.device)} SMs, got batch {B}, "
                          f"H = {a.H}{with_proj}")
+    return variant, _resolve_graph(a, variant, cuda_graph)
+
+
+def _resolve_graph(a: LayerArgs, variant: str, cuda_graph: Optional[bool]) -> bool:
+    """Whether the step loop replays from a CUDA graph: as asked (on CUDA only), by default where
+    ``FASTRNN_PERSISTENT=1`` asks for the fast way; the whole-sequence variants have no loop to replay."""
     if cuda_graph and a.x.device.type != "cuda":
         raise ValueError(f"cuda_graph=True needs CUDA tensors, got x on {a.x.device}")
     if cuda_graph is None:
-        cuda_graph = variant == "step" and a.x.device.type == "cuda" and _host.persist.enabled_by_default()
-    return variant, bool(cuda_graph)
+        cuda_graph = a.x.device.type == "cuda" and _host.persist.enabled_by_default()
+    return bool(cuda_graph) and variant == "step"
 
 
 def _resolve_ext_options(a: LayerArgs, variant: Optional[str], cuda_graph: Optional[bool]) -> tuple:
-    """fastrnn's cells: ``"seq"`` (one launch per direction, no projection) or ``"step"``. A module's options
-    serve its plain calls too (zoneout and recurrent dropout exist only in training), so the plain cells'
-    ``"persist"`` and ``cuda_graph`` are no error here: the cells take their default and no CUDA graph."""
+    """fastrnn's cells: ``"seq"`` (one launch per direction, no projection) or ``"step"``, whose loop replays
+    from a CUDA graph as the plain cells' does. A module's options serve its plain calls too (zoneout and
+    recurrent dropout exist only in training), so the plain cells' ``"persist"`` is no error here: the cells
+    take their default."""
     proj = a.w_hr is not None
     if variant not in _host.VARIANTS + (None,):
         raise ValueError(f"variant must be one of {_host.VARIANTS} or None, got {variant!r}")
@@ -122,7 +129,7 @@ def _resolve_ext_options(a: LayerArgs, variant: Optional[str], cuda_graph: Optio
     if variant == "seq" and proj:
         raise ValueError("the 'seq' variant of fastrnn's cells needs no projection, got proj_size "
                          f"{a.w_hr.shape[0]}")
-    return variant, False
+    return variant, _resolve_graph(a, variant, cuda_graph)
 
 
 def _fake_saved(a: LayerArgs, _options: tuple, save: bool) -> Saved:
@@ -138,11 +145,11 @@ def _backward(a, options, y, saved, dy, dh_n, dc_n, need_dx):
 
 
 def _ext_forward(a: LayerArgs, e: CellExt, options: tuple, save: bool):
-    return _ext.forward(a, e, save, seq=options[0] == "seq")
+    return _ext.forward(a, e, save, seq=options[0] == "seq", graph=options[1])
 
 
 def _ext_backward(a: LayerArgs, e: CellExt, options: tuple, y, saved: SavedExt, dy, dh_n, dc_n, need_dx: bool):
-    return _ext.backward(a, e, y, saved, dy, dh_n, dc_n, need_dx, seq=options[0] == "seq")
+    return _ext.backward(a, e, y, saved, dy, dh_n, dc_n, need_dx, seq=options[0] == "seq", graph=options[1])
 
 
 def _ext_fake_saved(a: LayerArgs, e: CellExt, _options: tuple, save: bool) -> SavedExt:

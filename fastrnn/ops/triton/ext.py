@@ -38,8 +38,8 @@ from torch import Tensor
 
 from fastrnn.ops import GATES, LN_EPS, CellExt, LayerArgs, SavedExt
 from fastrnn.ops.triton.cells import FP_FUSION, _tanh, cell_backward, cell_forward, lstm_gate_grads, release
-from fastrnn.ops.triton.host import (MODE_IDS, Rows, input_projection, nan_buffer, placeholder, plan_rows,
-                                     step_tables)
+from fastrnn.ops.triton.host import (MODE_IDS, Rows, input_projection, nan_buffer, none_if_empty, placeholder,
+                                     plan_rows, run_loop, step_tables)
 
 _EPS = tl.constexpr(LN_EPS)
 # Columns of the per-row statistics (SavedExt.stats): rstd of xs and of hs, LSTM's mean and rstd of c.
@@ -674,66 +674,75 @@ def _gains(e: CellExt):
                  for t in (e.ln_ih_weight, e.ln_hh_weight, e.ln_c_weight, e.ln_c_bias))
 
 
-def _contig(t: Optional[Tensor]) -> Optional[Tensor]:
-    return None if t is None else t.contiguous()
-
-
-def forward(a: LayerArgs, e: CellExt, save: bool, seq: bool = False):
+def forward(a: LayerArgs, e: CellExt, save: bool, seq: bool = False, graph: bool = False):
     """``(y, h_n, c_n, SavedExt)``; ``c_n`` is empty unless LSTM, the saved entries empty unless ``save``.
-    ``seq``: one :func:`_fwd_seq_kernel` launch instead of the step loop (no projection)."""
+    ``seq``: one :func:`_fwd_seq_kernel` launch instead of the step loop (no projection); ``graph``: the step loop
+    replayed from a CUDA graph (``host.run_loop``)."""
     mode, x, dt = a.mode, a.x, a.x.dtype
     lstm, proj, ln = mode == "LSTM", a.w_hr is not None, e.layer_norm
     N, B, H, HO, GH = x.shape[0], a.h0.shape[0], a.H, a.h0.shape[1], a.w_hh.shape[0]
     nothing = SavedExt(*(x.new_empty(0, dtype=torch.float32) for _ in SavedExt._fields))
-    h = a.h0.float().clone(memory_format=torch.contiguous_format)
-    c = a.c0.float().clone(memory_format=torch.contiguous_format) if lstm else None
     if N == 0:
-        return x.new_empty(0, HO), h.to(dt), (c.to(dt) if lstm else x.new_empty(0)), nothing
+        h = a.h0.to(dt, copy=True)
+        return x.new_empty(0, HO), h, (a.c0.to(dt, copy=True) if lstm else x.new_empty(0)), nothing
+    if seq and proj:
+        raise ValueError("the 'seq' kernels of fastrnn's cells take no projection (w_hr)")
     rows = plan_rows(a.batch_sizes, B, N, a.reverse, x.device)
-    zh, zc, mask = _contig(e.zoneout_h), _contig(e.zoneout_c), _contig(e.rec_mask)
-    w_hh, w_hr = a.w_hh.float(), (a.w_hr.float() if proj else None)
-    gains, (bias, b_hn) = _gains(e), _fold_bias(a, e)
     xs = input_projection(x, a.w_ih, None)
     stats = nan_buffer(N, N_STATS, x) if ln else None
     if ln:
         ln_rows(xs, stats)
-    # the GEMM's raw rows: saved as they are without LayerNorm, else a scratch the kernel normalises from
-    hs = nan_buffer(N, GH, x) if save else None
-    raw = nan_buffer(B, GH, x) if ln or not save else None
-    cs = nan_buffer(N, H, x) if save and lstm else None
-    hm = h * mask if mask is not None else None
-    operand = h if hm is None else hm
-    y = nan_buffer(N, HO, x, dt)
-    hr = nan_buffer(B, H, x) if proj else None
-    projected = nan_buffer(B, HO, x) if proj and zh is not None else None
-    if seq and proj:
-        raise ValueError("the 'seq' kernels of fastrnn's cells take no projection (w_hr)")
-    if seq:
-        ph = placeholder(xs)
-        _launch_seq(_fwd_seq_kernel, rows, B, H,
-                    xs, _or(hs, ph), _or(raw, ph), stats if ln else ph, *_cell_params(gains, bias, b_hn, ph), h, y,
-                    _or(zh, ph), _or(mask, ph), _or(hm, ph), _or(c, ph), _or(cs, ph), _or(zc, ph),
-                    w_hh.t().contiguous(),
-                    MODE=MODE_IDS[mode], G=GATES[mode], LN=ln, SAVE=save, STORE=save and ln, RAW=raw is not None,
-                    ZONE_H=zh is not None, ZONE_C=zc is not None, MASK=mask is not None, REVERSE=a.reverse)
-    else:
-        for t in rows.order:
-            r, n = rows.rows(t), rows.sizes[t]
-            g_rows = raw[:n] if raw is not None else hs[r]
-            torch.mm(operand[:n], w_hh.t(), out=g_rows)
-            fwd_step(mode, n, H, xs[r], g_rows, hs[r] if save and ln else None, stats[r] if ln else None, gains, bias,
-                     b_hn, hr if proj else h, None if proj else y[r], None if proj else _at(zh, r),
-                     None if proj else mask, None if proj else hm, c, _at(cs, r), _at(zc, r), save, not proj)
-            if proj:
-                # zoneout and the mask act on the projected h, which mixes all units: torch ops beside the kernel
-                if zh is not None:
-                    torch.mm(hr[:n], w_hr.t(), out=projected[:n])
-                    torch.lerp(projected[:n], h[:n], zh[r].float(), out=h[:n])
-                else:
-                    torch.mm(hr[:n], w_hr.t(), out=h[:n])
-                y[r] = h[:n]
-                if mask is not None:
-                    torch.mul(h[:n], mask[:n], out=hm[:n])
+
+    def loop(xs, stats, h0, c0, w_hh, w_hr, bias, b_hn, gx, gh, gc, sc, zh, zc, mask):
+        """Everything after the input side: ``(y, h_n, c_n, hs, stats, cs)``; absent tensors come and go empty."""
+        stats, c0, w_hr, b_hn, gc, sc, zh, zc, mask = map(
+            none_if_empty, (stats, c0, w_hr, b_hn, gc, sc, zh, zc, mask))
+        gains = (gx, gh, gc, sc) if ln else None
+        h = h0.float().clone(memory_format=torch.contiguous_format)
+        c = c0.float().clone(memory_format=torch.contiguous_format) if lstm else None
+        w_hh, w_hr = w_hh.float(), (w_hr.float() if proj else None)
+        # the GEMM's raw rows: saved as they are without LayerNorm, else a scratch the kernel normalises from
+        hs = nan_buffer(N, GH, xs) if save else None
+        raw = nan_buffer(B, GH, xs) if ln or not save else None
+        cs = nan_buffer(N, H, xs) if save and lstm else None
+        hm = h * mask if mask is not None else None
+        operand = h if hm is None else hm
+        y = nan_buffer(N, HO, xs, dt)
+        hr = nan_buffer(B, H, xs) if proj else None
+        projected = nan_buffer(B, HO, xs) if proj and zh is not None else None
+        if seq:
+            ph = placeholder(xs)
+            _launch_seq(_fwd_seq_kernel, rows, B, H,
+                        xs, _or(hs, ph), _or(raw, ph), stats if ln else ph, *_cell_params(gains, bias, b_hn, ph), h,
+                        y, _or(zh, ph), _or(mask, ph), _or(hm, ph), _or(c, ph), _or(cs, ph), _or(zc, ph),
+                        w_hh.t().contiguous(),
+                        MODE=MODE_IDS[mode], G=GATES[mode], LN=ln, SAVE=save, STORE=save and ln,
+                        RAW=raw is not None, ZONE_H=zh is not None, ZONE_C=zc is not None, MASK=mask is not None,
+                        REVERSE=a.reverse)
+        else:
+            for t in rows.order:
+                r, n = rows.rows(t), rows.sizes[t]
+                g_rows = raw[:n] if raw is not None else hs[r]
+                torch.mm(operand[:n], w_hh.t(), out=g_rows)
+                fwd_step(mode, n, H, xs[r], g_rows, hs[r] if save and ln else None, stats[r] if ln else None, gains,
+                         bias, b_hn, hr if proj else h, None if proj else y[r], None if proj else _at(zh, r),
+                         None if proj else mask, None if proj else hm, c, _at(cs, r), _at(zc, r), save, not proj)
+                if proj:
+                    # zoneout and the mask act on the projected h, which mixes all units: torch ops beside the kernel
+                    if zh is not None:
+                        torch.mm(hr[:n], w_hr.t(), out=projected[:n])
+                        torch.lerp(projected[:n], h[:n], zh[r].float(), out=h[:n])
+                    else:
+                        torch.mm(hr[:n], w_hr.t(), out=h[:n])
+                    y[r] = h[:n]
+                    if mask is not None:
+                        torch.mul(h[:n], mask[:n], out=hm[:n])
+        return tuple(_or(t, xs.new_empty(0)) for t in (y, h, c, hs, stats, cs))
+
+    key = ("ext_fwd", mode, tuple(rows.sizes), a.reverse, save, dt, x.device) if graph and not seq else None
+    gains = _gains(e) or (None,) * 4
+    y, h, c, hs, stats, cs = run_loop(key, loop, _present(
+        xs, stats, a.h0, a.c0, a.w_hh, a.w_hr, *_fold_bias(a, e), *gains, e.zoneout_h, e.zoneout_c, e.rec_mask))
     c_out = c.to(dt) if lstm else x.new_empty(0)
     if not save:
         return y, h.to(dt), c_out, nothing
@@ -741,45 +750,54 @@ def forward(a: LayerArgs, e: CellExt, save: bool, seq: bool = False):
     return y, h.to(dt), c_out, SavedExt(xs, hs, stats if ln else empty, cs if lstm else empty.clone())
 
 
+def _present(like: Tensor, *ts: Optional[Tensor]) -> list:
+    """``like`` and ``ts`` as :func:`host.run_loop`'s inputs: ``ts`` contiguous, an absent one empty
+    (``none_if_empty`` undoes it)."""
+    return [like] + [like.new_empty(0) if t is None else t.contiguous() for t in ts]
+
+
 def _at(t: Optional[Tensor], r: slice) -> Optional[Tensor]:
     return None if t is None else t[r]
 
 
 def backward(a: LayerArgs, e: CellExt, y: Tensor, saved: SavedExt, dy: Tensor, dh_n: Tensor,
-             dc_n: Optional[Tensor], need_dx: bool, seq: bool = False):
+             dc_n: Optional[Tensor], need_dx: bool, seq: bool = False, graph: bool = False):
     """Gradients in ``GRAD_NAMES`` order, then the LayerNorm parameters' (``EXT_GRAD_NAMES``); absent: empty.
-    ``seq``: one :func:`_bwd_seq_kernel` launch instead of the step loop (no projection)."""
+    ``seq``: one :func:`_bwd_seq_kernel` launch instead of the step loop (no projection); ``graph``: the step loop
+    replayed from a CUDA graph (``host.run_loop``)."""
     mode, x, dt = a.mode, a.x, a.x.dtype
     lstm, gru, proj, ln = mode == "LSTM", mode == "GRU", a.w_hr is not None, e.layer_norm
     N, B, H, HO, GH = x.shape[0], a.h0.shape[0], a.H, a.h0.shape[1], a.w_hh.shape[0]
-    dh = dh_n.float().clone(memory_format=torch.contiguous_format)
-    dc = dc_n.float().clone(memory_format=torch.contiguous_format) if lstm else None
-    zh, zc, mask = _contig(e.zoneout_h), _contig(e.zoneout_c), _contig(e.rec_mask)
-    dy = dy.contiguous()
-    dgx = nan_buffer(N, GH, x)
-    dgh = nan_buffer(N, GH, x) if ln or gru else dgx
-    h_prev = dts = hrs = None
-    part = x.new_zeros(B, 2 * GH + 2 * H, dtype=torch.float32) if ln else None
-    if N:
-        rows = plan_rows(a.batch_sizes, B, N, a.reverse, x.device)
-        w_hh, w_hr = a.w_hh.float(), (a.w_hr.float() if proj else None)
-        gains, (bias, b_hn) = _gains(e), _fold_bias(a, e)
-        xs, hs, stats = saved.xs, saved.hs, (saved.stats if ln else None)
-        h_prev = torch.cat([y.float(), a.h0.float()])[rows.prev_index]
-        c_prev = torch.cat([saved.c, a.c0.float()])[rows.prev_index] if lstm else None
-        dts = nan_buffer(N, HO, x) if proj else None
-        hrs = nan_buffer(N, H, x) if proj else None
+    if seq and proj:
+        raise ValueError("the 'seq' kernels of fastrnn's cells take no projection (w_hr)")
+    rows = plan_rows(a.batch_sizes, B, N, a.reverse, x.device) if N else None
+    f32 = dict(device=x.device, dtype=torch.float32)
+    h_prev = torch.cat([y.float(), a.h0.float()])[rows.prev_index] if N else torch.empty(0, HO, **f32)
+    c_prev = torch.cat([saved.c, a.c0.float()])[rows.prev_index] if N and lstm else None
+
+    def loop(xs, hs, stats, h_prev, c_prev, dy, dh_n, dc_n, w_hh, w_hr, bias, b_hn, gx, gh, gc, sc, zh, zc, mask):
+        """The recurrence's gradients: ``(dgx, dgh, dh0, dc0, part, dts, hrs)``; absent tensors come and go
+        empty."""
+        stats, c_prev, dc_n, w_hr, b_hn, gc, sc, zh, zc, mask = map(
+            none_if_empty, (stats, c_prev, dc_n, w_hr, b_hn, gc, sc, zh, zc, mask))
+        gains = (gx, gh, gc, sc) if ln else None
+        w_hh, w_hr = w_hh.float(), (w_hr.float() if proj else None)
+        dh = dh_n.float().clone(memory_format=torch.contiguous_format)
+        dc = dc_n.float().clone(memory_format=torch.contiguous_format) if lstm else None
+        dgx = nan_buffer(N, GH, xs)
+        dgh = nan_buffer(N, GH, xs) if ln or gru else dgx
+        part = xs.new_zeros(B, 2 * GH + 2 * H) if ln else None
+        dts = nan_buffer(N, HO, xs) if proj else None
+        hrs = nan_buffer(N, H, xs) if proj else None
         bypass = zh is not None or gru
-        if seq and proj:
-            raise ValueError("the 'seq' kernels of fastrnn's cells take no projection (w_hr)")
-        if seq:
+        if seq and N:
             ph = placeholder(xs)
             _launch_seq(_bwd_seq_kernel, rows, B, H,
                         xs, hs, stats if ln else ph, *_cell_params(gains, bias, b_hn, ph), h_prev, _or(c_prev, ph),
                         _or(zh, ph), _or(zc, ph), dh, dy, _or(dc, ph), dgx, dgh, _or(part, ph), _or(mask, ph), w_hh,
                         MODE=MODE_IDS[mode], G=GATES[mode], LN=ln, ZONE_H=zh is not None, ZONE_C=zc is not None,
                         BYPASS=bypass, SPLIT=ln or gru, MASK=mask is not None, REVERSE=a.reverse)
-        else:
+        elif N:
             for t in reversed(rows.order):
                 r, n = rows.rows(t), rows.sizes[t]
                 if proj:
@@ -801,8 +819,17 @@ def backward(a: LayerArgs, e: CellExt, y: Tensor, saved: SavedExt, dy: Tensor, d
                     dh[:n] += d_prev
                 else:
                     dh[:n] = d_prev
-        if mask is not None:
-            h_prev.mul_(torch.cat([mask[:n] for n in rows.sizes]))
+        return tuple(_or(t, xs.new_empty(0)) for t in (dgx, dgh, dh, dc, part, dts, hrs))
+
+    key = ("ext_bwd", mode, tuple(rows.sizes), a.reverse, x.device) if graph and N and not seq else None
+    gains = _gains(e) or (None,) * 4
+    dgx, dgh, dh, dc, part, dts, hrs = run_loop(key, loop, _present(
+        saved.xs, saved.hs, saved.stats if ln else None, h_prev,
+        c_prev, dy, dh_n, dc_n if lstm else None, a.w_hh, a.w_hr, *_fold_bias(a, e), *gains, e.zoneout_h,
+        e.zoneout_c, e.rec_mask))
+    mask = e.rec_mask
+    if N and mask is not None:
+        h_prev.mul_(torch.cat([mask[:n] for n in rows.sizes]))
 
     def absent() -> Tensor:
         return x.new_empty(0)  # custom-op outputs must not alias each other

@@ -171,14 +171,15 @@ _GRAPHS: "OrderedDict[tuple, tuple]" = OrderedDict()
 def run_loop(key: Optional[tuple], loop: Callable[..., Sequence[Tensor]], inputs: Sequence[Tensor]) -> List[Tensor]:
     """Run ``loop(*inputs)``, or with a ``key`` replay a CUDA graph of it captured on first use.
 
-    UNVERIFIED: this path has never run on a GPU. Capture follows ``torch.cuda.graphs``: warm up on a side
-    stream, capture into a graph whose inputs are copies held by the cache, then per call copy the new
-    inputs in, replay and clone the outputs (the next replay overwrites them). ``key`` must determine
-    every host-side decision the loop makes (batch sizes, flags); the inputs' dtypes and shapes are added
-    here, since a graph's input copies keep the first call's (``copy_`` would convert a later call's
-    inputs to them silently: fp32 weights replayed in fp16).
+    UNVERIFIED on a GPU (the CPU tests replay an emulation of the capture, see :func:`_capture`). Per call the new
+    inputs are copied into the copies the graph was captured on, the graph replays and its outputs are cloned
+    (the next replay overwrites them). So ``loop`` must read every tensor through ``inputs`` (a tensor of the
+    caller's it closed over would stay the first call's) and allocate what it writes, and ``key`` must determine
+    every host-side decision it makes (batch sizes, flags); the inputs' dtypes and shapes are added here, since
+    a graph's input copies keep the first call's (``copy_`` would convert a later call's inputs to them
+    silently: fp32 weights replayed in fp16).
     """
-    if key is None or torch.cuda.is_current_stream_capturing():
+    if key is None or (inputs[0].is_cuda and torch.cuda.is_current_stream_capturing()):
         # inside a caller's own capture the launches are recorded into that graph already
         return list(loop(*inputs))
     key = (key, tuple((t.dtype, tuple(t.shape)) for t in inputs))
@@ -189,20 +190,31 @@ def run_loop(key: Optional[tuple], loop: Callable[..., Sequence[Tensor]], inputs
         while len(_GRAPHS) >= GRAPH_CACHE_SIZE:
             _GRAPHS.popitem(last=False)
         static_in = [t.clone() for t in inputs]
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            loop(*static_in)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            static_out = list(loop(*static_in))
-        entry = _GRAPHS[key] = (graph, static_in, static_out)
-    graph, static_in, static_out = entry
+        entry = _GRAPHS[key] = (_capture(loop, static_in), static_in)
+    replay, static_in = entry
     for dst, src in zip(static_in, inputs):
         dst.copy_(src)
-    graph.replay()
-    return [t.clone() for t in static_out]
+    return [t.clone() for t in replay()]
+
+
+def _capture(loop: Callable[..., Sequence[Tensor]], static_in: List[Tensor]) -> Callable[[], Sequence[Tensor]]:
+    """Capture ``loop(*static_in)`` into a CUDA graph (after a warm-up on a side stream, as ``torch.cuda.graphs``
+    asks); returns what replays it and gives its outputs. The tests swap in a CPU emulation that reruns the first
+    call's ``loop`` on ``static_in``: like the graph, it reads every tensor the first call closed over."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        loop(*static_in)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = list(loop(*static_in))
+
+    def replay() -> Sequence[Tensor]:
+        graph.replay()
+        return static_out
+
+    return replay
 
 
 def input_projection(x: Tensor, w_ih: Tensor, b_ih: Optional[Tensor]) -> Tensor:
@@ -216,7 +228,7 @@ def input_projection(x: Tensor, w_ih: Tensor, b_ih: Optional[Tensor]) -> Tensor:
     return F.linear(x.float(), w_ih.float(), None if b_ih is None else b_ih.float())
 
 
-def _opt(t: Optional[Tensor]) -> Optional[Tensor]:
+def none_if_empty(t: Optional[Tensor]) -> Optional[Tensor]:
     return t if t is not None and t.numel() else None
 
 
@@ -262,13 +274,13 @@ def forward(a: LayerArgs, options: tuple, save: bool) -> Tuple[Tensor, Tensor, T
             w_hr32 = w_hr.float()
             if variant == "persist":
                 bs, off = step_tables(rows, xp.device)
-                persist.fwd_persist(mode_id, G, xp, _opt(b_hh), w_hh, h0, c0 if c0.numel() else cs, bs, off,
+                persist.fwd_persist(mode_id, G, xp, none_if_empty(b_hh), w_hh, h0, c0 if c0.numel() else cs, bs, off,
                                     hs, cs, gates, hn, save, reverse, upcast)
             else:
                 for k, t in enumerate(rows.order):
                     r, n = rows.rows(t), rows.sizes[t]
                     rp, n_prev = rows.neighbour(k - 1)
-                    fwd_step(mode_id, G, xp[r], _opt(b_hh), w_hh, hs[rp], h0, cs[rp] if lstm else cs,
+                    fwd_step(mode_id, G, xp[r], none_if_empty(b_hh), w_hh, hs[rp], h0, cs[rp] if lstm else cs,
                              c0 if c0.numel() else cs, hr[r], cs[r] if lstm else cs,
                              gates[r] if save and (lstm or gru) else gates, hn[r] if save and gru else hn,
                              n, n_prev, save, upcast)
