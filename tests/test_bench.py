@@ -315,12 +315,18 @@ def test_recorded_command_has_no_path_of_this_machine():
 
 
 def test_recorded_command_carries_the_isa_caps():
-    """A run capped to a smaller ISA (README, "CPU") records the caps, so its command reproduces the run."""
-    env = {"ATEN_CPU_CAPABILITY": "avx2", "FASTRNN_CPU_ISA": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "OTHER": "1"}
+    """A run capped to a smaller ISA (README, "CPU") records the caps, MKL's too, so its command reproduces the
+    run; a run under some caps but not all is flagged, naming what is missing."""
+    env = {"ATEN_CPU_CAPABILITY": "avx2", "FASTRNN_CPU_ISA": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
+           "MKL_ENABLE_INSTRUCTIONS": "AVX2", "OTHER": "1"}
     assert cli.pasteable_command(["--quick"], env=env) == (
-        "FASTRNN_CPU_ISA=avx2 ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 python benchmarks/bench_rnn.py --quick"
+        "FASTRNN_CPU_ISA=avx2 ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 "
+        "python benchmarks/bench_rnn.py --quick"
     )  # fmt: skip
     assert cli.pasteable_command(["--quick"], env={"FASTRNN_CPU_ISA": ""}) == "python benchmarks/bench_rnn.py --quick"
+    assert cli.cap_warning(env) is None and cli.cap_warning({"OTHER": "1"}) is None
+    partial = cli.cap_warning({k: v for k, v in env.items() if k != "MKL_ENABLE_INSTRUCTIONS"})
+    assert "not by MKL_ENABLE_INSTRUCTIONS:" in partial and "capped by FASTRNN_CPU_ISA, ONEDNN_MAX_CPU_ISA" in partial
 
 
 def test_gemm_peaks_cover_every_dtype_the_cases_compute_in():
