@@ -10,6 +10,9 @@ Kernel, launcher and host loop in one place, mirroring the cpp backend's driver 
   the recurrent LayerNorm's backward and its parameters' per-row sums), then the GEMM ``dG W_hh``; after the
   loop :func:`_ln_rows_bwd_kernel` over the input side's rows and every weight gradient as one GEMM.
 
+Both step loops take every tensor as an argument of one ``loop`` function and allocate what they write, so that
+``host.run_loop`` can replay them from a CUDA graph (``cuda_graph``) as it does the plain cells' loops.
+
 With the ``"seq"`` variant (no projection) each direction is one launch instead, :func:`_fwd_seq_kernel` and
 :func:`_bwd_seq_kernel`: a program owns ``BR`` batch rows for the whole sequence and computes their recurrent
 product itself before the row pass of each step (W_hh read from L2 every step), so no Python runs per step and
