@@ -82,7 +82,7 @@ def _triton(a: LayerArgs, ext: CellExt, impl: ModuleType, options: dict, _pair: 
                                                                                                    "backward")))
             return (f"fastrnn's cells, variant 'seq': one launch per direction forward and one backward, {grids}, "
                     "each computing its rows' recurrent product")
-        return "fastrnn's cells, variant 'step': per step a torch GEMM and one fused row kernel"
+        return f"fastrnn's cells, variant 'step': per step a torch GEMM and one fused row kernel, {_replay(graph)}"
     if variant == "seq":
         return "variant 'seq': one launch per direction forward and one backward, W_hh held in registers"
     if variant == "persist":
@@ -90,5 +90,8 @@ def _triton(a: LayerArgs, ext: CellExt, impl: ModuleType, options: dict, _pair: 
         tiles, slices = host.persist.grid(B, H, cfg)
         return (f"variant 'persist': one launch per direction forward and one backward, {tiles} batch tiles x "
                 f"{slices} hidden slices meeting at a barrier each step")
-    replay = "replayed from a CUDA graph" if graph else "launched from Python"
-    return f"variant 'step': one fused kernel per step, {replay}"
+    return f"variant 'step': one fused kernel per step, {_replay(graph)}"
+
+
+def _replay(graph: bool) -> str:
+    return "replayed from a CUDA graph (from a shape's second call)" if graph else "launched from Python"

@@ -94,6 +94,7 @@ def emulated_cuda_graphs(monkeypatch):
         return lambda: loop(*static_in)
 
     monkeypatch.setattr(tb._host, "_GRAPHS", type(tb._host._GRAPHS)())
+    monkeypatch.setattr(tb._host, "_SEEN", type(tb._host._SEEN)())
     monkeypatch.setattr(tb._host, "_capture", capture)
     monkeypatch.setattr(tb, "_resolve_graph", lambda a, variant, cuda_graph: bool(cuda_graph) and variant == "step")
     yield tb._host._GRAPHS

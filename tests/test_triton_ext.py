@@ -81,6 +81,13 @@ def test_odd_and_wide_rows(c, variant):
     assert_matches_fp64(c, torch.float32, "ln-zo-rd", variant)
 
 
+@pytest.mark.parametrize("c, variant", with_variants([Case("LSTM", 3, 0, 3, 4), Case("LSTM", 3, 0, 3, 4, proj=2),
+                                                      Case("GRU", 3, 0, 3, 4)]))
+def test_empty_batch(c, variant):
+    """B = 0 (no rows at all): empty outputs, the states' empty gradients and zero weight gradients."""
+    assert_matches_fp64(c, torch.float32, "ln-zo-rd", variant)
+
+
 @pytest.mark.parametrize("c, variant", with_variants([Case("LSTM", 4, 3, 3, 8, proj=4, packed=True),
                                                       Case("GRU", 4, 3, 3, 8, reverse=True)]))
 def test_bf16_against_fp64(c, variant):
@@ -142,7 +149,8 @@ def test_graph_replays_read_every_input_afresh(emulated_cuda_graphs, c):
             assert torch.equal(a, b)
         for name in want[1]:
             assert torch.equal(got[1][name], want[1][name]), name
-        assert [k[0][0] for k in emulated_cuda_graphs] == ["ext_fwd", "ext_bwd"]
+        # captured on the shape's second call, replayed on the third
+        assert [k[0][0] for k in emulated_cuda_graphs] == (["ext_fwd", "ext_bwd"] if seed else [])
 
 
 @pytest.mark.parametrize("version, key", [(v, k) for v, table in tb._ext.SEQ_TILE_OVERRIDES.items() for k in table],
@@ -220,10 +228,12 @@ if CUDA_DTYPES:  # collected only where a GPU is present
     @pytest.mark.parametrize("dtype", CUDA_DTYPES, ids=lambda d: str(d)[6:])
     @pytest.mark.parametrize("c", [Case("LSTM", 5, 4, 3, 40, proj=3, packed=True, reverse=True),
                                    Case("GRU", 5, 4, 3, 40, packed=True)], ids=lambda c: c.id)
-    def test_cuda_graph_replays_match(c, dtype):
+    def test_cuda_graph_replays_match(c, dtype, monkeypatch):
         """The step loop replayed from real CUDA graphs: calls of one shape with fresh inputs, LayerNorm
         parameters and masks each give the unreplayed loop's outputs and gradients."""
         host = tb._host
+        monkeypatch.setattr(host, "_GRAPHS", type(host._GRAPHS)())
+        monkeypatch.setattr(host, "_SEEN", type(host._SEEN)())
         move = lambda t: t if t is None or t.dtype == torch.int64 else t.to("cuda")  # noqa: E731
         first = make_inputs(c, Impl("triton", "cpu", dtype))
         for seed in range(3):
@@ -236,4 +246,4 @@ if CUDA_DTYPES:  # collected only where a GPU is present
                 torch.testing.assert_close(a, b)
             for name in want[1]:
                 torch.testing.assert_close(got[1][name], want[1][name], msg=name)
-        assert any(k[0][0] == "ext_fwd" for k in host._GRAPHS) and any(k[0][0] == "ext_bwd" for k in host._GRAPHS)
+        assert [k[0][0] for k in host._GRAPHS] == ["ext_fwd", "ext_bwd"]

@@ -10,7 +10,8 @@ Kernel, launcher and host loop in one place, mirroring the cpp backend's driver 
   the recurrent LayerNorm's backward and its parameters' per-row sums), then the GEMM ``dG W_hh``; after the
   loop :func:`_ln_rows_bwd_kernel` over the input side's rows and every weight gradient as one GEMM.
 
-Both step loops take every tensor as an argument of one ``loop`` function and allocate what they write, so that
+Both step loops take every tensor as an argument of one ``loop`` function and allocate what they write (but the
+forward's ``stats``, whose input-side column it reads and whose other columns it fills and returns), so that
 ``host.run_loop`` can replay them from a CUDA graph (``cuda_graph``) as it does the plain cells' loops.
 
 With the ``"seq"`` variant (no projection) each direction is one launch instead, :func:`_fwd_seq_kernel` and
@@ -686,8 +687,10 @@ def forward(a: LayerArgs, e: CellExt, save: bool, seq: bool = False, graph: bool
     N, B, H, HO, GH = x.shape[0], a.h0.shape[0], a.H, a.h0.shape[1], a.w_hh.shape[0]
     nothing = SavedExt(*(x.new_empty(0, dtype=torch.float32) for _ in SavedExt._fields))
     if N == 0:
-        h = a.h0.to(dt, copy=True)
-        return x.new_empty(0, HO), h, (a.c0.to(dt, copy=True) if lstm else x.new_empty(0)), nothing
+        def state(t: Tensor) -> Tensor:
+            return t.to(dt, memory_format=torch.contiguous_format, copy=True)
+
+        return x.new_empty(0, HO), state(a.h0), (state(a.c0) if lstm else x.new_empty(0)), nothing
     if seq and proj:
         raise ValueError("the 'seq' kernels of fastrnn's cells take no projection (w_hr)")
     rows = plan_rows(a.batch_sizes, B, N, a.reverse, x.device)
@@ -781,8 +784,9 @@ def backward(a: LayerArgs, e: CellExt, y: Tensor, saved: SavedExt, dy: Tensor, d
     def loop(xs, hs, stats, h_prev, c_prev, dy, dh_n, dc_n, w_hh, w_hr, bias, b_hn, gx, gh, gc, sc, zh, zc, mask):
         """The recurrence's gradients: ``(dgx, dgh, dh0, dc0, part, dts, hrs)``; absent tensors come and go
         empty."""
-        stats, c_prev, dc_n, w_hr, b_hn, gc, sc, zh, zc, mask = map(
-            none_if_empty, (stats, c_prev, dc_n, w_hr, b_hn, gc, sc, zh, zc, mask))
+        # dc_n stays as it is: an LSTM's is [0, H] at B = 0, and other cells' is never read
+        stats, c_prev, w_hr, b_hn, gc, sc, zh, zc, mask = map(
+            none_if_empty, (stats, c_prev, w_hr, b_hn, gc, sc, zh, zc, mask))
         gains = (gx, gh, gc, sc) if ln else None
         w_hh, w_hr = w_hh.float(), (w_hr.float() if proj else None)
         dh = dh_n.float().clone(memory_format=torch.contiguous_format)

@@ -166,27 +166,39 @@ def padded_state(B: int, H: int, w_hh: Tensor, mode: str, present: bool = True) 
 # graph's private memory pool, so the cache is bounded: GRAPH_CACHE_SIZE shapes, the oldest dropped first.
 GRAPH_CACHE_SIZE = 16
 _GRAPHS: "OrderedDict[tuple, tuple]" = OrderedDict()
+# Keys called once and not captured yet (a few hundred bytes each; the oldest forgotten first). A capture costs a
+# device synchronisation, a gc.collect() and an emptied cache (torch.cuda.graph's entry), paid back only by a
+# shape that comes again: packed batches whose lengths change every call never do, and run as they are.
+_SEEN: "OrderedDict[tuple, None]" = OrderedDict()
+SEEN_SIZE = 4 * GRAPH_CACHE_SIZE
 
 
 def run_loop(key: Optional[tuple], loop: Callable[..., Sequence[Tensor]], inputs: Sequence[Tensor]) -> List[Tensor]:
-    """Run ``loop(*inputs)``, or with a ``key`` replay a CUDA graph of it captured on first use.
+    """Run ``loop(*inputs)``, or with a ``key`` replay a CUDA graph of it, captured on the key's second call.
 
     UNVERIFIED on a GPU (the CPU tests replay an emulation of the capture, see :func:`_capture`). Per call the new
     inputs are copied into the copies the graph was captured on, the graph replays and its outputs are cloned
     (the next replay overwrites them). So ``loop`` must read every tensor through ``inputs`` (a tensor of the
-    caller's it closed over would stay the first call's) and allocate what it writes, and ``key`` must determine
-    every host-side decision it makes (batch sizes, flags); the inputs' dtypes and shapes are added here, since
-    a graph's input copies keep the first call's (``copy_`` would convert a later call's inputs to them
-    silently: fp32 weights replayed in fp16).
+    caller's it closed over would stay the first call's) and allocate what it writes, or return what it writes
+    into an input (the caller's own tensor is not written then); and ``key`` must determine every host-side
+    decision it makes (batch sizes, flags). The inputs' dtypes and shapes are added here, since a graph's input
+    copies keep the first call's (``copy_`` would convert a later call's inputs to them silently: fp32 weights
+    replayed in fp16), and whether inference mode is on (copies made in it refuse a later call's ``copy_``).
     """
     if key is None or (inputs[0].is_cuda and torch.cuda.is_current_stream_capturing()):
         # inside a caller's own capture the launches are recorded into that graph already
         return list(loop(*inputs))
-    key = (key, tuple((t.dtype, tuple(t.shape)) for t in inputs))
+    key = (key, torch.is_inference_mode_enabled(), tuple((t.dtype, tuple(t.shape)) for t in inputs))
     entry = _GRAPHS.get(key)
     if entry is not None:
         _GRAPHS.move_to_end(key)
+    elif key not in _SEEN:
+        _SEEN[key] = None
+        while len(_SEEN) > SEEN_SIZE:
+            _SEEN.popitem(last=False)
+        return list(loop(*inputs))
     else:
+        del _SEEN[key]
         while len(_GRAPHS) >= GRAPH_CACHE_SIZE:
             _GRAPHS.popitem(last=False)
         static_in = [t.clone() for t in inputs]
