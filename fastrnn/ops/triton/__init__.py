@@ -38,7 +38,7 @@ Options, as keywords of ``layer`` or, from a module, ``backend_options={"triton"
   ``"seq"``; ``None`` (or ``"persist"``, which they lack) picks ``"seq"`` on CUDA with ``FASTRNN_PERSISTENT=1``
   and no projection, else ``"step"``.
 - ``cuda_graph``: capture the per-step launches of the ``"step"`` variant (the plain cells' and fastrnn's
-  own) into a CUDA graph on the first call with given shapes and batch sizes and replay it afterwards,
+  own) into a CUDA graph on the second call with given shapes and batch sizes and replay it afterwards,
   removing the per-launch host cost (``host.run_loop``: at most ``GRAPH_CACHE_SIZE`` shapes kept).
   ``None`` (default): on for the step variant on CUDA with ``FASTRNN_PERSISTENT=1``, off otherwise.
   UNVERIFIED on a GPU: the CPU tests replay an emulation of the capture.
