@@ -6,13 +6,17 @@
 #   3. compute-sanitizer's memcheck, racecheck and synccheck over benchmarks/gpu_smoke.py (every kernel once,
 #      fwd+bwd), with the persistent engine on (memcheck also without, and with clusters off);
 #   4. the benchmark on CUDA against cuDNN with the persistent engine on (python benchmarks/bench_rnn.py --quick
-#      --device cuda), then the LayerNorm LSTM on the cpp and Triton backends against the hand-written loop
-#      (python benchmarks/bench_layernorm.py --device cuda), then two configurations again with the persistent
-#      engine's split plans at the grid barrier instead of a cluster's (FASTRNN_PERSISTENT_CLUSTER=0), then bf16
-#      modules at every standard configuration against cuDNN's bf16, and two of them again with the engine's
-#      GEMMs off the tensor cores (FASTRNN_PERSISTENT_MMA=0), two in fp32 with TF32 allowed on both sides, and
-#      two with bidirectional layers (the engine's two directions in one launch);
-#   5. Nsight Compute's count of shared-memory bank conflicts in the persistent engine's forward and backward
+#      --device cuda).
+# That is the check: expected to take about five minutes on an H200, from its parts measured there on the per-step
+# path (build 37 s, the CUDA tests 62 s on 10 workers, the benchmark 99 s), not yet timed as a whole. With
+# --extra (or --only extra, without the check's steps), the measurements after it:
+#   5. the LayerNorm LSTM on the cpp and Triton backends against the hand-written loop (python
+#      benchmarks/bench_layernorm.py --device cuda), then two configurations again with the persistent engine's
+#      split plans at the grid barrier instead of a cluster's (FASTRNN_PERSISTENT_CLUSTER=0), then bf16 modules
+#      at every standard configuration against cuDNN's bf16, and two of them again with the engine's GEMMs off
+#      the tensor cores (FASTRNN_PERSISTENT_MMA=0), two in fp32 with TF32 allowed on both sides, and two with
+#      bidirectional layers (the engine's two directions in one launch);
+#   6. Nsight Compute's count of shared-memory bank conflicts in the persistent engine's forward and backward
 #      kernels at (100,64,256,256,1), LSTM and GRU, with the SIMT loop's padded strides and without
 #      (FASTRNN_PERSISTENT_PAD=0), and two configurations timed without them.
 # Each step has a time limit (seconds, in STEPS below), so a hang costs one step, not the session. The
@@ -23,7 +27,8 @@
 #   bash benchmarks/gpu_check.sh             # run it
 #   bash benchmarks/gpu_check.sh --dry-run   # print the plan; needs no GPU
 #   bash benchmarks/gpu_check.sh --only build,cuda-tests-persistent,benchmark   # a few steps, in plan order
-#   options: --out DIR (inside the repository), --no-build, --no-bench, --only STEP[,STEP...], --serial
+#   bash benchmarks/gpu_check.sh --no-build --only extra   # the measurements alone (--only core: the check's)
+#   options: --out DIR (inside the repository), --no-build, --no-bench, --extra, --only STEP[,STEP...], --serial
 #
 # Exit status: 0 every step passed; 1 a step failed (summary.md says which); 2 no CUDA GPU visible to torch
 # (nothing run) or a usage error.
@@ -34,6 +39,7 @@ OUT=benchmarks/results/gpu
 DRY=0
 BUILD=1
 BENCH=1
+EXTRA=0
 ONLY=""
 SERIAL=0
 while [ $# -gt 0 ]; do
@@ -41,6 +47,7 @@ while [ $# -gt 0 ]; do
         --dry-run) DRY=1 ;;
         --no-build) BUILD=0 ;;
         --no-bench) BENCH=0 ;;
+        --extra) EXTRA=1 ;;
         --serial) SERIAL=1 ;;
         --out) OUT="${2:?--out needs a folder}"; shift ;;
         --only) ONLY="${2:?--only needs step names (see --dry-run)}"; shift ;;
@@ -87,6 +94,7 @@ done
 # the split plans again at the grid barrier: on sm_90 the steps above take clusters
 STEPS+=("memcheck-grid|300|$ON FASTRNN_PERSISTENT_CLUSTER=0 $SAN --tool memcheck $PY benchmarks/gpu_smoke.py|side")
 [ $BENCH = 1 ] && STEPS+=("benchmark|300|$ON $PY benchmarks/bench_rnn.py --quick --device cuda --out $OUT")
+CORE=${#STEPS[@]}  # the check's steps; the measurements (--extra) follow
 [ $BENCH = 1 ] && STEPS+=("layernorm|120|$ON $PY benchmarks/bench_layernorm.py --device cuda --rounds 5 --min-time 0.1 \
 --backend cpp --backend triton --out $OUT/layernorm.md")
 [ $BENCH = 1 ] && STEPS+=("grid-barrier|120|$ON FASTRNN_PERSISTENT_CLUSTER=0 $PY benchmarks/bench_rnn.py --device cuda \
@@ -117,7 +125,17 @@ done
 [ $BENCH = 1 ] && STEPS+=("unpadded|90|$ON FASTRNN_PERSISTENT_PAD=0 $PY benchmarks/bench_rnn.py --device cuda \
 --config 512,16,128,128,1 --config 100,64,256,256,1 --impls fastrnn-cpp,torch.nn --quick --out $OUT/unpadded")
 
-# --only: the named steps alone, in the plan's order; a name the plan lacks is a usage error
+# --only: the named steps alone, in the plan's order ("core" and "extra" stand for the check's steps and the
+# measurements); a name the plan lacks is a usage error. Without it: the check, and the measurements with --extra.
+names() { local step; for step in "$@"; do printf '%s,' "${step%%|*}"; done; }
+ASKED=$ONLY
+ONLY=$(sed "s/\(^\|,\)core\(,\|$\)/\1$(names "${STEPS[@]:0:$CORE}")\2/; \
+s/\(^\|,\)extra\(,\|$\)/\1$(names "${STEPS[@]:$CORE}")\2/" <<< "$ONLY" | sed 's/,,*/,/g; s/^,//; s/,$//')
+if [ -n "$ASKED" ] && [ -z "$ONLY" ]; then
+    echo "gpu_check: --only $ASKED names no step of this plan (--no-bench leaves out the measurements)" >&2
+    exit 2
+fi
+[ -z "$ONLY" ] && [ $EXTRA = 0 ] && STEPS=("${STEPS[@]:0:$CORE}")
 if [ -n "$ONLY" ]; then
     KEPT=()
     for want in ${ONLY//,/ }; do
@@ -155,7 +173,7 @@ touch "$SUMMARY.start"  # what the benchmarks write after this is this run's
     echo "# GPU check"
     echo
     echo '```'
-    echo "bash benchmarks/gpu_check.sh $([ $BUILD = 0 ] && echo '--no-build ')$([ $BENCH = 0 ] && echo '--no-bench ')$([ -n "$ONLY" ] && echo "--only $ONLY ")--out $OUT"
+    echo "bash benchmarks/gpu_check.sh $([ $BUILD = 0 ] && echo '--no-build ')$([ $BENCH = 0 ] && echo '--no-bench ')$([ $EXTRA = 1 ] && echo '--extra ')$([ -n "$ONLY" ] && echo "--only $ONLY ")--out $OUT"
     echo '```'
     echo
     echo "- date (UTC): $(date -u '+%Y-%m-%d %H:%M')"

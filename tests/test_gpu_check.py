@@ -19,14 +19,32 @@ def _check(*args):
     return subprocess.run(["bash", CHECK, *args], capture_output=True, text=True, timeout=120, cwd=REPO)
 
 
+CORE = ["backends", "cuda-tests", "cuda-tests-persistent", "memcheck", "memcheck-persistent", "racecheck-persistent",
+        "synccheck-persistent", "memcheck-grid", "benchmark"]
+EXTRA = ["layernorm", "grid-barrier", "bf16", "bf16-simt", "tf32", "bidirectional", "bank-conflicts-pad1",
+         "bank-conflicts-pad0", "unpadded"]
+
+
+def _steps(proc) -> list:
+    return [ln.split(":")[0].strip() for ln in proc.stdout.splitlines()[1:]]
+
+
+def test_the_check_is_its_core_and_the_measurements_come_with_extra():
+    """Unasked, the check is the build, the tests, the sanitizers and the benchmark last (issue: five minutes);
+    --extra appends the measurements, --only extra runs them alone, --only core the check's own."""
+    assert _steps(_check("--dry-run", "--no-build")) == CORE
+    assert _steps(_check("--dry-run")) == ["build"] + CORE
+    assert _steps(_check("--dry-run", "--no-build", "--extra")) == CORE + EXTRA
+    assert _steps(_check("--dry-run", "--no-build", "--only", "extra")) == EXTRA
+    assert _steps(_check("--dry-run", "--only", "tf32,core")) == ["build"] + CORE + ["tf32"]
+    bad = _check("--dry-run", "--no-bench", "--only", "extra")
+    assert bad.returncode == 2 and "names no step" in bad.stderr
+
+
 def test_dry_run_prints_every_step_with_its_log():
-    proc = _check("--dry-run", "--no-build")
+    proc = _check("--dry-run", "--no-build", "--extra")
     assert proc.returncode == 0, proc.stderr
-    steps = [ln.split(":")[0].strip() for ln in proc.stdout.splitlines()[1:]]
-    assert steps == ["backends", "cuda-tests", "cuda-tests-persistent", "memcheck", "memcheck-persistent",
-                     "racecheck-persistent", "synccheck-persistent", "memcheck-grid", "benchmark", "layernorm", "grid-barrier",
-                     "bf16", "bf16-simt", "tf32", "bidirectional", "bank-conflicts-pad1", "bank-conflicts-pad0",
-                     "unpadded"]
+    assert _steps(proc) == CORE + EXTRA
     assert "pytest -m cuda" in proc.stdout and "--tool racecheck" in proc.stdout and "--tool synccheck" in proc.stdout
     assert "FASTRNN_PERSISTENT=1" in proc.stdout.split("cuda-tests-persistent:")[1].splitlines()[0]
     assert all("(limit " in ln for ln in proc.stdout.splitlines()[1:])
@@ -85,7 +103,7 @@ def test_cuda_cases_collect_where_a_gpu_would_be():
 def test_only_keeps_the_named_steps_in_plan_order():
     proc = _check("--dry-run", "--only", "tf32,cuda-tests,memcheck")
     assert proc.returncode == 0, proc.stderr
-    assert [ln.split(":")[0].strip() for ln in proc.stdout.splitlines()[1:]] == ["cuda-tests", "memcheck", "tf32"]
+    assert _steps(proc) == ["cuda-tests", "memcheck", "tf32"]
     assert "--tf32" in proc.stdout.split("tf32:")[1]
     bad = _check("--dry-run", "--only", "cuda-tests,nonesuch")
     assert bad.returncode == 2 and "unknown step nonesuch" in bad.stderr
