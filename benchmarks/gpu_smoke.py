@@ -5,10 +5,12 @@
 projection and fastrnn's cells with every feature (LayerNorm, zoneout, recurrent dropout: the cpp kernels and
 Triton's "step" and "seq" ones), and the cpp backend's plain and new cells again at an H whose W_hh its
 persistent engine (FASTRNN_PERSISTENT=1) splits over blocks, and the plain cells in bf16 (the engine's tensor
-cores) and bidirectional (both directions in one launch), on the GPU, and compares each result and gradient (the LayerNorm parameters' too) with the plain-PyTorch
-reference backend on the same inputs (in fp32 from the same rounded values). On a machine without a GPU, ``--device cpu`` runs
-the cpp cases on the CPU kernels (and the Triton ones when TRITON_INTERPRET=1 is set); ``--list`` prints
-the cases. Exit status 1 when any case fails or differs.
+cores) and bidirectional (both directions in one launch), and Triton's step loops replayed from a CUDA graph
+(the plain cells' and fastrnn's own), on the GPU, and compares each result and gradient (the LayerNorm
+parameters' too) with the plain-PyTorch reference backend on the same inputs (in fp32 from the same rounded
+values). On a machine without a GPU, ``--device cpu`` runs the cpp cases on the CPU kernels (and the Triton
+ones when TRITON_INTERPRET=1 is set); ``--list`` prints the cases. Exit status 1 when any case fails or
+differs.
 """
 
 import argparse
@@ -42,12 +44,14 @@ class SmokeCase(NamedTuple):
     cells: bool = False  # fastrnn's cells with every feature
     dtype: str = "fp32"  # storage dtype (DTYPES); the reference computes in fp32 from the same rounded values
     pair: bool = False  # both directions of a bidirectional layer through the backend's layer.pair
+    graph: bool = False  # Triton's step loop with cuda_graph=True, called until a capture has replayed
 
     @property
     def name(self) -> str:
         return "-".join(filter(None, [self.backend, self.variant, self.mode.lower(), "proj" if self.proj else "",
                                       f"h{self.hidden}" if self.hidden != H else "", "cells" if self.cells else "",
-                                      self.dtype if self.dtype != "fp32" else "", "bidir" if self.pair else ""]))
+                                      self.dtype if self.dtype != "fp32" else "", "bidir" if self.pair else "",
+                                      "graph" if self.graph else ""]))
 
 
 CASES = [SmokeCase("cpp", m) for m in MODES] + [SmokeCase("triton", m, v) for v in ("step", "seq") for m in MODES] + [
@@ -66,7 +70,13 @@ CASES = [SmokeCase("cpp", m) for m in MODES] + [SmokeCase("triton", m, v) for v 
     SmokeCase("cpp", m, hidden=h, dtype="bf16") for m in ("LSTM", "GRU", "RNN_TANH") for h in (H, H_GRID)] + [
     # both directions in one launch of the persistent engine: each on half the SMs, their blocks one grid
     SmokeCase("cpp", m, hidden=h, dtype=d, pair=True) for m in ("LSTM", "GRU", "RNN_TANH") for h in (H, H_GRID)
-    for d in ("fp32", "bf16")]  # fmt: skip
+    for d in ("fp32", "bf16")] + [
+    # the step loops replayed from a CUDA graph: the plain cells' with a projection, fastrnn's own cells'
+    SmokeCase("triton", "LSTM", "step", proj=True, graph=True),
+    SmokeCase("triton", "GRU", "step", cells=True, graph=True),
+]  # fmt: skip
+# calls of a graph case: a shape is captured on its second call and replayed from its third (host.run_loop)
+GRAPH_CALLS = 3
 
 
 def inputs(case: SmokeCase, device: torch.device, seed: int = 0) -> List[Optional[torch.Tensor]]:
@@ -117,22 +127,25 @@ def run(case: SmokeCase, device: torch.device) -> float:
     results = []
     for name in (case.backend, "reference"):
         dt = DTYPES[case.dtype] if name == case.backend else torch.float32
-        x, *own = [None if v is None else v.to(dt).requires_grad_() for v in values + reverse]
         layer = importlib.import_module(f"fastrnn.ops.{name}").layer
         extra = {"variant": case.variant} if case.variant and name == case.backend else {}
+        if case.graph and name == case.backend:
+            extra["cuda_graph"] = True
         if ext is not None:
             extra["ext"] = ext
-        a = LayerArgs(case.mode, x, None, *own[:7], False)
-        if case.pair:
-            r = a._replace(**dict(zip(LayerArgs._fields[3:10], own[7:])), reverse=True)
-            outs = layer.pair(a, r) if name == case.backend else (layer(a), layer(r))
-        else:
-            outs = (layer(a, **extra),)
-        outs = [t for out in outs for t in out if t is not None]
-        leaves = [t for t in [x] + own + list(ext or ())[:6] if t is not None and t.requires_grad]
-        torch.manual_seed(0)
-        up = [torch.randn(t.shape).to(DTYPES[case.dtype]).to(t) for t in outs]
-        grads = torch.autograd.grad(outs, leaves, up)
+        for _ in range(GRAPH_CALLS if case.graph and name == case.backend else 1):
+            x, *own = [None if v is None else v.to(dt).requires_grad_() for v in values + reverse]
+            a = LayerArgs(case.mode, x, None, *own[:7], False)
+            if case.pair:
+                r = a._replace(**dict(zip(LayerArgs._fields[3:10], own[7:])), reverse=True)
+                outs = layer.pair(a, r) if name == case.backend else (layer(a), layer(r))
+            else:
+                outs = (layer(a, **extra),)
+            outs = [t for out in outs for t in out if t is not None]
+            leaves = [t for t in [x] + own + list(ext or ())[:6] if t is not None and t.requires_grad]
+            torch.manual_seed(0)
+            up = [torch.randn(t.shape).to(DTYPES[case.dtype]).to(t) for t in outs]
+            grads = torch.autograd.grad(outs, leaves, up)
         results.append([t.float() for t in outs + list(grads)])
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -140,6 +153,8 @@ def run(case: SmokeCase, device: torch.device) -> float:
 
 
 def why_not(case: SmokeCase, device: torch.device) -> Optional[str]:
+    if case.graph and device.type != "cuda":
+        return "CUDA graphs need a GPU"
     return fr_backend.reason_unavailable(case.backend, device, DTYPES[case.dtype])
 
 

@@ -130,6 +130,21 @@ def test_smoke_persist_cases_split_the_hidden_units():
     assert persist.grid(gpu_smoke.B, gpu_smoke.H_SLICES, cfg)[1] >= 2
 
 
+def test_smoke_graph_cases_replay_a_capture(emulated_cuda_graphs):
+    """The smoke's CUDA-graph cases (Triton's step loops, plain with a projection and fastrnn's cells) call the
+    layer until a captured graph has replayed, here with the capture emulated on the CPU (conftest)."""
+    from fastrnn import backend
+
+    why = backend.reason_unavailable("triton", torch.device("cpu"), torch.float32)
+    if why is not None:
+        pytest.skip(f"Triton on the CPU: {why}")
+    cases = [c for c in gpu_smoke.CASES if c.graph]
+    assert {c.cells for c in cases} == {False, True} and any(c.proj for c in cases)
+    for case in cases:
+        assert gpu_smoke.run(case, torch.device("cpu")) <= gpu_smoke.TOLERANCE[case.dtype], case.name
+    assert sorted(k[0][0] for k in emulated_cuda_graphs) == ["bwd", "ext_bwd", "ext_fwd", "fwd"]
+
+
 def test_smoke_runs_the_cpp_cases_on_cpu(capsys):
     assert gpu_smoke.main(["--device", "cpu"]) == 0
     out = capsys.readouterr().out
