@@ -20,7 +20,7 @@ def _check(*args):
 
 
 CORE = ["backends", "cuda-tests", "cuda-tests-persistent", "memcheck", "memcheck-persistent", "racecheck-persistent",
-        "synccheck-persistent", "memcheck-grid", "benchmark"]
+        "synccheck-persistent", "memcheck-grid", "memcheck-graphs", "benchmark"]
 EXTRA = ["layernorm", "grid-barrier", "bf16", "bf16-simt", "tf32", "bidirectional", "bank-conflicts-pad1",
          "bank-conflicts-pad0", "unpadded"]
 
@@ -37,8 +37,20 @@ def test_the_check_is_its_core_and_the_measurements_come_with_extra():
     assert _steps(_check("--dry-run", "--no-build", "--extra")) == CORE + EXTRA
     assert _steps(_check("--dry-run", "--no-build", "--only", "extra")) == EXTRA
     assert _steps(_check("--dry-run", "--only", "tf32,core")) == ["build"] + CORE + ["tf32"]
+    assert _steps(_check("--dry-run", "--only", "core,tf32,core")) == ["build"] + CORE + ["tf32"]
     bad = _check("--dry-run", "--no-bench", "--only", "extra")
-    assert bad.returncode == 2 and "names no step" in bad.stderr
+    assert bad.returncode == 2 and "names no step" in bad.stderr and "--no-bench leaves out" in bad.stderr
+
+
+def test_graph_cases_are_checked_with_the_caching_allocator(monkeypatch):
+    """torch's uncached allocator (the other sanitizer steps') refuses allocations during a capture: the smoke's
+    graph cases skip under it, with the reason, and get a memcheck step of their own without it."""
+    line = _check("--dry-run", "--only", "memcheck-graphs").stdout.splitlines()[1]
+    assert "--tool memcheck" in line and "gpu_smoke.py --graphs" in line
+    assert "PYTORCH_NO_CUDA_MEMORY_CACHING" not in line and "FASTRNN_PERSISTENT=1" in line
+    graph = next(c for c in gpu_smoke.CASES if c.graph)
+    monkeypatch.setenv("PYTORCH_NO_CUDA_MEMORY_CACHING", "1")
+    assert "caching allocator" in gpu_smoke.why_not(graph, torch.device("cuda"))
 
 
 def test_dry_run_prints_every_step_with_its_log():
@@ -201,7 +213,7 @@ def test_smoke_bidirectional_cases_run_both_directions_in_one_launch():
 
 def test_side_by_side_steps_run_at_once_and_report_in_plan_order(tmp_path):
     """The correctness steps as concurrent processes: with a stand-in python (CUDA present, each check 3 s) and
-    compute-sanitizer (runs its program), the seven side-by-side steps take about one step's time, every row of
+    compute-sanitizer (runs its program), the eight side-by-side steps take about one step's time, every row of
     summary.md says passed, in the plan's order; one failing check fails the run and only its row."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
@@ -219,11 +231,11 @@ def test_side_by_side_steps_run_at_once_and_report_in_plan_order(tmp_path):
                           text=True, timeout=120, cwd=REPO, env=env)
     took = __import__("time").monotonic() - start
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert took < 12, took  # seven 3 s steps one after another would take 21 s
+    assert took < 12, took  # eight 3 s steps one after another would take 24 s
     rows = [ln for ln in (out / "summary.md").read_text().splitlines() if ln.startswith("| ") and "---" not in ln][1:]
     assert [r.split("|")[1].strip() for r in rows] == [
         "backends", "cuda-tests", "cuda-tests-persistent", "memcheck", "memcheck-persistent", "racecheck-persistent",
-        "synccheck-persistent", "memcheck-grid"]
+        "synccheck-persistent", "memcheck-grid", "memcheck-graphs"]
     assert all("passed" in r for r in rows) and not list(out.glob(".row.*"))
     env["FAIL_ONE"] = "1"
     proc = subprocess.run(["bash", CHECK, "--no-build", "--no-bench", "--out", str(out)], capture_output=True,
