@@ -29,6 +29,9 @@ def report() -> str:
         gemm = info.pop("cpu_gemm", {})
         lines.append("fastrnn._C: " + ", ".join(f"{k}={v}" for k, v in sorted(info.items())))
         lines += [f"cpu {dtype} GEMM engine: {engine}" for dtype, engine in gemm.items()]
+    partial_cap = _ext.isa_cap_warning()
+    if partial_cap:
+        lines.append(partial_cap)
     devices = [torch.device("cpu")] + [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
     lines.append(f"default backend request: {backend.requested_backend()!r}")
     for dev in devices:

@@ -324,8 +324,8 @@ def test_recorded_command_carries_the_isa_caps():
         "python benchmarks/bench_rnn.py --quick"
     )  # fmt: skip
     assert cli.pasteable_command(["--quick"], env={"FASTRNN_CPU_ISA": ""}) == "python benchmarks/bench_rnn.py --quick"
-    assert cli.cap_warning(env) is None and cli.cap_warning({"OTHER": "1"}) is None
-    partial = cli.cap_warning({k: v for k, v in env.items() if k != "MKL_ENABLE_INSTRUCTIONS"})
+    assert cli.isa_cap_warning(env) is None and cli.isa_cap_warning({"OTHER": "1"}) is None
+    partial = cli.isa_cap_warning({k: v for k, v in env.items() if k != "MKL_ENABLE_INSTRUCTIONS"})
     assert "not by MKL_ENABLE_INSTRUCTIONS:" in partial and "capped by FASTRNN_CPU_ISA, ONEDNN_MAX_CPU_ISA" in partial
 
 

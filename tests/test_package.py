@@ -56,6 +56,20 @@ def test_environment_report_lists_versions_and_backends():
     assert "fastrnn._C: " in proc.stdout
 
 
+def test_environment_report_flags_a_partial_isa_cap(monkeypatch):
+    """Capped by fastrnn's and oneDNN's variables but not ATen's and MKL's, a process mixes two machines' paths:
+    ``python -m fastrnn`` says so, naming the missing ones; capped by none or all, it says nothing."""
+    from fastrnn import __main__ as cli
+    from fastrnn._ext import ISA_CAPS
+
+    for k in ISA_CAPS:
+        monkeypatch.delenv(k, raising=False)
+    assert "WARNING: the ISA is capped" not in cli.report()
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    line = next(ln for ln in cli.report().splitlines() if ln.startswith("WARNING: the ISA is capped"))
+    assert "capped by ONEDNN_MAX_CPU_ISA but not by FASTRNN_CPU_ISA, ATEN_CPU_CAPABILITY, MKL_ENABLE_INSTRUCTIONS" in line
+
+
 def test_import_leaves_triton_unimported_and_a_cpu_run_prints_nothing():
     proc = _run(
         """

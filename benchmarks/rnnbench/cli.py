@@ -23,13 +23,11 @@ from rnnbench.report import (
 from rnnbench.runner import Entry, new_entries, run_case
 from rnnbench.timing import gemm_peaks
 
+# after rnnbench.cases, which imports fastrnn with its missing-extension warning silenced
+from fastrnn._ext import ISA_CAPS, isa_cap_warning  # noqa: E402
+
 SCRIPT = "benchmarks/bench_rnn.py"
 PATH_OPTIONS = ("--out",)
-# The variables that cap the vector ISA fastrnn, oneDNN, ATen and MKL run at (README, "CPU"): a run under them
-# measured a smaller machine's path, so its recorded command carries them. Under some but not all of them the
-# uncapped libraries keep the CPU's full ISA (MKL left alone ran torch.nn's GRU and RNN, and every at::mm of
-# fastrnn's, at AVX-512 in an "AVX2" run: 408.6 GF/s fp32 against 219.1 capped), hence cap_warning.
-ISA_CAPS = ("FASTRNN_CPU_ISA", "ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS")
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -93,17 +91,6 @@ def _subset(p: argparse.ArgumentParser, flag: str, text: str, allowed: Sequence[
     if unknown or not chosen:
         p.error(f"{flag}: {unknown or 'nothing chosen'} not in {','.join(allowed)}")
     return [a for a in allowed if a in chosen]
-
-
-def cap_warning(env: Optional[Dict[str, str]] = None) -> Optional[str]:
-    """Why a run under some of ``ISA_CAPS`` but not all measured no one machine's path, or ``None``."""
-    env = os.environ if env is None else env
-    missing = [k for k in ISA_CAPS if not env.get(k)]
-    if not missing or len(missing) == len(ISA_CAPS):
-        return None
-    capped = [k for k in ISA_CAPS if k not in missing]
-    return (f"WARNING: the ISA is capped by {', '.join(capped)} but not by {', '.join(missing)}: those libraries still "
-            "run at the CPU's full ISA, so this run mixes two machines' paths (README, \"CPU\").")
 
 
 def pasteable_command(argv: Sequence[str], env: Optional[Dict[str, str]] = None) -> str:
@@ -231,7 +218,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "extra cases": ", ".join(sorted({f"{s.variant} ({s.cell})" for s in specs if s.variant})) or "none",
         "seed": str(args.seed),
     }  # fmt: skip
-    partial_cap = cap_warning() if device.type == "cpu" else None
+    partial_cap = isa_cap_warning() if device.type == "cpu" else None
     if partial_cap:
         settings["note"] = " ".join(filter(None, [settings["note"], partial_cap]))
     print("\n".join(f"{k}: {v}" for k, v in list(info.items()) + list(settings.items()) if v), flush=True)
