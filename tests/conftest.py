@@ -84,8 +84,8 @@ def _seed():
 @pytest.fixture
 def emulated_cuda_graphs(monkeypatch):
     """The Triton backend's CUDA-graph replay (``host.run_loop``) on the CPU: the capture (``host._capture``)
-    swapped for a rerun of the first call's loop on the graph's copies of its inputs. Like a graph, that rerun
-    reads whatever tensors the first call's loop closed over, so a loop that reads a tensor past its inputs
+    swapped for a rerun of the capturing call's loop on the graph's copies of its inputs. Like a graph, that rerun
+    reads whatever tensors that call's loop closed over, so a loop that reads a tensor past its inputs
     replays stale values; ``cuda_graph=True`` is let through on the CPU. Yields the (fresh) cache of captures."""
     from fastrnn.ops import triton as tb
 

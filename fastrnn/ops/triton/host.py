@@ -179,10 +179,10 @@ def run_loop(key: Optional[tuple], loop: Callable[..., Sequence[Tensor]], inputs
     UNVERIFIED on a GPU (the CPU tests replay an emulation of the capture, see :func:`_capture`). Per call the new
     inputs are copied into the copies the graph was captured on, the graph replays and its outputs are cloned
     (the next replay overwrites them). So ``loop`` must read every tensor through ``inputs`` (a tensor of the
-    caller's it closed over would stay the first call's) and allocate what it writes, or return what it writes
+    caller's it closed over would stay the capturing call's) and allocate what it writes, or return what it writes
     into an input (the caller's own tensor is not written then); and ``key`` must determine every host-side
     decision it makes (batch sizes, flags). The inputs' dtypes and shapes are added here, since a graph's input
-    copies keep the first call's (``copy_`` would convert a later call's inputs to them silently: fp32 weights
+    copies keep the capturing call's (``copy_`` would convert a later call's inputs to them silently: fp32 weights
     replayed in fp16), and whether inference mode is on (copies made in it refuse a later call's ``copy_``).
     """
     if key is None or (inputs[0].is_cuda and torch.cuda.is_current_stream_capturing()):
@@ -211,8 +211,8 @@ def run_loop(key: Optional[tuple], loop: Callable[..., Sequence[Tensor]], inputs
 
 def _capture(loop: Callable[..., Sequence[Tensor]], static_in: List[Tensor]) -> Callable[[], Sequence[Tensor]]:
     """Capture ``loop(*static_in)`` into a CUDA graph (after a warm-up on a side stream, as ``torch.cuda.graphs``
-    asks); returns what replays it and gives its outputs. The tests swap in a CPU emulation that reruns the first
-    call's ``loop`` on ``static_in``: like the graph, it reads every tensor the first call closed over."""
+    asks); returns what replays it and gives its outputs. The tests swap in a CPU emulation that reruns the
+    capturing call's ``loop`` on ``static_in``: like the graph, it reads every tensor that call closed over."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
