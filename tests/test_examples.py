@@ -313,7 +313,8 @@ def _ddp_worker(rank, port, corpus, out, results):
     torch.save({"model": r.model.state_dict(), "world": summary["world_size"],
                 "first_batch": charlm.Batches(r.batches.ids, 8, 16, 7, rank, 2).next()[0]},
                os.path.join(results, f"rank{rank}.pt"))
-    torch.distributed.destroy_process_group()
+    del r
+    train.leave_process_group()
 
 
 def test_two_process_ddp(corpus, tmp_path):

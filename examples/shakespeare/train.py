@@ -429,6 +429,17 @@ def main(argv: Optional[List[str]] = None) -> Dict:
         return Run(resolved["args"], resolved["checkpoint"]).fit()
     except charlm.CorpusError as exc:
         raise SystemExit(f"error: {exc}")
+    finally:
+        leave_process_group()
+
+
+def leave_process_group() -> None:
+    """Under torchrun, wait for every rank and take the process group down while the interpreter is whole: left
+    to interpreter exit, gloo's threads are torn down with it, and a rank whose store server (rank 0's) had
+    already gone could abort there ("terminate called without an active exception")."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
