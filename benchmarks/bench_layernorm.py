@@ -178,7 +178,7 @@ def main(argv: Optional[List[str]] = None) -> str:
     p.add_argument("--device", type=torch.device, default=torch.device("cpu"), help="cpu or cuda")
     p.add_argument("--backend", action="append", choices=fastrnn.backend.BACKENDS,
                    help="time fastrnn's LayerNorm LSTM on this backend (repeatable; default: what auto picks)")
-    p.add_argument("--triton-variant", choices=("step", "seq"), help="Triton's kernels for fastrnn's cells")
+    p.add_argument("--triton-variant", choices=("step", "seq", "persist"), help="Triton's kernels for fastrnn's cells")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="also write the table to this markdown file")
     args = p.parse_args(argv)

@@ -13,7 +13,8 @@
 # side by side with the tests, were never timed there, nor the whole. With
 # --extra (or --only extra, without the check's steps), the measurements after it:
 #   5. the LayerNorm LSTM on the cpp and Triton backends against the hand-written loop (python
-#      benchmarks/bench_layernorm.py --device cuda), then two configurations again with the persistent engine's
+#      benchmarks/bench_layernorm.py --device cuda), Triton's alone with its "seq" and its "persist" kernels
+#      for fastrnn's cells, then two configurations again with the persistent engine's
 #      split plans at the grid barrier instead of a cluster's (FASTRNN_PERSISTENT_CLUSTER=0), then bf16 modules
 #      at every standard configuration against cuDNN's bf16, and two of them again with the engine's GEMMs off
 #      the tensor cores (FASTRNN_PERSISTENT_MMA=0), two in fp32 with TF32 allowed on both sides, and two with
@@ -101,6 +102,12 @@ STEPS+=("memcheck-graphs|120|$ON $SANITIZER --error-exitcode 3 --tool memcheck $
 CORE=${#STEPS[@]}  # the check's steps; the measurements (--extra) follow
 [ $BENCH = 1 ] && STEPS+=("layernorm|120|$ON $PY benchmarks/bench_layernorm.py --device cuda --rounds 5 --min-time 0.1 \
 --backend cpp --backend triton --out $OUT/layernorm.md")
+# Triton's whole-sequence kernels for fastrnn's cells, one program per batch tile against the tile split over hidden
+# slices (ext.pick_variant's rule between them is unmeasured)
+for v in seq persist; do
+  [ $BENCH = 1 ] && STEPS+=("layernorm-triton-$v|90|$ON $PY benchmarks/bench_layernorm.py --device cuda --rounds 5 \
+--min-time 0.1 --backend triton --triton-variant $v --out $OUT/layernorm-triton-$v.md")
+done
 [ $BENCH = 1 ] && STEPS+=("grid-barrier|120|$ON FASTRNN_PERSISTENT_CLUSTER=0 $PY benchmarks/bench_rnn.py --device cuda \
 --config 512,16,128,128,1 --config 100,64,256,256,1 --impls fastrnn-cpp,torch.nn --quick --out $OUT/grid-barrier")
 # bf16 modules against cuDNN's bf16 at every standard configuration (the engine's tensor cores), then two of them

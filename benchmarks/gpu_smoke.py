@@ -3,7 +3,7 @@
 ``python benchmarks/gpu_smoke.py`` runs the cpp backend's kernels and the three Triton variants ("step",
 "seq", and "persist" at an H of three hidden slices, so its barrier runs) for every cell, plus the LSTM
 projection and fastrnn's cells with every feature (LayerNorm, zoneout, recurrent dropout: the cpp kernels and
-Triton's "step" and "seq" ones), and the cpp backend's plain and new cells again at an H whose W_hh its
+Triton's "step", "seq" and "persist" ones, the last at an H of several slices), and the cpp backend's plain and new cells again at an H whose W_hh its
 persistent engine (FASTRNN_PERSISTENT=1) splits over blocks, and the plain cells in bf16 (the engine's tensor
 cores) and bidirectional (both directions in one launch), and Triton's step loops replayed from a CUDA graph
 (the plain cells' and fastrnn's own), on the GPU, and compares each result and gradient (the LayerNorm
@@ -29,6 +29,8 @@ from fastrnn.ops import GATES, MODES, CellExt, LayerArgs  # noqa: E402
 
 T, B, I, H, PROJ = 5, 3, 8, 16, 8  # H small enough for the whole-sequence Triton kernels
 H_SLICES = 48  # Triton's "persist" kernels split this H over three programs that meet at a barrier each step
+# fastrnn's cells' "persist" kernels (from H = 128 on a GPU) split it over G*H / 16 programs forward, H / 16 backward
+H_CELL_SLICES = 128
 H_GRID = 256  # the cpp persistent engine's W_hh slices over several blocks on any GPU (fp32 RNN: 256 KiB)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # largest difference from the reference, relative to the largest value, by storage dtype
@@ -65,6 +67,7 @@ CASES = [SmokeCase("cpp", m) for m in MODES] + [SmokeCase("triton", m, v) for v 
     # sm_90); at H the whole W_hh sits in each block
     SmokeCase("cpp", m, hidden=H_GRID, cells=c) for m in MODES for c in (False, True)] + [
     SmokeCase("triton", m, v, cells=True) for v in ("step", "seq") for m in MODES] + [
+    SmokeCase("triton", m, "persist", hidden=H_CELL_SLICES, cells=True) for m in MODES] + [
     # bf16: with FASTRNN_PERSISTENT=1 the persistent engine's GEMMs on tensor cores (mma.sync), in one block at
     # H and split over blocks at H_GRID; not ReLU, whose derivative flips where rounding h to 8 bits moves a
     # pre-activation across 0 (its GEMMs are the tanh RNN's)

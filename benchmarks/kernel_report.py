@@ -58,6 +58,8 @@ LAUNCHES = {
     "ext (fastrnn's cells)": ("1 torch mm + 1 row kernel (+2 to 4 torch ops with proj)",
                               "1 row kernel + 1 torch mm (+1 to 2 elementwise torch ops; +3 to 4 with proj)"),
     "ext seq (fastrnn's cells, no proj)": ("1 per sequence (0 per step)", "1 per sequence (0 per step)"),
+    "ext persist (fastrnn's cells, no proj)": ("1 per sequence + 1 memset (0 per step; 2 barriers per step)",
+                                               "1 per sequence + 1 memset (0 per step; 2 barriers per step)"),
 }
 
 
@@ -97,7 +99,8 @@ def kernel_specs(quick: bool) -> List[Dict]:
                                   warps=cfg["num_warps"], stages=cfg["num_stages"],
                                   const=dict(MODE=mode_id, G=G, REVERSE=False, UPCAST=False, **tiles)))
     specs += ext_specs(dtypes, EXT_HIDDEN_QUICK if quick else EXT_HIDDEN)
-    return [dict(spec, aligned=aligned) for spec in specs for aligned in (False, True)]
+    return [dict(spec, aligned=aligned, fallbacks=[dict(f, aligned=aligned) for f in spec.get("fallbacks", [])])
+            for spec in specs for aligned in (False, True)]
 
 
 def ext_specs(dtypes, hidden) -> List[Dict]:
@@ -122,16 +125,7 @@ def ext_specs(dtypes, hidden) -> List[Dict]:
                     specs.append(dict(common, kernel="ext_bwd_proj", fn=triton_ext._bwd_kernel, mode=mode,
                                       dtype=dtype, const=dict(ids, ZONE_H=False, ZONE_C=True, HAS_DY=False,
                                                               BYPASS=False, WRITE_HR=True, SPLIT=True)))
-                G = GATES[mode]
-                fwd, bwd = triton_ext.seq_tiles(H, G, False), triton_ext.seq_tiles(H, G, True)
-                specs.append(dict(common, kernel="ext_seq_fwd", warps=fwd["num_warps"], fn=triton_ext._fwd_seq_kernel, mode=mode, dtype=dtype,
-                                  tiles=f"BR{fwd['BR']}xBC{fwd['BC']}, BN{fwd['BN']}xBK{fwd['BK']} (H {H})",
-                                  const=dict(ids, SAVE=True, STORE=True, RAW=True, ZONE_H=True, ZONE_C=lstm,
-                                             MASK=True, REVERSE=False, **seq_consts(fwd))))
-                specs.append(dict(common, kernel="ext_seq_bwd", warps=bwd["num_warps"], fn=triton_ext._bwd_seq_kernel, mode=mode, dtype=dtype,
-                                  tiles=f"BR{bwd['BR']}xBC{bwd['BC']}, BN{bwd['BN']}xBK{bwd['BK']} (H {H})",
-                                  const=dict(ids, ZONE_H=True, ZONE_C=lstm, BYPASS=True, SPLIT=True, MASK=True,
-                                             REVERSE=False, **seq_consts(bwd))))
+                specs += ext_seq_specs(common, ids, mode, dtype, H)
             # the input projection's LayerNorm rows are G*H wide: their launches pick among the same chunks
             for kernel, fn in (("ext_ln_rows", triton_ext._ln_rows_kernel),
                                ("ext_ln_rows_bwd", triton_ext._ln_rows_bwd_kernel)):
@@ -140,9 +134,49 @@ def ext_specs(dtypes, hidden) -> List[Dict]:
     return specs
 
 
+BOTH_PASSES = triton_ext.PRODUCT.value | triton_ext.ROWS.value  # a GPU launch runs both passes of every step
+
+
+def ext_seq_specs(common: Dict, ids: Dict, mode: str, dtype: torch.dtype, H: int) -> List[Dict]:
+    """The whole-sequence kernels of fastrnn's cells at hidden size ``H``: the "seq" tiles (one slice, no barrier
+    across programs) and the "persist" tiles of both row heights (B = 1 and larger), barrier and volatile loads
+    compiled in, as a GPU launch with several slices compiles them."""
+    G, lstm = GATES[mode], mode == "LSTM"
+    kinds = [("ext_seq", False, lambda bwd, _tile: triton_ext.seq_tiles(H, G, bwd))]
+    # B = 1 (one-row tiles, a slice each) on an H200's 132 SMs; 16-row tiles there, where as many slices as rows
+    # take a row each (H >= 64 forward, H >= 256 backward), and on 4 programs, where the first slice takes them all
+    # A GPU launch of the persist kernels takes the first of PERSIST_TILES that compiles without spilling
+    # (ext._spill_free): the report compiles them in that order (``fallbacks``) and shows the one taken.
+    kinds += [("ext_persist", True, lambda bwd, tile, b=b, sms=sms: triton_ext.persist_tiles(b, H, G, bwd, sms, tile))
+              for b, sms in ((1, 132), (2, 132), (2, 4))]
+    fwd_const = dict(ids, SAVE=True, STORE=True, RAW=True, ZONE_H=True, ZONE_C=lstm, MASK=True, REVERSE=False,
+                     PASSES=BOTH_PASSES)
+    bwd_const = dict(ids, ZONE_H=True, ZONE_C=lstm, BYPASS=True, SPLIT=True, MASK=True, REVERSE=False,
+                     PASSES=BOTH_PASSES)
+    specs, seen = [], set()
+    for name, sync, tiles_of in kinds:  # sync: the barrier and volatile loads, where a plan has several slices
+        for backward, fn, const in ((False, triton_ext._fwd_seq_kernel, fwd_const),
+                                    (True, triton_ext._bwd_seq_kernel, bwd_const)):
+            tiles = [tiles_of(backward, tile) for tile in (triton_ext.PERSIST_TILES if sync else (None,))]
+            if tiles[0] is None or (name, backward, str(tiles[0])) in seen:  # None: persist takes no such H on a GPU
+                continue
+            seen.add((name, backward, str(tiles[0])))
+            found = [dict(common, kernel=f"{name}_{'bwd' if backward else 'fwd'}", warps=t["num_warps"], fn=fn,
+                          mode=mode, dtype=dtype, tiles=seq_tiles_name(t, H),
+                          const=dict(const, ONE_SLICE=t["S"] == 1, SYNC=sync and t["S"] > 1, **seq_consts(t)))
+                     for t in tiles]
+            specs.append(dict(found[0], fallbacks=found[1:]))
+    return specs
+
+
+def seq_tiles_name(tiles: Dict, H: int) -> str:
+    return f"BR{tiles['BR']}xBC{tiles['BC']}, RB{tiles['RB']}, BN{tiles['BN']}xBK{tiles['BK']} (H {H})"
+
+
 def seq_consts(tiles: Dict) -> Dict:
-    """The constexprs of a seq kernel's tile (``triton_ext.seq_tiles``), not the row kernels' ``BR``/``BC``."""
-    return {k: tiles[k] for k in ("BR", "BC", "BN", "BK")}
+    """The constexprs of a whole-sequence kernel's tile (``triton_ext.seq_tiles``/``persist_tiles``), not the row
+    kernels' ``BR``/``BC``."""
+    return {k: tiles[k] for k in ("BR", "RB", "BC", "BN", "BK")}
 
 
 def alignment_attrs(spec: Dict) -> Dict:
@@ -215,9 +249,15 @@ def compile_one(spec: Dict, cc: int) -> Dict:
 
 
 def _run(args) -> Dict:
+    """The compiled resources of spec ``index``, or of the first of its fallbacks that does not spill where it
+    does (``tiles`` then names the one taken)."""
     index, quick, cc = args
     spec = kernel_specs(quick)[index]
-    return compile_one(spec, cc)
+    for candidate in [spec] + spec.get("fallbacks", []):
+        res = dict(compile_one(candidate, cc), tiles=candidate.get("tiles"))
+        if not (res["spill_stores"] or res["spill_loads"] or res["stack"]):
+            break
+    return res
 
 
 def collect(quick: bool, jobs: int) -> List[Dict]:
@@ -231,7 +271,7 @@ def collect(quick: bool, jobs: int) -> List[Dict]:
     rows = []
     for (i, _, _), res in zip(work, results):
         s = specs[i]
-        tiles = s.get("tiles") or "x".join(f"{k}{s['const'][k]}" for k in ("BB", "BH", "BK") if k in s["const"])
+        tiles = res.pop("tiles") or "x".join(f"{k}{s['const'][k]}" for k in ("BB", "BH", "BK") if k in s["const"])
         rows.append(dict(res, kernel=s["kernel"], mode=s["mode"], dtype=TT_DTYPE[s["dtype"]], tiles=tiles,
                          align="16" if s["aligned"] else "any"))
     return rows

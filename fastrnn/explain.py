@@ -76,12 +76,15 @@ def _triton(a: LayerArgs, ext: CellExt, impl: ModuleType, options: dict, _pair: 
     variant, graph = impl._resolve_options(a, opts, cells)
     host, B, H = impl._host, a.h0.shape[0], a.H
     if cells:
-        if variant == "seq":
-            rows = [impl._ext.seq_tiles(H, GATES[a.mode], backward)["BR"] for backward in (False, True)]
-            grids = " and ".join(f"{-(-B // r)} programs of {r} batch rows {d}" for r, d in zip(rows, ("forward",
-                                                                                                   "backward")))
-            return (f"fastrnn's cells, variant 'seq': one launch per direction forward and one backward, {grids}, "
-                    "each computing its rows' recurrent product")
+        if variant in ("seq", "persist"):
+            tiles = [impl._ext.tiles_for(variant, B, H, GATES[a.mode], backward, a.x.device)
+                     for backward in (False, True)]
+            grids = " and ".join(f"{-(-B // t['BR'])} x {t['S']} programs ({t['BR']} batch rows x {t['CW']} product "
+                                 f"columns each) {d}" for t, d in zip(tiles, ("forward", "backward")))
+            how = ("the slices of a tile meeting at a barrier twice per step" if variant == "persist" else
+                   "each program computing its rows' recurrent product")
+            return (f"fastrnn's cells, variant {variant!r}: one launch per direction forward and one backward, "
+                    f"{grids}, {how}")
         return f"fastrnn's cells, variant 'step': per step a torch GEMM and one fused row kernel, {_replay(graph)}"
     if variant == "seq":
         return "variant 'seq': one launch per direction forward and one backward, W_hh held in registers"

@@ -207,7 +207,12 @@ def test_triton_variants_as_resolved():
     cells = fastrnn.GRU(5, 6, layer_norm=True, backend="triton")
     assert "fastrnn's cells, variant 'step'" in lines(cells, x)[0]
     cells.backend_options = {"triton": {"variant": "seq"}}
-    assert "fastrnn's cells, variant 'seq'" in lines(cells, x)[0] and "1 programs of" in lines(cells, x)[0]
+    got = lines(cells, x)[0]
+    assert "fastrnn's cells, variant 'seq'" in got and "1 x 1 programs (8 batch rows x 18 product columns" in got
+    cells.backend_options = {"triton": {"variant": "persist"}}
+    got = lines(cells, x)[0]  # GRU: 18 product columns forward, 6 backward, over 16-column slices
+    assert "variant 'persist'" in got and "1 x 2 programs (16 batch rows x 16 product columns each) forward" in got
+    assert "1 x 1 programs (16 batch rows x 16 product columns each) backward" in got and "barrier" in got
 
 
 @needs_cpp

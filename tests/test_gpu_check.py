@@ -21,8 +21,8 @@ def _check(*args):
 
 CORE = ["backends", "cuda-tests", "cuda-tests-persistent", "memcheck", "memcheck-persistent", "racecheck-persistent",
         "synccheck-persistent", "memcheck-grid", "memcheck-graphs", "benchmark"]
-EXTRA = ["layernorm", "grid-barrier", "bf16", "bf16-simt", "tf32", "bidirectional", "bank-conflicts-pad1",
-         "bank-conflicts-pad0", "unpadded"]
+EXTRA = ["layernorm", "layernorm-triton-seq", "layernorm-triton-persist", "grid-barrier", "bf16", "bf16-simt", "tf32",
+         "bidirectional", "bank-conflicts-pad1", "bank-conflicts-pad0", "unpadded"]
 
 
 def _steps(proc) -> list:

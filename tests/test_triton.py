@@ -372,7 +372,7 @@ def test_every_config_compiles_without_spills():
     kernels = {line.split("|")[1].strip() for line in rows}
     assert kernels == {"step_fwd", "step_bwd", "step_bwd_proj", "seq_fwd", "seq_bwd", "persist_fwd", "persist_bwd",
                        "ext_fwd", "ext_bwd", "ext_bwd_proj", "ext_ln_rows", "ext_ln_rows_bwd", "ext_seq_fwd",
-                       "ext_seq_bwd"}, kernels
+                       "ext_seq_bwd", "ext_persist_fwd", "ext_persist_bwd"}, kernels
     # the report names the assembler it used per target, and its CUDA version
     tools = re.findall(r"^- sm_(\d+)a?: `[^`]*ptxas[^`]*`, CUDA \d+\.\d+$", res.stdout, re.M)
     assert sorted(tools) == ["80", "90"], res.stdout[:1500]

@@ -37,10 +37,14 @@ def assert_matches_fp64(c: Case, dtype: torch.dtype, feature: str, variant: str)
                                 make_ext(c, inputs, feature), torch.float64)
 
 
-def with_variants(cases):
-    """Each case with every variant that runs it: the step loop, and the whole-sequence kernels where there is
-    no projection."""
-    return [pytest.param(c, v, id=f"{c.id}-{v}") for c in cases for v in ("step",) + (("seq",) if not c.proj else ())]
+def with_variants(cases, variants=tb.EXT_VARIANTS, cuda: bool = False):
+    """Each case with every one of ``variants`` that runs it: the step loop, and the whole-sequence kernels (one
+    program per batch tile, or the tile split over hidden slices) where there is no projection (on a GPU the split
+    from H = ext.PERSIST_MIN_H)."""
+    def runs(c: Case, v: str) -> bool:
+        return v == "step" or not c.proj and (v != "persist" or not cuda or c.H >= tb._ext.PERSIST_MIN_H)
+
+    return [pytest.param(c, v, id=f"{c.id}-{v}") for c in cases for v in variants if runs(c, v)]
 
 
 def test_buffers_start_nan_filled():
@@ -72,12 +76,15 @@ def test_one_step_and_one_unit(c, variant):
 
 
 @pytest.mark.parametrize("c, variant", with_variants([
-    Case("LSTM", 3, 3, 4, 63, proj=7, packed=True), Case("GRU", 3, 2, 4, 63, reverse=True),
-    Case("LSTM", 2, 2, 3, 1030), Case("RNN_TANH", 2, 3, 3, 1030, packed=True)]))
+    Case("LSTM", 3, 3, 4, 63, proj=7, packed=True), Case("GRU", 3, 2, 4, 63, reverse=True)]) + with_variants([
+        Case("LSTM", 2, 2, 3, 1030), Case("RNN_TANH", 2, 3, 3, 1030, packed=True)], ("step", "seq")) + with_variants([
+            Case("LSTM", 2, 1, 3, 1030), Case("RNN_TANH", 2, 3, 3, 300, packed=True)], ("persist",)))
 def test_odd_and_wide_rows(c, variant):
     """H = 63: masked chunk tails; H = 1030: rows wider than ext.MAX_CHUNK, so every row loop (the statistics,
     LSTM's c passes, the LayerNorm backward) runs over more than one chunk, and the seq kernels' products over
-    several column blocks and K chunks."""
+    several column blocks and K chunks. The persist kernels' row pass takes chunks of at most 128 columns and their
+    products 16-row blocks, whose masked rows the interpreter would spend minutes on at B = 2: their wide cases
+    are B = 1 (one-row tiles) at H = 1030, and H = 300 (three chunks)."""
     assert_matches_fp64(c, torch.float32, "ln-zo-rd", variant)
 
 
@@ -114,18 +121,21 @@ def test_inference_and_determinism(c, variant):
         assert torch.equal(again[name], grads[name]), name
 
 
-@pytest.mark.parametrize("c", [Case("GRU", 4, 20, 3, 6, packed=True, reverse=True), Case("LSTM", 3, 5, 3, 40)],
+@pytest.mark.parametrize("variant", ["seq", "persist"])
+@pytest.mark.parametrize("c", [Case("GRU", 4, 20, 3, 20, packed=True, reverse=True), Case("LSTM", 3, 5, 3, 40)],
                          ids=lambda c: c.id)
-def test_seq_and_step_agree(c):
+def test_seq_and_step_agree(c, variant):
     """The whole-sequence kernels against the step loop on the same inputs: the same cell code, only the
-    recurrent product summed in another order, so they agree to fp32 rounding (each case has more rows than
-    one program's tile, so several programs keep their rows apart)."""
+    recurrent product summed in another order, so they agree to fp32 rounding. Each case has more rows than one
+    seq program's tile, so several programs keep their rows apart; persist splits every tile's products and rows
+    over several slices, forward and backward (and the GRU's 20 rows over two tiles)."""
     for backward in (False, True):
-        assert c.B > tb._ext.seq_tiles(c.H, 3 if c.mode == "GRU" else 4, backward)["BR"]
+        tiles = tb._ext.tiles_for(variant, c.B, c.H, 3 if c.mode == "GRU" else 4, backward, torch.device("cpu"))
+        assert c.B > tiles["BR"] if variant == "seq" else tiles["S"] > 1
     inputs = make_inputs(c, Impl("triton", "cpu", torch.float32))
     ext = make_ext(c, inputs, "ln-zo-rd")
     step = run(functools.partial(tb.layer, variant="step"), c, inputs, ext)
-    seq = run(functools.partial(tb.layer, variant="seq"), c, inputs, ext)
+    seq = run(functools.partial(tb.layer, variant=variant), c, inputs, ext)
     for got, want in zip(seq[0], step[0]):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     for name in step[1]:
@@ -163,22 +173,109 @@ def test_seq_tiles_chosen_for_other_tritons(monkeypatch, version, key):
     assert_matches_fp64(c, torch.float32, "ln-zo-rd", "seq")
 
 
+@pytest.mark.parametrize("slices", [1, 3, 64])
+def test_persist_slices(monkeypatch, slices):
+    """The persist kernels over as many slices as the budget allows: one (the whole sequence in one launch, the
+    barrier compiled in and waiting for the program alone), three (uneven columns: 160 = 3 x 64 - 32 forward,
+    40 = 3 x 16 - 8 backward) and as many as there are 16-column blocks (10 forward, 3 backward; most slices
+    without a row of the tile's 3 in the row pass), against fp64."""
+    monkeypatch.setattr(tb._ext, "INTERPRETED_SLICES", slices)
+    c = Case("LSTM", 3, 3, 3, 40, packed=True, reverse=True)
+    want = {1: (1, 1), 3: (3, 3), 64: (10, 3)}[slices]
+    assert tuple(tb._ext.persist_tiles(c.B, c.H, 4, bwd, None)["S"] for bwd in (False, True)) == want
+    assert_matches_fp64(c, torch.float32, "ln-zo-rd", "persist")
+
+
+def test_persist_tiles_cover_every_column():
+    """Every product column in exactly one slice (CW a multiple of the 16-column block, no empty slice), a row pass
+    that covers the tile's rows (one per slice, or all in the first), never more programs than the device holds,
+    and no GPU plan where the batch tiles alone exceed it or H < PERSIST_MIN_H."""
+    for B in (1, 2, 16, 17, 100, 2048):
+        for H in (1, 15, 16, 100, 128, 1024):
+            for G in (1, 3, 4):
+                for backward in (False, True):
+                    NC = H if backward else G * H
+                    for sms in (1, 7, 132, None):
+                        t = tb._ext.persist_tiles(B, H, G, backward, sms)
+                        tiles = -(-B // (1 if B == 1 else tb._ext.PERSIST_ROWS))
+                        if sms is not None and (tiles > sms or H < tb._ext.PERSIST_MIN_H):
+                            assert t is None
+                            continue
+                        assert t["CW"] % 16 == 0 and (t["S"] - 1) * t["CW"] < NC <= t["S"] * t["CW"]
+                        assert -(-B // t["BR"]) == tiles and t["RB"] in (1, t["BR"])
+                        assert t["S"] * t["RB"] >= t["BR"] and (t["RB"] == 1 or t["S"] < t["BR"])
+                        assert tiles * t["S"] <= (sms or tiles * tb._ext.INTERPRETED_SLICES)
+
+
+def test_spill_free_tile_choice(monkeypatch):
+    """A GPU launch of the persist kernels compiles PERSIST_TILES in order (without launching) and takes the first
+    whose kernel does not spill, once per configuration; the first where every candidate spills. Exercised with a
+    stand-in for Triton's compiled kernel, which needs a GPU to report its spills."""
+    ext = tb._ext
+    monkeypatch.setattr(ext, "_SPILL_FREE", {})
+    monkeypatch.setattr(ext, "PERSIST_TILES", ((4, 2048, 128), (8, 4096, 256), (4, 2048, 64)))
+    compiled = []
+
+    class Kernel:
+        fn = test_spill_free_tile_choice
+
+        def __init__(self, spills):
+            self.spills = spills
+
+        def warmup(self, *args, grid, **options):
+            compiled.append(options["tile"])
+            return type("Compiled", (), {"_init_handles": lambda _: None, "n_spills": self.spills[options["tile"]]})()
+
+    args = (torch.zeros(4), 16)
+    spills = {(4, 2048, 128): 3, (8, 4096, 256): 0, (4, 2048, 64): 0}
+    assert ext._spill_free(Kernel(spills), (1, 2), args, lambda tile: {"tile": tile, "G": 4}) == (8, 4096, 256)
+    assert ext._spill_free(Kernel(spills), (1, 2), args, lambda tile: {"tile": tile, "G": 4}) == (8, 4096, 256)
+    assert compiled == [(4, 2048, 128), (8, 4096, 256)]  # the second call remembered the choice
+    every = dict.fromkeys(spills, 2)
+    assert ext._spill_free(Kernel(every), (1, 2), args, lambda tile: {"tile": tile, "G": 3}) == (4, 2048, 128)
+    assert len(compiled) == 5
+
+
 def test_variant_choice():
-    """Unasked, the cells take the step loop on the CPU (the seq kernels are the default only on CUDA with
-    FASTRNN_PERSISTENT=1 until they have run on a GPU); the plain cells' persist variant, which a module's options
-    may carry for its plain calls, leaves the cells on their default; a CUDA graph on the CPU, "seq" with a
+    """Unasked, the cells take the step loop on the CPU (the whole-sequence kernels are the default only on CUDA
+    with FASTRNN_PERSISTENT=1 until they have run on a GPU); a CUDA graph on the CPU, "seq" or "persist" with a
     projection and an unknown variant are refused with the reason."""
     a = LayerArgs("LSTM", torch.zeros(4, 3), None, torch.zeros(2, 4), torch.zeros(2, 4), torch.zeros(16, 3),
                   torch.zeros(16, 4), None, None, None, False)
     assert tb._resolve_options(a, (None, None), True) == ("step", False)
     assert tb._resolve_options(a, ("seq", None), True) == ("seq", False)
-    assert tb._resolve_options(a, ("persist", None), True) == ("step", False)
+    assert tb._resolve_options(a, ("persist", None), True) == ("persist", False)
     with pytest.raises(ValueError, match="cuda_graph=True needs CUDA tensors, got x on cpu"):
         tb._resolve_options(a, ("persist", True), True)
     with pytest.raises(ValueError, match="variant must be one of"):
         tb._resolve_options(a, ("fast", None), True)
-    with pytest.raises(ValueError, match="projection"):
-        tb._resolve_options(a._replace(w_hr=torch.zeros(2, 4)), ("seq", None), True)
+    for variant in ("seq", "persist"):
+        with pytest.raises(ValueError, match=f"the '{variant}' variant of fastrnn's cells needs no projection"):
+            tb._resolve_options(a._replace(w_hr=torch.zeros(2, 4)), (variant, None), True)
+
+
+def test_variant_choice_on_cuda(monkeypatch):
+    """The rule on an H200-sized GPU (132 SMs; the device's count and FASTRNN_PERSISTENT stubbed): persist where
+    the seq grid would leave half the SMs idle and H >= 128, seq where its batch rows fill the GPU or H is small,
+    step with a projection or without FASTRNN_PERSISTENT=1; a batch of more tiles than SMs is refused persist."""
+    ext, cuda = tb._ext, torch.device("cuda")
+    monkeypatch.setattr(ext, "device_programs", lambda device: 132)
+    monkeypatch.setattr(ext, "persist_enabled", lambda: True)
+    assert ext.pick_variant(16, 512, 4, False, cuda) == "persist"
+    assert ext.pick_variant(1, 128, 1, False, cuda) == "persist"
+    assert ext.pick_variant(128, 512, 4, False, cuda) == "seq"  # 128 programs of one row each
+    assert ext.pick_variant(16, 127, 4, False, cuda) == "seq"
+    assert ext.pick_variant(16 * 133, 512, 4, False, cuda) == "seq"
+    assert ext.pick_variant(16, 512, 4, True, cuda) == "step"
+    monkeypatch.setattr(ext, "persist_enabled", lambda: False)
+    assert ext.pick_variant(16, 512, 4, False, cuda) == "step"
+    monkeypatch.setattr(tb._host.persist, "device_programs", lambda device: 132)
+    h0 = torch.zeros(16 * 133, 4)
+    a = LayerArgs("LSTM", torch.zeros(4, 3), None, h0, h0, torch.zeros(16, 3), torch.zeros(16, 4), None, None, None,
+                  False)
+    with pytest.raises(ValueError, match="'persist' variant of fastrnn's cells needs H >= 128 on a GPU and no more "
+                                         "batch tiles of 16 rows than the device's 132 SMs, got H = 4, batch 2128"):
+        tb._resolve_options(a, ("persist", None), True)
 
 
 def test_seq_tiles_follow_the_triton_version(monkeypatch):
@@ -213,11 +310,12 @@ if CUDA_DTYPES:  # collected only where a GPU is present
     @pytest.mark.parametrize("feature", ["ln-zo-rd", "ln", "zo", "rd"])
     @pytest.mark.parametrize("c, variant", with_variants(
         CASES + [Case("LSTM", 2, 2, 3, 1030), Case("GRU", 3, 2, 4, 63, reverse=True),
-                 Case("LSTM", 6, 40, 3, 48, packed=True, reverse=True)]))
+                 Case("LSTM", 6, 40, 3, 48, packed=True, reverse=True), Case("GRU", 5, 20, 3, 128, packed=True),
+                 Case("RNN_TANH", 4, 1, 3, 130)], cuda=True))
     def test_cuda_matches_fp64(c, variant, feature, dtype):
-        """fastrnn/ops/triton/ext.py compiled for the GPU, both variants, against the reference backend in fp64
+        """fastrnn/ops/triton/ext.py compiled for the GPU, every variant, against the reference backend in fp64
         (16-bit: the reference in the same dtype, as tests/test_cpp_ext.py judges 16-bit); 40 rows make several
-        seq programs."""
+        seq programs, H = 128 and 130 several persist slices (20 rows: two batch tiles; B = 1: one-row tiles)."""
         from test_cpp_ext import cuda_inputs
 
         inputs, ext = cuda_inputs(c, dtype, feature)

@@ -19,14 +19,16 @@ The input projection of all steps is one GEMM before the loop and the weight gra
 
 fastrnn's own cells (``CellExt``: LayerNorm, zoneout, recurrent dropout; ``EXT_FEATURES``) run through
 ``fastrnn::triton_layer_ext_fwd``/``_ext_bwd`` (``ext``, mirroring the cpp backend's csrc/rnn_ext.cpp), saving
-``fastrnn.ops.SavedExt`` in fp32; 16-bit storage is computed in fp32. Two variants (``EXT_VARIANTS``):
+``fastrnn.ops.SavedExt`` in fp32; 16-bit storage is computed in fp32. Three variants (``EXT_VARIANTS``):
 ``"step"``, per step a torch GEMM for the recurrent product and one fused row kernel (the recurrent
 LayerNorm's statistics, the cell, LSTM's LayerNorm of c, zoneout, the next step's masked GEMM operand),
 backward likewise; ``"seq"`` (no projection), one launch per direction forward and one backward, each program
-owning a few batch rows for the whole sequence and computing their recurrent product itself.
+owning a few batch rows for the whole sequence and computing their recurrent product itself; ``"persist"``
+(no projection), the same kernels with each batch tile's product split over hidden slices that meet at a
+barrier twice per step, for parallelism at small batches.
 
-On a GPU (an H200, 2026-12-04) the "step" and "seq" kernels passed every CUDA test; the ext kernels (both
-variants), the "persist" kernels and ``cuda_graph`` have not been checked on one yet. All are tested in the interpreter on
+On a GPU (an H200, 2026-12-04) the "step" and "seq" kernels passed every CUDA test; the ext kernels (every
+variant), the "persist" kernels and ``cuda_graph`` have not been checked on one yet. All are tested in the interpreter on
 CPU and compiled ahead of time for sm_80/sm_90 (benchmarks/kernel_report.py: registers, no spills).
 On CPU the kernels run only under the Triton interpreter (``TRITON_INTERPRET=1`` set before triton is
 imported), which is how the tests exercise them.
@@ -34,9 +36,9 @@ imported), which is how the tests exercise them.
 Options, as keywords of ``layer`` or, from a module, ``backend_options={"triton": {...}}``:
 
 - ``variant``: ``"step"``, ``"seq"`` or ``"persist"``; ``None`` (default) picks ``"seq"`` wherever it applies,
-  then ``"persist"`` (with ``FASTRNN_PERSISTENT=1``), else ``"step"``. fastrnn's cells take ``"step"`` or
-  ``"seq"``; ``None`` (or ``"persist"``, which they lack) picks ``"seq"`` on CUDA with ``FASTRNN_PERSISTENT=1``
-  and no projection, else ``"step"``.
+  then ``"persist"`` (with ``FASTRNN_PERSISTENT=1``), else ``"step"``. fastrnn's cells take the same names;
+  ``None`` picks, on CUDA with ``FASTRNN_PERSISTENT=1`` and no projection, ``"persist"`` where the seq grid
+  would leave half the SMs idle and H >= 128, else ``"seq"``; otherwise ``"step"`` (``ext.pick_variant``).
 - ``cuda_graph``: capture the per-step launches of the ``"step"`` variant (the plain cells' and fastrnn's
   own) into a CUDA graph on the second call with given shapes and batch sizes and replay it afterwards,
   removing the per-launch host cost (``host.run_loop``: at most ``GRAPH_CACHE_SIZE`` shapes kept).
@@ -62,7 +64,7 @@ else:
     _IMPORT_ERROR = None
 
 EXT_FEATURES = _ops.EXT_FEATURES  # LayerNorm, zoneout and recurrent dropout: the ext kernels
-EXT_VARIANTS = ("step", "seq")
+EXT_VARIANTS = ("step", "seq", "persist")
 
 CPU_REASON = (
     "Triton kernels need a CUDA GPU; set TRITON_INTERPRET=1 before importing triton to run them on CPU "
@@ -117,18 +119,20 @@ def _resolve_graph(a: LayerArgs, variant: str, cuda_graph: Optional[bool]) -> bo
 
 
 def _resolve_ext_options(a: LayerArgs, variant: Optional[str], cuda_graph: Optional[bool]) -> tuple:
-    """fastrnn's cells: ``"seq"`` (one launch per direction, no projection) or ``"step"``, whose loop replays
-    from a CUDA graph as the plain cells' does. A module's options serve its plain calls too (zoneout and
-    recurrent dropout exist only in training), so the plain cells' ``"persist"`` is no error here: the cells
-    take their default."""
-    proj = a.w_hr is not None
-    if variant not in _host.VARIANTS + (None,):
-        raise ValueError(f"variant must be one of {_host.VARIANTS} or None, got {variant!r}")
-    if variant not in EXT_VARIANTS:
-        variant = "seq" if _host.ext_seq_by_default(proj, a.x.device) else "step"
-    if variant == "seq" and proj:
-        raise ValueError("the 'seq' variant of fastrnn's cells needs no projection, got proj_size "
+    """fastrnn's cells: ``"seq"`` or ``"persist"`` (one launch per direction, no projection) or ``"step"``, whose
+    loop replays from a CUDA graph as the plain cells' does; ``None``: ``ext.pick_variant``."""
+    B, G, proj = a.h0.shape[0], a.w_hh.shape[0] // a.H, a.w_hr is not None
+    if variant not in EXT_VARIANTS + (None,):
+        raise ValueError(f"variant must be one of {EXT_VARIANTS} or None, got {variant!r}")
+    if variant is None:
+        variant = _ext.pick_variant(B, a.H, G, proj, a.x.device)
+    if variant != "step" and proj:
+        raise ValueError(f"the {variant!r} variant of fastrnn's cells needs no projection, got proj_size "
                          f"{a.w_hr.shape[0]}")
+    if variant == "persist" and _ext.tiles_for(variant, B, a.H, G, False, a.x.device) is None:
+        raise ValueError(f"the 'persist' variant of fastrnn's cells needs H >= {_ext.PERSIST_MIN_H} on a GPU and no "
+                         f"more batch tiles of {_ext.PERSIST_ROWS} rows than the device's "
+                         f"{_host.persist.device_programs(a.x.device)} SMs, got H = {a.H}, batch {B}")
     return variant, _resolve_graph(a, variant, cuda_graph)
 
 
@@ -145,11 +149,11 @@ def _backward(a, options, y, saved, dy, dh_n, dc_n, need_dx):
 
 
 def _ext_forward(a: LayerArgs, e: CellExt, options: tuple, save: bool):
-    return _ext.forward(a, e, save, seq=options[0] == "seq", graph=options[1])
+    return _ext.forward(a, e, save, variant=options[0], graph=options[1])
 
 
 def _ext_backward(a: LayerArgs, e: CellExt, options: tuple, y, saved: SavedExt, dy, dh_n, dc_n, need_dx: bool):
-    return _ext.backward(a, e, y, saved, dy, dh_n, dc_n, need_dx, seq=options[0] == "seq", graph=options[1])
+    return _ext.backward(a, e, y, saved, dy, dh_n, dc_n, need_dx, variant=options[0], graph=options[1])
 
 
 def _ext_fake_saved(a: LayerArgs, e: CellExt, _options: tuple, save: bool) -> SavedExt:

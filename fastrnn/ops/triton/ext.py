@@ -17,7 +17,13 @@ forward's ``stats``, whose input-side column it reads and whose other columns it
 With the ``"seq"`` variant (no projection) each direction is one launch instead, :func:`_fwd_seq_kernel` and
 :func:`_bwd_seq_kernel`: a program owns ``BR`` batch rows for the whole sequence and computes their recurrent
 product itself before the row pass of each step (W_hh read from L2 every step), so no Python runs per step and
-no program waits for another; the parallelism is ``B / BR`` programs.
+no program waits for another; the parallelism is ``B / BR`` programs. The ``"persist"`` variant runs the same
+kernels over a grid of batch tiles x hidden slices, for parallelism where ``B / BR`` programs would leave the GPU
+idle: each step a program computes its slice's columns of its tile's recurrent product, meets the tile's other
+slices at a barrier in global memory (persist.py's, a cooperative launch), runs the row pass on its share of the
+tile's rows (whole rows: LayerNorm's statistics span them) and meets them again; what other programs wrote is
+loaded volatile (past L1, which is not coherent across SMs). Under the interpreter, which runs programs one after
+another, several slices take a launch per pass of each step.
 
 A program walks its ``BR`` rows in chunks of ``BC`` columns (``row_config``), so no width makes it spill; a
 row's statistics come from the program's own loads (two passes: the deviations' squares, not
@@ -41,9 +47,12 @@ import triton.language as tl
 from torch import Tensor
 
 from fastrnn.ops import GATES, LN_EPS, CellExt, LayerArgs, SavedExt
-from fastrnn.ops.triton.cells import FP_FUSION, _tanh, cell_backward, cell_forward, lstm_gate_grads, release
+from fastrnn.ops.triton.cells import (FP_FUSION, _tanh, cell_backward, cell_forward, interpreting, lstm_gate_grads,
+                                     release)
 from fastrnn.ops.triton.host import (MODE_IDS, Rows, input_projection, nan_buffer, none_if_empty, placeholder,
                                      plan_rows, run_loop, step_tables)
+from fastrnn.ops.triton.persist import _barrier, device_programs
+from fastrnn.ops.triton.persist import enabled_by_default as persist_enabled
 
 _EPS = tl.constexpr(LN_EPS)
 # Columns of the per-row statistics (SavedExt.stats): rstd of xs and of hs, LSTM's mean and rstd of c.
@@ -81,17 +90,18 @@ def _cols(j0, n, m_b, BC: tl.constexpr):
 
 
 @triton.jit
-def _row_stats(p_v, o_r, m_b, n, BR: tl.constexpr, BC: tl.constexpr):
-    """Mean and ``1/sqrt(var + eps)``, ``[BR, 1]``, of the fp32 rows ``o_r`` of ``v: [*, n]``."""
+def _row_stats(p_v, o_r, m_b, n, VOL: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
+    """Mean and ``1/sqrt(var + eps)``, ``[BR, 1]``, of the fp32 rows ``o_r`` of ``v: [*, n]`` (``VOL``: loaded
+    volatile, past L1: other programs of the launch wrote them)."""
     b_s = tl.zeros([BR, BC], dtype=tl.float32)
     for i0 in range(0, n, BC):
         o_i, m = _cols(i0, n, m_b, BC)
-        b_s += tl.load(p_v + o_r * n + o_i, mask=m, other=0.0)
+        b_s += tl.load(p_v + o_r * n + o_i, mask=m, other=0.0, volatile=VOL)
     mean = tl.sum(b_s, 1)[:, None] / n
     b_q = tl.zeros([BR, BC], dtype=tl.float32)
     for i0 in range(0, n, BC):
         o_i, m = _cols(i0, n, m_b, BC)
-        b_d = tl.where(m, tl.load(p_v + o_r * n + o_i, mask=m, other=0.0) - mean, 0.0)
+        b_d = tl.where(m, tl.load(p_v + o_r * n + o_i, mask=m, other=0.0, volatile=VOL) - mean, 0.0)
         b_q += b_d * b_d
     return mean, 1.0 / tl.sqrt_rn(tl.sum(b_q, 1)[:, None] / n + _EPS)
 
@@ -137,7 +147,7 @@ def _ln_rows_kernel(p_v, p_st, n_rows, n, BR: tl.constexpr, BC: tl.constexpr):
     their rstd goes to ``st: [N, N_STATS]`` column RS_X."""
     o_r, m_b = _rows(n_rows, BR)
     o_r = o_r.to(tl.int64)
-    mean, rstd = _row_stats(p_v, o_r, m_b, n, BR, BC)
+    mean, rstd = _row_stats(p_v, o_r, m_b, n, False, BR, BC)
     for i0 in range(0, n, BC):
         o_i, m = _cols(i0, n, m_b, BC)
         p_b = p_v + o_r * n + o_i
@@ -157,12 +167,12 @@ def _ln_rows_bwd_kernel(p_d, p_v, p_g, p_st, n_rows, n, BR: tl.constexpr, BC: tl
 
 @triton.jit
 def _gate(p_xs, p_hs, p_nh, p_gx, p_gh, p_bias, o_rg, o_g, m, mean_h, rstd_h, LN: tl.constexpr,
-          STORE: tl.constexpr):
+          STORE: tl.constexpr, VOL: tl.constexpr):
     """Gate columns ``o_g`` of rows ``o_rg`` (offsets into the ``G*H`` wide rows): the input side's term with
     every bias folded in, and the recurrent side's (``hs`` normalised with ``mean_h``/``rstd_h``, and with STORE
-    written to ``nh``; gains applied)."""
+    written to ``nh``; gains applied; VOL: ``hs`` loaded volatile, as :func:`_row_stats`)."""
     b_x = tl.load(p_xs + o_rg + o_g, mask=m, other=0.0)
-    b_h = tl.load(p_hs + o_rg + o_g, mask=m, other=0.0)
+    b_h = tl.load(p_hs + o_rg + o_g, mask=m, other=0.0, volatile=VOL)
     if LN:
         b_h = (b_h - mean_h) * rstd_h
         if STORE:
@@ -174,14 +184,14 @@ def _gate(p_xs, p_hs, p_nh, p_gx, p_gh, p_bias, o_rg, o_g, m, mean_h, rstd_h, LN
 
 @triton.jit
 def _lstm_unit(p_xs, p_hs, p_nh, p_gx, p_gh, p_bias, p_gc, p_sc, p_cp, o_rg, o_rh, o_j, m, H, mean_h, rstd_h,
-               mean_c, rstd_c, LN: tl.constexpr, STORE: tl.constexpr):
+               mean_c, rstd_c, LN: tl.constexpr, STORE: tl.constexpr, VOL: tl.constexpr):
     """LSTM units ``o_j`` of the block's rows: ``(i, f, g, o, c_prev, c, normalised c, tanh(LayerNorm(c)))``, c
     before zoneout; forward and backward both compute them here, so backward recomputes forward's values
     exactly. ``o_rh``: the rows' offsets into ``H`` wide rows (``cp``, gc, sc)."""
-    x0, a0 = _gate(p_xs, p_hs, p_nh, p_gx, p_gh, p_bias, o_rg, o_j, m, mean_h, rstd_h, LN, STORE)
-    x1, a1 = _gate(p_xs, p_hs, p_nh, p_gx, p_gh, p_bias, o_rg, H + o_j, m, mean_h, rstd_h, LN, STORE)
-    x2, a2 = _gate(p_xs, p_hs, p_nh, p_gx, p_gh, p_bias, o_rg, 2 * H + o_j, m, mean_h, rstd_h, LN, STORE)
-    x3, a3 = _gate(p_xs, p_hs, p_nh, p_gx, p_gh, p_bias, o_rg, 3 * H + o_j, m, mean_h, rstd_h, LN, STORE)
+    x0, a0 = _gate(p_xs, p_hs, p_nh, p_gx, p_gh, p_bias, o_rg, o_j, m, mean_h, rstd_h, LN, STORE, VOL)
+    x1, a1 = _gate(p_xs, p_hs, p_nh, p_gx, p_gh, p_bias, o_rg, H + o_j, m, mean_h, rstd_h, LN, STORE, VOL)
+    x2, a2 = _gate(p_xs, p_hs, p_nh, p_gx, p_gh, p_bias, o_rg, 2 * H + o_j, m, mean_h, rstd_h, LN, STORE, VOL)
+    x3, a3 = _gate(p_xs, p_hs, p_nh, p_gx, p_gh, p_bias, o_rg, 3 * H + o_j, m, mean_h, rstd_h, LN, STORE, VOL)
     b_cp = tl.load(p_cp + o_rh + o_j, mask=m, other=0.0)
     _, b_c, b_i, b_f, b_g, b_o = cell_forward(0, x0, x1, x2, x3, a0, a1, a2, a3, b_cp, b_cp)
     b_nc = (b_c - mean_c) * rstd_c
@@ -194,18 +204,18 @@ def _lstm_unit(p_xs, p_hs, p_nh, p_gx, p_gh, p_bias, p_gc, p_sc, p_cp, o_rg, o_r
 
 @triton.jit
 def _gru_rnn_unit(MODE: tl.constexpr, p_xs, p_hs, p_nh, p_gx, p_gh, p_bias, p_bhn, p_hp, o_rg, o_rh, o_j, m, H,
-                  mean_h, rstd_h, LN: tl.constexpr, STORE: tl.constexpr):
+                  mean_h, rstd_h, LN: tl.constexpr, STORE: tl.constexpr, VOL: tl.constexpr):
     """GRU or Elman units ``o_j`` of the block's rows: ``cells.cell_forward``'s ``(h, s0, s1, s2, s3, h_prev)``,
     h before zoneout; GRU's recurrent n term carries its own biases (inside ``r * (...)``)."""
-    x0, a0 = _gate(p_xs, p_hs, p_nh, p_gx, p_gh, p_bias, o_rg, o_j, m, mean_h, rstd_h, LN, STORE)
+    x0, a0 = _gate(p_xs, p_hs, p_nh, p_gx, p_gh, p_bias, o_rg, o_j, m, mean_h, rstd_h, LN, STORE, VOL)
     x1 = x0
     a1 = a0
     x2 = x0
     a2 = a0
     b_hp = a0
     if MODE == 1:
-        x1, a1 = _gate(p_xs, p_hs, p_nh, p_gx, p_gh, p_bias, o_rg, H + o_j, m, mean_h, rstd_h, LN, STORE)
-        x2, a2 = _gate(p_xs, p_hs, p_nh, p_gx, p_gh, p_bias, o_rg, 2 * H + o_j, m, mean_h, rstd_h, LN, STORE)
+        x1, a1 = _gate(p_xs, p_hs, p_nh, p_gx, p_gh, p_bias, o_rg, H + o_j, m, mean_h, rstd_h, LN, STORE, VOL)
+        x2, a2 = _gate(p_xs, p_hs, p_nh, p_gx, p_gh, p_bias, o_rg, 2 * H + o_j, m, mean_h, rstd_h, LN, STORE, VOL)
         a2 += tl.load(p_bhn + o_j, mask=m, other=0.0)
         b_hp = tl.load(p_hp + o_rh + o_j, mask=m, other=0.0)
     b_h, _, s0, s1, s2, s3 = cell_forward(MODE, x0, x1, x2, x2, a0, a1, a2, a2, b_hp, b_hp)
@@ -251,23 +261,23 @@ def _fwd_kernel(
     """
     o_r, m_b = _rows(n_rows, BR)
     _fwd_rows(p_xs, p_hs, p_nh, p_st, p_gx, p_gh, p_bias, p_bhn, p_gc, p_sc, p_h, p_y, p_zh, p_m, p_hm, p_c, p_cs,
-              p_zc, o_r, m_b, H, MODE, G, LN, SAVE, STORE, ZONE_H, ZONE_C, MASK, WRITE_Y, BR, BC)
+              p_zc, o_r, m_b, H, MODE, G, LN, SAVE, STORE, ZONE_H, ZONE_C, MASK, WRITE_Y, False, BR, BC)
 
 
 @triton.jit
 def _fwd_rows(p_xs, p_hs, p_nh, p_st, p_gx, p_gh, p_bias, p_bhn, p_gc, p_sc, p_h, p_y, p_zh, p_m, p_hm, p_c, p_cs,
               p_zc, o_r, m_b, H, MODE: tl.constexpr, G: tl.constexpr, LN: tl.constexpr, SAVE: tl.constexpr,
               STORE: tl.constexpr, ZONE_H: tl.constexpr, ZONE_C: tl.constexpr, MASK: tl.constexpr,
-              WRITE_Y: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
+              WRITE_Y: tl.constexpr, VOL: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
     """:func:`_fwd_kernel`'s step on the rows ``o_r`` (``[BR, 1]``, mask ``m_b``) of pointers at the step's first
-    row."""
+    row; VOL: ``hs`` loaded volatile (other programs of the launch wrote it)."""
     GH = G * H
     o_rg = o_r * GH
     o_rh = o_r * H
     mean_h = 0.0
     rstd_h = 1.0
     if LN:
-        mean_h, rstd_h = _row_stats(p_hs, o_r, m_b, GH, BR, BC)
+        mean_h, rstd_h = _row_stats(p_hs, o_r, m_b, GH, VOL, BR, BC)
         tl.store(p_st + o_r * 4 + 1, rstd_h, mask=m_b)
     if MODE == 0:
         mean_c = 0.0
@@ -278,14 +288,16 @@ def _fwd_rows(p_xs, p_hs, p_nh, p_st, p_gx, p_gh, p_bias, p_bhn, p_gc, p_sc, p_h
             for j0 in range(0, H, BC):
                 o_j, m = _cols(j0, H, m_b, BC)
                 _, _, _, _, _, b_c, _, _ = _lstm_unit(p_xs, p_hs, p_nh, p_gx, p_gh, p_bias, p_gc, p_sc, p_c, o_rg,
-                                                      o_rh, o_j, m, H, mean_h, rstd_h, mean_c, rstd_c, LN, False)
+                                                      o_rh, o_j, m, H, mean_h, rstd_h, mean_c, rstd_c, LN, False,
+                                                      VOL)
                 b_s += tl.where(m, b_c, 0.0)
             mean_c = tl.sum(b_s, 1)[:, None] / H
             b_q = tl.zeros([BR, BC], dtype=tl.float32)
             for j0 in range(0, H, BC):
                 o_j, m = _cols(j0, H, m_b, BC)
                 _, _, _, _, _, b_c, _, _ = _lstm_unit(p_xs, p_hs, p_nh, p_gx, p_gh, p_bias, p_gc, p_sc, p_c, o_rg,
-                                                      o_rh, o_j, m, H, mean_h, rstd_h, mean_c, rstd_c, LN, False)
+                                                      o_rh, o_j, m, H, mean_h, rstd_h, mean_c, rstd_c, LN, False,
+                                                      VOL)
                 b_d = tl.where(m, b_c - mean_c, 0.0)
                 b_q += b_d * b_d
             rstd_c = 1.0 / tl.sqrt_rn(tl.sum(b_q, 1)[:, None] / H + _EPS)
@@ -295,7 +307,7 @@ def _fwd_rows(p_xs, p_hs, p_nh, p_st, p_gx, p_gh, p_bias, p_bhn, p_gc, p_sc, p_h
             o_j, m = _cols(j0, H, m_b, BC)
             _, _, _, b_o, b_cp, b_c, _, b_tcl = _lstm_unit(p_xs, p_hs, p_nh, p_gx, p_gh, p_bias, p_gc, p_sc, p_c,
                                                            o_rg, o_rh, o_j, m, H, mean_h, rstd_h, mean_c, rstd_c,
-                                                           LN, STORE)
+                                                           LN, STORE, VOL)
             if ZONE_C:
                 b_z = tl.load(p_zc + o_rh + o_j, mask=m, other=0.0).to(tl.float32)
                 b_c = b_z * b_cp + (1.0 - b_z) * b_c
@@ -307,14 +319,15 @@ def _fwd_rows(p_xs, p_hs, p_nh, p_st, p_gx, p_gh, p_bias, p_bhn, p_gc, p_sc, p_h
         for j0 in range(0, H, BC):
             o_j, m = _cols(j0, H, m_b, BC)
             b_new, _, _, _, _, _ = _gru_rnn_unit(MODE, p_xs, p_hs, p_nh, p_gx, p_gh, p_bias, p_bhn, p_h, o_rg, o_rh,
-                                                 o_j, m, H, mean_h, rstd_h, LN, STORE)
+                                                 o_j, m, H, mean_h, rstd_h, LN, STORE, VOL)
             _put_h(p_h, p_y, p_zh, p_m, p_hm, o_rh, o_j, m, b_new, ZONE_H, MASK, WRITE_Y)
 
 
 @triton.jit
-def _split_dh(p_dh, p_dy, p_zh, o, m, ZONE_H: tl.constexpr, HAS_DY: tl.constexpr):
-    """The gradient reaching h_t, split into the cell's new value's share and h_{t-1}'s (zoneout)."""
-    b_d = tl.load(p_dh + o, mask=m, other=0.0)
+def _split_dh(p_dh, p_dy, p_zh, o, m, ZONE_H: tl.constexpr, HAS_DY: tl.constexpr, VOL: tl.constexpr):
+    """The gradient reaching h_t, split into the cell's new value's share and h_{t-1}'s (zoneout); VOL: ``dh``
+    loaded volatile (other programs of the launch wrote it)."""
+    b_d = tl.load(p_dh + o, mask=m, other=0.0, volatile=VOL)
     if HAS_DY:
         b_d += tl.load(p_dy + o, mask=m, other=0.0).to(tl.float32)
     if ZONE_H:
@@ -356,16 +369,17 @@ def _bwd_kernel(
     o_r, m_b = _rows(n_rows, BR)
     _bwd_rows(p_xs, p_hs, p_st, p_gx, p_gh, p_bias, p_bhn, p_gc, p_sc, p_hp, p_cp, p_zh, p_zc, p_dh, p_dy, p_dc,
               p_hr, p_dgx, p_dgh, p_part, o_r, m_b, H, MODE, G, LN, ZONE_H, ZONE_C, HAS_DY, BYPASS, WRITE_HR, SPLIT,
-              BR, BC)
+              False, BR, BC)
 
 
 @triton.jit
 def _bwd_rows(p_xs, p_hs, p_st, p_gx, p_gh, p_bias, p_bhn, p_gc, p_sc, p_hp, p_cp, p_zh, p_zc, p_dh, p_dy, p_dc,
               p_hr, p_dgx, p_dgh, p_part, o_r, m_b, H, MODE: tl.constexpr, G: tl.constexpr, LN: tl.constexpr,
               ZONE_H: tl.constexpr, ZONE_C: tl.constexpr, HAS_DY: tl.constexpr, BYPASS: tl.constexpr,
-              WRITE_HR: tl.constexpr, SPLIT: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
+              WRITE_HR: tl.constexpr, SPLIT: tl.constexpr, VOL: tl.constexpr, BR: tl.constexpr,
+              BC: tl.constexpr):
     """:func:`_bwd_kernel`'s step on the rows ``o_r`` (``[BR, 1]``, mask ``m_b``) of pointers at the step's first
-    row."""
+    row; VOL: ``dh`` loaded volatile (other programs of the launch wrote it)."""
     GH = G * H
     o_rg = o_r * GH
     o_rh = o_r * H
@@ -386,8 +400,8 @@ def _bwd_rows(p_xs, p_hs, p_st, p_gx, p_gh, p_bias, p_bhn, p_gc, p_sc, p_hp, p_c
                 o_j, m = _cols(j0, H, m_b, BC)
                 _, _, _, b_o, _, _, b_nc, b_tcl = _lstm_unit(p_xs, p_hs, p_xs, p_gx, p_gh, p_bias, p_gc, p_sc, p_cp,
                                                              o_rg, o_rh, o_j, m, H, 0.0, 1.0, mean_c, rstd_c, LN,
-                                                             False)
-                b_cell, _ = _split_dh(p_dh, p_dy, p_zh, o_rh + o_j, m, ZONE_H, HAS_DY)
+                                                             False, False)
+                b_cell, _ = _split_dh(p_dh, p_dy, p_zh, o_rh + o_j, m, ZONE_H, HAS_DY, VOL)
                 b_dcl = tl.where(m, b_cell * b_o * (1.0 - b_tcl * b_tcl), 0.0)
                 b_u = b_dcl * tl.load(p_gc + o_j, mask=m, other=0.0).to(tl.float32)
                 b_s0 += b_u
@@ -401,8 +415,8 @@ def _bwd_rows(p_xs, p_hs, p_st, p_gx, p_gh, p_bias, p_bhn, p_gc, p_sc, p_hp, p_c
             o = o_rh + o_j
             b_i, b_f, b_g, b_o, b_cp, _, b_nc, b_tcl = _lstm_unit(p_xs, p_hs, p_xs, p_gx, p_gh, p_bias, p_gc, p_sc,
                                                                   p_cp, o_rg, o_rh, o_j, m, H, 0.0, 1.0, mean_c,
-                                                                  rstd_c, LN, False)
-            b_cell, b_by = _split_dh(p_dh, p_dy, p_zh, o, m, ZONE_H, HAS_DY)
+                                                                  rstd_c, LN, False, False)
+            b_cell, b_by = _split_dh(p_dh, p_dy, p_zh, o, m, ZONE_H, HAS_DY, VOL)
             b_dcn = b_cell * b_o * (1.0 - b_tcl * b_tcl)
             if LN:
                 b_dcn = rstd_c * (b_dcn * tl.load(p_gc + o_j, mask=m, other=0.0).to(tl.float32) - m0 - b_nc * m1)
@@ -426,8 +440,8 @@ def _bwd_rows(p_xs, p_hs, p_st, p_gx, p_gh, p_bias, p_bhn, p_gc, p_sc, p_hp, p_c
             o_j, m = _cols(j0, H, m_b, BC)
             o = o_rh + o_j
             b_h, s0, s1, s2, s3, b_hp = _gru_rnn_unit(MODE, p_xs, p_hs, p_xs, p_gx, p_gh, p_bias, p_bhn, p_hp, o_rg,
-                                                      o_rh, o_j, m, H, 0.0, 1.0, LN, False)
-            b_cell, b_by = _split_dh(p_dh, p_dy, p_zh, o, m, ZONE_H, HAS_DY)
+                                                      o_rh, o_j, m, H, 0.0, 1.0, LN, False, False)
+            b_cell, b_by = _split_dh(p_dh, p_dy, p_zh, o, m, ZONE_H, HAS_DY, VOL)
             g0, g1, g2, _, gx2, _, b_direct = cell_backward(MODE, b_cell, b_cell, s0, s1, s2, s3, b_h, b_h, b_hp,
                                                             b_hp)
             _put_dgate(p_dgx, p_dgh, o_rg + o_j, m, g0, g0, SPLIT)
@@ -442,15 +456,16 @@ def _bwd_rows(p_xs, p_hs, p_st, p_gx, p_gh, p_bias, p_bhn, p_gc, p_sc, p_hp, p_c
 
 
 @triton.jit
-def _matmul_rows(p_a, lda, p_w, w_sk, w_sn, o_r, m_b, K, NC, n0, BR: tl.constexpr, BN: tl.constexpr,
-                 BK: tl.constexpr):
-    """Columns ``[n0, n0 + BN)`` of ``A[o_r, :K] . W``, ``[BR, BN]`` fp32: ``A`` fp32 with row stride ``lda``,
-    element ``(k, n)`` of ``W: [K, NC]`` at ``k * w_sk + n * w_sn``."""
+def _matmul_rows(p_a, lda, p_w, w_sk, w_sn, o_r, m_b, K, NC, n0, VOL: tl.constexpr, BR: tl.constexpr,
+                 BN: tl.constexpr, BK: tl.constexpr):
+    """Columns ``[n0, n0 + BN)`` of ``A[o_r, :K] . W``, ``[BR, BN]`` fp32: ``A`` fp32 with row stride ``lda``
+    (VOL: loaded volatile, other programs of the launch wrote it), element ``(k, n)`` of ``W: [K, NC]`` at
+    ``k * w_sk + n * w_sn``."""
     o_n = n0 + tl.arange(0, BN)
     acc = tl.zeros([BR, BN], dtype=tl.float32)
     for k0 in range(0, K, BK):
         o_k = k0 + tl.arange(0, BK)
-        b_a = tl.load(p_a + o_r * lda + o_k[None, :], mask=m_b & (o_k[None, :] < K), other=0.0)
+        b_a = tl.load(p_a + o_r * lda + o_k[None, :], mask=m_b & (o_k[None, :] < K), other=0.0, volatile=VOL)
         b_w = tl.load(p_w + o_k[:, None] * w_sk + o_n[None, :] * w_sn,
                       mask=(o_k[:, None] < K) & (o_n[None, :] < NC), other=0.0)
         acc += tl.sum(b_a[:, :, None] * b_w[None, :, :], 1)
@@ -464,96 +479,139 @@ def _seq_rows(p_bs, p_off, T, k, REVERSE: tl.constexpr):
     return tl.load(p_bs + t), tl.load(p_off + t)
 
 
+# The whole-sequence kernels, "seq" and "persist" alike. A launch's grid is batch tiles x hidden slices; each
+# program loops over steps, each step two passes: the product pass, where it computes its slice's columns (CW
+# columns from program_id(1) * CW) of its tile's BR rows' recurrent product, and the row pass, where it runs the
+# RB rows from tile_row0 + program_id(1) * RB: whole rows, since LayerNorm's statistics span a row (one row per
+# slice, or all of them in the first where there are fewer slices than rows; masked, never branched around, as a
+# run-time branch or loop around the row pass's barriers made ptxas spill). A barrier (persist._barrier, on the
+# tile's counter) follows each pass; with one slice (the "seq" variant) it is only the program's own threads
+# meeting, since no other program touches its rows. PASSES picks the passes a launch runs each step (PRODUCT | ROWS
+# on a GPU; one of them per launch where the interpreter needs the launch boundary as the barrier): a compile-time
+# choice, so that a GPU's loop body is the two passes in a row, as the seq kernels were tuned (a run-time branch
+# between them made ptxas spill).
+#
 # ``zero`` is always 0 and must stay a run-time value, hence never specialised: ``k * zero`` added to the
 # step-invariant addresses keeps the compiler from hoisting them out of the time loop, where they spilled 8-16 B
-# at 64-80 registers (as in persist.py).
+# at 64-80 registers (as in persist.py), and ``n0 * zero`` the rows' addresses out of the product's column loop.
+PRODUCT, ROWS = tl.constexpr(1), tl.constexpr(2)
+
+
+@triton.jit
+def _slice_cols(CW, NC, ONE_SLICE: tl.constexpr):
+    """The product columns ``[c0, c1)`` of this program's slice; ONE_SLICE (the grid has one slice, RB = BR):
+    all of them, as compile-time bounds where it can (ptxas spilled the run-time ones in seq configurations)."""
+    if ONE_SLICE:
+        return 0, NC
+    c0 = tl.program_id(1) * CW
+    return c0, tl.minimum(c0 + CW, NC)
+
+
 @triton.jit(do_not_specialize=["zero"])
 def _fwd_seq_kernel(
     p_xs, p_hs, p_raw, p_st, p_gx, p_gh, p_bias, p_bhn, p_gc, p_sc,
-    p_h, p_y, p_zh, p_m, p_hm, p_c, p_cs, p_zc, p_wt, p_bs, p_off,
-    T, H, zero,
+    p_h, p_y, p_zh, p_m, p_hm, p_c, p_cs, p_zc, p_wt, p_bs, p_off, p_sync,
+    k_begin, k_end, T, H, CW, zero,
     MODE: tl.constexpr, G: tl.constexpr, LN: tl.constexpr, SAVE: tl.constexpr, STORE: tl.constexpr,
     RAW: tl.constexpr, ZONE_H: tl.constexpr, ZONE_C: tl.constexpr, MASK: tl.constexpr, REVERSE: tl.constexpr,
-    BR: tl.constexpr, BC: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    PASSES: tl.constexpr, ONE_SLICE: tl.constexpr, SYNC: tl.constexpr, BR: tl.constexpr, RB: tl.constexpr,
+    BC: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
 ):
-    """The whole forward, a program per ``BR`` batch rows looping over the steps: each step the rows' recurrent
-    product ``(h_{t-1} * m) W_hh^T`` and then :func:`_fwd_rows` on them. A row's state, its GEMM operand and
-    its products are the program's own, so programs never wait for each other.
+    """The forward of processing positions ``[k_begin, k_end)``: each step the rows' recurrent product
+    ``(h_{t-1} * m) W_hh^T`` and then :func:`_fwd_rows` on them.
 
     Pointers at row 0 of ``[N, *]`` time-major tensors (the step's rows at ``off[t]``): xs, hs (SAVE; without RAW
     the product's destination, with LN its normalised copy), st, y, zh, cs, zc, as :func:`_fwd_kernel`; raw:
     [B, G*H] the products' scratch (RAW: LayerNorm, or nothing saved). Per batch row ``[B, *]``: h, m, hm, c.
-    wt: [H, G*H] W_hh^T fp32; bs: [T] int32 rows per step; off: [T] int64 first row per step.
+    wt: [H, G*H] W_hh^T fp32; bs: [T] int32 rows per step; off: [T] int64 first row per step; sync: [tiles] int32
+    zeroed barrier counters (SYNC: other slices wrote what a pass reads, so it meets them and loads volatile).
     """
     GH = G * H
-    for k in range(0, T):
+    n_slices = tl.num_programs(1)
+    c0, c1 = _slice_cols(CW, GH, ONE_SLICE)
+    for k in range(k_begin, k_end):
         n_t, o_t = _seq_rows(p_bs, p_off, T, k, REVERSE)
         z = k * zero
-        o_r, m_b = _rows(n_t, BR)
-        o_r += z
         if RAW:
             p_g = p_raw
         else:
             p_g = p_hs + o_t * GH
-        # the previous step's row pass wrote the operand with its own column-to-thread map
-        tl.debug_barrier()
-        for n0 in range(0, GH, BN):
+        if PRODUCT & PASSES:
             if MASK:
-                acc = _matmul_rows(p_hm, H, p_wt + z, GH, 1, o_r, m_b, H, GH, n0, BR, BN, BK)
+                p_a = p_hm
             else:
-                acc = _matmul_rows(p_h, H, p_wt + z, GH, 1, o_r, m_b, H, GH, n0, BR, BN, BK)
-            o_n = (n0 + tl.arange(0, BN))[None, :]
-            tl.store(p_g + o_r * GH + o_n, acc, mask=m_b & (o_n < GH))
-        tl.debug_barrier()
-        _fwd_rows(p_xs + o_t * GH, p_g, p_hs + o_t * GH, p_st + o_t * 4, p_gx + z, p_gh + z, p_bias + z, p_bhn + z,
-                  p_gc + z, p_sc + z, p_h,
-                  p_y + o_t * H, p_zh + o_t * H, p_m, p_hm, p_c, p_cs + o_t * H, p_zc + o_t * H, o_r, m_b, H, MODE, G,
-                  LN, SAVE, STORE, ZONE_H, ZONE_C, MASK, True, BR, BC)
+                p_a = p_h
+            o_r, m_b = _rows(n_t, BR)
+            o_r += z
+            for n0 in range(c0, c1, BN):
+                acc = _matmul_rows(p_a, H, p_wt + z, GH, 1, o_r + n0 * zero, m_b, H, c1, n0, SYNC, BR, BN, BK)
+                o_n = (n0 + tl.arange(0, BN))[None, :]
+                tl.store(p_g + o_r * GH + o_n, acc, mask=m_b & (o_n < c1))
+        if (PRODUCT | ROWS) == PASSES:
+            _barrier(p_sync + tl.program_id(0), (2 * (k - k_begin) + 1) * n_slices, SYNC)
+        if ROWS & PASSES:
+            o_l = tl.program_id(1) * RB + tl.arange(0, RB)[:, None]
+            o_q = tl.program_id(0) * BR + o_l + z
+            _fwd_rows(p_xs + o_t * GH, p_g, p_hs + o_t * GH, p_st + o_t * 4, p_gx + z, p_gh + z, p_bias + z,
+                      p_bhn + z, p_gc + z, p_sc + z, p_h, p_y + o_t * H, p_zh + o_t * H, p_m, p_hm, p_c,
+                      p_cs + o_t * H, p_zc + o_t * H, o_q, (o_l < BR) & (o_q < n_t), H, MODE, G, LN, SAVE, STORE,
+                      ZONE_H, ZONE_C, MASK, True, SYNC, RB, BC)
+        if k + 1 < k_end:
+            _barrier(p_sync + tl.program_id(0), 2 * (k + 1 - k_begin) * n_slices, SYNC)
 
 
 @triton.jit(do_not_specialize=["zero"])
 def _bwd_seq_kernel(
     p_xs, p_hs, p_st, p_gx, p_gh, p_bias, p_bhn, p_gc, p_sc,
-    p_hp, p_cp, p_zh, p_zc, p_dh, p_dy, p_dc, p_dgx, p_dgh, p_part, p_m, p_w, p_bs, p_off,
-    T, H, zero,
+    p_hp, p_cp, p_zh, p_zc, p_dh, p_dy, p_dc, p_dgx, p_dgh, p_part, p_m, p_w, p_bs, p_off, p_sync,
+    k_begin, k_end, T, H, CW, zero,
     MODE: tl.constexpr, G: tl.constexpr, LN: tl.constexpr, ZONE_H: tl.constexpr, ZONE_C: tl.constexpr,
-    BYPASS: tl.constexpr, SPLIT: tl.constexpr, MASK: tl.constexpr, REVERSE: tl.constexpr, BR: tl.constexpr,
-    BC: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    BYPASS: tl.constexpr, SPLIT: tl.constexpr, MASK: tl.constexpr, REVERSE: tl.constexpr, PASSES: tl.constexpr,
+    ONE_SLICE: tl.constexpr, SYNC: tl.constexpr, BR: tl.constexpr, RB: tl.constexpr, BC: tl.constexpr,
+    BN: tl.constexpr, BK: tl.constexpr,
 ):
-    """The whole backward, a program per ``BR`` batch rows walking the steps back: :func:`_bwd_rows` on the
-    rows, then ``dh_{t-1} = (dG_h W_hh) * m``, added to the part that bypasses W_hh (BYPASS) or replacing
-    ``dh``. Rows never leave their program, as in :func:`_fwd_seq_kernel`.
+    """The backward of backward steps ``[k_begin, k_end)`` (processing position ``T - 1 - k``): the row pass,
+    :func:`_bwd_rows`, then the product pass, ``dh_{t-1} = (dG_h W_hh) * m`` added to the part that bypasses
+    W_hh (BYPASS) or replacing ``dh``.
 
     Pointers at row 0 of ``[N, *]`` time-major tensors: xs, hs, st, hp, cp, zh, zc, dy, dgx, dgh as
-    :func:`_bwd_kernel`; per batch row: dh, dc, part (LN), m [B, H]; w: [G*H, H] W_hh fp32; bs, off as
+    :func:`_bwd_kernel`; per batch row: dh, dc, part (LN), m [B, H]; w: [G*H, H] W_hh fp32; bs, off, sync, SYNC as
     :func:`_fwd_seq_kernel`.
     """
     GH = G * H
-    for j in range(0, T):
-        n_t, o_t = _seq_rows(p_bs, p_off, T, T - 1 - j, REVERSE)
-        z = j * zero
-        o_r, m_b = _rows(n_t, BR)
-        o_r += z
-        # the previous step's product pass wrote dh with its own column-to-thread map
-        tl.debug_barrier()
-        _bwd_rows(p_xs + o_t * GH, p_hs + o_t * GH, p_st + o_t * 4, p_gx + z, p_gh + z, p_bias + z, p_bhn + z,
-                  p_gc + z, p_sc + z,
-                  p_hp + o_t * H, p_cp + o_t * H, p_zh + o_t * H, p_zc + o_t * H, p_dh, p_dy + o_t * H, p_dc, p_dh,
-                  p_dgx + o_t * GH, p_dgh + o_t * GH, p_part, o_r, m_b, H, MODE, G, LN, ZONE_H, ZONE_C, True, BYPASS,
-                  False, SPLIT, BR, BC)
-        tl.debug_barrier()
-        for n0 in range(0, H, BN):
-            acc = _matmul_rows(p_dgh + o_t * GH, GH, p_w + z, H, 1, o_r, m_b, GH, H, n0, BR, BN, BK)
-            o_n = (n0 + tl.arange(0, BN))[None, :]
-            m = m_b & (o_n < H)
-            if MASK:
-                acc *= tl.load(p_m + o_r * H + o_n, mask=m, other=0.0).to(tl.float32)
-            if BYPASS:
-                acc += tl.load(p_dh + o_r * H + o_n, mask=m, other=0.0)
-            tl.store(p_dh + o_r * H + o_n, acc, mask=m)
+    n_slices = tl.num_programs(1)
+    c0, c1 = _slice_cols(CW, H, ONE_SLICE)
+    for k in range(k_begin, k_end):
+        n_t, o_t = _seq_rows(p_bs, p_off, T, T - 1 - k, REVERSE)
+        z = k * zero
+        if ROWS & PASSES:
+            o_l = tl.program_id(1) * RB + tl.arange(0, RB)[:, None]
+            o_q = tl.program_id(0) * BR + o_l + z
+            _bwd_rows(p_xs + o_t * GH, p_hs + o_t * GH, p_st + o_t * 4, p_gx + z, p_gh + z, p_bias + z,
+                      p_bhn + z, p_gc + z, p_sc + z, p_hp + o_t * H, p_cp + o_t * H, p_zh + o_t * H,
+                      p_zc + o_t * H, p_dh, p_dy + o_t * H, p_dc, p_dh, p_dgx + o_t * GH, p_dgh + o_t * GH, p_part,
+                      o_q, (o_l < BR) & (o_q < n_t), H, MODE, G, LN, ZONE_H, ZONE_C, True, BYPASS, False, SPLIT,
+                      SYNC, RB, BC)
+        if (PRODUCT | ROWS) == PASSES:
+            _barrier(p_sync + tl.program_id(0), (2 * (k - k_begin) + 1) * n_slices, SYNC)
+        if PRODUCT & PASSES:
+            o_r, m_b = _rows(n_t, BR)
+            o_r += z
+            for n0 in range(c0, c1, BN):
+                acc = _matmul_rows(p_dgh + o_t * GH, GH, p_w + z, H, 1, o_r + n0 * zero, m_b, GH, c1, n0, SYNC, BR, BN,
+                                   BK)
+                o_n = (n0 + tl.arange(0, BN))[None, :]
+                m = m_b & (o_n < c1)
+                if MASK:
+                    acc *= tl.load(p_m + o_r * H + o_n, mask=m, other=0.0).to(tl.float32)
+                if BYPASS:
+                    acc += tl.load(p_dh + o_r * H + o_n, mask=m, other=0.0, volatile=SYNC)
+                tl.store(p_dh + o_r * H + o_n, acc, mask=m)
+        if k + 1 < k_end:
+            _barrier(p_sync + tl.program_id(0), 2 * (k + 1 - k_begin) * n_slices, SYNC)
 
 
-# The seq kernels' tile: (warps, product values, row values), i.e. a row tile of `row values` (one per thread at
+# The seq variant's tile: (warps, product values, row values), i.e. a row tile of `row values` (one per thread at
 # 4 warps) and a product block ([BR, BK, BN] before its sum over K) of `product values` (16 per thread at 4
 # warps), at most GEMM_COLS columns wide. SEQ_TILE spills in none of the 480 configurations
 # benchmarks/kernel_report.py compiles on Triton 3.8; 8 warps, or the row kernels' 256-value row tile, spilled
@@ -564,9 +622,28 @@ def _bwd_seq_kernel(
 SEQ_TILE = (4, 2048, 128)
 GEMM_COLS = 64
 SEQ_TILE_OVERRIDES = {
-    "3.6": {("fwd", 16): (8, 2048, 128), ("fwd", 64): (4, 4096, 128), ("fwd", 128): (8, 2048, 128),
+    "3.6": {("fwd", 16): (8, 4096, 128), ("fwd", 64): (4, 4096, 128), ("fwd", 128): (8, 2048, 128),
             ("fwd", 256): (8, 2048, 128)},
 }
+# The persist variant's tiles. PERSIST_ROWS batch rows per tile (one at B = 1): every tile streams its slices of
+# W_hh from L2 each step, so taller tiles move less, and 16 rows x PERSIST_COLS columns keep SEQ_TILE's product
+# block 8 deep. PERSIST_COLS: the narrowest product block, so that a layer's columns spread over the most programs
+# (G*H / 16 at most). The row pass runs one row at a time (RB = 1), so a tile's rows spread over its slices.
+# PERSIST_MIN_H: on a GPU the persist variant takes no smaller H: there a program's product per step (H x G*H) is
+# too small to pay for the two barriers per step across programs that splitting it costs (unmeasured on a GPU), the
+# "seq" variant serves it, and on Triton 3.6 13 of the kernels at H tiles 16 and 64 spilled with every candidate tile.
+# INTERPRETED_SLICES: under the interpreter, where programs are not resident together and a launch runs per pass,
+# a few slices exercise the split (uneven columns, idle row passes) at little cost.
+# PERSIST_TILES: candidate (warps, product values, row values), tried in order. ptxas spills 4-36 B (at 32-96
+# registers: address values held across the product loop) in 1 in 14 of the configurations benchmarks/kernel_report.py
+# compiles with the first on Triton 3.8, and in others with the second, never the same ones; so a GPU launch takes the
+# first candidate whose compiled kernel does not spill (``_spill_free``), as the report does.
+PERSIST_TILES = ((4, 2048, 128), (8, 4096, 256), (4, 2048, 64), (8, 2048, 128), (4, 1024, 128), (8, 4096, 128),
+                 (4, 4096, 128), (8, 1024, 128))
+PERSIST_ROWS = 16
+PERSIST_COLS = 16
+PERSIST_MIN_H = 128
+INTERPRETED_SLICES = 4
 
 
 def _h_tile(H: int) -> int:
@@ -574,27 +651,127 @@ def _h_tile(H: int) -> int:
     return max(16, min(triton.next_power_of_2(H), MAX_CHUNK))
 
 
+def _gemm_shape(H: int, G: int, backward: bool) -> tuple:
+    """``(K, NC)`` of a step's recurrent product: forward ``h W_hh^T`` (K = H, NC = G*H), backward ``dG W_hh``."""
+    return (G * H, H) if backward else (H, G * H)
+
+
 def seq_tiles(H: int, G: int, backward: bool) -> dict:
-    """Tiles of :func:`_bwd_seq_kernel` (``backward``: ``K = G*H``, ``NC = H``) or :func:`_fwd_seq_kernel`
-    (``K = H``, ``NC = G*H``): ``BR`` rows of ``BC`` columns, ``BN`` product columns and ``BK`` as deep as fills
-    the product block, and the warps, from ``SEQ_TILE`` or this Triton's override."""
+    """Tiles of the "seq" variant of :func:`_bwd_seq_kernel` (``backward``) or :func:`_fwd_seq_kernel`: ``BR``
+    rows of ``BC`` columns (the row pass takes all ``RB = BR`` at once), ``BN`` product columns and ``BK`` as
+    deep as fills the product block, the warps, from ``SEQ_TILE`` or this Triton's override, and one slice of
+    every column (``S``, ``CW``)."""
     key = ("bwd" if backward else "fwd", _h_tile(H))
     warps, values, row_values = SEQ_TILE_OVERRIDES.get(release(), {}).get(key, SEQ_TILE)
-    K, NC = (G * H, H) if backward else (H, G * H)
+    K, NC = _gemm_shape(H, G, backward)
     bc = max(16, min(triton.next_power_of_2(H), row_values))
     br = max(1, min(16, row_values // bc))
     bn = min(GEMM_COLS, max(16, triton.next_power_of_2(NC)))
     bk = max(1, min(values // (br * bn), triton.next_power_of_2(K)))
-    return dict(BR=br, BC=bc, BN=bn, BK=bk, num_warps=warps)
+    return dict(BR=br, RB=br, BC=bc, BN=bn, BK=bk, num_warps=warps, S=1, CW=NC)
 
 
-def _launch_seq(kernel, rows: Rows, B: int, H: int, *args, **constexprs) -> None:
-    """``args`` up to the weight; the step tables, ``T``, ``H`` and ``zero`` follow from ``rows``."""
-    cfg = seq_tiles(H, constexprs["G"], kernel is _bwd_seq_kernel)
-    bs, off = step_tables(rows, args[0].device)
-    kernel[(triton.cdiv(B, cfg["BR"]),)](*args, bs, off, len(rows.order), H, 0, BR=cfg["BR"], BC=cfg["BC"],
-                                         BN=cfg["BN"], BK=cfg["BK"], num_warps=cfg["num_warps"], num_stages=1,
-                                         enable_fp_fusion=FP_FUSION, **constexprs)
+def persist_tiles(B: int, H: int, G: int, backward: bool, max_programs: Optional[int],
+                  tile: tuple = PERSIST_TILES[0]) -> Optional[dict]:
+    """Tiles of the "persist" variant, as :func:`seq_tiles`, with ``S`` hidden slices of ``CW`` product columns
+    each: as many as the device holds beside the batch tiles (``max_programs``, the SM count; ``None``: the
+    interpreter's INTERPRETED_SLICES), at least PERSIST_COLS columns each; ``tile`` one of PERSIST_TILES. The row pass gives each slice one row
+    (``RB = 1``) where there are as many slices as rows, else all of a tile's rows to its first slice (``RB =
+    BR``), so that no slice loops over rows (a run-time loop around the row pass's barriers made ptxas spill).
+    ``None`` on a GPU (``max_programs`` given) where the batch tiles alone exceed it or H < PERSIST_MIN_H; the
+    interpreter takes any H, to test the logic on small cases."""
+    br = 1 if B <= 1 else PERSIST_ROWS
+    tiles = triton.cdiv(B, br)
+    if max_programs is not None and (tiles > max_programs or H < PERSIST_MIN_H):
+        return None
+    K, NC = _gemm_shape(H, G, backward)
+    budget = INTERPRETED_SLICES if max_programs is None else max_programs // tiles
+    slices = max(1, min(triton.cdiv(NC, PERSIST_COLS), budget))
+    cw = triton.cdiv(triton.cdiv(NC, slices), PERSIST_COLS) * PERSIST_COLS
+    slices = triton.cdiv(NC, cw)
+    rb = 1 if slices >= br else br
+    warps, values, row_values = tile
+    return dict(BR=br, RB=rb, BC=max(16, min(triton.next_power_of_2(H), row_values // rb)), BN=PERSIST_COLS,
+                BK=max(1, min(values // (br * PERSIST_COLS), triton.next_power_of_2(K))), num_warps=warps, S=slices,
+                CW=cw)
+
+
+def tiles_for(variant: str, B: int, H: int, G: int, backward: bool, device: torch.device) -> Optional[dict]:
+    """The tiles ``variant`` ("seq" or "persist") takes for this layer on ``device``; ``None``: persist does not fit."""
+    if variant == "seq":
+        return seq_tiles(H, G, backward)
+    return persist_tiles(B, H, G, backward, device_programs(device))
+
+
+def pick_variant(B: int, H: int, G: int, has_proj: bool, device: torch.device) -> str:
+    """fastrnn's cells unasked: ``"step"`` with a projection, on the CPU, or without ``FASTRNN_PERSISTENT=1`` (the
+    whole-sequence kernels wait for a GPU run, as the plain cells' persist does); else ``"persist"`` where the seq
+    grid would leave half the SMs idle and persist applies (H >= PERSIST_MIN_H) with more than one slice; else
+    ``"seq"``."""
+    if has_proj or device.type != "cuda" or not persist_enabled():
+        return "step"
+    sms = device_programs(device)
+    split = persist_tiles(B, H, G, False, sms)
+    seq_programs = triton.cdiv(B, seq_tiles(H, G, False)["BR"])
+    if split is not None and split["S"] > 1 and 2 * seq_programs <= sms:
+        return "persist"
+    return "seq"
+
+
+def _launch_seq(kernel, variant: str, rows: Rows, B: int, H: int, *args, **constexprs) -> None:
+    """``args`` up to the weight; the step tables, barrier counters, steps, ``T``, ``H``, ``CW`` and ``zero``
+    follow from ``rows`` and the variant's tiles. Under the interpreter, which runs a launch's programs one after
+    another, several slices take a launch per pass of each step (the launch boundary is the barrier, compiled out);
+    one slice runs everything in one launch with the barrier compiled in (it then waits only for itself), as
+    persist.py's."""
+    device, backward = args[0].device, kernel is _bwd_seq_kernel
+    cfg = tiles_for(variant, B, H, constexprs["G"], backward, device)
+    bs, off = step_tables(rows, device)
+    T, slices = len(rows.order), cfg["S"]
+    grid = (triton.cdiv(B, cfg["BR"]), slices)
+    per_phase = interpreting() and slices > 1
+    sync = slices > 1 or interpreting()
+    counters = torch.zeros(grid[0], dtype=torch.int32, device=device)
+    order = (ROWS.value, PRODUCT.value) if backward else (PRODUCT.value, ROWS.value)
+    spans = [(k, k + 1, p) for k in range(T) for p in order] if per_phase else [(0, T, sum(order))]
+
+    def options(cfg: dict, passes: int) -> dict:
+        # as persist.py: the driver guarantees every program resident together, or refuses the launch
+        launch = {"launch_cooperative_grid": True} if slices > 1 and not interpreting() else {}
+        return dict(PASSES=passes, ONE_SLICE=slices == 1, SYNC=sync and not per_phase, BR=cfg["BR"], RB=cfg["RB"],
+                    BC=cfg["BC"], BN=cfg["BN"], BK=cfg["BK"], num_warps=cfg["num_warps"], num_stages=1,
+                    enable_fp_fusion=FP_FUSION, **launch, **constexprs)
+
+    if variant == "persist" and not interpreting():
+        def tiles(tile: tuple) -> dict:
+            return persist_tiles(B, H, constexprs["G"], backward, device_programs(device), tile)
+
+        cfg = tiles(_spill_free(kernel, grid, (*args, bs, off, counters, 0, T, T, H, cfg["CW"], 0),
+                                lambda tile: options(tiles(tile), sum(order))))
+    for begin, end, passes in spans:
+        kernel[grid](*args, bs, off, counters, begin, end, T, H, cfg["CW"], 0, **options(cfg, passes))
+
+
+_SPILL_FREE = {}  # (kernel, its compile-time options with the first tile, device) -> the PERSIST_TILES entry taken
+
+
+def _spill_free(kernel, grid, args, options_of) -> tuple:
+    """The first of PERSIST_TILES whose compiled kernel does not spill on this device (the first where all spill,
+    or where this Triton does not say), compiled without launching and remembered per configuration."""
+    # what Triton specialises a compile on besides the options: 16-byte alignment of the pointers and of the ints
+    aligned = tuple(a.data_ptr() % 16 == 0 if torch.is_tensor(a) else a % 16 == 0 for a in args)
+    key = (kernel.fn.__name__, tuple(sorted(options_of(PERSIST_TILES[0]).items())), aligned, args[0].device)
+    if key not in _SPILL_FREE:
+        _SPILL_FREE[key] = PERSIST_TILES[0]
+        for tile in PERSIST_TILES:
+            compiled = kernel.warmup(*args, grid=grid, **options_of(tile))
+            if not hasattr(compiled, "_init_handles"):
+                break
+            compiled._init_handles()  # loads the binary, which is where Triton reads its local memory size
+            if getattr(compiled, "n_spills", 0) == 0:
+                _SPILL_FREE[key] = tile
+                break
+    return _SPILL_FREE[key]
 
 
 def _launch(kernel, n_rows: int, width: int, *args, **constexprs) -> None:
@@ -678,10 +855,10 @@ def _gains(e: CellExt):
                  for t in (e.ln_ih_weight, e.ln_hh_weight, e.ln_c_weight, e.ln_c_bias))
 
 
-def forward(a: LayerArgs, e: CellExt, save: bool, seq: bool = False, graph: bool = False):
+def forward(a: LayerArgs, e: CellExt, save: bool, variant: str = "step", graph: bool = False):
     """``(y, h_n, c_n, SavedExt)``; ``c_n`` is empty unless LSTM, the saved entries empty unless ``save``.
-    ``seq``: one :func:`_fwd_seq_kernel` launch instead of the step loop (no projection); ``graph``: the step loop
-    replayed from a CUDA graph (``host.run_loop``)."""
+    ``variant`` "seq" or "persist": one :func:`_fwd_seq_kernel` launch instead of the step loop (no projection);
+    ``graph``: the step loop replayed from a CUDA graph (``host.run_loop``)."""
     mode, x, dt = a.mode, a.x, a.x.dtype
     lstm, proj, ln = mode == "LSTM", a.w_hr is not None, e.layer_norm
     N, B, H, HO, GH = x.shape[0], a.h0.shape[0], a.H, a.h0.shape[1], a.w_hh.shape[0]
@@ -691,8 +868,9 @@ def forward(a: LayerArgs, e: CellExt, save: bool, seq: bool = False, graph: bool
             return t.to(dt, memory_format=torch.contiguous_format, copy=True)
 
         return x.new_empty(0, HO), state(a.h0), (state(a.c0) if lstm else x.new_empty(0)), nothing
+    seq = variant in ("seq", "persist")
     if seq and proj:
-        raise ValueError("the 'seq' kernels of fastrnn's cells take no projection (w_hr)")
+        raise ValueError(f"the {variant!r} kernels of fastrnn's cells take no projection (w_hr)")
     rows = plan_rows(a.batch_sizes, B, N, a.reverse, x.device)
     xs = input_projection(x, a.w_ih, None)
     stats = nan_buffer(N, N_STATS, x) if ln else None
@@ -718,7 +896,7 @@ def forward(a: LayerArgs, e: CellExt, save: bool, seq: bool = False, graph: bool
         projected = nan_buffer(B, HO, xs) if proj and zh is not None else None
         if seq:
             ph = placeholder(xs)
-            _launch_seq(_fwd_seq_kernel, rows, B, H,
+            _launch_seq(_fwd_seq_kernel, variant, rows, B, H,
                         xs, _or(hs, ph), _or(raw, ph), stats if ln else ph, *_cell_params(gains, bias, b_hn, ph), h,
                         y, _or(zh, ph), _or(mask, ph), _or(hm, ph), _or(c, ph), _or(cs, ph), _or(zc, ph),
                         w_hh.t().contiguous(),
@@ -767,15 +945,16 @@ def _at(t: Optional[Tensor], r: slice) -> Optional[Tensor]:
 
 
 def backward(a: LayerArgs, e: CellExt, y: Tensor, saved: SavedExt, dy: Tensor, dh_n: Tensor,
-             dc_n: Optional[Tensor], need_dx: bool, seq: bool = False, graph: bool = False):
+             dc_n: Optional[Tensor], need_dx: bool, variant: str = "step", graph: bool = False):
     """Gradients in ``GRAD_NAMES`` order, then the LayerNorm parameters' (``EXT_GRAD_NAMES``); absent: empty.
-    ``seq``: one :func:`_bwd_seq_kernel` launch instead of the step loop (no projection); ``graph``: the step loop
-    replayed from a CUDA graph (``host.run_loop``)."""
+    ``variant`` "seq" or "persist": one :func:`_bwd_seq_kernel` launch instead of the step loop (no projection);
+    ``graph``: the step loop replayed from a CUDA graph (``host.run_loop``)."""
     mode, x, dt = a.mode, a.x, a.x.dtype
     lstm, gru, proj, ln = mode == "LSTM", mode == "GRU", a.w_hr is not None, e.layer_norm
     N, B, H, HO, GH = x.shape[0], a.h0.shape[0], a.H, a.h0.shape[1], a.w_hh.shape[0]
+    seq = variant in ("seq", "persist")
     if seq and proj:
-        raise ValueError("the 'seq' kernels of fastrnn's cells take no projection (w_hr)")
+        raise ValueError(f"the {variant!r} kernels of fastrnn's cells take no projection (w_hr)")
     rows = plan_rows(a.batch_sizes, B, N, a.reverse, x.device) if N else None
     f32 = dict(device=x.device, dtype=torch.float32)
     h_prev = torch.cat([y.float(), a.h0.float()])[rows.prev_index] if N else torch.empty(0, HO, **f32)
@@ -799,7 +978,7 @@ def backward(a: LayerArgs, e: CellExt, y: Tensor, saved: SavedExt, dy: Tensor, d
         bypass = zh is not None or gru
         if seq and N:
             ph = placeholder(xs)
-            _launch_seq(_bwd_seq_kernel, rows, B, H,
+            _launch_seq(_bwd_seq_kernel, variant, rows, B, H,
                         xs, hs, stats if ln else ph, *_cell_params(gains, bias, b_hn, ph), h_prev, _or(c_prev, ph),
                         _or(zh, ph), _or(zc, ph), dh, dy, _or(dc, ph), dgx, dgh, _or(part, ph), _or(mask, ph), w_hh,
                         MODE=MODE_IDS[mode], G=GATES[mode], LN=ln, ZONE_H=zh is not None, ZONE_C=zc is not None,

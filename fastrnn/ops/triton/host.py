@@ -56,12 +56,6 @@ def pick_variant(H: int, dtype: torch.dtype, has_proj: bool, mode: str, B: int =
     return "step"
 
 
-def ext_seq_by_default(has_proj: bool, device: torch.device) -> bool:
-    """Whether fastrnn's cells take their ``"seq"`` kernels unasked: without a projection, on CUDA with
-    ``FASTRNN_PERSISTENT=1`` until they have run on a GPU (``persist.enabled_by_default``)."""
-    return not has_proj and device.type == "cuda" and persist.enabled_by_default()
-
-
 def step_tables(rows: "Rows", device: torch.device) -> Tuple[Tensor, Tensor]:
     """Rows and first row of every step, ``int32``/``int64 [T]`` on the device, for the kernels that loop over
     time themselves."""
