@@ -143,10 +143,10 @@ def ext_seq_specs(common: Dict, ids: Dict, mode: str, dtype: torch.dtype, H: int
     compiled in, as a GPU launch with several slices compiles them."""
     G, lstm = GATES[mode], mode == "LSTM"
     kinds = [("ext_seq", False, lambda bwd, _tile: triton_ext.seq_tiles(H, G, bwd))]
-    # B = 1 (one-row tiles, a slice each) on an H200's 132 SMs; 16-row tiles there, where as many slices as rows
-    # take a row each (H >= 64 forward, H >= 256 backward), and on 4 programs, where the first slice takes them all
-    # A GPU launch of the persist kernels takes the first of PERSIST_TILES that compiles without spilling
-    # (ext._spill_free): the report compiles them in that order (``fallbacks``) and shows the one taken.
+    # The persist plans a GPU takes (H >= ext.PERSIST_MIN_H): B = 1 on an H200's 132 SMs (one-row tiles, a row
+    # pass per slice); 16-row tiles there (a row per slice where there are 16 slices or more, else all in the first);
+    # and on 4 programs (all rows in the first slice). A launch takes the first of PERSIST_TILES that compiles
+    # without spilling (ext._spill_free): the report compiles them in that order (``fallbacks``), shows the one taken.
     kinds += [("ext_persist", True, lambda bwd, tile, b=b, sms=sms: triton_ext.persist_tiles(b, H, G, bwd, sms, tile))
               for b, sms in ((1, 132), (2, 132), (2, 4))]
     fwd_const = dict(ids, SAVE=True, STORE=True, RAW=True, ZONE_H=True, ZONE_C=lstm, MASK=True, REVERSE=False,
