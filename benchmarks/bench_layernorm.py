@@ -5,7 +5,7 @@ the CPU or (``--device cuda``, TF32 off, CUDA events) the GPU:
 
 - ``fastrnn``: ``fastrnn.LSTM(..., layer_norm=True)`` on the backend ``auto`` picks for it; with ``--backend``
   (repeatable) one row ``fastrnn-<backend>`` per named backend instead (``--triton-variant`` picks Triton's
-  kernels for fastrnn's cells: ``step`` or ``seq``);
+  kernels for fastrnn's cells: ``step``, ``seq`` or ``persist``);
 - ``loop-eager``: the LayerNorm LSTM written by hand as a Python loop over time (``F.layer_norm``, one GEMM for
   the input projection), what pytorch#6760/#12167 readers write;
 - ``loop-compiled``: the same loop with its step ``torch.compile``'d (compiling the unrolled sequence takes

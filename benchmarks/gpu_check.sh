@@ -6,20 +6,22 @@
 #   3. compute-sanitizer's memcheck, racecheck and synccheck over benchmarks/gpu_smoke.py (every kernel once,
 #      fwd+bwd), with the persistent engine on (memcheck also without, and with clusters off), and memcheck over
 #      its CUDA-graph cases with torch's caching allocator on (graphs need it);
-#   4. the benchmark on CUDA against cuDNN with the persistent engine on (python benchmarks/bench_rnn.py --quick
+#   4. the persistent engine's cost model measured: its barriers and block GEMMs timed with its own code and the
+#      constants of csrc/persist.h they imply (python benchmarks/persist_calibrate.py, about 20 s by estimate);
+#   5. the benchmark on CUDA against cuDNN with the persistent engine on (python benchmarks/bench_rnn.py --quick
 #      --device cuda).
 # That is the check, expected to take about five minutes on an H200 from the parts of it measured there on the
 # per-step path (build 37 s, the CUDA tests alone on 10 workers 62 s, the benchmark 99 s); the sanitizer runs,
 # side by side with the tests, were never timed there, nor the whole. With
 # --extra (or --only extra, without the check's steps), the measurements after it:
-#   5. the LayerNorm LSTM on the cpp and Triton backends against the hand-written loop (python
+#   6. the LayerNorm LSTM on the cpp and Triton backends against the hand-written loop (python
 #      benchmarks/bench_layernorm.py --device cuda), Triton's alone with its "seq" and its "persist" kernels
 #      for fastrnn's cells, then two configurations again with the persistent engine's
 #      split plans at the grid barrier instead of a cluster's (FASTRNN_PERSISTENT_CLUSTER=0), then bf16 modules
 #      at every standard configuration against cuDNN's bf16, and two of them again with the engine's GEMMs off
 #      the tensor cores (FASTRNN_PERSISTENT_MMA=0), two in fp32 with TF32 allowed on both sides, and two with
 #      bidirectional layers (the engine's two directions in one launch);
-#   6. Nsight Compute's count of shared-memory bank conflicts in the persistent engine's forward and backward
+#   7. Nsight Compute's count of shared-memory bank conflicts in the persistent engine's forward and backward
 #      kernels at (100,64,256,256,1), LSTM and GRU, with the SIMT loop's padded strides and without
 #      (FASTRNN_PERSISTENT_PAD=0), and two configurations timed without them.
 # Each step has a time limit (seconds, in STEPS below), so a hang costs one step, not the session. The
@@ -98,6 +100,7 @@ done
 STEPS+=("memcheck-grid|300|$ON FASTRNN_PERSISTENT_CLUSTER=0 $SAN --tool memcheck $PY benchmarks/gpu_smoke.py|side")
 # the CUDA-graph cases, which the uncached allocator above refuses to capture (gpu_smoke skips them under it)
 STEPS+=("memcheck-graphs|120|$ON $SANITIZER --error-exitcode 3 --tool memcheck $PY benchmarks/gpu_smoke.py --graphs|side")
+[ $BENCH = 1 ] && STEPS+=("calibrate|90|$PY benchmarks/persist_calibrate.py --out $OUT/calibration.md")
 [ $BENCH = 1 ] && STEPS+=("benchmark|300|$ON $PY benchmarks/bench_rnn.py --quick --device cuda --out $OUT")
 CORE=${#STEPS[@]}  # the check's steps; the measurements (--extra) follow
 [ $BENCH = 1 ] && STEPS+=("layernorm|120|$ON $PY benchmarks/bench_layernorm.py --device cuda --rounds 5 --min-time 0.1 \

@@ -6,6 +6,8 @@
 #include <torch/version.h>
 
 #ifdef FASTRNN_WITH_CUDA
+#include <c10/cuda/CUDAFunctions.h>
+#include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #endif
 
@@ -517,6 +519,74 @@ std::map<std::string, std::pair<int64_t, int64_t>> bank_report(int64_t K, int64_
     count("reduce", w0, [&](int64_t o) { return o < kTile * g.items ? red_at(g, 0, o / g.items, o % g.items) : -1; });
   }
   return out;
+}
+
+namespace {
+Gemm priced_gemm(int64_t K, int64_t R, int64_t bt, bool mma, int64_t es, int64_t kc, bool pad) {
+  TORCH_CHECK(K >= 1 && R >= 1 && bt >= 1, "fastrnn: a block GEMM needs positive K, R and bt, got ", K, ", ", R, ", ",
+              bt);
+  TORCH_CHECK(es == 2 || es == 4, "fastrnn: es must be 2 (16-bit) or 4 (fp32), got ", es);
+  const int64_t unit = mma ? kMmaChunk : kChunk;
+  TORCH_CHECK(kc >= unit && kc % unit == 0, "fastrnn: kc must be a multiple of ", unit, ", got ", kc);
+  return make_gemm(K, R, bt, mma, es, pad, kc);
+}
+}  // namespace
+
+GemmPrice gemm_price(int64_t K, int64_t R, int64_t bt, bool mma, int64_t es, int64_t kc, bool pad) {
+  const Gemm g = priced_gemm(K, R, bt, mma, es, kc, pad);
+  const int64_t steps = mma ? gemm_cycles(g) / kMmaCycles : cdiv(g.K, g.ks);
+  // as make_plan prices a layout: the K loop, and the SIMT loop's bank conflicts on top
+  const int64_t conflicts = mma ? 0 : steps * k_step_cycles(g) - gemm_cycles(g);
+  return {gemm_cycles(g) + conflicts, steps, cdiv(g.K, g.kc), smem_bytes(g), gemm_fits(g)};
+}
+
+ProbeResult probe(int device, const std::string& scheme, int64_t blocks, int64_t cluster, int64_t K, int64_t R,
+                  int64_t bt, bool mma, int64_t es, int64_t kc, int64_t iters) {
+#ifdef FASTRNN_WITH_CUDA
+  TORCH_CHECK(device >= 0 && device < c10::cuda::device_count(), "fastrnn: probe: device must be a CUDA device "
+              "index below ", static_cast<int>(c10::cuda::device_count()), ", got ", device);
+  const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
+  const Limits lim = limits(device);
+  Plan p;
+  p.scheme = scheme == "block" ? kBlock : scheme == "grid" ? kGrid : scheme == "cluster" ? kCluster : kNone;
+  TORCH_CHECK(p.scheme != kNone, "fastrnn: probe: scheme must be \"block\", \"grid\" or \"cluster\", got \"",
+              scheme, "\"");
+  TORCH_CHECK(blocks >= 1 && blocks <= lim.sms, "fastrnn: probe: blocks must be 1 to ", lim.sms,
+              " (one per SM), got ", blocks);
+  TORCH_CHECK(iters >= 1, "fastrnn: probe: iters must be at least 1, got ", iters);
+  TORCH_CHECK(p.scheme != kGrid || lim.cooperative, "fastrnn: probe: this GPU has no cooperative launch");
+  if (p.scheme == kCluster) {
+    TORCH_CHECK(cluster >= 2 && cluster <= lim.cluster && blocks % cluster == 0, "fastrnn: probe: cluster must be 2 to ",
+                lim.cluster, " blocks (0: this GPU has no clusters, or FASTRNN_PERSISTENT_CLUSTER=0) and divide blocks (",
+                blocks, "), got ", cluster);
+  }
+  p.slices = p.scheme == kCluster ? cluster : 1;
+  p.tiles = blocks / p.slices;
+  p.bt = bt;
+  p.mma = mma;
+  // a block's whole shared memory, so that one block runs per SM as in the engine's plans
+  p.smem = lim.smem;
+  Gemm g{};
+  if (K > 0) {
+    TORCH_CHECK(!mma || lim.mma, "fastrnn: probe: mma asks for tensor cores, which this GPU or build does not have");
+    g = priced_gemm(K, R, bt, mma, es, kc, lim.pad);
+    TORCH_CHECK(gemm_fits(g) && smem_bytes(g) <= lim.smem, "fastrnn: probe: a ", K, " x ", R, " GEMM over ", bt,
+                " rows does not fit one block (", smem_bytes(g), " bytes of shared memory, ", lim.smem, " available)");
+    p.kc[0] = p.kc[1] = g.kc;
+  }
+  const auto opts = at::TensorOptions().device(at::kCUDA, device);
+  const Tensor a = at::rand({blocks * bt, K > 0 ? K : 1}, opts.dtype(at::kFloat));
+  const Tensor out = at::empty({blocks * bt, K > 0 ? R : 1}, opts.dtype(at::kFloat));
+  Tensor cycles = at::zeros({blocks}, opts.dtype(at::kLong));
+  const Probe pr{p, g, K > 0, a.data_ptr<float>(), out.data_ptr<float>(), iters,
+                 reinterpret_cast<long long*>(cycles.data_ptr<int64_t>())};
+  const int ran = probe_cuda(es == 2 ? Dtype::BF16 : Dtype::F32, pr, c10::cuda::getCurrentCUDAStream(device).stream());
+  return {cycles, ran};
+#else
+  (void)device, (void)scheme, (void)blocks, (void)cluster, (void)K, (void)R, (void)bt, (void)mma, (void)es, (void)kc,
+      (void)iters;
+  TORCH_CHECK(false, "fastrnn: _C was built without CUDA: the probe times the persistent engine's pieces on a GPU");
+#endif
 }
 
 bool emulating(const Tensor& x) {

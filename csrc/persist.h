@@ -1009,6 +1009,21 @@ struct ExtBwdProgram {  // the row phase, the step barrier, dh_{t-1} of the bloc
   }
 };
 
+// The cost model's pieces timed on a GPU (probe_cuda, for benchmarks/persist_calibrate.py): each block runs `iters`
+// steps of the plan's step barrier, each after a block GEMM of g's shape where `gemm` is set, and writes the SM
+// cycles (clock64) of its loop. a: [blocks * g.bt, g.K] fp32, the GEMM's operand, read through L2 as the engine
+// reads h_{t-1}; out: [blocks * g.bt, g.R] fp32, its results; cycles: [blocks]. The plan gives the scheme, the
+// blocks (tiles * slices; slices: a cluster's blocks) and the shared memory each block takes.
+struct Probe {
+  Plan plan;
+  Gemm g;
+  bool gemm;
+  const float* a;
+  float* out;
+  int64_t iters;
+  long long* cycles;
+};
+
 // CUDA: fp32, fp16, bf16, launched on `stream` (a cudaStream_t) of the current device. Defined in CUDA builds
 // only (persist_cuda.cu), where only calls on CUDA tensors reach them.
 void fwd_cuda(Mode m, Dtype d, const Dirs<Fwd>& f, void* stream);
@@ -1016,6 +1031,9 @@ void bwd_cuda(Mode m, Dtype d, const Dirs<Bwd>& f, void* stream);
 // CUDA, fastrnn's own cells: fp32.
 void ext_fwd_cuda(Mode m, const ExtFwd& f, void* stream);
 void ext_bwd_cuda(Mode m, const ExtBwd& f, void* stream);
+// The probe with Ws and the staged operand in d's storage (fp32 on the tensor cores: TF32); returns the scheme it
+// ran, which is the grid barrier where a planned cluster does not fit (as for the engine's launches).
+int probe_cuda(Dtype d, const Probe& p, void* stream);
 #ifdef FASTRNN_WITH_CUDA
 Limits limits(int device);
 #endif

@@ -853,6 +853,33 @@ pybind11::dict persist_plan(int64_t G, int64_t B, int64_t H, int64_t esize, int6
   return d;
 }
 
+pybind11::dict gemm_price(int64_t K, int64_t R, int64_t bt, bool mma, int64_t es, int64_t kc, bool pad) {
+  const persist::GemmPrice p = persist::gemm_price(K, R, bt, mma, es, kc, pad);
+  pybind11::dict d, model;
+  d["units"] = p.units;
+  d["steps"] = p.steps;
+  d["chunks"] = p.chunks;
+  d["smem"] = p.smem;
+  d["fits"] = p.fits;
+  model["grid_sync"] = persist::kGridSyncCycles;
+  model["cluster_sync"] = persist::kClusterSyncCycles;
+  model["stage"] = persist::kStageCycles;
+  model["mma"] = persist::kMmaCycles;
+  model["simt_step"] = persist::kTile;
+  d["model"] = model;  // the constants it priced with
+  return d;
+}
+
+pybind11::dict persist_probe(int device, const std::string& scheme, int64_t blocks, int64_t cluster, int64_t K,
+                             int64_t R, int64_t bt, bool mma, int64_t es, int64_t kc, int64_t iters) {
+  const persist::ProbeResult r = persist::probe(device, scheme, blocks, cluster, K, R, bt, mma, es, kc, iters);
+  static const char* names[] = {"per-step", "block", "grid", "cluster"};
+  pybind11::dict d;
+  d["cycles"] = r.cycles;
+  d["scheme"] = names[r.scheme];
+  return d;
+}
+
 pybind11::dict cuda_limits(int device) {
   pybind11::dict d;
 #ifdef FASTRNN_WITH_CUDA
@@ -953,6 +980,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("_persist_bank_report", &fastrnn::persist::bank_report, py::arg("K"), py::arg("R"), py::arg("bt"),
         py::arg("es") = 4, py::arg("ldw") = 0, py::arg("lds") = 0, py::arg("ldr") = 0,
         "test hook: shared-memory wavefronts and instructions per phase of one K step of the SIMT block GEMM");
+  m.def("_persist_gemm_price", &fastrnn::gemm_price, py::arg("K"), py::arg("R"), py::arg("bt"), py::arg("mma") = false,
+        py::arg("es") = 4, py::arg("kc") = 64, py::arg("pad") = true,
+        "calibration hook: the persistent engine's cost model's price of one block GEMM, and its constants");
+  m.def("_persist_probe", &fastrnn::persist_probe, py::arg("device"), py::arg("scheme"), py::arg("blocks"),
+        py::arg("cluster") = 0, py::arg("K") = 0, py::arg("R") = 0, py::arg("bt") = 0, py::arg("mma") = false,
+        py::arg("es") = 4, py::arg("kc") = 64, py::arg("iters") = 1000,
+        "calibration hook: SM cycles per block of `iters` steps of the persistent engine's barrier, each after a "
+        "block GEMM where K > 0, on a CUDA device");
   m.def("_set_persist_emulation", &fastrnn::persist::set_emulation, py::arg("sms"), py::arg("smem"),
         py::arg("cluster") = 0, py::arg("mma") = false, py::arg("tf32") = false,
         "test hook: CPU fp32 and 16-bit calls run the persistent engine's block program as on a GPU of these "

@@ -20,7 +20,7 @@ def _check(*args):
 
 
 CORE = ["backends", "cuda-tests", "cuda-tests-persistent", "memcheck", "memcheck-persistent", "racecheck-persistent",
-        "synccheck-persistent", "memcheck-grid", "memcheck-graphs", "benchmark"]
+        "synccheck-persistent", "memcheck-grid", "memcheck-graphs", "calibrate", "benchmark"]
 EXTRA = ["layernorm", "layernorm-triton-seq", "layernorm-triton-persist", "grid-barrier", "bf16", "bf16-simt", "tf32",
          "bidirectional", "bank-conflicts-pad1", "bank-conflicts-pad0", "unpadded"]
 
@@ -243,3 +243,116 @@ def test_side_by_side_steps_run_at_once_and_report_in_plan_order(tmp_path):
     assert proc.returncode == 1
     failed = [ln for ln in (out / "summary.md").read_text().splitlines() if "FAILED" in ln]
     assert len(failed) == 1 and "memcheck-grid" in failed[0] and "exit status 7" in failed[0]
+
+
+# The calibration of the persistent engine's cost model (benchmarks/persist_calibrate.py, the check's
+# "calibrate" step): its measurements and fit on a stand-in GPU whose pieces cost what the test says.
+import persist_calibrate  # noqa: E402
+import fastrnn  # noqa: E402
+from fastrnn.ops import cpp as _cpp  # noqa: E402
+
+H200_LIMITS = dict(sms=132, smem=232448, cooperative=True, cluster=8, mma=True, pad=True)
+# cycles of the stand-in: a model unit, a staged chunk, a GEMM call's fixed part, a warp's mma round, barriers
+TRUE = dict(unit=3.0, stage=900.0, fixed=250.0, mma=50.0, block=40.0, grid=2600.0, cluster={2: 500.0, 4: 650.0})
+
+
+def _stand_in_probe(calls):
+    def probe(scheme, blocks, cluster=0, K=0, R=0, bt=0, mma=False, es=4, kc=64, iters=1):
+        calls.append((scheme, blocks, cluster, K))
+        ran = "grid" if scheme == "cluster" and cluster not in TRUE["cluster"] else scheme  # 8 does not fit here
+        step = {"block": TRUE["block"], "grid": TRUE["grid"]}.get(ran) or TRUE["cluster"][cluster]
+        if K:
+            p = fastrnn._C._persist_gemm_price(K, R, bt, mma, es, kc, True)
+            step += (p["steps"] * TRUE["mma"] if mma else p["units"] * TRUE["unit"]) + p["chunks"] * TRUE["stage"]
+            step += TRUE["fixed"]
+        # blocks differ a little, symmetrically about the median
+        cycles = [step * iters * (1 + 0.01 * (b - (blocks - 1) / 2) / blocks) for b in range(blocks)]
+        return {"cycles": cycles, "scheme": ran, "ms": step * iters / 1.8e6}
+    return probe
+
+
+def _h200_plan(mode, batch, hidden, dtype):
+    return _cpp.persistent_plan(mode, batch, hidden, dtype, limits=H200_LIMITS)
+
+
+def test_calibration_recovers_the_costs_of_the_pieces():
+    """Given pieces that cost what TRUE says, the fit finds the model's unit, the chunk's and the mma round's
+    price and the barriers' in it; a cluster that does not fit (8 here) ran at the grid barrier and is not taken
+    for a cluster's; the plans' GEMMs of both loops are timed, each also in the smallest chunks."""
+    calls = []
+    samples = persist_calibrate.measure(_stand_in_probe(calls), H200_LIMITS, _h200_plan)
+    got = persist_calibrate.fit(samples)
+    imp, u = got["implied"], TRUE["unit"]
+    assert got["simt"].worst < 1e-3 and got["mma"].worst < 1e-3
+    assert imp["unit_cycles"] == pytest.approx(u, rel=1e-3)
+    assert imp["stage"] == pytest.approx(TRUE["stage"] / u, rel=1e-3)
+    assert imp["mma"] == pytest.approx(TRUE["mma"] / u, rel=1e-3)
+    assert imp["grid_sync"] == pytest.approx(TRUE["grid"] / u, rel=1e-2)
+    assert imp["cluster_sync"] == pytest.approx(max(TRUE["cluster"].values()) / u, rel=1e-2)
+    eight = next(s for s in samples if s.scheme == "cluster" and "of 8" in s.label)
+    assert eight.ran == "grid"
+    assert {s.kind for s in samples} == {"barrier", "simt", "mma"}
+    assert all(s.blocks <= H200_LIMITS["sms"] for s in samples)
+    for kind, unit in (("simt", 64), ("mma", 128)):
+        gemms = [s for s in samples if s.kind == kind]
+        assert any(f"kc {unit})" in s.label for s in gemms) and any(s.chunks > 1 for s in gemms)
+    model = dict(fastrnn._C._persist_gemm_price(64, 1, 1)["model"])
+    text = persist_calibrate.markdown(samples, got, model, "a stand-in")
+    assert f"| kGridSyncCycles | {model['grid_sync']} | {TRUE['grid'] / u:.0f} |" in text
+    assert f"| kMmaCycles | {model['mma']} | {TRUE['mma'] / u:.0f} |" in text
+    assert text.count("\n| ") == (2 + len(samples)) + (2 + 4)  # the samples' table and the constants', headed
+
+
+def test_gemm_price_is_what_the_plan_pays():
+    """The calibration fits the prices the plan uses: a plan's cost is its forward and backward GEMMs' prices,
+    their chunks at kStageCycles and the barriers at the scheme's price."""
+    model = fastrnn._C._persist_gemm_price(64, 1, 1)["model"]
+    sync = {"block": 0, "grid": model["grid_sync"], "cluster": model["cluster_sync"]}
+    checked = 0
+    for mode, G in (("LSTM", 4), ("GRU", 3), ("RNN_TANH", 1)):
+        for B, H in ((64, 256), (64, 1024), (1, 512), (16, 128), (64, 512)):
+            for dtype, es in ((torch.float32, 4), (torch.bfloat16, 2)):
+                p = _h200_plan(mode, B, H, dtype)
+                if p["scheme"] == "per-step":
+                    continue
+                U, bt, mma = p["units"], p["batch_tile"], p["mma"]
+                f = fastrnn._C._persist_gemm_price(H, G * U, bt, mma, es, p["chunks"][0], p["padded"])
+                b = fastrnn._C._persist_gemm_price(G * H, U, bt, mma, es, p["chunks"][1], p["padded"])
+                assert f["fits"] and b["fits"] and max(f["smem"], b["smem"]) == p["smem"], p
+                cost = f["units"] + b["units"] + (f["chunks"] + b["chunks"]) * model["stage"] + 2 * sync[p["scheme"]]
+                assert cost == p["cost"], (mode, B, H, dtype, p)
+                checked += 1
+    assert checked >= 20
+
+
+def test_gemm_price_names_a_bad_chunk():
+    with pytest.raises(RuntimeError, match="kc must be a multiple of 64, got 96"):
+        fastrnn._C._persist_gemm_price(256, 64, 4, False, 4, 96)
+    with pytest.raises(RuntimeError, match="kc must be a multiple of 128, got 64"):
+        fastrnn._C._persist_gemm_price(256, 64, 4, True, 2, 64)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the answer where there is no GPU")
+def test_calibration_without_a_gpu_says_so(capsys):
+    assert persist_calibrate.main([]) == 2
+    assert "no CUDA GPU" in capsys.readouterr().err
+    if fastrnn._C.build_info().get("cuda_archs"):
+        with pytest.raises(RuntimeError, match="device must be a CUDA device index below 0, got 0"):
+            fastrnn._C._persist_probe(0, "grid", 1)
+
+
+if torch.cuda.is_available():  # collected only where a GPU is present
+    @pytest.mark.cuda
+    def test_cuda_calibration_runs_and_fits():
+        """A quick calibration on the GPU (few steps per launch: not a measurement): every piece ran, blocks
+        meeting at a grid barrier took longer than at their own, and the SIMT fit has a positive unit."""
+        limits = dict(fastrnn._C.cuda_limits(0))
+        samples = persist_calibrate.measure(persist_calibrate.gpu_probe(0), limits,
+                                            lambda m, b, h, d: _cpp.persistent_plan(m, b, h, d, device="cuda"),
+                                            quick=True)
+        assert all(s.cycles > 0 and s.us > 0 for s in samples)
+        block = next(s for s in samples if s.label.startswith("block barrier") and s.blocks > 1)
+        grid = [s for s in samples if s.ran == "grid"]
+        assert grid and all(s.cycles > block.cycles for s in grid)
+        got = persist_calibrate.fit(samples)
+        assert got["simt"] is not None and got["implied"]["unit_cycles"] > 0

@@ -14,7 +14,7 @@ import torch
 
 from fastrnn import backend as _backend
 from fastrnn.ops import MODES, CellExt, LayerArgs
-from layer_cases import Case, Impl, fresh_values, make_inputs, one_step_and_one_unit
+from layer_cases import Case, Impl, fresh_values, make_inputs, nan_poisoned, one_step_and_one_unit
 from test_cpp_ext import _ext_args, assert_layer_matches, make_ext, run
 
 tb = _backend._module("triton")
@@ -234,6 +234,24 @@ def test_spill_free_tile_choice(monkeypatch):
     every = dict.fromkeys(spills, 2)
     assert ext._spill_free(Kernel(every), (1, 2), args, lambda tile: {"tile": tile, "G": 3}) == (4, 2048, 128)
     assert len(compiled) == 5
+    # a problem whose first candidate compiles as the first problem's but whose second does not is its own
+    other = {(4, 2048, 128): 3, (8, 4096, 256): 5, (4, 2048, 64): 0}
+    wider = lambda tile: {"tile": tile, "G": 4, **({"BC": 256} if tile == (8, 4096, 256) else {})}  # noqa: E731
+    assert ext._spill_free(Kernel(other), (1, 2), args, wider) == (4, 2048, 64)
+    # so is an int argument equal to 1 (Triton compiles it as a constant), and a candidate the device cannot hold
+    # (more shared memory than it has) is passed over, not taken for the answer
+    assert len(compiled) == 8
+
+    class Big(Kernel):
+        def warmup(self, *args, grid, **options):
+            if options["tile"] == (4, 2048, 128):
+                compiled.append("refused")
+                raise ext.OutOfResources(300000, 232448, "shared memory")
+            return super().warmup(*args, grid=grid, **options)
+
+    assert ext._spill_free(Big(spills), (1, 2), (torch.zeros(4), 1), lambda tile: {"tile": tile, "G": 4}) == \
+        (8, 4096, 256)
+    assert compiled[8:] == ["refused", (8, 4096, 256)]
 
 
 def test_variant_choice():
@@ -311,16 +329,19 @@ if CUDA_DTYPES:  # collected only where a GPU is present
     @pytest.mark.parametrize("c, variant", with_variants(
         CASES + [Case("LSTM", 2, 2, 3, 1030), Case("GRU", 3, 2, 4, 63, reverse=True),
                  Case("LSTM", 6, 40, 3, 48, packed=True, reverse=True), Case("GRU", 5, 20, 3, 128, packed=True),
-                 Case("RNN_TANH", 4, 1, 3, 130)], cuda=True))
+                 Case("LSTM", 5, 20, 3, 144, packed=True, reverse=True), Case("RNN_TANH", 4, 1, 3, 130)], cuda=True))
     def test_cuda_matches_fp64(c, variant, feature, dtype):
         """fastrnn/ops/triton/ext.py compiled for the GPU, every variant, against the reference backend in fp64
-        (16-bit: the reference in the same dtype, as tests/test_cpp_ext.py judges 16-bit); 40 rows make several
-        seq programs, H = 128 and 130 several persist slices (20 rows: two batch tiles; B = 1: one-row tiles)."""
+        (16-bit: the reference in the same dtype, as tests/test_cpp_ext.py judges 16-bit), outputs and workspaces
+        NaN-filled first; 40 rows make several seq programs, H = 128 to 144 several persist slices meeting at
+        their barriers (20 rows: two batch tiles, packed rows ending mid-tile, both directions; B = 1: one-row
+        tiles), which the interpreter's launch per pass never exercises."""
         from test_cpp_ext import cuda_inputs
 
         inputs, ext = cuda_inputs(c, dtype, feature)
-        assert_layer_matches(functools.partial(tb.layer, variant=variant), c, inputs, ext,
-                             torch.float64 if dtype == torch.float32 else None)
+        with nan_poisoned(Impl("triton", "cuda", dtype)):
+            assert_layer_matches(functools.partial(tb.layer, variant=variant), c, inputs, ext,
+                                 torch.float64 if dtype == torch.float32 else None)
 
     @pytest.mark.cuda
     @pytest.mark.parametrize("dtype", CUDA_DTYPES, ids=lambda d: str(d)[6:])

@@ -183,8 +183,9 @@ bool has_clusters(const void* kernel) {
   return attr.ptxVersion >= 90;
 }
 
+// Returns the scheme launched: the plan's, or the grid barrier where a planned cluster does not fit.
 template <class Args>
-void launch(const void* kernel, const Dirs<Args>& dirs, cudaStream_t stream) {
+int launch(const void* kernel, const Dirs<Args>& dirs, cudaStream_t stream) {
   const Plan& plan = dirs.d[0].plan;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                       static_cast<int>(plan.smem)));
@@ -208,7 +209,7 @@ void launch(const void* kernel, const Dirs<Args>& dirs, cudaStream_t stream) {
     cfg.numAttrs = 1;
     if (has_clusters(kernel) && clusters_fit(kernel, cfg)) {
       C10_CUDA_CHECK(cudaLaunchKernelExC(&cfg, kernel, params));
-      return;
+      return kCluster;
     }
     // the same blocks, meeting at the grid barrier instead (the plan keeps its blocks within the SM count)
     int device = 0, coop = 0;
@@ -226,6 +227,31 @@ void launch(const void* kernel, const Dirs<Args>& dirs, cudaStream_t stream) {
   } else {
     C10_CUDA_CHECK(cudaLaunchKernel(kernel, grid, block, params, static_cast<size_t>(p.smem), stream));
   }
+  return p.scheme;
+}
+
+// Probe (persist.h): the engine's own block GEMM and step barrier, timed per block. Ws holds 1/64 (any finite
+// value serves: the GPU's FMAs take the same time for every operand).
+template <typename T>
+__global__ void __launch_bounds__(kThreads, 1) probe_kernel(const __grid_constant__ Dirs<Probe> dirs) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const Probe& p = dirs.d[0];
+  const int tid = static_cast<int>(threadIdx.x);
+  const Smem<T> sm = Smem<T>::carve(smem_raw, p.g);
+  const int64_t r0 = static_cast<int64_t>(blockIdx.x) * p.g.bt;
+  if (p.gemm) {
+    for (int64_t i = tid; i < w_elems(p.g); i += kThreads) sm.w[i] = T(1.0f / 64);
+  }
+  const auto a = [&](int64_t r, int64_t k) { return ld_l2(p.a + (r0 + r) * p.g.K + k); };
+  const auto sink = [&](int64_t r, int64_t c, float v) { p.out[(r0 + r) * p.g.R + c] = v; };
+  __syncthreads();
+  const long long t0 = clock64();
+  for (int64_t i = 0; i < p.iters; ++i) {
+    if (p.gemm) block_gemm(p.g, sm, tid, p.g.bt, a, sink);
+    step_barrier(p.plan);
+  }
+  const long long t1 = clock64();
+  if (tid == 0) p.cycles[blockIdx.x] = t1 - t0;
 }
 
 template <class Visit, class Args>
@@ -258,6 +284,16 @@ void fwd_cuda(Mode m, Dtype d, const Dirs<Fwd>& f, void* stream) {
 
 void bwd_cuda(Mode m, Dtype d, const Dirs<Bwd>& f, void* stream) {
   run(m, d, f, stream, [](Mode mm, auto&& fn) { visit_bwd(mm, fn); });
+}
+
+int probe_cuda(Dtype d, const Probe& p, void* stream) {
+  const auto s = static_cast<cudaStream_t>(stream);
+  switch (d) {
+    case Dtype::F32: return launch(reinterpret_cast<const void*>(&probe_kernel<float>), Dirs<Probe>{{p}}, s);
+    case Dtype::BF16: return launch(reinterpret_cast<const void*>(&probe_kernel<c10::BFloat16>), Dirs<Probe>{{p}}, s);
+    default: break;
+  }
+  TORCH_CHECK(false, "fastrnn: the probe times fp32 and bf16 storage only");
 }
 
 void ext_fwd_cuda(Mode m, const ExtFwd& f, void* stream) {

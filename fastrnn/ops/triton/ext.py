@@ -45,6 +45,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from triton.runtime.errors import OutOfResources
 
 from fastrnn.ops import GATES, LN_EPS, CellExt, LayerArgs, SavedExt
 from fastrnn.ops.triton.cells import (FP_FUSION, _tanh, cell_backward, cell_forward, interpreting, lstm_gate_grads,
@@ -731,6 +732,9 @@ def _launch_seq(kernel, variant: str, rows: Rows, B: int, H: int, *args, **const
     grid = (triton.cdiv(B, cfg["BR"]), slices)
     per_phase = interpreting() and slices > 1
     sync = slices > 1 or interpreting()
+    if sync and 2 * T * slices >= 2**31:  # the barrier counts every slice's arrivals, twice a step, in int32
+        raise ValueError(f"fastrnn: the '{variant}' variant takes fewer than {2**31 // (2 * slices)} steps at "
+                         f"{slices} hidden slices, got {T}")
     counters = torch.zeros(grid[0], dtype=torch.int32, device=device)
     order = (ROWS.value, PRODUCT.value) if backward else (PRODUCT.value, ROWS.value)
     spans = [(k, k + 1, p) for k in range(T) for p in order] if per_phase else [(0, T, sum(order))]
@@ -752,25 +756,33 @@ def _launch_seq(kernel, variant: str, rows: Rows, B: int, H: int, *args, **const
         kernel[grid](*args, bs, off, counters, begin, end, T, H, cfg["CW"], 0, **options(cfg, passes))
 
 
-_SPILL_FREE = {}  # (kernel, its compile-time options with the first tile, device) -> the PERSIST_TILES entry taken
+_SPILL_FREE = {}  # (kernel, every candidate's compile-time options, specialisations, device) -> the tile taken
 
 
 def _spill_free(kernel, grid, args, options_of) -> tuple:
-    """The first of PERSIST_TILES whose compiled kernel does not spill on this device (the first where all spill,
-    or where this Triton does not say), compiled without launching and remembered per configuration."""
-    # what Triton specialises a compile on besides the options: 16-byte alignment of the pointers and of the ints
-    aligned = tuple(a.data_ptr() % 16 == 0 if torch.is_tensor(a) else a % 16 == 0 for a in args)
-    key = (kernel.fn.__name__, tuple(sorted(options_of(PERSIST_TILES[0]).items())), aligned, args[0].device)
+    """The first of PERSIST_TILES whose compiled kernel does not spill on this device and fits its resources (the
+    first where none does, or where this Triton does not say), compiled without launching and remembered per
+    configuration."""
+    # What Triton specialises a compile on besides the options: 16-byte alignment of the pointers and of the ints,
+    # and ints equal to 1. The options of every candidate, not the first's alone: two problems whose first tiles
+    # compile alike may differ in a later one.
+    spec = tuple(a.data_ptr() % 16 == 0 if torch.is_tensor(a) else (a % 16 == 0, a == 1) for a in args)
+    options = [options_of(tile) for tile in PERSIST_TILES]
+    key = (kernel.fn.__name__, tuple(tuple(sorted(o.items())) for o in options), spec, args[0].device)
     if key not in _SPILL_FREE:
-        _SPILL_FREE[key] = PERSIST_TILES[0]
-        for tile in PERSIST_TILES:
-            compiled = kernel.warmup(*args, grid=grid, **options_of(tile))
-            if not hasattr(compiled, "_init_handles"):
-                break
-            compiled._init_handles()  # loads the binary, which is where Triton reads its local memory size
+        taken = PERSIST_TILES[0]
+        for tile, opts in zip(PERSIST_TILES, options):
+            try:
+                compiled = kernel.warmup(*args, grid=grid, **opts)
+                if not hasattr(compiled, "_init_handles"):
+                    break
+                compiled._init_handles()  # loads the binary, which is where Triton reads its local memory size
+            except OutOfResources:  # more shared memory or threads than the device has: the next candidate
+                continue
             if getattr(compiled, "n_spills", 0) == 0:
-                _SPILL_FREE[key] = tile
+                taken = tile
                 break
+        _SPILL_FREE[key] = taken
     return _SPILL_FREE[key]
 
 
