@@ -16,7 +16,8 @@
 # --extra (or --only extra, without the check's steps), the measurements after it:
 #   6. the LayerNorm LSTM on the cpp and Triton backends against the hand-written loop (python
 #      benchmarks/bench_layernorm.py --device cuda), Triton's alone with its "seq" and its "persist" kernels
-#      for fastrnn's cells, then two configurations again with the persistent engine's
+#      for fastrnn's cells, then the host's time per step of every implementation's calls (python
+#      benchmarks/host_time.py), then two configurations again with the persistent engine's
 #      split plans at the grid barrier instead of a cluster's (FASTRNN_PERSISTENT_CLUSTER=0), then bf16 modules
 #      at every standard configuration against cuDNN's bf16, and two of them again with the engine's GEMMs off
 #      the tensor cores (FASTRNN_PERSISTENT_MMA=0), two in fp32 with TF32 allowed on both sides, and two with
@@ -111,6 +112,8 @@ for v in seq persist; do
   [ $BENCH = 1 ] && STEPS+=("layernorm-triton-$v|90|$ON $PY benchmarks/bench_layernorm.py --device cuda --rounds 5 \
 --min-time 0.1 --backend triton --triton-variant $v --out $OUT/layernorm-triton-$v.md")
 done
+# the host's time per step of each implementation's calls (Python, dispatch, launches), beside the GPU's
+[ $BENCH = 1 ] && STEPS+=("host-time|180|$ON $PY benchmarks/host_time.py --out $OUT/host-time.md")
 [ $BENCH = 1 ] && STEPS+=("grid-barrier|120|$ON FASTRNN_PERSISTENT_CLUSTER=0 $PY benchmarks/bench_rnn.py --device cuda \
 --config 512,16,128,128,1 --config 100,64,256,256,1 --impls fastrnn-cpp,torch.nn --quick --out $OUT/grid-barrier")
 # bf16 modules against cuDNN's bf16 at every standard configuration (the engine's tensor cores), then two of them

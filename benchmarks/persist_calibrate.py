@@ -5,20 +5,23 @@ pricing a step: the block GEMMs in the model's unit (a thread's SIMT FMA; a K st
 them), each staged K chunk (``kStageCycles``), a warp's round of tensor-core instructions (``kMmaCycles``) and the
 barrier between blocks (``kGridSyncCycles``, ``kClusterSyncCycles``). Those constants are estimates written
 before any GPU ran the engine. This script times the engine's own pieces with its own code
-(``fastrnn._C._persist_probe``: its block GEMM and step barrier in a loop, ``clock64`` per block, one block per
-SM) and fits them:
+(``fastrnn._C._persist_probe``: its block GEMM and step barrier in a loop, SM cycles from ``clock64`` and
+nanoseconds from ``%globaltimer`` per block, one block per SM) and fits them:
 
 - barriers: a block's own (``__syncthreads``), the grid's (cooperative launch) over all SMs and fewer, and a
-  thread-block cluster's of 2, 4 and 8 blocks (sm_90);
-- the block GEMMs of the plans the standard configurations get on this GPU (forward and backward, fp32 on the
-  SIMT loop, bf16 on the tensor cores), each again in the smallest chunks, so that the chunks' price separates
-  from the K loop's;
+  thread-block cluster's of 2, 4 and 8 blocks (sm_90), also as one cluster alone;
+- block GEMMs: those of the plans the standard configurations get on this GPU (fp32 planned without TF32, on the
+  SIMT loop; with TF32 and in bf16, on the tensor cores), their operand as many batch tiles as the plan's, and a
+  sweep over K at one shape per loop for leverage, each also in the smallest chunks, so that the chunks' price
+  separates from the K loop's;
 - cycles per step = a * units + b * chunks + c over the SIMT GEMMs (least squares; ``units`` is the model's price
-  of the GEMM, bank conflicts included), and m * (a warp's mma rounds) + b' * chunks + c' over the tensor cores'.
+  of the GEMM, bank conflicts included, ``c`` what the model does not price: spill, reduction, results), and
+  m * (a warp's mma rounds) + b' * chunks + c' over each tensor-core kind; a fit needs more samples than terms and
+  distinct chunk counts, else it says so.
 
-It prints (and with ``--out`` writes) each measurement beside the model's price and the constants the fit
-implies in the model's unit (``a`` cycles), beside those in ``csrc/persist.h``, with the SM clock the run saw.
-Setting them is a code change left to whoever reads the result.
+It prints (and with ``--out`` writes) each measurement beside the model's price and the constants the fits imply
+in the model's unit (``a`` cycles), beside those in ``csrc/persist.h``, with the SM clock the run saw. Setting
+them is a code change left to whoever reads the result.
 
     python benchmarks/persist_calibrate.py --out benchmarks/results/gpu/calibration.md
 """
@@ -42,71 +45,100 @@ from fastrnn.ops import GATES, cpp  # noqa: E402
 MODES = ("LSTM", "GRU", "RNN_TANH")
 BARRIER_ITERS = 2000
 GEMM_ITERS = 200
+# the sweeps' shapes: (kind, R, bt) at K of SWEEP_K
+SWEEPS = (("simt", 32, 16), ("mma-bf16", 64, 16), ("mma-tf32", 64, 16))
+SWEEP_K = (128, 256, 512, 1024, 2048)
 
 
 @dataclass
 class Sample:
-    kind: str  # "barrier", "simt" or "mma"
+    kind: str  # "barrier", "simt", "mma-bf16" or "mma-tf32"
     label: str
     scheme: str  # the scheme asked for
     ran: str  # the scheme that ran (a cluster that does not fit runs at the grid barrier)
     blocks: int
     cycles: float  # per step, the median over blocks
-    us: float  # per step, wall time of the launch (CUDA events) over its steps
+    ns: float  # per step, the median over blocks
     units: int = 0
     steps: int = 0
     chunks: int = 0
 
 
-# probe(scheme, blocks, cluster=0, K=0, R=0, bt=0, mma=False, es=4, kc=64, iters=...) -> _C._persist_probe's dict
+# probe(scheme, blocks, cluster=0, K=0, R=0, bt=0, mma=False, es=4, kc=64, pad=True, rows=1, iters=...) ->
+# _C._persist_probe's dict with its tensors as lists
 Probe = Callable[..., dict]
 
 
 def gpu_probe(device: int) -> Probe:
-    """``_C._persist_probe`` on ``device``, its cycles on the host and the launch's time beside them."""
+    """``_C._persist_probe`` on ``device``, its per-block counts on the host."""
     lib = fastrnn._C
 
     def probe(scheme: str, blocks: int, **kw) -> dict:
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        out = dict(lib._persist_probe(device, scheme, blocks, **kw))
-        end.record()
-        end.synchronize()
-        out["cycles"] = out["cycles"].tolist()
-        out["ms"] = start.elapsed_time(end)
-        return out
+        with torch.cuda.device(device):
+            out = dict(lib._persist_probe(device, scheme, blocks, **kw))
+            return dict(out, cycles=out["cycles"].tolist(), ns=out["ns"].tolist())
 
     return probe
 
 
-def _sample(probe: Probe, kind: str, label: str, scheme: str, blocks: int, iters: int, pad: bool = True,
-            **kw) -> Sample:
+def _sample(probe: Probe, kind: str, label: str, scheme: str, blocks: int, iters: int, **kw) -> Sample:
     r = probe(scheme, blocks, iters=iters, **kw)
-    s = Sample(kind, label, scheme, r["scheme"], blocks, statistics.median(r["cycles"]) / iters, r["ms"] * 1e3 / iters)
+    s = Sample(kind, label, scheme, r["scheme"], blocks, statistics.median(r["cycles"]) / iters,
+               statistics.median(r["ns"]) / iters)
     if kw.get("K"):
-        price = fastrnn._C._persist_gemm_price(kw["K"], kw["R"], kw["bt"], kw["mma"], kw["es"], kw["kc"], pad)
+        price = fastrnn._C._persist_gemm_price(kw["K"], kw["R"], kw["bt"], kw["mma"], kw["es"], kw["kc"], kw["pad"])
         s.units, s.steps, s.chunks = price["units"], price["steps"], price["chunks"]
     return s
 
 
-def plans(plan_of: Callable[[str, int, int, torch.dtype], dict]) -> List[tuple]:
-    """(label, plan, G, H, dtype) of every standard configuration's layer that the engine runs, fp32 and bf16."""
+def gemm_kind(mma: bool, es: int) -> str:
+    return "simt" if not mma else "mma-bf16" if es == 2 else "mma-tf32"
+
+
+def plan_gemms(limits: dict) -> List[tuple]:
+    """(label, kind, K, R, bt, mma, es, kc, pad, tiles, blocks) of the forward and backward GEMM of every standard
+    configuration's layer the engine runs on a device of ``limits``: fp32 planned without TF32 and, where the
+    device has tensor cores, with it, and bf16; each GEMM once."""
+    variants = [(torch.float32, False)] + ([(torch.float32, True), (torch.bfloat16, False)] if limits.get("mma") else
+                                           [(torch.bfloat16, False)])
     out, seen = [], set()
-    for dtype in (torch.float32, torch.bfloat16):
+    for dtype, tf32 in variants:
+        lim = dict(limits, tf32=tf32)
         for cfg in STANDARD_CONFIGS:
             for mode in MODES:
-                p = plan_of(mode, cfg.B, cfg.H, dtype)
-                key = (p["units"], p["batch_tile"], p["mma"], p["chunks"], GATES[mode], cfg.H, dtype)
-                if p["scheme"] == "per-step" or key in seen:
+                p = cpp.persistent_plan(mode, cfg.B, cfg.H, dtype, limits=lim)
+                if p["scheme"] == "per-step":
                     continue
-                seen.add(key)
-                name = f"{mode} B={cfg.B} H={cfg.H} {str(dtype).removeprefix('torch.')}"
-                out.append((name, p, GATES[mode], cfg.H, dtype))
+                G, U, es = GATES[mode], p["units"], 2 if dtype == torch.bfloat16 else 4
+                for what, K, R, kc in (("fwd", cfg.H, G * U, p["chunks"][0]), ("bwd", G * cfg.H, U, p["chunks"][1])):
+                    key = (K, R, p["batch_tile"], p["mma"], es, kc, p["padded"], p["tiles"], p["blocks"])
+                    if key in seen:
+                        continue
+                    seen.add(key)
+                    name = f"{mode} B={cfg.B} H={cfg.H} {'tf32' if tf32 and p['mma'] else str(dtype)[6:]} {what}"
+                    out.append((name, gemm_kind(p["mma"], es), *key))
     return out
 
 
-def measure(probe: Probe, limits: dict, plan_of: Callable[[str, int, int, torch.dtype], dict],
-            quick: bool = False) -> List[Sample]:
+def sweep_gemms(limits: dict) -> List[tuple]:
+    """One shape per loop over K (SWEEP_K), the operand of a batch tile per 8 blocks, where it fits a block."""
+    out = []
+    blocks = int(limits["sms"])
+    for kind, R, bt in SWEEPS:
+        mma, es = kind != "simt", 2 if kind == "mma-bf16" else 4
+        if mma and not limits.get("mma"):
+            continue
+        unit = 128 if mma else 64
+        for K in SWEEP_K:
+            kc = -(-K // unit) * unit
+            price = fastrnn._C._persist_gemm_price(K, R, bt, mma, es, kc, bool(limits.get("pad", True)))
+            if price["fits"] and price["smem"] <= limits["smem"]:
+                out.append((f"sweep {kind} K={K}", kind, K, R, bt, mma, es, kc, bool(limits.get("pad", True)),
+                            max(blocks // 8, 1), blocks))
+    return out
+
+
+def measure(probe: Probe, limits: dict, quick: bool = False) -> List[Sample]:
     """Every measurement, in the order the report lists them; ``quick``: fewer steps per launch, for a test."""
     sms, cluster = int(limits["sms"]), int(limits.get("cluster", 0))
     b_iters, g_iters = (50, 5) if quick else (BARRIER_ITERS, GEMM_ITERS)
@@ -121,18 +153,13 @@ def measure(probe: Probe, limits: dict, plan_of: Callable[[str, int, int, torch.
         for n in sorted({sms // size * size, size} if size <= cluster else (), reverse=True):
             out.append(_sample(probe, "barrier", f"cluster barrier of {size}, {n} blocks", "cluster", n, b_iters,
                                cluster=size))
-    for name, p, G, H, dtype in plans(plan_of):
-        es = 2 if dtype == torch.bfloat16 else 4
-        kind = "mma" if p["mma"] else "simt"
-        unit = 128 if p["mma"] else 64
-        blocks = min(int(p["blocks"]), sms)
-        for what, K, R, kc in (("fwd", H, G * p["units"], p["chunks"][0]), ("bwd", G * H, p["units"], p["chunks"][1])):
-            for chunk in sorted({kc, unit}, reverse=True):
-                if chunk > K and chunk != kc:
-                    continue
-                out.append(_sample(probe, kind, f"{name} {what} ({K} x {R}, {p['batch_tile']} rows, kc {chunk})",
-                                   "block", blocks, g_iters, pad=bool(limits.get("pad", True)), K=K, R=R,
-                                   bt=p["batch_tile"], mma=p["mma"], es=es, kc=chunk))
+    for name, kind, K, R, bt, mma, es, kc, pad, tiles, blocks in plan_gemms(limits) + sweep_gemms(limits):
+        unit = 128 if mma else 64
+        for chunk in sorted({kc, unit}, reverse=True):
+            if chunk > K and chunk != kc:
+                continue
+            out.append(_sample(probe, kind, f"{name} ({K} x {R}, {bt} rows, kc {chunk})", "block", min(blocks, sms),
+                               g_iters, K=K, R=R, bt=bt, mma=mma, es=es, kc=chunk, pad=pad, rows=min(tiles, blocks)))
     return out
 
 
@@ -144,50 +171,59 @@ class Fit:
 
 
 def _fit(samples: List[Sample], x_of: Callable[[Sample], float], base: float) -> Optional[Fit]:
-    if len(samples) < 3:
+    """Least squares of cycles - base on (x, chunks, 1); None where the samples do not identify the three terms."""
+    if len(samples) <= 3:
         return None
     a = np.array([[x_of(s), s.chunks, 1.0] for s in samples])
     y = np.array([s.cycles - base for s in samples])
-    coef, *_ = np.linalg.lstsq(a, y, rcond=None)
+    coef, _, rank, _ = np.linalg.lstsq(a, y, rcond=None)
+    if rank < 3:
+        return None
     resid = np.abs(a @ coef - y) / np.maximum(np.abs(y), 1e-9)
     return Fit(tuple(float(c) for c in coef), float(resid.max()), len(samples))
+
+
+MMA_KINDS = ("mma-bf16", "mma-tf32")
 
 
 def fit(samples: List[Sample]) -> Dict[str, object]:
     """The fits and the constants they imply in the model's unit (one SIMT FMA of a thread, ``a`` cycles)."""
     block = next((s.cycles for s in samples if s.kind == "barrier" and s.scheme == "block" and s.blocks > 1), 0.0)
-    simt = _fit([s for s in samples if s.kind == "simt"], lambda s: s.units, block)
-    mma = _fit([s for s in samples if s.kind == "mma"], lambda s: s.steps, block)
-    out: Dict[str, object] = {"simt": simt, "mma": mma, "block_barrier": block}
+    out: Dict[str, object] = {"block_barrier": block,
+                              "simt": _fit([s for s in samples if s.kind == "simt"], lambda s: s.units, block)}
+    for kind in MMA_KINDS:
+        out[kind] = _fit([s for s in samples if s.kind == kind], lambda s: s.steps, block)
+    simt = out["simt"]
     if simt is None or simt.coef[0] <= 0:
         return out
     unit = simt.coef[0]
-    implied = {"unit_cycles": unit, "stage": simt.coef[1] / unit}
+    implied = {"unit_cycles": unit, "stage": simt.coef[1] / unit, "unpriced": simt.coef[2] / unit}
     grids = [s for s in samples if s.kind == "barrier" and s.ran == "grid"]
     if grids:
         implied["grid_sync"] = max(grids, key=lambda s: s.blocks).cycles / unit
     clusters = [s for s in samples if s.kind == "barrier" and s.ran == "cluster"]
     if clusters:
         implied["cluster_sync"] = max(s.cycles for s in clusters) / unit
-    if mma is not None:
-        implied["mma"] = mma.coef[0] / unit
+    for kind in MMA_KINDS:
+        if out[kind] is not None:
+            implied[kind] = out[kind].coef[0] / unit
+            implied[f"{kind} stage"] = out[kind].coef[1] / unit
     out["implied"] = implied
     return out
 
 
 def clock_ghz(samples: List[Sample]) -> Optional[float]:
-    """The SM clock the run saw: cycles over wall time of the barrier launches (the longest, launch overhead
-    least)."""
-    rates = [s.cycles / (s.us * 1e3) for s in samples if s.kind == "barrier" and s.us > 0]
+    """The SM clock the run saw: each launch's cycles over its nanoseconds, both read in the kernel (median)."""
+    rates = [s.cycles / s.ns for s in samples if s.ns > 0]
     return statistics.median(rates) if rates else None
 
 
 def markdown(samples: List[Sample], fitted: Dict[str, object], model: dict, title: str) -> str:
     lines = [f"# Persistent engine cost model on {title}", "",
              "`python benchmarks/persist_calibrate.py`: the engine's block GEMM and step barrier "
-             "(`fastrnn._C._persist_probe`), one block per SM, cycles per step the median over blocks of `clock64`; "
-             "µs per step from CUDA events over the launch. `units`: the model's price of the GEMM (csrc/persist.h "
-             "`gemm_cycles`, bank conflicts included); `steps`: a thread's K steps (SIMT) or a warp's mma rounds.", ""]
+             "(`fastrnn._C._persist_probe`), one block per SM; per step, the median over blocks of `clock64` cycles "
+             "and of `%globaltimer` µs. `units`: the model's price of the GEMM (csrc/persist.h `gemm_cycles`, bank "
+             "conflicts included); `steps`: a thread's K steps (SIMT) or a warp's mma rounds.", ""]
     ghz = clock_ghz(samples)
     if ghz:
         lines += [f"SM clock seen: {ghz:.2f} GHz.", ""]
@@ -195,25 +231,35 @@ def markdown(samples: List[Sample], fitted: Dict[str, object], model: dict, titl
               "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for s in samples:
         gemm = s.kind != "barrier"
-        lines.append(f"| {s.label} | {s.kind} | {s.ran} | {s.blocks} | {s.cycles:.0f} | {s.us:.3g} | "
+        lines.append(f"| {s.label} | {s.kind} | {s.ran} | {s.blocks} | {s.cycles:.0f} | {s.ns / 1e3:.3g} | "
                      f"{s.units if gemm else ''} | {s.steps if gemm else ''} | {s.chunks if gemm else ''} |")
     lines.append("")
-    for name, what in (("simt", "units"), ("mma", "mma rounds")):
+    for name, what in (("simt", "units"), *((k, "mma rounds") for k in MMA_KINDS)):
         f = fitted.get(name)
-        if f is not None:
-            a, b, c = f.coef
-            lines.append(f"- {name} fit over {f.n} GEMMs (block barrier subtracted): cycles = {a:.3g} x {what} + "
-                         f"{b:.3g} x chunks + {c:.3g}; worst residual {f.worst:.0%}")
+        n = sum(s.kind == name for s in samples)
+        if f is None:
+            if n:
+                lines.append(f"- {name}: {n} GEMMs do not identify cycles = x {what} + y chunks + z (more samples "
+                             "than terms and distinct chunk counts needed): no fit")
+            continue
+        a, b, c = f.coef
+        flag = "" if a > 0 and b > 0 else " (a non-positive slope: the model does not describe these)"
+        lines.append(f"- {name} fit over {f.n} GEMMs (block barrier subtracted): cycles = {a:.3g} x {what} + "
+                     f"{b:.3g} x chunks + {c:.3g}; worst residual {f.worst:.0%}{flag}")
     implied = fitted.get("implied")
     if implied:
         lines += ["", f"Constants in the model's unit ({implied['unit_cycles']:.3g} cycles), against csrc/persist.h:", "",
                   "| constant | persist.h | measured |", "| --- | --- | --- |"]
-        for key, const in (("grid_sync", "kGridSyncCycles"), ("cluster_sync", "kClusterSyncCycles"),
-                           ("stage", "kStageCycles"), ("mma", "kMmaCycles")):
-            if key in implied:
-                lines.append(f"| {const} | {model[key]} | {implied[key]:.0f} |")
+        rows = [("grid_sync", "kGridSyncCycles", model["grid_sync"]),
+                ("cluster_sync", "kClusterSyncCycles", model["cluster_sync"]),
+                ("stage", "kStageCycles", model["stage"]),
+                ("mma-bf16 stage", "kStageCycles, tensor cores (bf16)", model["stage"]),
+                ("mma-tf32 stage", "kStageCycles, tensor cores (TF32)", model["stage"]),
+                ("mma-bf16", "kMmaCycles (bf16)", model["mma"]), ("mma-tf32", "kMmaCycles (TF32)", model["mma"]),
+                ("unpriced", "per GEMM call, unpriced (spill, reduction, results)", 0)]
+        lines += [f"| {name} | {const} | {implied[key]:.0f} |" for key, name, const in rows if key in implied]
     else:
-        lines += ["", "Too few SIMT GEMMs (or a non-positive slope) to fit the model's unit: no constants implied."]
+        lines += ["", "No SIMT fit with a positive slope: the model's unit is unknown, no constants implied."]
     return "\n".join(lines) + "\n"
 
 
@@ -227,13 +273,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("persist_calibrate: no CUDA GPU visible to torch: nothing measured", file=sys.stderr)
         return 2
     limits = dict(fastrnn._C.cuda_limits(args.device))
-    probe = gpu_probe(args.device)
     device = torch.device("cuda", args.device)
-
-    def plan_of(mode: str, batch: int, hidden: int, dtype: torch.dtype) -> dict:
-        return cpp.persistent_plan(mode, batch, hidden, dtype, device=device)
-
-    samples = measure(probe, limits, plan_of, quick=args.quick)
+    samples = measure(gpu_probe(args.device), limits, quick=args.quick)
     model = dict(fastrnn._C._persist_gemm_price(64, 1, 1)["model"])
     text = markdown(samples, fit(samples), model,
                     f"{torch.cuda.get_device_name(device)} (torch {torch.__version__}, {limits['sms']} SMs)")

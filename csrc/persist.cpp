@@ -540,20 +540,29 @@ GemmPrice gemm_price(int64_t K, int64_t R, int64_t bt, bool mma, int64_t es, int
   return {gemm_cycles(g) + conflicts, steps, cdiv(g.K, g.kc), smem_bytes(g), gemm_fits(g)};
 }
 
+// Steps per probe launch at most: a launch of more could run for minutes (no watchdog on a compute GPU).
+constexpr int64_t kProbeIters = 10000000;
+
 ProbeResult probe(int device, const std::string& scheme, int64_t blocks, int64_t cluster, int64_t K, int64_t R,
-                  int64_t bt, bool mma, int64_t es, int64_t kc, int64_t iters) {
+                  int64_t bt, bool mma, int64_t es, int64_t kc, bool pad, int64_t rows, int64_t iters) {
+  // what needs no GPU first
+  Plan p;
+  p.scheme = scheme == "block" ? kBlock : scheme == "grid" ? kGrid : scheme == "cluster" ? kCluster : kNone;
+  TORCH_CHECK(p.scheme != kNone, "fastrnn: probe: scheme must be \"block\", \"grid\" or \"cluster\", got \"",
+              scheme, "\"");
+  TORCH_CHECK(iters >= 1 && iters <= kProbeIters, "fastrnn: probe: iters must be 1 to ", kProbeIters, ", got ", iters);
+  TORCH_CHECK(K >= 0, "fastrnn: probe: K must be 0 (the barrier alone) or positive, got ", K);
+  TORCH_CHECK(K == 0 || (rows >= 1 && rows <= blocks), "fastrnn: probe: rows (the operand's batch tiles) must be 1 to "
+              "blocks (", blocks, "), got ", rows);
+  Gemm g{};
+  if (K > 0) g = priced_gemm(K, R, bt, mma, es, kc, pad);
 #ifdef FASTRNN_WITH_CUDA
   TORCH_CHECK(device >= 0 && device < c10::cuda::device_count(), "fastrnn: probe: device must be a CUDA device "
               "index below ", static_cast<int>(c10::cuda::device_count()), ", got ", device);
   const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
   const Limits lim = limits(device);
-  Plan p;
-  p.scheme = scheme == "block" ? kBlock : scheme == "grid" ? kGrid : scheme == "cluster" ? kCluster : kNone;
-  TORCH_CHECK(p.scheme != kNone, "fastrnn: probe: scheme must be \"block\", \"grid\" or \"cluster\", got \"",
-              scheme, "\"");
   TORCH_CHECK(blocks >= 1 && blocks <= lim.sms, "fastrnn: probe: blocks must be 1 to ", lim.sms,
               " (one per SM), got ", blocks);
-  TORCH_CHECK(iters >= 1, "fastrnn: probe: iters must be at least 1, got ", iters);
   TORCH_CHECK(p.scheme != kGrid || lim.cooperative, "fastrnn: probe: this GPU has no cooperative launch");
   if (p.scheme == kCluster) {
     TORCH_CHECK(cluster >= 2 && cluster <= lim.cluster && blocks % cluster == 0, "fastrnn: probe: cluster must be 2 to ",
@@ -566,25 +575,24 @@ ProbeResult probe(int device, const std::string& scheme, int64_t blocks, int64_t
   p.mma = mma;
   // a block's whole shared memory, so that one block runs per SM as in the engine's plans
   p.smem = lim.smem;
-  Gemm g{};
   if (K > 0) {
     TORCH_CHECK(!mma || lim.mma, "fastrnn: probe: mma asks for tensor cores, which this GPU or build does not have");
-    g = priced_gemm(K, R, bt, mma, es, kc, lim.pad);
     TORCH_CHECK(gemm_fits(g) && smem_bytes(g) <= lim.smem, "fastrnn: probe: a ", K, " x ", R, " GEMM over ", bt,
                 " rows does not fit one block (", smem_bytes(g), " bytes of shared memory, ", lim.smem, " available)");
     p.kc[0] = p.kc[1] = g.kc;
   }
   const auto opts = at::TensorOptions().device(at::kCUDA, device);
-  const Tensor a = at::rand({blocks * bt, K > 0 ? K : 1}, opts.dtype(at::kFloat));
-  const Tensor out = at::empty({blocks * bt, K > 0 ? R : 1}, opts.dtype(at::kFloat));
-  Tensor cycles = at::zeros({blocks}, opts.dtype(at::kLong));
-  const Probe pr{p, g, K > 0, a.data_ptr<float>(), out.data_ptr<float>(), iters,
-                 reinterpret_cast<long long*>(cycles.data_ptr<int64_t>())};
+  const auto storage = es == 2 ? at::kBFloat16 : at::kFloat;
+  const Tensor a = at::rand({K > 0 ? rows * bt : 1, K > 0 ? K : 1}, opts.dtype(storage));
+  const Tensor out = at::empty({K > 0 ? blocks * bt : 1, K > 0 ? R : 1}, opts.dtype(storage));
+  Tensor cycles = at::zeros({blocks}, opts.dtype(at::kLong)), ns = at::zeros({blocks}, opts.dtype(at::kLong));
+  const Probe pr{p, g, K > 0, K > 0 ? rows : 1, a.data_ptr(), out.data_ptr(), iters,
+                 reinterpret_cast<long long*>(cycles.data_ptr<int64_t>()),
+                 reinterpret_cast<long long*>(ns.data_ptr<int64_t>())};
   const int ran = probe_cuda(es == 2 ? Dtype::BF16 : Dtype::F32, pr, c10::cuda::getCurrentCUDAStream(device).stream());
-  return {cycles, ran};
+  return {cycles, ns, ran};
 #else
-  (void)device, (void)scheme, (void)blocks, (void)cluster, (void)K, (void)R, (void)bt, (void)mma, (void)es, (void)kc,
-      (void)iters;
+  (void)device, (void)blocks, (void)cluster, (void)g;
   TORCH_CHECK(false, "fastrnn: _C was built without CUDA: the probe times the persistent engine's pieces on a GPU");
 #endif
 }

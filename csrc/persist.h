@@ -1011,17 +1011,21 @@ struct ExtBwdProgram {  // the row phase, the step barrier, dh_{t-1} of the bloc
 
 // The cost model's pieces timed on a GPU (probe_cuda, for benchmarks/persist_calibrate.py): each block runs `iters`
 // steps of the plan's step barrier, each after a block GEMM of g's shape where `gemm` is set, and writes the SM
-// cycles (clock64) of its loop. a: [blocks * g.bt, g.K] fp32, the GEMM's operand, read through L2 as the engine
-// reads h_{t-1}; out: [blocks * g.bt, g.R] fp32, its results; cycles: [blocks]. The plan gives the scheme, the
-// blocks (tiles * slices; slices: a cluster's blocks) and the shared memory each block takes.
+// cycles (clock64) and nanoseconds (%globaltimer) of its loop. a: [rows * g.bt, g.K] in the storage type, the
+// GEMM's operand, read through L2 as the engine reads h_{t-1}, block b reading rows (b % rows) * g.bt on (the
+// engine's slices of a batch tile read the same rows: so many distinct rows keep its footprint in L2); out:
+// [blocks * g.bt, g.R] in the storage type; cycles, ns: [blocks]. The plan gives the scheme, the blocks (tiles *
+// slices; slices: a cluster's blocks) and the shared memory each block takes.
 struct Probe {
   Plan plan;
   Gemm g;
   bool gemm;
-  const float* a;
-  float* out;
+  int64_t rows;
+  const void* a;
+  void* out;
   int64_t iters;
   long long* cycles;
+  long long* ns;
 };
 
 // CUDA: fp32, fp16, bf16, launched on `stream` (a cudaStream_t) of the current device. Defined in CUDA builds

@@ -871,11 +871,14 @@ pybind11::dict gemm_price(int64_t K, int64_t R, int64_t bt, bool mma, int64_t es
 }
 
 pybind11::dict persist_probe(int device, const std::string& scheme, int64_t blocks, int64_t cluster, int64_t K,
-                             int64_t R, int64_t bt, bool mma, int64_t es, int64_t kc, int64_t iters) {
-  const persist::ProbeResult r = persist::probe(device, scheme, blocks, cluster, K, R, bt, mma, es, kc, iters);
+                             int64_t R, int64_t bt, bool mma, int64_t es, int64_t kc, bool pad, int64_t rows,
+                             int64_t iters) {
+  const persist::ProbeResult r = persist::probe(device, scheme, blocks, cluster, K, R, bt, mma, es, kc, pad, rows,
+                                                iters);
   static const char* names[] = {"per-step", "block", "grid", "cluster"};
   pybind11::dict d;
   d["cycles"] = r.cycles;
+  d["ns"] = r.ns;
   d["scheme"] = names[r.scheme];
   return d;
 }
@@ -985,9 +988,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "calibration hook: the persistent engine's cost model's price of one block GEMM, and its constants");
   m.def("_persist_probe", &fastrnn::persist_probe, py::arg("device"), py::arg("scheme"), py::arg("blocks"),
         py::arg("cluster") = 0, py::arg("K") = 0, py::arg("R") = 0, py::arg("bt") = 0, py::arg("mma") = false,
-        py::arg("es") = 4, py::arg("kc") = 64, py::arg("iters") = 1000,
-        "calibration hook: SM cycles per block of `iters` steps of the persistent engine's barrier, each after a "
-        "block GEMM where K > 0, on a CUDA device");
+        py::arg("es") = 4, py::arg("kc") = 64, py::arg("pad") = true, py::arg("rows") = 1, py::arg("iters") = 1000,
+        "calibration hook: SM cycles and nanoseconds per block of `iters` steps of the persistent engine's barrier, "
+        "each after a block GEMM where K > 0, on a CUDA device");
   m.def("_set_persist_emulation", &fastrnn::persist::set_emulation, py::arg("sms"), py::arg("smem"),
         py::arg("cluster") = 0, py::arg("mma") = false, py::arg("tf32") = false,
         "test hook: CPU fp32 and 16-bit calls run the persistent engine's block program as on a GPU of these "

@@ -21,7 +21,7 @@ def _check(*args):
 
 CORE = ["backends", "cuda-tests", "cuda-tests-persistent", "memcheck", "memcheck-persistent", "racecheck-persistent",
         "synccheck-persistent", "memcheck-grid", "memcheck-graphs", "calibrate", "benchmark"]
-EXTRA = ["layernorm", "layernorm-triton-seq", "layernorm-triton-persist", "grid-barrier", "bf16", "bf16-simt", "tf32",
+EXTRA = ["layernorm", "layernorm-triton-seq", "layernorm-triton-persist", "host-time", "grid-barrier", "bf16", "bf16-simt", "tf32",
          "bidirectional", "bank-conflicts-pad1", "bank-conflicts-pad0", "unpadded"]
 
 
@@ -252,55 +252,87 @@ import fastrnn  # noqa: E402
 from fastrnn.ops import cpp as _cpp  # noqa: E402
 
 H200_LIMITS = dict(sms=132, smem=232448, cooperative=True, cluster=8, mma=True, pad=True)
-# cycles of the stand-in: a model unit, a staged chunk, a GEMM call's fixed part, a warp's mma round, barriers
-TRUE = dict(unit=3.0, stage=900.0, fixed=250.0, mma=50.0, block=40.0, grid=2600.0, cluster={2: 500.0, 4: 650.0})
+A100_LIMITS = dict(sms=108, smem=166912, cooperative=True, cluster=0, mma=True, pad=True)
+# cycles of the stand-in: a model unit, a staged chunk, a GEMM call's fixed part, a warp's mma round per kind, barriers
+TRUE = dict(unit=3.0, stage=900.0, fixed=250.0, mma={2: 50.0, 4: 70.0}, block=40.0, grid=2600.0,
+            cluster={2: 500.0, 4: 650.0})
 
 
-def _stand_in_probe(calls):
-    def probe(scheme, blocks, cluster=0, K=0, R=0, bt=0, mma=False, es=4, kc=64, iters=1):
+def _stand_in_probe(limits, calls):
+    """A GPU of ``limits`` whose pieces cost what TRUE says, at 1.8 GHz; it refuses what the real probe refuses for
+    shared memory, and places no cluster of 8 (the launch then takes the grid barrier)."""
+    def probe(scheme, blocks, cluster=0, K=0, R=0, bt=0, mma=False, es=4, kc=64, pad=True, rows=1, iters=1):
         calls.append((scheme, blocks, cluster, K))
-        ran = "grid" if scheme == "cluster" and cluster not in TRUE["cluster"] else scheme  # 8 does not fit here
+        assert 1 <= blocks <= limits["sms"] and (scheme != "cluster" or cluster <= limits["cluster"])
+        ran = "grid" if scheme == "cluster" and cluster not in TRUE["cluster"] else scheme
         step = {"block": TRUE["block"], "grid": TRUE["grid"]}.get(ran) or TRUE["cluster"][cluster]
         if K:
-            p = fastrnn._C._persist_gemm_price(K, R, bt, mma, es, kc, True)
-            step += (p["steps"] * TRUE["mma"] if mma else p["units"] * TRUE["unit"]) + p["chunks"] * TRUE["stage"]
+            assert 1 <= rows <= blocks
+            p = fastrnn._C._persist_gemm_price(K, R, bt, mma, es, kc, pad)
+            assert p["fits"] and p["smem"] <= limits["smem"], (K, R, bt, mma, es, kc, pad, p)
+            step += (p["steps"] * TRUE["mma"][es] if mma else p["units"] * TRUE["unit"]) + p["chunks"] * TRUE["stage"]
             step += TRUE["fixed"]
         # blocks differ a little, symmetrically about the median
         cycles = [step * iters * (1 + 0.01 * (b - (blocks - 1) / 2) / blocks) for b in range(blocks)]
-        return {"cycles": cycles, "scheme": ran, "ms": step * iters / 1.8e6}
+        return {"cycles": cycles, "ns": [c / 1.8 for c in cycles], "scheme": ran}
     return probe
 
 
-def _h200_plan(mode, batch, hidden, dtype):
-    return _cpp.persistent_plan(mode, batch, hidden, dtype, limits=H200_LIMITS)
-
-
 def test_calibration_recovers_the_costs_of_the_pieces():
-    """Given pieces that cost what TRUE says, the fit finds the model's unit, the chunk's and the mma round's
-    price and the barriers' in it; a cluster that does not fit (8 here) ran at the grid barrier and is not taken
-    for a cluster's; the plans' GEMMs of both loops are timed, each also in the smallest chunks."""
+    """Given pieces that cost what TRUE says, the fits find the model's unit, the chunk's and the mma rounds' price
+    and the barriers' in it; a cluster that does not fit (8 here) ran at the grid barrier and is not taken for a
+    cluster's; the plans' GEMMs of both loops (fp32 planned without TF32 and with it, bf16) and the sweeps are timed,
+    each also in the smallest chunks."""
     calls = []
-    samples = persist_calibrate.measure(_stand_in_probe(calls), H200_LIMITS, _h200_plan)
+    samples = persist_calibrate.measure(_stand_in_probe(H200_LIMITS, calls), H200_LIMITS)
     got = persist_calibrate.fit(samples)
     imp, u = got["implied"], TRUE["unit"]
-    assert got["simt"].worst < 1e-3 and got["mma"].worst < 1e-3
+    assert all(got[k].worst < 1e-3 for k in ("simt", "mma-bf16", "mma-tf32"))
     assert imp["unit_cycles"] == pytest.approx(u, rel=1e-3)
     assert imp["stage"] == pytest.approx(TRUE["stage"] / u, rel=1e-3)
-    assert imp["mma"] == pytest.approx(TRUE["mma"] / u, rel=1e-3)
+    assert imp["mma-bf16"] == pytest.approx(TRUE["mma"][2] / u, rel=1e-3)
+    assert imp["mma-tf32"] == pytest.approx(TRUE["mma"][4] / u, rel=1e-3)
+    assert imp["unpriced"] == pytest.approx(TRUE["fixed"] / u, rel=1e-2)
     assert imp["grid_sync"] == pytest.approx(TRUE["grid"] / u, rel=1e-2)
     assert imp["cluster_sync"] == pytest.approx(max(TRUE["cluster"].values()) / u, rel=1e-2)
-    eight = next(s for s in samples if s.scheme == "cluster" and "of 8" in s.label)
-    assert eight.ran == "grid"
-    assert {s.kind for s in samples} == {"barrier", "simt", "mma"}
-    assert all(s.blocks <= H200_LIMITS["sms"] for s in samples)
-    for kind, unit in (("simt", 64), ("mma", 128)):
+    assert persist_calibrate.clock_ghz(samples) == pytest.approx(1.8)
+    eights = [s for s in samples if s.scheme == "cluster" and "of 8" in s.label]
+    assert len(eights) == 2 and all(s.ran == "grid" for s in eights)
+    simt = [s for s in samples if s.kind == "simt"]
+    assert len({s.units for s in simt}) >= 3 and len({s.chunks for s in simt}) >= 3
+    assert {s.kind for s in samples} == {"barrier", "simt", "mma-bf16", "mma-tf32"}
+    for kind, unit in (("simt", 64), ("mma-bf16", 128), ("mma-tf32", 128)):
         gemms = [s for s in samples if s.kind == kind]
         assert any(f"kc {unit})" in s.label for s in gemms) and any(s.chunks > 1 for s in gemms)
+        assert any(s.label.startswith("sweep") for s in gemms) and any(" B=" in s.label for s in gemms)
     model = dict(fastrnn._C._persist_gemm_price(64, 1, 1)["model"])
     text = persist_calibrate.markdown(samples, got, model, "a stand-in")
     assert f"| kGridSyncCycles | {model['grid_sync']} | {TRUE['grid'] / u:.0f} |" in text
-    assert f"| kMmaCycles | {model['mma']} | {TRUE['mma'] / u:.0f} |" in text
-    assert text.count("\n| ") == (2 + len(samples)) + (2 + 4)  # the samples' table and the constants', headed
+    assert f"| kMmaCycles (bf16) | {model['mma']} | {TRUE['mma'][2] / u:.0f} |" in text
+    assert text.count("\n| ") == (2 + len(samples)) + (2 + 8)  # the samples' table and the constants', headed
+
+
+def test_calibration_follows_the_plans_on_another_gpu():
+    """An A100's limits (108 SMs, 163 KiB of shared memory per block, no clusters): the plans there leave some
+    SIMT loops unpadded, and the probe gets each plan's padding (padded, they would not fit a block); no cluster
+    is asked for."""
+    calls = []
+    samples = persist_calibrate.measure(_stand_in_probe(A100_LIMITS, calls), A100_LIMITS)
+    assert not any(c[0] == "cluster" for c in calls)
+    unpadded = [p for p in persist_calibrate.plan_gemms(A100_LIMITS) if not p[8]]
+    assert unpadded, "expected plans with unpadded strides on an A100's limits"
+    got = persist_calibrate.fit(samples)
+    assert got["implied"]["unit_cycles"] == pytest.approx(TRUE["unit"], rel=1e-3)
+
+
+def test_calibration_says_what_it_cannot_fit():
+    """Three GEMMs, or GEMMs of one chunk count, do not identify three terms: no fit, and the report says so."""
+    one = persist_calibrate.Sample("simt", "g", "block", "block", 1, 100.0, 50.0, units=64, steps=4, chunks=1)
+    same = [persist_calibrate.Sample(**{**one.__dict__, "units": u, "cycles": 100.0 + u}) for u in (64, 128, 256, 512)]
+    assert persist_calibrate.fit(same)["simt"] is None
+    assert persist_calibrate.fit(same[:3])["simt"] is None
+    text = persist_calibrate.markdown(same, persist_calibrate.fit(same), {}, "a stand-in")
+    assert "4 GEMMs do not identify" in text and "no constants implied" in text
 
 
 def test_gemm_price_is_what_the_plan_pays():
@@ -312,7 +344,7 @@ def test_gemm_price_is_what_the_plan_pays():
     for mode, G in (("LSTM", 4), ("GRU", 3), ("RNN_TANH", 1)):
         for B, H in ((64, 256), (64, 1024), (1, 512), (16, 128), (64, 512)):
             for dtype, es in ((torch.float32, 4), (torch.bfloat16, 2)):
-                p = _h200_plan(mode, B, H, dtype)
+                p = _cpp.persistent_plan(mode, B, H, dtype, limits=H200_LIMITS)
                 if p["scheme"] == "per-step":
                     continue
                 U, bt, mma = p["units"], p["batch_tile"], p["mma"]
@@ -332,6 +364,21 @@ def test_gemm_price_names_a_bad_chunk():
         fastrnn._C._persist_gemm_price(256, 64, 4, True, 2, 64)
 
 
+def test_probe_names_a_bad_argument():
+    """The probe checks what needs no GPU before it asks for one."""
+    probe = fastrnn._C._persist_probe
+    for kw, message in ((dict(scheme="ring"), 'scheme must be "block", "grid" or "cluster", got "ring"'),
+                        (dict(iters=0), "iters must be 1 to 10000000, got 0"),
+                        (dict(K=-4), "K must be 0 .the barrier alone. or positive, got -4"),
+                        (dict(K=256, R=32, bt=4, rows=9), r"rows .the operand's batch tiles. must be 1 to blocks .8., "
+                                                          "got 9"),
+                        (dict(K=256, R=32, bt=4, es=8), "es must be 2 .16-bit. or 4 .fp32., got 8"),
+                        (dict(K=256, R=0, bt=4), "needs positive K, R and bt, got 256, 0, 4")):
+        args = dict(dict(device=0, scheme="block", blocks=8), **kw)
+        with pytest.raises(RuntimeError, match=message):
+            probe(**args)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the answer where there is no GPU")
 def test_calibration_without_a_gpu_says_so(capsys):
     assert persist_calibrate.main([]) == 2
@@ -347,12 +394,52 @@ if torch.cuda.is_available():  # collected only where a GPU is present
         """A quick calibration on the GPU (few steps per launch: not a measurement): every piece ran, blocks
         meeting at a grid barrier took longer than at their own, and the SIMT fit has a positive unit."""
         limits = dict(fastrnn._C.cuda_limits(0))
-        samples = persist_calibrate.measure(persist_calibrate.gpu_probe(0), limits,
-                                            lambda m, b, h, d: _cpp.persistent_plan(m, b, h, d, device="cuda"),
-                                            quick=True)
-        assert all(s.cycles > 0 and s.us > 0 for s in samples)
+        samples = persist_calibrate.measure(persist_calibrate.gpu_probe(0), limits, quick=True)
         block = next(s for s in samples if s.label.startswith("block barrier") and s.blocks > 1)
         grid = [s for s in samples if s.ran == "grid"]
         assert grid and all(s.cycles > block.cycles for s in grid)
+        # a GEMM step costs more than the barrier after it, and a GPU's SM clock is between 0.5 and 3 GHz
+        assert all(s.cycles > block.cycles for s in samples if s.kind != "barrier")
+        assert 0.5 < persist_calibrate.clock_ghz(samples) < 3.0
         got = persist_calibrate.fit(samples)
         assert got["simt"] is not None and got["implied"]["unit_cycles"] > 0
+
+
+# Host time per step of the CUDA calls (benchmarks/host_time.py, the measurements' "host-time" step).
+import host_time  # noqa: E402
+
+
+def test_host_time_counts_steps_as_the_benchmark_does_and_says_what_did_not_run():
+    """µs per step: a call's host time over T per layer (twice with the backward); a call that waited for the GPU,
+    and an implementation that did not run, say so."""
+    cfg = host_time.Config(512, 16, 128, 128, 2)
+    rows = [host_time.Row(cfg, "lstm", "fwd+bwd", "fastrnn-cpp", host_us=2048.0, gpu_us=9000.0),
+            host_time.Row(cfg, "lstm", "fwd", "triton-step", host_us=5000.0, gpu_us=5100.0,
+                          note="the call waited for the GPU: its host time is at most this"),
+            host_time.Row(cfg, "gru", "fwd", "triton-persist", note="not run: ValueError: needs H >= 128")]
+    assert [r.steps for r in rows] == [2048, 1024, 1024]
+    text = host_time.markdown(rows, ["# title"])
+    assert "| lstm | 512,16,128,128,2 | fwd+bwd | fastrnn-cpp | 1 | 4.39 | 2048 |  |" in text
+    assert "| lstm | 512,16,128,128,2 | fwd | triton-step | 4.88 | 4.98 | 5000 | the call waited" in text
+    assert "| gru | 512,16,128,128,2 | fwd | triton-persist |  |  |  | not run: ValueError" in text
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the answer where there is no GPU")
+def test_host_time_without_a_gpu_says_so(capsys):
+    assert host_time.main([]) == 2
+    assert "no CUDA GPU" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        host_time.main(["--impls", "fastrnn-cpp,cudnn"])
+    assert "unknown ['cudnn']" in capsys.readouterr().err
+
+
+if torch.cuda.is_available():  # collected only where a GPU is present
+    @pytest.mark.cuda
+    def test_cuda_host_time_runs():
+        """Two calls of each implementation at one configuration: every one ran (or said why), and the host's
+        time of a forward call is positive and below a second."""
+        rows = [host_time.measure(host_time.Row(host_time.Config(20, 4, 8, 128, 1), "lstm", "fwd", impl),
+                                  torch.device("cuda"), calls=2, warmup=2) for impl in host_time.IMPLS]
+        for r in rows:
+            assert (0 < r.host_us < 1e6) or r.note.startswith("not run:"), r
+        assert all(r.host_us > 0 for r in rows if r.impl in ("torch.nn", "fastrnn-cpp"))

@@ -230,28 +230,40 @@ int launch(const void* kernel, const Dirs<Args>& dirs, cudaStream_t stream) {
   return p.scheme;
 }
 
+__device__ __forceinline__ long long global_ns() {
+  unsigned long long t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return static_cast<long long>(t);
+}
+
 // Probe (persist.h): the engine's own block GEMM and step barrier, timed per block. Ws holds 1/64 (any finite
-// value serves: the GPU's FMAs take the same time for every operand).
+// value serves: the GPU's FMAs take the same time for every operand). A barrier before the clocks start takes the
+// launch's skew between blocks out of the first step.
 template <typename T>
 __global__ void __launch_bounds__(kThreads, 1) probe_kernel(const __grid_constant__ Dirs<Probe> dirs) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const Probe& p = dirs.d[0];
   const int tid = static_cast<int>(threadIdx.x);
   const Smem<T> sm = Smem<T>::carve(smem_raw, p.g);
-  const int64_t r0 = static_cast<int64_t>(blockIdx.x) * p.g.bt;
+  const int64_t b = blockIdx.x, r0 = (b % p.rows) * p.g.bt;
   if (p.gemm) {
     for (int64_t i = tid; i < w_elems(p.g); i += kThreads) sm.w[i] = T(1.0f / 64);
   }
-  const auto a = [&](int64_t r, int64_t k) { return ld_l2(p.a + (r0 + r) * p.g.K + k); };
-  const auto sink = [&](int64_t r, int64_t c, float v) { p.out[(r0 + r) * p.g.R + c] = v; };
-  __syncthreads();
-  const long long t0 = clock64();
+  const T* src = static_cast<const T*>(p.a);
+  T* dst = static_cast<T*>(p.out);
+  const auto a = [&](int64_t r, int64_t k) { return ld_l2(src + (r0 + r) * p.g.K + k); };
+  const auto sink = [&](int64_t r, int64_t c, float v) { dst[(b * p.g.bt + r) * p.g.R + c] = static_cast<T>(v); };
+  step_barrier(p.plan);
+  const long long t0 = clock64(), n0 = global_ns();
   for (int64_t i = 0; i < p.iters; ++i) {
     if (p.gemm) block_gemm(p.g, sm, tid, p.g.bt, a, sink);
     step_barrier(p.plan);
   }
-  const long long t1 = clock64();
-  if (tid == 0) p.cycles[blockIdx.x] = t1 - t0;
+  const long long t1 = clock64(), n1 = global_ns();
+  if (tid == 0) {
+    p.cycles[b] = t1 - t0;
+    p.ns[b] = n1 - n0;
+  }
 }
 
 template <class Visit, class Args>
