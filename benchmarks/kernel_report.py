@@ -49,7 +49,7 @@ EXT_STORAGE_PTRS = {"p_gx", "p_gh", "p_gc", "p_sc", "p_g", "p_zh", "p_zc", "p_m"
 EXT_HIDDEN = (16, 32, 64, 128, 256)
 EXT_HIDDEN_QUICK = (64, 256)
 INDEX_PTRS = {"p_bs": "*i32", "p_off": "*i64", "p_sync": "*i32"}
-ALIGNED_INTS = {"H", "HO", "n"}
+ALIGNED_INTS = {"H", "HO", "n", "CW"}  # CW: a seq plan's product columns, G * H or H
 LAUNCHES = {
     "step": ("1 fused step kernel (+1 torch mm with proj)", "1 fused step kernel (+3 torch ops with proj)"),
     "seq": ("1 per sequence (0 per step)", "1 per sequence (0 per step)"),
@@ -162,7 +162,7 @@ def ext_seq_specs(common: Dict, ids: Dict, mode: str, dtype: torch.dtype, H: int
                 continue
             seen.add((name, backward, str(tiles[0])))
             found = [dict(common, kernel=f"{name}_{'bwd' if backward else 'fwd'}", warps=t["num_warps"], fn=fn,
-                          mode=mode, dtype=dtype, tiles=seq_tiles_name(t, H),
+                          mode=mode, dtype=dtype, tiles=seq_tiles_name(t, H), divisible=("CW",) if sync else (),
                           const=dict(const, ONE_SLICE=t["S"] == 1, SYNC=sync and t["S"] > 1, **seq_consts(t)))
                      for t in tiles]
             specs.append(dict(found[0], fallbacks=found[1:]))
@@ -181,12 +181,14 @@ def seq_consts(tiles: Dict) -> Dict:
 
 def alignment_attrs(spec: Dict) -> Dict:
     """With ``aligned``, what Triton's launcher assumes for 16-byte aligned tensors and H % 16 == 0: every
-    pointer and the width arguments divisible by 16 (row counts and T stay unconstrained)."""
-    if not spec["aligned"]:
-        return {}
+    pointer and the width arguments divisible by 16 (row counts and T stay unconstrained; the whole-sequence
+    kernels never specialise their step range and T). ``divisible``: the ints divisible by 16 whatever H (a
+    persist plan's slice width, a multiple of 16 columns)."""
     names = [n for n in spec["fn"].arg_names if n not in spec["const"]]
-    return {(spec["fn"].arg_names.index(n),): [["tt.divisibility", 16]]
-            for n in names if n.startswith("p_") or n in ALIGNED_INTS}
+    div = set(spec.get("divisible", ()))
+    if spec["aligned"]:
+        div |= {n for n in names if n.startswith("p_") or n in ALIGNED_INTS}
+    return {(spec["fn"].arg_names.index(n),): [["tt.divisibility", 16]] for n in names if n in div}
 
 
 def signature(spec: Dict) -> Dict[str, str]:

@@ -508,7 +508,8 @@ def _slice_cols(CW, NC, ONE_SLICE: tl.constexpr):
     return c0, tl.minimum(c0 + CW, NC)
 
 
-@triton.jit(do_not_specialize=["zero"])
+# As persist.py's kernels: neither ``zero`` nor the step range and T specialised.
+@triton.jit(do_not_specialize=["zero", "k_begin", "k_end", "T"])
 def _fwd_seq_kernel(
     p_xs, p_hs, p_raw, p_st, p_gx, p_gh, p_bias, p_bhn, p_gc, p_sc,
     p_h, p_y, p_zh, p_m, p_hm, p_c, p_cs, p_zc, p_wt, p_bs, p_off, p_sync,
@@ -561,7 +562,7 @@ def _fwd_seq_kernel(
             _barrier(p_sync + tl.program_id(0), 2 * (k + 1 - k_begin) * n_slices, SYNC)
 
 
-@triton.jit(do_not_specialize=["zero"])
+@triton.jit(do_not_specialize=["zero", "k_begin", "k_end", "T"])
 def _bwd_seq_kernel(
     p_xs, p_hs, p_st, p_gx, p_gh, p_bias, p_bhn, p_gc, p_sc,
     p_hp, p_cp, p_zh, p_zc, p_dh, p_dy, p_dc, p_dgx, p_dgh, p_part, p_m, p_w, p_bs, p_off, p_sync,
@@ -638,9 +639,12 @@ SEQ_TILE_OVERRIDES = {
 # PERSIST_TILES: candidate (warps, product values, row values), tried in order. ptxas spills 4-36 B (at 32-96
 # registers: address values held across the product loop) in 1 in 14 of the configurations benchmarks/kernel_report.py
 # compiles with the first on Triton 3.8, and in others with the second, never the same ones; so a GPU launch takes the
-# first candidate whose compiled kernel does not spill (``_spill_free``), as the report does.
+# first candidate whose compiled kernel does not spill (``_spill_free``), as the report does. The last, two warps:
+# on Triton 3.6, with the slice width known divisible by 16 as a launch compiles it, the GRU backward in 16-bit at
+# H 256 (one row per slice) spilled 4 B on sm_90 at every 4- and 8-warp candidate, capped at 64 registers there;
+# two warps compile it clean at 80.
 PERSIST_TILES = ((4, 2048, 128), (8, 4096, 256), (4, 2048, 64), (8, 2048, 128), (4, 1024, 128), (8, 4096, 128),
-                 (4, 4096, 128), (8, 1024, 128))
+                 (4, 4096, 128), (8, 1024, 128), (2, 1024, 128))
 PERSIST_ROWS = 16
 PERSIST_COLS = 16
 PERSIST_MIN_H = 128

@@ -103,7 +103,9 @@ def _store_final(p_h, p_c, o_b, o_h, b_h, b_c, MODE: tl.constexpr, BH: tl.conste
         tl.store(p_c + o_p, b_c)
 
 
-@triton.jit
+# T and B never specialised (Triton would compile apart T or B of 1 or a multiple of 16): one compile per tile
+# serves every sequence, and is the one benchmarks/kernel_report.py checks.
+@triton.jit(do_not_specialize=["T", "B"])
 def _fwd_seq_kernel(
     p_x, p_b, p_w, p_h0, p_c0, p_bs, p_off, p_h, p_c, p_s, p_hn, p_hT, p_cT,
     T, B, H,
@@ -146,7 +148,7 @@ def _fwd_seq_kernel(
     _store_final(p_hT, p_cT, o_b, o_h, b_h, b_c, MODE, BH)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "B"])
 def _bwd_seq_kernel(
     p_dy, p_dhn, p_dcn, p_w, p_s, p_hn, p_h, p_c, p_hp, p_cp, p_bs, p_off, p_gh, p_gx, p_dh0, p_dc0,
     T, B, H,
