@@ -27,6 +27,7 @@ import torch.nn as nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from rnnbench.cases import Config  # noqa: E402
+from rnnbench.report import publish  # noqa: E402
 
 import fastrnn  # noqa: E402
 
@@ -147,12 +148,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               f"{torch.__version__}, Python {platform.python_version()}, FASTRNN_PERSISTENT="
               f"{os.environ.get('FASTRNN_PERSISTENT', '')}, TF32 off; median of {args.calls} calls after "
               f"{args.warmup}, each from an idle device. " + __doc__.split("\n\n")[1].replace("\n", " ")]
-    text = markdown(rows, header)
-    print(text, end="")
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            f.write(text)
+    publish(markdown(rows, header), args.out)
     return 0
 
 

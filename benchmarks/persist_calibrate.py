@@ -38,6 +38,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from rnnbench.cases import STANDARD_CONFIGS  # noqa: E402
+from rnnbench.report import publish  # noqa: E402
 
 import fastrnn  # noqa: E402
 from fastrnn.ops import GATES, cpp  # noqa: E402
@@ -278,11 +279,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     model = dict(fastrnn._C._persist_gemm_price(64, 1, 1)["model"])
     text = markdown(samples, fit(samples), model,
                     f"{torch.cuda.get_device_name(device)} (torch {torch.__version__}, {limits['sms']} SMs)")
-    print(text, end="")
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            f.write(text)
+    publish(text, args.out)
     return 0
 
 

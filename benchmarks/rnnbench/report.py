@@ -211,6 +211,16 @@ def case_key(row: dict) -> Tuple[str, str]:
     return cell, ",".join(str(row[k]) for k in ("T", "B", "I", "H", "L"))
 
 
+def publish(text: str, out: Optional[str]) -> None:
+    """A report printed, and written to ``out`` (its folder made) where given: the GPU check's measurement scripts'
+    ending."""
+    print(text, end="")
+    if out:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        with open(out, "w") as f:
+            f.write(text)
+
+
 def write_markdown(
     path: str,
     rows: List[dict],
