@@ -113,7 +113,7 @@ for v in seq persist; do
 --min-time 0.1 --backend triton --triton-variant $v --out $OUT/layernorm-triton-$v.md")
 done
 # the host's time per step of each implementation's calls (Python, dispatch, launches), beside the GPU's
-[ $BENCH = 1 ] && STEPS+=("host-time|180|$ON $PY benchmarks/host_time.py --out $OUT/host-time.md")
+[ $BENCH = 1 ] && STEPS+=("host-time|300|$ON $PY benchmarks/host_time.py --out $OUT/host-time.md")
 [ $BENCH = 1 ] && STEPS+=("grid-barrier|120|$ON FASTRNN_PERSISTENT_CLUSTER=0 $PY benchmarks/bench_rnn.py --device cuda \
 --config 512,16,128,128,1 --config 100,64,256,256,1 --impls fastrnn-cpp,torch.nn --quick --out $OUT/grid-barrier")
 # bf16 modules against cuDNN's bf16 at every standard configuration (the engine's tensor cores), then two of them

@@ -1,13 +1,16 @@
 """Host time per recurrent step of fastrnn's CUDA calls: what the CPU spends on a call (Python, dispatch,
 allocations, launches), per sequential step, beside the GPU's time for the same call.
 
-Each call starts after ``torch.cuda.synchronize()`` and is timed on the host from its start to its return
-(``perf_counter``); CUDA work is asynchronous, so that is the host's own time unless the call waits for the GPU,
-and then the host time reaches the GPU time (CUDA events around the same call): the note column says so where
-the host took over 80 % of the GPU's time. Steps: T per layer and direction, twice with the backward (as
-``bench_rnn.py``'s µs/step). Implementations: torch.nn (cuDNN), the ``cpp`` backend (its persistent engine where
-``FASTRNN_PERSISTENT=1`` is set), and the Triton backend's variants: ``persist`` (one launch per layer and
-direction), ``step`` with its launches replayed from a CUDA graph, and ``step`` launched from Python.
+Each call is timed on the host (``perf_counter``) from its start to its return while the GPU is held busy (a
+``torch.cuda._sleep`` queued first, longer than the call's host time in warm-up), so that the GPU runs none of the
+call's work before the host has queued all of it: the GPU's time (CUDA events from after the sleep to after the
+call) then has no gaps waiting for the host, and a call that returns only after its GPU work began (it waited for
+the GPU, or filled the launch queue) is marked. Steps: T per layer and direction, twice with the backward (as
+``bench_rnn.py``'s µs/step); gradients are cleared before each call, outside its time. Implementations: torch.nn
+(cuDNN), the ``cpp`` backend (its persistent engine where ``FASTRNN_PERSISTENT=1`` is set), and the Triton
+backend's variants: ``persist`` (one launch per layer and direction), ``step`` with its launches replayed from a
+CUDA graph, and ``step`` launched from Python. A variant that does not take a shape says why (its ValueError); any
+other failure is printed with its traceback and makes the exit status 1.
 
     python benchmarks/host_time.py --out benchmarks/results/gpu/host-time.md
 """
@@ -19,6 +22,7 @@ import shlex
 import statistics
 import sys
 import time
+import traceback
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -41,7 +45,6 @@ IMPLS: Dict[str, Optional[Tuple[str, dict]]] = {
     "triton-step": ("triton", {"variant": "step", "cuda_graph": False}),
 }
 MODES = ("fwd", "fwd+bwd")
-WAITED = 0.8  # host time over GPU time above which the call waited for the GPU
 
 
 @dataclass
@@ -70,43 +73,63 @@ def build(impl: str, cell: str, cfg: Config, device: torch.device) -> nn.Module:
     return cls.from_torch(ref, backend=backend, backend_options={backend: options} if options else None)
 
 
-def time_calls(call: Callable[[], None], calls: int, warmup: int) -> Tuple[float, float]:
-    """Median host µs and GPU µs (CUDA events) per call, each call from an idle device."""
-    host, gpu = [], []
+# The GPU's clock at most, cycles per second: a sleep of n cycles lasts at least n / SLEEP_HZ seconds.
+SLEEP_HZ = 2.5e9
+
+
+def time_calls(call: Callable[[], None], reset: Callable[[], None], calls: int, warmup: int) -> Tuple[float, float, bool]:
+    """Median host µs and GPU µs per call, and whether any timed call returned after the GPU had started on it
+    (see the module's doc); ``reset`` runs before each call, untimed."""
+    host, gpu, waited = [], [], False
+    hold = 1e-3
     for i in range(warmup + calls):
+        reset()
         torch.cuda.synchronize()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda._sleep(int(hold * SLEEP_HZ))
         start.record()
         t0 = time.perf_counter()
         call()
         t1 = time.perf_counter()
+        began = start.query()
         end.record()
         end.synchronize()
+        hold = max(hold, 2 * (t1 - t0) + 1e-3)
         if i >= warmup:
             host.append((t1 - t0) * 1e6)
             gpu.append(start.elapsed_time(end) * 1e3)
-    return statistics.median(host), statistics.median(gpu)
+            waited = waited or began
+    return statistics.median(host), statistics.median(gpu), waited
 
 
 def measure(row: Row, device: torch.device, calls: int, warmup: int) -> Row:
+    """``row`` timed; a variant that does not take its shape (ValueError) leaves a note; anything else raises."""
     try:
         m = build(row.impl, row.cell, row.cfg, device)
-        x = torch.randn(row.cfg.T, row.cfg.B, row.cfg.I, device=device, requires_grad=row.mode == "fwd+bwd")
-        if row.mode == "fwd":
-            def call():
-                with torch.no_grad():
-                    m(x)
-        else:
-            grad = torch.randn(row.cfg.T, row.cfg.B, row.cfg.H, device=device)
-
-            def call():
-                m(x)[0].backward(grad)
-        row.host_us, row.gpu_us = time_calls(call, calls, warmup)
-    except Exception as e:  # noqa: BLE001 (a variant that does not run this shape, or fails, says why; the rest run)
-        row.note = f"not run: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}"
+    except ValueError as e:
+        row.note = f"not run: {e}"
         return row
-    if row.gpu_us > 0 and row.host_us > WAITED * row.gpu_us:
-        row.note = "the call waited for the GPU: its host time is at most this"
+    x = torch.randn(row.cfg.T, row.cfg.B, row.cfg.I, device=device, requires_grad=row.mode == "fwd+bwd")
+    grad = torch.randn(row.cfg.T, row.cfg.B, row.cfg.H, device=device)
+
+    def call():
+        if row.mode == "fwd":
+            with torch.no_grad():
+                m(x)
+        else:
+            m(x)[0].backward(grad)
+
+    def reset():
+        x.grad = None
+        m.zero_grad(set_to_none=True)
+
+    try:
+        row.host_us, row.gpu_us, waited = time_calls(call, reset, calls, warmup)
+    except ValueError as e:
+        row.note = f"not run: {e}"
+        return row
+    if waited:
+        row.note = "returned after the GPU began its work (waited for it, or filled the launch queue)"
     return row
 
 
@@ -128,28 +151,45 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--cell", action="append", choices=("lstm", "gru"), help="default: both")
     ap.add_argument("--impls", default=",".join(IMPLS), help="comma-separated, of " + ", ".join(IMPLS))
     ap.add_argument("--calls", type=int, default=10)
-    ap.add_argument("--warmup", type=int, default=3, help="calls before timing (a CUDA graph captures on the 2nd)")
+    ap.add_argument("--warmup", type=int, default=3, help="calls before timing, at least 2 (a CUDA graph captures on "
+                    "the 2nd)")
     ap.add_argument("--out", help="write the markdown here as well")
     args = ap.parse_args(argv)
     impls = args.impls.split(",")
     unknown = [i for i in impls if i not in IMPLS]
     if unknown:
         ap.error(f"--impls: unknown {unknown}; known: {list(IMPLS)}")
+    if args.warmup < 2 or args.calls < 1:
+        ap.error(f"--warmup must be at least 2 (a CUDA graph captures on the 2nd call) and --calls at least 1, got "
+                 f"{args.warmup} and {args.calls}")
     if not torch.cuda.is_available():
         print("host_time: no CUDA GPU visible to torch: nothing measured", file=sys.stderr)
         return 2
     torch.backends.cudnn.allow_tf32 = False
     device = torch.device("cuda")
-    rows = [measure(Row(cfg, cell, mode, impl), device, args.calls, args.warmup)
-            for cfg in args.config or CONFIGS for cell in args.cell or ("lstm", "gru")
-            for mode in MODES for impl in impls]
+    rows, failed = [], 0
+    for cfg in args.config or CONFIGS:
+        for cell in args.cell or ("lstm", "gru"):
+            for mode in MODES:
+                for impl in impls:
+                    row = Row(cfg, cell, mode, impl)
+                    try:
+                        measure(row, device, args.calls, args.warmup)
+                    except Exception as e:  # noqa: BLE001 (printed whole; the rest run unless the device is lost)
+                        failed += 1
+                        traceback.print_exc()
+                        row.note = f"failed: {type(e).__name__} (traceback on stderr)"
+                        torch.cuda.synchronize()  # a sticky CUDA error raises here and ends the run
+                    rows.append(row)
+                    ran = f"{row.host_us / row.steps:.3g} µs/step" if row.host_us else row.note
+                    print(f"host_time: {cell} {cfg.label} {mode} {impl}: {ran}", file=sys.stderr, flush=True)
     header = [f"# Host time per step on {torch.cuda.get_device_name(device)}", "",
               f"`python benchmarks/host_time.py {shlex.join(argv if argv is not None else sys.argv[1:])}`; torch "
               f"{torch.__version__}, Python {platform.python_version()}, FASTRNN_PERSISTENT="
               f"{os.environ.get('FASTRNN_PERSISTENT', '')}, TF32 off; median of {args.calls} calls after "
-              f"{args.warmup}, each from an idle device. " + __doc__.split("\n\n")[1].replace("\n", " ")]
+              f"{args.warmup}. " + __doc__.split("\n\n")[1].replace("\n", " ")]
     publish(markdown(rows, header), args.out)
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

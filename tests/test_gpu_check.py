@@ -414,14 +414,48 @@ def test_host_time_counts_steps_as_the_benchmark_does_and_says_what_did_not_run(
     and an implementation that did not run, say so."""
     cfg = host_time.Config(512, 16, 128, 128, 2)
     rows = [host_time.Row(cfg, "lstm", "fwd+bwd", "fastrnn-cpp", host_us=2048.0, gpu_us=9000.0),
-            host_time.Row(cfg, "lstm", "fwd", "triton-step", host_us=5000.0, gpu_us=5100.0,
-                          note="the call waited for the GPU: its host time is at most this"),
-            host_time.Row(cfg, "gru", "fwd", "triton-persist", note="not run: ValueError: needs H >= 128")]
+            host_time.Row(cfg, "lstm", "fwd", "triton-step", host_us=5000.0, gpu_us=5100.0, note="returned after"),
+            host_time.Row(cfg, "gru", "fwd", "triton-persist", note="not run: needs H >= 128")]
     assert [r.steps for r in rows] == [2048, 1024, 1024]
     text = host_time.markdown(rows, ["# title"])
     assert "| lstm | 512,16,128,128,2 | fwd+bwd | fastrnn-cpp | 1 | 4.39 | 2048 |  |" in text
-    assert "| lstm | 512,16,128,128,2 | fwd | triton-step | 4.88 | 4.98 | 5000 | the call waited" in text
-    assert "| gru | 512,16,128,128,2 | fwd | triton-persist |  |  |  | not run: ValueError" in text
+    assert "| lstm | 512,16,128,128,2 | fwd | triton-step | 4.88 | 4.98 | 5000 | returned after |" in text
+    assert "| gru | 512,16,128,128,2 | fwd | triton-persist |  |  |  | not run: needs H >= 128 |" in text
+
+
+def test_host_time_measure_notes_a_wait_and_a_shape_a_variant_does_not_take(monkeypatch):
+    """measure(): a call that returned after the GPU began is marked; a variant's ValueError (a shape it does not
+    take) leaves a note; gradients are cleared before each call; any other error propagates."""
+    cfg = host_time.Config(3, 2, 4, 5, 1)
+    module = torch.nn.LSTM(4, 5)
+    monkeypatch.setattr(host_time, "build", lambda impl, cell, c, device: module)
+    seen = []
+
+    def fake_time(call, reset, calls, warmup):
+        module.weight_hh_l0.grad = torch.ones_like(module.weight_hh_l0)
+        reset()
+        seen.append(module.weight_hh_l0.grad)
+        call()
+        return 5000.0, 5100.0, True
+
+    monkeypatch.setattr(host_time, "time_calls", fake_time)
+    row = host_time.measure(host_time.Row(cfg, "lstm", "fwd+bwd", "torch.nn"), torch.device("cpu"), 1, 2)
+    assert (row.host_us, row.gpu_us) == (5000.0, 5100.0) and row.note.startswith("returned after the GPU began")
+    assert seen == [None] and module.weight_hh_l0.grad is not None  # cleared, then the call's backward ran
+
+    def refuse(call, reset, calls, warmup):
+        raise ValueError("the 'persist' variant needs no projection")
+
+    monkeypatch.setattr(host_time, "time_calls", refuse)
+    row = host_time.measure(host_time.Row(cfg, "lstm", "fwd", "triton-persist"), torch.device("cpu"), 1, 2)
+    assert row.host_us == 0 and row.note == "not run: the 'persist' variant needs no projection"
+
+    def crash(call, reset, calls, warmup):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(host_time, "time_calls", crash)
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        host_time.measure(host_time.Row(cfg, "lstm", "fwd", "triton-step"), torch.device("cpu"), 1, 2)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the answer where there is no GPU")
@@ -431,15 +465,18 @@ def test_host_time_without_a_gpu_says_so(capsys):
     with pytest.raises(SystemExit):
         host_time.main(["--impls", "fastrnn-cpp,cudnn"])
     assert "unknown ['cudnn']" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        host_time.main(["--warmup", "1"])
+    assert "--warmup must be at least 2" in capsys.readouterr().err
 
 
 if torch.cuda.is_available():  # collected only where a GPU is present
     @pytest.mark.cuda
-    def test_cuda_host_time_runs():
-        """Two calls of each implementation at one configuration: every one ran (or said why), and the host's
-        time of a forward call is positive and below a second."""
-        rows = [host_time.measure(host_time.Row(host_time.Config(20, 4, 8, 128, 1), "lstm", "fwd", impl),
-                                  torch.device("cuda"), calls=2, warmup=2) for impl in host_time.IMPLS]
-        for r in rows:
-            assert (0 < r.host_us < 1e6) or r.note.startswith("not run:"), r
-        assert all(r.host_us > 0 for r in rows if r.impl in ("torch.nn", "fastrnn-cpp"))
+    @pytest.mark.parametrize("mode", host_time.MODES)
+    def test_cuda_host_time_runs(mode):
+        """Two timed calls of each implementation at a shape every one takes: each ran, its host time positive
+        and below a second, and the GPU's time positive."""
+        for impl in host_time.IMPLS:
+            r = host_time.measure(host_time.Row(host_time.Config(20, 4, 8, 128, 1), "lstm", mode, impl),
+                                  torch.device("cuda"), calls=2, warmup=2)
+            assert 0 < r.host_us < 1e6 and r.gpu_us > 0, r

@@ -254,6 +254,22 @@ def test_spill_free_tile_choice(monkeypatch):
     assert compiled[8:] == ["refused", (8, 4096, 256)]
 
 
+def test_unspecialised_arguments_are_the_kernels_own():
+    """The whole-sequence kernels' do_not_specialize names (their step range and T, so that one compile serves every
+    length and is the one benchmarks/kernel_report.py checks) are their parameters: Triton ignores a misspelt one."""
+    from fastrnn.ops.triton import persist as tp, seq as ts
+
+    def unspecialised(k) -> set:  # a JITFunction's, or the interpreter's record of the decorator's arguments
+        return set(getattr(k, "do_not_specialize", None) or getattr(k, "kwargs", {}).get("do_not_specialize") or ())
+
+    for k, want in ((tb._ext._fwd_seq_kernel, {"k_begin", "k_end", "T", "zero"}),
+                    (tb._ext._bwd_seq_kernel, {"k_begin", "k_end", "T", "zero"}),
+                    (tp._fwd_persist_kernel, {"k_begin", "k_end", "T", "zero"}),
+                    (tp._bwd_persist_kernel, {"j_begin", "j_end", "T", "zero"}),
+                    (ts._fwd_seq_kernel, {"T", "B"}), (ts._bwd_seq_kernel, {"T", "B"})):
+        assert unspecialised(k) == want and want <= set(k.arg_names), (k, unspecialised(k))
+
+
 def test_variant_choice():
     """Unasked, the cells take the step loop on the CPU (the whole-sequence kernels are the default only on CUDA
     with FASTRNN_PERSISTENT=1 until they have run on a GPU); a CUDA graph on the CPU, "seq" or "persist" with a

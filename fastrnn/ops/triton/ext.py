@@ -767,10 +767,13 @@ def _spill_free(kernel, grid, args, options_of) -> tuple:
     """The first of PERSIST_TILES whose compiled kernel does not spill on this device and fits its resources (the
     first where none does, or where this Triton does not say), compiled without launching and remembered per
     configuration."""
-    # What Triton specialises a compile on besides the options: 16-byte alignment of the pointers and of the ints,
-    # and ints equal to 1. The options of every candidate, not the first's alone: two problems whose first tiles
-    # compile alike may differ in a later one.
-    spec = tuple(a.data_ptr() % 16 == 0 if torch.is_tensor(a) else (a % 16 == 0, a == 1) for a in args)
+    # What Triton specialises a compile on besides the options: the tensors' dtypes and 16-byte alignment, and of the
+    # ints it specialises (not the step range and T: do_not_specialize) divisibility by 16 and a value of 1. The
+    # options of every candidate, not the first's alone: two problems whose first tiles compile alike may differ in
+    # a later one.
+    fixed = [getattr(p, "do_not_specialize", False) for p in getattr(kernel, "params", ())]
+    spec = tuple((str(a.dtype), a.data_ptr() % 16 == 0) if torch.is_tensor(a) else
+                 None if i < len(fixed) and fixed[i] else (a % 16 == 0, a == 1) for i, a in enumerate(args))
     options = [options_of(tile) for tile in PERSIST_TILES]
     key = (kernel.fn.__name__, tuple(tuple(sorted(o.items())) for o in options), spec, args[0].device)
     if key not in _SPILL_FREE:
