@@ -213,13 +213,53 @@ def fit(samples: List[Sample]) -> Dict[str, object]:
     return out
 
 
+PLAN_KEYS = ("scheme", "units", "batch_tile", "mma", "chunks")
+
+
+def measured_costs(implied: Dict[str, float]) -> Dict[str, int]:
+    """The prices the fits imply, by persistent_plan's ``costs`` names (the tensor cores' from bf16's fit, else
+    TF32's), rounded; those not measured or not positive left out (persist.h's stay)."""
+    names = {"grid_sync": "grid_sync", "cluster_sync": "cluster_sync", "stage": "stage"}
+    mma = "mma-bf16" if "mma-bf16" in implied else "mma-tf32"
+    out = {name: implied[key] for name, key in names.items() if key in implied}
+    if mma in implied:
+        out["mma"] = implied[mma]
+    return {k: int(round(v)) for k, v in out.items() if v > 0}
+
+
+def plan_changes(limits: dict, costs: Dict[str, int]) -> List[tuple]:
+    """(configuration, plan now, plan with ``costs``) of every standard configuration's layer (fp32 without TF32,
+    bf16; plain cells, and the LSTM with fastrnn's own cells) whose plan the measured prices would change."""
+    out = []
+    for dtype in (torch.float32, torch.bfloat16):
+        for cfg in STANDARD_CONFIGS:
+            for mode, cells in [(m, False) for m in MODES] + [("LSTM", True)]:
+                if cells and dtype != torch.float32:
+                    continue
+                lim = dict(limits, tf32=False)
+                now, then = (cpp.persistent_plan(mode, cfg.B, cfg.H, dtype, cells=cells, limits=lim_c)
+                             for lim_c in (lim, dict(lim, costs=costs)))
+                if any(now[k] != then[k] for k in PLAN_KEYS):
+                    name = f"{mode}{' cells' if cells else ''} B={cfg.B} H={cfg.H} {str(dtype)[6:]}"
+                    out.append((name, now, then))
+    return out
+
+
+def _plan_text(p: dict) -> str:
+    if p["scheme"] == "per-step":
+        return "per-step"
+    return (f"{p['scheme']}, {p['units']} units x {p['batch_tile']} rows{', mma' if p['mma'] else ''}, "
+            f"chunks {p['chunks'][0]}/{p['chunks'][1]}")
+
+
 def clock_ghz(samples: List[Sample]) -> Optional[float]:
     """The SM clock the run saw: each launch's cycles over its nanoseconds, both read in the kernel (median)."""
     rates = [s.cycles / s.ns for s in samples if s.ns > 0]
     return statistics.median(rates) if rates else None
 
 
-def markdown(samples: List[Sample], fitted: Dict[str, object], model: dict, title: str) -> str:
+def markdown(samples: List[Sample], fitted: Dict[str, object], model: dict, title: str,
+             changes: Optional[List[tuple]] = None) -> str:
     lines = [f"# Persistent engine cost model on {title}", "",
              "`python benchmarks/persist_calibrate.py`: the engine's block GEMM and step barrier "
              "(`fastrnn._C._persist_probe`), one block per SM; per step, the median over blocks of `clock64` cycles "
@@ -261,6 +301,13 @@ def markdown(samples: List[Sample], fitted: Dict[str, object], model: dict, titl
         lines += [f"| {name} | {const} | {implied[key]:.0f} |" for key, name, const in rows if key in implied]
     else:
         lines += ["", "No SIMT fit with a positive slope: the model's unit is unknown, no constants implied."]
+    if changes is not None:
+        lines += ["", "Plans of the standard configurations that the measured prices would change "
+                  "(`persistent_plan(..., limits={..., \"costs\": ...})`, fp32 without TF32 and bf16):", ""]
+        lines += ["| layer | plan with persist.h's prices | with the measured ones |", "| --- | --- | --- |"]
+        lines += [f"| {name} | {_plan_text(now)} | {_plan_text(then)} |" for name, now, then in changes]
+        if not changes:
+            lines.append("| none | | |")
     return "\n".join(lines) + "\n"
 
 
@@ -277,8 +324,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     device = torch.device("cuda", args.device)
     samples = measure(gpu_probe(args.device), limits, quick=args.quick)
     model = dict(fastrnn._C._persist_gemm_price(64, 1, 1)["model"])
-    text = markdown(samples, fit(samples), model,
-                    f"{torch.cuda.get_device_name(device)} (torch {torch.__version__}, {limits['sms']} SMs)")
+    fitted = fit(samples)
+    changes = plan_changes(limits, measured_costs(fitted["implied"])) if fitted.get("implied") else None
+    text = markdown(samples, fitted, model,
+                    f"{torch.cuda.get_device_name(device)} (torch {torch.__version__}, {limits['sms']} SMs)", changes)
     publish(text, args.out)
     return 0
 

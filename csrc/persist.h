@@ -87,6 +87,12 @@ constexpr int64_t kMmaCycles = 12;
 // which meet at the cluster's barrier.
 enum Scheme : int { kNone = 0, kBlock = 1, kGrid = 2, kCluster = 3 };
 
+// The cost model's prices above, as a plan uses them: a Limits carries them, so that the calibration
+// (benchmarks/persist_calibrate.py) can show the plans that measured prices would give before they are written here.
+struct Costs {
+  int64_t grid_sync = kGridSyncCycles, cluster_sync = kClusterSyncCycles, stage = kStageCycles, mma = kMmaCycles;
+};
+
 // What the plan needs of a device.
 struct Limits {
   int64_t sms = 0;    // streaming multiprocessors
@@ -96,6 +102,7 @@ struct Limits {
   bool mma = false;     // tensor cores (sm_80 and later): 16-bit always, fp32 only with `tf32`
   bool tf32 = false;    // torch allows TF32 for cuDNN's RNN (torch.backends.cudnn.allow_tf32 / rnn.fp32_precision)
   bool pad = true;      // the SIMT loop's strides padded where they fit (off: FASTRNN_PERSISTENT_PAD=0, to measure)
+  Costs costs;          // the cost model's prices (persist.h's, unless a calibration asks for others)
 };
 
 
@@ -219,10 +226,10 @@ FRNN_HD bool gemm_fits(const Gemm& g) {
   return g.mma ? cdiv(g.items, kWarps / g.ks) <= kWarpTiles : g.items <= kThreads;
 }
 
-// A thread's serial work per step in the plan's units (SIMT FMAs): its K loop, or its warp's mma instructions.
-FRNN_HD int64_t gemm_cycles(const Gemm& g) {
-  return g.mma ? cdiv(g.items, kWarps / g.ks) * cdiv(cdiv(g.K, mma_k(g.es)), g.ks) * kMmaCycles
-               : cdiv(g.K, g.ks) * kTile;
+// A thread's serial work per step in the plan's units (SIMT FMAs): its K loop, or its warp's mma instructions at
+// `mma` units each.
+FRNN_HD int64_t gemm_cycles(const Gemm& g, int64_t mma = kMmaCycles) {
+  return g.mma ? cdiv(g.items, kWarps / g.ks) * cdiv(cdiv(g.K, mma_k(g.es)), g.ks) * mma : cdiv(g.K, g.ks) * kTile;
 }
 
 // Ws as stored: K x R, padded to whole 16 x mma_k tiles for the tensor cores (zeros beyond K and R).
@@ -365,12 +372,14 @@ inline Plan make_plan(int64_t G, int64_t B, int64_t H, int64_t esize, const Limi
     const int scheme = slices == 1 ? kBlock : slices <= lim.cluster ? kCluster : kGrid;
     // forward and backward GEMMs per step, plus the barriers and (cells) the rows each block walks
     const int64_t barriers = cells ? 4 : 2;
-    const int64_t sync = scheme == kGrid ? kGridSyncCycles : scheme == kCluster ? kClusterSyncCycles : 0;
+    const Costs& c = lim.costs;
+    const int64_t sync = scheme == kGrid ? c.grid_sync : scheme == kCluster ? c.cluster_sync : 0;
     const int64_t rows = cells ? 2 * cdiv(bt, slices) * (kRowPassCycles * cdiv(G * H, kThreads) + kRowSyncCycles) : 0;
     // priced conflict-free first, then, for a candidate that would still win, the SIMT loop's bank conflicts
     // added (the unpadded strides' and what the pads leave: a stage with bg * span > 32, odd tile widths)
     auto chunks = [](const Gemm& g) { return cdiv(g.K, g.kc); };
-    int64_t cost = gemm_cycles(f) + gemm_cycles(b) + (chunks(f) + chunks(b)) * kStageCycles + rows + barriers * sync;
+    int64_t cost = gemm_cycles(f, c.mma) + gemm_cycles(b, c.mma) + (chunks(f) + chunks(b)) * c.stage + rows +
+                   barriers * sync;
     if (best_cost >= 0 && cost >= best_cost) return;
     auto conflicts = [](const Gemm& g) { return g.mma ? 0 : cdiv(g.K, g.ks) * k_step_cycles(g) - gemm_cycles(g); };
     cost += conflicts(f) + conflicts(b);

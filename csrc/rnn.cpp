@@ -832,8 +832,16 @@ pybind11::dict build_info() {
 // or not (persist::plan_with, what a call on such a device takes).
 pybind11::dict persist_plan(int64_t G, int64_t B, int64_t H, int64_t esize, int64_t sms, int64_t smem,
                             bool cooperative, bool proj, bool cells, int64_t cluster, bool mma, bool tf32, bool pair,
-                            bool pad) {
-  const persist::Limits lim{sms, smem, cooperative, cluster, mma, tf32, pad};
+                            bool pad, const std::map<std::string, int64_t>& costs) {
+  persist::Limits lim{sms, smem, cooperative, cluster, mma, tf32, pad};
+  // prices other than persist.h's (a calibration's), by name; an unknown name is refused
+  for (const auto& [name, value] : costs) {
+    int64_t* slot = name == "grid_sync" ? &lim.costs.grid_sync : name == "cluster_sync" ? &lim.costs.cluster_sync
+                  : name == "stage" ? &lim.costs.stage : name == "mma" ? &lim.costs.mma : nullptr;
+    TORCH_CHECK(slot != nullptr, "fastrnn: costs: known prices are grid_sync, cluster_sync, stage and mma, got ", name);
+    TORCH_CHECK(value >= 0, "fastrnn: costs: ", name, " must be at least 0, got ", value);
+    *slot = value;
+  }
   const persist::Plan p = persist::plan_with(lim, G, B, H, esize, proj, cells, pair);
   static const char* names[] = {"per-step", "block", "grid", "cluster"};
   pybind11::dict d;
@@ -972,8 +980,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("persist_plan", &fastrnn::persist_plan, py::arg("G"), py::arg("B"), py::arg("H"), py::arg("esize"),
         py::arg("sms"), py::arg("smem"), py::arg("cooperative") = true, py::arg("proj") = false,
         py::arg("cells") = false, py::arg("cluster") = 0, py::arg("mma") = false, py::arg("tf32") = false,
-        py::arg("pair") = false, py::arg("pad") = true,
-        "the persistent CUDA engine's plan for a problem on a device of these limits");
+        py::arg("pair") = false, py::arg("pad") = true, py::arg("costs") = std::map<std::string, int64_t>{},
+        "the persistent CUDA engine's plan for a problem on a device of these limits (and, with `costs`, the cost "
+        "model's prices by name instead of persist.h's)");
   m.def("tf32_allowed", &fastrnn::persist::tf32_allowed,
         "whether torch now allows TF32 for cuDNN's RNN, which puts fp32 CUDA calls of the persistent engine on "
         "tensor cores in TF32");

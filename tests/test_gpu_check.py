@@ -312,6 +312,29 @@ def test_calibration_recovers_the_costs_of_the_pieces():
     assert text.count("\n| ") == (2 + len(samples)) + (2 + 8)  # the samples' table and the constants', headed
 
 
+def test_calibration_shows_the_plans_measured_prices_would_give():
+    """With the prices a calibration measured (the stand-in's: barriers and chunks cheaper than persist.h's), the
+    plans are made again through persistent_plan's ``costs``: persist.h's own prices change nothing, cheaper
+    barriers split some layers that a block held whole, and the report lists each change; an unknown price is
+    refused by name."""
+    samples = persist_calibrate.measure(_stand_in_probe(H200_LIMITS, []), H200_LIMITS)
+    got = persist_calibrate.fit(samples)
+    costs = persist_calibrate.measured_costs(got["implied"])
+    u = TRUE["unit"]
+    assert costs == {"grid_sync": round(TRUE["grid"] / u), "cluster_sync": round(max(TRUE["cluster"].values()) / u),
+                     "stage": round(TRUE["stage"] / u), "mma": round(TRUE["mma"][2] / u)}
+    model = dict(fastrnn._C._persist_gemm_price(64, 1, 1)["model"])
+    same = {k: model[k] for k in ("grid_sync", "cluster_sync", "stage", "mma")}
+    assert persist_calibrate.plan_changes(H200_LIMITS, same) == []
+    changes = persist_calibrate.plan_changes(H200_LIMITS, costs)
+    assert any(now["scheme"] == "block" and then["scheme"] in ("cluster", "grid") for _, now, then in changes)
+    text = persist_calibrate.markdown(samples, got, model, "a stand-in", changes)
+    assert all(f"| {name} | {persist_calibrate._plan_text(now)} | {persist_calibrate._plan_text(then)} |" in text
+               for name, now, then in changes)
+    with pytest.raises(RuntimeError, match="known prices are grid_sync, cluster_sync, stage and mma, got sync"):
+        _cpp.persistent_plan("LSTM", 64, 256, torch.float32, limits=dict(H200_LIMITS, costs={"sync": 1}))
+
+
 def test_calibration_follows_the_plans_on_another_gpu():
     """An A100's limits (108 SMs, 163 KiB of shared memory per block, no clusters): the plans there leave some
     SIMT loops unpadded, and the probe gets each plan's padding (padded, they would not fit a block); no cluster

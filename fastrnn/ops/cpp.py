@@ -75,7 +75,9 @@ def persistent_plan(mode: str, batch: int, hidden: int, dtype: torch.dtype = tor
     the other (``"blocks"`` then counts both directions').
     ``limits`` (``{"sms": ..., "smem": ...}``, optionally ``"cooperative"``, ``"cluster"``: most blocks per
     cluster, ``"mma"``: tensor cores, ``"tf32"``: torch allows TF32 for cuDNN's RNN, which puts fp32 on them too,
-    ``"pad"``: False plans as ``FASTRNN_PERSISTENT_PAD=0`` does) stands for a device that is not here; otherwise
+    ``"pad"``: False plans as ``FASTRNN_PERSISTENT_PAD=0`` does; ``"costs"``: the cost model's prices by name,
+    ``grid_sync``, ``cluster_sync``, ``stage``, ``mma``, in its unit, instead of csrc/persist.h's, as
+    ``benchmarks/persist_calibrate.py`` asks with measured ones) stands for a device that is not here; otherwise
     ``device`` (default: the current CUDA device) is asked. ``"padded"``: the SIMT loop's shared-memory strides
     padded against bank conflicts (where they fit; else unpadded, the conflicts priced into the plan's cost);
     ``"chunks"``: the K chunk in which the forward's and the backward's block GEMM stage their operand (the whole
@@ -88,7 +90,7 @@ def persistent_plan(mode: str, batch: int, hidden: int, dtype: torch.dtype = tor
     plan = dict(_lib().persist_plan(_ops.GATES[mode], batch, hidden, esize, limits["sms"], limits["smem"],
                                     limits.get("cooperative", True), bool(proj_size), cells,
                                     limits.get("cluster", 0), limits.get("mma", False), limits.get("tf32", False),
-                                    bidirectional, limits.get("pad", True)))
+                                    bidirectional, limits.get("pad", True), limits.get("costs", {})))
     plan["enabled"] = os.environ.get("FASTRNN_PERSISTENT") == "1"
     return plan
 
