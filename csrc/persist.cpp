@@ -538,10 +538,10 @@ Gemm priced_gemm(int64_t K, int64_t R, int64_t bt, bool mma, int64_t es, int64_t
 
 GemmPrice gemm_price(int64_t K, int64_t R, int64_t bt, bool mma, int64_t es, int64_t kc, bool pad) {
   const Gemm g = priced_gemm(K, R, bt, mma, es, kc, pad);
-  const int64_t steps = mma ? gemm_cycles(g) / kMmaCycles : cdiv(g.K, g.ks);
-  // as make_plan prices a layout: the K loop, and the SIMT loop's bank conflicts on top
-  const int64_t conflicts = mma ? 0 : steps * k_step_cycles(g) - gemm_cycles(g);
-  return {gemm_cycles(g) + conflicts, steps, cdiv(g.K, g.kc), smem_bytes(g), gemm_fits(g)};
+  // as make_plan prices a layout: the K loop (a warp's mma rounds at one unit each: its steps), and the SIMT loop's
+  // bank conflicts on top
+  const int64_t steps = mma ? gemm_cycles(g, 1) : cdiv(g.K, g.ks);
+  return {gemm_cycles(g) + conflict_cycles(g), steps, cdiv(g.K, g.kc), smem_bytes(g), gemm_fits(g)};
 }
 
 // Steps per probe launch at most: a launch of more could run for minutes (no watchdog on a compute GPU).

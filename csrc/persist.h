@@ -317,6 +317,12 @@ inline int64_t k_step_cycles(const Gemm& g) {
   return cdiv(waves, 4) > kTile ? cdiv(waves, 4) : kTile;
 }
 
+// The price of the SIMT loop's bank conflicts on top of gemm_cycles: a K step costs its FMAs or its wavefronts, the
+// longer (none on the tensor cores, whose fragment layouts are conflict-free).
+inline int64_t conflict_cycles(const Gemm& g) {
+  return g.mma ? 0 : cdiv(g.K, g.ks) * k_step_cycles(g) - gemm_cycles(g);
+}
+
 // fastrnn's own cells (cell_ln.h) run a row phase after each step's GEMM: a block takes whole rows of its
 // batch tile, all G*H columns, with its threads as the row's executor (row_block.cuh), whose sums need this
 // much static shared memory beside the plan's (sum<K> keeps K <= 4 floats per warp, once per K used).
@@ -381,8 +387,7 @@ inline Plan make_plan(int64_t G, int64_t B, int64_t H, int64_t esize, const Limi
     int64_t cost = gemm_cycles(f, c.mma) + gemm_cycles(b, c.mma) + (chunks(f) + chunks(b)) * c.stage + rows +
                    barriers * sync;
     if (best_cost >= 0 && cost >= best_cost) return;
-    auto conflicts = [](const Gemm& g) { return g.mma ? 0 : cdiv(g.K, g.ks) * k_step_cycles(g) - gemm_cycles(g); };
-    cost += conflicts(f) + conflicts(b);
+    cost += conflict_cycles(f) + conflict_cycles(b);
     if (best_cost >= 0 && cost >= best_cost) return;
     best_cost = cost;
     best.cost = cost;

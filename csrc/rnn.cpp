@@ -830,6 +830,11 @@ pybind11::dict build_info() {
 // (`pair`: "dirs" 2 where they share a launch; "blocks" counts both), on a device with `sms` SMs, `smem` bytes of shared
 // memory per block, cooperative launch or not and thread-block clusters of up to `cluster` blocks (0: none)
 // or not (persist::plan_with, what a call on such a device takes).
+const char* scheme_name(int scheme) {
+  static const char* names[] = {"per-step", "block", "grid", "cluster"};
+  return names[scheme];
+}
+
 pybind11::dict persist_plan(int64_t G, int64_t B, int64_t H, int64_t esize, int64_t sms, int64_t smem,
                             bool cooperative, bool proj, bool cells, int64_t cluster, bool mma, bool tf32, bool pair,
                             bool pad, const std::map<std::string, int64_t>& costs) {
@@ -843,9 +848,8 @@ pybind11::dict persist_plan(int64_t G, int64_t B, int64_t H, int64_t esize, int6
     *slot = value;
   }
   const persist::Plan p = persist::plan_with(lim, G, B, H, esize, proj, cells, pair);
-  static const char* names[] = {"per-step", "block", "grid", "cluster"};
   pybind11::dict d;
-  d["scheme"] = names[p.scheme];
+  d["scheme"] = scheme_name(p.scheme);
   d["units"] = p.units;
   d["slices"] = p.slices;
   d["batch_tile"] = p.bt;
@@ -869,10 +873,11 @@ pybind11::dict gemm_price(int64_t K, int64_t R, int64_t bt, bool mma, int64_t es
   d["chunks"] = p.chunks;
   d["smem"] = p.smem;
   d["fits"] = p.fits;
-  model["grid_sync"] = persist::kGridSyncCycles;
-  model["cluster_sync"] = persist::kClusterSyncCycles;
-  model["stage"] = persist::kStageCycles;
-  model["mma"] = persist::kMmaCycles;
+  const persist::Costs c;
+  model["grid_sync"] = c.grid_sync;
+  model["cluster_sync"] = c.cluster_sync;
+  model["stage"] = c.stage;
+  model["mma"] = c.mma;
   model["simt_step"] = persist::kTile;
   d["model"] = model;  // the constants it priced with
   return d;
@@ -883,11 +888,10 @@ pybind11::dict persist_probe(int device, const std::string& scheme, int64_t bloc
                              int64_t iters) {
   const persist::ProbeResult r = persist::probe(device, scheme, blocks, cluster, K, R, bt, mma, es, kc, pad, rows,
                                                 iters);
-  static const char* names[] = {"per-step", "block", "grid", "cluster"};
   pybind11::dict d;
   d["cycles"] = r.cycles;
   d["ns"] = r.ns;
-  d["scheme"] = names[r.scheme];
+  d["scheme"] = scheme_name(r.scheme);
   return d;
 }
 

@@ -209,12 +209,14 @@ def test_persist_tiles_cover_every_column():
 
 def test_spill_free_tile_choice(monkeypatch):
     """A GPU launch of the persist kernels compiles PERSIST_TILES in order (without launching) and takes the first
-    whose kernel does not spill, once per configuration; the first where every candidate spills. Exercised with a
-    stand-in for Triton's compiled kernel, which needs a GPU to report its spills."""
+    whose kernel does not spill, once per configuration (what the options follow from, the tensors' dtypes and
+    alignment, the specialised ints), building the candidates' options only then; the first where every candidate
+    spills; a candidate the device cannot hold is passed over. Exercised with a stand-in for Triton's compiled
+    kernel, which needs a GPU to report its spills."""
     ext = tb._ext
     monkeypatch.setattr(ext, "_SPILL_FREE", {})
     monkeypatch.setattr(ext, "PERSIST_TILES", ((4, 2048, 128), (8, 4096, 256), (4, 2048, 64)))
-    compiled = []
+    compiled, built = [], []
 
     class Kernel:
         fn = test_spill_free_tile_choice
@@ -226,21 +228,26 @@ def test_spill_free_tile_choice(monkeypatch):
             compiled.append(options["tile"])
             return type("Compiled", (), {"_init_handles": lambda _: None, "n_spills": self.spills[options["tile"]]})()
 
+    def options_of(G):
+        def of(tile):
+            built.append(tile)
+            return {"tile": tile, "G": G}
+        return of
+
     args = (torch.zeros(4), 16)
     spills = {(4, 2048, 128): 3, (8, 4096, 256): 0, (4, 2048, 64): 0}
-    assert ext._spill_free(Kernel(spills), (1, 2), args, lambda tile: {"tile": tile, "G": 4}) == (8, 4096, 256)
-    assert ext._spill_free(Kernel(spills), (1, 2), args, lambda tile: {"tile": tile, "G": 4}) == (8, 4096, 256)
-    assert compiled == [(4, 2048, 128), (8, 4096, 256)]  # the second call remembered the choice
+    assert ext._spill_free(Kernel(spills), (1, 2), args, options_of(4), (16, 256)) == (8, 4096, 256)
+    assert ext._spill_free(Kernel(spills), (1, 2), args, options_of(4), (16, 256)) == (8, 4096, 256)
+    assert compiled == built == [(4, 2048, 128), (8, 4096, 256)]  # the second call remembered, building nothing
     every = dict.fromkeys(spills, 2)
-    assert ext._spill_free(Kernel(every), (1, 2), args, lambda tile: {"tile": tile, "G": 3}) == (4, 2048, 128)
+    assert ext._spill_free(Kernel(every), (1, 2), args, options_of(3), (16, 512)) == (4, 2048, 128)
     assert len(compiled) == 5
-    # a problem whose first candidate compiles as the first problem's but whose second does not is its own
+    # the same problem in another dtype, and with an int argument of 1 (Triton compiles it as a constant): its own
     other = {(4, 2048, 128): 3, (8, 4096, 256): 5, (4, 2048, 64): 0}
-    wider = lambda tile: {"tile": tile, "G": 4, **({"BC": 256} if tile == (8, 4096, 256) else {})}  # noqa: E731
-    assert ext._spill_free(Kernel(other), (1, 2), args, wider) == (4, 2048, 64)
-    # so is an int argument equal to 1 (Triton compiles it as a constant), and a candidate the device cannot hold
-    # (more shared memory than it has) is passed over, not taken for the answer
-    assert len(compiled) == 8
+    assert ext._spill_free(Kernel(other), (1, 2), (torch.zeros(4, dtype=torch.bfloat16), 16), options_of(4),
+                           (16, 256)) == (4, 2048, 64)
+    assert ext._spill_free(Kernel(other), (1, 2), (torch.zeros(4), 1), options_of(4), (16, 256)) == (4, 2048, 64)
+    assert len(compiled) == 11
 
     class Big(Kernel):
         def warmup(self, *args, grid, **options):
@@ -249,9 +256,8 @@ def test_spill_free_tile_choice(monkeypatch):
                 raise ext.OutOfResources(300000, 232448, "shared memory")
             return super().warmup(*args, grid=grid, **options)
 
-    assert ext._spill_free(Big(spills), (1, 2), (torch.zeros(4), 1), lambda tile: {"tile": tile, "G": 4}) == \
-        (8, 4096, 256)
-    assert compiled[8:] == ["refused", (8, 4096, 256)]
+    assert ext._spill_free(Big(spills), (1, 2), args, options_of(4), (1, 256)) == (8, 4096, 256)
+    assert compiled[11:] == ["refused", (8, 4096, 256)]
 
 
 def test_unspecialised_arguments_are_the_kernels_own():

@@ -754,33 +754,33 @@ def _launch_seq(kernel, variant: str, rows: Rows, B: int, H: int, *args, **const
         def tiles(tile: tuple) -> dict:
             return persist_tiles(B, H, constexprs["G"], backward, device_programs(device), tile)
 
+        # what the candidates' options follow from: the problem, the device's programs and the call's flags
+        given = (B, H, device_programs(device), tuple(sorted(constexprs.items())))
         cfg = tiles(_spill_free(kernel, grid, (*args, bs, off, counters, 0, T, T, H, cfg["CW"], 0),
-                                lambda tile: options(tiles(tile), sum(order))))
+                                lambda tile: options(tiles(tile), sum(order)), given))
     for begin, end, passes in spans:
         kernel[grid](*args, bs, off, counters, begin, end, T, H, cfg["CW"], 0, **options(cfg, passes))
 
 
-_SPILL_FREE = {}  # (kernel, every candidate's compile-time options, specialisations, device) -> the tile taken
+_SPILL_FREE = {}  # (kernel, what its options follow from, specialisations, device) -> the PERSIST_TILES entry taken
 
 
-def _spill_free(kernel, grid, args, options_of) -> tuple:
+def _spill_free(kernel, grid, args, options_of, given: tuple) -> tuple:
     """The first of PERSIST_TILES whose compiled kernel does not spill on this device and fits its resources (the
     first where none does, or where this Triton does not say), compiled without launching and remembered per
-    configuration."""
-    # What Triton specialises a compile on besides the options: the tensors' dtypes and 16-byte alignment, and of the
-    # ints it specialises (not the step range and T: do_not_specialize) divisibility by 16 and a value of 1. The
-    # options of every candidate, not the first's alone: two problems whose first tiles compile alike may differ in
-    # a later one.
+    configuration: ``given``, what ``options_of(tile)`` follows from for every candidate (options are only built on
+    a miss: building them per launch cost ~0.2 ms), and what Triton specialises a compile on besides the options:
+    the tensors' dtypes and 16-byte alignment, and of the ints it specialises (not the step range and T:
+    do_not_specialize) divisibility by 16 and a value of 1."""
     fixed = [getattr(p, "do_not_specialize", False) for p in getattr(kernel, "params", ())]
-    spec = tuple((str(a.dtype), a.data_ptr() % 16 == 0) if torch.is_tensor(a) else
+    spec = tuple((a.dtype, a.data_ptr() % 16 == 0) if torch.is_tensor(a) else
                  None if i < len(fixed) and fixed[i] else (a % 16 == 0, a == 1) for i, a in enumerate(args))
-    options = [options_of(tile) for tile in PERSIST_TILES]
-    key = (kernel.fn.__name__, tuple(tuple(sorted(o.items())) for o in options), spec, args[0].device)
+    key = (kernel.fn.__name__, given, spec, args[0].device)
     if key not in _SPILL_FREE:
         taken = PERSIST_TILES[0]
-        for tile, opts in zip(PERSIST_TILES, options):
+        for tile in PERSIST_TILES:
             try:
-                compiled = kernel.warmup(*args, grid=grid, **opts)
+                compiled = kernel.warmup(*args, grid=grid, **options_of(tile))
                 if not hasattr(compiled, "_init_handles"):
                     break
                 compiled._init_handles()  # loads the binary, which is where Triton reads its local memory size
