@@ -289,8 +289,9 @@ inline int64_t warp_wavefronts(const int64_t (&word)[32]) {
   }
   return most;
 }
-// Lane l's word in warp instruction `load` of a SIMT K step (accumulate's first pass of a chunk): loads 0..3 Ws's
-// columns cg + j*cw, 4..7 the stage's rows bg_ + i*bg; -1 where the lane loads nothing.
+// Lane l's word in warp instruction `load` of a SIMT K step (accumulate's first pass of a chunk, the tile's rows
+// all staged): loads 0..3 Ws's columns cg + j*cw, 4..7 the stage's rows bg_ + i*bg, each past the last read as
+// the last; -1 where the lane loads nothing.
 inline int64_t k_step_word(const Gemm& g, int64_t tid, int load) {
   const int64_t klen = g.K < g.kc ? g.K : g.kc;
   if (tid >= g.items * g.ks) return -1;
@@ -298,10 +299,10 @@ inline int64_t k_step_word(const Gemm& g, int64_t tid, int load) {
   if (th.ksl >= klen) return -1;
   if (load < kTileCols) {
     const int64_t c = th.cg + load * g.cw;
-    return c < g.R ? simt_w(g, th.ksl, c) * g.es / 4 : -1;
+    return simt_w(g, th.ksl, c < g.R ? c : g.R - 1) * g.es / 4;
   }
   const int64_t r = th.bg0 + (load - kTileCols) * g.bg;
-  return r < g.bt ? stage_at(g, r, th.ksl) : -1;
+  return stage_at(g, r < g.bt ? r : g.bt - 1, th.ksl);
 }
 // A SIMT K step's price in the plan's units (a thread's FMA, ~4 cycles; 16 per K step): its FMAs, or the block's
 // shared-load wavefronts at one per cycle where bank conflicts make those the longer.
@@ -572,23 +573,35 @@ FRNN_HD void stage(const Gemm& g, const Smem<T>& sm, int tid, int64_t k0, int64_
   }
 }
 
+// The SIMT K loop, the engine's inner loop: per K step a thread's 4 + 4 shared loads and 16 FMAs. Its addresses
+// are 32-bit pointers stepped once per K step, and a row or column past the block's (r >= nrows, c >= R) reads
+// the last one's value instead of taking a branch, which costs nothing in the results: only the accumulators of
+// that row or column take it, and reduce() reads none of them. sm_90 SASS per K step: 33 instructions (88 with
+// the bounds tested and the 64-bit addresses worked out per element).
 template <typename T>
 FRNN_HD void accumulate(const Gemm& g, const Smem<T>& sm, int tid, int64_t k0, int64_t nrows, float* acc) {
-  if (tid >= g.items * g.ks) return;
+  if (tid >= g.items * g.ks || nrows <= 0) return;
   const SimtThread th = simt_thread(g, tid);
-  const int64_t klen = g.K - k0 < g.kc ? g.K - k0 : g.kc;
-  for (int64_t kk = th.ksl; kk < klen; kk += g.ks) {
-    float w[kTileCols], x[kTileRows];
-    for (int j = 0; j < kTileCols; ++j) {
-      const int64_t c = th.cg + j * g.cw;
-      w[j] = c < g.R ? static_cast<float>(sm.w[simt_w(g, k0 + kk, c)]) : 0.0f;
-    }
-    for (int i = 0; i < kTileRows; ++i) {
-      const int64_t r = th.bg0 + i * g.bg;
-      x[i] = r < nrows ? sm.stage[stage_at(g, r, kk)] : 0.0f;
-    }
+  const int klen = static_cast<int>(g.K - k0 < g.kc ? g.K - k0 : g.kc), ks = static_cast<int>(g.ks);
+  const int ksl = static_cast<int>(th.ksl), wstep = ks * static_cast<int>(g.ldw);
+  const T* w[kTileCols];
+  const float* x[kTileRows];
+  for (int j = 0; j < kTileCols; ++j) {
+    const int64_t c = th.cg + j * g.cw;
+    w[j] = sm.w + simt_w(g, k0 + ksl, c < g.R ? c : g.R - 1);
+  }
+  for (int i = 0; i < kTileRows; ++i) {
+    const int64_t r = th.bg0 + i * g.bg;
+    x[i] = sm.stage + stage_at(g, r < nrows ? r : nrows - 1, ksl);
+  }
+  // K steps ksl, ksl + ks, ... below klen
+  const int steps = klen / ks + (ksl < klen % ks ? 1 : 0);
+  for (int n = 0; n < steps; ++n) {
+    float wv[kTileCols], xv[kTileRows];
+    for (int j = 0; j < kTileCols; ++j) wv[j] = static_cast<float>(w[j][n * wstep]);
+    for (int i = 0; i < kTileRows; ++i) xv[i] = x[i][n * ks];
     for (int i = 0; i < kTileRows; ++i)
-      for (int j = 0; j < kTileCols; ++j) acc[i * kTileCols + j] = fma_acc(x[i], w[j], acc[i * kTileCols + j]);
+      for (int j = 0; j < kTileCols; ++j) acc[i * kTileCols + j] = fma_acc(xv[i], wv[j], acc[i * kTileCols + j]);
   }
 }
 
@@ -668,14 +681,17 @@ FRNN_HD Frags load_frags(const T* wt, const T* st, int64_t stride, int lane) {
 // `mma(d, frags)`: d[0..3] += the warp's 16 x 8 product over one instruction's K, the lane's part (the device's
 // instruction, or the emulator's from every lane's frags(lane)). Warp-uniform: every lane of a warp takes the
 // same tiles and steps. Tile by tile, so that its addresses are worked out once per chunk, not per instruction.
+// A tile's K steps alternate between two accumulators, summed at the chunk's end: an instruction waits for the
+// one before it on the same accumulator (tens of cycles), and with one or two tiles per warp (every standard
+// plan's) a single chain of them would leave the tensor cores idle most of the time.
 template <typename T, class Mma>
 FRNN_HD void accumulate_mma(const Gemm& g, const Smem<T>& sm, int tid, int64_t k0, float* acc, const Mma& mma) {
-  constexpr int64_t per = 16 / sizeof(T), kstep = sizeof(T) == 2 ? 16 : 8;
-  const int64_t stride = mma_stride(g.kc, sizeof(T));
+  constexpr int per = 16 / sizeof(T), kstep = sizeof(T) == 2 ? 16 : 8;
+  const int stride = static_cast<int>(mma_stride(g.kc, sizeof(T)));
   const int warp = tid / 32, wg = kWarps / static_cast<int>(g.ks), slice = warp / wg, first = warp - slice * wg;
   const int ks = static_cast<int>(g.ks), items = static_cast<int>(g.items), bg = static_cast<int>(g.bg);
   const int steps = static_cast<int>(cdiv(g.K - k0 < g.kc ? g.K - k0 : g.kc, kstep));
-  const int64_t ktiles = cdiv(g.K, kstep);
+  const int ktiles = static_cast<int>(cdiv(g.K, kstep));
 #if defined(__CUDA_ARCH__)
 #pragma unroll
 #endif
@@ -683,11 +699,16 @@ FRNN_HD void accumulate_mma(const Gemm& g, const Smem<T>& sm, int tid, int64_t k
     const int j = first + i * wg;
     if (j >= items) break;
     const int ct = j / bg, rt = j - ct * bg;
-    const T* wt = sm.w + (ct * ktiles + k0 / kstep) * 32 * per;
-    const T* st = sm.staged() + rt * 8 * stride;
-    for (int s = slice; s < steps; s += ks) {
-      mma(acc + 4 * i, [&](int l) { return load_frags(wt + s * 32 * per, st + s * kstep, stride, l); });
+    const T* wt = sm.w + (ct * ktiles + static_cast<int>(k0) / kstep + slice) * 32 * per;
+    const T* st = sm.staged() + rt * 8 * stride + slice * kstep;
+    float odd[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    int s = slice;
+    for (; s + ks < steps; s += 2 * ks, wt += 2 * ks * 32 * per, st += 2 * ks * kstep) {
+      mma(acc + 4 * i, [&](int l) { return load_frags(wt, st, stride, l); });
+      mma(odd, [&](int l) { return load_frags(wt + ks * 32 * per, st + ks * kstep, stride, l); });
     }
+    if (s < steps) mma(acc + 4 * i, [&](int l) { return load_frags(wt, st, stride, l); });
+    for (int e = 0; e < 4; ++e) acc[4 * i + e] += odd[e];
   }
 }
 

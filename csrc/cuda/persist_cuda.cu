@@ -43,7 +43,9 @@ __device__ __forceinline__ void step_barrier(const Plan& p) {
 }
 
 // One warp's mma.sync with fp32 accumulation (sm_80 on; the plan takes tensor cores only on such devices):
-// d += A . B from the lane's fragments; m16n8k16 for 16-bit storage, m16n8k8 in TF32 for fp32.
+// d += A . B from the lane's fragments; m16n8k16 for 16-bit storage, m16n8k8 in TF32 for fp32. Not volatile: the
+// instruction is a function of its operands alone, so the compiler may issue the loads of accumulate_mma's two
+// chains together and interleave their instructions.
 template <typename T>
 struct WarpMma {
   int lane;
@@ -52,19 +54,19 @@ struct WarpMma {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
     const Frags f = frags(lane);
     if constexpr (std::is_same_v<T, float>) {
-      asm volatile(
+      asm(
           "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
           "{%0,%1,%2,%3};"
           : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
           : "r"(f.a[0]), "r"(f.a[1]), "r"(f.a[2]), "r"(f.a[3]), "r"(f.b[0]), "r"(f.b[1]));
     } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
-      asm volatile(
+      asm(
           "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
           "{%0,%1,%2,%3};"
           : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
           : "r"(f.a[0]), "r"(f.a[1]), "r"(f.a[2]), "r"(f.a[3]), "r"(f.b[0]), "r"(f.b[1]));
     } else {
-      asm volatile(
+      asm(
           "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
           "{%0,%1,%2,%3};"
           : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
