@@ -563,14 +563,47 @@ FRNN_HD int stage_shift(int64_t len, int shift) {
   return shift;
 }
 
+// A thread's elements of a stage: rows r, r + rstep, ... below `rows` (from tid >> sh) times columns kk, kk + unit,
+// ... below `cols` (from tid % unit), kStageBatch at a time: a batch's loads all issue before its first store.
+// One element at a time, each store waited for its load, a chunk took as many L2 round trips one after another as
+// a thread has elements (64 at a 64-row batch tile); now an eighth as many.
+constexpr int kStageBatch = 8;
+template <typename V, class Load, class Store>
+FRNN_HD void stage_walk(int tid, int sh, int rows, int cols, const Load& load, const Store& store) {
+  const int unit = 1 << sh, rstep = kThreads >> sh, kk0 = tid & (unit - 1);
+  if (kk0 >= cols) return;
+  int r = tid >> sh, kk = kk0;
+  while (r < rows) {
+    V v[kStageBatch];
+    int rb[kStageBatch], kb[kStageBatch];
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+    for (int b = 0; b < kStageBatch; ++b) {
+      rb[b] = r;
+      kb[b] = kk;
+      v[b] = r < rows ? load(r, kk) : V(0.0f);
+      kk += unit;
+      if (kk >= cols) {
+        kk = kk0;
+        r += rstep;
+      }
+    }
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+    for (int b = 0; b < kStageBatch; ++b) {
+      if (rb[b] < rows) store(rb[b], kb[b], v[b]);
+    }
+  }
+}
+
 template <typename T, class A>
 FRNN_HD void stage(const Gemm& g, const Smem<T>& sm, int tid, int64_t k0, int64_t nrows, const A& a) {
-  const int64_t klen = g.K - k0 < g.kc ? g.K - k0 : g.kc;
-  const int sh = stage_shift(klen, kChunkShift);
-  const int64_t unit = int64_t(1) << sh;
-  for (int64_t r = tid >> sh; r < nrows; r += kThreads >> sh) {
-    for (int64_t kk = tid & (unit - 1); kk < klen; kk += unit) sm.stage[stage_at(g, r, kk)] = a(r, k0 + kk);
-  }
+  const int klen = static_cast<int>(g.K - k0 < g.kc ? g.K - k0 : g.kc);
+  stage_walk<float>(
+      tid, stage_shift(klen, kChunkShift), static_cast<int>(nrows), klen,
+      [&](int r, int kk) { return a(r, k0 + kk); }, [&](int r, int kk, float v) { sm.stage[stage_at(g, r, kk)] = v; });
 }
 
 // The SIMT K loop, the engine's inner loop: per K step a thread's 4 + 4 shared loads and 16 FMAs. Its addresses
@@ -630,16 +663,14 @@ FRNN_HD void reduce(const Gemm& g, const Smem<T>& sm, int tid, int64_t nrows, co
 // of Ws, and 0 * NaN of a stale value would not be 0).
 template <typename T, class A>
 FRNN_HD void stage_mma(const Gemm& g, const Smem<T>& sm, int tid, int64_t k0, int64_t nrows, const A& a) {
-  const int64_t klen = g.K - k0 < g.kc ? g.K - k0 : g.kc, kp = cdiv(klen, mma_k(g.es)) * mma_k(g.es);
-  const int64_t stride = mma_stride(g.kc, g.es);
+  const int klen = static_cast<int>(g.K - k0 < g.kc ? g.K - k0 : g.kc), kstep = static_cast<int>(mma_k(g.es));
+  const int kp = (klen + kstep - 1) / kstep * kstep, stride = static_cast<int>(mma_stride(g.kc, g.es));
+  const int n = static_cast<int>(nrows);
   T* st = sm.staged();
-  const int sh = stage_shift(kp, kMmaChunkShift);
-  const int64_t unit = int64_t(1) << sh;
-  for (int64_t r = tid >> sh; r < g.bg * 8; r += kThreads >> sh) {
-    for (int64_t kk = tid & (unit - 1); kk < kp; kk += unit) {
-      st[r * stride + kk] = r < nrows && kk < klen ? mma_operand<T>(a(r, k0 + kk)) : T(0.0f);
-    }
-  }
+  stage_walk<T>(
+      tid, stage_shift(kp, kMmaChunkShift), static_cast<int>(g.bg * 8), kp,
+      [&](int r, int kk) { return r < n && kk < klen ? mma_operand<T>(a(r, k0 + kk)) : T(0.0f); },
+      [&](int r, int kk, T v) { st[r * stride + kk] = v; });
 }
 
 // One lane's operands of an instruction, four and two 32-bit registers, in the PTX ISA's fragment layout: a
