@@ -254,7 +254,9 @@ FRNN_HD int64_t red_at(const Gemm& g, int64_t ksl, int64_t e, int64_t item) { re
 // (8 16-bit values, or 4 fp32): tile (c / 16, k / mma_k), then lane, then the value's slot in its registers.
 FRNN_HD int64_t w_index(const Gemm& g, int64_t k, int64_t c) {
   if (!g.mma) return simt_w(g, k, c);
-  const int64_t kk = mma_k(g.es), i = c % 16, j = k % kk, tile = (c / 16) * cdiv(g.K, kk) + k / kk;
+  // k, c >= 0 and mma_k a power of two: shifts and masks, where a division by the run-time mma_k was a subroutine
+  const int sh = g.es == 2 ? 4 : 3;
+  const int64_t kk = int64_t(1) << sh, i = c & 15, j = k & (kk - 1), tile = (c >> 4) * ((g.K + kk - 1) >> sh) + (k >> sh);
   if (g.es == 4) return (tile * 32 + (i % 8) * 4 + j % 4) * 4 + i / 8 + 2 * (j / 4);
   return (tile * 32 + (i % 8) * 4 + (j % 8) / 2) * 8 + (j % 2) + 2 * (i / 8) + 4 * (j / 8);
 }
@@ -534,17 +536,46 @@ FRNN_HD T mma_operand(float v) {
   }
 }
 
+// Global loads whose values go to shared memory (load_w, the stages) issue this many at a time before their stores:
+// one at a time, each store waiting for its load, a thread paid one round trip to L2 (or DRAM) per element in turn
+// (a stage of a 64-row batch tile 64 of them per chunk; W_hh's slice up to ~200 once per launch).
+constexpr int kLoadBatch = 8;
+
 // W_hh's slice into shared memory: Ws(k, c) = w(k, c) for k < K, c < R (as an mma operand for the tensor cores),
 // zeros in their padding. Consecutive threads take consecutive k of a column (`k_fastest`: the forward's
 // W_hh rows) or consecutive columns of a k (the backward's), whichever the caller reads from consecutive
 // addresses.
 template <typename T, class W>
 FRNN_HD void load_w(const Gemm& g, const Smem<T>& sm, int tid, bool k_fastest, const W& w) {
-  const int64_t Ks = k_stored(g), Rs = r_stored(g);
-  for (int64_t i = tid; i < Ks * Rs; i += kThreads) {
-    const int64_t c = k_fastest ? i / Ks : i % Rs, k = k_fastest ? i - c * Ks : i / Rs;
-    const T v = k < g.K && c < g.R ? w(k, c) : T(0.0f);
-    sm.w[w_index(g, k, c)] = g.mma ? mma_operand<T>(static_cast<float>(v)) : v;
+  const int Ks = static_cast<int>(k_stored(g)), Rs = static_cast<int>(r_stored(g)), n = Ks * Rs;
+  // element i is (k, c) = (i % Ks, i / Ks) with k fastest, else (i / Rs, i % Rs): stepped by kThreads elements
+  // without a division per element
+  const int fast = k_fastest ? Ks : Rs, dfast = kThreads % fast, dslow = kThreads / fast;
+  int slow = tid / fast, quick = tid - slow * fast;
+  for (int i0 = tid; i0 < n; i0 += kThreads * kLoadBatch) {
+    T v[kLoadBatch];
+    int at[kLoadBatch];
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+    for (int b = 0; b < kLoadBatch; ++b) {
+      const bool in = i0 + b * kThreads < n;
+      const int k = k_fastest ? quick : slow, c = k_fastest ? slow : quick;
+      v[b] = in && k < g.K && c < g.R ? w(k, c) : T(0.0f);
+      at[b] = in ? static_cast<int>(w_index(g, k, c)) : -1;
+      quick += dfast;
+      slow += dslow;
+      if (quick >= fast) {
+        quick -= fast;
+        ++slow;
+      }
+    }
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+    for (int b = 0; b < kLoadBatch; ++b) {
+      if (at[b] >= 0) sm.w[at[b]] = g.mma ? mma_operand<T>(static_cast<float>(v[b])) : v[b];
+    }
   }
 }
 
@@ -564,22 +595,19 @@ FRNN_HD int stage_shift(int64_t len, int shift) {
 }
 
 // A thread's elements of a stage: rows r, r + rstep, ... below `rows` (from tid >> sh) times columns kk, kk + unit,
-// ... below `cols` (from tid % unit), kStageBatch at a time: a batch's loads all issue before its first store.
-// One element at a time, each store waited for its load, a chunk took as many L2 round trips one after another as
-// a thread has elements (64 at a 64-row batch tile); now an eighth as many.
-constexpr int kStageBatch = 8;
+// ... below `cols` (from tid % unit), kLoadBatch at a time.
 template <typename V, class Load, class Store>
 FRNN_HD void stage_walk(int tid, int sh, int rows, int cols, const Load& load, const Store& store) {
   const int unit = 1 << sh, rstep = kThreads >> sh, kk0 = tid & (unit - 1);
   if (kk0 >= cols) return;
   int r = tid >> sh, kk = kk0;
   while (r < rows) {
-    V v[kStageBatch];
-    int rb[kStageBatch], kb[kStageBatch];
+    V v[kLoadBatch];
+    int rb[kLoadBatch], kb[kLoadBatch];
 #if defined(__CUDA_ARCH__)
 #pragma unroll
 #endif
-    for (int b = 0; b < kStageBatch; ++b) {
+    for (int b = 0; b < kLoadBatch; ++b) {
       rb[b] = r;
       kb[b] = kk;
       v[b] = r < rows ? load(r, kk) : V(0.0f);
@@ -592,7 +620,7 @@ FRNN_HD void stage_walk(int tid, int sh, int rows, int cols, const Load& load, c
 #if defined(__CUDA_ARCH__)
 #pragma unroll
 #endif
-    for (int b = 0; b < kStageBatch; ++b) {
+    for (int b = 0; b < kLoadBatch; ++b) {
       if (rb[b] < rows) store(rb[b], kb[b], v[b]);
     }
   }
@@ -786,7 +814,7 @@ FRNN_HD void fwd_load_w(const F& f, const Smem<T>& sm, const Gemm& gm, int tid, 
   const int64_t U = f.plan.units, H = f.H;
   const T* w = static_cast<const T*>(f.w_hh);
   load_w(gm, sm, tid, true, [&](int64_t k, int64_t c) {
-    const int64_t g = c / U, u = u0 + (c - g * U);
+    const int64_t g = div_small(c, U), u = u0 + (c - g * U);
     return u < H ? w[(g * H + u) * H + k] : T(0.0f);
   });
 }
