@@ -279,18 +279,38 @@ def collect(quick: bool, jobs: int) -> List[Dict]:
     return rows
 
 
-def cuda_rows() -> List[Dict]:
-    """The C++ backend's .cu kernels through ``fastrnn._buildcfg.ptxas_report`` (needs nvcc)."""
+def _kernel_name(mangled: str) -> str:
+    demangled = subprocess.run(["c++filt", mangled], capture_output=True, text=True).stdout.strip() or mangled
+    return demangled.replace("(anonymous namespace)::", "").removeprefix("void ").split("(")[0]
+
+
+def cuda_rows(objects: Optional[str] = None) -> List[Dict]:
+    """The C++ backend's .cu kernels through ``fastrnn._buildcfg.ptxas_report`` (needs nvcc); ``objects``: a folder
+    to keep the objects in, for ``loop_rows``."""
     rows = []
-    for arch, kernels in _buildcfg.ptxas_report().items():
+    for arch, kernels in _buildcfg.ptxas_report(objects=objects).items():
         for name, info in kernels.items():
-            demangled = subprocess.run(["c++filt", name], capture_output=True, text=True).stdout.strip() or name
-            short = demangled.replace("(anonymous namespace)::", "").removeprefix("void ").split("(")[0]
-            rows.append(dict(info, kernel=short, arch=arch))
+            rows.append(dict(info, kernel=_kernel_name(name), arch=arch))
     return rows
 
 
-def markdown(rows: List[Dict], cuda) -> str:
+def loop_rows(objects: str) -> List[Dict]:
+    """The persistent engine's inner loops in the SASS of the objects ``cuda_rows(objects)`` kept: per kernel and
+    arch, its SIMT K loop's instructions per K step and its tensor-core loop's per mma.sync
+    (``_buildcfg.persist_loop_costs``). Needs cuobjdump (``_buildcfg.cuobjdump_path``)."""
+    tool = _buildcfg.cuobjdump_path()
+    if tool is None:
+        raise FileNotFoundError("cuobjdump not found (beside nvcc, or Triton's)")
+    rows = []
+    for arch in _buildcfg.cuda_archs():
+        sass = subprocess.run([tool, "-sass", "-arch", f"sm_{arch}", os.path.join(objects, "persist_cuda.o")],
+                              capture_output=True, text=True, check=True).stdout
+        for name, loops in _buildcfg.sass_loops(sass).items():
+            rows.append(dict(_buildcfg.persist_loop_costs(loops), kernel=_kernel_name(name), arch=arch))
+    return rows
+
+
+def markdown(rows: List[Dict], cuda, loops=None) -> str:
     out = ["# Kernel resources (ahead-of-time compile, no GPU run)", "",
            "Triton " + triton.__version__ + f" (enable_fp_fusion={FP_FUSION}); registers and spills from "
            "`ptxas -v` on the PTX Triton emits, through the ptxas Triton picks per target:", "",
@@ -319,7 +339,28 @@ def markdown(rows: List[Dict], cuda) -> str:
         for r in cuda:
             out.append(f"| `{r['kernel']}` | {r['arch']} | {r['registers']} | {r['smem']} | {r['stack']} | "
                        f"{r['spill_stores']} | {r['spill_loads']} |")
+    if loops is not None:
+        out += ["", "## The persistent engine's inner loops (SASS, `cuobjdump -sass`)", "",
+                "Instructions a warp issues per K step of the SIMT block GEMM (16 FMAs and 8 shared loads a thread) and "
+                "per `mma.sync` of the tensor-core GEMM, in each kernel's innermost loops. A block's 8 warps share an "
+                "SM's 4 schedulers, so a K step takes at least 2 x that many cycles to issue, against 64 cycles of "
+                "shared-memory wavefronts (8 warps x 8 loads, conflict-free) and 32 of FMAs: at 32 or fewer the "
+                "loop is bound by shared memory, not by issue.", ""]
+        if isinstance(loops, str):
+            out.append(loops)
+        else:
+            fmt = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
+            out += ["| kernel | sm | SIMT: per K step | tensor cores: per mma |", "| --- | --- | --- | --- |"]
+            out += [f"| `{r['kernel']}` | {r['arch']} | {fmt(r['k_step'])} | {fmt(r['mma'])} |" for r in loops]
     return "\n".join(out) + "\n"
+
+
+def _if_available(collect):
+    """collect(), or what stopped it where the CUDA tools are missing or fail."""
+    try:
+        return collect()
+    except (OSError, subprocess.CalledProcessError) as exc:
+        return f"Not available here: {type(exc).__name__}: {str(exc)[:300]}"
 
 
 def main(argv=None) -> int:
@@ -333,14 +374,15 @@ def main(argv=None) -> int:
     if os.environ.get("TRITON_INTERPRET") == "1":
         ap.error("unset TRITON_INTERPRET: the interpreter replaces the compiled kernels this report reads")
     rows = collect(args.quick, args.jobs)
+    loops = None
     if args.no_cuda:
         cuda = "Not compiled in this run (`--no-cuda`)."
     else:
-        try:
-            cuda = cuda_rows()
-        except (OSError, subprocess.CalledProcessError) as exc:
-            cuda = f"Not available here: {type(exc).__name__}: {str(exc)[:300]}"
-    text = markdown(rows, cuda)
+        with tempfile.TemporaryDirectory() as objects:
+            cuda = _if_available(lambda: cuda_rows(objects))
+            if not isinstance(cuda, str):
+                loops = _if_available(lambda: loop_rows(objects))
+    text = markdown(rows, cuda, loops)
     if args.out:
         with open(args.out, "w") as f:
             f.write(text)

@@ -202,11 +202,12 @@ def parse_ptxas(text: str) -> Dict[str, Dict[str, Dict[str, int]]]:
 
 
 def ptxas_report(archs: Optional[List[str]] = None, sources: Optional[List[str]] = None,
-                 timeout: float = 900) -> Dict[str, Dict[str, Dict[str, int]]]:
+                 timeout: float = 900, objects: Optional[str] = None) -> Dict[str, Dict[str, Dict[str, int]]]:
     """Compiles the CUDA sources for `archs` (default: cuda_archs()) in one nvcc call with `-Xptxas -v` and the
     build's flags, but no --threads so that each kernel's report lines stay together; returns parse_ptxas of
-    the output. Raises FileNotFoundError without nvcc and CalledProcessError (carrying nvcc's output) when
-    compilation fails."""
+    the output. `objects`: a folder to keep each source's object in (its basename with .o), for its SASS
+    (cuobjdump_path). Raises FileNotFoundError without nvcc and CalledProcessError (carrying nvcc's output)
+    when compilation fails."""
     nvcc = nvcc_path()
     if nvcc is None:
         raise FileNotFoundError("nvcc not found (no CUDA toolkit with bin/nvcc and include/cuda_runtime.h)")
@@ -215,7 +216,8 @@ def ptxas_report(archs: Optional[List[str]] = None, sources: Optional[List[str]]
     report: Dict[str, Dict[str, Dict[str, int]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for src in sources or CUDA_SOURCES:
-            cmd = [nvcc, "-c", os.path.join(ROOT, src), "-o", os.path.join(tmp, "k.o"), "-Xptxas", "-v",
+            obj = os.path.join(objects or tmp, os.path.splitext(os.path.basename(src))[0] + ".o")
+            cmd = [nvcc, "-c", os.path.join(ROOT, src), "-o", obj, "-Xptxas", "-v",
                    *gencode_flags(archs, ptx=False), *NVCC_FLAGS, *TORCH_NVCC_DEFINES,
                    "-DFASTRNN_WITH_CUDA", *(f"-I{d}" for d in includes)]
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
@@ -224,3 +226,55 @@ def ptxas_report(archs: Optional[List[str]] = None, sources: Optional[List[str]]
             for arch, kernels in parse_ptxas(proc.stdout + proc.stderr).items():
                 report.setdefault(arch, {}).update(kernels)
     return report
+
+
+def cuobjdump_path() -> Optional[str]:
+    """cuobjdump beside nvcc, else the one Triton bundles (the pip CUDA wheels have none), else None."""
+    nvcc = nvcc_path()
+    found = [os.path.join(os.path.dirname(nvcc), "cuobjdump")] if nvcc else []
+    try:
+        import triton
+
+        found.append(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump"))
+    except ImportError:
+        pass
+    return next((p for p in found if os.access(p, os.X_OK)), None)
+
+
+_SASS_FUNCTION = re.compile(r"^\s*Function : (\S+)", re.M)
+_SASS_INSTRUCTION = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)[^;]*?(?:\b0x([0-9a-f]+))?\s*;")
+
+
+def sass_loops(text: str) -> Dict[str, List[Dict[str, int]]]:
+    """The innermost loops of each function in cuobjdump -sass output: per loop (a branch back to an address at
+    or before its own, innermost when no other such branch lies inside it), its count of each opcode (without
+    modifiers: FFMA, LDS, HMMA, ...) and "n", its instructions."""
+    out: Dict[str, List[Dict[str, int]]] = {}
+    parts = _SASS_FUNCTION.split(text)
+    for name, body in zip(parts[1::2], parts[2::2]):
+        ins = [(int(m.group(1), 16), m.group(2), m.group(3)) for m in _SASS_INSTRUCTION.finditer(body)]
+        spans = [(int(target, 16), addr) for addr, op, target in ins
+                 if op == "BRA" and target is not None and int(target, 16) <= addr]
+        inner = [(lo, hi) for lo, hi in spans if not any(lo <= l2 and h2 <= hi and (l2, h2) != (lo, hi)
+                                                          for l2, h2 in spans)]
+        loops = []
+        for lo, hi in inner:
+            counts: Dict[str, int] = {"n": 0}
+            for addr, op, _ in ins:
+                if lo <= addr <= hi:
+                    counts[op] = counts.get(op, 0) + 1
+                    counts["n"] += 1
+            loops.append(counts)
+        out[name] = loops
+    return out
+
+
+def persist_loop_costs(loops: List[Dict[str, int]]) -> Dict[str, Optional[float]]:
+    """What a persistent-engine kernel's innermost loops (sass_loops) issue: "k_step", the SIMT K loop's
+    instructions per K step (16 FFMA and 8 LDS a step; of its unrolled body where the compiler unrolled it), and
+    "mma", the most instructions per HMMA of its tensor-core loops; None where the kernel has no such loop."""
+    simt = [lp for lp in loops if lp.get("FFMA", 0) >= 16 and lp["FFMA"] % 16 == 0 and 2 * lp.get("LDS", 0) == lp["FFMA"]]
+    body = max(simt, key=lambda lp: lp["FFMA"], default=None)
+    mma = [lp["n"] / lp["HMMA"] for lp in loops if lp.get("HMMA")]
+    return {"k_step": body["n"] * 16 / body["FFMA"] if body else None, "mma": max(mma, default=None)}
+

@@ -22,10 +22,16 @@ N_PERSIST_KERNELS = 8 * 3 + 8 + 2
 
 
 @pytest.fixture(scope="module")
-def ptxas():
+def objects(tmp_path_factory):
+    """The folder of the CUDA objects the ptxas fixture compiled."""
+    return str(tmp_path_factory.mktemp("cuda_objects"))
+
+
+@pytest.fixture(scope="module")
+def ptxas(objects):
     if NVCC is None:
         pytest.skip("nvcc not found: no CUDA toolkit with bin/nvcc and include/cuda_runtime.h")
-    return _buildcfg.ptxas_report(["80", "90"])
+    return _buildcfg.ptxas_report(["80", "90"], objects=objects)
 
 
 @pytest.mark.parametrize("arch", ["80", "90"])
@@ -43,6 +49,48 @@ def test_cuda_kernels_compile_without_spills(ptxas, arch):
     # 256 threads per block (launch bounds) allow up to 255 registers; staying well below keeps occupancy
     worst = max(v["registers"] for v in cell.values())
     assert 0 < worst <= 128, f"sm_{arch}: a cell kernel uses {worst} registers"
+
+
+# The persistent engine's inner loops as compiled, in instructions a warp issues: a SIMT K step is 16 FMAs and 8 shared
+# loads a thread, and a block's 8 warps on an SM's 4 schedulers then issue for 2 x k_step cycles per step against 64
+# cycles of shared-memory wavefronts, so about 32 is the bound; with the bounds tested and the 64-bit addresses
+# worked out per element it was 63-89. A tensor-core loop's mma.sync with its three fragment loads and their
+# addresses: 9.5-10.5 with two accumulators in flight, 13-16 with one.
+MAX_K_STEP = 40
+MAX_PER_MMA = 12
+
+
+@pytest.mark.parametrize("arch", ["80", "90"])
+def test_persistent_inner_loops_issue_few_instructions(ptxas, objects, arch):
+    tool = _buildcfg.cuobjdump_path()
+    if tool is None:
+        pytest.skip("cuobjdump not found (beside nvcc, or Triton's)")
+    sass = subprocess.run([tool, "-sass", "-arch", f"sm_{arch}", os.path.join(objects, "persist_cuda.o")],
+                          capture_output=True, text=True, check=True).stdout
+    costs = {name: _buildcfg.persist_loop_costs(loops) for name, loops in _buildcfg.sass_loops(sass).items()}
+    assert len(costs) == N_PERSIST_KERNELS, sorted(costs)
+    for name, c in costs.items():
+        assert c["k_step"] is not None and c["k_step"] <= MAX_K_STEP, (name, c)
+        # every kernel but those of fastrnn's own cells (SIMT only) has a tensor-core loop
+        assert (c["mma"] is None) == ("Ext" in name), (name, c)
+        assert c["mma"] is None or c["mma"] <= MAX_PER_MMA, (name, c)
+
+
+def test_sass_loops_finds_innermost_loops():
+    text = textwrap.dedent(
+        """                Function : _Z1kv
+                /*0000*/                   MOV R1, c[0x0][0x28] ;
+                /*0010*/                   LDS R2, [R3] ;
+                /*0020*/                   FFMA R4, R2, R2, R4 ;
+                /*0030*/              @!P0 BRA 0x10 ;
+                /*0040*/                   HMMA.16816.F32.BF16 R8, R12, R16, R8 ;
+                /*0050*/               @P1 BRA 0x0 ;
+                /*0060*/                   BRA 0x60;
+        """
+    )
+    loops = _buildcfg.sass_loops(text)["_Z1kv"]
+    # the inner loop 0x10-0x30; the outer one holds it, and the last branch to itself is a loop of its own
+    assert loops == [{"n": 3, "LDS": 1, "FFMA": 1, "BRA": 1}, {"n": 1, "BRA": 1}]
 
 
 def test_parse_ptxas_reads_spills_and_smem():
