@@ -341,17 +341,20 @@ def markdown(rows: List[Dict], cuda, loops=None) -> str:
                        f"{r['spill_stores']} | {r['spill_loads']} |")
     if loops is not None:
         out += ["", "## The persistent engine's inner loops (SASS, `cuobjdump -sass`)", "",
-                "Instructions a warp issues per K step of the SIMT block GEMM (16 FMAs and 8 shared loads a thread) and "
-                "per `mma.sync` of the tensor-core GEMM, in each kernel's innermost loops. A block's 8 warps share an "
-                "SM's 4 schedulers, so a K step takes at least 2 x that many cycles to issue, against 64 cycles of "
+                "Instructions a warp issues per K step of the SIMT block GEMM (16 FMAs and 8 shared loads a thread) "
+                "and per `mma.sync` of the tensor-core GEMM (and how many one pass of its loop issues: two "
+                "accumulators in flight), in each kernel's innermost loops. A block's 8 warps share an SM's 4 "
+                "schedulers, so a K step takes at least 2 x that many cycles to issue, against 64 cycles of "
                 "shared-memory wavefronts (8 warps x 8 loads, conflict-free) and 32 of FMAs: at 32 or fewer the "
                 "loop is bound by shared memory, not by issue.", ""]
         if isinstance(loops, str):
             out.append(loops)
         else:
             fmt = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
-            out += ["| kernel | sm | SIMT: per K step | tensor cores: per mma |", "| --- | --- | --- | --- |"]
-            out += [f"| `{r['kernel']}` | {r['arch']} | {fmt(r['k_step'])} | {fmt(r['mma'])} |" for r in loops]
+            out += ["| kernel | sm | SIMT: per K step | tensor cores: per mma | mma per pass |",
+                    "| --- | --- | --- | --- | --- |"]
+            out += [f"| `{r['kernel']}` | {r['arch']} | {fmt(r['k_step'])} | {fmt(r['mma'])} | "
+                    f"{r['mma_per_pass'] or '-'} |" for r in loops]
     return "\n".join(out) + "\n"
 
 

@@ -256,7 +256,8 @@ FRNN_HD int64_t w_index(const Gemm& g, int64_t k, int64_t c) {
   if (!g.mma) return simt_w(g, k, c);
   // k, c >= 0 and mma_k a power of two: shifts and masks, where a division by the run-time mma_k was a subroutine
   const int sh = g.es == 2 ? 4 : 3;
-  const int64_t kk = int64_t(1) << sh, i = c & 15, j = k & (kk - 1), tile = (c >> 4) * ((g.K + kk - 1) >> sh) + (k >> sh);
+  const int64_t kk = int64_t(1) << sh, i = c & 15, j = k & (kk - 1);
+  const int64_t tile = (c >> 4) * ((g.K + kk - 1) >> sh) + (k >> sh);
   if (g.es == 4) return (tile * 32 + (i % 8) * 4 + j % 4) * 4 + i / 8 + 2 * (j / 4);
   return (tile * 32 + (i % 8) * 4 + (j % 8) / 2) * 8 + (j % 2) + 2 * (i / 8) + 4 * (j / 8);
 }
@@ -645,6 +646,7 @@ FRNN_HD void accumulate(const Gemm& g, const Smem<T>& sm, int tid, int64_t k0, i
   const SimtThread th = simt_thread(g, tid);
   const int klen = static_cast<int>(g.K - k0 < g.kc ? g.K - k0 : g.kc), ks = static_cast<int>(g.ks);
   const int ksl = static_cast<int>(th.ksl), wstep = ks * static_cast<int>(g.ldw);
+  if (ksl >= klen) return;  // no K step here, and its first row would lie past Ws
   const T* w[kTileCols];
   const float* x[kTileRows];
   for (int j = 0; j < kTileCols; ++j) {
@@ -739,7 +741,7 @@ FRNN_HD Frags load_frags(const T* wt, const T* st, int64_t stride, int lane) {
 
 // `mma(d, frags)`: d[0..3] += the warp's 16 x 8 product over one instruction's K, the lane's part (the device's
 // instruction, or the emulator's from every lane's frags(lane)). Warp-uniform: every lane of a warp takes the
-// same tiles and steps. Tile by tile, so that its addresses are worked out once per chunk, not per instruction.
+// same tiles and steps. Tile by tile, each tile's base addresses worked out once per chunk.
 // A tile's K steps alternate between two accumulators, summed at the chunk's end: an instruction waits for the
 // one before it on the same accumulator (tens of cycles), and with one or two tiles per warp (every standard
 // plan's) a single chain of them would leave the tensor cores idle most of the time.
@@ -758,15 +760,16 @@ FRNN_HD void accumulate_mma(const Gemm& g, const Smem<T>& sm, int tid, int64_t k
     const int j = first + i * wg;
     if (j >= items) break;
     const int ct = j / bg, rt = j - ct * bg;
-    const T* wt = sm.w + (ct * ktiles + static_cast<int>(k0) / kstep + slice) * 32 * per;
-    const T* st = sm.staged() + rt * 8 * stride + slice * kstep;
+    // addresses from the step, not pointers stepped: one stepped past the last K step would lie past Ws
+    const T* wt = sm.w + (ct * ktiles + static_cast<int>(k0) / kstep) * 32 * per;
+    const T* st = sm.staged() + rt * 8 * stride;
     float odd[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     int s = slice;
-    for (; s + ks < steps; s += 2 * ks, wt += 2 * ks * 32 * per, st += 2 * ks * kstep) {
-      mma(acc + 4 * i, [&](int l) { return load_frags(wt, st, stride, l); });
-      mma(odd, [&](int l) { return load_frags(wt + ks * 32 * per, st + ks * kstep, stride, l); });
+    for (; s + ks < steps; s += 2 * ks) {
+      mma(acc + 4 * i, [&](int l) { return load_frags(wt + s * 32 * per, st + s * kstep, stride, l); });
+      mma(odd, [&](int l) { return load_frags(wt + (s + ks) * 32 * per, st + (s + ks) * kstep, stride, l); });
     }
-    if (s < steps) mma(acc + 4 * i, [&](int l) { return load_frags(wt, st, stride, l); });
+    if (s < steps) mma(acc + 4 * i, [&](int l) { return load_frags(wt + s * 32 * per, st + s * kstep, stride, l); });
     for (int e = 0; e < 4; ++e) acc[4 * i + e] += odd[e];
   }
 }

@@ -242,7 +242,9 @@ def cuobjdump_path() -> Optional[str]:
 
 
 _SASS_FUNCTION = re.compile(r"^\s*Function : (\S+)", re.M)
-_SASS_INSTRUCTION = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)[^;]*?(?:\b0x([0-9a-f]+))?\s*;")
+# an instruction line: its address, its opcode (after a predicate such as @!P0), the last hex operand (a branch's target)
+_SASS_INSTRUCTION = re.compile(
+    r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)[^;]*?(?:\b0x([0-9a-f]+))?\s*;")
 
 
 def sass_loops(text: str) -> Dict[str, List[Dict[str, int]]]:
@@ -271,10 +273,14 @@ def sass_loops(text: str) -> Dict[str, List[Dict[str, int]]]:
 
 def persist_loop_costs(loops: List[Dict[str, int]]) -> Dict[str, Optional[float]]:
     """What a persistent-engine kernel's innermost loops (sass_loops) issue: "k_step", the SIMT K loop's
-    instructions per K step (16 FFMA and 8 LDS a step; of its unrolled body where the compiler unrolled it), and
-    "mma", the most instructions per HMMA of its tensor-core loops; None where the kernel has no such loop."""
-    simt = [lp for lp in loops if lp.get("FFMA", 0) >= 16 and lp["FFMA"] % 16 == 0 and 2 * lp.get("LDS", 0) == lp["FFMA"]]
+    instructions per K step (16 FFMA and 8 LDS a step; of its unrolled body where the compiler unrolled it);
+    "mma", the most instructions per HMMA of its tensor-core loops, and "mma_per_pass", the fewest HMMA any of them
+    issues per pass (2: accumulate_mma's two accumulators); None where the kernel has no such loop."""
+    simt = [lp for lp in loops
+            if lp.get("FFMA", 0) >= 16 and lp["FFMA"] % 16 == 0 and 2 * lp.get("LDS", 0) == lp["FFMA"]]
     body = max(simt, key=lambda lp: lp["FFMA"], default=None)
-    mma = [lp["n"] / lp["HMMA"] for lp in loops if lp.get("HMMA")]
-    return {"k_step": body["n"] * 16 / body["FFMA"] if body else None, "mma": max(mma, default=None)}
+    mma = [lp for lp in loops if lp.get("HMMA")]
+    return {"k_step": body["n"] * 16 / body["FFMA"] if body else None,
+            "mma": max((lp["n"] / lp["HMMA"] for lp in mma), default=None),
+            "mma_per_pass": min((lp["HMMA"] for lp in mma), default=None)}
 
