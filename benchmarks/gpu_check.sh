@@ -14,7 +14,9 @@
 # per-step path (build 37 s, the CUDA tests alone on 10 workers 62 s, the benchmark 99 s); the sanitizer runs,
 # side by side with the tests, were never timed there, nor the whole. With
 # --extra (or --only extra, without the check's steps), the measurements after it:
-#   6. the LayerNorm LSTM on the cpp and Triton backends against the hand-written loop (python
+#   6. the persistent engine's phases: the SM cycles per step of each phase of its launches and of the barrier after
+#      it, at every standard configuration and cell, fp32 and bf16 (python benchmarks/persist_phases.py), then
+#      the LayerNorm LSTM on the cpp and Triton backends against the hand-written loop (python
 #      benchmarks/bench_layernorm.py --device cuda), Triton's alone with its "seq" and its "persist" kernels
 #      for fastrnn's cells, then the host's time per step of every implementation's calls (python
 #      benchmarks/host_time.py), then two configurations again with the persistent engine's
@@ -104,6 +106,8 @@ STEPS+=("memcheck-graphs|120|$ON $SANITIZER --error-exitcode 3 --tool memcheck $
 [ $BENCH = 1 ] && STEPS+=("calibrate|90|$PY benchmarks/persist_calibrate.py --out $OUT/calibration.md")
 [ $BENCH = 1 ] && STEPS+=("benchmark|300|$ON $PY benchmarks/bench_rnn.py --quick --device cuda --out $OUT")
 CORE=${#STEPS[@]}  # the check's steps; the measurements (--extra) follow
+# where the persistent engine's time goes: each phase and barrier of a step, per launch, from the SM's clock
+[ $BENCH = 1 ] && STEPS+=("phases|120|$PY benchmarks/persist_phases.py --out $OUT/phases.md")
 [ $BENCH = 1 ] && STEPS+=("layernorm|120|$ON $PY benchmarks/bench_layernorm.py --device cuda --rounds 5 --min-time 0.1 \
 --backend cpp --backend triton --out $OUT/layernorm.md")
 # Triton's whole-sequence kernels for fastrnn's cells, one program per batch tile against the tile split over hidden
@@ -260,7 +264,7 @@ while [ $i -lt ${#STEPS[@]} ]; do
 done
 # the benchmark reports this run wrote
 reports=""
-for f in results.md layernorm.md grid-barrier/results.md bf16/results.md bf16-simt/results.md tf32/results.md \
+for f in results.md phases.md layernorm.md grid-barrier/results.md bf16/results.md bf16-simt/results.md tf32/results.md \
     bidirectional/results.md; do
     [ -f "$OUT/$f" ] && [ "$OUT/$f" -nt "$SUMMARY.start" ] && reports+="${reports:+, }[$f]($f)"
 done

@@ -402,6 +402,22 @@ Dirs<Args> dirs_of(const std::vector<std::unique_ptr<Run>>& runs) {
   return ds;
 }
 
+std::mutex clock_mutex;
+bool clocks_on = false;
+std::vector<ClockRecord> clock_records;
+
+// A clock buffer for this launch where the clocks are on and it runs on a GPU (ds.clocks), and its record.
+template <class Args>
+void time_launch(Dirs<Args>& ds, const char* launch, const Problem& pr, const Plan& plan, const Tensor& x) {
+  if (x.is_cpu()) return;
+  std::lock_guard<std::mutex> lock(clock_mutex);
+  if (!clocks_on) return;
+  Tensor c = at::zeros({plan.dirs * dir_blocks(plan), kClockSlots}, x.options().dtype(at::kLong));
+  static_assert(sizeof(long long) == sizeof(int64_t), "clock slots are int64");
+  ds.clocks = reinterpret_cast<long long*>(c.data_ptr<int64_t>());
+  clock_records.push_back({launch, pr.mode, pr.T, plan, c});
+}
+
 void check_dirs(const Plan& plan, size_t n) {
   TORCH_CHECK(static_cast<int64_t>(n) == plan.dirs, "fastrnn: the persistent engine got ", n,
               " direction(s) for a plan of ", plan.dirs, "; this is a bug");
@@ -413,7 +429,8 @@ std::vector<std::vector<Tensor>> fwd(const Problem& pr, const Plan& plan, const 
   check_dirs(plan, dirs.size());
   std::vector<std::unique_ptr<FwdRun>> runs;
   for (const FwdDir& d : dirs) runs.push_back(std::make_unique<FwdRun>(pr, plan, x, d, save));
-  const Dirs<Fwd> ds = dirs_of<Fwd>(runs);
+  Dirs<Fwd> ds = dirs_of<Fwd>(runs);
+  time_launch(ds, "fwd", pr, plan, x);
   run(
       x,
       [&] {
@@ -433,7 +450,8 @@ std::vector<std::vector<Tensor>> bwd(const Problem& pr, const Plan& plan, const 
   check_dirs(plan, dirs.size());
   std::vector<std::unique_ptr<BwdRun>> runs;
   for (const BwdDir& d : dirs) runs.push_back(std::make_unique<BwdRun>(pr, plan, x, d));
-  const Dirs<Bwd> ds = dirs_of<Bwd>(runs);
+  Dirs<Bwd> ds = dirs_of<Bwd>(runs);
+  time_launch(ds, "bwd", pr, plan, x);
   run(
       x,
       [&] {
@@ -470,20 +488,30 @@ void ext_fwd(const Problem& pr, const Plan& plan, const Tensor& x, const ExtPara
              const Tensor& w_hh, const Tensor& operand, bool reverse) {
   TORCH_CHECK(!plan.mma, "fastrnn: the persistent engine's cells run on fp32 FMAs; a plan with tensor cores is a bug");
   const LayoutBuf lb(pr, x, reverse);
-  const ExtFwd f{plan, lb.lay, pr.H, pr.G, base, save, w_hh.data_ptr(), operand.data_ptr()};
+  Dirs<ExtFwd> ds{{ExtFwd{plan, lb.lay, pr.H, pr.G, base, save, w_hh.data_ptr(), operand.data_ptr()}}};
+  time_launch(ds, "ext_fwd", pr, plan, x);
   run(
-      x, [&] { visit_ext(pr.mode, [&](auto op) { emulate<ExtFwdProgram<decltype(op)>>(Dirs<ExtFwd>{{f}}); }); },
-      [&](void* stream) { ext_fwd_cuda(pr.mode, f, stream); });
+      x, [&] { visit_ext(pr.mode, [&](auto op) { emulate<ExtFwdProgram<decltype(op)>>(ds); }); },
+      [&](void* stream) { ext_fwd_cuda(pr.mode, ds, stream); });
 }
 
 void ext_bwd(const Problem& pr, const Plan& plan, const Tensor& x, const ExtGradParams& base, bool bypass,
              const OptTensor& mask, const Tensor& w_hh, bool reverse) {
   TORCH_CHECK(!plan.mma, "fastrnn: the persistent engine's cells run on fp32 FMAs; a plan with tensor cores is a bug");
   const LayoutBuf lb(pr, x, reverse);
-  const ExtBwd f{plan, lb.lay, pr.H, pr.G, base, bypass, mask ? mask->data_ptr() : nullptr, w_hh.data_ptr()};
+  Dirs<ExtBwd> ds{{ExtBwd{plan, lb.lay, pr.H, pr.G, base, bypass, mask ? mask->data_ptr() : nullptr, w_hh.data_ptr()}}};
+  time_launch(ds, "ext_bwd", pr, plan, x);
   run(
-      x, [&] { visit_ext(pr.mode, [&](auto op) { emulate<ExtBwdProgram<decltype(op)>>(Dirs<ExtBwd>{{f}}); }); },
-      [&](void* stream) { ext_bwd_cuda(pr.mode, f, stream); });
+      x, [&] { visit_ext(pr.mode, [&](auto op) { emulate<ExtBwdProgram<decltype(op)>>(ds); }); },
+      [&](void* stream) { ext_bwd_cuda(pr.mode, ds, stream); });
+}
+
+std::vector<ClockRecord> clocks(bool on) {
+  std::lock_guard<std::mutex> lock(clock_mutex);
+  clocks_on = on;
+  std::vector<ClockRecord> out;
+  out.swap(clock_records);
+  return out;
 }
 
 std::map<std::string, std::pair<int64_t, int64_t>> bank_report(int64_t K, int64_t R, int64_t bt, int64_t es,

@@ -443,11 +443,27 @@ inline Plan make_pair_plan(int64_t G, int64_t B, int64_t H, int64_t esize, const
   return both;
 }
 
+// The phase clocks of a launch (persist_clocks, benchmarks/persist_phases.py), per block: thread 0's SM cycles
+// (clock64) in each slot, summed over the launch's steps, and the launch's nanoseconds (%globaltimer). A phase's
+// time runs until thread 0 reaches the barrier after it (the block's own work, with the block barriers inside
+// it); the barrier's, until the barrier lets it go (waiting for the slowest thread of the block, and at a step
+// barrier for the other blocks). The programs have at most kMaxPhases phases.
+constexpr int kMaxPhases = 2;
+enum ClockSlot : int {
+  kClockLoad = 0,                                // W_hh's slice into shared memory, once
+  kClockPhase = 1,                               // + 2 * ph: phase ph
+  kClockBarrier = 2,                             // + 2 * ph: the barrier after phase ph
+  kClockLaunch = 1 + 2 * kMaxPhases,             // the whole launch, cycles
+  kClockNs = kClockLaunch + 1,                   // the whole launch, nanoseconds
+  kClockSlots = kClockNs + 1
+};
+
 // The kernels' argument: the args of each direction a launch runs (d[1] only with plan.dirs == 2; both carry
-// the same plan).
+// the same plan). clocks: [blocks][kClockSlots] where a launch is timed, else null.
 template <class Args>
 struct Dirs {
   Args d[2];
+  long long* clocks = nullptr;
 };
 
 // The rows of the step processed k-th in the forward's order, and of the step before it (h_{t-1}, c_{t-1});
@@ -1130,8 +1146,8 @@ struct Probe {
 void fwd_cuda(Mode m, Dtype d, const Dirs<Fwd>& f, void* stream);
 void bwd_cuda(Mode m, Dtype d, const Dirs<Bwd>& f, void* stream);
 // CUDA, fastrnn's own cells: fp32.
-void ext_fwd_cuda(Mode m, const ExtFwd& f, void* stream);
-void ext_bwd_cuda(Mode m, const ExtBwd& f, void* stream);
+void ext_fwd_cuda(Mode m, const Dirs<ExtFwd>& f, void* stream);
+void ext_bwd_cuda(Mode m, const Dirs<ExtBwd>& f, void* stream);
 // The probe with Ws and the staged operand in d's storage (fp32 on the tensor cores: TF32); returns the scheme it
 // ran, which is the grid barrier where a planned cluster does not fit (as for the engine's launches).
 int probe_cuda(Dtype d, const Probe& p, void* stream);

@@ -835,6 +835,8 @@ const char* scheme_name(int scheme) {
   return names[scheme];
 }
 
+pybind11::dict plan_dict(const persist::Plan& p);
+
 pybind11::dict persist_plan(int64_t G, int64_t B, int64_t H, int64_t esize, int64_t sms, int64_t smem,
                             bool cooperative, bool proj, bool cells, int64_t cluster, bool mma, bool tf32, bool pair,
                             bool pad, const std::map<std::string, int64_t>& costs) {
@@ -847,7 +849,10 @@ pybind11::dict persist_plan(int64_t G, int64_t B, int64_t H, int64_t esize, int6
     TORCH_CHECK(value >= 0, "fastrnn: costs: ", name, " must be at least 0, got ", value);
     *slot = value;
   }
-  const persist::Plan p = persist::plan_with(lim, G, B, H, esize, proj, cells, pair);
+  return plan_dict(persist::plan_with(lim, G, B, H, esize, proj, cells, pair));
+}
+
+pybind11::dict plan_dict(const persist::Plan& p) {
   pybind11::dict d;
   d["scheme"] = scheme_name(p.scheme);
   d["units"] = p.units;
@@ -863,6 +868,20 @@ pybind11::dict persist_plan(int64_t G, int64_t B, int64_t H, int64_t esize, int6
   d["smem"] = p.smem;
   d["why"] = p.why;
   return d;
+}
+
+pybind11::list persist_clocks(bool on) {
+  pybind11::list out;
+  for (const persist::ClockRecord& r : persist::clocks(on)) {
+    pybind11::dict d;
+    d["launch"] = r.launch;
+    d["mode"] = mode_name(r.mode);
+    d["T"] = r.T;
+    d["plan"] = plan_dict(r.plan);
+    d["clocks"] = r.clocks;
+    out.append(d);
+  }
+  return out;
 }
 
 pybind11::dict gemm_price(int64_t K, int64_t R, int64_t bt, bool mma, int64_t es, int64_t kc, bool pad) {
@@ -1004,6 +1023,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("es") = 4, py::arg("kc") = 64, py::arg("pad") = true, py::arg("rows") = 1, py::arg("iters") = 1000,
         "calibration hook: SM cycles and nanoseconds per block of `iters` steps of the persistent engine's barrier, "
         "each after a block GEMM where K > 0, on a CUDA device");
+  m.def("_persist_clocks", &fastrnn::persist_clocks, py::arg("on"),
+        "profiling hook: turns the persistent engine's phase clocks on or off and returns the records of the CUDA "
+        "launches timed since they were last turned on: launch, mode, T, plan, clocks [blocks, slots] (SM cycles "
+        "of W_hh's load, of each phase and of the barrier after it, summed over the steps; the launch's cycles and "
+        "nanoseconds)");
   m.def("_set_persist_emulation", &fastrnn::persist::set_emulation, py::arg("sms"), py::arg("smem"),
         py::arg("cluster") = 0, py::arg("mma") = false, py::arg("tf32") = false,
         "test hook: CPU fp32 and 16-bit calls run the persistent engine's block program as on a GPU of these "

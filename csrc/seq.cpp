@@ -56,6 +56,16 @@ Mode parse_mode(const std::string& s) {
   TORCH_CHECK(false, "fastrnn: mode must be one of LSTM, GRU, RNN_TANH, RNN_RELU, got '", s, "'");
 }
 
+const char* mode_name(Mode m) {
+  switch (m) {
+    case Mode::LSTM: return "LSTM";
+    case Mode::GRU: return "GRU";
+    case Mode::RNN_TANH: return "RNN_TANH";
+    case Mode::RNN_RELU: return "RNN_RELU";
+  }
+  return "?";
+}
+
 Dtype dtype_of(const at::Tensor& t) {
   switch (t.scalar_type()) {
     case at::kFloat: return Dtype::F32;

@@ -29,6 +29,7 @@ struct Problem {
 };
 
 Mode parse_mode(const std::string& s);
+const char* mode_name(Mode m);  // parse_mode's inverse
 inline int64_t gates_of(Mode m) { return m == Mode::LSTM ? 4 : m == Mode::GRU ? 3 : 1; }
 Dtype dtype_of(const at::Tensor& t);
 std::string shape_str(at::IntArrayRef s);
@@ -335,6 +336,19 @@ struct ProbeResult {
 };
 ProbeResult probe(int device, const std::string& scheme, int64_t blocks, int64_t cluster, int64_t K, int64_t R,
                   int64_t bt, bool mma, int64_t es, int64_t kc, bool pad, int64_t rows, int64_t iters);
+// Phase clocks (_C._persist_clocks, benchmarks/persist_phases.py): while they are on, every CUDA launch of the
+// engine is timed per block (persist.h's ClockSlot) and recorded: which launch ("fwd", "bwd", "ext_fwd",
+// "ext_bwd"), its mode, steps and plan, and the clocks, [blocks][kClockSlots] int64 on its device (read them after
+// the launch's stream has run it). clocks(on) turns them on or off and returns the records made since they were
+// last turned on (turning them on starts afresh).
+struct ClockRecord {
+  std::string launch;
+  Mode mode;
+  int64_t T;
+  Plan plan;
+  at::Tensor clocks;
+};
+std::vector<ClockRecord> clocks(bool on);
 // Whether torch allows TF32 for cuDNN's RNN (torch.backends.cudnn.rnn.fp32_precision, or the older
 // torch.backends.cudnn.allow_tf32), read per call as torch.nn's cuDNN path does: fp32 CUDA calls then plan the
 // persistent engine's GEMMs on tensor cores in TF32.

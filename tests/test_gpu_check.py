@@ -21,8 +21,8 @@ def _check(*args):
 
 CORE = ["backends", "cuda-tests", "cuda-tests-persistent", "memcheck", "memcheck-persistent", "racecheck-persistent",
         "synccheck-persistent", "memcheck-grid", "memcheck-graphs", "calibrate", "benchmark"]
-EXTRA = ["layernorm", "layernorm-triton-seq", "layernorm-triton-persist", "host-time", "grid-barrier", "bf16", "bf16-simt", "tf32",
-         "bidirectional", "bank-conflicts-pad1", "bank-conflicts-pad0", "unpadded"]
+EXTRA = ["phases", "layernorm", "layernorm-triton-seq", "layernorm-triton-persist", "host-time", "grid-barrier", "bf16",
+         "bf16-simt", "tf32", "bidirectional", "bank-conflicts-pad1", "bank-conflicts-pad0", "unpadded"]
 
 
 def _steps(proc) -> list:
@@ -72,6 +72,7 @@ def test_dry_run_prints_every_step_with_its_log():
         line = proc.stdout.split(f"bank-conflicts-pad{pad}:")[1].splitlines()[0]
         assert f"FASTRNN_PERSISTENT_PAD={pad}" in line and "l1tex__data_bank_conflicts_pipe_lsu_mem_shared" in line
     assert "FASTRNN_PERSISTENT_PAD=0" in proc.stdout.split("unpadded:")[1].splitlines()[0]
+    assert "persist_phases.py --out benchmarks/results/gpu/phases.md" in proc.stdout.split("phases:")[1].splitlines()[0]
     assert REPO not in proc.stdout
 
 
@@ -503,3 +504,73 @@ if torch.cuda.is_available():  # collected only where a GPU is present
             r = host_time.measure(host_time.Row(host_time.Config(20, 4, 8, 128, 1), "lstm", mode, impl),
                                   torch.device("cuda"), calls=2, warmup=2)
             assert 0 < r.host_us < 1e6 and r.gpu_us > 0, r
+
+
+# The persistent engine's phase clocks (fastrnn._C._persist_clocks, benchmarks/persist_phases.py, the
+# measurements' "phases" step).
+import persist_phases  # noqa: E402
+
+
+def _clock_record(launch, T, blocks):
+    """A timed launch as _persist_clocks returns it: block b's cycles per step in phase/barrier slot s are
+    100 * (s + 1) + 10 * b, W_hh's load 1,000 + b, the launch's cycles their sum and its nanoseconds at 1.5 GHz."""
+    rows = []
+    for b in range(blocks):
+        slots = [1000 + b] + [T * (100 * (s + 1) + 10 * b) for s in range(4)]
+        slots += [sum(slots), sum(slots) / 1.5]
+        rows.append(slots)
+    plan = dict(scheme="cluster", blocks=blocks, units=32, batch_tile=4, mma=False)
+    return dict(launch=launch, mode="LSTM", T=T, plan=plan, clocks=torch.tensor(rows, dtype=torch.int64))
+
+
+def test_phases_are_cycles_per_step_over_the_blocks():
+    s = persist_phases.summarize(_clock_record("bwd", 10, 3))
+    # slot s of block b: 100 (s + 1) + 10 b per step; mean over b = 0, 1, 2 adds 10, the slowest 20
+    assert [name for name, _, _ in s["parts"]] == ["cell backward", "step barrier", "dh GEMM", "block barrier"]
+    assert [v for _, mean, worst in s["parts"] for v in (mean, worst)] == pytest.approx(
+        [110, 120, 210, 220, 310, 320, 410, 420], abs=0.5)
+    assert s["load"] == pytest.approx(1001, abs=0.5)
+    assert s["cycles_per_step"] == pytest.approx(1040 + 1001 / 10, abs=0.5)
+    assert s["ghz"] == pytest.approx(1.5, rel=1e-3) and s["us_per_step"] == pytest.approx(s["cycles_per_step"] / 1500,
+                                                                                          rel=1e-3)
+    fwd = persist_phases.summarize(_clock_record("fwd", 4, 1))
+    assert [name for name, _, _ in fwd["parts"]] == ["GEMM + cell", "step barrier"]
+    text = persist_phases.markdown([{"config": "4,1,8,128,1", "cell": "LSTM", "dtype": "fp32", "summary": fwd}],
+                                   "a stand-in")
+    assert "| 4,1,8,128,1 | LSTM | fp32 | fwd | cluster, 1 blocks of 32 units x 4 rows |" in text
+    assert "GEMM + cell 100 (100); step barrier 200 (200)" in text
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the answer where there is no GPU")
+def test_phases_without_a_gpu_say_so(capsys, monkeypatch):
+    monkeypatch.setenv("FASTRNN_PERSISTENT", "1")
+    assert persist_phases.main([]) == 2
+    assert "no CUDA GPU" in capsys.readouterr().err
+    # the CPU's calls (the emulator's too) are not timed: clocks on and off leave no record
+    fastrnn._C._persist_clocks(True)
+    try:
+        fastrnn._C._set_persist_emulation(132, 232448)
+        fastrnn.LSTM(8, 16)(torch.randn(3, 2, 8))[0].sum().backward()
+    finally:
+        fastrnn._C._set_persist_emulation(0, 0)
+        assert fastrnn._C._persist_clocks(False) == []
+
+
+if torch.cuda.is_available():  # collected only where a GPU is present
+    @pytest.mark.cuda
+    @pytest.mark.parametrize("cell, kw", [("LSTM", {}), ("GRU", {}), ("LSTM", {"layer_norm": True})])
+    def test_cuda_phase_clocks_add_up(monkeypatch, cell, kw):
+        """A timed forward and backward on the persistent engine: a record per launch, every slot written, the
+        slots of each block summing exactly to its launch's cycles (contiguous laps), a positive duration."""
+        monkeypatch.setenv("FASTRNN_PERSISTENT", "1")
+        records = persist_phases.timed_records(cell, persist_phases.Config(6, 3, 8, 128, 1), torch.float32,
+                                               torch.device("cuda"), **kw)
+        prefix = "ext_" if kw else ""
+        assert [r["launch"] for r in records] == [prefix + "fwd", prefix + "bwd"], records
+        for r in records:
+            c = r["clocks"].cpu()
+            assert c.shape == (r["plan"]["blocks"], 7) and r["T"] == 6
+            assert bool((c[:, :5] >= 0).all()) and bool((c[:, 6] > 0).all())
+            assert torch.equal(c[:, :5].sum(1), c[:, 5]), c
+            s = persist_phases.summarize(r)
+            assert s["cycles_per_step"] > 0 and 0.3 < s["ghz"] < 3.5

@@ -131,6 +131,41 @@ struct BlockExec {
   FRNN_HD RowBlock rows() const { return {}; }
 };
 
+__device__ __forceinline__ long long global_ns() {
+  unsigned long long t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return static_cast<long long>(t);
+}
+
+// A timed launch's clocks (persist.h's ClockSlot), kept by thread 0 of each block in registers (every slot index
+// a constant after unrolling) and stored once at the end.
+struct Clocks {
+  bool on;
+  long long sum[kClockLaunch] = {};
+  long long start = 0, last = 0, ns0 = 0;
+  __device__ explicit Clocks(bool timed) : on(timed) {
+    if (on) {
+      ns0 = global_ns();
+      start = last = clock64();
+    }
+  }
+  __device__ __forceinline__ void lap(int slot) {
+    if (on) {
+      const long long now = clock64();
+      sum[slot] += now - last;
+      last = now;
+    }
+  }
+  // block b's row of clocks: [blocks][kClockSlots]
+  __device__ void store(long long* clocks, unsigned b) const {
+    if (!on) return;
+    long long* out = clocks + static_cast<size_t>(b) * kClockSlots;
+    for (int i = 0; i < kClockLaunch; ++i) out[i] = sum[i];
+    out[kClockLaunch] = last - start;
+    out[kClockNs] = global_ns() - ns0;
+  }
+};
+
 // dirs: one layer's directions (Prog::Args each, plan.dirs of them); grid: plan.dirs * dir_blocks(plan) blocks of
 // kThreads, direction-major. Every block reaches every barrier, with rows this step or not; the directions'
 // blocks meet at the same grid barrier, and a cluster never spans two (dir_blocks is a multiple of its size).
@@ -148,20 +183,27 @@ __global__ void __launch_bounds__(kThreads, 1) persist_kernel(const __grid_const
   const Owned o = owned(f.plan, f.H, blk);
   const Gemm g = Prog::gemm(f);
   const Smem<T> sm = Smem<T>::carve(smem_raw, g);
+  static_assert(Prog::kPhases <= kMaxPhases, "a phase without its clock slots");
+  Clocks clk(dirs.clocks != nullptr && x.tid == 0);
   Prog::load(f, sm, g, x.tid, o.u0);
   __syncthreads();
+  clk.lap(kClockLoad);
   for (int64_t i = 0; i < f.lay.T; ++i) {
     const StepRows s = step_rows(f.lay, Prog::kForward ? i : f.lay.T - 1 - i);
     const int64_t n = tile_rows(f.plan, o, s);
+#pragma unroll
     for (int ph = 0; ph < Prog::kPhases; ++ph) {
       Prog::phase(f, ph, x, sm, g, s, o, n, blk);
+      clk.lap(kClockPhase + 2 * ph);
       if (Prog::step_barrier_after(ph)) {
         step_barrier(f.plan);
       } else {
         __syncthreads();
       }
+      clk.lap(kClockBarrier + 2 * ph);
     }
   }
+  clk.store(dirs.clocks, blockIdx.x);
 }
 
 // Whether all of the launch's clusters with this kernel's shared memory are resident at once (the blocks of a
@@ -230,12 +272,6 @@ int launch(const void* kernel, const Dirs<Args>& dirs, cudaStream_t stream) {
     C10_CUDA_CHECK(cudaLaunchKernel(kernel, grid, block, params, static_cast<size_t>(p.smem), stream));
   }
   return p.scheme;
-}
-
-__device__ __forceinline__ long long global_ns() {
-  unsigned long long t;
-  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-  return static_cast<long long>(t);
 }
 
 // Probe (persist.h): the engine's own block GEMM and step barrier, timed per block. Ws holds 1/64 (any finite
@@ -310,16 +346,16 @@ int probe_cuda(Dtype d, const Probe& p, void* stream) {
   TORCH_CHECK(false, "fastrnn: the probe times fp32 and bf16 storage only");
 }
 
-void ext_fwd_cuda(Mode m, const ExtFwd& f, void* stream) {
+void ext_fwd_cuda(Mode m, const Dirs<ExtFwd>& f, void* stream) {
   visit_ext(m, [&](auto op) {
-    launch(reinterpret_cast<const void*>(&persist_kernel<ExtFwdProgram<decltype(op)>>), Dirs<ExtFwd>{{f}},
+    launch(reinterpret_cast<const void*>(&persist_kernel<ExtFwdProgram<decltype(op)>>), f,
            static_cast<cudaStream_t>(stream));
   });
 }
 
-void ext_bwd_cuda(Mode m, const ExtBwd& f, void* stream) {
+void ext_bwd_cuda(Mode m, const Dirs<ExtBwd>& f, void* stream) {
   visit_ext(m, [&](auto op) {
-    launch(reinterpret_cast<const void*>(&persist_kernel<ExtBwdProgram<decltype(op)>>), Dirs<ExtBwd>{{f}},
+    launch(reinterpret_cast<const void*>(&persist_kernel<ExtBwdProgram<decltype(op)>>), f,
            static_cast<cudaStream_t>(stream));
   });
 }
