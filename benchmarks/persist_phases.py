@@ -25,9 +25,9 @@ from rnnbench.report import publish  # noqa: E402
 
 import fastrnn  # noqa: E402
 
-# persist.h's ClockSlot: W_hh's load, (phase, the barrier after it) for each of at most two phases, the launch's
-# cycles and nanoseconds
-SLOT_LOAD, SLOT_LAUNCH, SLOT_NS = 0, 5, 6
+# persist.h's ClockSlot, as the extension has it: W_hh's load, phase ph at phase + 2 ph and the barrier after it at
+# barrier + 2 ph, the launch's cycles and nanoseconds
+SLOTS = dict(fastrnn._C._PERSIST_CLOCK_SLOTS) if fastrnn._C is not None else {}
 # the block programs' phases and the barrier after each (persist.h: FwdProgram, BwdProgram, ExtFwdProgram,
 # ExtBwdProgram)
 PHASES = {
@@ -47,14 +47,14 @@ def summarize(record: dict) -> dict:
     steps = max(int(record["T"]), 1)
     per_step = clocks / steps
     parts = []
-    for ph, names in enumerate(PHASES[record["launch"]]):
-        for k, name in enumerate(names):
-            col = per_step[:, 1 + 2 * ph + k]
+    for ph, (phase, barrier) in enumerate(PHASES[record["launch"]]):
+        for name, slot in ((phase, SLOTS["phase"]), (barrier, SLOTS["barrier"])):
+            col = per_step[:, slot + 2 * ph]
             parts.append((name, float(col.mean()), float(col.max())))
-    launch_cycles, launch_ns = float(clocks[:, SLOT_LAUNCH].mean()), float(clocks[:, SLOT_NS].mean())
+    launch_cycles, launch_ns = float(clocks[:, SLOTS["launch"]].mean()), float(clocks[:, SLOTS["ns"]].mean())
     return {
         "launch": record["launch"], "mode": record["mode"], "T": steps, "plan": dict(record["plan"]),
-        "parts": parts, "load": float(clocks[:, SLOT_LOAD].mean()),
+        "parts": parts, "load": float(clocks[:, SLOTS["load"]].mean()),
         "cycles_per_step": launch_cycles / steps, "us_per_step": launch_ns / steps / 1000,
         "ghz": launch_cycles / launch_ns if launch_ns > 0 else float("nan"),
     }
@@ -87,15 +87,15 @@ def markdown(rows: List[dict], title: str) -> str:
            "Cycles per step of each phase and of the barrier after it, thread 0 of each block reading its SM's "
            "clock: the mean over the launch's blocks, and the slowest block's in brackets. `load`: W_hh's slice into "
            "shared memory, once per launch. The launch's cycles and microseconds per step include it.", "",
-           "| config | cell | dtype | launch | plan | per step | load | phases (cycles per step) |",
+           "| config | cell | dtype | launch | plan (as it ran) | per step | load | phases (cycles per step) |",
            "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         s, p = r["summary"], r["summary"]["plan"]
         plan = f"{p['scheme']}, {p['blocks']} blocks of {p['units']} units x {p['batch_tile']} rows" + (
             ", mma" if p["mma"] else "")
         parts = "; ".join(f"{name} {mean:,.0f} ({worst:,.0f})" for name, mean, worst in s["parts"])
-        out.append(f"| {r['config']} | {r['cell']} | {r['dtype']} | {s['launch']} | {plan} | "
-                   f"{s['cycles_per_step']:,.0f} cycles, {s['us_per_step']:.2f} us ({s['ghz']:.2f} GHz) | "
+        out.append(f"| {r['config']} | {r['cell']} | {r['dtype']} | {s['launch']} layer {r.get('layer', 0)} | "
+                   f"{plan} | {s['cycles_per_step']:,.0f} cycles, {s['us_per_step']:.2f} us ({s['ghz']:.2f} GHz) | "
                    f"{s['load']:,.0f} | {parts} |")
     if not rows:
         out.append("| (no persistent launch: every call took another path) | | | | | | | |")
@@ -109,9 +109,21 @@ def measure(device: torch.device, configs: Sequence[Config], cells: Sequence[str
     cases.append((configs[0], "LSTM", "fp32", {"layer_norm": True}))
     for cfg, cell, dt, kw in cases:
         label = cell + (" (LayerNorm)" if kw else "")
-        for record in timed_records(cell, cfg, DTYPES[dt], device, **kw):
-            rows.append({"config": cfg.label, "cell": label, "dtype": dt, "summary": summarize(record)})
+        for record, layer in zip_layers(timed_records(cell, cfg, DTYPES[dt], device, **kw), cfg.L):
+            rows.append({"config": cfg.label, "cell": label, "dtype": dt, "layer": layer, "summary": summarize(record)})
     return rows
+
+
+def zip_layers(records: List[dict], layers: int) -> List[tuple]:
+    """Each record with its layer: a forward launches layer 0 first, a backward the last layer first (one launch
+    per layer, both directions of a bidirectional one in it)."""
+    seen: Dict[str, int] = {}
+    out = []
+    for r in records:
+        k = seen.get(r["launch"], 0)
+        seen[r["launch"]] = k + 1
+        out.append((r, layers - 1 - k if r["launch"].endswith("bwd") else k))
+    return out
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -405,17 +405,28 @@ Dirs<Args> dirs_of(const std::vector<std::unique_ptr<Run>>& runs) {
 std::mutex clock_mutex;
 bool clocks_on = false;
 std::vector<ClockRecord> clock_records;
+int64_t clock_generation = 0;  // how often the records were handed over: a launch's index is good in its own
 
-// A clock buffer for this launch where the clocks are on and it runs on a GPU (ds.clocks), and its record.
+// A clock buffer for this launch where the clocks are on and it runs on a GPU (ds.clocks), and its record; then
+// `ran(scheme)` notes the scheme the launch took (a planned cluster that does not fit runs at the grid barrier).
+struct TimedLaunch {
+  int64_t record = -1, generation = 0;
+  void ran(int scheme) const {
+    if (record < 0) return;
+    std::lock_guard<std::mutex> lock(clock_mutex);
+    if (generation == clock_generation) clock_records[record].plan.scheme = scheme;
+  }
+};
 template <class Args>
-void time_launch(Dirs<Args>& ds, const char* launch, const Problem& pr, const Plan& plan, const Tensor& x) {
-  if (x.is_cpu()) return;
+TimedLaunch time_launch(Dirs<Args>& ds, const char* launch, const Problem& pr, const Plan& plan, const Tensor& x) {
+  if (x.is_cpu()) return {};
   std::lock_guard<std::mutex> lock(clock_mutex);
-  if (!clocks_on) return;
+  if (!clocks_on) return {};
   Tensor c = at::zeros({plan.dirs * dir_blocks(plan), kClockSlots}, x.options().dtype(at::kLong));
   static_assert(sizeof(long long) == sizeof(int64_t), "clock slots are int64");
   ds.clocks = reinterpret_cast<long long*>(c.data_ptr<int64_t>());
   clock_records.push_back({launch, pr.mode, pr.T, plan, c});
+  return {static_cast<int64_t>(clock_records.size()) - 1, clock_generation};
 }
 
 void check_dirs(const Plan& plan, size_t n) {
@@ -430,7 +441,7 @@ std::vector<std::vector<Tensor>> fwd(const Problem& pr, const Plan& plan, const 
   std::vector<std::unique_ptr<FwdRun>> runs;
   for (const FwdDir& d : dirs) runs.push_back(std::make_unique<FwdRun>(pr, plan, x, d, save));
   Dirs<Fwd> ds = dirs_of<Fwd>(runs);
-  time_launch(ds, "fwd", pr, plan, x);
+  const TimedLaunch timed = time_launch(ds, "fwd", pr, plan, x);
   run(
       x,
       [&] {
@@ -438,7 +449,7 @@ std::vector<std::vector<Tensor>> fwd(const Problem& pr, const Plan& plan, const 
           with_storage(x, [&](auto t) { emulate<FwdProgram<decltype(op), decltype(t)>>(ds); });
         });
       },
-      [&](void* stream) { fwd_cuda(pr.mode, dtype_of(x), ds, stream); });
+      [&](void* stream) { timed.ran(fwd_cuda(pr.mode, dtype_of(x), ds, stream)); });
   const bool save_gates = save && (pr.lstm || pr.gru);
   std::vector<std::vector<Tensor>> out;
   for (const auto& r : runs) out.push_back({r->y, r->hs, r->cs, save_gates ? r->gates : empty0(x), r->c_save, r->hn_save});
@@ -451,7 +462,7 @@ std::vector<std::vector<Tensor>> bwd(const Problem& pr, const Plan& plan, const 
   std::vector<std::unique_ptr<BwdRun>> runs;
   for (const BwdDir& d : dirs) runs.push_back(std::make_unique<BwdRun>(pr, plan, x, d));
   Dirs<Bwd> ds = dirs_of<Bwd>(runs);
-  time_launch(ds, "bwd", pr, plan, x);
+  const TimedLaunch timed = time_launch(ds, "bwd", pr, plan, x);
   run(
       x,
       [&] {
@@ -459,7 +470,7 @@ std::vector<std::vector<Tensor>> bwd(const Problem& pr, const Plan& plan, const 
           with_storage(x, [&](auto t) { emulate<BwdProgram<decltype(op), decltype(t)>>(ds); });
         });
       },
-      [&](void* stream) { bwd_cuda(pr.mode, dtype_of(x), ds, stream); });
+      [&](void* stream) { timed.ran(bwd_cuda(pr.mode, dtype_of(x), ds, stream)); });
 
   std::vector<std::vector<Tensor>> out;
   for (size_t i = 0; i < dirs.size(); ++i) {
@@ -489,10 +500,10 @@ void ext_fwd(const Problem& pr, const Plan& plan, const Tensor& x, const ExtPara
   TORCH_CHECK(!plan.mma, "fastrnn: the persistent engine's cells run on fp32 FMAs; a plan with tensor cores is a bug");
   const LayoutBuf lb(pr, x, reverse);
   Dirs<ExtFwd> ds{{ExtFwd{plan, lb.lay, pr.H, pr.G, base, save, w_hh.data_ptr(), operand.data_ptr()}}};
-  time_launch(ds, "ext_fwd", pr, plan, x);
+  const TimedLaunch timed = time_launch(ds, "ext_fwd", pr, plan, x);
   run(
       x, [&] { visit_ext(pr.mode, [&](auto op) { emulate<ExtFwdProgram<decltype(op)>>(ds); }); },
-      [&](void* stream) { ext_fwd_cuda(pr.mode, ds, stream); });
+      [&](void* stream) { timed.ran(ext_fwd_cuda(pr.mode, ds, stream)); });
 }
 
 void ext_bwd(const Problem& pr, const Plan& plan, const Tensor& x, const ExtGradParams& base, bool bypass,
@@ -500,10 +511,10 @@ void ext_bwd(const Problem& pr, const Plan& plan, const Tensor& x, const ExtGrad
   TORCH_CHECK(!plan.mma, "fastrnn: the persistent engine's cells run on fp32 FMAs; a plan with tensor cores is a bug");
   const LayoutBuf lb(pr, x, reverse);
   Dirs<ExtBwd> ds{{ExtBwd{plan, lb.lay, pr.H, pr.G, base, bypass, mask ? mask->data_ptr() : nullptr, w_hh.data_ptr()}}};
-  time_launch(ds, "ext_bwd", pr, plan, x);
+  const TimedLaunch timed = time_launch(ds, "ext_bwd", pr, plan, x);
   run(
       x, [&] { visit_ext(pr.mode, [&](auto op) { emulate<ExtBwdProgram<decltype(op)>>(ds); }); },
-      [&](void* stream) { ext_bwd_cuda(pr.mode, ds, stream); });
+      [&](void* stream) { timed.ran(ext_bwd_cuda(pr.mode, ds, stream)); });
 }
 
 std::vector<ClockRecord> clocks(bool on) {
@@ -511,6 +522,7 @@ std::vector<ClockRecord> clocks(bool on) {
   clocks_on = on;
   std::vector<ClockRecord> out;
   out.swap(clock_records);
+  ++clock_generation;
   return out;
 }
 

@@ -1141,13 +1141,14 @@ struct Probe {
   long long* ns;
 };
 
-// CUDA: fp32, fp16, bf16, launched on `stream` (a cudaStream_t) of the current device. Defined in CUDA builds
-// only (persist_cuda.cu), where only calls on CUDA tensors reach them.
-void fwd_cuda(Mode m, Dtype d, const Dirs<Fwd>& f, void* stream);
-void bwd_cuda(Mode m, Dtype d, const Dirs<Bwd>& f, void* stream);
+// CUDA: fp32, fp16, bf16, launched on `stream` (a cudaStream_t) of the current device; each returns the scheme
+// launched (the grid barrier where a planned cluster does not fit). Defined in CUDA builds only (persist_cuda.cu),
+// where only calls on CUDA tensors reach them.
+int fwd_cuda(Mode m, Dtype d, const Dirs<Fwd>& f, void* stream);
+int bwd_cuda(Mode m, Dtype d, const Dirs<Bwd>& f, void* stream);
 // CUDA, fastrnn's own cells: fp32.
-void ext_fwd_cuda(Mode m, const Dirs<ExtFwd>& f, void* stream);
-void ext_bwd_cuda(Mode m, const Dirs<ExtBwd>& f, void* stream);
+int ext_fwd_cuda(Mode m, const Dirs<ExtFwd>& f, void* stream);
+int ext_bwd_cuda(Mode m, const Dirs<ExtBwd>& f, void* stream);
 // The probe with Ws and the staged operand in d's storage (fp32 on the tensor cores: TF32); returns the scheme it
 // ran, which is the grid barrier where a planned cluster does not fit (as for the engine's launches).
 int probe_cuda(Dtype d, const Probe& p, void* stream);

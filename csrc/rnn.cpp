@@ -1025,9 +1025,21 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "each after a block GEMM where K > 0, on a CUDA device");
   m.def("_persist_clocks", &fastrnn::persist_clocks, py::arg("on"),
         "profiling hook: turns the persistent engine's phase clocks on or off and returns the records of the CUDA "
-        "launches timed since they were last turned on: launch, mode, T, plan, clocks [blocks, slots] (SM cycles "
-        "of W_hh's load, of each phase and of the barrier after it, summed over the steps; the launch's cycles and "
-        "nanoseconds)");
+        "launches timed since they were last turned on (each kept until then): launch, mode, T, plan (its scheme "
+        "the one that ran), clocks [blocks, slots] (SM cycles of W_hh's load, of each phase and of the barrier "
+        "after it, summed over the steps; the launch's cycles and nanoseconds: _PERSIST_CLOCK_SLOTS)");
+  {
+    namespace ps = fastrnn::persist;
+    py::dict slots;
+    slots["load"] = static_cast<int>(ps::kClockLoad);
+    slots["phase"] = static_cast<int>(ps::kClockPhase);
+    slots["barrier"] = static_cast<int>(ps::kClockBarrier);
+    slots["launch"] = static_cast<int>(ps::kClockLaunch);
+    slots["ns"] = static_cast<int>(ps::kClockNs);
+    slots["slots"] = static_cast<int>(ps::kClockSlots);
+    slots["phases"] = ps::kMaxPhases;
+    m.attr("_PERSIST_CLOCK_SLOTS") = slots;  // phase ph's slot is phase + 2 ph, its barrier's barrier + 2 ph
+  }
   m.def("_set_persist_emulation", &fastrnn::persist::set_emulation, py::arg("sms"), py::arg("smem"),
         py::arg("cluster") = 0, py::arg("mma") = false, py::arg("tf32") = false,
         "test hook: CPU fp32 and 16-bit calls run the persistent engine's block program as on a GPU of these "

@@ -338,9 +338,9 @@ ProbeResult probe(int device, const std::string& scheme, int64_t blocks, int64_t
                   int64_t bt, bool mma, int64_t es, int64_t kc, bool pad, int64_t rows, int64_t iters);
 // Phase clocks (_C._persist_clocks, benchmarks/persist_phases.py): while they are on, every CUDA launch of the
 // engine is timed per block (persist.h's ClockSlot) and recorded: which launch ("fwd", "bwd", "ext_fwd",
-// "ext_bwd"), its mode, steps and plan, and the clocks, [blocks][kClockSlots] int64 on its device (read them after
-// the launch's stream has run it). clocks(on) turns them on or off and returns the records made since they were
-// last turned on (turning them on starts afresh).
+// "ext_bwd"), its mode, steps and plan (its scheme the one that ran), and the clocks, [blocks][kClockSlots] int64 on
+// its device (read them after the launch's stream has run it). clocks(on) turns them on or off and returns the
+// records made since they were last turned on (turning them on starts afresh; until then each record stays).
 struct ClockRecord {
   std::string launch;
   Mode mode;

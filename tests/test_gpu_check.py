@@ -537,8 +537,20 @@ def test_phases_are_cycles_per_step_over_the_blocks():
     assert [name for name, _, _ in fwd["parts"]] == ["GEMM + cell", "step barrier"]
     text = persist_phases.markdown([{"config": "4,1,8,128,1", "cell": "LSTM", "dtype": "fp32", "summary": fwd}],
                                    "a stand-in")
-    assert "| 4,1,8,128,1 | LSTM | fp32 | fwd | cluster, 1 blocks of 32 units x 4 rows |" in text
+    assert "| 4,1,8,128,1 | LSTM | fp32 | fwd layer 0 | cluster, 1 blocks of 32 units x 4 rows |" in text
     assert "GEMM + cell 100 (100); step barrier 200 (200)" in text
+    # a forward's launches run layer 0 first, a backward's the last layer first
+    launches = [{"launch": k} for k in ("fwd", "fwd", "bwd", "bwd")]
+    assert [layer for _, layer in persist_phases.zip_layers(launches, 2)] == [0, 1, 1, 0]
+
+
+def test_phase_clock_slots_are_the_kernels():
+    """The slots persist_phases reads are the extension's (persist.h's ClockSlot): W_hh's load first, a phase and its
+    barrier side by side per phase, the launch's cycles and nanoseconds last."""
+    slots = fastrnn._C._PERSIST_CLOCK_SLOTS
+    assert slots["load"] == 0 and slots["barrier"] == slots["phase"] + 1
+    assert slots["launch"] == slots["phase"] + 2 * slots["phases"] and slots["ns"] == slots["launch"] + 1
+    assert slots["slots"] == slots["ns"] + 1 == 7 and persist_phases.SLOTS == slots
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the answer where there is no GPU")
@@ -550,7 +562,9 @@ def test_phases_without_a_gpu_say_so(capsys, monkeypatch):
     fastrnn._C._persist_clocks(True)
     try:
         fastrnn._C._set_persist_emulation(132, 232448)
-        fastrnn.LSTM(8, 16)(torch.randn(3, 2, 8))[0].sum().backward()
+        m, x = fastrnn.LSTM(8, 16), torch.randn(3, 2, 8)
+        assert "persistent engine" in fastrnn.explain(m, x)
+        m(x)[0].sum().backward()
     finally:
         fastrnn._C._set_persist_emulation(0, 0)
         assert fastrnn._C._persist_clocks(False) == []
@@ -568,6 +582,7 @@ if torch.cuda.is_available():  # collected only where a GPU is present
         prefix = "ext_" if kw else ""
         assert [r["launch"] for r in records] == [prefix + "fwd", prefix + "bwd"], records
         for r in records:
+            assert r["plan"]["scheme"] in ("block", "grid", "cluster"), r["plan"]
             c = r["clocks"].cpu()
             assert c.shape == (r["plan"]["blocks"], 7) and r["T"] == 6
             assert bool((c[:, :5] >= 0).all()) and bool((c[:, 6] > 0).all())

@@ -305,16 +305,17 @@ __global__ void __launch_bounds__(kThreads, 1) probe_kernel(const __grid_constan
 }
 
 template <class Visit, class Args>
-void run(Mode m, Dtype d, const Dirs<Args>& args, void* stream, Visit visit) {
+int run(Mode m, Dtype d, const Dirs<Args>& args, void* stream, Visit visit) {
   auto s = static_cast<cudaStream_t>(stream);
+  int ran = kNone;
   visit(m, [&](auto op) {
     using Op = decltype(op);
     auto go = [&](auto zero) {
       using T = decltype(zero);
       if constexpr (std::is_same_v<Args, Fwd>) {
-        launch(reinterpret_cast<const void*>(&persist_kernel<FwdProgram<Op, T>>), args, s);
+        ran = launch(reinterpret_cast<const void*>(&persist_kernel<FwdProgram<Op, T>>), args, s);
       } else {
-        launch(reinterpret_cast<const void*>(&persist_kernel<BwdProgram<Op, T>>), args, s);
+        ran = launch(reinterpret_cast<const void*>(&persist_kernel<BwdProgram<Op, T>>), args, s);
       }
     };
     switch (d) {
@@ -324,16 +325,17 @@ void run(Mode m, Dtype d, const Dirs<Args>& args, void* stream, Visit visit) {
       case Dtype::F64: TORCH_CHECK(false, "fastrnn: the persistent CUDA engine has no fp64 kernels");
     }
   });
+  return ran;
 }
 
 }  // namespace
 
-void fwd_cuda(Mode m, Dtype d, const Dirs<Fwd>& f, void* stream) {
-  run(m, d, f, stream, [](Mode mm, auto&& fn) { visit_fwd(mm, fn); });
+int fwd_cuda(Mode m, Dtype d, const Dirs<Fwd>& f, void* stream) {
+  return run(m, d, f, stream, [](Mode mm, auto&& fn) { visit_fwd(mm, fn); });
 }
 
-void bwd_cuda(Mode m, Dtype d, const Dirs<Bwd>& f, void* stream) {
-  run(m, d, f, stream, [](Mode mm, auto&& fn) { visit_bwd(mm, fn); });
+int bwd_cuda(Mode m, Dtype d, const Dirs<Bwd>& f, void* stream) {
+  return run(m, d, f, stream, [](Mode mm, auto&& fn) { visit_bwd(mm, fn); });
 }
 
 int probe_cuda(Dtype d, const Probe& p, void* stream) {
@@ -346,18 +348,22 @@ int probe_cuda(Dtype d, const Probe& p, void* stream) {
   TORCH_CHECK(false, "fastrnn: the probe times fp32 and bf16 storage only");
 }
 
-void ext_fwd_cuda(Mode m, const Dirs<ExtFwd>& f, void* stream) {
+int ext_fwd_cuda(Mode m, const Dirs<ExtFwd>& f, void* stream) {
+  int ran = kNone;
   visit_ext(m, [&](auto op) {
-    launch(reinterpret_cast<const void*>(&persist_kernel<ExtFwdProgram<decltype(op)>>), f,
-           static_cast<cudaStream_t>(stream));
+    ran = launch(reinterpret_cast<const void*>(&persist_kernel<ExtFwdProgram<decltype(op)>>), f,
+                 static_cast<cudaStream_t>(stream));
   });
+  return ran;
 }
 
-void ext_bwd_cuda(Mode m, const Dirs<ExtBwd>& f, void* stream) {
+int ext_bwd_cuda(Mode m, const Dirs<ExtBwd>& f, void* stream) {
+  int ran = kNone;
   visit_ext(m, [&](auto op) {
-    launch(reinterpret_cast<const void*>(&persist_kernel<ExtBwdProgram<decltype(op)>>), f,
-           static_cast<cudaStream_t>(stream));
+    ran = launch(reinterpret_cast<const void*>(&persist_kernel<ExtBwdProgram<decltype(op)>>), f,
+                 static_cast<cudaStream_t>(stream));
   });
+  return ran;
 }
 
 namespace {
