@@ -94,25 +94,26 @@ struct EmulatedMma {
 };
 
 // One block's GEMM of a step as persist_cuda.cu's block_gemm runs it: each phase on every thread before the next
-// (the block barrier), each thread's accumulators kept across K chunks in `acc` ([kThreads][kTile]).
-template <typename T, class A, class Sink>
-void emulate_gemm(const Gemm& g, const Smem<T>& sm, int64_t n, const A& a, const Sink& sink, std::vector<float>& acc) {
+// (the block barrier), each thread's accumulators kept across K chunks in `acc` ([kThreads][kTile]), then
+// then(tid) on every thread.
+template <typename T, class A, class Then>
+void emulate_gemm(const Gemm& g, const Smem<T>& sm, int64_t kept, int64_t n, const A& a, const Then& then,
+                  std::vector<float>& acc) {
   std::fill(acc.begin(), acc.end(), 0.0f);
   if (g.mma) {
     for (int64_t k0 = 0; k0 < g.K; k0 += g.kc) {
-      for (int tid = 0; tid < kThreads; ++tid) stage_mma(g, sm, tid, k0, n, a);
+      for (int tid = 0; tid < kThreads; ++tid) stage_mma(g, sm, tid, k0, kept, n, a);
       for (int tid = 0; tid < kThreads; ++tid) accumulate_mma(g, sm, tid, k0, &acc[tid * kTile], EmulatedMma<T>{tid % 32});
     }
     for (int tid = 0; tid < kThreads; ++tid) spill_mma(g, sm, tid, &acc[tid * kTile]);
-    for (int tid = 0; tid < kThreads; ++tid) reduce_mma(g, sm, tid, n, sink);
-    return;
+  } else {
+    for (int64_t k0 = 0; k0 < g.K; k0 += g.kc) {
+      for (int tid = 0; tid < kThreads; ++tid) stage(g, sm, tid, k0, kept, n, a);
+      for (int tid = 0; tid < kThreads; ++tid) accumulate(g, sm, tid, k0, n, &acc[tid * kTile]);
+    }
+    for (int tid = 0; tid < kThreads; ++tid) spill(g, sm, tid, &acc[tid * kTile]);
   }
-  for (int64_t k0 = 0; k0 < g.K; k0 += g.kc) {
-    for (int tid = 0; tid < kThreads; ++tid) stage(g, sm, tid, k0, n, a);
-    for (int tid = 0; tid < kThreads; ++tid) accumulate(g, sm, tid, k0, n, &acc[tid * kTile]);
-  }
-  for (int tid = 0; tid < kThreads; ++tid) spill(g, sm, tid, &acc[tid * kTile]);
-  for (int tid = 0; tid < kThreads; ++tid) reduce(g, sm, tid, n, sink);
+  for (int tid = 0; tid < kThreads; ++tid) then(tid);
 }
 
 // Every block's shared memory for the emulator, as the kernels carve theirs.
@@ -141,15 +142,14 @@ struct Blocks {
 // persist_cuda.cu's block_gemm runs it, rows on one thread (RowSerial, the CPU kernels' executor).
 struct EmulatedBlock {
   std::vector<float>* acc;
-  template <typename T, class A, class Sink>
-  void gemm(const Gemm& g, const Smem<T>& sm, int64_t n, const A& a, const Sink& sink) const {
-    emulate_gemm(g, sm, n, a, sink, *acc);
+  template <typename T, class A, class Then>
+  void gemm_then(const Gemm& g, const Smem<T>& sm, int64_t kept, int64_t n, const A& a, const Then& then) const {
+    emulate_gemm(g, sm, kept, n, a, then, *acc);
   }
   template <class F>
   void threads(const F& f) const {
     for (int tid = 0; tid < kThreads; ++tid) f(tid);
   }
-  void sync() const {}
   RowSerial rows() const { return {}; }
 };
 
@@ -313,7 +313,7 @@ Plan pair_plan_for(const Problem& pr, const at::Tensor& x) {
 namespace {
 // One direction's launch args and the buffers behind their pointers.
 struct FwdRun {
-  Tensor gates, hs, cs, y, hg, c_save, hn_save, h0c;
+  Tensor gates, hs, cs, y, c_save, hn_save, h0c;
   LayoutBuf lb;
   Fwd f;
 
@@ -325,19 +325,17 @@ struct FwdRun {
     hs = d.h0.clone(at::MemoryFormat::Contiguous);
     cs = pr.lstm ? d.c0.clone(at::MemoryFormat::Contiguous) : empty0(x);
     y = ws_empty({pr.N, H}, opts);
-    hg = ws_empty({pr.B, GH}, opts);
     const bool save_c = save && pr.lstm, save_hn = save && pr.gru;
     c_save = save_c ? ws_empty({pr.N, H}, opts) : empty0(x);
-    hn_save = save_hn ? ws_empty({pr.N, H}, opts) : empty0(x);
+    // GRU's W_hn h + b_hn per step where it is saved, else to a scratch of the running state's shape
+    hn_save = pr.gru ? ws_empty({save_hn ? pr.N : pr.B, H}, opts) : empty0(x);
     h0c = d.h0.contiguous();
     f = Fwd{plan, lb.lay, H, pr.G, CellParams{}, save_c, save_hn, d.w_hh.data_ptr(), h0c.data_ptr()};
     CellParams& p = f.base;
     p.H = H;
     p.gw = H;
     p.gs = GH;
-    p.hg_stride = GH;
     p.gates = gates.data_ptr();
-    p.hg = hg.data_ptr();
     p.bias = d.bias.data_ptr();
     p.b_hn = pr.gru ? d.b_hn.data_ptr() : nullptr;
     p.h = hs.data_ptr();
@@ -350,8 +348,8 @@ struct FwdRun {
       p.c_save = save_c ? c_save.data_ptr() : p.c;
     }
     if (pr.gru) {
-      p.hn_save = save_hn ? hn_save.data_ptr() : static_cast<char*>(hg.data_ptr()) + 2 * H * hg.element_size();
-      p.hn_stride = save_hn ? H : GH;
+      p.hn_save = hn_save.data_ptr();
+      p.hn_stride = H;
     }
   }
 };
@@ -452,7 +450,9 @@ std::vector<std::vector<Tensor>> fwd(const Problem& pr, const Plan& plan, const 
       [&](void* stream) { timed.ran(fwd_cuda(pr.mode, dtype_of(x), ds, stream)); });
   const bool save_gates = save && (pr.lstm || pr.gru);
   std::vector<std::vector<Tensor>> out;
-  for (const auto& r : runs) out.push_back({r->y, r->hs, r->cs, save_gates ? r->gates : empty0(x), r->c_save, r->hn_save});
+  for (const auto& r : runs) {
+    out.push_back({r->y, r->hs, r->cs, save_gates ? r->gates : empty0(x), r->c_save, save ? r->hn_save : empty0(x)});
+  }
   return out;
 }
 

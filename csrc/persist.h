@@ -6,13 +6,15 @@
 // units [slice*U, +U) with all G gates of those units, and keeps its slice of W_hh in shared memory for the
 // whole sequence. Per step (forward):
 //   stage + accumulate: hg[rows, own gate columns] = h_{t-1}[rows, :] . W_hh[own rows, :]^T, over K chunks;
-//   reduce: the threads' K-split partial sums, in a fixed order (deterministic), stored to hg (global, L2);
-//   cell: cell.h's op on each (row, own unit), exactly as the per-step driver calls it;
+//   cell: cell.h's op on each (row, own unit), its G recurrent products summed from the threads' K-split partial
+//   sums in shared memory in a fixed order (deterministic), in fp32, never stored;
 //   barrier: the grid's or the tile's cluster's (slices > 1: other blocks read this step's h), or only the
 //   block's (slices == 1).
 // Backward mirrors it: the cell backward of each (row, own unit) writes dgates, a barrier, then
 // dh_{t-1}[rows, own units] = dgates[rows, :] . W_hh[:, own units]. c and dc are read and written only by the
-// block that owns their unit; h_{t-1} and dgates cross blocks through L2 (loaded with ld.global.cg). The row
+// block that owns their unit; h_{t-1} and dgates cross blocks through L2 (loaded with ld.global.cg), except in a
+// block that owns every unit and stages its whole K at once, whose cells put them in the next GEMM's staged
+// operand themselves (stage_own). The row
 // phase of fastrnn's own cells (below) and the backward sink's add read other blocks' hs and dh with plain
 // loads: safe because the grid and cluster barriers acquire (grid.sync fences; barrier.cluster.wait is .acquire
 // by default), which a split arrive / relaxed wait would break.
@@ -611,13 +613,13 @@ FRNN_HD int stage_shift(int64_t len, int shift) {
   return shift;
 }
 
-// A thread's elements of a stage: rows r, r + rstep, ... below `rows` (from tid >> sh) times columns kk, kk + unit,
-// ... below `cols` (from tid % unit), kLoadBatch at a time.
+// A thread's elements of a stage: rows r, r + rstep, ... below `rows` (from first + (tid >> sh)) times columns kk,
+// kk + unit, ... below `cols` (from tid % unit), kLoadBatch at a time.
 template <typename V, class Load, class Store>
-FRNN_HD void stage_walk(int tid, int sh, int rows, int cols, const Load& load, const Store& store) {
+FRNN_HD void stage_walk(int tid, int sh, int first, int rows, int cols, const Load& load, const Store& store) {
   const int unit = 1 << sh, rstep = kThreads >> sh, kk0 = tid & (unit - 1);
   if (kk0 >= cols) return;
-  int r = tid >> sh, kk = kk0;
+  int r = first + (tid >> sh), kk = kk0;
   while (r < rows) {
     V v[kLoadBatch];
     int rb[kLoadBatch], kb[kLoadBatch];
@@ -643,11 +645,12 @@ FRNN_HD void stage_walk(int tid, int sh, int rows, int cols, const Load& load, c
   }
 }
 
+// The chunk's rows [first, nrows) (rows below `first` are in place already: stage_own).
 template <typename T, class A>
-FRNN_HD void stage(const Gemm& g, const Smem<T>& sm, int tid, int64_t k0, int64_t nrows, const A& a) {
+FRNN_HD void stage(const Gemm& g, const Smem<T>& sm, int tid, int64_t k0, int64_t first, int64_t nrows, const A& a) {
   const int klen = static_cast<int>(g.K - k0 < g.kc ? g.K - k0 : g.kc);
   stage_walk<float>(
-      tid, stage_shift(klen, kChunkShift), static_cast<int>(nrows), klen,
+      tid, stage_shift(klen, kChunkShift), static_cast<int>(first), static_cast<int>(nrows), klen,
       [&](int r, int kk) { return a(r, k0 + kk); }, [&](int r, int kk, float v) { sm.stage[stage_at(g, r, kk)] = v; });
 }
 
@@ -706,17 +709,30 @@ FRNN_HD void reduce(const Gemm& g, const Smem<T>& sm, int tid, int64_t nrows, co
 
 // The tensor cores' phases (g.mma), with the same barriers between them. The chunk's operand is staged as the
 // storage type (TF32-rounded fp32), zero-padded to whole 8-row and mma_k-column tiles (the padding meets zeros
-// of Ws, and 0 * NaN of a stale value would not be 0).
+// of Ws, and 0 * NaN of a stale value would not be 0). Rows below `first` are in place already (stage_own).
 template <typename T, class A>
-FRNN_HD void stage_mma(const Gemm& g, const Smem<T>& sm, int tid, int64_t k0, int64_t nrows, const A& a) {
+FRNN_HD void stage_mma(const Gemm& g, const Smem<T>& sm, int tid, int64_t k0, int64_t first, int64_t nrows,
+                       const A& a) {
   const int klen = static_cast<int>(g.K - k0 < g.kc ? g.K - k0 : g.kc), kstep = static_cast<int>(mma_k(g.es));
   const int kp = (klen + kstep - 1) / kstep * kstep, stride = static_cast<int>(mma_stride(g.kc, g.es));
   const int n = static_cast<int>(nrows);
   T* st = sm.staged();
   stage_walk<T>(
-      tid, stage_shift(kp, kMmaChunkShift), static_cast<int>(g.bg * 8), kp,
+      tid, stage_shift(kp, kMmaChunkShift), static_cast<int>(first), static_cast<int>(g.bg * 8), kp,
       [&](int r, int kk) { return r < n && kk < klen ? mma_operand<T>(a(r, k0 + kk)) : T(0.0f); },
       [&](int r, int kk, T v) { st[r * stride + kk] = v; });
+}
+
+// A value the block itself produced, put at row r, column kk of a one-chunk K's staged operand as stage or stage_mma
+// would have put it there from the storage type: a step's rows that the block's own cells wrote need no stage.
+template <typename T>
+FRNN_HD void stage_own(const Gemm& g, const Smem<T>& sm, int64_t r, int64_t kk, float v) {
+  const float t = static_cast<float>(static_cast<T>(v));
+  if (g.mma) {
+    sm.staged()[r * mma_stride(g.kc, g.es) + kk] = mma_operand<T>(t);
+  } else {
+    sm.stage[stage_at(g, r, kk)] = t;
+  }
 }
 
 // One lane's operands of an instruction, four and two 32-bit registers, in the PTX ISA's fragment layout: a
@@ -814,14 +830,51 @@ FRNN_HD void reduce_mma(const Gemm& g, const Smem<T>& sm, int tid, int64_t nrows
   }
 }
 
+// A block GEMM's results handed to sink(r, c, v), from either loop's reduction buffer.
+template <typename T, class Sink>
+FRNN_HD void reduce_to(const Gemm& g, const Smem<T>& sm, int tid, int64_t nrows, const Sink& sink) {
+  if (g.mma) {
+    reduce_mma(g, sm, tid, nrows, sink);
+  } else {
+    reduce(g, sm, tid, nrows, sink);
+  }
+}
+
+// The block GEMM's result at (row r, column c), read where spill or spill_mma left its K slices' partial sums (after
+// the block barrier that follows them) and added in reduce's order. The forward's cells take their gates' recurrent
+// products here, in fp32, where a sink would round them to the storage type and store them for the cells to load
+// after one more barrier.
+template <typename T>
+struct Sums {
+  const Gemm& g;
+  const Smem<T>& sm;
+  FRNN_HD float operator()(int64_t r, int64_t c) const {
+    float v = 0.0f;
+    if (g.mma) {
+      // reduce_mma's inverse: column c is lane / 4 + 8 * ((e % 4) / 2) of column tile c / 16, row r is
+      // 2 * (lane % 4) + e % 2 of row tile r / 8, and tile j is slot j / wg of warp j % wg of each slice
+      const int64_t wg = kWarps / g.ks, lanes = wg * 32, c16 = c & 15, r8 = r & 7;
+      const int64_t j = (c >> 4) * g.bg + (r >> 3), slot = div_small(j, wg);
+      const int64_t e = slot * 4 + (c16 >> 3) * 2 + (r8 & 1), q = (j - slot * wg) * 32 + (c16 & 7) * 4 + (r8 >> 1);
+      for (int64_t s = 0; s < g.ks; ++s) v += sm.red[(s * kTile + e) * lanes + q];
+    } else {
+      // the thread of item (r % bg) * cw + c % cw holds (r, c) as value (r / bg) * kTileCols + c / cw of its tile
+      const int64_t jc = div_small(c, g.cw), i = div_small(r, g.bg);
+      const int64_t e = i * kTileCols + jc, item = (r - i * g.bg) * g.cw + (c - jc * g.cw);
+      for (int64_t s = 0; s < g.ks; ++s) v += sm.red[red_at(g, s, e, item)];
+    }
+    return v;
+  }
+};
+
 // ---------------------------------------------------------------------------------------------------
 // Forward. Pointers at row 0 of their tensors; the kernel offsets them per step.
 struct Fwd {
   Plan plan;
   Layout lay;
   int64_t H, G;
-  CellParams base;  // gates [N, G*H] x.W_ih^T, y [N, H], c [B, H], c_save [N, H] (or c), hn_save [N, H] (or hg's n
-                    // block, stride G*H), h [B, H] running state, hg [B, G*H] this launch's recurrent products
+  CellParams base;  // gates [N, G*H] x.W_ih^T, y [N, H], c [B, H], c_save [N, H] (or c), hn_save [N, H] (or a [B, H]
+                    // scratch), h [B, H] running state; hg unused (the cells take the block GEMM's Sums)
   bool save_c, save_hn;
   const void* w_hh;  // [G*H, H]
   const void* h0;    // [B, H]
@@ -874,12 +927,12 @@ struct FwdOperand {  // h_{t-1} of the block's row r: the previous step's y row,
 };
 
 template <typename T>
-struct FwdSink {  // hg[b][g*H + u0 + jj]
-  T* hg;
+struct FwdSink {  // out[b][g*H + u0 + jj] of a [B, G*H] buffer: the recurrent products of fastrnn's own cells (hs)
+  T* out;
   int64_t H, G, U, u0, r0;
   FRNN_HD void operator()(int64_t r, int64_t c, float v) const {
     const int64_t g = div_small(c, U), u = u0 + c - g * U;
-    if (u < H) hg[(r0 + r) * G * H + g * H + u] = static_cast<T>(v);
+    if (u < H) out[(r0 + r) * G * H + g * H + u] = static_cast<T>(v);
   }
 };
 
@@ -889,12 +942,30 @@ FRNN_HD int64_t tile_rows(const Plan& p, const Owned& o, const StepRows& s) {
   return n <= 0 ? 0 : (n < p.bt ? n : p.bt);
 }
 
-// cell.h's op on the block's n rows x own units of one step, p pointed at the step's rows.
-template <class Op, typename T, class P>
-FRNN_HD void cell_phase(const P& p, const Owned& o, int64_t n, int tid) {
+// The forward's cells on the block GEMM's sums: cell.h's op on the block's n rows x own units of one step, p pointed
+// at the step's rows; gate k of unit u is the GEMM's column k * U + u.
+// With `own` (the block holds every unit: u0 = 0), each h_t also goes to the staged operand of the next step.
+template <class Op, typename T>
+FRNN_HD void fwd_cells(const CellParams& p, const Owned& o, int64_t U, int64_t n, int tid, const Sums<T>& sums,
+                       bool own) {
   for (int64_t i = tid; i < n * o.units; i += kThreads) {
-    const int64_t r = div_small(i, o.units);
-    Op::template elem<T>(p, o.r0 + r, o.u0 + i - r * o.units);
+    const int64_t r = div_small(i, o.units), u = i - r * o.units;
+    const float h = Op::template with<T>(p, o.r0 + r, o.u0 + u, [&](int64_t k) { return sums(r, k * U + u); });
+    if (own) stage_own(sums.g, sums.sm, r, u, h);
+  }
+}
+
+// The backward's cells: cell.h's op on the block's n rows x own units of one step, p pointed at the step's rows. With
+// `own` (the block holds every unit) each gradient of a recurrent pre-activation also goes to the staged operand of
+// the step's dh GEMM (g), column k * H + u.
+template <class Op, typename T>
+FRNN_HD void bwd_cells(const CellGradParams& p, const Owned& o, int64_t H, int64_t n, int tid, const Gemm& g,
+                       const Smem<T>& sm, bool own) {
+  for (int64_t i = tid; i < n * o.units; i += kThreads) {
+    const int64_t r = div_small(i, o.units), u = i - r * o.units;
+    Op::template with<T>(p, o.r0 + r, o.u0 + u, [&](int64_t k, float v) {
+      if (own) stage_own(g, sm, r, k * H + u, v);
+    });
   }
 }
 
@@ -1020,8 +1091,16 @@ FRNN_HD void ext_bwd_rows(const X& x, const ExtGradParams& p, const Plan& plan, 
 // The four block programs (plain cells and fastrnn's own, forward and backward) as the phases of one step, so
 // that one kernel (persist_cuda.cu) and one emulator (persist.cpp) run them all. Every block runs each phase;
 // after phase ph comes the step barrier where step_barrier_after(ph) (other blocks read what it wrote), else
-// only the block's. X is the block's executor: gemm(g, sm, n, a, sink) the block GEMM, threads(f) f(tid) for
-// each of its threads, sync() the block barrier, rows() cell_ln.h's row executor.
+// only the block's. X is the block's executor: gemm_then(g, sm, kept, n, a, f) the block GEMM of rows [0, n) up to
+// its spilled partial sums (rows below `kept` staged already, by stage_own: one-chunk K only), then f(tid) on each
+// thread (which reads them through Sums, or reduces them to a sink: gemm_to); threads(f) f(tid) for each of its
+// threads, rows() cell_ln.h's row executor.
+template <class X, typename T, class A, class Sink>
+FRNN_HD void gemm_to(const X& x, const Gemm& g, const Smem<T>& sm, int64_t kept, int64_t n, const A& a,
+                     const Sink& sink) {
+  x.gemm_then(g, sm, kept, n, a, [&](int tid) { reduce_to(g, sm, tid, n, sink); });
+}
+
 template <class Op, typename T>
 struct FwdProgram {  // GEMM and cell of the block's units, then the step barrier
   using Args = Fwd;
@@ -1039,11 +1118,16 @@ struct FwdProgram {  // GEMM and cell of the block's units, then the step barrie
   FRNN_HD static void phase(const Args& f, int, const X& x, const Smem<T>& sm, const Gemm& g, const StepRows& s,
                             const Owned& o, int64_t n, int64_t) {
     if (n == 0) return;
-    x.gemm(g, sm, n, FwdOperand<T>{static_cast<const T*>(f.base.y), static_cast<const T*>(f.h0), f.H, o.r0, s},
-           FwdSink<T>{static_cast<T*>(const_cast<void*>(f.base.hg)), f.H, f.G, f.plan.units, o.u0, o.r0});
-    x.sync();
     const CellParams p = fwd_step_params<T>(f, s);
-    x.threads([&](int tid) { cell_phase<Op, T>(p, o, n, tid); });
+    const Sums<T> sums{g, sm};
+    // A block that holds all of W_hh and stages the whole K at once keeps h in shared memory from step to step: its
+    // cells stage h_t, and the next step stages only its rows that start from h0 (none in a dense batch), where
+    // otherwise every step's operand makes a round trip through L2 between the cells and the K loop.
+    const bool own = f.plan.slices == 1 && g.kc >= g.K;
+    const int64_t kept = own ? (s.prev_rows - o.r0 < 0 ? 0 : s.prev_rows - o.r0 < n ? s.prev_rows - o.r0 : n) : 0;
+    x.gemm_then(g, sm, kept, n,
+                FwdOperand<T>{static_cast<const T*>(f.base.y), static_cast<const T*>(f.h0), f.H, o.r0, s},
+                [&](int tid) { fwd_cells<Op, T>(p, o, f.plan.units, n, tid, sums, own); });
   }
 };
 
@@ -1064,12 +1148,15 @@ struct BwdProgram {  // cell backward of the block's units, the step barrier, dh
   FRNN_HD static void phase(const Args& f, int ph, const X& x, const Smem<T>& sm, const Gemm& g, const StepRows& s,
                             const Owned& o, int64_t n, int64_t) {
     if (n == 0) return;
+    // As in the forward, a block that holds all of W_hh and stages the whole K = G*H at once takes the step's dgates
+    // from its own cells, not through L2; on the tensor cores only where K needs no zero columns, which a stage writes.
+    const bool own = f.plan.slices == 1 && g.kc >= g.K && (!g.mma || g.K % mma_k(g.es) == 0);
     if (ph == 0) {
       const CellGradParams p = bwd_step_params<T>(f, s);
-      x.threads([&](int tid) { cell_phase<Op, T>(p, o, n, tid); });
+      x.threads([&](int tid) { bwd_cells<Op, T>(p, o, f.H, n, tid, g, sm, own); });
     } else {
-      x.gemm(g, sm, n, BwdOperand<T>{static_cast<const T*>(f.base.dgh), f.G * f.H, o.r0, s},
-             BwdSink<T>{static_cast<T*>(f.base.dh_prev), f.H, o.u0, o.r0, f.gru});
+      gemm_to(x, g, sm, own ? n : 0, n, BwdOperand<T>{static_cast<const T*>(f.base.dgh), f.G * f.H, o.r0, s},
+              BwdSink<T>{static_cast<T*>(f.base.dh_prev), f.H, o.u0, o.r0, f.gru});
     }
   }
 };
@@ -1093,8 +1180,8 @@ struct ExtFwdProgram {  // GEMM of the block's columns, the step barrier, the ro
     const ExtParams p = ext_step_params(f, s);
     if (ph == 1) return ext_fwd_rows<Op>(x.rows(), p, f.plan, o, n);
     if (n == 0) return;
-    x.gemm(g, sm, n, RowsOperand{static_cast<const float*>(f.operand), f.H, o.r0},
-           FwdSink<float>{static_cast<float*>(p.hs), f.H, f.G, f.plan.units, o.u0, o.r0});
+    gemm_to(x, g, sm, 0, n, RowsOperand{static_cast<const float*>(f.operand), f.H, o.r0},
+            FwdSink<float>{static_cast<float*>(p.hs), f.H, f.G, f.plan.units, o.u0, o.r0});
   }
 };
 
@@ -1116,9 +1203,9 @@ struct ExtBwdProgram {  // the row phase, the step barrier, dh_{t-1} of the bloc
                             const StepRows& s, const Owned& o, int64_t n, int64_t blk) {
     if (ph == 0) return ext_bwd_rows<Op>(x.rows(), ext_step_params(f, s, blk), f.plan, o, n);
     if (n == 0) return;
-    x.gemm(g, sm, n, BwdOperand<float>{static_cast<const float*>(f.base.dgh), f.G * f.H, o.r0, s},
-           BwdSink<float>{static_cast<float*>(const_cast<void*>(f.base.dh)), f.H, o.u0, o.r0, f.bypass,
-                          static_cast<const float*>(f.mask)});
+    gemm_to(x, g, sm, 0, n, BwdOperand<float>{static_cast<const float*>(f.base.dgh), f.G * f.H, o.r0, s},
+            BwdSink<float>{static_cast<float*>(const_cast<void*>(f.base.dh)), f.H, o.u0, o.r0, f.bypass,
+                           static_cast<const float*>(f.mask)});
   }
 };
 

@@ -2,9 +2,10 @@
 // arithmetic the GPU runs.
 //
 // Every op is a struct with `elem<T, W, M>(params, r, j)`: the element (row r, hidden unit j) of one time step, M
-// the multiply-add of its polynomials (`Fused` below). It computes in acc_t<W> (fp32 for fp32/fp16/bf16 storage,
-// fp64 for fp64) and has two storage types: T for the sequence tensors (h, y, dy, and dgates, the operands of the
-// GEMMs) and W for the per-step workspaces (gates, hg, bias, c, the saved values, dh, dc); W = T except in the CPU
+// the multiply-add of its polynomials (`Fused` below); the forward ops also take the recurrent products from their
+// caller (`with`, FwdOp below). It computes in acc_t<W> (fp32 for fp32/fp16/bf16 storage, fp64 for fp64) and has
+// two storage types: T for the sequence tensors (h, y, dy, and dgates, the operands of the GEMMs) and W for the
+// per-step workspaces (gates, hg, bias, c, the saved values, dh, dc); W = T except in the CPU
 // engine's bf16 path, which keeps the workspaces in fp32 and rounds only what it stores for a GEMM or returns.
 // Each element reads and writes only column j (and the gate columns k*gw+j) of its own row, so in-place buffers
 // (gates overwritten by activated gates, state read and rewritten) are safe and the loop over j has no
@@ -124,7 +125,7 @@ struct CellParams {
   int64_t gs;          // row stride of gates: G*H
   int64_t hg_stride;   // row stride of hg
   void* gates;         // gates: [rows, gs] in: x @ w_ih^T; out: activated gates (LSTM, GRU)
-  const void* hg;      // hg: [rows, hg_stride] h_prev @ w_hh^T
+  const void* hg;      // hg: [rows, hg_stride] h_prev @ w_hh^T (elem's; `with` takes them from its caller)
   const void* bias;    // bias: [G*gw] b_ih + b_hh, except GRU's n block: b_in only (zeros without bias)
   const void* b_hn;    // b_hn: [H] GRU's b_hh n block, inside r * (W_hn h + b_hn)
   const void* h_prev;  // h_prev: [rows, h_stride] GRU's state before the step (may alias h)
@@ -147,22 +148,41 @@ FRNN_HD void st(void* p, int64_t i, acc_t<T> v) {
   static_cast<T*>(p)[i] = static_cast<T>(v);
 }
 
-// Pre-activation of gate k of unit j in row r: input projection + recurrent projection + bias.
-template <typename W>
-FRNN_HD acc_t<W> pre(const CellParams& p, int64_t r, int64_t k, int64_t j) {
+// Pre-activation of gate k of unit j in row r: input projection + recurrent projection hg(k) + bias.
+template <typename W, class Hg>
+FRNN_HD acc_t<W> pre(const CellParams& p, int64_t r, int64_t k, int64_t j, const Hg& hg) {
   const int64_t g = k * p.gw + j;
-  return ld<W>(p.gates, r * p.gs + g) + ld<W>(p.hg, r * p.hg_stride + g) + ld<W>(p.bias, g);
+  return ld<W>(p.gates, r * p.gs + g) + hg(k) + ld<W>(p.bias, g);
 }
 
-struct LstmFwd {
+// The recurrent product of gate k of element (r, j) where the per-step drivers leave it: in hg.
+template <typename W>
+struct HgInMemory {
+  const CellParams& p;
+  int64_t r, j;
+  FRNN_HD acc_t<W> operator()(int64_t k) const { return ld<W>(p.hg, r * p.hg_stride + k * p.gw + j); }
+};
+
+// A forward op's two entries: elem(p, r, j) reads the recurrent products from p.hg; with(p, r, j, hg) takes them
+// from hg(k) (the persistent engine's block GEMM sums, fp32 in shared memory) and returns h_new, which that engine
+// may also stage for the next step.
+template <class Op>
+struct FwdOp {
   template <typename T, typename W = T, class M = Fused>
   static FRNN_HD void elem(const CellParams& p, int64_t r, int64_t j) {
+    Op::template with<T, W, M>(p, r, j, HgInMemory<W>{p, r, j});
+  }
+};
+
+struct LstmFwd : FwdOp<LstmFwd> {
+  template <typename T, typename W = T, class M = Fused, class Hg>
+  static FRNN_HD acc_t<W> with(const CellParams& p, int64_t r, int64_t j, const Hg& hg) {
     using A = acc_t<W>;
     const int64_t g0 = r * p.gs + j, gw = p.gw;
-    const A i = sigmoid<M>(pre<W>(p, r, 0, j));
-    const A f = sigmoid<M>(pre<W>(p, r, 1, j));
-    const A g = ftanh<M>(pre<W>(p, r, 2, j));
-    const A o = sigmoid<M>(pre<W>(p, r, 3, j));
+    const A i = sigmoid<M>(pre<W>(p, r, 0, j, hg));
+    const A f = sigmoid<M>(pre<W>(p, r, 1, j, hg));
+    const A g = ftanh<M>(pre<W>(p, r, 2, j, hg));
+    const A o = sigmoid<M>(pre<W>(p, r, 3, j, hg));
     const A c = f * ld<W>(p.c, r * p.H + j) + i * g;
     const A h = o * ftanh<M>(c);
     st<W>(p.gates, g0, i);
@@ -173,17 +193,18 @@ struct LstmFwd {
     st<W>(p.c_save, r * p.H + j, c);
     st<T>(p.h, r * p.h_stride + j, h);
     st<T>(p.y, r * p.y_stride + j, h);
+    return h;
   }
 };
 
-struct GruFwd {
-  template <typename T, typename W = T, class M = Fused>
-  static FRNN_HD void elem(const CellParams& p, int64_t r, int64_t j) {
+struct GruFwd : FwdOp<GruFwd> {
+  template <typename T, typename W = T, class M = Fused, class Hg>
+  static FRNN_HD acc_t<W> with(const CellParams& p, int64_t r, int64_t j, const Hg& hg) {
     using A = acc_t<W>;
     const int64_t g0 = r * p.gs + j, gw = p.gw;
-    const A rg = sigmoid<M>(pre<W>(p, r, 0, j));
-    const A z = sigmoid<M>(pre<W>(p, r, 1, j));
-    const A hn = ld<W>(p.hg, r * p.hg_stride + 2 * gw + j) + ld<W>(p.b_hn, j);
+    const A rg = sigmoid<M>(pre<W>(p, r, 0, j, hg));
+    const A z = sigmoid<M>(pre<W>(p, r, 1, j, hg));
+    const A hn = hg(2) + ld<W>(p.b_hn, j);
     const A n = ftanh<M>(ld<W>(p.gates, g0 + 2 * gw) + ld<W>(p.bias, 2 * gw + j) + rg * hn);
     const A h = (A(1) - z) * n + z * ld<T>(p.h_prev, r * p.h_stride + j);
     st<W>(p.gates, g0, rg);
@@ -192,18 +213,20 @@ struct GruFwd {
     st<W>(p.hn_save, r * p.hn_stride + j, hn);
     st<T>(p.h, r * p.h_stride + j, h);
     st<T>(p.y, r * p.y_stride + j, h);
+    return h;
   }
 };
 
 template <bool Relu>
-struct RnnFwd {
-  template <typename T, typename W = T, class M = Fused>
-  static FRNN_HD void elem(const CellParams& p, int64_t r, int64_t j) {
+struct RnnFwd : FwdOp<RnnFwd<Relu>> {
+  template <typename T, typename W = T, class M = Fused, class Hg>
+  static FRNN_HD acc_t<W> with(const CellParams& p, int64_t r, int64_t j, const Hg& hg) {
     using A = acc_t<W>;
-    const A a = pre<W>(p, r, 0, j);
+    const A a = pre<W>(p, r, 0, j, hg);
     const A h = Relu ? (a > A(0) ? a : A(0)) : ftanh<M>(a);
     st<T>(p.h, r * p.h_stride + j, h);
     st<T>(p.y, r * p.y_stride + j, h);
+    return h;
   }
 };
 
@@ -247,9 +270,24 @@ FRNN_HD acc_t<W> ld_dh(const CellGradParams& p, int64_t r, int64_t j) {
   return ld<W>(p.dh, r * p.dh_stride + j) + ld<T>(p.dy, r * p.dy_stride + j);
 }
 
-struct LstmBwd {
+// A backward op's two entries: elem(p, r, j) stores the gradients; with(p, r, j, dgh) also hands dgh(k, v) each
+// gradient of a recurrent pre-activation it stores to p.dgh (the operand of dh_{t-1} = dgates . W_hh), which the
+// persistent engine stages for that GEMM as well.
+struct NoDgh {
+  template <typename A>
+  FRNN_HD void operator()(int64_t, A) const {}
+};
+template <class Op>
+struct BwdOp {
   template <typename T, typename W = T, class M = Fused>
   static FRNN_HD void elem(const CellGradParams& p, int64_t r, int64_t j) {
+    Op::template with<T, W, M>(p, r, j, NoDgh{});
+  }
+};
+
+struct LstmBwd : BwdOp<LstmBwd> {
+  template <typename T, typename W = T, class M = Fused, class Dgh>
+  static FRNN_HD void with(const CellGradParams& p, int64_t r, int64_t j, const Dgh& dgh) {
     using A = acc_t<W>;
     const int64_t H = p.H, gw = p.gw, g0 = r * p.gs + j;
     const A i = ld<W>(p.gates, g0), f = ld<W>(p.gates, g0 + gw);
@@ -257,17 +295,23 @@ struct LstmBwd {
     const A tc = ftanh<M>(ld<W>(p.c, r * H + j));
     const A dh = ld_dh<T, W>(p, r, j);
     const A dc = ld<W>(p.dc, r * H + j) + dh * o * (A(1) - tc * tc);
-    st<T>(p.dgx, g0, dc * g * i * (A(1) - i));
-    st<T>(p.dgx, g0 + gw, dc * ld_prev<W>(p, r, j) * f * (A(1) - f));
-    st<T>(p.dgx, g0 + 2 * gw, dc * i * (A(1) - g * g));
-    st<T>(p.dgx, g0 + 3 * gw, dh * tc * o * (A(1) - o));
+    const A di = dc * g * i * (A(1) - i), df = dc * ld_prev<W>(p, r, j) * f * (A(1) - f);
+    const A dg = dc * i * (A(1) - g * g), dout = dh * tc * o * (A(1) - o);
+    st<T>(p.dgx, g0, di);
+    st<T>(p.dgx, g0 + gw, df);
+    st<T>(p.dgx, g0 + 2 * gw, dg);
+    st<T>(p.dgx, g0 + 3 * gw, dout);
+    dgh(0, di);
+    dgh(1, df);
+    dgh(2, dg);
+    dgh(3, dout);
     st<W>(p.dc, r * H + j, dc * f);
   }
 };
 
-struct GruBwd {
-  template <typename T, typename W = T, class M = Fused>
-  static FRNN_HD void elem(const CellGradParams& p, int64_t r, int64_t j) {
+struct GruBwd : BwdOp<GruBwd> {
+  template <typename T, typename W = T, class M = Fused, class Dgh>
+  static FRNN_HD void with(const CellGradParams& p, int64_t r, int64_t j, const Dgh& dgh) {
     using A = acc_t<W>;
     const int64_t gw = p.gw, g0 = r * p.gs + j;
     const A rg = ld<W>(p.gates, g0), z = ld<W>(p.gates, g0 + gw), n = ld<W>(p.gates, g0 + 2 * gw);
@@ -281,18 +325,23 @@ struct GruBwd {
     st<T>(p.dgh, g0, dr);
     st<T>(p.dgh, g0 + gw, dz);
     st<T>(p.dgh, g0 + 2 * gw, dn * rg);
+    dgh(0, dr);
+    dgh(1, dz);
+    dgh(2, dn * rg);
     st<W>(p.dh_prev, r * p.dh_stride + j, dh * z);
   }
 };
 
 template <bool Relu>
-struct RnnBwd {
-  template <typename T, typename W = T, class M = Fused>
-  static FRNN_HD void elem(const CellGradParams& p, int64_t r, int64_t j) {
+struct RnnBwd : BwdOp<RnnBwd<Relu>> {
+  template <typename T, typename W = T, class M = Fused, class Dgh>
+  static FRNN_HD void with(const CellGradParams& p, int64_t r, int64_t j, const Dgh& dgh) {
     using A = acc_t<W>;
     const A h = ld<T>(p.out, r * p.out_stride + j);
     const A dh = ld_dh<T, W>(p, r, j);
-    st<T>(p.dgx, r * p.gs + j, Relu ? (h > A(0) ? dh : A(0)) : dh * (A(1) - h * h));
+    const A d = Relu ? (h > A(0) ? dh : A(0)) : dh * (A(1) - h * h);
+    st<T>(p.dgx, r * p.gs + j, d);
+    dgh(0, d);
   }
 };
 

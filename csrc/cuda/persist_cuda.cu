@@ -81,52 +81,47 @@ struct WarpMma {
 };
 
 // One block's GEMM of a step (persist.h's phases with the block barriers between them): out[n rows, g.R] =
-// A . Ws over K chunks, handed to `sink`; on the tensor cores where the plan says so.
-template <typename T, class A, class Sink>
-__device__ __forceinline__ void block_gemm(const Gemm& g, const Smem<T>& sm, int tid, int64_t n, const A& a,
-                                           const Sink& sink) {
+// A . Ws over K chunks, its partial sums spilled to the reduction buffer, then `then(tid)` (a reduce to a sink, or
+// the forward's cells on the Sums); on the tensor cores where the plan says so. Rows below `kept` are staged already.
+template <typename T, class A, class Then>
+__device__ __forceinline__ void block_gemm(const Gemm& g, const Smem<T>& sm, int tid, int64_t kept, int64_t n,
+                                           const A& a, const Then& then) {
   float acc[kTile] = {};
   if (g.mma) {
     for (int64_t k0 = 0; k0 < g.K; k0 += g.kc) {
       __syncthreads();
-      stage_mma(g, sm, tid, k0, n, a);
+      stage_mma(g, sm, tid, k0, kept, n, a);
       __syncthreads();
       accumulate_mma(g, sm, tid, k0, acc, WarpMma<T>{tid % 32});
     }
     spill_mma(g, sm, tid, acc);
-    __syncthreads();
-    reduce_mma(g, sm, tid, n, sink);
-    return;
+  } else {
+    for (int64_t k0 = 0; k0 < g.K; k0 += g.kc) {
+      __syncthreads();
+      stage(g, sm, tid, k0, kept, n, a);
+      __syncthreads();
+      accumulate(g, sm, tid, k0, n, acc);
+    }
+    spill(g, sm, tid, acc);
   }
-  for (int64_t k0 = 0; k0 < g.K; k0 += g.kc) {
-    __syncthreads();
-    stage(g, sm, tid, k0, n, a);
-    __syncthreads();
-    accumulate(g, sm, tid, k0, n, acc);
-  }
-  spill(g, sm, tid, acc);
   __syncthreads();
-  reduce(g, sm, tid, n, sink);
+  then(tid);
 }
 
 // The block's executor for persist.h's programs: its threads run the phases side by side. Host stubs only keep
 // the host pass of the __host__ __device__ programs compiling.
 struct BlockExec {
   int tid;
-  template <typename T, class A, class Sink>
-  FRNN_HD void gemm(const Gemm& g, const Smem<T>& sm, int64_t n, const A& a, const Sink& sink) const {
+  template <typename T, class A, class Then>
+  FRNN_HD void gemm_then(const Gemm& g, const Smem<T>& sm, int64_t kept, int64_t n, const A& a,
+                         const Then& then) const {
 #if defined(__CUDA_ARCH__)
-    block_gemm(g, sm, tid, n, a, sink);
+    block_gemm(g, sm, tid, kept, n, a, then);
 #endif
   }
   template <class F>
   FRNN_HD void threads(const F& f) const {
     f(tid);
-  }
-  FRNN_HD void sync() const {
-#if defined(__CUDA_ARCH__)
-    __syncthreads();
-#endif
   }
   FRNN_HD RowBlock rows() const { return {}; }
 };
@@ -294,7 +289,7 @@ __global__ void __launch_bounds__(kThreads, 1) probe_kernel(const __grid_constan
   step_barrier(p.plan);
   const long long t0 = clock64(), n0 = global_ns();
   for (int64_t i = 0; i < p.iters; ++i) {
-    if (p.gemm) block_gemm(p.g, sm, tid, p.g.bt, a, sink);
+    if (p.gemm) block_gemm(p.g, sm, tid, 0, p.g.bt, a, [&](int t) { reduce_to(p.g, sm, t, p.g.bt, sink); });
     step_barrier(p.plan);
   }
   const long long t1 = clock64(), n1 = global_ns();
