@@ -94,11 +94,13 @@ struct EmulatedMma {
 };
 
 // One block's GEMM of a step as persist_cuda.cu's block_gemm runs it: each phase on every thread before the next
-// (the block barrier), each thread's accumulators kept across K chunks in `acc` ([kThreads][kTile]), then
-// then(tid) on every thread.
-template <typename T, class A, class Then>
-void emulate_gemm(const Gemm& g, const Smem<T>& sm, int64_t kept, int64_t n, const A& a, const Then& then,
-                  std::vector<float>& acc) {
+// (the block barrier), each thread's accumulators kept across K chunks in `acc` ([kThreads][kTile]), each thread's
+// pre(tid) from before the GEMM until then(tid, it) after.
+template <typename T, class A, class Pre, class Then>
+void emulate_gemm(const Gemm& g, const Smem<T>& sm, int64_t kept, int64_t n, const A& a, const Pre& pre,
+                  const Then& then, std::vector<float>& acc) {
+  std::vector<decltype(pre(0))> early;
+  for (int tid = 0; tid < kThreads; ++tid) early.push_back(pre(tid));
   std::fill(acc.begin(), acc.end(), 0.0f);
   if (g.mma) {
     for (int64_t k0 = 0; k0 < g.K; k0 += g.kc) {
@@ -113,7 +115,7 @@ void emulate_gemm(const Gemm& g, const Smem<T>& sm, int64_t kept, int64_t n, con
     }
     for (int tid = 0; tid < kThreads; ++tid) spill(g, sm, tid, &acc[tid * kTile]);
   }
-  for (int tid = 0; tid < kThreads; ++tid) then(tid);
+  for (int tid = 0; tid < kThreads; ++tid) then(tid, early[tid]);
 }
 
 // Every block's shared memory for the emulator, as the kernels carve theirs.
@@ -142,9 +144,10 @@ struct Blocks {
 // persist_cuda.cu's block_gemm runs it, rows on one thread (RowSerial, the CPU kernels' executor).
 struct EmulatedBlock {
   std::vector<float>* acc;
-  template <typename T, class A, class Then>
-  void gemm_then(const Gemm& g, const Smem<T>& sm, int64_t kept, int64_t n, const A& a, const Then& then) const {
-    emulate_gemm(g, sm, kept, n, a, then, *acc);
+  template <typename T, class A, class Pre, class Then>
+  void gemm_then(const Gemm& g, const Smem<T>& sm, int64_t kept, int64_t n, const A& a, const Pre& pre,
+                 const Then& then) const {
+    emulate_gemm(g, sm, kept, n, a, pre, then, *acc);
   }
   template <class F>
   void threads(const F& f) const {

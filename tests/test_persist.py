@@ -147,6 +147,26 @@ def test_emulated_plans_cover_both_schemes_and_batch_tiles():
     grown = [p["padded"] and p["smem"] > smem_bytes(GATES[c.mode], c.H, p["units"], p["batch_tile"], 4)
              for (_, c), p in zip(RUNS, plans)]
     assert any(grown) and any(not p["padded"] for p in plans)
+    # blocks that keep the GEMM operand in shared memory between steps (one slice, the whole K in one chunk:
+    # stage_own), forward and backward, with a reverse packed batch (rows that start from h0 mid-sequence)
+    own = [(c, p) for (_, c), p in zip(RUNS, plans) if p["slices"] == 1 and p["chunks"][0] >= c.H]
+    assert any(c.packed and c.reverse for c, _ in own)
+    assert any(p["chunks"][1] >= GATES[c.mode] * c.H for c, p in own)
+
+
+# One SM: one block takes every row and unit, more elements than the four a thread loads before the GEMM
+# (persist.h kPrefetch * kThreads = 1,024); the rest load after it. The LSTM's 4 x 4 tiles never reach that many.
+ONE_SM = (1, 232448)
+TAIL = [Case("RNN_TANH", 3, 16, 5, 100, packed=True, reverse=True), Case("GRU", 3, 12, 5, 112),
+        Case("RNN_RELU", 2, 16, 3, 80)]
+
+
+@pytest.mark.parametrize("c", TAIL, ids=[c.id for c in TAIL])
+def test_block_program_beyond_the_prefetched_elements(c):
+    p = lib().persist_plan(GATES[c.mode], c.B, c.H, 4, *ONE_SM)
+    assert p["blocks"] == 1 and p["batch_tile"] * p["units"] > 4 * THREADS, p
+    with emulated(*ONE_SM), nan_poisoned(CPU32):
+        assert_matches_reference(CPU32, c)
 
 
 def test_emulation_is_deterministic_and_off_after_the_hook():

@@ -2,8 +2,8 @@
 // arithmetic the GPU runs.
 //
 // Every op is a struct with `elem<T, W, M>(params, r, j)`: the element (row r, hidden unit j) of one time step, M
-// the multiply-add of its polynomials (`Fused` below); the forward ops also take the recurrent products from their
-// caller (`with`, FwdOp below). It computes in acc_t<W> (fp32 for fp32/fp16/bf16 storage, fp64 for fp64) and has
+// the multiply-add of its polynomials (`Fused` below); the forward ops also take their inputs from their caller
+// (`with`, FwdOp below). It computes in acc_t<W> (fp32 for fp32/fp16/bf16 storage, fp64 for fp64) and has
 // two storage types: T for the sequence tensors (h, y, dy, and dgates, the operands of the GEMMs) and W for the
 // per-step workspaces (gates, hg, bias, c, the saved values, dh, dc); W = T except in the CPU
 // engine's bf16 path, which keeps the workspaces in fp32 and rounds only what it stores for a GEMM or returns.
@@ -125,7 +125,7 @@ struct CellParams {
   int64_t gs;          // row stride of gates: G*H
   int64_t hg_stride;   // row stride of hg
   void* gates;         // gates: [rows, gs] in: x @ w_ih^T; out: activated gates (LSTM, GRU)
-  const void* hg;      // hg: [rows, hg_stride] h_prev @ w_hh^T (elem's; `with` takes them from its caller)
+  const void* hg;      // hg: [rows, hg_stride] h_prev @ w_hh^T (elem's; `with` takes its inputs from its caller)
   const void* bias;    // bias: [G*gw] b_ih + b_hh, except GRU's n block: b_in only (zeros without bias)
   const void* b_hn;    // b_hn: [H] GRU's b_hh n block, inside r * (W_hn h + b_hn)
   const void* h_prev;  // h_prev: [rows, h_stride] GRU's state before the step (may alias h)
@@ -148,42 +148,50 @@ FRNN_HD void st(void* p, int64_t i, acc_t<T> v) {
   static_cast<T*>(p)[i] = static_cast<T>(v);
 }
 
-// Pre-activation of gate k of unit j in row r: input projection + recurrent projection hg(k) + bias.
-template <typename W, class Hg>
-FRNN_HD acc_t<W> pre(const CellParams& p, int64_t r, int64_t k, int64_t j, const Hg& hg) {
-  const int64_t g = k * p.gw + j;
-  return ld<W>(p.gates, r * p.gs + g) + hg(k) + ld<W>(p.bias, g);
+// Pre-activation of gate k of unit j in row r: input projection + recurrent projection + bias.
+template <typename W, class In>
+FRNN_HD acc_t<W> pre(const CellParams& p, int64_t k, int64_t j, const In& in) {
+  return in.x(k) + in.hg(k) + ld<W>(p.bias, k * p.gw + j);
 }
 
-// The recurrent product of gate k of element (r, j) where the per-step drivers leave it: in hg.
-template <typename W>
-struct HgInMemory {
+// What a forward element (r, j) reads besides the weights, where the per-step drivers leave it: gate k's input
+// projection x(k) in p.gates, its recurrent product hg(k) in p.hg, the state before the step (Op::state: LSTM c,
+// GRU h).
+template <class Op, typename T, typename W>
+struct InMemory {
   const CellParams& p;
   int64_t r, j;
-  FRNN_HD acc_t<W> operator()(int64_t k) const { return ld<W>(p.hg, r * p.hg_stride + k * p.gw + j); }
+  FRNN_HD acc_t<W> x(int64_t k) const { return ld<W>(p.gates, r * p.gs + k * p.gw + j); }
+  FRNN_HD acc_t<W> hg(int64_t k) const { return ld<W>(p.hg, r * p.hg_stride + k * p.gw + j); }
+  FRNN_HD acc_t<W> state() const { return Op::template state<T, W>(p, r, j); }
 };
 
-// A forward op's two entries: elem(p, r, j) reads the recurrent products from p.hg; with(p, r, j, hg) takes them
-// from hg(k) (the persistent engine's block GEMM sums, fp32 in shared memory) and returns h_new, which that engine
-// may also stage for the next step.
+// A forward op's two entries: elem(p, r, j) reads its inputs from memory (InMemory); with(p, r, j, in) takes them
+// from `in` (the persistent engine's: the recurrent products from its block GEMM's sums in shared memory, the rest
+// loaded before that GEMM) and returns h_new, which that engine may also stage for the next step.
 template <class Op>
 struct FwdOp {
   template <typename T, typename W = T, class M = Fused>
   static FRNN_HD void elem(const CellParams& p, int64_t r, int64_t j) {
-    Op::template with<T, W, M>(p, r, j, HgInMemory<W>{p, r, j});
+    Op::template with<T, W, M>(p, r, j, InMemory<Op, T, W>{p, r, j});
   }
 };
 
 struct LstmFwd : FwdOp<LstmFwd> {
-  template <typename T, typename W = T, class M = Fused, class Hg>
-  static FRNN_HD acc_t<W> with(const CellParams& p, int64_t r, int64_t j, const Hg& hg) {
+  static constexpr int kGates = 4;
+  template <typename T, typename W = T>
+  static FRNN_HD acc_t<W> state(const CellParams& p, int64_t r, int64_t j) {
+    return ld<W>(p.c, r * p.H + j);
+  }
+  template <typename T, typename W = T, class M = Fused, class In>
+  static FRNN_HD acc_t<W> with(const CellParams& p, int64_t r, int64_t j, const In& in) {
     using A = acc_t<W>;
     const int64_t g0 = r * p.gs + j, gw = p.gw;
-    const A i = sigmoid<M>(pre<W>(p, r, 0, j, hg));
-    const A f = sigmoid<M>(pre<W>(p, r, 1, j, hg));
-    const A g = ftanh<M>(pre<W>(p, r, 2, j, hg));
-    const A o = sigmoid<M>(pre<W>(p, r, 3, j, hg));
-    const A c = f * ld<W>(p.c, r * p.H + j) + i * g;
+    const A i = sigmoid<M>(pre<W>(p, 0, j, in));
+    const A f = sigmoid<M>(pre<W>(p, 1, j, in));
+    const A g = ftanh<M>(pre<W>(p, 2, j, in));
+    const A o = sigmoid<M>(pre<W>(p, 3, j, in));
+    const A c = f * in.state() + i * g;
     const A h = o * ftanh<M>(c);
     st<W>(p.gates, g0, i);
     st<W>(p.gates, g0 + gw, f);
@@ -198,15 +206,20 @@ struct LstmFwd : FwdOp<LstmFwd> {
 };
 
 struct GruFwd : FwdOp<GruFwd> {
-  template <typename T, typename W = T, class M = Fused, class Hg>
-  static FRNN_HD acc_t<W> with(const CellParams& p, int64_t r, int64_t j, const Hg& hg) {
+  static constexpr int kGates = 3;
+  template <typename T, typename W = T>
+  static FRNN_HD acc_t<W> state(const CellParams& p, int64_t r, int64_t j) {
+    return ld<T>(p.h_prev, r * p.h_stride + j);
+  }
+  template <typename T, typename W = T, class M = Fused, class In>
+  static FRNN_HD acc_t<W> with(const CellParams& p, int64_t r, int64_t j, const In& in) {
     using A = acc_t<W>;
     const int64_t g0 = r * p.gs + j, gw = p.gw;
-    const A rg = sigmoid<M>(pre<W>(p, r, 0, j, hg));
-    const A z = sigmoid<M>(pre<W>(p, r, 1, j, hg));
-    const A hn = hg(2) + ld<W>(p.b_hn, j);
-    const A n = ftanh<M>(ld<W>(p.gates, g0 + 2 * gw) + ld<W>(p.bias, 2 * gw + j) + rg * hn);
-    const A h = (A(1) - z) * n + z * ld<T>(p.h_prev, r * p.h_stride + j);
+    const A rg = sigmoid<M>(pre<W>(p, 0, j, in));
+    const A z = sigmoid<M>(pre<W>(p, 1, j, in));
+    const A hn = in.hg(2) + ld<W>(p.b_hn, j);
+    const A n = ftanh<M>(in.x(2) + ld<W>(p.bias, 2 * gw + j) + rg * hn);
+    const A h = (A(1) - z) * n + z * in.state();
     st<W>(p.gates, g0, rg);
     st<W>(p.gates, g0 + gw, z);
     st<W>(p.gates, g0 + 2 * gw, n);
@@ -219,10 +232,15 @@ struct GruFwd : FwdOp<GruFwd> {
 
 template <bool Relu>
 struct RnnFwd : FwdOp<RnnFwd<Relu>> {
-  template <typename T, typename W = T, class M = Fused, class Hg>
-  static FRNN_HD acc_t<W> with(const CellParams& p, int64_t r, int64_t j, const Hg& hg) {
+  static constexpr int kGates = 1;
+  template <typename T, typename W = T>
+  static FRNN_HD acc_t<W> state(const CellParams&, int64_t, int64_t) {
+    return acc_t<W>(0);  // none: the Elman cell's h_new depends on h_{t-1} only through hg
+  }
+  template <typename T, typename W = T, class M = Fused, class In>
+  static FRNN_HD acc_t<W> with(const CellParams& p, int64_t r, int64_t j, const In& in) {
     using A = acc_t<W>;
-    const A a = pre<W>(p, r, 0, j, hg);
+    const A a = pre<W>(p, 0, j, in);
     const A h = Relu ? (a > A(0) ? a : A(0)) : ftanh<M>(a);
     st<T>(p.h, r * p.h_stride + j, h);
     st<T>(p.y, r * p.y_stride + j, h);

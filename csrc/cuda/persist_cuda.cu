@@ -81,11 +81,13 @@ struct WarpMma {
 };
 
 // One block's GEMM of a step (persist.h's phases with the block barriers between them): out[n rows, g.R] =
-// A . Ws over K chunks, its partial sums spilled to the reduction buffer, then `then(tid)` (a reduce to a sink, or
-// the forward's cells on the Sums); on the tensor cores where the plan says so. Rows below `kept` are staged already.
-template <typename T, class A, class Then>
+// A . Ws over K chunks, its partial sums spilled to the reduction buffer, then `then(tid, pre(tid))` (a reduce to a
+// sink, or the forward's cells on the Sums with the inputs pre loaded before the GEMM); on the tensor cores where
+// the plan says so. Rows below `kept` are staged already.
+template <typename T, class A, class Pre, class Then>
 __device__ __forceinline__ void block_gemm(const Gemm& g, const Smem<T>& sm, int tid, int64_t kept, int64_t n,
-                                           const A& a, const Then& then) {
+                                           const A& a, const Pre& pre, const Then& then) {
+  const auto early = pre(tid);
   float acc[kTile] = {};
   if (g.mma) {
     for (int64_t k0 = 0; k0 < g.K; k0 += g.kc) {
@@ -105,18 +107,18 @@ __device__ __forceinline__ void block_gemm(const Gemm& g, const Smem<T>& sm, int
     spill(g, sm, tid, acc);
   }
   __syncthreads();
-  then(tid);
+  then(tid, early);
 }
 
 // The block's executor for persist.h's programs: its threads run the phases side by side. Host stubs only keep
 // the host pass of the __host__ __device__ programs compiling.
 struct BlockExec {
   int tid;
-  template <typename T, class A, class Then>
-  FRNN_HD void gemm_then(const Gemm& g, const Smem<T>& sm, int64_t kept, int64_t n, const A& a,
+  template <typename T, class A, class Pre, class Then>
+  FRNN_HD void gemm_then(const Gemm& g, const Smem<T>& sm, int64_t kept, int64_t n, const A& a, const Pre& pre,
                          const Then& then) const {
 #if defined(__CUDA_ARCH__)
-    block_gemm(g, sm, tid, kept, n, a, then);
+    block_gemm(g, sm, tid, kept, n, a, pre, then);
 #endif
   }
   template <class F>
@@ -289,7 +291,7 @@ __global__ void __launch_bounds__(kThreads, 1) probe_kernel(const __grid_constan
   step_barrier(p.plan);
   const long long t0 = clock64(), n0 = global_ns();
   for (int64_t i = 0; i < p.iters; ++i) {
-    if (p.gemm) block_gemm(p.g, sm, tid, 0, p.g.bt, a, [&](int t) { reduce_to(p.g, sm, t, p.g.bt, sink); });
+    if (p.gemm) block_gemm(p.g, sm, tid, 0, p.g.bt, a, [](int) { return 0; }, [&](int t, int) { reduce_to(p.g, sm, t, p.g.bt, sink); });
     step_barrier(p.plan);
   }
   const long long t1 = clock64(), n1 = global_ns();
