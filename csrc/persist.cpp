@@ -134,6 +134,7 @@ struct Blocks {
     if (smem_bytes(g) > p.smem) throw std::logic_error("fastrnn: the persistent engine's GEMM outgrows its plan");
     for (int64_t b = 0; b < blocks(); ++b) {
       for (int tid = 0; tid < kThreads; ++tid) load(sm(b), tid, owned(p, H, b).u0);
+      for (int tid = 0; tid < kThreads; ++tid) zero_stages(g, sm(b), tid);
     }
   }
   int64_t blocks() const { return static_cast<int64_t>(smem.size()); }
@@ -144,6 +145,15 @@ struct Blocks {
 // persist_cuda.cu's block_gemm runs it, rows on one thread (RowSerial, the CPU kernels' executor).
 struct EmulatedBlock {
   std::vector<float>* acc;
+  std::vector<std::vector<char>>* smem;  // the direction's blocks' shared memory
+  int64_t first;                         // the block of slice 0 of this block's batch tile (its cluster's rank 0)
+  char* base;                            // this block's shared memory
+  template <typename T>
+  Smem<T> peer(const Smem<T>& sm, int64_t q) const {
+    Smem<T> v = sm;
+    v.stage = reinterpret_cast<float*>((*smem)[first + q].data() + (reinterpret_cast<char*>(sm.stage) - base));
+    return v;
+  }
   template <typename T, class A, class Pre, class Then>
   void gemm_then(const Gemm& g, const Smem<T>& sm, int64_t kept, int64_t n, const A& a, const Pre& pre,
                  const Then& then) const {
@@ -177,8 +187,9 @@ void emulate(const Dirs<typename Prog::Args>& ds) {
         const auto& f = ds.d[lb.dir];
         const StepRows s = step_rows(f.lay, Prog::kForward ? i : f.lay.T - 1 - i);
         const Owned o = owned(f.plan, f.H, lb.blk);
-        Prog::phase(f, ph, EmulatedBlock{&bl[lb.dir].acc}, bl[lb.dir].sm(lb.blk), bl[lb.dir].g, s, o,
-                    tile_rows(f.plan, o, s), lb.blk);
+        auto& mem = bl[lb.dir];
+        const EmulatedBlock x{&mem.acc, &mem.smem, lb.blk - lb.blk % f.plan.slices, mem.smem[lb.blk].data()};
+        Prog::phase(f, ph, x, mem.sm(lb.blk), mem.g, s, o, tile_rows(f.plan, o, s), lb.blk);
       }
     }
   }

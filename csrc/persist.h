@@ -122,6 +122,10 @@ struct Plan {
   int64_t dirs = 1;    // directions in one launch: a bidirectional layer's two share it, each on tiles * slices
                        // blocks of its own (direction-major), where the device has the SMs for both
   int64_t kc[2] = {kChunk, kChunk};  // the K chunk each GEMM stages, forward's and backward's (make_plan)
+  // forward's and backward's: a cluster's blocks write their units' part of the GEMM's operand (h_t, dgates) into
+  // each other's staged operand through distributed shared memory, two of them alternating by step, instead of
+  // exchanging it through L2 (plain cells, a K in one chunk, where the second fits)
+  bool push[2] = {false, false};
   int64_t cost = 0;    // the cost model's price of a forward and a backward step, SM cycles
   const char* why = "";
 };
@@ -151,6 +155,7 @@ struct Gemm {
   int64_t es;
   int64_t ldw, lds, ldr;
   int64_t kc;
+  int64_t stages = 1;  // staged operands: 2 where a cluster's blocks write each other's next one (Plan::push)
 };
 
 FRNN_HD int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -210,14 +215,14 @@ FRNN_HD void simt_strides(Gemm& g, bool pad) {
 }
 
 FRNN_HD Gemm make_gemm(int64_t K, int64_t R, int64_t bt, bool mma = false, int64_t es = 4, bool pad = true,
-                       int64_t kc = kChunk) {
+                       int64_t kc = kChunk, int64_t stages = 1) {
   if (mma) {
-    Gemm g{K, R, bt, cdiv(R, 16), cdiv(bt, 8), 0, 1, true, es, 0, 0, 0, cdiv(kc, kMmaChunk) * kMmaChunk};
+    Gemm g{K, R, bt, cdiv(R, 16), cdiv(bt, 8), 0, 1, true, es, 0, 0, 0, cdiv(kc, kMmaChunk) * kMmaChunk, stages};
     g.items = g.cw * g.bg;
     while (g.items * g.ks * 2 <= kWarps && g.ks * 2 <= kMmaChunk / mma_k(es)) g.ks *= 2;
     return g;
   }
-  Gemm g{K, R, bt, cdiv(R, kTileCols), cdiv(bt, kTileRows), 0, 1, false, es, 0, 0, 0, kc};
+  Gemm g{K, R, bt, cdiv(R, kTileCols), cdiv(bt, kTileRows), 0, 1, false, es, 0, 0, 0, kc, stages};
   g.items = g.cw * g.bg;
   while (g.items * g.ks * 2 <= kThreads && g.ks * 2 <= kChunk) g.ks *= 2;
   simt_strides(g, pad);
@@ -266,7 +271,7 @@ FRNN_HD int64_t w_index(const Gemm& g, int64_t k, int64_t c) {
 }
 
 // Shared memory of one block, in this order: the staged operand (SIMT: floats, bt x lds; mma: the storage type,
-// bt rounded up to 8 rows x mma_stride), the reduction buffer (SIMT: ks slices of ldr floats; at least, and with
+// bt rounded up to 8 rows x mma_stride; g.stages of them), the reduction buffer (SIMT: ks slices of ldr floats; at least, and with
 // mma exactly, kThreads x kTile floats), Ws as stored (SIMT: K rows of ldw elements of the storage type, the
 // forward's [H][G*U], the backward's [G*H][U]; mma: padded to 16 x mma_k tiles). The forward's and the backward's
 // launches each carve their own GEMM's; the plan reserves the larger.
@@ -277,7 +282,9 @@ FRNN_HD int64_t red_floats(const Gemm& g) {
   return g.mma || g.ks * g.ldr < int64_t(kThreads) * kTile ? int64_t(kThreads) * kTile : g.ks * g.ldr;
 }
 FRNN_HD int64_t w_elems(const Gemm& g) { return g.mma ? k_stored(g) * r_stored(g) : g.K * g.ldw; }
-FRNN_HD int64_t smem_bytes(const Gemm& g) { return stage_bytes(g) + red_floats(g) * 4 + w_elems(g) * g.es; }
+FRNN_HD int64_t smem_bytes(const Gemm& g) {
+  return stage_bytes(g) * g.stages + red_floats(g) * 4 + w_elems(g) * g.es;
+}
 
 // The wavefronts of one warp's shared-memory access with lane l at 4-byte word word[l] (-1: the lane sits out):
 // the most distinct words any one bank serves (0: no lane takes part). Host code: the plan's price of unpadded
@@ -381,8 +388,18 @@ inline Plan make_plan(int64_t G, int64_t B, int64_t H, int64_t esize, const Limi
     };
     widen(f);
     widen(b);
-    const int64_t smem = larger(f, b);
     const int scheme = slices == 1 ? kBlock : slices <= lim.cluster ? kCluster : kGrid;
+    // a cluster's blocks write each other's next staged operand where a GEMM's K is one chunk and a second fits
+    if (scheme == kCluster && !cells) {
+      Gemm f2 = f, b2 = b;
+      f2.stages = f.kc >= f.K ? 2 : 1;
+      b2.stages = b.kc >= b.K ? 2 : 1;
+      if (larger(f2, b2) <= smem_max) {
+        f = f2;
+        b = b2;
+      }
+    }
+    const int64_t smem = larger(f, b);
     // forward and backward GEMMs per step, plus the barriers and (cells) the rows each block walks
     const int64_t barriers = cells ? 4 : 2;
     const Costs& c = lim.costs;
@@ -408,13 +425,19 @@ inline Plan make_plan(int64_t G, int64_t B, int64_t H, int64_t esize, const Limi
     best.pad = pad;
     best.kc[0] = f.kc;
     best.kc[1] = b.kc;
+    best.push[0] = f.stages == 2;
+    best.push[1] = b.stages == 2;
+    const char* cluster_why =
+        cells ? "W_hh split over the blocks of a thread-block cluster per batch tile, two cluster barriers per step "
+                "(whole rows for the row phase)"
+        : best.push[0] || best.push[1]
+            ? "W_hh split over the blocks of a thread-block cluster per batch tile, a cluster barrier per step, the "
+              "blocks writing each other's GEMM operand in distributed shared memory"
+            : "W_hh split over the blocks of a thread-block cluster per batch tile, a cluster barrier per step";
     best.why = scheme == kGrid    ? (cells ? "W_hh split over blocks by hidden units, two grid barriers per step "
                                              "(whole rows for the row phase)"
                                            : "W_hh split over blocks by hidden units, a grid barrier per step")
-               : scheme == kCluster ? (cells ? "W_hh split over the blocks of a thread-block cluster per batch tile, "
-                                               "two cluster barriers per step (whole rows for the row phase)"
-                                             : "W_hh split over the blocks of a thread-block cluster per batch tile, "
-                                               "a cluster barrier per step")
+               : scheme == kCluster ? cluster_why
                                     : "each block holds all of W_hh for its batch rows: no barrier between blocks";
   };
   for (int64_t slices = 1; slices <= (max_slices > 1 ? max_slices : 1) && slices <= H; ++slices) {
@@ -527,10 +550,20 @@ struct Smem {
   float* red;    // SIMT: [ks][ldr], a slice's first kTile * items as [kTile][items]; mma: [ks][kTile][wg * 32]
   T* w;          // Ws as stored (w_index)
 
+  int64_t next = 0;  // bytes from this staged operand to the other (0: one of them)
+
   FRNN_HD static Smem carve(void* base, const Gemm& g) {
     unsigned char* b = static_cast<unsigned char*>(base);
-    float* red = reinterpret_cast<float*>(b + stage_bytes(g));
-    return {reinterpret_cast<float*>(b), red, reinterpret_cast<T*>(red + red_floats(g))};
+    float* red = reinterpret_cast<float*>(b + stage_bytes(g) * g.stages);
+    return {reinterpret_cast<float*>(b), red, reinterpret_cast<T*>(red + red_floats(g)),
+            g.stages > 1 ? stage_bytes(g) : 0};
+  }
+  // The view whose staged operand is number `parity` (of two; with one, that one).
+  FRNN_HD Smem buffer(int64_t parity) const {
+    Smem v = *this;
+    v.stage = reinterpret_cast<float*>(reinterpret_cast<unsigned char*>(stage) + (parity & 1) * next);
+    v.next = 0;
+    return v;
   }
   FRNN_HD T* staged() const { return reinterpret_cast<T*>(stage); }
 };
@@ -734,6 +767,14 @@ FRNN_HD void stage_own(const Gemm& g, const Smem<T>& sm, int64_t r, int64_t kk, 
   } else {
     sm.stage[stage_at(g, r, kk)] = t;
   }
+}
+
+// Every staged operand zeroed once per launch: the padding no stage writes after stage_own or a push filled a step's
+// rows (the tensor cores' columns past K, in each of two operands) must hold no stale NaN for 0 * NaN.
+template <typename T>
+FRNN_HD void zero_stages(const Gemm& g, const Smem<T>& sm, int tid) {
+  uint32_t* z = reinterpret_cast<uint32_t*>(sm.stage);
+  for (int64_t i = tid; i < stage_bytes(g) * g.stages / 4; i += kThreads) z[i] = 0;
 }
 
 // One lane's operands of an instruction, four and two 32-bit registers, in the PTX ISA's fragment layout: a
@@ -999,12 +1040,33 @@ struct FwdIn {
   }
 };
 
+// How a step's cells hand their part of the next GEMM's operand (h_t forward, dgates backward) over: 1, into the
+// block's own staged operand (it holds every unit and stages the whole K at once); the cluster's slices, into the
+// staged operand of each block of its cluster (Plan::push, launched as a cluster); 0, not at all (the GEMM stages it
+// from L2). Either way the GEMM stages only the rows that start from h0 (none in a dense batch).
+FRNN_HD int64_t exchange_peers(const Plan& p, const Gemm& g) {
+  if (p.slices == 1 && g.kc >= g.K) return 1;
+  return p.scheme == kCluster && g.stages == 2 ? p.slices : 0;
+}
+
+// put(r, kk, v): value v of row r of the tile, column kk of the K, to the staged operand `sm` of each of `peers`
+// blocks (1: this block's; more: the cluster's, through distributed shared memory, x.peer).
+template <typename T, class X>
+struct Put {
+  const X& x;
+  const Gemm& g;
+  Smem<T> sm;
+  int64_t peers;
+  FRNN_HD void operator()(int64_t r, int64_t kk, float v) const {
+    for (int64_t q = 0; q < peers; ++q) stage_own(g, peers == 1 ? sm : x.peer(sm, q), r, kk, v);
+  }
+};
+
 // The forward's cells on the block GEMM's sums: cell.h's op on the block's n rows x own units of one step, p pointed
-// at the step's rows. With `own` (the block holds every unit: u0 = 0), each h_t also goes to the staged operand of
-// the next step.
-template <class Op, typename T>
+// at the step's rows; each h_t also to put (column u0 + u).
+template <class Op, typename T, class P>
 FRNN_HD void fwd_cells(const CellParams& p, const Owned& o, int64_t U, int64_t n, int tid, const Sums<T>& sums,
-                       bool own, const Prefetched& v) {
+                       const Prefetched& v, const P& put) {
   // element i's inputs, Pre: from v's slot m
   const auto cell = [&](int64_t i, auto pre, int m) {
     const int64_t r = div_small(i, o.units), u = i - r * o.units;
@@ -1013,8 +1075,7 @@ FRNN_HD void fwd_cells(const CellParams& p, const Owned& o, int64_t U, int64_t n
       for (int k = 0; k < 4; ++k) in.px[k] = v.x[m][k];
       in.pstate = v.state[m];
     }
-    const float h = Op::template with<T>(p, o.r0 + r, o.u0 + u, in);
-    if (own) stage_own(sums.g, sums.sm, r, u, h);
+    put(r, o.u0 + u, Op::template with<T>(p, o.r0 + r, o.u0 + u, in));
   };
 #if defined(__CUDA_ARCH__)
 #pragma unroll
@@ -1027,17 +1088,13 @@ FRNN_HD void fwd_cells(const CellParams& p, const Owned& o, int64_t U, int64_t n
   for (int64_t i = tid + int64_t(kPrefetch) * kThreads; i < n * o.units; i += kThreads) cell(i, std::false_type{}, 0);
 }
 
-// The backward's cells: cell.h's op on the block's n rows x own units of one step, p pointed at the step's rows. With
-// `own` (the block holds every unit) each gradient of a recurrent pre-activation also goes to the staged operand of
-// the step's dh GEMM (g), column k * H + u.
-template <class Op, typename T>
-FRNN_HD void bwd_cells(const CellGradParams& p, const Owned& o, int64_t H, int64_t n, int tid, const Gemm& g,
-                       const Smem<T>& sm, bool own) {
+// The backward's cells: cell.h's op on the block's n rows x own units of one step, p pointed at the step's rows;
+// each gradient of a recurrent pre-activation also to put (the dh GEMM's column k * H + u0 + u).
+template <class Op, typename T, class P>
+FRNN_HD void bwd_cells(const CellGradParams& p, const Owned& o, int64_t H, int64_t n, int tid, const P& put) {
   for (int64_t i = tid; i < n * o.units; i += kThreads) {
     const int64_t r = div_small(i, o.units), u = i - r * o.units;
-    Op::template with<T>(p, o.r0 + r, o.u0 + u, [&](int64_t k, float v) {
-      if (own) stage_own(g, sm, r, k * H + u, v);
-    });
+    Op::template with<T>(p, o.r0 + r, o.u0 + u, [&](int64_t k, float v) { put(r, k * H + o.u0 + u, v); });
   }
 }
 
@@ -1166,7 +1223,8 @@ FRNN_HD void ext_bwd_rows(const X& x, const ExtGradParams& p, const Plan& plan, 
 // only the block's. X is the block's executor: gemm_then(g, sm, kept, n, a, pre, f) v = pre(tid) on each thread,
 // the block GEMM of rows [0, n) up to its spilled partial sums (rows below `kept` staged already, by stage_own:
 // one-chunk K only), then f(tid, v) on each thread (which reads the sums through Sums, or reduces them to a sink:
-// gemm_to); threads(f) f(tid) for each of its threads, rows() cell_ln.h's row executor.
+// gemm_to); threads(f) f(tid) for each of its threads, rows() cell_ln.h's row executor, peer(sm, q) the view of
+// block q of its cluster whose staged operand is at sm's offset (distributed shared memory).
 template <class X, typename T, class A, class Sink>
 FRNN_HD void gemm_to(const X& x, const Gemm& g, const Smem<T>& sm, int64_t kept, int64_t n, const A& a,
                      const Sink& sink) {
@@ -1181,7 +1239,8 @@ struct FwdProgram {  // GEMM and cell of the block's units, then the step barrie
   static constexpr int kPhases = 1;
   FRNN_HD static bool step_barrier_after(int) { return true; }
   FRNN_HD static Gemm gemm(const Args& f) {
-    return make_gemm(f.H, f.G * f.plan.units, f.plan.bt, f.plan.mma, sizeof(T), f.plan.pad, f.plan.kc[0]);
+    return make_gemm(f.H, f.G * f.plan.units, f.plan.bt, f.plan.mma, sizeof(T), f.plan.pad, f.plan.kc[0],
+                     f.plan.push[0] ? 2 : 1);
   }
   FRNN_HD static void load(const Args& f, const Smem<T>& sm, const Gemm& g, int tid, int64_t u0) {
     fwd_load_w<T>(f, sm, g, tid, u0);
@@ -1191,16 +1250,18 @@ struct FwdProgram {  // GEMM and cell of the block's units, then the step barrie
                             const Owned& o, int64_t n, int64_t) {
     if (n == 0) return;
     const CellParams p = fwd_step_params<T>(f, s);
-    const Sums<T> sums{g, sm};
-    // A block that holds all of W_hh and stages the whole K at once keeps h in shared memory from step to step: its
-    // cells stage h_t, and the next step stages only its rows that start from h0 (none in a dense batch), where
-    // otherwise every step's operand makes a round trip through L2 between the cells and the K loop.
-    const bool own = f.plan.slices == 1 && g.kc >= g.K;
-    const int64_t kept = own ? (s.prev_rows - o.r0 < 0 ? 0 : s.prev_rows - o.r0 < n ? s.prev_rows - o.r0 : n) : 0;
-    x.gemm_then(g, sm, kept, n,
+    // h_{t-1} in shared memory where the cells of the step before put it there (exchange_peers), else from L2 (y):
+    // a step reads staged operand t % 2 and puts h_t into the other (with one staged operand, the same one)
+    const Smem<T> cur = sm.buffer(s.t), next = sm.buffer(s.t + 1);
+    const int64_t peers = exchange_peers(f.plan, g);
+    const int64_t kept = peers ? (s.prev_rows - o.r0 < 0 ? 0 : s.prev_rows - o.r0 < n ? s.prev_rows - o.r0 : n) : 0;
+    const Sums<T> sums{g, cur};
+    x.gemm_then(g, cur, kept, n,
                 FwdOperand<T>{static_cast<const T*>(f.base.y), static_cast<const T*>(f.h0), f.H, o.r0, s},
                 [&](int tid) { return fwd_prefetch<Op, T>(p, o, n, tid); },
-                [&](int tid, const Prefetched& v) { fwd_cells<Op, T>(p, o, f.plan.units, n, tid, sums, own, v); });
+                [&](int tid, const Prefetched& v) {
+                  fwd_cells<Op, T>(p, o, f.plan.units, n, tid, sums, v, Put<T, X>{x, g, next, peers});
+                });
   }
 };
 
@@ -1212,7 +1273,8 @@ struct BwdProgram {  // cell backward of the block's units, the step barrier, dh
   static constexpr int kPhases = 2;
   FRNN_HD static bool step_barrier_after(int ph) { return ph == 0; }
   FRNN_HD static Gemm gemm(const Args& f) {
-    return make_gemm(f.G * f.H, f.plan.units, f.plan.bt, f.plan.mma, sizeof(T), f.plan.pad, f.plan.kc[1]);
+    return make_gemm(f.G * f.H, f.plan.units, f.plan.bt, f.plan.mma, sizeof(T), f.plan.pad, f.plan.kc[1],
+                     f.plan.push[1] ? 2 : 1);
   }
   FRNN_HD static void load(const Args& f, const Smem<T>& sm, const Gemm& g, int tid, int64_t u0) {
     bwd_load_w<T>(f, sm, g, tid, u0);
@@ -1221,14 +1283,15 @@ struct BwdProgram {  // cell backward of the block's units, the step barrier, dh
   FRNN_HD static void phase(const Args& f, int ph, const X& x, const Smem<T>& sm, const Gemm& g, const StepRows& s,
                             const Owned& o, int64_t n, int64_t) {
     if (n == 0) return;
-    // As in the forward, a block that holds all of W_hh and stages the whole K = G*H at once takes the step's dgates
-    // from its own cells, not through L2; on the tensor cores only where K needs no zero columns, which a stage writes.
-    const bool own = f.plan.slices == 1 && g.kc >= g.K && (!g.mma || g.K % mma_k(g.es) == 0);
+    // As in the forward, the step's dgates in shared memory where its cells put them there (exchange_peers), else
+    // from L2: step t's cells and dh GEMM use staged operand t % 2
+    const Smem<T> cur = sm.buffer(s.t);
+    const int64_t peers = exchange_peers(f.plan, g);
     if (ph == 0) {
       const CellGradParams p = bwd_step_params<T>(f, s);
-      x.threads([&](int tid) { bwd_cells<Op, T>(p, o, f.H, n, tid, g, sm, own); });
+      x.threads([&](int tid) { bwd_cells<Op, T>(p, o, f.H, n, tid, Put<T, X>{x, g, cur, peers}); });
     } else {
-      gemm_to(x, g, sm, own ? n : 0, n, BwdOperand<T>{static_cast<const T*>(f.base.dgh), f.G * f.H, o.r0, s},
+      gemm_to(x, g, cur, peers ? n : 0, n, BwdOperand<T>{static_cast<const T*>(f.base.dgh), f.G * f.H, o.r0, s},
               BwdSink<T>{static_cast<T*>(f.base.dh_prev), f.H, o.u0, o.r0, f.gru});
     }
   }

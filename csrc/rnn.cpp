@@ -862,6 +862,7 @@ pybind11::dict plan_dict(const persist::Plan& p) {
   d["mma"] = p.mma;
   d["padded"] = p.pad;
   d["chunks"] = pybind11::make_tuple(p.kc[0], p.kc[1]);
+  d["push"] = pybind11::make_tuple(p.push[0], p.push[1]);
   d["dirs"] = p.dirs;
   d["blocks"] = p.dirs * p.tiles * p.slices;
   d["cost"] = p.cost;

@@ -641,6 +641,49 @@ def test_16bit_cluster_plans_run_on_tensor_cores(dtype, c):
         assert_matches_reference(impl, c)
 
 
+# Devices whose cluster plans have the blocks write each other's GEMM operand (h_t forward, dgates backward) in
+# distributed shared memory, both GEMMs (Plan::push): fp32 on the SIMT loop, bf16 on the tensor cores; a reverse
+# packed batch (rows that start from h0 mid-sequence) and a dense one; shared memory per (dtype, gates): 4 SMs, LSTM
+# and GRU 2 tiles of a 2-block cluster in fp32, the others 3-4 blocks in one
+PUSH = {(torch.float32, 4): 32500, (torch.float32, 3): 28000, (torch.float32, 1): 43000,
+        (torch.bfloat16, 4): 42500, (torch.bfloat16, 3): 36500, (torch.bfloat16, 1): 30500}
+PUSH_RUNS = [(dt, c) for dt in (torch.float32, torch.bfloat16) for m in MODES for packed in (True, False)
+             for c in [Case(m, 5, 6, 7, 90 if GATES[m] == 1 else 33 if dt == torch.float32 else 64, packed=packed,
+                            reverse=packed)]
+             if Impl("cpp", "cpu", dt).supports(c) and cpp.availability(torch.device("cpu"), torch.float32) is None]
+
+
+@pytest.mark.parametrize("dtype, c", PUSH_RUNS, ids=[f"{DTYPE_IDS[d]}-{c.id}" for d, c in PUSH_RUNS])
+def test_cluster_blocks_exchange_the_operand_in_shared_memory(dtype, c):
+    sms, smem, cluster = 4, PUSH[dtype, GATES[c.mode]], 8
+    mma = dtype != torch.float32
+    p = lib().persist_plan(GATES[c.mode], c.B, c.H, 4 if dtype == torch.float32 else 2, sms, smem, cluster=cluster,
+                           mma=mma)
+    assert p["scheme"] == "cluster" and p["push"] == (True, True) and p["mma"] == mma, p
+    assert "distributed shared memory" in p["why"]
+    impl = Impl("cpp", "cpu", dtype)
+    with emulated(sms, smem, cluster, mma=mma), nan_poisoned(impl):
+        assert_matches_reference(impl, c)
+
+
+def test_push_plans_reserve_a_second_staged_operand():
+    """A pushing plan's shared memory holds two staged operands: with one byte less than it asks for, the same
+    device plans without the push (or otherwise), and a device without clusters never pushes."""
+    sms, smem, cluster = 4, PUSH[torch.float32, 4], 8
+    p = lib().persist_plan(4, 6, 33, 4, sms, smem, cluster=cluster)
+    assert p["push"] == (True, True)
+    tight = lib().persist_plan(4, 6, 33, 4, sms, p["smem"] - 1, cluster=cluster)
+    assert tight["push"] != (True, True) or tight["slices"] != p["slices"] or tight["batch_tile"] != p["batch_tile"]
+    hopper = dict(H200, cluster=8, mma=True)
+    for B, H in STANDARD:
+        for mode in MODES:
+            q = cpp.persistent_plan(mode, B, H, torch.float32, limits=dict(H200))
+            assert q["push"] == (False, False), (mode, B, H, q)
+            q = cpp.persistent_plan(mode, B, H, torch.float32, limits=hopper)
+            assert any(q["push"]) == ("distributed shared memory" in q["why"]), q
+            assert not any(q["push"]) or q["scheme"] == "cluster", q
+
+
 
 # Both directions of a bidirectional layer in one launch (persist.h make_pair_plan, fastrnn.ops.glue's pair ops).
 @pytest.mark.parametrize("mode", MODES)

@@ -126,6 +126,19 @@ struct BlockExec {
     f(tid);
   }
   FRNN_HD RowBlock rows() const { return {}; }
+  // Block q of the launch's cluster (its rank: a tile's slices are consecutive blocks), sm's staged operand mapped
+  // into its shared memory; only cluster launches (sm_90) take it (exchange_peers).
+  template <typename T>
+  FRNN_HD Smem<T> peer(const Smem<T>& sm, int64_t q) const {
+    Smem<T> v = sm;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    v.stage = cg::this_cluster().map_shared_rank(sm.stage, static_cast<int>(q));
+#elif defined(__CUDA_ARCH__)
+    __trap();
+#endif
+    (void)q;
+    return v;
+  }
 };
 
 __device__ __forceinline__ long long global_ns() {
@@ -183,6 +196,7 @@ __global__ void __launch_bounds__(kThreads, 1) persist_kernel(const __grid_const
   static_assert(Prog::kPhases <= kMaxPhases, "a phase without its clock slots");
   Clocks clk(dirs.clocks != nullptr && x.tid == 0);
   Prog::load(f, sm, g, x.tid, o.u0);
+  zero_stages(g, sm, x.tid);
   __syncthreads();
   clk.lap(kClockLoad);
   for (int64_t i = 0; i < f.lay.T; ++i) {

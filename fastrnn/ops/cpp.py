@@ -81,7 +81,8 @@ def persistent_plan(mode: str, batch: int, hidden: int, dtype: torch.dtype = tor
     ``device`` (default: the current CUDA device) is asked. ``"padded"``: the SIMT loop's shared-memory strides
     padded against bank conflicts (where they fit; else unpadded, the conflicts priced into the plan's cost);
     ``"chunks"``: the K chunk in which the forward's and the backward's block GEMM stage their operand (the whole
-    K where shared memory allows).
+    K where shared memory allows); ``"push"``: whether a cluster's blocks write each other's operand of that GEMM
+    (h_t, dgates) in distributed shared memory, two staged operands each, rather than exchange it through L2.
     ``enabled`` says whether ``FASTRNN_PERSISTENT=1`` is set, without which every CUDA call takes the per-step
     path."""
     if limits is None:
