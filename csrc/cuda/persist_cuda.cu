@@ -197,7 +197,13 @@ __global__ void __launch_bounds__(kThreads, 1) persist_kernel(const __grid_const
   Clocks clk(dirs.clocks != nullptr && x.tid == 0);
   Prog::load(f, sm, g, x.tid, o.u0);
   zero_stages(g, sm, x.tid);
-  __syncthreads();
+  // a cluster's blocks write each other's staged operands from the first step on (Plan::push): every block of the
+  // cluster started, and zeroed its own, before any writes into it
+  if (f.plan.scheme == kCluster) {
+    step_barrier(f.plan);
+  } else {
+    __syncthreads();
+  }
   clk.lap(kClockLoad);
   for (int64_t i = 0; i < f.lay.T; ++i) {
     const StepRows s = step_rows(f.lay, Prog::kForward ? i : f.lay.T - 1 - i);
