@@ -36,6 +36,8 @@ using at::Tensor;
 // Test hook (_C._set_persist_emulation): CPU fp32, fp16 and bf16 calls run the block program on the CPU as if on
 // a GPU with these limits; sms == 0 turns it off.
 Limits g_emulated;
+// ... and whether its clusters fit, else a planned cluster runs at the grid barrier (persist_cuda.cu launch())
+bool g_clusters_fit = true;
 
 // FASTRNN_PERSISTENT=1 puts CUDA calls on the persistent engine where a plan fits. Off by default until its
 // first run on a GPU has passed the CUDA suite (benchmarks/gpu_check.sh runs it both ways).
@@ -170,8 +172,9 @@ struct EmulatedBlock {
 // directions: each phase on all blocks before the next, in block order, which is what either barrier after a
 // phase guarantees and more.
 template <class Prog>
-void emulate(const Dirs<typename Prog::Args>& ds) {
+void emulate(Dirs<typename Prog::Args> ds) {
   using T = typename Prog::Elem;
+  if (ds.d[0].plan.scheme == kCluster && !g_clusters_fit) ds.d[0].plan.scheme = ds.d[1].plan.scheme = kGrid;
   const Plan& p = ds.d[0].plan;
   const int64_t per = dir_blocks(p);
   std::vector<Blocks<T>> bl;
@@ -660,8 +663,9 @@ bool emulating(const Tensor& x) {
   return x.is_cpu() && g_emulated.sms > 0 && (d == at::kFloat || d == at::kHalf || d == at::kBFloat16);
 }
 
-void set_emulation(int64_t sms, int64_t smem, int64_t cluster, bool mma, bool tf32) {
+void set_emulation(int64_t sms, int64_t smem, int64_t cluster, bool mma, bool tf32, bool clusters_fit) {
   g_emulated = Limits{sms, smem, /*cooperative=*/true, cluster, mma, tf32};
+  g_clusters_fit = clusters_fit;
 }
 
 }  // namespace persist

@@ -1042,9 +1042,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.attr("_PERSIST_CLOCK_SLOTS") = slots;  // phase ph's slot is phase + 2 ph, its barrier's barrier + 2 ph
   }
   m.def("_set_persist_emulation", &fastrnn::persist::set_emulation, py::arg("sms"), py::arg("smem"),
-        py::arg("cluster") = 0, py::arg("mma") = false, py::arg("tf32") = false,
+        py::arg("cluster") = 0, py::arg("mma") = false, py::arg("tf32") = false, py::arg("clusters_fit") = true,
         "test hook: CPU fp32 and 16-bit calls run the persistent engine's block program as on a GPU of these "
-        "limits (0: off)");
+        "limits (0: off); clusters_fit=False runs a planned cluster at the grid barrier, as a launch does where the "
+        "GPU cannot place the clusters");
   m.def("cuda_probe", &fastrnn::cuda_probe_py,
         "touches the CUDA runtime (device count, one tiny kernel); raises RuntimeError on any CUDA error");
 }

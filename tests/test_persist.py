@@ -30,8 +30,8 @@ def lib():
 
 
 @contextlib.contextmanager
-def emulated(sms: int, smem: int, cluster: int = 0, mma: bool = False, tf32: bool = False):
-    lib()._set_persist_emulation(sms, smem, cluster, mma, tf32)
+def emulated(sms: int, smem: int, cluster: int = 0, mma: bool = False, tf32: bool = False, clusters_fit: bool = True):
+    lib()._set_persist_emulation(sms, smem, cluster, mma, tf32, clusters_fit)
     try:
         yield
     finally:
@@ -653,8 +653,11 @@ PUSH_RUNS = [(dt, c) for dt in (torch.float32, torch.bfloat16) for m in MODES fo
              if Impl("cpp", "cpu", dt).supports(c) and cpp.availability(torch.device("cpu"), torch.float32) is None]
 
 
+@pytest.mark.parametrize("fits", [True, False], ids=["cluster", "grid-fallback"])
 @pytest.mark.parametrize("dtype, c", PUSH_RUNS, ids=[f"{DTYPE_IDS[d]}-{c.id}" for d, c in PUSH_RUNS])
-def test_cluster_blocks_exchange_the_operand_in_shared_memory(dtype, c):
+def test_cluster_blocks_exchange_the_operand_in_shared_memory(dtype, c, fits):
+    """Where the GPU cannot place the clusters (fits False), the same blocks meet at the grid barrier and stage every
+    step from L2 in the push plan's layout."""
     sms, smem, cluster = 4, PUSH[dtype, GATES[c.mode]], 8
     mma = dtype != torch.float32
     p = lib().persist_plan(GATES[c.mode], c.B, c.H, 4 if dtype == torch.float32 else 2, sms, smem, cluster=cluster,
@@ -662,7 +665,7 @@ def test_cluster_blocks_exchange_the_operand_in_shared_memory(dtype, c):
     assert p["scheme"] == "cluster" and p["push"] == (True, True) and p["mma"] == mma, p
     assert "distributed shared memory" in p["why"]
     impl = Impl("cpp", "cpu", dtype)
-    with emulated(sms, smem, cluster, mma=mma), nan_poisoned(impl):
+    with emulated(sms, smem, cluster, mma=mma, clusters_fit=fits), nan_poisoned(impl):
         assert_matches_reference(impl, c)
 
 
