@@ -593,8 +593,10 @@ Gemm priced_gemm(int64_t K, int64_t R, int64_t bt, bool mma, int64_t es, int64_t
 }
 }  // namespace
 
-GemmPrice gemm_price(int64_t K, int64_t R, int64_t bt, bool mma, int64_t es, int64_t kc, bool pad) {
-  const Gemm g = priced_gemm(K, R, bt, mma, es, kc, pad);
+GemmPrice gemm_price(int64_t K, int64_t R, int64_t bt, bool mma, int64_t es, int64_t kc, bool pad, int64_t stages) {
+  TORCH_CHECK(stages == 1 || stages == 2, "fastrnn: stages must be 1 or 2, got ", stages);
+  Gemm g = priced_gemm(K, R, bt, mma, es, kc, pad);
+  g.stages = stages;
   // as make_plan prices a layout: the K loop (a warp's mma rounds at one unit each: its steps), and the SIMT loop's
   // bank conflicts on top
   const int64_t steps = mma ? gemm_cycles(g, 1) : cdiv(g.K, g.ks);

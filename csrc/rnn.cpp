@@ -885,8 +885,9 @@ pybind11::list persist_clocks(bool on) {
   return out;
 }
 
-pybind11::dict gemm_price(int64_t K, int64_t R, int64_t bt, bool mma, int64_t es, int64_t kc, bool pad) {
-  const persist::GemmPrice p = persist::gemm_price(K, R, bt, mma, es, kc, pad);
+pybind11::dict gemm_price(int64_t K, int64_t R, int64_t bt, bool mma, int64_t es, int64_t kc, bool pad,
+                          int64_t stages) {
+  const persist::GemmPrice p = persist::gemm_price(K, R, bt, mma, es, kc, pad, stages);
   pybind11::dict d, model;
   d["units"] = p.units;
   d["steps"] = p.steps;
@@ -1017,7 +1018,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("es") = 4, py::arg("ldw") = 0, py::arg("lds") = 0, py::arg("ldr") = 0,
         "test hook: shared-memory wavefronts and instructions per phase of one K step of the SIMT block GEMM");
   m.def("_persist_gemm_price", &fastrnn::gemm_price, py::arg("K"), py::arg("R"), py::arg("bt"), py::arg("mma") = false,
-        py::arg("es") = 4, py::arg("kc") = 64, py::arg("pad") = true,
+        py::arg("es") = 4, py::arg("kc") = 64, py::arg("pad") = true, py::arg("stages") = 1,
         "calibration hook: the persistent engine's cost model's price of one block GEMM, and its constants");
   m.def("_persist_probe", &fastrnn::persist_probe, py::arg("device"), py::arg("scheme"), py::arg("blocks"),
         py::arg("cluster") = 0, py::arg("K") = 0, py::arg("R") = 0, py::arg("bt") = 0, py::arg("mma") = false,

@@ -364,7 +364,7 @@ def test_gemm_price_is_what_the_plan_pays():
     their chunks at kStageCycles and the barriers at the scheme's price."""
     model = fastrnn._C._persist_gemm_price(64, 1, 1)["model"]
     sync = {"block": 0, "grid": model["grid_sync"], "cluster": model["cluster_sync"]}
-    checked = 0
+    checked = pushed = 0
     for mode, G in (("LSTM", 4), ("GRU", 3), ("RNN_TANH", 1)):
         for B, H in ((64, 256), (64, 1024), (1, 512), (16, 128), (64, 512)):
             for dtype, es in ((torch.float32, 4), (torch.bfloat16, 2)):
@@ -372,13 +372,17 @@ def test_gemm_price_is_what_the_plan_pays():
                 if p["scheme"] == "per-step":
                     continue
                 U, bt, mma = p["units"], p["batch_tile"], p["mma"]
-                f = fastrnn._C._persist_gemm_price(H, G * U, bt, mma, es, p["chunks"][0], p["padded"])
-                b = fastrnn._C._persist_gemm_price(G * H, U, bt, mma, es, p["chunks"][1], p["padded"])
+                # a GEMM whose operand the cluster's blocks push keeps two staged operands
+                f = fastrnn._C._persist_gemm_price(H, G * U, bt, mma, es, p["chunks"][0], p["padded"],
+                                                   2 if p["push"][0] else 1)
+                b = fastrnn._C._persist_gemm_price(G * H, U, bt, mma, es, p["chunks"][1], p["padded"],
+                                                   2 if p["push"][1] else 1)
                 assert f["fits"] and b["fits"] and max(f["smem"], b["smem"]) == p["smem"], p
                 cost = f["units"] + b["units"] + (f["chunks"] + b["chunks"]) * model["stage"] + 2 * sync[p["scheme"]]
                 assert cost == p["cost"], (mode, B, H, dtype, p)
                 checked += 1
-    assert checked >= 20
+                pushed += any(p["push"])
+    assert checked >= 20 and pushed >= 5
 
 
 def test_gemm_price_names_a_bad_chunk():
