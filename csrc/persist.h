@@ -12,10 +12,10 @@
 //   block's (slices == 1).
 // Backward mirrors it: the cell backward of each (row, own unit) writes dgates, a barrier, then
 // dh_{t-1}[rows, own units] = dgates[rows, :] . W_hh[:, own units]. c and dc are read and written only by the
-// block that owns their unit; h_{t-1} and dgates cross blocks through L2 (loaded with ld.global.cg), except in a
-// block that owns every unit and stages its whole K at once, whose cells put them in the next GEMM's staged
-// operand themselves (stage_own). The row
-// phase of fastrnn's own cells (below) and the backward sink's add read other blocks' hs and dh with plain
+// block that owns their unit; h_{t-1} and dgates cross blocks through L2 (loaded with ld.global.cg), except where
+// a GEMM stages its whole K at once: a block that owns every unit puts them in its next GEMM's staged operand
+// itself, and a cluster's blocks put them in each other's through distributed shared memory (exchange_peers). The
+// row phase of fastrnn's own cells (below) and the backward sink's add read other blocks' hs and dh with plain
 // loads: safe because the grid and cluster barriers acquire (grid.sync fences; barrier.cluster.wait is .acquire
 // by default), which a split arrive / relaxed wait would break.
 // With 16-bit storage on sm_80 and later the block GEMMs may run on tensor cores (mma.sync, fp32 accumulation,
