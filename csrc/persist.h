@@ -997,21 +997,30 @@ struct Prefetched {
   float state[kPrefetch];
 };
 
-template <class Op, typename T>
-FRNN_HD Prefetched fwd_prefetch(const CellParams& p, const Owned& o, int64_t n, int tid) {
-  static_assert(Op::kGates <= 4, "a cell of at most 4 gates");
-  Prefetched v{};
+// f(m, i) for the thread's first kPrefetch elements i below `total`, unrolled so that slot m is a constant (a
+// register of Prefetched, not local memory).
+template <class F>
+FRNN_HD void prefetch_slots(int tid, int64_t total, const F& f) {
 #if defined(__CUDA_ARCH__)
 #pragma unroll
 #endif
   for (int m = 0; m < kPrefetch; ++m) {
     const int64_t i = tid + int64_t(m) * kThreads;
-    if (i >= n * o.units) break;
+    if (i >= total) return;
+    f(m, i);
+  }
+}
+
+template <class Op, typename T>
+FRNN_HD Prefetched fwd_prefetch(const CellParams& p, const Owned& o, int64_t n, int tid) {
+  static_assert(Op::kGates <= 4, "a cell of at most 4 gates");
+  Prefetched v{};
+  prefetch_slots(tid, n * o.units, [&](int m, int64_t i) {
     const int64_t r = div_small(i, o.units);
     const InMemory<Op, T, T> mem{p, o.r0 + r, o.u0 + i - r * o.units};
     for (int k = 0; k < Op::kGates; ++k) v.x[m][k] = mem.x(k);
     v.state[m] = mem.state();
-  }
+  });
   return v;
 }
 
@@ -1077,14 +1086,7 @@ FRNN_HD void fwd_cells(const CellParams& p, const Owned& o, int64_t U, int64_t n
     }
     put(r, o.u0 + u, Op::template with<T>(p, o.r0 + r, o.u0 + u, in));
   };
-#if defined(__CUDA_ARCH__)
-#pragma unroll
-#endif
-  for (int m = 0; m < kPrefetch; ++m) {
-    const int64_t i = tid + int64_t(m) * kThreads;
-    if (i >= n * o.units) return;
-    cell(i, std::true_type{}, m);
-  }
+  prefetch_slots(tid, n * o.units, [&](int m, int64_t i) { cell(i, std::true_type{}, m); });
   for (int64_t i = tid + int64_t(kPrefetch) * kThreads; i < n * o.units; i += kThreads) cell(i, std::false_type{}, 0);
 }
 
