@@ -989,7 +989,7 @@ FRNN_HD int64_t tile_rows(const Plan& p, const Owned& o, const StepRows& s) {
 // GEMM for the first kPrefetch of them, so that the loads' round trip to L2 passes under the GEMM instead of
 // standing between it and the cells. 4 covers a block of 1,024 elements, every LSTM's (its GEMM's 4 x 4 tiles over
 // kThreads threads bound rows x units by 4,096 / G) and the standard shapes' block plans (8 rows x 128 units); the
-// values held through the GEMM took the forward kernels from 143-152 registers to 162-200 (0 spills; one block per
+// values held through the GEMM took the forward kernels from 143-152 registers to 160-202 (0 spills; one block per
 // SM either way).
 constexpr int kPrefetch = 4;
 struct Prefetched {
