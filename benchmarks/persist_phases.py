@@ -32,7 +32,7 @@ SLOTS = dict(fastrnn._C._PERSIST_CLOCK_SLOTS) if fastrnn._C is not None else {}
 # ExtBwdProgram)
 PHASES = {
     "fwd": (("GEMM + cell", "step barrier"),),
-    "bwd": (("cell backward", "step barrier"), ("dh GEMM", "block barrier")),
+    "bwd": (("dh GEMM + cell backward", "step barrier"),),
     "ext_fwd": (("GEMM", "step barrier"), ("rows", "step barrier")),
     "ext_bwd": (("rows backward", "step barrier"), ("dh GEMM", "step barrier")),
 }

@@ -170,7 +170,7 @@ struct EmulatedBlock {
 
 // A block program (persist.h: FwdProgram, BwdProgram, ExtFwdProgram, ExtBwdProgram) on the CPU, over the launch's
 // directions: each phase on all blocks before the next, in block order, which is what either barrier after a
-// phase guarantees and more.
+// phase guarantees and more; then each block's finish.
 template <class Prog>
 void emulate(Dirs<typename Prog::Args> ds) {
   using T = typename Prog::Elem;
@@ -183,19 +183,28 @@ void emulate(Dirs<typename Prog::Args> ds) {
     const Gemm g = Prog::gemm(f);
     bl.emplace_back(f.plan, g, f.H, [&](const Smem<T>& sm, int tid, int64_t u0) { Prog::load(f, sm, g, tid, u0); });
   }
+  // fn(args, executor, shared memory, gemm, owned, blk) of every block, in launch order
+  const auto each_block = [&](const auto& fn) {
+    for (int64_t b = 0; b < p.dirs * per; ++b) {
+      const LaunchBlock lb = launch_block(p, b);
+      const auto& f = ds.d[lb.dir];
+      auto& mem = bl[lb.dir];
+      const EmulatedBlock x{&mem.acc, &mem.smem, lb.blk - lb.blk % f.plan.slices, mem.smem[lb.blk].data()};
+      fn(f, x, mem.sm(lb.blk), mem.g, owned(f.plan, f.H, lb.blk), lb.blk);
+    }
+  };
   for (int64_t i = 0; i < ds.d[0].lay.T; ++i) {
     for (int ph = 0; ph < Prog::kPhases; ++ph) {
-      for (int64_t b = 0; b < p.dirs * per; ++b) {
-        const LaunchBlock lb = launch_block(p, b);
-        const auto& f = ds.d[lb.dir];
+      each_block([&](const auto& f, const EmulatedBlock& x, const Smem<T>& sm, const Gemm& g, const Owned& o,
+                     int64_t blk) {
         const StepRows s = step_rows(f.lay, Prog::kForward ? i : f.lay.T - 1 - i);
-        const Owned o = owned(f.plan, f.H, lb.blk);
-        auto& mem = bl[lb.dir];
-        const EmulatedBlock x{&mem.acc, &mem.smem, lb.blk - lb.blk % f.plan.slices, mem.smem[lb.blk].data()};
-        Prog::phase(f, ph, x, mem.sm(lb.blk), mem.g, s, o, tile_rows(f.plan, o, s), lb.blk);
-      }
+        Prog::phase(f, ph, x, sm, g, s, o, tile_rows(f.plan, o, s), blk);
+      });
     }
   }
+  each_block([&](const auto& f, const EmulatedBlock& x, const Smem<T>& sm, const Gemm& g, const Owned& o, int64_t) {
+    Prog::finish(f, x, sm, g, o);
+  });
 }
 
 // f(T{}) with the storage type of x: the emulator runs what the kernels store, fp32 or 16-bit.

@@ -1011,6 +1011,24 @@ FRNN_HD void prefetch_slots(int tid, int64_t total, const F& f) {
   }
 }
 
+// cell(i, pre, m) for each of the thread's elements i below `total`: pre a std::true_type for the first kPrefetch
+// (their inputs in slot m of what prefetch_slots loaded), std::false_type for the rest.
+template <class F>
+FRNN_HD void each_element(int tid, int64_t total, const F& cell) {
+  prefetch_slots(tid, total, [&](int m, int64_t i) { cell(i, std::true_type{}, m); });
+  for (int64_t i = tid + int64_t(kPrefetch) * kThreads; i < total; i += kThreads) cell(i, std::false_type{}, 0);
+}
+
+// An input of a cell: the prefetched value where Pre, else load().
+template <bool Pre, class F>
+FRNN_HD float prefetched_or(float v, const F& load) {
+  if constexpr (Pre) {
+    return v;
+  } else {
+    return load();
+  }
+}
+
 template <class Op, typename T>
 FRNN_HD Prefetched fwd_prefetch(const CellParams& p, const Owned& o, int64_t n, int tid) {
   static_assert(Op::kGates <= 4, "a cell of at most 4 gates");
@@ -1032,20 +1050,59 @@ struct FwdIn {
   const Sums<T>& sums;
   int64_t r, u, U;
   float px[4], pstate;
-  FRNN_HD float x(int64_t k) const {
-    if constexpr (Pre) {
-      return px[k];
-    } else {
-      return mem.x(k);
-    }
-  }
+  FRNN_HD float x(int64_t k) const { return prefetched_or<Pre>(px[k], [&] { return mem.x(k); }); }
   FRNN_HD float hg(int64_t k) const { return sums(r, k * U + u); }
-  FRNN_HD float state() const {
-    if constexpr (Pre) {
-      return pstate;
-    } else {
-      return mem.state();
-    }
+  FRNN_HD float state() const { return prefetched_or<Pre>(pstate, [&] { return mem.state(); }); }
+};
+
+// The backward's elements likewise (i = tid, tid + kThreads, ... of n rows x own units): the first kPrefetch's saved
+// gates, saved value (c, hn or h), prev, dc, dy and dh_next are loaded before the step's dh GEMM. Most standard
+// backward plans have 1 or 2 elements per thread, the LSTM's and GRU's (512,16,128,128) bf16 block plans 4 (8 rows x
+// 128 units). The values held through the GEMM took the backward kernels from 147-161 registers to 185-246 (0
+// spills; one block per SM either way).
+struct BwdPrefetched {
+  float gate[kPrefetch][4];
+  float saved[kPrefetch], prev[kPrefetch], dc[kPrefetch], dy[kPrefetch], dh_next[kPrefetch];
+};
+
+template <class Op, typename T>
+FRNN_HD BwdPrefetched bwd_prefetch(const CellGradParams& p, const Owned& o, int64_t n, int tid) {
+  static_assert(Op::kGates <= 4, "a cell of at most 4 gates");
+  BwdPrefetched v{};
+  prefetch_slots(tid, n * o.units, [&](int m, int64_t i) {
+    const int64_t r = div_small(i, o.units);
+    const GradInMemory<Op, T, T> mem{p, o.r0 + r, o.u0 + i - r * o.units};
+    for (int k = 0; k < Op::kGates; ++k) v.gate[m][k] = mem.gate(k);
+    v.saved[m] = mem.saved();
+    if constexpr (Op::kPrev) v.prev[m] = mem.prev();
+    if constexpr (Op::kDc) v.dc[m] = mem.dc();
+    v.dy[m] = mem.dy();
+    v.dh_next[m] = mem.dh_next();
+  });
+  return v;
+}
+
+// A backward element's inputs (cell.h's `with`): in rows the step before's dh GEMM reached (r < summed), dh_next is
+// that GEMM's sum for unit u, plus (add: GRU) the direct part z * dh the cell of the step before left in memory;
+// in the others (the first step, rows whose sequences end at this step) it is in memory, as on the per-step path.
+// The rest prefetched (Pre) or from memory.
+template <class Op, typename T, bool Pre>
+struct BwdIn {
+  GradInMemory<Op, T, T> mem;
+  const Sums<T>& sums;
+  int64_t r, u, summed;
+  bool add;
+  float pgate[4], psaved, pprev, pdc, pdy, pdh;
+  FRNN_HD float gate(int64_t k) const { return prefetched_or<Pre>(pgate[k], [&] { return mem.gate(k); }); }
+  FRNN_HD float saved() const { return prefetched_or<Pre>(psaved, [&] { return mem.saved(); }); }
+  FRNN_HD float prev() const { return prefetched_or<Pre>(pprev, [&] { return mem.prev(); }); }
+  FRNN_HD float dc() const { return prefetched_or<Pre>(pdc, [&] { return mem.dc(); }); }
+  FRNN_HD float dh() const {
+    const float dy = prefetched_or<Pre>(pdy, [&] { return mem.dy(); });
+    const auto next = [&] { return prefetched_or<Pre>(pdh, [&] { return mem.dh_next(); }); };
+    if (r >= summed) return next() + dy;
+    const float v = sums(r, u);
+    return (add ? next() + v : v) + dy;
   }
 };
 
@@ -1086,18 +1143,29 @@ FRNN_HD void fwd_cells(const CellParams& p, const Owned& o, int64_t U, int64_t n
     }
     put(r, o.u0 + u, Op::template with<T>(p, o.r0 + r, o.u0 + u, in));
   };
-  prefetch_slots(tid, n * o.units, [&](int m, int64_t i) { cell(i, std::true_type{}, m); });
-  for (int64_t i = tid + int64_t(kPrefetch) * kThreads; i < n * o.units; i += kThreads) cell(i, std::false_type{}, 0);
+  each_element(tid, n * o.units, cell);
 }
 
-// The backward's cells: cell.h's op on the block's n rows x own units of one step, p pointed at the step's rows;
-// each gradient of a recurrent pre-activation also to put (the dh GEMM's column k * H + u0 + u).
+// The backward's cells: cell.h's op on the block's n rows x own units of one step, p pointed at the step's rows,
+// dh_next of rows below `summed` from sums (BwdIn); each gradient of a recurrent pre-activation also to put (the dh
+// GEMM's column k * H + u0 + u).
 template <class Op, typename T, class P>
-FRNN_HD void bwd_cells(const CellGradParams& p, const Owned& o, int64_t H, int64_t n, int tid, const P& put) {
-  for (int64_t i = tid; i < n * o.units; i += kThreads) {
+FRNN_HD void bwd_cells(const CellGradParams& p, const Owned& o, int64_t H, int64_t n, int tid, const Sums<T>& sums,
+                       int64_t summed, bool add, const BwdPrefetched& v, const P& put) {
+  const auto cell = [&](int64_t i, auto pre, int m) {
     const int64_t r = div_small(i, o.units), u = i - r * o.units;
-    Op::template with<T>(p, o.r0 + r, o.u0 + u, [&](int64_t k, float v) { put(r, k * H + o.u0 + u, v); });
-  }
+    BwdIn<Op, T, decltype(pre)::value> in{{p, o.r0 + r, o.u0 + u}, sums, r, u, summed, add, {}, 0, 0, 0, 0, 0};
+    if constexpr (decltype(pre)::value) {
+      for (int k = 0; k < 4; ++k) in.pgate[k] = v.gate[m][k];
+      in.psaved = v.saved[m];
+      in.pprev = v.prev[m];
+      in.pdc = v.dc[m];
+      in.pdy = v.dy[m];
+      in.pdh = v.dh_next[m];
+    }
+    Op::template with<T>(p, o.r0 + r, o.u0 + u, in, [&](int64_t k, float d) { put(r, k * H + o.u0 + u, d); });
+  };
+  each_element(tid, n * o.units, cell);
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -1233,8 +1301,14 @@ FRNN_HD void gemm_to(const X& x, const Gemm& g, const Smem<T>& sm, int64_t kept,
   x.gemm_then(g, sm, kept, n, a, [](int) { return 0; }, [&](int tid, int) { reduce_to(g, sm, tid, n, sink); });
 }
 
+// A program whose last step leaves nothing to do (the kernel and the emulator call finish after the last step).
+struct NoFinish {
+  template <class... A>
+  FRNN_HD static void finish(const A&...) {}
+};
+
 template <class Op, typename T>
-struct FwdProgram {  // GEMM and cell of the block's units, then the step barrier
+struct FwdProgram : NoFinish {  // GEMM and cell of the block's units, then the step barrier
   using Args = Fwd;
   using Elem = T;
   static constexpr bool kForward = true;
@@ -1268,12 +1342,13 @@ struct FwdProgram {  // GEMM and cell of the block's units, then the step barrie
 };
 
 template <class Op, typename T>
-struct BwdProgram {  // cell backward of the block's units, the step barrier, dh_{t-1} of its units
+struct BwdProgram {  // dh_t of the block's units (the step before's dgates . W_hh) and its cell backward, the step
+                     // barrier; after the last step, dh of the initial state
   using Args = Bwd;
   using Elem = T;
   static constexpr bool kForward = false;
-  static constexpr int kPhases = 2;
-  FRNN_HD static bool step_barrier_after(int ph) { return ph == 0; }
+  static constexpr int kPhases = 1;
+  FRNN_HD static bool step_barrier_after(int) { return true; }
   FRNN_HD static Gemm gemm(const Args& f) {
     return make_gemm(f.G * f.H, f.plan.units, f.plan.bt, f.plan.mma, sizeof(T), f.plan.pad, f.plan.kc[1],
                      f.plan.push[1] ? 2 : 1);
@@ -1281,26 +1356,55 @@ struct BwdProgram {  // cell backward of the block's units, the step barrier, dh
   FRNN_HD static void load(const Args& f, const Smem<T>& sm, const Gemm& g, int tid, int64_t u0) {
     bwd_load_w<T>(f, sm, g, tid, u0);
   }
+  // Step s's cells take dh_next of the rows that the step processed before it (sp, the next in time) had from that
+  // step's dh GEMM, run here first: its sums go to the cells in shared memory, and their other inputs are loaded
+  // under it. Rows the GEMM reached but this step has not (sequences of a reverse layer that start at sp) are done:
+  // their sums go to the running dh, the gradient of their initial state. The cells put the step's dgates into
+  // staged operand s.t % 2 (sp's is the other).
   template <class X>
-  FRNN_HD static void phase(const Args& f, int ph, const X& x, const Smem<T>& sm, const Gemm& g, const StepRows& s,
+  FRNN_HD static void phase(const Args& f, int, const X& x, const Smem<T>& sm, const Gemm& g, const StepRows& s,
                             const Owned& o, int64_t n, int64_t) {
-    if (n == 0) return;
-    // As in the forward, the step's dgates in shared memory where its cells put them there (exchange_peers), else
-    // from L2: step t's cells and dh GEMM use staged operand t % 2
-    const Smem<T> cur = sm.buffer(s.t);
+    const int64_t k = f.lay.reverse ? f.lay.T - 1 - s.t : s.t;
+    const StepRows sp = k + 1 < f.lay.T ? step_rows(f.lay, k + 1) : StepRows{};
+    const int64_t np = k + 1 < f.lay.T ? tile_rows(f.plan, o, sp) : 0;
+    const CellGradParams p = bwd_step_params<T>(f, s);
     const int64_t peers = exchange_peers(f.plan, g);
-    if (ph == 0) {
-      const CellGradParams p = bwd_step_params<T>(f, s);
-      x.threads([&](int tid) { bwd_cells<Op, T>(p, o, f.H, n, tid, Put<T, X>{x, g, cur, peers}); });
-    } else {
-      gemm_to(x, g, cur, peers ? n : 0, n, BwdOperand<T>{static_cast<const T*>(f.base.dgh), f.G * f.H, o.r0, s},
-              BwdSink<T>{static_cast<T*>(f.base.dh_prev), f.H, o.u0, o.r0, f.gru});
+    const Put<T, X> put{x, g, sm.buffer(s.t), peers};
+    const Smem<T> prev = sm.buffer(sp.t);
+    const Sums<T> sums{g, prev};
+    if (np == 0) {
+      if (n == 0) return;
+      x.threads([&](int tid) {
+        bwd_cells<Op, T>(p, o, f.H, n, tid, sums, 0, f.gru, bwd_prefetch<Op, T>(p, o, n, tid), put);
+      });
+      return;
     }
+    const BwdSink<T> done{static_cast<T*>(f.base.dh_prev), f.H, o.u0, o.r0, f.gru};
+    x.gemm_then(g, prev, peers ? np : 0, np, BwdOperand<T>{static_cast<const T*>(f.base.dgh), f.G * f.H, o.r0, sp},
+                [&](int tid) { return bwd_prefetch<Op, T>(p, o, n, tid); },
+                [&](int tid, const BwdPrefetched& v) {
+                  for (int64_t i = tid + n * o.units; i < np * o.units; i += kThreads) {
+                    const int64_t r = div_small(i, o.units);
+                    done(r, i - r * o.units, sums(r, i - r * o.units));
+                  }
+                  bwd_cells<Op, T>(p, o, f.H, n, tid, sums, np, f.gru, v, put);
+                });
+  }
+  // After the last step (k = 0): its dh GEMM, into the running dh (GRU: added to the direct part its cells left
+  // there), the gradient of the initial state.
+  template <class X>
+  FRNN_HD static void finish(const Args& f, const X& x, const Smem<T>& sm, const Gemm& g, const Owned& o) {
+    const StepRows s = step_rows(f.lay, 0);
+    const int64_t n = tile_rows(f.plan, o, s);
+    if (n == 0) return;
+    gemm_to(x, g, sm.buffer(s.t), exchange_peers(f.plan, g) ? n : 0, n,
+            BwdOperand<T>{static_cast<const T*>(f.base.dgh), f.G * f.H, o.r0, s},
+            BwdSink<T>{static_cast<T*>(f.base.dh_prev), f.H, o.u0, o.r0, f.gru});
   }
 };
 
 template <class Op>
-struct ExtFwdProgram {  // GEMM of the block's columns, the step barrier, the row phase, the step barrier
+struct ExtFwdProgram : NoFinish {  // GEMM of the block's columns, the step barrier, the row phase, the step barrier
   using Args = ExtFwd;
   using Elem = float;
   static constexpr bool kForward = true;
@@ -1324,7 +1428,7 @@ struct ExtFwdProgram {  // GEMM of the block's columns, the step barrier, the ro
 };
 
 template <class Op>
-struct ExtBwdProgram {  // the row phase, the step barrier, dh_{t-1} of the block's units, the step barrier
+struct ExtBwdProgram : NoFinish {  // the row phase, the step barrier, dh_{t-1} of the block's units, the step barrier
   using Args = ExtBwd;
   using Elem = float;
   static constexpr bool kForward = false;

@@ -528,9 +528,9 @@ def _clock_record(launch, T, blocks):
 
 
 def test_phases_are_cycles_per_step_over_the_blocks():
-    s = persist_phases.summarize(_clock_record("bwd", 10, 3))
+    s = persist_phases.summarize(_clock_record("ext_bwd", 10, 3))
     # slot s of block b: 100 (s + 1) + 10 b per step; mean over b = 0, 1, 2 adds 10, the slowest 20
-    assert [name for name, _, _ in s["parts"]] == ["cell backward", "step barrier", "dh GEMM", "block barrier"]
+    assert [name for name, _, _ in s["parts"]] == ["rows backward", "step barrier", "dh GEMM", "step barrier"]
     assert [v for _, mean, worst in s["parts"] for v in (mean, worst)] == pytest.approx(
         [110, 120, 210, 220, 310, 320, 410, 420], abs=0.5)
     assert s["load"] == pytest.approx(1001, abs=0.5)
@@ -539,6 +539,8 @@ def test_phases_are_cycles_per_step_over_the_blocks():
                                                                                           rel=1e-3)
     fwd = persist_phases.summarize(_clock_record("fwd", 4, 1))
     assert [name for name, _, _ in fwd["parts"]] == ["GEMM + cell", "step barrier"]
+    bwd = persist_phases.summarize(_clock_record("bwd", 4, 1))
+    assert [name for name, _, _ in bwd["parts"]] == ["dh GEMM + cell backward", "step barrier"]
     text = persist_phases.markdown([{"config": "4,1,8,128,1", "cell": "LSTM", "dtype": "fp32", "summary": fwd}],
                                    "a stand-in")
     assert "| 4,1,8,128,1 | LSTM | fp32 | fwd layer 0 | cluster, 1 blocks of 32 units x 4 rows |" in text

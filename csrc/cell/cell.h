@@ -283,14 +283,27 @@ FRNN_HD acc_t<S> ld_prev(const CellGradParams& p, int64_t r, int64_t j) {
   return ld<S>(r < p.n_prev ? p.prev : p.init, r * p.prev_stride + j);
 }
 
-template <typename T, typename W>
-FRNN_HD acc_t<W> ld_dh(const CellGradParams& p, int64_t r, int64_t j) {
-  return ld<W>(p.dh, r * p.dh_stride + j) + ld<T>(p.dy, r * p.dy_stride + j);
-}
+// What a backward element (r, j) reads, where the per-step drivers leave it: saved gate k, the op's saved value
+// (Op::saved: LSTM c_new, GRU hn, RNN h_new), the state before the step (Op::prev: LSTM c_prev, GRU h_prev), the
+// gradient reaching h_new (dh_next, from the next step, plus the output's dy), dc_new (LSTM).
+template <class Op, typename T, typename W>
+struct GradInMemory {
+  const CellGradParams& p;
+  int64_t r, j;
+  FRNN_HD acc_t<W> gate(int64_t k) const { return ld<W>(p.gates, r * p.gs + k * p.gw + j); }
+  FRNN_HD acc_t<W> saved() const { return Op::template saved<T, W>(p, r, j); }
+  FRNN_HD acc_t<W> prev() const { return Op::template prev<T, W>(p, r, j); }
+  FRNN_HD acc_t<W> dh_next() const { return ld<W>(p.dh, r * p.dh_stride + j); }
+  FRNN_HD acc_t<W> dy() const { return ld<T>(p.dy, r * p.dy_stride + j); }
+  FRNN_HD acc_t<W> dh() const { return dh_next() + dy(); }
+  FRNN_HD acc_t<W> dc() const { return ld<W>(p.dc, r * p.H + j); }
+};
 
-// A backward op's two entries: elem(p, r, j) stores the gradients; with(p, r, j, dgh) also hands dgh(k, v) each
-// gradient of a recurrent pre-activation it stores to p.dgh (the operand of dh_{t-1} = dgates . W_hh), which the
-// persistent engine stages for that GEMM as well.
+// A backward op's two entries: elem(p, r, j) reads its inputs from memory (GradInMemory) and stores the gradients;
+// with(p, r, j, in, dgh) takes them from `in` (the persistent engine's: dh_next from its dh GEMM's sums, the rest
+// loaded before that GEMM) and also hands dgh(k, v) each gradient of a recurrent pre-activation it stores to p.dgh
+// (the operand of dh_{t-1} = dgates . W_hh), which that engine stages for the GEMM as well. An op reads kGates
+// saved gates, prev() where kPrev, dc() where kDc.
 struct NoDgh {
   template <typename A>
   FRNN_HD void operator()(int64_t, A) const {}
@@ -299,21 +312,30 @@ template <class Op>
 struct BwdOp {
   template <typename T, typename W = T, class M = Fused>
   static FRNN_HD void elem(const CellGradParams& p, int64_t r, int64_t j) {
-    Op::template with<T, W, M>(p, r, j, NoDgh{});
+    Op::template with<T, W, M>(p, r, j, GradInMemory<Op, T, W>{p, r, j}, NoDgh{});
   }
 };
 
 struct LstmBwd : BwdOp<LstmBwd> {
-  template <typename T, typename W = T, class M = Fused, class Dgh>
-  static FRNN_HD void with(const CellGradParams& p, int64_t r, int64_t j, const Dgh& dgh) {
+  static constexpr int kGates = 4;
+  static constexpr bool kPrev = true, kDc = true;
+  template <typename T, typename W = T>
+  static FRNN_HD acc_t<W> saved(const CellGradParams& p, int64_t r, int64_t j) {
+    return ld<W>(p.c, r * p.H + j);
+  }
+  template <typename T, typename W = T>
+  static FRNN_HD acc_t<W> prev(const CellGradParams& p, int64_t r, int64_t j) {
+    return ld_prev<W>(p, r, j);
+  }
+  template <typename T, typename W = T, class M = Fused, class In, class Dgh>
+  static FRNN_HD void with(const CellGradParams& p, int64_t r, int64_t j, const In& in, const Dgh& dgh) {
     using A = acc_t<W>;
     const int64_t H = p.H, gw = p.gw, g0 = r * p.gs + j;
-    const A i = ld<W>(p.gates, g0), f = ld<W>(p.gates, g0 + gw);
-    const A g = ld<W>(p.gates, g0 + 2 * gw), o = ld<W>(p.gates, g0 + 3 * gw);
-    const A tc = ftanh<M>(ld<W>(p.c, r * H + j));
-    const A dh = ld_dh<T, W>(p, r, j);
-    const A dc = ld<W>(p.dc, r * H + j) + dh * o * (A(1) - tc * tc);
-    const A di = dc * g * i * (A(1) - i), df = dc * ld_prev<W>(p, r, j) * f * (A(1) - f);
+    const A i = in.gate(0), f = in.gate(1), g = in.gate(2), o = in.gate(3);
+    const A tc = ftanh<M>(in.saved());
+    const A dh = in.dh();
+    const A dc = in.dc() + dh * o * (A(1) - tc * tc);
+    const A di = dc * g * i * (A(1) - i), df = dc * in.prev() * f * (A(1) - f);
     const A dg = dc * i * (A(1) - g * g), dout = dh * tc * o * (A(1) - o);
     st<T>(p.dgx, g0, di);
     st<T>(p.dgx, g0 + gw, df);
@@ -328,15 +350,25 @@ struct LstmBwd : BwdOp<LstmBwd> {
 };
 
 struct GruBwd : BwdOp<GruBwd> {
-  template <typename T, typename W = T, class M = Fused, class Dgh>
-  static FRNN_HD void with(const CellGradParams& p, int64_t r, int64_t j, const Dgh& dgh) {
+  static constexpr int kGates = 3;
+  static constexpr bool kPrev = true, kDc = false;
+  template <typename T, typename W = T>
+  static FRNN_HD acc_t<W> saved(const CellGradParams& p, int64_t r, int64_t j) {
+    return ld<W>(p.hn, r * p.H + j);
+  }
+  template <typename T, typename W = T>
+  static FRNN_HD acc_t<W> prev(const CellGradParams& p, int64_t r, int64_t j) {
+    return ld_prev<T>(p, r, j);
+  }
+  template <typename T, typename W = T, class M = Fused, class In, class Dgh>
+  static FRNN_HD void with(const CellGradParams& p, int64_t r, int64_t j, const In& in, const Dgh& dgh) {
     using A = acc_t<W>;
     const int64_t gw = p.gw, g0 = r * p.gs + j;
-    const A rg = ld<W>(p.gates, g0), z = ld<W>(p.gates, g0 + gw), n = ld<W>(p.gates, g0 + 2 * gw);
-    const A dh = ld_dh<T, W>(p, r, j);
+    const A rg = in.gate(0), z = in.gate(1), n = in.gate(2);
+    const A dh = in.dh();
     const A dn = dh * (A(1) - z) * (A(1) - n * n);
-    const A dr = dn * ld<W>(p.hn, r * p.H + j) * rg * (A(1) - rg);
-    const A dz = dh * (ld_prev<T>(p, r, j) - n) * z * (A(1) - z);
+    const A dr = dn * in.saved() * rg * (A(1) - rg);
+    const A dz = dh * (in.prev() - n) * z * (A(1) - z);
     st<T>(p.dgx, g0, dr);
     st<T>(p.dgx, g0 + gw, dz);
     st<T>(p.dgx, g0 + 2 * gw, dn);
@@ -352,11 +384,21 @@ struct GruBwd : BwdOp<GruBwd> {
 
 template <bool Relu>
 struct RnnBwd : BwdOp<RnnBwd<Relu>> {
-  template <typename T, typename W = T, class M = Fused, class Dgh>
-  static FRNN_HD void with(const CellGradParams& p, int64_t r, int64_t j, const Dgh& dgh) {
+  static constexpr int kGates = 0;
+  static constexpr bool kPrev = false, kDc = false;
+  template <typename T, typename W = T>
+  static FRNN_HD acc_t<W> saved(const CellGradParams& p, int64_t r, int64_t j) {
+    return ld<T>(p.out, r * p.out_stride + j);
+  }
+  template <typename T, typename W = T>
+  static FRNN_HD acc_t<W> prev(const CellGradParams&, int64_t, int64_t) {
+    return acc_t<W>(0);  // none: the Elman cell's gradients do not depend on h_{t-1} but through W_hh
+  }
+  template <typename T, typename W = T, class M = Fused, class In, class Dgh>
+  static FRNN_HD void with(const CellGradParams& p, int64_t r, int64_t j, const In& in, const Dgh& dgh) {
     using A = acc_t<W>;
-    const A h = ld<T>(p.out, r * p.out_stride + j);
-    const A dh = ld_dh<T, W>(p, r, j);
+    const A h = in.saved();
+    const A dh = in.dh();
     const A d = Relu ? (h > A(0) ? dh : A(0)) : dh * (A(1) - h * h);
     st<T>(p.dgx, r * p.gs + j, d);
     dgh(0, d);

@@ -220,6 +220,9 @@ __global__ void __launch_bounds__(kThreads, 1) persist_kernel(const __grid_const
       clk.lap(kClockBarrier + 2 * ph);
     }
   }
+  // counted with phase 0: a backward's dh GEMM after its last step (BwdProgram), one more than its steps have
+  Prog::finish(f, x, sm, g, o);
+  clk.lap(kClockPhase);
   clk.store(dirs.clocks, blockIdx.x);
 }
 
