@@ -7,7 +7,8 @@ a timed launch thread 0 of each block reads its SM's clock after W_hh's load, af
 the barrier that follows it: a phase's cycles are the block's own work (its block barriers inside included), a
 barrier's the wait for the slowest thread of the block and, at a step barrier, for the other blocks. Per launch
 it reports each phase's and barrier's cycles per step (the mean over blocks, and the slowest block's), W_hh's load
-(once per launch), the launch's cycles and microseconds per step and the SM clock it ran at.
+(once per launch), the launch's cycles and microseconds per step and the SM clock it ran at. A backward launch's
+dh GEMM after its last step (the initial state's gradient) counts with its phase: one GEMM more than its steps.
 
     python benchmarks/persist_phases.py --out benchmarks/results/gpu/phases.md
 """

@@ -1058,15 +1058,17 @@ struct FwdIn {
 // The backward's elements likewise (i = tid, tid + kThreads, ... of n rows x own units): the first kPrefetch's saved
 // gates, saved value (c, hn or h), prev, dc, dy and dh_next are loaded before the step's dh GEMM. Most standard
 // backward plans have 1 or 2 elements per thread, the LSTM's and GRU's (512,16,128,128) bf16 block plans 4 (8 rows x
-// 128 units). The values held through the GEMM took the backward kernels from 147-161 registers to 185-246 (0
+// 128 units). The values held through the GEMM took the backward kernels from 147-161 registers to 187-248 (0
 // spills; one block per SM either way).
 struct BwdPrefetched {
   float gate[kPrefetch][4];
   float saved[kPrefetch], prev[kPrefetch], dc[kPrefetch], dy[kPrefetch], dh_next[kPrefetch];
 };
 
+// dh_next only where BwdIn::dh reads it: rows at or past `summed`, or every row where `add`.
 template <class Op, typename T>
-FRNN_HD BwdPrefetched bwd_prefetch(const CellGradParams& p, const Owned& o, int64_t n, int tid) {
+FRNN_HD BwdPrefetched bwd_prefetch(const CellGradParams& p, const Owned& o, int64_t n, int64_t summed, bool add,
+                                   int tid) {
   static_assert(Op::kGates <= 4, "a cell of at most 4 gates");
   BwdPrefetched v{};
   prefetch_slots(tid, n * o.units, [&](int m, int64_t i) {
@@ -1077,7 +1079,7 @@ FRNN_HD BwdPrefetched bwd_prefetch(const CellGradParams& p, const Owned& o, int6
     if constexpr (Op::kPrev) v.prev[m] = mem.prev();
     if constexpr (Op::kDc) v.dc[m] = mem.dc();
     v.dy[m] = mem.dy();
-    v.dh_next[m] = mem.dh_next();
+    if (add || r >= summed) v.dh_next[m] = mem.dh_next();
   });
   return v;
 }
@@ -1375,13 +1377,13 @@ struct BwdProgram {  // dh_t of the block's units (the step before's dgates . W_
     if (np == 0) {
       if (n == 0) return;
       x.threads([&](int tid) {
-        bwd_cells<Op, T>(p, o, f.H, n, tid, sums, 0, f.gru, bwd_prefetch<Op, T>(p, o, n, tid), put);
+        bwd_cells<Op, T>(p, o, f.H, n, tid, sums, 0, f.gru, bwd_prefetch<Op, T>(p, o, n, 0, f.gru, tid), put);
       });
       return;
     }
     const BwdSink<T> done{static_cast<T*>(f.base.dh_prev), f.H, o.u0, o.r0, f.gru};
     x.gemm_then(g, prev, peers ? np : 0, np, BwdOperand<T>{static_cast<const T*>(f.base.dgh), f.G * f.H, o.r0, sp},
-                [&](int tid) { return bwd_prefetch<Op, T>(p, o, n, tid); },
+                [&](int tid) { return bwd_prefetch<Op, T>(p, o, n, np, f.gru, tid); },
                 [&](int tid, const BwdPrefetched& v) {
                   for (int64_t i = tid + n * o.units; i < np * o.units; i += kThreads) {
                     const int64_t r = div_small(i, o.units);
