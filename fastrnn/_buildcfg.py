@@ -241,6 +241,39 @@ def cuobjdump_path() -> Optional[str]:
     return next((p for p in found if os.access(p, os.X_OK)), None)
 
 
+_RES_SECTION = re.compile(r"^Fatbin (elf|ptx) code:", re.M)
+_RES_ARCH = re.compile(r"^arch = sm_(\w+)", re.M)
+_RES_FUNCTION = re.compile(r"^\s*Function (\S+):\s*\n\s*REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", re.M)
+
+
+def parse_res_usage(text: str) -> Dict[str, Dict[str, Dict[str, int]]]:
+    """`cuobjdump -res-usage` output as {arch ("80"): {kernel (mangled): {registers, stack, smem, local}}}, from
+    the binary's machine code (its PTX has no resources). A kernel spills into its stack frame, so stack 0 means
+    no spills."""
+    out: Dict[str, Dict[str, Dict[str, int]]] = {}
+    parts = _RES_SECTION.split(text)
+    for kind, body in zip(parts[1::2], parts[2::2]):
+        arch = _RES_ARCH.search(body)
+        if kind != "elf" or arch is None:
+            continue
+        kernels = out.setdefault(arch.group(1), {})
+        for m in _RES_FUNCTION.finditer(body):
+            kernels[m.group(1)] = {"registers": int(m.group(2)), "stack": int(m.group(3)), "smem": int(m.group(4)),
+                                   "local": int(m.group(5))}
+    return out
+
+
+def binary_report(path: str) -> Dict[str, Dict[str, Dict[str, int]]]:
+    """parse_res_usage of a built library's (fastrnn._C's) CUDA kernels: what the build compiled, read back in a
+    fraction of a second where ptxas_report compiles the sources again. Raises FileNotFoundError without
+    cuobjdump."""
+    tool = cuobjdump_path()
+    if tool is None:
+        raise FileNotFoundError("cuobjdump not found (beside nvcc, or Triton's)")
+    proc = subprocess.run([tool, "-res-usage", path], capture_output=True, text=True, check=True, timeout=300)
+    return parse_res_usage(proc.stdout)
+
+
 _SASS_FUNCTION = re.compile(r"^\s*Function : (\S+)", re.M)
 # an instruction line: its address, its opcode (after a predicate such as @!P0), the last hex operand (a branch's target)
 _SASS_INSTRUCTION = re.compile(

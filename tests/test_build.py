@@ -1,4 +1,4 @@
-"""The build: CUDA sources compile for every configured arch without register spills, the extension says what
+"""The build: its CUDA kernels, as built for each configured arch, without register spills, the extension says what
 it was built for, and CUDA calls on a machine without a usable GPU fail with a Python error, not a crash."""
 
 import os
@@ -22,21 +22,32 @@ N_PERSIST_KERNELS = 8 * 3 + 8 + 2
 
 
 @pytest.fixture(scope="module")
-def objects(tmp_path_factory):
-    """The folder of the CUDA objects the ptxas fixture compiled."""
-    return str(tmp_path_factory.mktemp("cuda_objects"))
+def built():
+    """The built extension's path and its CUDA kernels' resources per arch (cuobjdump reads what the build compiled:
+    the kernels users run, without compiling them again)."""
+    lib = _C()
+    if not lib.build_info()["with_cuda"]:
+        pytest.skip("fastrnn._C was built without CUDA (test_build_info_reports_archs says whether it should have been)")
+    if _buildcfg.cuobjdump_path() is None:
+        pytest.skip("cuobjdump not found (beside nvcc, or Triton's)")
+    return lib.__file__, _buildcfg.binary_report(lib.__file__)
 
 
-@pytest.fixture(scope="module")
-def ptxas(objects):
-    if NVCC is None:
-        pytest.skip("nvcc not found: no CUDA toolkit with bin/nvcc and include/cuda_runtime.h")
-    return _buildcfg.ptxas_report(["80", "90"], objects=objects)
+def _kernels_for(built, arch):
+    path, report = built
+    archs = _C().build_info()["cuda_archs"]
+    if int(arch) not in archs:
+        pytest.skip(f"fastrnn._C was built for {', '.join(f'sm_{a}' for a in archs)} only (FASTRNN_CUDA_ARCHS), "
+                    f"not sm_{arch}")
+    # an arch-specific build (sm_90a) has that arch's machine code, which build_info counts as its base arch
+    found = {k.rstrip("af"): v for k, v in report.items()}
+    assert arch in found, f"{path}: build_info says sm_{arch}, its fatbin has machine code for {sorted(report)}"
+    return found[arch]
 
 
 @pytest.mark.parametrize("arch", ["80", "90"])
-def test_cuda_kernels_compile_without_spills(ptxas, arch):
-    kernels = ptxas.get(arch, {})
+def test_cuda_kernels_compile_without_spills(built, arch):
+    kernels = _kernels_for(built, arch)
     cell = {k: v for k, v in kernels.items() if "cell_kernel" in k}
     assert len(cell) == N_CELL_KERNELS, f"sm_{arch}: expected {N_CELL_KERNELS} cell kernels, got {sorted(cell)}"
     ext = {k: v for k, v in kernels.items() if "cell_ln_cuda" in k}
@@ -44,7 +55,7 @@ def test_cuda_kernels_compile_without_spills(ptxas, arch):
     persist = [k for k in kernels if "persist_cuda" in k]
     assert len(persist) == N_PERSIST_KERNELS, f"sm_{arch}: expected {N_PERSIST_KERNELS} persistent kernels, got {persist}"
     cell.update(ext)
-    spilling = {k: v for k, v in kernels.items() if v["spill_stores"] or v["spill_loads"] or v["stack"]}
+    spilling = {k: v for k, v in kernels.items() if v["stack"] or v["local"]}
     assert not spilling, f"sm_{arch}: kernels spill to local memory: {spilling}"
     # 256 threads per block (launch bounds) allow up to 255 registers; staying well below keeps occupancy
     worst = max(v["registers"] for v in cell.values())
@@ -61,13 +72,12 @@ MAX_PER_MMA = 14
 
 
 @pytest.mark.parametrize("arch", ["80", "90"])
-def test_persistent_inner_loops_issue_few_instructions(ptxas, objects, arch):
-    tool = _buildcfg.cuobjdump_path()
-    if tool is None:
-        pytest.skip("cuobjdump not found (beside nvcc, or Triton's)")
-    sass = subprocess.run([tool, "-sass", "-arch", f"sm_{arch}", os.path.join(objects, "persist_cuda.o")],
+def test_persistent_inner_loops_issue_few_instructions(built, arch):
+    _kernels_for(built, arch)
+    sass = subprocess.run([_buildcfg.cuobjdump_path(), "-sass", "-arch", f"sm_{arch}", built[0]],
                           capture_output=True, text=True, check=True).stdout
-    costs = {name: _buildcfg.persist_loop_costs(loops) for name, loops in _buildcfg.sass_loops(sass).items()}
+    costs = {name: _buildcfg.persist_loop_costs(loops) for name, loops in _buildcfg.sass_loops(sass).items()
+             if "persist_cuda" in name}
     assert len(costs) == N_PERSIST_KERNELS, sorted(costs)
     for name, c in costs.items():
         assert c["k_step"] is not None and c["k_step"] <= MAX_K_STEP, (name, c)
@@ -91,6 +101,45 @@ def test_sass_loops_finds_innermost_loops():
     loops = _buildcfg.sass_loops(text)["_Z1kv"]
     # the inner loop 0x10-0x30; the outer one holds it, and the last branch to itself is a loop of its own
     assert loops == [{"n": 3, "LDS": 1, "FFMA": 1, "BRA": 1}, {"n": 1, "BRA": 1}]
+
+
+def test_parse_res_usage_reads_machine_code_only():
+    text = textwrap.dedent(
+        """\
+
+        Fatbin elf code:
+        ================
+        arch = sm_80
+        code version = [1,8]
+
+        Resource usage:
+         Common:
+          GLOBAL:0
+         Function _Z1kv:
+          REG:40 STACK:0 SHARED:2048 LOCAL:0 CONSTANT[0]:368 TEXTURE:0 SURFACE:0 SAMPLER:0
+         Function _Z1jv:
+          REG:255 STACK:24 SHARED:0 LOCAL:0 CONSTANT[0]:368 TEXTURE:0 SURFACE:0 SAMPLER:0
+
+        Fatbin ptx code:
+        ================
+        arch = sm_90
+        code version = [9,0]
+
+        Fatbin elf code:
+        ================
+        arch = sm_90
+        code version = [1,8]
+
+        Resource usage:
+         Function _Z1kv:
+          REG:38 STACK:0 SHARED:0 LOCAL:8 CONSTANT[0]:368 TEXTURE:0 SURFACE:0 SAMPLER:0
+        """
+    )
+    assert _buildcfg.parse_res_usage(text) == {
+        "80": {"_Z1kv": {"registers": 40, "stack": 0, "smem": 2048, "local": 0},
+               "_Z1jv": {"registers": 255, "stack": 24, "smem": 0, "local": 0}},
+        "90": {"_Z1kv": {"registers": 38, "stack": 0, "smem": 0, "local": 8}},
+    }
 
 
 def test_parse_ptxas_reads_spills_and_smem():

@@ -158,11 +158,19 @@ def test_smoke_graph_cases_replay_a_capture(emulated_cuda_graphs):
     assert sorted(k[0][0] for k in emulated_cuda_graphs) == ["bwd", "ext_bwd", "ext_fwd", "fwd"]
 
 
-def test_smoke_runs_the_cpp_cases_on_cpu(capsys):
+def test_smoke_runs_on_cpu(capsys):
+    """Every case the CPU can run passes there: the cpp ones on the CPU kernels and the emulated persistent engine's
+    plans, the Triton ones (but the CUDA graphs') under the interpreter."""
+    from fastrnn import backend
+
     assert gpu_smoke.main(["--device", "cpu"]) == 0
     out = capsys.readouterr().out
     for mode in ("lstm", "gru", "rnn_tanh", "rnn_relu", "lstm-proj"):
         assert f"ok   cpp-{mode}:" in out
+    if backend.reason_unavailable("triton", torch.device("cpu"), torch.float32) is None:
+        for case in gpu_smoke.CASES:
+            if case.backend == "triton" and not case.graph:
+                assert f"ok   {case.name}:" in out
 
 
 def test_smoke_reports_a_kernel_that_differs(monkeypatch, capsys):
@@ -175,6 +183,8 @@ def test_smoke_reports_a_kernel_that_differs(monkeypatch, capsys):
         return tuple(None if t is None else t * 1.01 for t in honest(*args, **kwargs))
 
     monkeypatch.setattr(cpp, "layer", skewed)
+    # the Triton cases (a minute and a half under the interpreter) are test_smoke_runs_on_cpu's
+    monkeypatch.setattr(gpu_smoke, "CASES", [c for c in gpu_smoke.CASES if c.backend == "cpp"])
     assert gpu_smoke.main(["--device", "cpu"]) == 1
     assert "FAIL cpp-gru: max relative difference from the reference 1.0" in capsys.readouterr().out
 
