@@ -48,6 +48,10 @@ EXT_STORAGE_PTRS = {"p_gx", "p_gh", "p_gc", "p_sc", "p_g", "p_zh", "p_zc", "p_m"
 # widest (wider rows loop over MAX_CHUNK-column chunks in the same code); --quick the widest and one narrow.
 EXT_HIDDEN = (16, 32, 64, 128, 256)
 EXT_HIDDEN_QUICK = (64, 256)
+# Hidden sizes of the persist kernels holding W_hh (their resident chunks unrolled: the kernel grows with H): the
+# standard configurations' smallest, and their largest within persist.RESIDENT_BYTES in fp32; --quick the first.
+RESIDENT_HIDDEN = (128, 512)
+RESIDENT_HIDDEN_QUICK = (128,)
 INDEX_PTRS = {"p_bs": "*i32", "p_off": "*i64", "p_sync": "*i32"}
 ALIGNED_INTS = {"H", "HO", "n", "CW"}  # CW: a seq plan's product columns, G * H or H
 LAUNCHES = {
@@ -82,13 +86,17 @@ def kernel_specs(quick: bool) -> List[Dict]:
                                       const=dict(MODE=mode_id, G=G, DH_GIVEN=dh_given, UPCAST=False, **tiles)))
             for tile in triton_persist.PERSIST_CONFIGS:
                 tiles = {k: tile[k] for k in ("BB", "BH", "BK")}
-                specs.append(dict(kernel="persist_fwd", fn=triton_persist._fwd_persist_kernel, mode=mode,
-                                  dtype=dtype, warps=tile["num_warps"], stages=tile["fwd_stages"],
-                                  const=dict(MODE=mode_id, G=G, HAS_BIAS=True, SAVE=True, REVERSE=False,
-                                             UPCAST=False, SYNC=True, **tiles)))
-                specs.append(dict(kernel="persist_bwd", fn=triton_persist._bwd_persist_kernel, mode=mode,
-                                  dtype=dtype, warps=tile["num_warps"], stages=tile["bwd_stages"],
-                                  const=dict(MODE=mode_id, G=G, REVERSE=False, UPCAST=False, SYNC=True, **tiles)))
+                streamed = (dict(kernel="persist_fwd", fn=triton_persist._fwd_persist_kernel, mode=mode,
+                                 dtype=dtype, warps=tile["num_warps"], stages=tile["fwd_stages"],
+                                 const=dict(MODE=mode_id, G=G, HAS_BIAS=True, SAVE=True, REVERSE=False,
+                                            UPCAST=False, SYNC=True, NK=0, **tiles)),
+                            dict(kernel="persist_bwd", fn=triton_persist._bwd_persist_kernel, mode=mode,
+                                 dtype=dtype, warps=tile["num_warps"], stages=tile["bwd_stages"],
+                                 const=dict(MODE=mode_id, G=G, REVERSE=False, UPCAST=False, SYNC=True, NK=0,
+                                            **tiles)))
+                specs += streamed
+                if not quick or tile is triton_persist.PERSIST_CONFIGS[0]:
+                    specs += resident_specs(streamed, tile, RESIDENT_HIDDEN_QUICK if quick else RESIDENT_HIDDEN)
             for cfg in triton_seq.seq_configs_for(dtype, mode):
                 tiles = {"BB": cfg["BB"], "BH": cfg["BH"]}
                 specs.append(dict(kernel="seq_fwd", fn=triton_seq._fwd_seq_kernel, mode=mode, dtype=dtype,
@@ -100,7 +108,25 @@ def kernel_specs(quick: bool) -> List[Dict]:
                                   const=dict(MODE=mode_id, G=G, REVERSE=False, UPCAST=False, **tiles)))
     specs += ext_specs(dtypes, EXT_HIDDEN_QUICK if quick else EXT_HIDDEN)
     return [dict(spec, aligned=aligned, fallbacks=[dict(f, aligned=aligned) for f in spec.get("fallbacks", [])])
-            for spec in specs for aligned in (False, True)]
+            for spec in specs for aligned in ((True,) if spec.get("aligned_only") else (False, True))]
+
+
+def resident_specs(streamed, tile: Dict, hidden) -> List[Dict]:
+    """The persist kernels (``streamed``: forward and backward reading W_hh every step) holding their W_hh slice
+    through the time loop at each of the ``hidden`` sizes, where ``persist.resident_chunks`` takes it: a launch
+    compiles that first and streams where it spills (``persist.first_clean``), so the streamed kernel is the
+    fallback here. Aligned only: the sizes are multiples of 16."""
+    specs = []
+    for H in hidden:
+        for spec in streamed:
+            backward = spec["kernel"] == "persist_bwd"
+            elem = torch.empty(0, dtype=spec["dtype"]).element_size()
+            nk = triton_persist.resident_chunks(spec["const"]["G"], H, tile, elem, backward)
+            name = "x".join(f"{k}{tile[k]}" for k in ("BB", "BH", "BK"))
+            if nk:
+                specs.append(dict(spec, const=dict(spec["const"], NK=nk), tiles=f"{name}, NK{nk} (H {H})",
+                                  aligned_only=True, fallbacks=[dict(spec, tiles=f"{name}, streamed (H {H})")]))
+    return specs
 
 
 def ext_specs(dtypes, hidden) -> List[Dict]:

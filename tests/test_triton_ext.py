@@ -213,8 +213,10 @@ def test_spill_free_tile_choice(monkeypatch):
     alignment, the specialised ints), building the candidates' options only then; the first where every candidate
     spills; a candidate the device cannot hold is passed over. Exercised with a stand-in for Triton's compiled
     kernel, which needs a GPU to report its spills."""
+    from fastrnn.ops.triton import persist
+
     ext = tb._ext
-    monkeypatch.setattr(ext, "_SPILL_FREE", {})
+    monkeypatch.setattr(persist, "_FIRST_CLEAN", {})
     monkeypatch.setattr(ext, "PERSIST_TILES", ((4, 2048, 128), (8, 4096, 256), (4, 2048, 64)))
     compiled, built = [], []
 
@@ -253,7 +255,7 @@ def test_spill_free_tile_choice(monkeypatch):
         def warmup(self, *args, grid, **options):
             if options["tile"] == (4, 2048, 128):
                 compiled.append("refused")
-                raise ext.OutOfResources(300000, 232448, "shared memory")
+                raise persist.OutOfResources(300000, 232448, "shared memory")
             return super().warmup(*args, grid=grid, **options)
 
     assert ext._spill_free(Big(spills), (1, 2), args, options_of(4), (1, 256)) == (8, 4096, 256)

@@ -45,14 +45,13 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from triton.runtime.errors import OutOfResources
 
 from fastrnn.ops import GATES, LN_EPS, CellExt, LayerArgs, SavedExt
 from fastrnn.ops.triton.cells import (FP_FUSION, _tanh, cell_backward, cell_forward, interpreting, lstm_gate_grads,
                                      release)
 from fastrnn.ops.triton.host import (MODE_IDS, Rows, input_projection, nan_buffer, none_if_empty, placeholder,
                                      plan_rows, run_loop, step_tables)
-from fastrnn.ops.triton.persist import _barrier, device_programs
+from fastrnn.ops.triton.persist import _barrier, device_programs, first_clean
 from fastrnn.ops.triton.persist import enabled_by_default as persist_enabled
 
 _EPS = tl.constexpr(LN_EPS)
@@ -762,35 +761,10 @@ def _launch_seq(kernel, variant: str, rows: Rows, B: int, H: int, *args, **const
         kernel[grid](*args, bs, off, counters, begin, end, T, H, cfg["CW"], 0, **options(cfg, passes))
 
 
-_SPILL_FREE = {}  # (kernel, what its options follow from, specialisations, device) -> the PERSIST_TILES entry taken
-
-
 def _spill_free(kernel, grid, args, options_of, given: tuple) -> tuple:
-    """The first of PERSIST_TILES whose compiled kernel does not spill on this device and fits its resources (the
-    first where none does, or where this Triton does not say), compiled without launching and remembered per
-    configuration: ``given``, what ``options_of(tile)`` follows from for every candidate (options are only built on
-    a miss: building them per launch cost ~0.2 ms), and what Triton specialises a compile on besides the options:
-    the tensors' dtypes and 16-byte alignment, and of the ints it specialises (not the step range and T:
-    do_not_specialize) divisibility by 16 and a value of 1."""
-    fixed = [getattr(p, "do_not_specialize", False) for p in getattr(kernel, "params", ())]
-    spec = tuple((a.dtype, a.data_ptr() % 16 == 0) if torch.is_tensor(a) else
-                 None if i < len(fixed) and fixed[i] else (a % 16 == 0, a == 1) for i, a in enumerate(args))
-    key = (kernel.fn.__name__, given, spec, args[0].device)
-    if key not in _SPILL_FREE:
-        taken = PERSIST_TILES[0]
-        for tile in PERSIST_TILES:
-            try:
-                compiled = kernel.warmup(*args, grid=grid, **options_of(tile))
-                if not hasattr(compiled, "_init_handles"):
-                    break
-                compiled._init_handles()  # loads the binary, which is where Triton reads its local memory size
-            except OutOfResources:  # more shared memory or threads than the device has: the next candidate
-                continue
-            if getattr(compiled, "n_spills", 0) == 0:
-                taken = tile
-                break
-        _SPILL_FREE[key] = taken
-    return _SPILL_FREE[key]
+    """The first of PERSIST_TILES whose compiled kernel does not spill on this device and fits its resources, the
+    first where none does (persist.first_clean, which says what it compiles and remembers)."""
+    return first_clean(kernel, grid, args, PERSIST_TILES, options_of, given) or PERSIST_TILES[0]
 
 
 def _launch(kernel, n_rows: int, width: int, *args, **constexprs) -> None:

@@ -4,8 +4,10 @@ The grid is laid out as the step kernels' (``step.py``): batch tiles x hidden sl
 rows and ``BH`` hidden units with every gate of those units, and each step is the step kernels' tile function. What
 changes is who runs the loop over time: the programs themselves, reading the step's row count and offset
 from ``batch_sizes`` on the device, so the host issues one launch instead of one per step and Python never
-sees a time step. W_hh is streamed from L2 every step (an H200 keeps 60 MB there; one fp32 LSTM layer at
-H = 1024 is 16 MB), as the step kernels do.
+sees a time step. A program loads its slice of W_hh once, before the time loop, where it fits
+(``RESIDENT_BYTES``: Triton then keeps it in shared memory, as the CUDA engine does its slice), and otherwise
+streams it from L2 every step as the step kernels do (an H200 keeps 60 MB there; one fp32 LSTM layer at
+H = 1024 is 16 MB). Both read K in the same chunks in the same order, so they compute the same bits.
 
 A step needs the previous step's ``h`` (backward: gate gradients) of every hidden unit, written by the
 other slices of the same batch tile, so the slices of a tile meet at a barrier after each step: an atomic
@@ -31,9 +33,10 @@ from typing import Dict, Optional, Tuple
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 
 from fastrnn.ops.triton.cells import FP_FUSION, interpreting, release
-from fastrnn.ops.triton.step import bwd_step_tile, fwd_step_tile
+from fastrnn.ops.triton.step import bwd_step_tile, fwd_step_tile, resident_w
 
 ENV = "FASTRNN_PERSISTENT"
 
@@ -127,17 +130,19 @@ def _fwd_persist_kernel(
     k_begin, k_end, T, H, zero,
     MODE: tl.constexpr, G: tl.constexpr, HAS_BIAS: tl.constexpr, SAVE: tl.constexpr, REVERSE: tl.constexpr,
     UPCAST: tl.constexpr, SYNC: tl.constexpr, BB: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr,
+    NK: tl.constexpr,
 ):
     # Steps in processing order k (t = T-1-k in reverse); the state comes from the step processed before.
     n_slices = tl.num_programs(1)
+    w_res = resident_w(p_w, H, H, G, False, BH, BK, NK)
     for k in range(k_begin, k_end):
         t = T - 1 - k if REVERSE else k
         n_t, o_t, n_p, o_p = _step_rows(p_bs, p_off, T, t, t + 1 if REVERSE else t - 1, k > 0)
         if tl.program_id(0) * BB < n_t:
             z = k * zero
             fwd_step_tile(p_x + o_t * (G * H), p_b + z, p_w + z, p_h + o_p * H, p_h0 + z, p_c + o_p * H, p_c0 + z,
-                          p_h + o_t * H, p_c + o_t * H, p_s + o_t * (G * H), p_hn + o_t * H, n_t, n_p, H, H, z,
-                          MODE, G, HAS_BIAS, SAVE, UPCAST, SYNC, BB, BH, BK)
+                          p_h + o_t * H, p_c + o_t * H, p_s + o_t * (G * H), p_hn + o_t * H, n_t, n_p, H, H, z, w_res,
+                          MODE, G, HAS_BIAS, SAVE, UPCAST, SYNC, BB, BH, BK, NK)
         if k + 1 < k_end:
             _barrier(p_sync + tl.program_id(0), (k + 1 - k_begin) * n_slices, SYNC)
 
@@ -147,10 +152,11 @@ def _bwd_persist_kernel(
     p_dy, p_dhs, p_dcs, p_w, p_s, p_hn, p_h, p_c, p_hp, p_cp, p_gh, p_gx, p_bs, p_off, p_sync,
     j_begin, j_end, T, H, zero,
     MODE: tl.constexpr, G: tl.constexpr, REVERSE: tl.constexpr, UPCAST: tl.constexpr, SYNC: tl.constexpr,
-    BB: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr,
+    BB: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr, NK: tl.constexpr,
 ):
     # j counts backward steps: processing position k = T-1-j, whose gradient arrives from position k+1.
     n_slices = tl.num_programs(1)
+    w_res = resident_w(p_w, H, H, G, True, BH, BK, NK)
     for j in range(j_begin, j_end):
         k = T - 1 - j
         t = T - 1 - k if REVERSE else k
@@ -159,10 +165,62 @@ def _bwd_persist_kernel(
             z = j * zero
             bwd_step_tile(p_dy + o_t * H, p_dhs + z, p_dcs + z, p_gh + o_n * (G * H), p_w + z, p_s + o_t * (G * H),
                           p_hn + o_t * H, p_h + o_t * H, p_c + o_t * H, p_hp + o_t * H, p_cp + o_t * H,
-                          p_gh + o_t * (G * H), p_gx + o_t * H, n_t, n_n, H, H, z,
-                          MODE, G, False, UPCAST, SYNC, BB, BH, BK)
+                          p_gh + o_t * (G * H), p_gx + o_t * H, n_t, n_n, H, H, z, w_res,
+                          MODE, G, False, UPCAST, SYNC, BB, BH, BK, NK)
         if j + 1 < j_end:
             _barrier(p_sync + tl.program_id(0), (j + 1 - j_begin) * n_slices, SYNC)
+
+
+# W_hh's slice stays on chip through the time loop (step.resident_w: Triton keeps a loop-invariant dot operand in
+# shared memory, loaded once) where it takes at most this many bytes: within an A100's 163 KiB of shared memory
+# per block beside a step's staged h chunks (the LSTM up to H = 512 in fp32, 1024 in 16-bit, at 16-unit slices).
+# Beyond it, or where the compiled kernel spills or wants more shared memory than the device has, every step
+# streams it from L2 (NK = 0).
+RESIDENT_BYTES = 128 * 1024
+# The chunks are unrolled (a tuple, indexed at compile time), so the compile grows with them: on sm_90 (Triton
+# 3.8, no GPU needed) 2-3 s at 4-16 chunks, 14 s at 64 (the LSTM backward at H = 512), 53 s at 128.
+MAX_RESIDENT_CHUNKS = 64
+
+
+def resident_chunks(G: int, H: int, cfg: Dict[str, int], elem: int, backward: bool) -> int:
+    """``NK`` of the persist kernels: how many ``BK``-row chunks of K (H forward, G*H backward) a program's
+    resident W_hh slice has, or 0 where it would take more than ``RESIDENT_BYTES`` or ``MAX_RESIDENT_CHUNKS``
+    (``elem``: W_hh's bytes per element)."""
+    chunks = triton.cdiv(G * H if backward else H, cfg["BK"])
+    size = chunks * cfg["BK"] * cfg["BH"] * elem * (1 if backward else G)
+    return chunks if size <= RESIDENT_BYTES and chunks <= MAX_RESIDENT_CHUNKS else 0
+
+
+_FIRST_CLEAN = {}  # (kernel, candidates, what its options follow from, specialisations, device) -> the one taken
+
+
+def first_clean(kernel, grid, args, candidates: tuple, options_of, given: tuple):
+    """The first of ``candidates`` whose compiled kernel does not spill on this device and fits its resources,
+    ``None`` where none does (the first where this Triton does not say), compiled without launching and remembered
+    per configuration: ``given``, what ``options_of(candidate)`` follows from for every candidate (options are only
+    built on a miss: building them per launch cost ~0.2 ms), and what Triton specialises a compile on besides the
+    options: the tensors' dtypes and 16-byte alignment, and of the ints it specialises (not the step range and T:
+    do_not_specialize) divisibility by 16 and a value of 1."""
+    fixed = [getattr(p, "do_not_specialize", False) for p in getattr(kernel, "params", ())]
+    spec = tuple((a.dtype, a.data_ptr() % 16 == 0) if torch.is_tensor(a) else
+                 None if i < len(fixed) and fixed[i] else (a % 16 == 0, a == 1) for i, a in enumerate(args))
+    key = (kernel.fn.__name__, candidates, given, spec, args[0].device)
+    if key not in _FIRST_CLEAN:
+        taken = None
+        for candidate in candidates:
+            try:
+                compiled = kernel.warmup(*args, grid=grid, **options_of(candidate))
+                if not hasattr(compiled, "_init_handles"):
+                    taken = candidate
+                    break
+                compiled._init_handles()  # loads the binary, which is where Triton reads its local memory size
+            except OutOfResources:  # more shared memory or threads than the device has: the next candidate
+                continue
+            if getattr(compiled, "n_spills", 0) == 0:
+                taken = candidate
+                break
+        _FIRST_CLEAN[key] = taken
+    return _FIRST_CLEAN[key]
 
 
 def _launch(kernel, args, T: int, B: int, H: int, device: torch.device, consts: Dict) -> None:
@@ -172,16 +230,26 @@ def _launch(kernel, args, T: int, B: int, H: int, device: torch.device, consts: 
     g = grid(B, H, cfg)
     per_step = interpreting() and g[1] > 1
     sync = g[1] > 1 or interpreting()
+    backward = kernel is _bwd_persist_kernel
+    w_hh = args[3 if backward else 2]
+    nk = resident_chunks(consts["G"], H, cfg, w_hh.element_size(), backward)
     # A cooperative launch makes the driver guarantee that every program is resident (or refuse the launch)
     # even beside other kernels on other streams, which the SM-count bound alone cannot.
     launch = {"launch_cooperative_grid": True} if g[1] > 1 and not interpreting() else {}
-    spans = [(k, k + 1) for k in range(T)] if per_step else [(0, T)]
     counters = torch.zeros(g[0], dtype=torch.int32, device=device)  # one barrier per batch tile; unused per step
+
+    def options(chunks: int, synced: bool) -> Dict:
+        return dict(**consts, SYNC=synced, BB=cfg["BB"], BH=cfg["BH"], BK=cfg["BK"], NK=chunks,
+                    num_warps=cfg["num_warps"], num_stages=cfg["bwd_stages" if backward else "fwd_stages"],
+                    enable_fp_fusion=FP_FUSION, **launch)
+
+    if nk and not interpreting():
+        taken = first_clean(kernel, g, (*args, counters, 0, T, T, H, 0), (nk, 0), lambda c: options(c, sync),
+                            (B, H, device_programs(device), tuple(sorted(consts.items()))))
+        nk = taken or 0
+    spans = [(k, k + 1) for k in range(T)] if per_step else [(0, T)]
     for begin, end in spans:
-        kernel[g](*args, counters, begin, end, T, H, 0, **consts, SYNC=sync and not per_step,
-                  BB=cfg["BB"], BH=cfg["BH"], BK=cfg["BK"], num_warps=cfg["num_warps"],
-                  num_stages=cfg["fwd_stages" if kernel is _fwd_persist_kernel else "bwd_stages"],
-                  enable_fp_fusion=FP_FUSION, **launch)
+        kernel[g](*args, counters, begin, end, T, H, 0, **options(nk, sync and not per_step))
 
 
 def fwd_persist(mode_id: int, G: int, xp, b_hh, w_hh, h0, c0, bs, off, hs, cs, gates, hn,

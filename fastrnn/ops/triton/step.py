@@ -71,16 +71,61 @@ def _step_tile(n_rows, H, z, BB: tl.constexpr, BH: tl.constexpr):
 
 
 @triton.jit
+def resident_w(p_w, H, HO, G: tl.constexpr, BACKWARD: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr,
+               NK: tl.constexpr):
+    """This program's hidden slice of ``W_hh [G*H, HO]``, loaded once for a whole-sequence kernel's time loop: a
+    tuple of ``NK`` chunks of ``BK`` rows of K, zero past its end. Forward (K = HO) a chunk is the tuple of its G
+    gates' ``[BK, BH]`` tiles (element k, u: ``W_hh[g*H + u, k]``), as :func:`fwd_step_tile`'s streamed loads;
+    ``BACKWARD`` (K = G*H) one ``[BK, BH]`` tile (element k, u: ``W_hh[k, u]``), as :func:`bwd_step_tile`'s."""
+    o_h = tl.program_id(1) * BH + tl.arange(0, BH)
+    m_h = o_h < H
+    chunks = ()
+    for i in tl.static_range(NK):
+        o_k = i * BK + tl.arange(0, BK)
+        if BACKWARD:
+            m_w = (o_k < G * H)[:, None] & m_h[None, :]
+            chunks = chunks + (tl.load(p_w + o_k.to(tl.int64)[:, None] * HO + o_h[None, :], mask=m_w, other=0.0),)
+        else:
+            m_w = (o_k < HO)[:, None] & m_h[None, :]
+            p_wk = p_w + o_h.to(tl.int64)[None, :] * HO + o_k[:, None]
+            s_g = tl.cast(H, tl.int64) * HO
+            w0 = tl.load(p_wk, mask=m_w, other=0.0)
+            w1 = w0
+            w2 = w0
+            w3 = w0
+            if G > 1:
+                w1 = tl.load(p_wk + s_g, mask=m_w, other=0.0)
+                w2 = tl.load(p_wk + 2 * s_g, mask=m_w, other=0.0)
+            if G > 3:
+                w3 = tl.load(p_wk + 3 * s_g, mask=m_w, other=0.0)
+            chunks = chunks + ((w0, w1, w2, w3),)
+    return chunks
+
+
+@triton.jit
+def _resident_products(a0, a1, a2, a3, b_hk, w, G: tl.constexpr, UPCAST: tl.constexpr):
+    """The gates' accumulators after one chunk ``b_hk`` of K times its resident tiles ``w`` (resident_w)."""
+    a0 = mma(a0, b_hk, w[0], UPCAST)
+    if G > 1:
+        a1 = mma(a1, b_hk, w[1], UPCAST)
+        a2 = mma(a2, b_hk, w[2], UPCAST)
+    if G > 3:
+        a3 = mma(a3, b_hk, w[3], UPCAST)
+    return a0, a1, a2, a3
+
+
+@triton.jit
 def fwd_step_tile(
-    p_x, p_b, p_w, p_hsrc, p_h0, p_csrc, p_c0, p_h, p_c, p_s, p_hn, n_rows, n_prev, H, HO, z,
+    p_x, p_b, p_w, p_hsrc, p_h0, p_csrc, p_c0, p_h, p_c, p_s, p_hn, n_rows, n_prev, H, HO, z, w_res,
     MODE: tl.constexpr, G: tl.constexpr, HAS_BIAS: tl.constexpr, SAVE: tl.constexpr, UPCAST: tl.constexpr,
-    VOLATILE: tl.constexpr, BB: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr,
+    VOLATILE: tl.constexpr, BB: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr, NK: tl.constexpr,
 ):
     """One forward step for this program's tile; the pointers are the step's row blocks (see the module
     docstring), ``VOLATILE`` as :func:`_load_prev`'s. ``z`` is a zero the compiler cannot see through: a
     caller looping over steps passes ``step * zero`` (a run-time 0) so that nothing here looks invariant
     across its loop; hoisted, the tile's index and address tensors stayed live through the whole loop and
-    spilled."""
+    spilled. ``NK`` 0: W_hh read from memory chunk by chunk; else ``w_res`` holds this slice's W_hh already,
+    ``NK`` chunks of BK rows of K (:func:`resident_w`), and no step reads it again."""
     o_b, o_h, m_h, m_bh = _step_tile(n_rows, H, z, BB, BH)
     b_a0 = tl.zeros([BB, BH], dtype=tl.float32)
     b_a1 = tl.zeros([BB, BH], dtype=tl.float32)
@@ -89,17 +134,23 @@ def fwd_step_tile(
     # W_hh offsets in int64: G*H*Hout passes 2^31 for H around 23k.
     o_wr = o_h.to(tl.int64) * HO
     s_g = tl.cast(H, tl.int64) * HO
-    for k0 in range(0, HO, BK):
-        o_k = k0 + tl.arange(0, BK)
-        b_hk = _load_prev(p_hsrc, p_h0, o_b, o_k, n_rows, n_prev, HO, VOLATILE).to(p_w.dtype.element_ty)
-        m_w = (o_k < HO)[:, None] & m_h[None, :]
-        p_wk = p_w + o_wr[None, :] + o_k[:, None]
-        b_a0 = mma(b_a0, b_hk, tl.load(p_wk, mask=m_w, other=0.0), UPCAST)
-        if G > 1:
-            b_a1 = mma(b_a1, b_hk, tl.load(p_wk + s_g, mask=m_w, other=0.0), UPCAST)
-            b_a2 = mma(b_a2, b_hk, tl.load(p_wk + 2 * s_g, mask=m_w, other=0.0), UPCAST)
-        if G > 3:
-            b_a3 = mma(b_a3, b_hk, tl.load(p_wk + 3 * s_g, mask=m_w, other=0.0), UPCAST)
+    if NK == 0:
+        for k0 in range(0, HO, BK):
+            o_k = k0 + tl.arange(0, BK)
+            b_hk = _load_prev(p_hsrc, p_h0, o_b, o_k, n_rows, n_prev, HO, VOLATILE).to(p_w.dtype.element_ty)
+            m_w = (o_k < HO)[:, None] & m_h[None, :]
+            p_wk = p_w + o_wr[None, :] + o_k[:, None]
+            b_a0 = mma(b_a0, b_hk, tl.load(p_wk, mask=m_w, other=0.0), UPCAST)
+            if G > 1:
+                b_a1 = mma(b_a1, b_hk, tl.load(p_wk + s_g, mask=m_w, other=0.0), UPCAST)
+                b_a2 = mma(b_a2, b_hk, tl.load(p_wk + 2 * s_g, mask=m_w, other=0.0), UPCAST)
+            if G > 3:
+                b_a3 = mma(b_a3, b_hk, tl.load(p_wk + 3 * s_g, mask=m_w, other=0.0), UPCAST)
+    else:
+        for i in tl.static_range(NK):
+            o_k = i * BK + z + tl.arange(0, BK)
+            b_hk = _load_prev(p_hsrc, p_h0, o_b, o_k, n_rows, n_prev, HO, VOLATILE).to(p_w.dtype.element_ty)
+            b_a0, b_a1, b_a2, b_a3 = _resident_products(b_a0, b_a1, b_a2, b_a3, b_hk, w_res[i], G, UPCAST)
     if HAS_BIAS:
         b_b0, b_b1, b_b2, b_b3 = load_gates(p_b, tl.zeros([1], dtype=tl.int32), o_h, 0, m_h[None, :], H, G)
         b_a0 += b_b0
@@ -122,20 +173,20 @@ def _fwd_step_kernel(
     MODE: tl.constexpr, G: tl.constexpr, HAS_BIAS: tl.constexpr, SAVE: tl.constexpr, UPCAST: tl.constexpr,
     BB: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr,
 ):
-    fwd_step_tile(p_x, p_b, p_w, p_hsrc, p_h0, p_csrc, p_c0, p_h, p_c, p_s, p_hn, n_rows, n_prev, H, HO, 0,
-                  MODE, G, HAS_BIAS, SAVE, UPCAST, False, BB, BH, BK)
+    fwd_step_tile(p_x, p_b, p_w, p_hsrc, p_h0, p_csrc, p_c0, p_h, p_c, p_s, p_hn, n_rows, n_prev, H, HO, 0, (),
+                  MODE, G, HAS_BIAS, SAVE, UPCAST, False, BB, BH, BK, 0)
 
 
 @triton.jit
 def bwd_step_tile(
-    p_dy, p_dhs, p_dcs, p_gprev, p_w, p_s, p_hn, p_h, p_c, p_hp, p_cp, p_gh, p_gx, n_rows, n_prev, H, HO, z,
+    p_dy, p_dhs, p_dcs, p_gprev, p_w, p_s, p_hn, p_h, p_c, p_hp, p_cp, p_gh, p_gx, n_rows, n_prev, H, HO, z, w_res,
     MODE: tl.constexpr, G: tl.constexpr, DH_GIVEN: tl.constexpr, UPCAST: tl.constexpr, VOLATILE: tl.constexpr,
-    BB: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr,
+    BB: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr, NK: tl.constexpr,
 ):
     """One backward step for this program's tile: ``p_gprev`` holds the gate gradients of the step
     processed before it (written by every hidden slice; ``VOLATILE`` as :func:`_load_prev`'s), ``p_dhs`` and
-    ``p_dcs`` the ``[B, H]`` carried gradients, read and written by this tile alone; ``z`` as
-    :func:`fwd_step_tile`'s."""
+    ``p_dcs`` the ``[B, H]`` carried gradients, read and written by this tile alone; ``z``, ``w_res`` and ``NK``
+    as :func:`fwd_step_tile`'s."""
     o_b, o_h, m_h, m_bh = _step_tile(n_rows, H, z, BB, BH)
     o_r = o_b[:, None] * H + o_h[None, :]
     b_dh = tl.zeros([BB, BH], dtype=tl.float32)
@@ -143,14 +194,21 @@ def bwd_step_tile(
         # dh_t = dG_{t+1} . W_hh[:, slice] + dy_t + dh_direct (or dh_n for a row's first backward step); the
         # product comes first so that no store mask is live across its loop (ptxas spilled one on sm_90).
         m_p = (o_b < n_prev)[:, None]
-        for k0 in range(0, G * H, BK):
-            o_k = k0 + tl.arange(0, BK)
-            m_k = o_k < G * H
-            b_g = tl.load(p_gprev + o_b[:, None] * (G * H) + o_k[None, :], mask=m_p & m_k[None, :], other=0.0,
-                          volatile=VOLATILE)
-            p_wk = p_w + o_k.to(tl.int64)[:, None] * HO + o_h[None, :]
-            b_w = tl.load(p_wk, mask=m_k[:, None] & m_h[None, :], other=0.0)
-            b_dh = mma(b_dh, b_g.to(p_w.dtype.element_ty), b_w, UPCAST)
+        if NK == 0:
+            for k0 in range(0, G * H, BK):
+                o_k = k0 + tl.arange(0, BK)
+                m_k = o_k < G * H
+                b_g = tl.load(p_gprev + o_b[:, None] * (G * H) + o_k[None, :], mask=m_p & m_k[None, :], other=0.0,
+                              volatile=VOLATILE)
+                p_wk = p_w + o_k.to(tl.int64)[:, None] * HO + o_h[None, :]
+                b_w = tl.load(p_wk, mask=m_k[:, None] & m_h[None, :], other=0.0)
+                b_dh = mma(b_dh, b_g.to(p_w.dtype.element_ty), b_w, UPCAST)
+        else:
+            for i in tl.static_range(NK):
+                o_k = i * BK + z + tl.arange(0, BK)
+                b_g = tl.load(p_gprev + o_b[:, None] * (G * H) + o_k[None, :], mask=m_p & (o_k < G * H)[None, :],
+                              other=0.0, volatile=VOLATILE)
+                b_dh = mma(b_dh, b_g.to(p_w.dtype.element_ty), w_res[i], UPCAST)
         b_dh += tl.load(p_dhs + o_r, mask=m_bh, other=0.0)
     b_dh += tl.load(p_dy + o_r, mask=m_bh, other=0.0).to(tl.float32)
     b_dc = b_dh
@@ -172,7 +230,7 @@ def _bwd_step_kernel(
     BB: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr,
 ):
     bwd_step_tile(p_dy, p_dhs, p_dcs, p_gprev, p_w, p_s, p_hn, p_h, p_c, p_hp, p_cp, p_gh, p_gx, n_rows, n_prev, H,
-                  HO, 0, MODE, G, DH_GIVEN, UPCAST, False, BB, BH, BK)
+                  HO, 0, (), MODE, G, DH_GIVEN, UPCAST, False, BB, BH, BK, 0)
 
 
 def _grid(n_rows: int, H: int, cfg: Dict[str, int]):
