@@ -26,7 +26,7 @@ import triton  # noqa: E402
 
 from fastrnn.ops import GATES  # noqa: E402
 from fastrnn.ops.triton.host import pick_variant  # noqa: E402
-from fastrnn.ops.triton.persist import persist_config  # noqa: E402
+from fastrnn.ops.triton.persist import persist_config, resident_chunks  # noqa: E402
 from fastrnn.ops.triton.step import step_config  # noqa: E402
 
 CONFIGS: Tuple[Tuple[int, int, int, int, int], ...] = (
@@ -45,15 +45,17 @@ LAUNCHES = {"step": (1, 1), "seq": (0, 0), "persist": (0, 0)}
 SMS = 132
 
 
-def step_bytes(mode: str, B: int, H: int, s: int, persist: bool = False) -> Dict[str, int]:
+def step_bytes(mode: str, B: int, H: int, s: int, persist: bool = False, T: int = 1) -> Dict[str, int]:
     """Per step and layer, all rows active, no projection (HO = H); the step kernels' tiles, or with
-    ``persist`` the persist kernels' (which move the same terms)."""
+    ``persist`` the persist kernels' (which move the same terms, but W_hh once per sequence of ``T`` steps where
+    it stays on chip: ``persist.resident_chunks``)."""
     G = GATES[mode]
     cfg = persist_config(B, H, SMS) if persist else step_config(B, H)
     n_b, n_h = triton.cdiv(B, cfg["BB"]), triton.cdiv(H, cfg["BH"])
     lstm, gru, saves = mode == "LSTM", mode == "GRU", mode in ("LSTM", "GRU")
     w = G * H * H * s
-    fwd = (n_b * (w + G * H * s)  # W_hh and b_hh, once per batch tile
+    w_fwd, w_bwd = ((w / T if persist and resident_chunks(G, H, cfg, s, backward) else w) for backward in (False, True))
+    fwd = (n_b * (w_fwd + G * H * s)  # W_hh (once per sequence where resident) and b_hh, once per batch tile
            + n_h * B * H * F32  # h_{t-1}, once per hidden slice
            + B * G * H * F32  # input projection
            + B * H * F32 * (2 if lstm else 1)  # h_t (+ c_t)
@@ -61,7 +63,7 @@ def step_bytes(mode: str, B: int, H: int, s: int, persist: bool = False) -> Dict
            + saves * B * 4 * H * F32  # gates saved for backward
            + (s != F32) * B * H * (F32 + s))  # y = hs.to(dtype) after the loop, per step
     fwd_min = w + B * H * s * (2 if lstm else 1) * 2 + B * G * H * s
-    bwd = (n_b * w
+    bwd = (n_b * w_bwd
            + n_h * B * G * H * F32  # dG_{t+1}, once per hidden slice
            + B * H * s  # dy_t
            + 2 * B * H * F32 * (2 if lstm else 1)  # dh (and dc) state in and out
@@ -82,7 +84,7 @@ def rows() -> List[Dict]:
                 b = step_bytes(mode, B, H, s)
                 out.append(dict(cfg=f"{T},{B},{I},{H},{L}", dtype=dname, mode=mode, variant=variant, L=L, **b))
                 if variant == "step" and persist_config(B, H, SMS) is not None:
-                    b = step_bytes(mode, B, H, s, persist=True)
+                    b = step_bytes(mode, B, H, s, persist=True, T=T)
                     out.append(dict(cfg=f"{T},{B},{I},{H},{L}", dtype=dname, mode=mode, variant="persist", L=L, **b))
     return out
 
@@ -119,7 +121,9 @@ def markdown(table: List[Dict]) -> str:
         "step forward and 3 torch ops per step backward. With `cuda_graph=True` (unverified on a GPU) the",
         "per-step launches are replayed from a CUDA graph, which removes their host cost but not the launches.",
         f"The persist rows (`FASTRNN_PERSISTENT=1`, unverified on a GPU) assume {SMS} SMs; each step ends at a",
-        "barrier between the hidden slices of a batch tile instead of a kernel boundary.",
+        "barrier between the hidden slices of a batch tile instead of a kernel boundary. Where a program's slice of",
+        "W_hh fits on chip (`persist.resident_chunks`) it is read once per sequence, its T steps sharing the cost:",
+        "such rows can fall below the minimum, which reads W_hh every step.",
         "",
         "The re-read factors dominate for large H: each batch tile re-reads W_hh (L2-resident on H100 when",
         "G*H*H*s fits the 50 MB L2, so DRAM traffic is closer to the minimum than these L2 numbers).",
