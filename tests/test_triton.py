@@ -153,13 +153,15 @@ def test_persist_launches_per_step_only_where_programs_would_wait(H, slices, mon
 
 @interpreted
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("c", [Case("LSTM", 3, 3, 3, 40, packed=True, reverse=True), Case("GRU", 3, 2, 3, 40),
+@pytest.mark.parametrize("c", [Case("LSTM", 3, 3, 3, 40, packed=True, reverse=True), Case("LSTM", 4, 3, 3, 16),
+                               Case("GRU", 3, 2, 3, 40),
                                Case("RNN_TANH", 3, 3, 2, 36, packed=True), Case("RNN_RELU", 2, 2, 3, 33, bias=False)],
                          ids=lambda c: c.id)
 def test_persist_resident_w_hh_is_the_streamed_one(c, dtype, monkeypatch):
     """The persist kernels holding their W_hh slice through the time loop (step.resident_w) compute what they compute
     reading it every step, bit for bit (the same chunks of K in the same order), outputs and every gradient: several
-    hidden slices, two or more chunks of K (forward H, backward G*H), a ragged last chunk."""
+    hidden slices (launched per step here), one slice (the whole sequence in one launch, its W_hh held over every
+    step), two or more chunks of K (forward H, backward G*H), a ragged last chunk."""
     from fastrnn.ops.triton import persist
 
     taken = []
@@ -170,7 +172,7 @@ def test_persist_resident_w_hh_is_the_streamed_one(c, dtype, monkeypatch):
     resident = run(layer, c, inputs)
     monkeypatch.setattr(persist, "RESIDENT_BYTES", 0)
     streamed = run(layer, c, inputs)
-    assert len(taken) == 4 and all(n > 1 for n in taken[:2]) and taken[2:] == [0, 0], taken
+    assert len(taken) == 4 and taken[1] > 1 and (taken[0] > 1 or c.H <= 32) and taken[2:] == [0, 0], taken
     (outs, grads), (outs_s, grads_s) = resident, streamed
     assert len(outs) == len(outs_s) and grads.keys() == grads_s.keys()
     for a, b in zip(outs + list(grads.values()), outs_s + list(grads_s.values())):

@@ -33,7 +33,7 @@ from typing import Dict, Optional, Tuple
 import torch
 import triton
 import triton.language as tl
-from triton.runtime.errors import OutOfResources
+from triton.runtime.errors import OutOfResources, PTXASError
 
 from fastrnn.ops.triton.cells import FP_FUSION, interpreting, release
 from fastrnn.ops.triton.step import bwd_step_tile, fwd_step_tile, resident_w
@@ -173,7 +173,8 @@ def _bwd_persist_kernel(
 
 # W_hh's slice stays on chip through the time loop (step.resident_w: Triton keeps a loop-invariant dot operand in
 # shared memory, loaded once) where it takes at most this many bytes: within an A100's 163 KiB of shared memory
-# per block beside a step's staged h chunks (the LSTM up to H = 512 in fp32, 1024 in 16-bit, at 16-unit slices).
+# per block beside a step's staged h chunks (the LSTM up to H = 512 in fp32 at 16-unit slices, and in 16-bit its
+# forward up to H = 1024, its backward up to 512 by MAX_RESIDENT_CHUNKS).
 # Beyond it, or where the compiled kernel spills or wants more shared memory than the device has, every step
 # streams it from L2 (NK = 0).
 RESIDENT_BYTES = 128 * 1024
@@ -214,7 +215,9 @@ def first_clean(kernel, grid, args, candidates: tuple, options_of, given: tuple)
                     taken = candidate
                     break
                 compiled._init_handles()  # loads the binary, which is where Triton reads its local memory size
-            except OutOfResources:  # more shared memory or threads than the device has: the next candidate
+            # more shared memory or threads than the device has, or an assembler that fails on it (as Triton's
+            # autotuner treats one): the next candidate
+            except (OutOfResources, PTXASError):
                 continue
             if getattr(compiled, "n_spills", 0) == 0:
                 taken = candidate
