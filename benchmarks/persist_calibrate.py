@@ -2,22 +2,25 @@
 
 The plan (``csrc/persist.h`` ``make_plan``) chooses how a layer's hidden units and batch rows split over blocks by
 pricing a step: the block GEMMs in the model's unit (a thread's SIMT FMA; a K step of the 4 x 4 tile is 16 of
-them), each staged K chunk (``kStageCycles``), a warp's round of tensor-core instructions (``kMmaCycles``) and the
-barrier between blocks (``kGridSyncCycles``, ``kClusterSyncCycles``). Those constants are estimates written
-before any GPU ran the engine. This script times the engine's own pieces with its own code
-(``fastrnn._C._persist_probe``: its block GEMM and step barrier in a loop, SM cycles from ``clock64`` and
-nanoseconds from ``%globaltimer`` per block, one block per SM) and fits them:
+them), each K chunk staged from L2 (``kStageCycles``) or exchanged in shared memory (``kExchangeCycles``), a
+warp's round of tensor-core instructions (``kMmaCycles``) and the barrier between blocks (``kGridSyncCycles``,
+``kClusterSyncCycles``). Those constants are estimates written before any GPU ran the engine. This script times
+the engine's own pieces with its own code (``fastrnn._C._persist_probe``: its block GEMM and step barrier in a
+loop, SM cycles from ``clock64`` and nanoseconds from ``%globaltimer`` per block, one block per SM) and fits them:
 
 - barriers: a block's own (``__syncthreads``), the grid's (cooperative launch) over all SMs and fewer, and a
   thread-block cluster's of 2, 4 and 8 blocks (sm_90), also as one cluster alone;
 - block GEMMs: those of the plans the standard configurations get on this GPU (fp32 planned without TF32, on the
   SIMT loop; with TF32 and in bf16, on the tensor cores), their operand as many batch tiles as the plan's, and a
   sweep over K at one shape per loop for leverage, each also in the smallest chunks, so that the chunks' price
-  separates from the K loop's;
-- cycles per step = a * units + b * chunks + c over the SIMT GEMMs (least squares; ``units`` is the model's price
-  of the GEMM, bank conflicts included, ``c`` what the model does not price: spill, reduction, results), and
-  m * (a warp's mma rounds) + b' * chunks + c' over each tensor-core kind; a fit needs more samples than terms and
-  distinct chunk counts, else it says so.
+  separates from the K loop's, and each of one chunk also with its operand kept in shared memory (``exchange``:
+  as the engine's cells hand it over where a block holds every unit or a cluster's blocks push it), so that the
+  L2 round trip's price separates from the chunk's block barriers (``kExchangeCycles``);
+- cycles per step = a * units + b * chunks + e * exchanged + c over the SIMT GEMMs (least squares; ``units`` is the
+  model's price of the GEMM, bank conflicts included, ``chunks`` those staged from L2, ``exchanged`` 1 for a kept
+  operand, ``c`` what the model does not price: spill, reduction, results), and m * (a warp's mma rounds) +
+  b' * chunks + e' * exchanged + c' over each tensor-core kind; a fit needs more samples than terms and distinct
+  chunk counts, else it says so.
 
 It prints (and with ``--out`` writes) each measurement beside the model's price and the constants the fits imply
 in the model's unit (``a`` cycles), beside those in ``csrc/persist.h``, with the SM clock the run saw. Setting
@@ -62,10 +65,12 @@ class Sample:
     ns: float  # per step, the median over blocks
     units: int = 0
     steps: int = 0
-    chunks: int = 0
+    chunks: int = 0  # staged from L2
+    exchanged: int = 0  # 1: the one chunk kept in shared memory
 
 
-# probe(scheme, blocks, cluster=0, K=0, R=0, bt=0, mma=False, es=4, kc=64, pad=True, rows=1, iters=...) ->
+# probe(scheme, blocks, cluster=0, K=0, R=0, bt=0, mma=False, es=4, kc=64, pad=True, rows=1, iters=...,
+# exchange=False) ->
 # _C._persist_probe's dict with its tensors as lists
 Probe = Callable[..., dict]
 
@@ -87,8 +92,9 @@ def _sample(probe: Probe, kind: str, label: str, scheme: str, blocks: int, iters
     s = Sample(kind, label, scheme, r["scheme"], blocks, statistics.median(r["cycles"]) / iters,
                statistics.median(r["ns"]) / iters)
     if kw.get("K"):
-        price = fastrnn._C._persist_gemm_price(kw["K"], kw["R"], kw["bt"], kw["mma"], kw["es"], kw["kc"], kw["pad"])
-        s.units, s.steps, s.chunks = price["units"], price["steps"], price["chunks"]
+        price = fastrnn._C._persist_gemm_price(kw["K"], kw["R"], kw["bt"], kw["mma"], kw["es"], kw["kc"], kw["pad"],
+                                               exchange=kw.get("exchange", False))
+        s.units, s.steps, s.chunks, s.exchanged = price["units"], price["steps"], price["chunks"], price["exchanged"]
     return s
 
 
@@ -159,29 +165,37 @@ def measure(probe: Probe, limits: dict, quick: bool = False) -> List[Sample]:
         for chunk in sorted({kc, unit}, reverse=True):
             if chunk > K and chunk != kc:
                 continue
-            out.append(_sample(probe, kind, f"{name} ({K} x {R}, {bt} rows, kc {chunk})", "block", min(blocks, sms),
-                               g_iters, K=K, R=R, bt=bt, mma=mma, es=es, kc=chunk, pad=pad, rows=min(tiles, blocks)))
+            for exchange in (False, True) if chunk >= K else (False,):
+                how = ", exchanged" if exchange else ""
+                out.append(_sample(probe, kind, f"{name} ({K} x {R}, {bt} rows, kc {chunk}{how})", "block",
+                                   min(blocks, sms), g_iters, K=K, R=R, bt=bt, mma=mma, es=es, kc=chunk, pad=pad,
+                                   rows=min(tiles, blocks), exchange=exchange))
     return out
 
 
 @dataclass
 class Fit:
-    coef: Sequence[float]  # per unit (SIMT) or mma round, per chunk, per GEMM call
+    coef: Sequence[float]  # per unit (SIMT) or mma round, per chunk staged, per GEMM call
     worst: float  # largest |residual| / measured over the samples fitted
     n: int
+    exchange: Optional[float] = None  # per exchanged chunk, where samples had one
 
 
 def _fit(samples: List[Sample], x_of: Callable[[Sample], float], base: float) -> Optional[Fit]:
-    """Least squares of cycles - base on (x, chunks, 1); None where the samples do not identify the three terms."""
-    if len(samples) <= 3:
+    """Least squares of cycles - base on (x, chunks, 1), and exchanged where a sample has it; None where the samples
+    do not identify the terms."""
+    exchange = any(s.exchanged for s in samples)
+    cols = [x_of, lambda s: s.chunks] + ([lambda s: s.exchanged] if exchange else []) + [lambda s: 1.0]
+    if len(samples) <= len(cols):
         return None
-    a = np.array([[x_of(s), s.chunks, 1.0] for s in samples])
+    a = np.array([[col(s) for col in cols] for s in samples], dtype=float)
     y = np.array([s.cycles - base for s in samples])
     coef, _, rank, _ = np.linalg.lstsq(a, y, rcond=None)
-    if rank < 3:
+    if rank < len(cols):
         return None
     resid = np.abs(a @ coef - y) / np.maximum(np.abs(y), 1e-9)
-    return Fit(tuple(float(c) for c in coef), float(resid.max()), len(samples))
+    c = [float(v) for v in coef]
+    return Fit((c[0], c[1], c[-1]), float(resid.max()), len(samples), c[2] if exchange else None)
 
 
 MMA_KINDS = ("mma-bf16", "mma-tf32")
@@ -199,6 +213,8 @@ def fit(samples: List[Sample]) -> Dict[str, object]:
         return out
     unit = simt.coef[0]
     implied = {"unit_cycles": unit, "stage": simt.coef[1] / unit, "unpriced": simt.coef[2] / unit}
+    if simt.exchange is not None:
+        implied["exchange"] = simt.exchange / unit
     grids = [s for s in samples if s.kind == "barrier" and s.ran == "grid"]
     if grids:
         implied["grid_sync"] = max(grids, key=lambda s: s.blocks).cycles / unit
@@ -209,6 +225,8 @@ def fit(samples: List[Sample]) -> Dict[str, object]:
         if out[kind] is not None:
             implied[kind] = out[kind].coef[0] / unit
             implied[f"{kind} stage"] = out[kind].coef[1] / unit
+            if out[kind].exchange is not None:
+                implied[f"{kind} exchange"] = out[kind].exchange / unit
     out["implied"] = implied
     return out
 
@@ -219,7 +237,7 @@ PLAN_KEYS = ("scheme", "units", "batch_tile", "mma", "chunks")
 def measured_costs(implied: Dict[str, float]) -> Dict[str, int]:
     """The prices the fits imply, by persistent_plan's ``costs`` names (the tensor cores' from bf16's fit, else
     TF32's), rounded; those not measured or not positive left out (persist.h's stay)."""
-    names = {"grid_sync": "grid_sync", "cluster_sync": "cluster_sync", "stage": "stage"}
+    names = {"grid_sync": "grid_sync", "cluster_sync": "cluster_sync", "stage": "stage", "exchange": "exchange"}
     mma = "mma-bf16" if "mma-bf16" in implied else "mma-tf32"
     out = {name: implied[key] for name, key in names.items() if key in implied}
     if mma in implied:
@@ -268,25 +286,27 @@ def markdown(samples: List[Sample], fitted: Dict[str, object], model: dict, titl
     ghz = clock_ghz(samples)
     if ghz:
         lines += [f"SM clock seen: {ghz:.2f} GHz.", ""]
-    lines += ["| measurement | kind | scheme ran | blocks | cycles / step | µs / step | units | steps | chunks |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines += ["| measurement | kind | scheme ran | blocks | cycles / step | µs / step | units | steps | chunks | "
+              "exchanged |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for s in samples:
         gemm = s.kind != "barrier"
         lines.append(f"| {s.label} | {s.kind} | {s.ran} | {s.blocks} | {s.cycles:.0f} | {s.ns / 1e3:.3g} | "
-                     f"{s.units if gemm else ''} | {s.steps if gemm else ''} | {s.chunks if gemm else ''} |")
+                     f"{s.units if gemm else ''} | {s.steps if gemm else ''} | {s.chunks if gemm else ''} | "
+                     f"{s.exchanged if gemm else ''} |")
     lines.append("")
     for name, what in (("simt", "units"), *((k, "mma rounds") for k in MMA_KINDS)):
         f = fitted.get(name)
         n = sum(s.kind == name for s in samples)
         if f is None:
             if n:
-                lines.append(f"- {name}: {n} GEMMs do not identify cycles = x {what} + y chunks + z (more samples "
-                             "than terms and distinct chunk counts needed): no fit")
+                lines.append(f"- {name}: {n} GEMMs do not identify cycles = x {what} + y chunks (+ e exchanged) + z "
+                             "(more samples than terms and distinct chunk counts needed): no fit")
             continue
         a, b, c = f.coef
         flag = "" if a > 0 and b > 0 else " (a non-positive slope: the model does not describe these)"
+        kept = "" if f.exchange is None else f"{f.exchange:.3g} x exchanged + "
         lines.append(f"- {name} fit over {f.n} GEMMs (block barrier subtracted): cycles = {a:.3g} x {what} + "
-                     f"{b:.3g} x chunks + {c:.3g}; worst residual {f.worst:.0%}{flag}")
+                     f"{b:.3g} x chunks + {kept}{c:.3g}; worst residual {f.worst:.0%}{flag}")
     implied = fitted.get("implied")
     if implied:
         lines += ["", f"Constants in the model's unit ({implied['unit_cycles']:.3g} cycles), against csrc/persist.h:", "",
@@ -296,6 +316,9 @@ def markdown(samples: List[Sample], fitted: Dict[str, object], model: dict, titl
                 ("stage", "kStageCycles", model["stage"]),
                 ("mma-bf16 stage", "kStageCycles, tensor cores (bf16)", model["stage"]),
                 ("mma-tf32 stage", "kStageCycles, tensor cores (TF32)", model["stage"]),
+                ("exchange", "kExchangeCycles", model["exchange"]),
+                ("mma-bf16 exchange", "kExchangeCycles, tensor cores (bf16)", model["exchange"]),
+                ("mma-tf32 exchange", "kExchangeCycles, tensor cores (TF32)", model["exchange"]),
                 ("mma-bf16", "kMmaCycles (bf16)", model["mma"]), ("mma-tf32", "kMmaCycles (TF32)", model["mma"]),
                 ("unpriced", "per GEMM call, unpriced (spill, reduction, results)", 0)]
         lines += [f"| {name} | {const} | {implied[key]:.0f} |" for key, name, const in rows if key in implied]

@@ -275,13 +275,13 @@ Plan plan_uncached(const Limits& lim, int64_t G, int64_t B, int64_t H, int64_t e
 Plan plan_with(const Limits& lim, int64_t G, int64_t B, int64_t H, int64_t esize, bool proj, bool cells, bool pair) {
   constexpr size_t kPlans = 4096;
   using Key = std::tuple<int64_t, int64_t, bool, int64_t, bool, bool, int64_t, int64_t, int64_t, int64_t, int,
-                         std::array<int64_t, 4>>;
+                         std::array<int64_t, 5>>;
   static std::mutex mu;
   static std::map<Key, Plan> plans;
   const Costs& c = lim.costs;
   const Key key{lim.sms, lim.smem, lim.cooperative, lim.cluster, lim.mma, lim.tf32, G, B, H, esize,
                 proj | cells << 1 | pair << 2 | lim.pad << 3,
-                std::array<int64_t, 4>{c.grid_sync, c.cluster_sync, c.stage, c.mma}};
+                std::array<int64_t, 5>{c.grid_sync, c.cluster_sync, c.stage, c.mma, c.exchange}};
   {
     const std::lock_guard<std::mutex> lock(mu);
     const auto it = plans.find(key);
@@ -602,21 +602,25 @@ Gemm priced_gemm(int64_t K, int64_t R, int64_t bt, bool mma, int64_t es, int64_t
 }
 }  // namespace
 
-GemmPrice gemm_price(int64_t K, int64_t R, int64_t bt, bool mma, int64_t es, int64_t kc, bool pad, int64_t stages) {
+GemmPrice gemm_price(int64_t K, int64_t R, int64_t bt, bool mma, int64_t es, int64_t kc, bool pad, int64_t stages,
+                     bool exchange) {
   TORCH_CHECK(stages == 1 || stages == 2, "fastrnn: stages must be 1 or 2, got ", stages);
   Gemm g = priced_gemm(K, R, bt, mma, es, kc, pad);
   g.stages = stages;
+  TORCH_CHECK(!exchange || kc >= K, "fastrnn: only a K of one chunk is exchanged in shared memory: kc must be at least "
+              "K (", K, "), got ", kc);
   // as make_plan prices a layout: the K loop (a warp's mma rounds at one unit each: its steps), and the SIMT loop's
-  // bank conflicts on top
+  // bank conflicts on top; the operand's chunks staged from L2, or its one chunk exchanged
   const int64_t steps = mma ? gemm_cycles(g, 1) : cdiv(g.K, g.ks);
-  return {gemm_cycles(g) + conflict_cycles(g), steps, cdiv(g.K, g.kc), smem_bytes(g), gemm_fits(g)};
+  return {gemm_cycles(g) + conflict_cycles(g), steps, exchange ? 0 : cdiv(g.K, g.kc), exchange ? 1 : 0,
+          smem_bytes(g), gemm_fits(g)};
 }
 
 // Steps per probe launch at most: a launch of more could run for minutes (no watchdog on a compute GPU).
 constexpr int64_t kProbeIters = 10000000;
 
 ProbeResult probe(int device, const std::string& scheme, int64_t blocks, int64_t cluster, int64_t K, int64_t R,
-                  int64_t bt, bool mma, int64_t es, int64_t kc, bool pad, int64_t rows, int64_t iters) {
+                  int64_t bt, bool mma, int64_t es, int64_t kc, bool pad, int64_t rows, int64_t iters, bool exchange) {
   // what needs no GPU first
   Plan p;
   p.scheme = scheme == "block" ? kBlock : scheme == "grid" ? kGrid : scheme == "cluster" ? kCluster : kNone;
@@ -628,6 +632,8 @@ ProbeResult probe(int device, const std::string& scheme, int64_t blocks, int64_t
               "blocks (", blocks, "), got ", rows);
   Gemm g{};
   if (K > 0) g = priced_gemm(K, R, bt, mma, es, kc, pad);
+  TORCH_CHECK(!exchange || (K > 0 && kc >= K), "fastrnn: probe: exchange needs a GEMM of one chunk (K > 0, kc >= K), "
+              "got K ", K, ", kc ", kc);
 #ifdef FASTRNN_WITH_CUDA
   TORCH_CHECK(device >= 0 && device < c10::cuda::device_count(), "fastrnn: probe: device must be a CUDA device "
               "index below ", static_cast<int>(c10::cuda::device_count()), ", got ", device);
@@ -658,7 +664,7 @@ ProbeResult probe(int device, const std::string& scheme, int64_t blocks, int64_t
   const Tensor a = at::rand({K > 0 ? rows * bt : 1, K > 0 ? K : 1}, opts.dtype(storage));
   const Tensor out = at::empty({K > 0 ? blocks * bt : 1, K > 0 ? R : 1}, opts.dtype(storage));
   Tensor cycles = at::zeros({blocks}, opts.dtype(at::kLong)), ns = at::zeros({blocks}, opts.dtype(at::kLong));
-  const Probe pr{p, g, K > 0, K > 0 ? rows : 1, a.data_ptr(), out.data_ptr(), iters,
+  const Probe pr{p, g, K > 0, K > 0 ? rows : 1, exchange, a.data_ptr(), out.data_ptr(), iters,
                  reinterpret_cast<long long*>(cycles.data_ptr<int64_t>()),
                  reinterpret_cast<long long*>(ns.data_ptr<int64_t>())};
   const int ran = probe_cuda(es == 2 ? Dtype::BF16 : Dtype::F32, pr, c10::cuda::getCurrentCUDAStream(device).stream());

@@ -58,6 +58,10 @@ constexpr int64_t kGridSyncCycles = 2000;
 // loop for the loads) and two block barriers, ~500 cycles until a GPU run measures it. A backward over K = G*H
 // = 1024 in 64-column chunks paid it 16 times a step; a chunk of the whole K pays it once.
 constexpr int64_t kStageCycles = kGridSyncCycles / 4;
+// A one-chunk K whose operand the step before's cells put in shared memory themselves (exchange_peers: the block's
+// own, or pushed by its cluster's blocks): the stage loads nothing, and what it keeps of kStageCycles is its two block
+// barriers, ~50 cycles each (the stores into a peer's shared memory are fire-and-forget under the K loop; unpriced).
+constexpr int64_t kExchangeCycles = kStageCycles / 5;
 
 // A Hopper thread-block cluster's barrier is the hardware's, among at most 8 SMs of one GPC, where the grid
 // barrier is software (atomics in global memory, every SM polling): taken as a quarter of its cost until a GPU
@@ -93,7 +97,8 @@ enum Scheme : int { kNone = 0, kBlock = 1, kGrid = 2, kCluster = 3 };
 // The cost model's prices above, as a plan uses them: a Limits carries them, so that the calibration
 // (benchmarks/persist_calibrate.py) can show the plans that measured prices would give before they are written here.
 struct Costs {
-  int64_t grid_sync = kGridSyncCycles, cluster_sync = kClusterSyncCycles, stage = kStageCycles, mma = kMmaCycles;
+  int64_t grid_sync = kGridSyncCycles, cluster_sync = kClusterSyncCycles, stage = kStageCycles, mma = kMmaCycles,
+          exchange = kExchangeCycles;
 };
 
 // What the plan needs of a device.
@@ -337,6 +342,17 @@ inline int64_t conflict_cycles(const Gemm& g) {
   return g.mma ? 0 : cdiv(g.K, g.ks) * k_step_cycles(g) - gemm_cycles(g);
 }
 
+// Whether a step's cells put their part of the GEMM's operand in shared memory for the next GEMM (plain cells:
+// exchange_peers), given the plan's slices: a block holding every unit over a K of one chunk, or a cluster's blocks
+// pushing to each other, which only a plan with two staged operands does.
+FRNN_HD bool exchanged(int64_t slices, const Gemm& g) { return slices == 1 ? g.kc >= g.K : g.stages == 2; }
+
+// A step's price of a GEMM's operand: kStageCycles per chunk staged from L2, or kExchangeCycles where the cells of
+// the step before put it in place (fastrnn's own cells never do).
+FRNN_HD int64_t operand_cycles(const Gemm& g, bool exchange, const Costs& c) {
+  return exchange ? c.exchange : cdiv(g.K, g.kc) * c.stage;
+}
+
 // fastrnn's own cells (cell_ln.h) run a row phase after each step's GEMM: a block takes whole rows of its
 // batch tile, all G*H columns, with its threads as the row's executor (row_block.cuh), whose sums need this
 // much static shared memory beside the plan's (sum<K> keeps K <= 4 floats per warp, once per K used).
@@ -407,9 +423,8 @@ inline Plan make_plan(int64_t G, int64_t B, int64_t H, int64_t esize, const Limi
     const int64_t rows = cells ? 2 * cdiv(bt, slices) * (kRowPassCycles * cdiv(G * H, kThreads) + kRowSyncCycles) : 0;
     // priced conflict-free first, then, for a candidate that would still win, the SIMT loop's bank conflicts
     // added (the unpadded strides' and what the pads leave: a stage with bg * span > 32, odd tile widths)
-    auto chunks = [](const Gemm& g) { return cdiv(g.K, g.kc); };
-    int64_t cost = gemm_cycles(f, c.mma) + gemm_cycles(b, c.mma) + (chunks(f) + chunks(b)) * c.stage + rows +
-                   barriers * sync;
+    const auto operand = [&](const Gemm& g) { return operand_cycles(g, !cells && exchanged(slices, g), c); };
+    int64_t cost = gemm_cycles(f, c.mma) + gemm_cycles(b, c.mma) + operand(f) + operand(b) + rows + barriers * sync;
     if (best_cost >= 0 && cost >= best_cost) return;
     cost += conflict_cycles(f) + conflict_cycles(b);
     if (best_cost >= 0 && cost >= best_cost) return;
@@ -1112,10 +1127,7 @@ struct BwdIn {
 // block's own staged operand (it holds every unit and stages the whole K at once); the cluster's slices, into the
 // staged operand of each block of its cluster (Plan::push, launched as a cluster); 0, not at all (the GEMM stages it
 // from L2). Either way the GEMM stages only the rows that start from h0 (none in a dense batch).
-FRNN_HD int64_t exchange_peers(const Plan& p, const Gemm& g) {
-  if (p.slices == 1 && g.kc >= g.K) return 1;
-  return p.scheme == kCluster && g.stages == 2 ? p.slices : 0;
-}
+FRNN_HD int64_t exchange_peers(const Plan& p, const Gemm& g) { return exchanged(p.slices, g) ? p.slices : 0; }
 
 // put(r, kk, v): value v of row r of the tile, column kk of the K, to the staged operand `sm` of each of `peers`
 // blocks (1: this block's; more: the cluster's, through distributed shared memory, x.peer).
@@ -1465,6 +1477,7 @@ struct Probe {
   Gemm g;
   bool gemm;
   int64_t rows;
+  bool exchange;  // the operand kept in shared memory from step to step (a one-chunk K): the stage loads nothing
   const void* a;
   void* out;
   int64_t iters;

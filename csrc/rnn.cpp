@@ -844,8 +844,10 @@ pybind11::dict persist_plan(int64_t G, int64_t B, int64_t H, int64_t esize, int6
   // prices other than persist.h's (a calibration's), by name; an unknown name is refused
   for (const auto& [name, value] : costs) {
     int64_t* slot = name == "grid_sync" ? &lim.costs.grid_sync : name == "cluster_sync" ? &lim.costs.cluster_sync
-                  : name == "stage" ? &lim.costs.stage : name == "mma" ? &lim.costs.mma : nullptr;
-    TORCH_CHECK(slot != nullptr, "fastrnn: costs: known prices are grid_sync, cluster_sync, stage and mma, got ", name);
+                  : name == "stage" ? &lim.costs.stage : name == "mma" ? &lim.costs.mma
+                  : name == "exchange" ? &lim.costs.exchange : nullptr;
+    TORCH_CHECK(slot != nullptr, "fastrnn: costs: known prices are grid_sync, cluster_sync, stage, mma and exchange, "
+                "got ", name);
     TORCH_CHECK(value >= 0, "fastrnn: costs: ", name, " must be at least 0, got ", value);
     *slot = value;
   }
@@ -886,12 +888,13 @@ pybind11::list persist_clocks(bool on) {
 }
 
 pybind11::dict gemm_price(int64_t K, int64_t R, int64_t bt, bool mma, int64_t es, int64_t kc, bool pad,
-                          int64_t stages) {
-  const persist::GemmPrice p = persist::gemm_price(K, R, bt, mma, es, kc, pad, stages);
+                          int64_t stages, bool exchange) {
+  const persist::GemmPrice p = persist::gemm_price(K, R, bt, mma, es, kc, pad, stages, exchange);
   pybind11::dict d, model;
   d["units"] = p.units;
   d["steps"] = p.steps;
   d["chunks"] = p.chunks;
+  d["exchanged"] = p.exchanged;
   d["smem"] = p.smem;
   d["fits"] = p.fits;
   const persist::Costs c;
@@ -899,6 +902,7 @@ pybind11::dict gemm_price(int64_t K, int64_t R, int64_t bt, bool mma, int64_t es
   model["cluster_sync"] = c.cluster_sync;
   model["stage"] = c.stage;
   model["mma"] = c.mma;
+  model["exchange"] = c.exchange;
   model["simt_step"] = persist::kTile;
   d["model"] = model;  // the constants it priced with
   return d;
@@ -906,9 +910,9 @@ pybind11::dict gemm_price(int64_t K, int64_t R, int64_t bt, bool mma, int64_t es
 
 pybind11::dict persist_probe(int device, const std::string& scheme, int64_t blocks, int64_t cluster, int64_t K,
                              int64_t R, int64_t bt, bool mma, int64_t es, int64_t kc, bool pad, int64_t rows,
-                             int64_t iters) {
+                             int64_t iters, bool exchange) {
   const persist::ProbeResult r = persist::probe(device, scheme, blocks, cluster, K, R, bt, mma, es, kc, pad, rows,
-                                                iters);
+                                                iters, exchange);
   pybind11::dict d;
   d["cycles"] = r.cycles;
   d["ns"] = r.ns;
@@ -1019,12 +1023,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "test hook: shared-memory wavefronts and instructions per phase of one K step of the SIMT block GEMM");
   m.def("_persist_gemm_price", &fastrnn::gemm_price, py::arg("K"), py::arg("R"), py::arg("bt"), py::arg("mma") = false,
         py::arg("es") = 4, py::arg("kc") = 64, py::arg("pad") = true, py::arg("stages") = 1,
+        py::arg("exchange") = false,
         "calibration hook: the persistent engine's cost model's price of one block GEMM, and its constants");
   m.def("_persist_probe", &fastrnn::persist_probe, py::arg("device"), py::arg("scheme"), py::arg("blocks"),
         py::arg("cluster") = 0, py::arg("K") = 0, py::arg("R") = 0, py::arg("bt") = 0, py::arg("mma") = false,
         py::arg("es") = 4, py::arg("kc") = 64, py::arg("pad") = true, py::arg("rows") = 1, py::arg("iters") = 1000,
+        py::arg("exchange") = false,
         "calibration hook: SM cycles and nanoseconds per block of `iters` steps of the persistent engine's barrier, "
-        "each after a block GEMM where K > 0, on a CUDA device");
+        "each after a block GEMM where K > 0 (its operand kept in shared memory with `exchange`), on a CUDA device");
   m.def("_persist_clocks", &fastrnn::persist_clocks, py::arg("on"),
         "profiling hook: turns the persistent engine's phase clocks on or off and returns the records of the CUDA "
         "launches timed since they were last turned on (each kept until then): launch, mode, T, plan (its scheme "

@@ -321,23 +321,26 @@ std::map<std::string, std::pair<int64_t, int64_t>> bank_report(int64_t K, int64_
 // of a block GEMM of K x R over bt rows (on the tensor cores with `mma`; es bytes per Ws element and staged operand,
 // 4: fp32, TF32 on the tensor cores, 2: 16-bit; the operand staged in chunks of kc): its price in the model's units
 // with the bank conflicts the plan adds (`units`), a thread's K steps (SIMT) or a warp's mma rounds (`steps`), its
-// chunks and shared memory (with `stages` staged operands: 2 where the plan pushes, its "push"); `pad`: the SIMT
-// loop's padded strides (a plan's "padded"). probe (_C._persist_probe): on
+// chunks staged from L2 and exchanged in shared memory (with `exchange`, as the plan's cells hand its one chunk
+// over: none staged, one exchanged) and shared memory (with `stages` staged operands: 2 where the plan pushes, its
+// "push"); `pad`: the SIMT loop's padded strides (a plan's "padded"). probe (_C._persist_probe): on
 // CUDA device `device`, `blocks` blocks (one per SM) each run `iters` steps of `scheme`'s barrier ("block", "grid",
 // or "cluster" of `cluster` blocks), each after that GEMM where K > 0, its operand `rows` batch tiles of bt rows
-// (a plan's tiles); returns each block's SM cycles and nanoseconds and the scheme that ran (a cluster that does not
-// fit runs at the grid barrier, as the engine's launches do).
+// (a plan's tiles), staged from L2 each step or, with `exchange`, kept in shared memory; returns each block's SM
+// cycles and nanoseconds and the scheme that ran (a cluster that does not fit runs at the grid barrier, as the
+// engine's launches do).
 struct GemmPrice {
-  int64_t units, steps, chunks, smem;
+  int64_t units, steps, chunks, exchanged, smem;
   bool fits;
 };
-GemmPrice gemm_price(int64_t K, int64_t R, int64_t bt, bool mma, int64_t es, int64_t kc, bool pad, int64_t stages);
+GemmPrice gemm_price(int64_t K, int64_t R, int64_t bt, bool mma, int64_t es, int64_t kc, bool pad, int64_t stages,
+                     bool exchange);
 struct ProbeResult {
   at::Tensor cycles, ns;
   int scheme;
 };
 ProbeResult probe(int device, const std::string& scheme, int64_t blocks, int64_t cluster, int64_t K, int64_t R,
-                  int64_t bt, bool mma, int64_t es, int64_t kc, bool pad, int64_t rows, int64_t iters);
+                  int64_t bt, bool mma, int64_t es, int64_t kc, bool pad, int64_t rows, int64_t iters, bool exchange);
 // Phase clocks (_C._persist_clocks, benchmarks/persist_phases.py): while they are on, every CUDA launch of the
 // engine is timed per block (persist.h's ClockSlot) and recorded: which launch ("fwd", "bwd", "ext_fwd",
 // "ext_bwd"), its mode, steps and plan (its scheme the one that ran), and the clocks, [blocks][kClockSlots] int64 on

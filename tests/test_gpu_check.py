@@ -264,24 +264,27 @@ from fastrnn.ops import cpp as _cpp  # noqa: E402
 
 H200_LIMITS = dict(sms=132, smem=232448, cooperative=True, cluster=8, mma=True, pad=True)
 A100_LIMITS = dict(sms=108, smem=166912, cooperative=True, cluster=0, mma=True, pad=True)
-# cycles of the stand-in: a model unit, a staged chunk, a GEMM call's fixed part, a warp's mma round per kind, barriers
-TRUE = dict(unit=3.0, stage=900.0, fixed=250.0, mma={2: 50.0, 4: 70.0}, block=40.0, grid=2600.0,
+# cycles of the stand-in: a model unit, a chunk staged from L2 and one exchanged in shared memory, a GEMM call's fixed
+# part, a warp's mma round per kind, barriers
+TRUE = dict(unit=3.0, stage=900.0, exchange=130.0, fixed=250.0, mma={2: 50.0, 4: 70.0}, block=40.0, grid=2600.0,
             cluster={2: 500.0, 4: 650.0})
 
 
 def _stand_in_probe(limits, calls):
     """A GPU of ``limits`` whose pieces cost what TRUE says, at 1.8 GHz; it refuses what the real probe refuses for
     shared memory, and places no cluster of 8 (the launch then takes the grid barrier)."""
-    def probe(scheme, blocks, cluster=0, K=0, R=0, bt=0, mma=False, es=4, kc=64, pad=True, rows=1, iters=1):
+    def probe(scheme, blocks, cluster=0, K=0, R=0, bt=0, mma=False, es=4, kc=64, pad=True, rows=1, iters=1,
+              exchange=False):
         calls.append((scheme, blocks, cluster, K))
         assert 1 <= blocks <= limits["sms"] and (scheme != "cluster" or cluster <= limits["cluster"])
         ran = "grid" if scheme == "cluster" and cluster not in TRUE["cluster"] else scheme
         step = {"block": TRUE["block"], "grid": TRUE["grid"]}.get(ran) or TRUE["cluster"][cluster]
         if K:
             assert 1 <= rows <= blocks
-            p = fastrnn._C._persist_gemm_price(K, R, bt, mma, es, kc, pad)
+            p = fastrnn._C._persist_gemm_price(K, R, bt, mma, es, kc, pad, exchange=exchange)
             assert p["fits"] and p["smem"] <= limits["smem"], (K, R, bt, mma, es, kc, pad, p)
             step += (p["steps"] * TRUE["mma"][es] if mma else p["units"] * TRUE["unit"]) + p["chunks"] * TRUE["stage"]
+            step += p["exchanged"] * TRUE["exchange"]
             step += TRUE["fixed"]
         # blocks differ a little, symmetrically about the median
         cycles = [step * iters * (1 + 0.01 * (b - (blocks - 1) / 2) / blocks) for b in range(blocks)]
@@ -290,10 +293,11 @@ def _stand_in_probe(limits, calls):
 
 
 def test_calibration_recovers_the_costs_of_the_pieces():
-    """Given pieces that cost what TRUE says, the fits find the model's unit, the chunk's and the mma rounds' price
-    and the barriers' in it; a cluster that does not fit (8 here) ran at the grid barrier and is not taken for a
-    cluster's; the plans' GEMMs of both loops (fp32 planned without TF32 and with it, bf16) and the sweeps are timed,
-    each also in the smallest chunks."""
+    """Given pieces that cost what TRUE says, the fits find the model's unit, the price of a chunk staged from L2 and
+    of one exchanged in shared memory, the mma rounds' and the barriers' in it; a cluster that does not fit (8 here)
+    ran at the grid barrier and is not taken for a cluster's; the plans' GEMMs of both loops (fp32 planned without
+    TF32 and with it, bf16) and the sweeps are timed, each also in the smallest chunks and, of one chunk, also
+    exchanged."""
     calls = []
     samples = persist_calibrate.measure(_stand_in_probe(H200_LIMITS, calls), H200_LIMITS)
     got = persist_calibrate.fit(samples)
@@ -301,6 +305,8 @@ def test_calibration_recovers_the_costs_of_the_pieces():
     assert all(got[k].worst < 1e-3 for k in ("simt", "mma-bf16", "mma-tf32"))
     assert imp["unit_cycles"] == pytest.approx(u, rel=1e-3)
     assert imp["stage"] == pytest.approx(TRUE["stage"] / u, rel=1e-3)
+    for kind in ("", "mma-bf16 ", "mma-tf32 "):
+        assert imp[f"{kind}exchange"] == pytest.approx(TRUE["exchange"] / u, rel=1e-2)
     assert imp["mma-bf16"] == pytest.approx(TRUE["mma"][2] / u, rel=1e-3)
     assert imp["mma-tf32"] == pytest.approx(TRUE["mma"][4] / u, rel=1e-3)
     assert imp["unpriced"] == pytest.approx(TRUE["fixed"] / u, rel=1e-2)
@@ -315,12 +321,16 @@ def test_calibration_recovers_the_costs_of_the_pieces():
     for kind, unit in (("simt", 64), ("mma-bf16", 128), ("mma-tf32", 128)):
         gemms = [s for s in samples if s.kind == kind]
         assert any(f"kc {unit})" in s.label for s in gemms) and any(s.chunks > 1 for s in gemms)
+        kept = [s for s in gemms if s.exchanged]
+        assert kept and all(s.chunks == 0 and s.label.endswith(", exchanged)") for s in kept)
+        assert {s.label.replace(", exchanged", "") for s in kept} <= {s.label for s in gemms if not s.exchanged}
         assert any(s.label.startswith("sweep") for s in gemms) and any(" B=" in s.label for s in gemms)
     model = dict(fastrnn._C._persist_gemm_price(64, 1, 1)["model"])
     text = persist_calibrate.markdown(samples, got, model, "a stand-in")
     assert f"| kGridSyncCycles | {model['grid_sync']} | {TRUE['grid'] / u:.0f} |" in text
     assert f"| kMmaCycles (bf16) | {model['mma']} | {TRUE['mma'][2] / u:.0f} |" in text
-    assert text.count("\n| ") == (2 + len(samples)) + (2 + 8)  # the samples' table and the constants', headed
+    assert f"| kExchangeCycles | {model['exchange']} | {TRUE['exchange'] / u:.0f} |" in text
+    assert text.count("\n| ") == (2 + len(samples)) + (2 + 11)  # the samples' table and the constants', headed
 
 
 def test_calibration_shows_the_plans_measured_prices_would_give():
@@ -333,16 +343,18 @@ def test_calibration_shows_the_plans_measured_prices_would_give():
     costs = persist_calibrate.measured_costs(got["implied"])
     u = TRUE["unit"]
     assert costs == {"grid_sync": round(TRUE["grid"] / u), "cluster_sync": round(max(TRUE["cluster"].values()) / u),
-                     "stage": round(TRUE["stage"] / u), "mma": round(TRUE["mma"][2] / u)}
+                     "stage": round(TRUE["stage"] / u), "mma": round(TRUE["mma"][2] / u),
+                     "exchange": round(TRUE["exchange"] / u)}
     model = dict(fastrnn._C._persist_gemm_price(64, 1, 1)["model"])
-    same = {k: model[k] for k in ("grid_sync", "cluster_sync", "stage", "mma")}
+    same = {k: model[k] for k in ("grid_sync", "cluster_sync", "stage", "mma", "exchange")}
     assert persist_calibrate.plan_changes(H200_LIMITS, same) == []
     changes = persist_calibrate.plan_changes(H200_LIMITS, costs)
     assert any(now["scheme"] == "block" and then["scheme"] in ("cluster", "grid") for _, now, then in changes)
     text = persist_calibrate.markdown(samples, got, model, "a stand-in", changes)
     assert all(f"| {name} | {persist_calibrate._plan_text(now)} | {persist_calibrate._plan_text(then)} |" in text
                for name, now, then in changes)
-    with pytest.raises(RuntimeError, match="known prices are grid_sync, cluster_sync, stage and mma, got sync"):
+    with pytest.raises(RuntimeError, match="known prices are grid_sync, cluster_sync, stage, mma and exchange, got "
+                                           "sync"):
         _cpp.persistent_plan("LSTM", 64, 256, torch.float32, limits=dict(H200_LIMITS, costs={"sync": 1}))
 
 
@@ -371,10 +383,12 @@ def test_calibration_says_what_it_cannot_fit():
 
 def test_gemm_price_is_what_the_plan_pays():
     """The calibration fits the prices the plan uses: a plan's cost is its forward and backward GEMMs' prices,
-    their chunks at kStageCycles and the barriers at the scheme's price."""
+    their chunks staged from L2 at kStageCycles, or their one chunk at kExchangeCycles where the cells put the
+    operand in shared memory (a block holding every unit over a K of one chunk, a cluster pushing), and the barriers
+    at the scheme's price."""
     model = fastrnn._C._persist_gemm_price(64, 1, 1)["model"]
     sync = {"block": 0, "grid": model["grid_sync"], "cluster": model["cluster_sync"]}
-    checked = pushed = 0
+    checked = pushed = kept = 0
     for mode, G in (("LSTM", 4), ("GRU", 3), ("RNN_TANH", 1)):
         for B, H in ((64, 256), (64, 1024), (1, 512), (16, 128), (64, 512)):
             for dtype, es in ((torch.float32, 4), (torch.bfloat16, 2)):
@@ -383,16 +397,21 @@ def test_gemm_price_is_what_the_plan_pays():
                     continue
                 U, bt, mma = p["units"], p["batch_tile"], p["mma"]
                 # a GEMM whose operand the cluster's blocks push keeps two staged operands
-                f = fastrnn._C._persist_gemm_price(H, G * U, bt, mma, es, p["chunks"][0], p["padded"],
-                                                   2 if p["push"][0] else 1)
-                b = fastrnn._C._persist_gemm_price(G * H, U, bt, mma, es, p["chunks"][1], p["padded"],
-                                                   2 if p["push"][1] else 1)
+                prices = []
+                for i, (K, R) in enumerate(((H, G * U), (G * H, U))):
+                    kc, push = p["chunks"][i], p["push"][i]
+                    own = p["slices"] == 1 and kc >= K
+                    prices.append(fastrnn._C._persist_gemm_price(K, R, bt, mma, es, kc, p["padded"], 2 if push else 1,
+                                                                 exchange=own or push))
+                    kept += own or push
+                f, b = prices
                 assert f["fits"] and b["fits"] and max(f["smem"], b["smem"]) == p["smem"], p
-                cost = f["units"] + b["units"] + (f["chunks"] + b["chunks"]) * model["stage"] + 2 * sync[p["scheme"]]
+                cost = (f["units"] + b["units"] + (f["chunks"] + b["chunks"]) * model["stage"] +
+                        (f["exchanged"] + b["exchanged"]) * model["exchange"] + 2 * sync[p["scheme"]])
                 assert cost == p["cost"], (mode, B, H, dtype, p)
                 checked += 1
                 pushed += any(p["push"])
-    assert checked >= 20 and pushed >= 5
+    assert checked >= 20 and pushed >= 5 and kept >= 10
 
 
 def test_gemm_price_names_a_bad_chunk():
@@ -400,6 +419,8 @@ def test_gemm_price_names_a_bad_chunk():
         fastrnn._C._persist_gemm_price(256, 64, 4, False, 4, 96)
     with pytest.raises(RuntimeError, match="kc must be a multiple of 128, got 64"):
         fastrnn._C._persist_gemm_price(256, 64, 4, True, 2, 64)
+    with pytest.raises(RuntimeError, match=r"kc must be at least K \(256\), got 128"):
+        fastrnn._C._persist_gemm_price(256, 64, 4, False, 4, 128, exchange=True)
 
 
 def test_probe_names_a_bad_argument():
@@ -411,7 +432,10 @@ def test_probe_names_a_bad_argument():
                         (dict(K=256, R=32, bt=4, rows=9), r"rows .the operand's batch tiles. must be 1 to blocks .8., "
                                                           "got 9"),
                         (dict(K=256, R=32, bt=4, es=8), "es must be 2 .16-bit. or 4 .fp32., got 8"),
-                        (dict(K=256, R=0, bt=4), "needs positive K, R and bt, got 256, 0, 4")):
+                        (dict(K=256, R=0, bt=4), "needs positive K, R and bt, got 256, 0, 4"),
+                        (dict(K=256, R=32, bt=4, kc=128, exchange=True), "exchange needs a GEMM of one chunk .K > 0, "
+                                                                         "kc >= K., got K 256, kc 128"),
+                        (dict(exchange=True), "exchange needs a GEMM of one chunk .K > 0, kc >= K., got K 0")):
         args = dict(dict(device=0, scheme="block", blocks=8), **kw)
         with pytest.raises(RuntimeError, match=message):
             probe(**args)

@@ -306,6 +306,8 @@ __global__ void __launch_bounds__(kThreads, 1) probe_kernel(const __grid_constan
   const int64_t b = blockIdx.x, r0 = (b % p.rows) * p.g.bt;
   if (p.gemm) {
     for (int64_t i = tid; i < w_elems(p.g); i += kThreads) sm.w[i] = T(1.0f / 64);
+    // an exchanged operand is never staged: zeros in place of what the engine's cells would have put there
+    if (p.exchange) zero_stages(p.g, sm, tid);
   }
   const T* src = static_cast<const T*>(p.a);
   T* dst = static_cast<T*>(p.out);
@@ -314,7 +316,10 @@ __global__ void __launch_bounds__(kThreads, 1) probe_kernel(const __grid_constan
   step_barrier(p.plan);
   const long long t0 = clock64(), n0 = global_ns();
   for (int64_t i = 0; i < p.iters; ++i) {
-    if (p.gemm) block_gemm(p.g, sm, tid, 0, p.g.bt, a, [](int) { return 0; }, [&](int t, int) { reduce_to(p.g, sm, t, p.g.bt, sink); });
+    if (p.gemm) {
+      block_gemm(p.g, sm, tid, p.exchange ? p.g.bt : 0, p.g.bt, a, [](int) { return 0; },
+                 [&](int t, int) { reduce_to(p.g, sm, t, p.g.bt, sink); });
+    }
     step_barrier(p.plan);
   }
   const long long t1 = clock64(), n1 = global_ns();
