@@ -91,9 +91,29 @@ def _triton(a: LayerArgs, ext: CellExt, impl: ModuleType, options: dict, _pair: 
     if variant == "persist":
         cfg = host.persist.persist_config(B, H, host.persist.device_programs(a.x.device))
         tiles, slices = host.persist.grid(B, H, cfg)
+        held = "; ".join(_w_hh_held(host.persist, a, B, cfg, backward) for backward in (False, True))
         return (f"variant 'persist': one launch per direction forward and one backward, {tiles} batch tiles x "
-                f"{slices} hidden slices meeting at a barrier each step")
+                f"{slices} hidden slices meeting at a barrier each step; {held}")
     return f"variant 'step': one fused kernel per step, {_replay(graph)}"
+
+
+def _w_hh_held(persist: ModuleType, a: LayerArgs, B: int, cfg: dict, backward: bool) -> str:
+    """Whether a persist launch keeps its slice of W_hh on chip through the time loop: by size, then, on a GPU,
+    by what the launches at this shape took (the resident kernel where it compiled without spills)."""
+    what = "backward" if backward else "forward"
+    nk = persist.resident_chunks(GATES[a.mode], a.H, cfg, a.w_hh.element_size(), backward)
+    if not nk:
+        return f"{what}: W_hh streamed from L2 each step (its slice exceeds the resident limit)"
+    taken = persist.chunks_taken(backward, B, a.H, a.x.device)
+    if a.x.device.type == "cuda" and not taken:
+        return (f"{what}: W_hh held on chip ({nk} chunks) where its kernel compiles without spills on this "
+                "device, else streamed (decided at the first launch)")
+    if taken == {0}:
+        return f"{what}: W_hh streamed from L2 each step (the resident kernel spilled or did not fit here)"
+    if 0 in taken:
+        return (f"{what}: W_hh held on chip ({nk} chunks) by some launches, streamed by others (their inputs' "
+                "alignments compile apart, and some resident kernels spilled)")
+    return f"{what}: W_hh held on chip through the time loop ({nk} chunks)"
 
 
 def _replay(graph: bool) -> str:

@@ -215,6 +215,29 @@ def test_triton_variants_as_resolved():
     assert "1 x 1 programs (16 batch rows x 16 product columns each) backward" in got and "barrier" in got
 
 
+@needs_triton
+def test_triton_persist_says_whether_w_hh_is_held(monkeypatch):
+    """The plain persist kernels hold W_hh's slice where it is small enough (resident_chunks: a GRU at H = 40 in
+    chunks of 32 rows, forward K = H: 2, backward K = 3H: 4), else stream it; on a GPU, what the launches took
+    decides (a resident kernel that spilled streams)."""
+    from fastrnn.ops.triton import persist
+    m = fastrnn.GRU(5, 40, backend="triton", backend_options={"triton": {"variant": "persist"}})
+    x = torch.randn(4, 3, 5)
+    got = lines(m, x)[0]
+    assert "variant 'persist'" in got and "1 batch tiles x 3 hidden slices" in got
+    assert "forward: W_hh held on chip through the time loop (2 chunks)" in got
+    assert "backward: W_hh held on chip through the time loop (4 chunks)" in got
+    # the forward launch at this shape found its resident kernel spilling (first_clean's record) and streamed
+    key = (persist._fwd_persist_kernel.fn.__name__, (2, 0), (3, 40, None, ()), (), x.device)
+    monkeypatch.setitem(persist._FIRST_CLEAN, key, None)
+    got = lines(m, x)[0]
+    assert "forward: W_hh streamed from L2 each step (the resident kernel spilled or did not fit here)" in got
+    assert "backward: W_hh held on chip" in got
+    monkeypatch.setattr(persist, "RESIDENT_BYTES", 0)
+    got = lines(m, x)[0]
+    assert got.count("W_hh streamed from L2 each step (its slice exceeds the resident limit)") == 2
+
+
 @needs_cpp
 def test_model_holding_modules_and_nothing_to_explain():
     class Model(nn.Module):

@@ -226,6 +226,15 @@ def first_clean(kernel, grid, args, candidates: tuple, options_of, given: tuple)
     return _FIRST_CLEAN[key]
 
 
+def chunks_taken(backward: bool, B: int, H: int, device: torch.device) -> set:
+    """The ``NK`` that GPU launches of the forward (or backward) persist kernel at ``B`` rows and ``H`` units on
+    ``device`` took so far (``first_clean``'s choices, 0 where the resident kernel spilled or did not fit and
+    the streamed one ran); empty before any, and under the interpreter, which takes the resident kernel as is."""
+    name = (_bwd_persist_kernel if backward else _fwd_persist_kernel).fn.__name__
+    return {taken or 0 for (kernel, _, given, _, dev), taken in _FIRST_CLEAN.items()
+            if kernel == name and given[:2] == (B, H) and dev == device}
+
+
 def _launch(kernel, args, T: int, B: int, H: int, device: torch.device, consts: Dict) -> None:
     """One launch over all ``T`` steps, or on the interpreter with several slices one per step (module
     docstring)."""
