@@ -20,7 +20,8 @@
 #      benchmarks/bench_layernorm.py --device cuda), Triton's alone with its "seq" and its "persist" kernels
 #      for fastrnn's cells, then the host's time per step of every implementation's calls (python
 #      benchmarks/host_time.py), then two configurations again with the persistent engine's
-#      split plans at the grid barrier instead of a cluster's (FASTRNN_PERSISTENT_CLUSTER=0), then bf16 modules
+#      split plans at the grid barrier instead of a cluster's (FASTRNN_PERSISTENT_CLUSTER=0), two with the grid
+#      plans' barrier over the whole grid instead of per batch tile (FASTRNN_PERSISTENT_GROUP_SYNC=0), then bf16 modules
 #      at every standard configuration against cuDNN's bf16, and two of them again with the engine's GEMMs off
 #      the tensor cores (FASTRNN_PERSISTENT_MMA=0), two in fp32 with TF32 allowed on both sides, and two with
 #      bidirectional layers (the engine's two directions in one launch);
@@ -120,6 +121,12 @@ done
 [ $BENCH = 1 ] && STEPS+=("host-time|300|$ON $PY benchmarks/host_time.py --out $OUT/host-time.md")
 [ $BENCH = 1 ] && STEPS+=("grid-barrier|120|$ON FASTRNN_PERSISTENT_CLUSTER=0 $PY benchmarks/bench_rnn.py --device cuda \
 --config 512,16,128,128,1 --config 100,64,256,256,1 --impls fastrnn-cpp,torch.nn --quick --out $OUT/grid-barrier")
+# the grid plans' barrier over the whole grid (cooperative groups) instead of each batch tile's slices apart, at two
+# configurations whose fp32 grid plans have several tiles on an H200 (the LSTM's 2 and the GRU's 4 at H = 512, the
+# tanh RNN's 4 at H = 1024)
+[ $BENCH = 1 ] && STEPS+=("whole-grid-sync|120|$ON FASTRNN_PERSISTENT_GROUP_SYNC=0 $PY benchmarks/bench_rnn.py \
+--device cuda --config 100,64,512,512,1 --config 100,64,256,1024,1 --impls fastrnn-cpp,torch.nn --quick \
+--out $OUT/whole-grid-sync")
 # bf16 modules against cuDNN's bf16 at every standard configuration (the engine's tensor cores), then two of them
 # with the engine's GEMMs on the SIMT loop instead (FASTRNN_PERSISTENT_MMA=0)
 [ $BENCH = 1 ] && STEPS+=("bf16|150|$ON $PY benchmarks/bench_rnn.py --device cuda --dtype bfloat16 \

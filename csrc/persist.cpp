@@ -169,8 +169,10 @@ struct EmulatedBlock {
 };
 
 // A block program (persist.h: FwdProgram, BwdProgram, ExtFwdProgram, ExtBwdProgram) on the CPU, over the launch's
-// directions: each phase on all blocks before the next, in block order, which is what either barrier after a
-// phase guarantees and more; then each block's finish.
+// directions: one sync group (a direction's batch tile) after another, the last first, through every step and its
+// finish, each phase on all of the group's blocks before the next. That is what the GPU's step barriers guarantee
+// and no more: a block that read another group's rows would find them NaN (the tests poison the workspace) or from
+// another step.
 template <class Prog>
 void emulate(Dirs<typename Prog::Args> ds) {
   using T = typename Prog::Elem;
@@ -183,9 +185,10 @@ void emulate(Dirs<typename Prog::Args> ds) {
     const Gemm g = Prog::gemm(f);
     bl.emplace_back(f.plan, g, f.H, [&](const Smem<T>& sm, int tid, int64_t u0) { Prog::load(f, sm, g, tid, u0); });
   }
-  // fn(args, executor, shared memory, gemm, owned, blk) of every block, in launch order
-  const auto each_block = [&](const auto& fn) {
+  // fn(args, executor, shared memory, gemm, owned, blk) of every block of sync group grp, in launch order
+  const auto each_block = [&](int64_t grp, const auto& fn) {
     for (int64_t b = 0; b < p.dirs * per; ++b) {
+      if (sync_group(p, b) != grp) continue;
       const LaunchBlock lb = launch_block(p, b);
       const auto& f = ds.d[lb.dir];
       auto& mem = bl[lb.dir];
@@ -193,18 +196,19 @@ void emulate(Dirs<typename Prog::Args> ds) {
       fn(f, x, mem.sm(lb.blk), mem.g, owned(f.plan, f.H, lb.blk), lb.blk);
     }
   };
-  for (int64_t i = 0; i < ds.d[0].lay.T; ++i) {
-    for (int ph = 0; ph < Prog::kPhases; ++ph) {
-      each_block([&](const auto& f, const EmulatedBlock& x, const Smem<T>& sm, const Gemm& g, const Owned& o,
-                     int64_t blk) {
-        const StepRows s = step_rows(f.lay, Prog::kForward ? i : f.lay.T - 1 - i);
-        Prog::phase(f, ph, x, sm, g, s, o, tile_rows(f.plan, o, s), blk);
-      });
+  for (int64_t grp = sync_groups(p) - 1; grp >= 0; --grp) {
+    for (int64_t i = 0; i < ds.d[0].lay.T; ++i) {
+      for (int ph = 0; ph < Prog::kPhases; ++ph) {
+        each_block(grp, [&](const auto& f, const EmulatedBlock& x, const Smem<T>& sm, const Gemm& g, const Owned& o,
+                            int64_t blk) {
+          const StepRows s = step_rows(f.lay, Prog::kForward ? i : f.lay.T - 1 - i);
+          Prog::phase(f, ph, x, sm, g, s, o, tile_rows(f.plan, o, s), blk);
+        });
+      }
     }
+    each_block(grp, [&](const auto& f, const EmulatedBlock& x, const Smem<T>& sm, const Gemm& g, const Owned& o,
+                        int64_t) { Prog::finish(f, x, sm, g, o); });
   }
-  each_block([&](const auto& f, const EmulatedBlock& x, const Smem<T>& sm, const Gemm& g, const Owned& o, int64_t) {
-    Prog::finish(f, x, sm, g, o);
-  });
 }
 
 // f(T{}) with the storage type of x: the emulator runs what the kernels store, fp32 or 16-bit.
@@ -647,7 +651,8 @@ ProbeResult probe(int device, const std::string& scheme, int64_t blocks, int64_t
                 lim.cluster, " blocks (0: this GPU has no clusters, or FASTRNN_PERSISTENT_CLUSTER=0) and divide blocks (",
                 blocks, "), got ", cluster);
   }
-  p.slices = p.scheme == kCluster ? cluster : 1;
+  // one sync group: the cluster's blocks, the grid's all of them (StepBarrier waits for its group only)
+  p.slices = p.scheme == kCluster ? cluster : p.scheme == kGrid ? blocks : 1;
   p.tiles = blocks / p.slices;
   p.bt = bt;
   p.mma = mma;

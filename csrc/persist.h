@@ -8,16 +8,17 @@
 //   stage + accumulate: hg[rows, own gate columns] = h_{t-1}[rows, :] . W_hh[own rows, :]^T, over K chunks;
 //   cell: cell.h's op on each (row, own unit), its G recurrent products summed from the threads' K-split partial
 //   sums in shared memory in a fixed order (deterministic), in fp32, never stored;
-//   barrier: the grid's or the tile's cluster's (slices > 1: other blocks read this step's h), or only the
-//   block's (slices == 1).
+//   barrier: among the tile's slices, at a counter in global memory (grid scheme) or the cluster's barrier
+//   (slices > 1: other blocks read this step's h), or only the block's (slices == 1).
 // Backward mirrors it: the cell backward of each (row, own unit) writes dgates, a barrier, then
 // dh_{t-1}[rows, own units] = dgates[rows, :] . W_hh[:, own units]. c and dc are read and written only by the
 // block that owns their unit; h_{t-1} and dgates cross blocks through L2 (loaded with ld.global.cg), except where
 // a GEMM stages its whole K at once: a block that owns every unit puts them in its next GEMM's staged operand
 // itself, and a cluster's blocks put them in each other's through distributed shared memory (exchange_peers). The
 // row phase of fastrnn's own cells (below) and the backward sink's add read other blocks' hs and dh with plain
-// loads: safe because the grid and cluster barriers acquire (grid.sync fences; barrier.cluster.wait is .acquire
-// by default), which a split arrive / relaxed wait would break.
+// loads: safe because the grid and cluster barriers acquire (the grid scheme's counter is waited on with acquire
+// loads after a release arrival, as grid.sync fences; barrier.cluster.wait is .acquire by default), which a split
+// arrive / relaxed wait would break.
 // With 16-bit storage on sm_80 and later the block GEMMs may run on tensor cores (mma.sync, fp32 accumulation,
 // Ws in shared memory in the instruction's fragment order); the plan chooses per shape, and the emulator runs
 // the instruction lane by lane from the PTX ISA's fragment table.
@@ -137,6 +138,13 @@ struct Plan {
 
 // The blocks of one direction; a launch has dirs times as many, direction-major.
 FRNN_HD int64_t dir_blocks(const Plan& p) { return p.tiles * p.slices; }
+
+// The blocks that meet at a step barrier: one direction's slices of one batch tile, consecutive in the launch (a
+// cluster, where the plan takes one). Nothing a block reads crosses groups: a tile's steps read only its own rows,
+// and a direction only its own tensors; so the grid scheme's barrier waits only for the group too (a counter per
+// group, persist_cuda.cu), and tiles and directions run apart, as the emulator runs them (persist.cpp).
+FRNN_HD int64_t sync_groups(const Plan& p) { return p.dirs * p.tiles; }
+FRNN_HD int64_t sync_group(const Plan& p, int64_t b) { return b / p.slices; }
 
 // Block b of a launch: its direction and its index among that direction's blocks (owned() takes it).
 struct LaunchBlock {
@@ -500,11 +508,13 @@ enum ClockSlot : int {
 };
 
 // The kernels' argument: the args of each direction a launch runs (d[1] only with plan.dirs == 2; both carry
-// the same plan). clocks: [blocks][kClockSlots] where a launch is timed, else null.
+// the same plan). clocks: [blocks][kClockSlots] where a launch is timed, else null. sync: [sync_groups] counters
+// of the grid scheme's step barriers, zeroed before the launch (persist_cuda.cu's launch sets it), else null.
 template <class Args>
 struct Dirs {
   Args d[2];
   long long* clocks = nullptr;
+  unsigned* sync = nullptr;
 };
 
 // The rows of the step processed k-th in the forward's order, and of the step before it (h_{t-1}, c_{t-1});

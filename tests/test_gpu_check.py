@@ -2,6 +2,7 @@
 cases on the CPU kernels."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -21,8 +22,9 @@ def _check(*args):
 
 CORE = ["backends", "cuda-tests", "cuda-tests-persistent", "memcheck", "memcheck-persistent", "racecheck-persistent",
         "synccheck-persistent", "memcheck-grid", "memcheck-graphs", "calibrate", "benchmark"]
-EXTRA = ["phases", "layernorm", "layernorm-triton-seq", "layernorm-triton-persist", "host-time", "grid-barrier", "bf16",
-         "bf16-simt", "tf32", "bidirectional", "bank-conflicts-pad1", "bank-conflicts-pad0", "unpadded"]
+EXTRA = ["phases", "layernorm", "layernorm-triton-seq", "layernorm-triton-persist", "host-time", "grid-barrier",
+         "whole-grid-sync", "bf16", "bf16-simt", "tf32", "bidirectional", "bank-conflicts-pad1", "bank-conflicts-pad0",
+         "unpadded"]
 
 
 def _steps(proc) -> list:
@@ -64,6 +66,8 @@ def test_dry_run_prints_every_step_with_its_log():
     assert "bench_layernorm.py --device cuda" in proc.stdout and "--out benchmarks/results/gpu/layernorm.md" in proc.stdout
     assert "> benchmarks/results/gpu/memcheck.log" in proc.stdout
     assert "FASTRNN_PERSISTENT_CLUSTER=0" in proc.stdout.split("grid-barrier:")[1].splitlines()[0]
+    whole = proc.stdout.split("whole-grid-sync:")[1].splitlines()[0]
+    assert "FASTRNN_PERSISTENT_GROUP_SYNC=0" in whole and "FASTRNN_PERSISTENT=1" in whole
     assert "--dtype bfloat16" in proc.stdout.split("bf16:")[1].splitlines()[0]
     assert "FASTRNN_PERSISTENT_MMA=0" in proc.stdout.split("bf16-simt:")[1].splitlines()[0]
     assert "FASTRNN_PERSISTENT=1" in proc.stdout.split("bidirectional:")[1].splitlines()[0]
@@ -412,6 +416,20 @@ def test_gemm_price_is_what_the_plan_pays():
                 checked += 1
                 pushed += any(p["push"])
     assert checked >= 20 and pushed >= 5 and kept >= 10
+
+
+def test_whole_grid_sync_is_timed_where_grid_plans_have_tiles():
+    """gpu_check's whole-grid-sync step times configurations whose fp32 grid plans on an H200's limits split the
+    batch into tiles, whose blocks the per-group barrier lets run apart."""
+    line = _check("--dry-run", "--only", "whole-grid-sync").stdout.splitlines()[1]
+    configs = [tuple(map(int, c.split(","))) for c in re.findall(r"--config ([\d,]+)", line)]
+    tiled = set()
+    for _, B, _, H, _ in configs:
+        for mode in ("LSTM", "GRU", "RNN_TANH"):
+            p = _cpp.persistent_plan(mode, B, H, torch.float32, limits=H200_LIMITS)
+            if p["scheme"] == "grid" and p["tiles"] > 1:
+                tiled.add((B, H))
+    assert len(configs) == 2 and len(tiled) == 2, (configs, tiled)
 
 
 def test_gemm_price_names_a_bad_chunk():

@@ -1,9 +1,11 @@
 // The persistent CUDA engine: one launch runs every step of a layer's recurrence, in both directions of a
 // bidirectional layer where the plan says so (the block program is in persist.h, shared with the CPU
 // emulator). Only c10 headers, as in cell_cuda.cu.
+#include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <cooperative_groups.h>
+#include <cuda/atomic>
 #include <cuda_runtime.h>
 
 #include <cstdlib>
@@ -21,26 +23,61 @@ namespace {
 
 namespace cg = cooperative_groups;
 
+// Whether an environment switch (FASTRNN_PERSISTENT_*) is on: unset or anything but "0".
+bool allowed(const char* var) {
+  const char* v = std::getenv(var);
+  return v == nullptr || std::strcmp(v, "0") != 0;
+}
+
 // The row phase runs cell_ln.h's rows on the block's threads through the row kernels' executor.
 static_assert(kRowThreads == kThreads, "RowBlock strides over the block's kThreads threads");
 
 // The end of a phase: other blocks read this step's h (forward) or dgates (backward) only with slices > 1, and
-// only their own batch tile's, so a cluster (one per tile) needs no more than its own barrier, which orders
-// global memory among its blocks (release / acquire at cluster scope). Clusters exist from sm_90 on; the plan
-// takes them only on such devices.
-__device__ __forceinline__ void step_barrier(const Plan& p) {
-  if (p.scheme == kGrid) {
-    cg::this_grid().sync();
-  } else if (p.scheme == kCluster) {
+// only their own batch tile's (sync_group), so a cluster (one per tile) needs no more than its own barrier, which
+// orders global memory among its blocks (release / acquire at cluster scope; clusters exist from sm_90 on, and the
+// plan takes them only on such devices), and the grid scheme waits only for its group: each block's thread 0 adds
+// one to the group's counter with release semantics (after the block's barrier, so for every thread's writes, as
+// grid.sync's fence covers them) and spins on acquire loads until the group's every block has arrived for this
+// barrier (the counter only rises: `target` is this block's count of the group's arrivals so far). Where the launch
+// has no counters (FASTRNN_PERSISTENT_GROUP_SYNC=0, to measure one against the other) the grid scheme waits for
+// the whole grid (cooperative groups' grid.sync), tiles and directions for each other.
+class StepBarrier {
+ public:
+  __device__ StepBarrier(const Plan& p, unsigned* counters, unsigned b)
+      : scheme_(p.scheme),
+        counter_(p.scheme == kGrid && counters != nullptr ? counters + sync_group(p, b) : nullptr),
+        members_(static_cast<unsigned>(p.slices)) {}
+  __device__ __forceinline__ void sync() {
+    if (scheme_ == kGrid && counter_ != nullptr) {
+      __syncthreads();
+      target_ += members_;
+      if (threadIdx.x == 0) {
+        cuda::atomic_ref<unsigned, cuda::thread_scope_device> count(*counter_);
+        count.fetch_add(1u, cuda::memory_order_release);
+        // wrap-safe: no block of the group passes the next barrier before this one arrives there, so the count is
+        // within members of target
+        while (static_cast<int>(count.load(cuda::memory_order_acquire) - target_) < 0) {
+        }
+      }
+      __syncthreads();
+    } else if (scheme_ == kGrid) {
+      cg::this_grid().sync();
+    } else if (scheme_ == kCluster) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    cg::this_cluster().sync();
+      cg::this_cluster().sync();
 #else
-    __trap();
+      __trap();
 #endif
-  } else {
-    __syncthreads();
+    } else {
+      __syncthreads();
+    }
   }
-}
+
+ private:
+  int scheme_;
+  unsigned* counter_;
+  unsigned members_, target_ = 0;
+};
 
 // One warp's mma.sync with fp32 accumulation (sm_80 on; the plan takes tensor cores only on such devices):
 // d += A . B from the lane's fragments; m16n8k16 for 16-bit storage, m16n8k8 in TF32 for fp32. Not volatile: the
@@ -177,8 +214,8 @@ struct Clocks {
 };
 
 // dirs: one layer's directions (Prog::Args each, plan.dirs of them); grid: plan.dirs * dir_blocks(plan) blocks of
-// kThreads, direction-major. Every block reaches every barrier, with rows this step or not; the directions'
-// blocks meet at the same grid barrier, and a cluster never spans two (dir_blocks is a multiple of its size).
+// kThreads, direction-major. Every block reaches every barrier, with rows this step or not; a barrier's group (a
+// cluster, or a grid plan's counter) never spans two directions (dir_blocks is a multiple of its size).
 // __grid_constant__: a block reads its direction's args in place, through a run-time index. ptxas then holds
 // their fields in registers (96-168 per thread, 14-34 more than with one direction's args as constant operands;
 // taking each direction through a constant index in its own branch costs as many): within the one block per SM.
@@ -195,12 +232,13 @@ __global__ void __launch_bounds__(kThreads, 1) persist_kernel(const __grid_const
   const Smem<T> sm = Smem<T>::carve(smem_raw, g);
   static_assert(Prog::kPhases <= kMaxPhases, "a phase without its clock slots");
   Clocks clk(dirs.clocks != nullptr && x.tid == 0);
+  StepBarrier bar(f.plan, dirs.sync, blockIdx.x);
   Prog::load(f, sm, g, x.tid, o.u0);
   zero_stages(g, sm, x.tid);
   // a cluster's blocks write each other's staged operands from the first step on (Plan::push): every block of the
   // cluster started, and zeroed its own, before any writes into it
   if (f.plan.scheme == kCluster) {
-    step_barrier(f.plan);
+    bar.sync();
   } else {
     __syncthreads();
   }
@@ -213,7 +251,7 @@ __global__ void __launch_bounds__(kThreads, 1) persist_kernel(const __grid_const
       Prog::phase(f, ph, x, sm, g, s, o, n, blk);
       clk.lap(kClockPhase + 2 * ph);
       if (Prog::step_barrier_after(ph)) {
-        step_barrier(f.plan);
+        bar.sync();
       } else {
         __syncthreads();
       }
@@ -240,7 +278,7 @@ bool clusters_fit(const void* kernel, const cudaLaunchConfig_t& cfg) {
 }
 
 // Whether the kernel runs sm_90 code, where the cluster barrier exists: a build without it (FASTRNN_CUDA_ARCHS
-// below 90) runs its PTX on a Hopper GPU, where step_barrier's cluster branch would trap.
+// below 90) runs its PTX on a Hopper GPU, where StepBarrier's cluster branch would trap.
 bool has_clusters(const void* kernel) {
   cudaFuncAttributes attr{};
   C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
@@ -286,7 +324,17 @@ int launch(const void* kernel, const Dirs<Args>& dirs, cudaStream_t stream) {
     p.scheme = copy.d[1].plan.scheme = kGrid;
   }
   if (p.scheme == kGrid) {
-    // a cooperative launch guarantees every block is resident at once, which the grid barrier needs
+    // the step barriers' counters (StepBarrier), zeroed on the stream; handed back to torch's caching allocator once
+    // the launch is queued, which reuses them only for work queued on this stream after it
+    static const bool group_sync = allowed("FASTRNN_PERSISTENT_GROUP_SYNC");
+    c10::DataPtr counters;
+    if (group_sync) {
+      const size_t bytes = static_cast<size_t>(sync_groups(p)) * sizeof(unsigned);
+      counters = c10::cuda::CUDACachingAllocator::get()->allocate(bytes);
+      C10_CUDA_CHECK(cudaMemsetAsync(counters.get(), 0, bytes, stream));
+      copy.sync = static_cast<unsigned*>(counters.get());
+    }
+    // a cooperative launch guarantees every block is resident at once, which any barrier among blocks needs
     C10_CUDA_CHECK(cudaLaunchCooperativeKernel(kernel, grid, block, params, static_cast<size_t>(p.smem), stream));
   } else {
     C10_CUDA_CHECK(cudaLaunchKernel(kernel, grid, block, params, static_cast<size_t>(p.smem), stream));
@@ -313,14 +361,15 @@ __global__ void __launch_bounds__(kThreads, 1) probe_kernel(const __grid_constan
   T* dst = static_cast<T*>(p.out);
   const auto a = [&](int64_t r, int64_t k) { return ld_l2(src + (r0 + r) * p.g.K + k); };
   const auto sink = [&](int64_t r, int64_t c, float v) { dst[(b * p.g.bt + r) * p.g.R + c] = static_cast<T>(v); };
-  step_barrier(p.plan);
+  StepBarrier bar(p.plan, dirs.sync, blockIdx.x);
+  bar.sync();
   const long long t0 = clock64(), n0 = global_ns();
   for (int64_t i = 0; i < p.iters; ++i) {
     if (p.gemm) {
       block_gemm(p.g, sm, tid, p.exchange ? p.g.bt : 0, p.g.bt, a, [](int) { return 0; },
                  [&](int t, int) { reduce_to(p.g, sm, t, p.g.bt, sink); });
     }
-    step_barrier(p.plan);
+    bar.sync();
   }
   const long long t1 = clock64(), n1 = global_ns();
   if (tid == 0) {
@@ -399,11 +448,6 @@ constexpr int64_t kMaxCluster = 8;
 // FASTRNN_PERSISTENT_CLUSTER=0 plans as if the GPU had no clusters (split plans then meet at the grid barrier),
 // to measure one barrier against the other; read once per device, with its limits, as are
 // FASTRNN_PERSISTENT_MMA and FASTRNN_PERSISTENT_PAD (0: the SIMT loop's strides unpadded, bank conflicts and all).
-bool allowed(const char* var) {
-  const char* v = std::getenv(var);
-  return v == nullptr || std::strcmp(v, "0") != 0;
-}
-
 // Tensor cores for 16-bit: sm_80 and later, in a build whose code for this device has the mma instruction (a
 // build for sm_75 alone would run PTX without it). FASTRNN_PERSISTENT_MMA=0 keeps 16-bit on the SIMT loop, to
 // measure one against the other.
