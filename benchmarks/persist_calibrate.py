@@ -215,7 +215,9 @@ def fit(samples: List[Sample]) -> Dict[str, object]:
     implied = {"unit_cycles": unit, "stage": simt.coef[1] / unit, "unpriced": simt.coef[2] / unit}
     if simt.exchange is not None:
         implied["exchange"] = simt.exchange / unit
-    grids = [s for s in samples if s.kind == "barrier" and s.ran == "grid"]
+    # the grid's barrier over the most blocks asked as such (a cluster that did not fit ran at a barrier of its own
+    # blocks in global memory, as the engine's launches do then: not the grid's)
+    grids = [s for s in samples if s.kind == "barrier" and s.scheme == "grid" and s.ran == "grid"]
     if grids:
         implied["grid_sync"] = max(grids, key=lambda s: s.blocks).cycles / unit
     clusters = [s for s in samples if s.kind == "barrier" and s.ran == "cluster"]

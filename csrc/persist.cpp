@@ -150,8 +150,11 @@ struct EmulatedBlock {
   std::vector<std::vector<char>>* smem;  // the direction's blocks' shared memory
   int64_t first;                         // the block of slice 0 of this block's batch tile (its cluster's rank 0)
   char* base;                            // this block's shared memory
+  bool cluster;                          // launched as clusters: outside one a GPU block has no peers to map
   template <typename T>
   Smem<T> peer(const Smem<T>& sm, int64_t q) const {
+    if (!cluster) throw std::logic_error("fastrnn: the persistent engine mapped a peer's shared memory outside of a "
+                                         "cluster");
     Smem<T> v = sm;
     v.stage = reinterpret_cast<float*>((*smem)[first + q].data() + (reinterpret_cast<char*>(sm.stage) - base));
     return v;
@@ -192,7 +195,8 @@ void emulate(Dirs<typename Prog::Args> ds) {
       const LaunchBlock lb = launch_block(p, b);
       const auto& f = ds.d[lb.dir];
       auto& mem = bl[lb.dir];
-      const EmulatedBlock x{&mem.acc, &mem.smem, lb.blk - lb.blk % f.plan.slices, mem.smem[lb.blk].data()};
+      const EmulatedBlock x{&mem.acc, &mem.smem, lb.blk - lb.blk % f.plan.slices, mem.smem[lb.blk].data(),
+                            p.scheme == kCluster};
       fn(f, x, mem.sm(lb.blk), mem.g, owned(f.plan, f.H, lb.blk), lb.blk);
     }
   };

@@ -352,7 +352,8 @@ inline int64_t conflict_cycles(const Gemm& g) {
 
 // Whether a step's cells put their part of the GEMM's operand in shared memory for the next GEMM (plain cells:
 // exchange_peers), given the plan's slices: a block holding every unit over a K of one chunk, or a cluster's blocks
-// pushing to each other, which only a plan with two staged operands does.
+// pushing to each other, which only a cluster plan with two staged operands does (and only where it launches as
+// one).
 FRNN_HD bool exchanged(int64_t slices, const Gemm& g) { return slices == 1 ? g.kc >= g.K : g.stages == 2; }
 
 // A step's price of a GEMM's operand: kStageCycles per chunk staged from L2, or kExchangeCycles where the cells of
@@ -508,8 +509,9 @@ enum ClockSlot : int {
 };
 
 // The kernels' argument: the args of each direction a launch runs (d[1] only with plan.dirs == 2; both carry
-// the same plan). clocks: [blocks][kClockSlots] where a launch is timed, else null. sync: [sync_groups] counters
-// of the grid scheme's step barriers, zeroed before the launch (persist_cuda.cu's launch sets it), else null.
+// the same plan). clocks: [blocks][kClockSlots] where a launch is timed, else null. sync: the counters of the grid
+// scheme's step barriers, one per sync group (a cache line apart), zeroed before the launch (persist_cuda.cu's
+// launch sets it), else null.
 template <class Args>
 struct Dirs {
   Args d[2];
@@ -1137,7 +1139,11 @@ struct BwdIn {
 // block's own staged operand (it holds every unit and stages the whole K at once); the cluster's slices, into the
 // staged operand of each block of its cluster (Plan::push, launched as a cluster); 0, not at all (the GEMM stages it
 // from L2). Either way the GEMM stages only the rows that start from h0 (none in a dense batch).
-FRNN_HD int64_t exchange_peers(const Plan& p, const Gemm& g) { return exchanged(p.slices, g) ? p.slices : 0; }
+FRNN_HD int64_t exchange_peers(const Plan& p, const Gemm& g) {
+  if (p.slices == 1) return exchanged(1, g) ? 1 : 0;
+  // a push plan whose clusters the GPU cannot place runs at the grid barrier: no distributed shared memory there
+  return p.scheme == kCluster && exchanged(p.slices, g) ? p.slices : 0;
+}
 
 // put(r, kk, v): value v of row r of the tile, column kk of the K, to the staged operand `sm` of each of `peers`
 // blocks (1: this block's; more: the cluster's, through distributed shared memory, x.peer).

@@ -41,11 +41,13 @@ static_assert(kRowThreads == kThreads, "RowBlock strides over the block's kThrea
 // barrier (the counter only rises: `target` is this block's count of the group's arrivals so far). Where the launch
 // has no counters (FASTRNN_PERSISTENT_GROUP_SYNC=0, to measure one against the other) the grid scheme waits for
 // the whole grid (cooperative groups' grid.sync), tiles and directions for each other.
+// Counters kCounterStride apart, a 128-byte line each: the groups' atomics and polling do not share one.
+constexpr int64_t kCounterStride = 128 / sizeof(unsigned);
 class StepBarrier {
  public:
   __device__ StepBarrier(const Plan& p, unsigned* counters, unsigned b)
       : scheme_(p.scheme),
-        counter_(p.scheme == kGrid && counters != nullptr ? counters + sync_group(p, b) : nullptr),
+        counter_(p.scheme == kGrid && counters != nullptr ? counters + sync_group(p, b) * kCounterStride : nullptr),
         members_(static_cast<unsigned>(p.slices)) {}
   __device__ __forceinline__ void sync() {
     if (scheme_ == kGrid && counter_ != nullptr) {
@@ -329,7 +331,7 @@ int launch(const void* kernel, const Dirs<Args>& dirs, cudaStream_t stream) {
     static const bool group_sync = allowed("FASTRNN_PERSISTENT_GROUP_SYNC");
     c10::DataPtr counters;
     if (group_sync) {
-      const size_t bytes = static_cast<size_t>(sync_groups(p)) * sizeof(unsigned);
+      const size_t bytes = static_cast<size_t>(sync_groups(p) * kCounterStride) * sizeof(unsigned);
       counters = c10::cuda::CUDACachingAllocator::get()->allocate(bytes);
       C10_CUDA_CHECK(cudaMemsetAsync(counters.get(), 0, bytes, stream));
       copy.sync = static_cast<unsigned*>(counters.get());
