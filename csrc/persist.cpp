@@ -655,7 +655,7 @@ ProbeResult probe(int device, const std::string& scheme, int64_t blocks, int64_t
                 lim.cluster, " blocks (0: this GPU has no clusters, or FASTRNN_PERSISTENT_CLUSTER=0) and divide blocks (",
                 blocks, "), got ", cluster);
   }
-  // one sync group: the cluster's blocks, the grid's all of them (StepBarrier waits for its group only)
+  // one sync group: the cluster's blocks, the grid's all of them (step_barrier waits for its group only)
   p.slices = p.scheme == kCluster ? cluster : p.scheme == kGrid ? blocks : 1;
   p.tiles = blocks / p.slices;
   p.bt = bt;

@@ -38,48 +38,37 @@ static_assert(kRowThreads == kThreads, "RowBlock strides over the block's kThrea
 // plan takes them only on such devices), and the grid scheme waits only for its group: each block's thread 0 adds
 // one to the group's counter with release semantics (after the block's barrier, so for every thread's writes, as
 // grid.sync's fence covers them) and spins on acquire loads until the group's every block has arrived for this
-// barrier (the counter only rises: `target` is this block's count of the group's arrivals so far). Where the launch
-// has no counters (FASTRNN_PERSISTENT_GROUP_SYNC=0, to measure one against the other) the grid scheme waits for
-// the whole grid (cooperative groups' grid.sync), tiles and directions for each other.
+// barrier, the n-th of the launch (from 1; the counter only rises, to n * slices). Where the launch has no counters
+// (FASTRNN_PERSISTENT_GROUP_SYNC=0, to measure one against the other) the grid scheme waits for the whole grid
+// (cooperative groups' grid.sync), tiles and directions for each other. Stateless, so that the kernels hold no
+// registers for it beyond the step's index.
 // Counters kCounterStride apart, a 128-byte line each: the groups' atomics and polling do not share one.
 constexpr int64_t kCounterStride = 128 / sizeof(unsigned);
-class StepBarrier {
- public:
-  __device__ StepBarrier(const Plan& p, unsigned* counters, unsigned b)
-      : scheme_(p.scheme),
-        counter_(p.scheme == kGrid && counters != nullptr ? counters + sync_group(p, b) * kCounterStride : nullptr),
-        members_(static_cast<unsigned>(p.slices)) {}
-  __device__ __forceinline__ void sync() {
-    if (scheme_ == kGrid && counter_ != nullptr) {
-      __syncthreads();
-      target_ += members_;
-      if (threadIdx.x == 0) {
-        cuda::atomic_ref<unsigned, cuda::thread_scope_device> count(*counter_);
-        count.fetch_add(1u, cuda::memory_order_release);
-        // wrap-safe: no block of the group passes the next barrier before this one arrives there, so the count is
-        // within members of target
-        while (static_cast<int>(count.load(cuda::memory_order_acquire) - target_) < 0) {
-        }
+__device__ __forceinline__ void step_barrier(const Plan& p, unsigned* counters, unsigned n) {
+  if (p.scheme == kGrid && counters != nullptr) {
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      cuda::atomic_ref<unsigned, cuda::thread_scope_device> count(counters[sync_group(p, blockIdx.x) * kCounterStride]);
+      count.fetch_add(1u, cuda::memory_order_release);
+      // modulo 2^32 throughout: no block of the group passes the next barrier before this one arrives there, so the
+      // count is within slices of the target
+      const unsigned target = n * static_cast<unsigned>(p.slices);
+      while (static_cast<int>(count.load(cuda::memory_order_acquire) - target) < 0) {
       }
-      __syncthreads();
-    } else if (scheme_ == kGrid) {
-      cg::this_grid().sync();
-    } else if (scheme_ == kCluster) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-      cg::this_cluster().sync();
-#else
-      __trap();
-#endif
-    } else {
-      __syncthreads();
     }
+    __syncthreads();
+  } else if (p.scheme == kGrid) {
+    cg::this_grid().sync();
+  } else if (p.scheme == kCluster) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    cg::this_cluster().sync();
+#else
+    __trap();
+#endif
+  } else {
+    __syncthreads();
   }
-
- private:
-  int scheme_;
-  unsigned* counter_;
-  unsigned members_, target_ = 0;
-};
+}
 
 // One warp's mma.sync with fp32 accumulation (sm_80 on; the plan takes tensor cores only on such devices):
 // d += A . B from the lane's fragments; m16n8k16 for 16-bit storage, m16n8k8 in TF32 for fp32. Not volatile: the
@@ -234,17 +223,17 @@ __global__ void __launch_bounds__(kThreads, 1) persist_kernel(const __grid_const
   const Smem<T> sm = Smem<T>::carve(smem_raw, g);
   static_assert(Prog::kPhases <= kMaxPhases, "a phase without its clock slots");
   Clocks clk(dirs.clocks != nullptr && x.tid == 0);
-  StepBarrier bar(f.plan, dirs.sync, blockIdx.x);
   Prog::load(f, sm, g, x.tid, o.u0);
   zero_stages(g, sm, x.tid);
   // a cluster's blocks write each other's staged operands from the first step on (Plan::push): every block of the
-  // cluster started, and zeroed its own, before any writes into it
+  // cluster started, and zeroed its own, before any writes into it (a cluster's barrier: no counter counts it)
   if (f.plan.scheme == kCluster) {
-    bar.sync();
+    step_barrier(f.plan, nullptr, 0);
   } else {
     __syncthreads();
   }
   clk.lap(kClockLoad);
+  unsigned barriers = 0;  // the step barriers passed (step_barrier counts from 1)
   for (int64_t i = 0; i < f.lay.T; ++i) {
     const StepRows s = step_rows(f.lay, Prog::kForward ? i : f.lay.T - 1 - i);
     const int64_t n = tile_rows(f.plan, o, s);
@@ -253,7 +242,7 @@ __global__ void __launch_bounds__(kThreads, 1) persist_kernel(const __grid_const
       Prog::phase(f, ph, x, sm, g, s, o, n, blk);
       clk.lap(kClockPhase + 2 * ph);
       if (Prog::step_barrier_after(ph)) {
-        bar.sync();
+        step_barrier(f.plan, dirs.sync, ++barriers);
       } else {
         __syncthreads();
       }
@@ -280,7 +269,7 @@ bool clusters_fit(const void* kernel, const cudaLaunchConfig_t& cfg) {
 }
 
 // Whether the kernel runs sm_90 code, where the cluster barrier exists: a build without it (FASTRNN_CUDA_ARCHS
-// below 90) runs its PTX on a Hopper GPU, where StepBarrier's cluster branch would trap.
+// below 90) runs its PTX on a Hopper GPU, where step_barrier's cluster branch would trap.
 bool has_clusters(const void* kernel) {
   cudaFuncAttributes attr{};
   C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
@@ -326,7 +315,7 @@ int launch(const void* kernel, const Dirs<Args>& dirs, cudaStream_t stream) {
     p.scheme = copy.d[1].plan.scheme = kGrid;
   }
   if (p.scheme == kGrid) {
-    // the step barriers' counters (StepBarrier), zeroed on the stream; handed back to torch's caching allocator once
+    // the step barriers' counters (step_barrier), zeroed on the stream; handed back to torch's caching allocator once
     // the launch is queued, which reuses them only for work queued on this stream after it
     static const bool group_sync = allowed("FASTRNN_PERSISTENT_GROUP_SYNC");
     c10::DataPtr counters;
@@ -363,15 +352,14 @@ __global__ void __launch_bounds__(kThreads, 1) probe_kernel(const __grid_constan
   T* dst = static_cast<T*>(p.out);
   const auto a = [&](int64_t r, int64_t k) { return ld_l2(src + (r0 + r) * p.g.K + k); };
   const auto sink = [&](int64_t r, int64_t c, float v) { dst[(b * p.g.bt + r) * p.g.R + c] = static_cast<T>(v); };
-  StepBarrier bar(p.plan, dirs.sync, blockIdx.x);
-  bar.sync();
+  step_barrier(p.plan, dirs.sync, 1);
   const long long t0 = clock64(), n0 = global_ns();
   for (int64_t i = 0; i < p.iters; ++i) {
     if (p.gemm) {
       block_gemm(p.g, sm, tid, p.exchange ? p.g.bt : 0, p.g.bt, a, [](int) { return 0; },
                  [&](int t, int) { reduce_to(p.g, sm, t, p.g.bt, sink); });
     }
-    bar.sync();
+    step_barrier(p.plan, dirs.sync, static_cast<unsigned>(i + 2));
   }
   const long long t1 = clock64(), n1 = global_ns();
   if (tid == 0) {
