@@ -32,6 +32,7 @@ H_SLICES = 48  # Triton's "persist" kernels split this H over three programs tha
 # fastrnn's cells' "persist" kernels (from H = 128 on a GPU) split it over G*H / 16 programs forward, H / 16 backward
 H_CELL_SLICES = 128
 H_GRID = 256  # the cpp persistent engine's W_hh slices over several blocks on any GPU (fp32 RNN: 256 KiB)
+B_TILES = 16  # at H_GRID, the persistent engine's batch in several tiles, each its own cluster or barrier group
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # largest difference from the reference, relative to the largest value, by storage dtype
 TOLERANCE = {"fp32": 1e-4,  # TF32 off: only summation order differs from the reference
@@ -48,13 +49,14 @@ class SmokeCase(NamedTuple):
     dtype: str = "fp32"  # storage dtype (DTYPES); the reference computes in fp32 from the same rounded values
     pair: bool = False  # both directions of a bidirectional layer through the backend's layer.pair
     graph: bool = False  # Triton's step loop with cuda_graph=True, called until a capture has replayed
+    batch: int = B
 
     @property
     def name(self) -> str:
         return "-".join(filter(None, [self.backend, self.variant, self.mode.lower(), "proj" if self.proj else "",
                                       f"h{self.hidden}" if self.hidden != H else "", "cells" if self.cells else "",
                                       self.dtype if self.dtype != "fp32" else "", "bidir" if self.pair else "",
-                                      "graph" if self.graph else ""]))
+                                      "graph" if self.graph else "", f"b{self.batch}" if self.batch != B else ""]))
 
 
 CASES = [SmokeCase("cpp", m) for m in MODES] + [SmokeCase("triton", m, v) for v in ("step", "seq") for m in MODES] + [
@@ -66,6 +68,8 @@ CASES = [SmokeCase("cpp", m) for m in MODES] + [SmokeCase("triton", m, v) for v 
     # blocks meeting at a cluster's barrier (sm_90) or the grid's (FASTRNN_PERSISTENT_CLUSTER=0, or before
     # sm_90); at H the whole W_hh sits in each block
     SmokeCase("cpp", m, hidden=H_GRID, cells=c) for m in MODES for c in (False, True)] + [
+    # several batch tiles, each split over blocks: each tile's blocks meet at a barrier of their own
+    SmokeCase("cpp", m, hidden=H_GRID, batch=B_TILES) for m in ("LSTM", "GRU")] + [
     SmokeCase("triton", m, v, cells=True) for v in ("step", "seq") for m in MODES] + [
     SmokeCase("triton", m, "persist", hidden=H_CELL_SLICES, cells=True) for m in MODES] + [
     # bf16: with FASTRNN_PERSISTENT=1 the persistent engine's GEMMs on tensor cores (mma.sync), in one block at
@@ -88,9 +92,9 @@ GRAPH_CALLS = 3
 def inputs(case: SmokeCase, device: torch.device, seed: int = 0) -> List[Optional[torch.Tensor]]:
     """x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr of one dense layer in fp32, rounded to the case's dtype."""
     g = torch.Generator().manual_seed(sum(map(ord, case.name)) + seed)
-    hid = case.hidden
+    hid, b = case.hidden, case.batch
     h_out = PROJ if case.proj else hid
-    shapes = [(T * B, I), (B, h_out), (B, hid) if case.mode == "LSTM" else None, (GATES[case.mode] * hid, I),
+    shapes = [(T * b, I), (b, h_out), (b, hid) if case.mode == "LSTM" else None, (GATES[case.mode] * hid, I),
               (GATES[case.mode] * hid, h_out), (GATES[case.mode] * hid,), (GATES[case.mode] * hid,),
               (h_out, hid) if case.proj else None]  # fmt: skip
     dt = DTYPES[case.dtype]
@@ -106,7 +110,7 @@ def cell_ext(case: SmokeCase, device: torch.device) -> Optional[CellExt]:
     if not case.cells:
         return None
     g = torch.Generator().manual_seed(sum(map(ord, case.name)) + 1)
-    hid, gh, lstm = case.hidden, GATES[case.mode] * case.hidden, case.mode == "LSTM"
+    hid, gh, lstm, b = case.hidden, GATES[case.mode] * case.hidden, case.mode == "LSTM", case.batch
 
     def param(n: int, center: float) -> torch.Tensor:
         return (center + 0.3 * torch.randn(n, generator=g)).to(device).requires_grad_()
@@ -116,7 +120,7 @@ def cell_ext(case: SmokeCase, device: torch.device) -> Optional[CellExt]:
 
     return CellExt(param(gh, 1.0), param(gh, 0.0), param(gh, 1.0), param(gh, 0.0),
                    param(hid, 1.0) if lstm else None, param(hid, 0.0) if lstm else None,
-                   draws((T * B, hid), 0.25), draws((T * B, hid), 0.25) if lstm else None, draws((B, hid), 0.7) / 0.7)
+                   draws((T * b, hid), 0.25), draws((T * b, hid), 0.25) if lstm else None, draws((b, hid), 0.7) / 0.7)
 
 
 def rel_err(a: Optional[torch.Tensor], b: Optional[torch.Tensor]) -> float:

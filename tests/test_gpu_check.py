@@ -226,6 +226,26 @@ def test_smoke_bidirectional_cases_run_both_directions_in_one_launch():
         assert plan["dirs"] == 2, (c.name, plan)
 
 
+def test_smoke_tile_cases_split_the_batch_and_the_units():
+    """The sanitizers see plans of several batch tiles, each over several blocks (a cluster each, or at the grid
+    scheme's per-tile barrier with clusters off); emulated there (tiles run one after another), they pass."""
+    from fastrnn.ops import cpp
+
+    tiled = [c for c in gpu_smoke.CASES if c.batch != gpu_smoke.B]
+    assert {c.mode for c in tiled} == {"LSTM", "GRU"}
+    for cluster, scheme in ((8, "cluster"), (0, "grid")):
+        limits = dict(sms=132, smem=232448, cooperative=True, cluster=cluster, mma=True)
+        for c in tiled:
+            p = cpp.persistent_plan(c.mode, c.batch, c.hidden, torch.float32, limits=limits)
+            assert p["scheme"] == scheme and p["tiles"] > 1 and p["slices"] > 1, (c.name, p)
+    cpp._lib()._set_persist_emulation(132, 232448, 0, True)
+    try:
+        for c in tiled:
+            assert gpu_smoke.run(c, torch.device("cpu")) <= gpu_smoke.TOLERANCE["fp32"], c.name
+    finally:
+        cpp._lib()._set_persist_emulation(0, 0)
+
+
 def test_side_by_side_steps_run_at_once_and_report_in_plan_order(tmp_path):
     """The correctness steps as concurrent processes: with a stand-in python (CUDA present, each check 3 s) and
     compute-sanitizer (runs its program), the eight side-by-side steps take about one step's time, every row of
