@@ -1140,9 +1140,8 @@ struct BwdIn {
 // staged operand of each block of its cluster (Plan::push, launched as a cluster); 0, not at all (the GEMM stages it
 // from L2). Either way the GEMM stages only the rows that start from h0 (none in a dense batch).
 FRNN_HD int64_t exchange_peers(const Plan& p, const Gemm& g) {
-  if (p.slices == 1) return exchanged(1, g) ? 1 : 0;
   // a push plan whose clusters the GPU cannot place runs at the grid barrier: no distributed shared memory there
-  return p.scheme == kCluster && exchanged(p.slices, g) ? p.slices : 0;
+  return exchanged(p.slices, g) && (p.slices == 1 || p.scheme == kCluster) ? p.slices : 0;
 }
 
 // put(r, kk, v): value v of row r of the tile, column kk of the K, to the staged operand `sm` of each of `peers`
