@@ -43,14 +43,31 @@ TOL_TF32 = {**TOL, torch.float32: TOL[torch.float16]}
 TOL_LAYER_NORM = {**TOL, torch.float32: dict(rtol=2e-4, atol=2e-4)}
 
 
-def assert_close(got: torch.Tensor, want: torch.Tensor, name: str = "", table: dict = TOL) -> None:
-    """``got`` matches ``want`` to ``table`` (``TOL``) of ``got``'s dtype, with ``atol`` relative to the largest
-    magnitude of ``want`` (a gradient summed over many rows is as exact as its largest terms, not its smallest)."""
-    assert got.dtype == want.dtype and got.shape == want.shape, (name, got.dtype, want.dtype, got.shape, want.shape)
-    tol = table[got.dtype]
+def _allowed(want: torch.Tensor, table: dict, dtype: torch.dtype):
+    """``rtol`` and ``atol`` of ``table`` for ``dtype``, ``atol`` relative to the largest magnitude of ``want``
+    (a gradient summed over many rows is as exact as its largest terms, not its smallest)."""
+    tol = table[dtype]
     scale = max(1.0, want.detach().abs().max().item()) if want.numel() else 1.0
-    torch.testing.assert_close(got.detach().cpu().double(), want.detach().cpu().double(), rtol=tol["rtol"],
-                               atol=tol["atol"] * scale, msg=lambda m: f"{name}: {m}")
+    return tol["rtol"], tol["atol"] * scale
+
+
+def assert_close(got: torch.Tensor, want: torch.Tensor, name: str = "", table: dict = TOL) -> None:
+    """``got`` matches ``want`` to ``table`` (``TOL``) of ``got``'s dtype."""
+    assert got.dtype == want.dtype and got.shape == want.shape, (name, got.dtype, want.dtype, got.shape, want.shape)
+    rtol, atol = _allowed(want, table, got.dtype)
+    torch.testing.assert_close(got.detach().cpu().double(), want.detach().cpu().double(), rtol=rtol, atol=atol,
+                               msg=lambda m: f"{name}: {m}")
+
+
+def tolerance_used(got: torch.Tensor, want: torch.Tensor, table: dict = TOL, dtype=None) -> float:
+    """How much of ``assert_close``'s allowance ``got`` takes, at its worst element (at most 1 passes; NaN takes
+    all of it and more), with ``dtype``'s row of ``table`` (``got``'s dtype by default)."""
+    rtol, atol = _allowed(want, table, dtype or got.dtype)
+    got, want = got.detach().cpu().double(), want.detach().cpu().double()
+    if not got.numel():
+        return 0.0
+    used = (got - want).abs() / (atol + rtol * want.abs())
+    return float("inf") if used.isnan().any() else used.max().item()
 
 
 def usable_backends(device="cpu", dtype=torch.float32):

@@ -16,13 +16,19 @@ from torch import Tensor
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import fastrnn
-from conftest import TOL, TOL_LAYER_NORM, assert_close, usable_backends
+from conftest import TOL, TOL_LAYER_NORM, assert_close, tolerance_used, usable_backends
 from fastrnn import backend as _backend
 
 KINDS = {"LSTM": ("LSTM", {}), "GRU": ("GRU", {}), "RNN_TANH": ("RNN", {}),
          "RNN_RELU": ("RNN", {"nonlinearity": "relu"})}
 FEATURES = {"ln": dict(layer_norm=True), "zo": dict(zoneout=0.3), "rd": dict(recurrent_dropout=0.4),
             "ln-zo-rd": dict(layer_norm=True, zoneout=0.25, recurrent_dropout=0.3)}
+# An fp32 result off the fp64 truth by more than the table passes if the draw is that sensitive: within
+# FP32_NUDGED times the farthest FP32_NUDGES fp64 runs move, each with its inputs and parameters moved by one
+# fp32 rounding. About one LSTM draw in a thousand needs it (4000 seeds, 2 layers, bidirectional): there the
+# kernels' error was 0.25-2.0 times that move, where a well-conditioned draw moves the truth by under 1/100 of
+# the table, so the rule spares only the ill-conditioned draws.
+FP32_NUDGES, FP32_NUDGED = 4, 4.0
 
 
 def ext_backends(dtype=torch.float32) -> List[str]:
@@ -218,9 +224,15 @@ def check_module(m, form: str, dtype, T=6, B=4, device="cpu") -> None:
     grad_names = ["x", "h0"] + (["c0"] if c0 is not None else []) + [n for n, _ in m.named_parameters()]
     weights = [torch.randn_like(o, dtype=torch.float64) for o in outs]
 
-    def loop_run(mod, dt):
-        """The loop on ``dt`` copies of the inputs and ``mod``'s parameters: outputs, then gradients."""
-        xs = [None if t is None else t.detach().cpu().to(dt).requires_grad_() for t in (x_tm, h0, c0)]
+    def loop_run(mod, dt, nudge=0.0):
+        """The loop on ``dt`` copies of the inputs and ``mod``'s parameters, each element of them first moved by
+        ``nudge`` of itself up or down at random: outputs, then gradients."""
+        def nudged(v):
+            return v if not nudge else v * (1 + nudge * (2 * torch.randint(0, 2, v.shape, dtype=v.dtype) - 1))
+        with torch.no_grad():
+            for q in mod.parameters():
+                q.copy_(nudged(q))
+        xs = [None if t is None else nudged(t.detach().cpu().to(dt)).requires_grad_() for t in (x_tm, h0, c0)]
         sel = order if order is not None else torch.arange(y.shape[1])
         res = loop_module(mod, xs[0][:, sel], lengths[sel], xs[1][:, sel], None if c0 is None else xs[2][:, sel],
                           [mk.cpu().to(dt) for mk in rec.masks], batch_sizes)
@@ -234,9 +246,26 @@ def check_module(m, form: str, dtype, T=6, B=4, device="cpu") -> None:
     # fp64, the truth every dtype is measured against: fp32 is not compared with an fp32 loop, whose own
     # rounding through LayerNorm's division by the row's deviation would count twice
     truth = loop_run(copy.deepcopy(m).double().cpu(), torch.float64)
+    table = TOL_LAYER_NORM if m.layer_norm else TOL
+    nudged_truths = []  # run only where an fp32 comparison fails
     for i, (got, want) in enumerate(((outs, truth[0]), (got_grads, truth[1]))):
-        for label, g, w in zip(names if i == 0 else ["d" + n for n in grad_names], got, want):
-            assert_close(g, w.to(g.dtype), label, TOL_LAYER_NORM if m.layer_norm else TOL)
+        for k, (label, g, w) in enumerate(zip(names if i == 0 else ["d" + n for n in grad_names], got, want)):
+            try:
+                assert_close(g, w.to(g.dtype), label, table)
+            except AssertionError:
+                if dtype != torch.float32:
+                    raise
+                # A rare draw amplifies rounding past the table, whoever computes it in fp32. The draw's own
+                # sensitivity says so: the fp64 loop again with every input and parameter moved by one fp32
+                # rounding. fp32 passes within FP32_NUDGED times the farthest that moves the truth.
+                if not nudged_truths:
+                    nudged_truths = [loop_run(copy.deepcopy(m).double().cpu(), torch.float64, 2.0 ** -24)
+                                     for _ in range(FP32_NUDGES)]
+                used = tolerance_used(g, w, table, torch.float32)
+                moved = max(tolerance_used(n[i][k], w, table, torch.float32) for n in nudged_truths)
+                if used > max(1.0, FP32_NUDGED * moved):
+                    raise AssertionError(f"{label}: {used:.3g} of the fp32 tolerance; inputs moved by one fp32 "
+                                         f"rounding move the fp64 truth by {moved:.3g} of it") from None
 
 
 MODULE_CASES = [
@@ -282,6 +311,15 @@ if CUDA_EXT:
     def test_cuda_module_matches_loop(kind, features, train, form, backend, dtype):
         m = make_module(kind, FEATURES[features], dtype, backend, num_layers=2, bidirectional=True)
         check_module(m.to("cuda").train(train), form, dtype, device="cuda")
+
+
+def test_nudged_truth_excuses_no_real_error(monkeypatch):
+    """An fp32 output 1 % off fails check_module: the nudged truths of an ordinary draw excuse none of it."""
+    m = make_module("LSTM", FEATURES["ln"], torch.float32, "reference")
+    forward = m.forward
+    monkeypatch.setattr(m, "forward", lambda *a: (lambda y, hn: (y * 1.01, hn))(*forward(*a)))
+    with pytest.raises(AssertionError, match="one fp32 rounding"):
+        check_module(m, "batched", torch.float32)
 
 
 @pytest.mark.parametrize("backend", ext_backends(torch.float64))
