@@ -4,9 +4,10 @@ The plan (``csrc/persist.h`` ``make_plan``) chooses how a layer's hidden units a
 pricing a step: the block GEMMs in the model's unit (a thread's SIMT FMA; a K step of the 4 x 4 tile is 16 of
 them), each K chunk staged from L2 (``kStageCycles``) or exchanged in shared memory (``kExchangeCycles``), a
 warp's round of tensor-core instructions (``kMmaCycles``) and the barrier between blocks (``kGridSyncCycles``,
-``kClusterSyncCycles``). Those constants are estimates written before any GPU ran the engine. This script times
-the engine's own pieces with its own code (``fastrnn._C._persist_probe``: its block GEMM and step barrier in a
-loop, SM cycles from ``clock64`` and nanoseconds from ``%globaltimer`` per block, one block per SM) and fits them:
+plus ``kGridSyncMemberCycles`` per block of the group that meets at it, and ``kClusterSyncCycles``). Those
+constants are estimates written before any GPU ran the engine. This script times the engine's own pieces with
+its own code (``fastrnn._C._persist_probe``: its block GEMM and step barrier in a loop, SM cycles from ``clock64``
+and nanoseconds from ``%globaltimer`` per block, one block per SM) and fits them:
 
 - barriers: a block's own (``__syncthreads``), the grid's (cooperative launch) over all SMs and fewer, and a
   thread-block cluster's of 2, 4 and 8 blocks (sm_90), also as one cluster alone;
@@ -20,7 +21,8 @@ loop, SM cycles from ``clock64`` and nanoseconds from ``%globaltimer`` per block
   model's price of the GEMM, bank conflicts included, ``chunks`` those staged from L2, ``exchanged`` 1 for a kept
   operand, ``c`` what the model does not price: spill, reduction, results), and m * (a warp's mma rounds) +
   b' * chunks + e' * exchanged + c' over each tensor-core kind; a fit needs more samples than terms and distinct
-  chunk counts, else it says so.
+  chunk counts, else it says so; the grid barrier as fixed + per member * blocks over its sizes, where that line
+  rises from above zero (else flat, at the most blocks).
 
 It prints (and with ``--out`` writes) each measurement beside the model's price and the constants the fits imply
 in the model's unit (``a`` cycles), beside those in ``csrc/persist.h``, with the SM clock the run saw. Setting
@@ -201,6 +203,21 @@ def _fit(samples: List[Sample], x_of: Callable[[Sample], float], base: float) ->
 MMA_KINDS = ("mma-bf16", "mma-tf32")
 
 
+def grid_barrier(samples: List[Sample], unit: float) -> Dict[str, float]:
+    """The grid barrier's price in the model's unit from the barriers asked as grid ones (a cluster that did not fit
+    ran at a barrier of its own blocks in global memory, as the engine's launches do then: not the grid's): a fixed
+    part and one per member (each arrives with an atomic on one counter) where the sizes give a line that rises from
+    above zero, else the barrier over the most blocks, flat."""
+    grids = [s for s in samples if s.kind == "barrier" and s.scheme == "grid" and s.ran == "grid"]
+    if not grids:
+        return {}
+    if len({s.blocks for s in grids}) >= 2:
+        member, fixed = np.polyfit([s.blocks for s in grids], [s.cycles for s in grids], 1)
+        if member > 0 and fixed > 0:
+            return {"grid_sync": fixed / unit, "grid_sync_member": member / unit}
+    return {"grid_sync": max(grids, key=lambda s: s.blocks).cycles / unit}
+
+
 def fit(samples: List[Sample]) -> Dict[str, object]:
     """The fits and the constants they imply in the model's unit (one SIMT FMA of a thread, ``a`` cycles)."""
     block = next((s.cycles for s in samples if s.kind == "barrier" and s.scheme == "block" and s.blocks > 1), 0.0)
@@ -215,11 +232,7 @@ def fit(samples: List[Sample]) -> Dict[str, object]:
     implied = {"unit_cycles": unit, "stage": simt.coef[1] / unit, "unpriced": simt.coef[2] / unit}
     if simt.exchange is not None:
         implied["exchange"] = simt.exchange / unit
-    # the grid's barrier over the most blocks asked as such (a cluster that did not fit ran at a barrier of its own
-    # blocks in global memory, as the engine's launches do then: not the grid's)
-    grids = [s for s in samples if s.kind == "barrier" and s.scheme == "grid" and s.ran == "grid"]
-    if grids:
-        implied["grid_sync"] = max(grids, key=lambda s: s.blocks).cycles / unit
+    implied.update(grid_barrier(samples, unit))
     clusters = [s for s in samples if s.kind == "barrier" and s.ran == "cluster"]
     if clusters:
         implied["cluster_sync"] = max(s.cycles for s in clusters) / unit
@@ -239,7 +252,8 @@ PLAN_KEYS = ("scheme", "units", "batch_tile", "mma", "chunks")
 def measured_costs(implied: Dict[str, float]) -> Dict[str, int]:
     """The prices the fits imply, by persistent_plan's ``costs`` names (the tensor cores' from bf16's fit, else
     TF32's), rounded; those not measured or not positive left out (persist.h's stay)."""
-    names = {"grid_sync": "grid_sync", "cluster_sync": "cluster_sync", "stage": "stage", "exchange": "exchange"}
+    names = {"grid_sync": "grid_sync", "grid_sync_member": "grid_sync_member", "cluster_sync": "cluster_sync",
+             "stage": "stage", "exchange": "exchange"}
     mma = "mma-bf16" if "mma-bf16" in implied else "mma-tf32"
     out = {name: implied[key] for name, key in names.items() if key in implied}
     if mma in implied:
@@ -314,6 +328,7 @@ def markdown(samples: List[Sample], fitted: Dict[str, object], model: dict, titl
         lines += ["", f"Constants in the model's unit ({implied['unit_cycles']:.3g} cycles), against csrc/persist.h:", "",
                   "| constant | persist.h | measured |", "| --- | --- | --- |"]
         rows = [("grid_sync", "kGridSyncCycles", model["grid_sync"]),
+                ("grid_sync_member", "kGridSyncMemberCycles", model["grid_sync_member"]),
                 ("cluster_sync", "kClusterSyncCycles", model["cluster_sync"]),
                 ("stage", "kStageCycles", model["stage"]),
                 ("mma-bf16 stage", "kStageCycles, tensor cores (bf16)", model["stage"]),

@@ -283,13 +283,13 @@ Plan plan_uncached(const Limits& lim, int64_t G, int64_t B, int64_t H, int64_t e
 Plan plan_with(const Limits& lim, int64_t G, int64_t B, int64_t H, int64_t esize, bool proj, bool cells, bool pair) {
   constexpr size_t kPlans = 4096;
   using Key = std::tuple<int64_t, int64_t, bool, int64_t, bool, bool, int64_t, int64_t, int64_t, int64_t, int,
-                         std::array<int64_t, 5>>;
+                         std::array<int64_t, 6>>;
   static std::mutex mu;
   static std::map<Key, Plan> plans;
   const Costs& c = lim.costs;
   const Key key{lim.sms, lim.smem, lim.cooperative, lim.cluster, lim.mma, lim.tf32, G, B, H, esize,
                 proj | cells << 1 | pair << 2 | lim.pad << 3,
-                std::array<int64_t, 5>{c.grid_sync, c.cluster_sync, c.stage, c.mma, c.exchange}};
+                std::array<int64_t, 6>{c.grid_sync, c.grid_sync_member, c.cluster_sync, c.stage, c.mma, c.exchange}};
   {
     const std::lock_guard<std::mutex> lock(mu);
     const auto it = plans.find(key);

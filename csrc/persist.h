@@ -55,6 +55,11 @@ constexpr int64_t kChunk = 64;
 // The plan's cost model, in SM cycles: one grid-wide barrier (~1 us on a 132-SM H100/H200, from published
 // cooperative-groups measurements) against the K loop's 16 FMAs per thread per K step.
 constexpr int64_t kGridSyncCycles = 2000;
+// A grid plan's step barrier waits only for its sync group (one direction's slices of one batch tile), and each
+// member arrives with an atomic on the group's one counter, which L2 serialises: a price per member on top. Zero,
+// so that kGridSyncCycles prices the whole GPU's barrier as before, until the calibration's grid barriers over
+// 132, 66 and 16 blocks give the slope.
+constexpr int64_t kGridSyncMemberCycles = 0;
 // A K chunk's fixed price: its operand's round trip to L2 (the loads wait for the barrier before them, the K
 // loop for the loads) and two block barriers, ~500 cycles until a GPU run measures it. A backward over K = G*H
 // = 1024 in 64-column chunks paid it 16 times a step; a chunk of the whole K pays it once.
@@ -98,8 +103,8 @@ enum Scheme : int { kNone = 0, kBlock = 1, kGrid = 2, kCluster = 3 };
 // The cost model's prices above, as a plan uses them: a Limits carries them, so that the calibration
 // (benchmarks/persist_calibrate.py) can show the plans that measured prices would give before they are written here.
 struct Costs {
-  int64_t grid_sync = kGridSyncCycles, cluster_sync = kClusterSyncCycles, stage = kStageCycles, mma = kMmaCycles,
-          exchange = kExchangeCycles;
+  int64_t grid_sync = kGridSyncCycles, grid_sync_member = kGridSyncMemberCycles, cluster_sync = kClusterSyncCycles,
+          stage = kStageCycles, mma = kMmaCycles, exchange = kExchangeCycles;
 };
 
 // What the plan needs of a device.
@@ -428,7 +433,8 @@ inline Plan make_plan(int64_t G, int64_t B, int64_t H, int64_t esize, const Limi
     // forward and backward GEMMs per step, plus the barriers and (cells) the rows each block walks
     const int64_t barriers = cells ? 4 : 2;
     const Costs& c = lim.costs;
-    const int64_t sync = scheme == kGrid ? c.grid_sync : scheme == kCluster ? c.cluster_sync : 0;
+    const int64_t sync = scheme == kGrid ? c.grid_sync + c.grid_sync_member * slices
+                       : scheme == kCluster ? c.cluster_sync : 0;
     const int64_t rows = cells ? 2 * cdiv(bt, slices) * (kRowPassCycles * cdiv(G * H, kThreads) + kRowSyncCycles) : 0;
     // priced conflict-free first, then, for a candidate that would still win, the SIMT loop's bank conflicts
     // added (the unpadded strides' and what the pads leave: a stage with bg * span > 32, odd tile widths)

@@ -843,11 +843,13 @@ pybind11::dict persist_plan(int64_t G, int64_t B, int64_t H, int64_t esize, int6
   persist::Limits lim{sms, smem, cooperative, cluster, mma, tf32, pad};
   // prices other than persist.h's (a calibration's), by name; an unknown name is refused
   for (const auto& [name, value] : costs) {
-    int64_t* slot = name == "grid_sync" ? &lim.costs.grid_sync : name == "cluster_sync" ? &lim.costs.cluster_sync
+    int64_t* slot = name == "grid_sync" ? &lim.costs.grid_sync
+                  : name == "grid_sync_member" ? &lim.costs.grid_sync_member
+                  : name == "cluster_sync" ? &lim.costs.cluster_sync
                   : name == "stage" ? &lim.costs.stage : name == "mma" ? &lim.costs.mma
                   : name == "exchange" ? &lim.costs.exchange : nullptr;
-    TORCH_CHECK(slot != nullptr, "fastrnn: costs: known prices are grid_sync, cluster_sync, stage, mma and exchange, "
-                "got ", name);
+    TORCH_CHECK(slot != nullptr, "fastrnn: costs: known prices are grid_sync, grid_sync_member, cluster_sync, stage, "
+                "mma and exchange, got ", name);
     TORCH_CHECK(value >= 0, "fastrnn: costs: ", name, " must be at least 0, got ", value);
     *slot = value;
   }
@@ -899,6 +901,7 @@ pybind11::dict gemm_price(int64_t K, int64_t R, int64_t bt, bool mma, int64_t es
   d["fits"] = p.fits;
   const persist::Costs c;
   model["grid_sync"] = c.grid_sync;
+  model["grid_sync_member"] = c.grid_sync_member;
   model["cluster_sync"] = c.cluster_sync;
   model["stage"] = c.stage;
   model["mma"] = c.mma;

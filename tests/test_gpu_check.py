@@ -289,9 +289,9 @@ from fastrnn.ops import cpp as _cpp  # noqa: E402
 H200_LIMITS = dict(sms=132, smem=232448, cooperative=True, cluster=8, mma=True, pad=True)
 A100_LIMITS = dict(sms=108, smem=166912, cooperative=True, cluster=0, mma=True, pad=True)
 # cycles of the stand-in: a model unit, a chunk staged from L2 and one exchanged in shared memory, a GEMM call's fixed
-# part, a warp's mma round per kind, barriers
-TRUE = dict(unit=3.0, stage=900.0, exchange=130.0, fixed=250.0, mma={2: 50.0, 4: 70.0}, block=40.0, grid=2600.0,
-            cluster={2: 500.0, 4: 650.0})
+# part, a warp's mma round per kind, barriers (the grid's: a fixed part and one per member)
+TRUE = dict(unit=3.0, stage=900.0, exchange=130.0, fixed=250.0, mma={2: 50.0, 4: 70.0}, block=40.0,
+            grid=(1800.0, 6.0), cluster={2: 500.0, 4: 650.0})
 
 
 def _stand_in_probe(limits, calls):
@@ -302,7 +302,8 @@ def _stand_in_probe(limits, calls):
         calls.append((scheme, blocks, cluster, K))
         assert 1 <= blocks <= limits["sms"] and (scheme != "cluster" or cluster <= limits["cluster"])
         ran = "grid" if scheme == "cluster" and cluster not in TRUE["cluster"] else scheme
-        step = {"block": TRUE["block"], "grid": TRUE["grid"]}.get(ran) or TRUE["cluster"][cluster]
+        step = {"block": TRUE["block"], "grid": TRUE["grid"][0] + TRUE["grid"][1] * blocks}.get(ran) \
+            or TRUE["cluster"][cluster]
         if K:
             assert 1 <= rows <= blocks
             p = fastrnn._C._persist_gemm_price(K, R, bt, mma, es, kc, pad, exchange=exchange)
@@ -318,7 +319,8 @@ def _stand_in_probe(limits, calls):
 
 def test_calibration_recovers_the_costs_of_the_pieces():
     """Given pieces that cost what TRUE says, the fits find the model's unit, the price of a chunk staged from L2 and
-    of one exchanged in shared memory, the mma rounds' and the barriers' in it; a cluster that does not fit (8 here)
+    of one exchanged in shared memory, the mma rounds' and the barriers' in it (the grid's, fixed and per member,
+    from its sizes); a cluster that does not fit (8 here)
     ran at the grid barrier and is not taken for a cluster's; the plans' GEMMs of both loops (fp32 planned without
     TF32 and with it, bf16) and the sweeps are timed, each also in the smallest chunks and, of one chunk, also
     exchanged."""
@@ -334,7 +336,8 @@ def test_calibration_recovers_the_costs_of_the_pieces():
     assert imp["mma-bf16"] == pytest.approx(TRUE["mma"][2] / u, rel=1e-3)
     assert imp["mma-tf32"] == pytest.approx(TRUE["mma"][4] / u, rel=1e-3)
     assert imp["unpriced"] == pytest.approx(TRUE["fixed"] / u, rel=1e-2)
-    assert imp["grid_sync"] == pytest.approx(TRUE["grid"] / u, rel=1e-2)
+    assert imp["grid_sync"] == pytest.approx(TRUE["grid"][0] / u, rel=1e-2)
+    assert imp["grid_sync_member"] == pytest.approx(TRUE["grid"][1] / u, rel=1e-2)
     assert imp["cluster_sync"] == pytest.approx(max(TRUE["cluster"].values()) / u, rel=1e-2)
     assert persist_calibrate.clock_ghz(samples) == pytest.approx(1.8)
     eights = [s for s in samples if s.scheme == "cluster" and "of 8" in s.label]
@@ -351,10 +354,11 @@ def test_calibration_recovers_the_costs_of_the_pieces():
         assert any(s.label.startswith("sweep") for s in gemms) and any(" B=" in s.label for s in gemms)
     model = dict(fastrnn._C._persist_gemm_price(64, 1, 1)["model"])
     text = persist_calibrate.markdown(samples, got, model, "a stand-in")
-    assert f"| kGridSyncCycles | {model['grid_sync']} | {TRUE['grid'] / u:.0f} |" in text
+    assert f"| kGridSyncCycles | {model['grid_sync']} | {TRUE['grid'][0] / u:.0f} |" in text
+    assert f"| kGridSyncMemberCycles | {model['grid_sync_member']} | {TRUE['grid'][1] / u:.0f} |" in text
     assert f"| kMmaCycles (bf16) | {model['mma']} | {TRUE['mma'][2] / u:.0f} |" in text
     assert f"| kExchangeCycles | {model['exchange']} | {TRUE['exchange'] / u:.0f} |" in text
-    assert text.count("\n| ") == (2 + len(samples)) + (2 + 11)  # the samples' table and the constants', headed
+    assert text.count("\n| ") == (2 + len(samples)) + (2 + 12)  # the samples' table and the constants', headed
 
 
 def test_calibration_shows_the_plans_measured_prices_would_give():
@@ -366,19 +370,20 @@ def test_calibration_shows_the_plans_measured_prices_would_give():
     got = persist_calibrate.fit(samples)
     costs = persist_calibrate.measured_costs(got["implied"])
     u = TRUE["unit"]
-    assert costs == {"grid_sync": round(TRUE["grid"] / u), "cluster_sync": round(max(TRUE["cluster"].values()) / u),
+    assert costs == {"grid_sync": round(TRUE["grid"][0] / u), "grid_sync_member": round(TRUE["grid"][1] / u),
+                     "cluster_sync": round(max(TRUE["cluster"].values()) / u),
                      "stage": round(TRUE["stage"] / u), "mma": round(TRUE["mma"][2] / u),
                      "exchange": round(TRUE["exchange"] / u)}
     model = dict(fastrnn._C._persist_gemm_price(64, 1, 1)["model"])
-    same = {k: model[k] for k in ("grid_sync", "cluster_sync", "stage", "mma", "exchange")}
+    same = {k: model[k] for k in ("grid_sync", "grid_sync_member", "cluster_sync", "stage", "mma", "exchange")}
     assert persist_calibrate.plan_changes(H200_LIMITS, same) == []
     changes = persist_calibrate.plan_changes(H200_LIMITS, costs)
     assert any(now["scheme"] == "block" and then["scheme"] in ("cluster", "grid") for _, now, then in changes)
     text = persist_calibrate.markdown(samples, got, model, "a stand-in", changes)
     assert all(f"| {name} | {persist_calibrate._plan_text(now)} | {persist_calibrate._plan_text(then)} |" in text
                for name, now, then in changes)
-    with pytest.raises(RuntimeError, match="known prices are grid_sync, cluster_sync, stage, mma and exchange, got "
-                                           "sync"):
+    with pytest.raises(RuntimeError, match="known prices are grid_sync, grid_sync_member, cluster_sync, stage, mma "
+                                           "and exchange, got sync"):
         _cpp.persistent_plan("LSTM", 64, 256, torch.float32, limits=dict(H200_LIMITS, costs={"sync": 1}))
 
 
@@ -395,6 +400,18 @@ def test_calibration_follows_the_plans_on_another_gpu():
     assert got["implied"]["unit_cycles"] == pytest.approx(TRUE["unit"], rel=1e-3)
 
 
+def test_calibration_prices_a_grid_barrier_that_does_not_grow_flat():
+    """Grid barriers that cost no more over more blocks (or a line through a negative fixed part) give no price per
+    member: the barrier over the most blocks, flat; one size alone likewise."""
+    def grid(n, cycles):
+        return persist_calibrate.Sample("barrier", f"grid barrier, {n} blocks", "grid", "grid", n, cycles, cycles / 2)
+    for cycles in ({132: 2000.0, 66: 2100.0, 16: 2300.0}, {132: 2000.0, 66: 900.0, 16: 100.0}, {132: 2000.0}):
+        got = persist_calibrate.grid_barrier([grid(n, c) for n, c in cycles.items()], 2.0)
+        assert got == {"grid_sync": cycles[132] / 2.0}
+    rising = persist_calibrate.grid_barrier([grid(n, 1000.0 + 5 * n) for n in (132, 66, 16)], 2.0)
+    assert rising == pytest.approx({"grid_sync": 500.0, "grid_sync_member": 2.5})
+
+
 def test_calibration_says_what_it_cannot_fit():
     """Three GEMMs, or GEMMs of one chunk count, do not identify three terms: no fit, and the report says so."""
     one = persist_calibrate.Sample("simt", "g", "block", "block", 1, 100.0, 50.0, units=64, steps=4, chunks=1)
@@ -405,18 +422,18 @@ def test_calibration_says_what_it_cannot_fit():
     assert "4 GEMMs do not identify" in text and "no constants implied" in text
 
 
-def test_gemm_price_is_what_the_plan_pays():
+@pytest.mark.parametrize("costs", [{}, {"grid_sync": 1500, "grid_sync_member": 9}], ids=["persist.h", "per-member"])
+def test_gemm_price_is_what_the_plan_pays(costs):
     """The calibration fits the prices the plan uses: a plan's cost is its forward and backward GEMMs' prices,
     their chunks staged from L2 at kStageCycles, or their one chunk at kExchangeCycles where the cells put the
     operand in shared memory (a block holding every unit over a K of one chunk, a cluster pushing), and the barriers
-    at the scheme's price."""
-    model = fastrnn._C._persist_gemm_price(64, 1, 1)["model"]
-    sync = {"block": 0, "grid": model["grid_sync"], "cluster": model["cluster_sync"]}
-    checked = pushed = kept = 0
+    at the scheme's price (the grid's: fixed, plus per member of its sync group, a batch tile's slices)."""
+    model = dict(fastrnn._C._persist_gemm_price(64, 1, 1)["model"], **costs)
+    checked = pushed = kept = grids = 0
     for mode, G in (("LSTM", 4), ("GRU", 3), ("RNN_TANH", 1)):
         for B, H in ((64, 256), (64, 1024), (1, 512), (16, 128), (64, 512)):
             for dtype, es in ((torch.float32, 4), (torch.bfloat16, 2)):
-                p = _cpp.persistent_plan(mode, B, H, dtype, limits=H200_LIMITS)
+                p = _cpp.persistent_plan(mode, B, H, dtype, limits=dict(H200_LIMITS, costs=costs))
                 if p["scheme"] == "per-step":
                     continue
                 U, bt, mma = p["units"], p["batch_tile"], p["mma"]
@@ -430,12 +447,15 @@ def test_gemm_price_is_what_the_plan_pays():
                     kept += own or push
                 f, b = prices
                 assert f["fits"] and b["fits"] and max(f["smem"], b["smem"]) == p["smem"], p
+                sync = {"block": 0, "cluster": model["cluster_sync"],
+                        "grid": model["grid_sync"] + model["grid_sync_member"] * p["slices"]}[p["scheme"]]
                 cost = (f["units"] + b["units"] + (f["chunks"] + b["chunks"]) * model["stage"] +
-                        (f["exchanged"] + b["exchanged"]) * model["exchange"] + 2 * sync[p["scheme"]])
+                        (f["exchanged"] + b["exchanged"]) * model["exchange"] + 2 * sync)
                 assert cost == p["cost"], (mode, B, H, dtype, p)
                 checked += 1
                 pushed += any(p["push"])
-    assert checked >= 20 and pushed >= 5 and kept >= 10
+                grids += p["scheme"] == "grid"
+    assert checked >= 20 and pushed >= 5 and kept >= 10 and grids >= 3
 
 
 def test_whole_grid_sync_is_timed_where_grid_plans_have_tiles():

@@ -76,7 +76,8 @@ def persistent_plan(mode: str, batch: int, hidden: int, dtype: torch.dtype = tor
     ``limits`` (``{"sms": ..., "smem": ...}``, optionally ``"cooperative"``, ``"cluster"``: most blocks per
     cluster, ``"mma"``: tensor cores, ``"tf32"``: torch allows TF32 for cuDNN's RNN, which puts fp32 on them too,
     ``"pad"``: False plans as ``FASTRNN_PERSISTENT_PAD=0`` does; ``"costs"``: the cost model's prices by name,
-    ``grid_sync``, ``cluster_sync``, ``stage``, ``mma``, ``exchange``, in its unit, instead of csrc/persist.h's, as
+    ``grid_sync`` (and ``grid_sync_member``, per block of a grid barrier's group), ``cluster_sync``, ``stage``,
+    ``mma``, ``exchange``, in its unit, instead of csrc/persist.h's, as
     ``benchmarks/persist_calibrate.py`` asks with measured ones) stands for a device that is not here; otherwise
     ``device`` (default: the current CUDA device) is asked. ``"padded"``: the SIMT loop's shared-memory strides
     padded against bank conflicts (where they fit; else unpadded, the conflicts priced into the plan's cost);
