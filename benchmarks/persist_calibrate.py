@@ -207,7 +207,8 @@ def grid_barrier(samples: List[Sample], unit: float) -> Dict[str, float]:
     """The grid barrier's price in the model's unit from the barriers asked as grid ones (a cluster that did not fit
     ran at a barrier of its own blocks in global memory, as the engine's launches do then: not the grid's): a fixed
     part and one per member (each arrives with an atomic on one counter) where the sizes give a line that rises from
-    above zero, else the barrier over the most blocks, flat."""
+    above zero, else the barrier over the most blocks, flat (a price per member of 0, which the measured costs keep,
+    so that a flat GPU is priced flat whatever persist.h says)."""
     grids = [s for s in samples if s.kind == "barrier" and s.scheme == "grid" and s.ran == "grid"]
     if not grids:
         return {}
@@ -215,7 +216,7 @@ def grid_barrier(samples: List[Sample], unit: float) -> Dict[str, float]:
         member, fixed = np.polyfit([s.blocks for s in grids], [s.cycles for s in grids], 1)
         if member > 0 and fixed > 0:
             return {"grid_sync": fixed / unit, "grid_sync_member": member / unit}
-    return {"grid_sync": max(grids, key=lambda s: s.blocks).cycles / unit}
+    return {"grid_sync": max(grids, key=lambda s: s.blocks).cycles / unit, "grid_sync_member": 0.0}
 
 
 def fit(samples: List[Sample]) -> Dict[str, object]:
@@ -251,14 +252,15 @@ PLAN_KEYS = ("scheme", "units", "batch_tile", "mma", "chunks")
 
 def measured_costs(implied: Dict[str, float]) -> Dict[str, int]:
     """The prices the fits imply, by persistent_plan's ``costs`` names (the tensor cores' from bf16's fit, else
-    TF32's), rounded; those not measured or not positive left out (persist.h's stay)."""
+    TF32's), rounded; those not measured or not positive left out (persist.h's stay), but for the grid barrier's
+    price per member, whose 0 says it measured flat."""
     names = {"grid_sync": "grid_sync", "grid_sync_member": "grid_sync_member", "cluster_sync": "cluster_sync",
              "stage": "stage", "exchange": "exchange"}
     mma = "mma-bf16" if "mma-bf16" in implied else "mma-tf32"
     out = {name: implied[key] for name, key in names.items() if key in implied}
     if mma in implied:
         out["mma"] = implied[mma]
-    return {k: int(round(v)) for k, v in out.items() if v > 0}
+    return {k: int(round(v)) for k, v in out.items() if v > 0 or (k == "grid_sync_member" and v == 0)}
 
 
 def plan_changes(limits: dict, costs: Dict[str, int]) -> List[tuple]:

@@ -25,10 +25,11 @@ FEATURES = {"ln": dict(layer_norm=True), "zo": dict(zoneout=0.3), "rd": dict(rec
             "ln-zo-rd": dict(layer_norm=True, zoneout=0.25, recurrent_dropout=0.3)}
 # An fp32 result off the fp64 truth by more than the table passes if the draw is that sensitive: within
 # FP32_NUDGED times the farthest FP32_NUDGES fp64 runs move, each with its inputs and parameters moved by one
-# fp32 rounding. About one LSTM draw in a thousand needs it (4000 seeds, 2 layers, bidirectional): there the
-# kernels' error was 0.25-2.0 times that move. Of 400 draws, half moved the truth by under 1/60 of the table
+# fp32 rounding. About one LSTM LayerNorm draw in a thousand needs it (4000 seeds, 2 layers, bidirectional;
+# GRU and RNN none). Of the 33 draws there within a quarter of the table, the cpp kernels' error was at most 2.0
+# times the farthest of 8 such moves (2.8 of 4). Of 400 draws, half moved the truth by under 1/60 of the table
 # (at their worst tensor) and nine in ten by under 1/15: on those the rule loosens nothing.
-FP32_NUDGES, FP32_NUDGED = 4, 4.0
+FP32_NUDGES, FP32_NUDGED = 8, 4.0
 
 
 def ext_backends(dtype=torch.float32) -> List[str]:
@@ -250,10 +251,11 @@ def check_module(m, form: str, dtype, T=6, B=4, device="cpu") -> None:
     nudged_truths = []  # run only where an fp32 comparison fails
     for i, (got, want) in enumerate(((outs, truth[0]), (got_grads, truth[1]))):
         for k, (label, g, w) in enumerate(zip(names if i == 0 else ["d" + n for n in grad_names], got, want)):
+            assert g.shape == w.shape, (label, g.shape, w.shape)
             try:
                 assert_close(g, w.to(g.dtype), label, table)
             except AssertionError:
-                if dtype != torch.float32:
+                if dtype != torch.float32 or not torch.isfinite(w).all():
                     raise
                 # A rare draw amplifies rounding past the table, whoever computes it in fp32. The draw's own
                 # sensitivity says so: the fp64 loop again with every input and parameter moved by one fp32
@@ -263,7 +265,7 @@ def check_module(m, form: str, dtype, T=6, B=4, device="cpu") -> None:
                                      for _ in range(FP32_NUDGES)]
                 used = tolerance_used(g, w, table, torch.float32)
                 moved = max(tolerance_used(n[i][k], w, table, torch.float32) for n in nudged_truths)
-                if used > max(1.0, FP32_NUDGED * moved):
+                if not used <= max(1.0, FP32_NUDGED * moved) < float("inf"):
                     raise AssertionError(f"{label}: {used:.3g} of the fp32 tolerance; inputs moved by one fp32 "
                                          f"rounding move the fp64 truth by {moved:.3g} of it") from None
 
@@ -313,11 +315,12 @@ if CUDA_EXT:
         check_module(m.to("cuda").train(train), form, dtype, device="cuda")
 
 
-def test_nudged_truth_excuses_no_real_error(monkeypatch):
-    """An fp32 output 1 % off fails check_module: the nudged truths of an ordinary draw excuse none of it."""
+@pytest.mark.parametrize("skew", [1.01, float("nan")], ids=["1%", "nan"])
+def test_nudged_truth_excuses_no_real_error(monkeypatch, skew):
+    """An fp32 output 1 % off, or NaN, fails check_module: the nudged truths of an ordinary draw excuse none of it."""
     m = make_module("LSTM", FEATURES["ln"], torch.float32, "reference")
     forward = m.forward
-    monkeypatch.setattr(m, "forward", lambda *a: (lambda y, hn: (y * 1.01, hn))(*forward(*a)))
+    monkeypatch.setattr(m, "forward", lambda *a: (lambda y, hn: (y * skew, hn))(*forward(*a)))
     with pytest.raises(AssertionError, match="one fp32 rounding"):
         check_module(m, "batched", torch.float32)
 

@@ -401,13 +401,15 @@ def test_calibration_follows_the_plans_on_another_gpu():
 
 
 def test_calibration_prices_a_grid_barrier_that_does_not_grow_flat():
-    """Grid barriers that cost no more over more blocks (or a line through a negative fixed part) give no price per
-    member: the barrier over the most blocks, flat; one size alone likewise."""
+    """Grid barriers that cost no more over more blocks (or a line through a negative fixed part) give a price per
+    member of 0, which the measured costs keep (persist.h's would otherwise add to the flat price): the barrier over
+    the most blocks, flat; one size alone likewise."""
     def grid(n, cycles):
         return persist_calibrate.Sample("barrier", f"grid barrier, {n} blocks", "grid", "grid", n, cycles, cycles / 2)
     for cycles in ({132: 2000.0, 66: 2100.0, 16: 2300.0}, {132: 2000.0, 66: 900.0, 16: 100.0}, {132: 2000.0}):
         got = persist_calibrate.grid_barrier([grid(n, c) for n, c in cycles.items()], 2.0)
-        assert got == {"grid_sync": cycles[132] / 2.0}
+        assert got == {"grid_sync": cycles[132] / 2.0, "grid_sync_member": 0.0}
+        assert persist_calibrate.measured_costs(got) == {"grid_sync": round(cycles[132] / 2.0), "grid_sync_member": 0}
     rising = persist_calibrate.grid_barrier([grid(n, 1000.0 + 5 * n) for n in (132, 66, 16)], 2.0)
     assert rising == pytest.approx({"grid_sync": 500.0, "grid_sync_member": 2.5})
 
