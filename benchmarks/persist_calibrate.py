@@ -252,15 +252,16 @@ PLAN_KEYS = ("scheme", "units", "batch_tile", "mma", "chunks")
 
 def measured_costs(implied: Dict[str, float]) -> Dict[str, int]:
     """The prices the fits imply, by persistent_plan's ``costs`` names (the tensor cores' from bf16's fit, else
-    TF32's), rounded; those not measured or not positive left out (persist.h's stay), but for the grid barrier's
-    price per member, whose 0 says it measured flat."""
+    TF32's), rounded; those not measured or not positive once rounded left out (persist.h's stay), but for the grid
+    barrier's price per member, whose 0 says it measured flat."""
     names = {"grid_sync": "grid_sync", "grid_sync_member": "grid_sync_member", "cluster_sync": "cluster_sync",
              "stage": "stage", "exchange": "exchange"}
     mma = "mma-bf16" if "mma-bf16" in implied else "mma-tf32"
     out = {name: implied[key] for name, key in names.items() if key in implied}
     if mma in implied:
         out["mma"] = implied[mma]
-    return {k: int(round(v)) for k, v in out.items() if v > 0 or (k == "grid_sync_member" and v == 0)}
+    rounded = {k: int(round(v)) for k, v in out.items()}
+    return {k: v for k, v in rounded.items() if v > 0 or (k == "grid_sync_member" and v == 0)}
 
 
 def plan_changes(limits: dict, costs: Dict[str, int]) -> List[tuple]:

@@ -57,8 +57,8 @@ constexpr int64_t kChunk = 64;
 constexpr int64_t kGridSyncCycles = 2000;
 // A grid plan's step barrier waits only for its sync group (one direction's slices of one batch tile), and each
 // member arrives with an atomic on the group's one counter, which L2 serialises: a price per member on top. Zero,
-// so that kGridSyncCycles prices the whole GPU's barrier as before, until the calibration's grid barriers over
-// all SMs, half of them and 16 give the slope.
+// so that kGridSyncCycles prices the whole GPU's barrier as before, until a slope fitted by the calibration (grid
+// barriers over all SMs, half of them and 16) is written here.
 constexpr int64_t kGridSyncMemberCycles = 0;
 // A K chunk's fixed price: its operand's round trip to L2 (the loads wait for the barrier before them, the K
 // loop for the loads) and two block barriers, ~500 cycles until a GPU run measures it. A backward over K = G*H

@@ -40,7 +40,8 @@ TOL_TF32 = {**TOL, torch.float32: TOL[torch.float16]}
 # gates are nearly equal magnifies fp32 rounding. torch's own ops (the reference backend) reach 7e-5 of the
 # largest magnitude in the worst of ~900 random fp32 cases (tests/test_cells_ext.py shapes); the bound is
 # about twice that. About one 2-layer bidirectional LSTM draw in a thousand is worse conditioned than that, for
-# every backend alike: test_cells_ext.check_module then asks how far one fp32 rounding of the inputs moves the truth.
+# every backend alike: test_cells_ext.check_module then asks how far one fp32 rounding of the inputs and
+# parameters moves the truth.
 TOL_LAYER_NORM = {**TOL, torch.float32: dict(rtol=2e-4, atol=2e-4)}
 
 

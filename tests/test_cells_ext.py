@@ -325,6 +325,16 @@ def test_nudged_truth_excuses_no_real_error(monkeypatch, skew):
         check_module(m, "batched", torch.float32)
 
 
+def test_nan_truth_is_no_draw_to_excuse():
+    """A NaN weight makes the result and the fp64 truth NaN alike: check_module fails (the fallback's errors of
+    inf on both sides must not compare as a match)."""
+    m = make_module("LSTM", FEATURES["ln"], torch.float32, "reference")
+    with torch.no_grad():
+        m.weight_hh_l0[0, 0] = float("nan")
+    with pytest.raises(AssertionError):
+        check_module(m, "batched", torch.float32)
+
+
 @pytest.mark.parametrize("backend", ext_backends(torch.float64))
 @pytest.mark.parametrize("form", ["packed", "unbatched"])
 @pytest.mark.parametrize("features", FEATURES)

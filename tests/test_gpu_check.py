@@ -412,6 +412,10 @@ def test_calibration_prices_a_grid_barrier_that_does_not_grow_flat():
         assert persist_calibrate.measured_costs(got) == {"grid_sync": round(cycles[132] / 2.0), "grid_sync_member": 0}
     rising = persist_calibrate.grid_barrier([grid(n, 1000.0 + 5 * n) for n in (132, 66, 16)], 2.0)
     assert rising == pytest.approx({"grid_sync": 500.0, "grid_sync_member": 2.5})
+    # a price that rounds to 0 is not measured as free: persist.h's stays (but for the price per member)
+    assert persist_calibrate.measured_costs({"stage": 0.3, "exchange": 5.2, "grid_sync": 100.0,
+                                             "grid_sync_member": 0.2}) == {"exchange": 5, "grid_sync": 100,
+                                                                            "grid_sync_member": 0}
 
 
 def test_calibration_says_what_it_cannot_fit():
