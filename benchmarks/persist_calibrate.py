@@ -10,7 +10,8 @@ its own code (``fastrnn._C._persist_probe``: its block GEMM and step barrier in 
 and nanoseconds from ``%globaltimer`` per block, one block per SM) and fits them:
 
 - barriers: a block's own (``__syncthreads``), the grid's (cooperative launch) over all SMs and fewer, and a
-  thread-block cluster's of 2, 4 and 8 blocks (sm_90), also as one cluster alone;
+  thread-block cluster's of 2, 4 and 8 blocks (sm_90), as many clusters as the GPU holds at once (``cuda_limits``'s
+  ``clusters_at_once``) and as one cluster alone;
 - block GEMMs: those of the plans the standard configurations get on this GPU (fp32 planned without TF32, on the
   SIMT loop; with TF32 and in bf16, on the tensor cores), their operand as many batch tiles as the plan's, and a
   sweep over K at one shape per loop for leverage, each also in the smallest chunks, so that the chunks' price
@@ -156,10 +157,12 @@ def measure(probe: Probe, limits: dict, quick: bool = False) -> List[Sample]:
     if limits.get("cooperative", True):
         for n in sorted({sms, max(sms // 2, 1), min(16, sms)}, reverse=True):
             out.append(_sample(probe, "barrier", f"grid barrier, {n} blocks", "grid", n, b_iters))
-    # the GPCs may hold fewer clusters than the SMs allow (the launch then takes the grid barrier, as the engine's
-    # does): each size also as one cluster alone
+    # the GPCs may hold fewer clusters than the SMs allow (more would take the grid barrier, as the engine's launch
+    # does): each size as many clusters as the GPU holds at once, and as one cluster alone
+    at_once = limits.get("clusters_at_once", {})
     for size in (2, 4, 8):
-        for n in sorted({sms // size * size, size} if size <= cluster else (), reverse=True):
+        most = min(sms // size, at_once.get(size, sms // size)) * size
+        for n in sorted({most, size} - {0} if size <= cluster else (), reverse=True):
             out.append(_sample(probe, "barrier", f"cluster barrier of {size}, {n} blocks", "cluster", n, b_iters,
                                cluster=size))
     for name, kind, K, R, bt, mma, es, kc, pad, tiles, blocks in plan_gemms(limits) + sweep_gemms(limits):
@@ -296,7 +299,7 @@ def clock_ghz(samples: List[Sample]) -> Optional[float]:
 
 
 def markdown(samples: List[Sample], fitted: Dict[str, object], model: dict, title: str,
-             changes: Optional[List[tuple]] = None) -> str:
+             changes: Optional[List[tuple]] = None, at_once: Optional[Dict[int, int]] = None) -> str:
     lines = [f"# Persistent engine cost model on {title}", "",
              "`python benchmarks/persist_calibrate.py`: the engine's block GEMM and step barrier "
              "(`fastrnn._C._persist_probe`), one block per SM; per step, the median over blocks of `clock64` cycles "
@@ -305,6 +308,10 @@ def markdown(samples: List[Sample], fitted: Dict[str, object], model: dict, titl
     ghz = clock_ghz(samples)
     if ghz:
         lines += [f"SM clock seen: {ghz:.2f} GHz.", ""]
+    if at_once:
+        held = ", ".join(f"{n} of {size}" for size, n in sorted(at_once.items()))
+        lines += [f"Thread-block clusters the GPU holds at once, a block per SM (`cudaOccupancyMaxActiveClusters`, "
+                  f"which the plans take): {held}.", ""]
     lines += ["| measurement | kind | scheme ran | blocks | cycles / step | µs / step | units | steps | chunks | "
               "exchanged |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for s in samples:
@@ -370,7 +377,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     fitted = fit(samples)
     changes = plan_changes(limits, measured_costs(fitted["implied"])) if fitted.get("implied") else None
     text = markdown(samples, fitted, model,
-                    f"{torch.cuda.get_device_name(device)} (torch {torch.__version__}, {limits['sms']} SMs)", changes)
+                    f"{torch.cuda.get_device_name(device)} (torch {torch.__version__}, {limits['sms']} SMs)", changes,
+                    limits.get("clusters_at_once"))
     publish(text, args.out)
     return 0
 

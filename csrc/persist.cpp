@@ -283,13 +283,14 @@ Plan plan_uncached(const Limits& lim, int64_t G, int64_t B, int64_t H, int64_t e
 Plan plan_with(const Limits& lim, int64_t G, int64_t B, int64_t H, int64_t esize, bool proj, bool cells, bool pair) {
   constexpr size_t kPlans = 4096;
   using Key = std::tuple<int64_t, int64_t, bool, int64_t, bool, bool, int64_t, int64_t, int64_t, int64_t, int,
-                         std::array<int64_t, 6>>;
+                         std::array<int64_t, 6>, std::array<int64_t, kMaxCluster + 1>>;
   static std::mutex mu;
   static std::map<Key, Plan> plans;
   const Costs& c = lim.costs;
   const Key key{lim.sms, lim.smem, lim.cooperative, lim.cluster, lim.mma, lim.tf32, G, B, H, esize,
                 proj | cells << 1 | pair << 2 | lim.pad << 3,
-                std::array<int64_t, 6>{c.grid_sync, c.grid_sync_member, c.cluster_sync, c.stage, c.mma, c.exchange}};
+                std::array<int64_t, 6>{c.grid_sync, c.grid_sync_member, c.cluster_sync, c.stage, c.mma, c.exchange},
+                lim.clusters_at_once};
   {
     const std::lock_guard<std::mutex> lock(mu);
     const auto it = plans.find(key);
@@ -689,8 +690,21 @@ bool emulating(const Tensor& x) {
   return x.is_cpu() && g_emulated.sms > 0 && (d == at::kFloat || d == at::kHalf || d == at::kBFloat16);
 }
 
-void set_emulation(int64_t sms, int64_t smem, int64_t cluster, bool mma, bool tf32, bool clusters_fit) {
-  g_emulated = Limits{sms, smem, /*cooperative=*/true, cluster, mma, tf32};
+void set_clusters_at_once(Limits& lim, const std::map<int64_t, int64_t>& at_once) {
+  for (const auto& [size, n] : at_once) {
+    TORCH_CHECK(size >= 1 && size <= kMaxCluster, "fastrnn: clusters_at_once: a cluster has 1 to ", kMaxCluster,
+                " blocks, got ", size);
+    TORCH_CHECK(n >= 0, "fastrnn: clusters_at_once: clusters of ", size, " blocks held at once must be at least 0, got ",
+                n);
+    lim.clusters_at_once[size] = n;
+  }
+}
+
+void set_emulation(int64_t sms, int64_t smem, int64_t cluster, bool mma, bool tf32, bool clusters_fit,
+                   const std::map<int64_t, int64_t>& clusters_at_once) {
+  Limits lim{sms, smem, /*cooperative=*/true, cluster, mma, tf32};
+  set_clusters_at_once(lim, clusters_at_once);
+  g_emulated = lim;
   g_clusters_fit = clusters_fit;
 }
 

@@ -24,6 +24,7 @@
 // the instruction lane by lane from the PTX ISA's fragment table.
 #pragma once
 
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -107,17 +108,33 @@ struct Costs {
           stage = kStageCycles, mma = kMmaCycles, exchange = kExchangeCycles;
 };
 
+// The portable cluster size, the most blocks a plan puts in one cluster: larger ones need
+// cudaFuncAttributeNonPortableClusterSizeAllowed and are not guaranteed to be schedulable with a block per SM.
+constexpr int64_t kMaxCluster = 8;
+
 // What the plan needs of a device.
 struct Limits {
   int64_t sms = 0;    // streaming multiprocessors
   int64_t smem = 0;   // dynamic shared memory one block may opt in to, bytes
   bool cooperative = false;
-  int64_t cluster = 0;  // most blocks in a thread-block cluster (sm_90 and later: 8, the portable size), 0: none
+  int64_t cluster = 0;  // most blocks in a thread-block cluster (sm_90 and later: kMaxCluster), 0: none
   bool mma = false;     // tensor cores (sm_80 and later): 16-bit always, fp32 only with `tf32`
   bool tf32 = false;    // torch allows TF32 for cuDNN's RNN (torch.backends.cudnn.allow_tf32 / rnn.fp32_precision)
   bool pad = true;      // the SIMT loop's strides padded where they fit (off: FASTRNN_PERSISTENT_PAD=0, to measure)
   Costs costs;          // the cost model's prices (persist.h's, unless a calibration asks for others)
+  // [n]: clusters of n blocks the GPU holds at once, a block per SM (cudaOccupancyMaxActiveClusters); -1: not
+  // known, taken as sms / n. A cluster's blocks share one GPC, and SMs left over in a GPC host no cluster, so
+  // where a GPC's SM count is no multiple of n a GPU holds fewer (an H100's 132 SMs are 8 GPCs of uneven size).
+  // Every engine kernel takes over 128 registers a thread (145 to 250: benchmarks/results/kernel_report.md), so
+  // a block per SM whatever its shared memory, and this one count per size is what each launch meets.
+  std::array<int64_t, kMaxCluster + 1> clusters_at_once{-1, -1, -1, -1, -1, -1, -1, -1, -1};
 };
+
+// The clusters of n blocks that run at once on the device (Limits::clusters_at_once).
+inline int64_t clusters_at_once(const Limits& lim, int64_t n) {
+  const int64_t known = n >= 1 && n <= kMaxCluster ? lim.clusters_at_once[n] : -1;
+  return known >= 0 ? known : lim.sms / n;
+}
 
 
 // What fits where, decided once per call on the host from the device's SM count and shared memory.
@@ -378,8 +395,8 @@ constexpr int64_t kRowSyncCycles = 400;
 
 // The cheapest feasible (U, bt) by the cost model; kNone when even one unit per block over every SM does not
 // fit, or the problem is one the engine does not run (decided by the caller: proj_size, fp64). A split over
-// at most lim.cluster blocks runs as a cluster, a wider one needs cooperative launch (the grid barrier needs
-// every block resident). With `cells` (fastrnn's own cells): the row phase's shared memory and cost, and two
+// at most lim.cluster blocks runs as a cluster where the GPU holds every tile's cluster at once; a wider one, or
+// more clusters than that, needs cooperative launch (the grid barrier needs every block resident). With `cells` (fastrnn's own cells): the row phase's shared memory and cost, and two
 // barriers per step (after the GEMM, after the rows).
 inline Plan make_plan(int64_t G, int64_t B, int64_t H, int64_t esize, const Limits& lim, bool cells = false) {
   const int64_t sms = lim.sms, smem_max = lim.smem - (cells ? kRowSmem : 0);
@@ -418,7 +435,10 @@ inline Plan make_plan(int64_t G, int64_t B, int64_t H, int64_t esize, const Limi
     };
     widen(f);
     widen(b);
-    const int scheme = slices == 1 ? kBlock : slices <= lim.cluster ? kCluster : kGrid;
+    // a split into clusters that the GPU cannot hold all at once meets at the grid barrier, as its launch would
+    const bool clusters_fit = tiles <= clusters_at_once(lim, slices);
+    const int scheme = slices == 1 ? kBlock : slices <= lim.cluster && clusters_fit ? kCluster : kGrid;
+    if (scheme == kGrid && !lim.cooperative) return;
     // a cluster's blocks write each other's next staged operand where a GEMM's K is one chunk and a second fits
     if (scheme == kCluster && !cells) {
       Gemm f2 = f, b2 = b;
@@ -464,9 +484,15 @@ inline Plan make_plan(int64_t G, int64_t B, int64_t H, int64_t esize, const Limi
             ? "W_hh split over the blocks of a thread-block cluster per batch tile, a cluster barrier per step, the "
               "blocks writing each other's GEMM operand in distributed shared memory"
             : "W_hh split over the blocks of a thread-block cluster per batch tile, a cluster barrier per step";
-    best.why = scheme == kGrid    ? (cells ? "W_hh split over blocks by hidden units, two grid barriers per step "
-                                             "(whole rows for the row phase)"
-                                           : "W_hh split over blocks by hidden units, a grid barrier per step")
+    const char* grid_why =
+        slices <= lim.cluster
+            ? (cells ? "W_hh split over blocks by hidden units, two grid barriers per step (whole rows for the row "
+                       "phase): the GPU holds too few clusters of that many blocks at once"
+                     : "W_hh split over blocks by hidden units, a grid barrier per step: the GPU holds too few "
+                       "clusters of that many blocks at once")
+        : cells ? "W_hh split over blocks by hidden units, two grid barriers per step (whole rows for the row phase)"
+                : "W_hh split over blocks by hidden units, a grid barrier per step";
+    best.why = scheme == kGrid      ? grid_why
                : scheme == kCluster ? cluster_why
                                     : "each block holds all of W_hh for its batch rows: no barrier between blocks";
   };
@@ -492,6 +518,8 @@ inline Plan make_pair_plan(int64_t G, int64_t B, int64_t H, int64_t esize, const
   const Plan one = make_plan(G, B, H, esize, lim);
   Limits half = lim;
   half.sms = lim.sms / 2;
+  // both directions' clusters at once: each direction's tiles within half of them
+  for (int64_t& n : half.clusters_at_once) n = n >= 0 ? n / 2 : -1;
   if (one.scheme == kNone || half.sms == 0) return one;
   Plan both = make_plan(G, B, H, esize, half);
   if (both.scheme == kNone || both.cost >= 2 * one.cost) return one;

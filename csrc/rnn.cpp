@@ -828,8 +828,8 @@ pybind11::dict build_info() {
 // The persistent engine's plan for G gates, batch B, hidden H, storage element size esize (8: fp64), with or
 // without proj_size, plain cells or fastrnn's own (`cells`), one direction or both of a bidirectional layer
 // (`pair`: "dirs" 2 where they share a launch; "blocks" counts both), on a device with `sms` SMs, `smem` bytes of shared
-// memory per block, cooperative launch or not and thread-block clusters of up to `cluster` blocks (0: none)
-// or not (persist::plan_with, what a call on such a device takes).
+// memory per block, cooperative launch or not, thread-block clusters of up to `cluster` blocks (0: none) and
+// `clusters_at_once` of each size (persist::plan_with, what a call on such a device takes).
 const char* scheme_name(int scheme) {
   static const char* names[] = {"per-step", "block", "grid", "cluster"};
   return names[scheme];
@@ -839,8 +839,10 @@ pybind11::dict plan_dict(const persist::Plan& p);
 
 pybind11::dict persist_plan(int64_t G, int64_t B, int64_t H, int64_t esize, int64_t sms, int64_t smem,
                             bool cooperative, bool proj, bool cells, int64_t cluster, bool mma, bool tf32, bool pair,
-                            bool pad, const std::map<std::string, int64_t>& costs) {
+                            bool pad, const std::map<std::string, int64_t>& costs,
+                            const std::map<int64_t, int64_t>& clusters_at_once) {
   persist::Limits lim{sms, smem, cooperative, cluster, mma, tf32, pad};
+  persist::set_clusters_at_once(lim, clusters_at_once);
   // prices other than persist.h's (a calibration's), by name; an unknown name is refused
   for (const auto& [name, value] : costs) {
     int64_t* slot = name == "grid_sync" ? &lim.costs.grid_sync
@@ -931,6 +933,9 @@ pybind11::dict cuda_limits(int device) {
   d["smem"] = l.smem;
   d["cooperative"] = l.cooperative;
   d["cluster"] = l.cluster;
+  pybind11::dict at_once;  // the sizes a plan may take, 2 to l.cluster
+  for (int64_t n = 2; n <= l.cluster; ++n) at_once[pybind11::int_(n)] = l.clusters_at_once[n];
+  d["clusters_at_once"] = at_once;
   d["mma"] = l.mma;
   d["tf32"] = persist::tf32_allowed();
   d["pad"] = l.pad;
@@ -1013,14 +1018,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("sms"), py::arg("smem"), py::arg("cooperative") = true, py::arg("proj") = false,
         py::arg("cells") = false, py::arg("cluster") = 0, py::arg("mma") = false, py::arg("tf32") = false,
         py::arg("pair") = false, py::arg("pad") = true, py::arg("costs") = std::map<std::string, int64_t>{},
+        py::arg("clusters_at_once") = std::map<int64_t, int64_t>{},
         "the persistent CUDA engine's plan for a problem on a device of these limits (and, with `costs`, the cost "
-        "model's prices by name instead of persist.h's)");
+        "model's prices by name instead of persist.h's; with `clusters_at_once`, {blocks per cluster: clusters the "
+        "GPU holds at once}, sizes left out taken as sms // size)");
   m.def("tf32_allowed", &fastrnn::persist::tf32_allowed,
         "whether torch now allows TF32 for cuDNN's RNN, which puts fp32 CUDA calls of the persistent engine on "
         "tensor cores in TF32");
   m.def("cuda_limits", &fastrnn::cuda_limits, py::arg("device"),
-        "SM count, shared memory per block, cooperative launch, most blocks per thread-block cluster, tensor "
-        "cores, and whether torch now allows TF32 for cuDNN's RNN");
+        "SM count, shared memory per block, cooperative launch, most blocks per thread-block cluster and the "
+        "clusters of each size the GPU holds at once, tensor cores, and whether torch now allows TF32 for cuDNN's "
+        "RNN");
   m.def("_persist_bank_report", &fastrnn::persist::bank_report, py::arg("K"), py::arg("R"), py::arg("bt"),
         py::arg("es") = 4, py::arg("ldw") = 0, py::arg("lds") = 0, py::arg("ldr") = 0,
         "test hook: shared-memory wavefronts and instructions per phase of one K step of the SIMT block GEMM");
@@ -1053,9 +1061,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   }
   m.def("_set_persist_emulation", &fastrnn::persist::set_emulation, py::arg("sms"), py::arg("smem"),
         py::arg("cluster") = 0, py::arg("mma") = false, py::arg("tf32") = false, py::arg("clusters_fit") = true,
+        py::arg("clusters_at_once") = std::map<int64_t, int64_t>{},
         "test hook: CPU fp32 and 16-bit calls run the persistent engine's block program as on a GPU of these "
         "limits (0: off); clusters_fit=False runs a planned cluster at the grid barrier, as a launch does where the "
-        "GPU cannot place the clusters");
+        "GPU cannot place the clusters; clusters_at_once as persist_plan's");
   m.def("cuda_probe", &fastrnn::cuda_probe_py,
         "touches the CUDA runtime (device count, one tiny kernel); raises RuntimeError on any CUDA error");
 }

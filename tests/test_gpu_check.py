@@ -286,7 +286,9 @@ import persist_calibrate  # noqa: E402
 import fastrnn  # noqa: E402
 from fastrnn.ops import cpp as _cpp  # noqa: E402
 
-H200_LIMITS = dict(sms=132, smem=232448, cooperative=True, cluster=8, mma=True, pad=True)
+# clusters held at once: of 2 and 4 fewer than the SMs allow (GPCs of uneven size), of 8 none (the stand-in's)
+H200_LIMITS = dict(sms=132, smem=232448, cooperative=True, cluster=8, mma=True, pad=True,
+                   clusters_at_once={2: 64, 3: 42, 4: 30, 5: 24, 6: 20, 7: 16, 8: 0})
 A100_LIMITS = dict(sms=108, smem=166912, cooperative=True, cluster=0, mma=True, pad=True)
 # cycles of the stand-in: a model unit, a chunk staged from L2 and one exchanged in shared memory, a GEMM call's fixed
 # part, a warp's mma round per kind, barriers (the grid's: a fixed part and one per member)
@@ -296,12 +298,14 @@ TRUE = dict(unit=3.0, stage=900.0, exchange=130.0, fixed=250.0, mma={2: 50.0, 4:
 
 def _stand_in_probe(limits, calls):
     """A GPU of ``limits`` whose pieces cost what TRUE says, at 1.8 GHz; it refuses what the real probe refuses for
-    shared memory, and places no cluster of 8 (the launch then takes the grid barrier)."""
+    shared memory, and places no cluster of 8 nor more clusters than ``clusters_at_once`` (the launch then takes the
+    grid barrier)."""
     def probe(scheme, blocks, cluster=0, K=0, R=0, bt=0, mma=False, es=4, kc=64, pad=True, rows=1, iters=1,
               exchange=False):
         calls.append((scheme, blocks, cluster, K))
         assert 1 <= blocks <= limits["sms"] and (scheme != "cluster" or cluster <= limits["cluster"])
-        ran = "grid" if scheme == "cluster" and cluster not in TRUE["cluster"] else scheme
+        placed = cluster in TRUE["cluster"] and blocks // cluster <= limits.get("clusters_at_once", {}).get(cluster, 0)
+        ran = "grid" if scheme == "cluster" and not placed else scheme
         step = {"block": TRUE["block"], "grid": TRUE["grid"][0] + TRUE["grid"][1] * blocks}.get(ran) \
             or TRUE["cluster"][cluster]
         if K:
@@ -341,7 +345,10 @@ def test_calibration_recovers_the_costs_of_the_pieces():
     assert imp["cluster_sync"] == pytest.approx(max(TRUE["cluster"].values()) / u, rel=1e-2)
     assert persist_calibrate.clock_ghz(samples) == pytest.approx(1.8)
     eights = [s for s in samples if s.scheme == "cluster" and "of 8" in s.label]
-    assert len(eights) == 2 and all(s.ran == "grid" for s in eights)
+    assert len(eights) == 1 and all(s.ran == "grid" for s in eights)
+    # clusters of 2 and 4: as many as the GPU holds at once, all placed
+    held = {(s.label.split(" of ")[1].split(",")[0], s.blocks) for s in samples if s.ran == "cluster"}
+    assert held == {("2", 128), ("2", 2), ("4", 120), ("4", 4)}, held
     simt = [s for s in samples if s.kind == "simt"]
     assert len({s.units for s in simt}) >= 3 and len({s.chunks for s in simt}) >= 3
     assert {s.kind for s in samples} == {"barrier", "simt", "mma-bf16", "mma-tf32"}
@@ -529,6 +536,22 @@ if torch.cuda.is_available():  # collected only where a GPU is present
         assert 0.5 < persist_calibrate.clock_ghz(samples) < 3.0
         got = persist_calibrate.fit(samples)
         assert got["simt"] is not None and got["implied"]["unit_cycles"] > 0
+
+    @pytest.mark.cuda
+    def test_cuda_clusters_at_once_are_what_a_launch_places():
+        """cuda_limits' clusters of each size held at once (what the plans take): within the SMs, no more for a
+        larger size, and exactly what a launch of the engine's barrier places as clusters, one block per SM (one
+        cluster more takes the grid barrier)."""
+        limits = dict(fastrnn._C.cuda_limits(0))
+        at_once = {int(n): held for n, held in limits["clusters_at_once"].items()}
+        assert sorted(at_once) == list(range(2, limits["cluster"] + 1)), at_once
+        held = [at_once[n] for n in sorted(at_once)]
+        assert all(0 <= at_once[n] <= limits["sms"] // n for n in at_once) and held == sorted(held, reverse=True)
+        for n, most in at_once.items():
+            if most:
+                assert fastrnn._C._persist_probe(0, "cluster", most * n, cluster=n, iters=1)["scheme"] == "cluster"
+            if (most + 1) * n <= limits["sms"]:
+                assert fastrnn._C._persist_probe(0, "cluster", (most + 1) * n, cluster=n, iters=1)["scheme"] == "grid"
 
 
 # Host time per step of the CUDA calls (benchmarks/host_time.py, the measurements' "host-time" step).

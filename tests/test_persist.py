@@ -7,10 +7,12 @@ same for fastrnn's own cells (LayerNorm, zoneout, recurrent dropout: a row phase
 import contextlib
 import itertools
 import os
+from typing import Optional
 
 import pytest
 import torch
 
+import fastrnn
 from fastrnn.ops import GATES, MODES, cpp
 from layer_cases import (DTYPE_IDS, Case, Impl, assert_matches_reference, assert_pair_matches_reference, nan_poisoned,
                          one_step_and_one_unit)
@@ -30,8 +32,9 @@ def lib():
 
 
 @contextlib.contextmanager
-def emulated(sms: int, smem: int, cluster: int = 0, mma: bool = False, tf32: bool = False, clusters_fit: bool = True):
-    lib()._set_persist_emulation(sms, smem, cluster, mma, tf32, clusters_fit)
+def emulated(sms: int, smem: int, cluster: int = 0, mma: bool = False, tf32: bool = False, clusters_fit: bool = True,
+             clusters_at_once: Optional[dict] = None):
+    lib()._set_persist_emulation(sms, smem, cluster, mma, tf32, clusters_fit, clusters_at_once or {})
     try:
         yield
     finally:
@@ -606,6 +609,54 @@ def test_cluster_plans_where_the_split_fits_a_cluster():
     assert p["scheme"] == "cluster" and p["slices"] == 8
 
 
+# A stand-in Hopper whose 132 SMs sit in GPCs of 15 and 18 (a cluster's blocks share one GPC, and SMs left over in a
+# GPC host none), so it holds sum(gpc // n) clusters of n blocks at once, a block per SM: 12 of 8, not 16
+GPCS = (18,) * 4 + (15,) * 4
+AT_ONCE = {n: sum(g // n for g in GPCS) for n in range(2, 9)}
+
+
+def test_cluster_plans_take_no_more_clusters_than_the_gpu_holds():
+    """Every cluster plan's clusters (its tiles, both directions' where a pair shares the launch) held at once, else
+    that split meets at the grid barrier and says why, as its launch would; the table changes only plans whose
+    clusters it does not hold, none to a cheaper one; without cooperative launch such a split is not taken."""
+    hopper = dict(H200, cluster=8)
+    held = dict(hopper, clusters_at_once=AT_ONCE)
+    assert sum(GPCS) == H200["sms"] and AT_ONCE[8] == 12
+    changed = crowded = 0
+    for mode, B, H, dtype, pair, cells in itertools.product(MODES, (1, 16, 64, 256), (128, 256, 512, 1024),
+                                                          (torch.float32, torch.bfloat16), (False, True), (False, True)):
+        if pair and cells:
+            continue
+        kw = dict(cells=cells, bidirectional=pair)
+        free = cpp.persistent_plan(mode, B, H, dtype, limits=hopper, **kw)
+        p = cpp.persistent_plan(mode, B, H, dtype, limits=held, **kw)
+        no_coop = cpp.persistent_plan(mode, B, H, dtype, limits=dict(held, cooperative=False), **kw)
+        for q in (p, no_coop):
+            if q["scheme"] == "cluster":
+                assert q["tiles"] * q["dirs"] <= AT_ONCE[q["slices"]], q
+        assert no_coop["scheme"] != "grid", no_coop
+        if p["scheme"] == "grid" and p["slices"] <= 8:
+            assert "too few clusters" in p["why"], p
+            crowded += 1
+        if p != free:
+            assert free["scheme"] == "cluster" and free["tiles"] * free["dirs"] > AT_ONCE[free["slices"]], (free, p)
+            # a pair's plan prices both directions' step, one direction's plan one of them
+            def step(q):
+                return q["cost"] * (2 if pair and q["dirs"] == 1 else 1)
+            assert step(p) > step(free), (free, p)
+            changed += 1
+    assert changed >= 40 and crowded >= 10, (changed, crowded)
+
+
+@pytest.mark.parametrize("at_once, message", [({9: 1}, "a cluster has 1 to 8 blocks, got 9"),
+                                              ({8: -1}, "clusters of 8 blocks held at once must be at least 0, got -1")])
+def test_clusters_at_once_refuses_what_no_gpu_has(at_once, message):
+    with pytest.raises(RuntimeError, match=message):
+        cpp.persistent_plan("LSTM", 64, 256, limits=dict(H200, cluster=8, clusters_at_once=at_once))
+    with pytest.raises(RuntimeError, match=message):
+        lib()._set_persist_emulation(*H200.values(), 8, clusters_at_once=at_once)
+
+
 # a device whose clusters take the "split" device's W_hh slices: every split plan there becomes a cluster plan
 CLUSTER = DEVICES["split"] + (8,)
 # one batch tile each, its hidden units over a cluster of 5-6 blocks (the GRU's pushing its operands, plain cells)
@@ -623,6 +674,18 @@ def test_cluster_plans_run_the_block_program(c, cells):
             assert_cells_match(c, torch.float32, "ln-zo-rd")
         else:
             assert_matches_reference(CPU32, c)
+
+
+def test_emulated_calls_plan_with_the_clusters_the_gpu_holds():
+    """The emulator's device holds no cluster of any size: its calls plan the grid barrier, and say why."""
+    c = next(c for c in CLUSTER_CASES if c.mode == "LSTM")
+    module, x = fastrnn.LSTM(c.I, c.H), torch.randn(c.T, c.B, c.I)
+    with emulated(*CLUSTER):
+        assert "thread-block cluster" in fastrnn.explain(module, x)
+    with emulated(*CLUSTER, clusters_at_once={n: 0 for n in range(2, 9)}), nan_poisoned(CPU32):
+        why = fastrnn.explain(module, x)
+        assert "grid barrier" in why and "too few clusters" in why, why
+        assert_matches_reference(CPU32, c)
 
 
 # 16-bit on tensor cores in thread-block clusters, staging from L2: a device whose 16-bit plans split GRU (H 48) and

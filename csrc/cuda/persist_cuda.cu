@@ -255,6 +255,25 @@ __global__ void __launch_bounds__(kThreads, 1) persist_kernel(const __grid_const
   clk.store(dirs.clocks, blockIdx.x);
 }
 
+// A launch of `blocks` blocks of kThreads in clusters of `size`, with `smem` bytes of dynamic shared memory each;
+// `attr` holds its cluster attribute.
+cudaLaunchConfig_t cluster_launch(unsigned blocks, int64_t size, int64_t smem, cudaStream_t stream,
+                                  cudaLaunchAttribute& attr) {
+  attr = cudaLaunchAttribute{};
+  attr.id = cudaLaunchAttributeClusterDimension;
+  attr.val.clusterDim.x = static_cast<unsigned>(size);
+  attr.val.clusterDim.y = 1;
+  attr.val.clusterDim.z = 1;
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = dim3(blocks);
+  cfg.blockDim = dim3(kThreads);
+  cfg.dynamicSmemBytes = static_cast<size_t>(smem);
+  cfg.stream = stream;
+  cfg.attrs = &attr;
+  cfg.numAttrs = 1;
+  return cfg;
+}
+
 // Whether all of the launch's clusters with this kernel's shared memory are resident at once (the blocks of a
 // cluster share one GPC: the device's limits alone do not say; with 5-8 blocks per cluster and a block per SM
 // the GPCs hold fewer clusters than SMs / blocks). Clusters never wait on each other, so more would still be
@@ -269,10 +288,14 @@ bool clusters_fit(const void* kernel, const cudaLaunchConfig_t& cfg) {
 }
 
 // Whether the kernel runs sm_90 code, where the cluster barrier exists: a build without it (FASTRNN_CUDA_ARCHS
-// below 90) runs its PTX on a Hopper GPU, where step_barrier's cluster branch would trap.
+// below 90) runs its PTX on a Hopper GPU, where step_barrier's cluster branch would trap. No code for this device
+// at all: no clusters either (its launch says why).
 bool has_clusters(const void* kernel) {
   cudaFuncAttributes attr{};
-  C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
+  if (cudaFuncGetAttributes(&attr, kernel) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return false;
+  }
   return attr.ptxVersion >= 90;
 }
 
@@ -289,17 +312,7 @@ int launch(const void* kernel, const Dirs<Args>& dirs, cudaStream_t stream) {
   if (p.scheme == kCluster) {
     // a tile's slices are consecutive blocks (persist.h owned()): one cluster each
     cudaLaunchAttribute attr{};
-    attr.id = cudaLaunchAttributeClusterDimension;
-    attr.val.clusterDim.x = static_cast<unsigned>(p.slices);
-    attr.val.clusterDim.y = 1;
-    attr.val.clusterDim.z = 1;
-    cudaLaunchConfig_t cfg{};
-    cfg.gridDim = grid;
-    cfg.blockDim = block;
-    cfg.dynamicSmemBytes = static_cast<size_t>(p.smem);
-    cfg.stream = stream;
-    cfg.attrs = &attr;
-    cfg.numAttrs = 1;
+    const cudaLaunchConfig_t cfg = cluster_launch(grid.x, p.slices, p.smem, stream, attr);
     if (has_clusters(kernel) && clusters_fit(kernel, cfg)) {
       C10_CUDA_CHECK(cudaLaunchKernelExC(&cfg, kernel, params));
       return kCluster;
@@ -431,9 +444,11 @@ int ext_bwd_cuda(Mode m, const Dirs<ExtBwd>& f, void* stream) {
 }
 
 namespace {
-// The portable cluster size: larger ones need cudaFuncAttributeNonPortableClusterSizeAllowed and are not
-// guaranteed to be schedulable with a block per SM.
-constexpr int64_t kMaxCluster = 8;
+// The kernel that answers for all of the engine's in the queries below: one build compiles them all for the same
+// architectures, and each runs a block per SM (persist.h Limits::clusters_at_once).
+const void* any_kernel() {
+  return reinterpret_cast<const void*>(&persist_kernel<FwdProgram<LstmFwd, c10::BFloat16>>);
+}
 
 // FASTRNN_PERSISTENT_CLUSTER=0 plans as if the GPU had no clusters (split plans then meet at the grid barrier),
 // to measure one barrier against the other; read once per device, with its limits, as are
@@ -445,12 +460,32 @@ bool tensor_cores(int device) {
   int major = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
   cudaFuncAttributes attr{};
-  if (cudaFuncGetAttributes(&attr, reinterpret_cast<const void*>(
-                                       &persist_kernel<FwdProgram<LstmFwd, c10::BFloat16>>)) != cudaSuccess) {
+  if (cudaFuncGetAttributes(&attr, any_kernel()) != cudaSuccess) {
     (void)cudaGetLastError();  // no code for this device: no tensor cores (a launch would say why)
     return false;
   }
   return major >= 8 && attr.ptxVersion >= 80 && allowed("FASTRNN_PERSISTENT_MMA");
+}
+
+// Limits::clusters_at_once for clusters of 2 to l.cluster blocks, each block asking for all the shared memory it may
+// have: a block per SM, as every launch of the engine runs (its registers see to that).
+void query_clusters(Limits& l) {
+  if (l.cluster == 0) return;
+  const void* kernel = any_kernel();
+  cudaFuncAttributes attr{};
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
+  const int64_t smem = l.smem - static_cast<int64_t>(attr.sharedSizeBytes);
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  for (int64_t n = 2; n <= l.cluster; ++n) {
+    cudaLaunchAttribute cluster{};
+    const cudaLaunchConfig_t cfg = cluster_launch(static_cast<unsigned>(n), n, smem, nullptr, cluster);
+    int at_once = 0;
+    if (cudaOccupancyMaxActiveClusters(&at_once, kernel, &cfg) != cudaSuccess) {
+      (void)cudaGetLastError();  // a size this GPU cannot place: none at once
+      at_once = 0;
+    }
+    l.clusters_at_once[n] = at_once;
+  }
 }
 
 Limits query_limits(int device) {
@@ -463,9 +498,11 @@ Limits query_limits(int device) {
   l.sms = sms;
   l.smem = smem;
   l.cooperative = coop != 0;
-  l.cluster = cluster != 0 && allowed("FASTRNN_PERSISTENT_CLUSTER") ? kMaxCluster : 0;
+  // clusters where the device launches them and this build has sm_90 code for it (has_clusters)
+  l.cluster = cluster != 0 && allowed("FASTRNN_PERSISTENT_CLUSTER") && has_clusters(any_kernel()) ? kMaxCluster : 0;
   l.mma = tensor_cores(device);
   l.pad = allowed("FASTRNN_PERSISTENT_PAD");
+  query_clusters(l);
   return l;
 }
 }  // namespace

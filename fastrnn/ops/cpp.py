@@ -74,7 +74,9 @@ def persistent_plan(mode: str, batch: int, hidden: int, dtype: torch.dtype = tor
     both share one launch, each on half the SMs, because the cost model prices that below two launches one after
     the other (``"blocks"`` then counts both directions').
     ``limits`` (``{"sms": ..., "smem": ...}``, optionally ``"cooperative"``, ``"cluster"``: most blocks per
-    cluster, ``"mma"``: tensor cores, ``"tf32"``: torch allows TF32 for cuDNN's RNN, which puts fp32 on them too,
+    cluster, ``"clusters_at_once"``: ``{blocks per cluster: clusters the GPU holds at once}``, a block per SM (its
+    GPCs may hold fewer than ``sms // size``, the default for a size left out; a plan whose tiles need more clusters
+    meets at the grid barrier, as its launch would), ``"mma"``: tensor cores, ``"tf32"``: torch allows TF32 for cuDNN's RNN, which puts fp32 on them too,
     ``"pad"``: False plans as ``FASTRNN_PERSISTENT_PAD=0`` does; ``"costs"``: the cost model's prices by name,
     ``grid_sync`` (and ``grid_sync_member``, per block of a grid barrier's group), ``cluster_sync``, ``stage``,
     ``mma``, ``exchange``, in its unit, instead of csrc/persist.h's, as
@@ -92,7 +94,8 @@ def persistent_plan(mode: str, batch: int, hidden: int, dtype: torch.dtype = tor
     plan = dict(_lib().persist_plan(_ops.GATES[mode], batch, hidden, esize, limits["sms"], limits["smem"],
                                     limits.get("cooperative", True), bool(proj_size), cells,
                                     limits.get("cluster", 0), limits.get("mma", False), limits.get("tf32", False),
-                                    bidirectional, limits.get("pad", True), limits.get("costs", {})))
+                                    bidirectional, limits.get("pad", True), limits.get("costs", {}),
+                                    limits.get("clusters_at_once", {})))
     plan["enabled"] = os.environ.get("FASTRNN_PERSISTENT") == "1"
     return plan
 
