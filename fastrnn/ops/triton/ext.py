@@ -51,7 +51,7 @@ from fastrnn.ops.triton.cells import (FP_FUSION, _tanh, cell_backward, cell_forw
                                      release)
 from fastrnn.ops.triton.host import (MODE_IDS, Rows, input_projection, nan_buffer, none_if_empty, placeholder,
                                      plan_rows, run_loop, step_tables)
-from fastrnn.ops.triton.persist import _barrier, device_programs, first_clean
+from fastrnn.ops.triton.persist import _barrier, barrier_counters, device_programs, first_clean
 from fastrnn.ops.triton.persist import enabled_by_default as persist_enabled
 
 _EPS = tl.constexpr(LN_EPS)
@@ -524,8 +524,8 @@ def _fwd_seq_kernel(
     Pointers at row 0 of ``[N, *]`` time-major tensors (the step's rows at ``off[t]``): xs, hs (SAVE; without RAW
     the product's destination, with LN its normalised copy), st, y, zh, cs, zc, as :func:`_fwd_kernel`; raw:
     [B, G*H] the products' scratch (RAW: LayerNorm, or nothing saved). Per batch row ``[B, *]``: h, m, hm, c.
-    wt: [H, G*H] W_hh^T fp32; bs: [T] int32 rows per step; off: [T] int64 first row per step; sync: [tiles] int32
-    zeroed barrier counters (SYNC: other slices wrote what a pass reads, so it meets them and loads volatile).
+    wt: [H, G*H] W_hh^T fp32; bs: [T] int32 rows per step; off: [T] int64 first row per step; sync: zeroed barrier
+    counters, persist.barrier_counters (SYNC: other slices wrote what a pass reads, so it meets them and loads volatile).
     """
     GH = G * H
     n_slices = tl.num_programs(1)
@@ -549,7 +549,7 @@ def _fwd_seq_kernel(
                 o_n = (n0 + tl.arange(0, BN))[None, :]
                 tl.store(p_g + o_r * GH + o_n, acc, mask=m_b & (o_n < c1))
         if (PRODUCT | ROWS) == PASSES:
-            _barrier(p_sync + tl.program_id(0), (2 * (k - k_begin) + 1) * n_slices, SYNC)
+            _barrier(p_sync, (2 * (k - k_begin) + 1) * n_slices, SYNC)
         if ROWS & PASSES:
             o_l = tl.program_id(1) * RB + tl.arange(0, RB)[:, None]
             o_q = tl.program_id(0) * BR + o_l + z
@@ -558,7 +558,7 @@ def _fwd_seq_kernel(
                       p_cs + o_t * H, p_zc + o_t * H, o_q, (o_l < BR) & (o_q < n_t), H, MODE, G, LN, SAVE, STORE,
                       ZONE_H, ZONE_C, MASK, True, SYNC, RB, BC)
         if k + 1 < k_end:
-            _barrier(p_sync + tl.program_id(0), 2 * (k + 1 - k_begin) * n_slices, SYNC)
+            _barrier(p_sync, 2 * (k + 1 - k_begin) * n_slices, SYNC)
 
 
 @triton.jit(do_not_specialize=["zero", "k_begin", "k_end", "T"])
@@ -594,7 +594,7 @@ def _bwd_seq_kernel(
                       o_q, (o_l < BR) & (o_q < n_t), H, MODE, G, LN, ZONE_H, ZONE_C, True, BYPASS, False, SPLIT,
                       SYNC, RB, BC)
         if (PRODUCT | ROWS) == PASSES:
-            _barrier(p_sync + tl.program_id(0), (2 * (k - k_begin) + 1) * n_slices, SYNC)
+            _barrier(p_sync, (2 * (k - k_begin) + 1) * n_slices, SYNC)
         if PRODUCT & PASSES:
             o_r, m_b = _rows(n_t, BR)
             o_r += z
@@ -609,7 +609,7 @@ def _bwd_seq_kernel(
                     acc += tl.load(p_dh + o_r * H + o_n, mask=m, other=0.0, volatile=SYNC)
                 tl.store(p_dh + o_r * H + o_n, acc, mask=m)
         if k + 1 < k_end:
-            _barrier(p_sync + tl.program_id(0), 2 * (k + 1 - k_begin) * n_slices, SYNC)
+            _barrier(p_sync, 2 * (k + 1 - k_begin) * n_slices, SYNC)
 
 
 # The seq variant's tile: (warps, product values, row values), i.e. a row tile of `row values` (one per thread at
@@ -738,7 +738,7 @@ def _launch_seq(kernel, variant: str, rows: Rows, B: int, H: int, *args, **const
     if sync and 2 * T * slices >= 2**31:  # the barrier counts every slice's arrivals, twice a step, in int32
         raise ValueError(f"fastrnn: the '{variant}' variant takes fewer than {2**31 // (2 * slices)} steps at "
                          f"{slices} hidden slices, got {T}")
-    counters = torch.zeros(grid[0], dtype=torch.int32, device=device)
+    counters = barrier_counters(grid[0], device)
     order = (ROWS.value, PRODUCT.value) if backward else (PRODUCT.value, ROWS.value)
     spans = [(k, k + 1, p) for k in range(T) for p in order] if per_phase else [(0, T, sum(order))]
 

@@ -11,7 +11,8 @@ H = 1024 is 16 MB). Both read K in the same chunks in the same order, so they co
 
 A step needs the previous step's ``h`` (backward: gate gradients) of every hidden unit, written by the
 other slices of the same batch tile, so the slices of a tile meet at a barrier after each step: an atomic
-counter per batch tile in global memory (release on arrival, acquire while waiting). Batch tiles never
+counter per batch tile in global memory, each on a cache line of its own (release on arrival, acquire while
+waiting). Batch tiles never
 wait for each other. A barrier between programs only works if all of them are resident at once, hence
 :func:`persist_config` refusing a grid larger than the GPU's SM count (every configuration fits at least
 one program per SM; see ``benchmarks/kernel_report.py``) and a cooperative launch whenever programs wait
@@ -97,12 +98,24 @@ def device_programs(device: torch.device) -> Optional[int]:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+# Each batch tile's barrier counter on a 128-byte line of its own (32 int32), so that one tile's arrivals and polls,
+# atomics at L2, do not queue behind another's (as the CUDA engine's kCounterStride).
+COUNTER_STRIDE = tl.constexpr(32)
+
+
+def barrier_counters(tiles: int, device: torch.device) -> torch.Tensor:
+    """Zeroed barrier counters for a launch of ``tiles`` batch tiles (:func:`_barrier`)."""
+    return torch.zeros(tiles * COUNTER_STRIDE.value, dtype=torch.int32, device=device)
+
+
 @triton.jit
-def _barrier(p_count, target, SYNC: tl.constexpr):
-    """Wait until ``target`` arrivals at this batch tile's counter, counting this program's. Without
-    ``SYNC`` only the program's own threads meet (what a single-slice grid needs between steps)."""
+def _barrier(p_sync, target, SYNC: tl.constexpr):
+    """Wait until ``target`` arrivals at this program's batch tile's counter (of :func:`barrier_counters`'s at
+    ``p_sync``), counting this program's. Without ``SYNC`` only the program's own threads meet (what a
+    single-slice grid needs between steps)."""
     tl.debug_barrier()
     if SYNC:
+        p_count = p_sync + tl.program_id(0) * COUNTER_STRIDE
         tl.atomic_add(p_count, 1, sem="release")
         arrived = tl.atomic_add(p_count, 0, sem="acquire")
         while arrived < target:
@@ -144,7 +157,7 @@ def _fwd_persist_kernel(
                           p_h + o_t * H, p_c + o_t * H, p_s + o_t * (G * H), p_hn + o_t * H, n_t, n_p, H, H, z, w_res,
                           MODE, G, HAS_BIAS, SAVE, UPCAST, SYNC, BB, BH, BK, NK)
         if k + 1 < k_end:
-            _barrier(p_sync + tl.program_id(0), (k + 1 - k_begin) * n_slices, SYNC)
+            _barrier(p_sync, (k + 1 - k_begin) * n_slices, SYNC)
 
 
 @triton.jit(do_not_specialize=["zero", "j_begin", "j_end", "T"])
@@ -168,7 +181,7 @@ def _bwd_persist_kernel(
                           p_gh + o_t * (G * H), p_gx + o_t * H, n_t, n_n, H, H, z, w_res,
                           MODE, G, False, UPCAST, SYNC, BB, BH, BK, NK)
         if j + 1 < j_end:
-            _barrier(p_sync + tl.program_id(0), (j + 1 - j_begin) * n_slices, SYNC)
+            _barrier(p_sync, (j + 1 - j_begin) * n_slices, SYNC)
 
 
 # W_hh's slice stays on chip through the time loop (step.resident_w: Triton keeps a loop-invariant dot operand in
@@ -248,7 +261,7 @@ def _launch(kernel, args, T: int, B: int, H: int, device: torch.device, consts: 
     # A cooperative launch makes the driver guarantee that every program is resident (or refuse the launch)
     # even beside other kernels on other streams, which the SM-count bound alone cannot.
     launch = {"launch_cooperative_grid": True} if g[1] > 1 and not interpreting() else {}
-    counters = torch.zeros(g[0], dtype=torch.int32, device=device)  # one barrier per batch tile; unused per step
+    counters = barrier_counters(g[0], device)  # one barrier per batch tile; unused per step
 
     def options(chunks: int, synced: bool) -> Dict:
         return dict(**consts, SYNC=synced, BB=cfg["BB"], BH=cfg["BH"], BK=cfg["BK"], NK=chunks,
