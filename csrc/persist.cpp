@@ -694,8 +694,8 @@ void set_clusters_at_once(Limits& lim, const std::map<int64_t, int64_t>& at_once
   for (const auto& [size, n] : at_once) {
     TORCH_CHECK(size >= 1 && size <= kMaxCluster, "fastrnn: clusters_at_once: a cluster has 1 to ", kMaxCluster,
                 " blocks, got ", size);
-    TORCH_CHECK(n >= 0, "fastrnn: clusters_at_once: clusters of ", size, " blocks held at once must be at least 0, got ",
-                n);
+    TORCH_CHECK(n >= 0, "fastrnn: clusters_at_once: clusters of ", size,
+                " blocks held at once must be at least 0, got ", n);
     lim.clusters_at_once[size] = n;
   }
 }

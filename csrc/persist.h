@@ -112,6 +112,13 @@ struct Costs {
 // cudaFuncAttributeNonPortableClusterSizeAllowed and are not guaranteed to be schedulable with a block per SM.
 constexpr int64_t kMaxCluster = 8;
 
+// Limits::clusters_at_once of a device that has not said: -1 for every size.
+constexpr std::array<int64_t, kMaxCluster + 1> unknown_clusters() {
+  std::array<int64_t, kMaxCluster + 1> a{};
+  for (int64_t& n : a) n = -1;
+  return a;
+}
+
 // What the plan needs of a device.
 struct Limits {
   int64_t sms = 0;    // streaming multiprocessors
@@ -127,7 +134,7 @@ struct Limits {
   // where a GPC's SM count is no multiple of n a GPU holds fewer (an H100's 132 SMs are 8 GPCs of uneven size).
   // Every engine kernel takes over 128 registers a thread (145 to 250: benchmarks/results/kernel_report.md), so
   // a block per SM whatever its shared memory, and this one count per size is what each launch meets.
-  std::array<int64_t, kMaxCluster + 1> clusters_at_once{-1, -1, -1, -1, -1, -1, -1, -1, -1};
+  std::array<int64_t, kMaxCluster + 1> clusters_at_once = unknown_clusters();
 };
 
 // The clusters of n blocks that run at once on the device (Limits::clusters_at_once).
@@ -396,8 +403,9 @@ constexpr int64_t kRowSyncCycles = 400;
 // The cheapest feasible (U, bt) by the cost model; kNone when even one unit per block over every SM does not
 // fit, or the problem is one the engine does not run (decided by the caller: proj_size, fp64). A split over
 // at most lim.cluster blocks runs as a cluster where the GPU holds every tile's cluster at once; a wider one, or
-// more clusters than that, needs cooperative launch (the grid barrier needs every block resident). With `cells` (fastrnn's own cells): the row phase's shared memory and cost, and two
-// barriers per step (after the GEMM, after the rows).
+// more clusters than that, needs cooperative launch (the grid barrier needs every block resident). With `cells`
+// (fastrnn's own cells): the row phase's shared memory and cost, and two barriers per step (after the GEMM, after
+// the rows).
 inline Plan make_plan(int64_t G, int64_t B, int64_t H, int64_t esize, const Limits& lim, bool cells = false) {
   const int64_t sms = lim.sms, smem_max = lim.smem - (cells ? kRowSmem : 0);
   const int64_t max_slices = lim.cooperative ? sms : (lim.cluster < sms ? lim.cluster : sms);
@@ -405,6 +413,7 @@ inline Plan make_plan(int64_t G, int64_t B, int64_t H, int64_t esize, const Limi
   best.why = lim.cooperative || lim.cluster
                  ? "W_hh does not fit: one unit per block over every SM needs more shared memory than a block has"
                  : "no cooperative launch or clusters, and W_hh does not fit in one block";
+  bool crowded = false;  // a split that fit was left out for want of clusters (no cooperative launch)
   int64_t best_cost = -1;
   // a candidate split, its GEMMs on the SIMT loop or the tensor cores
   auto consider = [&](int64_t U, int64_t slices, int64_t bt, int64_t tiles, bool mma) {
@@ -438,7 +447,10 @@ inline Plan make_plan(int64_t G, int64_t B, int64_t H, int64_t esize, const Limi
     // a split into clusters that the GPU cannot hold all at once meets at the grid barrier, as its launch would
     const bool clusters_fit = tiles <= clusters_at_once(lim, slices);
     const int scheme = slices == 1 ? kBlock : slices <= lim.cluster && clusters_fit ? kCluster : kGrid;
-    if (scheme == kGrid && !lim.cooperative) return;
+    if (scheme == kGrid && !lim.cooperative) {
+      crowded = true;
+      return;
+    }
     // a cluster's blocks write each other's next staged operand where a GEMM's K is one chunk and a second fits
     if (scheme == kCluster && !cells) {
       Gemm f2 = f, b2 = b;
@@ -505,6 +517,10 @@ inline Plan make_plan(int64_t G, int64_t B, int64_t H, int64_t esize, const Limi
       consider(U, slices, bt, tiles, false);
       if (lim.mma && (esize == 2 || (esize == 4 && lim.tf32 && !cells))) consider(U, slices, bt, tiles, true);
     }
+  }
+  if (best.scheme == kNone && crowded) {
+    best.why = "W_hh does not fit in one block, the GPU holds too few clusters of the blocks a split takes, and it has "
+               "no cooperative launch for the grid barrier";
   }
   return best;
 }

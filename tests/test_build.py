@@ -60,6 +60,11 @@ def test_cuda_kernels_compile_without_spills(built, arch):
     # 256 threads per block (launch bounds) allow up to 255 registers; staying well below keeps occupancy
     worst = max(v["registers"] for v in cell.values())
     assert 0 < worst <= 128, f"sm_{arch}: a cell kernel uses {worst} registers"
+    # the engine's kernels take over 128 registers a thread: a block per SM whatever its shared memory, as the plan's
+    # count of the clusters a GPU holds at once assumes (csrc/persist.h Limits::clusters_at_once; the probe asks
+    # for a whole SM's shared memory instead)
+    engine = {k: v["registers"] for k, v in kernels.items() if "persist_kernel" in k}
+    assert len(engine) == N_PERSIST_KERNELS - 2 and min(engine.values()) > 128, f"sm_{arch}: {engine}"
 
 
 # The persistent engine's inner loops as compiled, in instructions a warp issues: a SIMT K step is 16 FMAs and 8 shared

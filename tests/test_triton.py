@@ -151,6 +151,29 @@ def test_persist_launches_per_step_only_where_programs_would_wait(H, slices, mon
     assert all(kw["SYNC"] == (slices == 1) and "launch_cooperative_grid" not in kw for _, _, kw in calls)
 
 
+if IN_PROCESS:
+    import triton
+    import triton.language as tl
+
+    from fastrnn.ops.triton.persist import _barrier
+
+    @triton.jit
+    def _arrive_once(p_sync, SYNC: tl.constexpr):
+        _barrier(p_sync, 1, SYNC)
+
+
+@interpreted
+def test_persist_barrier_counts_each_tile_on_a_line_of_its_own():
+    """Three batch tiles' programs meet at the barrier compiled in, each at its own tile's counter of
+    barrier_counters', 128 bytes apart; nothing else there is touched."""
+    from fastrnn.ops.triton import persist
+
+    counters = persist.barrier_counters(3, torch.device("cpu"))
+    _arrive_once[(3, 1)](counters, SYNC=True)
+    lines = counters.view(3, 128 // counters.element_size())
+    assert lines[:, 0].tolist() == [1, 1, 1] and not lines[:, 1:].any(), lines
+
+
 @interpreted
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("c", [Case("LSTM", 3, 3, 3, 40, packed=True, reverse=True), Case("LSTM", 4, 3, 3, 16),

@@ -469,13 +469,21 @@ bool tensor_cores(int device) {
 
 // Limits::clusters_at_once for clusters of 2 to l.cluster blocks, each block asking for all the shared memory it may
 // have: a block per SM, as every launch of the engine runs (its registers see to that).
+// Where the runtime will not answer, the counts stay unknown (sms / n) and a launch's own check decides.
 void query_clusters(Limits& l) {
   if (l.cluster == 0) return;
   const void* kernel = any_kernel();
   cudaFuncAttributes attr{};
-  C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
+  if (cudaFuncGetAttributes(&attr, kernel) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return;
+  }
   const int64_t smem = l.smem - static_cast<int64_t>(attr.sharedSizeBytes);
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)) !=
+      cudaSuccess) {
+    (void)cudaGetLastError();
+    return;
+  }
   for (int64_t n = 2; n <= l.cluster; ++n) {
     cudaLaunchAttribute cluster{};
     const cudaLaunchConfig_t cfg = cluster_launch(static_cast<unsigned>(n), n, smem, nullptr, cluster);

@@ -76,7 +76,8 @@ def persistent_plan(mode: str, batch: int, hidden: int, dtype: torch.dtype = tor
     ``limits`` (``{"sms": ..., "smem": ...}``, optionally ``"cooperative"``, ``"cluster"``: most blocks per
     cluster, ``"clusters_at_once"``: ``{blocks per cluster: clusters the GPU holds at once}``, a block per SM (its
     GPCs may hold fewer than ``sms // size``, the default for a size left out; a plan whose tiles need more clusters
-    meets at the grid barrier, as its launch would), ``"mma"``: tensor cores, ``"tf32"``: torch allows TF32 for cuDNN's RNN, which puts fp32 on them too,
+    meets at the grid barrier, as its launch would), ``"mma"``: tensor cores, ``"tf32"``: torch allows TF32 for
+    cuDNN's RNN, which puts fp32 on them too,
     ``"pad"``: False plans as ``FASTRNN_PERSISTENT_PAD=0`` does; ``"costs"``: the cost model's prices by name,
     ``grid_sync`` (and ``grid_sync_member``, per block of a grid barrier's group), ``cluster_sync``, ``stage``,
     ``mma``, ``exchange``, in its unit, instead of csrc/persist.h's, as
