@@ -525,7 +525,8 @@ def _fwd_seq_kernel(
     the product's destination, with LN its normalised copy), st, y, zh, cs, zc, as :func:`_fwd_kernel`; raw:
     [B, G*H] the products' scratch (RAW: LayerNorm, or nothing saved). Per batch row ``[B, *]``: h, m, hm, c.
     wt: [H, G*H] W_hh^T fp32; bs: [T] int32 rows per step; off: [T] int64 first row per step; sync: zeroed barrier
-    counters, persist.barrier_counters (SYNC: other slices wrote what a pass reads, so it meets them and loads volatile).
+    counters, persist.barrier_counters (SYNC: other slices wrote what a pass reads, so it meets them and loads
+    volatile).
     """
     GH = G * H
     n_slices = tl.num_programs(1)
