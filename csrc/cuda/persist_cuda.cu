@@ -275,9 +275,10 @@ cudaLaunchConfig_t cluster_launch(unsigned blocks, int64_t size, int64_t smem, c
 }
 
 // Whether all of the launch's clusters with this kernel's shared memory are resident at once (the blocks of a
-// cluster share one GPC: the device's limits alone do not say; with 5-8 blocks per cluster and a block per SM
-// the GPCs hold fewer clusters than SMs / blocks). Clusters never wait on each other, so more would still be
-// right but run in a second wave, the layer's time twice over: the grid barrier is cheaper then.
+// cluster share one GPC, so the GPCs may hold fewer clusters than SMs / blocks). The plan asked the same of one
+// kernel at a block per SM (Limits::clusters_at_once); this asks it of the launch's own. Clusters never wait on each
+// other, so more would still be right but run in a second wave, the layer's time twice over: the grid barrier is
+// cheaper then.
 bool clusters_fit(const void* kernel, const cudaLaunchConfig_t& cfg) {
   int clusters = 0;
   if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg) != cudaSuccess) {
