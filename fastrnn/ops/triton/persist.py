@@ -98,8 +98,8 @@ def device_programs(device: torch.device) -> Optional[int]:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-# Each batch tile's barrier counter on a 128-byte line of its own (32 int32), so that one tile's arrivals and polls,
-# atomics at L2, do not queue behind another's (as the CUDA engine's kCounterStride).
+# Each batch tile's barrier counter on a 128-byte line of its own (32 int32), so that one tile's arrivals (atomics)
+# and polls (acquire loads), both served at L2, do not queue behind another's (as the CUDA engine's kCounterStride).
 COUNTER_STRIDE = tl.constexpr(32)
 
 
