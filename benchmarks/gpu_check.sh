@@ -37,10 +37,15 @@
 #   bash benchmarks/gpu_check.sh --dry-run   # print the plan; needs no GPU
 #   bash benchmarks/gpu_check.sh --only build,cuda-tests-persistent,benchmark   # a few steps, in plan order
 #   bash benchmarks/gpu_check.sh --no-build --only extra   # the measurements alone (--only core: the check's)
-#   options: --out DIR (inside the repository), --no-build, --no-bench, --extra, --only STEP[,STEP...], --serial
+#   bash benchmarks/gpu_check.sh --extra --budget 540   # the check, then as many measurements as 9 minutes allow
+#   options: --out DIR (inside the repository), --no-build, --no-bench, --extra, --only STEP[,STEP...], --serial,
+#            --budget SECONDS
+# --budget: the whole run ends within SECONDS of its start, for a GPU lent by the minute: a step starts only with
+# 30 s (or its own limit, if less) left to it, and its limit is cut to what is left; the steps not started are named
+# in summary.md with the --only that runs them next.
 #
 # Exit status: 0 every step passed; 1 a step failed (summary.md says which); 2 no CUDA GPU visible to torch
-# (nothing run) or a usage error.
+# (nothing run) or a usage error; 3 every step run passed, and --budget left some out.
 set -uo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -51,6 +56,7 @@ BENCH=1
 EXTRA=0
 ONLY=""
 SERIAL=0
+BUDGET=""
 while [ $# -gt 0 ]; do
     case "$1" in
         --dry-run) DRY=1 ;;
@@ -60,6 +66,8 @@ while [ $# -gt 0 ]; do
         --serial) SERIAL=1 ;;
         --out) OUT="${2:?--out needs a folder}"; shift ;;
         --only) ONLY="${2:?--only needs step names (see --dry-run)}"; shift ;;
+        --budget) BUDGET="${2:?--budget needs seconds}"; shift
+                  [[ "$BUDGET" =~ ^[0-9]+$ ]] || { echo "gpu_check: --budget takes whole seconds, got $BUDGET" >&2; exit 2; } ;;
         -h|--help) awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "$0"; exit 0 ;;
         *) echo "gpu_check: unknown option $1 (see --help)" >&2; exit 2 ;;
     esac
@@ -188,7 +196,7 @@ if [ -n "$ONLY" ]; then
 fi
 
 if [ $DRY = 1 ]; then
-    echo "gpu_check plan (from the repository root; logs and summary.md in $OUT/):"
+    echo "gpu_check plan (from the repository root; logs and summary.md in $OUT/)$([ -n "$BUDGET" ] && echo ", in order while the budget of $BUDGET s lasts"):"
     for step in "${STEPS[@]}"; do
         IFS='|' read -r name limit cmd side <<< "$step"
         echo "  $name: $cmd  > $OUT/$name.log (limit ${limit} s)$([ -n "$side" ] && [ $SERIAL = 0 ] && echo ', side by side')"
@@ -208,7 +216,7 @@ touch "$SUMMARY.start"  # what the benchmarks write after this is this run's
     echo "# GPU check"
     echo
     echo '```'
-    echo "bash benchmarks/gpu_check.sh $([ $BUILD = 0 ] && echo '--no-build ')$([ $BENCH = 0 ] && echo '--no-bench ')$([ $EXTRA = 1 ] && echo '--extra ')$([ -n "$ONLY" ] && echo "--only $ONLY ")--out $OUT"
+    echo "bash benchmarks/gpu_check.sh $([ $BUILD = 0 ] && echo '--no-build ')$([ $BENCH = 0 ] && echo '--no-bench ')$([ $EXTRA = 1 ] && echo '--extra ')$([ -n "$ONLY" ] && echo "--only $ONLY ")$([ -n "$BUDGET" ] && echo "--budget $BUDGET ")--out $OUT"
     echo '```'
     echo
     echo "- date (UTC): $(date -u '+%Y-%m-%d %H:%M')"
@@ -219,16 +227,17 @@ touch "$SUMMARY.start"  # what the benchmarks write after this is this run's
     echo "| --- | --- | --- |"
 } > "$SUMMARY"
 
+GRACE=10  # seconds timeout gives a step after its limit before it kills it
 # One step: its log, and its summary row in $OUT/.row.NAME; exit status 1 when it failed.
 run_step() {
     local name=$1 limit=$2 cmd=$3 start=$SECONDS rc result bad=1
-    { echo "\$ $cmd"; timeout -k 10 "$limit" bash -c "$cmd"; } > "$OUT/$name.log" 2>&1
+    { echo "\$ $cmd"; timeout -k $GRACE "$limit" bash -c "$cmd"; } > "$OUT/$name.log" 2>&1
     rc=$?
     if [ $rc = 0 ]; then
         result="passed"
         bad=0
     elif [ $rc = 124 ] || [ $rc = 137 ]; then
-        result="**TIMED OUT** after ${limit} s"
+        result="**TIMED OUT** after ${limit} s$([ -n "${4:-}" ] && echo ' (its limit cut to the budget)')"
     elif [ "${name%-persistent}" = cuda-tests ] && [ $rc = 5 ]; then
         # pytest's "no tests collected": no test carries the marker yet, which is no failure of the GPU
         result="no tests carry the \`cuda\` marker yet"
@@ -243,6 +252,7 @@ run_step() {
 }
 
 failed=0
+left_out=""
 i=0
 while [ $i -lt ${#STEPS[@]} ]; do
     # the run of consecutive "side" steps from i (or step i alone)
@@ -257,8 +267,18 @@ while [ $i -lt ${#STEPS[@]} ]; do
     pids=()
     for step in "${group[@]}"; do
         IFS='|' read -r name limit cmd _ <<< "$step"
+        cut=""
+        if [ -n "$BUDGET" ]; then
+            left=$((BUDGET - SECONDS - GRACE))
+            if [ $left -lt $((limit < 30 ? limit : 30)) ]; then
+                echo "| $name | not run: $((left > 0 ? left : 0)) s of the budget ($BUDGET s) left | |" > "$OUT/.row.$name"
+                left_out+="${left_out:+,}$name"
+                continue
+            fi
+            [ $left -lt $limit ] && { limit=$left; cut=1; }
+        fi
         echo "== $name: $cmd"
-        run_step "$name" "$limit" "$cmd" &
+        run_step "$name" "$limit" "$cmd" $cut &
         pids+=($!)
     done
     for pid in "${pids[@]}"; do wait "$pid" || failed=1; done
@@ -277,5 +297,11 @@ for f in results.md phases.md layernorm.md grid-barrier/results.md bf16/results.
 done
 rm -f "$SUMMARY.start"
 [ -n "$reports" ] && echo -e "\nBenchmark reports: $reports" >> "$SUMMARY"
+if [ -n "$left_out" ]; then
+    echo -e "\nNot run for the budget: $left_out. Next: \`bash benchmarks/gpu_check.sh --no-build --only $left_out\`" \
+        >> "$SUMMARY"
+    echo "not run for the budget: $left_out"
+fi
 echo "wrote $SUMMARY"
+[ $failed = 0 ] && [ -n "$left_out" ] && exit 3
 exit $failed

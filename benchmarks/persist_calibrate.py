@@ -161,7 +161,7 @@ def measure(probe: Probe, limits: dict, quick: bool = False) -> List[Sample]:
     # does): each size as many clusters as the GPU holds at once, and as one cluster alone
     at_once = limits.get("clusters_at_once", {})
     for size in (2, 4, 8):
-        most = min(sms // size, at_once.get(size, sms // size)) * size
+        most = at_once.get(size, sms // size) * size
         for n in sorted({most, size} - {0} if size <= cluster else (), reverse=True):
             out.append(_sample(probe, "barrier", f"cluster barrier of {size}, {n} blocks", "cluster", n, b_iters,
                                cluster=size))
@@ -299,7 +299,8 @@ def clock_ghz(samples: List[Sample]) -> Optional[float]:
 
 
 def markdown(samples: List[Sample], fitted: Dict[str, object], model: dict, title: str,
-             changes: Optional[List[tuple]] = None, at_once: Optional[Dict[int, int]] = None) -> str:
+             changes: Optional[List[tuple]] = None, at_once: Optional[Dict[int, int]] = None,
+             measured: bool = True) -> str:
     lines = [f"# Persistent engine cost model on {title}", "",
              "`python benchmarks/persist_calibrate.py`: the engine's block GEMM and step barrier "
              "(`fastrnn._C._persist_probe`), one block per SM; per step, the median over blocks of `clock64` cycles "
@@ -310,8 +311,10 @@ def markdown(samples: List[Sample], fitted: Dict[str, object], model: dict, titl
         lines += [f"SM clock seen: {ghz:.2f} GHz.", ""]
     if at_once:
         held = ", ".join(f"{n} of {size}" for size, n in sorted(at_once.items()))
-        lines += [f"Thread-block clusters the GPU holds at once, a block per SM (`cudaOccupancyMaxActiveClusters`, "
-                  f"which the plans take): {held}.", ""]
+        source = ("`cudaOccupancyMaxActiveClusters`" if measured else
+                  "the runtime did not say, so SMs ÷ size, where the launch's own check decides")
+        lines += [f"Thread-block clusters the GPU holds at once, a block per SM ({source}; the plans take these): "
+                  f"{held}.", ""]
     lines += ["| measurement | kind | scheme ran | blocks | cycles / step | µs / step | units | steps | chunks | "
               "exchanged |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for s in samples:
@@ -378,7 +381,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     changes = plan_changes(limits, measured_costs(fitted["implied"])) if fitted.get("implied") else None
     text = markdown(samples, fitted, model,
                     f"{torch.cuda.get_device_name(device)} (torch {torch.__version__}, {limits['sms']} SMs)", changes,
-                    limits.get("clusters_at_once"))
+                    limits.get("clusters_at_once"), limits.get("clusters_measured", True))
     publish(text, args.out)
     return 0
 

@@ -690,6 +690,8 @@ bool emulating(const Tensor& x) {
   return x.is_cpu() && g_emulated.sms > 0 && (d == at::kFloat || d == at::kHalf || d == at::kBFloat16);
 }
 
+const Limits& emulated_limits() { return g_emulated; }
+
 void set_clusters_at_once(Limits& lim, const std::map<int64_t, int64_t>& at_once) {
   for (const auto& [size, n] : at_once) {
     TORCH_CHECK(size >= 1 && size <= kMaxCluster, "fastrnn: clusters_at_once: a cluster has 1 to ", kMaxCluster,

@@ -925,25 +925,36 @@ pybind11::dict persist_probe(int device, const std::string& scheme, int64_t bloc
   return d;
 }
 
-pybind11::dict cuda_limits(int device) {
+// A device's limits as cuda_limits and _persist_emulated_limits report them: clusters held at once as the plan takes
+// them (persist::clusters_at_once: SMs / size where the runtime did not say, which "clusters_measured" tells), so
+// that the dict goes back into persist_plan's clusters_at_once as it is.
+pybind11::dict limits_dict(const persist::Limits& l, bool tf32) {
   pybind11::dict d;
-#ifdef FASTRNN_WITH_CUDA
-  const persist::Limits l = persist::limits(device);
   d["sms"] = l.sms;
   d["smem"] = l.smem;
   d["cooperative"] = l.cooperative;
   d["cluster"] = l.cluster;
   pybind11::dict at_once;  // the sizes a plan may take, 2 to l.cluster
-  for (int64_t n = 2; n <= l.cluster; ++n) at_once[pybind11::int_(n)] = l.clusters_at_once[n];
+  bool measured = l.cluster >= 2;
+  for (int64_t n = 2; n <= l.cluster; ++n) {
+    at_once[pybind11::int_(n)] = persist::clusters_at_once(l, n);
+    measured = measured && l.clusters_at_once[n] >= 0;
+  }
   d["clusters_at_once"] = at_once;
+  d["clusters_measured"] = measured;
   d["mma"] = l.mma;
-  d["tf32"] = persist::tf32_allowed();
+  d["tf32"] = tf32;
   d["pad"] = l.pad;
+  return d;
+}
+
+pybind11::dict cuda_limits(int device) {
+#ifdef FASTRNN_WITH_CUDA
+  return limits_dict(persist::limits(device), persist::tf32_allowed());
 #else
   (void)device;
   TORCH_CHECK(false, "fastrnn: _C was built without CUDA");
 #endif
-  return d;
 }
 
 int cuda_probe_py() {
@@ -1027,8 +1038,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "tensor cores in TF32");
   m.def("cuda_limits", &fastrnn::cuda_limits, py::arg("device"),
         "SM count, shared memory per block, cooperative launch, most blocks per thread-block cluster and the "
-        "clusters of each size the GPU holds at once, tensor cores, and whether torch now allows TF32 for cuDNN's "
-        "RNN");
+        "clusters of each size the GPU holds at once (as the plans take them: SMs / size where the runtime did not say, "
+        "clusters_measured False), tensor cores, and whether torch now allows TF32 for cuDNN's RNN");
   m.def("_persist_bank_report", &fastrnn::persist::bank_report, py::arg("K"), py::arg("R"), py::arg("bt"),
         py::arg("es") = 4, py::arg("ldw") = 0, py::arg("lds") = 0, py::arg("ldr") = 0,
         "test hook: shared-memory wavefronts and instructions per phase of one K step of the SIMT block GEMM");
@@ -1065,6 +1076,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "test hook: CPU fp32 and 16-bit calls run the persistent engine's block program as on a GPU of these "
         "limits (0: off); clusters_fit=False runs a planned cluster at the grid barrier, as a launch does where the "
         "GPU cannot place the clusters; clusters_at_once as persist_plan's");
+  m.def("_persist_emulated_limits", [] { return fastrnn::limits_dict(fastrnn::persist::emulated_limits(),
+                                                                    fastrnn::persist::emulated_limits().tf32); },
+        "test hook: the limits _set_persist_emulation stands in for, as cuda_limits reports a GPU's (sms 0: off)");
   m.def("cuda_probe", &fastrnn::cuda_probe_py,
         "touches the CUDA runtime (device count, one tiny kernel); raises RuntimeError on any CUDA error");
 }

@@ -308,13 +308,14 @@ void ext_bwd(const Problem& pr, const Plan& plan, const at::Tensor& x, const Ext
 // `sms` SMs, `smem` bytes of shared memory per block, clusters of up to `cluster` blocks (0: none) and, with
 // `mma`, tensor cores for 16-bit (and fp32 with `tf32`); sms == 0: off; !clusters_fit: a planned cluster runs at the
 // grid barrier, as a launch does where the GPU cannot place its clusters; clusters_at_once: as
-// set_clusters_at_once. emulating(x): whether it is on for x's device and dtype.
+// set_clusters_at_once. emulating(x): whether it is on for x's device and dtype; emulated_limits(): the stand-in.
 void set_emulation(int64_t sms, int64_t smem, int64_t cluster, bool mma, bool tf32, bool clusters_fit,
                    const std::map<int64_t, int64_t>& clusters_at_once);
 // A stand-in device's Limits::clusters_at_once from {blocks per cluster: clusters held at once}; sizes left out
 // stay unknown (sms / size). A size outside 1 to kMaxCluster, or a negative count, is refused.
 void set_clusters_at_once(Limits& lim, const std::map<int64_t, int64_t>& at_once);
 bool emulating(const at::Tensor& x);
+const Limits& emulated_limits();
 // Test hook (_C._persist_bank_report): the shared-memory wavefronts of one K step of the SIMT block GEMM over K x R
 // with bt rows (storage element size es), per warp instruction of each phase (stage, ws, xs, spill, reduce: the
 // stage's stores, accumulate's loads of Ws and of the stage, spill's stores, reduce's loads): {phase: (wavefronts,

@@ -280,6 +280,44 @@ def test_side_by_side_steps_run_at_once_and_report_in_plan_order(tmp_path):
     assert len(failed) == 1 and "memcheck-grid" in failed[0] and "exit status 7" in failed[0]
 
 
+def test_budget_runs_what_fits_and_names_the_rest(tmp_path):
+    """--budget: with a stand-in python (each check 3 s, the calibration 7 s), 48 s hold the correctness steps and the
+    calibration (each starts with its 30 s left, after the 10 s of timeout's grace) but not the benchmark, whose row
+    says so, as does the summary with the --only that runs it next; exit status 3. With no budget at all no step
+    starts."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake_py = bin_dir / "python"
+    fake_py.write_text("#!/bin/bash\n[ \"$1\" = -c ] && exit 0\n[ \"$1\" = -m ] && [ \"$2\" = fastrnn ] && exit 0\n"
+                       "[[ \"$*\" == *persist_calibrate* ]] && { sleep 7; exit 0; }\nsleep 3\nexit 0\n")
+    sanitizer = bin_dir / "compute-sanitizer"
+    sanitizer.write_text("#!/bin/bash\nwhile [[ \"$1\" == --* ]]; do shift 2; done\nexec \"$@\"\n")
+    for f in (fake_py, sanitizer):
+        f.chmod(0o755)
+    env = dict(os.environ, PYTHON=str(fake_py), PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    out = tmp_path / "gpu"
+
+    def rows():
+        lines = (out / "summary.md").read_text().splitlines()
+        return {r.split("|")[1].strip(): r.split("|")[2] for r in lines if r.startswith("| ") and "---" not in r
+                and not r.startswith("| step ")}
+
+    proc = subprocess.run(["bash", CHECK, "--no-build", "--budget", "48", "--out", str(out)], capture_output=True,
+                          text=True, timeout=120, cwd=REPO, env=env)
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    got = rows()
+    assert list(got)[-2:] == ["calibrate", "benchmark"] and len(got) == 11, got
+    assert all("passed" in r for name, r in got.items() if name != "benchmark"), got
+    assert "not run" in got["benchmark"] and not (out / "benchmark.log").exists(), got
+    assert "--no-build --only benchmark`" in (out / "summary.md").read_text()
+    proc = subprocess.run(["bash", CHECK, "--no-build", "--no-bench", "--budget", "0", "--out", str(out)],
+                          capture_output=True, text=True, timeout=60, cwd=REPO, env=env)
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    got = rows()
+    assert len(got) == 9 and all("not run" in r for r in got.values()), got
+    assert f"--only {','.join(got)}`" in (out / "summary.md").read_text()
+
+
 # The calibration of the persistent engine's cost model (benchmarks/persist_calibrate.py, the check's
 # "calibrate" step): its measurements and fit on a stand-in GPU whose pieces cost what the test says.
 import persist_calibrate  # noqa: E402
@@ -369,6 +407,11 @@ def test_calibration_recovers_the_costs_of_the_pieces():
     assert f"| kMmaCycles (bf16) | {model['mma']} | {TRUE['mma'][2] / u:.0f} |" in text
     assert f"| kExchangeCycles | {model['exchange']} | {TRUE['exchange'] / u:.0f} |" in text
     assert text.count("\n| ") == (2 + len(samples)) + (2 + 12)  # the samples' table and the constants', headed
+    # the clusters held at once, and whether the runtime said so or the plans assume SMs ÷ size
+    for measured, source in ((True, "(`cudaOccupancyMaxActiveClusters`;"), (False, "(the runtime did not say,")):
+        text = persist_calibrate.markdown(samples, got, model, "a stand-in", None, H200_LIMITS["clusters_at_once"],
+                                          measured)
+        assert source in text and "the plans take these): 66 of 2, 42 of 3, 29 of 4" in text, text[:900]
 
 
 def test_calibration_shows_the_plans_measured_prices_would_give():
@@ -548,6 +591,7 @@ if torch.cuda.is_available():  # collected only where a GPU is present
         limits = dict(fastrnn._C.cuda_limits(0))
         at_once = {int(n): held for n, held in limits["clusters_at_once"].items()}
         assert sorted(at_once) == list(range(2, limits["cluster"] + 1)), at_once
+        assert limits["clusters_measured"] or not at_once, "cudaOccupancyMaxActiveClusters did not answer"
         held = [at_once[n] for n in sorted(at_once)]
         assert all(0 <= at_once[n] <= limits["sms"] // n for n in at_once) and held == sorted(held, reverse=True)
         for n, most in at_once.items():

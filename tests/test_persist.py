@@ -660,6 +660,26 @@ def test_clusters_at_once_refuses_what_no_gpu_has(at_once, message):
         lib()._set_persist_emulation(0, 0)
 
 
+@pytest.mark.parametrize("at_once", [{}, {2: 60}, AT_ONCE], ids=["unknown", "one-size", "all"])
+def test_limits_report_the_clusters_the_plan_takes(at_once):
+    """A device's limits as ``cuda_limits`` reports them (the emulator's stand-in here): clusters of every size up to
+    the most, SMs ÷ size where the runtime did not say (then ``clusters_measured`` is False), never a -1 that
+    ``persistent_plan`` would refuse; given back to ``persistent_plan`` they plan what the device's counts plan."""
+    sizes = range(2, 9)
+    try:
+        lib()._set_persist_emulation(*H200.values(), 8, clusters_at_once=at_once)
+        got = dict(lib()._persist_emulated_limits())
+    finally:
+        lib()._set_persist_emulation(0, 0)
+    assert (got["sms"], got["smem"], got["cluster"]) == (H200["sms"], H200["smem"], 8), got
+    assert {int(n): held for n, held in got["clusters_at_once"].items()} == {
+        n: at_once.get(n, H200["sms"] // n) for n in sizes}, got
+    assert got["clusters_measured"] == (set(at_once) == set(sizes)), got
+    asked = dict(H200, cluster=8, clusters_at_once=at_once)
+    for mode, B, H in itertools.product(MODES, (1, 64, 256), (256, 1024)):
+        assert cpp.persistent_plan(mode, B, H, limits=got) == cpp.persistent_plan(mode, B, H, limits=asked)
+
+
 # a device whose clusters take the "split" device's W_hh slices: every split plan there becomes a cluster plan
 CLUSTER = DEVICES["split"] + (8,)
 # one batch tile each, its hidden units over a cluster of 5-6 blocks (the GRU's pushing its operands, plain cells)
