@@ -13,6 +13,7 @@ from torch.nn.utils.rnn import PackedSequence
 
 import fastrnn
 from conftest import TOL, nn_lstm_autocast_error, usable_backends
+from fastrnn import backend as _backend
 from fastrnn.ops import cpp
 from rnn_cases import CELLS, KINDS, compare, random_packed, random_state, twins
 
@@ -283,6 +284,38 @@ if torch.cuda.is_available() and "cpp" in usable_backends("cuda"):  # collected 
         hx = random_state(ref, B, torch.float32)
         hx = tuple(h.cuda() for h in hx) if isinstance(hx, tuple) else hx.cuda()
         _assert_one_call(ref, fast, (x, hx), "cuda", monkeypatch)
+
+
+# the backends that run on the GPU here, Triton's included (its kernels compiled, not interpreted)
+CUDA_BACKENDS = [b for b in ("cpp", "triton") if torch.cuda.is_available()
+                 and _backend.reason_unavailable(b, torch.device("cuda"), torch.float32) is None]
+
+if CUDA_BACKENDS:  # collected only where a GPU is present
+    @pytest.mark.cuda
+    @pytest.mark.parametrize("backend", CUDA_BACKENDS)
+    @pytest.mark.parametrize("kind", ["lstm", "gru", "rnn_tanh"])
+    def test_cuda_graphs_capture_the_modules(kind, backend):
+        """A model graphed as users graph one (``torch.cuda.make_graphed_callables``: forward and backward each
+        captured once, then replayed): replays with fresh inputs give torch.nn's (cuDNN, TF32 off) outputs and
+        every gradient within the fp32 tolerance, for a bidirectional two-layer module in training. Nothing in a
+        call may wait on the host or begin a capture of its own inside the user's (Triton's ``cuda_graph`` steps
+        aside under a capture); with FASTRNN_PERSISTENT=1 the persistent engine's launches are what is captured."""
+        I, H, T, B = 6, 16, 7, 5
+        ref, fast = twins(kind, I, H, torch.float32, backend, num_layers=2, bidirectional=True)
+        ref, fast = ref.cuda().train(), fast.cuda().train()
+        graphed = torch.cuda.make_graphed_callables(fast, (torch.randn(T, B, I, device="cuda", requires_grad=True),))
+        for _ in range(2):
+            x, weight = torch.randn(T, B, I, device="cuda"), torch.randn(T, B, 2 * H, device="cuda")
+            got, want = [], []
+            for module, results in ((graphed, got), (ref, want)):
+                module.zero_grad(set_to_none=True)
+                xi = x.clone().requires_grad_()
+                y, _ = module(xi)
+                (y * weight).sum().backward()
+                results += [y.detach(), xi.grad, *(p.grad for p in module.parameters())]
+            assert len(got) == len(want)
+            for g, w in zip(got, want):
+                torch.testing.assert_close(g, w, **TOL[torch.float32])
 
 
 def _frozen(module):

@@ -680,6 +680,27 @@ def test_limits_report_the_clusters_the_plan_takes(at_once):
         assert cpp.persistent_plan(mode, B, H, limits=got) == cpp.persistent_plan(mode, B, H, limits=asked)
 
 
+def test_plan_without_a_device_asks_the_current_one(monkeypatch):
+    """``persistent_plan`` without ``device`` (or with an index-less "cuda") asks the current CUDA device's limits,
+    as its docstring says, not device 0's; an index given is the one asked."""
+    asked, real = [], lib()
+
+    class StandIn:
+        persist_plan = real.persist_plan
+
+        @staticmethod
+        def cuda_limits(index):
+            asked.append(index)
+            return dict(H200)
+
+    monkeypatch.setattr(cpp, "_lib", StandIn)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    want = cpp.persistent_plan("LSTM", 16, 128, limits=H200)
+    for device in (None, "cuda", torch.device("cuda"), "cuda:0", torch.device("cuda", 2)):
+        assert cpp.persistent_plan("LSTM", 16, 128, device=device) == want
+    assert asked == [1, 1, 1, 0, 2]
+
+
 # a device whose clusters take the "split" device's W_hh slices: every split plan there becomes a cluster plan
 CLUSTER = DEVICES["split"] + (8,)
 # one batch tile each, its hidden units over a cluster of 5-6 blocks (the GRU's pushing its operands, plain cells)

@@ -90,7 +90,8 @@ def persistent_plan(mode: str, batch: int, hidden: int, dtype: torch.dtype = tor
     ``enabled`` says whether ``FASTRNN_PERSISTENT=1`` is set, without which every CUDA call takes the per-step
     path."""
     if limits is None:
-        limits = dict(_lib().cuda_limits(torch.device(device or "cuda").index or 0))
+        device = torch.device(device or "cuda")
+        limits = dict(_lib().cuda_limits(torch.cuda.current_device() if device.index is None else device.index))
     esize = 4 if cells and dtype != torch.float64 else torch.tensor([], dtype=dtype).element_size()
     plan = dict(_lib().persist_plan(_ops.GATES[mode], batch, hidden, esize, limits["sms"], limits["smem"],
                                     limits.get("cooperative", True), bool(proj_size), cells,
