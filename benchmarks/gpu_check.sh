@@ -99,6 +99,7 @@ ON="FASTRNN_PERSISTENT=1"
 SAN="PYTORCH_NO_CUDA_MEMORY_CACHING=1 $SANITIZER --error-exitcode 3"
 
 # name | time limit (s) | command [| side]: the steps, in order; consecutive steps marked "side" run side by side
+# (so a command holds no "|")
 STEPS=()
 [ $BUILD = 1 ] && STEPS+=("build|300|FASTRNN_CUDA_ARCHS=${FASTRNN_CUDA_ARCHS:-${ARCH:-90}} MAX_JOBS=${MAX_JOBS:-16} $PY setup.py build_ext --inplace")
 STEPS+=("backends|60|$ON $PY -m fastrnn")
@@ -149,14 +150,15 @@ done
 [ $BENCH = 1 ] && STEPS+=("bidirectional|90|$ON $PY benchmarks/bench_rnn.py --device cuda --bidirectional \
 --config 512,16,128,128,1 --config 100,64,256,256,1 --impls fastrnn-cpp,torch.nn --quick --out $OUT/bidirectional")
 # the SIMT loop's bank conflicts, padded and not: wavefronts and conflicts of shared loads and stores in the first
-# forward and backward launch of each cell (the warm-up call), then two configurations timed without the pads
+# forward and backward launch of each cell (its check call), one ncu run per cell since the benchmark finishes one
+# cell's case, timed rounds and all, before the next; then two configurations timed without the pads
 BANKS="l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_ld.sum,l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_st.sum,\
 l1tex__data_pipe_lsu_wavefronts_mem_shared_op_ld.sum,l1tex__data_pipe_lsu_wavefronts_mem_shared_op_st.sum,gpu__time_duration.sum"
 for pad in 1 0; do
-    [ $BENCH = 1 ] && STEPS+=("bank-conflicts-pad$pad|180|$ON FASTRNN_PERSISTENT_PAD=$pad $NCU --kernel-name \
-regex:persist_kernel --launch-count 4 --metrics $BANKS $PY benchmarks/bench_rnn.py --device cuda --config \
-100,64,256,256,1 --cells lstm,gru --modes fwd+bwd --impls fastrnn-cpp --warmup 1 --repeats 1 --passes 1 --no-memory \
---out $OUT/bank-conflicts-pad$pad")
+    [ $BENCH = 1 ] && STEPS+=("bank-conflicts-pad$pad|180|set -e; for cell in lstm gru; do $ON FASTRNN_PERSISTENT_PAD=$pad $NCU \
+--kernel-name regex:persist_kernel --launch-count 2 --metrics $BANKS $PY benchmarks/bench_rnn.py --device cuda \
+--config 100,64,256,256,1 --cells \$cell --modes fwd+bwd --impls fastrnn-cpp --warmup 1 --repeats 1 --passes 1 \
+--no-memory --out $OUT/bank-conflicts-pad$pad-\$cell; done")
 done
 [ $BENCH = 1 ] && STEPS+=("unpadded|90|$ON FASTRNN_PERSISTENT_PAD=0 $PY benchmarks/bench_rnn.py --device cuda \
 --config 512,16,128,128,1 --config 100,64,256,256,1 --impls fastrnn-cpp,torch.nn --quick --out $OUT/unpadded")
@@ -291,8 +293,9 @@ while [ $i -lt ${#STEPS[@]} ]; do
 done
 # the benchmark reports this run wrote
 reports=""
-for f in results.md phases.md layernorm.md grid-barrier/results.md bf16/results.md bf16-simt/results.md tf32/results.md \
-    bidirectional/results.md; do
+for f in results.md calibration.md phases.md layernorm.md layernorm-triton-seq.md layernorm-triton-persist.md \
+    host-time.md grid-barrier/results.md whole-grid-sync/results.md bf16/results.md bf16-simt/results.md \
+    tf32/results.md bidirectional/results.md unpadded/results.md; do
     [ -f "$OUT/$f" ] && [ "$OUT/$f" -nt "$SUMMARY.start" ] && reports+="${reports:+, }[$f]($f)"
 done
 rm -f "$SUMMARY.start"

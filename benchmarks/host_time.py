@@ -2,15 +2,15 @@
 allocations, launches), per sequential step, beside the GPU's time for the same call.
 
 Each call is timed on the host (``perf_counter``) from its start to its return while the GPU is held busy (a
-``torch.cuda._sleep`` queued first, longer than the call's host time in warm-up), so that the GPU runs none of the
-call's work before the host has queued all of it: the GPU's time (CUDA events from after the sleep to after the
-call) then has no gaps waiting for the host, and a call that returns only after its GPU work began (it waited for
-the GPU, or filled the launch queue) is marked. Steps: T per layer and direction, twice with the backward (as
-``bench_rnn.py``'s µs/step); gradients are cleared before each call, outside its time. Implementations: torch.nn
-(cuDNN), the ``cpp`` backend (its persistent engine where ``FASTRNN_PERSISTENT=1`` is set), and the Triton
-backend's variants: ``persist`` (one launch per layer and direction), ``step`` with its launches replayed from a
-CUDA graph, and ``step`` launched from Python. A variant that does not take a shape says why (its ValueError); any
-other failure is printed with its traceback and makes the exit status 1.
+``torch.cuda._sleep`` queued first, longer than the host time of the calls after compiling and capturing), so that
+the GPU runs none of the call's work before the host has queued all of it: the GPU's time (CUDA events from after
+the sleep to after the call) then has no gaps waiting for the host, and a call that returns only after its GPU work
+began (it waited for the GPU, or filled the launch queue) is marked. Steps: T per layer and direction, twice with
+the backward (as ``bench_rnn.py``'s µs/step); gradients are cleared before each call, outside its time.
+Implementations: torch.nn (cuDNN), the ``cpp`` backend (its persistent engine where ``FASTRNN_PERSISTENT=1`` is
+set), and the Triton backend's variants: ``persist`` (one launch per layer and direction), ``step`` with its
+launches replayed from a CUDA graph, and ``step`` launched from Python. A variant that does not take a shape says
+why (its ValueError); any other failure is printed with its traceback and makes the exit status 1.
 
     python benchmarks/host_time.py --out benchmarks/results/gpu/host-time.md
 """
@@ -77,16 +77,27 @@ def build(impl: str, cell: str, cfg: Config, device: torch.device) -> nn.Module:
 SLEEP_HZ = 2.5e9
 
 
+# calls that say nothing of a call's host time: the first compiles the Triton kernels (seconds: 14 s for one
+# backward), the second captures a CUDA graph
+UNREPRESENTATIVE = 2
+
+
+def sleep_seconds(host_s: List[float]) -> float:
+    """The GPU's hold before the next call: twice the longest host time of the calls so far after the
+    unrepresentative ones (seconds), and a millisecond; sizing it from a compile would sleep seconds before each
+    call."""
+    return 2 * max(host_s[UNREPRESENTATIVE:], default=0.0) + 1e-3
+
+
 def time_calls(call: Callable[[], None], reset: Callable[[], None], calls: int, warmup: int) -> Tuple[float, float, bool]:
     """Median host µs and GPU µs per call, and whether any timed call returned after the GPU had started on it
     (see the module's doc); ``reset`` runs before each call, untimed."""
-    host, gpu, waited = [], [], False
-    hold = 1e-3
+    host, gpu, waited, seen = [], [], False, []
     for i in range(warmup + calls):
         reset()
         torch.cuda.synchronize()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda._sleep(int(hold * SLEEP_HZ))
+        torch.cuda._sleep(int(sleep_seconds(seen) * SLEEP_HZ))
         start.record()
         t0 = time.perf_counter()
         call()
@@ -94,7 +105,7 @@ def time_calls(call: Callable[[], None], reset: Callable[[], None], calls: int, 
         began = start.query()
         end.record()
         end.synchronize()
-        hold = max(hold, 2 * (t1 - t0) + 1e-3)
+        seen.append(t1 - t0)
         if i >= warmup:
             host.append((t1 - t0) * 1e6)
             gpu.append(start.elapsed_time(end) * 1e3)
@@ -151,17 +162,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--cell", action="append", choices=("lstm", "gru"), help="default: both")
     ap.add_argument("--impls", default=",".join(IMPLS), help="comma-separated, of " + ", ".join(IMPLS))
     ap.add_argument("--calls", type=int, default=10)
-    ap.add_argument("--warmup", type=int, default=3, help="calls before timing, at least 2 (a CUDA graph captures on "
-                    "the 2nd)")
+    ap.add_argument("--warmup", type=int, default=3, help="calls before timing, at least 3 (a CUDA graph captures on "
+                    "the 2nd, the 3rd sizes the GPU's hold)")
     ap.add_argument("--out", help="write the markdown here as well")
     args = ap.parse_args(argv)
     impls = args.impls.split(",")
     unknown = [i for i in impls if i not in IMPLS]
     if unknown:
         ap.error(f"--impls: unknown {unknown}; known: {list(IMPLS)}")
-    if args.warmup < 2 or args.calls < 1:
-        ap.error(f"--warmup must be at least 2 (a CUDA graph captures on the 2nd call) and --calls at least 1, got "
-                 f"{args.warmup} and {args.calls}")
+    if args.warmup <= UNREPRESENTATIVE or args.calls < 1:
+        ap.error(f"--warmup must be at least {UNREPRESENTATIVE + 1} (a CUDA graph captures on the 2nd call, the 3rd "
+                 f"sizes the GPU's hold) and --calls at least 1, got {args.warmup} and {args.calls}")
     if not torch.cuda.is_available():
         print("host_time: no CUDA GPU visible to torch: nothing measured", file=sys.stderr)
         return 2

@@ -11,7 +11,7 @@ import torch
 from conftest import TOL, TOL_LAYER_NORM, assert_close
 from fastrnn import backend as _backend
 from fastrnn.ops import EXT_GRAD_NAMES, GATES, GRAD_NAMES, MODES, CellExt, reference
-from layer_cases import (Case, Impl, at_least_threads, backward_chunk_rows, make_inputs, nan_poisoned,
+from layer_cases import (Case, Impl, _with_grads, at_least_threads, backward_chunk_rows, make_inputs, nan_poisoned,
                          one_step_and_one_unit, option_cases)
 
 cpp = _backend._module("cpp")
@@ -58,12 +58,7 @@ def run(layer, c: Case, inputs, ext: CellExt, dtype=None):
     ln = {k: getattr(ext, k).detach().clone().requires_grad_() for k in EXT_GRAD_NAMES if getattr(ext, k) is not None}
     outs = [o for o in layer(c.mode, reverse=c.reverse, ext=ext._replace(**ln), **{**inputs, **leaves})
             if o is not None]
-    g = torch.Generator().manual_seed(1)
-    loss = sum((o.double() * torch.randn(o.shape, generator=g, dtype=torch.float64)).sum() for o in outs)
-    # unused inputs (no rows at all) get zero gradients, as the fused backends return
-    grads = torch.autograd.grad(loss, list(leaves.values()) + list(ln.values()), allow_unused=True,
-                                materialize_grads=True)
-    return [o.detach() for o in outs], dict(zip(list(leaves) + list(ln), grads))
+    return _with_grads(outs, {**leaves, **ln}, grad_seed=1)
 
 
 def assert_matches_reference(c: Case, dtype: torch.dtype, feature: str, inputs=None, ext=None) -> None:

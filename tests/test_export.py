@@ -7,8 +7,6 @@ torch.export.export keeps fastrnn's custom ops.
 
 import collections
 
-import onnx
-import onnxruntime
 import pytest
 import torch
 from torch import nn
@@ -17,6 +15,11 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 import fastrnn
 from conftest import TOL
 from rnn_cases import CELLS, KINDS, _flat, every_backend, twins
+
+# the `test` extra's (README); a machine without it skips this module, saying which is missing, rather than fail
+# the collection of every test beside it
+onnx = pytest.importorskip("onnx", reason="the `test` extra's onnx is not installed")
+onnxruntime = pytest.importorskip("onnxruntime", reason="the `test` extra's onnxruntime is not installed")
 
 # torch's own notices, about its deprecated tools and torch.nn's code, which is what runs under them
 pytestmark = [pytest.mark.filterwarnings(f"ignore:{m}") for m in (

@@ -75,6 +75,11 @@ def test_dry_run_prints_every_step_with_its_log():
     for pad in (1, 0):
         line = proc.stdout.split(f"bank-conflicts-pad{pad}:")[1].splitlines()[0]
         assert f"FASTRNN_PERSISTENT_PAD={pad}" in line and "l1tex__data_bank_conflicts_pipe_lsu_mem_shared" in line
+        # each cell's first forward and backward launch: one ncu run per cell
+        assert "for cell in lstm gru;" in line and "--launch-count 2" in line and "--cells $cell" in line
+    # the correctness checks alone side by side (a "|" in a command would split its step)
+    side = [ln.split(":")[0].strip() for ln in proc.stdout.splitlines()[1:] if ln.endswith(", side by side")]
+    assert side == CORE[1:9], side
     assert "FASTRNN_PERSISTENT_PAD=0" in proc.stdout.split("unpadded:")[1].splitlines()[0]
     assert "persist_phases.py --out benchmarks/results/gpu/phases.md" in proc.stdout.split("phases:")[1].splitlines()[0]
     assert REPO not in proc.stdout
@@ -662,8 +667,15 @@ def test_host_time_without_a_gpu_says_so(capsys):
         host_time.main(["--impls", "fastrnn-cpp,cudnn"])
     assert "unknown ['cudnn']" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        host_time.main(["--warmup", "1"])
-    assert "--warmup must be at least 2" in capsys.readouterr().err
+        host_time.main(["--warmup", "2"])
+    assert "--warmup must be at least 3" in capsys.readouterr().err
+
+
+def test_host_time_holds_the_gpu_for_the_calls_after_compiling_and_capturing():
+    """The sleep before a call is twice the longest host time since the compile (1st call) and the capture (2nd),
+    plus a millisecond: a 14 s compile must not hold the GPU 28 s before every later call."""
+    assert host_time.sleep_seconds([]) == host_time.sleep_seconds([14.0, 2.0]) == pytest.approx(1e-3)
+    assert host_time.sleep_seconds([14.0, 2.0, 0.004, 0.01, 0.002]) == pytest.approx(0.021)
 
 
 if torch.cuda.is_available():  # collected only where a GPU is present
@@ -674,7 +686,7 @@ if torch.cuda.is_available():  # collected only where a GPU is present
         and below a second, and the GPU's time positive."""
         for impl in host_time.IMPLS:
             r = host_time.measure(host_time.Row(host_time.Config(20, 4, 8, 128, 1), "lstm", mode, impl),
-                                  torch.device("cuda"), calls=2, warmup=2)
+                                  torch.device("cuda"), calls=2, warmup=3)
             assert 0 < r.host_us < 1e6 and r.gpu_us > 0, r
 
 
