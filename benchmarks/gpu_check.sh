@@ -2,7 +2,8 @@
 # The GPU check in one command, for a machine with a CUDA GPU:
 #   1. build fastrnn._C in place for the present GPU's architecture only (FASTRNN_CUDA_ARCHS overrides);
 #   2. the tests that carry the `cuda` marker (python -m pytest -m cuda; in parallel with pytest-xdist), once on
-#      the per-step path and once with the persistent engine on (FASTRNN_PERSISTENT=1);
+#      the per-step path and once with the persistent engine on (FASTRNN_PERSISTENT=1); those that read the SMs'
+#      clocks (marker `sm_clocks`) after them, alone on the GPU;
 #   3. compute-sanitizer's memcheck, racecheck and synccheck over benchmarks/gpu_smoke.py (every kernel once,
 #      fwd+bwd), with the persistent engine on (memcheck also without, and with clusters off), and memcheck over
 #      its CUDA-graph cases with torch's caching allocator on (graphs need it);
@@ -103,8 +104,8 @@ SAN="PYTORCH_NO_CUDA_MEMORY_CACHING=1 $SANITIZER --error-exitcode 3"
 STEPS=()
 [ $BUILD = 1 ] && STEPS+=("build|300|FASTRNN_CUDA_ARCHS=${FASTRNN_CUDA_ARCHS:-${ARCH:-90}} MAX_JOBS=${MAX_JOBS:-16} $PY setup.py build_ext --inplace")
 STEPS+=("backends|60|$ON $PY -m fastrnn")
-STEPS+=("cuda-tests|240|$PY -m pytest -m cuda -q -p no:cacheprovider $XDIST|side")
-STEPS+=("cuda-tests-persistent|240|$ON $PY -m pytest -m cuda -q -p no:cacheprovider $XDIST|side")
+STEPS+=("cuda-tests|240|$PY -m pytest -m 'cuda and not sm_clocks' -q -p no:cacheprovider $XDIST|side")
+STEPS+=("cuda-tests-persistent|240|$ON $PY -m pytest -m 'cuda and not sm_clocks' -q -p no:cacheprovider $XDIST|side")
 STEPS+=("memcheck|240|$SAN --tool memcheck $PY benchmarks/gpu_smoke.py|side")
 for tool in memcheck racecheck synccheck; do
     STEPS+=("$tool-persistent|300|$ON $SAN --tool $tool $PY benchmarks/gpu_smoke.py|side")
@@ -113,6 +114,9 @@ done
 STEPS+=("memcheck-grid|300|$ON FASTRNN_PERSISTENT_CLUSTER=0 $SAN --tool memcheck $PY benchmarks/gpu_smoke.py|side")
 # the CUDA-graph cases, which the uncached allocator above refuses to capture (gpu_smoke skips them under it)
 STEPS+=("memcheck-graphs|120|$ON $SANITIZER --error-exitcode 3 --tool memcheck $PY benchmarks/gpu_smoke.py --graphs|side")
+# the tests that read the SMs' clocks per block, alone on the GPU: beside other processes a block may be preempted
+# and resumed on another SM, whose clock is another count
+STEPS+=("cuda-clock-tests|120|$ON $PY -m pytest -m 'cuda and sm_clocks' -q -p no:cacheprovider")
 [ $BENCH = 1 ] && STEPS+=("calibrate|90|$PY benchmarks/persist_calibrate.py --out $OUT/calibration.md")
 [ $BENCH = 1 ] && STEPS+=("benchmark|300|$ON $PY benchmarks/bench_rnn.py --quick --device cuda --out $OUT")
 CORE=${#STEPS[@]}  # the check's steps; the measurements (--extra) follow

@@ -21,7 +21,7 @@ def _check(*args):
 
 
 CORE = ["backends", "cuda-tests", "cuda-tests-persistent", "memcheck", "memcheck-persistent", "racecheck-persistent",
-        "synccheck-persistent", "memcheck-grid", "memcheck-graphs", "calibrate", "benchmark"]
+        "synccheck-persistent", "memcheck-grid", "memcheck-graphs", "cuda-clock-tests", "calibrate", "benchmark"]
 EXTRA = ["phases", "layernorm", "layernorm-triton-seq", "layernorm-triton-persist", "host-time", "grid-barrier",
          "whole-grid-sync", "bf16", "bf16-simt", "tf32", "bidirectional", "bank-conflicts-pad1", "bank-conflicts-pad0",
          "unpadded"]
@@ -59,7 +59,11 @@ def test_dry_run_prints_every_step_with_its_log():
     proc = _check("--dry-run", "--no-build", "--extra")
     assert proc.returncode == 0, proc.stderr
     assert _steps(proc) == CORE + EXTRA
-    assert "pytest -m cuda" in proc.stdout and "--tool racecheck" in proc.stdout and "--tool synccheck" in proc.stdout
+    assert "--tool racecheck" in proc.stdout and "--tool synccheck" in proc.stdout
+    # the tests that read the SMs' clocks apart from the others, alone on the GPU
+    for name in ("cuda-tests", "cuda-tests-persistent"):
+        assert "pytest -m 'cuda and not sm_clocks'" in proc.stdout.split(f"{name}:")[1].splitlines()[0]
+    assert "pytest -m 'cuda and sm_clocks'" in proc.stdout.split("cuda-clock-tests:")[1].splitlines()[0]
     assert "FASTRNN_PERSISTENT=1" in proc.stdout.split("cuda-tests-persistent:")[1].splitlines()[0]
     assert all("(limit " in ln for ln in proc.stdout.splitlines()[1:])
     assert "bench_rnn.py --quick --device cuda --out benchmarks/results/gpu" in proc.stdout
@@ -275,7 +279,7 @@ def test_side_by_side_steps_run_at_once_and_report_in_plan_order(tmp_path):
     rows = [ln for ln in (out / "summary.md").read_text().splitlines() if ln.startswith("| ") and "---" not in ln][1:]
     assert [r.split("|")[1].strip() for r in rows] == [
         "backends", "cuda-tests", "cuda-tests-persistent", "memcheck", "memcheck-persistent", "racecheck-persistent",
-        "synccheck-persistent", "memcheck-grid", "memcheck-graphs"]
+        "synccheck-persistent", "memcheck-grid", "memcheck-graphs", "cuda-clock-tests"]
     assert all("passed" in r for r in rows) and not list(out.glob(".row.*"))
     env["FAIL_ONE"] = "1"
     proc = subprocess.run(["bash", CHECK, "--no-build", "--no-bench", "--out", str(out)], capture_output=True,
@@ -286,7 +290,7 @@ def test_side_by_side_steps_run_at_once_and_report_in_plan_order(tmp_path):
 
 
 def test_budget_runs_what_fits_and_names_the_rest(tmp_path):
-    """--budget: with a stand-in python (each check 3 s, the calibration 7 s), 48 s hold the correctness steps and the
+    """--budget: with a stand-in python (each check 3 s, the calibration 7 s), 50 s hold the correctness steps and the
     calibration (each starts with its 30 s left, after the 10 s of timeout's grace) but not the benchmark, whose row
     says so, as does the summary with the --only that runs it next; exit status 3. With no budget at all no step
     starts."""
@@ -307,11 +311,11 @@ def test_budget_runs_what_fits_and_names_the_rest(tmp_path):
         return {r.split("|")[1].strip(): r.split("|")[2] for r in lines if r.startswith("| ") and "---" not in r
                 and not r.startswith("| step ")}
 
-    proc = subprocess.run(["bash", CHECK, "--no-build", "--budget", "48", "--out", str(out)], capture_output=True,
+    proc = subprocess.run(["bash", CHECK, "--no-build", "--budget", "50", "--out", str(out)], capture_output=True,
                           text=True, timeout=120, cwd=REPO, env=env)
     assert proc.returncode == 3, proc.stdout + proc.stderr
     got = rows()
-    assert list(got)[-2:] == ["calibrate", "benchmark"] and len(got) == 11, got
+    assert list(got)[-2:] == ["calibrate", "benchmark"] and len(got) == 12, got
     assert all("passed" in r for name, r in got.items() if name != "benchmark"), got
     assert "not run" in got["benchmark"] and not (out / "benchmark.log").exists(), got
     assert "--no-build --only benchmark`" in (out / "summary.md").read_text()
@@ -319,7 +323,7 @@ def test_budget_runs_what_fits_and_names_the_rest(tmp_path):
                           capture_output=True, text=True, timeout=60, cwd=REPO, env=env)
     assert proc.returncode == 3, proc.stdout + proc.stderr
     got = rows()
-    assert len(got) == 9 and all("not run" in r for r in got.values()), got
+    assert len(got) == 10 and all("not run" in r for r in got.values()), got
     assert f"--only {','.join(got)}`" in (out / "summary.md").read_text()
 
 
@@ -574,6 +578,7 @@ def test_calibration_without_a_gpu_says_so(capsys):
 
 if torch.cuda.is_available():  # collected only where a GPU is present
     @pytest.mark.cuda
+    @pytest.mark.sm_clocks
     def test_cuda_calibration_runs_and_fits():
         """A quick calibration on the GPU (few steps per launch: not a measurement): every piece ran, blocks
         meeting at a grid barrier took longer than at their own, and the SIMT fit has a positive unit."""
@@ -758,6 +763,7 @@ def test_phases_without_a_gpu_say_so(capsys, monkeypatch):
 
 if torch.cuda.is_available():  # collected only where a GPU is present
     @pytest.mark.cuda
+    @pytest.mark.sm_clocks
     @pytest.mark.parametrize("cell, kw", [("LSTM", {}), ("GRU", {}), ("LSTM", {"layer_norm": True})])
     def test_cuda_phase_clocks_add_up(monkeypatch, cell, kw):
         """A timed forward and backward on the persistent engine: a record per launch, every slot written, the

@@ -2,10 +2,10 @@
 torch.compile, and the interpreter/compile machinery. Its contract cases are in tests/test_backends.py.
 
 The interpreter replaces jit functions when they are decorated, triton's own included, so
-``TRITON_INTERPRET=1`` is set here (and in the conftest) when triton is not imported yet. When it already
-is without it, the interpreter tests, this file's and the harness's, run in a subprocess started with it.
-The ahead-of-time spill check and the "no interpreter on CPU" error are subprocess tests too: each needs
-the opposite setting.
+``TRITON_INTERPRET=1`` is set here (and in the conftest) when triton is not imported yet and no GPU is
+present. When it already is without it, the interpreter tests, this file's and the harness's, run in a
+subprocess started with it. The ahead-of-time spill check and the "no interpreter on CPU" error are subprocess
+tests too: each needs the opposite setting.
 """
 
 import functools
@@ -15,11 +15,13 @@ import subprocess
 import sys
 import types
 
-if "triton" not in sys.modules:
+import torch
+
+# the interpreter where no GPU runs the kernels (conftest decides the same way, and first, in a whole-suite run)
+if "triton" not in sys.modules and not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 import fastrnn  # noqa: E402
 from fastrnn.ops import triton as triton_backend  # noqa: E402
@@ -284,7 +286,7 @@ if torch.cuda.is_available():  # collected only where a GPU is present
         monkeypatch.setattr(host, "GRAPH_CACHE_SIZE", 2)
         monkeypatch.setattr(host, "_GRAPHS", type(host._GRAPHS)())
         monkeypatch.setattr(host, "_SEEN", type(host._SEEN)())
-        plain = Impl("triton", "cuda", torch.float32, (("variant", "step"),))
+        plain = Impl("triton", "cuda", torch.float32, (("cuda_graph", False), ("variant", "step")))
         graphed = Impl("triton", "cuda", torch.float32, (("cuda_graph", True), ("variant", "step")))
         for T, seed in ((5, 0), (5, 1), (7, 2), (9, 3), (5, 4)):
             c = Case(mode, T, 4, 3, 40, proj=3 if mode == "LSTM" else 0, packed=True, seed=seed)
@@ -305,7 +307,7 @@ if torch.cuda.is_available():  # collected only where a GPU is present
         monkeypatch.setattr(host, "_SEEN", type(host._SEEN)())
         c = Case("LSTM", 6, 4, 3, 40, seed=5)
         for dt in (torch.float16, torch.float32, torch.bfloat16, torch.float32):
-            plain = Impl("triton", "cuda", dt, (("variant", "step"),))
+            plain = Impl("triton", "cuda", dt, (("cuda_graph", False), ("variant", "step")))
             graphed = Impl("triton", "cuda", dt, (("cuda_graph", True), ("variant", "step")))
             inputs = make_inputs(c, plain)
             outs, grads = run(plain.layer, c, inputs)

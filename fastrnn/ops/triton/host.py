@@ -56,11 +56,18 @@ def pick_variant(H: int, dtype: torch.dtype, has_proj: bool, mode: str, B: int =
     return "step"
 
 
+def to_device(t: Tensor, device: torch.device) -> Tensor:
+    """A host table on ``device``: to CUDA from pinned memory without waiting for the GPU, which a blocking copy
+    does and a CUDA graph capture (a user's ``torch.cuda.graph`` around a fastrnn model) refuses; torch's caching
+    host allocator keeps the pinned block until the copy has run, and for as long as a capture's graph lives."""
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
+
+
 def step_tables(rows: "Rows", device: torch.device) -> Tuple[Tensor, Tensor]:
     """Rows and first row of every step, ``int32``/``int64 [T]`` on the device, for the kernels that loop over
     time themselves."""
-    return (torch.tensor(rows.sizes, dtype=torch.int32, device=device),
-            torch.tensor(rows.offsets, dtype=torch.int64, device=device))
+    return (to_device(torch.tensor(rows.sizes, dtype=torch.int32), device),
+            to_device(torch.tensor(rows.offsets, dtype=torch.int64), device))
 
 
 @dataclass
@@ -118,9 +125,9 @@ def plan_rows(batch_sizes: Optional[Tensor], B: int, N: int, reverse: bool, devi
         sizes=sz.tolist(),
         offsets=off.tolist(),
         order=order.tolist(),
-        prev_index=prev_index.to(device),
-        first_rows=(off[t_first] + idx).to(device),
-        last_rows=(off[t_last] + idx).to(device),
+        prev_index=to_device(prev_index, device),
+        first_rows=to_device(off[t_first] + idx, device),
+        last_rows=to_device(off[t_last] + idx, device),
     )
 
 
