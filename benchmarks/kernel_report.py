@@ -9,7 +9,8 @@ Specialisations that only remove work (no bias, forward direction) are not compi
 configurations below carry the bias and every optional input of their mode.
 
 Usage: ``python benchmarks/kernel_report.py [--quick] [--check] [--no-cuda] [--out FILE] [--jobs N]``.
-``--check`` exits 1 when any configuration spills; ``--quick`` compiles one storage dtype per width
+``--check`` exits 1 when any configuration spills, or when a kernel whose programs meet at a barrier reads what
+the others wrote through an L1-caching asynchronous copy; ``--quick`` compiles one storage dtype per width
 (fp32 and bf16) instead of all three. Must run without ``TRITON_INTERPRET`` (the interpreter replaces
 the kernels' compiled form).
 """
@@ -272,8 +273,12 @@ def compile_one(spec: Dict, cc: int) -> Dict:
         res = subprocess.run([ptxas, "-v", f"--gpu-name={arch}", ptx, "-o", os.path.join(tmp, "k.cubin")],
                              capture_output=True, text=True, check=True)
     (info,) = _buildcfg.parse_ptxas(res.stderr)[arch.removeprefix("sm_")].values()
+    # a kernel whose programs read rows other programs of the launch wrote (SYNC: they meet at a barrier) must
+    # read them past L1, which is not coherent across SMs: an asynchronous copy that caches there (cp.async.ca,
+    # what the software pipeliner makes of a volatile load below 16-byte accesses) breaks that
+    l1_copies = kernel.asm["ptx"].count("cp.async.ca.") if spec["const"].get("SYNC") else 0
     # Triton's shared memory is dynamic, so ptxas does not see it; Triton's metadata has the size.
-    return dict(info, smem=kernel.metadata.shared, warps=warps, cc=cc)
+    return dict(info, smem=kernel.metadata.shared, warps=warps, cc=cc, l1_copies=l1_copies)
 
 
 def _run(args) -> Dict:
@@ -395,7 +400,8 @@ def _if_available(collect):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--check", action="store_true", help="exit 1 if any configuration spills")
+    ap.add_argument("--check", action="store_true", help="exit 1 if any configuration spills, or reads rows other "
+                    "programs wrote through L1")
     ap.add_argument("--out", help="write the markdown here instead of stdout")
     ap.add_argument("--jobs", type=int, default=1)
     ap.add_argument("--no-cuda", action="store_true", help="skip the C++ backend's .cu kernels (nvcc)")
@@ -421,7 +427,11 @@ def main(argv=None) -> int:
     for r in spills:
         print(f"SPILL {r['kernel']} {r['mode']} {r['dtype']} {r['tiles']} align {r['align']} sm_{r['cc']}: "
               f"{r['spill_stores']}/{r['spill_loads']} B, stack {r['stack']} B", file=sys.stderr)
-    return 1 if args.check and spills else 0
+    cached = [r for r in rows if r["l1_copies"]]
+    for r in cached:
+        print(f"L1 {r['kernel']} {r['mode']} {r['dtype']} {r['tiles']} align {r['align']} sm_{r['cc']}: "
+              f"{r['l1_copies']} cp.async.ca in a kernel whose programs read each other's rows", file=sys.stderr)
+    return 1 if args.check and (spills or cached) else 0
 
 
 if __name__ == "__main__":

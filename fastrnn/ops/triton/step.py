@@ -135,8 +135,14 @@ def fwd_step_tile(
     o_wr = o_h.to(tl.int64) * HO
     s_g = tl.cast(H, tl.int64) * HO
     if NK == 0:
-        for k0 in range(0, HO, BK):
-            o_k = k0 + tl.arange(0, BK)
+        # Not software-pipelined where the previous rows are another program's (VOLATILE): the pipeliner turns
+        # the volatile load into an asynchronous copy, which drops the flag and, below 16-byte accesses, caches
+        # in L1 (cp.async.ca). The gated cells' chunks half as wide there: at full width, without the pipeline's
+        # shared-memory buffers, the 16-bit LSTM's forward spilled 4-12 B on Triton 3.8 and the GRU's 4 B on 3.9,
+        # where the Elman cells' forward spilled 4-8 B at half width (benchmarks/kernel_report.py).
+        KS: tl.constexpr = BK // 2 if VOLATILE and G > 1 else BK
+        for k0 in tl.range(0, HO, KS, num_stages=1 if VOLATILE else None):
+            o_k = k0 + tl.arange(0, KS)
             b_hk = _load_prev(p_hsrc, p_h0, o_b, o_k, n_rows, n_prev, HO, VOLATILE).to(p_w.dtype.element_ty)
             m_w = (o_k < HO)[:, None] & m_h[None, :]
             p_wk = p_w + o_wr[None, :] + o_k[:, None]
