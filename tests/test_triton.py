@@ -205,6 +205,22 @@ def test_persist_resident_w_hh_is_the_streamed_one(c, dtype, monkeypatch):
 
 
 @interpreted
+@pytest.mark.parametrize("mode", ["LSTM", "GRU", "RNN_TANH"])
+def test_persist_streamed_forward_whose_programs_meet(mode, monkeypatch):
+    """A grid of one hidden slice (a 64-unit tile here) runs the whole sequence in one launch, its programs meeting
+    at the barrier, streaming W_hh: the forward's loop over K is not pipelined there, the gated cells' in
+    half-width chunks (step.fwd_step_tile), over H = 40 three chunks with a ragged last one (two for the tanh
+    RNN); outputs and every gradient match the reference."""
+    from fastrnn.ops.triton import persist
+
+    monkeypatch.setattr(persist, "RESIDENT_BYTES", 0)
+    monkeypatch.setattr(persist, "PERSIST_CONFIGS", tuple(dict(t, BH=64) for t in persist.PERSIST_CONFIGS))
+    c = Case(mode, 3, 3, 3, 40)
+    assert persist.grid(c.B, c.H, persist.persist_config(c.B, c.H, None))[1] == 1
+    assert_matches_reference(triton_impl(torch.float32, "persist"), c)
+
+
+@interpreted
 def test_custom_op_registration():
     t = make_inputs(Case("RNN_TANH", 2, 2, 3, 4), triton_impl(torch.float32, "seq"))
     t = {k: v if v is None or v.dtype == torch.int64 else v.requires_grad_() for k, v in t.items()}
