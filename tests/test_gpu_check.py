@@ -255,20 +255,27 @@ def test_smoke_tile_cases_split_the_batch_and_the_units():
         cpp._lib()._set_persist_emulation(0, 0)
 
 
-def test_side_by_side_steps_run_at_once_and_report_in_plan_order(tmp_path):
-    """The correctness steps as concurrent processes: with a stand-in python (CUDA present, each check 3 s) and
-    compute-sanitizer (runs its program), the eight side-by-side steps take about one step's time, every row of
-    summary.md says passed, in the plan's order; one failing check fails the run and only its row."""
+def _stand_in_gpu_tools(tmp_path, steps: str) -> dict:
+    """The environment for gpu_check.sh with a stand-in python (CUDA present, ``python -m fastrnn`` at once, else
+    the bash lines ``steps``) and compute-sanitizer (runs its program)."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     fake_py = bin_dir / "python"
     fake_py.write_text("#!/bin/bash\n[ \"$1\" = -c ] && exit 0\n[ \"$1\" = -m ] && [ \"$2\" = fastrnn ] && exit 0\n"
-                       "sleep 3\n[ -n \"$FAIL_ONE\" ] && [ \"$FASTRNN_PERSISTENT_CLUSTER\" = 0 ] && exit 7\nexit 0\n")
+                       + steps)
     sanitizer = bin_dir / "compute-sanitizer"
     sanitizer.write_text("#!/bin/bash\nwhile [[ \"$1\" == --* ]]; do shift 2; done\nexec \"$@\"\n")
     for f in (fake_py, sanitizer):
         f.chmod(0o755)
-    env = dict(os.environ, PYTHON=str(fake_py), PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    return dict(os.environ, PYTHON=str(fake_py), PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+
+
+def test_side_by_side_steps_run_at_once_and_report_in_plan_order(tmp_path):
+    """The correctness steps as concurrent processes: with a stand-in python (each check 3 s), the eight
+    side-by-side steps take about one step's time, every row of summary.md says passed, in the plan's order; one
+    failing check fails the run and only its row."""
+    env = _stand_in_gpu_tools(tmp_path, "sleep 3\n[ -n \"$FAIL_ONE\" ] && [ \"$FASTRNN_PERSISTENT_CLUSTER\" = 0 ] "
+                                        "&& exit 7\nexit 0\n")
     out = tmp_path / "gpu"
     start = __import__("time").monotonic()
     proc = subprocess.run(["bash", CHECK, "--no-build", "--no-bench", "--out", str(out)], capture_output=True,
@@ -294,16 +301,8 @@ def test_budget_runs_what_fits_and_names_the_rest(tmp_path):
     calibration (each starts with its 30 s left, after the 10 s of timeout's grace) but not the benchmark, whose row
     says so, as does the summary with the --only that runs it next; exit status 3. With no budget at all no step
     starts."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    fake_py = bin_dir / "python"
-    fake_py.write_text("#!/bin/bash\n[ \"$1\" = -c ] && exit 0\n[ \"$1\" = -m ] && [ \"$2\" = fastrnn ] && exit 0\n"
-                       "[[ \"$*\" == *persist_calibrate* ]] && { sleep 7; exit 0; }\nsleep 3\nexit 0\n")
-    sanitizer = bin_dir / "compute-sanitizer"
-    sanitizer.write_text("#!/bin/bash\nwhile [[ \"$1\" == --* ]]; do shift 2; done\nexec \"$@\"\n")
-    for f in (fake_py, sanitizer):
-        f.chmod(0o755)
-    env = dict(os.environ, PYTHON=str(fake_py), PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    env = _stand_in_gpu_tools(tmp_path, "[[ \"$*\" == *persist_calibrate* ]] && { sleep 7; exit 0; }\n"
+                                        "sleep 3\nexit 0\n")
     out = tmp_path / "gpu"
 
     def rows():
