@@ -274,8 +274,9 @@ def compile_one(spec: Dict, cc: int) -> Dict:
                              capture_output=True, text=True, check=True)
     (info,) = _buildcfg.parse_ptxas(res.stderr)[arch.removeprefix("sm_")].values()
     # a kernel whose programs read rows other programs of the launch wrote (SYNC: they meet at a barrier) must
-    # read them past L1, which is not coherent across SMs: an asynchronous copy that caches there (cp.async.ca,
-    # what the software pipeliner makes of a volatile load below 16-byte accesses) breaks that
+    # read them past L1, which is not coherent across SMs; the software pipeliner makes a volatile load below
+    # 16-byte accesses an asynchronous copy that caches there (cp.async.ca). Such kernels take none at all, so
+    # the check counts every one rather than telling W_hh's (read-only, harmless) from the state's.
     l1_copies = kernel.asm["ptx"].count("cp.async.ca.") if spec["const"].get("SYNC") else 0
     # Triton's shared memory is dynamic, so ptxas does not see it; Triton's metadata has the size.
     return dict(info, smem=kernel.metadata.shared, warps=warps, cc=cc, l1_copies=l1_copies)
