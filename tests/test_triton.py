@@ -128,29 +128,69 @@ def test_persist_tiles_per_triton_release(monkeypatch):
     assert cells.release() == "3.9" and persist.configs_for(cells.release())[1]["fwd_stages"] == 1
 
 
-@interpreted
-@pytest.mark.parametrize("H, slices", [(8, 1), (40, 3)])
-def test_persist_launches_per_step_only_where_programs_would_wait(H, slices, monkeypatch):
-    """In the interpreter (programs run one after another) several hidden slices get one launch per step
-    without the barrier; one slice gets one launch for the sequence with it. Never a cooperative launch here."""
+def record_persist_launches(H: int, T: int, monkeypatch) -> list:
+    """The launches of a tanh RNN's persist forward over ``T`` steps of 3 rows at ``H`` units, each as (grid, its
+    step span, its keywords, whether its barrier counters were all zero), the kernel replaced by a recorder that
+    counts an arrival in each tile's counter as a launch would."""
     from fastrnn.ops.triton import persist
 
     calls = []
 
     class Recorder:
         def __getitem__(self, grid):
-            return lambda *args, **kw: calls.append((grid, args[-5:-3], kw))
+            def launch(*args, **kw):
+                counters = args[-6].view(grid[0], -1)
+                calls.append((grid, args[-5:-3], kw, not counters.any()))
+                counters[:, 0] += 1
+
+            return launch
 
     monkeypatch.setattr(persist, "_fwd_persist_kernel", Recorder())
-    T, B = 5, 3
+    B = 3
     bs = torch.full((T,), B, dtype=torch.int32)
     off = torch.arange(T, dtype=torch.int64) * B
     xp, h = torch.zeros(T * B, H), torch.zeros(B, H)
     persist.fwd_persist(2, 1, xp, None, torch.zeros(H, H), h, h, bs, off, xp, h, h, h, False, False, False)
-    assert all(grid == (1, slices) for grid, _, _ in calls)
-    spans = [span for _, span, _ in calls]
+    return calls
+
+
+@interpreted
+@pytest.mark.parametrize("H, slices", [(8, 1), (40, 3)])
+def test_persist_launches_per_step_only_where_programs_would_wait(H, slices, monkeypatch):
+    """In the interpreter (programs run one after another) several hidden slices get one launch per step
+    without the barrier; one slice gets one launch for the sequence with it. Never a cooperative launch here."""
+    T = 5
+    calls = record_persist_launches(H, T, monkeypatch)
+    assert all(grid == (1, slices) for grid, _, _, _ in calls)
+    spans = [span for _, span, _, _ in calls]
     assert spans == ([(k, k + 1) for k in range(T)] if slices > 1 else [(0, T)])
-    assert all(kw["SYNC"] == (slices == 1) and "launch_cooperative_grid" not in kw for _, _, kw in calls)
+    assert all(kw["SYNC"] == (slices == 1) and "launch_cooperative_grid" not in kw for _, _, kw, _ in calls)
+
+
+@interpreted
+@pytest.mark.parametrize("limit, spans", [(2, [(0, 2), (2, 4), (4, 5)]), (4, [(0, 4), (4, 5)]), (5, [(0, 5)]),
+                                          (1, [(k, k + 1) for k in range(5)])])
+def test_persist_launches_keep_barrier_counts_within_int32(limit, spans, monkeypatch):
+    """A barrier counter (int32) counts every arrival of its launch: where a sequence's would pass
+    persist.MAX_ARRIVALS (2^31 - 1; lowered here) it takes several launches over consecutive steps, each from
+    zeroed counters."""
+    from fastrnn.ops.triton import persist
+
+    monkeypatch.setattr(persist, "MAX_ARRIVALS", limit)
+    calls = record_persist_launches(8, 5, monkeypatch)
+    assert [span for _, span, _, _ in calls] == spans
+    assert all(zeroed and kw["SYNC"] for _, _, kw, zeroed in calls)
+
+
+@interpreted
+@pytest.mark.parametrize("mode", ["LSTM", "GRU"])
+def test_persist_split_into_launches_matches_reference(mode, monkeypatch):
+    """The persist kernels' forward and backward over a sequence split into launches of two steps (the state and
+    gate gradients passed between them in global memory, packed and reversed) against the reference."""
+    from fastrnn.ops.triton import persist
+
+    monkeypatch.setattr(persist, "MAX_ARRIVALS", 2)
+    assert_matches_reference(triton_impl(torch.float32, "persist"), Case(mode, 5, 3, 3, 8, packed=True, reverse=True))
 
 
 if IN_PROCESS:

@@ -186,6 +186,17 @@ def test_persist_slices(monkeypatch, slices):
     assert_matches_fp64(c, torch.float32, "ln-zo-rd", "persist")
 
 
+def test_persist_split_into_launches(monkeypatch):
+    """The persist kernels over a sequence whose barrier counts would pass persist.MAX_ARRIVALS (lowered here to
+    two steps' of one slice, four arrivals) in launches of two steps each, the state handed on in memory, against
+    fp64."""
+    from fastrnn.ops.triton import persist
+
+    monkeypatch.setattr(tb._ext, "INTERPRETED_SLICES", 1)
+    monkeypatch.setattr(persist, "MAX_ARRIVALS", 4)
+    assert_matches_fp64(Case("LSTM", 5, 3, 3, 40, packed=True, reverse=True), torch.float32, "ln-zo-rd", "persist")
+
+
 def test_persist_tiles_cover_every_column():
     """Every product column in exactly one slice (CW a multiple of the 16-column block, no empty slice), a row pass
     that covers the tile's rows (one per slice, or all in the first), never more programs than the device holds,

@@ -51,7 +51,7 @@ from fastrnn.ops.triton.cells import (FP_FUSION, _tanh, cell_backward, cell_forw
                                      release)
 from fastrnn.ops.triton.host import (MODE_IDS, Rows, input_projection, nan_buffer, none_if_empty, placeholder,
                                      plan_rows, run_loop, step_tables)
-from fastrnn.ops.triton.persist import _barrier, barrier_counters, device_programs, first_clean
+from fastrnn.ops.triton.persist import _barrier, barrier_counters, device_programs, first_clean, launch_spans
 from fastrnn.ops.triton.persist import enabled_by_default as persist_enabled
 
 _EPS = tl.constexpr(LN_EPS)
@@ -736,12 +736,11 @@ def _launch_seq(kernel, variant: str, rows: Rows, B: int, H: int, *args, **const
     grid = (triton.cdiv(B, cfg["BR"]), slices)
     per_phase = interpreting() and slices > 1
     sync = slices > 1 or interpreting()
-    if sync and 2 * T * slices >= 2**31:  # the barrier counts every slice's arrivals, twice a step, in int32
-        raise ValueError(f"fastrnn: the '{variant}' variant takes fewer than {2**31 // (2 * slices)} steps at "
-                         f"{slices} hidden slices, got {T}")
     counters = barrier_counters(grid[0], device)
     order = (ROWS.value, PRODUCT.value) if backward else (PRODUCT.value, ROWS.value)
-    spans = [(k, k + 1, p) for k in range(T) for p in order] if per_phase else [(0, T, sum(order))]
+    # two barriers a step: after the product and after the rows
+    spans = ([(k, k + 1, p) for k in range(T) for p in order] if per_phase
+             else [(begin, end, sum(order)) for begin, end in launch_spans(T, 2 * slices)])
 
     def options(cfg: dict, passes: int) -> dict:
         # as persist.py: the driver guarantees every program resident together, or refuses the launch
@@ -759,6 +758,8 @@ def _launch_seq(kernel, variant: str, rows: Rows, B: int, H: int, *args, **const
         cfg = tiles(_spill_free(kernel, grid, (*args, bs, off, counters, 0, T, T, H, cfg["CW"], 0),
                                 lambda tile: options(tiles(tile), sum(order)), given))
     for begin, end, passes in spans:
+        if begin and not per_phase:
+            counters.zero_()  # as persist.py's: each launch counts from zero
         kernel[grid](*args, bs, off, counters, begin, end, T, H, cfg["CW"], 0, **options(cfg, passes))
 
 

@@ -29,7 +29,7 @@ kernels handle it.
 """
 
 import os
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import triton
@@ -106,6 +106,19 @@ COUNTER_STRIDE = tl.constexpr(32)
 def barrier_counters(tiles: int, device: torch.device) -> torch.Tensor:
     """Zeroed barrier counters for a launch of ``tiles`` batch tiles (:func:`_barrier`)."""
     return torch.zeros(tiles * COUNTER_STRIDE.value, dtype=torch.int32, device=device)
+
+
+# A counter is an int32 compared as such, and it counts every arrival of its launch: a launch may take at most
+# this many, so a sequence whose barriers would count more (T x slices, past 2^31 from about 16 million steps at
+# 132 slices) takes several launches, each from zeroed counters.
+MAX_ARRIVALS = 2**31 - 1
+
+
+def launch_spans(T: int, arrivals_per_step: int) -> List[Tuple[int, int]]:
+    """Consecutive step ranges ``[begin, end)`` covering ``T`` steps, one launch each, none of whose counters
+    passes MAX_ARRIVALS at ``arrivals_per_step`` (the slices times the barriers per step)."""
+    steps = max(1, MAX_ARRIVALS // max(1, arrivals_per_step))
+    return [(k, min(k + steps, T)) for k in range(0, T, steps)]
 
 
 @triton.jit
@@ -272,8 +285,10 @@ def _launch(kernel, args, T: int, B: int, H: int, device: torch.device, consts: 
         taken = first_clean(kernel, g, (*args, counters, 0, T, T, H, 0), (nk, 0), lambda c: options(c, sync),
                             (B, H, device_programs(device), tuple(sorted(consts.items()))))
         nk = taken or 0
-    spans = [(k, k + 1) for k in range(T)] if per_step else [(0, T)]
+    spans = [(k, k + 1) for k in range(T)] if per_step else launch_spans(T, g[1])
     for begin, end in spans:
+        if begin and not per_step:
+            counters.zero_()  # ordered on the stream after the launch before, which counted in them
         kernel[g](*args, counters, begin, end, T, H, 0, **options(nk, sync and not per_step))
 
 
