@@ -274,9 +274,10 @@ def test_spill_free_tile_choice(monkeypatch):
 
 
 def test_unspecialised_arguments_are_the_kernels_own():
-    """The whole-sequence kernels' do_not_specialize names (their step range and T, so that one compile serves every
-    length and is the one benchmarks/kernel_report.py checks) are their parameters: Triton ignores a misspelt one."""
-    from fastrnn.ops.triton import persist as tp, seq as ts
+    """The kernels' do_not_specialize names (the whole-sequence kernels' step range and T, the step and row kernels'
+    row counts, so that one compile serves every length and batch and is the one benchmarks/kernel_report.py
+    checks) are their parameters: Triton ignores a misspelt one."""
+    from fastrnn.ops.triton import persist as tp, seq as ts, step as tst
 
     def unspecialised(k) -> set:  # a JITFunction's, or the interpreter's record of the decorator's arguments
         return set(getattr(k, "do_not_specialize", None) or getattr(k, "kwargs", {}).get("do_not_specialize") or ())
@@ -285,7 +286,10 @@ def test_unspecialised_arguments_are_the_kernels_own():
                     (tb._ext._bwd_seq_kernel, {"k_begin", "k_end", "T", "zero"}),
                     (tp._fwd_persist_kernel, {"k_begin", "k_end", "T", "zero"}),
                     (tp._bwd_persist_kernel, {"j_begin", "j_end", "T", "zero"}),
-                    (ts._fwd_seq_kernel, {"T", "B"}), (ts._bwd_seq_kernel, {"T", "B"})):
+                    (ts._fwd_seq_kernel, {"T", "B"}), (ts._bwd_seq_kernel, {"T", "B"}),
+                    (tst._fwd_step_kernel, {"n_rows", "n_prev"}), (tst._bwd_step_kernel, {"n_rows", "n_prev"}),
+                    (tb._ext._fwd_kernel, {"n_rows"}), (tb._ext._bwd_kernel, {"n_rows"}),
+                    (tb._ext._ln_rows_kernel, {"n_rows"}), (tb._ext._ln_rows_bwd_kernel, {"n_rows"})):
         assert unspecialised(k) == want and want <= set(k.arg_names), (k, unspecialised(k))
 
 

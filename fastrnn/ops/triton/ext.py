@@ -141,7 +141,8 @@ def _ln_backward_rows(p_d, p_v, p_g, p_part, o_r, o_rp, m_b, rstd, n, PART: tl.c
         tl.store(p_d + o_r * n + o_i, rstd * (b_u - m0 - b_v * m1), mask=m)
 
 
-@triton.jit
+# The row kernels' row counts never specialised, as step.py's.
+@triton.jit(do_not_specialize=["n_rows"])
 def _ln_rows_kernel(p_v, p_st, n_rows, n, BR: tl.constexpr, BC: tl.constexpr):
     """LayerNorm without gain and shift of the rows of ``v: [N, n]`` in place (a program per ``BR`` rows);
     their rstd goes to ``st: [N, N_STATS]`` column RS_X."""
@@ -155,7 +156,7 @@ def _ln_rows_kernel(p_v, p_st, n_rows, n, BR: tl.constexpr, BC: tl.constexpr):
     tl.store(p_st + o_r * 4, rstd, mask=m_b)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows"])
 def _ln_rows_bwd_kernel(p_d, p_v, p_g, p_st, n_rows, n, BR: tl.constexpr, BC: tl.constexpr):
     """Backward of :func:`_ln_rows_kernel` followed by the gain: ``d: [N, n]`` in: gradient of the gained rows,
     out: of the rows before LayerNorm; ``v: [N, n]`` the normalised rows, ``g: [n]``, ``st: [N, N_STATS]``."""
@@ -238,7 +239,7 @@ def _put_h(p_h, p_y, p_zh, p_m, p_hm, o_rh, o_j, m, b_new, ZONE_H: tl.constexpr,
         tl.store(p_hm + o, b_h * tl.load(p_m + o, mask=m, other=0.0).to(tl.float32), mask=m)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows"])
 def _fwd_kernel(
     p_xs, p_hs, p_nh, p_st, p_gx, p_gh, p_bias, p_bhn, p_gc, p_sc,
     p_h, p_y, p_zh, p_m, p_hm, p_c, p_cs, p_zc,
@@ -343,7 +344,7 @@ def _put_dgate(p_dgx, p_dgh, o, m, b_dx, b_dh, SPLIT: tl.constexpr):
         tl.store(p_dgh + o, b_dh, mask=m)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows"])
 def _bwd_kernel(
     p_xs, p_hs, p_st, p_gx, p_gh, p_bias, p_bhn, p_gc, p_sc,
     p_hp, p_cp, p_zh, p_zc, p_dh, p_dy, p_dc, p_hr, p_dgx, p_dgh, p_part,

@@ -172,7 +172,9 @@ def fwd_step_tile(
     forward_tile(MODE, G, SAVE, p_x, p_h, p_c, p_s, p_hn, o_b, o_h, m_bh, H, b_a0, b_a1, b_a2, b_a3, b_hp, b_cp)
 
 
-@triton.jit
+# The row counts never specialised (Triton would compile apart a count of 1, as at B = 1 or a packed sequence's
+# last steps, and a multiple of 16): the compile a launch takes is the one benchmarks/kernel_report.py checks.
+@triton.jit(do_not_specialize=["n_rows", "n_prev"])
 def _fwd_step_kernel(
     p_x, p_b, p_w, p_hsrc, p_h0, p_csrc, p_c0, p_h, p_c, p_s, p_hn,
     n_rows, n_prev, H, HO,
@@ -228,7 +230,7 @@ def bwd_step_tile(
         tl.store(p_dhs + o_r, b_dd, mask=m_bh)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows", "n_prev"])
 def _bwd_step_kernel(
     p_dy, p_dhs, p_dcs, p_gprev, p_w, p_s, p_hn, p_h, p_c, p_hp, p_cp, p_gh, p_gx,
     n_rows, n_prev, H, HO,
