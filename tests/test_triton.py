@@ -8,6 +8,7 @@ subprocess started with it. The ahead-of-time spill check and the "no interprete
 tests too: each needs the opposite setting.
 """
 
+import contextlib
 import functools
 import os
 import re
@@ -330,6 +331,43 @@ def test_graph_replays_keep_inference_mode_apart(emulated_cuda_graphs):
         for a, b in zip(got, want):
             assert torch.equal(a, b)
     assert [(k[0][0], k[1]) for k in emulated_cuda_graphs] == [("fwd", True), ("fwd", False)]
+
+
+def test_graph_capture_checks_only_its_own_thread(monkeypatch):
+    """fastrnn's own capture (host._capture, torch's CUDA calls stood in for on the CPU) warms the loop up on a side
+    stream and then captures it in "thread_local" mode, so that another thread's allocations meanwhile (a
+    DataLoader's pinning thread) do not fail; replays give the captured call's outputs."""
+    host = triton_backend._host
+    events = []
+
+    class Stream:
+        def wait_stream(self, other):
+            events.append("wait")
+
+    class Graph:
+        def replay(self):
+            events.append("replay")
+
+    @contextlib.contextmanager
+    def on(stream):
+        events.append("side")
+        yield
+
+    @contextlib.contextmanager
+    def graph(g, **kw):
+        events.append(("capture", kw))
+        yield
+
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", Stream)
+    monkeypatch.setattr(torch.cuda, "stream", on)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+    monkeypatch.setattr(torch.cuda, "graph", graph)
+    x = torch.randn(3)
+    replay = host._capture(lambda t: events.append("loop") or [t * 2], [x])
+    assert torch.equal(replay()[0], x * 2)
+    assert events == ["wait", "side", "loop", "wait", ("capture", {"capture_error_mode": "thread_local"}), "loop",
+                      "replay"], events
 
 
 if torch.cuda.is_available():  # collected only where a GPU is present

@@ -220,7 +220,10 @@ def _capture(loop: Callable[..., Sequence[Tensor]], static_in: List[Tensor]) -> 
         loop(*static_in)
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    # The capture is fastrnn's, not the caller's: with the default ("global") mode a cudaMalloc or cudaHostAlloc
+    # that another thread of the program makes meanwhile (a DataLoader's pinning thread) would fail. Only this
+    # thread's calls are checked, as torch.compile's own CUDA graphs do.
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
         static_out = list(loop(*static_in))
 
     def replay() -> Sequence[Tensor]:
