@@ -309,6 +309,12 @@ def test_variant_choice():
     for variant in ("seq", "persist"):
         with pytest.raises(ValueError, match=f"the '{variant}' variant of fastrnn's cells needs no projection"):
             tb._resolve_options(a._replace(w_hr=torch.zeros(2, 4)), (variant, None), True)
+        # H alone decides, so a stand-in W_hh of G*H rows and no columns carries it without 8 GB of weights
+        wide = LayerArgs("GRU", torch.zeros(4, 3), None, torch.zeros(2, 26755), None, torch.zeros(3 * 26755, 3),
+                         torch.zeros(3 * 26755, 0), None, None, None, False)
+        with pytest.raises(ValueError, match=f"the '{variant}' variant of fastrnn's cells addresses W_hh with int32 "
+                                             r"offsets, so it needs 3\*H\*H < 2\^31, got H = 26755"):
+            tb._resolve_options(wide, (variant, None), True)
 
 
 def test_variant_choice_on_cuda(monkeypatch):
@@ -324,6 +330,11 @@ def test_variant_choice_on_cuda(monkeypatch):
     assert ext.pick_variant(16, 127, 4, False, cuda) == "seq"
     assert ext.pick_variant(16 * 133, 512, 4, False, cuda) == "seq"
     assert ext.pick_variant(16, 512, 4, True, cuda) == "step"
+    # W_hh beyond int32 offsets: 4 * 23171^2 >= 2^31 > 4 * 23170^2 (the GRU's 3 gates reach it at 26,755)
+    assert ext.pick_variant(16 * 133, 23170, 4, False, cuda) == "seq"
+    assert ext.pick_variant(16 * 133, 23171, 4, False, cuda) == "step"
+    assert ext.pick_variant(16 * 133, 26754, 3, False, cuda) == "seq"
+    assert ext.pick_variant(16 * 133, 26755, 3, False, cuda) == "step"
     monkeypatch.setattr(ext, "persist_enabled", lambda: False)
     assert ext.pick_variant(16, 512, 4, False, cuda) == "step"
     monkeypatch.setattr(tb._host.persist, "device_programs", lambda device: 132)

@@ -129,6 +129,9 @@ def _resolve_ext_options(a: LayerArgs, variant: Optional[str], cuda_graph: Optio
     if variant != "step" and proj:
         raise ValueError(f"the {variant!r} variant of fastrnn's cells needs no projection, got proj_size "
                          f"{a.w_hr.shape[0]}")
+    if variant != "step" and not _ext.w_hh_addressable(G, a.H):
+        raise ValueError(f"the {variant!r} variant of fastrnn's cells addresses W_hh with int32 offsets, so it needs "
+                         f"{G}*H*H < 2^31, got H = {a.H}; variant='step' takes any H")
     if variant == "persist" and _ext.tiles_for(variant, B, a.H, G, False, a.x.device) is None:
         raise ValueError(f"the 'persist' variant of fastrnn's cells needs H >= {_ext.PERSIST_MIN_H} on a GPU and no "
                          f"more batch tiles of {_ext.PERSIST_ROWS} rows than the device's "

@@ -709,12 +709,20 @@ def tiles_for(variant: str, B: int, H: int, G: int, backward: bool, device: torc
     return persist_tiles(B, H, G, backward, device_programs(device))
 
 
+def w_hh_addressable(G: int, H: int) -> bool:
+    """Whether the whole-sequence kernels reach every element of W_hh: they address it (``_matmul_rows``) with
+    int32 offsets, which G*H*H elements of 2^31 or more (the LSTM from H = 23,171) would overflow; int64 there
+    would cost the inner loop registers for shapes whose weights alone take 8 GB. The step loop's product is
+    torch's."""
+    return G * H * H < 2**31
+
+
 def pick_variant(B: int, H: int, G: int, has_proj: bool, device: torch.device) -> str:
-    """fastrnn's cells unasked: ``"step"`` with a projection, on the CPU, or without ``FASTRNN_PERSISTENT=1`` (the
-    whole-sequence kernels wait for a GPU run, as the plain cells' persist does); else ``"persist"`` where the seq
-    grid would leave half the SMs idle and persist applies (H >= PERSIST_MIN_H) with more than one slice; else
-    ``"seq"``."""
-    if has_proj or device.type != "cuda" or not persist_enabled():
+    """fastrnn's cells unasked: ``"step"`` with a projection, on the CPU, without ``FASTRNN_PERSISTENT=1`` (the
+    whole-sequence kernels wait for a GPU run, as the plain cells' persist does) or where they cannot address W_hh;
+    else ``"persist"`` where the seq grid would leave half the SMs idle and persist applies (H >= PERSIST_MIN_H)
+    with more than one slice; else ``"seq"``."""
+    if has_proj or device.type != "cuda" or not persist_enabled() or not w_hh_addressable(G, H):
         return "step"
     sms = device_programs(device)
     split = persist_tiles(B, H, G, False, sms)
