@@ -156,16 +156,22 @@ def record_persist_launches(H: int, T: int, monkeypatch) -> list:
 
 
 @interpreted
+@pytest.mark.parametrize("barrier", [True, False], ids=["barrier", "as-gpu"])
 @pytest.mark.parametrize("H, slices", [(8, 1), (40, 3)])
-def test_persist_launches_per_step_only_where_programs_would_wait(H, slices, monkeypatch):
+def test_persist_launches_per_step_only_where_programs_would_wait(H, slices, barrier, monkeypatch):
     """In the interpreter (programs run one after another) several hidden slices get one launch per step
-    without the barrier; one slice gets one launch for the sequence with it. Never a cooperative launch here."""
+    without the barrier; one slice gets one launch for the sequence, with the barrier unless
+    persist.INTERPRETED_BARRIER asks for the GPU's compile. Never a cooperative launch here."""
+    from fastrnn.ops.triton import persist
+
+    monkeypatch.setattr(persist, "INTERPRETED_BARRIER", barrier)
     T = 5
     calls = record_persist_launches(H, T, monkeypatch)
     assert all(grid == (1, slices) for grid, _, _, _ in calls)
     spans = [span for _, span, _, _ in calls]
     assert spans == ([(k, k + 1) for k in range(T)] if slices > 1 else [(0, T)])
-    assert all(kw["SYNC"] == (slices == 1) and "launch_cooperative_grid" not in kw for _, _, kw, _ in calls)
+    assert all(kw["SYNC"] == (slices == 1 and barrier) and "launch_cooperative_grid" not in kw
+               for _, _, kw, _ in calls)
 
 
 @interpreted
@@ -181,6 +187,24 @@ def test_persist_launches_keep_barrier_counts_within_int32(limit, spans, monkeyp
     calls = record_persist_launches(8, 5, monkeypatch)
     assert [span for _, span, _, _ in calls] == spans
     assert all(zeroed and kw["SYNC"] for _, _, kw, zeroed in calls)
+
+
+@interpreted
+@pytest.mark.parametrize("c", [Case("LSTM", 4, 3, 3, 16, packed=True, reverse=True), Case("GRU", 3, 2, 3, 13),
+                               Case("RNN_TANH", 3, 3, 2, 16, packed=True), Case("RNN_RELU", 2, 2, 3, 9, bias=False)],
+                         ids=lambda c: c.id)
+def test_persist_one_slice_as_a_gpu_compiles_it(c, monkeypatch):
+    """A grid of one hidden slice compiled as on a GPU, without the barrier (persist.INTERPRETED_BARRIER off: plain
+    loads of the previous step, the forward's loop over K pipelined), resident and streamed W_hh: outputs and every
+    gradient match the reference."""
+    from fastrnn.ops.triton import persist
+
+    monkeypatch.setattr(persist, "INTERPRETED_BARRIER", False)
+    assert persist.grid(c.B, c.H, persist.persist_config(c.B, c.H, None))[1] == 1
+    assert not persist.compiles_barrier(1) and persist.compiles_barrier(2)
+    assert_matches_reference(triton_impl(torch.float32, "persist"), c)
+    monkeypatch.setattr(persist, "RESIDENT_BYTES", 0)
+    assert_matches_reference(triton_impl(torch.float32, "persist"), c)
 
 
 @interpreted

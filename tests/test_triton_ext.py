@@ -186,6 +186,20 @@ def test_persist_slices(monkeypatch, slices):
     assert_matches_fp64(c, torch.float32, "ln-zo-rd", "persist")
 
 
+@pytest.mark.parametrize("variant", ["seq", "persist"])
+def test_one_slice_as_a_gpu_compiles_it(variant, monkeypatch):
+    """The whole-sequence kernels over one slice as a GPU compiles them ("seq" always, "persist" where one slice
+    takes every column), without the barrier (persist.INTERPRETED_BARRIER off), against fp64."""
+    from fastrnn.ops.triton import persist
+
+    monkeypatch.setattr(persist, "INTERPRETED_BARRIER", False)
+    monkeypatch.setattr(tb._ext, "INTERPRETED_SLICES", 1)
+    c = Case("LSTM", 3, 3, 3, 40, packed=True, reverse=True)
+    assert all(tb._ext.tiles_for(variant, c.B, c.H, 4, bwd, torch.device("cpu"))["S"] == 1 for bwd in (False, True))
+    assert_matches_fp64(c, torch.float32, "ln-zo-rd", variant)
+    assert_matches_fp64(Case("GRU", 2, 4, 3, 17), torch.float32, "ln-zo-rd", variant)
+
+
 def test_persist_split_into_launches(monkeypatch):
     """The persist kernels over a sequence whose barrier counts would pass persist.MAX_ARRIVALS (lowered here to
     two steps' of one slice, four arrivals) in launches of two steps each, the state handed on in memory, against

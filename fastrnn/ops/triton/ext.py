@@ -51,7 +51,8 @@ from fastrnn.ops.triton.cells import (FP_FUSION, _tanh, cell_backward, cell_forw
                                      release)
 from fastrnn.ops.triton.host import (MODE_IDS, Rows, input_projection, nan_buffer, none_if_empty, placeholder,
                                      plan_rows, run_loop, step_tables)
-from fastrnn.ops.triton.persist import _barrier, barrier_counters, device_programs, first_clean, launch_spans
+from fastrnn.ops.triton.persist import (_barrier, barrier_counters, compiles_barrier, device_programs, first_clean,
+                                        launch_spans)
 from fastrnn.ops.triton.persist import enabled_by_default as persist_enabled
 
 _EPS = tl.constexpr(LN_EPS)
@@ -744,7 +745,7 @@ def _launch_seq(kernel, variant: str, rows: Rows, B: int, H: int, *args, **const
     T, slices = len(rows.order), cfg["S"]
     grid = (triton.cdiv(B, cfg["BR"]), slices)
     per_phase = interpreting() and slices > 1
-    sync = slices > 1 or interpreting()
+    sync = compiles_barrier(slices)
     counters = barrier_counters(grid[0], device)
     order = (ROWS.value, PRODUCT.value) if backward else (PRODUCT.value, ROWS.value)
     # two barriers a step: after the product and after the rows

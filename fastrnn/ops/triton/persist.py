@@ -22,7 +22,8 @@ for each other. The previous step's rows are loaded ``volatile``
 The Triton interpreter runs the programs of a launch one after another, so a program waiting for a later
 one would never return: there, a grid of several slices is launched once per step (the launch boundary is
 the barrier) with the barrier compiled out, and a single-slice grid runs the whole sequence in one launch
-with the barrier compiled in (it then waits only for itself). Both run the same kernel as the GPU.
+with the barrier compiled in (it then waits only for itself), or out as a GPU compiles it
+(``INTERPRETED_BARRIER``). Both run the same kernel as the GPU.
 
 No projection (``proj_size``): its per-step product mixes all hidden units after the cell; the step
 kernels handle it.
@@ -112,6 +113,18 @@ def barrier_counters(tiles: int, device: torch.device) -> torch.Tensor:
 # this many, so a sequence whose barriers would count more (T x slices, past 2^31 from about 16 million steps at
 # 132 slices) takes several launches, each from zeroed counters.
 MAX_ARRIVALS = 2**31 - 1
+
+
+# Under the interpreter a one-slice grid compiles the barrier in, waiting only for its own program, so that the
+# tests run the barrier's code; False compiles what a GPU runs there instead (no barrier, plain loads, the forward's
+# loop over K pipelined), which the tests run too.
+INTERPRETED_BARRIER = True
+
+
+def compiles_barrier(slices: int) -> bool:
+    """Whether a launch of ``slices`` hidden slices compiles the barrier in (``SYNC``): where programs meet on a
+    GPU, and under the interpreter as INTERPRETED_BARRIER says."""
+    return slices > 1 or (interpreting() and INTERPRETED_BARRIER)
 
 
 def launch_spans(T: int, arrivals_per_step: int) -> List[Tuple[int, int]]:
@@ -267,7 +280,7 @@ def _launch(kernel, args, T: int, B: int, H: int, device: torch.device, consts: 
     cfg = persist_config(B, H, device_programs(device))
     g = grid(B, H, cfg)
     per_step = interpreting() and g[1] > 1
-    sync = g[1] > 1 or interpreting()
+    sync = compiles_barrier(g[1])
     backward = kernel is _bwd_persist_kernel
     w_hh = args[3 if backward else 2]
     nk = resident_chunks(consts["G"], H, cfg, w_hh.element_size(), backward)
