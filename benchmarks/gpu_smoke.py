@@ -175,6 +175,24 @@ def why_not(case: SmokeCase, device: torch.device) -> Optional[str]:
     return fr_backend.reason_unavailable(case.backend, device, DTYPES[case.dtype])
 
 
+def case_plan(case: SmokeCase, limits: Optional[dict] = None) -> Optional[dict]:
+    """For a cpp case with FASTRNN_PERSISTENT=1, the persistent engine's plan for it (``cpp.persistent_plan``; on
+    ``limits`` where given, else the current GPU's), so that a run says which schemes it reached; else None."""
+    if case.backend != "cpp" or os.environ.get("FASTRNN_PERSISTENT") != "1":
+        return None
+    cpp = importlib.import_module("fastrnn.ops.cpp")
+    return cpp.persistent_plan(case.mode, case.batch, case.hidden, DTYPES[case.dtype], cells=case.cells,
+                               proj_size=PROJ if case.proj else 0, bidirectional=case.pair, limits=limits)
+
+
+def describe(plan: Optional[dict]) -> str:
+    """`` [scheme xslices, mma, 2 dirs]`` of a plan, empty without one."""
+    if plan is None:
+        return ""
+    split = f" x{plan['slices']}" if plan["scheme"] in ("grid", "cluster") else ""
+    return f" [{plan['scheme']}{split}{', mma' if plan['mma'] else ''}{', 2 dirs' if plan['dirs'] == 2 else ''}]"
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda", help="cuda (the point of it) or cpu (to check the script)")
@@ -192,6 +210,7 @@ def main(argv=None) -> int:
             return 2
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     failed = ran = 0
+    schemes = set()
     for case in cases:
         reason = why_not(case, device)
         if reason is not None:
@@ -206,8 +225,14 @@ def main(argv=None) -> int:
             continue
         ok = err <= TOLERANCE[case.dtype]
         failed += not ok
-        print(f"{'ok  ' if ok else 'FAIL'} {case.name}: max relative difference from the reference {err:.2e}")
+        plan = case_plan(case) if device.type == "cuda" else None
+        if plan is not None:
+            schemes.add(plan["scheme"])
+        print(f"{'ok  ' if ok else 'FAIL'} {case.name}: max relative difference from the reference {err:.2e}"
+              f"{describe(plan)}")
     print(f"{ran - failed} of {ran} cases passed, {len(cases) - ran} skipped")
+    if schemes:
+        print(f"persistent engine schemes planned: {', '.join(sorted(schemes))}")
     return 1 if failed or not ran else 0
 
 

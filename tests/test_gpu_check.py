@@ -221,6 +221,36 @@ def test_smoke_bf16_cases_take_the_tensor_cores_and_pass_with_their_numerics():
         cpp._lib()._set_persist_emulation(0, 0)
 
 
+def test_smoke_says_which_schemes_it_reaches(monkeypatch):
+    """With FASTRNN_PERSISTENT=1 each cpp case's line names its plan; on an H200's limits the cases reach one block,
+    a cluster and tensor cores, and with clusters off (the memcheck-grid step) the grid barrier; a pair launch
+    says so, and the projection's case says the engine leaves it to the per-step path. Without the switch, or for
+    Triton, nothing is added."""
+    from fastrnn.ops import cpp
+
+    cpp_cases = [c for c in gpu_smoke.CASES if c.backend == "cpp"]
+    monkeypatch.delenv("FASTRNN_PERSISTENT", raising=False)
+    assert all(gpu_smoke.case_plan(c, H200_LIMITS) is None for c in cpp_cases)
+    monkeypatch.setenv("FASTRNN_PERSISTENT", "1")
+    hopper = H200_LIMITS
+    # per-step: the projection's case, which the engine does not take
+    for limits, want in ((hopper, {"block", "cluster", "per-step"}), (dict(hopper, cluster=0),
+                                                                       {"block", "grid", "per-step"})):
+        plans = {c: gpu_smoke.case_plan(c, limits) for c in cpp_cases}
+        assert {p["scheme"] for p in plans.values()} == want, limits
+        for c, p in plans.items():
+            assert p == cpp.persistent_plan(c.mode, c.batch, c.hidden, gpu_smoke.DTYPES[c.dtype], cells=c.cells,
+                                            proj_size=gpu_smoke.PROJ if c.proj else 0, bidirectional=c.pair,
+                                            limits=limits)
+            text = gpu_smoke.describe(p)
+            assert text.startswith(f" [{p['scheme']}") and (", mma" in text) == p["mma"], (c.name, text)
+            split = p["scheme"] in ("grid", "cluster")
+            assert (f" x{p['slices']}" in text) == split and (", 2 dirs" in text) == (p["dirs"] == 2), (c.name, text)
+        assert any(p["mma"] for p in plans.values()) and any(p["dirs"] == 2 for p in plans.values())
+    assert all(gpu_smoke.case_plan(c, hopper) is None for c in gpu_smoke.CASES if c.backend == "triton")
+    assert gpu_smoke.describe(None) == ""
+
+
 def test_smoke_bidirectional_cases_run_both_directions_in_one_launch():
     """The sanitizers see the pair launch (each direction on half the SMs) at both hidden sizes and dtypes."""
     from fastrnn.ops import cpp
