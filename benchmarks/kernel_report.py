@@ -4,11 +4,14 @@ No GPU is needed: each configuration the launch heuristics can pick (``triton_st
 ``triton_persist.PERSIST_CONFIGS``, ``triton_seq.seq_configs_for``) is compiled with ``triton.compile`` for
 sm_80 and sm_90 and the PTX is run (``ptxas -v``) through the ptxas Triton itself assembles that target with
 (``ptxas_tool``: Triton 3.9 uses its ``ptxas-blackwell`` from sm_90 on, Triton 3.8 its ``ptxas`` below
-sm_100) for register and spill counts; the report names each tool and its version.
+sm_100) for register and spill counts; the report names each tool and its version. That run takes none of the
+flags Triton adds to its own (``--fmad=false`` without fp fusion; from 3.8 ``--regAllocOptLevel=2``);
+``--triton-log`` reads Triton's own run instead (every kernel compiled afresh, so slower): on Triton 3.8 the two
+gave the same registers, stack and spills for all 2,740 configurations of the full report (2026-12-07).
 Specialisations that only remove work (no bias, forward direction) are not compiled separately: the
 configurations below carry the bias and every optional input of their mode.
 
-Usage: ``python benchmarks/kernel_report.py [--quick] [--check] [--no-cuda] [--out FILE] [--jobs N]``.
+Usage: ``python benchmarks/kernel_report.py [--quick] [--check] [--no-cuda] [--triton-log] [--out FILE] [--jobs N]``.
 ``--check`` exits 1 when any configuration spills, or when a kernel whose programs meet at a barrier reads what
 the others wrote through an L1-caching asynchronous copy; ``--quick`` compiles one storage dtype per width
 (fp32 and bf16) instead of all three. Must run without ``TRITON_INTERPRET`` (the interpreter replaces
@@ -17,6 +20,8 @@ the kernels' compiled form).
 
 import argparse
 import concurrent.futures
+import contextlib
+import io
 import os
 import re
 import subprocess
@@ -260,19 +265,44 @@ def describe_tools() -> List[str]:
     return lines
 
 
-def compile_one(spec: Dict, cc: int) -> Dict:
+@contextlib.contextmanager
+def _triton_ptxas_log():
+    """Triton compiles afresh (no cache hit, which would skip its ptxas) and prints its ptxas's ``-v`` log."""
+    knobs = {"TRITON_DUMP_PTXAS_LOG": "1", "TRITON_ALWAYS_COMPILE": "1"}
+    before = {k: os.environ.get(k) for k in knobs}
+    os.environ.update(knobs)
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                del os.environ[k]
+            else:
+                os.environ[k] = v
+
+
+def compile_one(spec: Dict, cc: int, triton_log: bool = False) -> Dict:
+    """Resources of ``spec`` compiled for ``cc``: from a ptxas run of ours on the PTX (Triton's cache serves the
+    PTX), or with ``triton_log`` from Triton's own ptxas run, with the flags its release adds (``--fmad=false``
+    without fp fusion; 3.8's ``--regAllocOptLevel=2``), which compiles every kernel afresh."""
     warps = spec["warps"]
     src = ASTSource(fn=spec["fn"], signature=signature(spec), constexprs=spec["const"], attrs=alignment_attrs(spec))
     options = {"num_warps": warps, "num_stages": spec["stages"], "enable_fp_fusion": FP_FUSION}
-    kernel = triton.compile(src, target=GPUTarget("cuda", cc, 32), options=options)
     ptxas, _, arch = ptxas_tool(cc)
-    with tempfile.TemporaryDirectory() as tmp:
-        ptx = os.path.join(tmp, "k.ptx")
-        with open(ptx, "w") as f:
-            f.write(kernel.asm["ptx"])
-        res = subprocess.run([ptxas, "-v", f"--gpu-name={arch}", ptx, "-o", os.path.join(tmp, "k.cubin")],
-                             capture_output=True, text=True, check=True)
-    (info,) = _buildcfg.parse_ptxas(res.stderr)[arch.removeprefix("sm_")].values()
+    if triton_log:
+        log = io.StringIO()
+        with _triton_ptxas_log(), contextlib.redirect_stdout(log):
+            kernel = triton.compile(src, target=GPUTarget("cuda", cc, 32), options=options)
+        text = log.getvalue()
+    else:
+        kernel = triton.compile(src, target=GPUTarget("cuda", cc, 32), options=options)
+        with tempfile.TemporaryDirectory() as tmp:
+            ptx = os.path.join(tmp, "k.ptx")
+            with open(ptx, "w") as f:
+                f.write(kernel.asm["ptx"])
+            text = subprocess.run([ptxas, "-v", f"--gpu-name={arch}", ptx, "-o", os.path.join(tmp, "k.cubin")],
+                                  capture_output=True, text=True, check=True).stderr
+    (info,) = _buildcfg.parse_ptxas(text)[arch.removeprefix("sm_")].values()
     # a kernel whose programs read rows other programs of the launch wrote (SYNC: they meet at a barrier) must
     # read them past L1, which is not coherent across SMs; the software pipeliner makes a volatile load below
     # 16-byte accesses an asynchronous copy that caches there (cp.async.ca). Such kernels take none at all, so
@@ -285,25 +315,25 @@ def compile_one(spec: Dict, cc: int) -> Dict:
 def _run(args) -> Dict:
     """The compiled resources of spec ``index``, or of the first of its fallbacks that does not spill where it
     does (``tiles`` then names the one taken)."""
-    index, quick, cc = args
+    index, quick, cc, triton_log = args
     spec = kernel_specs(quick)[index]
     for candidate in [spec] + spec.get("fallbacks", []):
-        res = dict(compile_one(candidate, cc), tiles=candidate.get("tiles"))
+        res = dict(compile_one(candidate, cc, triton_log), tiles=candidate.get("tiles"))
         if not (res["spill_stores"] or res["spill_loads"] or res["stack"]):
             break
     return res
 
 
-def collect(quick: bool, jobs: int) -> List[Dict]:
+def collect(quick: bool, jobs: int, triton_log: bool = False) -> List[Dict]:
     specs = kernel_specs(quick)
-    work = [(i, quick, cc) for i in range(len(specs)) for cc in ARCHS]
+    work = [(i, quick, cc, triton_log) for i in range(len(specs)) for cc in ARCHS]
     if jobs > 1:
         with concurrent.futures.ProcessPoolExecutor(jobs) as pool:
             results = list(pool.map(_run, work))
     else:
         results = [_run(w) for w in work]
     rows = []
-    for (i, _, _), res in zip(work, results):
+    for (i, _, _, _), res in zip(work, results):
         s = specs[i]
         tiles = res.pop("tiles") or "x".join(f"{k}{s['const'][k]}" for k in ("BB", "BH", "BK") if k in s["const"])
         rows.append(dict(res, kernel=s["kernel"], mode=s["mode"], dtype=TT_DTYPE[s["dtype"]], tiles=tiles,
@@ -342,10 +372,12 @@ def loop_rows(objects: str) -> List[Dict]:
     return rows
 
 
-def markdown(rows: List[Dict], cuda, loops=None) -> str:
+def markdown(rows: List[Dict], cuda, loops=None, triton_log: bool = False) -> str:
+    source = ("Triton's own ptxas run (`--triton-log`: its `-v` log, with the flags it passes)" if triton_log
+              else "`ptxas -v` on the PTX Triton emits")
     out = ["# Kernel resources (ahead-of-time compile, no GPU run)", "",
            "Triton " + triton.__version__ + f" (enable_fp_fusion={FP_FUSION}); registers and spills from "
-           "`ptxas -v` on the PTX Triton emits, through the ptxas Triton picks per target:", "",
+           f"{source}, through the ptxas Triton picks per target:", "",
            *(f"- {line}" for line in describe_tools()), "",
            "Shared memory from Triton's metadata. Nothing here has run on a GPU.", "",
            "`align`: `any` compiles for arbitrary H and pointers, `16` with the divisibility Triton's launcher "
@@ -406,10 +438,12 @@ def main(argv=None) -> int:
     ap.add_argument("--out", help="write the markdown here instead of stdout")
     ap.add_argument("--jobs", type=int, default=1)
     ap.add_argument("--no-cuda", action="store_true", help="skip the C++ backend's .cu kernels (nvcc)")
+    ap.add_argument("--triton-log", action="store_true", help="counts from Triton's own ptxas run (its flags; "
+                    "every kernel compiled afresh, slower) instead of a ptxas run on its cached PTX")
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         ap.error("unset TRITON_INTERPRET: the interpreter replaces the compiled kernels this report reads")
-    rows = collect(args.quick, args.jobs)
+    rows = collect(args.quick, args.jobs, args.triton_log)
     loops = None
     if args.no_cuda:
         cuda = "Not compiled in this run (`--no-cuda`)."
@@ -418,7 +452,7 @@ def main(argv=None) -> int:
             cuda = _if_available(lambda: cuda_rows(objects))
             if not isinstance(cuda, str):
                 loops = _if_available(lambda: loop_rows(objects))
-    text = markdown(rows, cuda, loops)
+    text = markdown(rows, cuda, loops, args.triton_log)
     if args.out:
         with open(args.out, "w") as f:
             f.write(text)

@@ -533,6 +533,28 @@ def test_cpu_without_interpreter_refuses_clearly():
 
 
 @parent_only
+def test_report_reads_what_tritons_own_ptxas_says():
+    """kernel_report's ptxas run and Triton's own (``--triton-log``: its log, with the flags it passes) give the same
+    registers, stack and spills for a step kernel and a persist kernel holding W_hh, on sm_80 and sm_90."""
+    script = (
+        "import sys; sys.path.insert(0, 'benchmarks')\n"
+        "import kernel_report as kr\n"
+        "specs = kr.kernel_specs(True)\n"
+        "picked = [next(s for s in specs if s['kernel'] == 'step_bwd' and s['dtype'] == kr.torch.bfloat16),\n"
+        "          next(s for s in specs if s['kernel'] == 'persist_fwd' and s['const']['NK'])]\n"
+        "for spec in picked:\n"
+        "    for cc in kr.ARCHS:\n"
+        "        ours, theirs = kr.compile_one(spec, cc), kr.compile_one(spec, cc, triton_log=True)\n"
+        "        keys = ('registers', 'stack', 'spill_stores', 'spill_loads', 'smem')\n"
+        "        assert ours['registers'] > 0 and [ours[k] for k in keys] == [theirs[k] for k in keys], (ours, theirs)\n"
+        "print('ok')\n"
+    )
+    res = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=_env(interpret=False),
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stdout + res.stderr
+
+
+@parent_only
 def test_every_config_compiles_without_spills():
     # Every tile configuration the launch heuristics can pick, for sm_80 and sm_90 (see kernel_report).
     res = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "kernel_report.py"), "--quick",
