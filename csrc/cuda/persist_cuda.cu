@@ -11,8 +11,10 @@
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
+#include <set>
 #include <type_traits>
 #include <unordered_map>
+#include <utility>
 
 #include "cuda/row_block.cuh"
 #include "persist.h"
@@ -300,12 +302,29 @@ bool has_clusters(const void* kernel) {
   return attr.ptxVersion >= 90;
 }
 
+// Lets the kernel ask for all the dynamic shared memory a block may have on the current device, once per kernel and
+// device: the attribute is a ceiling, and each launch asks for its plan's within it. Set per launch to the plan's
+// own size instead, a host thread could lower it between another thread's setting and that thread's launch of the
+// same kernel with a larger plan, which the launch would then refuse.
+void allow_all_smem(const void* kernel) {
+  static std::mutex m;
+  static std::set<std::pair<const void*, int>> done;
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  const std::lock_guard<std::mutex> lock(m);
+  if (done.count({kernel, device}) != 0) return;
+  cudaFuncAttributes attr{};
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
+  const int64_t most = limits(device).smem - static_cast<int64_t>(attr.sharedSizeBytes);
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(most)));
+  done.insert({kernel, device});
+}
+
 // Returns the scheme launched: the plan's, or the grid barrier where a planned cluster does not fit.
 template <class Args>
 int launch(const void* kernel, const Dirs<Args>& dirs, cudaStream_t stream) {
   const Plan& plan = dirs.d[0].plan;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                      static_cast<int>(plan.smem)));
+  allow_all_smem(kernel);
   const dim3 grid(static_cast<unsigned>(plan.dirs * dir_blocks(plan))), block(kThreads);
   Dirs<Args> copy = dirs;
   Plan& p = copy.d[0].plan;
