@@ -4,10 +4,11 @@ No GPU is needed: each configuration the launch heuristics can pick (``triton_st
 ``triton_persist.PERSIST_CONFIGS``, ``triton_seq.seq_configs_for``) is compiled with ``triton.compile`` for
 sm_80 and sm_90 and the PTX is run (``ptxas -v``) through the ptxas Triton itself assembles that target with
 (``ptxas_tool``: Triton 3.9 uses its ``ptxas-blackwell`` from sm_90 on, Triton 3.8 its ``ptxas`` below
-sm_100) for register and spill counts; the report names each tool and its version. That run takes none of the
-flags Triton adds to its own (``--fmad=false`` without fp fusion; from 3.8 ``--regAllocOptLevel=2``);
-``--triton-log`` reads Triton's own run instead (every kernel compiled afresh, so slower): on Triton 3.8 the two
-gave the same registers, stack and spills for all 2,740 configurations of the full report (2026-12-07).
+sm_100) with the flags Triton passes it (``triton_ptxas_flags``: ``--fmad=false`` without fp fusion, and from
+3.8 ``--regAllocOptLevel=2``) for register and spill counts; the report names each tool and its version.
+``--triton-log`` reads Triton's own ptxas run instead (every kernel compiled afresh, so slower). Without
+Triton's flags the counts differed on Triton 3.9 for sm_90 (6 spilling configurations missed, 167 rows off),
+not on 3.8 (all 2,740 configurations of the full report the same; 2026-12-07).
 Specialisations that only remove work (no bias, forward direction) are not compiled separately: the
 configurations below carry the bias and every optional input of their mode.
 
@@ -21,18 +22,21 @@ the kernels' compiled form).
 import argparse
 import concurrent.futures
 import contextlib
+import functools
 import io
 import os
 import re
 import subprocess
 import sys
 import tempfile
+import unittest.mock
 from typing import Dict, List, Optional, Tuple
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
@@ -281,10 +285,40 @@ def _triton_ptxas_log():
                 os.environ[k] = v
 
 
+@triton.jit
+def _store_one(p):
+    tl.store(p, 1.0)
+
+
+@functools.lru_cache(maxsize=None)
+def triton_ptxas_flags(cc: int) -> Tuple[str, ...]:
+    """The flags Triton passes its ptxas for ``cc`` with the report's options, read off its command as it assembles
+    a one-store kernel: ``--fmad=false`` without fp fusion, and from 3.8 ``--regAllocOptLevel=2``, which changes
+    registers and spills through Triton 3.9's ptxas for sm_90 (``--triton-log`` found 6 spills there that a plain
+    ``ptxas -v`` did not see)."""
+    ptxas, _, _ = ptxas_tool(cc)
+    commands = []
+    run = subprocess.run
+
+    def record(cmd, *args, **kwargs):
+        if isinstance(cmd, (list, tuple)) and cmd and cmd[0] == ptxas:
+            commands.append(list(cmd))
+        return run(cmd, *args, **kwargs)
+
+    src = ASTSource(fn=_store_one, signature={"p": "*fp32"}, constexprs={})
+    with _triton_ptxas_log(), contextlib.redirect_stdout(io.StringIO()), unittest.mock.patch("subprocess.run",
+                                                                                              record):
+        triton.compile(src, target=GPUTarget("cuda", cc, 32), options={"num_warps": 1,
+                                                                        "enable_fp_fusion": FP_FUSION})
+    (cmd,) = [c for c in commands if "-o" in c]  # not its `ptxas --version`
+    out = cmd.index("-o")
+    return tuple(a for i, a in enumerate(cmd[1:], 1) if i not in (out, out + 1) and not a.endswith(".ptx"))
+
+
 def compile_one(spec: Dict, cc: int, triton_log: bool = False) -> Dict:
-    """Resources of ``spec`` compiled for ``cc``: from a ptxas run of ours on the PTX (Triton's cache serves the
-    PTX), or with ``triton_log`` from Triton's own ptxas run, with the flags its release adds (``--fmad=false``
-    without fp fusion; 3.8's ``--regAllocOptLevel=2``), which compiles every kernel afresh."""
+    """Resources of ``spec`` compiled for ``cc``: from a ptxas run of ours with Triton's flags on the PTX (Triton's
+    cache serves the PTX), or with ``triton_log`` from Triton's own ptxas run, which compiles every kernel
+    afresh."""
     warps = spec["warps"]
     src = ASTSource(fn=spec["fn"], signature=signature(spec), constexprs=spec["const"], attrs=alignment_attrs(spec))
     options = {"num_warps": warps, "num_stages": spec["stages"], "enable_fp_fusion": FP_FUSION}
@@ -300,7 +334,7 @@ def compile_one(spec: Dict, cc: int, triton_log: bool = False) -> Dict:
             ptx = os.path.join(tmp, "k.ptx")
             with open(ptx, "w") as f:
                 f.write(kernel.asm["ptx"])
-            text = subprocess.run([ptxas, "-v", f"--gpu-name={arch}", ptx, "-o", os.path.join(tmp, "k.cubin")],
+            text = subprocess.run([ptxas, *triton_ptxas_flags(cc), ptx, "-o", os.path.join(tmp, "k.cubin")],
                                   capture_output=True, text=True, check=True).stderr
     (info,) = _buildcfg.parse_ptxas(text)[arch.removeprefix("sm_")].values()
     # a kernel whose programs read rows other programs of the launch wrote (SYNC: they meet at a barrier) must
@@ -373,8 +407,8 @@ def loop_rows(objects: str) -> List[Dict]:
 
 
 def markdown(rows: List[Dict], cuda, loops=None, triton_log: bool = False) -> str:
-    source = ("Triton's own ptxas run (`--triton-log`: its `-v` log, with the flags it passes)" if triton_log
-              else "`ptxas -v` on the PTX Triton emits")
+    source = ("Triton's own ptxas run (`--triton-log`: its `-v` log)" if triton_log
+              else "a ptxas run on the PTX Triton emits, with the flags Triton passes")
     out = ["# Kernel resources (ahead-of-time compile, no GPU run)", "",
            "Triton " + triton.__version__ + f" (enable_fp_fusion={FP_FUSION}); registers and spills from "
            f"{source}, through the ptxas Triton picks per target:", "",

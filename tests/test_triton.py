@@ -534,11 +534,15 @@ def test_cpu_without_interpreter_refuses_clearly():
 
 @parent_only
 def test_report_reads_what_tritons_own_ptxas_says():
-    """kernel_report's ptxas run and Triton's own (``--triton-log``: its log, with the flags it passes) give the same
-    registers, stack and spills for a step kernel and a persist kernel holding W_hh, on sm_80 and sm_90."""
+    """kernel_report's ptxas run takes the flags Triton passes its own (``--fmad=false``, as fastrnn compiles without
+    fp fusion; ``-v`` for the counts), and the two runs (``--triton-log``: Triton's log) give the same registers,
+    stack and spills for a step kernel and a persist kernel holding W_hh, on sm_80 and sm_90."""
     script = (
         "import sys; sys.path.insert(0, 'benchmarks')\n"
         "import kernel_report as kr\n"
+        "for cc in kr.ARCHS:\n"
+        "    flags = kr.triton_ptxas_flags(cc)\n"
+        "    assert '--fmad=false' in flags and '-v' in flags and not kr.FP_FUSION, flags\n"
         "specs = kr.kernel_specs(True)\n"
         "picked = [next(s for s in specs if s['kernel'] == 'step_bwd' and s['dtype'] == kr.torch.bfloat16),\n"
         "          next(s for s in specs if s['kernel'] == 'persist_fwd' and s['const']['NK'])]\n"
