@@ -44,6 +44,14 @@ def _env(interpret: bool):
     return env
 
 
+def assert_script_says_ok(script: str, timeout: float) -> None:
+    """Runs ``script`` in a fresh interpreter without TRITON_INTERPRET (the compiled kernels, no GPU needed) from
+    the repository root; it passes when it exits cleanly and its last line is ``ok``."""
+    res = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=_env(interpret=False),
+                         capture_output=True, text=True, timeout=timeout)
+    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stdout + res.stderr
+
+
 def triton_impl(dtype, variant):
     return Impl("triton", "cpu", dtype, (("variant", variant),))
 
@@ -527,9 +535,7 @@ def test_cpu_without_interpreter_refuses_clearly():
         "        raise AssertionError('no error')\n"
         "print('ok')\n"
     )
-    res = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=_env(interpret=False),
-                         capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stdout + res.stderr
+    assert_script_says_ok(script, timeout=300)
 
 
 @parent_only
@@ -553,9 +559,7 @@ def test_report_reads_what_tritons_own_ptxas_says():
         "        assert ours['registers'] > 0 and [ours[k] for k in keys] == [theirs[k] for k in keys], (ours, theirs)\n"
         "print('ok')\n"
     )
-    res = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=_env(interpret=False),
-                         capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stdout + res.stderr
+    assert_script_says_ok(script, timeout=600)
 
 
 @parent_only
