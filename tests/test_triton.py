@@ -556,7 +556,8 @@ def test_report_reads_what_tritons_own_ptxas_says():
         "    for cc in kr.ARCHS:\n"
         "        ours, theirs = kr.compile_one(spec, cc), kr.compile_one(spec, cc, triton_log=True)\n"
         "        keys = ('registers', 'stack', 'spill_stores', 'spill_loads', 'smem')\n"
-        "        assert ours['registers'] > 0 and [ours[k] for k in keys] == [theirs[k] for k in keys], (ours, theirs)\n"
+        "        same = [ours[k] for k in keys] == [theirs[k] for k in keys]\n"
+        "        assert ours['registers'] > 0 and same, (ours, theirs)\n"
         "print('ok')\n"
     )
     assert_script_says_ok(script, timeout=600)
