@@ -97,11 +97,11 @@ def kernel_specs(quick: bool) -> List[Dict]:
             for tile in triton_persist.PERSIST_CONFIGS:
                 tiles = {k: tile[k] for k in ("BB", "BH", "BK")}
                 streamed = (dict(kernel="persist_fwd", fn=triton_persist._fwd_persist_kernel, mode=mode,
-                                 dtype=dtype, warps=tile["num_warps"], stages=tile["fwd_stages"],
+                                 dtype=dtype, warps=triton_persist.warps(tile, 0), stages=tile["fwd_stages"],
                                  const=dict(MODE=mode_id, G=G, HAS_BIAS=True, SAVE=True, REVERSE=False,
                                             UPCAST=False, SYNC=True, NK=0, **tiles)),
                             dict(kernel="persist_bwd", fn=triton_persist._bwd_persist_kernel, mode=mode,
-                                 dtype=dtype, warps=tile["num_warps"], stages=tile["bwd_stages"],
+                                 dtype=dtype, warps=triton_persist.warps(tile, 0), stages=tile["bwd_stages"],
                                  const=dict(MODE=mode_id, G=G, REVERSE=False, UPCAST=False, SYNC=True, NK=0,
                                             **tiles)))
                 specs += streamed
@@ -134,7 +134,8 @@ def resident_specs(streamed, tile: Dict, hidden) -> List[Dict]:
             nk = triton_persist.resident_chunks(spec["const"]["G"], H, tile, elem, backward)
             name = "x".join(f"{k}{tile[k]}" for k in ("BB", "BH", "BK"))
             if nk:
-                specs.append(dict(spec, const=dict(spec["const"], NK=nk), tiles=f"{name}, NK{nk} (H {H})",
+                specs.append(dict(spec, const=dict(spec["const"], NK=nk), warps=triton_persist.warps(tile, nk),
+                                  tiles=f"{name}, NK{nk} (H {H})",
                                   aligned_only=True, fallbacks=[dict(spec, tiles=f"{name}, streamed (H {H})")]))
     return specs
 

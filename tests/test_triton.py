@@ -122,19 +122,41 @@ def test_persist_config_grid_fits_the_device(max_programs):
             assert max_programs is None or tiles * n_slices <= max_programs, (B, H, cfg)
 
 
-def test_persist_tiles_per_triton_release(monkeypatch):
-    """This Triton's tiles are PERSIST_TILES with its release's changes (kernel_report compiles
-    PERSIST_CONFIGS, so CI checks the override of the release it installs); other releases keep the tiles."""
-    from fastrnn.ops.triton import cells, persist
+def test_for_release_changes_only_the_keyed_tiles():
+    from fastrnn.ops.triton.cells import for_release
 
+    base = ({"BB": 16, "num_warps": 4}, {"BB": 32, "num_warps": 8})
+    overrides = {"3.9": {32: {"num_warps": 4, "fwd_stages": 1}}}
+    assert for_release(base, overrides, lambda t: t["BB"], "3.8") == base
+    got = for_release(base, overrides, lambda t: t["BB"], "3.9")
+    assert got == ({"BB": 16, "num_warps": 4}, {"BB": 32, "num_warps": 4, "fwd_stages": 1})
+    assert base[1] == {"BB": 32, "num_warps": 8}
+
+
+# Per release, what a launch takes where that release changed a tile (its kernel report with Triton's own ptxas
+# log spilled without the change): the warps of the step kernels at 32 rows x 16 units, of the persist kernels at
+# 16 rows streaming W_hh and holding it, the persist forward's stages at 32 rows, the seq kernels' warps at H 64.
+RELEASE_TILES = {"3.6": (8, 4, 4, 2, 4), "3.8": (8, 4, 4, 2, 4), "3.9": (4, 8, 4, 1, 8)}
+
+
+@pytest.mark.parametrize("release", sorted(RELEASE_TILES))
+def test_launch_tiles_follow_the_triton_release(release, monkeypatch):
+    """step_config, persist_config and seq_config hand a launch their base tiles with the changes of the Triton
+    release at hand (kernel_report compiles the same tables, so CI checks those of the release it installs)."""
+    from fastrnn.ops.triton import cells, persist, seq, step
+
+    assert step.STEP_CONFIGS == step.configs_for(cells.release())
     assert persist.PERSIST_CONFIGS == persist.configs_for(cells.release())
-    assert persist.configs_for("3.8") == persist.PERSIST_TILES
-    for release, changes in persist.PERSIST_OVERRIDES.items():
-        got = {c["BB"]: c for c in persist.configs_for(release)}
-        for tile in persist.PERSIST_TILES:
-            assert got[tile["BB"]] == dict(tile, **changes.get(tile["BB"], {})), (release, tile)
-    monkeypatch.setattr(cells.triton, "__version__", "3.9.0")
-    assert cells.release() == "3.9" and persist.configs_for(cells.release())[1]["fwd_stages"] == 1
+    monkeypatch.setattr(cells.triton, "__version__", release + ".0")
+    monkeypatch.setattr(step, "STEP_CONFIGS", step.configs_for(cells.release()))
+    monkeypatch.setattr(persist, "PERSIST_CONFIGS", persist.configs_for(cells.release()))
+    rows16 = persist.persist_config(16, 64, None)
+    got = (step.step_config(32, 16)["num_warps"], persist.warps(rows16, 0), persist.warps(rows16, 4),
+           persist.persist_config(32, 64, None)["fwd_stages"], seq.seq_config(64, torch.bfloat16, "LSTM")["num_warps"])
+    assert got == RELEASE_TILES[release]
+    # elsewhere the base tiles
+    assert step.step_config(64, 64) == step.STEP_TILES[3] and step.step_config(1, 8) == step.STEP_TILES[0]
+    assert seq.seq_config(32, torch.bfloat16, "LSTM")["num_warps"] == 4
 
 
 def record_persist_launches(H: int, T: int, monkeypatch) -> list:
@@ -161,6 +183,21 @@ def record_persist_launches(H: int, T: int, monkeypatch) -> list:
     xp, h = torch.zeros(T * B, H), torch.zeros(B, H)
     persist.fwd_persist(2, 1, xp, None, torch.zeros(H, H), h, h, bs, off, xp, h, h, h, False, False, False)
     return calls
+
+
+@interpreted
+def test_persist_launch_takes_the_warps_of_what_it_holds(monkeypatch):
+    """A launch streaming W_hh (H = 4096: too many chunks to hold) takes the tile's ``streamed_warps`` where a
+    release gives it some (Triton 3.9's 16-row tile), one holding W_hh (H = 64) the tile's ``num_warps``."""
+    from fastrnn.ops.triton import persist
+
+    monkeypatch.setattr(persist, "PERSIST_CONFIGS", persist.configs_for("3.9"))
+    cfg = persist.PERSIST_CONFIGS[0]
+    assert cfg["streamed_warps"] != cfg["num_warps"]
+    for H, held in ((64, True), (4096, False)):
+        launches = record_persist_launches(H, 2, monkeypatch)
+        assert launches and all((kw["NK"] > 0) == held for _, _, kw, _ in launches), H
+        assert {kw["num_warps"] for _, _, kw, _ in launches} == {cfg["num_warps" if held else "streamed_warps"]}, H
 
 
 @interpreted

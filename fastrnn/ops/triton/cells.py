@@ -39,8 +39,15 @@ def interpreting() -> bool:
 
 
 def release() -> str:
-    """This Triton's release, "3.8": the key of the per-release tile tables (ext, persist)."""
+    """This Triton's release, "3.8": the key of the per-release tile tables (step, seq, persist, ext)."""
     return ".".join(triton.__version__.split(".")[:2])
+
+
+def for_release(tiles: tuple, overrides: dict, key, version: str) -> tuple:
+    """``tiles`` (dicts) as Triton release ``version`` ("3.9") compiles them: each updated with what
+    ``overrides[version]`` holds for ``key(tile)``; a release without an entry keeps them."""
+    changes = overrides.get(version, {})
+    return tuple(dict(tile, **changes.get(key(tile), {})) for tile in tiles)
 
 
 def interpreter_problem() -> Optional[str]:

@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources, PTXASError
 
-from fastrnn.ops.triton.cells import FP_FUSION, interpreting, release
+from fastrnn.ops.triton.cells import FP_FUSION, for_release, interpreting, release
 from fastrnn.ops.triton.step import bwd_step_tile, fwd_step_tile, resident_w
 
 ENV = "FASTRNN_PERSISTENT"
@@ -62,16 +62,26 @@ PERSIST_TILES = (
 # What a Triton release changes in a tile (by its BB). Triton 3.9 (torch 2.15's) spilled 8 B in the 32-row
 # forward of the 16-bit GRU on sm_90 (unaligned); one forward stage is clean there for every mode and dtype on
 # both archs, but spilled 4 B in the 16-bit LSTM on sm_80 on 3.8; BK 16 or 64, 4 warps or 3 stages spilled on 3.9.
-PERSIST_OVERRIDES = {"3.9": {32: {"fwd_stages": 1}}}
+# At 16 rows 3.9 spilled 4-8 B in the streamed fp32 LSTM (unaligned) and bf16 tanh-RNN (16-aligned) forward on
+# sm_90 with 4 warps (counted in Triton's own ptxas log), and one or three stages, or BK 64, did too. 8 warps
+# compile every streamed 16-row kernel clean there, but the resident fp32 LSTM forward at H = 512 on sm_80 and the
+# 16-bit tanh-RNN's at H = 128 on sm_90 then spilled (and would stream), so only the streamed kernels take them
+# (``streamed_warps``; ``warps``).
+PERSIST_OVERRIDES = {"3.9": {16: {"streamed_warps": 8}, 32: {"fwd_stages": 1}}}
 
 
 def configs_for(version: str) -> Tuple[Dict[str, int], ...]:
     """``PERSIST_TILES`` as Triton release ``version`` ("3.9") compiles them."""
-    changes = PERSIST_OVERRIDES.get(version, {})
-    return tuple(dict(tile, **changes.get(tile["BB"], {})) for tile in PERSIST_TILES)
+    return for_release(PERSIST_TILES, PERSIST_OVERRIDES, lambda tile: tile["BB"], version)
 
 
 PERSIST_CONFIGS = configs_for(release())
+
+
+def warps(cfg: Dict[str, int], chunks: int) -> int:
+    """The warps of tile ``cfg``'s kernels holding ``chunks`` chunks of W_hh (``NK``; 0: streaming it): its
+    ``streamed_warps`` where it streams and a release gave it some, else its ``num_warps``."""
+    return cfg.get("streamed_warps", cfg["num_warps"]) if chunks == 0 else cfg["num_warps"]
 
 
 def persist_config(B: int, H: int, max_programs: Optional[int]) -> Optional[Dict[str, int]]:
@@ -291,7 +301,7 @@ def _launch(kernel, args, T: int, B: int, H: int, device: torch.device, consts: 
 
     def options(chunks: int, synced: bool) -> Dict:
         return dict(**consts, SYNC=synced, BB=cfg["BB"], BH=cfg["BH"], BK=cfg["BK"], NK=chunks,
-                    num_warps=cfg["num_warps"], num_stages=cfg["bwd_stages" if backward else "fwd_stages"],
+                    num_warps=warps(cfg, chunks), num_stages=cfg["bwd_stages" if backward else "fwd_stages"],
                     enable_fp_fusion=FP_FUSION, **launch)
 
     if nk and not interpreting():

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from fastrnn.ops import MODES
-from fastrnn.ops.triton.cells import FP_FUSION, backward_tile, forward_tile, load_gates, mma
+from fastrnn.ops.triton.cells import FP_FUSION, backward_tile, for_release, forward_tile, load_gates, mma, release
 
 # fp32 stops at 16: at H = 32 Triton 3.9's LLVM aborts the whole process ("Instruction does not dominate all
 # uses", a broken shuffle vectorisation) compiling the LSTM backward for sm_90 with 16-aligned arguments, so
@@ -26,6 +26,10 @@ SEQ_MAX_H = {torch.float32: 16, torch.float16: 64, torch.bfloat16: 64}
 # GRU keeps hn apart from its gates (csrc/cell/cell.h's layout); the one more pointer live through the backward's
 # time loop spilled 16 B at bf16 H = 64 on sm_90 (128 registers, 16-aligned), so 16-bit GRU stops at 32.
 SEQ_MAX_H_GRU = {torch.float32: 16, torch.float16: 32, torch.bfloat16: 32}
+# What a Triton release changes in seq_config's tile, by its BH. Triton 3.9 (torch 2.15's) spilled 12 B in the
+# 16-bit LSTM forward at H 64 on sm_90 (unaligned, 4 warps at 255 registers); with 8 warps every H-64 kernel
+# compiles clean there, both directions, archs and alignments (88-140 registers).
+SEQ_OVERRIDES = {"3.9": {64: {"num_warps": 8}}}
 
 
 def seq_max_h(dtype: torch.dtype, mode: str) -> int:
@@ -37,14 +41,15 @@ def seq_config(H: int, dtype: torch.dtype, mode: str) -> Optional[Dict[str, int]
     """Tile for the whole-sequence kernels, or ``None`` when W_hh would not stay in registers.
 
     The limits (``SEQ_MAX_H``, ``SEQ_MAX_H_GRU``) are the largest power-of-two H whose forward and backward
-    kernels compile for sm_80 and sm_90 without spills (checked by tests/test_triton.py). Four warps: with eight, ptxas
-    caps registers at 128 and the bf16 H=64 kernels spill; one stage: the time loop is a serial chain and
-    prefetching the next step's inputs spilled the small-H bf16 backward on sm_90.
+    kernels compile for sm_80 and sm_90 without spills (checked by tests/test_triton.py). Four warps (a release may
+    change that: ``SEQ_OVERRIDES``): with eight, ptxas caps registers at 128 and the bf16 H=64 kernels spilled
+    before Triton 3.9; one stage: the time loop is a serial chain and prefetching the next step's inputs spilled
+    the small-H bf16 backward on sm_90.
     """
     if H > seq_max_h(dtype, mode):
         return None
-    BH = max(16, triton.next_power_of_2(H))
-    return {"BB": 16, "BH": BH, "num_warps": 4, "num_stages": 1}
+    tile = {"BB": 16, "BH": max(16, triton.next_power_of_2(H)), "num_warps": 4, "num_stages": 1}
+    return for_release((tile,), SEQ_OVERRIDES, lambda t: t["BH"], release())[0]
 
 
 def seq_configs_for(dtype: torch.dtype, mode: str):

@@ -10,13 +10,13 @@ row starts the step from is read from the previous step's output rows when the r
 inactive rows and the per-step outputs double as the values backward needs.
 """
 
-from typing import Dict
+from typing import Dict, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-from fastrnn.ops.triton.cells import FP_FUSION, backward_tile, forward_tile, load_gates, mma
+from fastrnn.ops.triton.cells import FP_FUSION, backward_tile, for_release, forward_tile, load_gates, mma, release
 
 
 # (BB rows, BH units): warps and pipeline stages, forward and backward. Each entry is one that compiles without
@@ -24,12 +24,25 @@ from fastrnn.ops.triton.cells import FP_FUSION, backward_tile, forward_tile, loa
 # searched over 4/8 warps and 1/2 stages): 32-unit slices take 8 warps and double-buffer both directions (with
 # 4 warps Triton 3.6 spilled the GRU forward at 16 rows on sm_90, with one backward stage the 16-bit LSTM
 # backward at 32 rows on sm_80); 16-unit slices keep one backward stage, which two spilled on 3.8.
-STEP_CONFIGS = (
+STEP_TILES = (
     {"BB": 16, "BH": 16, "BK": 32, "num_warps": 4, "fwd_stages": 2, "bwd_stages": 1},
     {"BB": 16, "BH": 32, "BK": 32, "num_warps": 8, "fwd_stages": 2, "bwd_stages": 2},
     {"BB": 32, "BH": 16, "BK": 32, "num_warps": 8, "fwd_stages": 2, "bwd_stages": 1},
     {"BB": 32, "BH": 32, "BK": 32, "num_warps": 8, "fwd_stages": 2, "bwd_stages": 2},
 )
+# What a Triton release changes in a tile, by its (BB, BH). Triton 3.9 (torch 2.15's) spilled 4 B in the 16-bit
+# LSTM forward at 32 rows x 16 units on sm_90 (16-aligned, 8 warps); 4 warps compile that tile clean in both
+# directions for every mode and dtype on both archs, where one forward stage moved the spill to the Elman cells and
+# 16-wide chunks or three stages kept it.
+STEP_OVERRIDES = {"3.9": {(32, 16): {"num_warps": 4}}}
+
+
+def configs_for(version: str) -> Tuple[Dict[str, int], ...]:
+    """``STEP_TILES`` as Triton release ``version`` ("3.9") compiles them."""
+    return for_release(STEP_TILES, STEP_OVERRIDES, lambda tile: (tile["BB"], tile["BH"]), version)
+
+
+STEP_CONFIGS = configs_for(release())
 
 
 def step_config(n_rows: int, H: int) -> Dict[str, int]:
