@@ -221,18 +221,19 @@ def test_smoke_bf16_cases_take_the_tensor_cores_and_pass_with_their_numerics():
         cpp._lib()._set_persist_emulation(0, 0)
 
 
-def test_smoke_says_which_schemes_it_reaches(monkeypatch):
-    """With FASTRNN_PERSISTENT=1 each cpp case's line names its plan; on an H200's limits the cases reach one block,
-    a cluster and tensor cores, and with clusters off (the memcheck-grid step) the grid barrier; a pair launch
-    says so, and the projection's case says the engine leaves it to the per-step path. Without the switch, or for
-    Triton, nothing is added."""
+@pytest.mark.parametrize("gpu", ["h200", "h100-pcie"])
+def test_smoke_says_which_schemes_it_reaches(gpu, monkeypatch):
+    """With FASTRNN_PERSISTENT=1 each cpp case's line names its plan; on an H200's limits (an H100 SXM's too) and on
+    an H100 PCIe's fewer SMs the cases reach one block, a cluster and tensor cores, and with clusters off (the
+    memcheck-grid step) the grid barrier; a pair launch says so, and the projection's case says the engine leaves it
+    to the per-step path. Without the switch, or for Triton, nothing is added."""
     from fastrnn.ops import cpp
 
+    hopper = {"h200": H200_LIMITS, "h100-pcie": H100_PCIE_LIMITS}[gpu]
     cpp_cases = [c for c in gpu_smoke.CASES if c.backend == "cpp"]
     monkeypatch.delenv("FASTRNN_PERSISTENT", raising=False)
-    assert all(gpu_smoke.case_plan(c, H200_LIMITS) is None for c in cpp_cases)
+    assert all(gpu_smoke.case_plan(c, hopper) is None for c in cpp_cases)
     monkeypatch.setenv("FASTRNN_PERSISTENT", "1")
-    hopper = H200_LIMITS
     # per-step: the projection's case, which the engine does not take
     for limits, want in ((hopper, {"block", "cluster", "per-step"}), (dict(hopper, cluster=0),
                                                                        {"block", "grid", "per-step"})):
@@ -367,6 +368,10 @@ from fastrnn.ops import cpp as _cpp  # noqa: E402
 H200_GPCS = (18,) * 5 + (14,) * 3
 H200_LIMITS = dict(sms=132, smem=232448, cooperative=True, cluster=8, mma=True, pad=True,
                    clusters_at_once={n: sum(g // n for g in H200_GPCS) for n in range(2, 9)})
+# The device tool's default GPU is an H100 (80 GB): an SXM one has an H200's SMs and shared memory, a PCIe one 114
+# SMs (here in 6 GPCs of 16 and one of 18, a stand-in split)
+H100_PCIE_LIMITS = dict(H200_LIMITS, sms=114,
+                        clusters_at_once={n: sum(g // n for g in (16,) * 6 + (18,)) for n in range(2, 9)})
 A100_LIMITS = dict(sms=108, smem=166912, cooperative=True, cluster=0, mma=True, pad=True)
 # cycles of the stand-in: a model unit, a chunk staged from L2 and one exchanged in shared memory, a GEMM call's fixed
 # part, a warp's mma round per kind, barriers (the grid's: a fixed part and one per member)
@@ -556,17 +561,18 @@ def test_gemm_price_is_what_the_plan_pays(costs):
 
 
 def test_whole_grid_sync_is_timed_where_grid_plans_have_tiles():
-    """gpu_check's whole-grid-sync step times configurations whose fp32 grid plans on an H200's limits split the
-    batch into tiles, whose blocks the per-group barrier lets run apart."""
+    """gpu_check's whole-grid-sync step times configurations whose fp32 grid plans on an H200's limits (and an H100
+    PCIe's) split the batch into tiles, whose blocks the per-group barrier lets run apart."""
     line = _check("--dry-run", "--only", "whole-grid-sync").stdout.splitlines()[1]
     configs = [tuple(map(int, c.split(","))) for c in re.findall(r"--config ([\d,]+)", line)]
-    tiled = set()
-    for _, B, _, H, _ in configs:
-        for mode in ("LSTM", "GRU", "RNN_TANH"):
-            p = _cpp.persistent_plan(mode, B, H, torch.float32, limits=H200_LIMITS)
-            if p["scheme"] == "grid" and p["tiles"] > 1:
-                tiled.add((B, H))
-    assert len(configs) == 2 and len(tiled) == 2, (configs, tiled)
+    for limits in (H200_LIMITS, H100_PCIE_LIMITS):
+        tiled = set()
+        for _, B, _, H, _ in configs:
+            for mode in ("LSTM", "GRU", "RNN_TANH"):
+                p = _cpp.persistent_plan(mode, B, H, torch.float32, limits=limits)
+                if p["scheme"] == "grid" and p["tiles"] > 1:
+                    tiled.add((B, H))
+        assert len(configs) == 2 and len(tiled) == 2, (configs, tiled, limits["sms"])
 
 
 def test_gemm_price_names_a_bad_chunk():
