@@ -50,10 +50,11 @@ def _extension():
         return CppExtension("fastrnn._C", sources, include_dirs=include_dirs,
                             extra_compile_args={"cxx": cxx}, extra_link_args=_LINK_ARGS)
     archs = cfg.cuda_archs()
-    # nvcc splits option values at commas, so the arch list (an initializer for build_info) goes to g++ only
-    cxx += ["-DFASTRNN_WITH_CUDA", "-DFASTRNN_CUDA_ARCHS=" + ",".join(a.rstrip("af") for a in archs)]
-    nvcc = cfg.NVCC_FLAGS + cfg.gencode_flags(archs) + ["-DFASTRNN_WITH_CUDA", f"--threads={min(len(archs), 2)}"]
     ptx = cfg.ptx_arch(archs)
+    # nvcc splits option values at commas, so the arch list (an initializer for build_info) goes to g++ only; 0: no PTX
+    cxx += ["-DFASTRNN_WITH_CUDA", "-DFASTRNN_CUDA_ARCHS=" + ",".join(a.rstrip("af") for a in archs),
+            f"-DFASTRNN_CUDA_PTX={ptx or 0}"]
+    nvcc = cfg.NVCC_FLAGS + cfg.gencode_flags(archs) + ["-DFASTRNN_WITH_CUDA", f"--threads={min(len(archs), 2)}"]
     print(f"fastrnn: building fastrnn._C for CPU + CUDA (sm_{', sm_'.join(archs)}"
           f"{f' + compute_{ptx} PTX' if ptx else ''}) with {_cuda_home}, MAX_JOBS={os.environ['MAX_JOBS']}")
     return CUDAExtension("fastrnn._C", sources + cfg.CUDA_SOURCES,

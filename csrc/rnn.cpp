@@ -798,9 +798,12 @@ pybind11::dict build_info() {
 #ifdef FASTRNN_WITH_CUDA
   d["with_cuda"] = true;
   archs = {FASTRNN_CUDA_ARCHS};
+  // an arch-specific target (sm_90a) counts as its base arch above but embeds no PTX for newer GPUs to run
+  d["cuda_ptx"] = FASTRNN_CUDA_PTX ? pybind11::object(pybind11::int_(FASTRNN_CUDA_PTX)) : pybind11::none();
   d["cuda_version"] = std::to_string(CUDART_VERSION / 1000) + "." + std::to_string(CUDART_VERSION % 1000 / 10);
 #else
   d["with_cuda"] = false;
+  d["cuda_ptx"] = pybind11::none();
   d["cuda_version"] = pybind11::none();
 #endif
   d["cuda_archs"] = archs;

@@ -82,17 +82,17 @@ def gencode_flags(archs: List[str], ptx: bool = True) -> List[str]:
     return flags + ([f"-gencode=arch=compute_{p},code=compute_{p}"] if p else [])
 
 
-def runs_on(archs: List[str], capability: Tuple[int, int]) -> bool:
-    """Whether a binary with these cubins (+ ptx_arch's PTX) runs on a GPU of `capability` (major, minor): a
-    cubin runs on its own major version from its minor up, PTX on anything at least as new."""
+def runs_on(archs: List[str], capability: Tuple[int, int], ptx: Optional[str]) -> bool:
+    """Whether a binary with these cubins and the PTX of arch ``ptx`` (``ptx_arch(archs)`` for a build of
+    ``archs``; None: no PTX) runs on a GPU of `capability` (major, minor): a cubin runs on its own major version from
+    its minor up, PTX on anything at least as new."""
     major, minor = capability
     for a in archs:
         if a.isdigit() and int(a) // 10 == major and int(a) % 10 <= minor:
             return True
         if a.rstrip("af") == f"{major}{minor}":
             return True
-    p = ptx_arch(archs)
-    return p is not None and (int(p) // 10, int(p) % 10) <= (major, minor)
+    return ptx is not None and (int(ptx) // 10, int(ptx) % 10) <= (major, minor)
 
 
 def _is_cuda_home(path: Optional[str]) -> bool:

@@ -198,8 +198,28 @@ def test_default_archs_and_gencode(monkeypatch):
 def test_runs_on_default_archs(capability, runs):
     """sm_80 cubins cover 8.x, sm_90 covers 9.0, compute_90 PTX is JIT-compiled on newer GPUs, nothing runs
     on older ones."""
-    assert _buildcfg.runs_on(["80", "90"], capability) is runs
-    assert _buildcfg.runs_on(["90a"], (9, 0)) and not _buildcfg.runs_on(["90a"], (10, 0))
+    assert _buildcfg.runs_on(["80", "90"], capability, _buildcfg.ptx_arch(["80", "90"])) is runs
+    assert _buildcfg.ptx_arch(["90a"]) is None
+    assert _buildcfg.runs_on(["90a"], (9, 0), None) and not _buildcfg.runs_on(["90a"], (10, 0), None)
+
+
+@pytest.mark.parametrize("archs, ptx, capability, runs", [
+    ([80, 90], 90, (10, 0), True), ([80, 90], 90, (7, 5), False), ([90], None, (9, 0), True),
+    ([90], None, (10, 0), False), ([80], 80, (9, 0), True)])
+def test_cpp_takes_a_gpu_its_build_runs_on(monkeypatch, archs, ptx, capability, runs):
+    """The cpp backend takes a GPU only where the build's cubins or PTX (``build_info``) run on it, and otherwise
+    says why: an sm_90a-only build (``cuda_archs`` [90], no PTX) refuses a newer GPU by name rather than failing at
+    its first launch."""
+    import torch
+    from fastrnn.ops import cpp
+
+    monkeypatch.setattr(cpp, "_build_info", lambda: dict(with_cuda=True, cuda_archs=archs, cuda_ptx=ptx))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    why = cpp._arch_mismatch(torch.device("cuda"))
+    assert (why is None) == runs, why
+    if not runs:
+        assert f"sm_{capability[0]}{capability[1]} GPU" in why and ("no PTX" if ptx is None else f"compute_{ptx}") in why
 
 
 def test_max_jobs_respects_env_and_bounds(monkeypatch):
@@ -255,19 +275,23 @@ def test_build_info_reports_archs():
     import torch
 
     info = _C().build_info()
-    assert {"with_cuda", "cuda_archs", "cuda_version", "cpu_isa", "compiler"} <= set(info)
+    assert {"with_cuda", "cuda_archs", "cuda_ptx", "cuda_version", "cpu_isa", "compiler"} <= set(info)
     if not info["with_cuda"]:
         if NVCC is not None and torch.version.cuda is not None and not os.environ.get("FASTRNN_SKIP_CUDA_BUILD"):
             pytest.fail("nvcc and a CUDA torch are present but fastrnn._C was built without CUDA")
-        assert info["cuda_archs"] == []
+        assert info["cuda_archs"] == [] and info["cuda_ptx"] is None
         return
     # what the build was asked for: known here only if FASTRNN_CUDA_ARCHS is set now as it was then
     if os.environ.get("FASTRNN_CUDA_ARCHS"):
         assert info["cuda_archs"] == [int(a.rstrip("af")) for a in _buildcfg.cuda_archs()]
+        ptx = _buildcfg.ptx_arch(_buildcfg.cuda_archs())
+        assert info["cuda_ptx"] == (None if ptx is None else int(ptx))
     assert info["cuda_archs"] and all(isinstance(a, int) and a >= 50 for a in info["cuda_archs"])
+    assert info["cuda_ptx"] is None or info["cuda_ptx"] in info["cuda_archs"]
     if torch.cuda.is_available():
         capability = torch.cuda.get_device_capability()
-        assert _buildcfg.runs_on([str(a) for a in info["cuda_archs"]], capability), (info["cuda_archs"], capability)
+        ptx = None if info["cuda_ptx"] is None else str(info["cuda_ptx"])
+        assert _buildcfg.runs_on([str(a) for a in info["cuda_archs"]], capability, ptx), (info, capability)
     assert info["cuda_version"].split(".")[0] == torch.version.cuda.split(".")[0]
 
 

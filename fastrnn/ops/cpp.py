@@ -51,12 +51,15 @@ def availability(device: torch.device, dtype: torch.dtype) -> Optional[str]:
 def _arch_mismatch(device: torch.device) -> Optional[str]:
     if not torch.cuda.is_available():
         return None  # no device to ask; a CUDA tensor cannot exist here anyway
-    archs = [str(a) for a in _build_info().get("cuda_archs", [])]
+    info = _build_info()
+    archs = [str(a) for a in info.get("cuda_archs", [])]
+    ptx = info.get("cuda_ptx")
     capability = torch.cuda.get_device_capability(device)
-    if _buildcfg.runs_on(archs, capability):
+    if _buildcfg.runs_on(archs, capability, None if ptx is None else str(ptx)):
         return None
-    return (f"fastrnn._C was built for sm_{', sm_'.join(archs)} and cannot run on this sm_{capability[0]}"
-            f"{capability[1]} GPU; rebuild with FASTRNN_CUDA_ARCHS including {capability[0]}{capability[1]}")
+    return (f"fastrnn._C was built for sm_{', sm_'.join(archs)} ({f'PTX of compute_{ptx}' if ptx else 'no PTX'}) "
+            f"and cannot run on this sm_{capability[0]}{capability[1]} GPU; rebuild with FASTRNN_CUDA_ARCHS "
+            f"including {capability[0]}{capability[1]}")
 
 
 def persistent_plan(mode: str, batch: int, hidden: int, dtype: torch.dtype = torch.float32, *,
