@@ -39,12 +39,6 @@ Limits g_emulated;
 // ... and whether its clusters fit, else a planned cluster runs at the grid barrier (persist_cuda.cu launch())
 bool g_clusters_fit = true;
 
-// FASTRNN_PERSISTENT=1 puts CUDA calls on the persistent engine where a plan fits. Off by default until its
-// first run on a GPU has passed the CUDA suite (benchmarks/gpu_check.sh runs it both ways).
-bool cuda_enabled() {
-  const char* v = std::getenv("FASTRNN_PERSISTENT");
-  return v != nullptr && std::strcmp(v, "1") == 0;
-}
 
 // The value in slot s of a lane's 16-bit fragment registers (slot 2i in the low half of register i).
 template <typename T>
@@ -301,6 +295,13 @@ Plan plan_with(const Limits& lim, int64_t G, int64_t B, int64_t H, int64_t esize
   if (plans.size() >= kPlans) plans.clear();
   plans.emplace(key, p);
   return p;
+}
+
+// Off by default until the engine's first run on a GPU has passed the CUDA suite (benchmarks/gpu_check.sh runs it
+// both ways).
+bool cuda_enabled() {
+  const char* v = std::getenv("FASTRNN_PERSISTENT");
+  return v != nullptr && std::strcmp(v, "1") == 0;
 }
 
 // The getter's signature changed twice: per operator as an enum from torch 2.10, as a string in 2.9, one switch

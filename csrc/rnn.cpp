@@ -1039,6 +1039,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("tf32_allowed", &fastrnn::persist::tf32_allowed,
         "whether torch now allows TF32 for cuDNN's RNN, which puts fp32 CUDA calls of the persistent engine on "
         "tensor cores in TF32");
+  m.def("persistent_enabled", &fastrnn::persist::cuda_enabled,
+        "whether CUDA calls now take the persistent engine where a plan fits (FASTRNN_PERSISTENT=1)");
   m.def("cuda_limits", &fastrnn::cuda_limits, py::arg("device"),
         "SM count, shared memory per block, cooperative launch, most blocks per thread-block cluster and the "
         "clusters of each size the GPU holds at once (as the plans take them: SMs / size where the runtime did not say, "

@@ -363,6 +363,9 @@ std::vector<ClockRecord> clocks(bool on);
 // torch.backends.cudnn.allow_tf32), read per call as torch.nn's cuDNN path does: fp32 CUDA calls then plan the
 // persistent engine's GEMMs on tensor cores in TF32.
 bool tf32_allowed();
+// Whether CUDA calls take the persistent engine where a plan fits (FASTRNN_PERSISTENT=1), read per call; the one
+// place the switch is decided, which explain and `python -m fastrnn` report through _C.persistent_enabled.
+bool cuda_enabled();
 }  // namespace persist
 
 }  // namespace fastrnn

@@ -6,7 +6,6 @@ same for fastrnn's own cells (LayerNorm, zoneout, recurrent dropout: a row phase
 
 import contextlib
 import itertools
-import os
 from typing import Optional
 
 import pytest
@@ -354,12 +353,23 @@ def test_16bit_runs_cover_the_tensor_core_tiling():
     assert any(not mma for _, _, mma, _ in RUNS16)
 
 
+@pytest.mark.parametrize("value, enabled", [(None, False), ("1", True), ("0", False), ("on", False)],
+                         ids=["unset", "1", "0", "on"])
+def test_persistent_plan_reports_the_switch_the_engine_reads(monkeypatch, value, enabled):
+    """``enabled`` is the C++ engine's own reading of FASTRNN_PERSISTENT (per call): only "1" turns it on."""
+    if value is None:
+        monkeypatch.delenv("FASTRNN_PERSISTENT", raising=False)
+    else:
+        monkeypatch.setenv("FASTRNN_PERSISTENT", value)
+    assert lib().persistent_enabled() is enabled
+    assert cpp.persistent_plan("GRU", 16, 128, torch.float32, limits=H200)["enabled"] is enabled
+
+
 def test_persistent_plan_says_which_scheme_and_why():
     """The explain helper on a described device (none is needed here): proj_size and fp64 keep the per-step
     path, a device without cooperative launch gets no grid plan, and the switch is reported."""
     plan = cpp.persistent_plan("LSTM", 64, 512, torch.float32, limits=H200)
     assert plan["scheme"] == "grid" and plan["blocks"] <= H200["sms"] and plan["why"]
-    assert plan["enabled"] == (os.environ.get("FASTRNN_PERSISTENT") == "1")
     assert cpp.persistent_plan("LSTM", 64, 512, proj_size=128, limits=H200)["scheme"] == "per-step"
     assert cpp.persistent_plan("GRU", 64, 512, torch.float64, limits=H200)["scheme"] == "per-step"
     no_coop = cpp.persistent_plan("LSTM", 64, 512, limits=dict(H200, cooperative=False))

@@ -10,7 +10,6 @@ round what they return, on the CPU and on CUDA alike.
 """
 
 import functools
-import os
 from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
@@ -101,7 +100,7 @@ def persistent_plan(mode: str, batch: int, hidden: int, dtype: torch.dtype = tor
                                     limits.get("cluster", 0), limits.get("mma", False), limits.get("tf32", False),
                                     bidirectional, limits.get("pad", True), limits.get("costs", {}),
                                     limits.get("clusters_at_once", {})))
-    plan["enabled"] = os.environ.get("FASTRNN_PERSISTENT") == "1"
+    plan["enabled"] = bool(_lib().persistent_enabled())
     return plan
 
 
