@@ -696,7 +696,7 @@ def test_plan_without_a_device_asks_the_current_one(monkeypatch):
     asked, real = [], lib()
 
     class StandIn:
-        persist_plan = real.persist_plan
+        persist_plan, persistent_enabled = real.persist_plan, real.persistent_enabled
 
         @staticmethod
         def cuda_limits(index):
