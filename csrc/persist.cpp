@@ -39,7 +39,6 @@ Limits g_emulated;
 // ... and whether its clusters fit, else a planned cluster runs at the grid barrier (persist_cuda.cu launch())
 bool g_clusters_fit = true;
 
-
 // The value in slot s of a lane's 16-bit fragment registers (slot 2i in the low half of register i).
 template <typename T>
 float half_at(const uint32_t* regs, int s) {

@@ -367,7 +367,7 @@ def test_persistent_plan_reports_the_switch_the_engine_reads(monkeypatch, value,
 
 def test_persistent_plan_says_which_scheme_and_why():
     """The explain helper on a described device (none is needed here): proj_size and fp64 keep the per-step
-    path, a device without cooperative launch gets no grid plan, and the switch is reported."""
+    path, a device without cooperative launch gets no grid plan."""
     plan = cpp.persistent_plan("LSTM", 64, 512, torch.float32, limits=H200)
     assert plan["scheme"] == "grid" and plan["blocks"] <= H200["sms"] and plan["why"]
     assert cpp.persistent_plan("LSTM", 64, 512, proj_size=128, limits=H200)["scheme"] == "per-step"
