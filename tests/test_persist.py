@@ -5,7 +5,9 @@ under plans that split the hidden units over blocks (a grid barrier per step) an
 same for fastrnn's own cells (LayerNorm, zoneout, recurrent dropout: a row phase after each step's GEMM)."""
 
 import contextlib
+import dataclasses
 import itertools
+import random
 from typing import Optional
 
 import pytest
@@ -568,6 +570,107 @@ def test_cells_emulation_is_deterministic():
     for x, y in zip(a[0], b[0]):
         assert torch.equal(x, y)
     assert a[1].keys() == b[1].keys() and all(torch.equal(a[1][k], b[1][k]) for k in a[1])
+
+
+# Random draws of (emulated device, case). The devices above are picked to reach each scheme; these reach the plans
+# between them: 1 to 132 SMs, shared memory from 12,000 bytes, clusters of 2 to 8 blocks, tiles of odd rows, K over
+# several chunks, both directions in one launch, fastrnn's cells in 16-bit. Fixed by their seed, so the same every
+# run. Left out, as no bug but the numbers: in 16-bit storage and TF32 the ReLU cell (Impl.supports says why) and
+# H <= 3, where a gradient such as one unit's dW_hh sums B*T terms of either sign to a small total and keeps less
+# of its relative accuracy than the tolerance table allows, as torch.nn's own 16-bit does (bf16 RNN_TANH at
+# (T,B,I,H) = (3,33,5,1), 20 seeds: the emulated block program's median error off float64 within 1.6x of torch.nn's
+# in every gradient, dW_hh 5.0e-3 each); and LayerNorm over H <= 2 units, ill-conditioned where they nearly coincide
+# (fp32 fails there on the CPU engine alike). With them, 34 of 23,600 draws failed, all in those classes; without
+# them, 13,000 draws of other seeds ran clean.
+@dataclasses.dataclass(frozen=True)
+class Draw:
+    kind: str  # plain, pair (both directions in one launch) or cells, each in fp32 or 16-bit; or tf32
+    dtype: torch.dtype
+    sms: int
+    smem: int
+    cluster: int
+    mma: bool
+    case: Case
+    feature: str = ""  # cells: test_cpp_ext's feature string
+
+    @property
+    def tf32(self) -> bool:
+        return self.kind == "tf32"
+
+    @property
+    def id(self) -> str:
+        parts = (self.kind, DTYPE_IDS[self.dtype], self.feature, f"sm{self.sms}", f"smem{self.smem}",
+                 f"cl{self.cluster}", "mma" if self.mma else "simt", self.case.id)
+        return "-".join(p for p in parts if p)
+
+    def plan(self) -> dict:
+        c = self.case
+        return lib().persist_plan(GATES[c.mode], c.B, c.H, self.dtype.itemsize, self.sms, self.smem,
+                                  cells=self.kind == "cells", cluster=self.cluster, mma=self.mma, tf32=self.tf32,
+                                  pair=self.kind == "pair")
+
+
+def random_draws(count: int, seed: int) -> list:
+    """``count`` draws with a persistent plan (those without one are drawn again)."""
+    rng = random.Random(seed)
+    draws = []
+    while len(draws) < count:
+        kind = rng.choice(["plain", "pair", "cells", "tf32"])
+        dtype = torch.float32 if kind == "tf32" else rng.choice([torch.float32, torch.bfloat16, torch.float16])
+        if kind == "cells" and dtype == torch.float16:
+            dtype = torch.bfloat16
+        mode = rng.choice(MODES)
+        H = rng.choice([1, 2, 3, 7, 16, 20, 33, 48, 64, 65, 100, 130, 160])
+        packed = rng.random() < 0.4
+        c = Case(mode, rng.choice([1, 2, 3, 4, 6, 9]), rng.choice([1, 2, 3, 5, 8, 9, 17, 33, 40]),
+                 rng.choice([1, 2, 5, 16, 33]), H, bias=packed or rng.random() < 0.8, packed=packed,
+                 reverse=rng.random() < 0.4, seed=len(draws))
+        sms = rng.choice([1, 2, 3, 4, 5, 8, 13, 32, 132])
+        smem = rng.choice([12000, 17000, 24000, 32500, 48000, 70000, 100000, 232448]) + rng.randint(0, 4000)
+        cluster = rng.choice([0, 0, 2, 4, 8])
+        narrow = dtype != torch.float32 or kind == "tf32"
+        cells = kind == "cells"
+        mma = kind == "tf32" or (narrow and not cells and rng.random() < 0.7)
+        if (narrow and (mode == "RNN_RELU" or H <= 3)) or (cells and H <= 2):
+            continue
+        feature = rng.choice(["ln-zo-rd", "zo", "rd", "ln"]) if cells else ""
+        d = Draw(kind, dtype, sms, smem + (ROW_SMEM if cells else 0), cluster, mma, c, feature)
+        plan = d.plan()
+        if plan["blocks"] and plan["mma"] == mma:
+            draws.append(d)
+    return draws
+
+
+DRAWS = random_draws(240, seed=3) if cpp.availability(torch.device("cpu"), torch.float32) is None else []
+
+
+@pytest.mark.parametrize("d", DRAWS, ids=lambda d: d.id)
+def test_block_program_matches_reference_on_random_devices(d):
+    from conftest import TOL, TOL_TF32
+
+    impl = Impl("cpp", "cpu", d.dtype)
+    with emulated(d.sms, d.smem, d.cluster, d.mma, d.tf32), nan_poisoned(impl):
+        if d.kind == "cells":
+            assert_cells_match(d.case, d.dtype, d.feature)
+        elif d.kind == "pair":
+            assert_pair_matches_reference(impl, d.case)
+        else:
+            assert_matches_reference(impl, d.case, table=TOL_TF32 if d.tf32 else TOL)
+
+
+def test_random_draws_reach_every_scheme_and_kind():
+    """The draws above are not all the easy plans: every scheme, clusters of several sizes, several tiles and slices
+    at once, the tensor cores and the SIMT loop in 16-bit, and each kind in each of its dtypes."""
+    plans = [d.plan() for d in DRAWS]
+    assert {p["scheme"] for p in plans} == {"block", "cluster", "grid"}
+    assert len({p["slices"] for p in plans if p["scheme"] == "cluster"}) >= 3
+    assert any(p["slices"] > 1 and p["tiles"] > 1 for p in plans)
+    assert {(d.kind, d.dtype) for d in DRAWS} >= {(k, t) for k in ("plain", "pair") for t in DTYPE_IDS
+                                                   if t != torch.float64} | {("cells", torch.float32),
+                                                                              ("cells", torch.bfloat16)}
+    assert any(d.mma for d in DRAWS if d.dtype != torch.float32) and any(not d.mma for d in DRAWS
+                                                                          if d.dtype != torch.float32)
+    assert any(d.tf32 for d in DRAWS) and any(d.case.packed and d.case.reverse for d in DRAWS)
 
 
 def test_python_m_fastrnn_reports_plans_for_plain_and_new_cells_and_pairs():
